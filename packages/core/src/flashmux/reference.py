@@ -1,0 +1,153 @@
+"""The ground truth: attention and its gradients in NumPy float64, written for clarity, not speed.
+
+It materializes the full score matrix of each sequence and follows SPEC.md step by step. Every
+test judges backends against it. Shapes are those of `flashmux.attention` (BSHD, or packed with
+cu_seqlens). `keep_mask`, for dropout, is a bool array indexed (batch, head, i, j) with i, j the
+row offsets inside the sequence, shape (B, Hq, >= max Sq, >= max Sk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def allowed_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+) -> np.ndarray:
+    """Bool (seqlen_q, seqlen_k): which keys each query may see (bottom-right aligned)."""
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    off = seqlen_k - seqlen_q
+    ok = np.ones((seqlen_q, seqlen_k), dtype=bool)
+    left, right = (None, None) if window is None else window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if left is not None:
+        ok &= j >= i + off - left
+    if right is not None:
+        ok &= j <= i + off + right
+    return ok
+
+
+def _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
+    """Yield (b, q_rows, k_rows) slices: batch entries, or packed sequences."""
+    if cu_seqlens_q is None:
+        for b in range(q.shape[0]):
+            yield b, (b, slice(None)), (b, slice(None))
+    else:
+        cq = np.asarray(cu_seqlens_q, dtype=np.int64)
+        ck = np.asarray(cu_seqlens_k, dtype=np.int64)
+        for b in range(len(cq) - 1):
+            yield b, (slice(cq[b], cq[b + 1]),), (slice(ck[b], ck[b + 1]),)
+
+
+def _probs(qs, ks, scale, softcap, allowed):
+    """Scores -> (p, lse, tanh term) for one sequence. qs (Sq,Hq,D), ks (Sk,Hq,D) expanded."""
+    s = scale * np.einsum("qhd,khd->hqk", qs, ks)
+    t = None
+    if softcap:
+        t = np.tanh(s / softcap)
+        s = softcap * t
+    s = np.where(allowed[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m_safe)
+    denom = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(denom > 0, np.log(denom) + m_safe, -np.inf)
+        p = np.where(denom > 0, e / np.where(denom > 0, denom, 1.0), 0.0)
+    return p, lse[..., 0], t
+
+
+def _expand(x, hq):
+    """Repeat KV heads for GQA/MQA (reference only: kernels never do this)."""
+    return np.repeat(x, hq // x.shape[1], axis=1)
+
+
+def _drop(p, keep_mask, b, dropout_p):
+    if not dropout_p:
+        return p
+    hq, sq, sk = p.shape
+    keep = np.asarray(keep_mask)[b, :hq, :sq, :sk]
+    return p * keep / (1.0 - dropout_p)
+
+
+def reference_forward(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    keep_mask=None,
+):
+    """(out, lse) in float64. lse is (B, Hq, Sq), or (Hq, Tq) when cu_seqlens are given."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    hq, d = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = np.zeros(q.shape[:-1] + (v.shape[-1],))
+    lse_rows = np.full(q.shape[:-1], -np.inf)  # (B, Sq, Hq) or (Tq, Hq)
+    for b, qi, ki in _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
+        qs, ks, vs = q[qi], _expand(k[ki], hq), _expand(v[ki], hq)
+        allowed = allowed_mask(qs.shape[0], ks.shape[0], causal, window)
+        p, lse, _ = _probs(qs, ks, scale, softcap, allowed)
+        pd = _drop(p, keep_mask, b, dropout_p)
+        out[qi] = np.einsum("hqk,khd->qhd", pd, vs)
+        lse_rows[qi] = lse.T
+    lse = np.moveaxis(lse_rows, -1, -2)  # (B, Hq, Sq) or (Hq, Tq)
+    return out, lse
+
+
+def reference_backward(
+    do,
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    dropout_p=0.0,
+    keep_mask=None,
+    dlse=None,
+):
+    """(dq, dk, dv) in float64 for the cotangent `do` of out (and `dlse` of lse, optional)."""
+    q, k, v, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, do))
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dlse_rows = None if dlse is None else np.moveaxis(np.asarray(dlse, np.float64), -2, -1)
+    for b, qi, ki in _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
+        qs, ks, vs, dos = q[qi], _expand(k[ki], hq), _expand(v[ki], hq), do[qi]
+        allowed = allowed_mask(qs.shape[0], ks.shape[0], causal, window)
+        p, _, t = _probs(qs, ks, scale, softcap, allowed)
+        pd = _drop(p, keep_mask, b, dropout_p)
+        dv_h = np.einsum("hqk,qhd->khd", pd, dos)
+        dpd = np.einsum("qhd,khd->hqk", dos, vs)
+        dp = _drop(dpd, keep_mask, b, dropout_p)  # same scaling applies to the cotangent
+        delta = (p * dp).sum(-1, keepdims=True)
+        ds = p * (dp - delta)
+        if dlse_rows is not None:
+            ds = ds + p * dlse_rows[qi].T[..., None]
+        if softcap:
+            ds = ds * (1.0 - t**2)
+        dq[qi] = scale * np.einsum("hqk,khd->qhd", ds, ks)
+        dk_h = scale * np.einsum("hqk,qhd->khd", ds, qs)
+        sk = ks.shape[0]
+        dk[ki] = dk_h.reshape(sk, hkv, g, d).sum(2)
+        dv[ki] = dv_h.reshape(sk, hkv, g, -1).sum(2)
+    return dq, dk, dv
