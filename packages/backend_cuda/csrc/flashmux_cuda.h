@@ -1,0 +1,56 @@
+/* flashmux_cuda.h: the C ABI of libflashmux_cuda (ABI version 1).
+ *
+ * Device pointers, shapes, element strides, dtype and a CUDA stream go in; an error code comes
+ * back (0 = ok) and fmx_last_error() gives the message. No libtorch/XLA types cross this line,
+ * so one build serves every framework version. */
+#ifndef FLASHMUX_CUDA_H_
+#define FLASHMUX_CUDA_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FMX_ABI_VERSION 1
+
+enum { FMX_DTYPE_F16 = 0, FMX_DTYPE_BF16 = 1 };
+
+/* Error codes returned by fmx_attn_fwd / fmx_attn_bwd. */
+enum {
+  FMX_OK = 0,
+  FMX_ERR_INVALID_ARGUMENT = 1, /* a field is out of range or inconsistent */
+  FMX_ERR_UNSUPPORTED = 2,      /* valid, but this library has no kernel for it (e.g. Dv != D) */
+  FMX_ERR_CUDA = 3,             /* a CUDA runtime error (launch failure, no device, ...) */
+  FMX_ERR_WORKSPACE = 4         /* workspace missing or too small */
+};
+
+typedef struct FmxAttnArgs {
+  int32_t dtype;                 /* FMX_DTYPE_* */
+  int32_t batch;                 /* padded: B; varlen: number of sequences */
+  int32_t seqlen_q, seqlen_k;    /* padded: Sq, Sk; varlen: max_seqlen_q/k */
+  int32_t total_q, total_k;      /* varlen: Tq, Tk; padded: B*Sq, B*Sk */
+  int32_t heads_q, heads_kv, head_dim, head_dim_v;
+  const void *q, *k, *v; void *out; float *lse;   /* lse: padded (B,Hq,Sq), varlen (Hq,Tq), contiguous */
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  /* element strides of (batch, seq, head); last dim contiguous; varlen: [0] unused */
+  const int32_t *cu_seqlens_q, *cu_seqlens_k;     /* NULL when padded */
+  float scale; float softcap;                     /* softcap 0 => off */
+  int32_t causal; int32_t window_left, window_right; /* -1 => unbounded; causal already folded into window_right (=0 or less) */
+  /* backward only */
+  const void *dout; const float *dlse;            /* dlse may be NULL; same layout as lse */
+  void *dq, *dk, *dv;
+  int64_t dout_stride[3], dq_stride[3], dk_stride[3], dv_stride[3];
+  void *workspace; size_t workspace_bytes;        /* from fmx_attn_bwd_workspace_size, zero-filled by the caller */
+  int32_t deterministic;
+} FmxAttnArgs;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+int fmx_abi_version(void);
+int fmx_attn_fwd(const FmxAttnArgs *args, void *stream);   /* 0 ok; else error code, message via fmx_last_error */
+int fmx_attn_bwd(const FmxAttnArgs *args, void *stream);
+size_t fmx_attn_bwd_workspace_size(const FmxAttnArgs *args);
+const char *fmx_last_error(void);   /* thread-local message of the last failure */
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FLASHMUX_CUDA_H_ */
