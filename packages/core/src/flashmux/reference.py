@@ -149,5 +149,5 @@ def reference_backward(
         dk_h = scale * np.einsum("hqk,qhd->khd", ds, qs)
         sk = ks.shape[0]
         dk[ki] = dk_h.reshape(sk, hkv, g, d).sum(2)
-        dv[ki] = dv_h.reshape(sk, hkv, g, -1).sum(2)
+        dv[ki] = dv_h.reshape(sk, hkv, g, v.shape[-1]).sum(2)
     return dq, dk, dv

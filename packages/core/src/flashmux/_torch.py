@@ -1,0 +1,150 @@
+"""PyTorch glue: two custom ops (``flashmux::fwd``, ``flashmux::bwd``) with fake
+implementations and autograd, so every torch backend is differentiable and traceable by
+torch.compile without graph breaks. The backend is named by a string argument; the ops look it up
+in the registry, so the backward runs on the backend that ran the forward.
+
+Imported only when torch tensors reach `flashmux.attention`.
+"""
+
+
+
+import torch
+
+from . import dispatch
+from .spec import Params
+
+_NONE = -1  # window sentinel for "unbounded" in op signatures
+
+
+def _params(scale, causal, wl, wr, softcap, dropout_p, seed, varlen, mq, mk, ret_lse, det):
+    return Params(
+        scale=scale,
+        causal=causal,
+        window_left=None if wl == _NONE else wl,
+        window_right=None if wr == _NONE else wr,
+        softcap=softcap if softcap > 0 else None,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+        varlen=varlen,
+        max_seqlen_q=mq,
+        max_seqlen_k=mk,
+        return_lse=ret_lse,
+        deterministic=det,
+    )
+
+
+def _flat(p: Params):
+    return (
+        p.scale,
+        p.causal,
+        _NONE if p.window_left is None else p.window_left,
+        _NONE if p.window_right is None else p.window_right,
+        p.softcap or 0.0,
+        p.dropout_p,
+        p.dropout_seed,
+        p.varlen,
+        p.max_seqlen_q,
+        p.max_seqlen_k,
+        p.return_lse,
+        p.deterministic,
+    )
+
+
+@torch.library.custom_op("flashmux::fwd", mutates_args=())
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    backend: str,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+    dropout_seed: int,
+    varlen: bool,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    return_lse: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
+                varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+    be = dispatch.get_backend(backend)
+    out, lse = be.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, p)
+    return out, lse
+
+
+@fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, backend, *rest):
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    if q.dim() == 3:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("flashmux::bwd", mutates_args=())
+def bwd(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    backend: str,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+    dropout_seed: int,
+    varlen: bool,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    return_lse: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
+                varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+    be = dispatch.get_backend(backend)
+    dq, dk, dv = be.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, p)
+    return dq, dk, dv
+
+
+@bwd.register_fake
+def _(do, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, backend, *flat = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.backend = backend
+    ctx.flat = flat
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if not ctx.flat[10]:  # return_lse False: nothing can have used lse
+        dlse = None
+    dq, dk, dv = bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, ctx.backend, *ctx.flat)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.flat))
+
+
+fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
+    return fwd(q, k, v, cu_q, cu_k, backend, *_flat(p))

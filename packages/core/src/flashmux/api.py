@@ -1,0 +1,401 @@
+"""`flashmux.attention` and `flashmux.explain`: argument checks, dispatch, and the route to the
+framework glue (torch custom op + autograd, jax.custom_vjp, plain NumPy)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from . import dispatch
+from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, to_numpy_int
+from .spec import Params, ProblemSpec, default_scale
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class _Call:
+    kind: str
+    params: Params
+    spec: ProblemSpec
+    empty: bool  # no work for a kernel: B, Sq, Sk, Tq or Tk is zero
+
+
+def _shape(x):
+    return tuple(int(d) for d in x.shape)
+
+
+def _check_window(window):
+    if window is None:
+        return None, None
+    if not isinstance(window, tuple | list) or len(window) != 2:
+        raise ValueError(f"window: expected None or a pair (left, right), got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window: expected the {side} entry to be an int or None, got {w!r}")
+        if w < 0:
+            raise ValueError(f"window: expected the {side} entry to be >= 0 or None, got {w}")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def _check_cu(name, cu, kind, rows, q, batch=None):
+    """Validate one cu_seqlens vector; returns (host values or None when traced, batch)."""
+    if array_kind(cu) != kind:
+        raise TypeError(f"{name}: expected a {kind} array like q, got {type(cu).__name__}")
+    if dtype_name(cu) != "int32":
+        raise TypeError(f"{name}: expected dtype int32, got {dtype_name(cu)}")
+    if len(cu.shape) != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D vector of length B+1 >= 1, got shape {_shape(cu)}")
+    if kind != "numpy" and not same_device(cu, q, kind):
+        raise ValueError(f"{name}: expected it on q's device, got another device")
+    n = int(cu.shape[0]) - 1
+    if batch is not None and n != batch:
+        raise ValueError(
+            f"{name}: expected length {batch + 1} like cu_seqlens_q, got length {n + 1}"
+        )
+    host = to_numpy_int(cu, kind)
+    if host is not None:
+        if host[0] != 0:
+            raise ValueError(f"{name}: expected to start at 0, got {int(host[0])}")
+        if n and (host[1:] < host[:-1]).any():
+            raise ValueError(f"{name}: expected non-decreasing offsets, got {host.tolist()}")
+        if host[-1] != rows:
+            raise ValueError(f"{name}: expected to end at the row count {rows}, got {int(host[-1])}")
+    return host, n
+
+
+def _resolve(
+    q, k, v, causal, scale, window, softcap, dropout_p, dropout_seed, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, return_lse, deterministic,
+) -> _Call:
+    kinds = [array_kind(x) for x in (q, k, v)]
+    for name, x, kd in zip("qkv", (q, k, v), kinds):
+        if kd is None:
+            raise TypeError(
+                f"{name}: expected a torch tensor, JAX array or NumPy array, got {type(x).__name__}"
+            )
+    kind = kinds[0]
+    for name, kd in zip("kv", kinds[1:]):
+        if kd != kind:
+            raise TypeError(f"{name}: expected a {kind} array like q, got a {kd} array")
+    dts = [dtype_name(x) for x in (q, k, v)]
+    if dts[0] not in _FLOAT_DTYPES:
+        raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {dts[0]}")
+    for name, dt in zip("kv", dts[1:]):
+        if dt != dts[0]:
+            raise TypeError(f"{name}: expected dtype {dts[0]} like q, got {dt}")
+    for name, x in zip("kv", (k, v)):
+        if not same_device(q, x, kind):
+            raise ValueError(f"{name}: expected it on q's device ({_dev_str(q, kind)}), got {_dev_str(x, kind)}")
+
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        raise ValueError(f"{missing}: expected it too, since the other cu_seqlens was given, got None")
+    rank = 3 if varlen else 4
+    layout = "(T, H, D) with cu_seqlens" if varlen else "(B, S, H, D)"
+    for name, x in zip("qkv", (q, k, v)):
+        if len(x.shape) != rank:
+            raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {_shape(x)}")
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if not varlen and not (qs[0] == ks[0] == vs[0]):
+        raise ValueError(f"k, v: expected batch size {qs[0]} like q, got {ks[0]} and {vs[0]}")
+    if ks[:-1] != vs[:-1]:
+        raise ValueError(f"v: expected shape {ks[:-1]} + (Dv,) to match k {ks}, got {vs}")
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"k: expected head_dim {qs[-1]} like q, got {ks[-1]} (shape {ks})")
+    hq, hkv = qs[-2], ks[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"k: expected a KV head count that divides q's {hq} heads, got {hkv} (shape {ks})"
+        )
+    d, dv = qs[-1], vs[-1]
+
+    if scale is None:
+        scale_f = default_scale(d) if d else 1.0
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale: expected a finite number, got {scale_f}")
+    left, right = _check_window(window)
+    if causal not in (True, False):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
+        if not (float(softcap) > 0 and math.isfinite(float(softcap))):
+            raise ValueError(f"softcap: expected a finite number > 0 or None, got {softcap}")
+        softcap = float(softcap)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
+    seed = 0
+    if dropout_p > 0:
+        seed = _seed(dropout_seed, kind)
+
+    if varlen:
+        host_q, batch = _check_cu("cu_seqlens_q", cu_seqlens_q, kind, qs[0], q)
+        host_k, _ = _check_cu("cu_seqlens_k", cu_seqlens_k, kind, ks[0], q, batch)
+        mq = _max_len("max_seqlen_q", max_seqlen_q, host_q, qs[0])
+        mk = _max_len("max_seqlen_k", max_seqlen_k, host_k, ks[0])
+        seqlen_q, seqlen_k = mq, mk
+        empty = qs[0] == 0 or batch == 0
+        empty_k = ks[0] == 0
+    else:
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if m is not None:
+                raise ValueError(f"{name}: expected None without cu_seqlens, got {m!r}")
+        batch, seqlen_q, seqlen_k = qs[0], qs[1], ks[1]
+        mq, mk = seqlen_q, seqlen_k
+        empty = batch == 0 or seqlen_q == 0
+        empty_k = seqlen_k == 0
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if flag not in (True, False):
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+
+    traced = kind == "jax" and any(is_traced(x) for x in (q, k, v))
+    requires_grad = _requires_grad(kind, (q, k, v), traced)
+    dev = device_of(q, kind)
+    params = Params(
+        scale=scale_f,
+        causal=bool(causal),
+        window_left=left,
+        window_right=right,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+        varlen=varlen,
+        max_seqlen_q=int(mq),
+        max_seqlen_k=int(mk),
+        return_lse=bool(return_lse),
+        deterministic=bool(deterministic),
+    )
+    spec = ProblemSpec(
+        kind=kind,
+        device_type=dev.type,
+        device_name=dev.name,
+        compute_capability=dev.compute_capability,
+        dtype=dts[0],
+        batch=batch,
+        seqlen_q=int(seqlen_q),
+        seqlen_k=int(seqlen_k),
+        heads_q=hq,
+        heads_kv=hkv,
+        head_dim=d,
+        head_dim_v=dv,
+        varlen=varlen,
+        causal=bool(causal),
+        window=params.has_window,
+        softcap=softcap is not None,
+        dropout=dropout_p > 0,
+        return_lse=bool(return_lse),
+        deterministic=bool(deterministic),
+        requires_grad=requires_grad,
+        traced=traced,
+    )
+    return _Call(kind, params, spec, empty or empty_k or d == 0 or dv == 0)
+
+
+def _dev_str(x, kind):
+    try:
+        return str(x.device) if kind == "torch" else str(x.devices())
+    except Exception:
+        return "?"
+
+
+def _max_len(name, given, host, rows):
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 0:
+            raise ValueError(f"{name}: expected an int >= 0 or None, got {given!r}")
+        if host is not None and len(host) > 1:
+            actual = int((host[1:] - host[:-1]).max())
+            if given < actual:
+                raise ValueError(f"{name}: expected >= the longest sequence ({actual}), got {given}")
+        return int(given)
+    if host is None:  # traced offsets: the row count bounds every sequence
+        return rows
+    return int((host[1:] - host[:-1]).max()) if len(host) > 1 else 0
+
+
+def _seed(seed, kind) -> int:
+    if seed is None:
+        if kind == "torch":
+            import torch
+
+            return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if kind == "numpy":
+            import numpy as np
+
+            return int(np.random.randint(0, 2**31 - 1))
+        raise ValueError(
+            "dropout_seed: expected an int when dropout_p > 0 with JAX arrays "
+            "(JAX has no global random state), got None"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"dropout_seed: expected an int or None, got {seed!r}")
+    return int(seed) & 0xFFFFFFFF
+
+
+def _requires_grad(kind, xs, traced) -> bool:
+    if kind == "torch":
+        import torch
+
+        return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+    if kind == "jax":
+        return traced  # a traced call may be differentiated later: assume it will be
+    return False
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+    dropout_p=0.0,
+    dropout_seed=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    return_lse=False,
+    deterministic=False,
+    backend=None,
+):
+    """Exact scaled-dot-product attention, FlashAttention-style, on the best backend here.
+
+    q: (B, Sq, Hq, D), k: (B, Sk, Hkv, D), v: (B, Sk, Hkv, Dv), all torch tensors, all JAX arrays
+    or all NumPy arrays; packed (T, H, D) rows with cu_seqlens_q/k (int32, length B+1).
+    Returns out (B, Sq, Hq, Dv) in q's dtype, and with return_lse=True also lse (B, Hq, Sq)
+    float32 (natural log; (Hq, Tq) when packed). See docs/spec.md for masks and semantics.
+    `backend` forces a backend name or priority list (also `use_backend`, $FLASHMUX_BACKEND).
+    """
+    call = _resolve(
+        q, k, v, causal, scale, window, softcap, dropout_p, dropout_seed, cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse, deterministic,
+    )
+    forced = dispatch.forced_backends(backend)
+    if call.empty:
+        # No kernel work: the reference path answers with zeros / -inf and zero gradients.
+        be = dispatch.get_backend("reference")
+    else:
+        be = dispatch.select(call.spec, forced)
+    out, lse = _run(be, call, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+def _run(be, call: _Call, q, k, v, cu_q, cu_k):
+    kind = call.kind
+    if kind == "numpy":
+        return be.forward(q, k, v, cu_q, cu_k, call.params)
+    native = be.capabilities.array_kinds
+    if kind == "torch" and "torch" in native:
+        from . import _torch
+
+        return _torch.run(be.name, q, k, v, cu_q, cu_k, call.params)
+    if kind == "jax" and "jax" in native:
+        from . import _jax
+
+        return _jax.run(be.name, q, k, v, cu_q, cu_k, call.params)
+    if kind == "jax" and "torch" in native:
+        from . import _jax
+
+        return _jax.run_through_torch(be, q, k, v, cu_q, cu_k, call.params)
+    raise dispatch.NoBackendError(f"backend {be.name!r} cannot take {kind} arrays")
+
+
+class Explanation:
+    """What the dispatcher would do with a call: every backend, the chosen one, and why each
+    other one was passed over. str() gives a table."""
+
+    def __init__(self, decision: dispatch.Decision, note: str | None = None):
+        self.decision = decision
+        self.spec = decision.spec
+        self.chosen = decision.chosen
+        self.forced = decision.forced
+        self.rows = decision.rows
+        self.note = note
+
+    def reasons(self, name: str) -> list[str]:
+        for n, r in self.rows:
+            if n == name:
+                return r
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        s = self.spec
+        shape = (
+            f"{s.kind} {s.dtype} on {s.device_name}"
+            + (f" (sm{s.compute_capability[0]}{s.compute_capability[1]})" if s.compute_capability else "")
+            + f": B={s.batch} Sq={s.seqlen_q} Sk={s.seqlen_k} Hq={s.heads_q} Hkv={s.heads_kv}"
+            + f" D={s.head_dim} Dv={s.head_dim_v}"
+        )
+        feats = [
+            n
+            for n, on in (
+                ("causal", s.causal), ("window", s.window), ("softcap", s.softcap),
+                ("dropout", s.dropout), ("varlen", s.varlen), ("return_lse", s.return_lse),
+                ("deterministic", s.deterministic), ("grad", s.requires_grad), ("traced", s.traced),
+            )
+            if on
+        ]
+        lines = [f"flashmux.explain: {shape}" + (f" [{', '.join(feats)}]" if feats else "")]
+        if self.forced:
+            lines.append(f"forced: {', '.join(self.forced)}")
+        if self.note:
+            lines.append(self.note)
+        width = max([len(n) for n, _ in self.rows] + [7])
+        lines.append(f"  {'backend'.ljust(width)}  status")
+        for name, r in self.rows:
+            if name == self.chosen:
+                status = "CHOSEN"
+            elif not r:
+                status = "usable (lower priority)"
+            else:
+                status = "passed over: " + "; ".join(r)
+            lines.append(f"  {name.ljust(width)}  {status}")
+        if self.chosen is None:
+            lines.append("  -> no backend can run this call")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def explain(q, k, v, **kwargs) -> Explanation:
+    """Report, without running anything, which backend `attention` would use and why.
+
+    Takes the same arguments as `attention`.
+    """
+    backend = kwargs.pop("backend", None)
+    allowed = set(attention.__kwdefaults__) - {"backend"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"explain: unexpected keyword argument(s) {sorted(unknown)}")
+    full = {n: attention.__kwdefaults__[n] for n in allowed} | kwargs
+    call = _resolve(
+        q, k, v, full["causal"], full["scale"], full["window"], full["softcap"],
+        full["dropout_p"], 0 if full["dropout_seed"] is None else full["dropout_seed"],
+        full["cu_seqlens_q"], full["cu_seqlens_k"], full["max_seqlen_q"], full["max_seqlen_k"],
+        full["return_lse"], full["deterministic"],
+    )
+    forced = dispatch.forced_backends(backend)
+    d = dispatch.decide(call.spec, forced)
+    note = None
+    if call.empty:
+        note = "empty problem (a zero-size dimension): answered by the core, no kernel runs"
+    return Explanation(d, note)

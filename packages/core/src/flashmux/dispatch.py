@@ -1,0 +1,266 @@
+"""Backend discovery and selection.
+
+Backends are found through the ``flashmux.backends`` entry-point group (the core's own
+`reference` backend registers there too, and is added directly when the core runs from a source
+tree without being installed). For each call the dispatcher walks the priority order for the
+device class and array kind, and takes the first backend with no reasons against it. Decisions
+are cached by the problem's signature (`ProblemSpec`) and the forced list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+
+from .backend import Backend, capability_reasons
+from .spec import ProblemSpec
+
+ENTRY_POINT_GROUP = "flashmux.backends"
+ENV_VAR = "FLASHMUX_BACKEND"
+
+
+class NoBackendError(RuntimeError):
+    """No backend (or no forced backend) can run the call; the message lists every reason."""
+
+
+class _Broken(Backend):
+    """Stand-in for a backend whose entry point failed to load."""
+
+    def __init__(self, name: str, error: str):
+        super().__init__(name=name, description="failed to load")
+        self._error = error
+
+    def availability(self):
+        return [f"failed to load: {self._error}"]
+
+
+_backends: dict[str, Backend] | None = None
+_availability: dict[str, list[str]] = {}
+_decisions: dict[tuple, Backend] = {}
+_priority_table: dict | None = None
+# Innermost `use_backend` block last. A plain list, not a ContextVar: torch.compile can read it.
+_forced_stack: list[tuple[str, ...]] = []
+
+
+def _discover() -> dict[str, Backend]:
+    found: dict[str, Backend] = {}
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in found:
+            continue
+        try:
+            obj = ep.load()
+            found[obj.name] = obj
+        except Exception as e:  # a broken plugin must not break import or dispatch
+            found[ep.name] = _Broken(ep.name, f"{type(e).__name__}: {e}")
+    if "reference" not in found:
+        from .backends.reference import backend as ref
+
+        found["reference"] = ref
+    return found
+
+
+def registry() -> dict[str, Backend]:
+    global _backends
+    if _backends is None:
+        _backends = _discover()
+    return _backends
+
+
+def register(backend: Backend) -> None:
+    """Add or replace a backend at run time (tests, experiments); clears cached decisions."""
+    registry()[backend.name] = backend
+    _availability.pop(backend.name, None)
+    _decisions.clear()
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return registry()[name]
+    except KeyError:
+        known = ", ".join(sorted(registry()))
+        raise ValueError(f"backend: unknown backend {name!r} (known: {known})") from None
+
+
+def availability(b: Backend) -> list[str]:
+    """Why a backend can't run at all on this machine (cached; empty when usable)."""
+    if b.name not in _availability:
+        try:
+            _availability[b.name] = list(b.availability())
+        except Exception as e:
+            _availability[b.name] = [f"availability check failed: {type(e).__name__}: {e}"]
+    return _availability[b.name]
+
+
+def reasons(b: Backend, spec: ProblemSpec) -> list[str]:
+    out = list(availability(b))
+    if out:
+        return out
+    out = capability_reasons(b.capabilities, spec)
+    if not out:
+        try:
+            out = list(b.reasons(spec))
+        except Exception as e:
+            out = [f"reasons() failed: {type(e).__name__}: {e}"]
+    return out
+
+
+# -- priority --------------------------------------------------------------------------------
+
+
+def priority_table() -> dict:
+    """{device class: {array kind: [backend names, fastest first]}}, with a "default" entry.
+
+    Shipped as flashmux/priority.json; `python -m flashmux bench --priority-from` regenerates it.
+    FLASHMUX_PRIORITY_FILE points at another file.
+    """
+    global _priority_table
+    if _priority_table is None:
+        path = os.environ.get("FLASHMUX_PRIORITY_FILE")
+        try:
+            if path:
+                with open(path) as f:
+                    _priority_table = json.load(f)
+            else:
+                text = resources.files("flashmux").joinpath("priority.json").read_text()
+                _priority_table = json.loads(text)
+        except (OSError, ValueError):
+            _priority_table = {}
+    return _priority_table
+
+
+def device_class(spec: ProblemSpec) -> str:
+    if spec.device_type == "cuda" and spec.compute_capability:
+        return "sm%d%d" % tuple(spec.compute_capability)
+    return spec.device_type
+
+
+def ordered(spec: ProblemSpec) -> list[Backend]:
+    """Every backend, in the order the dispatcher tries them for this problem."""
+    table = priority_table()
+    entry = table.get(device_class(spec)) or table.get("default") or {}
+    names = list(entry.get(spec.kind, []))
+    reg = registry()
+    rank = {n: i for i, n in enumerate(names)}
+    return sorted(
+        reg.values(),
+        key=lambda b: (rank.get(b.name, len(rank)), b.capabilities.priority, b.name),
+    )
+
+
+# -- forcing ---------------------------------------------------------------------------------
+
+
+def _as_names(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        names = tuple(n.strip() for n in value.split(",") if n.strip())
+    elif isinstance(value, Iterable):
+        names = tuple(value)
+    else:
+        raise TypeError(f"backend: expected a name, a list of names or None, got {value!r}")
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"backend: expected backend names (str), got {n!r}")
+        get_backend(n)  # unknown names are an error, not a silent skip
+    if not names:
+        raise ValueError("backend: expected at least one backend name, got an empty list")
+    return names
+
+
+def forced_backends(backend=None) -> tuple[str, ...] | None:
+    """The forced priority list: the `backend` argument, else `use_backend`, else $FLASHMUX_BACKEND."""
+    if backend is not None:
+        return _as_names(backend)
+    if _forced_stack:
+        return _forced_stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env.lower() != "auto":
+        return _as_names(env)
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(*names: str | Sequence[str]):
+    """Force backends for the calls inside the block, in this priority order.
+
+    >>> with flashmux.use_backend("cuda", "triton"):
+    ...     out = flashmux.attention(q, k, v)
+    """
+    flat: list[str] = []
+    for n in names:
+        flat.extend([n] if isinstance(n, str) else list(n))
+    _forced_stack.append(_as_names(flat))
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+# -- selection -------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    spec: ProblemSpec
+    forced: tuple[str, ...] | None
+    chosen: str | None
+    rows: list[tuple[str, list[str]]] = field(default_factory=list)  # (backend, reasons) in order
+
+
+def decide(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Decision:
+    """Walk every backend and record why each one is passed over (used by explain)."""
+    reg = registry()
+    candidates = [reg[n] for n in forced] if forced else ordered(spec)
+    rows: list[tuple[str, list[str]]] = []
+    chosen = None
+    for b in candidates:
+        r = reasons(b, spec)
+        rows.append((b.name, r))
+        if not r and chosen is None:
+            chosen = b.name
+    if forced:  # also show the backends that were not asked for
+        for b in ordered(spec):
+            if b.name not in forced:
+                rows.append((b.name, ["not in the forced list"]))
+    return Decision(spec, forced, chosen, rows)
+
+
+def select(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Backend:
+    key = (spec, forced)
+    b = _decisions.get(key)
+    if b is not None:
+        return b
+    reg = registry()
+    candidates = [reg[n] for n in forced] if forced else ordered(spec)
+    for b in candidates:
+        if not reasons(b, spec):
+            _decisions[key] = b
+            return b
+    d = decide(spec, forced)
+    raise NoBackendError(_no_backend_message(d))
+
+
+def _no_backend_message(d: Decision) -> str:
+    head = (
+        f"no forced backend ({', '.join(d.forced)}) can run this call"
+        if d.forced
+        else "no backend can run this call"
+    )
+    lines = [head + ":"]
+    for name, r in d.rows:
+        if d.forced and name not in d.forced:
+            continue
+        lines.append(f"  {name}: " + "; ".join(r))
+    return "\n".join(lines)
+
+
+def clear_caches() -> None:
+    """Forget discovered backends, availability and decisions (after installing a backend)."""
+    global _backends, _priority_table
+    _backends = None
+    _priority_table = None
+    _availability.clear()
+    _decisions.clear()
