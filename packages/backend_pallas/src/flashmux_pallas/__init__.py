@@ -1,17 +1,86 @@
-"""flashmux's pallas backend (skeleton: registers, reports itself unavailable until kernels land)."""
+"""flashmux's Pallas backend: FlashAttention forward and backward written in JAX Pallas.
+
+On NVIDIA GPUs (sm80+) the kernels go through Pallas' Triton lowering; on the CPU they run in
+Pallas interpret mode (correct, slow: meant for tests and CI). The kernels live in
+`triton_kernels.py`, the padding/varlen/block-size glue in `ops.py`, dropout hashing in
+`dropout.py`. Importing this package does not import JAX: everything JAX is imported lazily.
+"""
+
+from __future__ import annotations
 
 from flashmux.backend import Backend, Capabilities
+
+__all__ = ["backend", "PallasBackend"]
 
 
 class PallasBackend(Backend):
     def availability(self):
-        return ["no kernels yet"]
+        try:
+            import jax  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            return [f"package jax not installed ({type(e).__name__})"]
+        try:
+            from jax.experimental import pallas  # noqa: F401
+        except Exception as e:  # pragma: no cover
+            return [f"jax.experimental.pallas not importable: {e}"]
+        return []
+
+    def reasons(self, spec):
+        out = []
+        if spec.device_type == "cuda":
+            try:
+                from jax.experimental.pallas import triton  # noqa: F401
+            except Exception as e:  # pragma: no cover
+                out.append(f"Pallas Triton lowering not importable: {e}")
+        return out
+
+    def info(self):
+        facts = {"lowering": {"cuda": "triton", "cpu": "interpret"}}
+        try:
+            import jax
+
+            facts["jax"] = jax.__version__
+            facts["default_backend"] = jax.default_backend()
+            facts["lowering_here"] = "interpret" if jax.default_backend() == "cpu" else "triton"
+        except Exception:  # pragma: no cover
+            pass
+        return facts
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+        from . import ops
+
+        return ops.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+        from . import ops
+
+        return ops.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+
+    def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like=None):
+        """Bool (batch, heads, seqlen_q, seqlen_k): the mask the kernels draw for this seed."""
+        import jax
+
+        from . import dropout
+
+        m = dropout.keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k)
+        if like is not None:
+            try:
+                m = jax.device_put(m, list(like.devices())[0])
+            except Exception:  # a tracer or an array without devices: leave it where it is
+                pass
+        return m
 
 
 backend = PallasBackend(
     name="pallas",
-    description="pallas kernels (not yet implemented)",
+    description="JAX Pallas kernels (Triton lowering on NVIDIA sm80+, interpret mode on CPU)",
     capabilities=Capabilities(
-        array_kinds=frozenset(), devices=frozenset(), dtypes=frozenset()
+        array_kinds=frozenset({"jax"}),
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({"float16", "bfloat16", "float32"}),
+        max_head_dim=256,
+        min_compute_capability=(8, 0),
+        runs_under_jit=True,
+        priority=50,
     ),
 )

@@ -1,0 +1,32 @@
+"""Small shims over the Pallas API differences between the JAX versions we run on.
+
+jax 0.10 (CI, CPU interpret) and jax 0.11 (the GPU machine) both take BlockSpec(block_shape,
+index_map) by keyword and call the Triton compiler parameters `CompilerParams`; older releases
+called them `TritonCompilerParams` and took the index map first. Keywords everywhere keep us safe.
+"""
+
+from __future__ import annotations
+
+
+def pallas():
+    from jax.experimental import pallas as pl
+
+    return pl
+
+
+def block_spec(block_shape, index_map):
+    pl = pallas()
+    return pl.BlockSpec(block_shape=tuple(block_shape), index_map=index_map)
+
+
+def triton_params(num_warps: int, num_stages: int):
+    from jax.experimental.pallas import triton as plt
+
+    cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def jax_version() -> tuple[int, ...]:
+    import jax
+
+    return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())

@@ -1,0 +1,264 @@
+"""Wrappers around the Pallas kernels: padding, varlen packing, block-size choice, lowering choice.
+
+forward(q, k, v, cu_q, cu_k, params) -> (out, lse) and backward(...) -> (dq, dk, dv) take and
+return jax arrays in flashmux's layouts and are traceable (jit, vmap, grad through the core's
+custom_vjp). Varlen batches are gathered into a padded (B, max_seqlen, H, D) layout with the real
+lengths passed to the kernels, and gathered back; dense batches are padded only when a length is
+not a block multiple, and head_dim only when it is not a power of two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+from .triton_kernels import LOG2E, Static, dkdv_call, dq_call, forward_call
+
+
+@dataclass(frozen=True)
+class Blocks:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tuning knobs of one call: forward, dK/dV and dQ kernels."""
+
+    fwd: Blocks
+    dkdv: Blocks
+    dq: Blocks
+
+
+# Defaults by padded head_dim for the Triton lowering (see NOTES.md for the measurements).
+GPU_CONFIGS: dict[int, Config] = {
+    16: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
+    32: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
+    64: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
+    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 3), Blocks(128, 32, 8, 3)),
+    256: Config(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 2)),
+}
+# Interpret mode (CPU): small blocks keep the emulation cheap and exercise multi-block loops.
+INTERPRET_CONFIG = Config(Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1))
+
+_override: list[Config] = []
+
+
+@contextlib.contextmanager
+def use_config(cfg: Config):
+    """Force block sizes (tests and tuning); read at trace time."""
+    _override.append(cfg)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def on_cpu(x) -> bool:
+    """Whether the arrays live on the CPU (interpret mode). Under jit: the default backend."""
+    import jax
+
+    try:
+        devs = x.devices()
+        return all(d.platform == "cpu" for d in devs)
+    except Exception:  # a tracer: no device yet
+        return jax.default_backend() == "cpu"
+
+
+def choose_config(dp: int, interpret: bool) -> Config:
+    if _override:
+        return _override[-1]
+    if interpret:
+        return INTERPRET_CONFIG
+    return GPU_CONFIGS[max(16, min(256, dp))]
+
+
+def _fit(bl: Blocks, sq: int, sk: int) -> Blocks:
+    """Shrink blocks for short sequences (powers of two, at least 16 for the tensor cores)."""
+    bm = min(bl.block_m, _next_pow2(max(sq, 16)))
+    bn = min(bl.block_n, _next_pow2(max(sk, 16)))
+    return replace(bl, block_m=bm, block_n=bn)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Padded shapes and per-kernel static configs for one problem."""
+
+    sqp: int
+    skp: int
+    dp: int
+    dvp: int
+    fwd: Static
+    dkdv: Static
+    dq: Static
+
+
+def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
+    import jax.numpy as jnp
+
+    dp, dvp = _next_pow2(max(d, 16)), _next_pow2(max(dv, 16))
+    cfg = choose_config(max(dp, dvp), interpret)
+    fwd, dkdv, dq = (_fit(b, sq, sk) for b in (cfg.fwd, cfg.dkdv, cfg.dq))
+    mq = max(fwd.block_m, dkdv.block_m, dq.block_m)
+    mk = max(fwd.block_n, dkdv.block_n, dq.block_n)
+    sqp, skp = _round_up(max(sq, 1), mq), _round_up(max(sk, 1), mk)
+    base = dict(
+        scale=float(params.scale),
+        window_left=params.window_left,
+        window_right=params.window_right,
+        softcap=float(params.softcap) if params.softcap else None,
+        dropout_p=float(params.dropout_p),
+        dropout_seed=int(params.dropout_seed) if params.dropout_p else 0,
+        varlen=bool(params.varlen),
+        seqlen_q=sq,
+        seqlen_k=sk,
+        group=hq // hkv,
+        interpret=interpret,
+        f32=jnp.dtype(dtype) == jnp.float32,
+    )
+
+    def st(b: Blocks) -> Static:
+        return Static(
+            block_m=b.block_m,
+            block_n=b.block_n,
+            num_warps=b.num_warps,
+            num_stages=b.num_stages,
+            **base,
+        )
+
+    return Plan(sqp, skp, dp, dvp, st(fwd), st(dkdv), st(dq))
+
+
+def _pad(x, seq_to: int, dim_to: int | None, seq_axis: int = 1, value=0.0):
+    import jax.numpy as jnp
+
+    pads = [(0, 0)] * x.ndim
+    if dim_to is not None:
+        pads[-1] = (0, dim_to - x.shape[-1])
+    pads[seq_axis] = (0, seq_to - x.shape[seq_axis])
+    if all(p == (0, 0) for p in pads):
+        return x
+    return jnp.pad(x, pads, constant_values=value)
+
+
+# ----------------------------------------------------------------------------- varlen packing
+
+
+def _lengths(cu):
+    import jax.numpy as jnp
+
+    lens = (cu[1:] - cu[:-1]).astype(jnp.int32)
+    return jnp.broadcast_to(lens[:, None], (lens.shape[0], 16))
+
+
+def _to_padded(x, cu, m: int, fill=0.0):
+    """Packed (T, ...) rows -> (B, m, ...), rows past each sequence's end set to fill."""
+    import jax.numpy as jnp
+
+    t = x.shape[0]
+    s = jnp.arange(m, dtype=jnp.int32)
+    idx = cu[:-1, None].astype(jnp.int32) + s[None, :]
+    valid = s[None, :] < (cu[1:] - cu[:-1])[:, None]
+    g = jnp.take(x, jnp.clip(idx, 0, max(t - 1, 0)), axis=0)
+    valid = valid.reshape(valid.shape + (1,) * (x.ndim - 1))
+    return jnp.where(valid, g, jnp.asarray(fill, x.dtype))
+
+
+def _row_index(cu, t: int):
+    """For each packed row: (sequence, offset inside it)."""
+    import jax.numpy as jnp
+
+    rows = jnp.arange(t, dtype=jnp.int32)
+    b = jnp.searchsorted(cu.astype(jnp.int32), rows, side="right").astype(jnp.int32) - 1
+    b = jnp.clip(b, 0, cu.shape[0] - 2)
+    return b, rows - cu[b].astype(jnp.int32)
+
+
+def _to_packed(x, cu, t: int):
+    """(B, m, ...) -> packed (t, ...)."""
+    b, s = _row_index(cu, t)
+    return x[b, s]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _shapes(q, k, v, params):
+    if params.varlen:
+        sq = int(params.max_seqlen_q) or q.shape[0]
+        sk = int(params.max_seqlen_k) or k.shape[0]
+    else:
+        sq, sk = q.shape[1], k.shape[1]
+    return sq, sk, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+
+
+def forward(q, k, v, cu_q, cu_k, params, *, interpret: bool | None = None):
+    import jax.numpy as jnp
+
+    if interpret is None:
+        interpret = on_cpu(q)
+    sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
+    plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
+    lq = lk = None
+    if params.varlen:
+        tq = q.shape[0]
+        lq, lk = _lengths(cu_q), _lengths(cu_k)
+        q, k, v = _to_padded(q, cu_q, sq), _to_padded(k, cu_k, sk), _to_padded(v, cu_k, sk)
+    qp = _pad(q, plan.sqp, plan.dp)
+    kp = _pad(k, plan.skp, plan.dp)
+    vp = _pad(v, plan.skp, plan.dvp)
+    out, lse = forward_call(qp, kp, vp, lq, lk, plan.fwd)
+    out, lse = out[:, :sq, :, :dv], lse[:, :, :sq]
+    if params.varlen:
+        out = _to_packed(out, cu_q, tq)
+        b, s = _row_index(cu_q, tq)
+        lse = jnp.transpose(lse[b, :, s])  # (Hq, Tq)
+    return out, lse
+
+
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, *, interpret: bool | None = None):
+    import jax.numpy as jnp
+
+    if interpret is None:
+        interpret = on_cpu(q)
+    sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
+    plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
+    do = do.astype(q.dtype)
+    # delta_i = rowsum(dO * O) - dlse_i: the softmax backward's row term (dlse folds in here).
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (.., S, Hq)
+    delta = jnp.moveaxis(delta, -1, -2)  # (B, Hq, Sq) or (Hq, Tq)
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    # lse in base 2; rows with no allowed key (lse = -inf) get +inf so that p = exp2(s - lse) = 0.
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E).astype(jnp.float32)
+    lq = lk = None
+    if params.varlen:
+        tq, tk = q.shape[0], k.shape[0]
+        lq, lk = _lengths(cu_q), _lengths(cu_k)
+        q, do = _to_padded(q, cu_q, sq), _to_padded(do, cu_q, sq)
+        k, v = _to_padded(k, cu_k, sk), _to_padded(v, cu_k, sk)
+        lse2 = jnp.moveaxis(_to_padded(lse2.T, cu_q, sq, fill=jnp.inf), -1, -2)  # (B, Hq, sq)
+        delta = jnp.moveaxis(_to_padded(delta.T, cu_q, sq), -1, -2)
+    qp, dop = _pad(q, plan.sqp, plan.dp), _pad(do, plan.sqp, plan.dvp)
+    kp, vp = _pad(k, plan.skp, plan.dp), _pad(v, plan.skp, plan.dvp)
+    lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
+    delta = _pad(delta, plan.sqp, None, seq_axis=2)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
+    dq = dq_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dq)
+    dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
+    if params.varlen:
+        dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)
+    return dq, dk, dvv

@@ -1,0 +1,466 @@
+"""FlashAttention forward and backward as Pallas kernels (Triton lowering, or interpret on CPU).
+
+Layout inside the kernels: BSHD with the sequence padded to block multiples and head_dim padded to a
+power of two (the wrapper in ops.py does both). All softmax arithmetic is float32 in the base-2
+domain: s2 = s * scale * log2(e), so exp2 replaces exp and the scale costs one multiply per score.
+
+Grids (one program each):
+  forward  (q blocks, Hq, B): q block resident, K/V streamed over the key blocks the mask allows.
+  dK/dV    (k blocks, Hkv, B): K/V block resident, loops over the G query heads of its group and
+           the query blocks the mask allows, so GQA sums happen in registers (deterministic).
+  dQ       (q blocks, Hq, B): q/dO block resident, loops over the allowed key blocks.
+
+Every loop over blocks is split into masked and unmasked ranges computed from causal/window and
+the key length, so the mask is paid only on boundary blocks, and blocks no row may see are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from . import dropout as _dropout
+from ._compat import block_spec, pallas, triton_params
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class Static:
+    """Everything a kernel is specialised on (hashable: part of the compile key)."""
+
+    scale: float
+    window_left: int | None
+    window_right: int | None
+    softcap: float | None
+    dropout_p: float
+    dropout_seed: int
+    varlen: bool
+    seqlen_q: int  # real (unpadded) lengths; in varlen mode the per-sequence ones come in refs
+    seqlen_k: int
+    group: int  # Hq // Hkv
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+    f32: bool  # float32 inputs: ask for IEEE dots
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _i32(x):
+    import jax.numpy as jnp
+
+    return jnp.asarray(x, dtype=jnp.int32)
+
+
+def _div(a, n):
+    """a // n for a >= 0 (lax.div lowers to one instruction; the caller clamps a first)."""
+    from jax import lax
+
+    return lax.div(_i32(a), _i32(n))
+
+
+def _cdiv(a, n):
+    return _div(_i32(a) + (n - 1), n)
+
+
+def _clip(x, lo, hi):
+    import jax.numpy as jnp
+
+    return jnp.minimum(jnp.maximum(_i32(x), _i32(lo)), _i32(hi))
+
+
+def _dot(a, b, st: Static, trans_b: bool = False):
+    """a @ b (or a @ b.T) with float32 accumulation."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    prec = lax.Precision.HIGHEST if st.f32 else None
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _scores2(s, st: Static):
+    """Raw q.k -> base-2 logits (and tanh term for softcap, needed by the backward)."""
+    import jax.numpy as jnp
+
+    if st.softcap:
+        t = jnp.tanh(s * (st.scale / st.softcap))
+        return t * (st.softcap * LOG2E), t
+    return s * (st.scale * LOG2E), None
+
+
+def _allowed(rows, cols, sk, off, st: Static, check_k: bool = True):
+    """Mask of allowed (row, col) pairs: window/causal (bottom-right) and key padding."""
+    ok = None
+
+    def _and(a, c):
+        return c if a is None else a & c
+
+    if check_k:
+        ok = _and(ok, cols < sk)
+    if st.window_right is not None:
+        ok = _and(ok, cols <= rows + (off + st.window_right))
+    if st.window_left is not None:
+        ok = _and(ok, cols >= rows + (off - st.window_left))
+    if ok is None:  # a masked range that is always empty for this problem: still traced
+        ok = (rows >= 0) & (cols >= 0)
+    return ok
+
+
+def kv_ranges(r0, bm, bn, sq, sk, st: Static):
+    """For query rows [r0, r0+bm): key-block ranges (lo, full_lo, full_hi, hi).
+
+    Blocks [lo, full_lo) and [full_hi, hi) need the mask; [full_lo, full_hi) are fully allowed.
+    """
+    import jax.numpy as jnp
+
+    off = _i32(sk) - _i32(sq)
+    r1 = _i32(r0) + (bm - 1)
+    nkb = _cdiv(sk, bn)
+    wl, wr = st.window_left, st.window_right
+    if wl is None:
+        lo = _i32(0)
+        full_lo = _i32(0)
+    else:
+        lo = _div(jnp.maximum(r0 + off - wl, 0), bn)
+        full_lo = _cdiv(jnp.maximum(r1 + off - wl, 0), bn)
+    if wr is None:
+        hi = nkb
+        full_hi = _div(sk, bn)
+    else:
+        hi = _cdiv(_clip(r1 + off + wr + 1, 0, sk), bn)
+        full_hi = _div(_clip(r0 + off + wr + 1, 0, sk), bn)
+    if st.varlen:  # query blocks past this sequence's end: nothing to do
+        hi = jnp.where(r0 < sq, hi, lo)
+    hi = jnp.maximum(hi, lo)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def q_ranges(c0, bm, bn, sq, sk, st: Static):
+    """For key rows [c0, c0+bn): query-block ranges (lo, full_lo, full_hi, hi) (dK/dV kernel).
+
+    Query rows past the real length contribute nothing (their dO is 0 and their lse is +inf), and
+    key rows past the real length are discarded, so only the window decides what is masked.
+    """
+    import jax.numpy as jnp
+
+    off = _i32(sk) - _i32(sq)
+    c1 = _i32(c0) + (bn - 1)
+    nqb = _cdiv(sq, bm)
+    wl, wr = st.window_left, st.window_right
+    if wr is None:
+        lo = _i32(0)
+        full_lo = _i32(0)
+    else:
+        lo = _div(jnp.maximum(c0 - off - wr, 0), bm)
+        full_lo = _cdiv(jnp.maximum(c1 - off - wr, 0), bm)
+    if wl is None:
+        hi = nqb
+        full_hi = nqb
+    else:
+        hi = _cdiv(_clip(c1 - off + wl + 1, 0, sq), bm)
+        full_hi = _div(jnp.maximum(c0 - off + wl + 1, 0), bm)
+    if st.varlen:
+        hi = jnp.where(c0 < sk, hi, lo)
+    hi = jnp.maximum(hi, lo)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _seqlens(st: Static, lq_ref, lk_ref):
+    import jax.numpy as jnp
+
+    if st.varlen:
+        return jnp.max(lq_ref[...]), jnp.max(lk_ref[...])
+    return _i32(st.seqlen_q), _i32(st.seqlen_k)
+
+
+def _three_loops(ranges, body, carry):
+    """Run body over [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked."""
+    from jax import lax
+
+    lo, full_lo, full_hi, hi = ranges
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, st: Static):
+    import jax.numpy as jnp
+
+    pl = pallas()
+    if st.varlen:
+        q_ref, k_ref, v_ref, lq_ref, lk_ref, o_ref, lse_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        lq_ref = lk_ref = None
+    bm, bn = st.block_m, st.block_n
+    qi, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    sq, sk = _seqlens(st, lq_ref, lk_ref)
+    off = sk - sq
+    r0 = qi * bm
+    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
+    q = q_ref[...]
+    dv = v_ref.shape[-1]
+
+    def body(kb, carry, masked):
+        acc, m, l = carry
+        start = pl.multiple_of(kb * bn, bn)
+        k = k_ref[pl.ds(start, bn), :]
+        v = v_ref[pl.ds(start, bn), :]
+        s2, _ = _scores2(_dot(q, k, st, trans_b=True), st)
+        cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
+        if masked:
+            s2 = jnp.where(_allowed(rows, cols, sk, off, st), s2, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet: no NaN
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s2 - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        if st.dropout_p > 0:
+            p = jnp.where(_dropout.keep(st.dropout_seed, st.dropout_p, b, h, rows, cols), p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
+        return acc, m_new, l
+
+    carry = (
+        jnp.zeros((bm, dv), jnp.float32),
+        jnp.full((bm,), -jnp.inf, jnp.float32),
+        jnp.zeros((bm,), jnp.float32),
+    )
+    acc, m, l = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, carry)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    inv = 1.0 / l_safe
+    if st.dropout_p > 0:
+        inv = inv * (1.0 / (1.0 - st.dropout_p))
+    o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+
+
+def forward_call(q, k, v, lens_q, lens_k, st: Static):
+    """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)."""
+    import jax
+    import jax.numpy as jnp
+
+    pl = pallas()
+    B, Sqp, Hq, Dp = q.shape
+    Skp, Dvp = k.shape[1], v.shape[-1]
+    bm, g = st.block_m, st.group
+    in_specs = [
+        block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, Skp, None, Dp), lambda i, h, b: (b, 0, h // g, 0)),
+        block_spec((None, Skp, None, Dvp), lambda i, h, b: (b, 0, h // g, 0)),
+    ]
+    args = [q, k, v]
+    if st.varlen:
+        in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
+        args += [lens_q, lens_k]
+    out_specs = [
+        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Sqp, Hq, Dvp), q.dtype),
+        jax.ShapeDtypeStruct((B, Hq, Sqp), jnp.float32),
+    ]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        grid=(Sqp // bm, Hq, B),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="flashmux_fwd",
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+
+
+def _dkdv_kernel(*refs, st: Static):
+    import jax.numpy as jnp
+    from jax import lax
+
+    pl = pallas()
+    if st.varlen:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lq_ref, lk_ref, dk_ref, dv_ref) = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref) = refs
+        lq_ref = lk_ref = None
+    bm, bn, G = st.block_m, st.block_n, st.group
+    kb, hk, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    sq, sk = _seqlens(st, lq_ref, lk_ref)
+    off = sk - sq
+    c0 = kb * bn
+    cols_t = c0 + jnp.arange(bn, dtype=jnp.int32)[:, None]  # key rows, as a column
+    k = k_ref[...]
+    v = v_ref[...]
+    ranges = q_ranges(c0, bm, bn, sq, sk, st)
+    inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
+
+    def head_body(g, carry):
+        def body(qb, carry, masked):
+            dk, dv = carry
+            start = pl.multiple_of(qb * bm, bm)
+            q = q_ref[pl.ds(start, bm), g, :]
+            do = do_ref[pl.ds(start, bm), g, :]
+            lse2 = lse_ref[g, pl.ds(start, bm)]
+            delta = dl_ref[g, pl.ds(start, bm)]
+            # Transposed tile: rows are keys, columns are queries, so dK/dV need no transpose.
+            s2t, t = _scores2(_dot(k, q, st, trans_b=True), st)
+            pt = jnp.exp2(s2t - lse2[None, :])
+            rows_t = start + jnp.arange(bm, dtype=jnp.int32)[None, :]
+            if masked:
+                pt = jnp.where(_allowed(rows_t, cols_t, sk, off, st, check_k=False), pt, 0.0)
+            dpt = _dot(v, do, st, trans_b=True)
+            if st.dropout_p > 0:
+                kp = _dropout.keep(st.dropout_seed, st.dropout_p, b, hk * G + g, rows_t, cols_t)
+                pdt = jnp.where(kp, pt * inv_keep, 0.0)
+                dpt = jnp.where(kp, dpt * inv_keep, 0.0)
+            else:
+                pdt = pt
+            dv = dv + _dot(pdt.astype(do.dtype), do, st)
+            dst = pt * (dpt - delta[None, :])
+            if t is not None:
+                dst = dst * (1.0 - t * t)
+            dk = dk + _dot(dst.astype(q.dtype), q, st)
+            return dk, dv
+
+        return _three_loops(ranges, body, carry)
+
+    carry = (
+        jnp.zeros((bn, k.shape[-1]), jnp.float32),
+        jnp.zeros((bn, v.shape[-1]), jnp.float32),
+    )
+    if G == 1:
+        dk, dv = head_body(0, carry)
+    else:
+        dk, dv = lax.fori_loop(0, G, head_body, carry)
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
+    import jax
+
+    pl = pallas()
+    B, Sqp, Hq, Dp = q.shape
+    Skp, Hkv, Dvp = k.shape[1], k.shape[2], v.shape[-1]
+    bn, G = st.block_n, st.group
+    in_specs = [
+        block_spec((None, Sqp, G, Dp), lambda j, h, b: (b, 0, h, 0)),
+        block_spec((None, bn, None, Dp), lambda j, h, b: (b, j, h, 0)),
+        block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
+        block_spec((None, Sqp, G, Dvp), lambda j, h, b: (b, 0, h, 0)),
+        block_spec((None, G, Sqp), lambda j, h, b: (b, h, 0)),
+        block_spec((None, G, Sqp), lambda j, h, b: (b, h, 0)),
+    ]
+    args = [q, k, v, do, lse2, delta]
+    if st.varlen:
+        in_specs += [block_spec((None, 16), lambda j, h, b: (b, 0))] * 2
+        args += [lens_q, lens_k]
+    out_specs = [
+        block_spec((None, bn, None, Dp), lambda j, h, b: (b, j, h, 0)),
+        block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
+    ]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st),
+        grid=(Skp // bn, Hkv, B),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="flashmux_bwd_dkdv",
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+def _dq_kernel(*refs, st: Static):
+    import jax.numpy as jnp
+
+    pl = pallas()
+    if st.varlen:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lq_ref, lk_ref, dq_ref) = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref) = refs
+        lq_ref = lk_ref = None
+    bm, bn = st.block_m, st.block_n
+    qi, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    sq, sk = _seqlens(st, lq_ref, lk_ref)
+    off = sk - sq
+    r0 = qi * bm
+    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
+    q = q_ref[...]
+    do = do_ref[...]
+    lse2 = lse_ref[...]
+    delta = dl_ref[...]
+    inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
+
+    def body(kb, dq, masked):
+        start = pl.multiple_of(kb * bn, bn)
+        k = k_ref[pl.ds(start, bn), :]
+        v = v_ref[pl.ds(start, bn), :]
+        s2, t = _scores2(_dot(q, k, st, trans_b=True), st)
+        p = jnp.exp2(s2 - lse2[:, None])
+        cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
+        if masked:
+            p = jnp.where(_allowed(rows, cols, sk, off, st), p, 0.0)
+        dp = _dot(do, v, st, trans_b=True)
+        if st.dropout_p > 0:
+            kp = _dropout.keep(st.dropout_seed, st.dropout_p, b, h, rows, cols)
+            dp = jnp.where(kp, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + _dot(ds.astype(k.dtype), k, st)
+
+    dq = jnp.zeros((bm, q.shape[-1]), jnp.float32)
+    dq = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
+    import jax
+
+    pl = pallas()
+    B, Sqp, Hq, Dp = q.shape
+    Skp, Dvp = k.shape[1], v.shape[-1]
+    bm, g = st.block_m, st.group
+    in_specs = [
+        block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, Skp, None, Dp), lambda i, h, b: (b, 0, h // g, 0)),
+        block_spec((None, Skp, None, Dvp), lambda i, h, b: (b, 0, h // g, 0)),
+        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
+    ]
+    args = [q, k, v, do, lse2, delta]
+    if st.varlen:
+        in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
+        args += [lens_q, lens_k]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(Sqp // bm, Hq, B),
+        in_specs=in_specs,
+        out_specs=block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="flashmux_bwd_dq",
+    )(*args)
