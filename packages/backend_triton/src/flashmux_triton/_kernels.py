@@ -1,0 +1,647 @@
+"""Triton kernels: FlashAttention-2 forward, backward (preprocess, dK/dV, dQ) and the dropout mask.
+
+Imported lazily (it imports triton). Layout BSHD with the last dimension contiguous; a varlen
+batch is the same with batch stride 0 and each program reading its sequence's start from
+cu_seqlens. Scores live in the log2 domain: s2 = s * log2(e), so every exponential is an exp2 and
+the scale (and softcap) multiply is folded into one FMA-able factor.
+
+Masking: for a query block the allowed keys form a band (window/causal, bottom-right aligned,
+off = Sk - Sq). The key range splits into [lo, mid0) boundary blocks, [mid0, mid1) interior blocks
+where every (row, key) pair is allowed and inside the sequence (no mask), and [mid1, hi) boundary
+blocks. Blocks outside [lo, hi) are never visited. The backward does the same from the key side.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Triton's CPU interpreter (3.9) multiplies bfloat16 tiles as their raw uint16 bits: upcast there.
+_UPCAST_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from one exp2; exact at +-inf, absolute error ~1e-7 near 0 (scores need absolute accuracy).
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, p_drop):
+    """Keep mask, a pure function of (seed, batch*heads_q + head, row i, key j): Philox-4x32
+    with counter (j, i, bh, 0) and the 64-bit seed as key; uniform from the top 24 bits."""
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    c2 = c0 * 0 + bh
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= p_drop
+
+
+@triton.jit
+def _band(lo_edge, hi_edge, n_lim, lo_full, hi_full, BLOCK: tl.constexpr):
+    """Split [lo_edge, hi_edge) into boundary/interior/boundary block ranges."""
+    lo = tl.maximum(lo_edge, 0)
+    hi = tl.minimum(hi_edge, n_lim)
+    lo_b = (lo // BLOCK) * BLOCK
+    full_lo = ((tl.maximum(lo_full, 0) + BLOCK - 1) // BLOCK) * BLOCK
+    full_hi = (tl.minimum(hi_full, n_lim) // BLOCK) * BLOCK
+    mid0 = tl.maximum(tl.minimum(full_lo, hi), lo_b)
+    mid1 = tl.maximum(full_hi, mid0)
+    mid1 = tl.minimum(mid1, tl.maximum(hi, mid0))
+    return lo_b, mid0, mid1, hi
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype); in the interpreter, round bfloat16 to nearest even (it would truncate)."""
+    if _UPCAST_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if _UPCAST_BF16:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    if _UPCAST_BF16:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+    offs_m, offs_n, offs_d, offs_dv, lo, hi,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if BLOCK_DV != HEAD_DIM_V:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+        s = _dot(q, kt, IEEE)
+        if SOFTCAP:
+            s = _tanh(s * scale_a) * scale_b
+        else:
+            s = s * scale_a
+        if MASKED:
+            ok = cols[None, :] < seqlen_k
+            if HAS_LEFT:
+                ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
+            if HAS_RIGHT:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
+            p = tl.where(keep, p, 0.0)
+        acc = _dot_acc(_cast(p, v.dtype), v, acc, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def attn_fwd(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, p_drop, drop_scale, seed, n_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    hk = h // GROUP
+    bh = b * n_heads + h
+    diag_off = seqlen_k - seqlen_q
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+
+    # Key range of this query block (bottom-right aligned band), and its mask-free middle.
+    row_first = m0
+    row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo_edge = 0
+    lo_full = 0
+    hi_edge = seqlen_k
+    hi_full = seqlen_k
+    if HAS_LEFT:
+        lo_edge = row_first + diag_off - window_left
+        lo_full = row_last + diag_off - window_left
+    if HAS_RIGHT:
+        hi_edge = row_last + diag_off + window_right + 1
+        hi_full = row_first + diag_off + window_right + 1
+    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+        DROPOUT, IEEE,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed,
+        bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+        DROPOUT, IEEE,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+        DROPOUT, IEEE,
+    )
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    if DROPOUT:
+        inv = inv * drop_scale
+    acc = acc * inv[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+
+    o_base = O + b64 * stride_ob + q_start * stride_os + h * stride_oh
+    tl.store(
+        o_base + offs_m[:, None] * stride_os + offs_dv[None, :],
+        _cast(acc, O.dtype.element_ty),
+        mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seqlen_q"])
+def attn_bwd_preprocess(
+    O, DO, DLSE, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id (minus dlse_i: folds the lse gradient into ds)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+    else:
+        q_start = 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    msk = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(
+        O + b64 * stride_ob + (q_start + offs_m[:, None]) * stride_os + h * stride_oh + offs_dv[None, :],
+        mask=msk, other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b64 * stride_dob + (q_start + offs_m[:, None]) * stride_dos + h * stride_doh + offs_dv[None, :],
+        mask=msk, other=0.0,
+    ).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row_ptr = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + row_ptr, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + row_ptr, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+    offs_n, offs_m, offs_d, offs_dv, lo, hi,
+    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        qt_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
+        do_ptrs = do_base + rows[:, None] * stride_dos + offs_dv[None, :]
+        if MASKED:
+            qt = tl.load(qt_ptrs, mask=(rows[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                qt = tl.load(qt_ptrs)
+            if BLOCK_DV != HEAD_DIM_V:
+                do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            else:
+                do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        # rows with no allowed key carry lse = -inf: make their p exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        st = _dot(k, qt, IEEE)  # (BLOCK_N, BLOCK_M): keys x queries
+        if SOFTCAP:
+            tt = _tanh(st * scale_a)
+            st = tt * scale_b
+        else:
+            st = st * scale_a
+        pt = tl.exp2(st - lse2[None, :])
+        if MASKED:
+            ok = rows[None, :] < seqlen_q
+            if HAS_LEFT:
+                ok = ok & (offs_n[:, None] >= rows[None, :] + diag_off - window_left)
+            if HAS_RIGHT:
+                ok = ok & (offs_n[:, None] <= rows[None, :] + diag_off + window_right)
+            pt = tl.where(ok, pt, 0.0)
+        dpt = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], p_drop)
+            pdt = tl.where(keep, pt * drop_scale, 0.0)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        else:
+            pdt = pt
+        dv = _dot_acc(_cast(pdt, do.dtype), do, dv, IEEE)
+        dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
+        dk = _dot_acc(_cast(dst, qt.dtype), tl.trans(qt), dk, IEEE)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program per (key block, KV head, batch); loops over the GQA group's query heads and
+    the query blocks that see this key block, so dK/dV are summed without atomics."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    diag_off = seqlen_k - seqlen_q
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        K + b64 * stride_kb + (k_start + offs_n[:, None]) * stride_ks + hk * stride_kh + offs_d[None, :],
+        mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    v = tl.load(
+        V + b64 * stride_vb + (k_start + offs_n[:, None]) * stride_vs + hk * stride_vh + offs_dv[None, :],
+        mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    )
+
+    # Query rows that see keys [n0, n_last]: j <= i + off + right  <=>  i >= j - off - right,
+    # j >= i + off - left  <=>  i <= j - off + left. Key-tail columns need no mask here: their
+    # dK/dV rows are never stored and they touch no other column.
+    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo_edge = 0
+    lo_full = 0
+    hi_edge = seqlen_q
+    hi_full = seqlen_q
+    if HAS_RIGHT:
+        lo_edge = n0 - diag_off - window_right
+        lo_full = n_last - diag_off - window_right
+    if HAS_LEFT:
+        hi_edge = n_last - diag_off + window_left + 1
+        hi_full = n0 - diag_off + window_left + 1
+    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_q, lo_full, hi_full, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * n_heads + h
+        q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+        do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
+        lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+            offs_n, offs_m, offs_d, offs_dv, lo, mid0, seqlen_q, diag_off, window_left,
+            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
+            SOFTCAP, DROPOUT, IEEE,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+            offs_n, offs_m, offs_d, offs_dv, mid0, mid1, seqlen_q, diag_off, window_left,
+            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
+            SOFTCAP, DROPOUT, IEEE,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+            offs_n, offs_m, offs_d, offs_dv, mid1, hi, seqlen_q, diag_off, window_left,
+            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
+            SOFTCAP, DROPOUT, IEEE,
+        )
+    dk = dk * sm_scale
+    tl.store(
+        DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
+        _cast(dk, DK.dtype.element_ty),
+        mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+    )
+    tl.store(
+        DV + b64 * stride_dvb + (k_start + offs_n[:, None]) * stride_dvs + hk * stride_dvh + offs_dv[None, :],
+        _cast(dv, DV.dtype.element_ty),
+        mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
+    offs_m, offs_n, offs_d, offs_dv, lo, hi,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            vt = tl.load(vt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if BLOCK_DV != HEAD_DIM_V:
+                vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
+            else:
+                vt = tl.load(vt_ptrs)
+        s = _dot(q, kt, IEEE)
+        if SOFTCAP:
+            t = _tanh(s * scale_a)
+            s = t * scale_b
+        else:
+            s = s * scale_a
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = cols[None, :] < seqlen_k
+            if HAS_LEFT:
+                ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
+            if HAS_RIGHT:
+                ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, vt, IEEE)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _dot_acc(_cast(ds, kt.dtype), tl.trans(kt), dq, IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program per (query block, query head, batch): dQ without atomics (deterministic)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    hk = h // GROUP
+    bh = b * n_heads + h
+    diag_off = seqlen_k - seqlen_q
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(
+        Q + b64 * stride_qb + (q_start + offs_m[:, None]) * stride_qs + h * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + (q_start + offs_m[:, None]) * stride_dos + h * stride_doh + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    )
+    row_ptr = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
+
+    row_first = m0
+    row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo_edge = 0
+    lo_full = 0
+    hi_edge = seqlen_k
+    hi_full = seqlen_k
+    if HAS_LEFT:
+        lo_edge = row_first + diag_off - window_left
+        lo_full = row_last + diag_off - window_left
+    if HAS_RIGHT:
+        hi_edge = row_last + diag_off + window_right + 1
+        hi_full = row_first + diag_off + window_right + 1
+    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        offs_dv, lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        offs_dv, mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        offs_dv, mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+    )
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b64 * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + h * stride_dqh + offs_d[None, :],
+        _cast(dq, DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# dropout mask (testing hook)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def dropout_mask_kernel(
+    OUT, seqlen_q, seqlen_k, n_heads, p_drop, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT (batch, heads, seqlen_q, seqlen_k) int8: the keep mask the attention kernels draw."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * n_heads + h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = OUT + bh.to(tl.int64) * seqlen_q * seqlen_k
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], p_drop)
+        tl.store(
+            base + rows[:, None].to(tl.int64) * seqlen_k + cols[None, :],
+            keep.to(tl.int8),
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )

@@ -1,0 +1,252 @@
+"""Torch-side launchers for the Triton kernels (imported lazily: imports torch and triton)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import _kernels as K
+from . import tuning as T
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Problem:
+    """Shapes, strides and kernel switches of one call, shared by forward and backward."""
+
+    def __init__(self, q, k, v, cu_q, cu_k, params):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.batch = cu_q.shape[0] - 1
+            self.total_q, self.hq, self.d = q.shape
+            self.total_k, self.hkv, _ = k.shape
+            self.dv = v.shape[-1]
+            mq, mk = params.max_seqlen_q, params.max_seqlen_k
+            if not mq or not mk:
+                lq = (cu_q[1:] - cu_q[:-1]).max().item() if self.batch else 0
+                lk = (cu_k[1:] - cu_k[:-1]).max().item() if self.batch else 0
+                mq, mk = mq or int(lq), mk or int(lk)
+            self.seqlen_q, self.seqlen_k = int(mq), int(mk)
+        else:
+            self.batch, self.seqlen_q, self.hq, self.d = q.shape
+            _, self.seqlen_k, self.hkv, _ = k.shape
+            self.dv = v.shape[-1]
+        self.group = self.hq // self.hkv
+        self.block_d = _pow2(self.d)
+        self.block_dv = _pow2(self.dv)
+        self.ieee = q.dtype == torch.float32
+        self.has_left = params.window_left is not None
+        self.has_right = params.window_right is not None
+        self.window_left = int(params.window_left or 0)
+        self.window_right = int(params.window_right or 0)
+        self.softcap = params.softcap is not None and params.softcap > 0
+        if self.softcap:
+            self.scale_a = params.scale / params.softcap
+            self.scale_b = params.softcap * K.LOG2E
+        else:
+            self.scale_a = params.scale * K.LOG2E
+            self.scale_b = 1.0
+        self.dropout = params.dropout_p > 0.0
+        self.p_drop = float(params.dropout_p)
+        self.drop_scale = 1.0 / (1.0 - params.dropout_p) if self.dropout else 1.0
+        self.seed = int(params.dropout_seed) & 0xFFFFFFFFFFFFFFFF if self.dropout else 0
+        if self.seed >= 2**63:  # triton takes signed 64-bit ints; same bits
+            self.seed -= 2**64
+        self.causal = bool(params.causal)
+        self.interpret = interpreting()
+        cap = None
+        if q.is_cuda:
+            cap = torch.cuda.get_device_capability(q.device)
+        self.capability = cap
+        self.shape = T.ShapeClass(
+            self.block_d, self.block_dv, "float32" if self.ieee else "16bit", self.causal
+        )
+
+    def lse_strides(self, lse):
+        if self.varlen:
+            return 0, lse.stride(0)
+        return lse.stride(0), lse.stride(1)
+
+    @staticmethod
+    def strides(x, varlen):
+        if varlen:
+            return 0, x.stride(0), x.stride(1)
+        return x.stride(0), x.stride(1), x.stride(2)
+
+    def flags(self):
+        return dict(
+            GROUP=self.group, HEAD_DIM=self.d, HEAD_DIM_V=self.dv,
+            BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, VARLEN=self.varlen,
+            HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right, SOFTCAP=self.softcap,
+            DROPOUT=self.dropout, IEEE=self.ieee,
+        )
+
+
+# Tuning chosen per shape class (and shrunk on out-of-resources), remembered per process.
+_CHOSEN: dict = {}
+
+
+def _tuning(pb: _Problem) -> T.Tuning:
+    key = (pb.shape, pb.capability, pb.interpret)
+    t = _CHOSEN.get(key)
+    if t is None:
+        t = T.default_tuning(pb.shape, pb.capability, pb.interpret)
+        _CHOSEN[key] = t
+    return t
+
+
+def _launch(pb: _Problem, which: str, run):
+    """Run `run(cfg)`; on shared-memory exhaustion fall back to smaller tiles and remember."""
+    key = (pb.shape, pb.capability, pb.interpret)
+    t = _tuning(pb)
+    if T.autotune_enabled() and not pb.interpret:
+        cfg = _autotuned(pb, which, run, getattr(t, which))
+        return run(cfg)
+    while True:
+        try:
+            return run(getattr(t, which))
+        except triton.runtime.errors.OutOfResources:
+            t2 = T.smaller(t, which)
+            if t2 is None:
+                raise
+            t = t2
+            _CHOSEN[key] = t
+
+
+def _autotuned(pb, which, run, default):
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    ck = "|".join(
+        str(x)
+        for x in (dev, triton.__version__, which, pb.block_d, pb.block_dv, pb.shape.dtype,
+                  pb.causal, pb.has_left or (pb.has_right and not pb.causal), pb.softcap,
+                  pb.dropout, pb.group > 1, T.seq_bucket(max(pb.seqlen_q, pb.seqlen_k)))
+    )
+    cfg = T.CACHE.get(ck, which)
+    if cfg is not None:
+        return cfg
+    cands = {"fwd": T.FWD_CANDIDATES, "bwd_dkdv": T.DKDV_CANDIDATES, "bwd_dq": T.DQ_CANDIDATES}[which]
+    best, best_t = default, float("inf")
+    for c in [default] + [c for c in cands if c != default]:
+        try:
+            ms = triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20)
+        except (triton.runtime.errors.OutOfResources, RuntimeError):
+            continue
+        if ms < best_t:
+            best, best_t = c, ms
+    T.CACHE.put(ck, which, best)
+    return best
+
+
+def forward(q, k, v, cu_q, cu_k, params):
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    pb = _Problem(q, k, v, cu_q, cu_k, params)
+    out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
+    if pb.varlen:
+        lse = torch.empty((pb.hq, pb.total_q), dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty((pb.batch, pb.hq, pb.seqlen_q), dtype=torch.float32, device=q.device)
+    if pb.batch == 0 or pb.seqlen_q == 0:
+        return out, lse
+    cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
+    cu_k_arg = cu_k if pb.varlen else q
+
+    def run(cfg: T.KernelConfig):
+        grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
+        K.attn_fwd[grid](
+            q, k, v, out, lse, cu_q_arg, cu_k_arg,
+            *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
+            *pb.strides(out, pb.varlen), *pb.lse_strides(lse),
+            pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
+            pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    _launch(pb, "fwd", run)
+    return out, lse
+
+
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params):
+    q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
+    pb = _Problem(q, k, v, cu_q, cu_k, params)
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if pb.batch == 0 or pb.seqlen_q == 0 or pb.seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else lse
+    cu_q_arg = cu_q if pb.varlen else q
+    cu_k_arg = cu_k if pb.varlen else q
+    lse_str = pb.lse_strides(lse)
+
+    pre_m = 64 if not pb.interpret else 32
+    grid = (triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)
+    K.attn_bwd_preprocess[grid](
+        out, do, dlse_arg, delta, cu_q_arg,
+        *pb.strides(out, pb.varlen), *pb.strides(do, pb.varlen), *lse_str, pb.seqlen_q,
+        HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv, VARLEN=pb.varlen,
+        HAS_DLSE=has_dlse,
+    )
+    common = (
+        pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
+        pb.scale_a, pb.scale_b, float(params.scale), pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
+    )
+
+    def run_dkdv(cfg: T.KernelConfig):
+        grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
+        K.attn_bwd_dkdv[grid](
+            q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+            *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
+            *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
+            *lse_str, *common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run_dq(cfg: T.KernelConfig):
+        grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
+        K.attn_bwd_dq[grid](
+            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
+            *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
+            *pb.strides(do, pb.varlen), *pb.strides(dq, pb.varlen),
+            *lse_str, *common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    _launch(pb, "bwd_dkdv", run_dkdv)
+    _launch(pb, "bwd_dq", run_dq)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
+    out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=like.device)
+    if out.numel() == 0:
+        return out.bool()
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    if seed >= 2**63:
+        seed -= 2**64
+    bm, bn = (32, 32) if interpreting() else (64, 64)
+    grid = (triton.cdiv(seqlen_q, bm), heads, batch)
+    K.dropout_mask_kernel[grid](out, seqlen_q, seqlen_k, heads, float(dropout_p), seed, BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

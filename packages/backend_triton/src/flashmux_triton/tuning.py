@@ -1,0 +1,177 @@
+"""Block sizes, warps and pipeline stages per problem class, as data.
+
+`TABLE` holds the checked-in defaults (tuned on an H100 80GB HBM3, triton 3.6, see NOTES.md), so
+the first call is fast and nothing is autotuned in the hot path. Setting
+FLASHMUX_TRITON_AUTOTUNE=1 benchmarks a few candidates once per (device, triton version, shape
+class) and keeps the winner in an on-disk cache (FLASHMUX_TRITON_TUNE_CACHE, default
+~/.cache/flashmux/triton-tune.json); later calls, and later processes, read the cache.
+
+No triton or torch import at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """One config per kernel of a problem class."""
+
+    fwd: KernelConfig
+    bwd_dkdv: KernelConfig
+    bwd_dq: KernelConfig
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """What a config depends on. block_d/block_dv are the padded (power of two) head dims."""
+
+    block_d: int
+    block_dv: int
+    dtype: str  # "16bit" | "float32"
+    causal: bool
+
+
+def _c(m, n, w, s):
+    return KernelConfig(m, n, w, s)
+
+
+# Defaults for sm90 (H100), 16-bit inputs. Key: (max(block_d, block_dv), causal).
+# Backward dK/dV holds K, V, dK, dV of one key block in registers: BLOCK_N is the big side;
+# dQ holds Q, dO, dQ of one query block: BLOCK_M is the big side.
+TABLE_SM90: dict[tuple[int, bool], Tuning] = {
+    (16, False): Tuning(_c(128, 64, 4, 3), _c(32, 128, 4, 3), _c(128, 32, 4, 3)),
+    (32, False): Tuning(_c(128, 64, 4, 3), _c(32, 128, 4, 3), _c(128, 32, 4, 3)),
+    (64, False): Tuning(_c(128, 64, 4, 3), _c(32, 128, 4, 3), _c(128, 32, 4, 3)),
+    (128, False): Tuning(_c(128, 64, 8, 3), _c(32, 128, 8, 3), _c(128, 32, 8, 3)),
+    (256, False): Tuning(_c(64, 32, 4, 2), _c(32, 64, 8, 2), _c(64, 32, 8, 2)),
+}
+# causal uses the same shapes unless a row says otherwise
+for (_d, _), _t in list(TABLE_SM90.items()):
+    TABLE_SM90.setdefault((_d, True), _t)
+
+# Ampere-class shared memory (A100: 164 KiB) and smaller parts: shallower pipelines.
+TABLE_SM80: dict[tuple[int, bool], Tuning] = {
+    (16, False): Tuning(_c(128, 64, 4, 2), _c(32, 128, 4, 2), _c(128, 32, 4, 2)),
+    (32, False): Tuning(_c(128, 64, 4, 2), _c(32, 128, 4, 2), _c(128, 32, 4, 2)),
+    (64, False): Tuning(_c(128, 64, 4, 2), _c(32, 64, 4, 2), _c(64, 32, 4, 2)),
+    (128, False): Tuning(_c(128, 32, 4, 2), _c(32, 64, 4, 2), _c(64, 32, 4, 2)),
+    (256, False): Tuning(_c(64, 32, 4, 1), _c(16, 32, 4, 1), _c(32, 16, 4, 1)),
+}
+for (_d, _), _t in list(TABLE_SM80.items()):
+    TABLE_SM80.setdefault((_d, True), _t)
+
+# The CPU interpreter: blocks small enough that tiny test shapes span several blocks (so the
+# boundary/interior split is exercised), big enough to keep numpy busy rather than Python.
+INTERPRETER = Tuning(_c(32, 16, 4, 1), _c(16, 32, 4, 1), _c(32, 16, 4, 1))
+
+
+def _halve(c: KernelConfig) -> KernelConfig:
+    return KernelConfig(max(16, c.block_m // 2), max(16, c.block_n // 2), c.num_warps, max(1, c.num_stages - 1))
+
+
+def default_tuning(shape: ShapeClass, capability: tuple[int, int] | None, interpreter: bool) -> Tuning:
+    if interpreter:
+        return INTERPRETER
+    d = max(16, shape.block_d, shape.block_dv)
+    table = TABLE_SM90 if capability and capability >= (9, 0) else TABLE_SM80
+    t = table[(d, shape.causal)]
+    if shape.dtype == "float32":  # twice the bytes per tile: halve the tiles
+        t = Tuning(_halve(t.fwd), _halve(t.bwd_dkdv), _halve(t.bwd_dq))
+    return t
+
+
+def smaller(t: Tuning, which: str) -> Tuning | None:
+    """A fallback when a config runs out of shared memory: halve the named kernel's tiles."""
+    c = getattr(t, which)
+    h = _halve(c)
+    if h == c:
+        return None
+    return Tuning(**{**{f: getattr(t, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: h})
+
+
+# --------------------------------------------------------------------------------------------
+# autotune cache (opt-in)
+# --------------------------------------------------------------------------------------------
+
+FWD_CANDIDATES = [
+    _c(128, 64, 4, 3), _c(128, 64, 8, 3), _c(128, 128, 8, 3), _c(128, 32, 4, 4),
+    _c(64, 64, 4, 3), _c(128, 64, 4, 4), _c(64, 32, 4, 2),
+]
+DKDV_CANDIDATES = [
+    _c(32, 128, 4, 3), _c(32, 128, 8, 3), _c(64, 128, 8, 3), _c(32, 64, 4, 3),
+    _c(64, 64, 4, 3), _c(16, 64, 4, 2),
+]
+DQ_CANDIDATES = [
+    _c(128, 32, 4, 3), _c(128, 32, 8, 3), _c(128, 64, 8, 3), _c(64, 32, 4, 3),
+    _c(64, 64, 4, 3), _c(64, 16, 4, 2),
+]
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FLASHMUX_TRITON_AUTOTUNE", "0") == "1"
+
+
+def cache_path() -> Path:
+    p = os.environ.get("FLASHMUX_TRITON_TUNE_CACHE")
+    if p:
+        return Path(p)
+    return Path(os.path.expanduser("~/.cache/flashmux/triton-tune.json"))
+
+
+class TuneCache:
+    """JSON file: {key: {"fwd": {...}, ...}}; read once, rewritten atomically on each new entry."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._data: dict | None = None
+
+    def _load(self) -> dict:
+        if self._data is None:
+            try:
+                self._data = json.loads(cache_path().read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def get(self, key: str, kernel: str) -> KernelConfig | None:
+        with self._lock:
+            ent = self._load().get(key, {}).get(kernel)
+        return KernelConfig(**ent) if ent else None
+
+    def put(self, key: str, kernel: str, cfg: KernelConfig) -> None:
+        with self._lock:
+            data = self._load()
+            data.setdefault(key, {})[kernel] = asdict(cfg)
+            path = cache_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home only loses the cache, never the call
+
+
+CACHE = TuneCache()
+
+
+def seq_bucket(n: int) -> int:
+    """Shape classes by sequence length: powers of two, capped, so the cache stays small."""
+    b = 128
+    while b < n and b < 16384:
+        b *= 2
+    return b
