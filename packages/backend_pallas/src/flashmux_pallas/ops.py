@@ -30,6 +30,7 @@ class Config:
     fwd: Blocks
     dkdv: Blocks
     dq: Blocks
+    fast_exp: bool = True  # GPU only (interpret mode always uses jnp.exp2)
 
 
 # Defaults by padded head_dim for the Triton lowering (see NOTES.md for the measurements).
@@ -128,6 +129,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         group=hq // hkv,
         interpret=interpret,
         f32=jnp.dtype(dtype) == jnp.float32,
+        fast_exp=cfg.fast_exp and not interpret,
     )
 
     def st(b: Blocks) -> Static:

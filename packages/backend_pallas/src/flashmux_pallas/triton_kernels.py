@@ -46,6 +46,7 @@ class Static:
     num_stages: int
     interpret: bool
     f32: bool  # float32 inputs: ask for IEEE dots
+    fast_exp: bool = False  # GPU: exp2 as one ex2.approx.ftz.f32 instruction (inline PTX)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -82,6 +83,25 @@ def _dot(a, b, st: Static, trans_b: bool = False):
     prec = lax.Precision.HIGHEST if st.f32 else None
     dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _exp2(x, st: Static):
+    """2**x on a tile. ex2.approx maps -inf to +0, so masked scores stay exact zeros."""
+    import jax
+    import jax.numpy as jnp
+
+    if not st.fast_exp:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plt
+
+    [y] = plt.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
 
 
 def _scores2(s, st: Static):
@@ -226,7 +246,7 @@ def _fwd_kernel(*refs, st: Static):
         m_new = jnp.maximum(m, jnp.max(s2, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet: no NaN
         alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s2 - m_use[:, None])
+        p = _exp2(s2 - m_use[:, None], st)
         l = l * alpha + jnp.sum(p, axis=1)
         if st.dropout_p > 0:
             p = jnp.where(_dropout.keep(st.dropout_seed, st.dropout_p, b, h, rows, cols), p, 0.0)
@@ -320,7 +340,7 @@ def _dkdv_kernel(*refs, st: Static):
             delta = dl_ref[g, pl.ds(start, bm)]
             # Transposed tile: rows are keys, columns are queries, so dK/dV need no transpose.
             s2t, t = _scores2(_dot(k, q, st, trans_b=True), st)
-            pt = jnp.exp2(s2t - lse2[None, :])
+            pt = _exp2(s2t - lse2[None, :], st)
             rows_t = start + jnp.arange(bm, dtype=jnp.int32)[None, :]
             if masked:
                 pt = jnp.where(_allowed(rows_t, cols_t, sk, off, st, check_k=False), pt, 0.0)
@@ -417,7 +437,7 @@ def _dq_kernel(*refs, st: Static):
         k = k_ref[pl.ds(start, bn), :]
         v = v_ref[pl.ds(start, bn), :]
         s2, t = _scores2(_dot(q, k, st, trans_b=True), st)
-        p = jnp.exp2(s2 - lse2[:, None])
+        p = _exp2(s2 - lse2[:, None], st)
         cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
         if masked:
             p = jnp.where(_allowed(rows, cols, sk, off, st), p, 0.0)

@@ -1,0 +1,308 @@
+"""One GPU session for the Pallas backend: correctness on every feature, block-size sweep, timings.
+
+Run on the device machine from the repository root:
+    pip install -q --no-deps --no-build-isolation -e packages/core -e packages/backend_pallas
+    PYTHONUNBUFFERED=1 python packages/backend_pallas/gpu_check.py [--deadline SECONDS] [--skip-sweep]
+
+Timings: bf16 (fp16 for attention_mgpu), B*S = 16384 tokens, model dim 2048 (H = 2048 / D),
+median of 20 block_until_ready calls after warm-up; TFLOP/s = 4*B*H*S*S*D (halved for causal),
+forward+backward counted as 3.5x that. Writes JSON and the log under $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+T0 = time.time()
+RESULTS: dict = {"correctness": [], "sweep": [], "table": []}
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def save():
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "pallas_gpu.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def correctness(deadline):
+    from flashmux_pallas._check import Case, passed, run_case
+
+    base = [
+        Case(batch=2, seqlen_q=256, seqlen_k=256, heads_q=4, heads_kv=4, head_dim=64),
+        Case(batch=2, seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=4, head_dim=128, causal=True),
+        Case(batch=1, seqlen_q=200, seqlen_k=333, heads_q=8, heads_kv=2, head_dim=96, causal=True, lse_grad=True),
+        Case(batch=1, seqlen_q=333, seqlen_k=150, heads_q=4, heads_kv=1, head_dim=64, causal=True),
+        Case(batch=2, seqlen_q=257, seqlen_k=257, heads_q=4, heads_kv=2, head_dim=64, window=(48, 16), softcap=8.0),
+        Case(batch=1, seqlen_q=128, seqlen_k=190, heads_q=2, heads_kv=2, head_dim=256, head_dim_v=128, causal=True),
+        Case(batch=1, seqlen_q=100, seqlen_k=100, heads_q=2, heads_kv=2, head_dim=40, head_dim_v=72),
+        Case(seqlens=((100, 120), (0, 17), (257, 200), (33, 0), (64, 64)), heads_q=4, heads_kv=2, head_dim=64, causal=True),
+        Case(seqlens=((130, 90), (60, 300)), heads_q=2, heads_kv=1, head_dim=128, window=(20, 5)),
+        Case(batch=2, seqlen_q=200, seqlen_k=200, heads_q=4, heads_kv=4, head_dim=64, dropout_p=0.2, causal=True),
+        Case(batch=2, seqlen_q=128, seqlen_k=128, heads_q=2, heads_kv=2, head_dim=64, transform="vmap", causal=True),
+    ]
+    cases = [c.__class__(**{**c.__dict__, "dtype": "bfloat16"}) for c in base]
+    cases += [c.__class__(**{**c.__dict__, "dtype": "float16"}) for c in base[:6]]
+    cases += [Case(batch=1, seqlen_q=130, seqlen_k=130, heads_q=2, heads_kv=2, head_dim=64, causal=True, dtype="float32")]
+    nfail = 0
+    for i, c in enumerate(cases):
+        if time.time() > deadline:
+            log("correctness: deadline, skipping the rest")
+            break
+        try:
+            rep = run_case(c, seed=100 + i)
+            ok = passed(rep)
+            msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
+        except Exception as e:  # noqa: BLE001
+            ok, rep, msg = False, {}, f"ERROR {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(limit=3)
+        nfail += not ok
+        RESULTS["correctness"].append({"case": c.id(), "ok": ok, "report": rep, "msg": msg})
+        log(("PASS" if ok else "FAIL"), c.id(), msg)
+    save()
+    return nfail
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn, *args, reps=20, warmup=3):
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def _pallas_vjp(params):
+    import jax
+
+    from flashmux_pallas import ops
+
+    @jax.custom_vjp
+    def f(q, k, v):
+        return ops.forward(q, k, v, None, None, params, interpret=False)[0]
+
+    def fwd(q, k, v):
+        out, lse = ops.forward(q, k, v, None, None, params, interpret=False)
+        return out, (q, k, v, out, lse)
+
+    def bwd(res, do):
+        q, k, v, out, lse = res
+        return ops.backward(do, None, q, k, v, out, lse, None, None, params, interpret=False)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def impls(causal, d):
+    """name -> (fwd(q,k,v) -> out, dtype)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flashmux.spec import Params
+
+    scale = 1.0 / np.sqrt(d)
+    p = Params(scale=scale, causal=causal, window_right=0 if causal else None)
+    out = {"flashmux-pallas": (_pallas_vjp(p), jnp.bfloat16)}
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as pa
+
+        out["jax pallas-mha"] = (
+            lambda q, k, v: pa.mha(q, k, v, None, sm_scale=scale, causal=causal),
+            jnp.bfloat16,
+        )
+    except Exception as e:  # noqa: BLE001
+        log("no pallas mha:", e)
+    out["jax dpa-cudnn"] = (
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, implementation="cudnn"
+        ),
+        jnp.bfloat16,
+    )
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+        def mgpu(q, k, v):
+            cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+            return am.attention(q, k, v, cfg)
+
+        out["jax pallas-mgpu-f16 (fwd)"] = (mgpu, jnp.float16)
+    except Exception as e:  # noqa: BLE001
+        log("no attention_mgpu:", e)
+    return out
+
+
+def measure(name, f, dtype, S, d, causal, mode):
+    import jax
+    import jax.numpy as jnp
+
+    B, H = 16384 // S, 2048 // d
+    ks = jax.random.split(jax.random.key(S + d), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, S, H, d), jnp.float32).astype(dtype) for kk in ks)
+    flops = 4.0 * B * H * S * S * d / (2 if causal else 1)
+    if mode == "fwd":
+        fn = jax.jit(f)
+        args = (q, k, v)
+    else:
+        flops *= 3.5
+
+        def loss(q, k, v, do):
+            return jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        args = (q, k, v, do)
+    t = bench(fn, *args)
+    return flops / t / 1e12, t
+
+
+def sweep(deadline):
+    """Block-size candidates for the Triton lowering, at S=4096."""
+    import jax.numpy as jnp
+
+    from flashmux_pallas import ops
+    from flashmux_pallas.ops import Blocks, Config
+
+    B_ = Blocks
+    fwd_c = {
+        64: [B_(128, 64, 4, 3), B_(128, 128, 4, 3), B_(128, 64, 4, 4), B_(128, 128, 8, 3), B_(64, 64, 4, 3)],
+        128: [B_(128, 64, 8, 3), B_(128, 128, 8, 3), B_(128, 64, 4, 3), B_(128, 128, 8, 2), B_(64, 64, 4, 3)],
+    }
+    bwd_c = {
+        64: [
+            (B_(32, 128, 4, 3), B_(128, 32, 4, 3)),
+            (B_(64, 128, 8, 3), B_(128, 64, 8, 3)),
+            (B_(64, 64, 4, 3), B_(64, 64, 4, 3)),
+            (B_(32, 64, 4, 3), B_(64, 32, 4, 3)),
+        ],
+        128: [
+            (B_(32, 128, 8, 3), B_(128, 32, 8, 3)),
+            (B_(64, 128, 8, 2), B_(128, 64, 8, 2)),
+            (B_(64, 64, 4, 3), B_(64, 64, 4, 3)),
+            (B_(32, 64, 4, 2), B_(64, 32, 4, 2)),
+        ],
+    }
+    best = {}
+    for d in (64, 128):
+        for causal in (False,):
+            base = ops.GPU_CONFIGS[d]
+            f = impls(causal, d)["flashmux-pallas"][0]
+            res = []
+            for fc in fwd_c[d]:
+                for fast in (True, False) if fc == fwd_c[d][0] else (True,):
+                    if time.time() > deadline:
+                        break
+                    cfg = Config(fc, base.dkdv, base.dq, fast_exp=fast)
+                    try:
+                        with ops.use_config(cfg):
+                            tf, _ = measure("sweep", f, jnp.bfloat16, 4096, d, causal, "fwd")
+                    except Exception as e:  # noqa: BLE001
+                        tf = float("nan")
+                        log("sweep fwd error", fc, str(e)[:200])
+                    res.append(("fwd", fc, fast, tf))
+                    log(f"sweep d={d} causal={causal} fwd {fc} fast_exp={fast}: {tf:.0f} TFLOP/s")
+            for dk, dq in bwd_c[d]:
+                if time.time() > deadline:
+                    break
+                cfg = Config(base.fwd, dk, dq)
+                try:
+                    with ops.use_config(cfg):
+                        tf, _ = measure("sweep", f, jnp.bfloat16, 4096, d, causal, "fwdbwd")
+                except Exception as e:  # noqa: BLE001
+                    tf = float("nan")
+                    log("sweep bwd error", dk, dq, str(e)[:200])
+                res.append(("fwdbwd", (dk, dq), True, tf))
+                log(f"sweep d={d} causal={causal} fwd+bwd dkdv={dk} dq={dq}: {tf:.0f} TFLOP/s")
+            RESULTS["sweep"].append({"d": d, "causal": causal, "res": [list(map(str, r)) for r in res]})
+            best[(d, causal)] = res
+            save()
+    return best
+
+
+def table(deadline, seqs, use_best=None):
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for S in seqs:
+                for name, (f, dt) in impls(causal, d).items():
+                    for mode in ("fwd", "fwdbwd"):
+                        if "mgpu" in name and mode == "fwdbwd":
+                            continue
+                        if time.time() > deadline:
+                            continue
+                        try:
+                            tf, t = measure(name, f, dt, S, d, causal, mode)
+                            cell = f"{tf:.0f}"
+                        except Exception as e:  # noqa: BLE001
+                            tf, t, cell = float("nan"), float("nan"), "err"
+                            log("error", name, S, d, causal, mode, type(e).__name__, str(e)[:200])
+                        rows.append((d, causal, S, name, mode, tf, t))
+                        RESULTS["table"].append(rows[-1])
+                        log(f"d={d} causal={causal} S={S} {mode:6s} {name:28s} {cell} TFLOP/s ({t * 1e3:.2f} ms)")
+                save()
+    return rows
+
+
+def print_table(rows, seqs):
+    names = []
+    for r in rows:
+        if r[3] not in names:
+            names.append(r[3])
+    print("\n## TFLOP/s (bf16; mgpu fp16), B*S=16384, H=2048/D\n")
+    for d in (64, 128):
+        for causal in (False, True):
+            for mode in ("fwd", "fwdbwd"):
+                print(f"d={d} causal={causal} {mode}: " + " | ".join(f"S={s}" for s in seqs))
+                for n in names:
+                    cells = []
+                    for s in seqs:
+                        m = [r for r in rows if r[:5] == (d, causal, s, n, mode)]
+                        cells.append("-" if not m or m[0][5] != m[0][5] else f"{m[0][5]:.0f}")
+                    if any(c != "-" for c in cells):
+                        print(f"  {n:28s} " + " | ".join(cells))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--deadline", type=float, default=420)
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--seqs", default="2048,4096,8192,16384")
+    a = ap.parse_args()
+    import jax
+
+    log("jax", jax.__version__, jax.devices())
+    seqs = [int(s) for s in a.seqs.split(",")]
+    nfail = 0
+    if not a.skip_correctness:
+        nfail = correctness(T0 + a.deadline * 0.3)
+        log(f"correctness: {nfail} failing")
+    if not a.skip_sweep:
+        sweep(T0 + a.deadline * 0.55)
+    rows = table(T0 + a.deadline, seqs)
+    print_table(rows, seqs)
+    print(f"\ncorrectness failures: {nfail}")
+    save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
