@@ -106,7 +106,7 @@ def _fwd_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -126,10 +126,15 @@ def _fwd_inner(
             else:
                 v = tl.load(v_ptrs)
         s = _dot(q, kt, IEEE)
+        # s2 = s * c in log2 units; with c > 0 (FOLD) the multiply is folded into the
+        # exponent's FMA and the row max is taken before scaling.
         if SOFTCAP:
-            s = _tanh(s * scale_a) * scale_b
+            s = _tanh(s * scale_a)
+            c = scale_b
         else:
-            s = s * scale_a
+            c = scale_a
+        if not FOLD:
+            s = s * c
         if MASKED:
             ok = cols[None, :] < seqlen_k
             if HAS_LEFT:
@@ -137,13 +142,19 @@ def _fwd_inner(
             if HAS_RIGHT:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        if FOLD:
+            p = tl.exp2(s * c - m_use[:, None])
+        else:
+            p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -167,7 +178,7 @@ def attn_fwd(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -224,19 +235,19 @@ def attn_fwd(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
         lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE,
+        DROPOUT, IEEE, FOLD,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
         mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed,
         bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE,
+        DROPOUT, IEEE, FOLD,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
         mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE,
+        DROPOUT, IEEE, FOLD,
     )
 
     empty = l_i == 0.0

@@ -59,6 +59,8 @@ class _Problem:
         else:
             self.scale_a = params.scale * K.LOG2E
             self.scale_b = 1.0
+        # fold the score multiplier into exp2's FMA (needs a positive multiplier)
+        self.fold = self.softcap or params.scale > 0
         self.dropout = params.dropout_p > 0.0
         self.p_drop = float(params.dropout_p)
         self.drop_scale = 1.0 / (1.0 - params.dropout_p) if self.dropout else 1.0
@@ -171,7 +173,7 @@ def forward(q, k, v, cu_q, cu_k, params):
             *pb.strides(out, pb.varlen), *pb.lse_strides(lse),
             pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

@@ -1,0 +1,330 @@
+"""GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
+
+    python packages/backend_triton/gpu_check.py [check] [sweep] [bench] [flex] [cudnn]
+
+check: forward+backward vs the float64 reference on moderate random problems (fp16 and bf16),
+       judged by the SPEC rule (2 x plain low-precision attention error + 1e-5).
+sweep: times each kernel's candidate configs at S=4096 (bf16, d64/d128, causal and not) and uses
+       the fastest for the rest of the run (printed as a TABLE_SM90 snippet).
+bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
+       (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
+Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(HERE, "src"))
+sys.path.insert(0, os.path.join(ROOT, "packages", "core", "src"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "backends"))
+
+from flashmux.spec import Params  # noqa: E402
+from flashmux_triton import _launch, backend  # noqa: E402
+from flashmux_triton import tuning as T  # noqa: E402
+
+RESULTS: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "triton": triton.__version__, "check": [], "sweep": {}, "bench": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def save():
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "triton_gpu.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+# ------------------------------------------------------------------------------------------
+# correctness
+# ------------------------------------------------------------------------------------------
+
+def check():
+    import test_triton_kernels as tk  # the unit tests' case runner, on CUDA here
+
+    cases = [
+        ("plain", 2, 384, 384, 4, 4, 64, 64, {}),
+        ("causal sq<sk gqa", 2, 300, 517, 8, 2, 128, 128, {"causal": True}),
+        ("causal sq>sk empty rows", 1, 600, 257, 4, 1, 64, 64, {"causal": True}),
+        ("window+softcap d96", 2, 450, 450, 4, 2, 96, 96, {"window": (100, 17), "softcap": 30.0}),
+        ("causal+left window d80", 1, 333, 700, 4, 4, 80, 80, {"causal": True, "window": (150, None)}),
+        ("mqa right window d128", 1, 290, 290, 8, 1, 128, 128, {"window": (None, 40)}),
+        ("dv differs 192/128", 1, 300, 410, 2, 2, 192, 128, {"causal": True}),
+        ("hdim 256", 1, 260, 260, 2, 1, 256, 256, {"causal": True}),
+        ("hdim 40 softcap", 2, 200, 333, 3, 1, 40, 40, {"softcap": 5.0}),
+    ]
+    ok_all = True
+    for dtype in ("float16", "bfloat16"):
+        for name, B, Sq, Sk, Hq, Hkv, D, Dv, kw in cases:
+            t0 = time.time()
+            try:
+                tk._run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, kw)
+                res = "ok"
+            except Exception as e:  # noqa: BLE001
+                res = "FAIL " + str(e).splitlines()[0][:160]
+                ok_all = False
+            log(f"check {dtype:9s} {name:26s} {res} ({time.time() - t0:.1f}s)")
+            RESULTS["check"].append([dtype, name, res])
+        for name, fn in (
+            ("varlen gqa causal", lambda: tk._run_case(0, 0, 0, 8, 2, 64, 64, dtype, {"causal": True},
+                                                       varlen_lens=([300, 0, 517, 64], [350, 9, 517, 200]))),
+            ("varlen window", lambda: tk._run_case(0, 0, 0, 4, 4, 128, 128, dtype, {"window": (64, 8)},
+                                                   varlen_lens=([255, 129], [255, 300]))),
+            ("dropout causal", lambda: tk._run_case(2, 257, 300, 4, 2, 64, 64, dtype, {"causal": True}, dropout_p=0.17)),
+            ("dropout varlen", lambda: tk._run_case(0, 0, 0, 2, 2, 128, 128, dtype, {},
+                                                    varlen_lens=([100, 200], [150, 90]), dropout_p=0.3)),
+        ):
+            t0 = time.time()
+            try:
+                fn()
+                res = "ok"
+            except Exception as e:  # noqa: BLE001
+                res = "FAIL " + str(e).splitlines()[0][:160]
+                ok_all = False
+            log(f"check {dtype:9s} {name:26s} {res} ({time.time() - t0:.1f}s)")
+            RESULTS["check"].append([dtype, name, res])
+    for name, fn in (("float32", lambda: tk._run_case(1, 200, 300, 2, 1, 64, 64, "float32", {"causal": True})),
+                     ("deterministic", tk.test_deterministic_backward_is_bitwise_repeatable),
+                     ("dropout mask hook", tk.test_dropout_mask_is_a_pure_function_of_seed)):
+        try:
+            fn()
+            res = "ok"
+        except Exception as e:  # noqa: BLE001
+            res = "FAIL " + str(e).splitlines()[0][:160]
+            ok_all = False
+        log(f"check {name:36s} {res}")
+        RESULTS["check"].append(["-", name, res])
+    # deterministic at a size with many blocks and GQA
+    q = torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 1024, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 1024, 2, 128, device="cuda", dtype=torch.bfloat16)
+    p = Params(scale=0.088, causal=True, window_right=0, deterministic=True)
+    out, lse = backend.forward(q, k, v, None, None, p)
+    do = torch.randn_like(out)
+    g1 = backend.backward(do, None, q, k, v, out, lse, None, None, p)
+    g2 = backend.backward(do, None, q, k, v, out, lse, None, None, p)
+    det = all(torch.equal(a, b) for a, b in zip(g1, g2))
+    log(f"check deterministic (2x1024, gqa 8/2)      {'ok' if det else 'FAIL'}")
+    RESULTS["check"].append(["-", "deterministic large", "ok" if det else "FAIL"])
+    return ok_all and det
+
+
+# ------------------------------------------------------------------------------------------
+# benchmark helpers
+# ------------------------------------------------------------------------------------------
+
+def bench_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def problem(S, D, causal, layout="bshd"):
+    B, H = 16384 // S, 2048 // D
+    shape = (B, S, H, D) if layout == "bshd" else (B, H, S, D)
+    q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    return B, H, q, k, v, do
+
+
+def flops(B, H, S, D, causal):
+    f = 4.0 * B * H * S * S * D
+    return f / 2 if causal else f
+
+
+def mine_fns(S, D, causal):
+    B, H, q, k, v, do = problem(S, D, causal)
+    p = Params(scale=1 / math.sqrt(D), causal=causal, window_right=0 if causal else None)
+    state = {}
+
+    def fwd():
+        state["o"] = backend.forward(q, k, v, None, None, p)
+
+    def fwdbwd():
+        o, lse = backend.forward(q, k, v, None, None, p)
+        backend.backward(do, None, q, k, v, o, lse, None, None, p)
+
+    return B, H, fwd, fwdbwd, (q, k, v, do, p)
+
+
+def sdpa_fns(S, D, causal, which):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, q, k, v, do = problem(S, D, causal, "bhsd")
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[which]
+    F = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        with sdpa_kernel(be), torch.no_grad():
+            F(q, k, v, is_causal=causal)
+
+    def fwdbwd():
+        with sdpa_kernel(be):
+            o = F(q, k, v, is_causal=causal)
+        o.backward(do)
+
+    return fwd, fwdbwd, (q, k, v)
+
+
+_FLEX = {}
+
+
+def flex_fns(S, D, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    flex = _FLEX["fn"]
+    B, H, q, k, v, do = problem(S, D, causal, "bhsd")
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    bm = None
+    if causal:
+        bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cuda")
+
+    def fwd():
+        with torch.no_grad():
+            flex(q, k, v, block_mask=bm)
+
+    def fwdbwd():
+        o = flex(q, k, v, block_mask=bm)
+        o.backward(do)
+
+    return fwd, fwdbwd, (q, k, v)
+
+
+# ------------------------------------------------------------------------------------------
+# sweep
+# ------------------------------------------------------------------------------------------
+
+SWEEP_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 32, 4, 4),
+             (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)]
+SWEEP_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+              (64, 64, 4, 3), (16, 128, 4, 4)]
+SWEEP_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
+            (64, 64, 4, 3), (128, 16, 4, 4)]
+
+
+def sweep():
+    cap = torch.cuda.get_device_capability()
+    for D in (64, 128):
+        for causal in (False, True):
+            S = 4096
+            B, H, fwd, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
+            o, lse = backend.forward(q, k, v, None, None, p)
+            best = {}
+            for which, cands in (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ)):
+                times = []
+                for c in cands:
+                    cfg = T.KernelConfig(*c)
+                    key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+                    base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
+                    _launch._CHOSEN[key] = T.Tuning(**{**{f: getattr(base, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: cfg})
+                    try:
+                        if which == "fwd":
+                            fn = lambda: backend.forward(q, k, v, None, None, p)  # noqa: E731
+                        else:
+                            fn = lambda: backend.backward(do, None, q, k, v, o, lse, None, None, p)  # noqa: E731
+                        ms = bench_ms(fn)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"sweep d{D} causal={causal} {which} {c}: {type(e).__name__} {str(e)[:80]}")
+                        ms = float("inf")
+                    times.append((ms, c))
+                    _launch._CHOSEN[key] = base
+                times.sort()
+                best[which] = times[0][1]
+                key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+                base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
+                _launch._CHOSEN[key] = T.Tuning(**{**{f: getattr(base, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: T.KernelConfig(*times[0][1])})
+                ft = flops(B, H, S, D, causal)
+                log(f"sweep d{D} causal={int(causal)} {which:8s} " + "  ".join(
+                    f"{c}:{(ft if which == 'fwd' else ft * 2.5) / ms * 1e-9:.0f}" for ms, c in times))
+            RESULTS["sweep"][f"d{D}_causal{int(causal)}"] = best
+            save()
+            log(f"    ({D}, {causal}): Tuning(_c{best['fwd']}, _c{best['bwd_dkdv']}, _c{best['bwd_dq']}),")
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------
+
+def bench(with_flex, with_cudnn):
+    rows = []
+    for D in (64, 128):
+        for causal in (False, True):
+            for S in (2048, 4096, 8192, 16384):
+                B, H, fwd, fwdbwd, _ = mine_fns(S, D, causal)
+                ft = flops(B, H, S, D, causal)
+                r = {"D": D, "causal": causal, "S": S}
+                r["mine"] = (ft / bench_ms(fwd) * 1e-9, 3.5 * ft / bench_ms(fwdbwd) * 1e-9)
+                del fwd, fwdbwd
+                impls = [("flash", lambda: sdpa_fns(S, D, causal, "flash"))]
+                if with_cudnn:
+                    impls.append(("cudnn", lambda: sdpa_fns(S, D, causal, "cudnn")))
+                if with_flex:
+                    impls.append(("flex", lambda: flex_fns(S, D, causal)))
+                for name, mk in impls:
+                    try:
+                        f, fb, _ = mk()
+                        r[name] = (ft / bench_ms(f) * 1e-9, 3.5 * ft / bench_ms(fb) * 1e-9)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"bench {name} S={S} D={D}: {type(e).__name__}: {str(e)[:100]}")
+                        r[name] = (float("nan"), float("nan"))
+                    torch.cuda.empty_cache()
+                rows.append(r)
+                RESULTS["bench"] = rows
+                save()
+                log("bench " + json.dumps(r))
+    RESULTS["bench"] = rows
+    return rows
+
+
+def table(rows):
+    names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
+    out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
+    out.append("D   causal S      " + "  ".join(f"{n:>11s}" for n in names) + "   x-flash     x-flex")
+    for r in rows:
+        cells = "  ".join(f"{r[n][0]:5.0f}/{r[n][1]:5.0f}" for n in names)
+        xf = f"{r['mine'][0] / r['flash'][0]:.2f}/{r['mine'][1] / r['flash'][1]:.2f}"
+        xx = f"{r['mine'][0] / r['flex'][0]:.2f}/{r['mine'][1] / r['flex'][1]:.2f}" if "flex" in r else "-"
+        out.append(f"{r['D']:<3d} {int(r['causal']):<6d} {r['S']:<6d} {cells}   {xf:9s} {xx}")
+    return "\n".join(out)
+
+
+def main(argv):
+    what = set(argv) or {"check", "sweep", "bench", "flex", "cudnn"}
+    t0 = time.time()
+    log(f"device {RESULTS['device']} torch {torch.__version__} triton {triton.__version__} "
+        f"cap {torch.cuda.get_device_capability()}")
+    ok = True
+    if "check" in what:
+        try:
+            ok = check()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+        log(f"check done {time.time() - t0:.0f}s: {'ALL OK' if ok else 'FAILURES'}")
+    if "sweep" in what:
+        sweep()
+        log(f"sweep done {time.time() - t0:.0f}s")
+    rows = None
+    if "bench" in what:
+        rows = bench("flex" in what, "cudnn" in what)
+        log(f"bench done {time.time() - t0:.0f}s")
+    save()
+    if rows:
+        log(table(rows))
+    log(f"correctness: {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
