@@ -1,17 +1,156 @@
-"""flashmux's cuda backend (skeleton: registers, reports itself unavailable until kernels land)."""
+"""flashmux's CUDA backend: hand-written CuTe FlashAttention-2 kernels behind one C ABI.
 
-from flashmux.backend import Backend, Capabilities
+The kernels (csrc/) are compiled on first use into a cached libflashmux_cuda.so (see `build`),
+loaded with ctypes (no libtorch ABI coupling), and driven from PyTorch (`torch_glue`) and from
+JAX through XLA FFI handlers (`jax_glue`, csrc/jax_ffi/). Importing this module imports neither
+framework and builds nothing; `availability()` does the work and says why when it can't.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from flashmux.backend import FEATURES, Backend, Capabilities
+from flashmux.spec import ProblemSpec
+
+from .abi import ABI_VERSION, MAX_HEAD_DIM
+
+__all__ = ["backend", "CudaBackend", "ABI_VERSION"]
+
+_I32_MAX = 2**31 - 1
 
 
 class CudaBackend(Backend):
-    def availability(self):
-        return ["no kernels yet"]
+    """The backend object registered as ``flashmux_cuda:backend``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._lock = threading.Lock()
+        self._lib = None  # abi.Library once loaded
+        self._unavailable: list[str] | None = None
+        self._jax_ready = False
+
+    # -- availability ----------------------------------------------------------------------
+    def availability(self) -> list[str]:
+        """[] when the library is built (building it now if needed) and a GPU is visible."""
+        with self._lock:
+            if self._unavailable is None:
+                self._unavailable = self._load()
+            return list(self._unavailable)
+
+    def _load(self) -> list[str]:
+        from . import build as b
+        from .abi import Library
+
+        prebuilt = os.environ.get("FLASHMUX_CUDA_LIB")
+        try:
+            if prebuilt:
+                path = Path(prebuilt)
+            else:
+                if b.find_nvcc() is None:
+                    return ["nvcc not found (install the CUDA toolkit or set CUDA_HOME)"]
+                if not b.detect_devices():
+                    return ["no CUDA device"]
+                cfg = b.BuildConfig.from_env()
+                if os.environ.get("FLASHMUX_CUDA_NO_BUILD") and not cfg.library_path().is_file():
+                    return [
+                        "library not built and FLASHMUX_CUDA_NO_BUILD is set "
+                        "(run python -m flashmux_cuda build)"
+                    ]
+                path = b.build(cfg)
+            self._lib = Library(path)
+        except b.BuildError as e:
+            return [str(e)]
+        except OSError as e:
+            return [f"cannot load the CUDA library: {e}"]
+        except Exception as e:  # a broken toolchain must never break `import flashmux`
+            return [f"CUDA backend unavailable: {type(e).__name__}: {e}"]
+        return []
+
+    @property
+    def lib(self):
+        if self._lib is None:
+            reasons = self.availability()
+            if reasons:
+                raise RuntimeError("flashmux_cuda is unavailable: " + "; ".join(reasons))
+        return self._lib
+
+    def info(self) -> dict:
+        out = {"abi_version": ABI_VERSION}
+        if self._lib is not None:
+            out["library"] = self._lib.path
+        return out
+
+    # -- support ---------------------------------------------------------------------------
+    def reasons(self, spec: ProblemSpec) -> list[str]:
+        out = []
+        if spec.varlen:
+            rows_q, rows_k = spec.seqlen_q, spec.seqlen_k  # hints; totals checked at launch
+        else:
+            rows_q, rows_k = spec.batch * spec.seqlen_q, spec.batch * spec.seqlen_k
+        if max(rows_q, rows_k) > _I32_MAX:
+            out.append("more than 2^31-1 rows: the kernels index rows with int32")
+        return out
+
+    # -- kernels ---------------------------------------------------------------------------
+    def _is_jax(self, x) -> bool:
+        mod = type(x).__module__ or ""
+        return mod.startswith(("jax", "jaxlib"))
+
+    def _ensure_jax(self):
+        if self._jax_ready:
+            return
+        from . import build as b
+        from . import jax_glue
+
+        lib = self.lib
+        with self._lock:
+            if not self._jax_ready:
+                cfg = b.BuildConfig.from_env()
+                jax_glue.register(b.build_jax_ffi(cfg, Path(lib.path)))
+                self._jax_ready = True
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+        if params.dropout_p:
+            from .abi import Unsupported
+
+            raise Unsupported("dropout not implemented in CUDA kernels")
+        if self._is_jax(q):
+            from . import jax_glue
+
+            self._ensure_jax()
+            return jax_glue.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        from . import torch_glue
+
+        return torch_glue.forward(self.lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+        if self._is_jax(q):
+            from . import jax_glue
+
+            self._ensure_jax()
+            return jax_glue.backward(
+                self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params
+            )
+        from . import torch_glue
+
+        return torch_glue.backward(
+            self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params
+        )
 
 
 backend = CudaBackend(
     name="cuda",
-    description="cuda kernels (not yet implemented)",
+    description="CuTe FlashAttention-2 kernels (mma.sync, cp.async), one C ABI for torch and JAX",
     capabilities=Capabilities(
-        array_kinds=frozenset(), devices=frozenset(), dtypes=frozenset()
+        array_kinds=frozenset({"torch", "jax"}),
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({"float16", "bfloat16"}),
+        max_head_dim=MAX_HEAD_DIM,
+        min_compute_capability=(8, 0),
+        features=frozenset(FEATURES) - {"dropout", "dv_differs"},
+        runs_under_jit=True,
     ),
 )

@@ -1,0 +1,153 @@
+"""PyTorch glue: torch tensors -> the C ABI, on the current CUDA stream.
+
+The core registers the custom op, its fake implementation and autograd; these two functions are
+the raw kernels on real CUDA tensors. Inputs the kernels can't read as they are (a head_dim that
+is not a multiple of 8, a non-contiguous head_dim, rows not on 16 bytes) are copied or
+zero-padded here; zero columns change neither the scores nor the kept columns of the results.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .abi import ALIGN_BYTES, ALIGN_ELEMS, ArrayRef, add_backward, make_args
+
+_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return _DTYPE.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def _ref(name: str, t: torch.Tensor) -> ArrayRef:
+    return ArrayRef(name, t.data_ptr(), tuple(t.shape), tuple(t.stride()), _dtype_name(t))
+
+
+def _kernel_ok(t: torch.Tensor) -> bool:
+    """Whether the kernels can address t in place (see abi._check_rows)."""
+    return (
+        (t.shape[-1] <= 1 or t.stride(-1) == 1)
+        and t.data_ptr() % ALIGN_BYTES == 0
+        and all(s % ALIGN_ELEMS == 0 or n <= 1 for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+    )
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels can read it in place, else a dense copy."""
+    return t if _kernel_ok(t) else t.contiguous()
+
+
+def _grad_buffers(like: torch.Tensor, padded_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(result, kernel buffer) for a gradient: the result has empty_like(like)'s layout, as the
+    core's fake implementation says; the kernel writes into it directly when it can."""
+    res = torch.empty_like(like)
+    if tuple(res.shape) == tuple(padded_shape) and _kernel_ok(res):
+        return res, res
+    return res, torch.empty(padded_shape, dtype=like.dtype, device=like.device)
+
+
+def _pad(t: torch.Tensor, d: int) -> torch.Tensor:
+    return t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1]))
+
+
+def _padded_dim(d: int) -> int:
+    return -(-d // ALIGN_ELEMS) * ALIGN_ELEMS
+
+
+def _seqlens(cu: torch.Tensor | None, name: str, device) -> torch.Tensor | None:
+    if cu is None:
+        return None
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name}: on {cu.device}, q is on {device}")
+    return cu.contiguous()
+
+
+def _stream(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+    """(out, lse): out like q with v's head_dim, lse (B, Hq, Sq) or varlen (Hq, Tq) float32."""
+    if q.device.type != "cuda":
+        raise ValueError(f"q: the CUDA backend needs CUDA tensors, got {q.device}")
+    d, dv = q.shape[-1], v.shape[-1]
+    qp, kp = (_readable(_pad(t, _padded_dim(d))) for t in (q, k))
+    vp = _readable(_pad(v, _padded_dim(dv)))
+    varlen = bool(params.varlen)
+    cu_q = _seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    cu_k = _seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    with torch.cuda.device(q.device):
+        out = torch.empty(qp.shape[:-1] + (vp.shape[-1],), dtype=q.dtype, device=q.device)
+        if varlen:
+            lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        else:
+            lse = torch.empty(
+                (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device
+            )
+        args = make_args(
+            _ref("q", qp),
+            _ref("k", kp),
+            _ref("v", vp),
+            _ref("out", out),
+            lse.data_ptr(),
+            params,
+            cu_seqlens_q=cu_q.data_ptr() if cu_q is not None else 0,
+            cu_seqlens_k=cu_k.data_ptr() if cu_k is not None else 0,
+            batch=(cu_q.shape[0] - 1) if cu_q is not None else None,
+        )
+        lib.forward(args, _stream(q.device))
+    if out.shape[-1] != v.shape[-1]:
+        out = out[..., : v.shape[-1]].contiguous()  # the core's fake impl says contiguous
+    return out, lse
+
+
+def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+    """(dq, dk, dv) shaped like q, k, v."""
+    d, dv = q.shape[-1], v.shape[-1]
+    qp, kp = (_readable(_pad(t, _padded_dim(d))) for t in (q, k))
+    vp, outp, dop = (_readable(_pad(t, _padded_dim(dv))) for t in (v, out, do))
+    varlen = bool(params.varlen)
+    cu_q = _seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    cu_k = _seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    lse = lse.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    with torch.cuda.device(q.device):
+        (dq_res, dq), (dk_res, dk), (dv_res, dv) = (
+            _grad_buffers(t, tp.shape) for t, tp in ((q, qp), (k, kp), (v, vp))
+        )
+        args = make_args(
+            _ref("q", qp),
+            _ref("k", kp),
+            _ref("v", vp),
+            _ref("out", outp),
+            lse.data_ptr(),
+            params,
+            cu_seqlens_q=cu_q.data_ptr() if cu_q is not None else 0,
+            cu_seqlens_k=cu_k.data_ptr() if cu_k is not None else 0,
+            batch=(cu_q.shape[0] - 1) if cu_q is not None else None,
+        )
+        add_backward(
+            args,
+            _ref("do", dop),
+            _ref("dq", dq),
+            _ref("dk", dk),
+            _ref("dv", dv),
+            dlse_ptr=dlse.data_ptr() if dlse is not None else 0,
+            varlen=varlen,
+            q_shape=qp.shape,
+            k_shape=kp.shape,
+        )
+        nbytes = lib.workspace_size(args)
+        workspace = torch.zeros(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+        if workspace is not None:
+            args.workspace = workspace.data_ptr()
+            args.workspace_bytes = nbytes
+        lib.backward(args, _stream(q.device))
+        for res, buf in ((dq_res, dq), (dk_res, dk), (dv_res, dv)):
+            if buf is not res:
+                res.copy_(buf[..., : res.shape[-1]])
+    return dq_res, dk_res, dv_res
