@@ -1,0 +1,54 @@
+"""Randomly generated cases (hypothesis): shapes, masks and features in combination."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+hyp = pytest.importorskip("hypothesis")
+from harness import Case, run_case  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SMALL = (os.environ.get("FLASHMUX_TEST_SIZE") or ("small" if os.environ.get("TRITON_INTERPRET") == "1" else "full")) == "small"
+MAXLEN = 48 if SMALL else 300
+N = int(os.environ.get("FLASHMUX_HYPOTHESIS_EXAMPLES", "6" if SMALL else "25"))
+
+
+@st.composite
+def case_strategy(draw):
+    group = draw(st.sampled_from([1, 2, 4]))
+    hkv = draw(st.sampled_from([1, 2]))
+    varlen = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, 40)), st.one_of(st.none(), st.integers(0, 40)))))
+    common = dict(
+        heads_q=group * hkv,
+        heads_kv=hkv,
+        head_dim=draw(st.sampled_from([32, 48, 64, 80, 128])),
+        causal=draw(st.booleans()),
+        window=window,
+        softcap=draw(st.one_of(st.none(), st.floats(1.0, 30.0))),
+        dtype=draw(st.sampled_from(["float16", "bfloat16"])),
+        lse_grad=draw(st.booleans()),
+    )
+    if varlen:
+        n = draw(st.integers(1, 4))
+        seqlens = tuple(
+            (draw(st.integers(0, MAXLEN)), draw(st.integers(0, MAXLEN))) for _ in range(n)
+        )
+        return Case(seqlens=seqlens, **common)
+    return Case(
+        batch=draw(st.integers(1, 2)),
+        seqlen_q=draw(st.integers(1, MAXLEN)),
+        seqlen_k=draw(st.integers(1, MAXLEN)),
+        **common,
+    )
+
+
+@settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(case=case_strategy())
+def test_generated(case, backend, kind):
+    skip = run_case(case, backend, kind)
+    # a decline is fine here (the fixed cases check coverage); a wrong answer raises
+    del skip
