@@ -638,8 +638,12 @@ def test_real_compile_sm80_sm90(tmp_path, monkeypatch):
     if cuobjdump.is_file():
         elfs = subprocess.check_output([str(cuobjdump), "--list-elf", str(lib)], text=True)
         assert "sm_80" in elfs and "sm_90" in elfs
-    # Loading needs no GPU: the ABI version answers from the host.
-    assert abi.Library(lib).lib.fmx_abi_version() == abi.ABI_VERSION
+    # Loading needs no GPU: the ABI version answers from the host. A head-dim subset may leave
+    # the dispatcher's other instantiations unresolved, so load it lazily.
+    if cfg.head_dims:
+        assert ctypes.CDLL(str(lib), mode=os.RTLD_LAZY).fmx_abi_version() == abi.ABI_VERSION
+    else:
+        assert abi.Library(lib).lib.fmx_abi_version() == abi.ABI_VERSION
     try:
         import jax  # noqa: F401
     except ImportError:
