@@ -33,14 +33,17 @@ class Config:
     fast_exp: bool = True  # GPU only (interpret mode always uses jnp.exp2)
 
 
-# Defaults by padded head_dim for the Triton lowering (see NOTES.md for the measurements).
-GPU_CONFIGS: dict[int, Config] = {
-    16: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
-    32: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
-    64: Config(Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
-    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 3), Blocks(128, 32, 8, 3)),
-    256: Config(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 2)),
-}
+# Defaults by (padded head_dim, causal) for the Triton lowering (NOTES.md has the measurements).
+_C, _B = Config, Blocks
+GPU_CONFIGS: dict[tuple[int, bool], Config] = {}
+for _d, _cfg in {
+    16: _C(_B(128, 64, 4, 3), _B(32, 128, 4, 3), _B(128, 32, 4, 3)),
+    32: _C(_B(128, 64, 4, 3), _B(32, 128, 4, 3), _B(128, 32, 4, 3)),
+    64: _C(_B(128, 64, 4, 3), _B(32, 128, 4, 3), _B(128, 32, 4, 3)),
+    128: _C(_B(128, 64, 8, 3), _B(32, 128, 8, 3), _B(128, 32, 8, 3)),
+    256: _C(_B(64, 32, 4, 2), _B(32, 32, 4, 2), _B(32, 32, 4, 2)),
+}.items():
+    GPU_CONFIGS[(_d, False)] = GPU_CONFIGS[(_d, True)] = _cfg
 # Interpret mode (CPU): small blocks keep the emulation cheap and exercise multi-block loops.
 INTERPRET_CONFIG = Config(Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1))
 
@@ -79,12 +82,12 @@ def on_cpu(x) -> bool:
         return jax.default_backend() == "cpu"
 
 
-def choose_config(dp: int, interpret: bool) -> Config:
+def choose_config(dp: int, causal: bool, interpret: bool) -> Config:
     if _override:
         return _override[-1]
     if interpret:
         return INTERPRET_CONFIG
-    return GPU_CONFIGS[max(16, min(256, dp))]
+    return GPU_CONFIGS[(max(16, min(256, dp)), bool(causal))]
 
 
 def _fit(bl: Blocks, sq: int, sk: int) -> Blocks:
@@ -111,7 +114,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
     import jax.numpy as jnp
 
     dp, dvp = _next_pow2(max(d, 16)), _next_pow2(max(dv, 16))
-    cfg = choose_config(max(dp, dvp), interpret)
+    cfg = choose_config(max(dp, dvp), params.causal, interpret)
     fwd, dkdv, dq = (_fit(b, sq, sk) for b in (cfg.fwd, cfg.dkdv, cfg.dq))
     mq = max(fwd.block_m, dkdv.block_m, dq.block_m)
     mk = max(fwd.block_n, dkdv.block_n, dq.block_n)
