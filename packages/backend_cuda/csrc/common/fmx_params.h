@@ -1,0 +1,46 @@
+// Internal launch parameters shared by every kernel family (sm80 now, sm90 later).
+// Built from the public FmxAttnArgs by flashmux_cuda_api.cu after validation.
+#pragma once
+#include <stdint.h>
+#include <stddef.h>
+
+namespace fmx {
+
+struct Params {
+  // Forward operands.
+  const void *q, *k, *v;
+  void *o;
+  float *lse;
+  int64_t q_bs, q_rs, q_hs;  // element strides: batch (padded only), row, head
+  int64_t k_bs, k_rs, k_hs;
+  int64_t v_bs, v_rs, v_hs;
+  int64_t o_bs, o_rs, o_hs;
+  const int32_t *cu_q, *cu_k;  // both NULL (padded) or both set (varlen)
+  int32_t batch, seqlen_q, seqlen_k, total_q, total_k;
+  int32_t hq, hkv, group, d;   // group = hq / hkv; d = actual head_dim (multiple of 8)
+  float scale;                 // softmax scale applied to q.k
+  float softcap;               // 0 => off
+  float score_log2;            // multiplier turning the (capped) score into log2 units
+  float score_nat;             // multiplier turning the (capped) score into natural units
+  int32_t window_left, window_right;  // -1 => unbounded (causal folded into window_right)
+
+  // Backward operands.
+  const void *dout;
+  const float *dlse;
+  void *dq, *dk, *dv;
+  int64_t do_bs, do_rs, do_hs;
+  int64_t dq_bs, dq_rs, dq_hs;
+  int64_t dk_bs, dk_rs, dk_hs;
+  int64_t dv_bs, dv_rs, dv_hs;
+  float *dq_accum;   // (total_q, hq, d) fp32, zero-filled
+  float *dsum;       // rowsum(dO*O) - dlse, same layout as lse
+  int32_t *dq_sem;   // (batch, hq, num_m_blocks_bwd) counters, zero-filled (deterministic only)
+  int32_t num_m_blocks_bwd;
+  int32_t deterministic;
+};
+
+// Backward row-block size shared by all head-dim instantiations (the workspace's semaphore
+// array is sized with it).
+constexpr int kBwdBlockM = 64;
+
+}  // namespace fmx

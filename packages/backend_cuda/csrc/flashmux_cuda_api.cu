@@ -1,0 +1,253 @@
+// The C ABI of libflashmux_cuda: argument validation, workspace layout and dispatch to the
+// kernel families (sm80 = mma.sync FlashAttention-2, runs on sm80..sm90; a Hopper family can be
+// selected here by compute capability later).
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cuda_runtime.h>
+
+#include "flashmux_cuda.h"
+#include "common/fmx_params.h"
+#include "sm80/sm80_api.h"
+
+namespace {
+
+thread_local char g_error[1024] = "";
+
+int fail(int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int cuda_fail(int err, const char *what) {
+  return fail(FMX_ERR_CUDA, "%s: CUDA error %d (%s)", what, err,
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
+
+int padded_head_dim(int d) {
+  if (d <= 64) return 64;
+  if (d <= 96) return 96;
+  if (d <= 128) return 128;
+  if (d <= 192) return 192;
+  if (d <= 256) return 256;
+  return 0;
+}
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+int check_tensor(const char *name, const void *ptr, const int64_t *stride, bool varlen,
+                 bool required) {
+  if (ptr == nullptr) {
+    if (required) return fail(FMX_ERR_INVALID_ARGUMENT, "%s is NULL", name);
+    return FMX_OK;
+  }
+  if (!aligned16(ptr))
+    return fail(FMX_ERR_UNSUPPORTED, "%s must be 16-byte aligned (got %p)", name, ptr);
+  for (int i = varlen ? 1 : 0; i < 3; ++i) {
+    if (stride[i] < 0 || stride[i] % 8 != 0)
+      return fail(FMX_ERR_UNSUPPORTED,
+                  "%s stride[%d] = %lld must be a non-negative multiple of 8 elements", name, i,
+                  (long long)stride[i]);
+  }
+  return FMX_OK;
+}
+
+void copy_strides(const int64_t *s, int64_t &bs, int64_t &rs, int64_t &hs) {
+  bs = s[0];
+  rs = s[1];
+  hs = s[2];
+}
+
+// Shared validation of the forward fields; fills p. Returns FMX_OK or an error code.
+int build_params(const FmxAttnArgs *a, fmx::Params &p, bool backward) {
+  if (a == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "args is NULL");
+  if (a->dtype != FMX_DTYPE_F16 && a->dtype != FMX_DTYPE_BF16)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "dtype must be FMX_DTYPE_F16 (0) or FMX_DTYPE_BF16 (1), got %d",
+                a->dtype);
+  if (a->batch < 0 || a->seqlen_q < 0 || a->seqlen_k < 0 || a->total_q < 0 || a->total_k < 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT,
+                "batch/seqlen/total must be >= 0 (batch=%d seqlen_q=%d seqlen_k=%d total_q=%d total_k=%d)",
+                a->batch, a->seqlen_q, a->seqlen_k, a->total_q, a->total_k);
+  if (a->batch > 65535) return fail(FMX_ERR_UNSUPPORTED, "batch = %d exceeds 65535", a->batch);
+  if (a->heads_q <= 0 || a->heads_kv <= 0 || a->heads_q % a->heads_kv != 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "heads_q (%d) must be a positive multiple of heads_kv (%d)",
+                a->heads_q, a->heads_kv);
+  if (a->heads_q > 65535) return fail(FMX_ERR_UNSUPPORTED, "heads_q = %d exceeds 65535", a->heads_q);
+  if (a->head_dim <= 0) return fail(FMX_ERR_INVALID_ARGUMENT, "head_dim must be > 0, got %d", a->head_dim);
+  if (a->head_dim_v != a->head_dim)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim_v (%d) != head_dim (%d) is not supported",
+                a->head_dim_v, a->head_dim);
+  if (a->head_dim > 256)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim %d > 256 is not supported", a->head_dim);
+  if (a->head_dim % 8 != 0)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim %d must be a multiple of 8", a->head_dim);
+  if (!std::isfinite(a->scale)) return fail(FMX_ERR_INVALID_ARGUMENT, "scale must be finite");
+  if (!(a->softcap >= 0.f) || !std::isfinite(a->softcap))
+    return fail(FMX_ERR_INVALID_ARGUMENT, "softcap must be finite and >= 0 (0 = off)");
+  if (a->window_left < -1 || a->window_right < -1)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "window_left/right must be >= -1 (got %d, %d)",
+                a->window_left, a->window_right);
+  if (a->causal && a->window_right != 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT,
+                "causal=1 requires window_right == 0 (causal is folded into window_right), got %d",
+                a->window_right);
+  const bool varlen = a->cu_seqlens_q != nullptr;
+  if ((a->cu_seqlens_k != nullptr) != varlen)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "cu_seqlens_q and cu_seqlens_k must both be set or both NULL");
+  if (!varlen) {
+    if ((int64_t)a->batch * a->seqlen_q != a->total_q || (int64_t)a->batch * a->seqlen_k != a->total_k)
+      return fail(FMX_ERR_INVALID_ARGUMENT,
+                  "padded layout needs total_q = batch*seqlen_q and total_k = batch*seqlen_k");
+  }
+  int rc;
+  if ((rc = check_tensor("q", a->q, a->q_stride, varlen, true))) return rc;
+  if ((rc = check_tensor("k", a->k, a->k_stride, varlen, a->total_k > 0))) return rc;
+  if ((rc = check_tensor("v", a->v, a->v_stride, varlen, a->total_k > 0))) return rc;
+  if ((rc = check_tensor("out", a->out, a->out_stride, varlen, true))) return rc;
+  if (a->lse == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "lse is NULL");
+
+  p = fmx::Params{};
+  p.q = a->q; p.k = a->k; p.v = a->v; p.o = a->out; p.lse = a->lse;
+  copy_strides(a->q_stride, p.q_bs, p.q_rs, p.q_hs);
+  copy_strides(a->k_stride, p.k_bs, p.k_rs, p.k_hs);
+  copy_strides(a->v_stride, p.v_bs, p.v_rs, p.v_hs);
+  copy_strides(a->out_stride, p.o_bs, p.o_rs, p.o_hs);
+  p.cu_q = a->cu_seqlens_q; p.cu_k = a->cu_seqlens_k;
+  p.batch = a->batch; p.seqlen_q = a->seqlen_q; p.seqlen_k = a->seqlen_k;
+  p.total_q = a->total_q; p.total_k = a->total_k;
+  p.hq = a->heads_q; p.hkv = a->heads_kv; p.group = a->heads_q / a->heads_kv; p.d = a->head_dim;
+  p.scale = a->scale;
+  p.softcap = a->softcap;
+  const float log2e = 1.4426950408889634f;
+  p.score_log2 = a->softcap > 0.f ? log2e : a->scale * log2e;
+  p.score_nat = a->softcap > 0.f ? 1.f : a->scale;
+  p.window_left = a->window_left;
+  p.window_right = a->window_right;
+  p.num_m_blocks_bwd = (a->seqlen_q + fmx::kBwdBlockM - 1) / fmx::kBwdBlockM;
+  p.deterministic = a->deterministic ? 1 : 0;
+
+  if (backward) {
+    if ((rc = check_tensor("dout", a->dout, a->dout_stride, varlen, true))) return rc;
+    if ((rc = check_tensor("dq", a->dq, a->dq_stride, varlen, true))) return rc;
+    if ((rc = check_tensor("dk", a->dk, a->dk_stride, varlen, a->total_k > 0))) return rc;
+    if ((rc = check_tensor("dv", a->dv, a->dv_stride, varlen, a->total_k > 0))) return rc;
+    p.dout = a->dout; p.dlse = a->dlse; p.dq = a->dq; p.dk = a->dk; p.dv = a->dv;
+    copy_strides(a->dout_stride, p.do_bs, p.do_rs, p.do_hs);
+    copy_strides(a->dq_stride, p.dq_bs, p.dq_rs, p.dq_hs);
+    copy_strides(a->dk_stride, p.dk_bs, p.dk_rs, p.dk_hs);
+    copy_strides(a->dv_stride, p.dv_bs, p.dv_rs, p.dv_hs);
+  }
+  return FMX_OK;
+}
+
+struct WorkspaceLayout {
+  size_t dq_accum, dsum, sem, total;
+};
+
+WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
+  WorkspaceLayout w;
+  const size_t tq = (size_t)(a->total_q > 0 ? a->total_q : 0);
+  const size_t hq = (size_t)(a->heads_q > 0 ? a->heads_q : 0);
+  const size_t d = (size_t)(a->head_dim > 0 ? a->head_dim : 0);
+  const size_t mb = (size_t)((a->seqlen_q > 0 ? a->seqlen_q : 0) + fmx::kBwdBlockM - 1) / fmx::kBwdBlockM;
+  const size_t b = (size_t)(a->batch > 0 ? a->batch : 0);
+  w.dq_accum = 0;
+  w.dsum = align_up(tq * hq * d * sizeof(float));
+  w.sem = w.dsum + align_up(tq * hq * sizeof(float));
+  w.total = w.sem + align_up(b * hq * mb * sizeof(int32_t));
+  return w;
+}
+
+int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s) {
+  switch (padded_head_dim(p.d)) {
+    case 64: return fmx::sm80::run_fwd<64>(p, dtype, s);
+    case 96: return fmx::sm80::run_fwd<96>(p, dtype, s);
+    case 128: return fmx::sm80::run_fwd<128>(p, dtype, s);
+    case 192: return fmx::sm80::run_fwd<192>(p, dtype, s);
+    case 256: return fmx::sm80::run_fwd<256>(p, dtype, s);
+  }
+  return -1;
+}
+
+int dispatch_bwd(const fmx::Params &p, int dtype, cudaStream_t s) {
+  switch (padded_head_dim(p.d)) {
+    case 64: return fmx::sm80::run_bwd<64>(p, dtype, s);
+    case 96: return fmx::sm80::run_bwd<96>(p, dtype, s);
+    case 128: return fmx::sm80::run_bwd<128>(p, dtype, s);
+    case 192: return fmx::sm80::run_bwd<192>(p, dtype, s);
+    case 256: return fmx::sm80::run_bwd<256>(p, dtype, s);
+  }
+  return -1;
+}
+
+int check_device() {
+  int dev = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return cuda_fail(e, "cudaDeviceGetAttribute");
+  if (major < 8)
+    return fail(FMX_ERR_UNSUPPORTED, "compute capability %d.x < 8.0 is not supported", major);
+  return FMX_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int fmx_abi_version(void) { return FMX_ABI_VERSION; }
+
+const char *fmx_last_error(void) { return g_error; }
+
+size_t fmx_attn_bwd_workspace_size(const FmxAttnArgs *args) {
+  if (args == nullptr) return 0;
+  return workspace_layout(args).total;
+}
+
+int fmx_attn_fwd(const FmxAttnArgs *args, void *stream) {
+  fmx::Params p;
+  int rc = build_params(args, p, false);
+  if (rc) return rc;
+  if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return FMX_OK;  // empty problem
+  if ((rc = check_device())) return rc;
+  int err = dispatch_fwd(p, args->dtype, static_cast<cudaStream_t>(stream));
+  if (err) return cuda_fail(err, "fmx_attn_fwd launch");
+  return FMX_OK;
+}
+
+int fmx_attn_bwd(const FmxAttnArgs *args, void *stream) {
+  fmx::Params p;
+  int rc = build_params(args, p, true);
+  if (rc) return rc;
+  if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) {
+    return FMX_OK;  // nothing to do (dk/dv of an empty query set are the caller's zeros)
+  }
+  const WorkspaceLayout w = workspace_layout(args);
+  if (args->workspace == nullptr || args->workspace_bytes < w.total)
+    return fail(FMX_ERR_WORKSPACE, "workspace of %zu bytes needed (got %zu at %p)", w.total,
+                args->workspace_bytes, args->workspace);
+  if (!aligned16(args->workspace))
+    return fail(FMX_ERR_WORKSPACE, "workspace must be 16-byte aligned");
+  if ((rc = check_device())) return rc;
+  char *ws = static_cast<char *>(args->workspace);
+  p.dq_accum = reinterpret_cast<float *>(ws + w.dq_accum);
+  p.dsum = reinterpret_cast<float *>(ws + w.dsum);
+  p.dq_sem = reinterpret_cast<int32_t *>(ws + w.sem);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int err = fmx::sm80::run_bwd_preprocess(p, args->dtype, s);
+  if (err) return cuda_fail(err, "fmx_attn_bwd preprocess launch");
+  if (p.seqlen_k > 0) {
+    err = dispatch_bwd(p, args->dtype, s);
+    if (err) return cuda_fail(err, "fmx_attn_bwd launch");
+  }
+  err = fmx::sm80::run_bwd_convert_dq(p, args->dtype, s);
+  if (err) return cuda_fail(err, "fmx_attn_bwd convert launch");
+  return FMX_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,13 @@
+// Backward instantiations for head_dim <= 192 (fp16 and bf16).
+#include "bwd_kernel.cuh"
+#include "sm80_api.h"
+
+namespace fmx {
+namespace sm80 {
+template <>
+int run_bwd<192>(const Params &p, int dtype, cudaStream_t stream) {
+  if (dtype == 0) return launch_bwd<BwdTraits<192, 64, 64, 8, 2, 4, 4, false, cutlass::half_t>>(p, stream);
+  return launch_bwd<BwdTraits<192, 64, 64, 8, 2, 4, 4, false, cutlass::bfloat16_t>>(p, stream);
+}
+}  // namespace sm80
+}  // namespace fmx

@@ -1,0 +1,315 @@
+// FlashAttention-2 backward for sm80+ (mma.sync m16n8k16, ldmatrix, cp.async).
+// One CTA owns a (kBlockN x D) key/value tile of one (batch, kv head). It walks every query head
+// of the GQA group and every query block that can see the tile, recomputes P from the saved lse,
+// accumulates dK and dV in registers (so the GQA sum needs no atomics) and adds dQ = dS K into
+// the fp32 workspace with atomics (in key-block order when deterministic).
+#pragma once
+#include "sm80_utils.cuh"
+
+namespace fmx {
+namespace sm80 {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kAtomMSdP, int kAtomNdKV,
+          int kAtomMdQ, bool kDoubleBuf_, typename Element_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
+  static constexpr bool kDoubleBuf = kDoubleBuf_;
+  static constexpr int kQBufs = kDoubleBuf ? 2 : 1;
+  static_assert(kBlockM == kBwdBlockM, "workspace semaphores assume kBwdBlockM");
+  using MmaSdP = TiledMmaFor<Element, kAtomMSdP, kNWarps / kAtomMSdP>;
+  using MmadKV = TiledMmaFor<Element, kAtomNdKV, kNWarps / kAtomNdKV>;
+  using MmadQ = TiledMmaFor<Element, kAtomMdQ, kNWarps / kAtomMdQ>;
+  using SmemQ = SmemTile<kBlockM, kHeadDim>;   // Q and dO
+  using SmemKV = SmemTile<kBlockN, kHeadDim>;  // K and V
+  using SmemPdS = SmemTile<kBlockM, kBlockN>;  // P and dS
+  static constexpr int kSmemElems =
+      2 * kQBufs * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + 2 * kBlockM * kBlockN;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
+};
+
+__device__ __forceinline__ int ld_acquire(const int *p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Store pairs of an fp32 fragment into a 16-bit smem tile, at the fragment's coordinates.
+template <typename Element, typename Acc, typename Coords, typename STensor>
+__device__ __forceinline__ void store_smem_pairs(Acc const &acc, Coords const &coords, STensor &s) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    auto rc = coords(i);
+    *reinterpret_cast<uint32_t *>(&s(get<0>(rc), get<1>(rc))) = pack2<Element>(acc(i), acc(i + 1));
+  }
+}
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
+  using Element = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim, NT = Tr::kNThreads;
+  constexpr int QB = Tr::kQBufs;
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const SeqInfo si(p, b);
+  const int n0 = n_block * BN;
+  if (n0 >= si.sk) return;
+  const int rows_k = min(BN, si.sk - n0);
+
+  Element *dk_ptr = reinterpret_cast<Element *>(p.dk) + si.k_base(b, p.dk_bs, p.dk_rs) +
+                    (int64_t)n0 * p.dk_rs + (int64_t)hk * p.dk_hs;
+  Element *dv_ptr = reinterpret_cast<Element *>(p.dv) + si.k_base(b, p.dv_bs, p.dv_rs) +
+                    (int64_t)n0 * p.dv_rs + (int64_t)hk * p.dv_hs;
+  int m_min, m_max;
+  query_block_range(p, si, n0, BN, BM, m_min, m_max);
+  const int nm = max(0, m_max - m_min);
+  const int num_steps = nm * p.group;
+  if (num_steps == 0) {
+    zero_rows<D, NT>(dk_ptr, p.dk_rs, rows_k, p.d, tid);
+    zero_rows<D, NT>(dv_ptr, p.dv_rs, rows_k, p.d, tid);
+    return;
+  }
+
+  const Element *k_ptr = reinterpret_cast<const Element *>(p.k) + si.k_base(b, p.k_bs, p.k_rs) +
+                         (int64_t)n0 * p.k_rs + (int64_t)hk * p.k_hs;
+  const Element *v_ptr = reinterpret_cast<const Element *>(p.v) + si.k_base(b, p.v_bs, p.v_rs) +
+                         (int64_t)n0 * p.v_rs + (int64_t)hk * p.v_hs;
+  const Element *q_base = reinterpret_cast<const Element *>(p.q) + si.q_base(b, p.q_bs, p.q_rs);
+  const Element *do_base =
+      reinterpret_cast<const Element *>(p.dout) + si.q_base(b, p.do_bs, p.do_rs);
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element *smem = reinterpret_cast<Element *>(smem_raw);
+  Element *smem_k = smem;
+  Element *smem_v = smem_k + BN * D;
+  Element *smem_q = smem_v + BN * D;        // QB buffers
+  Element *smem_do = smem_q + QB * BM * D;  // QB buffers
+  Element *smem_p = smem_do + QB * BM * D;
+  Element *smem_ds = smem_p + BM * BN;
+  float *s_lse = reinterpret_cast<float *>(smem_ds + BM * BN);
+  float *s_dsum = s_lse + BM;
+
+  using LQ = typename Tr::SmemQ::Layout_;
+  using LQt = typename Tr::SmemQ::LayoutT;
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Tr::SmemKV::Layout_{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem_k), typename Tr::SmemKV::LayoutT{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Tr::SmemKV::Layout_{});
+  Tensor sP = make_tensor(make_smem_ptr(smem_p), typename Tr::SmemPdS::Layout_{});
+  Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Tr::SmemPdS::LayoutT{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem_ds), typename Tr::SmemPdS::Layout_{});
+  Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Tr::SmemPdS::LayoutT{});
+
+  auto load_q_do = [&](int step, int buf) {
+    const int h = hk * p.group + step / nm;
+    const int m0 = (m_min + step % nm) * BM;
+    Tensor sQb = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQ{});
+    Tensor sdOb = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQ{});
+    load_tile_async<BM, D, NT>(sQb, q_base + (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs, p.q_rs,
+                               si.sq - m0, p.d, tid);
+    load_tile_async<BM, D, NT>(sdOb, do_base + (int64_t)m0 * p.do_rs + (int64_t)h * p.do_hs,
+                               p.do_rs, si.sq - m0, p.d, tid);
+  };
+
+  load_tile_async<BN, D, NT>(sK, k_ptr, p.k_rs, rows_k, p.d, tid);
+  load_tile_async<BN, D, NT>(sV, v_ptr, p.v_rs, rows_k, p.d, tid);
+  load_q_do(0, 0);
+  cp_async_commit();
+
+  // S = Q K^T and dP = dO V^T.
+  typename Tr::MmaSdP mma_sdp;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto cpA_sdp = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_sdp);
+  auto cpB_sdp = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_sdp);
+  auto cpA_sdp_t = cpA_sdp.get_thread_slice(tid);
+  auto cpB_sdp_t = cpB_sdp.get_thread_slice(tid);
+  Tensor sQ0 = make_tensor(make_smem_ptr(smem_q), LQ{});
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ0);
+  Tensor tSrQv = cpA_sdp_t.retile_D(tSrQ);
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);
+  Tensor tSrKv = cpB_sdp_t.retile_D(tSrK);
+  Tensor tSsK = cpB_sdp_t.partition_S(sK);
+  Tensor tdPrdO = thr_sdp.partition_fragment_A(sQ0);
+  Tensor tdPrdOv = cpA_sdp_t.retile_D(tdPrdO);
+  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
+  Tensor tdPrVv = cpB_sdp_t.retile_D(tdPrV);
+  Tensor tdPsV = cpB_sdp_t.partition_S(sV);
+  Tensor cS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+
+  // dV += P^T dO and dK += dS^T Q.
+  typename Tr::MmadKV mma_dkv;
+  auto thr_dkv = mma_dkv.get_thread_slice(tid);
+  auto cpA_dkv = make_tiled_copy_A(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma_dkv);
+  auto cpB_dkv = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma_dkv);
+  auto cpA_dkv_t = cpA_dkv.get_thread_slice(tid);
+  auto cpB_dkv_t = cpB_dkv.get_thread_slice(tid);
+  Tensor sQt0 = make_tensor(make_smem_ptr(smem_q), LQt{});
+  Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);
+  Tensor tdVrPtv = cpA_dkv_t.retile_D(tdVrPt);
+  Tensor tdVsPt = cpA_dkv_t.partition_S(sPt);
+  Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
+  Tensor tdKrdStv = cpA_dkv_t.retile_D(tdKrdSt);
+  Tensor tdKsdSt = cpA_dkv_t.partition_S(sdSt);
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sQt0);
+  Tensor tdVrdOtv = cpB_dkv_t.retile_D(tdVrdOt);
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt0);
+  Tensor tdKrQtv = cpB_dkv_t.retile_D(tdKrQt);
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<BN>, Int<D>>{});
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<BN>, Int<D>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // dQ = dS K.
+  typename Tr::MmadQ mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  auto cpA_dq = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_dq);
+  auto cpB_dq = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma_dq);
+  auto cpA_dq_t = cpA_dq.get_thread_slice(tid);
+  auto cpB_dq_t = cpB_dq.get_thread_slice(tid);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+  Tensor tdQrdSv = cpA_dq_t.retile_D(tdQrdS);
+  Tensor tdQsdS = cpA_dq_t.partition_S(sdS);
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
+  Tensor tdQrKtv = cpB_dq_t.retile_D(tdQrKt);
+  Tensor tdQsKt = cpB_dq_t.partition_S(sKt);
+  Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+
+  const bool capped = p.softcap > 0.f;
+  const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
+  const float sl2 = p.score_log2, inv_cap = capped ? 1.f / p.softcap : 0.f;
+  const int64_t dq_rs = (int64_t)p.hq * p.d;
+
+  for (int step = 0; step < num_steps; ++step) {
+    const int h = hk * p.group + step / nm;
+    const int m = m_min + step % nm;
+    const int m0 = m * BM;
+    const int buf = QB == 2 ? (step & 1) : 0;
+    if (QB == 2 && step + 1 < num_steps) {
+      load_q_do(step + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    if (tid < BM) {
+      const int i = m0 + tid;
+      float l = INFINITY, ds = 0.f;
+      if (i < si.sq) {
+        const int64_t o = si.lse_off(p, b, h, i);
+        l = p.lse[o];
+        if (l == -INFINITY) l = INFINITY;  // fully masked row: P = 0
+        ds = p.dsum[o];
+      }
+      s_lse[tid] = l * 1.4426950408889634f;
+      s_dsum[tid] = ds;
+    }
+    __syncthreads();
+
+    Tensor sQ = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQt{});
+    Tensor sdOt = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQt{});
+
+    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<BM>, Int<BN>>{});
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_ss(mma_sdp, acc_s, tSrQ, tSrK, cpA_sdp_t.partition_S(sQ), tSsK, cpA_sdp, cpB_sdp, tSrQv,
+            tSrKv);
+    gemm_ss(mma_sdp, acc_dp, tdPrdO, tdPrV, cpA_sdp_t.partition_S(sdO), tdPsV, cpA_sdp, cpB_sdp,
+            tdPrdOv, tdPrVv);
+
+    // P = exp(s - lse) on allowed keys; dS = P * (dP - dsum) (* d softcap / ds).
+    {
+      Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+      Tensor dP = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+      if (capped) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
+      }
+      if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(S); ++r) {
+        const int row = get<0>(cSrc(r, 0));
+        const float l = s_lse[row], ds = s_dsum[row];
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); ++c) {
+          const float x = S(r, c);
+          const float pr = fast_exp2(fmaf(x, sl2, -l));
+          float g = pr * (dP(r, c) - ds);
+          if (capped) {
+            const float t = fminf(fabsf(x * inv_cap), 1.f);
+            g *= 1.f - t * t;
+          }
+          S(r, c) = pr;
+          dP(r, c) = g;
+        }
+      }
+    }
+    store_smem_pairs<Element>(acc_s, cS, sP);
+    store_smem_pairs<Element>(acc_dp, cS, sdS);
+    __syncthreads();
+
+    gemm_ss(mma_dkv, acc_dv, tdVrPt, tdVrdOt, tdVsPt, cpB_dkv_t.partition_S(sdOt), cpA_dkv,
+            cpB_dkv, tdVrPtv, tdVrdOtv);
+    gemm_ss(mma_dkv, acc_dk, tdKrdSt, tdKrQt, tdKsdSt, cpB_dkv_t.partition_S(sQt), cpA_dkv,
+            cpB_dkv, tdKrdStv, tdKrQtv);
+
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
+    clear(acc_dq);
+    gemm_ss(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, cpA_dq, cpB_dq, tdQrdSv, tdQrKtv);
+
+    int *sem = nullptr;
+    if (p.deterministic) {
+      sem = p.dq_sem + ((int64_t)b * p.hq + h) * p.num_m_blocks_bwd + m;
+      const int n_lo = p.window_left >= 0 ? max(0, floor_div(m0 + si.off - p.window_left, BN)) : 0;
+      if (tid == 0) {
+        const int target = n_block - n_lo;
+        while (ld_acquire(sem) != target) {
+        }
+      }
+      __syncthreads();
+    }
+    {
+      float *dqa = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d;
+      const int rows_q = si.sq - m0;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) {
+        const int r = get<0>(cdQ(i)), c = get<1>(cdQ(i));
+        if (r < rows_q && c < p.d) atomicAdd(dqa + (int64_t)r * dq_rs + c, acc_dq(i));
+      }
+    }
+    if (p.deterministic) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(sem, 1);
+    }
+    __syncthreads();  // all reads of Q/dO[buf], P and dS are done
+    if (QB == 1 && step + 1 < num_steps) {
+      load_q_do(step + 1, 0);
+      cp_async_commit();
+    }
+  }
+
+  Tensor cKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
+  store_acc<Element>(acc_dk, cKV, dk_ptr, p.dk_rs, rows_k, p.d, p.scale);
+  store_acc<Element>(acc_dv, cKV, dv_ptr, p.dv_rs, rows_k, p.d, 1.f);
+}
+
+template <typename Tr>
+int launch_bwd(const Params &p, cudaStream_t stream) {
+  constexpr int smem = Tr::kSmemBytes;
+  auto kernel = bwd_kernel<Tr>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+  }
+  dim3 grid(ceil_div(p.seqlen_k, Tr::kBlockN), p.hkv, p.batch);
+  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace fmx

@@ -1,0 +1,184 @@
+// FlashAttention-2 forward for sm80+ (mma.sync m16n8k16, ldmatrix, cp.async).
+// One CTA owns a (kBlockM x D) query tile of one (batch, head); it streams key/value tiles of
+// kBlockN rows through shared memory (the V load overlaps S = Q K^T, the next K load overlaps
+// the softmax and O += P V) and keeps the online softmax state in registers.
+#pragma once
+#include "sm80_utils.cuh"
+
+namespace fmx {
+namespace sm80 {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
+  static_assert(kBlockM == 16 * kNWarps || kBlockM == 32 * kNWarps, "each warp owns whole rows");
+  using TiledMma = TiledMmaFor<Element, kNWarps, 1>;
+  using SmemQ = SmemTile<kBlockM, kHeadDim>;
+  using SmemKV = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * 2;
+};
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
+  using Element = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim, NT = Tr::kNThreads;
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) tiles first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const SeqInfo si(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= si.sq) return;
+  const int hk = h / p.group;
+  const int rows_q = min(BM, si.sq - m0);
+
+  Element *o_ptr = reinterpret_cast<Element *>(p.o) + si.q_base(b, p.o_bs, p.o_rs) +
+                   (int64_t)m0 * p.o_rs + (int64_t)h * p.o_hs;
+  int n_min, n_max;
+  key_block_range(p, si, m0, BM, BN, n_min, n_max);
+  if (n_max <= n_min) {  // no allowed key for any row of this tile
+    zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
+    for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
+    return;
+  }
+
+  const Element *q_ptr = reinterpret_cast<const Element *>(p.q) + si.q_base(b, p.q_bs, p.q_rs) +
+                         (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs;
+  const Element *k_ptr = reinterpret_cast<const Element *>(p.k) + si.k_base(b, p.k_bs, p.k_rs) +
+                         (int64_t)hk * p.k_hs;
+  const Element *v_ptr = reinterpret_cast<const Element *>(p.v) + si.k_base(b, p.v_bs, p.v_rs) +
+                         (int64_t)hk * p.v_hs;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element *smem = reinterpret_cast<Element *>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Tr::SmemQ::Layout_{});
+  Tensor sK = make_tensor(make_smem_ptr(smem + BM * D), typename Tr::SmemKV::Layout_{});
+  Tensor sV = make_tensor(make_smem_ptr(smem + (BM + BN) * D), typename Tr::SmemKV::Layout_{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem + (BM + BN) * D), typename Tr::SmemKV::LayoutT{});
+
+  // Prologue: Q and the last K tile.
+  int n = n_max - 1;
+  load_tile_async<BM, D, NT>(sQ, q_ptr, p.q_rs, rows_q, p.d, tid);
+  load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)n * BN * p.k_rs, p.k_rs, si.sk - n * BN, p.d, tid);
+  cp_async_commit();
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr.partition_fragment_A(sQ);
+  Tensor tSrK = thr.partition_fragment_B(sK);
+  Tensor tOrVt = thr.partition_fragment_B(sVt);
+  auto cpQ = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto cpK = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto cpV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma);
+  auto cpQt = cpQ.get_thread_slice(tid);
+  auto cpKt = cpK.get_thread_slice(tid);
+  auto cpVt = cpV.get_thread_slice(tid);
+  Tensor tSsQ = cpQt.partition_S(sQ);
+  Tensor tSrQv = cpQt.retile_D(tSrQ);
+  Tensor tSsK = cpKt.partition_S(sK);
+  Tensor tSrKv = cpKt.retile_D(tSrK);
+  Tensor tOsVt = cpVt.partition_S(sVt);
+  Tensor tOrVtv = cpVt.retile_D(tOrVt);
+
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  clear(acc_o);
+  Tensor accO = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  constexpr int NR = decltype(size<0>(accO))::value;  // rows per thread
+
+  float row_max[NR], row_sum[NR];
+  CUTE_UNROLL
+  for (int r = 0; r < NR; ++r) { row_max[r] = -INFINITY; row_sum[r] = 0.f; }
+  const bool capped = p.softcap > 0.f;
+  const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
+  const float sl2 = p.score_log2;
+
+  for (; n >= n_min; --n) {
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K[n] landed; everyone is done reading V[n+1]
+    load_tile_async<BN, D, NT>(sV, v_ptr + (int64_t)n * BN * p.v_rs, p.v_rs, si.sk - n * BN, p.d, tid);
+    cp_async_commit();
+
+    gemm_ss(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+
+    Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if (capped) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
+    }
+    const int n0 = n * BN;
+    if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n] landed; everyone is done reading K[n]
+    if (n > n_min) {
+      load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)(n - 1) * BN * p.k_rs, p.k_rs,
+                                 si.sk - (n - 1) * BN, p.d, tid);
+      cp_async_commit();
+    }
+
+    // Online softmax (base 2, scale folded into one FFMA).
+    CUTE_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      float mx = row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
+      mx = quad_max(mx);
+      const float ms = mx == -INFINITY ? 0.f : mx * sl2;
+      const float corr = fast_exp2(row_max[r] * sl2 - ms);
+      row_max[r] = mx;
+      float sum = row_sum[r] * corr;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); ++c) {
+        float e = fast_exp2(fmaf(S(r, c), sl2, -ms));
+        S(r, c) = e;
+        sum += e;
+      }
+      row_sum[r] = sum;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= corr;
+    }
+
+    Tensor rP = to_element<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+    gemm_rs(mma, acc_o, tOrP, tOrVt, tOsVt, cpV, tOrVtv);
+  }
+
+  // Epilogue: normalize, write O and lse.
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor cOrc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
+  const int lane = tid & 31;
+  CUTE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    float sum = quad_sum(row_sum[r]);
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= inv;
+    int row = get<0>(cOrc(r, 0));
+    if ((lane & 3) == 0 && row < rows_q)
+      p.lse[si.lse_off(p, b, h, m0 + row)] =
+          sum > 0.f ? row_max[r] * p.score_nat + logf(sum) : -INFINITY;
+  }
+  store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d, 1.f);
+}
+
+template <typename Tr>
+int launch_fwd(const Params &p, cudaStream_t stream) {
+  constexpr int smem = Tr::kSmemBytes;
+  auto kernel = fwd_kernel<Tr>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+  }
+  dim3 grid(ceil_div(p.seqlen_q, Tr::kBlockM), p.hq, p.batch);
+  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace sm80
+}  // namespace fmx
