@@ -156,7 +156,7 @@ def build_points(cfg: SweepConfig) -> list[Point]:
 def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Point]:
     pts: list[Point] = []
     if sweep in ("papers", "gqa"):
-        hds = cfg.head_dims or ([16, 32] if quick else [64, 128])
+        hds = cfg.head_dims or ([32] if quick else [64, 128])
         seqs = cfg.seqlens or ([32, 64] if quick else _pow2_range(512, 16384))
         tokens = 128 if quick else TOKENS
         for hd in hds:
@@ -174,7 +174,7 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
         hds = cfg.head_dims or ([32] if quick else [128])
         sks = cfg.seqlens or ([64, 256] if quick else [4096, 16384, 65536, 131072])
         b, hq, hkv = (2, 4, 1) if quick else (8, 32, 8)
-        for sq in ([1, 16] if quick else [1, 128]):
+        for sq in [1, 16] if quick else [1, 128]:
             for hd in hds:
                 for causal in _causals(cfg.causal, "no"):
                     for sk in sks:
@@ -246,8 +246,14 @@ def check_shape(point: Point) -> dict:
         base = [min(s, 256) for s in point.seqlens[:3]]
         # Mixed, not block-aligned lengths, as in the real batch.
         lens = tuple(max(1, s - (37 * i) % max(1, s // 2)) for i, s in enumerate(base))
-        return dict(batch=len(lens), seqlen_q=max(lens), seqlen_k=max(lens), heads_q=hq,
-                    heads_kv=hkv, seqlens=lens)
+        return dict(
+            batch=len(lens),
+            seqlen_q=max(lens),
+            seqlen_k=max(lens),
+            heads_q=hq,
+            heads_kv=hkv,
+            seqlens=lens,
+        )
     if point.seqlen_q == point.seqlen_k:
         s = min(point.seqlen_q, 256)
         sq = sk = s
@@ -261,5 +267,16 @@ def check_shape(point: Point) -> dict:
 
 def check_point(point: Point) -> Point:
     c = check_shape(point)
-    return Point("check", c["batch"], c["seqlen_q"], c["seqlen_k"], c["heads_q"], c["heads_kv"],
-                 point.head_dim, point.causal, point.dtype, seqlens=c["seqlens"], x=c["seqlen_k"])
+    return Point(
+        "check",
+        c["batch"],
+        c["seqlen_q"],
+        c["seqlen_k"],
+        c["heads_q"],
+        c["heads_kv"],
+        point.head_dim,
+        point.causal,
+        point.dtype,
+        seqlens=c["seqlens"],
+        x=c["seqlen_k"],
+    )

@@ -1,0 +1,515 @@
+"""The implementations a benchmark compares: flashmux backends (each forced, and the dispatcher's
+own choice, "auto") under each framework they serve, and the anchors a user would pick instead.
+
+An implementation turns a `Point` into ``fn(q, k, v) -> out`` on native arrays of its framework,
+in its layout ("bshd" as flashmux, or "bhsd" as torch SDPA). The runner adds gradients, timing
+and the correctness check. Every optional dependency is imported inside ``build`` so a missing
+one becomes a skip reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shapes import Point
+
+TORCH_ANCHORS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex", "standard")
+JAX_ANCHORS = ("jax-xla", "jax-cudnn", "pallas-mha", "pallas-mgpu")
+ANCHORS = TORCH_ANCHORS + JAX_ANCHORS
+# Quick (CPU) mode: anchors that run on the CPU and need no compiler.
+QUICK_ANCHORS = ("sdpa-math", "sdpa-flash", "standard", "jax-xla")
+
+
+@dataclass
+class Context:
+    device: str  # "cuda" | "cpu"
+    capability: tuple[int, int] | None
+    quick: bool
+    fws: dict  # framework name -> Framework
+
+
+def cu_seqlens(point: Point) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(point.seqlens)]).astype(np.int32)
+
+
+class Impl:
+    id = "impl"
+    framework = "torch"
+    family = "anchor"  # "flashmux" | "anchor"
+    backend: str | None = None
+    layout = "bshd"
+    jit = True  # jax: wrap in jax.jit
+    compile_heavy = False
+    quadratic = False  # materializes the Sq x Sk score matrix
+    dtype_override: str | None = None
+    prescale_q = False  # q arrives multiplied by the softmax scale (kernels without a scale)
+    # Correctness tolerance: err <= factor * err(plain attention) + atol. flashmux backends are
+    # held to SPEC (2x, 1e-5); anchors get a sanity bound that only catches wiring mistakes.
+    tol_factor = 4.0
+    tol_abs = 1e-4
+
+    def dtype_for(self, point: Point) -> str:
+        return self.dtype_override or point.dtype
+
+    def input_q_scale(self, point: Point) -> float:
+        return 1.0 / math.sqrt(point.head_dim) if self.prescale_q else 1.0
+
+    def ref_scale(self, point: Point) -> float:
+        return 1.0 if self.prescale_q else 1.0 / math.sqrt(point.head_dim)
+
+    def unavailable(self, ctx: Context) -> str | None:
+        return None
+
+    def unsupported(self, point: Point, mode: str, ctx: Context) -> str | None:
+        return None
+
+    def build(self, point: Point, ctx: Context):
+        raise NotImplementedError
+
+    def on_failure(self, exc: BaseException) -> bool:
+        """Adjust after a failed first call (e.g. a smaller tile); True to try again."""
+        return False
+
+    def describe_choice(self, point, q, k, v, ctx) -> str | None:
+        return None
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "framework": self.framework,
+            "family": self.family,
+            "backend": self.backend,
+            "layout": self.layout,
+            "dtype_override": self.dtype_override,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# flashmux
+class FlashmuxImpl(Impl):
+    family = "flashmux"
+    tol_factor = 2.0
+    tol_abs = 1e-5
+
+    def __init__(self, backend: str, framework: str, reason: str | None = None, jit: bool = True):
+        self.backend = backend
+        self.framework = framework
+        self.id = f"flashmux-{backend}[{framework}]"
+        self._reason = reason
+        self.jit = jit
+
+    def unavailable(self, ctx):
+        return self._reason
+
+    def unsupported(self, point, mode, ctx):
+        if self.framework == "numpy" and mode != "fwd":
+            return "numpy arrays have no autograd: forward only"
+        return None
+
+    def _kwargs(self, point, ctx):
+        kw = dict(causal=point.causal)
+        if point.varlen:
+            fw = ctx.fws[self.framework]
+            cu = cu_seqlens(point)
+            kw.update(
+                cu_seqlens_q=fw.int32(cu),
+                cu_seqlens_k=fw.int32(cu),
+                max_seqlen_q=int(max(point.seqlens)),
+                max_seqlen_k=int(max(point.seqlens)),
+            )
+        return kw
+
+    def build(self, point, ctx):
+        import flashmux
+
+        kw = self._kwargs(point, ctx)
+        backend = None if self.backend == "auto" else self.backend
+
+        def fn(q, k, v):
+            return flashmux.attention(q, k, v, backend=backend, **kw)
+
+        return fn
+
+    def on_failure(self, exc):
+        if self.framework == "jax" and self.jit:
+            self.jit = False  # the backend may run eagerly only: time it as users would call it
+            return True
+        return False
+
+    def describe_choice(self, point, q, k, v, ctx):
+        try:
+            import flashmux
+
+            rep = flashmux.explain(q, k, v, **self._kwargs(point, ctx))
+            return getattr(rep, "chosen", None)
+        except Exception as e:
+            return f"explain failed: {type(e).__name__}"
+
+
+def _discovered_backends() -> list:
+    import flashmux
+
+    f = getattr(flashmux, "backends", None)
+    if callable(f):
+        return list(f())
+    # `flashmux.backends` is shadowed by the subpackage of that name once it was imported.
+    from flashmux import dispatch
+
+    return list(dispatch.registry().values())
+
+
+def flashmux_impls(wanted: list[str] | None, ctx: Context, fw_reasons: dict) -> list[Impl]:
+    """One impl per (backend, framework it serves), plus "auto" per framework.
+
+    wanted None: every discovered backend, but the reference only on the CPU.
+    """
+    out: list[Impl] = []
+    frameworks = ["torch", "jax", "numpy"]
+    try:
+        import flashmux
+
+        found = _discovered_backends()
+        _ = flashmux.attention
+    except Exception as e:
+        reason = f"flashmux API not importable: {type(e).__name__}: {e}"
+        names = wanted or ["auto"]
+        return [FlashmuxImpl(n, fw, reason) for n in names for fw in ("torch", "jax")]
+    by_name = {b.name: b for b in found}
+    names = list(wanted) if wanted else [b.name for b in found] + ["auto"]
+    for name in names:
+        if name == "auto":
+            for fw in frameworks:
+                if fw == "numpy" and ctx.device != "cpu":
+                    continue
+                out.append(FlashmuxImpl("auto", fw, fw_reasons.get(fw)))
+            continue
+        b = by_name.get(name)
+        if b is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            out.append(FlashmuxImpl(name, "torch", f"no backend named {name!r} (found: {known})"))
+            continue
+        if name == "reference" and wanted is None and ctx.device != "cpu":
+            out.append(
+                FlashmuxImpl(
+                    name,
+                    "torch",
+                    "reference backend is timed on the GPU only when named in --backends",
+                )
+            )
+            continue
+        caps = b.capabilities
+        kinds = set(caps.array_kinds) | set(getattr(caps, "crosses_from", ()) or ())
+        try:
+            avail = list(b.availability())
+        except Exception as e:
+            avail = [f"availability() raised {type(e).__name__}: {e}"]
+        reason = "; ".join(avail) if avail else None
+        fws = [f for f in frameworks if f in kinds] or ["torch"]
+        for fw in fws:
+            if fw == "numpy" and ctx.device != "cpu":
+                continue
+            r = reason or fw_reasons.get(fw)
+            if (
+                r is None
+                and ctx.device not in caps.devices
+                and not (ctx.device == "cuda" and "gpu" in caps.devices)
+            ):
+                r = f"runs on {'/'.join(sorted(caps.devices)) or 'no device'}, not {ctx.device}"
+            jit = bool(getattr(caps, "runs_under_jit", False)) and fw in caps.array_kinds
+            out.append(FlashmuxImpl(name, fw, r, jit=jit))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch anchors
+class SdpaImpl(Impl):
+    framework = "torch"
+    layout = "bhsd"
+
+    def __init__(self, kind: str):
+        self.kind = kind  # flash | efficient | cudnn | math
+        self.id = f"sdpa-{kind}"
+        self.quadratic = kind == "math"
+
+    def unsupported(self, point, mode, ctx):
+        if point.varlen:
+            return "no packed variable-length input (SDPA takes padded batches)"
+        if ctx.device != "cuda" and self.kind in ("efficient", "cudnn"):
+            return "needs a CUDA device"
+        return None
+
+    def build(self, point, ctx):
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        be = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self.kind]
+        kw: dict = dict(scale=1.0 / math.sqrt(point.head_dim))
+        if point.causal:
+            if point.seqlen_q == point.seqlen_k:
+                kw["is_causal"] = True
+            else:
+                from torch.nn.attention.bias import causal_lower_right
+
+                kw["attn_mask"] = causal_lower_right(point.seqlen_q, point.seqlen_k)
+        if point.heads_q != point.heads_kv:
+            kw["enable_gqa"] = True
+        del torch
+
+        def fn(q, k, v):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v, **kw)
+
+        return fn
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        cfg = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+        _FLEX = torch.compile(flex_attention)
+    return _FLEX
+
+
+class FlexImpl(Impl):
+    id = "flex"
+    framework = "torch"
+    layout = "bhsd"
+    compile_heavy = True
+
+    def build(self, point, ctx):
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        flex = _compiled_flex()
+        dev = ctx.device
+        block_mask = None
+        if point.varlen:
+            doc = torch.repeat_interleave(
+                torch.arange(len(point.seqlens), device=dev),
+                torch.tensor(point.seqlens, device=dev),
+            )
+            causal = point.causal
+
+            def mask_mod(b, h, qi, ki):
+                same = doc[qi] == doc[ki]
+                return (same & (qi >= ki)) if causal else same
+
+            t = point.total_q
+            block_mask = create_block_mask(mask_mod, None, None, t, t, device=dev)
+        elif point.causal:
+            off = point.seqlen_k - point.seqlen_q
+
+            def mask_mod(b, h, qi, ki):
+                return qi + off >= ki
+
+            block_mask = create_block_mask(
+                mask_mod, None, None, point.seqlen_q, point.seqlen_k, device=dev
+            )
+        scale = 1.0 / math.sqrt(point.head_dim)
+        gqa = point.heads_q != point.heads_kv
+
+        def fn(q, k, v):
+            return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+        return fn
+
+
+class StandardTorchImpl(Impl):
+    """Attention as written in a textbook: scores materialized, float32 softmax."""
+
+    id = "standard"
+    framework = "torch"
+    layout = "bhsd"
+    quadratic = True
+
+    def unsupported(self, point, mode, ctx):
+        if point.varlen:
+            return "padded batches only"
+        return None
+
+    def build(self, point, ctx):
+        import torch
+
+        scale = 1.0 / math.sqrt(point.head_dim)
+        g = point.heads_q // point.heads_kv
+        masked = None
+        if point.causal:
+            sq, sk = point.seqlen_q, point.seqlen_k
+            i = torch.arange(sq, device=ctx.device)[:, None]
+            j = torch.arange(sk, device=ctx.device)[None, :]
+            masked = j > i + (sk - sq)
+
+        def fn(q, k, v):
+            if g > 1:
+                k = k.repeat_interleave(g, dim=1)
+                v = v.repeat_interleave(g, dim=1)
+            s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+            if masked is not None:
+                s = s.masked_fill(masked, float("-inf"))
+            p = torch.softmax(s, dim=-1).to(q.dtype)
+            return torch.matmul(p, v)
+
+        return fn
+
+
+# --------------------------------------------------------------------------------------------
+# jax anchors
+class JaxDpaImpl(Impl):
+    framework = "jax"
+
+    def __init__(self, kind: str):
+        self.kind = kind  # xla | cudnn
+        self.id = f"jax-{kind}"
+        self.quadratic = kind == "xla"
+
+    def unsupported(self, point, mode, ctx):
+        if point.varlen:
+            return "no packed variable-length input"
+        if point.causal and point.seqlen_q != point.seqlen_k:
+            return "is_causal is top-left aligned: no bottom-right causal for Sq != Sk"
+        if self.kind == "cudnn" and ctx.device != "cuda":
+            return "needs a CUDA GPU"
+        return None
+
+    def build(self, point, ctx):
+        import jax
+
+        scale = 1.0 / math.sqrt(point.head_dim)
+        causal, kind = point.causal, self.kind
+
+        def fn(q, k, v):
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=causal, implementation=kind
+            )
+
+        return fn
+
+
+class PallasMhaImpl(Impl):
+    id = "pallas-mha"
+    framework = "jax"
+
+    def unsupported(self, point, mode, ctx):
+        if ctx.device != "cuda":
+            return "needs a CUDA GPU (Pallas Triton lowering)"
+        if point.varlen:
+            return "no packed variable-length input"
+        if point.heads_q != point.heads_kv:
+            return "no GQA (needs Hq == Hkv)"
+        if point.causal and point.seqlen_q != point.seqlen_k:
+            return "causal is top-left aligned: no bottom-right causal for Sq != Sk"
+        for s in (point.seqlen_q, point.seqlen_k):
+            if s > 128 and s % 128:
+                return f"sequence length {s} is not a multiple of its block (128)"
+        return None
+
+    def build(self, point, ctx):
+        from jax.experimental.pallas.ops.gpu import attention as pa
+
+        scale = 1.0 / math.sqrt(point.head_dim)
+        causal = point.causal
+
+        def fn(q, k, v):
+            return pa.mha(q, k, v, None, sm_scale=scale, causal=causal)
+
+        return fn
+
+
+class PallasMgpuImpl(Impl):
+    """jax.experimental.pallas.ops.gpu.attention_mgpu: Hopper (warpgroup MMA, TMA), fp16.
+
+    Its backward is fp16 only, so it always runs in fp16 (the FLOP count is the same). It has no
+    scale argument: q arrives pre-multiplied by 1/sqrt(D), outside the timing.
+    """
+
+    id = "pallas-mgpu"
+    framework = "jax"
+    dtype_override = "fp16"
+    prescale_q = True
+
+    def __init__(self):
+        self.block_kv = None
+
+    def unsupported(self, point, mode, ctx):
+        if ctx.device != "cuda":
+            return "needs a CUDA GPU"
+        if ctx.capability is not None and ctx.capability[0] != 9:
+            return "needs Hopper (sm90)"
+        if point.varlen:
+            return "no packed variable-length input"
+        if point.head_dim % 64:
+            return f"head_dim {point.head_dim} not a multiple of 64"
+        if point.causal and point.seqlen_q != point.seqlen_k:
+            return "no bottom-right causal for Sq != Sk"
+        if point.causal and mode != "fwd":
+            return "no causal backward"
+        if point.seqlen_q % 128 or point.seqlen_k % 128:
+            return "sequence lengths must be multiples of 128"
+        return None
+
+    def build(self, point, ctx):
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+        bkv = self.block_kv or (256 if point.head_dim <= 64 and point.seqlen_k % 256 == 0 else 128)
+        self._last_bkv = bkv
+        cfg = am.TuningConfig(
+            block_q=64,
+            block_kv=bkv,
+            max_concurrent_steps=2,
+            causal=point.causal,
+            block_q_dkv=64,
+            block_kv_dkv=64,
+            block_q_dq=64,
+            block_kv_dq=64,
+        )
+
+        def fn(q, k, v):
+            return am.attention(q, k, v, cfg)
+
+        return fn
+
+    def on_failure(self, exc):
+        cur = getattr(self, "_last_bkv", 128)
+        if cur > 64 and "memory" in str(exc).lower():
+            self.block_kv = cur // 2
+            return True
+        return False
+
+
+def anchor_impls(names: list[str]) -> list[Impl]:
+    makers = {
+        "sdpa-flash": lambda: SdpaImpl("flash"),
+        "sdpa-cudnn": lambda: SdpaImpl("cudnn"),
+        "sdpa-efficient": lambda: SdpaImpl("efficient"),
+        "sdpa-math": lambda: SdpaImpl("math"),
+        "flex": FlexImpl,
+        "standard": StandardTorchImpl,
+        "jax-xla": lambda: JaxDpaImpl("xla"),
+        "jax-cudnn": lambda: JaxDpaImpl("cudnn"),
+        "pallas-mha": PallasMhaImpl,
+        "pallas-mgpu": PallasMgpuImpl,
+    }
+    out = []
+    for n in names:
+        if n not in makers:
+            raise ValueError(f"unknown anchor {n!r} (expected one of {', '.join(makers)})")
+        out.append(makers[n]())
+    return out

@@ -1,0 +1,489 @@
+"""The measuring loop: for each framework, point and implementation, check correctness on a small
+problem of the same configuration, then time every mode on rotated random inputs.
+
+Nothing here may crash a sweep: every failure (missing package, unsupported shape, out of
+memory, wrong answer) becomes a record with a status and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..reference import reference_backward, reference_forward
+from .frameworks import bshd_to_layout_np, is_oom, layout_to_bshd_np, shapes_for
+from .impls import Context, Impl, cu_seqlens
+from .shapes import ITEMSIZE, Point, check_point, modes_for
+
+STATUSES = ("ok", "wrong", "unsupported", "unavailable", "oom", "error", "budget")
+
+
+@dataclass
+class RunOptions:
+    modes: list[str] | None = None
+    warmup: int = 2
+    reps: int | None = None  # None: adaptive, to spend about target_s per measurement
+    target_s: float = 0.2
+    min_reps: int = 5
+    max_reps: int = 100
+    time_budget_s: float | None = None
+    check: bool = True
+    seed: int = 0
+    max_sets: int = 8
+
+
+def classify(exc: BaseException) -> str:
+    if is_oom(exc):
+        return "oom"
+    if isinstance(exc, ImportError):
+        return "unavailable"
+    if isinstance(exc, (NotImplementedError, ValueError, TypeError)):
+        return "unsupported"
+    return "error"
+
+
+def short(exc: BaseException, limit: int = 300) -> str:
+    msg = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _maxerr(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"shape {a.shape} != reference {b.shape}")
+    if a.size == 0:
+        return 0.0
+    d = np.abs(a - b)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(d.max())
+
+
+class Progress:
+    """tqdm when stderr is a terminal and tqdm is installed, else a line every ~10%/30 s."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.n, self.enabled = total, 0, enabled
+        self.bar = None
+        self.t0 = self.last = time.monotonic()
+        self.last_pct = -1
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="meas", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, k: int, desc: str):
+        self.n += k
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description(desc[:60], refresh=False)
+            self.bar.update(k)
+            return
+        pct = int(100 * self.n / max(1, self.total))
+        now = time.monotonic()
+        if pct // 10 != self.last_pct // 10 or now - self.last > 30 or self.n == self.total:
+            self.last_pct, self.last = pct, now
+            print(
+                f"[bench {self.n}/{self.total} {pct}% {now - self.t0:.0f}s] {desc}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Runner:
+    ctx: Context
+    opts: RunOptions
+    results: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
+    _check_cache: dict = field(default_factory=dict)
+    _ref_cache: dict = field(default_factory=dict)
+    _plain_cache: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)
+    check_wall_s: float = 0.0
+
+    # -- correctness ------------------------------------------------------------------------
+    def _inputs(self, cp: Point, dt: str, impl: Impl, point: Point):
+        """Check inputs (rounded to dt) and the float64 reference, shared by every impl."""
+        key = (cp, dt, impl.prescale_q)
+        if key in self._ref_cache:
+            return self._ref_cache[key]
+        seed = zlib.crc32(repr(key).encode()) ^ self.opts.seed
+        rng = np.random.default_rng(seed)
+        xs = [rng.standard_normal(s).astype(np.float32) for s in shapes_for(cp, "bshd")]
+        if impl.prescale_q:
+            xs[0] = xs[0] * np.float32(impl.input_q_scale(point))
+        self._ref_cache[key] = {"raw": xs}
+        return self._ref_cache[key]
+
+    def _reference(self, entry, fw, dt, cp, scale, with_bwd):
+        """float64 reference from the values as rounded by the framework."""
+        rkey = ("ref", dt, with_bwd)
+        if rkey in entry:
+            return entry[rkey]
+        rounded = [fw.to_numpy64(fw.from_numpy(x, dt)) for x in entry["raw"]]
+        q, k, v, do = rounded
+        cu = cu_seqlens(cp) if cp.varlen else None
+        kw = dict(causal=cp.causal, scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        out, _ = reference_forward(q, k, v, **kw)
+        grads = reference_backward(do, q, k, v, **kw) if with_bwd else None
+        entry[rkey] = (rounded, out, grads)
+        return entry[rkey]
+
+    def _plain_errors(self, fw, dt, cp, scale, rounded, ref_out, ref_grads, with_bwd):
+        key = (fw.name, cp, dt, scale, with_bwd)
+        if key in self._plain_cache:
+            return self._plain_cache[key]
+        xs = [fw.from_numpy(x.astype(np.float32), dt) for x in rounded]
+        cu = cu_seqlens(cp) if cp.varlen else None
+
+        def plain(q, k, v):
+            return fw.plain(q, k, v, cp, scale, cu)
+
+        try:
+            out, grads = fw.run_modes(plain, *xs, with_bwd and fw.name != "numpy")
+            errs = {"out": _maxerr(fw.to_numpy64(out), ref_out)}
+            if grads is not None:
+                for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+                    errs[n] = _maxerr(fw.to_numpy64(g), r)
+        except Exception as e:  # the yardstick failing must not stop the check
+            self.log.append(f"plain attention ({fw.name}) failed: {short(e)}")
+            errs = {}
+        self._plain_cache[key] = errs
+        return errs
+
+    def check(self, impl: Impl, point: Point, with_bwd: bool) -> dict:
+        """{'fwd': verdict, 'bwd': verdict|None}; cached per small problem."""
+        cp = check_point(point)
+        key = (impl.id, cp, impl.dtype_for(point), with_bwd)
+        if key in self._check_cache:
+            return self._check_cache[key]
+        res = self._check(impl, point, cp, with_bwd)
+        self._check_cache[key] = res
+        for mode, v in res.items():
+            if v is not None:
+                self.checks.append(
+                    {
+                        "impl": impl.id,
+                        "framework": impl.framework,
+                        "family": impl.family,
+                        "mode": mode,
+                        "point": cp.to_json(),
+                        **v,
+                    }
+                )
+        return res
+
+    def _check(self, impl, point, cp, with_bwd):
+        fw = self.ctx.fws[impl.framework]
+        dt = impl.dtype_for(point)
+        scale = impl.ref_scale(point)
+        entry = self._inputs(cp, dt, impl, point)
+        try:
+            rounded, ref_out, ref_grads = self._reference(entry, fw, dt, cp, scale, with_bwd)
+        except Exception as e:
+            v = {"ok": False, "status": classify(e), "reason": f"inputs: {short(e)}"}
+            return {"fwd": v, "bwd": v if with_bwd else None}
+        base = self._plain_errors(fw, dt, cp, scale, rounded, ref_out, ref_grads, with_bwd)
+        native = [
+            fw.from_numpy(bshd_to_layout_np(x.astype(np.float32), impl.layout, cp.varlen), dt)
+            for x in rounded
+        ]
+
+        def attempt(bwd):
+            for _ in range(3):
+                try:
+                    fn = impl.build(cp, self.ctx)
+                    return fw.run_modes(fn, *native, bwd, impl), None
+                except Exception as e:  # noqa: PERF203
+                    if impl.on_failure(e):
+                        continue
+                    return None, e
+            return None, RuntimeError("gave up after retries")
+
+        def verdict(errs, names):
+            tol = {n: impl.tol_factor * base.get(n, float("nan")) + impl.tol_abs for n in names}
+            ok = all(
+                math.isfinite(errs[n]) and (not math.isfinite(tol[n]) or errs[n] <= tol[n])
+                for n in names
+            )
+            bad = [n for n in names if not (errs[n] <= tol[n] or not math.isfinite(tol[n]))]
+            return {
+                "ok": bool(ok),
+                "status": "ok" if ok else "wrong",
+                "errors": {n: errs[n] for n in names},
+                "plain_errors": {n: base.get(n) for n in names},
+                "tolerance": {n: tol[n] for n in names},
+                "reason": None if ok else "error above tolerance in " + ", ".join(bad),
+                "rule": f"err <= {impl.tol_factor:g} x plain-attention err + {impl.tol_abs:g}",
+                "dtype": dt,
+            }
+
+        def to64(x):
+            return layout_to_bshd_np(fw.to_numpy64(x), impl.layout, cp.varlen)
+
+        out = {"fwd": None, "bwd": None}
+        res, exc = attempt(True) if with_bwd else (None, None)
+        if with_bwd and exc is None:
+            o, grads = res
+            errs = {"out": _maxerr(to64(o), ref_out)}
+            for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+                errs[n] = _maxerr(to64(g), r)
+            out["fwd"] = verdict(errs, ["out"])
+            out["bwd"] = verdict(errs, ["out", "dq", "dk", "dv"])
+            return out
+        if with_bwd:
+            out["bwd"] = {"ok": False, "status": classify(exc), "reason": short(exc)}
+        res, exc2 = attempt(False)
+        if exc2 is not None:
+            out["fwd"] = {"ok": False, "status": classify(exc2), "reason": short(exc2)}
+        else:
+            o, _ = res
+            out["fwd"] = verdict({"out": _maxerr(to64(o), ref_out)}, ["out"])
+        return out
+
+    # -- timing -----------------------------------------------------------------------------
+    def _n_sets(self, fw, impl, point, memory_only):
+        if memory_only:
+            return 1
+        set_bytes = (
+            sum(math.prod(s) for s in shapes_for(point, impl.layout))
+            * ITEMSIZE[impl.dtype_for(point)]
+        )
+        if fw.device != "cuda":
+            return 2
+        n = max(2, min(self.opts.max_sets, math.ceil(4 * fw.l2_bytes() / max(set_bytes, 1))))
+        mem = fw.device_memory()
+        if mem and n * set_bytes > 0.25 * mem:
+            n = max(1, int(0.25 * mem // set_bytes))
+        return n
+
+    def _predicted_oom(self, fw, impl, point, mode) -> str | None:
+        if not impl.quadratic or fw.device != "cuda":
+            return None
+        mem = fw.device_memory()
+        if not mem:
+            return None
+        pairs = (
+            point.batch * point.seqlen_q * point.seqlen_k
+            if not point.varlen
+            else sum(s * s for s in point.seqlens)
+        )
+        need = pairs * point.heads_q * 12 * (1 if mode == "fwd" else 2)
+        if need > 0.9 * mem:
+            return (
+                f"would need ~{need / 2**30:.0f} GiB for the score matrix "
+                f"(device has {mem / 2**30:.0f} GiB)"
+            )
+        return None
+
+    def _record(self, impl: Impl, point: Point, mode: str, status: str, reason=None, **kw):
+        rec = {
+            "impl": impl.id,
+            "framework": impl.framework,
+            "family": impl.family,
+            "backend": impl.backend,
+            "sweep": point.sweep,
+            "mode": mode,
+            "dtype": impl.dtype_for(point),
+            "point": point.to_json(),
+            "status": status,
+            "reason": reason,
+        }
+        rec.update(kw)
+        self.results.append(rec)
+        return rec
+
+    def measure(self, impl: Impl, point: Point, modes: list[str], deadline: float | None):
+        """Every mode of one impl at one point; appends records (with the wall time spent)."""
+        t0, n0 = time.monotonic(), len(self.results)
+        try:
+            self._measure(impl, point, modes, deadline)
+        finally:
+            spent = time.monotonic() - t0
+            for r in self.results[n0:]:
+                r["wall_s"] = round(spent / max(1, len(self.results) - n0), 3)
+
+    def _measure(self, impl, point, modes, deadline):
+        ctx, opts = self.ctx, self.opts
+        fw = ctx.fws.get(impl.framework)
+        reason = impl.unavailable(ctx)
+        if reason:
+            for m in modes:
+                self._record(impl, point, m, "unavailable", reason)
+            return
+        todo = []
+        for m in modes:
+            r = impl.unsupported(point, m, ctx) or self._predicted_oom(fw, impl, point, m)
+            if r:
+                self._record(impl, point, m, "unsupported", r)
+            else:
+                todo.append(m)
+        if not todo:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            for m in todo:
+                self._record(impl, point, m, "budget", "time budget exhausted")
+            return
+        verdicts = {"fwd": None, "bwd": None}
+        if opts.check:
+            need_bwd = any(m != "fwd" for m in todo)
+            tc = time.monotonic()
+            verdicts = self.check(impl, point, need_bwd)
+            self.check_wall_s += time.monotonic() - tc
+        sets = None
+        try:
+            n = self._n_sets(fw, impl, point, point.memory_only)
+            sets = fw.make_sets(impl, point, n, seed=opts.seed + 7919 * len(self.results))
+            fn = impl.build(point, ctx)
+            chosen = None
+            if impl.backend == "auto":
+                chosen = impl.describe_choice(point, *sets[0][:3], ctx)
+            for m in todo:
+                v = verdicts["fwd" if m == "fwd" else "bwd"]
+                if v is not None and v["status"] not in ("ok", "wrong"):
+                    self._record(
+                        impl, point, m, v["status"], "check: " + (v["reason"] or ""), check=v
+                    )
+                    continue
+                self._time_one(fw, impl, point, m, fn, sets, v, chosen, deadline)
+        except Exception as e:
+            st = classify(e)
+            done = {
+                (r["impl"], r["mode"])
+                for r in self.results
+                if r["point"] == point.to_json() and r["impl"] == impl.id
+            }
+            for m in todo:
+                if (impl.id, m) not in done:
+                    self._record(impl, point, m, st, short(e))
+            if st == "error":
+                self.log.append(f"{impl.id} {point.label}: {traceback.format_exc(limit=3)}")
+        finally:
+            del sets
+            if fw.name == "torch":
+                fw.cleanup()
+
+    def _time_one(self, fw, impl, point, mode, fn, sets, verdict, chosen, deadline):
+        opts = self.opts
+        if deadline is not None and time.monotonic() > deadline:
+            self._record(impl, point, mode, "budget", "time budget exhausted")
+            return
+        status = "ok" if verdict is None or verdict["ok"] else "wrong"
+        extra = {"check": verdict, "chosen": chosen, "n_sets": len(sets)}
+        try:
+            call = fw.prepare(fn, sets, mode, impl)
+            if point.memory_only:
+                for _w in range(max(1, opts.warmup - 1)):
+                    r = call(0)
+                    del r
+                peak = fw.peak_memory(call)
+                self._record(
+                    impl,
+                    point,
+                    mode,
+                    status if peak is not None else "unsupported",
+                    None if peak is not None else "no memory figure on this device",
+                    peak_mem_bytes=peak,
+                    **extra,
+                )
+                return
+            times = fw.time(
+                call, len(sets), opts.warmup, opts.reps, opts.target_s, opts.min_reps, opts.max_reps
+            )
+            peak = None
+            if fw.name in ("torch", "jax") and fw.device == "cuda":
+                try:
+                    peak = fw.peak_memory(call)
+                except Exception:
+                    peak = None
+        except Exception as e:
+            st = classify(e)
+            self._record(impl, point, mode, st, short(e), **extra)
+            if st == "oom" and fw.name == "torch":
+                fw.cleanup()
+            if st == "error":
+                self.log.append(f"{impl.id} {point.label} {mode}: {traceback.format_exc(limit=3)}")
+            return
+        ms = float(np.median(times))
+        tflops = point.flops(mode) / (ms * 1e-3) / 1e12
+        gbps = point.kv_bytes / (ms * 1e-3) / 1e9 if mode == "fwd" else None
+        self._record(
+            impl,
+            point,
+            mode,
+            status,
+            None if status == "ok" else verdict.get("reason"),
+            ms=ms,
+            ms_min=float(np.min(times)),
+            ms_mean=float(np.mean(times)),
+            ms_std=float(np.std(times)),
+            reps=len(times),
+            times_ms=[round(t, 5) for t in times],
+            tflops=tflops,
+            gbps=gbps,
+            peak_mem_bytes=peak,
+            **extra,
+        )
+
+
+def run_all(
+    points: list[Point], impls: list[Impl], ctx: Context, opts: RunOptions, progress: bool = True
+) -> Runner:
+    """Torch implementations first, then JAX, then NumPy: one framework's allocator at a time."""
+    runner = Runner(ctx, opts)
+    order = ["torch", "jax", "numpy"]
+    plan = []  # (framework, impl, point, modes)
+    for fwname in order:
+        for point in points:
+            for impl in impls:
+                if impl.framework == fwname:
+                    plan.append((fwname, impl, point, modes_for(point, opts.modes)))
+    total = sum(len(m) for *_, m in plan)
+    bar = Progress(total, progress)
+    t_start = time.monotonic()
+    budget = opts.time_budget_s
+    for fwname in order:
+        work = [p for p in plan if p[0] == fwname]
+        if not work:
+            continue
+        deadline = None
+        if budget is not None:
+            remaining_work = sum(len(p[3]) for p in plan[plan.index(work[0]) :])
+            left = budget - (time.monotonic() - t_start)
+            deadline = time.monotonic() + max(0.0, left) * sum(len(p[3]) for p in work) / max(
+                1, remaining_work
+            )
+        fw = ctx.fws.get(fwname)
+        for _, impl, point, modes in work:
+            if fw is None:
+                for m in modes:
+                    runner._record(
+                        impl,
+                        point,
+                        m,
+                        "unavailable",
+                        ctx.fws.get(f"_{fwname}_reason") or f"{fwname} not available",
+                    )
+            else:
+                runner.measure(impl, point, modes, deadline)
+            bar.update(len(modes), f"{impl.id} {point.label}")
+        if fw is not None:
+            fw.cleanup()
+            if fwname == "torch" and fw.device == "cuda":
+                fw.torch.cuda.empty_cache()
+    bar.close()
+    return runner
