@@ -218,3 +218,27 @@ def test_import_is_lazy_and_capabilities():
     assert caps.max_head_dim == 256 and {"float16", "bfloat16"} <= caps.dtypes
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert "cpu" in caps.devices and backend.availability() == []
+
+
+def test_negative_scale_takes_the_unfolded_path():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 20, 2, 16, generator=gen).half()
+    k = torch.randn(1, 27, 2, 16, generator=gen).half()
+    v = torch.randn(1, 27, 2, 16, generator=gen).half()
+    p = Params(scale=-0.3, causal=True, window_right=0)
+    out, lse = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, p)
+    r_out, r_lse = reference_forward(q.double().numpy(), k.double().numpy(), v.double().numpy(), causal=True, scale=-0.3)
+    assert _err(out, r_out) < 2e-3 and _err(lse, r_lse) < 1e-4
+
+
+def test_tune_cache_roundtrip(tmp_path, monkeypatch):
+    from flashmux_triton import tuning as T
+
+    monkeypatch.setenv("FLASHMUX_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
+    c = T.TuneCache()
+    assert c.get("k", "fwd") is None
+    c.put("k", "fwd", T.KernelConfig(64, 32, 4, 2))
+    assert T.TuneCache().get("k", "fwd") == T.KernelConfig(64, 32, 4, 2)  # a fresh process reads it
+    t = T.default_tuning(T.ShapeClass(128, 128, "16bit", True), (9, 0), False)
+    assert t == T.TABLE_SM90[(128, True)]
+    assert T.smaller(t, "fwd").fwd.block_m == t.fwd.block_m // 2
