@@ -35,16 +35,32 @@ class PallasBackend(Backend):
         return out
 
     def info(self):
-        facts = {"lowering": {"cuda": "triton", "cpu": "interpret"}}
+        facts = {
+            "lowering": {
+                "cpu": "interpret",
+                "cuda": "triton (forward and backward, sm80+)",
+                "cuda sm90": "mosaic_gpu forward for dense fp16/bf16, D 64/128, no window "
+                "(causal with Sq == Sk), block-multiple lengths; triton otherwise and for backward",
+            }
+        }
         try:
             import jax
 
+            from . import mosaic_kernels, ops
+
             facts["jax"] = jax.__version__
             facts["default_backend"] = jax.default_backend()
-            facts["lowering_here"] = "interpret" if jax.default_backend() == "cpu" else "triton"
+            facts["mosaic_mode"] = ops.MOSAIC_MODE
+            facts["mosaic_gpu_available"] = mosaic_kernels.available()
         except Exception:  # pragma: no cover
             pass
         return facts
+
+    def lowering(self, q, k, v, params):
+        """The lowering a forward on these arrays takes (for explain and tests)."""
+        from . import ops
+
+        return ops.lowering(q, k, v, params, ops.on_cpu(q))
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
         from . import ops

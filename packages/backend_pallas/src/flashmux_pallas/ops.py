@@ -10,6 +10,7 @@ not a block multiple, and head_dim only when it is not a power of two.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 
 from .triton_kernels import LOG2E, Static, dkdv_call, dq_call, forward_call
@@ -80,6 +81,40 @@ def on_cpu(x) -> bool:
         return all(d.platform == "cpu" for d in devs)
     except Exception:  # a tracer: no device yet
         return jax.default_backend() == "cpu"
+
+
+# Hopper forward through Mosaic GPU: "auto" (sm90 + supported problem), "on" (same), "off".
+MOSAIC_MODE = os.environ.get("FLASHMUX_PALLAS_MOSAIC", "auto")
+
+
+def _compute_capability() -> tuple[int, int] | None:
+    import jax
+
+    try:
+        dev = jax.devices()[0]
+        cc = getattr(dev, "compute_capability", None)
+        if cc is None:
+            return None
+        major, minor = str(cc).split(".")[:2]
+        return int(major), int(minor)
+    except Exception:
+        return None
+
+
+def lowering(q, k, v, params, interpret: bool) -> str:
+    """Which lowering runs this forward: "interpret", "mosaic_gpu" or "triton"."""
+    if interpret:
+        return "interpret"
+    if MOSAIC_MODE == "off":
+        return "triton"
+    from . import mosaic_kernels
+
+    cc = _compute_capability()
+    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
+        return "triton"
+    if mosaic_kernels.supports(q, k, v, params, mosaic_kernels.MosaicConfig()):
+        return "triton"
+    return "mosaic_gpu"
 
 
 def choose_config(dp: int, causal: bool, interpret: bool) -> Config:
@@ -215,6 +250,10 @@ def forward(q, k, v, cu_q, cu_k, params, *, interpret: bool | None = None):
 
     if interpret is None:
         interpret = on_cpu(q)
+    if lowering(q, k, v, params, interpret) == "mosaic_gpu":
+        from . import mosaic_kernels
+
+        return mosaic_kernels.forward(q, k, v, params)
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     lq = lk = None
