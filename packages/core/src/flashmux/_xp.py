@@ -24,9 +24,11 @@ class NumpyOps:
         return np.einsum(eq, *xs)
 
     def amax(self, x, axis):
-        return x.max(axis=axis, keepdims=True) if x.shape[axis] else np.full(
-            x.shape[:axis] + (1,) + x.shape[axis + 1 :], -np.inf, dtype=x.dtype
-        )
+        if x.shape[axis]:
+            return x.max(axis=axis, keepdims=True)
+        shape = list(x.shape)
+        shape[axis] = 1
+        return np.full(shape, -np.inf, dtype=x.dtype)
 
     def arange(self, n, like):
         return np.arange(n, dtype=np.int64)
@@ -36,9 +38,6 @@ class NumpyOps:
 
     def asint(self, x, like):
         return np.asarray(x).astype(np.int64)
-
-    def uint32_hash_ready(self, x):
-        return np.asarray(x).astype(np.uint32)
 
     def zeros(self, shape, like):
         return np.zeros(shape, dtype=like.dtype)

@@ -57,7 +57,7 @@ def _discover() -> dict[str, Backend]:
         except Exception as e:  # a broken plugin must not break import or dispatch
             found[ep.name] = _Broken(ep.name, f"{type(e).__name__}: {e}")
     if "reference" not in found:
-        from .backends.reference import backend as ref
+        from .builtin.reference import backend as ref
 
         found["reference"] = ref
     return found

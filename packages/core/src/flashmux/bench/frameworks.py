@@ -246,11 +246,13 @@ class TorchFW(Framework):
             return 8 << 20
         return int(getattr(self.torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20))
 
-    def cleanup(self):
-        if self.cuda:
+    def cleanup(self, full: bool = False):
+        """Return cached blocks to the device; `full` also collects garbage (after an OOM)."""
+        if full:
             import gc
 
             gc.collect()
+        if self.cuda:
             self.torch.cuda.empty_cache()
 
     # plain attention (materialized, float32 softmax) in BSHD: the SPEC's yardstick
@@ -430,8 +432,8 @@ class JaxFW(Framework):
     def l2_bytes(self) -> int:
         return 50 << 20 if self.device == "cuda" else 8 << 20
 
-    def cleanup(self):
-        if self.device == "cuda":
+    def cleanup(self, full: bool = False):
+        if full:
             import gc
 
             gc.collect()
@@ -535,7 +537,7 @@ class NumpyFW(Framework):
     def l2_bytes(self):
         return 8 << 20
 
-    def cleanup(self):
+    def cleanup(self, full: bool = False):
         pass
 
     def plain(self, q, k, v, point: Point, scale: float, cu_seqlens=None):

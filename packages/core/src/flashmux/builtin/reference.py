@@ -128,7 +128,7 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
         if p.dropout_p:
             pr = ops.where(lay.keep(r0, r1, b, hkv, g), pr / (1.0 - p.dropout_p), 0.0)
         o = ops.einsum("bhgqk,bkhd->bqhgd", pr, vf)
-        outs.append(o.reshape(b, r1 - r0, hq, -1))
+        outs.append(o.reshape(b, r1 - r0, hq, vf.shape[-1]))
         lses.append(lse.reshape(b, hq, r1 - r0))
     out = ops.cast_like(ops.concat(outs, 1), q_in)
     lse = ops.concat(lses, 2)
@@ -144,8 +144,8 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
         do, out, lse = do[None], out[None], lse[None]
         dlse = None if dlse is None else dlse[None]
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
-    dof = ops.f32(do).reshape(b, sq, hkv, g, -1)
-    delta = ops.einsum("bqhgd,bqhgd->bhgq", dof, ops.f32(out).reshape(b, sq, hkv, g, -1))
+    dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
+    delta = ops.einsum("bqhgd,bqhgd->bhgq", dof, ops.f32(out).reshape(b, sq, hkv, g, vf.shape[-1]))
     lse = ops.f32(lse).reshape(b, hkv, g, sq)
     if dlse is not None:
         delta = delta - ops.f32(dlse).reshape(b, hkv, g, sq)
@@ -172,7 +172,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
         ds = pr * (dp - delta[..., r0:r1, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kf).reshape(b, r1 - r0, hq, -1) * p.scale)
+        dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kf).reshape(b, r1 - r0, hq, kf.shape[-1]) * p.scale)
         dk = dk + ops.einsum("bhgqk,bqhgd->bkhd", ds, qc) * p.scale
     dq = ops.concat(dqs, 1)
     if cu_q is not None:
