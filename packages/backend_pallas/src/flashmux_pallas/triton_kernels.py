@@ -195,6 +195,15 @@ def q_ranges(c0, bm, bn, sq, sk, st: Static):
     return lo, full_lo, full_hi, hi
 
 
+def _heavy_first(st: Static) -> bool:
+    """Causal: the last query blocks see the most keys; launch them first to shorten the tail."""
+    return st.window_right is not None and st.window_left is None
+
+
+def _q_block(i, n: int, st: Static):
+    return (n - 1 - i) if _heavy_first(st) else i
+
+
 def _seqlens(st: Static, lq_ref, lk_ref):
     import jax.numpy as jnp
 
@@ -226,7 +235,7 @@ def _fwd_kernel(*refs, st: Static):
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
         lq_ref = lk_ref = None
     bm, bn = st.block_m, st.block_n
-    qi, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    qi, h, b = _q_block(pl.program_id(0), pl.num_programs(0), st), pl.program_id(1), pl.program_id(2)
     sq, sk = _seqlens(st, lq_ref, lk_ref)
     off = sk - sq
     r0 = qi * bm
@@ -277,8 +286,9 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
     B, Sqp, Hq, Dp = q.shape
     Skp, Dvp = k.shape[1], v.shape[-1]
     bm, g = st.block_m, st.group
+    qb = functools.partial(_q_block, n=Sqp // bm, st=st)
     in_specs = [
-        block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
         block_spec((None, Skp, None, Dp), lambda i, h, b: (b, 0, h // g, 0)),
         block_spec((None, Skp, None, Dvp), lambda i, h, b: (b, 0, h // g, 0)),
     ]
@@ -287,8 +297,8 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
         in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
         args += [lens_q, lens_k]
     out_specs = [
-        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, i, h, 0)),
-        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
+        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0)),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
     ]
     out_shape = [
         jax.ShapeDtypeStruct((B, Sqp, Hq, Dvp), q.dtype),
@@ -421,7 +431,7 @@ def _dq_kernel(*refs, st: Static):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref) = refs
         lq_ref = lk_ref = None
     bm, bn = st.block_m, st.block_n
-    qi, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    qi, h, b = _q_block(pl.program_id(0), pl.num_programs(0), st), pl.program_id(1), pl.program_id(2)
     sq, sk = _seqlens(st, lq_ref, lk_ref)
     off = sk - sq
     r0 = qi * bm
@@ -462,13 +472,14 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
     B, Sqp, Hq, Dp = q.shape
     Skp, Dvp = k.shape[1], v.shape[-1]
     bm, g = st.block_m, st.group
+    qb = functools.partial(_q_block, n=Sqp // bm, st=st)
     in_specs = [
-        block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
         block_spec((None, Skp, None, Dp), lambda i, h, b: (b, 0, h // g, 0)),
         block_spec((None, Skp, None, Dvp), lambda i, h, b: (b, 0, h // g, 0)),
-        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, i, h, 0)),
-        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
-        block_spec((None, None, bm), lambda i, h, b: (b, h, i)),
+        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0)),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
+        block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
     ]
     args = [q, k, v, do, lse2, delta]
     if st.varlen:
@@ -478,7 +489,7 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
         functools.partial(_dq_kernel, st=st),
         grid=(Sqp // bm, Hq, B),
         in_specs=in_specs,
-        out_specs=block_spec((None, bm, None, Dp), lambda i, h, b: (b, i, h, 0)),
+        out_specs=block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
