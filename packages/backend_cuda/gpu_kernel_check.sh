@@ -1,35 +1,63 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA kernels through the C ABI, standalone (no glue, no ninja): builds
 # libflashmux_cuda for sm_90 with nvcc, then runs the stages named on the command line
-# (default: all): correctness big sanitize bench. Run from the repository root on the GPU
-# machine with .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl present.
+# (default: correctness big sanitize bench). Extra stages: profile (ncu of ours and SDPA flash,
+# hd128), variants (rebuilds the tuning variants listed in VARIANTS and benchmarks each).
+# Run from the repository root on the GPU machine with .carry/nvidia_cutlass-4.2.0.0-*.whl.
 set -u
 STAGES=${*:-correctness big sanitize bench}
 ROOT=$(pwd)
 OUTDIR=${OUT:-/tmp/fmx_out}
 mkdir -p "$OUTDIR"
 if [ ! -d /tmp/cutl/cutlass_library ]; then
-  pip install -q --no-deps --target /tmp/cutl .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl || exit 1
+  pip install -q --no-deps --target /tmp/cutl .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl 2>/dev/null || exit 1
 fi
 INC=/tmp/cutl/cutlass_library/source/include
-B=/tmp/fmxb
-mkdir -p $B
 cd packages/backend_cuda
-t0=$(date +%s)
-find csrc -name '*.cu' | xargs -P 16 -I{} sh -c \
-  'o='$B'/$(echo {} | tr / _).o; nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -I'$INC' -Xcompiler -fPIC -Xptxas -v -c {} -o $o > $o.log 2>&1 || { echo BUILD FAIL {}; cat $o.log; }'
-nvcc -shared -o $B/libfmx.so $B/*.o || { echo LINK FAIL; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-grep -h "spill" $B/*.log | sort | uniq -c | sort -rn | head -5
+
+# build DIR [extra nvcc flags...]: every csrc/**/*.cu -> DIR/libfmx.so (sm_90)
+build() {
+  local B=$1; shift
+  mkdir -p $B
+  local t0=$(date +%s)
+  find csrc -name '*.cu' | FLAGS="$*" B=$B INC=$INC xargs -P 16 -I{} sh -c \
+    'o=$B/$(echo {} | tr / _).o; nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -I$INC $FLAGS -Xcompiler -fPIC -Xptxas -v -c {} -o $o > $o.log 2>&1 || { echo BUILD FAIL {}; tail -30 $o.log; }'
+  nvcc -shared -o $B/libfmx.so $B/*.o || { echo LINK FAIL; return 1; }
+  echo "build $B: $(( $(date +%s) - t0 )) s"
+}
+
+build /tmp/fmxb || exit 1
+for f in /tmp/fmxb/*.log; do
+  n=$(grep -c "spill stores" $f); s=$(grep -o "[0-9]* bytes spill stores" $f | sort -n | tail -1)
+  [ -n "$s" ] && echo "  $(basename $f .o.log): max $s"
+done
 export PYTHONPATH=$ROOT/packages/core/src PYTHONUNBUFFERED=1
-LIB=$B/libfmx.so
+LIB=/tmp/fmxb/libfmx.so
 for s in $STAGES; do
   case $s in
-    correctness) timeout 240 python3 tools/kernel_check.py $LIB correctness 2>&1 | tee $OUTDIR/correctness.log ;;
+    correctness) timeout 240 python3 tools/kernel_check.py $LIB correctness 2>&1 | tee $OUTDIR/correctness.log | grep -v "^ok" ;;
     big) timeout 120 python3 tools/kernel_check.py $LIB big 2>&1 | tee $OUTDIR/big.log ;;
     sanitize)
-      timeout 150 compute-sanitizer --tool memcheck --kernel-name regex:fmx python3 tools/kernel_check.py $LIB sanitize 2>&1 | tail -15 | tee $OUTDIR/memcheck.log
-      timeout 200 compute-sanitizer --tool racecheck --kernel-name regex:fmx python3 tools/kernel_check.py $LIB sanitize 2>&1 | tail -15 | tee $OUTDIR/racecheck.log ;;
+      timeout 200 compute-sanitizer --tool memcheck python3 tools/kernel_check.py $LIB sanitize > $OUTDIR/memcheck.log 2>&1
+      tail -4 $OUTDIR/memcheck.log
+      timeout 240 compute-sanitizer --tool racecheck python3 tools/kernel_check.py $LIB sanitize > $OUTDIR/racecheck.log 2>&1
+      tail -4 $OUTDIR/racecheck.log ;;
+    profile)
+      timeout 240 ncu --clock-control none -k 'regex:fwd_kernel|bwd_kernel|dq_dk_dv' \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section InstructionStats --print-details all \
+        python3 tools/kernel_check.py $LIB profile > $OUTDIR/ncu.log 2>&1
+      grep -E "^  [a-z_:]+.*\(|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc A|Stall|Block Limit" $OUTDIR/ncu.log | head -80 ;;
+    benchlite) timeout 120 python3 tools/kernel_check.py $LIB benchlite "V0 default" 2>&1 | tee -a $OUTDIR/variants.log ;;
     bench) timeout 300 python3 tools/kernel_check.py $LIB bench 2>&1 | tee $OUTDIR/bench.log ;;
+    variants)
+      i=0
+      while IFS='|' read -r name flags; do
+        [ -z "$name" ] && continue
+        i=$((i+1))
+        build /tmp/fmxv$i $flags > /tmp/fmxv$i.buildlog 2>&1 || { cat /tmp/fmxv$i.buildlog; continue; }
+        timeout 120 python3 tools/kernel_check.py /tmp/fmxv$i/libfmx.so benchlite "$name: $flags" 2>&1 | tee -a $OUTDIR/variants.log
+      done < ${VARIANTS:-/dev/null} ;;
   esac
 done

@@ -348,19 +348,35 @@ def big():
           " ".join(f"{k_}={e:.2e}" for k_, e in errs.items()), flush=True)
 
 
-def bench():
+def profile():
+    """One forward and one forward+backward of ours and of SDPA flash (run under ncu)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    B, S, H, D = 4, 4096, 16, 128
+    q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    o, l = fmx_forward(q, k, v)
+    fmx_backward(do, q, k, v, o, l)
+    qt, kt, vt = (t.transpose(1, 2).requires_grad_(True) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+    out.backward(do.transpose(1, 2))
+    torch.cuda.synchronize()
+
+
+def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384), label=""):
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
     dt = torch.bfloat16
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} {label}", flush=True)
     print("| D | causal | S | fwd ours | fwd SDPA-flash | ratio | f+b ours | f+b SDPA-flash | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for D in (64, 128):
+    for D in dims:
         H = 2048 // D
         for causal in (False, True):
-            for S in (2048, 4096, 8192, 16384):
+            for S in seqs:
                 B = 16384 // S
                 torch.manual_seed(0)
                 q = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
@@ -403,5 +419,9 @@ if __name__ == "__main__":
     load(sys.argv[1])
     mode = sys.argv[2]
     t0 = time.time()
-    {"correctness": correctness, "sanitize": sanitize, "bench": bench, "big": big}[mode]()
+    if mode == "benchlite":
+        bench(seqs=(4096, 16384), label=" ".join(sys.argv[3:]))
+    else:
+        {"correctness": correctness, "sanitize": sanitize, "bench": bench, "big": big,
+         "profile": profile}[mode]()
     print(f"[{mode} took {time.time() - t0:.1f}s]", flush=True)

@@ -2,12 +2,38 @@
 #include "bwd_kernel.cuh"
 #include "sm80_api.h"
 
+// Tile configuration; each field is overridable at build time (-DFMX_BWD64_DQ=...) for sweeps.
+// BN: key rows per CTA; W: warps; SDP: warps along M for S/dP; DKV: warps along N for dK/dV;
+// DQ: warps along M for dQ; DB: double-buffered Q/dO. (BM is fixed at kBwdBlockM = 64.)
+#ifndef FMX_BWD64_BN
+#define FMX_BWD64_BN 128
+#endif
+#ifndef FMX_BWD64_W
+#define FMX_BWD64_W 8
+#endif
+#ifndef FMX_BWD64_SDP
+#define FMX_BWD64_SDP 2
+#endif
+#ifndef FMX_BWD64_DKV
+#define FMX_BWD64_DKV 4
+#endif
+#ifndef FMX_BWD64_DQ
+#define FMX_BWD64_DQ 2
+#endif
+#ifndef FMX_BWD64_DB
+#define FMX_BWD64_DB true
+#endif
+
 namespace fmx {
 namespace sm80 {
+template <typename T>
+using Bwd64 = BwdTraits<64, kBwdBlockM, FMX_BWD64_BN, FMX_BWD64_W, FMX_BWD64_SDP,
+                          FMX_BWD64_DKV, FMX_BWD64_DQ, FMX_BWD64_DB, T>;
+
 template <>
 int run_bwd<64>(const Params &p, int dtype, cudaStream_t stream) {
-  if (dtype == 0) return launch_bwd<BwdTraits<64, 64, 128, 8, 2, 4, 4, true, cutlass::half_t>>(p, stream);
-  return launch_bwd<BwdTraits<64, 64, 128, 8, 2, 4, 4, true, cutlass::bfloat16_t>>(p, stream);
+  if (dtype == 0) return launch_bwd<Bwd64<cutlass::half_t>>(p, stream);
+  return launch_bwd<Bwd64<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

@@ -26,7 +26,7 @@ struct BwdTraits {
   using SmemPdS = SmemTile<kBlockM, kBlockN>;  // P and dS
   static constexpr int kSmemElems =
       2 * kQBufs * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + 2 * kBlockM * kBlockN;
-  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kQBufs * kBlockM * 4;
 };
 
 __device__ __forceinline__ int ld_acquire(const int *p) {
@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   Element *smem_do = smem_q + QB * BM * D;  // QB buffers
   Element *smem_p = smem_do + QB * BM * D;
   Element *smem_ds = smem_p + BM * BN;
-  float *s_lse = reinterpret_cast<float *>(smem_ds + BM * BN);
-  float *s_dsum = s_lse + BM;
+  float *s_lse = reinterpret_cast<float *>(smem_ds + BM * BN);  // QB buffers
+  float *s_dsum = s_lse + QB * BM;                              // QB buffers
 
   using LQ = typename Tr::SmemQ::Layout_;
   using LQt = typename Tr::SmemQ::LayoutT;
@@ -101,15 +101,35 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   Tensor sdS = make_tensor(make_smem_ptr(smem_ds), typename Tr::SmemPdS::Layout_{});
   Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Tr::SmemPdS::LayoutT{});
 
+  // Key blocks start their walk over query blocks at different places so that concurrently
+  // running CTAs add into different dQ rows (deterministic mode keeps the plain order).
+  const int rot = p.deterministic ? 0 : n_block % nm;
+  auto step_m = [&](int step) {
+    int mi = step % nm + rot;
+    return m_min + (mi >= nm ? mi - nm : mi);
+  };
   auto load_q_do = [&](int step, int buf) {
     const int h = hk * p.group + step / nm;
-    const int m0 = (m_min + step % nm) * BM;
+    const int m0 = step_m(step) * BM;
     Tensor sQb = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQ{});
     Tensor sdOb = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQ{});
     load_tile_async<BM, D, NT>(sQb, q_base + (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs, p.q_rs,
                                si.sq - m0, p.d, tid);
     load_tile_async<BM, D, NT>(sdOb, do_base + (int64_t)m0 * p.do_rs + (int64_t)h * p.do_hs,
                                p.do_rs, si.sq - m0, p.d, tid);
+    // lse and dsum rows (4 floats per 16-byte copy; the row offsets of one head are contiguous).
+    if (tid < 2 * (BM / 4)) {
+      const int which = tid / (BM / 4), r = (tid % (BM / 4)) * 4;
+      const float *src = which == 0 ? p.lse : p.dsum;
+      float *dst = (which == 0 ? s_lse : s_dsum) + buf * BM + r;
+      const int64_t off = si.lse_off(p, b, h, m0 + r);
+      const int valid = si.sq - m0 - r;
+      if (valid >= 4 && (off & 3) == 0) {
+        cp_async_16(dst, src + off, true);
+      } else {
+        for (int e = 0; e < 4; ++e) dst[e] = e < valid ? src[off + e] : 0.f;
+      }
+    }
   };
 
   load_tile_async<BN, D, NT>(sK, k_ptr, p.k_rs, rows_k, p.d, tid);
@@ -183,7 +203,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
 
   for (int step = 0; step < num_steps; ++step) {
     const int h = hk * p.group + step / nm;
-    const int m = m_min + step % nm;
+    const int m = step_m(step);
     const int m0 = m * BM;
     const int buf = QB == 2 ? (step & 1) : 0;
     if (QB == 2 && step + 1 < num_steps) {
@@ -192,18 +212,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
-    }
-    if (tid < BM) {
-      const int i = m0 + tid;
-      float l = INFINITY, ds = 0.f;
-      if (i < si.sq) {
-        const int64_t o = si.lse_off(p, b, h, i);
-        l = p.lse[o];
-        if (l == -INFINITY) l = INFINITY;  // fully masked row: P = 0
-        ds = p.dsum[o];
-      }
-      s_lse[tid] = l * 1.4426950408889634f;
-      s_dsum[tid] = ds;
     }
     __syncthreads();
 
@@ -233,7 +241,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       CUTE_UNROLL
       for (int r = 0; r < size<0>(S); ++r) {
         const int row = get<0>(cSrc(r, 0));
-        const float l = s_lse[row], ds = s_dsum[row];
+        float l = s_lse[buf * BM + row];
+        const float ds = s_dsum[buf * BM + row];
+        // Rows past the end and fully masked rows (lse = -inf) get P = 0.
+        l = (m0 + row >= si.sq || l == -INFINITY) ? INFINITY : l * 1.4426950408889634f;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(S); ++c) {
           const float x = S(r, c);

@@ -2,12 +2,26 @@
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
 
+// Tile configuration; each field is overridable at build time (-DFMX_FWD128_BN=...) for sweeps.
+#ifndef FMX_FWD128_BM
+#define FMX_FWD128_BM 128
+#endif
+#ifndef FMX_FWD128_BN
+#define FMX_FWD128_BN 64
+#endif
+#ifndef FMX_FWD128_WARPS
+#define FMX_FWD128_WARPS 4
+#endif
+
 namespace fmx {
 namespace sm80 {
+template <typename T>
+using Fwd128 = FwdTraits<128, FMX_FWD128_BM, FMX_FWD128_BN, FMX_FWD128_WARPS, T>;
+
 template <>
 int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
-  if (dtype == 0) return launch_fwd<FwdTraits<128, 128, 64, 4, cutlass::half_t>>(p, stream);
-  return launch_fwd<FwdTraits<128, 128, 64, 4, cutlass::bfloat16_t>>(p, stream);
+  if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

@@ -2,12 +2,26 @@
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
 
+// Tile configuration; each field is overridable at build time (-DFMX_FWD256_BN=...) for sweeps.
+#ifndef FMX_FWD256_BM
+#define FMX_FWD256_BM 128
+#endif
+#ifndef FMX_FWD256_BN
+#define FMX_FWD256_BN 64
+#endif
+#ifndef FMX_FWD256_WARPS
+#define FMX_FWD256_WARPS 8
+#endif
+
 namespace fmx {
 namespace sm80 {
+template <typename T>
+using Fwd256 = FwdTraits<256, FMX_FWD256_BM, FMX_FWD256_BN, FMX_FWD256_WARPS, T>;
+
 template <>
 int run_fwd<256>(const Params &p, int dtype, cudaStream_t stream) {
-  if (dtype == 0) return launch_fwd<FwdTraits<256, 128, 64, 8, cutlass::half_t>>(p, stream);
-  return launch_fwd<FwdTraits<256, 128, 64, 8, cutlass::bfloat16_t>>(p, stream);
+  if (dtype == 0) return launch_fwd<Fwd256<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd256<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

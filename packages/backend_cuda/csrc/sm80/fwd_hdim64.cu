@@ -2,12 +2,26 @@
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
 
+// Tile configuration; each field is overridable at build time (-DFMX_FWD64_BN=...) for sweeps.
+#ifndef FMX_FWD64_BM
+#define FMX_FWD64_BM 128
+#endif
+#ifndef FMX_FWD64_BN
+#define FMX_FWD64_BN 64
+#endif
+#ifndef FMX_FWD64_WARPS
+#define FMX_FWD64_WARPS 4
+#endif
+
 namespace fmx {
 namespace sm80 {
+template <typename T>
+using Fwd64 = FwdTraits<64, FMX_FWD64_BM, FMX_FWD64_BN, FMX_FWD64_WARPS, T>;
+
 template <>
 int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
-  if (dtype == 0) return launch_fwd<FwdTraits<64, 128, 64, 4, cutlass::half_t>>(p, stream);
-  return launch_fwd<FwdTraits<64, 128, 64, 4, cutlass::bfloat16_t>>(p, stream);
+  if (dtype == 0) return launch_fwd<Fwd64<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd64<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

@@ -2,12 +2,26 @@
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
 
+// Tile configuration; each field is overridable at build time (-DFMX_FWD96_BN=...) for sweeps.
+#ifndef FMX_FWD96_BM
+#define FMX_FWD96_BM 128
+#endif
+#ifndef FMX_FWD96_BN
+#define FMX_FWD96_BN 64
+#endif
+#ifndef FMX_FWD96_WARPS
+#define FMX_FWD96_WARPS 4
+#endif
+
 namespace fmx {
 namespace sm80 {
+template <typename T>
+using Fwd96 = FwdTraits<96, FMX_FWD96_BM, FMX_FWD96_BN, FMX_FWD96_WARPS, T>;
+
 template <>
 int run_fwd<96>(const Params &p, int dtype, cudaStream_t stream) {
-  if (dtype == 0) return launch_fwd<FwdTraits<96, 128, 64, 4, cutlass::half_t>>(p, stream);
-  return launch_fwd<FwdTraits<96, 128, 64, 4, cutlass::bfloat16_t>>(p, stream);
+  if (dtype == 0) return launch_fwd<Fwd96<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd96<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx
