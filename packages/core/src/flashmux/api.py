@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, to_numpy_int
@@ -258,6 +261,33 @@ def _requires_grad(kind, xs, traced) -> bool:
     return False
 
 
+# Validated calls by signature (array type, shapes, dtypes, devices, grad flags, keywords): a
+# repeated call skips the argument checks. Only for calls without cu_seqlens (whose values must
+# be checked each time) and without dropout (whose seed may be drawn each time).
+_validated: dict[tuple, _Call] = {}
+
+
+def _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic):
+    t = type(q)
+    if t is not type(k) or t is not type(v):
+        return None
+    if window is not None:
+        if type(window) not in (tuple, list):
+            return None
+        window = tuple(window)
+    base = (t, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, causal, scale, window,
+            softcap, return_lse, deterministic)
+    if t is np.ndarray:
+        return base
+    if t.__module__.startswith("torch"):
+        torch = sys.modules["torch"]
+        if torch.compiler.is_compiling():
+            return None
+        return base + (q.device, k.device, v.device, q.requires_grad, k.requires_grad,
+                       v.requires_grad, torch.is_grad_enabled())
+    return None  # JAX: traced calls run once per trace; eager ones are dominated by JAX itself
+
+
 def attention(
     q,
     k,
@@ -285,10 +315,19 @@ def attention(
     float32 (natural log; (Hq, Tq) when packed). See docs/spec.md for masks and semantics.
     `backend` forces a backend name or priority list (also `use_backend`, $FLASHMUX_BACKEND).
     """
-    call = _resolve(
-        q, k, v, causal, scale, window, softcap, dropout_p, dropout_seed, cu_seqlens_q,
-        cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse, deterministic,
-    )
+    key = None
+    if cu_seqlens_q is None and cu_seqlens_k is None and not dropout_p:
+        key = _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic)
+    call = _validated.get(key) if key is not None else None
+    if call is None:
+        call = _resolve(
+            q, k, v, causal, scale, window, softcap, dropout_p, dropout_seed, cu_seqlens_q,
+            cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse, deterministic,
+        )
+        if key is not None:
+            if len(_validated) > 4096:
+                _validated.clear()
+            _validated[key] = call
     forced = dispatch.forced_backends(backend)
     if call.empty:
         # No kernel work: the reference path answers with zeros / -inf and zero gradients.
