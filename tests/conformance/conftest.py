@@ -51,15 +51,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", [backend])
 
 
-@pytest.fixture(scope="session")
-def size_tier():
-    env = os.environ.get("FLASHMUX_TEST_SIZE")
-    if env:
-        return env
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    return "small" if interp else "full"
-
-
 @pytest.fixture(autouse=True)
 def _skip_unavailable(request):
     if "backend" not in request.fixturenames:

@@ -68,6 +68,27 @@ class Case:
         return "-".join(parts)
 
 
+def on_gpu() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def size_tier() -> str:
+    """"small" under CPU interpreters (Triton's, Pallas' interpret mode), else "full";
+    FLASHMUX_TEST_SIZE overrides."""
+    env = os.environ.get("FLASHMUX_TEST_SIZE")
+    if env:
+        return env
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    backend = os.environ.get("FLASHMUX_TEST_BACKEND", "reference")
+    return "small" if interp or (backend != "reference" and not on_gpu()) else "full"
+
+
 # -- frameworks ------------------------------------------------------------------------------
 
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from cases import cases
-from harness import Case, run_case
+from harness import Case, run_case, size_tier
 
-TIER = os.environ.get("FLASHMUX_TEST_SIZE") or (
-    "small" if os.environ.get("TRITON_INTERPRET") == "1" else "full"
-)
-CASES = cases(TIER)
+CASES = cases(size_tier())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])

@@ -7,13 +7,14 @@ import os
 import pytest
 
 hyp = pytest.importorskip("hypothesis")
-from harness import Case, run_case  # noqa: E402
+from harness import Case, on_gpu, run_case, size_tier  # noqa: E402  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-SMALL = (os.environ.get("FLASHMUX_TEST_SIZE") or ("small" if os.environ.get("TRITON_INTERPRET") == "1" else "full")) == "small"
+SMALL = size_tier() == "small"
 MAXLEN = 48 if SMALL else 300
-N = int(os.environ.get("FLASHMUX_HYPOTHESIS_EXAMPLES", "6" if SMALL else "25"))
+# every example is a fresh shape (a fresh compile for JAX): few on a CPU, more on a GPU
+N = int(os.environ.get("FLASHMUX_HYPOTHESIS_EXAMPLES", "25" if on_gpu() else "6"))
 
 
 @st.composite

@@ -1,8 +1,6 @@
 """Discovery, capability reasons, priority, forcing, caching and explain()."""
 
-import os
 
-import numpy as np
 import pytest
 from conftest import make
 

@@ -75,7 +75,7 @@ def test_not_an_array():
 
 
 def test_mixed_devices():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     q, k, v = qkv("torch")
     expect(ValueError, r"k: expected it on q's device \(cpu\), got meta", flashmux.attention, q, k.to("meta"), v)
 

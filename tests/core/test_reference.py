@@ -70,7 +70,7 @@ def test_varlen_equals_per_sequence_padded():
     v = rng.standard_normal((cu_k[-1], 2, 4))
     out, lse = reference_forward(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert lse.shape == (2, cu_q[-1])
-    for i, (lq, lk) in enumerate(lens):
+    for i, (lq, _lk) in enumerate(lens):
         if lq == 0:
             continue
         qs = q[cu_q[i]:cu_q[i + 1]][None]

@@ -115,8 +115,8 @@ def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
             )
     elif spec.device_type == "cuda" and caps.min_compute_capability and spec.compute_capability:
         if tuple(spec.compute_capability) < tuple(caps.min_compute_capability):
-            need = "%d.%d" % caps.min_compute_capability
-            have = "%d.%d" % tuple(spec.compute_capability)
+            need = ".".join(map(str, caps.min_compute_capability))
+            have = ".".join(map(str, spec.compute_capability))
             out.append(f"compute capability {have} < {need}")
     if spec.dtype not in caps.dtypes:
         out.append(f"dtype {spec.dtype} not supported ({', '.join(sorted(caps.dtypes))})")

@@ -134,7 +134,8 @@ def priority_table() -> dict:
 
 def device_class(spec: ProblemSpec) -> str:
     if spec.device_type == "cuda" and spec.compute_capability:
-        return "sm%d%d" % tuple(spec.compute_capability)
+        major, minor = spec.compute_capability
+        return f"sm{major}{minor}"
     return spec.device_type
 
 

@@ -11,10 +11,10 @@ float32 copies of q, k, v and the outputs. Under jax.jit the chunks unroll into 
 
 from __future__ import annotations
 
+from .._arrays import array_kind
+from .._xp import dropout_uniform, ops_for
 from ..backend import Backend, Capabilities
 from ..spec import Params
-from .._xp import dropout_uniform, ops_for
-from .._arrays import array_kind
 
 SCORE_BUDGET = 1 << 25  # float32 elements per score buffer (128 MiB)
 
@@ -180,12 +180,27 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
     return ops.cast_like(dq, q_in), ops.cast_like(dk, k_in), ops.cast_like(dv, v_in)
 
 
+_jitted: dict = {}
+
+
+def _jax_jit(fn, static):
+    """jax.jit of forward/backward with Params static: eager JAX would compile every small op
+    separately; inside an outer jit this simply inlines."""
+    if fn not in _jitted:
+        import jax
+
+        _jitted[fn] = jax.jit(fn, static_argnums=static)
+    return _jitted[fn]
+
+
 class ReferenceBackend(Backend):
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
-        return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        fn = _jax_jit(forward, 5) if array_kind(q) == "jax" else forward
+        return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
-        return backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+        fn = _jax_jit(backward, 9) if array_kind(q) == "jax" else backward
+        return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         ops = ops_for(array_kind(like))
