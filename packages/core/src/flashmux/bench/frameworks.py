@@ -142,7 +142,7 @@ class TorchFW(Framework):
     def int32(self, x: np.ndarray):
         return self.torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
 
-    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None):
+    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None, compiled=None):
         """One call, for the correctness check: (out, grads or None)."""
         t = self.torch
         if not with_bwd:
@@ -153,7 +153,7 @@ class TorchFW(Framework):
         grads = t.autograd.grad(out, (q, k, v), do)
         return out.detach(), grads
 
-    def prepare(self, fn, sets, mode: str, impl=None):
+    def prepare(self, fn, sets, mode: str, impl=None, compiled=None):
         t = self.torch
         if mode == "fwd":
 
@@ -331,42 +331,57 @@ class JaxFW(Framework):
     def _wrap(self, fn, impl):
         return self.jax.jit(fn) if impl is None or impl.jit else fn
 
-    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None):
+    def mode_fn(self, fn, kind: str):
+        """The function jitted for a kind: "fwd" (q, k, v) -> out; "fwd_bwd" (q, k, v, do) ->
+        grads; "check" (q, k, v, do) -> (out, grads)."""
         jax = self.jax
-        if not with_bwd:
-            f = self._wrap(fn, impl)
-            return f(q, k, v), None
-
-        def fb(q, k, v, do):
-            out, vjp = jax.vjp(fn, q, k, v)
-            return out, vjp(do)
-
-        out, grads = self._wrap(fb, impl)(q, k, v, do)
-        return out, grads
-
-    def prepare(self, fn, sets, mode: str, impl=None):
-        jax = self.jax
-        if mode == "fwd":
-            f = self._wrap(fn, impl)
-
-            def call(i):
-                q, k, v, _ = sets[i]
-                return f(q, k, v)
-
-            call.jitted = (f, lambda: sets[0][:3])
-            return call
-        if mode == "fwd_bwd":
+        if kind == "fwd":
+            return fn
+        if kind == "fwd_bwd":
 
             def fb(q, k, v, do):
                 out, vjp = jax.vjp(fn, q, k, v)
                 return vjp(do)
 
-            f = self._wrap(fb, impl)
+            return fb
+
+        def fbo(q, k, v, do):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return out, vjp(do)
+
+        return fbo
+
+    def abstract_args(self, impl, point: Point, kind: str):
+        dt = self.dtype_of(impl.dtype_for(point))
+        shapes = shapes_for(point, impl.layout)
+        n = 3 if kind == "fwd" else 4
+        return [self.jax.ShapeDtypeStruct(s, dt) for s in shapes[:n]]
+
+    def compile_ahead(self, fn, impl, point: Point, kind: str):
+        """Lower and compile without running (called from worker threads)."""
+        f = self.jax.jit(self.mode_fn(fn, kind))
+        return f.lower(*self.abstract_args(impl, point, kind)).compile()
+
+    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None, compiled=None):
+        if not with_bwd:
+            f = self._wrap(fn, impl)
+            return f(q, k, v), None
+        f = compiled if compiled is not None else self._wrap(self.mode_fn(fn, "check"), impl)
+        out, grads = f(q, k, v, do)
+        return out, grads
+
+    def prepare(self, fn, sets, mode: str, impl=None, compiled=None):
+        jax = self.jax
+        if mode in ("fwd", "fwd_bwd"):
+            f = compiled if compiled is not None else self._wrap(self.mode_fn(fn, mode), impl)
+            n = 3 if mode == "fwd" else 4
 
             def call(i):
-                return f(*sets[i])
+                return f(*sets[i][:n])
 
-            call.jitted = (f, lambda: sets[0])
+            jitted = compiled is not None or impl is None or impl.jit
+            call.jitted = (f, lambda: sets[0][:n]) if jitted else None
+            call.compiled = compiled
             return call
         # bwd: residuals from one forward per set, outside the timing. The vjp function is a
         # pytree (jax.tree_util.Partial), so a jitted apply times the backward alone.
@@ -377,6 +392,7 @@ class JaxFW(Framework):
             return apply(vjps[i], sets[i][3])
 
         call.jitted = None
+        call.compiled = None
         return call
 
     def time(
@@ -415,7 +431,10 @@ class JaxFW(Framework):
             return None
         f, args = j
         try:
-            ma = f.lower(*args()).compile().memory_analysis()
+            comp = getattr(call, "compiled", None)
+            if comp is None:
+                comp = f.lower(*args()).compile()
+            ma = comp.memory_analysis()
             if ma is None:
                 return None
             return int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
@@ -499,12 +518,12 @@ class NumpyFW(Framework):
     def int32(self, x):
         return np.asarray(x, dtype=np.int32)
 
-    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None):
+    def run_modes(self, fn, q, k, v, do, with_bwd: bool, impl=None, compiled=None):
         if with_bwd:
             raise NotImplementedError("numpy arrays have no autograd: forward only")
         return fn(q, k, v), None
 
-    def prepare(self, fn, sets, mode: str, impl=None):
+    def prepare(self, fn, sets, mode: str, impl=None, compiled=None):
         if mode != "fwd":
             raise NotImplementedError("numpy arrays have no autograd: forward only")
 

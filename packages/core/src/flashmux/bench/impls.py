@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .frameworks import is_oom
 from .shapes import Point
 
 TORCH_ANCHORS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex", "standard")
@@ -43,6 +44,7 @@ class Impl:
     layout = "bshd"
     jit = True  # jax: wrap in jax.jit
     compile_heavy = False
+    precompile = True  # jax: may be compiled ahead in a worker thread
     quadratic = False  # materializes the Sq x Sk score matrix
     dtype_override: str | None = None
     prescale_q = False  # q arrives multiplied by the softmax scale (kernels without a scale)
@@ -271,12 +273,13 @@ class SdpaImpl(Impl):
         return fn
 
 
-_FLEX = None
+_FLEX: dict = {}
 
 
-def _compiled_flex():
-    global _FLEX
-    if _FLEX is None:
+def _compiled_flex(dynamic: bool):
+    """torch.compile(flex_attention), once per process. dynamic=True compiles one kernel for
+    every batch and sequence length (size-1 dims still get their own), instead of one per shape."""
+    if dynamic not in _FLEX:
         import torch
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -284,8 +287,8 @@ def _compiled_flex():
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
-        _FLEX = torch.compile(flex_attention)
-    return _FLEX
+        _FLEX[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _FLEX[dynamic]
 
 
 class FlexImpl(Impl):
@@ -293,12 +296,19 @@ class FlexImpl(Impl):
     framework = "torch"
     layout = "bhsd"
     compile_heavy = True
+    dynamic = True
+
+    def on_failure(self, exc):
+        if self.dynamic and not is_oom(exc):
+            self.dynamic = False  # fall back to one compile per shape
+            return True
+        return False
 
     def build(self, point, ctx):
         import torch
         from torch.nn.attention.flex_attention import create_block_mask
 
-        flex = _compiled_flex()
+        flex = _compiled_flex(self.dynamic)
         dev = ctx.device
         block_mask = None
         if point.varlen:
@@ -379,6 +389,9 @@ class JaxDpaImpl(Impl):
         self.kind = kind  # xla | cudnn
         self.id = f"jax-{kind}"
         self.quadratic = kind == "xla"
+        # XLA autotunes its GEMMs on the device while compiling: compiled alone, not alongside
+        # other compilations, so that its tuning is measured on an idle GPU.
+        self.precompile = kind != "xla"
 
     def unsupported(self, point, mode, ctx):
         if point.varlen:

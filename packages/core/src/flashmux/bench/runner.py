@@ -36,6 +36,18 @@ class RunOptions:
     check: bool = True
     seed: int = 0
     max_sets: int = 8
+    precompile_threads: int = 0  # JAX: compile ahead in this many threads (0: off)
+
+
+# Messages by which libraries decline a problem (rather than fail on it).
+_DECLINES = (
+    "no available kernel",
+    "not supported",
+    "unsupported",
+    "no forced backend",
+    "can run this call",
+    "not implemented",
+)
 
 
 def classify(exc: BaseException) -> str:
@@ -44,6 +56,11 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, ImportError):
         return "unavailable"
     if isinstance(exc, (NotImplementedError, ValueError, TypeError)):
+        return "unsupported"
+    name = type(exc).__name__
+    if "NoBackend" in name or "Unsupported" in name or "NotSupported" in name:
+        return "unsupported"
+    if any(d in str(exc).lower() for d in _DECLINES):
         return "unsupported"
     return "error"
 
@@ -114,6 +131,8 @@ class Runner:
     _plain_cache: dict = field(default_factory=dict)
     log: list = field(default_factory=list)
     check_wall_s: float = 0.0
+    compiled: dict = field(default_factory=dict)  # (impl id, point, kind) -> executable
+    precompile_s: float = 0.0
 
     # -- correctness ------------------------------------------------------------------------
     def _inputs(self, cp: Point, dt: str, impl: Impl, point: Point):
@@ -207,7 +226,8 @@ class Runner:
             for _ in range(3):
                 try:
                     fn = impl.build(cp, self.ctx)
-                    return fw.run_modes(fn, *native, bwd, impl), None
+                    comp = self.compiled.pop((impl.id, cp, "check"), None) if bwd else None
+                    return fw.run_modes(fn, *native, bwd, impl, compiled=comp), None
                 except Exception as e:  # noqa: PERF203
                     if impl.on_failure(e):
                         continue
@@ -389,7 +409,8 @@ class Runner:
         status = "ok" if verdict is None or verdict["ok"] else "wrong"
         extra = {"check": verdict, "chosen": chosen, "n_sets": len(sets)}
         try:
-            call = fw.prepare(fn, sets, mode, impl)
+            comp = self.compiled.pop((impl.id, point, mode), None)
+            call = fw.prepare(fn, sets, mode, impl, compiled=comp)
             if point.memory_only:
                 for _w in range(max(1, opts.warmup - 1)):
                     r = call(0)
@@ -446,6 +467,83 @@ class Runner:
         )
 
 
+def _precompile(runner: Runner, fw, work, threads: int, deadline: float | None) -> None:
+    """Compile every JAX function the phase will time, in worker threads, before any timing.
+
+    XLA (and the Pallas/Triton and Mosaic GPU compilers behind it) compiles outside the GIL, so
+    a pool cuts the JAX phase from one compile after another to about the longest few. Nothing
+    is timed while it runs (XLA's autotuning runs kernels on the device). Any failure here just
+    leaves that function to be compiled on first use, as without this step.
+    """
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    ctx = runner.ctx
+    jobs = []
+    checks_seen = set()
+    for _, impl, point, modes in work:
+        if impl.unavailable(ctx) or not impl.jit or not impl.precompile:
+            continue
+        for m in modes:
+            if m not in ("fwd", "fwd_bwd"):
+                continue
+            if impl.unsupported(point, m, ctx) or runner._predicted_oom(fw, impl, point, m):
+                continue
+            jobs.append((impl, point, m, point))
+            cp = check_point(point)
+            ck = (impl.id, cp, "check")
+            if m == "fwd_bwd" and runner.opts.check and ck not in checks_seen:
+                checks_seen.add(ck)
+                jobs.append((impl, cp, "check", cp))
+    if not jobs:
+        return
+    t0 = time.monotonic()
+
+    def job(impl, point, kind, build_point):
+        fn = impl.build(build_point, ctx)
+        return fw.compile_ahead(fn, impl, build_point, kind)
+
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        futs = {ex.submit(job, *j): j for j in jobs}
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = wait(futs, timeout=timeout)
+        for f in done:
+            impl, point, kind, _ = futs[f]
+            if f.exception() is None:
+                runner.compiled[(impl.id, point, kind)] = f.result()
+        for f in futs:
+            f.cancel()
+    runner.precompile_s += time.monotonic() - t0
+    runner.log.append(
+        f"jax: compiled {len(runner.compiled)} of {len(jobs)} functions ahead in "
+        f"{time.monotonic() - t0:.1f} s with {threads} threads"
+    )
+
+
+def spread_order(points: list[Point]) -> list[Point]:
+    """Execution order: sequence lengths in a bisection order (middle, ends, then the gaps),
+    groups interleaved, so that a time budget running out drops an even sample of the sweep
+    rather than its whole tail."""
+    xs = sorted({p.x for p in points})
+    order, spans = [], [(0, len(xs) - 1)]
+    if xs:
+        order = [len(xs) // 2, len(xs) - 1, 0]
+        spans = [(0, len(xs) // 2), (len(xs) // 2, len(xs) - 1)]
+    while spans:
+        nxt = []
+        for a, b in spans:
+            if b - a > 1:
+                m = (a + b) // 2
+                order.append(m)
+                nxt += [(a, m), (m, b)]
+        spans = nxt
+    seen, rank = set(), {}
+    for i in order:
+        if i not in seen:
+            seen.add(i)
+            rank[xs[i]] = len(rank)
+    return sorted(points, key=lambda p: (p.sweep, rank.get(p.x, 0)))
+
+
 def run_all(
     points: list[Point], impls: list[Impl], ctx: Context, opts: RunOptions, progress: bool = True
 ) -> Runner:
@@ -454,7 +552,7 @@ def run_all(
     order = ["torch", "jax", "numpy"]
     plan = []  # (framework, impl, point, modes)
     for fwname in order:
-        for point in points:
+        for point in spread_order(points):
             for impl in impls:
                 if impl.framework == fwname:
                     plan.append((fwname, impl, point, modes_for(point, opts.modes)))
@@ -474,6 +572,11 @@ def run_all(
                 1, remaining_work
             )
         fw = ctx.fws.get(fwname)
+        if fw is not None and fwname == "jax" and opts.precompile_threads > 0:
+            try:
+                _precompile(runner, fw, work, opts.precompile_threads, deadline)
+            except Exception as e:  # never lose the sweep over an optimization
+                runner.log.append(f"jax precompile failed: {short(e)}")
         for _, impl, point, modes in work:
             if fw is None:
                 for m in modes:
