@@ -1,11 +1,12 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on moderate random problems (fp16 and bf16),
        judged by the SPEC rule (2 x plain low-precision attention error + 1e-5).
 sweep: times each kernel's candidate configs at S=4096 (bf16, d64/d128, causal and not) and uses
        the fastest for the rest of the run (printed as a TABLE_SM90 snippet).
+tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -288,6 +289,29 @@ def bench(with_flex, with_cudnn):
     return rows
 
 
+def tma_compare():
+    """Forward with and without Hopper tensor descriptors (FLASHMUX_TRITON_TMA) at S=4k/16k."""
+    out = []
+    for D in (64, 128):
+        for causal in (False, True):
+            for S in (4096, 16384):
+                B, H, fwd, _, _ = mine_fns(S, D, causal)
+                ft = flops(B, H, S, D, causal)
+                r = {"D": D, "causal": causal, "S": S}
+                for flag in ("0", "1"):
+                    os.environ["FLASHMUX_TRITON_TMA"] = flag
+                    try:
+                        r["tma" + flag] = ft / bench_ms(fwd) * 1e-9
+                    except Exception as e:  # noqa: BLE001
+                        log(f"tma{flag} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        r["tma" + flag] = float("nan")
+                os.environ["FLASHMUX_TRITON_TMA"] = "0"
+                log("tma " + json.dumps(r) + f"  broken={sorted(map(str, _launch._TMA_BROKEN))[:1]}")
+                out.append(r)
+    RESULTS["tma"] = out
+    save()
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -301,7 +325,7 @@ def table(rows):
 
 
 def main(argv):
-    what = set(argv) or {"check", "sweep", "bench", "flex", "cudnn"}
+    what = set(argv) or {"check", "bench", "flex", "cudnn"}
     t0 = time.time()
     log(f"device {RESULTS['device']} torch {torch.__version__} triton {triton.__version__} "
         f"cap {torch.cuda.get_device_capability()}")
@@ -316,6 +340,8 @@ def main(argv):
     if "sweep" in what:
         sweep()
         log(f"sweep done {time.time() - t0:.0f}s")
+    if "tma" in what:
+        tma_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)

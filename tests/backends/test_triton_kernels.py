@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -107,7 +108,9 @@ CASES = [
 
 
 def _run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, kw, varlen_lens=None, dropout_p=0.0, with_dlse=True):
-    gen = torch.Generator().manual_seed(hash((B, Sq, Sk, Hq, D, Dv, dtype)) % 2**31)
+    # seeded per case (stable across processes); FLASHMUX_TEST_SEED draws other inputs
+    salt = os.environ.get("FLASHMUX_TEST_SEED", "0")
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, Sq, Sk, Hq, D, Dv, dtype, varlen_lens, salt)).encode()))
     dt = DTYPES[dtype]
     if varlen_lens is None:
         cu_q = cu_k = None

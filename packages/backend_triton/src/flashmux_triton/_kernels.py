@@ -101,12 +101,14 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+    desc_k, desc_v, k_row0, k_col, v_col,
     offs_m, offs_n, offs_d, offs_dv, lo, hi,
     seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -116,6 +118,11 @@ def _fwd_inner(
         if MASKED:
             kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif TMA:
+            # interior blocks only: in bounds by construction, so the (rows, heads*dim) view's
+            # tiles never cross into another sequence or head
+            kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
+            v = desc_v.load([k_row0 + start_n, v_col])
         else:
             if BLOCK_D != HEAD_DIM:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
@@ -167,7 +174,7 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, LSE, CU_Q, CU_K, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -179,6 +186,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -228,26 +236,37 @@ def attn_fwd(
         hi_full = row_first + diag_off + window_right + 1
     lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
 
+    # TMA view of K/V: (rows, heads * dim); row of key j of this sequence = k_row0 + j
+    if VARLEN:
+        k_row0 = k_start.to(tl.int32)
+    else:
+        k_row0 = b * seqlen_k
+    k_col = hk * HEAD_DIM
+    v_col = hk * HEAD_DIM_V
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD,
+        DROPOUT, IEEE, FOLD, TMA,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed,
         bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD,
+        DROPOUT, IEEE, FOLD, TMA,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD,
+        DROPOUT, IEEE, FOLD, TMA,
     )
 
     empty = l_i == 0.0

@@ -152,6 +152,40 @@ def _autotuned(pb, which, run, default):
     return best
 
 
+def tma_wanted() -> bool:
+    """Opt-in (FLASHMUX_TRITON_TMA=1): K/V tiles of the forward's interior blocks through
+    Hopper tensor descriptors (TMA). Off by default: not yet timed on the H100 (NOTES.md)."""
+    return os.environ.get("FLASHMUX_TRITON_TMA", "0") == "1"
+
+
+_TMA_BROKEN: set = set()
+
+
+def _tma_views(pb: _Problem, k, v):
+    """(rows, heads*dim) 2-D views of K and V for tensor descriptors, or None when the layout,
+    head dims, dtype or device don't allow it."""
+    if not tma_wanted() or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
+        return None
+    if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
+    except ImportError:
+        return None
+    views = []
+    for x, d in ((k, pb.d), (v, pb.dv)):
+        if x.stride(-1) != 1 or x.stride(-2) != d:
+            return None
+        rows = x.shape[0] if pb.varlen else x.shape[0] * x.shape[1]
+        row_stride = x.stride(0) if pb.varlen else x.stride(1)
+        if not pb.varlen and x.stride(0) != x.shape[1] * row_stride:
+            return None
+        if (row_stride * x.element_size()) % 16 or x.data_ptr() % 16:
+            return None
+        views.append((x, [rows, pb.hkv * d], [row_stride, 1], d))
+    return TensorDescriptor, views
+
+
 def forward(q, k, v, cu_q, cu_k, params):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     pb = _Problem(q, k, v, cu_q, cu_k, params)
@@ -164,20 +198,32 @@ def forward(q, k, v, cu_q, cu_k, params):
         return out, lse
     cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
     cu_k_arg = cu_k if pb.varlen else q
+    tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
 
-    def run(cfg: T.KernelConfig):
+    def run(cfg: T.KernelConfig, tma=tma):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
+        if tma is not None:
+            TD, views = tma
+            desc_k, desc_v = (TD(x, shape, strides, [cfg.block_n, d]) for x, shape, strides, d in views)
+        else:
+            desc_k, desc_v = k, v  # unused
         K.attn_fwd[grid](
-            q, k, v, out, lse, cu_q_arg, cu_k_arg,
+            q, k, v, out, lse, cu_q_arg, cu_k_arg, desc_k, desc_v,
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(out, pb.varlen), *pb.lse_strides(lse),
             pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            TMA=tma is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    _launch(pb, "fwd", run)
+    if tma is not None:
+        try:
+            _launch(pb, "fwd", run)
+            return out, lse
+        except Exception:  # noqa: BLE001 - a compiler without working descriptors: plain path
+            _TMA_BROKEN.add(pb.shape)
+    _launch(pb, "fwd", lambda cfg: run(cfg, None))
     return out, lse
 
 
