@@ -3,7 +3,7 @@ empty inputs, dropout determinism, crossing frameworks."""
 
 import numpy as np
 import pytest
-from conftest import ints, make
+from corearrays import ints, make
 
 import flashmux
 from flashmux.reference import reference_forward

@@ -2,7 +2,7 @@
 
 
 import pytest
-from conftest import make
+from corearrays import make
 
 import flashmux
 from flashmux import dispatch

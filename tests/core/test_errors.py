@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import ints, make
+from corearrays import ints, make
 
 import flashmux
 
