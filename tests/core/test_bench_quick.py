@@ -203,3 +203,59 @@ def test_bench_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_docs_from_merged_results(tmp_path):
+    from flashmux.bench.docs import merge, write_docs
+
+    p = Point("papers", 1, 64, 64, 2, 2, 32, False, "bf16", x=64)
+    recs = []
+    for impl, fam, fw, tf in [
+        ("flashmux-triton[torch]", "flashmux", "torch", 300.0),
+        ("sdpa-flash", "anchor", "torch", 400.0),
+    ]:
+        recs.append(
+            {
+                "impl": impl,
+                "family": fam,
+                "framework": fw,
+                "backend": None,
+                "sweep": "papers",
+                "mode": "fwd",
+                "dtype": "bf16",
+                "point": p.to_json(),
+                "status": "ok",
+                "reason": None,
+                "ms": 1.0,
+                "tflops": tf,
+            }
+        )
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(
+        json.dumps(
+            {
+                "env": {"device_name": "X"},
+                "args": {"argv": ["--sweep", "papers"]},
+                "wall_s": 1,
+                "results": recs[:1],
+                "checks": [],
+            }
+        )
+    )
+    b.write_text(
+        json.dumps(
+            {
+                "env": {},
+                "args": {"argv": ["--anchors", "sdpa-flash"]},
+                "wall_s": 2,
+                "results": recs[1:],
+                "checks": [],
+            }
+        )
+    )
+    data = merge([a, b])
+    assert len(data["results"]) == 2 and data["wall_s"] == 3
+    files = write_docs(data, tmp_path / "docs", note="test run")
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert files[0] == "benchmarks.md" and "> test run" in md
+    assert "0.75x sdpa-flash" in md  # flashmux ratio to the best same-framework anchor

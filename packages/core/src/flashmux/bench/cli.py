@@ -123,7 +123,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report-from",
         metavar="RESULTS_JSON",
-        help="re-render results.md and plots from a results JSON into --out",
+        help="re-render results.md and plots from a results JSON (several, comma-separated, "
+        "are merged into one run) into --out",
+    )
+    p.add_argument("--note", help="with --docs: a line shown above the results")
+    p.add_argument(
+        "--docs",
+        metavar="DIR",
+        help="with --report-from: write DIR/benchmarks.md and DIR/img/<sweep>.png",
     )
     return p
 
@@ -199,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {dest}", file=sys.stderr)
         return 0
     if args.report_from:
-        data = json.loads(Path(args.report_from).read_text())
+        from .docs import merge, write_docs
+
+        data = merge(_csv(args.report_from))
+        if args.docs:
+            files = write_docs(data, args.docs, note=args.note)
+            print("wrote " + ", ".join(str(Path(args.docs) / f) for f in files))
+            return 0
         files = write_outputs(data, out, plots=not args.no_plots)
         print("wrote " + ", ".join(str(out / f) for f in files))
         return 0

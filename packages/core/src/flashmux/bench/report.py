@@ -144,6 +144,9 @@ def env_lines(env: dict, args: dict | None = None) -> list[str]:
     ]
     if args and args.get("argv") is not None:
         lines.append("- command: `python -m flashmux bench " + " ".join(args["argv"]) + "`")
+    for argv in (args or {}).get("merged") or []:
+        if argv is not None:
+            lines.append("- merged run: `python -m flashmux bench " + " ".join(argv) + "`")
     return lines
 
 
