@@ -95,6 +95,8 @@ def test_quick_jax(tmp_path):
         "--causal",
         "yes",
         "--no-plots",
+        "--compile-threads",
+        "2",
     )
     assert rc == 0
     for impl in ("flashmux-reference[jax]", "jax-xla"):
@@ -103,6 +105,9 @@ def test_quick_jax(tmp_path):
     skipped = [r for r in data["results"] if r["impl"] == "jax-cudnn"]
     assert skipped and all(r["status"] == "unsupported" and r["reason"] for r in skipped)
     assert "jax-cudnn" in md  # listed under Skipped with its reason
+    # the flashmux functions were compiled ahead in the thread pool, and then used
+    assert any("compiled 3 of 3 functions ahead" in line for line in data["log"]), data["log"]
+    assert not any("unused" in line for line in data["log"]), data["log"]
 
 
 def test_sweeps_and_flops():

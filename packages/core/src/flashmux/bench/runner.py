@@ -504,14 +504,25 @@ def _precompile(runner: Runner, fw, work, threads: int, deadline: float | None) 
 
     with ThreadPoolExecutor(max_workers=threads) as ex:
         futs = {ex.submit(job, *j): j for j in jobs}
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = wait(futs, timeout=timeout)
-        for f in done:
-            impl, point, kind, _ = futs[f]
-            if f.exception() is None:
-                runner.compiled[(impl.id, point, kind)] = f.result()
+        # Under a time budget, compile ahead for at most 40% of what the phase has left: if
+        # compilation turns out not to overlap, the rest compiles on first use as usual.
+        timeout = None if deadline is None else 0.4 * max(0.0, deadline - time.monotonic())
+        wait(futs, timeout=timeout)
         for f in futs:
-            f.cancel()
+            f.cancel()  # not started yet: compiled on first use instead
+    failed = []
+    for f, (impl, point, kind, _) in futs.items():
+        if f.cancelled():
+            continue
+        if f.exception() is None:
+            runner.compiled[(impl.id, point, kind)] = f.result()
+        else:
+            failed.append(f"{impl.id} {kind}: {short(f.exception(), 120)}")
+    if failed:
+        runner.log.append(
+            f"jax: {len(failed)} ahead-of-time compiles failed (retried on first "
+            f"use), e.g. {failed[0]}"
+        )
     runner.precompile_s += time.monotonic() - t0
     runner.log.append(
         f"jax: compiled {len(runner.compiled)} of {len(jobs)} functions ahead in "
@@ -590,6 +601,11 @@ def run_all(
             else:
                 runner.measure(impl, point, modes, deadline)
             bar.update(len(modes), f"{impl.id} {point.label}")
+        if runner.compiled:
+            runner.log.append(
+                f"{fwname}: {len(runner.compiled)} functions compiled ahead went unused"
+            )
+            runner.compiled.clear()
         if fw is not None:
             fw.cleanup()
             if fwname == "torch" and fw.device == "cuda":
