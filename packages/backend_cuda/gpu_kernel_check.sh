@@ -26,7 +26,7 @@ build() {
   echo "build $B: $(( $(date +%s) - t0 )) s"
 }
 
-build /tmp/fmxb || exit 1
+build /tmp/fmxb -lineinfo || exit 1
 for f in /tmp/fmxb/*.log; do
   n=$(grep -c "spill stores" $f); s=$(grep -o "[0-9]* bytes spill stores" $f | sort -n | tail -1)
   [ -n "$s" ] && echo "  $(basename $f .o.log): max $s"
@@ -46,7 +46,7 @@ for s in $STAGES; do
       timeout 240 ncu --clock-control none -k 'regex:fwd_kernel|bwd_kernel|dq_dk_dv' \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-        --section InstructionStats --print-details all \
+        --section InstructionStats --section SourceCounters --print-details all \
         python3 tools/kernel_check.py $LIB profile > $OUTDIR/ncu.log 2>&1
       grep -E "^  [a-z_:]+.*\(|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc A|Stall|Block Limit" $OUTDIR/ncu.log | head -80 ;;
     benchlite) timeout 120 python3 tools/kernel_check.py $LIB benchlite "V0 default" 2>&1 | tee -a $OUTDIR/variants.log ;;
@@ -58,6 +58,6 @@ for s in $STAGES; do
         i=$((i+1))
         build /tmp/fmxv$i $flags > /tmp/fmxv$i.buildlog 2>&1 || { cat /tmp/fmxv$i.buildlog; continue; }
         timeout 120 python3 tools/kernel_check.py /tmp/fmxv$i/libfmx.so benchlite "$name: $flags" 2>&1 | tee -a $OUTDIR/variants.log
-      done < ${VARIANTS:-/dev/null} ;;
+      done < $ROOT/${VARIANTS:-/dev/null} ;;
   esac
 done

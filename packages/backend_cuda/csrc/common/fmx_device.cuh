@@ -98,20 +98,40 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Load a (ROWS x D) tile of a row-major (row stride rs, unit column stride) gmem matrix into a
-// CuTe smem tensor, zero-filling rows >= rows_valid and columns >= cols_valid.
+// CuTe smem tensor, zero-filling rows >= rows_valid and columns >= cols_valid. Each thread moves
+// 16-byte chunks; when the threads cover whole rows and step by a multiple of 8 rows (the
+// swizzle period), a thread's later chunks sit at static offsets from its first one, so only
+// one smem address and one gmem pointer per thread are live.
 template <int ROWS, int D, int NTHREADS, typename Element, typename SmemTensor>
 __device__ __forceinline__ void load_tile_async(SmemTensor &s, const Element *g, int64_t rs,
                                                 int rows_valid, int cols_valid, int tid) {
   constexpr int kChunks = D / 8;
   constexpr int kTotal = ROWS * kChunks;
+  constexpr bool kRegular = NTHREADS % kChunks == 0 && (NTHREADS / kChunks) % 8 == 0 &&
+                            kTotal % NTHREADS == 0;
+  if constexpr (kRegular) {
+    constexpr int kRowsPerIter = NTHREADS / kChunks;
+    const int r0 = tid / kChunks, c = (tid % kChunks) * 8;
+    Element *s0 = &s(r0, c);
+    const Element *g0 = g + (int64_t)r0 * rs + c;
+    const int64_t gstep = (int64_t)kRowsPerIter * rs;
+    const bool col_ok = c < cols_valid;
 #pragma unroll
-  for (int it = 0; it < (kTotal + NTHREADS - 1) / NTHREADS; ++it) {
-    int idx = it * NTHREADS + tid;
-    if (kTotal % NTHREADS == 0 || idx < kTotal) {
-      int r = idx / kChunks, c = (idx % kChunks) * 8;
-      bool pred = r < rows_valid && c < cols_valid;
-      const Element *src = pred ? g + (int64_t)r * rs + c : g;
-      cp_async_16(&s(r, c), src, pred);
+    for (int it = 0; it < kTotal / NTHREADS; ++it) {
+      const int soff = s.layout()(it * kRowsPerIter, 0) - s.layout()(0, 0);
+      const bool pred = col_ok && r0 + it * kRowsPerIter < rows_valid;
+      cp_async_16(s0 + soff, pred ? g0 + it * gstep : g, pred);
+    }
+  } else {
+#pragma unroll
+    for (int it = 0; it < (kTotal + NTHREADS - 1) / NTHREADS; ++it) {
+      int idx = it * NTHREADS + tid;
+      if (kTotal % NTHREADS == 0 || idx < kTotal) {
+        int r = idx / kChunks, c = (idx % kChunks) * 8;
+        bool pred = r < rows_valid && c < cols_valid;
+        const Element *src = pred ? g + (int64_t)r * rs + c : g;
+        cp_async_16(&s(r, c), src, pred);
+      }
     }
   }
 }

@@ -284,12 +284,31 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       __syncthreads();
     }
     {
-      float *dqa = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d;
+      // One row pointer per fragment row; columns are static offsets (pairs -> float2 atomics).
+      Tensor dQrc = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
+      Tensor cdQrc = make_tensor(cdQ.data(), rowcol_layout(cdQ.layout()));
       const int rows_q = si.sq - m0;
+      const int c0 = get<1>(cdQrc(0, 0));
+      const bool full = rows_q >= BM && p.d == D;
+      float *dq_thr = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d + c0;
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_dq); ++i) {
-        const int r = get<0>(cdQ(i)), c = get<1>(cdQ(i));
-        if (r < rows_q && c < p.d) atomicAdd(dqa + (int64_t)r * dq_rs + c, acc_dq(i));
+      for (int r = 0; r < size<0>(dQrc); ++r) {
+        const int row = get<0>(cdQrc(r, 0));
+        float *rp = dq_thr + (int64_t)row * dq_rs;
+        if (full || row < rows_q) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(dQrc); c += 2) {
+            const int dc = get<1>(cdQrc(r, c)) - c0;
+            if (full || c0 + dc < p.d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              atomicAdd(reinterpret_cast<float2 *>(rp + dc), make_float2(dQrc(r, c), dQrc(r, c + 1)));
+#else
+              atomicAdd(rp + dc, dQrc(r, c));
+              atomicAdd(rp + dc + 1, dQrc(r, c + 1));
+#endif
+            }
+          }
+        }
       }
     }
     if (p.deterministic) {
