@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .shapes import SWEEPS
+
 REPRODUCE = "python -m flashmux bench --sweep papers --head-dims 64,128 --modes fwd,fwd_bwd --dtype bf16 --target-ms 50 --time-budget 440 --out bench-results"
 
 INTRO = """# Benchmarks
@@ -85,6 +87,10 @@ def write_docs(
     img = docs_dir / "img"
     img.mkdir(parents=True, exist_ok=True)
     files = plot_all(data, img)
+    for sweep in SWEEPS:  # plots of an earlier run that this one did not make
+        stale = img / f"{sweep}.png"
+        if f"{sweep}.png" not in files and stale.exists():
+            stale.unlink()
     body = render(data, [f"img/{f}" for f in files], heading_level=2)
     title = "## Latest results" + (f"\n\n> {note}" if note else "")
     body = body.replace("## flashmux benchmark results", title, 1)
