@@ -299,7 +299,8 @@ class FlexImpl(Impl):
     dynamic = True
 
     def on_failure(self, exc):
-        if self.dynamic and not is_oom(exc):
+        declined = isinstance(exc, (NotImplementedError, ValueError, TypeError))
+        if self.dynamic and not declined and not is_oom(exc):
             self.dynamic = False  # fall back to one compile per shape
             return True
         return False
