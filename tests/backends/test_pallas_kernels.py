@@ -103,3 +103,34 @@ def test_capabilities_and_lazy_import():
     assert caps.array_kinds == {"jax"} and caps.runs_under_jit
     assert {"cuda", "cpu"} <= caps.devices and caps.max_head_dim == 256
     assert backend.availability() == []
+
+
+def test_lowering_choice(monkeypatch):
+    """On sm90 the forward takes Mosaic GPU where it was measured faster, Triton elsewhere."""
+    import jax.numpy as jnp
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_kernels, ops
+
+    monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(mosaic_kernels, "available", lambda: True)
+    x = lambda s, d, dt=jnp.bfloat16: jnp.zeros((1, s, 2, d), dt)  # noqa: E731
+    dense = Params(scale=0.1)
+    causal = Params(scale=0.1, causal=True, window_right=0)
+    monkeypatch.setattr(ops, "MOSAIC_MODE", "auto")
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, False) == "mosaic_gpu"
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), causal, False) == "mosaic_gpu"
+    assert ops.lowering(x(256, 64), x(256, 64), x(256, 64), dense, False) == "triton"
+    assert ops.lowering(x(256, 128), x(384, 128), x(384, 128), causal, False) == "triton"
+    assert ops.lowering(x(200, 128), x(256, 128), x(256, 128), dense, False) == "triton"
+    assert ops.lowering(x(256, 128, jnp.float32), x(256, 128, jnp.float32), x(256, 128, jnp.float32), dense, False) == "triton"
+    win = Params(scale=0.1, window_left=8, window_right=0, causal=True)
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), win, False) == "triton"
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, True) == "interpret"
+    monkeypatch.setattr(ops, "MOSAIC_MODE", "on")
+    assert ops.lowering(x(256, 64), x(256, 64), x(256, 64), dense, False) == "mosaic_gpu"
+    monkeypatch.setattr(ops, "MOSAIC_MODE", "off")
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, False) == "triton"
+    monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
+    monkeypatch.setattr(ops, "MOSAIC_MODE", "auto")
+    assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, False) == "triton"
