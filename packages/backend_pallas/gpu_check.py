@@ -310,6 +310,47 @@ def table(deadline, seqs, use_best=None):
     return rows
 
 
+def mosaic_variants(deadline):
+    """Unmeasured Mosaic forward variants (fma_softmax, early_k_wait) against the default one and
+    attention_mgpu, fp16: output check against the Triton forward, then timings."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_kernels as mk
+    from flashmux_pallas import ops
+
+    variants = {
+        "default": mk.MosaicConfig(),
+        "fma": mk.MosaicConfig(fma_softmax=True),
+        "early-k": mk.MosaicConfig(early_k_wait=True),
+        "fma+early-k": mk.MosaicConfig(fma_softmax=True, early_k_wait=True),
+        "fma+early-k 3 stages": mk.MosaicConfig(fma_softmax=True, early_k_wait=True, stages=3),
+    }
+    for d in (64, 128):
+        for causal in (False, True):
+            p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+            ks = jax.random.split(jax.random.key(7), 3)
+            q, k, v = (jax.random.normal(kk, (2, 1024, 4, d), jnp.float32).astype(jnp.float16) for kk in ks)
+            ref = ops.forward(q, k, v, None, None, dataclasses.replace(p), interpret=False)  # MOSAIC auto
+            for name, cfg in variants.items():
+                if time.time() > deadline:
+                    return
+                try:
+                    o, l_ = jax.jit(lambda q, k, v: mk.forward(q, k, v, p, cfg))(q, k, v)
+                    err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref[0].astype(jnp.float32))))
+                    lerr = float(jnp.max(jnp.abs(l_ - ref[1])))
+                    cells = []
+                    for S in (4096, 16384):
+                        tf, _ = measure(name, lambda q, k, v: mk.forward(q, k, v, p, cfg)[0], jnp.float16, S, d, causal, "fwd")
+                        cells.append(f"{tf:.0f}")
+                    log(f"mosaic variant d={d} causal={causal} {name:22s} err={err:.1e}/{lerr:.1e} fwd f16 S4096/S16384: {' / '.join(cells)}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"mosaic variant d={d} causal={causal} {name} ERROR {type(e).__name__}: {str(e)[:200]}")
+
+
 def print_table(rows, seqs):
     names = []
     for r in rows:
@@ -337,11 +378,15 @@ def main():
     ap.add_argument("--seqs", default="2048,4096,8192,16384")
     ap.add_argument("--cases", default="all")
     ap.add_argument("--mosaic", action="store_true")
+    ap.add_argument("--mosaic-variants", action="store_true", help="only time the Mosaic variants")
     a = ap.parse_args()
     import jax
 
     log("jax", jax.__version__, jax.devices())
     seqs = [int(s) for s in a.seqs.split(",")]
+    if a.mosaic_variants:
+        mosaic_variants(T0 + a.deadline)
+        return 0
     if a.cases == "mosaic":  # child process: a hang or crash here can't take the run down
         n = correctness(T0 + 1e9, "mosaic")  # 2: only the vmap case failed
         return 0 if n == 0 else (2 if n == 2 else 1)
