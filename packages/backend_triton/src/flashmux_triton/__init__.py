@@ -41,6 +41,17 @@ class TritonBackend(Backend):
             return ["no CUDA device"]
         return []
 
+    def reasons(self, spec) -> list[str]:
+        # Offsets inside one sequence are 32-bit in the kernels (batch/sequence starts are 64-bit).
+        out = []
+        for name, n, h, d in (
+            ("q", spec.seqlen_q, spec.heads_q, max(spec.head_dim, spec.head_dim_v)),
+            ("k/v", spec.seqlen_k, spec.heads_kv, max(spec.head_dim, spec.head_dim_v)),
+        ):
+            if n * h * d >= 2**31:
+                out.append(f"one sequence of {name} spans {n * h * d} elements >= 2^31 (32-bit offsets)")
+        return out
+
     # Capabilities depend on TRITON_INTERPRET (CPU tensors allowed), so they are read when asked.
     @property
     def capabilities(self) -> Capabilities:
