@@ -238,6 +238,7 @@ class Framework:
     def _plain_jax(self, q, k, v, case, cu_q, cu_k, keep, do, dlse):
         jnp, jax = self.jnp, self.jax
 
+        @jax.jit  # one compile instead of one per eager op
         def f(q, k, v):
             return self._plain_all(jnp, q, k, v, case, cu_q, cu_k, keep, q.dtype, lambda xs, a: jnp.concatenate(xs, a))
 
