@@ -1,12 +1,13 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [fused] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on moderate random problems (fp16 and bf16),
        judged by the SPEC rule (2 x plain low-precision attention error + 1e-5).
 sweep: times each kernel's candidate configs at S=4096 (bf16, d64/d128, causal and not) and uses
        the fastest for the rest of the run (printed as a TABLE_SM90 snippet).
 tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
+fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -312,6 +313,29 @@ def tma_compare():
     save()
 
 
+def fused_compare():
+    """Forward+backward with the split backward (default) and FLASHMUX_TRITON_BWD=fused."""
+    out = []
+    for D in (64, 128):
+        for causal in (False, True):
+            for S in (4096, 16384):
+                B, H, _, fwdbwd, _ = mine_fns(S, D, causal)
+                ft = 3.5 * flops(B, H, S, D, causal)
+                r = {"D": D, "causal": causal, "S": S}
+                for flag in ("split", "fused"):
+                    os.environ["FLASHMUX_TRITON_BWD"] = flag
+                    try:
+                        r[flag] = ft / bench_ms(fwdbwd) * 1e-9
+                    except Exception as e:  # noqa: BLE001
+                        log(f"{flag} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        r[flag] = float("nan")
+                os.environ["FLASHMUX_TRITON_BWD"] = "split"
+                log("fused " + json.dumps(r))
+                out.append(r)
+    RESULTS["fused"] = out
+    save()
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -342,6 +366,8 @@ def main(argv):
         log(f"sweep done {time.time() - t0:.0f}s")
     if "tma" in what:
         tma_compare()
+    if "fused" in what:
+        fused_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)

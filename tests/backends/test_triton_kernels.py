@@ -266,3 +266,10 @@ def test_strided_inputs_and_tma_path(monkeypatch):
     if DEVICE == "cpu" or torch.cuda.get_device_capability() >= (9, 0):
         assert _launch._tma_views(_launch._Problem(qc, kc, vc, None, None, p), kc, vc) is not None
         assert not _launch._TMA_BROKEN
+
+
+def test_fused_backward_with_atomic_dq(monkeypatch):
+    monkeypatch.setenv("FLASHMUX_TRITON_BWD", "fused")
+    _run_case(1, 37, 53, 4, 2, 40, 40, "float16", {"causal": True, "softcap": 6.0})
+    _run_case(0, 0, 0, 2, 1, 32, 32, "bfloat16", {"window": (5, 3)}, varlen_lens=([20, 0, 33], [25, 4, 30]),
+              dropout_p=0.25)

@@ -334,12 +334,13 @@ def attn_bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+    dqa_base, stride_dqas, sm_scale,
     offs_n, offs_m, offs_d, offs_dv, lo, hi,
     seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -389,26 +390,38 @@ def _bwd_dkdv_inner(
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dk = _dot_acc(_cast(dst, qt.dtype), tl.trans(qt), dk, IEEE)
+        ds_lo = _cast(dst, qt.dtype)
+        dk = _dot_acc(ds_lo, tl.trans(qt), dk, IEEE)
+        if FUSED_DQ:
+            # dQ += scale * dS K, accumulated across key blocks with float32 atomics
+            dq_part = _dot(tl.trans(ds_lo), k, IEEE) * sm_scale
+            dqa_ptrs = dqa_base + rows[:, None] * stride_dqas + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dqa_ptrs, dq_part, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            elif BLOCK_D != HEAD_DIM:
+                tl.atomic_add(dqa_ptrs, dq_part, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
+            else:
+                tl.atomic_add(dqa_ptrs, dq_part, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, window_left, window_right,
     scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
     the query blocks that see this key block, so dK/dV are summed without atomics."""
@@ -467,26 +480,27 @@ def attn_bwd_dkdv(
         do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        dqa_base = DQA + b64 * stride_dqab + q_start * stride_dqas + h * stride_dqah
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            offs_n, offs_m, offs_d, offs_dv, lo, mid0, seqlen_q, diag_off, window_left,
+            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, lo, mid0, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            offs_n, offs_m, offs_d, offs_dv, mid0, mid1, seqlen_q, diag_off, window_left,
+            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid0, mid1, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            offs_n, offs_m, offs_d, offs_dv, mid1, hi, seqlen_q, diag_off, window_left,
+            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid1, hi, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
         )
     dk = dk * sm_scale
     tl.store(

@@ -161,6 +161,13 @@ def tma_wanted() -> bool:
 _TMA_BROKEN: set = set()
 
 
+def fused_bwd_wanted() -> bool:
+    """Opt-in (FLASHMUX_TRITON_BWD=fused): one backward kernel, dQ by float32 atomics (5
+    matmuls per block pair instead of 7; not bitwise repeatable, so never when deterministic).
+    Off by default: not yet timed on the H100 (NOTES.md)."""
+    return os.environ.get("FLASHMUX_TRITON_BWD", "split") == "fused"
+
+
 def _tma_views(pb: _Problem, k, v):
     """(rows, heads*dim) 2-D views of K and V for tensor descriptors, or None when the layout,
     head dims, dtype or device don't allow it."""
@@ -256,14 +263,20 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params):
         pb.scale_a, pb.scale_b, float(params.scale), pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
     )
 
+    # Fused (opt-in, nondeterministic): dQ accumulated by the dK/dV kernel with float32 atomics.
+    fused = fused_bwd_wanted() and not params.deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else dq
+
     def run_dkdv(cfg: T.KernelConfig):
         grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
+        if fused:
+            dq_acc.zero_()  # a retry (smaller tiles) starts over
         K.attn_bwd_dkdv[grid](
-            q, k, v, do, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg,
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
-            *lse_str, *common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            *pb.strides(dq_acc, pb.varlen), *lse_str, *common,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -279,7 +292,10 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params):
         )
 
     _launch(pb, "bwd_dkdv", run_dkdv)
-    _launch(pb, "bwd_dq", run_dq)
+    if fused:
+        dq.copy_(dq_acc)
+    else:
+        _launch(pb, "bwd_dq", run_dq)
     return dq, dk, dv
 
 
