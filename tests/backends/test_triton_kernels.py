@@ -273,3 +273,23 @@ def test_fused_backward_with_atomic_dq(monkeypatch):
     _run_case(1, 37, 53, 4, 2, 40, 40, "float16", {"causal": True, "softcap": 6.0})
     _run_case(0, 0, 0, 2, 1, 32, 32, "bfloat16", {"window": (5, 3)}, varlen_lens=([20, 0, 33], [25, 4, 30]),
               dropout_p=0.25)
+
+
+def test_autotune_picks_fastest_and_caches(tmp_path, monkeypatch):
+    import triton
+
+    from flashmux_triton import _launch
+    from flashmux_triton import tuning as T
+
+    monkeypatch.setenv("FLASHMUX_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(T, "CACHE", T.TuneCache())
+    q = torch.zeros(1, 8, 2, 32, dtype=torch.float16)
+    pb = _launch._Problem(q, q, q, None, None, _params(32))
+    ran = []
+    fake_ms = {c: 1.0 + i for i, c in enumerate(T.FWD_CANDIDATES)}
+    fake_ms[T.FWD_CANDIDATES[2]] = 0.5
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), fake_ms[ran[-1]])[1])
+    best = _launch._autotuned(pb, "fwd", ran.append, T.FWD_CANDIDATES[0])
+    assert best == T.FWD_CANDIDATES[2]
+    ran.clear()
+    assert _launch._autotuned(pb, "fwd", ran.append, T.FWD_CANDIDATES[0]) == best and not ran  # cached
