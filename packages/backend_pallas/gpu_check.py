@@ -12,7 +12,6 @@ forward+backward counted as 3.5x that. Writes JSON and the log under $OUT when s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -45,26 +44,126 @@ def correctness(deadline, subset="all"):
     base = [
         Case(batch=2, seqlen_q=256, seqlen_k=256, heads_q=4, heads_kv=4, head_dim=64),
         Case(batch=2, seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=4, head_dim=128, causal=True),
-        Case(batch=1, seqlen_q=200, seqlen_k=333, heads_q=8, heads_kv=2, head_dim=96, causal=True, lse_grad=True),
+        Case(
+            batch=1,
+            seqlen_q=200,
+            seqlen_k=333,
+            heads_q=8,
+            heads_kv=2,
+            head_dim=96,
+            causal=True,
+            lse_grad=True,
+        ),
         Case(batch=1, seqlen_q=333, seqlen_k=150, heads_q=4, heads_kv=1, head_dim=64, causal=True),
-        Case(batch=2, seqlen_q=257, seqlen_k=257, heads_q=4, heads_kv=2, head_dim=64, window=(48, 16), softcap=8.0),
-        Case(batch=1, seqlen_q=128, seqlen_k=190, heads_q=2, heads_kv=2, head_dim=256, head_dim_v=128, causal=True),
-        Case(batch=1, seqlen_q=100, seqlen_k=100, heads_q=2, heads_kv=2, head_dim=40, head_dim_v=72),
-        Case(seqlens=((100, 120), (0, 17), (257, 200), (33, 0), (64, 64)), heads_q=4, heads_kv=2, head_dim=64, causal=True),
+        Case(
+            batch=2,
+            seqlen_q=257,
+            seqlen_k=257,
+            heads_q=4,
+            heads_kv=2,
+            head_dim=64,
+            window=(48, 16),
+            softcap=8.0,
+        ),
+        Case(
+            batch=1,
+            seqlen_q=128,
+            seqlen_k=190,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=256,
+            head_dim_v=128,
+            causal=True,
+        ),
+        Case(
+            batch=1, seqlen_q=100, seqlen_k=100, heads_q=2, heads_kv=2, head_dim=40, head_dim_v=72
+        ),
+        Case(
+            seqlens=((100, 120), (0, 17), (257, 200), (33, 0), (64, 64)),
+            heads_q=4,
+            heads_kv=2,
+            head_dim=64,
+            causal=True,
+        ),
         Case(seqlens=((130, 90), (60, 300)), heads_q=2, heads_kv=1, head_dim=128, window=(20, 5)),
-        Case(batch=2, seqlen_q=200, seqlen_k=200, heads_q=4, heads_kv=4, head_dim=64, dropout_p=0.2, causal=True),
-        Case(batch=2, seqlen_q=128, seqlen_k=128, heads_q=2, heads_kv=2, head_dim=64, transform="vmap", causal=True),
+        Case(
+            batch=2,
+            seqlen_q=200,
+            seqlen_k=200,
+            heads_q=4,
+            heads_kv=4,
+            head_dim=64,
+            dropout_p=0.2,
+            causal=True,
+        ),
+        Case(
+            batch=2,
+            seqlen_q=128,
+            seqlen_k=128,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=64,
+            transform="vmap",
+            causal=True,
+        ),
     ]
     cases = [c.__class__(**{**c.__dict__, "dtype": "bfloat16"}) for c in base]
     cases += [c.__class__(**{**c.__dict__, "dtype": "float16"}) for c in base[:6]]
-    cases += [Case(batch=1, seqlen_q=130, seqlen_k=130, heads_q=2, heads_kv=2, head_dim=64, causal=True, dtype="float32")]
+    cases += [
+        Case(
+            batch=1,
+            seqlen_q=130,
+            seqlen_k=130,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=64,
+            causal=True,
+            dtype="float32",
+        )
+    ]
     if subset == "rest":  # cases the first GPU run did not reach
         cases = cases[8:10] + cases[12:13] + cases[-1:]
     mosaic_cases = [
-        Case(batch=2, seqlen_q=512, seqlen_k=512, heads_q=4, heads_kv=4, head_dim=64, dtype="bfloat16"),
-        Case(batch=1, seqlen_q=512, seqlen_k=512, heads_q=4, heads_kv=2, head_dim=128, causal=True, dtype="bfloat16", lse_grad=True),
-        Case(batch=2, seqlen_q=256, seqlen_k=384, heads_q=2, heads_kv=2, head_dim=128, dtype="float16"),
-        Case(batch=1, seqlen_q=256, seqlen_k=256, heads_q=2, heads_kv=1, head_dim=64, causal=True, dtype="float16", transform="vmap"),
+        Case(
+            batch=2,
+            seqlen_q=512,
+            seqlen_k=512,
+            heads_q=4,
+            heads_kv=4,
+            head_dim=64,
+            dtype="bfloat16",
+        ),
+        Case(
+            batch=1,
+            seqlen_q=512,
+            seqlen_k=512,
+            heads_q=4,
+            heads_kv=2,
+            head_dim=128,
+            causal=True,
+            dtype="bfloat16",
+            lse_grad=True,
+        ),
+        Case(
+            batch=2,
+            seqlen_q=256,
+            seqlen_k=384,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=128,
+            dtype="float16",
+        ),
+        Case(
+            batch=1,
+            seqlen_q=256,
+            seqlen_k=256,
+            heads_q=2,
+            heads_kv=1,
+            head_dim=64,
+            causal=True,
+            dtype="float16",
+            transform="vmap",
+        ),
     ]
     if subset == "mosaic":
         cases = [("on", c) for c in mosaic_cases]
@@ -89,7 +188,9 @@ def correctness(deadline, subset="all"):
         finally:
             ops.MOSAIC_MODE = "off"
         nfail += (not ok) * (2 if c.transform == "vmap" and subset == "mosaic" else 1)
-        RESULTS["correctness"].append({"case": c.id(), "lowering": lw, "ok": ok, "report": rep, "msg": msg})
+        RESULTS["correctness"].append(
+            {"case": c.id(), "lowering": lw, "ok": ok, "report": rep, "msg": msg}
+        )
         log(("PASS" if ok else "FAIL"), lw, c.id(), msg)
     save()
     return nfail
@@ -226,10 +327,18 @@ def sweep(deadline, S=4096):
     from flashmux_pallas.ops import Config
 
     fwd_c = {
-        64: [(B_(128, 64, 4, 3), True), (B_(128, 64, 4, 3), False), (B_(128, 64, 4, 4), True),
-             (B_(128, 128, 8, 3), True)],
-        128: [(B_(128, 64, 8, 3), True), (B_(128, 64, 8, 3), False), (B_(128, 128, 8, 2), True),
-              (B_(64, 64, 4, 3), True)],
+        64: [
+            (B_(128, 64, 4, 3), True),
+            (B_(128, 64, 4, 3), False),
+            (B_(128, 64, 4, 4), True),
+            (B_(128, 128, 8, 3), True),
+        ],
+        128: [
+            (B_(128, 64, 8, 3), True),
+            (B_(128, 64, 8, 3), False),
+            (B_(128, 128, 8, 2), True),
+            (B_(64, 64, 4, 3), True),
+        ],
     }
     dkdv_c = {
         64: [B_(32, 128, 4, 3), B_(32, 128, 4, 5), B_(64, 128, 8, 3), B_(64, 64, 4, 3)],
@@ -247,7 +356,9 @@ def sweep(deadline, S=4096):
             base = ops.GPU_CONFIGS[(d, causal)]
             B, H = 16384 // S, 2048 // d
             ks = jax.random.split(jax.random.key(d + causal), 4)
-            q, k, v, do = (jax.random.normal(kk, (B, S, H, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
+            q, k, v, do = (
+                jax.random.normal(kk, (B, S, H, d), jnp.float32).astype(jnp.bfloat16) for kk in ks
+            )
             p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
             flops = 4.0 * B * H * S * S * d / (2 if causal else 1)
 
@@ -255,10 +366,15 @@ def sweep(deadline, S=4096):
                 ops.MOSAIC_MODE = "off"
                 with ops.use_config(cfg):
                     if kind == "fwd":
-                        fn = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))
+                        fn = jax.jit(
+                            lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False)
+                        )
                         return bench(fn, q, k, v)
-                    fn = jax.jit(lambda do, q, k, v, o, l_: ops.backward(
-                        do, None, q, k, v, o, l_, None, None, p, interpret=False))
+                    fn = jax.jit(
+                        lambda do, q, k, v, o, l_: ops.backward(
+                            do, None, q, k, v, o, l_, None, None, p, interpret=False
+                        )
+                    )
                     return bench(fn, do, q, k, v, out, lse)
 
             def best_of(cands, make, kind, fl):
@@ -270,15 +386,33 @@ def sweep(deadline, S=4096):
                         t = float("inf")
                         log("sweep error", kind, c, str(e)[:200])
                     res.append((t, c))
-                    log(f"sweep d={d} causal={causal} {kind} {c}: {fl / t / 1e12:.0f} TFLOP/s ({t * 1e3:.3f} ms)")
-                RESULTS["sweep"].append({"d": d, "causal": causal, "kind": kind, "res": [(t, str(c)) for t, c in res]})
+                    log(
+                        f"sweep d={d} causal={causal} {kind} {c}: {fl / t / 1e12:.0f} TFLOP/s ({t * 1e3:.3f} ms)"
+                    )
+                RESULTS["sweep"].append(
+                    {"d": d, "causal": causal, "kind": kind, "res": [(t, str(c)) for t, c in res]}
+                )
                 return min(res, key=lambda r: r[0])[1]
 
-            fbest, fast = best_of(fwd_c[d], lambda c: Config(c[0], base.dkdv, base.dq, fast_exp=c[1]), "fwd", flops)
+            fbest, fast = best_of(
+                fwd_c[d], lambda c: Config(c[0], base.dkdv, base.dq, fast_exp=c[1]), "fwd", flops
+            )
             with ops.use_config(Config(fbest, base.dkdv, base.dq, fast_exp=fast)):
-                out, lse = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))(q, k, v)
-            dkbest = best_of(dkdv_c[d], lambda c: Config(fbest, c, base.dq, fast_exp=fast), "bwd(dkdv varies)", 2.5 * flops)
-            dqbest = best_of(dq_c[d], lambda c: Config(fbest, dkbest, c, fast_exp=fast), "bwd(dq varies)", 2.5 * flops)
+                out, lse = jax.jit(
+                    lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False)
+                )(q, k, v)
+            dkbest = best_of(
+                dkdv_c[d],
+                lambda c: Config(fbest, c, base.dq, fast_exp=fast),
+                "bwd(dkdv varies)",
+                2.5 * flops,
+            )
+            dqbest = best_of(
+                dq_c[d],
+                lambda c: Config(fbest, dkbest, c, fast_exp=fast),
+                "bwd(dq varies)",
+                2.5 * flops,
+            )
             chosen = Config(fbest, dkbest, dqbest, fast_exp=fast)
             ops.GPU_CONFIGS[(d, causal)] = chosen
             log(f"CHOSEN d={d} causal={causal}: {chosen}")
@@ -305,7 +439,9 @@ def table(deadline, seqs, use_best=None):
                             log("error", name, S, d, causal, mode, type(e).__name__, str(e)[:200])
                         rows.append((d, causal, S, name, mode, tf, t))
                         RESULTS["table"].append(rows[-1])
-                        log(f"d={d} causal={causal} S={S} {mode:6s} {name:28s} {cell} TFLOP/s ({t * 1e3:.2f} ms)")
+                        log(
+                            f"d={d} causal={causal} S={S} {mode:6s} {name:28s} {cell} TFLOP/s ({t * 1e3:.2f} ms)"
+                        )
                 save()
     return rows
 
@@ -333,22 +469,40 @@ def mosaic_variants(deadline):
         for causal in (False, True):
             p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
             ks = jax.random.split(jax.random.key(7), 3)
-            q, k, v = (jax.random.normal(kk, (2, 1024, 4, d), jnp.float32).astype(jnp.float16) for kk in ks)
-            ref = ops.forward(q, k, v, None, None, dataclasses.replace(p), interpret=False)  # MOSAIC auto
+            q, k, v = (
+                jax.random.normal(kk, (2, 1024, 4, d), jnp.float32).astype(jnp.float16) for kk in ks
+            )
+            ref = ops.forward(
+                q, k, v, None, None, dataclasses.replace(p), interpret=False
+            )  # MOSAIC auto
             for name, cfg in variants.items():
                 if time.time() > deadline:
                     return
                 try:
                     o, l_ = jax.jit(lambda q, k, v: mk.forward(q, k, v, p, cfg))(q, k, v)
-                    err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref[0].astype(jnp.float32))))
+                    err = float(
+                        jnp.max(jnp.abs(o.astype(jnp.float32) - ref[0].astype(jnp.float32)))
+                    )
                     lerr = float(jnp.max(jnp.abs(l_ - ref[1])))
                     cells = []
                     for S in (4096, 16384):
-                        tf, _ = measure(name, lambda q, k, v: mk.forward(q, k, v, p, cfg)[0], jnp.float16, S, d, causal, "fwd")
+                        tf, _ = measure(
+                            name,
+                            lambda q, k, v: mk.forward(q, k, v, p, cfg)[0],
+                            jnp.float16,
+                            S,
+                            d,
+                            causal,
+                            "fwd",
+                        )
                         cells.append(f"{tf:.0f}")
-                    log(f"mosaic variant d={d} causal={causal} {name:22s} err={err:.1e}/{lerr:.1e} fwd f16 S4096/S16384: {' / '.join(cells)}")
+                    log(
+                        f"mosaic variant d={d} causal={causal} {name:22s} err={err:.1e}/{lerr:.1e} fwd f16 S4096/S16384: {' / '.join(cells)}"
+                    )
                 except Exception as e:  # noqa: BLE001
-                    log(f"mosaic variant d={d} causal={causal} {name} ERROR {type(e).__name__}: {str(e)[:200]}")
+                    log(
+                        f"mosaic variant d={d} causal={causal} {name} ERROR {type(e).__name__}: {str(e)[:200]}"
+                    )
 
 
 def print_table(rows, seqs):
@@ -395,9 +549,19 @@ def main():
         import subprocess
 
         try:
-            r = subprocess.run([sys.executable, __file__, "--cases", "mosaic"], timeout=120,
-                               capture_output=True, text=True)
-            print("\n".join(x for x in (r.stdout + r.stderr).splitlines() if x.startswith("[") or "Error" in x)[-6000:])
+            r = subprocess.run(
+                [sys.executable, __file__, "--cases", "mosaic"],
+                timeout=120,
+                capture_output=True,
+                text=True,
+            )
+            print(
+                "\n".join(
+                    x
+                    for x in (r.stdout + r.stderr).splitlines()
+                    if x.startswith("[") or "Error" in x
+                )[-6000:]
+            )
             MOSAIC_OK = r.returncode in (0, 2)
             RESULTS["mosaic_vmap_ok"] = r.returncode == 0
         except subprocess.TimeoutExpired as e:

@@ -23,7 +23,16 @@ from flashmux_pallas.ops import Blocks, Config, use_config  # noqa: E402
 CASES = [
     Case(),
     Case(seqlen_q=37, seqlen_k=37, causal=True),
-    Case(seqlen_q=20, seqlen_k=45, heads_q=4, heads_kv=2, head_dim=24, head_dim_v=16, causal=True, lse_grad=True),
+    Case(
+        seqlen_q=20,
+        seqlen_k=45,
+        heads_q=4,
+        heads_kv=2,
+        head_dim=24,
+        head_dim_v=16,
+        causal=True,
+        lse_grad=True,
+    ),
     Case(seqlen_q=45, seqlen_k=20, heads_q=4, heads_kv=1, causal=True),  # MQA, Sq > Sk: empty rows
     Case(seqlen_q=40, seqlen_k=40, window=(5, 3)),
     Case(seqlen_q=40, seqlen_k=29, window=(7, None), causal=True),
@@ -86,7 +95,9 @@ def test_fully_masked_rows_are_zero_not_nan():
         out, lse = flashmux.attention(q, k, v, causal=True, return_lse=True, backend="pallas")
         return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
 
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
+        q, k, v
+    )
     out, lse = np.asarray(out), np.asarray(lse)
     assert np.all(out[:, :20] == 0) and np.all(np.isneginf(lse[:, :, :20]))
     assert not any(np.isnan(np.asarray(g)).any() for g in grads)
@@ -123,7 +134,16 @@ def test_lowering_choice(monkeypatch):
     assert ops.lowering(x(256, 64), x(256, 64), x(256, 64), dense, False) == "triton"
     assert ops.lowering(x(256, 128), x(384, 128), x(384, 128), causal, False) == "triton"
     assert ops.lowering(x(200, 128), x(256, 128), x(256, 128), dense, False) == "triton"
-    assert ops.lowering(x(256, 128, jnp.float32), x(256, 128, jnp.float32), x(256, 128, jnp.float32), dense, False) == "triton"
+    assert (
+        ops.lowering(
+            x(256, 128, jnp.float32),
+            x(256, 128, jnp.float32),
+            x(256, 128, jnp.float32),
+            dense,
+            False,
+        )
+        == "triton"
+    )
     win = Params(scale=0.1, window_left=8, window_right=0, causal=True)
     assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), win, False) == "triton"
     assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, True) == "interpret"
@@ -134,3 +154,31 @@ def test_lowering_choice(monkeypatch):
     monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
     monkeypatch.setattr(ops, "MOSAIC_MODE", "auto")
     assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, False) == "triton"
+
+
+def test_inside_shard_map():
+    """Per-shard calls: the kernels' outputs carry the inputs' shard_map typing."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import flashmux
+
+    try:
+        from jax import shard_map
+    except ImportError:  # older jax
+        from jax.experimental.shard_map import shard_map
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("b",))
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 20, 2, 16)), jnp.float32) for _ in range(3))
+
+    def attn(q, k, v):
+        return flashmux.attention(q, k, v, causal=True, backend="pallas")
+
+    f = shard_map(attn, mesh=mesh, in_specs=(P("b"),) * 3, out_specs=P("b"))
+    out = jax.jit(f)(q, k, v)
+    ref = flashmux.attention(q, k, v, causal=True, backend="reference")
+    assert float(jnp.max(jnp.abs(out - ref))) < 1e-5
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))(q, k, v)
+    assert all(np.isfinite(np.asarray(x)).all() for x in g)

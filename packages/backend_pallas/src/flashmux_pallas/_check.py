@@ -154,7 +154,9 @@ def run_case(case: Case, seed: int = 0, backend: str = "pallas"):
     if case.dropout_p:
         from flashmux_pallas import backend as pallas_backend
 
-        keep = np.asarray(pallas_backend.dropout_keep_mask(seed_drop, case.dropout_p, nb, H, mq, mk))
+        keep = np.asarray(
+            pallas_backend.dropout_keep_mask(seed_drop, case.dropout_p, nb, H, mq, mk)
+        )
     kw = dict(
         causal=case.causal,
         window=case.window,
@@ -166,21 +168,35 @@ def run_case(case: Case, seed: int = 0, backend: str = "pallas"):
     )
     if cu_q is not None:
         kw.update(
-            cu_seqlens_q=jnp.asarray(cu_q), cu_seqlens_k=jnp.asarray(cu_k),
-            max_seqlen_q=mq, max_seqlen_k=mk,
+            cu_seqlens_q=jnp.asarray(cu_q),
+            cu_seqlens_k=jnp.asarray(cu_k),
+            max_seqlen_q=mq,
+            max_seqlen_k=mk,
         )
 
     def fn(q, k, v):
         return flashmux.attention(q, k, v, **kw)
 
     ro, rl = reference_forward(
-        q64, k64, v64, causal=case.causal, window=case.window, softcap=case.softcap,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, dropout_p=case.dropout_p, keep_mask=keep,
+        q64,
+        k64,
+        v64,
+        causal=case.causal,
+        window=case.window,
+        softcap=case.softcap,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        dropout_p=case.dropout_p,
+        keep_mask=keep,
     )
-    do64 = np.asarray(jnp.asarray(rng.standard_normal(ro.shape)).astype(dt).astype(jnp.float32), np.float64)
+    do64 = np.asarray(
+        jnp.asarray(rng.standard_normal(ro.shape)).astype(dt).astype(jnp.float32), np.float64
+    )
     dlse64 = rng.standard_normal(rl.shape) if case.lse_grad else None
     do = jnp.asarray(do64).astype(dt)
-    dlse = None if dlse64 is None else jnp.asarray(np.where(np.isfinite(rl), dlse64, 0.0), jnp.float32)
+    dlse = (
+        None if dlse64 is None else jnp.asarray(np.where(np.isfinite(rl), dlse64, 0.0), jnp.float32)
+    )
     if dlse is not None:
         dlse64 = np.asarray(dlse, np.float64)
 
@@ -198,14 +214,21 @@ def run_case(case: Case, seed: int = 0, backend: str = "pallas"):
         res = fwd_bwd(q, k, v, do, dlse)
     res = [np.asarray(jnp.asarray(r).astype(jnp.float32), np.float64) for r in res]
     rq, rk, rv = reference_backward(
-        do64, q64, k64, v64, causal=case.causal, window=case.window, softcap=case.softcap,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, dropout_p=case.dropout_p, keep_mask=keep,
+        do64,
+        q64,
+        k64,
+        v64,
+        causal=case.causal,
+        window=case.window,
+        softcap=case.softcap,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        dropout_p=case.dropout_p,
+        keep_mask=keep,
         dlse=dlse64,
     )
     refs = [ro, rl, rq, rk, rv]
-    pl_ = plain(
-        case, q, k, v, cu_q, cu_k, None if keep is None else jnp.asarray(keep), do, dlse
-    )
+    pl_ = plain(case, q, k, v, cu_q, cu_k, None if keep is None else jnp.asarray(keep), do, dlse)
     names = ["out", "lse", "dq", "dk", "dv"]
     report = {}
     for n, r, ref, p in zip(names, res, refs, pl_):

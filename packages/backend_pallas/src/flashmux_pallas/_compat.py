@@ -22,7 +22,7 @@ def block_spec(block_shape, index_map):
 def triton_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as plt
 
-    cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
+    cls = getattr(plt, "CompilerParams", None) or plt.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -30,3 +30,21 @@ def jax_version() -> tuple[int, ...]:
     import jax
 
     return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def out_struct(shape, dtype, like):
+    """jax.ShapeDtypeStruct for a kernel output, carrying `like`'s manual-axis (shard_map)
+    typing so that pallas_call runs inside shard_map with check_vma=True."""
+    import jax
+
+    mat = None
+    try:
+        mat = getattr(jax.typeof(like), "manual_axis_type", None)
+    except Exception:
+        pass
+    if mat is None:
+        return jax.ShapeDtypeStruct(tuple(shape), dtype)
+    try:
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, manual_axis_type=mat)
+    except TypeError:  # a jax without the keyword
+        return jax.ShapeDtypeStruct(tuple(shape), dtype)

@@ -68,7 +68,6 @@ def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
 
 def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32."""
-    import jax
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -87,7 +86,9 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
     fma, early = cfg.fma_softmax, cfg.early_k_wait
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-        (qo_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), sched = scoped
+        (qo_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), sched = (
+            scoped
+        )
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         tile = lax.axis_index("tiles")
@@ -180,7 +181,9 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
             carry = (acc, m, l_)
             carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
             if causal:
-                carry = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
+                carry = lax.fori_loop(
+                    full_steps, steps, functools.partial(step, masked=True), carry
+                )
 
                 def drain(i, _):  # release the slots streamed for the other consumer's rows
                     slot = lax.rem(i, jnp.int32(stages))
@@ -247,10 +250,9 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
             collective_axes="wg",
         )
 
-    out_type = (
-        jax.ShapeDtypeStruct((B, Sq, Hq, D), dtype),
-        jax.ShapeDtypeStruct((B, Hq, Sq), jnp.float32),
-    )
+    from ._compat import out_struct
+
+    out_type = (out_struct((B, Sq, Hq, D), dtype, q), out_struct((B, Hq, Sq), jnp.float32, q))
     return plgpu.kernel(
         entry,
         out_type=out_type,

@@ -44,12 +44,14 @@ for _d, _cfg in {
     256: _C(_B(64, 32, 4, 2), _B(32, 32, 4, 2), _B(32, 32, 4, 2)),
 }.items():
     GPU_CONFIGS[(_d, False)] = GPU_CONFIGS[(_d, True)] = _cfg
-GPU_CONFIGS.update({
-    (64, False): _C(_B(128, 64, 4, 4), _B(32, 128, 4, 5), _B(128, 64, 8, 3)),
-    (64, True): _C(_B(128, 64, 4, 4), _B(64, 64, 4, 3), _B(64, 64, 4, 3)),
-    (128, False): _C(_B(64, 64, 4, 3), _B(32, 128, 8, 3), _B(128, 32, 8, 3)),
-    (128, True): _C(_B(128, 64, 8, 3), _B(64, 128, 8, 2), _B(128, 32, 4, 3)),
-})
+GPU_CONFIGS.update(
+    {
+        (64, False): _C(_B(128, 64, 4, 4), _B(32, 128, 4, 5), _B(128, 64, 8, 3)),
+        (64, True): _C(_B(128, 64, 4, 4), _B(64, 64, 4, 3), _B(64, 64, 4, 3)),
+        (128, False): _C(_B(64, 64, 4, 3), _B(32, 128, 8, 3), _B(128, 32, 8, 3)),
+        (128, True): _C(_B(128, 64, 8, 3), _B(64, 128, 8, 2), _B(128, 32, 4, 3)),
+    }
+)
 # Interpret mode (CPU): small blocks keep the emulation cheap and exercise multi-block loops.
 INTERPRET_CONFIG = Config(Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1))
 

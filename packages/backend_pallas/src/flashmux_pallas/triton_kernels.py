@@ -20,7 +20,7 @@ import functools
 from dataclasses import dataclass
 
 from . import dropout as _dropout
-from ._compat import block_spec, pallas, triton_params
+from ._compat import block_spec, out_struct, pallas, triton_params
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -235,7 +235,11 @@ def _fwd_kernel(*refs, st: Static):
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
         lq_ref = lk_ref = None
     bm, bn = st.block_m, st.block_n
-    qi, h, b = _q_block(pl.program_id(0), pl.num_programs(0), st), pl.program_id(1), pl.program_id(2)
+    qi, h, b = (
+        _q_block(pl.program_id(0), pl.num_programs(0), st),
+        pl.program_id(1),
+        pl.program_id(2),
+    )
     sq, sk = _seqlens(st, lq_ref, lk_ref)
     off = sk - sq
     r0 = qi * bm
@@ -279,7 +283,6 @@ def _fwd_kernel(*refs, st: Static):
 
 def forward_call(q, k, v, lens_q, lens_k, st: Static):
     """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)."""
-    import jax
     import jax.numpy as jnp
 
     pl = pallas()
@@ -301,8 +304,8 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
         block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, Sqp, Hq, Dvp), q.dtype),
-        jax.ShapeDtypeStruct((B, Hq, Sqp), jnp.float32),
+        out_struct((B, Sqp, Hq, Dvp), q.dtype, q),
+        out_struct((B, Hq, Sqp), jnp.float32, q),
     ]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
@@ -383,7 +386,6 @@ def _dkdv_kernel(*refs, st: Static):
 
 
 def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
-    import jax
 
     pl = pallas()
     B, Sqp, Hq, Dp = q.shape
@@ -405,7 +407,7 @@ def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
         block_spec((None, bn, None, Dp), lambda j, h, b: (b, j, h, 0)),
         block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
     ]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    out_shape = [out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)]
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(Skp // bn, Hkv, B),
@@ -431,7 +433,11 @@ def _dq_kernel(*refs, st: Static):
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref) = refs
         lq_ref = lk_ref = None
     bm, bn = st.block_m, st.block_n
-    qi, h, b = _q_block(pl.program_id(0), pl.num_programs(0), st), pl.program_id(1), pl.program_id(2)
+    qi, h, b = (
+        _q_block(pl.program_id(0), pl.num_programs(0), st),
+        pl.program_id(1),
+        pl.program_id(2),
+    )
     sq, sk = _seqlens(st, lq_ref, lk_ref)
     off = sk - sq
     r0 = qi * bm
@@ -466,7 +472,6 @@ def _dq_kernel(*refs, st: Static):
 
 
 def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
-    import jax
 
     pl = pallas()
     B, Sqp, Hq, Dp = q.shape
@@ -490,7 +495,7 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
         grid=(Sqp // bm, Hq, B),
         in_specs=in_specs,
         out_specs=block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, q),
         compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
         name="flashmux_bwd_dq",
