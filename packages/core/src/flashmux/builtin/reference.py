@@ -141,14 +141,15 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
     q_in, k_in, v_in = q, k, v
     ops, q, k, v, qf, kf, vf, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
     if cu_q is not None:
-        do, out, lse = do[None], out[None], lse[None]
+        do, lse = do[None], lse[None]
         dlse = None if dlse is None else dlse[None]
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
     dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
-    delta = ops.einsum("bqhgd,bqhgd->bhgq", dof, ops.f32(out).reshape(b, sq, hkv, g, vf.shape[-1]))
+    # delta = rowsum(dO * O) is taken from O recomputed in float32 chunk by chunk below, not
+    # from the stored low-precision out: its rounding would otherwise dominate small gradients.
+    del out
+    dlse = None if dlse is None else ops.f32(dlse).reshape(b, hkv, g, sq)
     lse = ops.f32(lse).reshape(b, hkv, g, sq)
-    if dlse is not None:
-        delta = delta - ops.f32(dlse).reshape(b, hkv, g, sq)
     lse = ops.where(ops.m.isfinite(lse), lse, 0.0)
     dk = ops.zeros(kf.shape, kf)
     dv = ops.zeros(vf.shape, vf)
@@ -169,7 +170,10 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
             pd = ops.where(keep, pr / (1.0 - p.dropout_p), 0.0)
             dp = ops.where(keep, dp / (1.0 - p.dropout_p), 0.0)
         dv = dv + ops.einsum("bhgqk,bqhgd->bkhd", pd, doc)
-        ds = pr * (dp - delta[..., r0:r1, None])
+        delta = ops.einsum("bqhgd,bqhgd->bhgq", doc, ops.einsum("bhgqk,bkhd->bqhgd", pd, vf))
+        if dlse is not None:
+            delta = delta - dlse[..., r0:r1]
+        ds = pr * (dp - delta[..., None])
         if t is not None:
             ds = ds * (1.0 - t * t)
         dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kf).reshape(b, r1 - r0, hq, kf.shape[-1]) * p.scale)
