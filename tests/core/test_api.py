@@ -133,3 +133,21 @@ def test_deterministic_flag_reaches_backend():
     q, k, v = (make("numpy", (1, 9, 2, 8)) for _ in range(3))
     ex = flashmux.explain(q, k, v, deterministic=True)
     assert ex.spec.deterministic
+
+
+def test_torch_compile_as_the_first_call():
+    """A fresh process whose first flashmux call is compiled with fullgraph=True."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, flashmux\n"
+        "q, k, v = (torch.randn(1, 17, 2, 8, requires_grad=True) for _ in range(3))\n"
+        "f = torch.compile(lambda q, k, v: flashmux.attention(q, k, v, causal=True), fullgraph=True)\n"
+        "out = f(q, k, v); out.sum().backward()\n"
+        "torch.testing.assert_close(out, flashmux.attention(q, k, v, causal=True))\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

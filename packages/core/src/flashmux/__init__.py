@@ -7,7 +7,9 @@ Triton, Pallas, or the framework-native reference). `flashmux.explain(q, k, v, .
 and why. Importing flashmux imports no framework: torch and JAX are loaded when their arrays arrive.
 """
 
-from . import reference
+import sys
+
+from . import dispatch, reference
 from .api import Explanation, attention, explain
 from .backend import Backend, Capabilities
 from .dispatch import NoBackendError, register, use_backend
@@ -18,10 +20,16 @@ __version__ = "0.1.0"
 
 def backends():
     """Every discovered backend object (name, capabilities, availability())."""
-    from . import dispatch
-
     return list(dispatch.registry().values())
 
+
+# Discover backends and read the priority table now (a few ms, no framework imported):
+# torch.compile cannot trace importlib, so a model compiled with fullgraph=True must find them ready.
+dispatch.registry()
+dispatch.priority_table()
+if "torch" in sys.modules:
+    # torch is already loaded: register the custom ops now, outside any torch.compile trace.
+    from . import _torch  # noqa: F401
 
 __all__ = [
     "Backend",

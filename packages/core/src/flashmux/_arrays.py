@@ -42,6 +42,13 @@ def dtype_name(x) -> str:
     return _DTYPE_NAMES.get(s, s)
 
 
+def torch_compiling() -> bool:
+    """Inside a torch.compile trace: caches must not be written (dynamo can't replay stores
+    of our frozen dataclasses into module-level dicts)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def is_traced(x) -> bool:
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(x, jax.core.Tracer)
@@ -72,7 +79,10 @@ def device_of(x, kind: str) -> DeviceInfo:
 
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
             props = torch.cuda.get_device_properties(idx)
-            _device_cache[key] = DeviceInfo("cuda", idx, props.name, (props.major, props.minor))
+            info = DeviceInfo("cuda", idx, props.name, (props.major, props.minor))
+            if torch.compiler.is_compiling():
+                return info
+            _device_cache[key] = info
         return _device_cache[key]
     # jax
     try:

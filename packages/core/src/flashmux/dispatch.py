@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 
+from ._arrays import torch_compiling
 from .backend import Backend, capability_reasons
 from .spec import ProblemSpec
 
@@ -238,7 +239,8 @@ def select(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Backend:
     candidates = [reg[n] for n in forced] if forced else ordered(spec)
     for b in candidates:
         if not reasons(b, spec):
-            _decisions[key] = b
+            if not torch_compiling():
+                _decisions[key] = b
             return b
     d = decide(spec, forced)
     raise NoBackendError(_no_backend_message(d))
