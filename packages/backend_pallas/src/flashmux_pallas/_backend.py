@@ -1,0 +1,95 @@
+"""The backend object: capabilities, availability, info and the kernel entry points."""
+
+from __future__ import annotations
+
+from flashmux.backend import Backend, Capabilities
+
+
+class PallasBackend(Backend):
+    def availability(self):
+        try:
+            import jax  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            return [f"package jax not installed ({type(e).__name__})"]
+        try:
+            from jax.experimental import pallas  # noqa: F401
+        except Exception as e:  # pragma: no cover
+            return [f"jax.experimental.pallas not importable: {e}"]
+        return []
+
+    def reasons(self, spec):
+        out = []
+        if spec.device_type == "cuda":
+            try:
+                from jax.experimental.pallas import triton  # noqa: F401
+            except Exception as e:  # pragma: no cover
+                out.append(f"Pallas Triton lowering not importable: {e}")
+        return out
+
+    def info(self):
+        facts = {
+            "lowering": {
+                "cpu": "interpret",
+                "cuda": "triton (forward and backward, sm80+)",
+                "cuda sm90": "mosaic_gpu forward for dense fp16/bf16, D 64/128, no window "
+                "(causal with Sq == Sk), block-multiple lengths; triton otherwise and for backward",
+            }
+        }
+        try:
+            import jax
+
+            from . import mosaic_kernels, ops
+
+            facts["jax"] = jax.__version__
+            facts["default_backend"] = jax.default_backend()
+            facts["mosaic_mode"] = ops.MOSAIC_MODE
+            facts["mosaic_gpu_available"] = mosaic_kernels.available()
+        except Exception:  # pragma: no cover
+            pass
+        return facts
+
+    def lowering(self, q, k, v, params):
+        """The lowering a forward on these arrays takes (for explain and tests)."""
+        from . import ops
+
+        return ops.lowering(q, k, v, params, ops.on_cpu(q))
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+        from . import ops
+
+        return ops.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+        from . import ops
+
+        return ops.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+
+    def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like=None):
+        """Bool (batch, heads, seqlen_q, seqlen_k): the mask the kernels draw for this seed."""
+        import jax
+
+        from . import dropout
+
+        m = dropout.keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k)
+        if like is not None:
+            try:
+                m = jax.device_put(m, list(like.devices())[0])
+            except Exception:  # a tracer or an array without devices: leave it where it is
+                pass
+        return m
+
+
+def make_backend() -> PallasBackend:
+    return PallasBackend(
+        name="pallas",
+        description="JAX Pallas kernels (Triton lowering on NVIDIA sm80+, interpret mode on CPU)",
+        capabilities=Capabilities(
+            array_kinds=frozenset({"jax"}),
+            devices=frozenset({"cuda", "cpu"}),
+            dtypes=frozenset({"float16", "bfloat16", "float32"}),
+            max_head_dim=256,
+            min_compute_capability=(8, 0),
+            runs_under_jit=True,
+            priority=50,
+        ),
+    )
