@@ -116,11 +116,19 @@ __device__ __forceinline__ void load_tile_async(SmemTensor &s, const Element *g,
     const Element *g0 = g + (int64_t)r0 * rs + c;
     const int64_t gstep = (int64_t)kRowsPerIter * rs;
     const bool col_ok = c < cols_valid;
+    if (rows_valid >= ROWS && cols_valid >= D) {  // interior tile: no predicates
 #pragma unroll
-    for (int it = 0; it < kTotal / NTHREADS; ++it) {
-      const int soff = s.layout()(it * kRowsPerIter, 0) - s.layout()(0, 0);
-      const bool pred = col_ok && r0 + it * kRowsPerIter < rows_valid;
-      cp_async_16(s0 + soff, pred ? g0 + it * gstep : g, pred);
+      for (int it = 0; it < kTotal / NTHREADS; ++it) {
+        const int soff = s.layout()(it * kRowsPerIter, 0) - s.layout()(0, 0);
+        cp_async_16(s0 + soff, g0 + it * gstep, true);
+      }
+    } else {
+#pragma unroll
+      for (int it = 0; it < kTotal / NTHREADS; ++it) {
+        const int soff = s.layout()(it * kRowsPerIter, 0) - s.layout()(0, 0);
+        const bool pred = col_ok && r0 + it * kRowsPerIter < rows_valid;
+        cp_async_16(s0 + soff, pred ? g0 + it * gstep : g, pred);
+      }
     }
   } else {
 #pragma unroll

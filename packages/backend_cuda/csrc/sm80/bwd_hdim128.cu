@@ -21,7 +21,7 @@
 #define FMX_BWD128_DQ 2
 #endif
 #ifndef FMX_BWD128_DB
-#define FMX_BWD128_DB true
+#define FMX_BWD128_DB false
 #endif
 
 namespace fmx {

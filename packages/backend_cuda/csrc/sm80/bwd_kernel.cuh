@@ -103,14 +103,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
 
   // Key blocks start their walk over query blocks at different places so that concurrently
   // running CTAs add into different dQ rows (deterministic mode keeps the plain order).
+  // A step is (head of the group, query block); both advance incrementally (no divisions).
   const int rot = p.deterministic ? 0 : n_block % nm;
-  auto step_m = [&](int step) {
-    int mi = step % nm + rot;
+  struct Cursor {
+    int h, mi;  // head, query-block index in [0, nm) before rotation
+  };
+  auto next = [&](Cursor c) {
+    if (++c.mi == nm) { c.mi = 0; ++c.h; }
+    return c;
+  };
+  auto m_of = [&](Cursor c) {
+    int mi = c.mi + rot;
     return m_min + (mi >= nm ? mi - nm : mi);
   };
-  auto load_q_do = [&](int step, int buf) {
-    const int h = hk * p.group + step / nm;
-    const int m0 = step_m(step) * BM;
+  auto load_q_do = [&](Cursor cur, int buf) {
+    const int h = cur.h;
+    const int m0 = m_of(cur) * BM;
     Tensor sQb = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQ{});
     Tensor sdOb = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQ{});
     load_tile_async<BM, D, NT>(sQb, q_base + (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs, p.q_rs,
@@ -134,7 +142,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
 
   load_tile_async<BN, D, NT>(sK, k_ptr, p.k_rs, rows_k, p.d, tid);
   load_tile_async<BN, D, NT>(sV, v_ptr, p.v_rs, rows_k, p.d, tid);
-  load_q_do(0, 0);
+  Cursor cur{hk * p.group, 0};
+  load_q_do(cur, 0);
   cp_async_commit();
 
   // S = Q K^T and dP = dO V^T.
@@ -201,13 +210,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   const float sl2 = p.score_log2, inv_cap = capped ? 1.f / p.softcap : 0.f;
   const int64_t dq_rs = (int64_t)p.hq * p.d;
 
-  for (int step = 0; step < num_steps; ++step) {
-    const int h = hk * p.group + step / nm;
-    const int m = step_m(step);
+  for (int step = 0; step < num_steps; ++step, cur = next(cur)) {
+    const int h = cur.h;
+    const int m = m_of(cur);
     const int m0 = m * BM;
     const int buf = QB == 2 ? (step & 1) : 0;
     if (QB == 2 && step + 1 < num_steps) {
-      load_q_do(step + 1, buf ^ 1);
+      load_q_do(next(cur), buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -238,25 +247,34 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
         for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
       }
       if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(S); ++r) {
-        const int row = get<0>(cSrc(r, 0));
-        float l = s_lse[buf * BM + row];
-        const float ds = s_dsum[buf * BM + row];
-        // Rows past the end and fully masked rows (lse = -inf) get P = 0.
-        l = (m0 + row >= si.sq || l == -INFINITY) ? INFINITY : l * 1.4426950408889634f;
+      // Two copies of the loop so that the softcap derivative costs nothing when it is off.
+      auto pointwise = [&](auto capped_c) {
+        constexpr bool kCapped = decltype(capped_c)::value;
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) {
-          const float x = S(r, c);
-          const float pr = fast_exp2(fmaf(x, sl2, -l));
-          float g = pr * (dP(r, c) - ds);
-          if (capped) {
-            const float t = fminf(fabsf(x * inv_cap), 1.f);
-            g *= 1.f - t * t;
+        for (int r = 0; r < size<0>(S); ++r) {
+          const int row = get<0>(cSrc(r, 0));
+          float l = s_lse[buf * BM + row];
+          const float ds = s_dsum[buf * BM + row];
+          // Rows past the end and fully masked rows (lse = -inf) get P = 0.
+          l = (m0 + row >= si.sq || l == -INFINITY) ? INFINITY : l * 1.4426950408889634f;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) {
+            const float x = S(r, c);
+            const float pr = fast_exp2(fmaf(x, sl2, -l));
+            float g = pr * (dP(r, c) - ds);
+            if constexpr (kCapped) {
+              const float t = fminf(fabsf(x * inv_cap), 1.f);
+              g *= 1.f - t * t;
+            }
+            S(r, c) = pr;
+            dP(r, c) = g;
           }
-          S(r, c) = pr;
-          dP(r, c) = g;
         }
+      };
+      if (capped) {
+        pointwise(cute::true_type{});
+      } else {
+        pointwise(cute::false_type{});
       }
     }
     store_smem_pairs<Element>(acc_s, cS, sP);
@@ -285,28 +303,37 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     }
     {
       // One row pointer per fragment row; columns are static offsets (pairs -> float2 atomics).
+      // Full tiles take a branch-free path.
       Tensor dQrc = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
       Tensor cdQrc = make_tensor(cdQ.data(), rowcol_layout(cdQ.layout()));
       const int rows_q = si.sq - m0;
       const int c0 = get<1>(cdQrc(0, 0));
-      const bool full = rows_q >= BM && p.d == D;
       float *dq_thr = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d + c0;
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(dQrc); ++r) {
-        const int row = get<0>(cdQrc(r, 0));
-        float *rp = dq_thr + (int64_t)row * dq_rs;
-        if (full || row < rows_q) {
+      auto add_pair = [&](float *ptr, float a, float b2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2 *>(ptr), make_float2(a, b2));
+#else
+        atomicAdd(ptr, a);
+        atomicAdd(ptr + 1, b2);
+#endif
+      };
+      if (rows_q >= BM && p.d == D) {
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(dQrc); ++r) {
+          float *rp = dq_thr + (int64_t)get<0>(cdQrc(r, 0)) * dq_rs;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(dQrc); c += 2)
+            add_pair(rp + (get<1>(cdQrc(r, c)) - c0), dQrc(r, c), dQrc(r, c + 1));
+        }
+      } else {
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(dQrc); ++r) {
+          const int row = get<0>(cdQrc(r, 0));
+          float *rp = dq_thr + (int64_t)row * dq_rs;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2) {
             const int dc = get<1>(cdQrc(r, c)) - c0;
-            if (full || c0 + dc < p.d) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2 *>(rp + dc), make_float2(dQrc(r, c), dQrc(r, c + 1)));
-#else
-              atomicAdd(rp + dc, dQrc(r, c));
-              atomicAdd(rp + dc + 1, dQrc(r, c + 1));
-#endif
-            }
+            if (row < rows_q && c0 + dc < p.d) add_pair(rp + dc, dQrc(r, c), dQrc(r, c + 1));
           }
         }
       }
@@ -318,7 +345,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     }
     __syncthreads();  // all reads of Q/dO[buf], P and dS are done
     if (QB == 1 && step + 1 < num_steps) {
-      load_q_do(step + 1, 0);
+      load_q_do(next(cur), 0);
       cp_async_commit();
     }
   }

@@ -7,7 +7,7 @@
 #define FMX_FWD128_BM 128
 #endif
 #ifndef FMX_FWD128_BN
-#define FMX_FWD128_BN 64
+#define FMX_FWD128_BN 32
 #endif
 #ifndef FMX_FWD128_WARPS
 #define FMX_FWD128_WARPS 4

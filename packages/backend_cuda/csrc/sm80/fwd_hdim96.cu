@@ -7,7 +7,7 @@
 #define FMX_FWD96_BM 128
 #endif
 #ifndef FMX_FWD96_BN
-#define FMX_FWD96_BN 64
+#define FMX_FWD96_BN 32
 #endif
 #ifndef FMX_FWD96_WARPS
 #define FMX_FWD96_WARPS 4

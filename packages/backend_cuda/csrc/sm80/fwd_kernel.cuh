@@ -96,7 +96,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2;
 
-  for (; n >= n_min; --n) {
+  // One loop iteration; instantiated with and without the mask so that interior tiles run no
+  // mask code at all (the compiler would otherwise predicate it rather than branch over it).
+  auto iteration = [&](const int n, auto mask_c) {
+    constexpr bool kMask = decltype(mask_c)::value;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
     cp_async_wait<0>();
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
     }
     const int n0 = n * BN;
-    if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
+    if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n0);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; everyone is done reading K[n]
@@ -125,20 +128,28 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     // Online softmax (base 2, scale folded into one FFMA).
     CUTE_UNROLL
     for (int r = 0; r < NR; ++r) {
-      float mx = row_max[r];
+      // Two interleaved partial reductions halve the dependent max / sum chains.
+      float mx0 = row_max[r], mx1 = -INFINITY;
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-      mx = quad_max(mx);
+      for (int c = 0; c < size<1>(S); c += 2) {
+        mx0 = fmaxf(mx0, S(r, c));
+        mx1 = fmaxf(mx1, S(r, c + 1));
+      }
+      const float mx = quad_max(fmaxf(mx0, mx1));
       const float ms = mx == -INFINITY ? 0.f : mx * sl2;
       const float corr = fast_exp2(row_max[r] * sl2 - ms);
       row_max[r] = mx;
-      float sum = row_sum[r] * corr;
+      float sum0 = row_sum[r] * corr, sum1 = 0.f;
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(S); ++c) {
-        float e = fast_exp2(fmaf(S(r, c), sl2, -ms));
-        S(r, c) = e;
-        sum += e;
+      for (int c = 0; c < size<1>(S); c += 2) {
+        const float e0 = fast_exp2(fmaf(S(r, c), sl2, -ms));
+        const float e1 = fast_exp2(fmaf(S(r, c + 1), sl2, -ms));
+        S(r, c) = e0;
+        S(r, c + 1) = e1;
+        sum0 += e0;
+        sum1 += e1;
       }
+      const float sum = sum0 + sum1;
       row_sum[r] = sum;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= corr;
@@ -147,6 +158,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     Tensor rP = to_element<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
     gemm_rs(mma, acc_o, tOrP, tOrVt, tOsVt, cpV, tOrVtv);
+  };
+
+  for (; n >= n_min; --n) {
+    if (tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
+      iteration(n, cute::true_type{});
+    } else {
+      iteration(n, cute::false_type{});
+    }
   }
 
   // Epilogue: normalize, write O and lse.
