@@ -192,3 +192,25 @@ def test_entry_points_registered():
 
     names = {ep.name for ep in metadata.entry_points(group="flashmux.backends")}
     assert "reference" in names
+
+
+@pytest.mark.parametrize("pkg", ["flashmux_triton", "flashmux_cuda", "flashmux_pallas"])
+def test_backend_imported_before_flashmux(pkg):
+    """Importing a backend package first imports flashmux from inside it: discovery then sees the
+    backend half-initialised and must load it again once it is complete."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(pkg) is None:
+        pytest.skip(f"{pkg} not installed")
+    name = pkg.removeprefix("flashmux_")
+    code = (
+        f"import {pkg}, flashmux\n"
+        "from flashmux import dispatch\n"
+        f"b = dispatch.registry()['{name}']\n"
+        "assert not isinstance(b, dispatch._Broken), dispatch.availability(b)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

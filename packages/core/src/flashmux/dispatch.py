@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata, resources
@@ -40,6 +41,9 @@ class _Broken(Backend):
 
 
 _backends: dict[str, Backend] | None = None
+# Entry points whose module was still being imported when discovery ran (a backend package
+# imported before flashmux imports flashmux itself): loaded again on the next registry() call.
+_pending: dict[str, metadata.EntryPoint] = {}
 _availability: dict[str, list[str]] = {}
 _decisions: dict[tuple, Backend] = {}
 _priority_table: dict | None = None
@@ -56,6 +60,8 @@ def _discover() -> dict[str, Backend]:
             obj = ep.load()
             found[obj.name] = obj
         except Exception as e:  # a broken plugin must not break import or dispatch
+            if _partially_imported(ep):
+                _pending[ep.name] = ep
             found[ep.name] = _Broken(ep.name, f"{type(e).__name__}: {e}")
     if "reference" not in found:
         from .builtin.reference import backend as ref
@@ -64,10 +70,29 @@ def _discover() -> dict[str, Backend]:
     return found
 
 
+def _partially_imported(ep) -> bool:
+    mod = sys.modules.get(ep.value.split(":")[0])
+    spec = getattr(mod, "__spec__", None)
+    return mod is not None and getattr(spec, "_initializing", False)
+
+
 def registry() -> dict[str, Backend]:
     global _backends
     if _backends is None:
         _backends = _discover()
+    if _pending:
+        for name, ep in list(_pending.items()):
+            if _partially_imported(ep):
+                continue
+            del _pending[name]
+            try:
+                obj = ep.load()
+            except Exception:
+                continue  # stays reported as broken
+            _backends.pop(name, None)
+            _backends[obj.name] = obj
+            _availability.pop(obj.name, None)
+            _decisions.clear()
     return _backends
 
 
@@ -264,6 +289,7 @@ def clear_caches() -> None:
     """Forget discovered backends, availability and decisions (after installing a backend)."""
     global _backends, _priority_table
     _backends = None
+    _pending.clear()
     _priority_table = None
     _availability.clear()
     _decisions.clear()
