@@ -5,15 +5,8 @@
 set -u
 T0=$(date +%s)
 TOTAL_S=${TOTAL_S:-580}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/flashmux-gpu}; mkdir -p "$OUT"
+source scripts/gpu_setup.sh
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
-if [ -d .carry ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/*.whl .carry/nox/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/backend_cuda \
-  -e packages/backend_triton -e packages/backend_pallas 2>&1 | grep -v -i warning
 python3 -m flashmux info > "$OUT/info.txt" 2>&1
 (FLASHMUX_CUDA_ARCHS=90 python3 -m flashmux_cuda build --jax > /tmp/cuda_build.log 2>&1; echo "rc=$?" >> /tmp/cuda_build.log) &
 BUILD=$!

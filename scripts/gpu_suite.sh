@@ -9,15 +9,7 @@
 # triton and JAX, builds the CUDA library, then runs `nox --no-venv -s "conformance(backend=...)"`
 # per backend. Logs go to $OUT (or /tmp/flashmux-gpu).
 set -u
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/flashmux-gpu}
-mkdir -p "$OUT"
-if [ -d .carry ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/*.whl .carry/nox/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e packages/core -e packages/backend_cuda \
-  -e packages/backend_triton -e packages/backend_pallas 2>&1 | grep -v -i warning
+source scripts/gpu_setup.sh
 python3 -m flashmux info > "$OUT/info.txt" 2>&1
 if [[ " ${BACKENDS:-cuda} " == *" cuda "* ]]; then
   t0=$(date +%s)
