@@ -28,6 +28,8 @@ PYTHON = os.environ.get("FLASHMUX_NOX_PYTHON", "3.11")
 TORCH = "torch==2.13.0"
 FRAMEWORKS = [TORCH, "jax[cpu]", "triton"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6", "pytest-timeout"]
+# what flashmux-cuda builds with (installed here because packages install without dependencies)
+CUDA_BUILD_DEPS = ["nvidia-cutlass==4.2.0.0", "ninja", "filelock"]
 PACKAGES = {
     "core": "packages/core",
     "cuda": "packages/backend_cuda",
@@ -68,21 +70,22 @@ def _pytest(session: nox.Session, *args: str, env=None) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Core, the reference backend for NumPy/torch/JAX, and each backend's CPU-capable tests."""
-    _install(session, *FRAMEWORKS, *TEST_DEPS, "matplotlib", "filelock", "ninja")
+    _install(session, *FRAMEWORKS, *TEST_DEPS, *CUDA_BUILD_DEPS, "matplotlib")
     session.run("python", "-c", "import flashmux, sys; print('import ok:', flashmux.__version__)")
     # core + reference conformance (all array kinds)
     _pytest(session, "tests/core", "tests/conformance", "-q", "-p", "no:cacheprovider",
             env={"FLASHMUX_TEST_BACKEND": "reference"})
     # backend tests that run on a CPU: Triton's interpreter, Pallas' interpret mode, CUDA builds
-    _pytest(session, "tests/backends", "-q", "-p", "no:cacheprovider",
-            env={"TRITON_INTERPRET": "1"})
+    # (the CUDA build test compiles every kernel for sm_80 and sm_90 with the machine's nvcc)
+    _pytest(session, "tests/backends", "-q", "-p", "no:cacheprovider", "-rs",
+            env={"TRITON_INTERPRET": "1", "FLASHMUX_CUDA_JOBS": "2"})
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize("backend", BACKENDS)
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite for one backend (interpreters on a CPU, kernels on a GPU)."""
-    _install(session, *FRAMEWORKS, *TEST_DEPS, "filelock", "ninja")
+    _install(session, *FRAMEWORKS, *TEST_DEPS, *CUDA_BUILD_DEPS)
     env = {"FLASHMUX_TEST_BACKEND": backend}
     if backend == "triton" and not _has_gpu(session):
         env["TRITON_INTERPRET"] = "1"
@@ -106,7 +109,7 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """The benchmark harness: `nox -s bench -- --sweep papers` (see docs/benchmarks.md)."""
-    _install(session, *FRAMEWORKS, "matplotlib", "tqdm", "filelock", "ninja")
+    _install(session, *FRAMEWORKS, *CUDA_BUILD_DEPS, "matplotlib", "tqdm")
     session.run("python", "-m", "flashmux", "bench", *(session.posargs or ["--quick"]))
 
 
