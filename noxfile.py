@@ -102,7 +102,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The main job: dispatch, explain, check and time one realistic attention call."""
-    _install(session, TORCH, "jax[cpu]", packages=("core",))
+    _install(session, TORCH, "jax[cpu]")  # every flashmux package: explain() shows them all
     session.run("python", "-m", "flashmux", "demo", *session.posargs)
 
 
