@@ -45,6 +45,11 @@ class NumpyOps:
     def concat(self, xs, axis):
         return np.concatenate(xs, axis=axis)
 
+    def add_rows(self, acc, lo, hi, x):
+        """acc[:, lo:hi] += x (in place where the framework allows)."""
+        acc[:, lo:hi] += x
+        return acc
+
     def where(self, c, a, b):
         return np.where(c, a, b)
 
@@ -88,6 +93,10 @@ class TorchOps:
 
     def concat(self, xs, axis):
         return self.torch.cat(xs, dim=axis)
+
+    def add_rows(self, acc, lo, hi, x):
+        acc[:, lo:hi] += x
+        return acc
 
     def where(self, c, a, b):
         t = self.torch
@@ -140,6 +149,9 @@ class JaxOps:
 
     def concat(self, xs, axis):
         return self.m.concatenate(xs, axis=axis)
+
+    def add_rows(self, acc, lo, hi, x):
+        return acc.at[:, lo:hi].add(x)
 
     def where(self, c, a, b):
         return self.m.where(c, a, b)

@@ -19,9 +19,16 @@ from ..spec import Params
 SCORE_BUDGET = 1 << 25  # float32 elements per score buffer (128 MiB)
 
 
-def chunk_rows(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> int:
+def chunk_rows(batch: int, heads: int, seqlen_q: int, seqlen_k: int, banded: bool = False) -> int:
+    """Query rows per chunk: within SCORE_BUDGET, and for banded masks (causal, windows) at
+    most 1/8 of the rows so that key blocks no row of a chunk can see are skipped."""
+    if not seqlen_q:
+        return 1
     per_row = max(1, batch * heads * max(seqlen_k, 1))
-    return max(16, min(seqlen_q, SCORE_BUDGET // per_row)) if seqlen_q else 1
+    rows = max(16, min(seqlen_q, SCORE_BUDGET // per_row))
+    if banded:
+        rows = min(rows, max(128, -(-seqlen_q // 8)))
+    return rows
 
 
 class _Layout:
@@ -45,33 +52,50 @@ class _Layout:
         else:
             self.off_q = sk - sq
 
+    def banded(self) -> bool:
+        return not self.varlen and (
+            self.p.window_left is not None or self.p.window_right is not None
+        )
+
     def needs_mask(self) -> bool:
         p = self.p
         return self.varlen or p.window_left is not None or p.window_right is not None
 
-    def allowed(self, r0, r1):
-        """Bool (rows, keys) for query rows r0:r1, or None when every key is allowed."""
+    def key_range(self, r0, r1, sk):
+        """Keys [lo, hi) that rows r0:r1 may see at all: blocks outside are never computed."""
+        p = self.p
+        if self.varlen or r1 <= r0:
+            return 0, sk
+        lo, hi = 0, sk
+        if p.window_left is not None:
+            lo = min(sk, max(0, r0 + self.off_q - p.window_left))
+        if p.window_right is not None:
+            hi = min(sk, max(lo, r1 - 1 + self.off_q + p.window_right + 1))
+        return lo, hi
+
+    def allowed(self, r0, r1, lo, hi):
+        """Bool (rows, keys lo:hi) for query rows r0:r1, or None when every key is allowed."""
         if not self.needs_mask():
             return None
         p = self.p
         i = self.local_q[r0:r1][:, None]
         off = self.off_q[r0:r1][:, None] if self.varlen else self.off_q
-        j = self.local_k[None, :]
+        j = self.local_k[None, lo:hi]
         ok = None
 
         def conj(a, b):
             return b if a is None else a & b
 
         if self.varlen:
-            ok = self.seg_q[r0:r1][:, None] == self.seg_k[None, :]
+            ok = self.seg_q[r0:r1][:, None] == self.seg_k[None, lo:hi]
         if p.window_left is not None:
             ok = conj(ok, j >= i + off - p.window_left)
         if p.window_right is not None:
             ok = conj(ok, j <= i + off + p.window_right)
         return ok
 
-    def keep(self, r0, r1, batch, heads_kv, group):
-        """Dropout keep mask (B|1, Hkv, g, rows, keys) for rows r0:r1."""
+    def keep(self, r0, r1, lo, hi, batch, heads_kv, group):
+        """Dropout keep mask (B|1, Hkv, g, rows, keys lo:hi) for rows r0:r1."""
         ops, p = self.ops, self.p
         m = ops.m
         if self.varlen:
@@ -80,7 +104,7 @@ class _Layout:
             b = ops.arange(batch, self.local_q).reshape(-1, 1, 1, 1, 1)
         h = ops.arange(heads_kv * group, self.local_q).reshape(1, heads_kv, group, 1, 1)
         i = self.local_q[r0:r1].reshape(1, 1, 1, -1, 1)
-        j = self.local_k.reshape(1, 1, 1, 1, -1)
+        j = self.local_k[lo:hi].reshape(1, 1, 1, 1, -1)
         del m
         return dropout_uniform(ops, p.dropout_seed, b, h, i, j) >= p.dropout_p
 
@@ -111,11 +135,12 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
     neg_inf = float("-inf")
     outs, lses = [], []
-    step = chunk_rows(b, hq, sq, sk)
+    step = chunk_rows(b, hq, sq, sk, lay.banded())
     for r0 in range(0, max(sq, 1), step):  # one empty chunk when sq == 0
         r1 = min(sq, r0 + step)
-        s, _ = _scores(ops, qf[:, r0:r1], kf, p)
-        ok = lay.allowed(r0, r1)
+        lo, hi = lay.key_range(r0, r1, sk)
+        s, _ = _scores(ops, qf[:, r0:r1], kf[:, lo:hi], p)
+        ok = lay.allowed(r0, r1, lo, hi)
         if ok is not None:
             s = ops.where(ok, s, neg_inf)
         mx = ops.amax(s, -1)
@@ -126,8 +151,8 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
         lse = ops.where(pos, ops.m.log(ops.where(pos, den, 1.0)) + mx[..., 0], neg_inf)
         pr = e / ops.where(pos, den, 1.0)[..., None]
         if p.dropout_p:
-            pr = ops.where(lay.keep(r0, r1, b, hkv, g), pr / (1.0 - p.dropout_p), 0.0)
-        o = ops.einsum("bhgqk,bkhd->bqhgd", pr, vf)
+            pr = ops.where(lay.keep(r0, r1, lo, hi, b, hkv, g), pr / (1.0 - p.dropout_p), 0.0)
+        o = ops.einsum("bhgqk,bkhd->bqhgd", pr, vf[:, lo:hi])
         outs.append(o.reshape(b, r1 - r0, hq, vf.shape[-1]))
         lses.append(lse.reshape(b, hq, r1 - r0))
     out = ops.cast_like(ops.concat(outs, 1), q_in)
@@ -145,39 +170,40 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
         dlse = None if dlse is None else dlse[None]
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
     dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
-    # delta = rowsum(dO * O) is taken from O recomputed in float32 chunk by chunk below, not
-    # from the stored low-precision out: its rounding would otherwise dominate small gradients.
-    del out
+    del out  # delta comes from the recomputed float32 probabilities (below)
     dlse = None if dlse is None else ops.f32(dlse).reshape(b, hkv, g, sq)
     lse = ops.f32(lse).reshape(b, hkv, g, sq)
     lse = ops.where(ops.m.isfinite(lse), lse, 0.0)
     dk = ops.zeros(kf.shape, kf)
     dv = ops.zeros(vf.shape, vf)
     dqs = []
-    step = chunk_rows(b, hq, sq, sk)
+    step = chunk_rows(b, hq, sq, sk, lay.banded())
     for r0 in range(0, max(sq, 1), step):
         r1 = min(sq, r0 + step)
-        qc, doc = qf[:, r0:r1], dof[:, r0:r1]
-        s, t = _scores(ops, qc, kf, p)
+        lo, hi = lay.key_range(r0, r1, sk)
+        qc, doc, kc, vc = qf[:, r0:r1], dof[:, r0:r1], kf[:, lo:hi], vf[:, lo:hi]
+        s, t = _scores(ops, qc, kc, p)
         pr = ops.m.exp(s - lse[..., r0:r1, None])
-        ok = lay.allowed(r0, r1)
+        ok = lay.allowed(r0, r1, lo, hi)
         if ok is not None:
             pr = ops.where(ok, pr, 0.0)
-        dp = ops.einsum("bqhgd,bkhd->bhgqk", doc, vf)
+        dp = ops.einsum("bqhgd,bkhd->bhgqk", doc, vc)
         pd = pr
         if p.dropout_p:
-            keep = lay.keep(r0, r1, b, hkv, g)
+            keep = lay.keep(r0, r1, lo, hi, b, hkv, g)
             pd = ops.where(keep, pr / (1.0 - p.dropout_p), 0.0)
             dp = ops.where(keep, dp / (1.0 - p.dropout_p), 0.0)
-        dv = dv + ops.einsum("bhgqk,bqhgd->bkhd", pd, doc)
-        delta = ops.einsum("bqhgd,bqhgd->bhgq", doc, ops.einsum("bhgqk,bkhd->bqhgd", pd, vf))
+        dv = ops.add_rows(dv, lo, hi, ops.einsum("bhgqk,bqhgd->bkhd", pd, doc))
+        # delta = rowsum(dO * O) = rowsum(P * dP), in float32 from the recomputed P: the stored
+        # low-precision out would let its rounding dominate small gradients
+        delta = (pr * dp).sum(-1)
         if dlse is not None:
             delta = delta - dlse[..., r0:r1]
         ds = pr * (dp - delta[..., None])
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kf).reshape(b, r1 - r0, hq, kf.shape[-1]) * p.scale)
-        dk = dk + ops.einsum("bhgqk,bqhgd->bkhd", ds, qc) * p.scale
+        dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kc).reshape(b, r1 - r0, hq, kf.shape[-1]) * p.scale)
+        dk = ops.add_rows(dk, lo, hi, ops.einsum("bhgqk,bqhgd->bkhd", ds, qc) * p.scale)
     dq = ops.concat(dqs, 1)
     if cu_q is not None:
         dq, dk, dv = dq[0], dk[0], dv[0]
