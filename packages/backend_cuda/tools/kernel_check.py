@@ -350,8 +350,8 @@ def big():
 
 def profile():
     """One forward and one forward+backward of ours and of SDPA flash (run under ncu)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, S, H, D = 4, 4096, 16, 128
     q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -365,9 +365,9 @@ def profile():
 
 
 def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384), label=""):
+    import torch.nn.functional as F
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
 
     dt = torch.bfloat16
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} {label}", flush=True)
