@@ -237,10 +237,15 @@ class Decision:
     rows: list[tuple[str, list[str]]] = field(default_factory=list)  # (backend, reasons) in order
 
 
+def _candidates(spec: ProblemSpec, forced: tuple[str, ...] | None) -> list[Backend]:
+    """The forced backends in their given order, else every backend in priority order."""
+    reg = registry()
+    return [reg[n] for n in forced] if forced else ordered(spec)
+
+
 def decide(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Decision:
     """Walk every backend and record why each one is passed over (used by explain)."""
-    reg = registry()
-    candidates = [reg[n] for n in forced] if forced else ordered(spec)
+    candidates = _candidates(spec, forced)
     rows: list[tuple[str, list[str]]] = []
     chosen = None
     for b in candidates:
@@ -260,9 +265,7 @@ def select(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Backend:
     b = _decisions.get(key)
     if b is not None:
         return b
-    reg = registry()
-    candidates = [reg[n] for n in forced] if forced else ordered(spec)
-    for b in candidates:
+    for b in _candidates(spec, forced):
         if not reasons(b, spec):
             if not torch_compiling():
                 _decisions[key] = b

@@ -74,12 +74,6 @@ class ProblemSpec:
     def gqa(self) -> bool:
         return self.heads_q != self.heads_kv
 
-    @property
-    def flops_forward(self) -> float:
-        """FlashAttention convention: 4 * B * H * Sq * Sk * D, halved for causal."""
-        f = 4.0 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
-        return f / 2 if self.causal else f
-
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

@@ -97,7 +97,6 @@ class _Layout:
     def keep(self, r0, r1, lo, hi, batch, heads_kv, group):
         """Dropout keep mask (B|1, Hkv, g, rows, keys lo:hi) for rows r0:r1."""
         ops, p = self.ops, self.p
-        m = ops.m
         if self.varlen:
             b = self.seg_q[r0:r1].reshape(1, 1, 1, -1, 1)
         else:
@@ -105,7 +104,6 @@ class _Layout:
         h = ops.arange(heads_kv * group, self.local_q).reshape(1, heads_kv, group, 1, 1)
         i = self.local_q[r0:r1].reshape(1, 1, 1, -1, 1)
         j = self.local_k[lo:hi].reshape(1, 1, 1, 1, -1)
-        del m
         return dropout_uniform(ops, p.dropout_seed, b, h, i, j) >= p.dropout_p
 
 
