@@ -23,15 +23,21 @@ def _vjp_fn(backend: str, p: Params):
     def f(q, k, v, cu_q, cu_k):
         return be.forward(q, k, v, cu_q, cu_k, p)
 
-    def f_fwd(q, k, v, cu_q, cu_k):
-        out, lse = be.forward(q, k, v, cu_q, cu_k, p)
-        return (out, lse), (q, k, v, cu_q, cu_k, out, lse)
+    residual = be.capabilities.out_residual
 
-    def f_bwd(res, cts):
-        q, k, v, cu_q, cu_k, out, lse = res
+    def f_fwd(q, k, v, cu_q, cu_k):
+        if residual:
+            out, lse, r = be.forward(q, k, v, cu_q, cu_k, p, residual=True)
+        else:
+            (out, lse), r = be.forward(q, k, v, cu_q, cu_k, p), None
+        return (out, lse), (q, k, v, cu_q, cu_k, out, lse, r)
+
+    def f_bwd(saved, cts):
+        q, k, v, cu_q, cu_k, out, lse, r = saved
         dout, dlse = cts
+        extra = {"out_residual": r} if residual else {}
         dq, dk, dv = be.backward(
-            dout, dlse if p.return_lse else None, q, k, v, out, lse, cu_q, cu_k, p
+            dout, dlse if p.return_lse else None, q, k, v, out, lse, cu_q, cu_k, p, **extra
         )
         return dq, dk, dv, None, None
 

@@ -70,12 +70,14 @@ def fwd(
     max_seqlen_k: int,
     return_lse: bool,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
                 varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
-    be = dispatch.get_backend(backend)
-    out, lse = be.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, p)
-    return out, lse
+    out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                             p, residual)
+    # An op output can be neither None nor an alias of another output: "no residual" is empty.
+    return out, lse, q.new_empty(0) if res is None else res
 
 
 @fwd.register_fake
@@ -85,7 +87,22 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, backend, *rest):
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    return out, lse
+    wants = rest[-1] and dispatch.get_backend(backend).capabilities.out_residual
+    return out, lse, q.new_empty(out.shape if wants else (0,))
+
+
+def _forward(be, q, k, v, cu_q, cu_k, p: Params, residual: bool):
+    """(out, lse, out_residual or None); the residual only from backends that offer it."""
+    if residual and be.capabilities.out_residual:
+        return be.forward(q, k, v, cu_q, cu_k, p, residual=True)
+    out, lse = be.forward(q, k, v, cu_q, cu_k, p)
+    return out, lse, None
+
+
+def _backward_call(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, res):
+    if res is not None and res.numel():
+        return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, out_residual=res)
+    return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p)
 
 
 @torch.library.custom_op("flashmux::bwd", mutates_args=())
@@ -97,6 +114,7 @@ def bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    out_residual: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     backend: str,
@@ -115,9 +133,8 @@ def bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
                 varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
-    be = dispatch.get_backend(backend)
-    dq, dk, dv = be.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, p)
-    return dq, dk, dv
+    return _backward_call(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
+                          cu_seqlens_q, cu_seqlens_k, p, out_residual)
 
 
 @bwd.register_fake
@@ -127,20 +144,22 @@ def _(do, dlse, q, k, v, *rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, backend, *flat = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    out, lse, res = output
+    ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k)
     ctx.backend = backend
-    ctx.flat = flat
+    ctx.flat = flat[:-1]  # without `residual`
+    ctx.mark_non_differentiable(res)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dres):
+    q, k, v, out, lse, res, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if not ctx.flat[10]:  # return_lse False: nothing can have used lse
         dlse = None
-    dq, dk, dv = bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, ctx.backend, *ctx.flat)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.flat))
+    dq, dk, dv = bwd(dout.contiguous(), dlse, q, k, v, out, lse, res, cu_q, cu_k, ctx.backend,
+                     *ctx.flat)
+    return (dq, dk, dv) + (None,) * (4 + len(ctx.flat))
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -152,8 +171,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, backend, p):
-        out, lse = dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_q, cu_k, p, True)
+        ctx.save_for_backward(q, k, v, out, lse, res)
         ctx.cu, ctx.backend, ctx.p = (cu_q, cu_k), backend, p
         if not p.return_lse:
             ctx.mark_non_differentiable(lse)
@@ -161,19 +180,21 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, res = ctx.saved_tensors
         p = ctx.p
         if dout is None:
             dout = torch.zeros_like(out)
-        be = dispatch.get_backend(ctx.backend)
-        dq, dk, dv = be.backward(dout.contiguous(), dlse if p.return_lse else None, q, k, v,
-                                 out, lse, *ctx.cu, p)
+        dq, dk, dv = _backward_call(dispatch.get_backend(ctx.backend), dout.contiguous(),
+                                    dlse if p.return_lse else None, q, k, v, out, lse, *ctx.cu,
+                                    p, res)
         return dq, dk, dv, None, None, None, None
 
 
 def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
     if torch.compiler.is_compiling():
-        return fwd(q, k, v, cu_q, cu_k, backend, *_flat(p))
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out, lse, _ = fwd(q, k, v, cu_q, cu_k, backend, *_flat(p), grad)
+        return out, lse
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Attention.apply(q, k, v, cu_q, cu_k, backend, p)
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)

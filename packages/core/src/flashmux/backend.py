@@ -9,6 +9,13 @@ A backend is one object, registered in the ``flashmux.backends`` entry-point gro
 - ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params) -> (out, lse)`` and
   ``backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params) -> (dq, dk, dv)``
   on arrays of one of its native kinds (``capabilities.array_kinds``);
+- optionally, with ``capabilities.out_residual``: ``forward(..., params, residual=True)`` returns
+  ``(out, lse, out_residual)``, where ``out_residual`` has out's shape and dtype and holds the
+  rounding error of the stored output (float32 out minus out). The core asks for it only when a
+  gradient will be needed, keeps it with the saved tensors, and hands it to
+  ``backward(..., params, out_residual=...)``. With it, the backward's row term
+  ``delta = rowsum(dO * O)`` uses the float32 output instead of the rounded one, which matters on
+  rows that see few keys (see docs/architecture.md, "The delta residual");
 - optionally ``dropout_keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like)``,
   the testing hook that returns the keep mask its kernels draw, shape (batch, heads, seqlen_q,
   seqlen_k), bool, of the kind and device of ``like``.
@@ -56,6 +63,8 @@ class Capabilities:
     crosses_from: frozenset[str] = frozenset()
     # Whether it runs on traced JAX values (inside jax.jit / grad / vmap).
     runs_under_jit: bool = False
+    # Whether forward(..., residual=True) returns the output's rounding error for the backward.
+    out_residual: bool = False
     # Default rank when the priority table has nothing for the device (lower runs first).
     priority: int = 100
 
