@@ -26,7 +26,9 @@ build() {
   echo "build $B: $(( $(date +%s) - t0 )) s"
 }
 
-build /tmp/fmxb -lineinfo || exit 1
+# TUNE="NAME:FMX_TUNE_BWD64=1,... NAME2:..." builds the tuning variants too (-DFMX_TUNING);
+# stages tune (bench every spec beside SDPA flash) and tunecheck (bf16 correctness per spec).
+build /tmp/fmxb -lineinfo ${TUNE:+-DFMX_TUNING} || exit 1
 for f in /tmp/fmxb/*.log; do
   n=$(grep -c "spill stores" $f); s=$(grep -o "[0-9]* bytes spill stores" $f | sort -n | tail -1)
   [ -n "$s" ] && echo "  $(basename $f .o.log): max $s"
@@ -49,6 +51,8 @@ for s in $STAGES; do
         --section InstructionStats --section SourceCounters --print-details all \
         python3 tools/kernel_check.py $LIB profile > $OUTDIR/ncu.log 2>&1
       grep -E "^  [a-z_:]+.*\(|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc A|Stall|Block Limit" $OUTDIR/ncu.log | head -80 ;;
+    tune) timeout 280 python3 tools/kernel_check.py $LIB tune "default:" $TUNE 2>&1 | tee $OUTDIR/tune.log | grep -v "^\. " ;;
+    tunecheck) timeout 240 python3 tools/kernel_check.py $LIB correctness_bf16 $TUNE 2>&1 | tee $OUTDIR/tunecheck.log | grep -v "^ok" ;;
     benchlite) timeout 120 python3 tools/kernel_check.py $LIB benchlite "V0 default" 2>&1 | tee -a $OUTDIR/variants.log ;;
     bench) timeout 300 python3 tools/kernel_check.py $LIB bench 2>&1 | tee $OUTDIR/bench.log ;;
     variants)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes as C
 import math
+import os
 import sys
 import time
 
@@ -293,9 +294,9 @@ CASES = [
 ]
 
 
-def correctness():
+def correctness(dtypes=(torch.float16, torch.bfloat16)):
     n_ok = n = 0
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         for i, (name, kw) in enumerate(CASES):
             n += 1
             try:
@@ -415,11 +416,84 @@ def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384), label=""):
                       f"| {tf(t_ofb, 3.5):.0f} | {tf(t_sfb, 3.5):.0f} | {t_sfb / t_ofb:.2f} |", flush=True)
 
 
+def _set_env(spec):
+    """spec 'NAME:VAR=1,VAR2=3' -> sets the FMX_TUNE_* variables (clears the others)."""
+    for k_ in [k_ for k_ in os.environ if k_.startswith("FMX_TUNE_")]:
+        del os.environ[k_]
+    name, _, assigns = spec.partition(":")
+    for a in filter(None, assigns.split(",")):
+        var, _, val = a.partition("=")
+        os.environ[var] = val
+    return name
+
+
+def tune(specs, dims=(64, 128), seqs=(4096, 16384)):
+    """Tuning builds: SDPA flash once per point, then ours for every variant spec (env vars)."""
+    import torch.nn.functional as F
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dt = torch.bfloat16
+    rows = {}
+    for D in dims:
+        H = 2048 // D
+        for causal in (False, True):
+            for S in seqs:
+                B = 16384 // S
+                torch.manual_seed(0)
+                q = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
+                k = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
+                v = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
+                do = torch.randn(B, S, H, D, device="cuda", dtype=dt)
+                qd, kd, vd = q.detach(), k.detach(), v.detach()
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                dot = do.transpose(1, 2)
+
+                def sdpa_f():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+                def sdpa_fb():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    o.backward(dot)
+
+                with torch.no_grad():
+                    t_sf = tt.do_bench(sdpa_f, warmup=25, rep=100)
+                t_sfb = tt.do_bench(sdpa_fb, warmup=25, rep=100, grad_to_none=[q, k, v])
+                for spec in specs:
+                    name = _set_env(spec)
+
+                    def ours_f():
+                        return fmx_forward(qd, kd, vd, causal=causal)
+
+                    def ours_fb():
+                        o, l = fmx_forward(qd, kd, vd, causal=causal)
+                        return fmx_backward(do, qd, kd, vd, o, l, causal=causal)
+
+                    with torch.no_grad():
+                        t_of = tt.do_bench(ours_f, warmup=25, rep=100)
+                    t_ofb = tt.do_bench(ours_fb, warmup=25, rep=100)
+                    rows.setdefault(name, []).append(
+                        f"| {name} | {D} | {int(causal)} | {S} | {t_sf / t_of:.2f} | {t_sfb / t_ofb:.2f} |")
+                    print(". " + rows[name][-1], flush=True)
+    _set_env("")
+    print("| variant | D | causal | S | fwd ratio | f+b ratio |\n|---|---|---|---|---|---|")
+    for name in rows:
+        print("\n".join(rows[name]))
+
+
 if __name__ == "__main__":
     load(sys.argv[1])
     mode = sys.argv[2]
     t0 = time.time()
-    if mode == "benchlite":
+    if mode == "tune":
+        tune(sys.argv[3:])
+    elif mode == "correctness_bf16":
+        for spec in sys.argv[3:]:
+            print(f"variant {_set_env(spec)}:", flush=True)
+            correctness(dtypes=(torch.bfloat16,))
+    elif mode == "benchlite":
         bench(seqs=(4096, 16384), label=" ".join(sys.argv[3:]))
     else:
         {"correctness": correctness, "sanitize": sanitize, "bench": bench, "big": big,

@@ -2,6 +2,9 @@
 // One warp per (row, head); each lane moves 8 contiguous elements (16 bytes) at a time.
 #include "../common/fmx_device.cuh"
 #include "sm80_api.h"
+#ifdef FMX_TUNING
+#include <cstdlib>
+#endif
 
 namespace fmx {
 namespace sm80 {
@@ -73,6 +76,13 @@ int run_bwd_convert_dq(const Params &p, int dtype, cudaStream_t stream) {
     bwd_convert_dq_kernel<cutlass::bfloat16_t><<<grid, 256, 0, stream>>>(p);
   return (int)cudaGetLastError();
 }
+
+#ifdef FMX_TUNING
+int tune_choice(const char *env_name) {
+  const char *v = std::getenv(env_name);
+  return v != nullptr ? std::atoi(v) : 0;
+}
+#endif
 
 }  // namespace sm80
 }  // namespace fmx

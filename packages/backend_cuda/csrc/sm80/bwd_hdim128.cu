@@ -4,7 +4,10 @@
 
 // Tile configuration; each field is overridable at build time (-DFMX_BWD128_DQ=...) for sweeps.
 // BN: key rows per CTA; W: warps; SDP: warps along M for S/dP; DKV: warps along N for dK/dV;
-// DQ: warps along M for dQ; DB: double-buffered Q/dO. (BM is fixed at kBwdBlockM = 64.)
+// DQ: warps along M for dQ; DB: double-buffered Q/dO. BM: query rows per step (a multiple of kBwdBlockM = 64).
+#ifndef FMX_BWD128_BM
+#define FMX_BWD128_BM 64
+#endif
 #ifndef FMX_BWD128_BN
 #define FMX_BWD128_BN 128
 #endif
@@ -27,11 +30,19 @@
 namespace fmx {
 namespace sm80 {
 template <typename T>
-using Bwd128 = BwdTraits<128, kBwdBlockM, FMX_BWD128_BN, FMX_BWD128_W, FMX_BWD128_SDP,
+using Bwd128 = BwdTraits<128, FMX_BWD128_BM, FMX_BWD128_BN, FMX_BWD128_W, FMX_BWD128_SDP,
                           FMX_BWD128_DKV, FMX_BWD128_DQ, FMX_BWD128_DB, T>;
 
 template <>
 int run_bwd<128>(const Params &p, int dtype, cudaStream_t stream) {
+#ifdef FMX_TUNING
+  if (dtype == 1) {
+    switch (tune_choice("FMX_TUNE_BWD128")) {
+      case 1: return tune_bwd<128, 1>(p, stream);
+      default: break;
+    }
+  }
+#endif
   if (dtype == 0) return launch_bwd<Bwd128<cutlass::half_t>>(p, stream);
   return launch_bwd<Bwd128<cutlass::bfloat16_t>>(p, stream);
 }

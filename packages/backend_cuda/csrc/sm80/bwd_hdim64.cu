@@ -4,7 +4,10 @@
 
 // Tile configuration; each field is overridable at build time (-DFMX_BWD64_DQ=...) for sweeps.
 // BN: key rows per CTA; W: warps; SDP: warps along M for S/dP; DKV: warps along N for dK/dV;
-// DQ: warps along M for dQ; DB: double-buffered Q/dO. (BM is fixed at kBwdBlockM = 64.)
+// DQ: warps along M for dQ; DB: double-buffered Q/dO. BM: query rows per step (a multiple of kBwdBlockM = 64).
+#ifndef FMX_BWD64_BM
+#define FMX_BWD64_BM 64
+#endif
 #ifndef FMX_BWD64_BN
 #define FMX_BWD64_BN 128
 #endif
@@ -27,11 +30,21 @@
 namespace fmx {
 namespace sm80 {
 template <typename T>
-using Bwd64 = BwdTraits<64, kBwdBlockM, FMX_BWD64_BN, FMX_BWD64_W, FMX_BWD64_SDP,
+using Bwd64 = BwdTraits<64, FMX_BWD64_BM, FMX_BWD64_BN, FMX_BWD64_W, FMX_BWD64_SDP,
                           FMX_BWD64_DKV, FMX_BWD64_DQ, FMX_BWD64_DB, T>;
 
 template <>
 int run_bwd<64>(const Params &p, int dtype, cudaStream_t stream) {
+#ifdef FMX_TUNING
+  if (dtype == 1) {
+    switch (tune_choice("FMX_TUNE_BWD64")) {
+      case 1: return tune_bwd<64, 1>(p, stream);
+      case 2: return tune_bwd<64, 2>(p, stream);
+      case 3: return tune_bwd<64, 3>(p, stream);
+      default: break;
+    }
+  }
+#endif
   if (dtype == 0) return launch_bwd<Bwd64<cutlass::half_t>>(p, stream);
   return launch_bwd<Bwd64<cutlass::bfloat16_t>>(p, stream);
 }

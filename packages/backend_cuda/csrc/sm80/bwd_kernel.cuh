@@ -17,7 +17,7 @@ struct BwdTraits {
   static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
   static constexpr bool kDoubleBuf = kDoubleBuf_;
   static constexpr int kQBufs = kDoubleBuf ? 2 : 1;
-  static_assert(kBlockM == kBwdBlockM, "workspace semaphores assume kBwdBlockM");
+  static_assert(kBlockM % kBwdBlockM == 0, "workspace semaphores count blocks of kBwdBlockM");
   using MmaSdP = TiledMmaFor<Element, kAtomMSdP, kNWarps / kAtomMSdP>;
   using MmadKV = TiledMmaFor<Element, kAtomNdKV, kNWarps / kAtomNdKV>;
   using MmadQ = TiledMmaFor<Element, kAtomMdQ, kNWarps / kAtomMdQ>;
@@ -33,16 +33,6 @@ __device__ __forceinline__ int ld_acquire(const int *p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-
-// Store pairs of an fp32 fragment into a 16-bit smem tile, at the fragment's coordinates.
-template <typename Element, typename Acc, typename Coords, typename STensor>
-__device__ __forceinline__ void store_smem_pairs(Acc const &acc, Coords const &coords, STensor &s) {
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    auto rc = coords(i);
-    *reinterpret_cast<uint32_t *>(&s(get<0>(rc), get<1>(rc))) = pack2<Element>(acc(i), acc(i + 1));
-  }
 }
 
 template <typename Tr>
@@ -205,24 +195,33 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   Tensor tdQsKt = cpB_dq_t.partition_S(sKt);
   Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
 
+  // P and dS go to smem through a tiled copy of the S/dP accumulator layout (one thread base
+  // address, static offsets) instead of per-element coordinate math.
+  auto cpC_sdp = make_tiled_copy_C(Copy_Atom<UniversalCopy<uint32_t>, Element>{}, mma_sdp);
+  auto cpC_sdp_t = cpC_sdp.get_thread_slice(tid);
+  Tensor tPsP = cpC_sdp_t.partition_D(sP);
+  Tensor tPsdS = cpC_sdp_t.partition_D(sdS);
+
   const bool capped = p.softcap > 0.f;
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2, inv_cap = capped ? 1.f / p.softcap : 0.f;
   const int64_t dq_rs = (int64_t)p.hq * p.d;
 
+  // Per step (FlashAttention-2 order): S = Q K^T; P -> smem; dP = dO V^T (overlaps the P
+  // stores); dS -> smem; barrier; dV += P^T dO; dQ = dS K and its atomics; dK += dS^T Q (the
+  // atomics drain under the dK GEMM). With two Q/dO buffers the next step's loads are issued
+  // right after the top barrier, so one more barrier per step suffices.
   for (int step = 0; step < num_steps; ++step, cur = next(cur)) {
     const int h = cur.h;
     const int m = m_of(cur);
     const int m0 = m * BM;
     const int buf = QB == 2 ? (step & 1) : 0;
+    cp_async_wait<0>();
+    __syncthreads();  // Q/dO[buf] landed; every thread is done with the previous step
     if (QB == 2 && step + 1 < num_steps) {
       load_q_do(next(cur), buf ^ 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
 
     Tensor sQ = make_tensor(make_smem_ptr(smem_q + buf * BM * D), LQ{});
     Tensor sdO = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQ{});
@@ -230,61 +229,87 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     Tensor sdOt = make_tensor(make_smem_ptr(smem_do + buf * BM * D), LQt{});
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<BM>, Int<BN>>{});
-    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
-    clear(acc_dp);
     gemm_ss(mma_sdp, acc_s, tSrQ, tSrK, cpA_sdp_t.partition_S(sQ), tSsK, cpA_sdp, cpB_sdp, tSrQv,
             tSrKv);
-    gemm_ss(mma_sdp, acc_dp, tdPrdO, tdPrV, cpA_sdp_t.partition_S(sdO), tdPsV, cpA_sdp, cpB_sdp,
-            tdPrdOv, tdPrVv);
 
-    // P = exp(s - lse) on allowed keys; dS = P * (dP - dsum) (* d softcap / ds).
+    Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if (capped) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
+    }
+    if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
+
+    // P = exp(s - lse) on allowed keys (rows past the end and fully masked rows get 0). Without
+    // softcap S is overwritten by P; with it S keeps the capped scores (needed for the
+    // derivative) and P is recomputed below.
+    constexpr int NR = decltype(size<0>(S))::value;
+    float lrow[NR];
     {
-      Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-      Tensor dP = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
-      if (capped) {
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
-      }
-      if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
-      // Two copies of the loop so that the softcap derivative costs nothing when it is off.
-      auto pointwise = [&](auto capped_c) {
+      Tensor rP = make_tensor<Element>(acc_s.layout());
+      Tensor rPrc = make_tensor(rP.data(), rowcol_layout(rP.layout()));
+      auto pass1 = [&](auto capped_c) {
         constexpr bool kCapped = decltype(capped_c)::value;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
           const int row = get<0>(cSrc(r, 0));
           float l = s_lse[buf * BM + row];
-          const float ds = s_dsum[buf * BM + row];
-          // Rows past the end and fully masked rows (lse = -inf) get P = 0.
           l = (m0 + row >= si.sq || l == -INFINITY) ? INFINITY : l * 1.4426950408889634f;
+          lrow[r] = l;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); ++c) {
-            const float x = S(r, c);
-            const float pr = fast_exp2(fmaf(x, sl2, -l));
-            float g = pr * (dP(r, c) - ds);
-            if constexpr (kCapped) {
-              const float t = fminf(fabsf(x * inv_cap), 1.f);
-              g *= 1.f - t * t;
-            }
-            S(r, c) = pr;
-            dP(r, c) = g;
+            const float pr = fast_exp2(fmaf(S(r, c), sl2, -l));
+            rPrc(r, c) = static_cast<Element>(pr);
+            if constexpr (!kCapped) S(r, c) = pr;
           }
         }
       };
       if (capped) {
-        pointwise(cute::true_type{});
+        pass1(cute::true_type{});
       } else {
-        pointwise(cute::false_type{});
+        pass1(cute::false_type{});
       }
+      copy(cpC_sdp, cpC_sdp_t.retile_S(rP), tPsP);
     }
-    store_smem_pairs<Element>(acc_s, cS, sP);
-    store_smem_pairs<Element>(acc_dp, cS, sdS);
-    __syncthreads();
+
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<BM>, Int<BN>>{});
+    clear(acc_dp);
+    gemm_ss(mma_sdp, acc_dp, tdPrdO, tdPrV, cpA_sdp_t.partition_S(sdO), tdPsV, cpA_sdp, cpB_sdp,
+            tdPrdOv, tdPrVv);
+
+    // dS = P * (dP - dsum) (* d softcap / ds).
+    {
+      Tensor dP = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+      auto pass2 = [&](auto capped_c) {
+        constexpr bool kCapped = decltype(capped_c)::value;
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(S); ++r) {
+          const float ds = s_dsum[buf * BM + get<0>(cSrc(r, 0))];
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) {
+            if constexpr (kCapped) {
+              const float x = S(r, c);
+              const float pr = fast_exp2(fmaf(x, sl2, -lrow[r]));
+              const float t = fminf(fabsf(x * inv_cap), 1.f);
+              dP(r, c) = pr * (dP(r, c) - ds) * (1.f - t * t);
+            } else {
+              dP(r, c) = S(r, c) * (dP(r, c) - ds);
+            }
+          }
+        }
+      };
+      if (capped) {
+        pass2(cute::true_type{});
+      } else {
+        pass2(cute::false_type{});
+      }
+      Tensor rdS = to_element<Element>(acc_dp);
+      copy(cpC_sdp, cpC_sdp_t.retile_S(rdS), tPsdS);
+    }
+    __syncthreads();  // P and dS visible to every warp
 
     gemm_ss(mma_dkv, acc_dv, tdVrPt, tdVrdOt, tdVsPt, cpB_dkv_t.partition_S(sdOt), cpA_dkv,
             cpB_dkv, tdVrPtv, tdVrdOtv);
-    gemm_ss(mma_dkv, acc_dk, tdKrdSt, tdKrQt, tdKsdSt, cpB_dkv_t.partition_S(sQt), cpA_dkv,
-            cpB_dkv, tdKrdStv, tdKrQtv);
 
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<BM>, Int<D>>{});
     clear(acc_dq);
@@ -343,13 +368,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       __syncthreads();
       if (tid == 0) atomicAdd(sem, 1);
     }
-    __syncthreads();  // all reads of Q/dO[buf], P and dS are done
+
+    gemm_ss(mma_dkv, acc_dk, tdKrdSt, tdKrQt, tdKsdSt, cpB_dkv_t.partition_S(sQt), cpA_dkv,
+            cpB_dkv, tdKrdStv, tdKrQtv);
+
     if (QB == 1 && step + 1 < num_steps) {
+      __syncthreads();  // all reads of Q/dO are done
       load_q_do(next(cur), 0);
       cp_async_commit();
     }
   }
-
   Tensor cKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
   store_acc<Element>(acc_dk, cKV, dk_ptr, p.dk_rs, rows_k, p.d, p.scale);
   store_acc<Element>(acc_dv, cKV, dv_ptr, p.dv_rs, rows_k, p.d, 1.f);

@@ -20,6 +20,14 @@ using Fwd128 = FwdTraits<128, FMX_FWD128_BM, FMX_FWD128_BN, FMX_FWD128_WARPS, T>
 
 template <>
 int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
+#ifdef FMX_TUNING
+  if (dtype == 1) {
+    switch (tune_choice("FMX_TUNE_FWD128")) {
+      case 1: return tune_fwd<128, 1>(p, stream);
+      default: break;
+    }
+  }
+#endif
   if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }

@@ -20,6 +20,14 @@ using Fwd64 = FwdTraits<64, FMX_FWD64_BM, FMX_FWD64_BN, FMX_FWD64_WARPS, T>;
 
 template <>
 int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
+#ifdef FMX_TUNING
+  if (dtype == 1) {
+    switch (tune_choice("FMX_TUNE_FWD64")) {
+      case 1: return tune_fwd<64, 1>(p, stream);
+      default: break;
+    }
+  }
+#endif
   if (dtype == 0) return launch_fwd<Fwd64<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd64<cutlass::bfloat16_t>>(p, stream);
 }
