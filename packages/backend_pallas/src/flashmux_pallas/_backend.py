@@ -54,15 +54,29 @@ class PallasBackend(Backend):
 
         return ops.lowering(q, k, v, params, ops.on_cpu(q))
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False):
         from . import ops
 
-        return ops.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        return ops.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=residual)
 
-    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+    def backward(
+        self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual=None
+    ):
         from . import ops
 
-        return ops.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+        return ops.backward(
+            do,
+            dlse,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            params,
+            out_residual=out_residual,
+        )
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like=None):
         """Bool (batch, heads, seqlen_q, seqlen_k): the mask the kernels draw for this seed."""
@@ -90,6 +104,7 @@ def make_backend() -> PallasBackend:
             max_head_dim=256,
             min_compute_capability=(8, 0),
             runs_under_jit=True,
+            out_residual=True,
             priority=50,
         ),
     )

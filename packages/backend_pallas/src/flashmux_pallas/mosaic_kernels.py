@@ -66,8 +66,9 @@ def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
     return out
 
 
-def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32."""
+def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig(), residual: bool = False):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32,
+    and with residual=True out_residual (out's shape and dtype): float32 out - out."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -85,10 +86,9 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
     pingpong = cfg.pingpong
     fma, early = cfg.fma_softmax, cfg.early_k_wait
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-        (qo_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), sched = (
-            scoped
-        )
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, r_ref, scoped):
+        smem, (k_full, v_full, q_full), (k_free, v_free), sched = scoped
+        qo_smem, k_smem, v_smem, lse_smem, *r_smem = smem
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         tile = lax.axis_index("tiles")
@@ -199,10 +199,16 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
                 pl.when(wg == 0)(sync)
             # Causal with Sq == Sk: every row sees at least key 0, so l > 0 here.
             inv = 1.0 / l_
-            my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            o32 = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            o16 = o32.astype(dtype)
+            my_q[...] = o16
+            if residual:  # the stored output's rounding error, for the backward's delta
+                r_smem[0].at[wg][...] = (o32 - o16.astype(jnp.float32)).astype(dtype)
             lse_smem.at[wg][...] = (m + jnp.log2(l_)) * LN2
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, bq), h])
+            if residual:
+                plgpu.copy_smem_to_gmem(r_smem[0].at[wg], r_ref.at[b, pl.ds(row0, bq), h])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -229,7 +235,7 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
 
             lax.fori_loop(0, jnp.maximum(cta_steps - stages, 0), refill, None)
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref, *r_ref):
         tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
             plgpu.SMEM((2, bq, D), dtype, transforms=tr),
@@ -237,8 +243,11 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
             plgpu.SMEM((stages, bkv, D), dtype, transforms=tr),
             plgpu.SMEM((2, bq), jnp.float32),
         )
+        if residual:  # one more (2, bq, D) tile: 32 KiB at D=128, within the 227 KiB budget
+            smem = smem + (plgpu.SMEM((2, bq, D), dtype, transforms=tr),)
+        r_out = r_ref[0] if residual else None
         pl.run_scoped(
-            lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, r_out, scoped),
             smem,
             (
                 plgpu.Barrier(num_barriers=stages),
@@ -253,6 +262,8 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig()):
     from ._compat import out_struct
 
     out_type = (out_struct((B, Sq, Hq, D), dtype, q), out_struct((B, Hq, Sq), jnp.float32, q))
+    if residual:
+        out_type = out_type + (out_struct((B, Sq, Hq, D), dtype, q),)
     return plgpu.kernel(
         entry,
         out_type=out_type,

@@ -255,15 +255,29 @@ def _shapes(q, k, v, params):
     return sq, sk, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
 
 
-def forward(q, k, v, cu_q, cu_k, params, *, interpret: bool | None = None):
+def forward(q, k, v, cu_q, cu_k, params, *, residual: bool = False, interpret: bool | None = None):
+    """-> (out, lse), or (out, lse, out_residual) with residual=True: out_residual has out's shape
+    and dtype and holds float32 out - out (zeros for float32 inputs), for the backward's delta."""
     import jax.numpy as jnp
 
     if interpret is None:
         interpret = on_cpu(q)
+    # float32 outputs are stored exactly: their residual is zero, no kernel output needed.
+    want = residual and jnp.dtype(q.dtype) != jnp.dtype(jnp.float32)
     if lowering(q, k, v, params, interpret) == "mosaic_gpu":
         from . import mosaic_kernels
 
-        return mosaic_kernels.forward(q, k, v, params)
+        res = mosaic_kernels.forward(q, k, v, params, residual=want)
+    else:
+        res = _forward_triton(q, k, v, cu_q, cu_k, params, want, interpret)
+    if residual and not want:
+        return (*res, jnp.zeros_like(res[0]))
+    return res
+
+
+def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool):
+    import jax.numpy as jnp
+
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     lq = lk = None
@@ -274,16 +288,32 @@ def forward(q, k, v, cu_q, cu_k, params, *, interpret: bool | None = None):
     qp = _pad(q, plan.sqp, plan.dp)
     kp = _pad(k, plan.skp, plan.dp)
     vp = _pad(v, plan.skp, plan.dvp)
-    out, lse = forward_call(qp, kp, vp, lq, lk, plan.fwd)
-    out, lse = out[:, :sq, :, :dv], lse[:, :, :sq]
+    outs = forward_call(qp, kp, vp, lq, lk, replace(plan.fwd, residual=residual))
+    out, lse = outs[0][:, :sq, :, :dv], outs[1][:, :, :sq]
+    res = [outs[2][:, :sq, :, :dv]] if residual else []
     if params.varlen:
         out = _to_packed(out, cu_q, tq)
+        res = [_to_packed(r, cu_q, tq) for r in res]
         b, s = _row_index(cu_q, tq)
         lse = jnp.transpose(lse[b, :, s])  # (Hq, Tq)
-    return out, lse
+    return (out, lse, *res)
 
 
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, *, interpret: bool | None = None):
+def backward(
+    do,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_q,
+    cu_k,
+    params,
+    *,
+    out_residual=None,
+    interpret: bool | None = None,
+):
     import jax.numpy as jnp
 
     if interpret is None:
@@ -292,7 +322,12 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, *, interpret: bool
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     do = do.astype(q.dtype)
     # delta_i = rowsum(dO * O) - dlse_i: the softmax backward's row term (dlse folds in here).
-    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (.., S, Hq)
+    # O is the float32 output when the forward saved its rounding error (out_residual): on rows
+    # that see few keys the rounded O's error in delta would exceed plain attention's.
+    o32 = out.astype(jnp.float32)
+    if out_residual is not None:
+        o32 = o32 + out_residual.astype(jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o32, axis=-1)  # (.., S, Hq)
     delta = jnp.moveaxis(delta, -1, -2)  # (B, Hq, Sq) or (Hq, Tq)
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)

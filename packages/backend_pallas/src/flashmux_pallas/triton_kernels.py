@@ -47,6 +47,7 @@ class Static:
     interpret: bool
     f32: bool  # float32 inputs: ask for IEEE dots
     fast_exp: bool = False  # GPU: exp2 as one ex2.approx.ftz.f32 instruction (inline PTX)
+    residual: bool = False  # forward: also write out_residual = float32 out - stored out
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -229,11 +230,11 @@ def _fwd_kernel(*refs, st: Static):
     import jax.numpy as jnp
 
     pl = pallas()
-    if st.varlen:
-        q_ref, k_ref, v_ref, lq_ref, lk_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-        lq_ref = lk_ref = None
+    n_in = 5 if st.varlen else 3
+    q_ref, k_ref, v_ref = refs[:3]
+    lq_ref, lk_ref = refs[3:5] if st.varlen else (None, None)
+    o_ref, lse_ref = refs[n_in : n_in + 2]
+    r_ref = refs[n_in + 2] if st.residual else None
     bm, bn = st.block_m, st.block_n
     qi, h, b = (
         _q_block(pl.program_id(0), pl.num_programs(0), st),
@@ -277,12 +278,17 @@ def _fwd_kernel(*refs, st: Static):
     inv = 1.0 / l_safe
     if st.dropout_p > 0:
         inv = inv * (1.0 / (1.0 - st.dropout_p))
-    o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+    o32 = acc * inv[:, None]
+    o = o32.astype(o_ref.dtype)
+    o_ref[...] = o
+    if st.residual:  # the stored output's rounding error, for the backward's delta
+        r_ref[...] = (o32 - o.astype(jnp.float32)).astype(r_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
 def forward_call(q, k, v, lens_q, lens_k, st: Static):
-    """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)."""
+    """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)
+    (and out_residual, out's shape and dtype, when st.residual)."""
     import jax.numpy as jnp
 
     pl = pallas()
@@ -307,6 +313,9 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
         out_struct((B, Sqp, Hq, Dvp), q.dtype, q),
         out_struct((B, Hq, Sqp), jnp.float32, q),
     ]
+    if st.residual:
+        out_specs.append(out_specs[0])
+        out_shape.append(out_shape[0])
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=(Sqp // bm, Hq, B),
