@@ -133,10 +133,12 @@ def _run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, kw, varlen_lens=None, dropout_p=
     keep = None
     if dropout_p:
         keep = backend.dropout_keep_mask(seed, dropout_p, B, Hq, mq, mk, dev(q)).cpu().numpy()
-    out, lse = backend.forward(dev(q), dev(k), dev(v), dev(cu_q), dev(cu_k), p)
+    # as the core calls it when a gradient is needed: with the output's rounding residual
+    out, lse, res = backend.forward(dev(q), dev(k), dev(v), dev(cu_q), dev(cu_k), p, residual=True)
     do = torch.randn(out.shape, generator=gen).to(dt)
     dlse = torch.randn(lse.shape, generator=gen) if with_dlse else None
-    dq, dk, dv = backend.backward(dev(do), dev(dlse), dev(q), dev(k), dev(v), out, lse, dev(cu_q), dev(cu_k), p)
+    dq, dk, dv = backend.backward(dev(do), dev(dlse), dev(q), dev(k), dev(v), out, lse, dev(cu_q), dev(cu_k), p,
+                                  out_residual=res)
 
     window = kw.get("window")
     common = dict(causal=kw.get("causal", False), scale=p.scale, window=window, softcap=kw.get("softcap"),
@@ -191,6 +193,29 @@ def test_dropout_mask_is_a_pure_function_of_seed():
     # the mask of a smaller problem is the corner of a larger one: keyed by position, not layout
     d = backend.dropout_keep_mask(7, 0.5, 2, 3, 40, 50, like)
     assert torch.equal(a, d[:, :, :20, :30])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_residual_is_the_rounding_error(dtype):
+    """out + residual is the float32 output before rounding: each residual is within half an
+    ulp of its output element, not all zero, and out + residual is closer to the float64
+    reference than out (the float32 output still carries the low-precision P @ V error)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(dtype.encode()) + np.random.randint(1 << 20))
+    q, k, v = (torch.randn(1, 37, 2, 24, generator=gen).to(DTYPES[dtype]) for _ in range(3))
+    p = _params(24, causal=True)
+    out, lse, res = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, p,
+                                    residual=True)
+    assert res.shape == out.shape and res.dtype == out.dtype
+    r_out, _ = reference_forward(*(x.double().numpy() for x in (q, k, v)), causal=True,
+                                 scale=p.scale)
+    err_low = np.abs(out.cpu().double().numpy() - r_out).max()
+    err_hi = np.abs((out.cpu().double() + res.cpu().double()).numpy() - r_out).max()
+    assert err_hi < err_low, (err_hi, err_low)
+    o, r = out.cpu().double(), res.cpu().double()
+    ulp = torch.finfo(out.dtype).eps * torch.clamp(o.abs(), min=torch.finfo(out.dtype).tiny)
+    assert (r.abs() <= 0.5 * ulp * (1 + 1e-3)).all() and (r != 0).any()
+    out2, lse2 = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, p)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
 
 
 def test_deterministic_backward_is_bitwise_repeatable():

@@ -63,6 +63,7 @@ class TritonBackend(Backend):
             min_compute_capability=(8, 0),
             features=frozenset(FEATURES),
             crosses_from=frozenset({"jax"}),
+            out_residual=True,
             priority=20,
         )
 
@@ -79,15 +80,17 @@ class TritonBackend(Backend):
             ver = None
         return {"triton": ver, "interpreter": _interpreting()}
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False):
         from . import _launch
 
-        return _launch.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        return _launch.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual)
 
-    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+                 out_residual=None):
         from . import _launch
 
-        return _launch.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+        return _launch.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+                                out_residual)
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         from . import _launch

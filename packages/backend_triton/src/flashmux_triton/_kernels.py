@@ -174,7 +174,7 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_fwd(
-    Q, K, V, O, LSE, CU_Q, CU_K, DESC_K, DESC_V,
+    Q, K, V, O, LSE, R, CU_Q, CU_K, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -186,7 +186,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, RESID: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -277,12 +277,13 @@ def attn_fwd(
     acc = acc * inv[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
-    o_base = O + b64 * stride_ob + q_start * stride_os + h * stride_oh
-    tl.store(
-        o_base + offs_m[:, None] * stride_os + offs_dv[None, :],
-        _cast(acc, O.dtype.element_ty),
-        mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
-    )
+    o_off = b64 * stride_ob + q_start * stride_os + h * stride_oh
+    o_off = o_off + offs_m[:, None] * stride_os + offs_dv[None, :]
+    o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    o_low = _cast(acc, O.dtype.element_ty)
+    tl.store(O + o_off, o_low, mask=o_mask)
+    if RESID:  # the rounding error of the stored output, for the backward's delta (R: O's layout)
+        tl.store(R + o_off, _cast(acc - o_low.to(tl.float32), O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
@@ -293,14 +294,15 @@ def attn_fwd(
 
 @triton.jit(do_not_specialize=["seqlen_q"])
 def attn_bwd_preprocess(
-    O, DO, DLSE, DELTA, CU_Q,
+    O, R, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr,
 ):
-    """delta_i = sum_d dO_id * O_id (minus dlse_i: folds the lse gradient into ds)."""
+    """delta_i = sum_d dO_id * O_id (minus dlse_i: folds the lse gradient into ds). With the
+    forward's residual R (O's layout), O is the float32 output O + R, not the rounded one."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -316,10 +318,10 @@ def attn_bwd_preprocess(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     msk = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    o = tl.load(
-        O + b64 * stride_ob + (q_start + offs_m[:, None]) * stride_os + h * stride_oh + offs_dv[None, :],
-        mask=msk, other=0.0,
-    ).to(tl.float32)
+    o_off = b64 * stride_ob + (q_start + offs_m[:, None]) * stride_os + h * stride_oh + offs_dv[None, :]
+    o = tl.load(O + o_off, mask=msk, other=0.0).to(tl.float32)
+    if HAS_RESID:
+        o = o + tl.load(R + o_off, mask=msk, other=0.0).to(tl.float32)
     do = tl.load(
         DO + b64 * stride_dob + (q_start + offs_m[:, None]) * stride_dos + h * stride_doh + offs_dv[None, :],
         mask=msk, other=0.0,

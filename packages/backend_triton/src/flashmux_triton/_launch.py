@@ -193,7 +193,9 @@ def _tma_views(pb: _Problem, k, v):
     return TensorDescriptor, views
 
 
-def forward(q, k, v, cu_q, cu_k, params):
+def forward(q, k, v, cu_q, cu_k, params, residual=False):
+    """(out, lse), or (out, lse, out_residual) with ``residual``: the float32 output's rounding
+    error in out's dtype and layout (None for float32 inputs, whose output is not rounded)."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     pb = _Problem(q, k, v, cu_q, cu_k, params)
     out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
@@ -201,8 +203,12 @@ def forward(q, k, v, cu_q, cu_k, params):
         lse = torch.empty((pb.hq, pb.total_q), dtype=torch.float32, device=q.device)
     else:
         lse = torch.empty((pb.batch, pb.hq, pb.seqlen_q), dtype=torch.float32, device=q.device)
+    res = torch.empty_like(out) if residual and q.dtype != torch.float32 else None
+    done = (out, lse, res) if residual else (out, lse)
     if pb.batch == 0 or pb.seqlen_q == 0:
-        return out, lse
+        if res is not None:
+            res.zero_()
+        return done
     cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
     cu_k_arg = cu_k if pb.varlen else q
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
@@ -215,26 +221,27 @@ def forward(q, k, v, cu_q, cu_k, params):
         else:
             desc_k, desc_v = k, v  # unused
         K.attn_fwd[grid](
-            q, k, v, out, lse, cu_q_arg, cu_k_arg, desc_k, desc_v,
+            q, k, v, out, lse, out if res is None else res, cu_q_arg, cu_k_arg, desc_k, desc_v,
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(out, pb.varlen), *pb.lse_strides(lse),
             pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
-            TMA=tma is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            TMA=tma is not None, RESID=res is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
     if tma is not None:
         try:
             _launch(pb, "fwd", run)
-            return out, lse
+            return done
         except Exception:  # noqa: BLE001 - a compiler without working descriptors: plain path
             _TMA_BROKEN.add(pb.shape)
     _launch(pb, "fwd", lambda cfg: run(cfg, None))
-    return out, lse
+    return done
 
 
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params):
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None):
     q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
     pb = _Problem(q, k, v, cu_q, cu_k, params)
     lse = lse.contiguous()
@@ -252,11 +259,14 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params):
 
     pre_m = 64 if not pb.interpret else 32
     grid = (triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)
+    has_res = out_residual is not None and out_residual.numel() > 0
+    if has_res:  # the residual must share out's strides (the preprocess indexes both alike)
+        out, out_residual = out.contiguous(), out_residual.contiguous()
     K.attn_bwd_preprocess[grid](
-        out, do, dlse_arg, delta, cu_q_arg,
+        out, out_residual if has_res else out, do, dlse_arg, delta, cu_q_arg,
         *pb.strides(out, pb.varlen), *pb.strides(do, pb.varlen), *lse_str, pb.seqlen_q,
         HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv, VARLEN=pb.varlen,
-        HAS_DLSE=has_dlse,
+        HAS_DLSE=has_dlse, HAS_RESID=has_res,
     )
     common = (
         pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
