@@ -152,10 +152,15 @@ def _autotuned(pb, which, run, default):
     return best
 
 
-def tma_wanted() -> bool:
-    """Opt-in (FLASHMUX_TRITON_TMA=1): K/V tiles of the forward's interior blocks through
-    Hopper tensor descriptors (TMA). Off by default: not yet timed on the H100 (NOTES.md)."""
-    return os.environ.get("FLASHMUX_TRITON_TMA", "0") == "1"
+def tma_wanted(pb: _Problem) -> bool:
+    """K/V tiles of the forward's interior blocks through Hopper tensor descriptors (TMA).
+    FLASHMUX_TRITON_TMA=1 forces it on (also under the interpreter, for tests), =0 off; by
+    default on for head_dim >= 128 on sm90+, where the H100 measured +4-15% forward, and off
+    below (head_dim 64 measured -4 to -9%; NOTES.md, session 2)."""
+    env = os.environ.get("FLASHMUX_TRITON_TMA", "auto")
+    if env in ("0", "1"):
+        return env == "1"
+    return not pb.interpret and pb.d >= 128
 
 
 _TMA_BROKEN: set = set()
@@ -171,7 +176,7 @@ def fused_bwd_wanted() -> bool:
 def _tma_views(pb: _Problem, k, v):
     """(rows, heads*dim) 2-D views of K and V for tensor descriptors, or None when the layout,
     head dims, dtype or device don't allow it."""
-    if not tma_wanted() or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
+    if not tma_wanted(pb) or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
         return None
     if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
         return None
