@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# One device call that checks and measures everything (for a lease of ~10 minutes):
-# small-tier conformance per backend on the GPU, then the papers benchmark in the time left.
-#   OUT=/tmp/x TOTAL_S=580 bash scripts/gpu_final.sh
+# The lead's GPU check, in one device call (each call is at most 10 minutes):
+#   STAGES="conformance"  the conformance suite per backend (all four at once, each with pytest-xdist),
+#                         the backends' own GPU tests and the core's GPU tests;
+#   STAGES="bench"        the papers benchmark in the time left (TOTAL_S), written to $OUT.
+#   OUT=/tmp/x TOTAL_S=580 STAGES="conformance bench" bash scripts/gpu_final.sh
+# Knobs: SIZE (conformance tier, default full), HYP (hypothesis examples, default 25),
+# CONF_S (seconds per conformance run), BACKENDS, ANCHORS, FRAMEWORKS, HEAD_DIMS, SEQLENS, MODES.
 set -u
 T0=$(date +%s)
 TOTAL_S=${TOTAL_S:-580}
+STAGES=${STAGES:-conformance bench}
 source scripts/gpu_setup.sh
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
-python3 -m flashmux info > "$OUT/info.txt" 2>&1
-(FLASHMUX_CUDA_ARCHS=90 python3 -m flashmux_cuda build --jax > /tmp/cuda_build.log 2>&1; echo "rc=$?" >> /tmp/cuda_build.log) &
-BUILD=$!
-conf() {  # backend, seconds
+python3 -m flashmux info > "$OUT/info.txt" 2>&1   # also builds the CUDA library (JIT, ~45 s)
+echo "info + CUDA build: $(( $(date +%s) - T0 )) s"
+
+conf() {  # backend seconds: conformance suite for one backend, then its summary line
   local b=$1 s=$2 t=$(date +%s)
-  FLASHMUX_TEST_SIZE=small FLASHMUX_HYPOTHESIS_EXAMPLES=${HYP:-3} timeout "$s" python3 -m nox --no-venv \
-    -s "conformance(backend='$b')" -- -q -rs -p no:cacheprovider >> "$OUT/conformance_$b.log" 2>&1
-  echo "conformance($b): rc=$? in $(( $(date +%s) - t )) s: $(grep -E '[0-9]+ (passed|failed)' "$OUT/conformance_$b.log" | tail -1)"
+  FLASHMUX_TEST_SIZE=${SIZE:-full} FLASHMUX_HYPOTHESIS_EXAMPLES=${HYP:-25} FLASHMUX_TEST_BACKEND=$b \
+    timeout "$s" python3 -m pytest tests/conformance -q -rs -p no:cacheprovider -n ${XDIST:-3} \
+    > "$OUT/conformance_$b.log" 2>&1
+  echo "conformance($b): rc=$? in $(( $(date +%s) - t )) s: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/conformance_$b.log" | tail -1)"
 }
-conf reference ${REF_S:-60}
-conf triton ${TRITON_S:-90}
-conf pallas ${PALLAS_S:-80}
-wait $BUILD; cat /tmp/cuda_build.log | tail -3 > "$OUT/conformance_cuda.log"; echo "cuda build at $(( $(date +%s) - T0 )) s: $(tail -1 /tmp/cuda_build.log)"
-conf cuda ${CUDA_S:-70}
-B=$(( $(left) - 25 ))
-echo "bench budget: $B s"
-python3 -m flashmux bench --sweep papers --head-dims ${HEAD_DIMS:-64,128} --seqlens 2k,4k,8k,16k \
-  --modes fwd,fwd_bwd --dtype bf16 --target-ms 30 --time-budget "$B" --no-progress --out "$OUT" > /tmp/bench.log 2>&1
-echo "bench rc=$?"; tail -40 /tmp/bench.log
+
+for stage in $STAGES; do
+  case $stage in
+    conformance)
+      S=${CONF_S:-300}
+      conf reference "$S" & conf triton "$S" & conf pallas "$S" & conf cuda "$S" &
+      wait
+      t=$(date +%s)
+      timeout 200 python3 -m pytest tests/backends tests/core/test_gpu_compile.py tests/core/test_crossing.py \
+        -k "not real_compile" -q -rs -p no:cacheprovider -n 4 > "$OUT/gpu_unit.log" 2>&1
+      echo "backend + core GPU tests: rc=$? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/gpu_unit.log")"
+      ;;
+    bench)
+      B=$(( $(left) - 25 ))
+      echo "bench budget: $B s"
+      python3 -m flashmux bench --sweep papers --head-dims ${HEAD_DIMS:-64,128} --seqlens ${SEQLENS:-2k,4k,8k,16k} \
+        --modes ${MODES:-fwd,fwd_bwd} --dtype bf16 --target-ms ${TARGET_MS:-30} --time-budget "$B" \
+        ${BACKENDS:+--backends $BACKENDS} ${ANCHORS:+--anchors $ANCHORS} ${FRAMEWORKS:+--frameworks $FRAMEWORKS} \
+        --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1
+      echo "bench rc=$?"; tail -40 "$OUT/bench.log"
+      ;;
+  esac
+done
+echo "total $(( $(date +%s) - T0 )) s"
