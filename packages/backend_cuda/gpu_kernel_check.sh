@@ -45,7 +45,7 @@ for s in $STAGES; do
       timeout 240 compute-sanitizer --tool racecheck python3 tools/kernel_check.py $LIB sanitize > $OUTDIR/racecheck.log 2>&1
       tail -4 $OUTDIR/racecheck.log ;;
     profile)
-      timeout 240 ncu --clock-control none -k 'regex:fwd_kernel|bwd_kernel|dq_dk_dv' \
+      timeout 240 ncu --clock-control none -k "regex:${PROFILE_KERNELS:-fwd_kernel|bwd_kernel|dq_dk_dv}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section InstructionStats --section SourceCounters --print-details all \

@@ -354,7 +354,8 @@ def profile():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    B, S, H, D = 4, 4096, 16, 128
+    D = int(os.environ.get("FMX_PROFILE_D", "128"))
+    B, S, H = 4, 4096, 2048 // D
     q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     o, l = fmx_forward(q, k, v)
     fmx_backward(do, q, k, v, o, l)

@@ -24,7 +24,7 @@
 #define FMX_BWD128_DQ 2
 #endif
 #ifndef FMX_BWD128_DB
-#define FMX_BWD128_DB false
+#define FMX_BWD128_DB true
 #endif
 
 namespace fmx {

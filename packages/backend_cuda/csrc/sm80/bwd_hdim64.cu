@@ -6,7 +6,7 @@
 // BN: key rows per CTA; W: warps; SDP: warps along M for S/dP; DKV: warps along N for dK/dV;
 // DQ: warps along M for dQ; DB: double-buffered Q/dO. BM: query rows per step (a multiple of kBwdBlockM = 64).
 #ifndef FMX_BWD64_BM
-#define FMX_BWD64_BM 64
+#define FMX_BWD64_BM 128
 #endif
 #ifndef FMX_BWD64_BN
 #define FMX_BWD64_BN 128
@@ -15,13 +15,13 @@
 #define FMX_BWD64_W 8
 #endif
 #ifndef FMX_BWD64_SDP
-#define FMX_BWD64_SDP 2
+#define FMX_BWD64_SDP 4
 #endif
 #ifndef FMX_BWD64_DKV
 #define FMX_BWD64_DKV 4
 #endif
 #ifndef FMX_BWD64_DQ
-#define FMX_BWD64_DQ 2
+#define FMX_BWD64_DQ 4
 #endif
 #ifndef FMX_BWD64_DB
 #define FMX_BWD64_DB true

@@ -10,8 +10,10 @@ namespace fmx {
 namespace sm80 {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kAtomMSdP, int kAtomNdKV,
-          int kAtomMdQ, bool kDoubleBuf_, typename Element_>
+          int kAtomMdQ, bool kDoubleBuf_, typename Element_, bool kRedV4_ = false>
 struct BwdTraits {
+  // kRedV4: full dQ tiles are added with 16-byte reductions (lane pairs swap half rows first).
+  static constexpr bool kRedV4 = kRedV4_;
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
@@ -28,6 +30,30 @@ struct BwdTraits {
       2 * kQBufs * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + 2 * kBlockM * kBlockN;
   static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kQBufs * kBlockM * 4;
 };
+
+// Fire-and-forget fp32 reductions into global memory (RED, no value returned: atomicAdd on
+// float2 compiles to ATOMG, whose unused result still occupies a register until it returns).
+__device__ __forceinline__ void red_add2(float *ptr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b)
+               : "memory");
+#else
+  atomicAdd(ptr, a);
+  atomicAdd(ptr + 1, b);
+#endif
+}
+__device__ __forceinline__ void red_add4(float *ptr, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a),
+               "f"(b), "f"(c), "f"(d)
+               : "memory");
+#else
+  atomicAdd(ptr, a);
+  atomicAdd(ptr + 1, b);
+  atomicAdd(ptr + 2, c);
+  atomicAdd(ptr + 3, d);
+#endif
+}
 
 __device__ __forceinline__ int ld_acquire(const int *p) {
   int v;
@@ -334,21 +360,32 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       const int rows_q = si.sq - m0;
       const int c0 = get<1>(cdQrc(0, 0));
       float *dq_thr = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d + c0;
-      auto add_pair = [&](float *ptr, float a, float b2) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        atomicAdd(reinterpret_cast<float2 *>(ptr), make_float2(a, b2));
-#else
-        atomicAdd(ptr, a);
-        atomicAdd(ptr + 1, b2);
-#endif
-      };
-      if (rows_q >= BM && p.d == D) {
+      if (Tr::kRedV4 && rows_q >= BM && p.d == D) {
+        // Lanes 2k and 2k+1 hold columns [4j, 4j+2) and [4j+2, 4j+4) of rows g and g+8; the
+        // even lane gathers row g, the odd lane row g+8, and each adds 4 floats at once.
+        const bool odd = (tid & 1) != 0;
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(dQrc); r += 2) {
+          const int row = get<0>(cdQrc(odd ? r + 1 : r, 0));
+          float *rp = dq_thr + (int64_t)row * dq_rs - (odd ? 2 : 0);
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(dQrc); c += 2) {
+            const float x0 = odd ? dQrc(r, c) : dQrc(r + 1, c);
+            const float x1 = odd ? dQrc(r, c + 1) : dQrc(r + 1, c + 1);
+            const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
+            const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
+            const float v0 = odd ? y0 : dQrc(r, c), v1 = odd ? y1 : dQrc(r, c + 1);
+            const float v2 = odd ? dQrc(r + 1, c) : y0, v3 = odd ? dQrc(r + 1, c + 1) : y1;
+            red_add4(rp + (get<1>(cdQrc(r, c)) - c0), v0, v1, v2, v3);
+          }
+        }
+      } else if (rows_q >= BM && p.d == D) {
         CUTE_UNROLL
         for (int r = 0; r < size<0>(dQrc); ++r) {
           float *rp = dq_thr + (int64_t)get<0>(cdQrc(r, 0)) * dq_rs;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2)
-            add_pair(rp + (get<1>(cdQrc(r, c)) - c0), dQrc(r, c), dQrc(r, c + 1));
+            red_add2(rp + (get<1>(cdQrc(r, c)) - c0), dQrc(r, c), dQrc(r, c + 1));
         }
       } else {
         CUTE_UNROLL
@@ -358,7 +395,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2) {
             const int dc = get<1>(cdQrc(r, c)) - c0;
-            if (row < rows_q && c0 + dc < p.d) add_pair(rp + dc, dQrc(r, c), dQrc(r, c + 1));
+            if (row < rows_q && c0 + dc < p.d) red_add2(rp + dc, dQrc(r, c), dQrc(r, c + 1));
           }
         }
       }

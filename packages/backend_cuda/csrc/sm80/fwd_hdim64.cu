@@ -7,7 +7,7 @@
 #define FMX_FWD64_BM 128
 #endif
 #ifndef FMX_FWD64_BN
-#define FMX_FWD64_BN 64
+#define FMX_FWD64_BN 128
 #endif
 #ifndef FMX_FWD64_WARPS
 #define FMX_FWD64_WARPS 4
