@@ -66,14 +66,23 @@ def test_against_reference(case):
     assert passed(rep), (f"seed {seed}", rep)
 
 
-def test_uneven_blocks():
-    """block_m != block_n in every kernel: the masked/unmasked ranges still cover each key once."""
-    cfg = Config(Blocks(32, 16, 4, 1), Blocks(16, 32, 4, 1), Blocks(32, 16, 4, 1))
+@pytest.mark.parametrize("fused_delta", [True, False])
+def test_uneven_blocks(fused_delta):
+    """block_m != block_n in every kernel: the masked/unmasked ranges still cover each key once.
+    Both backward schedules: delta inside the dQ kernel (run first), or in XLA before dK/dV."""
+    cfg = Config(
+        Blocks(32, 16, 4, 1), Blocks(16, 32, 4, 1), Blocks(32, 16, 4, 1), fused_delta=fused_delta
+    )
+    cases = (
+        Case(seqlen_q=50, seqlen_k=70, causal=True, window=(9, None), heads_q=2, heads_kv=1),
+        Case(seqlen_q=70, seqlen_k=50, window=(3, 11)),
+    )
+    if not fused_delta:  # the other schedule: also varlen, dlse and a low precision
+        cases += (
+            Case(seqlens=((18, 30), (33, 12)), window=(4, 2), lse_grad=True, dtype="float16"),
+        )
     with use_config(cfg):
-        for case in (
-            Case(seqlen_q=50, seqlen_k=70, causal=True, window=(9, None), heads_q=2, heads_kv=1),
-            Case(seqlen_q=70, seqlen_k=50, window=(3, 11)),
-        ):
+        for case in cases:
             seed = _seed()
             rep = run_case(case, seed=seed)
             assert passed(rep), (case.id(), f"seed {seed}", rep)

@@ -48,3 +48,16 @@ def out_struct(shape, dtype, like):
         return jax.ShapeDtypeStruct(tuple(shape), dtype, manual_axis_type=mat)
     except TypeError:  # a jax without the keyword
         return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def varying(x) -> bool:
+    """Whether x is typed as varying over a shard_map manual axis (check_vma)."""
+    import jax
+
+    try:
+        t = jax.typeof(x)
+    except Exception:
+        return False
+    mat = getattr(t, "manual_axis_type", None)
+    vary = getattr(mat, "varying", None) if mat is not None else getattr(t, "vma", None)
+    return bool(vary)

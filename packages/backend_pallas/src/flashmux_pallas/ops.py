@@ -13,6 +13,7 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 
+from ._compat import varying
 from .triton_kernels import LOG2E, Static, dkdv_call, dq_call, forward_call
 
 
@@ -32,6 +33,7 @@ class Config:
     dkdv: Blocks
     dq: Blocks
     fast_exp: bool = True  # GPU only (interpret mode always uses jnp.exp2)
+    fused_delta: bool = True  # delta computed inside the dQ kernel (which then runs first)
 
 
 # Defaults by (padded head_dim, causal) for the Triton lowering. D=64 and D=128 come from the
@@ -179,6 +181,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         f32=jnp.dtype(dtype) == jnp.float32,
         fast_exp=cfg.fast_exp and not interpret,
     )
+    fused = dict(fused_delta=cfg.fused_delta)
 
     def st(b: Blocks) -> Static:
         return Static(
@@ -189,7 +192,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
             **base,
         )
 
-    return Plan(sqp, skp, dp, dvp, st(fwd), st(dkdv), st(dq))
+    return Plan(sqp, skp, dp, dvp, st(fwd), st(dkdv), replace(st(dq), **fused))
 
 
 def _pad(x, seq_to: int, dim_to: int | None, seq_axis: int = 1, value=0.0):
@@ -321,6 +324,12 @@ def backward(
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     do = do.astype(q.dtype)
+    if out_residual is not None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+        out_residual = None  # float32 outputs are exact: the residual is zeros
+    # Interpret mode inside shard_map: the interpreter's grid loop starts every output unvarying
+    # and rejects the dQ kernel's delta output (computed straight from varying input blocks).
+    if plan.dq.fused_delta and not (interpret and varying(q)):
+        return _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual, plan)
     # delta_i = rowsum(dO * O) - dlse_i: the softmax backward's row term (dlse folds in here).
     # O is the float32 output when the forward saved its rounding error (out_residual): on rows
     # that see few keys the rounded O's error in delta would exceed plain attention's.
@@ -346,7 +355,40 @@ def backward(
     lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
     delta = _pad(delta, plan.sqp, None, seq_axis=2)
     dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
-    dq = dq_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dq)
+    dq = dq_call(qp, kp, vp, dop, lse2, delta, lq, lk, replace(plan.dq, fused_delta=False))
+    dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
+    if params.varlen:
+        dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)
+    return dq, dk, dvv
+
+
+def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan):
+    """dQ first (it computes delta from O, r, dO and dlse), then dK/dV."""
+    import jax.numpy as jnp
+
+    sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
+    # lse in base 2 (a pass over lse only); rows with no allowed key get +inf so p = 0.
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E).astype(jnp.float32)
+    dlse = None if dlse is None else dlse.astype(jnp.float32)
+    lq = lk = None
+    if params.varlen:
+        tq, tk = q.shape[0], k.shape[0]
+        lq, lk = _lengths(cu_q), _lengths(cu_k)
+        q, do, out = (_to_padded(x, cu_q, sq) for x in (q, do, out))
+        r = None if r is None else _to_padded(r, cu_q, sq)
+        k, v = _to_padded(k, cu_k, sk), _to_padded(v, cu_k, sk)
+        lse2 = jnp.moveaxis(_to_padded(lse2.T, cu_q, sq, fill=jnp.inf), -1, -2)  # (B, Hq, sq)
+        if dlse is not None:
+            dlse = jnp.moveaxis(_to_padded(dlse.T, cu_q, sq), -1, -2)
+    qp, dop = _pad(q, plan.sqp, plan.dp), _pad(do, plan.sqp, plan.dvp)
+    kp, vp = _pad(k, plan.skp, plan.dp), _pad(v, plan.skp, plan.dvp)
+    op = _pad(out, plan.sqp, plan.dvp)
+    rp = None if r is None else _pad(r, plan.sqp, plan.dvp)
+    lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
+    dlse = None if dlse is None else _pad(dlse, plan.sqp, None, seq_axis=2)
+    st = replace(plan.dq, has_r=rp is not None, has_dlse=dlse is not None)
+    dq, delta = dq_call(qp, kp, vp, dop, lse2, None, lq, lk, st, out=op, r=rp, dlse=dlse)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
         dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)

@@ -48,6 +48,11 @@ class Static:
     f32: bool  # float32 inputs: ask for IEEE dots
     fast_exp: bool = False  # GPU: exp2 as one ex2.approx.ftz.f32 instruction (inline PTX)
     residual: bool = False  # forward: also write out_residual = float32 out - stored out
+    # dQ kernel computes delta = rowsum(dO * (O + r)) - dlse itself (and writes it for the dK/dV
+    # kernel, which then runs second): no separate XLA pass over dO and O.
+    fused_delta: bool = False
+    has_r: bool = False  # fused_delta: an out_residual input
+    has_dlse: bool = False  # fused_delta: a dlse input
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -436,11 +441,18 @@ def _dq_kernel(*refs, st: Static):
     import jax.numpy as jnp
 
     pl = pallas()
-    if st.varlen:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lq_ref, lk_ref, dq_ref) = refs
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref = refs[:5]
+    i = 5
+    if st.fused_delta:  # delta comes from O, r, dO, dlse (and is written out)
+        o_ref, i = refs[i], i + 1
+        r_ref, i = (refs[i], i + 1) if st.has_r else (None, i)
+        dlse_ref, i = (refs[i], i + 1) if st.has_dlse else (None, i)
     else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref) = refs
-        lq_ref = lk_ref = None
+        dl_ref, i = refs[i], i + 1
+    lq_ref, lk_ref = (refs[i], refs[i + 1]) if st.varlen else (None, None)
+    i += 2 if st.varlen else 0
+    dq_ref = refs[i]
     bm, bn = st.block_m, st.block_n
     qi, h, b = (
         _q_block(pl.program_id(0), pl.num_programs(0), st),
@@ -454,7 +466,16 @@ def _dq_kernel(*refs, st: Static):
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...]
-    delta = dl_ref[...]
+    if st.fused_delta:
+        o32 = o_ref[...].astype(jnp.float32)
+        if st.has_r:
+            o32 = o32 + r_ref[...].astype(jnp.float32)
+        delta = jnp.sum(do.astype(jnp.float32) * o32, axis=1)
+        if st.has_dlse:
+            delta = delta - dlse_ref[...]
+        refs[i + 1][...] = delta  # for the dK/dV kernel, which runs after this one
+    else:
+        delta = dl_ref[...]
     inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
 
     def body(kb, dq, masked):
@@ -480,31 +501,52 @@ def _dq_kernel(*refs, st: Static):
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
+def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None):
+    """-> dq; with st.fused_delta, delta is unused, out (and r, dlse when st.has_r / st.has_dlse)
+    come in, and it returns (dq, delta)."""
+    import jax.numpy as jnp
 
     pl = pallas()
     B, Sqp, Hq, Dp = q.shape
     Skp, Dvp = k.shape[1], v.shape[-1]
     bm, g = st.block_m, st.group
     qb = functools.partial(_q_block, n=Sqp // bm, st=st)
+    row_spec = block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i)))
+    o_spec = block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0))
     in_specs = [
         block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
         block_spec((None, Skp, None, Dp), lambda i, h, b: (b, 0, h // g, 0)),
         block_spec((None, Skp, None, Dvp), lambda i, h, b: (b, 0, h // g, 0)),
-        block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0)),
-        block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
-        block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
+        o_spec,
+        row_spec,
     ]
-    args = [q, k, v, do, lse2, delta]
+    args = [q, k, v, do, lse2]
+    if st.fused_delta:
+        in_specs.append(o_spec)
+        args.append(out)
+        if st.has_r:
+            in_specs.append(o_spec)
+            args.append(r)
+        if st.has_dlse:
+            in_specs.append(row_spec)
+            args.append(dlse)
+    else:
+        in_specs.append(row_spec)
+        args.append(delta)
     if st.varlen:
         in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
         args += [lens_q, lens_k]
+    out_specs = block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0))
+    out_shape = out_struct(q.shape, q.dtype, q)
+    if st.fused_delta:
+        out_specs = [out_specs, row_spec]
+        out_shape = [out_shape, out_struct((B, Hq, Sqp), jnp.float32, q)]
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(Sqp // bm, Hq, B),
         in_specs=in_specs,
-        out_specs=block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0)),
-        out_shape=out_struct(q.shape, q.dtype, q),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
         name="flashmux_bwd_dq",
