@@ -28,7 +28,10 @@ build() {
 
 # TUNE="NAME:FMX_TUNE_BWD64=1,... NAME2:..." builds the tuning variants too (-DFMX_TUNING);
 # stages tune (bench every spec beside SDPA flash) and tunecheck (bf16 correctness per spec).
-build /tmp/fmxb -lineinfo ${TUNE:+-DFMX_TUNING} || exit 1
+# SKIP_BUILD=1 reuses /tmp/fmxb from an earlier call of this script on the same machine.
+if [ -z "${SKIP_BUILD:-}" ] || [ ! -f /tmp/fmxb/libfmx.so ]; then
+  build /tmp/fmxb -lineinfo ${TUNE:+-DFMX_TUNING} || exit 1
+fi
 for f in /tmp/fmxb/*.log; do
   n=$(grep -c "spill stores" $f); s=$(grep -o "[0-9]* bytes spill stores" $f | sort -n | tail -1)
   [ -n "$s" ] && echo "  $(basename $f .o.log): max $s"

@@ -157,7 +157,7 @@ WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
   const size_t mb = (size_t)((a->seqlen_q > 0 ? a->seqlen_q : 0) + fmx::kBwdBlockM - 1) / fmx::kBwdBlockM;
   const size_t b = (size_t)(a->batch > 0 ? a->batch : 0);
   w.dq_accum = 0;
-  w.dsum = align_up(tq * hq * d * sizeof(float));
+  w.dsum = align_up((tq + 7) / 8 * 8 * hq * d * sizeof(float));  // dq_accum rows padded to 8
   w.sem = w.dsum + align_up(tq * hq * sizeof(float));
   w.total = w.sem + align_up(b * hq * mb * sizeof(int32_t));
   return w;

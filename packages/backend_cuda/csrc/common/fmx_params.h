@@ -32,7 +32,8 @@ struct Params {
   int64_t dq_bs, dq_rs, dq_hs;
   int64_t dk_bs, dk_rs, dk_hs;
   int64_t dv_bs, dv_rs, dv_hs;
-  float *dq_accum;   // (total_q, hq, d) fp32, zero-filled
+  float *dq_accum;   // fp32, zero-filled; 8x8 blocks: (row i, head h, col c) lives at
+                     // ((i / 8 * hq + h) * d + c / 8 * 8) * 8 + i % 8 * 8 + c % 8 (rows padded to 8)
   float *dsum;       // rowsum(dO*O) - dlse, same layout as lse
   int32_t *dq_sem;   // (batch, hq, num_m_blocks_bwd) counters, zero-filled (deterministic only)
   int32_t num_m_blocks_bwd;

@@ -44,12 +44,13 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const Params p) {
   const int i = blockIdx.x * kAuxRowsPerBlock + warp, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si(p, b);
   if (i >= si.sq) return;
-  const float *src = p.dq_accum + ((si.q_row0 + i) * p.hq + h) * (int64_t)p.d;
+  const int64_t gi = si.q_row0 + i;  // dq_accum is in 8x8 blocks (fmx_params.h)
+  const float *src = p.dq_accum + ((gi >> 3) * p.hq + h) * (int64_t)p.d * 8 + (gi & 7) * 8;
   Element *dst = reinterpret_cast<Element *>(p.dq) + si.q_base(b, p.dq_bs, p.dq_rs) +
                  (int64_t)i * p.dq_rs + (int64_t)h * p.dq_hs;
   for (int c = lane * 8; c < p.d; c += 256) {
-    float4 a = *reinterpret_cast<const float4 *>(src + c);
-    float4 bb = *reinterpret_cast<const float4 *>(src + c + 4);
+    float4 a = *reinterpret_cast<const float4 *>(src + c * 8);
+    float4 bb = *reinterpret_cast<const float4 *>(src + c * 8 + 4);
     uint4 out;
     out.x = pack2<Element>(a.x * p.scale, a.y * p.scale);
     out.y = pack2<Element>(a.z * p.scale, a.w * p.scale);

@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   const bool capped = p.softcap > 0.f;
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2, inv_cap = capped ? 1.f / p.softcap : 0.f;
-  const int64_t dq_rs = (int64_t)p.hq * p.d;
+  const int64_t dq_blk = (int64_t)p.hq * p.d * 8;  // dq_accum floats per group of 8 rows
 
   // Per step (FlashAttention-2 order): S = Q K^T; P -> smem; dP = dO V^T (overlaps the P
   // stores); dS -> smem; barrier; dV += P^T dO; dQ = dS K and its atomics; dK += dS^T Q (the
@@ -358,16 +358,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       Tensor dQrc = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
       Tensor cdQrc = make_tensor(cdQ.data(), rowcol_layout(cdQ.layout()));
       const int rows_q = si.sq - m0;
+      // dq_accum is stored in 8x8 blocks (fmx_params.h): the 8 rows x 8 columns that one warp
+      // reduction instruction covers are 256 contiguous bytes (2 cache lines, not 8).
       const int c0 = get<1>(cdQrc(0, 0));
-      float *dq_thr = p.dq_accum + (si.q_row0 + m0) * dq_rs + (int64_t)h * p.d + c0;
+      float *dq_h = p.dq_accum + (int64_t)h * p.d * 8 + (c0 >> 3) * 64 + (c0 & 7);
+      const int64_t i0 = si.q_row0 + m0;
+      auto row_ptr = [&](int row) {
+        const int64_t i = i0 + row;
+        return dq_h + (i >> 3) * dq_blk + (i & 7) * 8;
+      };
       if (Tr::kRedV4 && rows_q >= BM && p.d == D) {
         // Lanes 2k and 2k+1 hold columns [4j, 4j+2) and [4j+2, 4j+4) of rows g and g+8; the
         // even lane gathers row g, the odd lane row g+8, and each adds 4 floats at once.
         const bool odd = (tid & 1) != 0;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(dQrc); r += 2) {
-          const int row = get<0>(cdQrc(odd ? r + 1 : r, 0));
-          float *rp = dq_thr + (int64_t)row * dq_rs - (odd ? 2 : 0);
+          float *rp = row_ptr(get<0>(cdQrc(odd ? r + 1 : r, 0))) - (odd ? 2 : 0);
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2) {
             const float x0 = odd ? dQrc(r, c) : dQrc(r + 1, c);
@@ -376,26 +382,26 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
             const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
             const float v0 = odd ? y0 : dQrc(r, c), v1 = odd ? y1 : dQrc(r, c + 1);
             const float v2 = odd ? dQrc(r + 1, c) : y0, v3 = odd ? dQrc(r + 1, c + 1) : y1;
-            red_add4(rp + (get<1>(cdQrc(r, c)) - c0), v0, v1, v2, v3);
+            red_add4(rp + (get<1>(cdQrc(r, c)) - c0) * 8, v0, v1, v2, v3);
           }
         }
       } else if (rows_q >= BM && p.d == D) {
         CUTE_UNROLL
         for (int r = 0; r < size<0>(dQrc); ++r) {
-          float *rp = dq_thr + (int64_t)get<0>(cdQrc(r, 0)) * dq_rs;
+          float *rp = row_ptr(get<0>(cdQrc(r, 0)));
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2)
-            red_add2(rp + (get<1>(cdQrc(r, c)) - c0), dQrc(r, c), dQrc(r, c + 1));
+            red_add2(rp + (get<1>(cdQrc(r, c)) - c0) * 8, dQrc(r, c), dQrc(r, c + 1));
         }
       } else {
         CUTE_UNROLL
         for (int r = 0; r < size<0>(dQrc); ++r) {
           const int row = get<0>(cdQrc(r, 0));
-          float *rp = dq_thr + (int64_t)row * dq_rs;
+          float *rp = row_ptr(row);
           CUTE_UNROLL
           for (int c = 0; c < size<1>(dQrc); c += 2) {
             const int dc = get<1>(cdQrc(r, c)) - c0;
-            if (row < rows_q && c0 + dc < p.d) red_add2(rp + dc, dQrc(r, c), dQrc(r, c + 1));
+            if (row < rows_q && c0 + dc < p.d) red_add2(rp + dc * 8, dQrc(r, c), dQrc(r, c + 1));
           }
         }
       }
