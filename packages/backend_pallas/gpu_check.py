@@ -221,13 +221,15 @@ def _pallas_vjp(params):
     def f(q, k, v):
         return ops.forward(q, k, v, None, None, params, interpret=False)[0]
 
-    def fwd(q, k, v):
-        out, lse = ops.forward(q, k, v, None, None, params, interpret=False)
-        return out, (q, k, v, out, lse)
+    def fwd(q, k, v):  # the training path the core takes: forward also writes out_residual
+        out, lse, r = ops.forward(q, k, v, None, None, params, residual=True, interpret=False)
+        return out, (q, k, v, out, lse, r)
 
     def bwd(res, do):
-        q, k, v, out, lse = res
-        return ops.backward(do, None, q, k, v, out, lse, None, None, params, interpret=False)
+        q, k, v, out, lse, r = res
+        return ops.backward(
+            do, None, q, k, v, out, lse, None, None, params, out_residual=r, interpret=False
+        )
 
     f.defvjp(fwd, bwd)
     return f
@@ -505,6 +507,203 @@ def mosaic_variants(deadline):
                     )
 
 
+def plan3(deadline):
+    """Run 3: causal block sweep at S=2048 (fused delta on/off), the causal table against mha
+    (old and new configs), then the Mosaic forward variants against attention_mgpu (fp16)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_kernels as mk
+    from flashmux_pallas import ops
+    from flashmux_pallas.ops import Blocks as B_
+
+    old = {d: ops.GPU_CONFIGS[(d, True)] for d in (64, 128)}
+    cands = {
+        64: dict(
+            fwd=[B_(128, 64, 4, 4), B_(128, 64, 4, 3), B_(64, 64, 4, 3), B_(128, 128, 8, 3)],
+            dkdv=[B_(64, 64, 4, 3), B_(32, 128, 4, 3), B_(64, 128, 8, 3), B_(64, 64, 4, 2)],
+            dq=[B_(64, 64, 4, 3), B_(128, 64, 8, 3), B_(128, 32, 4, 3), B_(64, 32, 4, 3)],
+        ),
+        128: dict(
+            fwd=[B_(128, 64, 8, 3), B_(64, 64, 4, 3), B_(128, 32, 4, 3), B_(128, 64, 8, 2)],
+            dkdv=[B_(64, 128, 8, 2), B_(32, 128, 8, 3), B_(64, 64, 4, 3), B_(64, 64, 8, 3)],
+            dq=[B_(128, 32, 4, 3), B_(128, 32, 8, 3), B_(64, 64, 4, 3), B_(64, 32, 4, 3)],
+        ),
+    }
+    S = 2048
+    for d in (64, 128):
+        if time.time() > deadline - 120:
+            break
+        base = old[d]
+        B, H = 16384 // S, 2048 // d
+        ks = jax_split(d, 4)
+        q, k, v, do = (jax_normal(kk, (B, S, H, d), jnp.bfloat16) for kk in ks)
+        p = Params(scale=1.0 / np.sqrt(d), causal=True, window_right=0)
+        flops = 4.0 * B * H * S * S * d / 2
+        ops.MOSAIC_MODE = "off"
+
+        def t_fwd(cfg):
+            with ops.use_config(cfg):
+                fn = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))
+                return bench(fn, q, k, v)
+
+        def t_bwd(cfg):
+            with ops.use_config(cfg):
+                out, lse, r = jax.jit(
+                    lambda q, k, v: ops.forward(
+                        q, k, v, None, None, p, residual=True, interpret=False
+                    )
+                )(q, k, v)
+                fn = jax.jit(
+                    lambda do, q, k, v, o, l_, r: ops.backward(
+                        do, None, q, k, v, o, l_, None, None, p, out_residual=r, interpret=False
+                    )
+                )
+                return bench(fn, do, q, k, v, out, lse, r)
+
+        def pick(kind, cfgs, timer, fl):
+            res = []
+            for c in cfgs:
+                try:
+                    t = timer(c)
+                except Exception as e:  # noqa: BLE001
+                    t = float("inf")
+                    log("sweep error", kind, str(e)[:200])
+                res.append((t, c))
+                log(
+                    f"sweep3 d={d} causal S={S} {kind} {c}: {fl / t / 1e12:.0f} TFLOP/s ({t * 1e3:.3f} ms)"
+                )
+            RESULTS["sweep"].append(
+                {"d": d, "S": S, "kind": kind, "res": [(t, str(c)) for t, c in res]}
+            )
+            return min(res, key=lambda r: r[0])[1]
+
+        cur = pick("fwd", [dataclasses.replace(base, fwd=b) for b in cands[d]["fwd"]], t_fwd, flops)
+        cur = pick(
+            "bwd(fused_delta)",
+            [cur, dataclasses.replace(cur, fused_delta=not cur.fused_delta)],
+            t_bwd,
+            2.5 * flops,
+        )
+        cur = pick(
+            "bwd(dkdv)",
+            [dataclasses.replace(cur, dkdv=b) for b in cands[d]["dkdv"]],
+            t_bwd,
+            2.5 * flops,
+        )
+        cur = pick(
+            "bwd(dq)", [dataclasses.replace(cur, dq=b) for b in cands[d]["dq"]], t_bwd, 2.5 * flops
+        )
+        ops.GPU_CONFIGS[(d, True)] = cur
+        RESULTS.setdefault("chosen", {})[f"{d},causal"] = str(cur)
+        log(f"CHOSEN3 d={d} causal: {cur}")
+        save()
+    # causal table: new configs (and the old ones) against mha, fwd+bwd and fwd
+    from jax.experimental.pallas.ops.gpu import attention as pa
+
+    for d in (64, 128):
+        p = Params(scale=1.0 / np.sqrt(d), causal=True, window_right=0)
+        new = ops.GPU_CONFIGS[(d, True)]
+        for S in (2048, 4096, 8192):
+            row = {}
+            impl = {
+                "ours": _pallas_vjp(p),
+                "mha": lambda q, k, v, d=d: pa.mha(q, k, v, None, sm_scale=d**-0.5, causal=True),
+            }
+            for mode in ("fwdbwd", "fwd"):
+                for name, f in impl.items():
+                    if time.time() > deadline - 50:
+                        continue
+                    ops.MOSAIC_MODE = "off"
+                    try:
+                        tf, _ = measure(name, f, jnp.bfloat16, S, d, True, mode)
+                    except Exception as e:  # noqa: BLE001
+                        tf = float("nan")
+                        log("error", name, str(e)[:200])
+                    row[f"{name} {mode}"] = tf
+                if mode == "fwdbwd" and old[d] != new and time.time() < deadline - 50:
+                    ops.GPU_CONFIGS[(d, True)] = old[d]
+                    try:
+                        tf, _ = measure("old", _pallas_vjp(p), jnp.bfloat16, S, d, True, mode)
+                    except Exception as e:  # noqa: BLE001
+                        tf = float("nan")
+                        log("error old", str(e)[:200])
+                    ops.GPU_CONFIGS[(d, True)] = new
+                    row["old-config fwdbwd"] = tf
+            RESULTS["table"].append({"d": d, "causal": True, "S": S, **row})
+            log(f"TABLE3 d={d} causal S={S} " + " ".join(f"{k}={v:.0f}" for k, v in row.items()))
+            save()
+    # Mosaic forward variants vs attention_mgpu, fp16
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    variants = {
+        "default": mk.MosaicConfig(),
+        "fma": mk.MosaicConfig(fma_softmax=True),
+        "fma+early-k": mk.MosaicConfig(fma_softmax=True, early_k_wait=True),
+        "early-k": mk.MosaicConfig(early_k_wait=True),
+    }
+    for d, causal, S in (
+        (128, False, 4096),
+        (128, True, 4096),
+        (128, False, 16384),
+        (128, True, 16384),
+        (64, False, 4096),
+        (64, True, 4096),
+    ):
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+        row = {}
+
+        def mgpu(q, k, v, causal=causal):
+            cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+            return am.attention(q, k, v, cfg)
+
+        fns = {"mgpu": mgpu}
+        for name, cfg in variants.items():
+            fns[name] = lambda q, k, v, cfg=cfg, p=p: mk.forward(q, k, v, p, cfg)[0]
+        for name, f in fns.items():
+            if time.time() > deadline:
+                break
+            try:
+                if name != "mgpu":  # output check against the Triton forward
+                    qs = [jax_normal(kk, (1, 512, 2, d), jnp.float16) for kk in jax_split(5, 3)]
+                    ops.MOSAIC_MODE = "off"
+                    ref = ops.forward(*qs, None, None, p, interpret=False)[0]
+                    err = float(
+                        jnp.max(jnp.abs(f(*qs).astype(jnp.float32) - ref.astype(jnp.float32)))
+                    )
+                    if err > 2e-2:
+                        log(f"mosaic variant {name} d={d} causal={causal} WRONG err={err:.2e}")
+                        row[name] = float("nan")
+                        continue
+                tf, _ = measure(name, f, jnp.float16, S, d, causal, "fwd")
+            except Exception as e:  # noqa: BLE001
+                tf = float("nan")
+                log("error", name, type(e).__name__, str(e)[:200])
+            row[name] = tf
+        RESULTS.setdefault("mosaic", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(
+            f"MOSAIC3 d={d} causal={causal} S={S} "
+            + " ".join(f"{k}={v:.0f}" for k, v in row.items())
+        )
+        save()
+
+
+def jax_split(seed, n):
+    import jax
+
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def jax_normal(key, shape, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def print_table(rows, seqs):
     names = []
     for r in rows:
@@ -533,6 +732,7 @@ def main():
     ap.add_argument("--cases", default="all")
     ap.add_argument("--mosaic", action="store_true")
     ap.add_argument("--mosaic-variants", action="store_true", help="only time the Mosaic variants")
+    ap.add_argument("--plan3", action="store_true", help="run 3: causal sweep, table, mosaic")
     a = ap.parse_args()
     import jax
 
@@ -540,6 +740,9 @@ def main():
     seqs = [int(s) for s in a.seqs.split(",")]
     if a.mosaic_variants:
         mosaic_variants(T0 + a.deadline)
+        return 0
+    if a.plan3:
+        plan3(T0 + a.deadline)
         return 0
     if a.cases == "mosaic":  # child process: a hang or crash here can't take the run down
         n = correctness(T0 + 1e9, "mosaic")  # 2: only the vmap case failed
