@@ -296,14 +296,14 @@ def max_err(x, ref):
     return float(d.max())
 
 
-def run_case(case: Case, backend: str, kind: str, device: str | None = None):
+def run_case(case: Case, backend: str, kind: str, device: str | None = None, seed: int | None = None):
     """Run and judge one case; raises AssertionError with a full report on failure.
 
     Returns None, or a skip reason when the backend declines the case.
     """
     device = device or default_device(kind)
     fw = Framework(kind, device)
-    seed = _rng_seed()
+    seed = _rng_seed() if seed is None else seed
     rng = np.random.default_rng(seed)
     q64, k64, v64, cu_q, cu_k = make_inputs(case, rng)
     q, k, v = (fw.array(x, case.dtype) for x in (q64, k64, v64))

@@ -48,8 +48,11 @@ def case_strategy(draw):
 
 
 @settings(max_examples=N, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
-@given(case=case_strategy())
-def test_generated(case, backend, kind):
-    skip = run_case(case, backend, kind)
+@given(case=case_strategy(), seed=st.integers(0, 2**32 - 1))
+def test_generated(case, seed, backend, kind):
+    # the input seed is part of the example, so hypothesis replays (and reports) a failure exactly
+    if os.environ.get("FLASHMUX_TEST_SEED"):
+        seed = int(os.environ["FLASHMUX_TEST_SEED"])
+    skip = run_case(case, backend, kind, seed=seed)
     # a decline is fine here (the fixed cases check coverage); a wrong answer raises
     del skip
