@@ -461,9 +461,9 @@ def mosaic_variants(deadline):
     from flashmux_pallas import ops
 
     variants = {
-        "default": mk.MosaicConfig(),
-        "fma": mk.MosaicConfig(fma_softmax=True),
-        "early-k": mk.MosaicConfig(early_k_wait=True),
+        "default": mk.MosaicConfig(fma_softmax=False, early_k_wait=False),
+        "fma": mk.MosaicConfig(fma_softmax=True, early_k_wait=False),
+        "early-k": mk.MosaicConfig(fma_softmax=False, early_k_wait=True),
         "fma+early-k": mk.MosaicConfig(fma_softmax=True, early_k_wait=True),
         "fma+early-k 3 stages": mk.MosaicConfig(fma_softmax=True, early_k_wait=True, stages=3),
     }
@@ -640,10 +640,10 @@ def plan3(deadline):
     from jax.experimental.pallas.ops.gpu import attention_mgpu as am
 
     variants = {
-        "default": mk.MosaicConfig(),
-        "fma": mk.MosaicConfig(fma_softmax=True),
+        "default": mk.MosaicConfig(fma_softmax=False, early_k_wait=False),
+        "fma": mk.MosaicConfig(fma_softmax=True, early_k_wait=False),
         "fma+early-k": mk.MosaicConfig(fma_softmax=True, early_k_wait=True),
-        "early-k": mk.MosaicConfig(early_k_wait=True),
+        "early-k": mk.MosaicConfig(fma_softmax=False, early_k_wait=True),
     }
     for d, causal, S in (
         (128, False, 4096),

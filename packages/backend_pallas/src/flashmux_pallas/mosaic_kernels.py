@@ -29,8 +29,9 @@ class MosaicConfig:
     block_kv: int = 128
     stages: int = 2
     pingpong: bool = True
-    # Unmeasured variants (off by default; the defaults are what GPU run B validated and timed):
-    fma_softmax: bool = False  # scale the row max, not the tile: s*c - m becomes one FMA
+    # GPU run C (NOTES.md): fma_softmax +1..11% over the run B kernel at D=128, on by default;
+    # early_k_wait alone or with it within noise (+-3%), off.
+    fma_softmax: bool = True  # scale the row max, not the tile: s*c - m becomes one FMA
     early_k_wait: bool = False  # wait for the next K tile while the PV wgmma runs
 
 

@@ -37,7 +37,8 @@ class Config:
 
 
 # Defaults by (padded head_dim, causal) for the Triton lowering. D=64 and D=128 come from the
-# per-kernel sweep of GPU run B (H100, jax 0.11.2, S=4096; NOTES.md); the rest are estimates.
+# per-kernel sweep of GPU run B (H100, jax 0.11.2, S=4096; NOTES.md), D=64 causal from run C's
+# sweep at S=2048; the rest are estimates.
 _C, _B = Config, Blocks
 GPU_CONFIGS: dict[tuple[int, bool], Config] = {}
 for _d, _cfg in {
@@ -49,7 +50,7 @@ for _d, _cfg in {
 GPU_CONFIGS.update(
     {
         (64, False): _C(_B(128, 64, 4, 4), _B(32, 128, 4, 5), _B(128, 64, 8, 3)),
-        (64, True): _C(_B(128, 64, 4, 4), _B(64, 64, 4, 3), _B(64, 64, 4, 3)),
+        (64, True): _C(_B(128, 64, 4, 3), _B(64, 64, 4, 3), _B(128, 64, 8, 3)),
         (128, False): _C(_B(64, 64, 4, 3), _B(32, 128, 8, 3), _B(128, 32, 8, 3)),
         (128, True): _C(_B(128, 64, 8, 3), _B(64, 128, 8, 2), _B(128, 32, 4, 3)),
     }
