@@ -691,6 +691,161 @@ def plan3(deadline):
         save()
 
 
+def plan4(deadline):
+    """Run 4: causal S=2048 sweep of more block candidates and the one-loop variant, then new vs
+    current configs against mha at S=2048/4096, then the D=64 Mosaic points against mgpu."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention as pa
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_kernels as mk
+    from flashmux_pallas import ops
+    from flashmux_pallas.ops import Blocks as B_
+
+    cur0 = {d: ops.GPU_CONFIGS[(d, True)] for d in (64, 128)}
+    cands = {
+        64: dict(
+            fwd=[B_(128, 64, 8, 3), B_(64, 64, 4, 4), B_(128, 32, 4, 3)],
+            dkdv=[B_(128, 64, 8, 3), B_(64, 64, 4, 4), B_(32, 64, 4, 3)],
+            dq=[B_(128, 64, 8, 2), B_(128, 64, 4, 3), B_(64, 64, 4, 4)],
+        ),
+        128: dict(
+            fwd=[B_(128, 64, 8, 4), B_(64, 64, 4, 4), B_(128, 32, 8, 3)],
+            dkdv=[B_(64, 128, 8, 3), B_(32, 128, 8, 2), B_(64, 64, 4, 2)],
+            dq=[B_(128, 32, 4, 4), B_(128, 64, 8, 2), B_(64, 32, 4, 4)],
+        ),
+    }
+    S = 2048
+    for d in (64, 128):
+        if time.time() > deadline - 90:
+            break
+        B, H = 16384 // S, 2048 // d
+        q, k, v, do = (jax_normal(kk, (B, S, H, d), jnp.bfloat16) for kk in jax_split(d, 4))
+        p = Params(scale=1.0 / np.sqrt(d), causal=True, window_right=0)
+        flops = 4.0 * B * H * S * S * d / 2
+        ops.MOSAIC_MODE = "off"
+
+        def t_fwd(cfg):
+            with ops.use_config(cfg):
+                fn = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))
+                return bench(fn, q, k, v)
+
+        def t_bwd(cfg):
+            with ops.use_config(cfg):
+                out, lse, r = jax.jit(
+                    lambda q, k, v: ops.forward(
+                        q, k, v, None, None, p, residual=True, interpret=False
+                    )
+                )(q, k, v)
+                fn = jax.jit(
+                    lambda do, q, k, v, o, l_, r: ops.backward(
+                        do, None, q, k, v, o, l_, None, None, p, out_residual=r, interpret=False
+                    )
+                )
+                return bench(fn, do, q, k, v, out, lse, r)
+
+        def pick(kind, cfgs, timer, fl):
+            res = []
+            for c in cfgs:
+                try:
+                    t = timer(c)
+                except Exception as e:  # noqa: BLE001
+                    t = float("inf")
+                    log("sweep error", kind, str(e)[:200])
+                res.append((t, c))
+                log(
+                    f"sweep4 d={d} S={S} {kind} {c}: {fl / t / 1e12:.0f} TFLOP/s ({t * 1e3:.3f} ms)"
+                )
+            RESULTS["sweep"].append(
+                {"d": d, "S": S, "kind": kind, "res": [(t, str(c)) for t, c in res]}
+            )
+            return min(res, key=lambda r: r[0])[1]
+
+        c = cur0[d]
+        c = pick(
+            "fwd", [c] + [dataclasses.replace(c, fwd=b) for b in cands[d]["fwd"]], t_fwd, flops
+        )
+        c = pick("fwd(one_loop)", [c, dataclasses.replace(c, one_loop=True)], t_fwd, flops)
+        ol = c.one_loop
+        c = pick(
+            "bwd",
+            [c] + [dataclasses.replace(c, dkdv=b) for b in cands[d]["dkdv"]],
+            t_bwd,
+            2.5 * flops,
+        )
+        c = pick(
+            "bwd", [c] + [dataclasses.replace(c, dq=b) for b in cands[d]["dq"]], t_bwd, 2.5 * flops
+        )
+        if not ol:
+            c = pick(
+                "bwd(one_loop)", [c, dataclasses.replace(c, one_loop=True)], t_bwd, 2.5 * flops
+            )
+        ops.GPU_CONFIGS[(d, True)] = c
+        RESULTS.setdefault("chosen", {})[f"{d},causal"] = str(c)
+        log(f"CHOSEN4 d={d} causal: {c}")
+        save()
+    for d in (64, 128):
+        p = Params(scale=1.0 / np.sqrt(d), causal=True, window_right=0)
+        new = ops.GPU_CONFIGS[(d, True)]
+        for S in (2048, 4096):
+            row = {}
+            for name in ("new", "cur", "mha"):
+                if time.time() > deadline - 25 or (name == "cur" and new == cur0[d]):
+                    continue
+                ops.MOSAIC_MODE = "off"
+                ops.GPU_CONFIGS[(d, True)] = cur0[d] if name == "cur" else new
+                if name == "mha":
+                    f = lambda q, k, v, d=d: pa.mha(q, k, v, None, sm_scale=d**-0.5, causal=True)  # noqa: E731
+                else:
+                    f = _pallas_vjp(p)
+                try:
+                    row[name], _ = measure(name, f, jnp.bfloat16, S, d, True, "fwdbwd")
+                except Exception as e:  # noqa: BLE001
+                    row[name] = float("nan")
+                    log("error", name, str(e)[:200])
+            ops.GPU_CONFIGS[(d, True)] = new
+            RESULTS["table"].append({"d": d, "causal": True, "S": S, **row})
+            log(
+                f"TABLE4 d={d} causal S={S} f+b " + " ".join(f"{k}={v:.0f}" for k, v in row.items())
+            )
+            save()
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    for causal in (False, True):
+        d, S = 64, 4096
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+
+        def mgpu(q, k, v, causal=causal):
+            cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+            return am.attention(q, k, v, cfg)
+
+        fns = {
+            "mgpu": mgpu,
+            "mosaic fma": lambda q, k, v, p=p: mk.forward(q, k, v, p, mk.MosaicConfig())[0],
+            "mosaic run B": lambda q, k, v, p=p: mk.forward(
+                q, k, v, p, mk.MosaicConfig(fma_softmax=False)
+            )[0],
+        }
+        row = {}
+        for name, f in fns.items():
+            if time.time() > deadline:
+                break
+            try:
+                row[name], _ = measure(name, f, jnp.float16, S, d, causal, "fwd")
+            except Exception as e:  # noqa: BLE001
+                row[name] = float("nan")
+                log("error", name, str(e)[:200])
+        RESULTS.setdefault("mosaic", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(
+            f"MOSAIC4 d={d} causal={causal} S={S} "
+            + " ".join(f"{k}={v:.0f}" for k, v in row.items())
+        )
+        save()
+
+
 def jax_split(seed, n):
     import jax
 
@@ -733,6 +888,8 @@ def main():
     ap.add_argument("--mosaic", action="store_true")
     ap.add_argument("--mosaic-variants", action="store_true", help="only time the Mosaic variants")
     ap.add_argument("--plan3", action="store_true", help="run 3: causal sweep, table, mosaic")
+    ap.add_argument("--plan4", action="store_true", help="run 4: causal sweep 2, table, mosaic")
+    ap.add_argument("--only-correctness", action="store_true")
     a = ap.parse_args()
     import jax
 
@@ -744,6 +901,13 @@ def main():
     if a.plan3:
         plan3(T0 + a.deadline)
         return 0
+    if a.plan4:
+        plan4(T0 + a.deadline)
+        return 0
+    if a.only_correctness and a.cases != "mosaic":
+        n = correctness(T0 + a.deadline, a.cases)
+        log(f"correctness: {n} failing")
+        return 0 if n == 0 else 1
     if a.cases == "mosaic":  # child process: a hang or crash here can't take the run down
         n = correctness(T0 + 1e9, "mosaic")  # 2: only the vmap case failed
         return 0 if n == 0 else (2 if n == 2 else 1)

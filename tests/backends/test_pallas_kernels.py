@@ -66,12 +66,20 @@ def test_against_reference(case):
     assert passed(rep), (f"seed {seed}", rep)
 
 
-@pytest.mark.parametrize("fused_delta", [True, False])
-def test_uneven_blocks(fused_delta):
+@pytest.mark.parametrize(
+    "fused_delta,one_loop,scale_ds", [(True, False, True), (False, True, False)]
+)
+def test_uneven_blocks(fused_delta, one_loop, scale_ds):
     """block_m != block_n in every kernel: the masked/unmasked ranges still cover each key once.
-    Both backward schedules: delta inside the dQ kernel (run first), or in XLA before dK/dV."""
+    Both backward schedules: delta inside the dQ kernel (run first), or in XLA before dK/dV; the
+    single all-masked loop variant; dS rounded after (default) or before the scale."""
     cfg = Config(
-        Blocks(32, 16, 4, 1), Blocks(16, 32, 4, 1), Blocks(32, 16, 4, 1), fused_delta=fused_delta
+        Blocks(32, 16, 4, 1),
+        Blocks(16, 32, 4, 1),
+        Blocks(32, 16, 4, 1),
+        fused_delta=fused_delta,
+        one_loop=one_loop,
+        scale_ds=scale_ds,
     )
     cases = (
         Case(seqlen_q=50, seqlen_k=70, causal=True, window=(9, None), heads_q=2, heads_kv=1),

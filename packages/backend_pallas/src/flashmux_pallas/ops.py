@@ -10,6 +10,7 @@ not a block multiple, and head_dim only when it is not a power of two.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -34,6 +35,8 @@ class Config:
     dq: Blocks
     fast_exp: bool = True  # GPU only (interpret mode always uses jnp.exp2)
     fused_delta: bool = True  # delta computed inside the dQ kernel (which then runs first)
+    one_loop: bool = False  # kernels: one all-masked loop instead of masked/unmasked/masked ranges
+    scale_ds: bool = True  # backward: round dS * scale (as plain attention), not dS
 
 
 # Defaults by (padded head_dim, causal) for the Triton lowering. D=64 and D=128 come from the
@@ -181,6 +184,8 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         interpret=interpret,
         f32=jnp.dtype(dtype) == jnp.float32,
         fast_exp=cfg.fast_exp and not interpret,
+        one_loop=cfg.one_loop,
+        scale_ds=cfg.scale_ds,
     )
     fused = dict(fused_delta=cfg.fused_delta)
 
@@ -356,11 +361,18 @@ def backward(
     lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
     delta = _pad(delta, plan.sqp, None, seq_axis=2)
     dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
-    dq = dq_call(qp, kp, vp, dop, lse2, delta, lq, lk, replace(plan.dq, fused_delta=False))
+    dq = dq_call(
+        qp, kp, vp, dop, _dq_lse2(lse2, plan), delta, lq, lk, replace(plan.dq, fused_delta=False)
+    )
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
         dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)
     return dq, dk, dvv
+
+
+def _dq_lse2(lse2, plan: Plan):
+    """The dQ kernel's row offsets: with scale_ds, exp2(s2 - (lse2 - log2(scale))) = p * scale."""
+    return lse2 - math.log2(plan.dq.scale) if plan.dq.scale_ds else lse2
 
 
 def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan):
@@ -388,7 +400,9 @@ def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Pl
     lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
     dlse = None if dlse is None else _pad(dlse, plan.sqp, None, seq_axis=2)
     st = replace(plan.dq, has_r=rp is not None, has_dlse=dlse is not None)
-    dq, delta = dq_call(qp, kp, vp, dop, lse2, None, lq, lk, st, out=op, r=rp, dlse=dlse)
+    dq, delta = dq_call(
+        qp, kp, vp, dop, _dq_lse2(lse2, plan), None, lq, lk, st, out=op, r=rp, dlse=dlse
+    )
     dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:

@@ -53,6 +53,10 @@ class Static:
     fused_delta: bool = False
     has_r: bool = False  # fused_delta: an out_residual input
     has_dlse: bool = False  # fused_delta: a dlse input
+    one_loop: bool = False  # one loop over every visited block, all masked (a variant to time)
+    # Backward: round dS * scale (not dS) to the input dtype before the dQ/dK matmuls, as plain
+    # attention's autograd does, so that the two round at the same points (see NOTES, run D).
+    scale_ds: bool = True
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -218,11 +222,14 @@ def _seqlens(st: Static, lq_ref, lk_ref):
     return _i32(st.seqlen_q), _i32(st.seqlen_k)
 
 
-def _three_loops(ranges, body, carry):
-    """Run body over [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked."""
+def _three_loops(ranges, body, carry, one_loop: bool = False):
+    """Run body over [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked
+    (one_loop: a single masked loop over [lo, hi), so the software pipeline spans all of it)."""
     from jax import lax
 
     lo, full_lo, full_hi, hi = ranges
+    if one_loop:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
@@ -277,7 +284,7 @@ def _fwd_kernel(*refs, st: Static):
         jnp.full((bm,), -jnp.inf, jnp.float32),
         jnp.zeros((bm,), jnp.float32),
     )
-    acc, m, l = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, carry)
+    acc, m, l = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, carry, st.one_loop)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     inv = 1.0 / l_safe
@@ -382,10 +389,12 @@ def _dkdv_kernel(*refs, st: Static):
             dst = pt * (dpt - delta[None, :])
             if t is not None:
                 dst = dst * (1.0 - t * t)
+            if st.scale_ds:  # round dS * scale, as plain attention's autograd does
+                dst = dst * st.scale
             dk = dk + _dot(dst.astype(q.dtype), q, st)
             return dk, dv
 
-        return _three_loops(ranges, body, carry)
+        return _three_loops(ranges, body, carry, st.one_loop)
 
     carry = (
         jnp.zeros((bn, k.shape[-1]), jnp.float32),
@@ -395,7 +404,9 @@ def _dkdv_kernel(*refs, st: Static):
         dk, dv = head_body(0, carry)
     else:
         dk, dv = lax.fori_loop(0, G, head_body, carry)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    if not st.scale_ds:
+        dk = dk * st.scale
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -483,7 +494,7 @@ def _dq_kernel(*refs, st: Static):
         k = k_ref[pl.ds(start, bn), :]
         v = v_ref[pl.ds(start, bn), :]
         s2, t = _scores2(_dot(q, k, st, trans_b=True), st)
-        p = _exp2(s2 - lse2[:, None], st)
+        p = _exp2(s2 - lse2[:, None], st)  # scale_ds: lse2 - log2(scale) came in: p * scale
         cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
         if masked:
             p = jnp.where(_allowed(rows, cols, sk, off, st), p, 0.0)
@@ -497,13 +508,17 @@ def _dq_kernel(*refs, st: Static):
         return dq + _dot(ds.astype(k.dtype), k, st)
 
     dq = jnp.zeros((bm, q.shape[-1]), jnp.float32)
-    dq = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, dq)
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    dq = _three_loops(kv_ranges(r0, bm, bn, sq, sk, st), body, dq, st.one_loop)
+    if not st.scale_ds:
+        dq = dq * st.scale
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None):
-    """-> dq; with st.fused_delta, delta is unused, out (and r, dlse when st.has_r / st.has_dlse)
-    come in, and it returns (dq, delta)."""
+    """-> dq. With st.scale_ds, lse2 must be lse2 - log2(scale): p * scale = exp2(s2 - that), so
+    dS comes out scaled at no cost and is rounded as dS * scale (p serves nothing else here).
+    With st.fused_delta, delta is unused, out (and r, dlse when st.has_r / st.has_dlse) come in,
+    and it returns (dq, delta)."""
     import jax.numpy as jnp
 
     pl = pallas()
