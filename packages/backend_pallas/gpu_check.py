@@ -846,6 +846,107 @@ def plan4(deadline):
         save()
 
 
+def plan5(deadline):
+    """Run 5: dS rounding point A/B (scale_ds), then the final table (default lowering, defaults)
+    against mha (bf16 fwd+bwd and fwd) and attention_mgpu (fp16 fwd)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention as pa
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    from flashmux.spec import Params
+    from flashmux_pallas import ops
+
+    for d, causal, S in (
+        (64, True, 2048),
+        (128, True, 2048),
+        (64, False, 4096),
+        (128, False, 4096),
+    ):
+        B, H = 16384 // S, 2048 // d
+        q, k, v, do = (jax_normal(kk, (B, S, H, d), jnp.bfloat16) for kk in jax_split(d, 4))
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+        fl = 2.5 * 4.0 * B * H * S * S * d / (2 if causal else 1)
+        ops.MOSAIC_MODE = "off"
+        row = {}
+        for sd in (True, False, True):
+            cfg = dataclasses.replace(ops.GPU_CONFIGS[(d, causal)], scale_ds=sd)
+            with ops.use_config(cfg):
+                out, lse, r = jax.jit(
+                    lambda q, k, v: ops.forward(
+                        q, k, v, None, None, p, residual=True, interpret=False
+                    )
+                )(q, k, v)
+                fn = jax.jit(
+                    lambda do, q, k, v, o, l_, r: ops.backward(
+                        do, None, q, k, v, o, l_, None, None, p, out_residual=r, interpret=False
+                    )
+                )
+                t = bench(fn, do, q, k, v, out, lse, r)
+            row.setdefault(f"scale_ds={sd}", []).append(round(fl / t / 1e12))
+        ops.MOSAIC_MODE = "auto"
+        RESULTS.setdefault("ab", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(f"AB5 bwd d={d} causal={causal} S={S} {row}")
+        save()
+    for d in (64, 128):
+        for causal in (True, False):
+            p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+            for S in (2048, 4096, 8192):
+                if time.time() > deadline - 30:
+                    break
+                row = {}
+                fns = {
+                    "ours": (_pallas_vjp(p), jnp.bfloat16),
+                    "mha": (
+                        lambda q, k, v, d=d, c=causal: pa.mha(
+                            q, k, v, None, sm_scale=d**-0.5, causal=c
+                        ),
+                        jnp.bfloat16,
+                    ),
+                }
+                for mode in ("fwdbwd", "fwd"):
+                    for name, (f, dt) in fns.items():
+                        try:
+                            row[f"{name} {mode}"], _ = measure(name, f, dt, S, d, causal, mode)
+                        except Exception as e:  # noqa: BLE001
+                            row[f"{name} {mode}"] = float("nan")
+                            log("error", name, str(e)[:200])
+                RESULTS["table"].append({"d": d, "causal": causal, "S": S, **row})
+                log(
+                    f"TABLE5 d={d} causal={causal} S={S} "
+                    + " ".join(f"{k}={v:.0f}" for k, v in row.items())
+                )
+                save()
+    for causal in (False, True):
+        for S in (4096, 8192, 16384):
+            if time.time() > deadline:
+                break
+            d = 128
+            p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+
+            def mgpu(q, k, v, causal=causal):
+                cfg = am.TuningConfig(
+                    block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal
+                )
+                return am.attention(q, k, v, cfg)
+
+            row = {}
+            for name, f in (("ours", _pallas_vjp(p)), ("mgpu", mgpu)):
+                try:
+                    row[name], _ = measure(name, f, jnp.float16, S, d, causal, "fwd")
+                except Exception as e:  # noqa: BLE001
+                    row[name] = float("nan")
+                    log("error", name, str(e)[:200])
+            RESULTS.setdefault("mosaic", []).append({"d": d, "causal": causal, "S": S, **row})
+            log(
+                f"MGPU5 d={d} causal={causal} S={S} fp16 fwd "
+                + " ".join(f"{k}={v:.0f}" for k, v in row.items())
+            )
+            save()
+
+
 def jax_split(seed, n):
     import jax
 
@@ -890,6 +991,7 @@ def main():
     ap.add_argument("--plan3", action="store_true", help="run 3: causal sweep, table, mosaic")
     ap.add_argument("--plan4", action="store_true", help="run 4: causal sweep 2, table, mosaic")
     ap.add_argument("--only-correctness", action="store_true")
+    ap.add_argument("--plan5", action="store_true", help="run 5: dS A/B, final table")
     a = ap.parse_args()
     import jax
 
@@ -903,6 +1005,9 @@ def main():
         return 0
     if a.plan4:
         plan4(T0 + a.deadline)
+        return 0
+    if a.plan5:
+        plan5(T0 + a.deadline)
         return 0
     if a.only_correctness and a.cases != "mosaic":
         n = correctness(T0 + a.deadline, a.cases)
