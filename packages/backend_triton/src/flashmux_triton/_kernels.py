@@ -392,11 +392,13 @@ def _bwd_dkdv_inner(
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        ds_lo = _cast(dst, qt.dtype)
+        # dS * scale is rounded, not dS: the rounding plain attention's autograd does (its scores
+        # are scaled in float32 before the cast), so the two errors are alike, not independent.
+        ds_lo = _cast(dst * sm_scale, qt.dtype)
         dk = _dot_acc(ds_lo, tl.trans(qt), dk, IEEE)
         if FUSED_DQ:
-            # dQ += scale * dS K, accumulated across key blocks with float32 atomics
-            dq_part = _dot(tl.trans(ds_lo), k, IEEE) * sm_scale
+            # dQ += (scale * dS) K, accumulated across key blocks with float32 atomics
+            dq_part = _dot(tl.trans(ds_lo), k, IEEE)
             dqa_ptrs = dqa_base + rows[:, None] * stride_dqas + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(dqa_ptrs, dq_part, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
@@ -504,7 +506,6 @@ def attn_bwd_dkdv(
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
             SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
         )
-    dk = dk * sm_scale
     tl.store(
         DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
         _cast(dk, DK.dtype.element_ty),
@@ -620,7 +621,13 @@ def attn_bwd_dq(
     )
     row_ptr = b64 * stride_lb + h * stride_lh + q_start + offs_m
     lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    # p * scale = exp2(s2 - (lse2 - log2(scale))): dS * scale comes out of the same FMA as dS,
+    # and is what gets rounded (as in plain attention's autograd; see the dK/dV kernel)
+    # (a scale <= 0 can't be shifted into the exponent: it stays a multiply at the end)
+    pos = sm_scale > 0
+    shift = tl.where(pos, tl.log2(tl.where(pos, sm_scale, 1.0)), 0.0)
+    post = tl.where(pos, 1.0, sm_scale)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - shift)
     delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     v_base = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
@@ -658,7 +665,7 @@ def attn_bwd_dq(
         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
         HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
     )
-    dq = dq * sm_scale
+    dq = dq * post
     tl.store(
         DQ + b64 * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + h * stride_dqh + offs_d[None, :],
         _cast(dq, DQ.dtype.element_ty),
