@@ -489,7 +489,8 @@ if __name__ == "__main__":
     mode = sys.argv[2]
     t0 = time.time()
     if mode == "tune":
-        tune(sys.argv[3:])
+        seqs = tuple(int(x) for x in os.environ.get("FMX_TUNE_SEQS", "4096,16384").split(","))
+        tune(sys.argv[3:], seqs=seqs)
     elif mode == "correctness_bf16":
         for spec in sys.argv[3:]:
             print(f"variant {_set_env(spec)}:", flush=True)

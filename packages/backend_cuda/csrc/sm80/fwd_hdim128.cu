@@ -12,11 +12,16 @@
 #ifndef FMX_FWD128_WARPS
 #define FMX_FWD128_WARPS 4
 #endif
+// Variant flags (fwd_kernel.cuh); run 9 measured these against flags 0 (the run-8 kernels).
+#ifndef FMX_FWD128_FLAGS
+#define FMX_FWD128_FLAGS (kFwdSmemEpi | kFwdLazyRescale)
+#endif
 
 namespace fmx {
 namespace sm80 {
 template <typename T>
-using Fwd128 = FwdTraits<128, FMX_FWD128_BM, FMX_FWD128_BN, FMX_FWD128_WARPS, T>;
+using Fwd128 = FwdTraits<128, FMX_FWD128_BM, FMX_FWD128_BN, FMX_FWD128_WARPS, T,
+                          FMX_FWD128_FLAGS>;
 
 template <>
 int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
@@ -24,6 +29,9 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 1) {
     switch (tune_choice("FMX_TUNE_FWD128")) {
       case 1: return tune_fwd<128, 1>(p, stream);
+      case 2: return tune_fwd<128, 2>(p, stream);
+      case 3: return tune_fwd<128, 3>(p, stream);
+      case 4: return tune_fwd<128, 4>(p, stream);
       default: break;
     }
   }

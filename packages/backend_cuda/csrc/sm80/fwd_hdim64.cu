@@ -12,11 +12,16 @@
 #ifndef FMX_FWD64_WARPS
 #define FMX_FWD64_WARPS 4
 #endif
+// Variant flags (fwd_kernel.cuh); run 9 measured these against flags 0 (the run-8 kernels).
+#ifndef FMX_FWD64_FLAGS
+#define FMX_FWD64_FLAGS (kFwdSmemEpi | kFwdLazyRescale | kFwdNoPrefetchS)
+#endif
 
 namespace fmx {
 namespace sm80 {
 template <typename T>
-using Fwd64 = FwdTraits<64, FMX_FWD64_BM, FMX_FWD64_BN, FMX_FWD64_WARPS, T>;
+using Fwd64 = FwdTraits<64, FMX_FWD64_BM, FMX_FWD64_BN, FMX_FWD64_WARPS, T,
+                          FMX_FWD64_FLAGS>;
 
 template <>
 int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
@@ -24,6 +29,9 @@ int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 1) {
     switch (tune_choice("FMX_TUNE_FWD64")) {
       case 1: return tune_fwd<64, 1>(p, stream);
+      case 2: return tune_fwd<64, 2>(p, stream);
+      case 3: return tune_fwd<64, 3>(p, stream);
+      case 4: return tune_fwd<64, 4>(p, stream);
       default: break;
     }
   }

@@ -8,10 +8,19 @@
 namespace fmx {
 namespace sm80 {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_>
+// Variant flags (tuning; 0 = the measured defaults):
+//   kFwdSmemEpi: O is written through shared memory (the Q tile) with 16-byte coalesced stores;
+//   kFwdLazyRescale: acc_o is rescaled only when some row max of the warp changed (warp vote);
+//   kFwdNoPrefetchS: the S GEMM loads each K fragment just before its MMAs (no one-step-ahead
+//     prefetch: 32 fewer live registers with 128-wide key tiles).
+constexpr int kFwdSmemEpi = 1, kFwdLazyRescale = 2, kFwdNoPrefetchS = 4;
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_,
+          int kFlags_ = 0>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kFlags = kFlags_;
   static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
   static_assert(kBlockM == 16 * kNWarps || kBlockM == 32 * kNWarps, "each warp owns whole rows");
   using TiledMma = TiledMmaFor<Element, kNWarps, 1>;
@@ -107,7 +116,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     load_tile_async<BN, D, NT>(sV, v_ptr + (int64_t)n * BN * p.v_rs, p.v_rs, si.sk - n * BN, p.d, tid);
     cp_async_commit();
 
-    gemm_ss(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+    if constexpr ((Tr::kFlags & kFwdNoPrefetchS) != 0) {
+      gemm_ss_noprefetch(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+    } else {
+      gemm_ss(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+    }
 
     Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     if (capped) {
@@ -151,8 +164,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       }
       const float sum = sum0 + sum1;
       row_sum[r] = sum;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= corr;
+      // With kFwdLazyRescale the multiplies are skipped when corr is exactly 1 (row max
+      // unchanged) for this row index in every thread of the warp (warp-uniform branch).
+      if (!(Tr::kFlags & kFwdLazyRescale) || __any_sync(0xffffffffu, corr != 1.f)) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= corr;
+      }
     }
 
     Tensor rP = to_element<Element>(acc_s);
@@ -183,7 +200,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       p.lse[si.lse_off(p, b, h, m0 + row)] =
           sum > 0.f ? row_max[r] * p.score_nat + logf(sum) : -INFINITY;
   }
-  store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d, 1.f);
+  if constexpr ((Tr::kFlags & kFwdSmemEpi) != 0) {
+    // The Q tile is free: every warp passed the last iteration's second barrier after its S GEMM,
+    // and no cp.async is in flight. Each thread writes its fragment pairs (4 bytes, swizzled,
+    // conflict free), then the tile leaves in 16-byte row chunks (a warp covers whole lines).
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2)
+      *reinterpret_cast<uint32_t *>(&sQ(get<0>(cO(i)), get<1>(cO(i)))) =
+          pack2<Element>(acc_o(i), acc_o(i + 1));
+    __syncthreads();
+    constexpr int kChunks = D / 8;
+    CUTE_UNROLL
+    for (int it = 0; it < BM * kChunks / NT; ++it) {
+      const int idx = it * NT + tid;
+      const int r = idx / kChunks, c = (idx % kChunks) * 8;
+      if (r < rows_q && c < p.d)
+        *reinterpret_cast<uint4 *>(o_ptr + (int64_t)r * p.o_rs + c) =
+            *reinterpret_cast<const uint4 *>(&sQ(r, c));
+    }
+  } else {
+    store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d, 1.f);
+  }
 }
 
 template <typename Tr>

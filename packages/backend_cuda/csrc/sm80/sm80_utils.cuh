@@ -68,6 +68,21 @@ __device__ __forceinline__ void gemm_ss(TiledMma &mma, Acc &acc, RA &rA, RB &rB,
   }
 }
 
+// gemm_ss without the one-step-ahead prefetch of B (fewer live registers; A still ahead).
+template <typename TiledMma, typename Acc, typename RA, typename RB, typename SA, typename SB,
+          typename CpA, typename CpB, typename RAv, typename RBv>
+__device__ __forceinline__ void gemm_ss_noprefetch(TiledMma &mma, Acc &acc, RA &rA, RB &rB,
+                                                   SA const &sA, SB const &sB, CpA const &cpA,
+                                                   CpB const &cpB, RAv &rAv, RBv &rBv) {
+  copy(cpA, sA(_, _, _0{}), rAv(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    copy(cpB, sB(_, _, k), rBv(_, _, k));
+    if (k < size<2>(rA) - 1) copy(cpA, sA(_, _, k + 1), rAv(_, _, k + 1));
+    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
 // acc += A * B^T with A already in registers.
 template <typename TiledMma, typename Acc, typename RA, typename RB, typename SB, typename CpB,
           typename RBv>

@@ -1,0 +1,14 @@
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd64 128x128, O through smem.
+#ifdef FMX_TUNING
+#include "fwd_kernel.cuh"
+#include "sm80_api.h"
+
+namespace fmx {
+namespace sm80 {
+template <>
+int tune_fwd<64, 4>(const Params &p, cudaStream_t stream) {
+  return launch_fwd<FwdTraits<64, 128, 128, 4, cutlass::bfloat16_t, kFwdSmemEpi>>(p, stream);
+}
+}  // namespace sm80
+}  // namespace fmx
+#endif
