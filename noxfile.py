@@ -75,9 +75,12 @@ def tests(session: nox.Session) -> None:
     # core + reference conformance (all array kinds)
     _pytest(session, "tests/core", "tests/conformance", "-q", "-p", "no:cacheprovider",
             env={"FLASHMUX_TEST_BACKEND": "reference"})
-    # the conformance suite on Triton's CPU interpreter (small shapes, every feature)
+    # the conformance suite on Triton's CPU interpreter and Pallas' interpret mode (small
+    # shapes, every feature; ~1 and ~2 minutes on 2 cores)
     _pytest(session, "tests/conformance", "-q", "-p", "no:cacheprovider",
             env={"FLASHMUX_TEST_BACKEND": "triton", "TRITON_INTERPRET": "1"})
+    _pytest(session, "tests/conformance", "-q", "-p", "no:cacheprovider",
+            env={"FLASHMUX_TEST_BACKEND": "pallas"})
     # backend tests that run on a CPU: Triton's interpreter, Pallas' interpret mode, CUDA builds
     # (the CUDA build test compiles every kernel for sm_80 and sm_90 with the machine's nvcc)
     _pytest(session, "tests/backends", "-q", "-p", "no:cacheprovider", "-rs",
