@@ -36,17 +36,8 @@ def _fake(name, **caps):
 
 
 @pytest.fixture
-def fakes(tmp_path, monkeypatch):
-    # an empty priority table: capability priorities decide (fakes rank 1, reference 1000)
-    empty = tmp_path / "empty.json"
-    empty.write_text("{}")
-    monkeypatch.setenv("FLASHMUX_PRIORITY_FILE", str(empty))
-    dispatch.clear_caches()
-    saved = dict(dispatch.registry())
+def fakes(isolated_registry):
     yield
-    dispatch.registry().clear()
-    dispatch.registry().update(saved)
-    dispatch.clear_caches()
 
 
 def q16(d=64, dtype="float16"):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import flashmux
-from flashmux import dispatch
 from flashmux.backend import Backend, Capabilities
 from flashmux.builtin import reference as ref
 
@@ -37,22 +36,14 @@ class Residual(Backend):
 
 
 @pytest.fixture
-def resid(tmp_path, monkeypatch):
-    empty = tmp_path / "empty.json"
-    empty.write_text("{}")
-    monkeypatch.setenv("FLASHMUX_PRIORITY_FILE", str(empty))
-    dispatch.clear_caches()
-    saved = dict(dispatch.registry())
+def resid(isolated_registry):
     be = Residual(name="resid", capabilities=Capabilities(
         array_kinds=frozenset({"torch", "jax"}), devices=frozenset({"cpu"}),
         dtypes=frozenset({"float16", "bfloat16", "float32"}), runs_under_jit=True,
         out_residual=True, priority=1))
     be.log = []
     flashmux.register(be)
-    yield be
-    dispatch.registry().clear()
-    dispatch.registry().update(saved)
-    dispatch.clear_caches()
+    return be
 
 
 def test_torch_eager(resid):
