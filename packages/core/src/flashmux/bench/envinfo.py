@@ -102,5 +102,7 @@ def collect(device: str, fws: dict) -> dict:
     info["device_class"] = device_class(info.get("compute_capability"))
     commit = _run(["git", "rev-parse", "--short", "HEAD"])
     if commit:
-        info["git_commit"] = commit
+        # a tree copied onto another machine can carry an older .git: say when files differ
+        changed = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        info["git_commit"] = commit + (" + uncommitted changes" if changed else "")
     return info
