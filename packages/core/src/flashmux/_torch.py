@@ -87,14 +87,25 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, backend, *rest):
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    wants = rest[-1] and dispatch.get_backend(backend).capabilities.out_residual
+    wants = _wants_residual(dispatch.get_backend(backend), q, rest[-1])
     return out, lse, q.new_empty(out.shape if wants else (0,))
+
+
+def _wants_residual(be, q, residual: bool) -> bool:
+    # only 16-bit outputs are rounded enough to matter; the fake implementation and the real
+    # call decide alike, so the traced shape of the residual is the real one
+    return residual and be.capabilities.out_residual and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _forward(be, q, k, v, cu_q, cu_k, p: Params, residual: bool):
     """(out, lse, out_residual or None); the residual only from backends that offer it."""
-    if residual and be.capabilities.out_residual:
-        return be.forward(q, k, v, cu_q, cu_k, p, residual=True)
+    if _wants_residual(be, q, residual):
+        out, lse, res = be.forward(q, k, v, cu_q, cu_k, p, residual=True)
+        if res is None or res.shape != out.shape:
+            raise RuntimeError(f"backend {be.name!r} was asked for out_residual of shape "
+                               f"{tuple(out.shape)} and returned "
+                               f"{None if res is None else tuple(res.shape)}")
+        return out, lse, res
     out, lse = be.forward(q, k, v, cu_q, cu_k, p)
     return out, lse, None
 
