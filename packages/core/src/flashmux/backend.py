@@ -12,7 +12,8 @@ A backend is one object, registered in the ``flashmux.backends`` entry-point gro
 - optionally, with ``capabilities.out_residual``: ``forward(..., params, residual=True)`` returns
   ``(out, lse, out_residual)``, where ``out_residual`` has out's shape and dtype and holds the
   rounding error of the stored output (float32 out minus out). The core asks for it only when a
-  gradient will be needed, keeps it with the saved tensors, and hands it to
+  gradient will be needed and the output is float16/bfloat16, keeps it with the saved tensors,
+  and hands it to
   ``backward(..., params, out_residual=...)``. With it, the backward's row term
   ``delta = rowsum(dO * O)`` uses the float32 output instead of the rounded one, which matters on
   rows that see few keys (see docs/architecture.md, "The delta residual");
