@@ -366,55 +366,73 @@ def profile():
     torch.cuda.synchronize()
 
 
-def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384), label=""):
-    import torch.nn.functional as F
-    import triton.testing as tt
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def _points(dims, seqs):
+    """The papers sweep (bf16, B*S = 16384, model dim 2048): (D, causal, S, flops, q, k, v, dO)
+    on fresh random inputs, q/k/v requiring grad."""
     dt = torch.bfloat16
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} {label}", flush=True)
-    print("| D | causal | S | fwd ours | fwd SDPA-flash | ratio | f+b ours | f+b SDPA-flash | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for D in dims:
         H = 2048 // D
         for causal in (False, True):
             for S in seqs:
                 B = 16384 // S
                 torch.manual_seed(0)
-                q = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
-                k = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
-                v = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
+                q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
+                           for _ in range(3))
                 do = torch.randn(B, S, H, D, device="cuda", dtype=dt)
-                fl = 4 * B * H * S * S * D / (2 if causal else 1)
-                qd, kd, vd = q.detach(), k.detach(), v.detach()
+                yield D, causal, S, 4 * B * H * S * S * D / (2 if causal else 1), q, k, v, do
 
-                def ours_f():
-                    return fmx_forward(qd, kd, vd, causal=causal)
 
-                def ours_fb():
-                    o, l = fmx_forward(qd, kd, vd, causal=causal)
-                    return fmx_backward(do, qd, kd, vd, o, l, causal=causal)
+def _time_sdpa(q, k, v, do, causal):
+    """(forward ms, forward+backward ms) of torch SDPA's flash backend."""
+    import torch.nn.functional as F
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                dot = do.transpose(1, 2)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    dot = do.transpose(1, 2)
 
-                def sdpa_f():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    def sdpa_f():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
-                def sdpa_fb():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    o.backward(dot)
+    def sdpa_fb():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        o.backward(dot)
 
-                with torch.no_grad():
-                    t_of = tt.do_bench(ours_f, warmup=25, rep=100)
-                    t_sf = tt.do_bench(sdpa_f, warmup=25, rep=100)
-                t_ofb = tt.do_bench(ours_fb, warmup=25, rep=100)
-                t_sfb = tt.do_bench(sdpa_fb, warmup=25, rep=100, grad_to_none=[q, k, v])
-                tf = lambda ms, m=1.0: fl * m / (ms * 1e-3) / 1e12
-                print(f"| {D} | {int(causal)} | {S} | {tf(t_of):.0f} | {tf(t_sf):.0f} | {t_sf / t_of:.2f} "
-                      f"| {tf(t_ofb, 3.5):.0f} | {tf(t_sfb, 3.5):.0f} | {t_sfb / t_ofb:.2f} |", flush=True)
+    with torch.no_grad():
+        t_f = tt.do_bench(sdpa_f, warmup=25, rep=100)
+    return t_f, tt.do_bench(sdpa_fb, warmup=25, rep=100, grad_to_none=[q, k, v])
+
+
+def _time_ours(q, k, v, do, causal):
+    """(forward ms, forward+backward ms) of the library's kernels (the FMX_TUNE_* set now)."""
+    import triton.testing as tt
+
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+
+    def ours_f():
+        return fmx_forward(qd, kd, vd, causal=causal)
+
+    def ours_fb():
+        o, l = fmx_forward(qd, kd, vd, causal=causal)
+        return fmx_backward(do, qd, kd, vd, o, l, causal=causal)
+
+    with torch.no_grad():
+        t_f = tt.do_bench(ours_f, warmup=25, rep=100)
+    return t_f, tt.do_bench(ours_fb, warmup=25, rep=100)
+
+
+def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384), label=""):
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} {label}", flush=True)
+    print("| D | causal | S | fwd ours | fwd SDPA-flash | ratio | f+b ours | f+b SDPA-flash | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for D, causal, S, fl, q, k, v, do in _points(dims, seqs):
+        t_of, t_ofb = _time_ours(q, k, v, do, causal)
+        t_sf, t_sfb = _time_sdpa(q, k, v, do, causal)
+        tf = lambda ms, m=1.0: fl * m / (ms * 1e-3) / 1e12  # noqa: E731
+        print(f"| {D} | {int(causal)} | {S} | {tf(t_of):.0f} | {tf(t_sf):.0f} | {t_sf / t_of:.2f} "
+              f"| {tf(t_ofb, 3.5):.0f} | {tf(t_sfb, 3.5):.0f} | {t_sfb / t_ofb:.2f} |", flush=True)
 
 
 def _set_env(spec):
@@ -430,54 +448,15 @@ def _set_env(spec):
 
 def tune(specs, dims=(64, 128), seqs=(4096, 16384)):
     """Tuning builds: SDPA flash once per point, then ours for every variant spec (env vars)."""
-    import torch.nn.functional as F
-    import triton.testing as tt
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    dt = torch.bfloat16
     rows = {}
-    for D in dims:
-        H = 2048 // D
-        for causal in (False, True):
-            for S in seqs:
-                B = 16384 // S
-                torch.manual_seed(0)
-                q = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
-                k = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
-                v = torch.randn(B, S, H, D, device="cuda", dtype=dt, requires_grad=True)
-                do = torch.randn(B, S, H, D, device="cuda", dtype=dt)
-                qd, kd, vd = q.detach(), k.detach(), v.detach()
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                dot = do.transpose(1, 2)
-
-                def sdpa_f():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-
-                def sdpa_fb():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    o.backward(dot)
-
-                with torch.no_grad():
-                    t_sf = tt.do_bench(sdpa_f, warmup=25, rep=100)
-                t_sfb = tt.do_bench(sdpa_fb, warmup=25, rep=100, grad_to_none=[q, k, v])
-                for spec in specs:
-                    name = _set_env(spec)
-
-                    def ours_f():
-                        return fmx_forward(qd, kd, vd, causal=causal)
-
-                    def ours_fb():
-                        o, l = fmx_forward(qd, kd, vd, causal=causal)
-                        return fmx_backward(do, qd, kd, vd, o, l, causal=causal)
-
-                    with torch.no_grad():
-                        t_of = tt.do_bench(ours_f, warmup=25, rep=100)
-                    t_ofb = tt.do_bench(ours_fb, warmup=25, rep=100)
-                    rows.setdefault(name, []).append(
-                        f"| {name} | {D} | {int(causal)} | {S} | {t_sf / t_of:.2f} | {t_sfb / t_ofb:.2f} |")
-                    print(". " + rows[name][-1], flush=True)
+    for D, causal, S, _fl, q, k, v, do in _points(dims, seqs):
+        t_sf, t_sfb = _time_sdpa(q, k, v, do, causal)
+        for spec in specs:
+            name = _set_env(spec)
+            t_of, t_ofb = _time_ours(q, k, v, do, causal)
+            rows.setdefault(name, []).append(
+                f"| {name} | {D} | {int(causal)} | {S} | {t_sf / t_of:.2f} | {t_sfb / t_ofb:.2f} |")
+            print(". " + rows[name][-1], flush=True)
     _set_env("")
     print("| variant | D | causal | S | fwd ratio | f+b ratio |\n|---|---|---|---|---|---|")
     for name in rows:
