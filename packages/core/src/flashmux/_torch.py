@@ -202,10 +202,10 @@ class _Attention(torch.autograd.Function):
 
 
 def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if torch.compiler.is_compiling():
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         out, lse, _ = fwd(q, k, v, cu_q, cu_k, backend, *_flat(p), grad)
         return out, lse
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if grad:
         return _Attention.apply(q, k, v, cu_q, cu_k, backend, p)
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)
