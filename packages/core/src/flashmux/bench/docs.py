@@ -40,8 +40,9 @@ the same process, on the same GPU, minutes apart.
 - **Modes** (`--modes`): `fwd`, `bwd` (backward alone, the forward's graph built outside the
   timing) and `fwd_bwd`. TFLOP/s by the FlashAttention convention: forward 4·B·H·Sq·Sk·D, halved
   for causal; backward 2.5x and forward+backward 3.5x the forward.
-- **Timing.** torch: CUDA events around every call; JAX: `block_until_ready` and a host clock
-  around groups of calls (so the host round trip is amortized). Warm-up (compilation,
+- **Timing.** torch: CUDA events around every call; JAX: a host clock around groups of calls
+  enqueued back to back (about 20 ms each), then one `block_until_ready`, so the host round trip
+  (about 0.2 ms on the H100 machine) is under 1% of what is measured. Warm-up (compilation,
   autotuning, cuDNN plans) outside the numbers; median of many calls (adaptive count, about
   `--target-ms` per measurement, at least 5); several random input sets rotated so the L2 cache
   is not what is measured; inputs drawn from a normal distribution, never zeros. JAX functions

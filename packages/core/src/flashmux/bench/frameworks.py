@@ -23,6 +23,10 @@ import numpy as np
 
 from .shapes import DTYPES, Point
 
+# JAX timing: calls are enqueued in groups of about this many seconds, then blocked on once.
+_JAX_GROUP_S = 0.02
+_JAX_MAX_GROUP = 200
+
 
 def _shape(point: Point, which: str, layout: str, heads_q: int, heads_kv: int, dv: int):
     """Shape of q/k/v/do for a point in a layout ('bshd' or 'bhsd'; varlen packs)."""
@@ -408,11 +412,16 @@ class JaxFW(Framework):
         block = self.jax.block_until_ready
         for w in range(warmup):
             block(call(w % n_sets))
+        # Per-call estimate from a short burst: one call plus block_until_ready costs a host
+        # round trip (measured ~0.2 ms on an H100 host) that is not the call's time.
         t0 = time.perf_counter()
-        block(call(0))
-        est = max(time.perf_counter() - t0, 1e-6)
-        # Group short calls so the host round trip of block_until_ready is amortized.
-        group = int(min(50, max(1, math.ceil(1e-3 / est))))
+        res = None
+        for j in range(4):
+            res = call(j % n_sets)
+        block(res)
+        est = max((time.perf_counter() - t0) / 4, 1e-6)
+        # Enqueue a group of calls and block once, so that round trip is < ~1% of a group.
+        group = int(min(_JAX_MAX_GROUP, max(1, math.ceil(_JAX_GROUP_S / est))))
         r = reps or int(min(max_reps, max(min_reps, target_s / (est * group))))
         out = []
         for i in range(r):
