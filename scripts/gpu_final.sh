@@ -5,7 +5,7 @@
 #   STAGES="bench"        the papers benchmark in the time left (TOTAL_S), written to $OUT.
 #   OUT=/tmp/x TOTAL_S=580 STAGES="conformance bench" bash scripts/gpu_final.sh
 # Knobs: SIZE (conformance tier, default full), HYP (hypothesis examples, default 25),
-# CONF_S (seconds per conformance run), BACKENDS, ANCHORS, FRAMEWORKS, HEAD_DIMS, SEQLENS, MODES.
+# CONF_S (seconds per conformance run), CONF_BACKENDS (run concurrently), BACKENDS, ANCHORS, FRAMEWORKS, HEAD_DIMS, SEQLENS, MODES.
 set -u
 T0=$(date +%s)
 TOTAL_S=${TOTAL_S:-580}
@@ -18,7 +18,7 @@ echo "info + CUDA build: $(( $(date +%s) - T0 )) s"
 conf() {  # backend seconds: conformance suite for one backend, then its summary line
   local b=$1 s=$2 t=$(date +%s)
   FLASHMUX_TEST_SIZE=${SIZE:-full} FLASHMUX_HYPOTHESIS_EXAMPLES=${HYP:-25} FLASHMUX_TEST_BACKEND=$b \
-    timeout "$s" python3 -m pytest tests/conformance -q -rs -p no:cacheprovider -n ${XDIST:-3} \
+    timeout -s INT "$s" python3 -m pytest tests/conformance -q -rfs -p no:cacheprovider -p no:benchmark -n ${XDIST:-3} \
     > "$OUT/conformance_$b.log" 2>&1
   echo "conformance($b): rc=$? in $(( $(date +%s) - t )) s: $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/conformance_$b.log" | tail -1)"
 }
@@ -27,10 +27,11 @@ for stage in $STAGES; do
   case $stage in
     conformance)
       S=${CONF_S:-300}
-      conf reference "$S" & conf triton "$S" & conf pallas "$S" & conf cuda "$S" &
+      for b in ${CONF_BACKENDS:-reference triton pallas cuda}; do conf "$b" "$S" & done
       wait
       t=$(date +%s)
-      timeout 200 python3 -m pytest tests/backends tests/core/test_gpu_compile.py tests/core/test_crossing.py \
+      [ -n "${SKIP_UNIT:-}" ] && continue
+      timeout -s INT 200 python3 -m pytest tests/backends tests/core/test_gpu_compile.py tests/core/test_crossing.py \
         -k "not real_compile" -q -rs -p no:cacheprovider -n 4 > "$OUT/gpu_unit.log" 2>&1
       echo "backend + core GPU tests: rc=$? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/gpu_unit.log")"
       ;;
