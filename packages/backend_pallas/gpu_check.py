@@ -5,13 +5,15 @@ Run on the device machine from the repository root:
     PYTHONUNBUFFERED=1 python packages/backend_pallas/gpu_check.py [--deadline SECONDS] [--skip-sweep]
 
 Timings: bf16 (fp16 for attention_mgpu), B*S = 16384 tokens, model dim 2048 (H = 2048 / D),
-median of 20 block_until_ready calls after warm-up; TFLOP/s = 4*B*H*S*S*D (halved for causal),
+per-call time = median over 7 groups of calls enqueued back to back (>= 25 ms a group), one
+block_until_ready per group (runs A-E blocked after every call: see bench()); TFLOP/s = 4*B*H*S*S*D (halved for causal),
 forward+backward counted as 3.5x that. Writes JSON and the log under $OUT when set.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -31,7 +33,8 @@ def log(*a):
 def save():
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "pallas_gpu.json"), "w") as f:
+        name = os.environ.get("GPU_CHECK_TAG", "pallas_gpu") + ".json"
+        with open(os.path.join(out, name), "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
 
 
@@ -199,16 +202,25 @@ def correctness(deadline, subset="all"):
 # ----------------------------------------------------------------------------- timing
 
 
-def bench(fn, *args, reps=20, warmup=3):
+def bench(fn, *args, groups=7, warmup=3, group_s=0.025):
+    """Seconds per call: enqueue a group of calls (enough for ~group_s), block once, median over
+    groups. Blocking after every call adds a host round trip (~0.2 ms on the H100 machine) to each
+    call and pulls short-duration ratios toward 1 (runs A-E timed that way)."""
     import jax
 
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t
+    n = max(1, min(200, int(group_s / max(one, 1e-6)) + 1))
     ts = []
-    for _ in range(reps):
+    for _ in range(groups):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
+        for _ in range(n):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        ts.append((time.perf_counter() - t) / n)
     return float(np.median(ts))
 
 
@@ -608,6 +620,263 @@ def plan5(deadline):
             save()
 
 
+MBWD_CASES = None
+
+
+def mbwd_cases():
+    from flashmux_pallas._check import Case
+
+    return [
+        Case(
+            batch=2,
+            seqlen_q=512,
+            seqlen_k=512,
+            heads_q=4,
+            heads_kv=4,
+            head_dim=64,
+            dtype="bfloat16",
+        ),
+        Case(
+            batch=1,
+            seqlen_q=512,
+            seqlen_k=512,
+            heads_q=4,
+            heads_kv=2,
+            head_dim=128,
+            causal=True,
+            dtype="bfloat16",
+            lse_grad=True,
+        ),
+        Case(
+            batch=2,
+            seqlen_q=256,
+            seqlen_k=384,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=128,
+            dtype="float16",
+        ),
+        Case(
+            batch=1,
+            seqlen_q=300,
+            seqlen_k=300,
+            heads_q=4,
+            heads_kv=1,
+            head_dim=64,
+            causal=True,
+            dtype="float16",
+        ),
+        Case(
+            batch=2,
+            seqlen_q=200,
+            seqlen_k=333,
+            heads_q=4,
+            heads_kv=2,
+            head_dim=128,
+            dtype="bfloat16",
+            lse_grad=True,
+        ),
+        Case(
+            batch=1,
+            seqlen_q=1000,
+            seqlen_k=1000,
+            heads_q=2,
+            heads_kv=2,
+            head_dim=64,
+            causal=True,
+            dtype="bfloat16",
+        ),
+        Case(
+            batch=2,
+            seqlen_q=256,
+            seqlen_k=256,
+            heads_q=2,
+            heads_kv=1,
+            head_dim=128,
+            causal=True,
+            dtype="bfloat16",
+            transform="vmap",
+        ),
+        Case(
+            batch=1,
+            seqlen_q=33,
+            seqlen_k=33,
+            heads_q=4,
+            heads_kv=2,
+            head_dim=64,
+            causal=True,
+            dtype="bfloat16",
+        ),
+    ]
+
+
+def mbwd_check():
+    """Mosaic GPU backward (forced on) on SPEC's rule; the forward is the default lowering."""
+    from flashmux_pallas import ops
+    from flashmux_pallas._check import passed, run_case
+
+    ops.MOSAIC_BWD_MODE = "on"
+    nfail = 0
+    for i, c in enumerate(mbwd_cases()):
+        try:
+            rep = run_case(c, seed=300 + i)
+            ok = passed(rep)
+            msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
+        except Exception as e:  # noqa: BLE001
+            ok, msg = False, f"ERROR {type(e).__name__}: {str(e)[:600]}"
+            traceback.print_exc(limit=4)
+        nfail += not ok
+        log(("PASS" if ok else "FAIL"), "mosaic-bwd", c.id(), msg)
+    log(f"mosaic-bwd correctness: {nfail} failing")
+    return nfail
+
+
+def mbwd_time(deadline, points, variants=True):
+    """Backward alone (training inputs: out_residual), Mosaic vs Triton lowering, then f+b."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_backward as mb
+    from flashmux_pallas import ops
+
+    for d, causal, S in points:
+        if time.time() > deadline:
+            log("mbwd_time: deadline")
+            break
+        B, H = 16384 // S, 2048 // d
+        q, k, v, do = (jax_normal(kk, (B, S, H, d), jnp.bfloat16) for kk in jax_split(S + d, 4))
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+        fl = 2.5 * 4.0 * B * H * S * S * d / (2 if causal else 1)
+        out, lse, r = jax.jit(
+            lambda q, k, v: ops.forward(q, k, v, None, None, p, residual=True, interpret=False)
+        )(q, k, v)
+        row = {}
+        base = mb.default_config(d, causal)
+        cands = [("triton", None), ("mosaic", base)]
+        if variants:
+            cands.append(("mosaic xla-delta", dataclasses.replace(base, fused_delta=False)))
+            for name, kw in (
+                ("mosaic q128-kv128", dict(block_q_dkv=128, block_kv_dq=128)),
+                ("mosaic kv128", dict(block_q_dkv=64, block_kv_dq=128)),
+                ("mosaic 64-64", dict(block_q_dkv=64, block_kv_dq=64)),
+            ):
+                c = dataclasses.replace(base, **kw)
+                if c != base and (d == 64 or kw["block_q_dkv"] == 64):
+                    cands.append((name, c))
+        ref = None
+        for name, cfg in cands:
+            if time.time() > deadline:
+                break
+            try:
+                if cfg is None:
+                    ops.MOSAIC_BWD_MODE = "off"
+                    fn = jax.jit(
+                        lambda do, q, k, v, o, l_, r: ops.backward(
+                            do,
+                            None,
+                            q,
+                            k,
+                            v,
+                            o,
+                            l_,
+                            None,
+                            None,
+                            p,
+                            out_residual=r,
+                            interpret=False,
+                        )
+                    )
+                else:
+                    fn = jax.jit(
+                        functools.partial(
+                            lambda cfg, do, q, k, v, o, l_, r: mb.backward(
+                                do, None, q, k, v, o, l_, p, out_residual=r, cfg=cfg
+                            ),
+                            cfg,
+                        )
+                    )
+                res = fn(do, q, k, v, out, lse, r)
+                if ref is None:
+                    ref = res
+                    err = 0.0
+                else:
+                    err = max(
+                        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                        for a, b in zip(res, ref)
+                    )
+                t = bench(fn, do, q, k, v, out, lse, r)
+                row[name] = round(fl / t / 1e12)
+                row[name + " maxdiff"] = f"{err:.1e}"
+            except Exception as e:  # noqa: BLE001
+                row[name] = "err"
+                log("mbwd error", name, type(e).__name__, str(e)[:300])
+        RESULTS.setdefault("mbwd", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(f"MBWD bwd-only TFLOP/s d={d} causal={causal} S={S} {row}")
+        save()
+
+
+def fb_table(deadline, points, modes=("off", "on")):
+    """fwd+bwd (training path) with the backward on each lowering, and mha, bf16."""
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention as pa
+
+    from flashmux.spec import Params
+    from flashmux_pallas import ops
+
+    for d, causal, S in points:
+        if time.time() > deadline:
+            log("fb_table: deadline")
+            break
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+        row = {}
+        for m in modes:
+            ops.MOSAIC_BWD_MODE = m
+            try:
+                row[f"ours bwd={m}"], _ = measure(
+                    "ours", _pallas_vjp(p), jnp.bfloat16, S, d, causal, "fwdbwd"
+                )
+            except Exception as e:  # noqa: BLE001
+                row[f"ours bwd={m}"] = float("nan")
+                log("error", m, str(e)[:200])
+        ops.MOSAIC_BWD_MODE = "auto"
+        for mode in ("fwdbwd", "fwd"):
+            try:
+                row[f"mha {mode}"], _ = measure(
+                    "mha",
+                    lambda q, k, v, d=d, c=causal: pa.mha(
+                        q, k, v, None, sm_scale=d**-0.5, causal=c
+                    ),
+                    jnp.bfloat16,
+                    S,
+                    d,
+                    causal,
+                    mode,
+                )
+            except Exception as e:  # noqa: BLE001
+                row[f"mha {mode}"] = float("nan")
+                log("error mha", str(e)[:200])
+        try:
+            row["ours fwd"], _ = measure("ours", _pallas_vjp(p), jnp.bfloat16, S, d, causal, "fwd")
+        except Exception:  # noqa: BLE001
+            row["ours fwd"] = float("nan")
+        RESULTS.setdefault("fb", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(f"FB d={d} causal={causal} S={S} " + " ".join(f"{k}={v:.0f}" for k, v in row.items()))
+        save()
+
+
+def _points(spec):
+    """ "64c2048,128n4096" -> [(64, True, 2048), (128, False, 4096)]."""
+    out = []
+    for tok in spec.split(","):
+        c = "c" in tok
+        d, S = tok.replace("c", " ").replace("n", " ").split()
+        out.append((int(d), c, int(S)))
+    return out
+
+
 def jax_split(seed, n):
     import jax
 
@@ -651,10 +920,22 @@ def main():
     ap.add_argument("--mosaic-variants", action="store_true", help="only time the Mosaic variants")
     ap.add_argument("--only-correctness", action="store_true")
     ap.add_argument("--plan5", action="store_true", help="run 5: dS A/B, final table")
+    ap.add_argument("--mbwd-check", action="store_true", help="Mosaic backward: SPEC cases")
+    ap.add_argument("--mbwd-time", default="", help="Mosaic vs Triton backward at points")
+    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--fb", default="", help="fwd+bwd vs mha at points, both bwd lowerings")
     a = ap.parse_args()
     import jax
 
     log("jax", jax.__version__, jax.devices())
+    if a.mbwd_check or a.mbwd_time or a.fb:
+        n = mbwd_check() if a.mbwd_check else 0
+        if a.mbwd_time:
+            mbwd_time(T0 + a.deadline, _points(a.mbwd_time), not a.no_variants)
+        if a.fb:
+            fb_table(T0 + a.deadline, _points(a.fb))
+        save()
+        return 0 if n == 0 else 1
     seqs = [int(s) for s in a.seqs.split(",")]
     if a.mosaic_variants:
         mosaic_variants(T0 + a.deadline)

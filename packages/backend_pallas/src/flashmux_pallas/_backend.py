@@ -32,7 +32,9 @@ class PallasBackend(Backend):
                 "cpu": "interpret",
                 "cuda": "triton (forward and backward, sm80+)",
                 "cuda sm90": "mosaic_gpu forward for dense fp16/bf16, D 64/128, no window "
-                "(causal with Sq == Sk), block-multiple lengths; triton otherwise and for backward",
+                "(causal with Sq == Sk), block-multiple lengths; mosaic_gpu backward for dense "
+                "fp16/bf16, D 64/128, no window (causal with Sq == Sk), any lengths, where "
+                "measured faster (FLASHMUX_PALLAS_MOSAIC_BWD); triton otherwise",
             }
         }
         try:
@@ -43,6 +45,8 @@ class PallasBackend(Backend):
             facts["jax"] = jax.__version__
             facts["default_backend"] = jax.default_backend()
             facts["mosaic_mode"] = ops.MOSAIC_MODE
+            facts["mosaic_bwd_mode"] = ops.MOSAIC_BWD_MODE
+            facts["mosaic_bwd_auto"] = sorted(ops.MOSAIC_BWD_AUTO)
             facts["mosaic_gpu_available"] = mosaic_kernels.available()
         except Exception:  # pragma: no cover
             pass
@@ -53,6 +57,17 @@ class PallasBackend(Backend):
         from . import ops
 
         return ops.lowering(q, k, v, params, ops.on_cpu(q))
+
+    def lowerings(self, q, k, v, params):
+        """{"forward": ..., "backward": ...}: the lowering each pass takes on these arrays
+        ("interpret", "triton" or "mosaic_gpu"), for explain and tests."""
+        from . import ops
+
+        interp = ops.on_cpu(q)
+        return {
+            "forward": ops.lowering(q, k, v, params, interp),
+            "backward": ops.backward_lowering(q, k, v, params, interp),
+        }
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False):
         from . import ops

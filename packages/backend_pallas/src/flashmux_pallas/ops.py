@@ -133,6 +133,31 @@ def lowering(q, k, v, params, interpret: bool) -> str:
     return "mosaic_gpu"
 
 
+# Hopper backward through Mosaic GPU (mosaic_backward.py): "auto" (sm90, where MOSAIC_BWD_AUTO
+# lists the (head_dim, causal) pair: where it measured faster than the Triton-lowering backward),
+# "on" (sm90, every problem mosaic_backward.supports), "off" (never).
+MOSAIC_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MOSAIC_BWD", "auto")
+MOSAIC_BWD_AUTO: frozenset[tuple[int, bool]] = frozenset()
+
+
+def backward_lowering(q, k, v, params, interpret: bool) -> str:
+    """Which lowering runs this backward: "interpret", "mosaic_gpu" or "triton"."""
+    if interpret:
+        return "interpret"
+    if MOSAIC_BWD_MODE == "off":
+        return "triton"
+    from . import mosaic_backward, mosaic_kernels
+
+    cc = _compute_capability()
+    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
+        return "triton"
+    if mosaic_backward.supports(q, k, v, params):
+        return "triton"
+    if MOSAIC_BWD_MODE == "auto" and (q.shape[-1], bool(params.causal)) not in MOSAIC_BWD_AUTO:
+        return "triton"
+    return "mosaic_gpu"
+
+
 def choose_config(dp: int, causal: bool, interpret: bool) -> Config:
     if _override:
         return _override[-1]
@@ -327,11 +352,17 @@ def backward(
 
     if interpret is None:
         interpret = on_cpu(q)
+    if out_residual is not None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+        out_residual = None  # float32 outputs are exact: the residual is zeros
+    if backward_lowering(q, k, v, params, interpret) == "mosaic_gpu":
+        from . import mosaic_backward
+
+        return mosaic_backward.backward(
+            do, dlse, q, k, v, out, lse, params, out_residual=out_residual, interpret=interpret
+        )
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     do = do.astype(q.dtype)
-    if out_residual is not None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
-        out_residual = None  # float32 outputs are exact: the residual is zeros
     # Interpret mode inside shard_map: the interpreter's grid loop starts every output unvarying
     # and rejects the dQ kernel's delta output (computed straight from varying input blocks).
     if plan.dq.fused_delta and not (interpret and varying(q)):
