@@ -731,7 +731,7 @@ def mbwd_check():
     return nfail
 
 
-def mbwd_time(deadline, points, variants=True):
+def mbwd_time(deadline, points, variants=True, ab=False):
     """Backward alone (training inputs: out_residual), Mosaic vs Triton lowering, then f+b."""
     import dataclasses
 
@@ -754,9 +754,11 @@ def mbwd_time(deadline, points, variants=True):
             lambda q, k, v: ops.forward(q, k, v, None, None, p, residual=True, interpret=False)
         )(q, k, v)
         row = {}
-        base = mb.default_config(d, causal)
+        base = mb.default_config(d, causal, S)
         cands = [("triton", None), ("mosaic", base)]
-        if variants:
+        if ab:  # run H: the heavy-first dQ order against the run G order
+            cands.append(("mosaic in-order", dataclasses.replace(base, heavy_first=False)))
+        elif variants:
             cands.append(("mosaic xla-delta", dataclasses.replace(base, fused_delta=False)))
             for name, kw in (
                 ("mosaic q128-kv128", dict(block_q_dkv=128, block_kv_dq=128)),
@@ -818,7 +820,7 @@ def mbwd_time(deadline, points, variants=True):
         save()
 
 
-def fb_table(deadline, points, modes=("off", "on")):
+def fb_table(deadline, points, modes=("off", "on"), fwd=True):
     """fwd+bwd (training path) with the backward on each lowering, and mha, bf16."""
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import attention as pa
@@ -842,7 +844,7 @@ def fb_table(deadline, points, modes=("off", "on")):
                 row[f"ours bwd={m}"] = float("nan")
                 log("error", m, str(e)[:200])
         ops.MOSAIC_BWD_MODE = "auto"
-        for mode in ("fwdbwd", "fwd"):
+        for mode in ("fwdbwd", "fwd") if fwd else ("fwdbwd",):
             try:
                 row[f"mha {mode}"], _ = measure(
                     "mha",
@@ -858,12 +860,22 @@ def fb_table(deadline, points, modes=("off", "on")):
             except Exception as e:  # noqa: BLE001
                 row[f"mha {mode}"] = float("nan")
                 log("error mha", str(e)[:200])
-        try:
-            row["ours fwd"], _ = measure("ours", _pallas_vjp(p), jnp.bfloat16, S, d, causal, "fwd")
-        except Exception:  # noqa: BLE001
-            row["ours fwd"] = float("nan")
+        if fwd:
+            try:
+                row["ours fwd"], _ = measure(
+                    "ours", _pallas_vjp(p), jnp.bfloat16, S, d, causal, "fwd"
+                )
+            except Exception:  # noqa: BLE001
+                row["ours fwd"] = float("nan")
+        mha = row.get("mha fwdbwd")
+        if mha:
+            for m in modes:
+                row[f"ratio bwd={m}"] = row[f"ours bwd={m}"] / mha
         RESULTS.setdefault("fb", []).append({"d": d, "causal": causal, "S": S, **row})
-        log(f"FB d={d} causal={causal} S={S} " + " ".join(f"{k}={v:.0f}" for k, v in row.items()))
+        log(
+            f"FB d={d} causal={causal} S={S} "
+            + " ".join(f"{k}={v:.2f}" if "ratio" in k else f"{k}={v:.0f}" for k, v in row.items())
+        )
         save()
 
 
@@ -924,16 +936,22 @@ def main():
     ap.add_argument("--mbwd-time", default="", help="Mosaic vs Triton backward at points")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--fb", default="", help="fwd+bwd vs mha at points, both bwd lowerings")
+    ap.add_argument("--fb-auto", default="", help="fwd+bwd vs mha at points, default lowering")
+    ap.add_argument("--mbwd-ab", default="", help="heavy-first dQ A/B at points")
     a = ap.parse_args()
     import jax
 
     log("jax", jax.__version__, jax.devices())
-    if a.mbwd_check or a.mbwd_time or a.fb:
+    if a.mbwd_check or a.mbwd_time or a.fb or a.fb_auto or a.mbwd_ab:
         n = mbwd_check() if a.mbwd_check else 0
+        if a.mbwd_ab:
+            mbwd_time(T0 + a.deadline, _points(a.mbwd_ab), ab=True)
         if a.mbwd_time:
             mbwd_time(T0 + a.deadline, _points(a.mbwd_time), not a.no_variants)
         if a.fb:
             fb_table(T0 + a.deadline, _points(a.fb))
+        if a.fb_auto:
+            fb_table(T0 + a.deadline, _points(a.fb_auto), modes=("auto",), fwd=False)
         save()
         return 0 if n == 0 else 1
     seqs = [int(s) for s in a.seqs.split(",")]

@@ -52,13 +52,20 @@ class MosaicBwdConfig:
     # delta = rowsum(dO * (O + r)) - dlse inside the dQ kernel (which runs first and writes it for
     # dK/dV) instead of an XLA pass over dO, O and r.
     fused_delta: bool = True
+    # causal dQ: launch the query tiles that see the most keys first (shorter tail of the last
+    # wave; dK/dV's natural order already starts with its heaviest key tiles)
+    heavy_first: bool = True
 
 
-def default_config(head_dim: int, causal: bool) -> MosaicBwdConfig:
-    """Tiles by head_dim (GPU run F, NOTES.md): dQ streams 128-key tiles at both head dims
-    (+0-4% over 64 at D=128); the rest is the first measured configuration."""
-    del causal
-    return MosaicBwdConfig(block_kv_dq=128)
+def default_config(head_dim: int, causal: bool, seqlen_q: int = 0) -> MosaicBwdConfig:
+    """Tiles by (head_dim, causal, length), from GPU runs F and G (NOTES.md, backward alone):
+    dQ streams 128-key tiles except D=128 causal (64: 368 vs 351 TFLOP/s at S=2048); dK/dV
+    streams 128-query tiles at D=64 (non-causal S=4096 389 vs 363, causal S=8192 362 vs 352)
+    except causal S < 4096 (282 vs 288 at S=2048, within noise) and 64 at D=128 (registers)."""
+    if head_dim == 128:
+        return MosaicBwdConfig(block_kv_dq=64 if causal else 128)
+    big = not causal or seqlen_q >= 4096
+    return MosaicBwdConfig(block_q_dkv=128 if big else 64, block_kv_dq=128)
 
 
 def supports(q, k, v, params, cfg: MosaicBwdConfig = MosaicBwdConfig()) -> list[str]:
@@ -263,6 +270,8 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         tile = lax.axis_index("tiles")
+        if causal and cfg.heavy_first:
+            tile = (Sqp // (2 * bq) - 1) - tile
         wg = lax.axis_index("wg")
         cta_rows = 2 * bq
         if causal:
@@ -599,7 +608,7 @@ def backward(
 
     B, Sq, Hq, D = q.shape
     if cfg is None:
-        cfg = default_config(D, bool(params.causal))
+        cfg = default_config(D, bool(params.causal), Sq)
     Sk = k.shape[1]
     causal = bool(params.causal)
     scale = float(params.scale)

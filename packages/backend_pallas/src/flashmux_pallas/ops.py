@@ -134,10 +134,13 @@ def lowering(q, k, v, params, interpret: bool) -> str:
 
 
 # Hopper backward through Mosaic GPU (mosaic_backward.py): "auto" (sm90, where MOSAIC_BWD_AUTO
-# lists the (head_dim, causal) pair: where it measured faster than the Triton-lowering backward),
+# lists the (head_dim, causal) pair: where it measured at least as fast as the Triton lowering),
 # "on" (sm90, every problem mosaic_backward.supports), "off" (never).
 MOSAIC_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MOSAIC_BWD", "auto")
-MOSAIC_BWD_AUTO: frozenset[tuple[int, bool]] = frozenset()
+# GPU runs F and G (NOTES.md): backward alone +22-33% at D=128, +0-8% at D=64 over Triton.
+MOSAIC_BWD_AUTO: frozenset[tuple[int, bool]] = frozenset(
+    {(64, False), (64, True), (128, False), (128, True)}
+)
 
 
 def backward_lowering(q, k, v, params, interpret: bool) -> str:
