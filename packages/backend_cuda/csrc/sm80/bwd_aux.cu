@@ -52,10 +52,10 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const Params p) {
     float4 a = *reinterpret_cast<const float4 *>(src + c * 8);
     float4 bb = *reinterpret_cast<const float4 *>(src + c * 8 + 4);
     uint4 out;
-    out.x = pack2<Element>(a.x * p.scale, a.y * p.scale);
-    out.y = pack2<Element>(a.z * p.scale, a.w * p.scale);
-    out.z = pack2<Element>(bb.x * p.scale, bb.y * p.scale);
-    out.w = pack2<Element>(bb.z * p.scale, bb.w * p.scale);
+    out.x = pack2<Element>(a.x, a.y);  // already scaled: the backward adds (dS * scale) K
+    out.y = pack2<Element>(a.z, a.w);
+    out.z = pack2<Element>(bb.x, bb.y);
+    out.w = pack2<Element>(bb.z, bb.w);
     *reinterpret_cast<uint4 *>(dst + c) = out;
   }
 }

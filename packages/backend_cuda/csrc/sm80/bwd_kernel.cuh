@@ -2,7 +2,8 @@
 // One CTA owns a (kBlockN x D) key/value tile of one (batch, kv head). It walks every query head
 // of the GQA group and every query block that can see the tile, recomputes P from the saved lse,
 // accumulates dK and dV in registers (so the GQA sum needs no atomics) and adds dQ = dS K into
-// the fp32 workspace with atomics (in key-block order when deterministic).
+// the fp32 workspace with atomics (in key-block order when deterministic). dS is rounded to
+// the input dtype as dS * scale (plain attention's rounding), so dQ and dK come out scaled.
 #pragma once
 #include "sm80_utils.cuh"
 
@@ -303,23 +304,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     gemm_ss(mma_sdp, acc_dp, tdPrdO, tdPrV, cpA_sdp_t.partition_S(sdO), tdPsV, cpA_sdp, cpB_sdp,
             tdPrdOv, tdPrVv);
 
-    // dS = P * (dP - dsum) (* d softcap / ds).
+    // dS * scale = P * (dP * scale - dsum * scale) (* d softcap / ds): the scale is applied in
+    // float32 before the rounding to the input dtype, as plain attention's autograd does (its
+    // scores are scaled before the cast), so dQ and dK need no final multiply. Same instruction
+    // count as P * (dP - dsum): one FFMA and one FMUL per element.
     {
       Tensor dP = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+      const float scale = p.scale;
       auto pass2 = [&](auto capped_c) {
         constexpr bool kCapped = decltype(capped_c)::value;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
-          const float ds = s_dsum[buf * BM + get<0>(cSrc(r, 0))];
+          const float ds = s_dsum[buf * BM + get<0>(cSrc(r, 0))] * scale;
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); ++c) {
             if constexpr (kCapped) {
               const float x = S(r, c);
               const float pr = fast_exp2(fmaf(x, sl2, -lrow[r]));
               const float t = fminf(fabsf(x * inv_cap), 1.f);
-              dP(r, c) = pr * (dP(r, c) - ds) * (1.f - t * t);
+              dP(r, c) = pr * fmaf(dP(r, c), scale, -ds) * (1.f - t * t);
             } else {
-              dP(r, c) = S(r, c) * (dP(r, c) - ds);
+              dP(r, c) = S(r, c) * fmaf(dP(r, c), scale, -ds);
             }
           }
         }
@@ -422,7 +427,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     }
   }
   Tensor cKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
-  store_acc<Element>(acc_dk, cKV, dk_ptr, p.dk_rs, rows_k, p.d, p.scale);
+  store_acc<Element>(acc_dk, cKV, dk_ptr, p.dk_rs, rows_k, p.d, 1.f);  // dS carries the scale
   store_acc<Element>(acc_dv, cKV, dv_ptr, p.dv_rs, rows_k, p.d, 1.f);
 }
 

@@ -8,7 +8,7 @@ namespace fmx {
 namespace sm80 {
 template <int D> int run_fwd(const Params &p, int dtype, cudaStream_t stream);
 template <int D> int run_bwd(const Params &p, int dtype, cudaStream_t stream);
-// Backward helpers (bwd_aux.cu): dsum = rowsum(dO * O) - dlse; dq = dq_accum * scale.
+// Backward helpers (bwd_aux.cu): dsum = rowsum(dO * O) - dlse; dq = dq_accum (already scaled).
 int run_bwd_preprocess(const Params &p, int dtype, cudaStream_t stream);
 int run_bwd_convert_dq(const Params &p, int dtype, cudaStream_t stream);
 
