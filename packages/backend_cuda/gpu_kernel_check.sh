@@ -28,7 +28,8 @@ build() {
 
 # TUNE="NAME:FMX_TUNE_BWD64=1,... NAME2:..." builds the tuning variants too (-DFMX_TUNING);
 # stages tune (bench every spec beside SDPA flash) and tunecheck (bf16 correctness per spec).
-# FMX_TUNE_SEQS=2048,4096,16384 sets the sequence lengths of the tune sweep (default 4096,16384).
+# FMX_TUNE_SEQS=2048,4096,16384 sets the sequence lengths of the tune sweep (default 4096,16384),
+# FMX_TUNE_DIMS=96 its head dims (default 64,128).
 # SKIP_BUILD=1 reuses /tmp/fmxb from an earlier call of this script on the same machine.
 if [ -z "${SKIP_BUILD:-}" ] || [ ! -f /tmp/fmxb/libfmx.so ]; then
   build /tmp/fmxb -lineinfo ${TUNE:+-DFMX_TUNING} || exit 1

@@ -274,6 +274,7 @@ CASES = [
     ("window(None,7)", dict(Sq=140, Sk=333, window=(None, 7))),
     ("softcap 30", dict(Sq=130, Sk=190, softcap=30.0, D=128)),
     ("softcap 5 causal scale 0.3", dict(Sq=129, Sk=129, softcap=5.0, causal=True, scale=0.3)),
+    ("negative scale -0.2", dict(Sq=140, Sk=200, scale=-0.2, causal=True, D=128)),
     ("GQA 8/2 causal", dict(Hq=8, Hkv=2, Sq=150, Sk=220, causal=True, D=128)),
     ("MQA 6/1", dict(Hq=6, Hkv=1, Sq=100, Sk=300)),
     ("d40 (pad 64)", dict(D=40, Sq=77, Sk=99, causal=True)),
@@ -469,7 +470,8 @@ if __name__ == "__main__":
     t0 = time.time()
     if mode == "tune":
         seqs = tuple(int(x) for x in os.environ.get("FMX_TUNE_SEQS", "4096,16384").split(","))
-        tune(sys.argv[3:], seqs=seqs)
+        dims = tuple(int(x) for x in os.environ.get("FMX_TUNE_DIMS", "64,128").split(","))
+        tune(sys.argv[3:], dims=dims, seqs=seqs)
     elif mode == "correctness_bf16":
         for spec in sys.argv[3:]:
             print(f"variant {_set_env(spec)}:", flush=True)

@@ -13,20 +13,27 @@ namespace sm80 {
 //   kFwdLazyRescale: acc_o is rescaled only when some row max of the warp changed (warp vote);
 //   kFwdNoPrefetchS: the S GEMM loads each K fragment just before its MMAs (no one-step-ahead
 //     prefetch: 32 fewer live registers with 128-wide key tiles).
-constexpr int kFwdSmemEpi = 1, kFwdLazyRescale = 2, kFwdNoPrefetchS = 4;
+//   kFwdPipe: fwd_kernel_pipe below: K and V double buffered (the next tile loads during the
+//     whole current one, one barrier per key tile) and each key tile computed in kSubN-wide
+//     column chunks (S, softmax and O += P V per chunk: the fp32 scores of one chunk only are
+//     live, so wide load tiles cost no registers).
+constexpr int kFwdSmemEpi = 1, kFwdLazyRescale = 2, kFwdNoPrefetchS = 4, kFwdPipe = 8;
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_,
-          int kFlags_ = 0>
+          int kFlags_ = 0, int kSubN_ = kBlockN_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
-  static constexpr int kFlags = kFlags_;
+  static constexpr int kFlags = kFlags_, kSubN = kSubN_;
   static constexpr int kNWarps = kNWarps_, kNThreads = kNWarps * 32;
   static_assert(kBlockM == 16 * kNWarps || kBlockM == 32 * kNWarps, "each warp owns whole rows");
+  static_assert(kBlockN % kSubN == 0 && kSubN % 16 == 0, "whole column chunks");
+  static_assert(kSubN == kBlockN || (kFlags & kFwdPipe) != 0, "column chunks need kFwdPipe");
   using TiledMma = TiledMmaFor<Element, kNWarps, 1>;
   using SmemQ = SmemTile<kBlockM, kHeadDim>;
   using SmemKV = SmemTile<kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * 2;
+  static constexpr int kSmemBytes =
+      (kBlockM + ((kFlags & kFwdPipe) != 0 ? 4 : 2) * kBlockN) * kHeadDim * 2;
 };
 
 template <typename Tr>
@@ -150,7 +157,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       }
       const float mx = quad_max(fmaxf(mx0, mx1));
       const float ms = mx == -INFINITY ? 0.f : mx * sl2;
-      const float corr = fast_exp2(row_max[r] * sl2 - ms);
+      // (row_max -inf: corr 0, also for a negative scale, where -inf * sl2 would be +inf)
+      const float corr = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
       row_max[r] = mx;
       float sum0 = row_sum[r] * corr, sum1 = 0.f;
       CUTE_UNROLL
@@ -223,10 +231,220 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   }
 }
 
+
+// The kFwdPipe variant: stage s of smem holds K and V of one key tile; tile n-1 loads into the
+// other stage while tile n is computed, so one barrier per key tile suffices (it both publishes
+// tile n and retires the stage that the next load overwrites). Each tile is computed in column
+// chunks of kSubN keys: S chunk, mask, online softmax, O += P V chunk.
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params p) {
+  using Element = typename Tr::Element;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, SN = Tr::kSubN, D = Tr::kHeadDim;
+  constexpr int NT = Tr::kNThreads;
+  using LKV = typename Tr::SmemKV::Layout_;
+  using LKVt = typename Tr::SmemKV::LayoutT;
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) tiles first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const SeqInfo si(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= si.sq) return;
+  const int hk = h / p.group;
+  const int rows_q = min(BM, si.sq - m0);
+
+  Element *o_ptr = reinterpret_cast<Element *>(p.o) + si.q_base(b, p.o_bs, p.o_rs) +
+                   (int64_t)m0 * p.o_rs + (int64_t)h * p.o_hs;
+  int n_min, n_max;
+  key_block_range(p, si, m0, BM, BN, n_min, n_max);
+  if (n_max <= n_min) {  // no allowed key for any row of this tile
+    zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
+    for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
+    return;
+  }
+
+  const Element *q_ptr = reinterpret_cast<const Element *>(p.q) + si.q_base(b, p.q_bs, p.q_rs) +
+                         (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs;
+  const Element *k_ptr = reinterpret_cast<const Element *>(p.k) + si.k_base(b, p.k_bs, p.k_rs) +
+                         (int64_t)hk * p.k_hs;
+  const Element *v_ptr = reinterpret_cast<const Element *>(p.v) + si.k_base(b, p.v_bs, p.v_rs) +
+                         (int64_t)hk * p.v_hs;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  Element *smem = reinterpret_cast<Element *>(smem_raw);
+  Element *smem_kv = smem + BM * D;  // stage s: K at smem_kv + 2 s BN D, V right after it
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Tr::SmemQ::Layout_{});
+
+  auto load_kv = [&](int n, int stage) {
+    Tensor sK = make_tensor(make_smem_ptr(smem_kv + stage * 2 * BN * D), LKV{});
+    Tensor sV = make_tensor(make_smem_ptr(smem_kv + stage * 2 * BN * D + BN * D), LKV{});
+    load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)n * BN * p.k_rs, p.k_rs, si.sk - n * BN, p.d,
+                               tid);
+    load_tile_async<BN, D, NT>(sV, v_ptr + (int64_t)n * BN * p.v_rs, p.v_rs, si.sk - n * BN, p.d,
+                               tid);
+  };
+
+  // Prologue: Q and the last key tile.
+  int n = n_max - 1;
+  load_tile_async<BM, D, NT>(sQ, q_ptr, p.q_rs, rows_q, p.d, tid);
+  load_kv(n, 0);
+  cp_async_commit();
+
+  typename Tr::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor sK0 = make_tensor(make_smem_ptr(smem_kv), LKV{});
+  Tensor sVt0 = make_tensor(make_smem_ptr(smem_kv + BN * D), LKVt{});
+  Tensor sK0c = local_tile(sK0, Shape<Int<SN>, Int<D>>{}, make_coord(0, 0));
+  Tensor sVt0c = local_tile(sVt0, Shape<Int<D>, Int<SN>>{}, make_coord(0, 0));
+  Tensor tSrQ = thr.partition_fragment_A(sQ);
+  Tensor tSrK = thr.partition_fragment_B(sK0c);
+  Tensor tOrVt = thr.partition_fragment_B(sVt0c);
+  auto cpQ = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto cpK = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto cpV = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma);
+  auto cpQt = cpQ.get_thread_slice(tid);
+  auto cpKt = cpK.get_thread_slice(tid);
+  auto cpVt = cpV.get_thread_slice(tid);
+  Tensor tSsQ = cpQt.partition_S(sQ);
+  Tensor tSrQv = cpQt.retile_D(tSrQ);
+  Tensor tSrKv = cpKt.retile_D(tSrK);
+  Tensor tOrVtv = cpVt.retile_D(tOrVt);
+
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<BM>, Int<D>>{});
+  clear(acc_o);
+  Tensor accO = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<SN>>{}));
+  Tensor cSrc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  constexpr int NR = decltype(size<0>(accO))::value;  // rows per thread
+
+  float row_max[NR], row_sum[NR];
+  CUTE_UNROLL
+  for (int r = 0; r < NR; ++r) { row_max[r] = -INFINITY; row_sum[r] = 0.f; }
+  const bool capped = p.softcap > 0.f;
+  const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
+  const float sl2 = p.score_log2;
+
+  auto iteration = [&](const int n, const int stage, auto mask_c) __attribute__((always_inline)) {
+    constexpr bool kMask = decltype(mask_c)::value;
+    cp_async_wait<0>();
+    __syncthreads();  // tile n landed; every warp is done with tile n + 1 (the other stage)
+    if (n > n_min) {
+      load_kv(n - 1, stage ^ 1);
+      cp_async_commit();
+    }
+    Tensor sK = make_tensor(make_smem_ptr(smem_kv + stage * 2 * BN * D), LKV{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem_kv + stage * 2 * BN * D + BN * D), LKVt{});
+
+    CUTE_UNROLL
+    for (int ch = 0; ch < BN / SN; ++ch) {
+      Tensor tSsK = cpKt.partition_S(local_tile(sK, Shape<Int<SN>, Int<D>>{}, make_coord(ch, 0)));
+      Tensor tOsVt =
+          cpVt.partition_S(local_tile(sVt, Shape<Int<D>, Int<SN>>{}, make_coord(0, ch)));
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<SN>>{});
+      clear(acc_s);
+      if constexpr ((Tr::kFlags & kFwdNoPrefetchS) != 0) {
+        gemm_ss_noprefetch(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+      } else {
+        gemm_ss(mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cpQ, cpK, tSrQv, tSrKv);
+      }
+
+      Tensor S = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+      if (capped) {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
+      }
+      if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n * BN + ch * SN);
+
+      // Online softmax (base 2, scale folded into one FFMA), as in fwd_kernel.
+      CUTE_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        float mx0 = row_max[r], mx1 = -INFINITY;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          mx0 = fmaxf(mx0, S(r, c));
+          mx1 = fmaxf(mx1, S(r, c + 1));
+        }
+        const float mx = quad_max(fmaxf(mx0, mx1));
+        const float ms = mx == -INFINITY ? 0.f : mx * sl2;
+        // (row_max -inf: corr 0, also for a negative scale, where -inf * sl2 would be +inf)
+        const float corr = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
+        row_max[r] = mx;
+        float sum0 = row_sum[r] * corr, sum1 = 0.f;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const float e0 = fast_exp2(fmaf(S(r, c), sl2, -ms));
+          const float e1 = fast_exp2(fmaf(S(r, c + 1), sl2, -ms));
+          S(r, c) = e0;
+          S(r, c + 1) = e1;
+          sum0 += e0;
+          sum1 += e1;
+        }
+        row_sum[r] = sum0 + sum1;
+        if (!(Tr::kFlags & kFwdLazyRescale) || __any_sync(0xffffffffu, corr != 1.f)) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= corr;
+        }
+      }
+
+      Tensor rP = to_element<Element>(acc_s);
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+      gemm_rs(mma, acc_o, tOrP, tOrVt, tOsVt, cpV, tOrVtv);
+    }
+  };
+
+  for (int stage = 0; n >= n_min; --n, stage ^= 1) {
+    if (tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
+      iteration(n, stage, cute::true_type{});
+    } else {
+      iteration(n, stage, cute::false_type{});
+    }
+  }
+
+  // Epilogue: normalize, write O and lse (as in fwd_kernel).
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor cOrc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
+  const int lane = tid & 31;
+  CUTE_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    float sum = quad_sum(row_sum[r]);
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(accO); ++c) accO(r, c) *= inv;
+    int row = get<0>(cOrc(r, 0));
+    if ((lane & 3) == 0 && row < rows_q)
+      p.lse[si.lse_off(p, b, h, m0 + row)] =
+          sum > 0.f ? row_max[r] * p.score_nat + logf(sum) : -INFINITY;
+  }
+  if constexpr ((Tr::kFlags & kFwdSmemEpi) != 0) {
+    __syncthreads();  // every warp is done reading the Q tile (no barrier follows its last S GEMM)
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2)
+      *reinterpret_cast<uint32_t *>(&sQ(get<0>(cO(i)), get<1>(cO(i)))) =
+          pack2<Element>(acc_o(i), acc_o(i + 1));
+    __syncthreads();
+    constexpr int kChunks = D / 8;
+    CUTE_UNROLL
+    for (int it = 0; it < BM * kChunks / NT; ++it) {
+      const int idx = it * NT + tid;
+      const int r = idx / kChunks, c = (idx % kChunks) * 8;
+      if (r < rows_q && c < p.d)
+        *reinterpret_cast<uint4 *>(o_ptr + (int64_t)r * p.o_rs + c) =
+            *reinterpret_cast<const uint4 *>(&sQ(r, c));
+    }
+  } else {
+    store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d, 1.f);
+  }
+}
+
 template <typename Tr>
 int launch_fwd(const Params &p, cudaStream_t stream) {
   constexpr int smem = Tr::kSmemBytes;
-  auto kernel = fwd_kernel<Tr>;
+  void (*kernel)(const Params) = nullptr;
+  if constexpr ((Tr::kFlags & kFwdPipe) != 0) {
+    kernel = fwd_kernel_pipe<Tr>;
+  } else {
+    kernel = fwd_kernel<Tr>;
+  }
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return (int)e;
