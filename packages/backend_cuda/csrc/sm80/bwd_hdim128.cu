@@ -39,6 +39,8 @@ int run_bwd<128>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 1) {
     switch (tune_choice("FMX_TUNE_BWD128")) {
       case 1: return tune_bwd<128, 1>(p, stream);
+      case 2: return tune_bwd<128, 2>(p, stream);
+      case 3: return tune_bwd<128, 3>(p, stream);
       default: break;
     }
   }

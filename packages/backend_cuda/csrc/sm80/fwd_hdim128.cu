@@ -30,8 +30,6 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
     switch (tune_choice("FMX_TUNE_FWD128")) {
       case 1: return tune_fwd<128, 1>(p, stream);
       case 2: return tune_fwd<128, 2>(p, stream);
-      case 3: return tune_fwd<128, 3>(p, stream);
-      case 4: return tune_fwd<128, 4>(p, stream);
       default: break;
     }
   }

@@ -7,14 +7,15 @@
 #define FMX_FWD64_BM 128
 #endif
 #ifndef FMX_FWD64_BN
-#define FMX_FWD64_BN 128
+#define FMX_FWD64_BN 64
 #endif
 #ifndef FMX_FWD64_WARPS
 #define FMX_FWD64_WARPS 4
 #endif
-// Variant flags (fwd_kernel.cuh); run 9 measured these against flags 0 (the run-8 kernels).
+// Variant flags (fwd_kernel.cuh); run 9 measured them against flags 0 (the run-8 kernels), run 11
+// the pipelined 128x64 kernel (kFwdPipe, no spills) against run 10's 128x128 (196 B spills).
 #ifndef FMX_FWD64_FLAGS
-#define FMX_FWD64_FLAGS (kFwdSmemEpi | kFwdLazyRescale | kFwdNoPrefetchS)
+#define FMX_FWD64_FLAGS (kFwdSmemEpi | kFwdLazyRescale | kFwdNoPrefetchS | kFwdPipe)
 #endif
 
 namespace fmx {

@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd128, 128x64, 4 warps.
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd128, pipelined 128x32, O through smem + lazy rescale (run 11: level with the default).
 #ifdef FMX_TUNING
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
@@ -7,7 +7,7 @@ namespace fmx {
 namespace sm80 {
 template <>
 int tune_fwd<128, 1>(const Params &p, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<128, 128, 64, 4, cutlass::bfloat16_t>>(p, stream);
+  return launch_fwd<FwdTraits<128, 128, 32, 4, cutlass::bfloat16_t, kFwdSmemEpi | kFwdLazyRescale | kFwdPipe>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

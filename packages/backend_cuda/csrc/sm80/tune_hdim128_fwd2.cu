@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd128, the run-8 default (128x32, flags 0; run 9 measured it as the default).
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd128, the run-8 default (128x32, flags 0).
 #ifdef FMX_TUNING
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"

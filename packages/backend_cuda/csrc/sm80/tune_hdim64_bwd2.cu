@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 backward hd64, 128x128, single Q/dO buffer, 16-byte dQ reductions.
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 backward hd64, 128x128, S/dP 2x4 (the run-11 default) with dQ warps 2x4.
 #ifdef FMX_TUNING
 #include "bwd_kernel.cuh"
 #include "sm80_api.h"
@@ -7,7 +7,7 @@ namespace fmx {
 namespace sm80 {
 template <>
 int tune_bwd<64, 2>(const Params &p, cudaStream_t stream) {
-  return launch_bwd<BwdTraits<64, 128, 128, 8, 4, 4, 4, false, cutlass::bfloat16_t, true>>(p, stream);
+  return launch_bwd<BwdTraits<64, 128, 128, 8, 2, 4, 2, true, cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 backward hd64, the run-5 64x128 tiles (S/dP 2x4, dK/dV 4x2, dQ 2x4, Q/dO double buffered).
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 backward hd64, 128x128, S/dP 2x4 (the run-11 default) with dK/dV warps 2x4.
 #ifdef FMX_TUNING
 #include "bwd_kernel.cuh"
 #include "sm80_api.h"
@@ -7,7 +7,7 @@ namespace fmx {
 namespace sm80 {
 template <>
 int tune_bwd<64, 3>(const Params &p, cudaStream_t stream) {
-  return launch_bwd<BwdTraits<64, 64, 128, 8, 2, 4, 2, true, cutlass::bfloat16_t>>(p, stream);
+  return launch_bwd<BwdTraits<64, 128, 128, 8, 2, 2, 4, true, cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

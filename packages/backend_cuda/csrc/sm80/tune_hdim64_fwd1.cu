@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd64, the run-5 128x64 tiles, 4 warps.
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd64, the run-10 default: 128x128, O through smem + lazy rescale + no K prefetch, not pipelined.
 #ifdef FMX_TUNING
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
@@ -7,7 +7,7 @@ namespace fmx {
 namespace sm80 {
 template <>
 int tune_fwd<64, 1>(const Params &p, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<64, 128, 64, 4, cutlass::bfloat16_t>>(p, stream);
+  return launch_fwd<FwdTraits<64, 128, 128, 4, cutlass::bfloat16_t, kFwdSmemEpi | kFwdLazyRescale | kFwdNoPrefetchS>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx

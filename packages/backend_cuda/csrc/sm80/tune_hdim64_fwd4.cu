@@ -1,4 +1,4 @@
-// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd64 128x128, O through smem.
+// Tuning-build-only variant (compiled empty unless -DFMX_TUNING; see sm80_api.h): bf16 forward hd64, pipelined 128x64 without the lazy rescale.
 #ifdef FMX_TUNING
 #include "fwd_kernel.cuh"
 #include "sm80_api.h"
@@ -7,7 +7,7 @@ namespace fmx {
 namespace sm80 {
 template <>
 int tune_fwd<64, 4>(const Params &p, cudaStream_t stream) {
-  return launch_fwd<FwdTraits<64, 128, 128, 4, cutlass::bfloat16_t, kFwdSmemEpi>>(p, stream);
+  return launch_fwd<FwdTraits<64, 128, 64, 4, cutlass::bfloat16_t, kFwdSmemEpi | kFwdNoPrefetchS | kFwdPipe>>(p, stream);
 }
 }  // namespace sm80
 }  // namespace fmx
