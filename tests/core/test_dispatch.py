@@ -172,6 +172,30 @@ def test_explain_table_lists_every_backend():
     assert "CHOSEN" in text
 
 
+class _Lowering(Fake):
+    def lowerings(self, q, k, v, params):
+        return {"forward": "wide" if q.shape[-1] > 64 else "narrow", "backward": "plain"}
+
+
+class _BadLowering(Fake):
+    def lowerings(self, q, k, v, params):
+        raise RuntimeError("no device")
+
+
+def test_explain_reports_the_chosen_backends_lowering(fakes):
+    flashmux.register(_Lowering(name="low", capabilities=_fake("x").capabilities))
+    ex = flashmux.explain(*q16(d=128), backend="low")
+    assert ex.lowerings == {"forward": "wide", "backward": "plain"}
+    assert "low lowering: forward: wide, backward: plain" in str(ex)
+    assert flashmux.explain(*q16(d=64), backend="low").lowerings["forward"] == "narrow"
+    # a backend without the hook reports nothing; a failing report is shown, never raised
+    flashmux.register(_fake("plainfake"))
+    assert flashmux.explain(*q16(), backend="plainfake").lowerings is None
+    flashmux.register(_BadLowering(name="bad", capabilities=_fake("y").capabilities))
+    ex = flashmux.explain(*q16(), backend="bad")
+    assert ex.chosen == "bad" and "no device" in ex.lowerings["report"]
+
+
 def test_explain_rejects_unknown_keywords():
     q, k, v = q16()
     with pytest.raises(TypeError, match="unexpected keyword"):

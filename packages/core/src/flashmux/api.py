@@ -362,8 +362,14 @@ class Explanation:
     """What the dispatcher would do with a call: every backend, the chosen one, and why each
     other one was passed over. str() gives a table."""
 
-    def __init__(self, decision: dispatch.Decision, note: str | None = None):
+    def __init__(
+        self,
+        decision: dispatch.Decision,
+        note: str | None = None,
+        lowerings: dict[str, str] | None = None,
+    ):
         self.decision = decision
+        self.lowerings = lowerings  # the chosen backend's kernel family per pass, if it says
         self.spec = decision.spec
         self.chosen = decision.chosen
         self.forced = decision.forced
@@ -410,6 +416,9 @@ class Explanation:
             lines.append(f"  {name.ljust(width)}  {status}")
         if self.chosen is None:
             lines.append("  -> no backend can run this call")
+        elif self.lowerings:
+            passes = ", ".join(f"{k}: {v}" for k, v in self.lowerings.items())
+            lines.append(f"  -> {self.chosen} lowering: {passes}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -435,6 +444,18 @@ def explain(q, k, v, **kwargs) -> Explanation:
     forced = dispatch.forced_backends(backend)
     d = dispatch.decide(call.spec, forced)
     note = None
+    lowerings = None
     if call.empty:
         note = "empty problem (a zero-size dimension): answered by the core, no kernel runs"
-    return Explanation(d, note)
+    elif d.chosen is not None:
+        lowerings = _lowerings(dispatch.registry()[d.chosen], q, k, v, call.params)
+    return Explanation(d, note, lowerings)
+
+
+def _lowerings(be, q, k, v, params) -> dict[str, str] | None:
+    """The chosen backend's own report of its kernel family per pass (explain only)."""
+    try:
+        got = be.lowerings(q, k, v, params)
+    except Exception as e:  # explain reports; it never fails because a backend's report did
+        return {"report": f"unavailable ({type(e).__name__}: {e})"}
+    return dict(got) if got else None

@@ -91,6 +91,12 @@ class Backend:
         """Extra facts for `flashmux info` / explain (versions, build path, lowering...)."""
         return {}
 
+    def lowerings(self, q, k, v, params: Params) -> dict[str, str] | None:
+        """Optional: which kernel family each pass would take on these arrays, e.g.
+        ``{"forward": "mosaic_gpu", "backward": "triton"}``; explain() prints it for the chosen
+        backend. None (the default) when a backend has one kernel family per pass."""
+        return None
+
     # -- kernels ------------------------------------------------------------------------
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params: Params):
         raise NotImplementedError(f"backend {self.name!r} has no forward")
