@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       }
       const float mx = quad_max(fmaxf(mx0, mx1));
       const float ms = mx == -INFINITY ? 0.f : mx * sl2;
-      // (row_max -inf: corr 0, also for a negative scale, where -inf * sl2 would be +inf)
+      // (row_max -inf: corr 0 without relying on exp2(-inf * sl2), which needs sl2 > 0)
       const float corr = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
       row_max[r] = mx;
       float sum0 = row_sum[r] * corr, sum1 = 0.f;
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
         }
         const float mx = quad_max(fmaxf(mx0, mx1));
         const float ms = mx == -INFINITY ? 0.f : mx * sl2;
-        // (row_max -inf: corr 0, also for a negative scale, where -inf * sl2 would be +inf)
+        // (row_max -inf: corr 0 without relying on exp2(-inf * sl2), which needs sl2 > 0)
         const float corr = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
         row_max[r] = mx;
         float sum0 = row_sum[r] * corr, sum1 = 0.f;
