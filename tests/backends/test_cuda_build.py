@@ -531,6 +531,13 @@ def test_capabilities_decline_dropout_and_dv():
     assert any("dropout" in r for r in reasons)
     assert any("head_dim_v 32" in r for r in reasons)
     assert len(reasons) == 2
+    # scale < 0 is declined at dispatch (so auto dispatch picks another backend), unless softcap
+    import dataclasses
+
+    assert flashmux_cuda.backend.reasons(spec) == []
+    neg = dataclasses.replace(spec, negative_scale=True)
+    assert any("scale < 0" in r for r in flashmux_cuda.backend.reasons(neg))
+    assert flashmux_cuda.backend.reasons(dataclasses.replace(neg, softcap=True)) == []
 
 
 def test_torch_tensors_checked_before_launch():

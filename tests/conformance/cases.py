@@ -36,6 +36,7 @@ def cases(tier: str = "full") -> list[Case]:
         Case(seqlen_q=L, seqlen_k=L, softcap=5.0),
         Case(seqlen_q=L, seqlen_k=LL, softcap=2.0, causal=True, heads_q=4, heads_kv=2),
         Case(seqlen_q=L, seqlen_k=L, scale=0.5),
+        Case(seqlen_q=LL, seqlen_k=LL, scale=-0.3, causal=True, head_dim=128),  # scale < 0 is valid
     ]
     # Dv != D
     out += [Case(seqlen_q=L, seqlen_k=LL, head_dim=64, head_dim_v=32, heads_q=4, heads_kv=2)]
@@ -60,6 +61,18 @@ def cases(tier: str = "full") -> list[Case]:
         Case(seqlen_q=L, seqlen_k=LL, dtype="float32", causal=True, heads_q=4, heads_kv=2),
         Case(seqlens=((5, 7), (L, L)), dtype="float32"),
     ]
+    # block multiples (full tier): the shapes that take Hopper-only lowerings (Pallas' Mosaic GPU
+    # forward and backward need Sq, Sk multiples of 128) and kernels' unmasked fast paths
+    if not small:
+        out += [
+            Case(seqlen_q=256, seqlen_k=256, head_dim=128, heads_q=4, heads_kv=2, causal=True,
+                 dtype="bfloat16", lse_grad=True),
+            Case(seqlen_q=128, seqlen_k=384, head_dim=128, dtype="float16"),
+            Case(seqlen_q=256, seqlen_k=256, head_dim=64, heads_q=4, heads_kv=1, causal=True,
+                 dtype="bfloat16"),
+            Case(seqlen_q=384, seqlen_k=128, head_dim=64, dtype="bfloat16"),
+            Case(seqlen_q=256, seqlen_k=256, head_dim=128, scale=-0.3, dtype="bfloat16"),
+        ]
     # dropout
     out += [
         Case(seqlen_q=L, seqlen_k=LL, dropout_p=0.2),

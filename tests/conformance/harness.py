@@ -65,6 +65,8 @@ class Case:
             parts.append(f"cap{self.softcap}")
         if self.dropout_p:
             parts.append(f"drop{self.dropout_p}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
         return "-".join(parts)
 
 

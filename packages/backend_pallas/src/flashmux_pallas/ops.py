@@ -213,7 +213,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         f32=jnp.dtype(dtype) == jnp.float32,
         fast_exp=cfg.fast_exp and not interpret,
         one_loop=cfg.one_loop,
-        scale_ds=cfg.scale_ds,
+        scale_ds=cfg.scale_ds and float(params.scale) > 0,  # log2(scale) needs scale > 0
     )
     fused = dict(fused_delta=cfg.fused_delta)
 
