@@ -46,8 +46,6 @@ for hd, causal, S in [(128, True, 2048), (128, False, 2048), (64, True, 2048), (
         g(jq, jk, jv).block_until_ready()
         ts.append((time.perf_counter() - t0) * 1e3)
     t_jax_one = float(np.median(ts))
-    from flashmux_cuda import jax_glue  # noqa: F401  (registered by the call above)
-    from flashmux.spec import Params  # noqa: F401
     print(f"hd{hd} causal={causal} S={S}: torch {t_torch:.3f} ms, jax loop-of-50 {t_jax_loop:.3f} ms, "
           f"jax one+block {t_jax_one:.3f} ms")
     if hd == 128 and causal and S == 2048:
@@ -55,7 +53,3 @@ for hd, causal, S in [(128, True, 2048), (128, False, 2048), (64, True, 2048), (
         lines = [l for l in txt.splitlines() if "ENTRY" in l or "custom-call" in l or "copy" in l
                  or "transpose" in l or "fusion" in l or "broadcast" in l]
         print("\n".join(lines[:40]))
-        try:
-            import jax.profiler  # noqa
-        except Exception:
-            pass
