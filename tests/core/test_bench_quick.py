@@ -264,3 +264,32 @@ def test_docs_from_merged_results(tmp_path):
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert files[0] == "benchmarks.md" and "> test run" in md
     assert "0.75x sdpa-flash" in md  # flashmux ratio to the best same-framework anchor
+
+
+def test_jax_timing_blocks_once_per_group():
+    """JAX calls are enqueued in groups and blocked on once per group: a block after every call
+    would add the host round trip (~0.2 ms on the H100 machine) to every short call's time."""
+    pytest.importorskip("jax")
+    import time as _time
+
+    from flashmux.bench.frameworks import JaxFW
+
+    fw = JaxFW("cpu")
+    counts = {"calls": 0, "blocks": 0}
+
+    def call(i):
+        counts["calls"] += 1
+        _time.sleep(2e-4)  # a 0.2 ms "kernel"
+        return i
+
+    def block(x):
+        counts["blocks"] += 1
+        _time.sleep(2e-4)  # the host round trip
+        return x
+
+    fw.jax = type("J", (), {"block_until_ready": staticmethod(block)})
+    times = fw.time(call, n_sets=3, warmup=1, reps=3, target_s=0.01, min_reps=1, max_reps=10)
+    assert len(times) == 3
+    timed_calls = counts["calls"] - 1 - 4  # warm-up and the estimate burst
+    assert timed_calls >= 3 * 8  # groups of ~20 ms (>= 8 calls even if sleeps overshoot 2x)
+    assert counts["blocks"] - 2 == 3  # one block per group
