@@ -475,6 +475,14 @@ def test_make_args_rejects_dropout():
         abi.make_args(**_problem(), params=Params(scale=1.0, dropout_p=0.1))
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.25])
+def test_make_args_declines_nonpositive_scale_without_softcap(scale):
+    with pytest.raises(abi.Unsupported, match=r"scale <= 0"):
+        abi.make_args(**_problem(), params=Params(scale=scale))
+    a = abi.make_args(**_problem(), params=Params(scale=scale, softcap=5.0))
+    assert a.scale == scale
+
+
 def test_add_backward_checks_shapes():
     args = abi.make_args(**_problem(), params=P)
     q, k = (2, 5, 4, 64), (2, 7, 2, 64)
@@ -531,12 +539,12 @@ def test_capabilities_decline_dropout_and_dv():
     assert any("dropout" in r for r in reasons)
     assert any("head_dim_v 32" in r for r in reasons)
     assert len(reasons) == 2
-    # scale < 0 is declined at dispatch (so auto dispatch picks another backend), unless softcap
+    # scale <= 0 is declined at dispatch (so auto dispatch picks another backend), unless softcap
     import dataclasses
 
     assert flashmux_cuda.backend.reasons(spec) == []
-    neg = dataclasses.replace(spec, negative_scale=True)
-    assert any("scale < 0" in r for r in flashmux_cuda.backend.reasons(neg))
+    neg = dataclasses.replace(spec, nonpositive_scale=True)
+    assert any("scale <= 0" in r for r in flashmux_cuda.backend.reasons(neg))
     assert flashmux_cuda.backend.reasons(dataclasses.replace(neg, softcap=True)) == []
 
 

@@ -37,6 +37,7 @@ def cases(tier: str = "full") -> list[Case]:
         Case(seqlen_q=L, seqlen_k=LL, softcap=2.0, causal=True, heads_q=4, heads_kv=2),
         Case(seqlen_q=L, seqlen_k=L, scale=0.5),
         Case(seqlen_q=LL, seqlen_k=LL, scale=-0.3, causal=True, head_dim=128),  # scale < 0 is valid
+        Case(seqlen_q=L, seqlen_k=LL, scale=0.0, causal=True),  # so is 0: uniform over visible keys
     ]
     # Dv != D
     out += [Case(seqlen_q=L, seqlen_k=LL, head_dim=64, head_dim_v=32, heads_q=4, heads_kv=2)]

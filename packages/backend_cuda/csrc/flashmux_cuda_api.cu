@@ -89,8 +89,8 @@ int build_params(const FmxAttnArgs *a, fmx::Params &p, bool backward) {
   if (!std::isfinite(a->scale)) return fail(FMX_ERR_INVALID_ARGUMENT, "scale must be finite");
   // The forward takes row maxima of the unscaled scores and masks them with -inf: both assume a
   // positive scale (with softcap the capped scores are already signed correctly).
-  if (a->scale < 0.f && !(a->softcap > 0.f))
-    return fail(FMX_ERR_UNSUPPORTED, "scale < 0 (without softcap) is not supported");
+  if (!(a->scale > 0.f) && !(a->softcap > 0.f))
+    return fail(FMX_ERR_UNSUPPORTED, "scale <= 0 (without softcap) is not supported");
   if (!(a->softcap >= 0.f) || !std::isfinite(a->softcap))
     return fail(FMX_ERR_INVALID_ARGUMENT, "softcap must be finite and >= 0 (0 = off)");
   if (a->window_left < -1 || a->window_right < -1)

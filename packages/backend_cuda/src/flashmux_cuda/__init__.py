@@ -92,8 +92,8 @@ class CudaBackend(Backend):
             rows_q, rows_k = spec.batch * spec.seqlen_q, spec.batch * spec.seqlen_k
         if max(rows_q, rows_k) > _I32_MAX:
             out.append("more than 2^31-1 rows: the kernels index rows with int32")
-        if getattr(spec, "negative_scale", False) and not spec.softcap:
-            out.append("scale < 0 without softcap: the kernels' masking assumes scale > 0")
+        if getattr(spec, "nonpositive_scale", False) and not spec.softcap:
+            out.append("scale <= 0 without softcap: the kernels' masking assumes scale > 0")
         return out
 
     # -- kernels ---------------------------------------------------------------------------

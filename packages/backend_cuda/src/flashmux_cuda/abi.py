@@ -196,10 +196,11 @@ def make_args(
     if params.causal:
         wr = 0 if wr < 0 else min(wr, 0)
     softcap = float(params.softcap) if params.softcap else 0.0
-    if float(params.scale) < 0 and not softcap:
+    if float(params.scale) <= 0 and not softcap:
         # The forward's online softmax takes row maxima of the unscaled scores and masks them
-        # with -inf, both of which assume a positive scale (measured: inf/NaN outputs).
-        raise Unsupported("scale < 0 (without softcap) is not supported by the CUDA kernels")
+        # with -inf, both of which assume a positive scale (measured for scale < 0: inf/NaN
+        # outputs; scale 0 would multiply -inf by 0). Dispatch declines these first.
+        raise Unsupported("scale <= 0 (without softcap) is not supported by the CUDA kernels")
     args = FmxAttnArgs()
     args.dtype = DTYPES[dtype]
     args.batch, args.seqlen_q, args.seqlen_k = B, Sq, Sk

@@ -207,7 +207,7 @@ def _resolve(
         deterministic=bool(deterministic),
         requires_grad=requires_grad,
         traced=traced,
-        negative_scale=params.scale < 0,
+        nonpositive_scale=params.scale <= 0,
     )
     return _Call(kind, params, spec, empty or empty_k or d == 0 or dv == 0)
 

@@ -69,7 +69,7 @@ class ProblemSpec:
     deterministic: bool
     requires_grad: bool
     traced: bool  # inside a JAX transformation (jit, grad, vmap, ...)
-    negative_scale: bool = False  # scale < 0 (valid; a backend whose kernels assume > 0 declines)
+    nonpositive_scale: bool = False  # scale <= 0 (valid; a backend whose kernels assume > 0 declines)
 
     @property
     def gqa(self) -> bool:
