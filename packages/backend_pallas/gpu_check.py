@@ -126,36 +126,7 @@ def correctness(deadline, subset="all"):
     ]
     if subset == "rest":  # cases the first GPU run did not reach
         cases = cases[8:10] + cases[12:13] + cases[-1:]
-    mosaic_cases = [
-        Case(
-            batch=2,
-            seqlen_q=512,
-            seqlen_k=512,
-            heads_q=4,
-            heads_kv=4,
-            head_dim=64,
-            dtype="bfloat16",
-        ),
-        Case(
-            batch=1,
-            seqlen_q=512,
-            seqlen_k=512,
-            heads_q=4,
-            heads_kv=2,
-            head_dim=128,
-            causal=True,
-            dtype="bfloat16",
-            lse_grad=True,
-        ),
-        Case(
-            batch=2,
-            seqlen_q=256,
-            seqlen_k=384,
-            heads_q=2,
-            heads_kv=2,
-            head_dim=128,
-            dtype="float16",
-        ),
+    mosaic_cases = mbwd_cases()[:3] + [  # the Mosaic backward's first cases, then:
         Case(
             batch=1,
             seqlen_q=256,
