@@ -849,6 +849,80 @@ def fb_table(deadline, points, modes=("off", "on"), fwd=True):
         )
         save()
 
+def fwd64(deadline, points, variants, fb=()):
+    """D=64 forward: the Triton lowering against Mosaic configs (bf16 and fp16) and attention_mgpu
+    (fp16, block_kv as the harness picks it), one process, same inputs; each Mosaic output is first
+    checked against the Triton lowering's."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+    from flashmux.spec import Params
+    from flashmux_pallas import mosaic_kernels as mk
+    from flashmux_pallas import ops
+
+    for d, causal, S in points:
+        p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
+        ks = jax.random.split(jax.random.key(S + 3), 3)
+        q, k, v = (jax.random.normal(kk, (2, 1024, 4, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
+        old = ops.MOSAIC_MODE
+        ops.MOSAIC_MODE = "off"
+        ref = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))(q, k, v)
+        ops.MOSAIC_MODE = old
+        row = {}
+        row["triton bf16"], _ = measure("t", _pallas_fwd(p, "off"), jnp.bfloat16, S, d, causal, "fwd")
+        for name, cfg in variants.items():
+            if time.time() > deadline:
+                log("fwd64: deadline")
+                return
+            try:
+                o, l_ = jax.jit(lambda q, k, v, cfg=cfg: mk.forward(q, k, v, p, cfg))(q, k, v)
+                err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref[0].astype(jnp.float32))))
+                lerr = float(jnp.max(jnp.abs(l_ - ref[1])))
+                if not (err < 2e-2 and lerr < 1e-3):
+                    log(f"fwd64 {name} d={d} causal={causal} WRONG err={err:.2e} lse={lerr:.2e}")
+                    continue
+                f = lambda q, k, v, cfg=cfg: mk.forward(q, k, v, p, cfg)[0]  # noqa: E731
+                row[f"{name} bf16"], _ = measure(name, f, jnp.bfloat16, S, d, causal, "fwd")
+                row[f"{name} f16"], _ = measure(name, f, jnp.float16, S, d, causal, "fwd")
+            except Exception as e:  # noqa: BLE001
+                log(f"fwd64 {name} ERROR {type(e).__name__}: {str(e)[:300]}")
+        if fb:  # training path (fwd with residual + default backward) per forward lowering
+            old_mode, old_cfg = ops.MOSAIC_MODE, mk.CONFIGS[d]
+            for name in ("off",) + tuple(fb):
+                ops.MOSAIC_MODE = "off" if name == "off" else "on"
+                if name != "off":
+                    mk.CONFIGS[d] = variants[name]
+                try:
+                    row[f"f+b fwd={name}"], _ = measure(
+                        name, _pallas_vjp(p), jnp.bfloat16, S, d, causal, "fwdbwd"
+                    )
+                except Exception as e:  # noqa: BLE001
+                    log(f"fwd64 f+b {name} ERROR {type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    ops.MOSAIC_MODE, mk.CONFIGS[d] = old_mode, old_cfg
+        bkv = 256 if d <= 64 and S % 256 == 0 else 128
+        cfg = am.TuningConfig(block_q=64, block_kv=bkv, max_concurrent_steps=2, causal=causal)
+        row["mgpu f16"], _ = measure("mgpu", lambda q, k, v: am.attention(q, k, v, cfg),
+                                     jnp.float16, S, d, causal, "fwd")
+        RESULTS.setdefault("fwd64", []).append({"d": d, "causal": causal, "S": S, **row})
+        log(f"FWD d={d} causal={causal} S={S} " + " ".join(f"{k}={v:.0f}" for k, v in row.items()))
+        save()
+
+
+def _pallas_fwd(p, mode):
+    from flashmux_pallas import ops
+
+    def f(q, k, v):
+        old = ops.MOSAIC_MODE
+        ops.MOSAIC_MODE = mode
+        try:
+            return ops.forward(q, k, v, None, None, p, interpret=False)[0]
+        finally:
+            ops.MOSAIC_MODE = old
+
+    return f
+
 
 def _points(spec):
     """ "64c2048,128n4096" -> [(64, True, 2048), (128, False, 4096)]."""
@@ -909,6 +983,7 @@ def main():
     ap.add_argument("--fb", default="", help="fwd+bwd vs mha at points, both bwd lowerings")
     ap.add_argument("--fb-auto", default="", help="fwd+bwd vs mha at points, default lowering")
     ap.add_argument("--mbwd-ab", default="", help="heavy-first dQ A/B at points")
+    ap.add_argument("--fwd64", default="", help="Mosaic forward configs vs Triton and mgpu")
     a = ap.parse_args()
     import jax
 
@@ -926,6 +1001,18 @@ def main():
         save()
         return 0 if n == 0 else 1
     seqs = [int(s) for s in a.seqs.split(",")]
+    if a.fwd64:
+        from flashmux_pallas import mosaic_kernels as mk
+
+        variants = {
+            "mosaic kv128": mk.MosaicConfig(block_kv=128),
+            "mosaic kv256": mk.MosaicConfig(block_kv=256),
+            "mosaic kv128 s3": mk.MosaicConfig(block_kv=128, stages=3),
+            "mosaic kv64 s3": mk.MosaicConfig(block_kv=64, stages=3),
+        }
+        fwd64(T0 + a.deadline, _points(a.fwd64), variants, fb=("mosaic kv128", "mosaic kv256"))
+        save()
+        return 0
     if a.mosaic_variants:
         mosaic_variants(T0 + a.deadline)
         return 0

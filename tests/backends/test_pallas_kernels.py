@@ -158,7 +158,13 @@ def test_lowering_choice(monkeypatch):
     monkeypatch.setattr(ops, "MOSAIC_MODE", "auto")
     assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), dense, False) == "mosaic_gpu"
     assert ops.lowering(x(256, 128), x(256, 128), x(256, 128), causal, False) == "mosaic_gpu"
-    assert ops.lowering(x(256, 64), x(256, 64), x(256, 64), dense, False) == "triton"
+    assert ops.lowering(x(256, 64), x(256, 64), x(256, 64), dense, False) == "mosaic_gpu"
+    # D=64 streams 256-key tiles, or 128-key tiles where Sk is not a multiple of 256
+    assert ops.lowering(x(256, 64), x(384, 64), x(384, 64), dense, False) == "mosaic_gpu"
+    assert mosaic_kernels.config_for(64, 384).block_kv == 128
+    assert mosaic_kernels.config_for(64, 512).block_kv == 256
+    assert ops.lowering(x(256, 64), x(200, 64), x(200, 64), dense, False) == "triton"
+    assert ops.lowering(x(256, 96), x(256, 96), x(256, 96), dense, False) == "triton"
     assert ops.lowering(x(256, 128), x(384, 128), x(384, 128), causal, False) == "triton"
     assert ops.lowering(x(200, 128), x(256, 128), x(256, 128), dense, False) == "triton"
     assert (

@@ -16,6 +16,7 @@ kernels serve both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -33,6 +34,19 @@ class MosaicConfig:
     # early_k_wait alone or with it within noise (+-3%), off.
     fma_softmax: bool = True  # scale the row max, not the tile: s*c - m becomes one FMA
     early_k_wait: bool = False  # wait for the next K tile while the PV wgmma runs
+
+
+# Per head_dim defaults (block_kv falls back to 128 where Sk is not a multiple of it). D=64 streams
+# 256-key tiles: session-4 run 1 (NOTES.md) measured them at +1..+6% over 128-key tiles, except
+# causal S=2048 (-4%), and at 1.00-1.06x attention_mgpu.
+CONFIGS: dict[int, MosaicConfig] = {64: MosaicConfig(block_kv=256), 128: MosaicConfig()}
+
+
+def config_for(head_dim: int, seqlen_k: int) -> MosaicConfig:
+    cfg = CONFIGS.get(head_dim, MosaicConfig())
+    if seqlen_k % cfg.block_kv and cfg.block_kv > 128:
+        cfg = dataclasses.replace(cfg, block_kv=128)
+    return cfg
 
 
 def available() -> bool:
@@ -67,7 +81,7 @@ def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
     return out
 
 
-def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig(), residual: bool = False):
+def forward(q, k, v, params, cfg: MosaicConfig | None = None, residual: bool = False):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32,
     and with residual=True out_residual (out's shape and dtype): float32 out - out."""
     import jax.numpy as jnp
@@ -77,6 +91,7 @@ def forward(q, k, v, params, cfg: MosaicConfig = MosaicConfig(), residual: bool 
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
+    cfg = cfg or config_for(D, Sk)
     G = Hq // Hkv
     bq, bkv = cfg.block_q, cfg.block_kv
     dtype = q.dtype
