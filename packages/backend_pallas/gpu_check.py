@@ -727,8 +727,8 @@ def mbwd_time(deadline, points, variants=True, ab=False):
         row = {}
         base = mb.default_config(d, causal, S)
         cands = [("triton", None), ("mosaic", base)]
-        if ab:  # run H: the heavy-first dQ order against the run G order
-            cands.append(("mosaic in-order", dataclasses.replace(base, heavy_first=False)))
+        if ab:  # session 4: O/r tiles of their own in the fused-delta dQ against serial loads
+            cands.append(("mosaic serial-O/r", dataclasses.replace(base, own_or_tiles=False)))
         elif variants:
             cands.append(("mosaic xla-delta", dataclasses.replace(base, fused_delta=False)))
             for name, kw in (
@@ -982,7 +982,7 @@ def main():
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--fb", default="", help="fwd+bwd vs mha at points, both bwd lowerings")
     ap.add_argument("--fb-auto", default="", help="fwd+bwd vs mha at points, default lowering")
-    ap.add_argument("--mbwd-ab", default="", help="heavy-first dQ A/B at points")
+    ap.add_argument("--mbwd-ab", default="", help="dQ O/r tiles A/B at points")
     ap.add_argument("--fwd64", default="", help="Mosaic forward configs vs Triton and mgpu")
     a = ap.parse_args()
     import jax

@@ -55,6 +55,10 @@ class MosaicBwdConfig:
     # causal dQ: launch the query tiles that see the most keys first (shorter tail of the last
     # wave; dK/dV's natural order already starts with its heaviest key tiles)
     heavy_first: bool = True
+    # fused delta: O and r get their own shared-memory tiles where they fit, so O, r, Q and dO
+    # load at once instead of O, then r, then Q through Q's tile (three serial TMA latencies at
+    # the start of every CTA)
+    own_or_tiles: bool = True
 
 
 def default_config(head_dim: int, causal: bool, seqlen_q: int = 0) -> MosaicBwdConfig:
@@ -249,6 +253,12 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
     n_full = sk // bkv
     fused = cfg.fused_delta
     has_r, has_dlse = fused and r is not None, fused and dlse is not None
+    tile_bytes = 2 * bq * D * jnp.dtype(dtype).itemsize  # one (2, bq, D) buffer
+    # O and r tiles of their own where shared memory allows (D=128 with 128-key tiles doesn't)
+    own = fused and cfg.own_or_tiles and (
+        (2 + 1 + has_r) * tile_bytes + 2 * stages * bkv * D * jnp.dtype(dtype).itemsize
+        <= 200 * 1024
+    )
 
     def body(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref = refs[:5]
@@ -289,20 +299,30 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
             plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, do_full.at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[vrows], lse_smem.at[wg], lse_full.at[wg])
             if fused:
-                (dlse_smem,) = xsmem
-                (dlse_full,) = xbars
-                # O, then r, then Q go through my_q's buffer (one barrier, three phases): no
-                # extra shared memory (D=128 with 128-key K/V tiles is at the 227 KiB limit).
-                plgpu.copy_gmem_to_smem(o_ref.at[rows], my_q, q_full.at[wg])
+                dlse_smem, *or_smem = xsmem
+                dlse_full, *or_full = xbars
+                if own:  # O, r and Q load at once, each into a tile of its own
+                    o_s = or_smem[0].at[wg]
+                    plgpu.copy_gmem_to_smem(o_ref.at[rows], o_s, or_full[0].at[wg])
+                    if has_r:
+                        r_s = or_smem[1].at[wg]
+                        plgpu.copy_gmem_to_smem(r_ref.at[rows], r_s, or_full[1].at[wg])
+                    plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, q_full.at[wg])
+                else:
+                    # O, then r, then Q go through my_q's buffer (one barrier, three phases):
+                    # no extra shared memory (D=128 with 128-key K/V tiles is at the limit).
+                    o_s = r_s = my_q
+                    plgpu.copy_gmem_to_smem(o_ref.at[rows], my_q, q_full.at[wg])
                 if has_dlse:
                     plgpu.copy_gmem_to_smem(dlse_ref.at[vrows], dlse_smem.at[wg], dlse_full.at[wg])
-                plgpu.barrier_wait(q_full.at[wg])
-                o32 = ops.tile(my_q)
+                plgpu.barrier_wait(or_full[0].at[wg] if own else q_full.at[wg])
+                o32 = ops.tile(o_s)
                 if has_r:
-                    plgpu.commit_smem()  # every thread has read O before r overwrites it
-                    plgpu.copy_gmem_to_smem(r_ref.at[rows], my_q, q_full.at[wg])
-                    plgpu.barrier_wait(q_full.at[wg])
-                    o32 = o32 + ops.tile(my_q)
+                    if not own:
+                        plgpu.commit_smem()  # every thread has read O before r overwrites it
+                        plgpu.copy_gmem_to_smem(r_ref.at[rows], my_q, q_full.at[wg])
+                    plgpu.barrier_wait(or_full[1].at[wg] if own else q_full.at[wg])
+                    o32 = o32 + ops.tile(r_s)
                 plgpu.barrier_wait(do_full.at[wg])
                 dl = (ops.tile(my_do) * o32).sum(axis=1)
                 if has_dlse:
@@ -311,7 +331,8 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
                 dl_smem.at[wg][...] = dl
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(dl_smem.at[wg], dl_out.at[vrows])
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, q_full.at[wg])
+                if not own:
+                    plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, q_full.at[wg])
             else:
                 plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, q_full.at[wg])
                 plgpu.copy_gmem_to_smem(dl_ref.at[vrows], dl_smem.at[wg], dl_full.at[wg])
@@ -381,6 +402,11 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
 
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     xsmem = (plgpu.SMEM((2, bq) if has_dlse else (1,), jnp.float32),)
+    xbars = (plgpu.Barrier(num_barriers=2),)
+    if own:
+        n_or = 1 + has_r
+        xsmem += tuple(plgpu.SMEM((2, bq, D), dtype, transforms=tr) for _ in range(n_or))
+        xbars += tuple(plgpu.Barrier(num_barriers=2) for _ in range(n_or))
     scratch = (
         (
             plgpu.SMEM((2, bq, D), dtype, transforms=tr),
@@ -400,7 +426,7 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         ),
         xsmem,
-        (plgpu.Barrier(num_barriers=2),),
+        xbars,
     )
     args = [q, k, v, do, lse2q]
     out_type = out_struct(q.shape, dtype, q)
