@@ -163,6 +163,9 @@ def test_lowering_choice(monkeypatch):
     assert ops.lowering(x(256, 64), x(384, 64), x(384, 64), dense, False) == "mosaic_gpu"
     assert mosaic_kernels.config_for(64, 384).block_kv == 128
     assert mosaic_kernels.config_for(64, 512).block_kv == 256
+    assert mosaic_kernels.config_for(64, 2048, causal=True).block_kv == 128
+    assert mosaic_kernels.config_for(64, 4096, causal=True).block_kv == 256
+    assert mosaic_kernels.config_for(128, 4096).block_kv == 128
     assert ops.lowering(x(256, 64), x(200, 64), x(200, 64), dense, False) == "triton"
     assert ops.lowering(x(256, 96), x(256, 96), x(256, 96), dense, False) == "triton"
     assert ops.lowering(x(256, 128), x(384, 128), x(384, 128), causal, False) == "triton"

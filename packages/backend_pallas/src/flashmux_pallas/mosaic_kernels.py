@@ -36,15 +36,16 @@ class MosaicConfig:
     early_k_wait: bool = False  # wait for the next K tile while the PV wgmma runs
 
 
-# Per head_dim defaults (block_kv falls back to 128 where Sk is not a multiple of it). D=64 streams
-# 256-key tiles: session-4 run 1 (NOTES.md) measured them at +1..+6% over 128-key tiles, except
-# causal S=2048 (-4%), and at 1.00-1.06x attention_mgpu.
+# Per head_dim defaults. D=64 streams 256-key tiles: session-4 run 1 (NOTES.md) measured them at
+# +1..+6% over 128-key tiles and 1.00-1.06x attention_mgpu, except causal S=2048 (-4%: the
+# diagonal's masked work grows with the tile), so causal Sk < 4096 and Sk not a multiple of 256
+# take 128-key tiles.
 CONFIGS: dict[int, MosaicConfig] = {64: MosaicConfig(block_kv=256), 128: MosaicConfig()}
 
 
-def config_for(head_dim: int, seqlen_k: int) -> MosaicConfig:
+def config_for(head_dim: int, seqlen_k: int, causal: bool = False) -> MosaicConfig:
     cfg = CONFIGS.get(head_dim, MosaicConfig())
-    if seqlen_k % cfg.block_kv and cfg.block_kv > 128:
+    if cfg.block_kv > 128 and (seqlen_k % cfg.block_kv or (causal and seqlen_k < 4096)):
         cfg = dataclasses.replace(cfg, block_kv=128)
     return cfg
 
@@ -91,7 +92,7 @@ def forward(q, k, v, params, cfg: MosaicConfig | None = None, residual: bool = F
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    cfg = cfg or config_for(D, Sk)
+    cfg = cfg or config_for(D, Sk, bool(params.causal))
     G = Hq // Hkv
     bq, bkv = cfg.block_q, cfg.block_kv
     dtype = q.dtype

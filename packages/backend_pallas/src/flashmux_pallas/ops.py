@@ -127,7 +127,8 @@ def lowering(q, k, v, params, interpret: bool) -> str:
     cc = _compute_capability()
     if cc is None or cc[0] != 9 or not mosaic_kernels.available():
         return "triton"
-    if mosaic_kernels.supports(q, k, v, params, mosaic_kernels.config_for(q.shape[-1], k.shape[-3])):
+    cfg = mosaic_kernels.config_for(q.shape[-1], k.shape[-3], bool(params.causal))
+    if mosaic_kernels.supports(q, k, v, params, cfg):
         return "triton"
     return "mosaic_gpu"
 
