@@ -59,6 +59,21 @@ class Static:
     scale_ds: bool = True
 
 
+def _call(kernel, st: Static, grid, in_specs, out_specs, out_shape, name: str):
+    """pallas_call of one of the kernels below with its Static: Triton parameters on a GPU."""
+    pl = pallas()
+    return pl.pallas_call(
+        functools.partial(kernel, st=st),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name=name,
+    )
+
+
 # ----------------------------------------------------------------------------- small helpers
 
 
@@ -303,7 +318,6 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
     (and out_residual, out's shape and dtype, when st.residual)."""
     import jax.numpy as jnp
 
-    pl = pallas()
     B, Sqp, Hq, Dp = q.shape
     Skp, Dvp = k.shape[1], v.shape[-1]
     bm, g = st.block_m, st.group
@@ -328,16 +342,8 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
     if st.residual:
         out_specs.append(out_specs[0])
         out_shape.append(out_shape[0])
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st),
-        grid=(Sqp // bm, Hq, B),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
-        interpret=st.interpret,
-        name="flashmux_fwd",
-    )(*args)
+    grid = (Sqp // bm, Hq, B)
+    return _call(_fwd_kernel, st, grid, in_specs, out_specs, out_shape, "flashmux_fwd")(*args)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
@@ -412,7 +418,6 @@ def _dkdv_kernel(*refs, st: Static):
 
 def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
 
-    pl = pallas()
     B, Sqp, Hq, Dp = q.shape
     Skp, Hkv, Dvp = k.shape[1], k.shape[2], v.shape[-1]
     bn, G = st.block_n, st.group
@@ -433,16 +438,8 @@ def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
         block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
     ]
     out_shape = [out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)]
-    return pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st),
-        grid=(Skp // bn, Hkv, B),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
-        interpret=st.interpret,
-        name="flashmux_bwd_dkdv",
-    )(*args)
+    grid = (Skp // bn, Hkv, B)
+    return _call(_dkdv_kernel, st, grid, in_specs, out_specs, out_shape, "flashmux_bwd_dkdv")(*args)
 
 
 # ----------------------------------------------------------------------------- backward: dQ
@@ -521,7 +518,6 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=No
     and it returns (dq, delta)."""
     import jax.numpy as jnp
 
-    pl = pallas()
     B, Sqp, Hq, Dp = q.shape
     Skp, Dvp = k.shape[1], v.shape[-1]
     bm, g = st.block_m, st.group
@@ -556,13 +552,5 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=No
     if st.fused_delta:
         out_specs = [out_specs, row_spec]
         out_shape = [out_shape, out_struct((B, Hq, Sqp), jnp.float32, q)]
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        grid=(Sqp // bm, Hq, B),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
-        interpret=st.interpret,
-        name="flashmux_bwd_dq",
-    )(*args)
+    grid = (Sqp // bm, Hq, B)
+    return _call(_dq_kernel, st, grid, in_specs, out_specs, out_shape, "flashmux_bwd_dq")(*args)

@@ -1,5 +1,5 @@
-# Session 4, run 2: Pallas on the GPU with the final lowering defaults (Mosaic forward at D 64 and
-# 128): full-tier fixed conformance cases, then the hypothesis test, then the kernel unit tests.
+# Pallas on the GPU: explain() per head_dim, the full-tier fixed conformance cases, the hypothesis
+# test, then the kernel unit tests (FLASHMUX_PALLAS_MOSAIC[_BWD]=off in the environment: Triton lowering).
 set -u
 T0=$(date +%s)
 source scripts/gpu_setup.sh
