@@ -684,20 +684,10 @@ def mbwd_cases():
 def mbwd_check():
     """Mosaic GPU backward (forced on) on SPEC's rule; the forward is the default lowering."""
     from flashmux_pallas import ops
-    from flashmux_pallas._check import passed, run_case
+    from flashmux_pallas._check import judge
 
     ops.MOSAIC_BWD_MODE = "on"
-    nfail = 0
-    for i, c in enumerate(mbwd_cases()):
-        try:
-            rep = run_case(c, seed=300 + i)
-            ok = passed(rep)
-            msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
-        except Exception as e:  # noqa: BLE001
-            ok, msg = False, f"ERROR {type(e).__name__}: {str(e)[:600]}"
-            traceback.print_exc(limit=4)
-        nfail += not ok
-        log(("PASS" if ok else "FAIL"), "mosaic-bwd", c.id(), msg)
+    nfail = judge(mbwd_cases(), 300, "mosaic-bwd", log=log)
     log(f"mosaic-bwd correctness: {nfail} failing")
     return nfail
 

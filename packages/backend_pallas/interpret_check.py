@@ -87,7 +87,7 @@ def check_kernels(quick: bool) -> int:
 
 def check_spec(quick: bool) -> int:
     from flashmux_pallas import ops
-    from flashmux_pallas._check import Case, passed, run_case
+    from flashmux_pallas._check import Case, judge
 
     ops.backward_lowering = lambda *a: "mosaic_gpu"  # interpret=True reaches the interpreter
     cases = [
@@ -136,14 +136,7 @@ def check_spec(quick: bool) -> int:
                 transform="vmap",
             ),
         ]
-    bad = 0
-    for i, c in enumerate(cases):
-        rep = run_case(c, seed=7 + i)
-        ok = passed(rep)
-        bad += not ok
-        msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
-        print(("PASS" if ok else "FAIL"), "spec", c.id(), msg, flush=True)
-    return bad
+    return judge(cases, 7, "spec", log=lambda *a: print(*a, flush=True))
 
 
 def main() -> int:

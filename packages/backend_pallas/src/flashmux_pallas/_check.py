@@ -238,3 +238,22 @@ def run_case(case: Case, seed: int = 0, backend: str = "pallas"):
 
 def passed(report) -> bool:
     return all(e <= b for e, b in report.values())  # NaN compares False: fails
+
+
+def judge(cases, seed0: int, label: str, log=print) -> int:
+    """Run and judge each case (seeds seed0, seed0 + 1, ...), one PASS/FAIL line each (an
+    exception counts as a failure, with its traceback); -> the number of failures."""
+    import traceback
+
+    bad = 0
+    for i, c in enumerate(cases):
+        try:
+            rep = run_case(c, seed=seed0 + i)
+            ok = passed(rep)
+            msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
+        except Exception as e:  # noqa: BLE001
+            ok, msg = False, f"ERROR {type(e).__name__}: {str(e)[:600]}"
+            traceback.print_exc(limit=4)
+        bad += not ok
+        log(("PASS" if ok else "FAIL"), label, c.id(), msg)
+    return bad
