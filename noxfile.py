@@ -27,7 +27,8 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHON = os.environ.get("FLASHMUX_NOX_PYTHON", "3.11")
 TORCH = "torch==2.13.0"
 FRAMEWORKS = [TORCH, "jax[cpu]", "triton"]
-TEST_DEPS = ["pytest>=8", "hypothesis>=6", "pytest-timeout"]
+# absl-py: jax.experimental.mosaic.gpu imports it (the Mosaic GPU backward's CPU-interpreter test)
+TEST_DEPS = ["pytest>=8", "hypothesis>=6", "pytest-timeout", "absl-py"]
 # what flashmux-cuda builds with (installed here because packages install without dependencies)
 CUDA_BUILD_DEPS = ["nvidia-cutlass==4.2.0.0", "ninja", "filelock"]
 PACKAGES = {
