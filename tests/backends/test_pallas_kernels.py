@@ -261,7 +261,9 @@ def test_out_residual(varlen):
         cu_seqlens_k=c(cu_k),
     )
     o, r = np.asarray(out, np.float64), np.asarray(r, np.float64)
-    e_rounded, e_fixed = np.abs(o - ref).max(), np.abs(o + r - ref).max()
+    # mean, not max, absolute errors: over 60 seeds each the ratio of means was 0.48-0.54 (the
+    # ratio of maxima reached 0.78, and failed this bound in a CI run); an r of zeros gives 1.0
+    e_rounded, e_fixed = np.abs(o - ref).mean(), np.abs(o + r - ref).mean()
     assert np.abs(r).max() > 0 and e_fixed < 0.7 * e_rounded, (e_fixed, e_rounded)
     assert np.all(np.abs(r) <= np.abs(o) * 2.0**-11 + 2.0**-25)
     out2, lse2 = ops.forward(q, k, v, cu_q, cu_k, p)
