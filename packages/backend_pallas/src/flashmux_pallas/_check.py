@@ -240,6 +240,27 @@ def passed(report) -> bool:
     return all(e <= b for e, b in report.values())  # NaN compares False: fails
 
 
+def passes(case: Case, seed: int, redraws: int = 2):
+    """-> (ok, [(seed, report), ...]): the conformance suite's judging (tests/conformance/
+    harness.py): a failing draw is judged again on `redraws` fresh draws with seeds derived from
+    the first, and the case fails if any of them fails too (the rule bounds maxima over small
+    random tensors, whose tail crosses 2x plain on a few float16 draws in a thousand). A lone
+    failing draw is a warning."""
+    import warnings
+
+    draws = [(seed, run_case(case, seed=seed))]
+    if passed(draws[0][1]):
+        return True, draws
+    for i in range(1, redraws + 1):
+        s = int(np.random.default_rng([seed, i]).integers(0, 2**32 - 1))
+        draws.append((s, run_case(case, seed=s)))
+        if not passed(draws[-1][1]):
+            return False, draws
+    warnings.warn(f"{case.id()}: one draw out of bound, {redraws} redraws within it: {draws[0]}",
+                  stacklevel=2)
+    return True, draws
+
+
 def judge(cases, seed0: int, label: str, log=print) -> int:
     """Run and judge each case (seeds seed0, seed0 + 1, ...), one PASS/FAIL line each (an
     exception counts as a failure, with its traceback); -> the number of failures."""
