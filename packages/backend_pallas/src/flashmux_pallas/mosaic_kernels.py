@@ -38,8 +38,8 @@ class MosaicConfig:
 
 # Per head_dim defaults. D=64 streams 256-key tiles: session-4 run 1 (NOTES.md) measured them at
 # +1..+6% over 128-key tiles and 1.00-1.06x attention_mgpu, except causal S=2048 (-4%: the
-# diagonal's masked work grows with the tile), so causal Sk < 4096 and Sk not a multiple of 256
-# take 128-key tiles.
+# diagonal's masked work grows with the tile): 128-key tiles there (causal Sk < 4096) and where
+# Sk is not a multiple of 256.
 CONFIGS: dict[int, MosaicConfig] = {64: MosaicConfig(block_kv=256), 128: MosaicConfig()}
 
 

@@ -417,7 +417,6 @@ def _dkdv_kernel(*refs, st: Static):
 
 
 def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
-
     B, Sqp, Hq, Dp = q.shape
     Skp, Hkv, Dvp = k.shape[1], k.shape[2], v.shape[-1]
     bn, G = st.block_n, st.group
