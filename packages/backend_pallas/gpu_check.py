@@ -230,19 +230,6 @@ def impls(causal, d):
 
     scale = 1.0 / np.sqrt(d)
     p = Params(scale=scale, causal=causal, window_right=0 if causal else None)
-    from flashmux_pallas import ops
-
-    def with_mode(mode, f):
-        def g(*a):
-            old = ops.MOSAIC_MODE
-            ops.MOSAIC_MODE = mode
-            try:
-                return f(*a)
-            finally:
-                ops.MOSAIC_MODE = old
-
-        return g
-
     out = {
         "flashmux-pallas triton": (with_mode("off", _pallas_vjp(p)), jnp.bfloat16),
     }
@@ -855,12 +842,10 @@ def fwd64(deadline, points, variants, fb=()):
         p = Params(scale=1.0 / np.sqrt(d), causal=causal, window_right=0 if causal else None)
         ks = jax.random.split(jax.random.key(S + 3), 3)
         q, k, v = (jax.random.normal(kk, (2, 1024, 4, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
-        old = ops.MOSAIC_MODE
-        ops.MOSAIC_MODE = "off"
-        ref = jax.jit(lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))(q, k, v)
-        ops.MOSAIC_MODE = old
+        fwd = with_mode("off", lambda q, k, v: ops.forward(q, k, v, None, None, p, interpret=False))
+        ref = jax.jit(fwd)(q, k, v)
         row = {}
-        row["triton bf16"], _ = measure("t", _pallas_fwd(p, "off"), jnp.bfloat16, S, d, causal, "fwd")
+        row["triton bf16"], _ = measure("t", lambda *a: fwd(*a)[0], jnp.bfloat16, S, d, causal, "fwd")
         for name, cfg in variants.items():
             if time.time() > deadline:
                 log("fwd64: deadline")
@@ -900,18 +885,19 @@ def fwd64(deadline, points, variants, fb=()):
         save()
 
 
-def _pallas_fwd(p, mode):
+def with_mode(mode, f):
+    """f with ops.MOSAIC_MODE (the forward's lowering choice) set to `mode` while it traces."""
     from flashmux_pallas import ops
 
-    def f(q, k, v):
+    def g(*a):
         old = ops.MOSAIC_MODE
         ops.MOSAIC_MODE = mode
         try:
-            return ops.forward(q, k, v, None, None, p, interpret=False)[0]
+            return f(*a)
         finally:
             ops.MOSAIC_MODE = old
 
-    return f
+    return g
 
 
 def _points(spec):
