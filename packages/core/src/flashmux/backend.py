@@ -106,6 +106,15 @@ class Backend:
 
     dropout_keep_mask = None  # optional testing hook, see the module docstring
 
+    # -- KV-cache decoding (optional; contract in flashmux/kvcache.py) -----------------------
+    def decode_reasons(self, spec) -> list[str]:
+        """Why this backend can't run a decode call (`kvcache.DecodeSpec`); default: no kernel."""
+        return ["no KV-cache (decode) kernel"]
+
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
+        """-> (out, lse) for `flashmux.attention_with_kvcache`; see flashmux/kvcache.py."""
+        raise NotImplementedError(f"backend {self.name!r} has no decode kernel")
+
 
 def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
     """The reasons a problem falls outside a backend's declared capabilities, one check each."""
