@@ -13,6 +13,13 @@ from . import dispatch, reference
 from .api import Explanation, attention, explain
 from .backend import Backend, Capabilities
 from .dispatch import NoBackendError, register, use_backend
+from .kvcache import (
+    DecodeExplanation,
+    DecodeParams,
+    DecodeSpec,
+    attention_with_kvcache,
+    explain_kvcache,
+)
 from .spec import Params, ProblemSpec
 
 __version__ = "0.1.0"
@@ -29,7 +36,7 @@ dispatch.registry()
 dispatch.priority_table()
 if "torch" in sys.modules:
     # torch is already loaded: register the custom ops now, outside any torch.compile trace.
-    from . import _torch  # noqa: F401
+    from . import _torch, _torch_decode  # noqa: F401
 
 __all__ = [
     "Backend",
@@ -39,6 +46,11 @@ __all__ = [
     "Params",
     "ProblemSpec",
     "attention",
+    "attention_with_kvcache",
+    "DecodeExplanation",
+    "DecodeParams",
+    "DecodeSpec",
+    "explain_kvcache",
     "backends",
     "explain",
     "reference",

@@ -151,3 +151,81 @@ def reference_backward(
         dk[ki] = dk_h.reshape(sk, hkv, g, d).sum(2)
         dv[ki] = dv_h.reshape(sk, hkv, g, v.shape[-1]).sum(2)
     return dq, dk, dv
+
+
+def attention_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    *,
+    cache_seqlens,
+    k=None,
+    v=None,
+    block_table=None,
+    causal=False,
+    scale=None,
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
+):
+    """`flashmux.attention_with_kvcache` in float64: (out, lse, k_cache, v_cache).
+
+    The caches come back as updated float64 copies (the inputs are not modified). Each
+    sequence's keys are gathered (its cache_seqlens[b] cached tokens, then the Snew new ones)
+    and fed to the same math as `reference_forward`, bottom-right aligned. No clamping: the
+    caller's lengths and block table must fit the cache (asserted).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    kc = np.array(k_cache, dtype=np.float64)
+    vc = np.array(v_cache, dtype=np.float64)
+    lens = np.asarray(cache_seqlens, dtype=np.int64).reshape(-1)
+    b_, sq, hq, d = q.shape
+    snew = 0 if k is None else np.asarray(k).shape[1]
+    paged = block_table is not None
+    table = None if not paged else np.asarray(block_table, dtype=np.int64)
+    page = kc.shape[1] if paged else 0
+
+    def slots(b, pos):  # (index tuple into the cache) for positions pos of sequence b
+        pos = np.asarray(pos, dtype=np.int64)
+        if paged:
+            return table[b, pos // page], pos % page
+        return np.full_like(pos, b), pos
+
+    if snew:
+        kn, vn = np.asarray(k, np.float64), np.asarray(v, np.float64)
+        for b in range(b_):
+            idx = slots(b, lens[b] + np.arange(snew))
+            kc[idx], vc[idx] = kn[b], vn[b]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = np.zeros((b_, sq, hq, vc.shape[-1]))
+    lse = np.full((b_, hq, sq), -np.inf)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (b_, hq))
+    for b in range(b_):
+        n = int(lens[b]) + snew
+        cap = table.shape[1] * page if paged else kc.shape[1]
+        assert 0 <= n <= cap, f"sequence {b}: {n} tokens do not fit the cache ({cap})"
+        idx = slots(b, np.arange(n))
+        ks, vs = kc[idx], vc[idx]  # (n, Hkv, D)
+        if slopes is None:
+            o, l_ = reference_forward(q[b : b + 1], ks[None], vs[None], causal=causal, scale=scale,
+                                      window=window, softcap=softcap)
+            out[b], lse[b] = o[0], l_[0]
+            continue
+        # ALiBi: the same steps with the bias after scale and softcap, before the mask
+        s = scale * np.einsum("qhd,khd->hqk", q[b], _expand(ks, hq))
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        dist = np.abs(np.arange(sq)[:, None] + (n - sq) - np.arange(n)[None, :])
+        s = s - slopes[b][:, None, None] * dist[None]
+        s = np.where(allowed_mask(sq, n, causal, window)[None], s, -np.inf)
+        m = s.max(-1, keepdims=True) if n else np.full((hq, sq, 1), -np.inf)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.exp(s - m)
+        den = e.sum(-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lse[b] = np.where(den > 0, np.log(den) + m, -np.inf)[..., 0]
+            p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+        out[b] = np.einsum("hqk,khd->qhd", p, _expand(vs, hq))
+    return out, lse, kc, vc

@@ -15,6 +15,7 @@ from .._arrays import array_kind
 from .._xp import dropout_uniform, ops_for
 from ..backend import Backend, Capabilities
 from ..spec import Params
+from . import reference_decode
 
 SCORE_BUDGET = 1 << 25  # float32 elements per score buffer (128 MiB)
 
@@ -237,6 +238,11 @@ class ReferenceBackend(Backend):
         i = ops.arange(seqlen_q, like).reshape(1, 1, -1, 1)
         j = ops.arange(seqlen_k, like).reshape(1, 1, 1, -1)
         return dropout_uniform(ops, seed, b, h, i, j) >= dropout_p
+
+    # KV-cache decode (flashmux.attention_with_kvcache): builtin/reference_decode.py
+    decode_reasons = reference_decode.decode_reasons
+    decode = reference_decode.backend_decode
+    decode_splits = reference_decode.decode_splits
 
     def info(self):
         return {"chunk budget (float32 elements per score buffer)": SCORE_BUDGET}
