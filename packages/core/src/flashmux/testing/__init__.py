@@ -1,0 +1,5 @@
+"""Test support that installed packages can import (not imported by `import flashmux`).
+
+flashmux.testing.judge: the conformance judge (Case, the float64-reference rule, the redraw
+rule), shared by tests/conformance and the backends' own CPU and GPU checks.
+"""
