@@ -1,0 +1,268 @@
+"""flashmux as an attention implementation of Hugging Face transformers (>= 5.0).
+
+    import flashmux.integrations.transformers        # registers "fmx"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fmx")
+
+Importing this module registers an attention function and a mask function under the name
+`NAME` ("fmx") with transformers' public `AttentionInterface` and `AttentionMaskInterface`.
+(transformers treats every name that contains "flash" as a FlashAttention package and refuses it
+at model load when that package is missing, so the name is not "flashmux".) `register(name)`
+registers under another name too.
+
+What the attention function does with what a model passes:
+- query/key/value arrive as (B, H, S, D) views of (B, S, H, D) projections; they are transposed
+  back (views, no copy) and handed to `flashmux.attention` in its BSHD layout; GQA key/value heads
+  go in unrepeated.
+- `scaling` -> scale, `softcap` -> softcap, `sliding_window=w` -> window=(w - 1, 0) with causal
+  (w - 1 on both sides without), `is_causal` (or the module's) -> causal, `dropout` -> dropout_p.
+  Masks are aligned bottom-right, which is what decoding with a KV cache (Sq < Sk) needs.
+- Padding (a 2-D attention_mask with zeros): the mask function hands the 2-D mask through (None
+  when it has no zero, as transformers' FlashAttention path does). The attention function then
+  runs the padded (B, S) rows as one packed batch of 3 segments per row (leading padding, the
+  tokens, trailing padding) through `cu_seqlens`: no gather, no copy, no data-dependent shape.
+  Padding rows attend only to padding, so their (unused) outputs stay finite; a mask whose ones
+  are not one contiguous run per row (a hole in the middle) is refused.
+- Packed batches without padding ("padding-free" training): sequences that restart their
+  `position_ids` inside a row (as DataCollatorWithFlattening makes them), or explicit
+  `cu_seq_lens_q/k` keyword arguments, become `cu_seqlens`.
+- Decoding: the DynamicCache hands the cached keys/values as (B, Hkv, Sk, D); the call is the same
+  with Sq < Sk (bottom-right causal), and padded batches (left padding in `generate`) go through
+  the same segments.
+
+Not supported (refused with an error, never silently wrong): attention sinks (`s_aux`), custom
+4-D masks, mask overlays from `or_mask_function`/`and_mask_function` (some multimodal models),
+static/paged caches. `output_attentions=True` returns no weights, as with FlashAttention.
+Under torch.compile a packed layout is not detected from `position_ids` (that needs the values).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import flashmux
+
+NAME = "fmx"
+
+# Per-forward derived index tensors, keyed by the identity of the tensor they came from (the
+# same mask / position_ids object reaches every layer of one forward): computed once per forward.
+_derived: dict[tuple, tuple] = {}
+
+
+def _cached(kind: str, src: torch.Tensor, extra: tuple, fn):
+    if torch.compiler.is_compiling():
+        return fn()
+    key = (kind, id(src)) + extra
+    hit = _derived.get(key)
+    if hit is not None and hit[0] is src:
+        return hit[1]
+    value = fn()
+    if len(_derived) >= 8:
+        _derived.clear()
+    _derived[key] = (src, value)  # holding src keeps its id from being reused while cached
+    return value
+
+
+def _padding_segments(mask: torch.Tensor, sq: int):
+    """cu_seqlens_q, cu_seqlens_k (int32, length 3B+1) for a (B, Sk) padding mask whose ones are
+    one contiguous run per row: segments [0, start), [start, end), [end, S) per row, the queries
+    being the last sq positions of the keys."""
+    b, sk = mask.shape
+    dev = mask.device
+    m = mask.to(torch.bool)
+    count = m.sum(dim=1, dtype=torch.int32)
+    start = m.to(torch.int32).argmax(dim=1).to(torch.int32)  # 0 when the row has no one
+    end = start + count
+    cols = torch.arange(sk, device=dev, dtype=torch.int32)
+    runs = (cols >= start[:, None]) & (cols < end[:, None])
+    ok = (runs == m).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "attention_mask: flashmux needs one contiguous run of ones per row")
+    elif not bool(ok):
+        raise ValueError(
+            "attention_mask: expected one contiguous run of ones per row (left or right "
+            "padding), got a row with a hole; flashmux cannot mask single keys inside a sequence "
+            "(use attn_implementation='sdpa' for such masks)"
+        )
+    off = sk - sq
+    qstart = (start - off).clamp(0, sq)
+    qend = (end - off).clamp(0, sq)
+
+    def cu(lo, hi, n):
+        base = torch.arange(b, device=dev, dtype=torch.int32) * n
+        rows = torch.stack([base, base + lo, base + hi], dim=1).reshape(-1)
+        return torch.cat([rows, torch.full((1,), b * n, device=dev, dtype=torch.int32)])
+
+    return cu(qstart, qend, sq), cu(start, end, sk)
+
+
+def _packed_from_position_ids(position_ids: torch.Tensor, b: int, s: int):
+    """cu_seqlens (int32) when position_ids restart inside a row (packed sequences), else None."""
+    pos = position_ids.expand(b, -1) if position_ids.shape[0] != b else position_ids
+    starts = torch.ones((b, s), dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    if not bool(starts[:, 1:].any()):  # one host read per forward (cached by identity)
+        return None
+    idx = starts.reshape(-1).nonzero().flatten()
+    total = torch.full((1,), b * s, dtype=idx.dtype, device=idx.device)
+    return torch.cat([idx, total]).to(torch.int32)
+
+
+def _rows(x):
+    """(B, S, H, D) -> (B * S, H, D); a view when the rows are evenly spaced."""
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+_warned_attn_weights = False
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (B, Hq, Sq, D), key/value
+    (B, Hkv, Sk, D/Dv), attention_mask from `attention_mask` below. Returns ((B, Sq, Hq, Dv), None)."""
+    global _warned_attn_weights
+    if s_aux is not None:
+        raise ValueError(
+            "s_aux: flashmux does not support attention sinks yet; use attn_implementation='sdpa' "
+            "or 'eager' for this model"
+        )
+    if kwargs.get("output_attentions") and not _warned_attn_weights:
+        _warned_attn_weights = True
+        warnings.warn("flashmux never materializes attention weights: output_attentions gives None",
+                      stacklevel=2)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    causal = bool(is_causal)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    b, sq, hq, _ = q.shape
+    sk = k.shape[1]
+    window = None
+    if sliding_window is not None:
+        w = int(sliding_window) - 1
+        window = (w, 0 if causal else w)
+    opts = dict(
+        causal=causal,
+        scale=None if scaling is None else float(scaling),
+        window=window,
+        softcap=float(softcap) if softcap else None,
+        dropout_p=float(dropout or 0.0),
+    )
+
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = tuple(getattr(attention_mask, "shape", ()))
+            raise ValueError(
+                f"attention_mask: expected the (B, kv_length) padding mask that flashmux's mask "
+                f"function makes, got {type(attention_mask).__name__} of shape {shape} (a custom "
+                f"4-D mask?); flashmux takes padding masks only: use attn_implementation='sdpa' "
+                f"for arbitrary masks"
+            )
+        if attention_mask.shape[1] < sk:
+            raise ValueError(
+                f"attention_mask: expected at least {sk} columns (the keys), got "
+                f"{attention_mask.shape[1]}; static caches are not supported by flashmux's "
+                f"transformers integration yet (use the default dynamic cache)"
+            )
+        mask = attention_mask[:, -sk:] if attention_mask.shape[1] > sk else attention_mask
+        cu_q, cu_k = _cached("pad", attention_mask, (sq, sk),
+                             lambda: _padding_segments(mask, sq))
+        out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, **opts)
+        return out.view(b, sq, hq, out.shape[-1]), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        out = flashmux.attention(
+            _rows(q), _rows(k), _rows(v),
+            cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
+            max_seqlen_q=_int_or_none(kwargs.get("max_length_q")),
+            max_seqlen_k=_int_or_none(kwargs.get("max_length_k")), **opts,
+        )
+        return out.view(b, sq, hq, out.shape[-1]), None
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and sq == sk and sq > 1 and not torch.compiler.is_compiling():
+        cu = _cached("pos", position_ids, (b, sq),
+                     lambda: _packed_from_position_ids(position_ids, b, sq))
+        if cu is not None:
+            out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu,
+                                     cu_seqlens_k=cu, **opts)
+            return out.view(b, sq, hq, out.shape[-1]), None
+
+    return flashmux.attention(q, k, v, **opts), None
+
+
+def _int_or_none(x):
+    if x is None:
+        return None
+    return int(x)
+
+
+def attention_mask(
+    batch_size: int | None = None,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """transformers' mask-function signature (AttentionMaskInterface). Returns the 2-D (B,
+    kv_length) boolean padding mask for `attention_forward`, or None when nothing is padded.
+    Causal and sliding-window masking is done by the kernel from the attention call's arguments."""
+    if kwargs.get("use_vmap"):
+        # transformers sets use_vmap exactly when a model overlays or_mask_function /
+        # and_mask_function (e.g. bidirectional image tokens): a mask flashmux cannot express.
+        raise ValueError(
+            "mask_function: this model overlays a custom mask function on the causal mask, which "
+            "flashmux's transformers integration cannot express yet; use attn_implementation="
+            "'sdpa' for it"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask  # the attention function refuses it with a sentence
+    if kv_length is not None and attention_mask.shape[1] > kv_length:
+        attention_mask = attention_mask[:, -kv_length:]
+    attention_mask = attention_mask.to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        return None  # one host read per forward, as transformers' FlashAttention mask does
+    return attention_mask
+
+
+def register(name: str = NAME) -> str:
+    """Register flashmux's attention and mask functions with transformers under `name` (default
+    "fmx"); returns the name to pass as `attn_implementation`. Idempotent."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    for word in ("flash", "sdpa", "flex", "paged", "eager", "/"):
+        if word in name:
+            raise ValueError(
+                f"name: expected a name without {word!r} (transformers gives names containing it "
+                f"special treatment), got {name!r}"
+            )
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, attention_mask)
+    return name
+
+
+register()
+
+__all__ = ["NAME", "attention_forward", "attention_mask", "register"]
