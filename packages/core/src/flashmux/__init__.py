@@ -12,6 +12,7 @@ import sys
 from . import dispatch, reference
 from .api import Explanation, attention, explain
 from .backend import Backend, Capabilities
+from .context_parallel import ring_attention, shard_sequence, unshard_sequence
 from .dispatch import NoBackendError, register, use_backend
 from .kvcache import (
     DecodeExplanation,
@@ -55,6 +56,9 @@ __all__ = [
     "explain",
     "reference",
     "register",
+    "ring_attention",
+    "shard_sequence",
+    "unshard_sequence",
     "use_backend",
     "__version__",
 ]

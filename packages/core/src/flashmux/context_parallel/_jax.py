@@ -1,0 +1,281 @@
+"""JAX glue of `flashmux.ring_attention`: a jax.custom_vjp per (variant, config), called inside
+`shard_map` with the mesh axis that splits the sequence.
+
+The ring passes K/V with `lax.ppermute` (the next block's transfer is issued before the current
+block's kernel, so XLA's scheduler can overlap the two); the rank is `lax.axis_index`, a traced
+value, so the two shapes of work a zigzag step can take (all queries x first key half, or second
+query half x all keys) are the two branches of a `lax.cond`. The all-gather variant gathers K/V
+with `lax.all_gather`, picks its rank's static prefix calls with `lax.switch`, and returns
+dK/dV with `lax.psum_scatter`. Works under jit and grad. Imported only when JAX arrays reach
+ring_attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import (
+    Config,
+    allgather_calls,
+    block_backend,
+    merge,
+    ring_block,
+    rows,
+    shard_sequence,
+    takes_residual,
+    unshard_sequence,
+)
+
+_F32 = jnp.float32
+_LOW = (jnp.float16, jnp.bfloat16)
+
+
+def world_size(axis_name) -> int:
+    try:
+        size = lax.axis_size(axis_name) if hasattr(lax, "axis_size") else lax.psum(1, axis_name)
+        return int(size)
+    except Exception as e:  # unbound axis: NameError / ValueError depending on the JAX version
+        raise ValueError(
+            f"axis_name: {axis_name!r} is not a mesh axis bound here (call ring_attention inside "
+            f"shard_map over that axis): {type(e).__name__}: {e}"
+        ) from None
+
+
+def run(q, k, v, cfg: Config, axis_name):
+    fn = _allgather_fn if cfg.variant == "allgather" else _ring_fn
+    return fn(cfg, axis_name)(q, k, v)
+
+
+def _pad_rows(x, sl: slice, n: int, fill, dim=1):
+    """x holds rows `sl` of n along dim: the full-size array with `fill` elsewhere."""
+    if sl.start == 0 and sl.stop == n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    full = jnp.full(shape, fill, x.dtype)
+    idx = (slice(None),) * dim + (sl,)
+    return full.at[idx].set(x)
+
+
+def _perm(p):
+    return [(i, (i + 1) % p) for i in range(p)]
+
+
+# -- ring --------------------------------------------------------------------------------------
+
+
+def _schedule(cfg: Config):
+    """(block of step 0, block when src < rank, block when src > rank): static for every rank."""
+    b0 = ring_block(cfg.layout, cfg.causal, 0, 0)
+    if cfg.world_size == 1:
+        return b0, None, None
+    return b0, ring_block(cfg.layout, cfg.causal, 1, 0), ring_block(cfg.layout, cfg.causal, 0, 1)
+
+
+def _fwd_block(blk, q, kc, vc, cfg: Config):
+    n = q.shape[1]
+    b, _, hq, _ = q.shape
+    if blk is None:
+        return jnp.zeros((b, n, hq, vc.shape[-1]), _F32), jnp.full((b, hq, n), -jnp.inf, _F32)
+    qr, kr = rows(blk.q, n), rows(blk.k, n)
+    qs, ks, vs = q[:, qr], kc[:, kr], vc[:, kr]
+    be, prm = block_backend(qs, ks, vs, blk.causal, cfg.scale, cfg.softcap, cfg.return_lse,
+                            True, cfg.forced)
+    o, l = be.forward(qs, ks, vs, None, None, prm)
+    return _pad_rows(o.astype(_F32), qr, n, 0.0), _pad_rows(l.astype(_F32), qr, n, -jnp.inf, 2)
+
+
+def _bwd_block(blk, do, dlse, q, kc, vc, out, lse, res, cfg: Config):
+    n = q.shape[1]
+    if blk is None:
+        return (jnp.zeros(q.shape, _F32), jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32))
+    qr, kr = rows(blk.q, n), rows(blk.k, n)
+    qs, ks, vs = q[:, qr], kc[:, kr], vc[:, kr]
+    be, prm = block_backend(qs, ks, vs, blk.causal, cfg.scale, cfg.softcap, cfg.return_lse,
+                            True, cfg.forced)
+    kw = {"out_residual": res[:, qr]} if takes_residual(be) else {}
+    dq, dk, dv = be.backward(
+        do[:, qr], None if dlse is None else dlse[:, :, qr], qs, ks, vs, out[:, qr],
+        lse[:, :, qr], None, None, prm, **kw,
+    )
+    return (_pad_rows(dq.astype(_F32), qr, n, 0.0), _pad_rows(dk.astype(_F32), kr, n, 0.0),
+            _pad_rows(dv.astype(_F32), kr, n, 0.0))
+
+
+def _step(fn, s, rank, cfg: Config, *args):
+    """Run `fn(block, *args)` for ring step s >= 1, whose block depends on the traced rank."""
+    _, lt, gt = _schedule(cfg)
+    if lt == gt:
+        return fn(lt, *args)
+    src = (rank - s) % cfg.world_size
+    return lax.cond(src < rank, lambda *a: fn(lt, *a), lambda *a: fn(gt, *a), *args)
+
+
+def _ring_forward(q, k, v, cfg: Config, axis):
+    p = cfg.world_size
+    rank = lax.axis_index(axis)
+    perm = _perm(p)
+    b0, _, _ = _schedule(cfg)
+    kc, vc = k, v
+    out = lse = None
+    for s in range(p):
+        if s < p - 1:  # the next block travels while this one is computed
+            kn, vn = lax.ppermute(kc, axis, perm), lax.ppermute(vc, axis, perm)
+        if s == 0:
+            out, lse = _fwd_block(b0, q, kc, vc, cfg)
+        else:
+            o, l = _step(lambda blk, q, kc, vc: _fwd_block(blk, q, kc, vc, cfg), s, rank, cfg,
+                         q, kc, vc)
+            out, lse = merge(out, lse, o, l)
+        if s < p - 1:
+            kc, vc = kn, vn
+    return out, lse
+
+
+def _ring_backward(do, dlse, q, k, v, out, lse, res, cfg: Config, axis):
+    p = cfg.world_size
+    rank = lax.axis_index(axis)
+    perm = _perm(p)
+    b0, _, _ = _schedule(cfg)
+    dq = jnp.zeros(q.shape, _F32)
+    kc, vc = k, v
+    acc = None  # dK/dV of the block held now, arriving from the previous rank
+
+    def blk_grads(blk, do, dlse, q, kc, vc, out, lse, res):
+        return _bwd_block(blk, do, dlse, q, kc, vc, out, lse, res, cfg)
+
+    for s in range(p):
+        if s < p - 1:
+            kn, vn = lax.ppermute(kc, axis, perm), lax.ppermute(vc, axis, perm)
+        args = (do, dlse, q, kc, vc, out, lse, res)
+        if s == 0:
+            dq_b, dk_b, dv_b = blk_grads(b0, *args)
+        else:
+            dq_b, dk_b, dv_b = _step(blk_grads, s, rank, cfg, *args)
+        dq = dq + dq_b
+        if acc is not None:
+            dk_b, dv_b = dk_b + acc[0], dv_b + acc[1]
+        # after P sends each accumulator is back with the rank that owns its block
+        acc = (lax.ppermute(dk_b, axis, perm), lax.ppermute(dv_b, axis, perm)) if p > 1 else (dk_b, dv_b)
+        if s < p - 1:
+            kc, vc = kn, vn
+    return dq, acc[0], acc[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_fn(cfg: Config, axis):
+    def forward(q, k, v):
+        out32, lse = _ring_forward(q, k, v, cfg, axis)
+        out = out32.astype(q.dtype)
+        # the stored output's rounding error: the backward's delta comes from the float32 output
+        res = (out32 - out.astype(_F32)).astype(q.dtype)
+        return out, lse, res
+
+    @jax.custom_vjp
+    def f(q, k, v):
+        out, lse, _ = forward(q, k, v)
+        return out, lse
+
+    def f_fwd(q, k, v):
+        out, lse, res = forward(q, k, v)
+        return (out, lse), (q, k, v, out, lse, res)
+
+    def f_bwd(saved, cts):
+        q, k, v, out, lse, res = saved
+        do, dlse = cts
+        dlse = dlse.astype(_F32) if cfg.return_lse else None
+        dq, dk, dv = _ring_backward(do.astype(q.dtype), dlse, q, k, v, out, lse, res, cfg, axis)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+# -- all-gather --------------------------------------------------------------------------------
+
+
+def _ag_rank_forward(rank, cfg: Config, q, kg, vg):
+    outs, lses, ress = [], [], []
+    for r0, r1, nk, causal in allgather_calls(cfg.layout, cfg.causal, cfg.world_size, rank,
+                                              q.shape[1]):
+        qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
+        be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
+                                True, cfg.forced)
+        if be.capabilities.out_residual and q.dtype in _LOW:
+            o, l, r = be.forward(qs, ks, vs, None, None, prm, residual=True)
+        else:
+            (o, l), r = be.forward(qs, ks, vs, None, None, prm), None
+        outs.append(o)
+        lses.append(l.astype(_F32))
+        ress.append(jnp.zeros_like(o) if r is None else r.astype(o.dtype))
+    return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2), jnp.concatenate(ress, 1)
+
+
+def _ag_rank_backward(rank, cfg: Config, do, dlse, q, kg, vg, out, lse, res):
+    dqs = []
+    dkg = jnp.zeros(kg.shape, _F32)
+    dvg = jnp.zeros(vg.shape, _F32)
+    for r0, r1, nk, causal in allgather_calls(cfg.layout, cfg.causal, cfg.world_size, rank,
+                                              q.shape[1]):
+        qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
+        be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
+                                True, cfg.forced)
+        kw = {}
+        if be.capabilities.out_residual and q.dtype in _LOW:
+            kw["out_residual"] = res[:, r0:r1]
+        dq, dk, dv = be.backward(
+            do[:, r0:r1], None if dlse is None else dlse[:, :, r0:r1], qs, ks, vs,
+            out[:, r0:r1], lse[:, :, r0:r1], None, None, prm, **kw,
+        )
+        dqs.append(dq.astype(q.dtype))
+        dkg = dkg.at[:, :nk].add(dk.astype(_F32))
+        dvg = dvg.at[:, :nk].add(dv.astype(_F32))
+    return jnp.concatenate(dqs, 1), dkg, dvg
+
+
+def _gather(x, cfg: Config, axis):
+    whole = lax.all_gather(x, axis, axis=1, tiled=True)  # shards in rank order
+    return unshard_sequence(whole, cfg.layout, dim=1, world_size=cfg.world_size)
+
+
+def _scatter_sum(xg, cfg: Config, axis):
+    ranked = shard_sequence(xg, None, cfg.world_size, cfg.layout)  # global -> rank order
+    return lax.psum_scatter(ranked, axis, scatter_dimension=1, tiled=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _allgather_fn(cfg: Config, axis):
+    p = cfg.world_size
+
+    def forward(q, k, v):
+        kg, vg = _gather(k, cfg, axis), _gather(v, cfg, axis)
+        branches = [functools.partial(_ag_rank_forward, r, cfg) for r in range(p)]
+        out, lse, res = lax.switch(lax.axis_index(axis), branches, q, kg, vg)
+        return out, lse, res, kg, vg
+
+    @jax.custom_vjp
+    def f(q, k, v):
+        out, lse, *_ = forward(q, k, v)
+        return out, lse
+
+    def f_fwd(q, k, v):
+        out, lse, res, kg, vg = forward(q, k, v)
+        return (out, lse), (q, kg, vg, out, lse, res)
+
+    def f_bwd(saved, cts):
+        q, kg, vg, out, lse, res = saved
+        do, dlse = cts
+        dlse = dlse.astype(_F32) if cfg.return_lse else None
+        branches = [functools.partial(_ag_rank_backward, r, cfg) for r in range(p)]
+        dq, dkg, dvg = lax.switch(lax.axis_index(axis), branches, do.astype(q.dtype), dlse, q,
+                                  kg, vg, out, lse, res)
+        dk = _scatter_sum(dkg, cfg, axis)
+        dv = _scatter_sum(dvg, cfg, axis)
+        return dq, dk.astype(kg.dtype), dv.astype(vg.dtype)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
