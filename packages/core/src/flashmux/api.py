@@ -129,7 +129,7 @@ def _resolve(
         if not math.isfinite(scale_f):
             raise ValueError(f"scale: expected a finite number, got {scale_f}")
     left, right = _check_window(window)
-    if causal not in (True, False):
+    if not isinstance(causal, bool | np.bool_):  # 1 == True, so test the type
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     if causal:
         right = 0 if right is None else min(right, 0)
@@ -165,7 +165,7 @@ def _resolve(
         empty = batch == 0 or seqlen_q == 0
         empty_k = seqlen_k == 0
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if flag not in (True, False):
+        if not isinstance(flag, bool | np.bool_):
             raise TypeError(f"{name}: expected a bool, got {flag!r}")
 
     traced = kind == "jax" and any(is_traced(x) for x in (q, k, v))
@@ -272,6 +272,10 @@ def _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic
     t = type(q)
     if t is not type(k) or t is not type(v):
         return None
+    if t is not np.ndarray and not (t.__module__ or "").startswith("torch"):
+        return None  # JAX, or not an array at all: _resolve says which
+    if not all(type(f) is bool for f in (causal, return_lse, deterministic)):
+        return None  # causal=1 hashes like True: let _resolve reject it
     if window is not None:
         if type(window) not in (tuple, list):
             return None
@@ -306,6 +310,8 @@ def attention(
     max_seqlen_k=None,
     return_lse=False,
     deterministic=False,
+    alibi_slopes=None,
+    block_mask=None,
     backend=None,
 ):
     """Exact scaled-dot-product attention, FlashAttention-style, on the best backend here.
@@ -315,9 +321,12 @@ def attention(
     Returns out (B, Sq, Hq, Dv) in q's dtype, and with return_lse=True also lse (B, Hq, Sq)
     float32 (natural log; (Hq, Tq) when packed). See docs/spec.md for masks and semantics.
     `backend` forces a backend name or priority list (also `use_backend`, $FLASHMUX_BACKEND).
+    alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + Sk - Sq - j| on the scores.
+    block_mask: a `flashmux.BlockMask` (see `flashmux.create_block_mask`), ANDed with causal/window.
     """
     key = None
-    if cu_seqlens_q is None and cu_seqlens_k is None and not dropout_p:
+    if (cu_seqlens_q is None and cu_seqlens_k is None and not dropout_p
+            and alibi_slopes is None and block_mask is None):
         key = _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic)
     call = _validated.get(key) if key is not None else None
     if call is None:
@@ -329,34 +338,101 @@ def attention(
             if len(_validated) > 4096:
                 _validated.clear()
             _validated[key] = call
+    extra = {}
+    if alibi_slopes is not None or block_mask is not None:
+        call, extra = _extend(call, q, alibi_slopes, block_mask)
     forced = dispatch.forced_backends(backend)
     if call.empty:
         # No kernel work: the reference path answers with zeros / -inf and zero gradients.
         be = dispatch.get_backend("reference")
     else:
         be = dispatch.select(call.spec, forced)
-    out, lse = _run(be, call, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    out, lse = _run(be, call, q, k, v, cu_seqlens_q, cu_seqlens_k, extra)
     return (out, lse) if return_lse else out
 
 
-def _run(be, call: _Call, q, k, v, cu_q, cu_k):
+def _run(be, call: _Call, q, k, v, cu_q, cu_k, extra=None):
     kind = call.kind
+    extra = extra or {}  # alibi_slopes= / block_mask=, only when given (see _extend)
     if kind == "numpy":
-        return be.forward(q, k, v, cu_q, cu_k, call.params)
+        return be.forward(q, k, v, cu_q, cu_k, call.params, **extra)
     native = be.capabilities.array_kinds
     if kind == "torch" and "torch" in native:
         from . import _torch
 
+        if extra:
+            return _torch.run_ext(be.name, q, k, v, cu_q, cu_k, call.params, **extra)
         return _torch.run(be.name, q, k, v, cu_q, cu_k, call.params)
     if kind == "jax" and "jax" in native:
         from . import _jax
 
+        if extra:
+            return _jax.run_ext(be.name, q, k, v, cu_q, cu_k, call.params, **extra)
         return _jax.run(be.name, q, k, v, cu_q, cu_k, call.params)
     if kind == "jax" and "torch" in native:
         from . import _jax
 
+        if extra:
+            return _jax.run_through_torch_ext(be, q, k, v, cu_q, cu_k, call.params, **extra)
         return _jax.run_through_torch(be, q, k, v, cu_q, cu_k, call.params)
     raise dispatch.NoBackendError(f"backend {be.name!r} cannot take {kind} arrays")
+
+
+def _extend(call: _Call, q, alibi_slopes, block_mask):
+    """Check alibi_slopes / block_mask against the call; returns the call with Params and
+    ProblemSpec marked, and the keyword operands for the backend."""
+    from dataclasses import replace
+
+    from .blockmask import BlockMask
+
+    kind, spec = call.kind, call.spec
+    extra = {}
+    p_kw, s_kw = {}, {}
+    if alibi_slopes is not None:
+        ak = array_kind(alibi_slopes)
+        if ak != kind:
+            raise TypeError(f"alibi_slopes: expected a {kind} array like q, got "
+                            f"{ak + ' array' if ak else type(alibi_slopes).__name__}")
+        if dtype_name(alibi_slopes) != "float32":
+            raise TypeError(f"alibi_slopes: expected dtype float32, got {dtype_name(alibi_slopes)}")
+        shp = _shape(alibi_slopes)
+        ok = ((spec.heads_q,), (spec.batch, spec.heads_q))
+        if shp not in ok:
+            raise ValueError(f"alibi_slopes: expected shape ({spec.heads_q},) or "
+                             f"({spec.batch}, {spec.heads_q}) (Hq,) or (B, Hq), got {shp}")
+        if kind != "numpy" and not same_device(alibi_slopes, q, kind):
+            raise ValueError(f"alibi_slopes: expected it on q's device ({_dev_str(q, kind)}), "
+                             f"got {_dev_str(alibi_slopes, kind)}")
+        extra["alibi_slopes"] = alibi_slopes
+        p_kw["alibi"] = s_kw["alibi"] = True
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask: expected a flashmux.BlockMask (from "
+                            f"flashmux.create_block_mask), got {type(block_mask).__name__}")
+        if spec.varlen:
+            raise ValueError("block_mask: expected None with cu_seqlens (packed batches); use a "
+                             "padded batch with a masks.document(segment_ids) block mask instead")
+        if block_mask.array_kind != kind:
+            raise TypeError(f"block_mask: expected a mask of {kind} arrays like q (create_block_mask"
+                            f"(..., like=q)), got one of {block_mask.array_kind} arrays")
+        if kind != "numpy" and not same_device(block_mask.kind, q, kind):
+            raise ValueError(f"block_mask: expected its arrays on q's device ({_dev_str(q, kind)}), "
+                             f"got {_dev_str(block_mask.kind, kind)}")
+        want = (spec.seqlen_q, spec.seqlen_k)
+        got = (block_mask.seqlen_q, block_mask.seqlen_k)
+        if got != want:
+            raise ValueError(f"block_mask: expected (seqlen_q, seqlen_k) = {want} like q and k, "
+                             f"got a mask built for {got}")
+        if block_mask.batch not in (None, spec.batch):
+            raise ValueError(f"block_mask: expected batch None or {spec.batch}, got a mask built "
+                             f"for batch {block_mask.batch}")
+        if block_mask.heads not in (None, spec.heads_q):
+            raise ValueError(f"block_mask: expected heads None or {spec.heads_q} (query heads), "
+                             f"got a mask built for heads {block_mask.heads}")
+        extra["block_mask"] = block_mask
+        p_kw["mask_block_size"] = block_mask.block_size
+        s_kw["block_mask"] = True
+    return replace(call, params=replace(call.params, **p_kw), spec=replace(call.spec, **s_kw)), extra
 
 
 class Explanation:
@@ -397,6 +473,7 @@ class Explanation:
                 ("causal", s.causal), ("window", s.window), ("softcap", s.softcap),
                 ("dropout", s.dropout), ("varlen", s.varlen), ("return_lse", s.return_lse),
                 ("deterministic", s.deterministic), ("grad", s.requires_grad), ("traced", s.traced),
+                ("alibi", getattr(s, "alibi", False)), ("block_mask", getattr(s, "block_mask", False)),
             )
             if on
         ]
@@ -442,15 +519,29 @@ def explain(q, k, v, **kwargs) -> Explanation:
         full["cu_seqlens_q"], full["cu_seqlens_k"], full["max_seqlen_q"], full["max_seqlen_k"],
         full["return_lse"], full["deterministic"],
     )
+    mask_note = None
+    if full.get("alibi_slopes") is not None or full.get("block_mask") is not None:
+        call, _ = _extend(call, q, full.get("alibi_slopes"), full.get("block_mask"))
+        mask_note = _extension_note(full.get("alibi_slopes"), full.get("block_mask"))
     forced = dispatch.forced_backends(backend)
     d = dispatch.decide(call.spec, forced)
-    note = None
+    note = mask_note
     lowerings = None
     if call.empty:
         note = "empty problem (a zero-size dimension): answered by the core, no kernel runs"
+        note = note if mask_note is None else mask_note + "\n" + note
     elif d.chosen is not None:
         lowerings = _lowerings(dispatch.registry()[d.chosen], q, k, v, call.params)
     return Explanation(d, note, lowerings)
+
+
+def _extension_note(alibi_slopes, block_mask) -> str:
+    lines = []
+    if alibi_slopes is not None:
+        lines.append(f"alibi: slopes of shape {_shape(alibi_slopes)} (bias -slope * |i + Sk - Sq - j|)")
+    if block_mask is not None:
+        lines.append(f"block_mask: {block_mask.summary()}")
+    return "\n".join(lines)
 
 
 def _lowerings(be, q, k, v, params) -> dict[str, str] | None:
