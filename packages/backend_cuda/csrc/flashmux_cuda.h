@@ -41,9 +41,36 @@ typedef struct FmxAttnArgs {
   int32_t deterministic;
 } FmxAttnArgs;
 
+/* KV-cache decode (fmx_decode): split-KV attention of a few query rows against a contiguous
+ * cache (k_cache (batch, capacity, heads_kv, head_dim)) or a paged one (k_cache (num_pages,
+ * page_size, heads_kv, head_dim) with block_table (batch, max_pages) int32). The keys of
+ * sequence b are positions 0 .. seqlens_k[b]-1 (clamped to the capacity; block_table entries
+ * clamped to [0, num_pages)); query row i sits at position seqlens_k[b] - seqlen_q + i. Nothing
+ * is read on the host: CUDA-graph safe. Added after ABI version 1 (additive: look the symbols up). */
+typedef struct FmxDecodeArgs {
+  int32_t dtype;                 /* FMX_DTYPE_* */
+  int32_t batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v;
+  int32_t capacity;              /* contiguous: S_max; paged: max_pages * page_size */
+  int32_t page_size;             /* 0: contiguous cache */
+  int32_t num_pages, max_pages;  /* paged only */
+  const void *q, *k_cache, *v_cache; void *out; float *lse;  /* lse (batch, heads_q, seqlen_q) contiguous, always written */
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  /* element strides of (batch|page, row, head); last dim contiguous */
+  const int32_t *seqlens_k;      /* (batch,) on the device */
+  const int32_t *block_table;    /* NULL: contiguous */
+  int64_t block_table_stride;    /* elements between block_table rows */
+  const float *alibi_slopes;     /* NULL or float32: element (b, h) at b * alibi_stride + h */
+  int64_t alibi_stride;          /* 0 for (heads_q,) slopes, heads_q for (batch, heads_q) */
+  float scale; float softcap;    /* softcap 0 => off */
+  int32_t window_left, window_right;  /* -1 => unbounded; causal folded into window_right */
+  int32_t num_splits;            /* >= 1 */
+  void *workspace; size_t workspace_bytes;  /* num_splits > 1: from fmx_decode_workspace_size */
+} FmxDecodeArgs;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
+int fmx_decode(const FmxDecodeArgs *args, void *stream);    /* 0 ok; else error code */
+size_t fmx_decode_workspace_size(const FmxDecodeArgs *args);
 int fmx_abi_version(void);
 int fmx_attn_fwd(const FmxAttnArgs *args, void *stream);   /* 0 ok; else error code, message via fmx_last_error */
 int fmx_attn_bwd(const FmxAttnArgs *args, void *stream);

@@ -9,6 +9,7 @@
 #include "flashmux_cuda.h"
 #include "common/fmx_params.h"
 #include "sm80/sm80_api.h"
+#include "decode/decode_api.h"
 
 namespace {
 
@@ -251,6 +252,153 @@ int fmx_attn_bwd(const FmxAttnArgs *args, void *stream) {
   }
   err = fmx::sm80::run_bwd_convert_dq(p, args->dtype, s);
   if (err) return cuda_fail(err, "fmx_attn_bwd convert launch");
+  return FMX_OK;
+}
+
+}  // extern "C"
+
+// ------------------------------------------------------------------------------------------
+// KV-cache decode (csrc/decode/): validation, workspace and dispatch.
+namespace {
+
+struct DecodeWorkspace {
+  size_t o_part, lse_part, total;
+};
+
+DecodeWorkspace decode_workspace(const FmxDecodeArgs *a) {
+  DecodeWorkspace w{0, 0, 0};
+  if (a == nullptr || a->num_splits <= 1) return w;
+  const size_t rows = (size_t)(a->batch > 0 ? a->batch : 0) * (size_t)(a->heads_q > 0 ? a->heads_q : 0) *
+                      (size_t)(a->seqlen_q > 0 ? a->seqlen_q : 0) * (size_t)a->num_splits;
+  const size_t d = (size_t)(a->head_dim_v > 0 ? a->head_dim_v : 0);
+  w.o_part = 0;
+  w.lse_part = align_up(rows * d * sizeof(float));
+  w.total = w.lse_part + align_up(rows * sizeof(float));
+  return w;
+}
+
+int check_decode_tensor(const char *name, const void *ptr, const int64_t *stride) {
+  if (ptr == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "%s is NULL", name);
+  if (!aligned16(ptr))
+    return fail(FMX_ERR_UNSUPPORTED, "%s must be 16-byte aligned (got %p)", name, ptr);
+  for (int i = 0; i < 3; ++i)
+    if (stride[i] < 0 || stride[i] % 8 != 0)
+      return fail(FMX_ERR_UNSUPPORTED,
+                  "%s stride[%d] = %lld must be a non-negative multiple of 8 elements", name, i,
+                  (long long)stride[i]);
+  return FMX_OK;
+}
+
+int build_decode_params(const FmxDecodeArgs *a, fmx::decode::DecodeParams &p) {
+  if (a == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "args is NULL");
+  if (a->dtype != FMX_DTYPE_F16 && a->dtype != FMX_DTYPE_BF16)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "dtype must be FMX_DTYPE_F16 (0) or FMX_DTYPE_BF16 (1), got %d",
+                a->dtype);
+  if (a->batch < 0 || a->seqlen_q < 0 || a->capacity < 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "batch/seqlen_q/capacity must be >= 0 (got %d, %d, %d)",
+                a->batch, a->seqlen_q, a->capacity);
+  if (a->batch > 65535) return fail(FMX_ERR_UNSUPPORTED, "batch = %d exceeds 65535", a->batch);
+  if (a->heads_q <= 0 || a->heads_kv <= 0 || a->heads_q % a->heads_kv != 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "heads_q (%d) must be a positive multiple of heads_kv (%d)",
+                a->heads_q, a->heads_kv);
+  if ((int64_t)a->batch * a->heads_kv > 65535)
+    return fail(FMX_ERR_UNSUPPORTED, "batch * heads_kv = %lld exceeds 65535",
+                (long long)a->batch * a->heads_kv);
+  if ((int64_t)a->seqlen_q * (a->heads_q / a->heads_kv) > 8 * 65535)
+    return fail(FMX_ERR_UNSUPPORTED, "seqlen_q * heads_q / heads_kv exceeds %d", 8 * 65535);
+  if (a->head_dim <= 0 || a->head_dim % 8 != 0 || a->head_dim > 256)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim %d must be a multiple of 8 in [8, 256]", a->head_dim);
+  if (a->head_dim_v != a->head_dim)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim_v (%d) != head_dim (%d) is not supported",
+                a->head_dim_v, a->head_dim);
+  if (!std::isfinite(a->scale)) return fail(FMX_ERR_INVALID_ARGUMENT, "scale must be finite");
+  if (!(a->softcap >= 0.f) || !std::isfinite(a->softcap))
+    return fail(FMX_ERR_INVALID_ARGUMENT, "softcap must be finite and >= 0 (0 = off)");
+  if (a->window_left < -1 || a->window_right < -1)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "window_left/right must be >= -1 (got %d, %d)",
+                a->window_left, a->window_right);
+  if (a->num_splits < 1 || a->num_splits > 65535)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "num_splits must be in [1, 65535], got %d", a->num_splits);
+  const bool paged = a->block_table != nullptr;
+  if (paged != (a->page_size > 0))
+    return fail(FMX_ERR_INVALID_ARGUMENT, "block_table and page_size > 0 go together (page_size=%d)",
+                a->page_size);
+  if (paged) {
+    if (a->num_pages < 1 || a->max_pages < 1)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "paged cache: num_pages (%d) and max_pages (%d) must be >= 1",
+                  a->num_pages, a->max_pages);
+    if ((int64_t)a->max_pages * a->page_size != a->capacity)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "paged cache: capacity %d != max_pages %d * page_size %d",
+                  a->capacity, a->max_pages, a->page_size);
+    if (a->block_table_stride < a->max_pages)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "block_table_stride %lld < max_pages %d",
+                  (long long)a->block_table_stride, a->max_pages);
+  }
+  if (a->seqlens_k == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "seqlens_k is NULL");
+  if (a->lse == nullptr) return fail(FMX_ERR_INVALID_ARGUMENT, "lse is NULL");
+  int rc;
+  if ((rc = check_decode_tensor("q", a->q, a->q_stride))) return rc;
+  if ((rc = check_decode_tensor("k_cache", a->k_cache, a->k_stride))) return rc;
+  if ((rc = check_decode_tensor("v_cache", a->v_cache, a->v_stride))) return rc;
+  if ((rc = check_decode_tensor("out", a->out, a->out_stride))) return rc;
+
+  p = fmx::decode::DecodeParams{};
+  p.q = a->q; p.k = a->k_cache; p.v = a->v_cache; p.o = a->out; p.lse = a->lse;
+  copy_strides(a->q_stride, p.q_bs, p.q_rs, p.q_hs);
+  copy_strides(a->out_stride, p.o_bs, p.o_rs, p.o_hs);
+  copy_strides(a->k_stride, p.k_ps, p.k_rs, p.k_hs);
+  copy_strides(a->v_stride, p.v_ps, p.v_rs, p.v_hs);
+  p.seqlens_k = a->seqlens_k;
+  p.block_table = a->block_table;
+  p.bt_stride = a->block_table_stride;
+  p.alibi = a->alibi_slopes;
+  p.alibi_bs = a->alibi_stride;
+  p.batch = a->batch; p.sq = a->seqlen_q; p.hq = a->heads_q; p.hkv = a->heads_kv;
+  p.group = a->heads_q / a->heads_kv; p.d = a->head_dim;
+  p.rows = p.sq * p.group;
+  p.capacity = a->capacity;
+  p.page_size = paged ? a->page_size : 0;
+  p.num_pages = paged ? a->num_pages : 0;
+  p.max_pages = paged ? a->max_pages : 0;
+  const float log2e = 1.4426950408889634f;
+  if (a->softcap > 0.f) {
+    p.q_mult = a->scale / a->softcap;
+    p.cap_log2 = a->softcap * log2e;
+  } else {
+    p.q_mult = a->scale * log2e;
+    p.cap_log2 = 0.f;
+  }
+  p.window_left = a->window_left;
+  p.window_right = a->window_right;
+  p.num_splits = a->num_splits;
+  return FMX_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+size_t fmx_decode_workspace_size(const FmxDecodeArgs *args) { return decode_workspace(args).total; }
+
+int fmx_decode(const FmxDecodeArgs *args, void *stream) {
+  fmx::decode::DecodeParams p;
+  int rc = build_decode_params(args, p);
+  if (rc) return rc;
+  if (p.batch == 0 || p.sq == 0) return FMX_OK;  // empty problem
+  if (p.num_splits > 1) {
+    const DecodeWorkspace w = decode_workspace(args);
+    if (args->workspace == nullptr || args->workspace_bytes < w.total)
+      return fail(FMX_ERR_WORKSPACE, "decode workspace of %zu bytes needed (got %zu at %p)", w.total,
+                  args->workspace_bytes, args->workspace);
+    if (!aligned16(args->workspace))
+      return fail(FMX_ERR_WORKSPACE, "decode workspace must be 16-byte aligned");
+    char *ws = static_cast<char *>(args->workspace);
+    p.o_part = reinterpret_cast<float *>(ws + w.o_part);
+    p.lse_part = reinterpret_cast<float *>(ws + w.lse_part);
+  }
+  if ((rc = check_device())) return rc;
+  int err = fmx::decode::run_decode(p, args->dtype, static_cast<cudaStream_t>(stream));
+  if (err) return cuda_fail(err, "fmx_decode launch");
   return FMX_OK;
 }
 

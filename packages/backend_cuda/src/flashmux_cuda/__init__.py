@@ -142,6 +142,66 @@ class CudaBackend(Backend):
             self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params
         )
 
+    # -- KV-cache decode (csrc/decode/) ----------------------------------------------------
+    def decode_reasons(self, spec) -> list[str]:
+        """Why the split-KV decode kernel cannot run this decode call (DecodeSpec)."""
+        from flashmux.kvcache import decode_capability_reasons
+
+        out = decode_capability_reasons(self.capabilities, spec)
+        if spec.kind == "jax":
+            out.append(
+                "KV-cache decode from JAX: no XLA FFI handler for fmx_decode yet (torch only)"
+            )
+        if spec.head_dim % 8:
+            out.append(
+                f"head_dim {spec.head_dim} is not a multiple of 8: the decode kernels read the "
+                "cache in place (16-byte rows) and never copy it"
+            )
+        if spec.batch * spec.heads_kv > 65535:
+            out.append(f"batch x heads_kv = {spec.batch * spec.heads_kv} exceeds 65535")
+        if spec.capacity > _I32_MAX:
+            out.append("cache capacity above 2^31-1 tokens")
+        return out
+
+    def decode_splits(self, spec, params) -> int:
+        """Key splits fmx_decode runs (params.num_splits when forced), for explain."""
+        from .abi import choose_splits
+
+        if params.num_splits:
+            return int(params.num_splits)
+        sms = 132
+        if spec.kind == "torch":
+            try:
+                import torch
+
+                sms = torch.cuda.get_device_properties(
+                    torch.cuda.current_device()
+                ).multi_processor_count
+            except Exception:
+                pass
+        rows = spec.seqlen_q * (spec.heads_q // max(spec.heads_kv, 1))
+        return choose_splits(spec.batch, spec.heads_kv, rows, spec.capacity, sms)
+
+    def decode_kernel(self, spec, params) -> str:
+        from .abi import rows_per_program
+
+        rows = spec.seqlen_q * (spec.heads_q // max(spec.heads_kv, 1))
+        cache = f"paged (page_size {spec.page_size})" if spec.paged else "contiguous"
+        return (
+            f"fmx_decode split-KV (csrc/decode, {cache}, {rows} query rows packed per KV head, "
+            f"{rows_per_program(rows)} per program) + lse merge"
+        )
+
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
+        if self._is_jax(q):
+            from .abi import Unsupported
+
+            raise Unsupported("KV-cache decode from JAX is not wired (no XLA FFI handler yet)")
+        from . import torch_glue
+
+        return torch_glue.decode(
+            self.lib, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params
+        )
 
 backend = CudaBackend(
     name="cuda",

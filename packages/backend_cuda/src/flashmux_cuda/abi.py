@@ -291,3 +291,192 @@ class Library:
 
     def workspace_size(self, args: FmxAttnArgs) -> int:
         return int(self.lib.fmx_attn_bwd_workspace_size(ctypes.byref(args)))
+
+
+# ------------------------------------------------------------------------------------------
+# KV-cache decode (fmx_decode, csrc/decode/): added after ABI version 1, looked up lazily.
+
+
+class FmxDecodeArgs(ctypes.Structure):
+    """Mirror of `FmxDecodeArgs` in flashmux_cuda.h (field order and types must match)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("batch", ctypes.c_int32),
+        ("seqlen_q", ctypes.c_int32),
+        ("heads_q", ctypes.c_int32),
+        ("heads_kv", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("head_dim_v", ctypes.c_int32),
+        ("capacity", ctypes.c_int32),
+        ("page_size", ctypes.c_int32),
+        ("num_pages", ctypes.c_int32),
+        ("max_pages", ctypes.c_int32),
+        ("q", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        ("q_stride", _Stride),
+        ("k_stride", _Stride),
+        ("v_stride", _Stride),
+        ("out_stride", _Stride),
+        ("seqlens_k", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p),
+        ("block_table_stride", ctypes.c_int64),
+        ("alibi_slopes", ctypes.c_void_p),
+        ("alibi_stride", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
+        ("window_left", ctypes.c_int32),
+        ("window_right", ctypes.c_int32),
+        ("num_splits", ctypes.c_int32),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_bytes", ctypes.c_size_t),
+    ]
+
+
+DECODE_HEAD_DIMS = "multiples of 8 up to 256 (kernels for 64, 128 and 256; others use the next)"
+MAX_SPLITS = 128
+# A split should stream at least this many keys: below it the merge costs more than it buys.
+MIN_KEYS_PER_SPLIT = 256
+
+
+def rows_per_program(rows: int) -> int:
+    """Query rows one program packs (csrc/decode/decode_api.h: rows_per_program)."""
+    return 1 if rows <= 1 else 2 if rows <= 2 else 4 if rows <= 4 else 8
+
+
+def choose_splits(batch: int, heads_kv: int, rows: int, capacity: int, num_sms: int) -> int:
+    """Key splits for a decode call when the caller does not force them.
+
+    Programs = batch x heads_kv x row chunks; enough splits for ~4 programs per SM (the register
+    budget allows 3-4 resident), never splits shorter than MIN_KEYS_PER_SPLIT keys of the
+    capacity (the real lengths live on the device and are not read), at most MAX_SPLITS.
+    """
+    chunks = -(-max(rows, 1) // rows_per_program(rows))
+    programs = max(1, batch * heads_kv * chunks)
+    want = -(-4 * max(num_sms, 1) // programs)
+    by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
+    return int(max(1, min(want, by_len, MAX_SPLITS)))
+
+
+def make_decode_args(
+    q: ArrayRef,
+    k_cache: ArrayRef,
+    v_cache: ArrayRef,
+    out: ArrayRef,
+    lse_ptr: int,
+    seqlens_ptr: int,
+    params,
+    num_splits: int,
+    block_table: ArrayRef | None = None,
+    alibi_ptr: int = 0,
+    alibi_stride: int = 0,
+) -> FmxDecodeArgs:
+    """Check a decode problem (shapes, dtypes, strides, alignment) and fill the struct.
+
+    q (B, Sq, Hq, D), out (B, Sq, Hq, Dv); contiguous k/v_cache (B, S_max, Hkv, D/Dv) or paged
+    (num_pages, page_size, Hkv, D/Dv) with block_table (B, max_pages) int32. `params` is the
+    core's DecodeParams (scale, window_left/right with causal folded in, softcap, page_size).
+    """
+    dtype = q.dtype
+    if dtype not in DTYPES:
+        raise Unsupported(f"dtype {dtype} not supported (float16, bfloat16)")
+    for a in (q, k_cache, v_cache, out):
+        _check_rows(a, 4, dtype)
+    B, Sq, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[-1]
+    if k_cache.shape[-1] != D:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[-1]} != q's {D}")
+    if Dv != D:
+        raise Unsupported(f"head_dim_v {Dv} != head_dim {D} is not supported by the CUDA kernels")
+    if D > MAX_HEAD_DIM or D % ALIGN_ELEMS:
+        raise Unsupported(f"head_dim {D}: the decode kernels take {DECODE_HEAD_DIMS}")
+    if v_cache.shape[:-1] != k_cache.shape[:-1]:
+        raise ValueError(f"v_cache: shape {v_cache.shape} does not match k_cache's {k_cache.shape}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"heads: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if out.shape != (B, Sq, Hq, Dv):
+        raise ValueError(f"out: shape {out.shape}, expected {(B, Sq, Hq, Dv)}")
+    page_size = int(getattr(params, "page_size", 0) or 0)
+    if block_table is not None:
+        if len(block_table.shape) != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table: expected shape ({B}, max_pages), got {block_table.shape}")
+        if block_table.dtype != "int32":
+            raise ValueError(f"block_table: expected int32, got {block_table.dtype}")
+        if block_table.shape[1] > 1 and block_table.strides[1] != 1:
+            raise ValueError(f"block_table: the last dimension must be contiguous, strides {block_table.strides}")
+        num_pages, ps = k_cache.shape[0], k_cache.shape[1]
+        if page_size and page_size != ps:
+            raise ValueError(f"page_size {page_size} != k_cache.shape[1] {ps}")
+        max_pages = block_table.shape[1]
+        capacity = max_pages * ps
+        bt_stride = block_table.strides[0] if B > 1 else max_pages
+        if num_pages < 1 or max_pages < 1 or ps < 1:
+            raise ValueError(f"paged cache: empty ({num_pages} pages of {ps}, {max_pages} per sequence)")
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache: batch {k_cache.shape[0]} != q's {B}")
+        num_pages = max_pages = ps = 0
+        capacity = k_cache.shape[1]
+        bt_stride = 0
+    if capacity > _I32_MAX:
+        raise Unsupported(f"cache capacity {capacity} exceeds the kernels' int32 range")
+    if B * Hkv > 65535:
+        raise Unsupported(f"batch x heads_kv = {B * Hkv} exceeds 65535")
+    wl, wr = _window(params.window_left), _window(params.window_right)
+    if getattr(params, "causal", False):
+        wr = 0 if wr < 0 else min(wr, 0)
+    softcap = float(params.softcap) if params.softcap else 0.0
+    ns = int(num_splits)
+    if not 1 <= ns <= 65535:
+        raise ValueError(f"num_splits must be in [1, 65535], got {ns}")
+    args = FmxDecodeArgs()
+    args.dtype = DTYPES[dtype]
+    args.batch, args.seqlen_q, args.heads_q, args.heads_kv = B, Sq, Hq, Hkv
+    args.head_dim, args.head_dim_v = D, Dv
+    args.capacity, args.page_size = capacity, ps
+    args.num_pages, args.max_pages = num_pages, max_pages
+    args.q, args.k_cache, args.v_cache, args.out = q.ptr, k_cache.ptr, v_cache.ptr, out.ptr
+    args.lse = lse_ptr or None
+    args.q_stride = _Stride(*q.strides[:3])
+    args.k_stride = _Stride(*k_cache.strides[:3])
+    args.v_stride = _Stride(*v_cache.strides[:3])
+    args.out_stride = _Stride(*out.strides[:3])
+    args.seqlens_k = seqlens_ptr or None
+    args.block_table = block_table.ptr if block_table is not None else None
+    args.block_table_stride = bt_stride
+    args.alibi_slopes = alibi_ptr or None
+    args.alibi_stride = alibi_stride
+    args.scale = float(params.scale)
+    args.softcap = softcap
+    args.window_left, args.window_right = wl, wr
+    args.num_splits = ns
+    return args
+
+
+def _decode_fns(lib) -> tuple:
+    """(fmx_decode, fmx_decode_workspace_size) of a loaded CDLL, typed; KernelError when absent."""
+    try:
+        run, ws = lib.fmx_decode, lib.fmx_decode_workspace_size
+    except AttributeError:
+        raise KernelError(
+            "this libflashmux_cuda has no fmx_decode (built before the decode kernels: rebuild)"
+        ) from None
+    run.restype = ctypes.c_int
+    run.argtypes = [ctypes.POINTER(FmxDecodeArgs), ctypes.c_void_p]
+    ws.restype = ctypes.c_size_t
+    ws.argtypes = [ctypes.POINTER(FmxDecodeArgs)]
+    return run, ws
+
+
+def decode(library: Library, args: FmxDecodeArgs, stream: int) -> None:
+    """Run fmx_decode from `library` (an abi.Library), raising like Library.forward."""
+    run, _ = _decode_fns(library.lib)
+    library._check(run(ctypes.byref(args), stream or None), "decode")
+
+
+def decode_workspace_size(library: Library, args: FmxDecodeArgs) -> int:
+    _, ws = _decode_fns(library.lib)
+    return int(ws(ctypes.byref(args)))

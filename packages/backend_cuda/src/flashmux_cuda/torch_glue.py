@@ -151,3 +151,89 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
             if buf is not res:
                 res.copy_(buf[..., : res.shape[-1]])
     return dq_res, dk_res, dv_res
+
+
+# ------------------------------------------------------------------------------------------
+# KV-cache decode (csrc/decode/)
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode(lib, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
+    """(out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) float32) of one decode step.
+
+    The caches are read in place (never copied: a cache that the kernels cannot address is an
+    error, not a silent copy of gigabytes); q is copied only when its rows are not 16-byte
+    aligned. No host reads of seqlens_k / block_table: capturable in a CUDA graph.
+    """
+    from . import abi
+
+    if q.device.type != "cuda":
+        raise ValueError(f"q: the CUDA backend needs CUDA tensors, got {q.device}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not _kernel_ok(t):
+            raise ValueError(
+                f"{name}: the decode kernels read the cache in place; it needs a contiguous "
+                f"head_dim, 16-byte aligned rows and strides that are multiples of 8 elements "
+                f"(got strides {tuple(t.stride())})"
+            )
+    qp = _readable(q)
+    if seqlens_k.dtype != torch.int32:
+        raise TypeError(f"seqlens_k: expected int32, got {seqlens_k.dtype}")
+    seqlens_k = seqlens_k.contiguous()
+    bt_ref = None
+    if block_table is not None:
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table: expected int32, got {block_table.dtype}")
+        if block_table.stride(-1) != 1:
+            block_table = block_table.contiguous()
+        bt_ref = ArrayRef(
+            "block_table",
+            block_table.data_ptr(),
+            tuple(block_table.shape),
+            tuple(block_table.stride()),
+            "int32",
+        )
+    alibi_ptr, alibi_stride = 0, 0
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        alibi_ptr = alibi_slopes.data_ptr()
+        alibi_stride = q.shape[2] if alibi_slopes.dim() == 2 else 0
+    B, Sq, Hq, _ = q.shape
+    Hkv = k_cache.shape[2]
+    with torch.cuda.device(q.device):
+        out = torch.empty((B, Sq, Hq, v_cache.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        ns = params.num_splits
+        if ns is None:
+            cap = (
+                block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+            )
+            ns = abi.choose_splits(B, Hkv, Sq * (Hq // max(Hkv, 1)), cap, sm_count(q.device))
+        args = abi.make_decode_args(
+            _ref("q", qp),
+            _ref("k_cache", k_cache),
+            _ref("v_cache", v_cache),
+            _ref("out", out),
+            lse.data_ptr(),
+            seqlens_k.data_ptr(),
+            params,
+            ns,
+            block_table=bt_ref,
+            alibi_ptr=alibi_ptr,
+            alibi_stride=alibi_stride,
+        )
+        nbytes = abi.decode_workspace_size(lib, args)
+        if nbytes:
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+            args.workspace = workspace.data_ptr()
+            args.workspace_bytes = nbytes
+        abi.decode(lib, args, _stream(q.device))
+    return out, lse
