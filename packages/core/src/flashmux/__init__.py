@@ -9,9 +9,10 @@ and why. Importing flashmux imports no framework: torch and JAX are loaded when 
 
 import sys
 
-from . import dispatch, reference
+from . import dispatch, masks, reference
 from .api import Explanation, attention, explain
 from .backend import Backend, Capabilities
+from .blockmask import BlockMask, create_block_mask
 from .context_parallel import ring_attention, shard_sequence, unshard_sequence
 from .dispatch import NoBackendError, register, use_backend
 from .kvcache import (
@@ -41,12 +42,15 @@ if "torch" in sys.modules:
 
 __all__ = [
     "Backend",
+    "BlockMask",
     "Capabilities",
     "Explanation",
     "NoBackendError",
     "Params",
     "ProblemSpec",
     "attention",
+    "create_block_mask",
+    "masks",
     "attention_with_kvcache",
     "DecodeExplanation",
     "DecodeParams",

@@ -59,3 +59,72 @@ def run_through_torch(be, q, k, v, cu_q, cu_k, p: Params):
 
     out, lse = be.forward(to_t(q), to_t(k), to_t(v), to_t(cu_q), to_t(cu_k), p)
     return jax.dlpack.from_dlpack(out), jax.dlpack.from_dlpack(lse)
+
+
+# -- ALiBi slopes and block masks (issue 15): extra operands of the custom_vjp -------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _vjp_fn_ext(backend: str, p: Params):
+    """Like _vjp_fn, with (slopes, block_mask) operands (None when absent; a BlockMask is a
+    pytree). No gradient flows into either."""
+    be = dispatch.get_backend(backend)
+
+    def kw(slopes, bm):
+        extra = {}
+        if slopes is not None:
+            extra["alibi_slopes"] = slopes
+        if bm is not None:
+            extra["block_mask"] = bm
+        return extra
+
+    @jax.custom_vjp
+    def f(q, k, v, cu_q, cu_k, slopes, bm):
+        return be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm))
+
+    residual = be.capabilities.out_residual
+
+    def f_fwd(q, k, v, cu_q, cu_k, slopes, bm):
+        if residual and q.dtype in (jax.numpy.float16, jax.numpy.bfloat16):
+            out, lse, r = be.forward(q, k, v, cu_q, cu_k, p, residual=True, **kw(slopes, bm))
+        else:
+            (out, lse), r = be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm)), None
+        return (out, lse), (q, k, v, cu_q, cu_k, slopes, bm, out, lse, r)
+
+    def f_bwd(saved, cts):
+        q, k, v, cu_q, cu_k, slopes, bm, out, lse, r = saved
+        dout, dlse = cts
+        extra = kw(slopes, bm)
+        if r is not None:
+            extra["out_residual"] = r
+        dq, dk, dv = be.backward(
+            dout, dlse if p.return_lse else None, q, k, v, out, lse, cu_q, cu_k, p, **extra
+        )
+        dslopes = None if slopes is None else jax.numpy.zeros_like(slopes)
+        return dq, dk, dv, None, None, dslopes, None
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+    return _vjp_fn_ext(backend, p)(q, k, v, cu_q, cu_k, alibi_slopes, block_mask)
+
+
+def run_through_torch_ext(be, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+    """Eager JAX arrays (and the slopes / block mask) into a torch backend and back (DLPack)."""
+    import torch
+
+    from .blockmask import BlockMask
+
+    def to_t(x):
+        return None if x is None else torch.from_dlpack(x)
+
+    extra = {}
+    if alibi_slopes is not None:
+        extra["alibi_slopes"] = to_t(alibi_slopes)
+    if block_mask is not None:
+        meta = block_mask.meta()[:-1] + ("torch",)
+        extra["block_mask"] = BlockMask.from_arrays(meta, [to_t(a) for a in block_mask.arrays()])
+    out, lse = be.forward(to_t(q), to_t(k), to_t(v), to_t(cu_q), to_t(cu_k), p, **extra)
+    return jax.dlpack.from_dlpack(out), jax.dlpack.from_dlpack(lse)

@@ -209,3 +209,207 @@ def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
     if grad:
         return _Attention.apply(q, k, v, cu_q, cu_k, backend, p)
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)
+
+
+# -- ALiBi slopes and block masks (issue 15): the same route with extra array operands ----------
+# Separate ops so that the plain calls keep their signature. A BlockMask travels as its list of
+# arrays plus its sizes, and is rebuilt inside the op.
+
+
+def _extra(slopes, bm_arrays, bm_meta):
+    extra = {}
+    if slopes is not None:
+        extra["alibi_slopes"] = slopes
+    if bm_arrays:
+        from .blockmask import BlockMask
+
+        bs, sq, sk, b, h = bm_meta
+        extra["block_mask"] = BlockMask.from_arrays(
+            (bs, sq, sk, None if b < 0 else b, None if h < 0 else h, "torch"), bm_arrays)
+    return extra
+
+
+def _ext_params(flat, slopes, bm_meta):
+    from dataclasses import replace
+
+    p = _params(*flat)
+    return replace(p, alibi=slopes is not None, mask_block_size=bm_meta[0] if bm_meta else 0)
+
+
+def _bm_operands(bm):
+    if bm is None:
+        return [], []
+    return list(bm.arrays()), [bm.block_size, bm.seqlen_q, bm.seqlen_k,
+                               -1 if bm.batch is None else bm.batch,
+                               -1 if bm.heads is None else bm.heads]
+
+
+def _forward_ext(be, q, k, v, cu_q, cu_k, p, residual, extra):
+    if _wants_residual(be, q, residual):
+        out, lse, res = be.forward(q, k, v, cu_q, cu_k, p, residual=True, **extra)
+        return out, lse, res
+    out, lse = be.forward(q, k, v, cu_q, cu_k, p, **extra)
+    return out, lse, None
+
+
+def _backward_ext(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p, res, extra):
+    if res is not None and res.numel():
+        extra = dict(extra, out_residual=res)
+    return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, **extra)
+
+
+@torch.library.custom_op("flashmux::fwd_ext", mutates_args=())
+def fwd_ext(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    block_mask: list[torch.Tensor],
+    block_mask_meta: list[int],
+    backend: str,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+    dropout_seed: int,
+    varlen: bool,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    return_lse: bool,
+    deterministic: bool,
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
+            max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+    p = _ext_params(flat, alibi_slopes, block_mask_meta)
+    extra = _extra(alibi_slopes, block_mask, block_mask_meta)
+    out, lse, res = _forward_ext(dispatch.get_backend(backend), q, k, v, cu_seqlens_q,
+                                 cu_seqlens_k, p, residual, extra)
+    return out, lse, q.new_empty(0) if res is None else res
+
+
+@fwd_ext.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_meta, backend,
+      *rest):
+    return _fake_fwd(q, v, backend, rest[-1])
+
+
+def _fake_fwd(q, v, backend, residual):
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    if q.dim() == 3:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    wants = _wants_residual(dispatch.get_backend(backend), q, residual)
+    return out, lse, q.new_empty(out.shape if wants else (0,))
+
+
+@torch.library.custom_op("flashmux::bwd_ext", mutates_args=())
+def bwd_ext(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    out_residual: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    block_mask: list[torch.Tensor],
+    block_mask_meta: list[int],
+    backend: str,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+    dropout_seed: int,
+    varlen: bool,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    return_lse: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
+            max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+    p = _ext_params(flat, alibi_slopes, block_mask_meta)
+    extra = _extra(alibi_slopes, block_mask, block_mask_meta)
+    return _backward_ext(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
+                         cu_seqlens_q, cu_seqlens_k, p, out_residual, extra)
+
+
+@bwd_ext.register_fake
+def _(do, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context_ext(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, slopes, bm, bm_meta, backend, *flat = inputs
+    out, lse, res = output
+    ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k, slopes, *bm)
+    ctx.backend, ctx.bm_meta = backend, bm_meta
+    ctx.flat = flat[:-1]
+    ctx.mark_non_differentiable(res)
+
+
+def _backward_ext_op(ctx, dout, dlse, _dres):
+    q, k, v, out, lse, res, cu_q, cu_k, slopes, *bm = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if not ctx.flat[10]:
+        dlse = None
+    dq, dk, dv = bwd_ext(dout.contiguous(), dlse, q, k, v, out, lse, res, cu_q, cu_k, slopes,
+                         bm, ctx.bm_meta, ctx.backend, *ctx.flat)
+    return (dq, dk, dv) + (None,) * (6 + len(ctx.flat) + 1)
+
+
+fwd_ext.register_autograd(_backward_ext_op, setup_context=_setup_context_ext)
+
+
+class _AttentionExt(torch.autograd.Function):
+    """Eager autograd path with ALiBi slopes / a block mask (no gradient flows into either)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, backend, p, extra):
+        be = dispatch.get_backend(backend)
+        out, lse, res = _forward_ext(be, q, k, v, cu_q, cu_k, p, True, extra)
+        ctx.save_for_backward(q, k, v, out, lse, res)
+        ctx.cu, ctx.backend, ctx.p, ctx.extra = (cu_q, cu_k), backend, p, extra
+        if not p.return_lse:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, res = ctx.saved_tensors
+        p = ctx.p
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward_ext(dispatch.get_backend(ctx.backend), dout.contiguous(),
+                                   dlse if p.return_lse else None, q, k, v, out, lse, *ctx.cu,
+                                   p, res, ctx.extra)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+    extra = {}
+    if alibi_slopes is not None:
+        extra["alibi_slopes"] = alibi_slopes
+    if block_mask is not None:
+        extra["block_mask"] = block_mask
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if torch.compiler.is_compiling():
+        arrays, meta = _bm_operands(block_mask)
+        out, lse, _ = fwd_ext(q, k, v, cu_q, cu_k, alibi_slopes, arrays, meta, backend,
+                              *_flat(p), grad)
+        return out, lse
+    if grad:
+        return _AttentionExt.apply(q, k, v, cu_q, cu_k, backend, p, extra)
+    return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p, **extra)

@@ -49,6 +49,11 @@ FEATURES = (
     "backward",
 )
 
+# Second-round features, outside FEATURES on purpose: backends declare
+# ``features=frozenset(FEATURES)``, so a name added there would be claimed by all of them. A
+# backend that does these lists them itself: ``frozenset(FEATURES) | {"alibi", "block_mask"}``.
+EXTRA_FEATURES = ("alibi", "block_mask")
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -164,6 +169,8 @@ def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
         ("lse_grad", spec.return_lse and spec.requires_grad, "gradient through lse not supported"),
         ("deterministic", spec.deterministic and spec.requires_grad, "no deterministic backward"),
         ("backward", spec.requires_grad, "no backward pass (inputs require grad)"),
+        ("alibi", getattr(spec, "alibi", False), "ALiBi (alibi_slopes) not supported"),
+        ("block_mask", getattr(spec, "block_mask", False), "block masks (block_mask) not supported"),
     )
     for feat, wanted, sentence in checks:
         if wanted and feat not in f:

@@ -46,14 +46,17 @@ def _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
             yield b, (slice(cq[b], cq[b + 1]),), (slice(ck[b], ck[b + 1]),)
 
 
-def _probs(qs, ks, scale, softcap, allowed):
-    """Scores -> (p, lse, tanh term) for one sequence. qs (Sq,Hq,D), ks (Sk,Hq,D) expanded."""
+def _probs(qs, ks, scale, softcap, allowed, bias=None):
+    """Scores -> (p, lse, tanh term) for one sequence. qs (Sq,Hq,D), ks (Sk,Hq,D) expanded.
+    bias: the ALiBi term (Hq, Sq, Sk), added after softcap, or None."""
     s = scale * np.einsum("qhd,khd->hqk", qs, ks)
     t = None
     if softcap:
         t = np.tanh(s / softcap)
         s = softcap * t
-    s = np.where(allowed[None], s, -np.inf)
+    if bias is not None:
+        s = s + bias
+    s = np.where(allowed if allowed.ndim == 3 else allowed[None], s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(s - m_safe)
@@ -62,6 +65,39 @@ def _probs(qs, ks, scale, softcap, allowed):
         lse = np.where(denom > 0, np.log(denom) + m_safe, -np.inf)
         p = np.where(denom > 0, e / np.where(denom > 0, denom, 1.0), 0.0)
     return p, lse[..., 0], t
+
+
+def _alibi(slopes, b, hq, sq, sk):
+    """ALiBi term -slope_h * |i + Sk - Sq - j|, (Hq, Sq, Sk) for sequence b; None without slopes.
+    slopes: (Hq,) or (B, Hq), any array kind."""
+    if slopes is None:
+        return None
+    sl = _host(slopes).astype(np.float64)
+    sl = sl[b] if sl.ndim == 2 else sl
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    return -sl.reshape(hq, 1, 1) * np.abs(i + (sk - sq) - j)[None]
+
+
+def _mask_of(block_mask, b, hq, sq, sk):
+    """The element mask (Hq or 1, Sq, Sk) of batch entry b from a flashmux BlockMask or a
+    mask_fn(b, h, q_idx, kv_idx) evaluated on NumPy index arrays; True without one."""
+    if block_mask is None:
+        return np.ones((1, sq, sk), dtype=bool)
+    if callable(block_mask) and not hasattr(block_mask, "to_dense"):
+        h = np.arange(hq).reshape(-1, 1, 1)
+        i = np.arange(sq).reshape(1, -1, 1)
+        j = np.arange(sk).reshape(1, 1, -1)
+        got = np.asarray(block_mask(np.full((1, 1, 1), b), h, i, j), dtype=bool)
+        return np.broadcast_to(got, (hq, sq, sk))
+    dense = _host(block_mask.to_dense())  # (Bm, Hm, Sq, Sk)
+    return dense[b if dense.shape[0] > 1 else 0]
+
+
+def _host(x):
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def _expand(x, hq):
@@ -90,6 +126,8 @@ def reference_forward(
     cu_seqlens_k=None,
     dropout_p=0.0,
     keep_mask=None,
+    alibi_slopes=None,
+    block_mask=None,
 ):
     """(out, lse) in float64. lse is (B, Hq, Sq), or (Hq, Tq) when cu_seqlens are given."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
@@ -100,7 +138,9 @@ def reference_forward(
     for b, qi, ki in _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
         qs, ks, vs = q[qi], _expand(k[ki], hq), _expand(v[ki], hq)
         allowed = allowed_mask(qs.shape[0], ks.shape[0], causal, window)
-        p, lse, _ = _probs(qs, ks, scale, softcap, allowed)
+        allowed = allowed & _mask_of(block_mask, b, hq, qs.shape[0], ks.shape[0])
+        bias = _alibi(alibi_slopes, b, hq, qs.shape[0], ks.shape[0])
+        p, lse, _ = _probs(qs, ks, scale, softcap, allowed, bias)
         pd = _drop(p, keep_mask, b, dropout_p)
         out[qi] = np.einsum("hqk,khd->qhd", pd, vs)
         lse_rows[qi] = lse.T
@@ -123,6 +163,8 @@ def reference_backward(
     dropout_p=0.0,
     keep_mask=None,
     dlse=None,
+    alibi_slopes=None,
+    block_mask=None,
 ):
     """(dq, dk, dv) in float64 for the cotangent `do` of out (and `dlse` of lse, optional)."""
     q, k, v, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, do))
@@ -134,7 +176,9 @@ def reference_backward(
     for b, qi, ki in _sequences(q, cu_seqlens_q, cu_seqlens_k, k):
         qs, ks, vs, dos = q[qi], _expand(k[ki], hq), _expand(v[ki], hq), do[qi]
         allowed = allowed_mask(qs.shape[0], ks.shape[0], causal, window)
-        p, _, t = _probs(qs, ks, scale, softcap, allowed)
+        allowed = allowed & _mask_of(block_mask, b, hq, qs.shape[0], ks.shape[0])
+        bias = _alibi(alibi_slopes, b, hq, qs.shape[0], ks.shape[0])
+        p, _, t = _probs(qs, ks, scale, softcap, allowed, bias)
         pd = _drop(p, keep_mask, b, dropout_p)
         dv_h = np.einsum("hqk,qhd->khd", pd, dos)
         dpd = np.einsum("qhd,khd->hqk", dos, vs)
@@ -172,7 +216,7 @@ def attention_with_kvcache(
 
     The caches come back as updated float64 copies (the inputs are not modified). Each
     sequence's keys are gathered (its cache_seqlens[b] cached tokens, then the Snew new ones)
-    and fed to the same math as `reference_forward`, bottom-right aligned. No clamping: the
+    and go through the steps of `reference_forward`, bottom-right aligned. No clamping: the
     caller's lengths and block table must fit the cache (asserted).
     """
     q = np.asarray(q, dtype=np.float64)
@@ -208,17 +252,13 @@ def attention_with_kvcache(
         assert 0 <= n <= cap, f"sequence {b}: {n} tokens do not fit the cache ({cap})"
         idx = slots(b, np.arange(n))
         ks, vs = kc[idx], vc[idx]  # (n, Hkv, D)
-        if slopes is None:
-            o, l_ = reference_forward(q[b : b + 1], ks[None], vs[None], causal=causal, scale=scale,
-                                      window=window, softcap=softcap)
-            out[b], lse[b] = o[0], l_[0]
-            continue
-        # ALiBi: the same steps with the bias after scale and softcap, before the mask
+        # the steps of reference_forward, with the ALiBi bias after scale and softcap
         s = scale * np.einsum("qhd,khd->hqk", q[b], _expand(ks, hq))
         if softcap:
             s = softcap * np.tanh(s / softcap)
-        dist = np.abs(np.arange(sq)[:, None] + (n - sq) - np.arange(n)[None, :])
-        s = s - slopes[b][:, None, None] * dist[None]
+        if slopes is not None:
+            dist = np.abs(np.arange(sq)[:, None] + (n - sq) - np.arange(n)[None, :])
+            s = s - slopes[b][:, None, None] * dist[None]
         s = np.where(allowed_mask(sq, n, causal, window)[None], s, -np.inf)
         m = s.max(-1, keepdims=True) if n else np.full((hq, sq, 1), -np.inf)
         m = np.where(np.isfinite(m), m, 0.0)

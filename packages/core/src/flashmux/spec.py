@@ -32,6 +32,10 @@ class Params:
     max_seqlen_k: int = 0
     return_lse: bool = False
     deterministic: bool = False
+    # ALiBi slopes and a block mask travel as array operands beside q, k, v (see api.py);
+    # these say they are there. mask_block_size: the BlockMask's tile edge (0: no block mask).
+    alibi: bool = False
+    mask_block_size: int = 0
 
     @property
     def has_window(self) -> bool:
@@ -70,6 +74,8 @@ class ProblemSpec:
     requires_grad: bool
     traced: bool  # inside a JAX transformation (jit, grad, vmap, ...)
     nonpositive_scale: bool = False  # scale <= 0 (valid; a backend whose kernels assume > 0 declines)
+    alibi: bool = False  # alibi_slopes given
+    block_mask: bool = False  # block_mask given
 
     @property
     def gqa(self) -> bool:
