@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .._arrays import array_kind
 from .._xp import dropout_uniform, ops_for
-from ..backend import Backend, Capabilities
+from ..backend import EXTRA_FEATURES, FEATURES, Backend, Capabilities
 from ..spec import Params
 from . import reference_decode
 
@@ -223,11 +223,20 @@ def _jax_jit(fn, static):
 
 
 class ReferenceBackend(Backend):
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks):
+        if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
+            from . import reference_masks
+
+            return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks)
         fn = _jax_jit(forward, 5) if array_kind(q) == "jax" else forward
         return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
 
-    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, **masks):
+        if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
+            from . import reference_masks
+
+            return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
+                                                    cu_seqlens_k, params, **masks)
         fn = _jax_jit(backward, 9) if array_kind(q) == "jax" else backward
         return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
 
@@ -258,5 +267,6 @@ backend = ReferenceBackend(
         max_head_dim=1 << 16,
         runs_under_jit=True,
         priority=1000,
+        features=frozenset(FEATURES) | frozenset(EXTRA_FEATURES),
     ),
 )
