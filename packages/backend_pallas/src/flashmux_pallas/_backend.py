@@ -93,6 +93,43 @@ class PallasBackend(Backend):
             out_residual=out_residual,
         )
 
+    # -- KV-cache decode (decode.py) --------------------------------------------------------
+    def decode_reasons(self, spec) -> list[str]:
+        """Why the Pallas split-KV decode kernel cannot run this decode call (DecodeSpec)."""
+        from flashmux.kvcache import decode_capability_reasons
+
+        from . import decode
+
+        out = decode_capability_reasons(self.capabilities, spec)
+        if spec.device_type == "cuda":
+            out += self.reasons(spec)  # the Triton lowering must import
+            out += decode.gpu_reasons(spec)
+        return out
+
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
+        from . import decode, ops
+
+        return decode.decode(
+            q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, ops.on_cpu(q)
+        )
+
+    def decode_splits(self, spec, params) -> int:
+        from . import decode
+
+        return decode.splits_for(spec, params, spec.device_type != "cuda")
+
+    def decode_kernel(self, spec, params) -> str:
+        from . import decode
+
+        st = decode.plan(spec, params, spec.device_type != "cuda")
+        lowering = "triton" if spec.device_type == "cuda" else "interpret"
+        cache = f"paged (page_size {spec.page_size})" if spec.paged else "contiguous"
+        return (
+            f"pallas split-KV decode ({lowering}, {cache}, {st.rows} query rows packed per KV "
+            f"head in blocks of {st.block_m}, {st.block_n}-key steps)"
+            + (", XLA lse merge" if st.num_splits > 1 else "")
+        )
+
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like=None):
         """Bool (batch, heads, seqlen_q, seqlen_k): the mask the kernels draw for this seed."""
         import jax

@@ -1,0 +1,425 @@
+"""KV-cache decode (split-KV, Flash-Decoding) as a Pallas kernel: Triton lowering on NVIDIA GPUs,
+interpret mode on the CPU.
+
+One program per (key split x row block, KV head, sequence). Its rows are the Sq query positions
+x the G = Hq/Hkv query heads sharing the KV head (row r = i * G + g, padded to a block of at
+least 16 rows for the tensor cores), so every byte of K and V a split covers is read once for
+the whole group. The program streams its share of the sequence's keys in blocks of `block_n`
+keys (contiguous cache: a clamped slice of the sequence's rows; paged cache: a slice of one page
+looked up in the block table), with a float32 online softmax in base 2. One split: the program
+writes out and lse itself. Several: each writes a float32 partial output and its lse, merged by
+lse in a short XLA epilogue.
+
+Nothing reads a device value on the host: seqlens_k and the block table are kernel inputs, the
+split boundaries are computed inside the kernel, so the call traces under jax.jit (with donated
+caches the caller's append and this read happen in place). seqlens_k is clamped to the cache's
+capacity and block-table entries to [0, num_pages); a contiguous block that would run past S_max
+is shifted back (clamped start) and its already-seen keys masked, so no read leaves the arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+from ._compat import block_spec, out_struct, pallas, triton_params
+from .triton_kernels import LN2, LOG2E, _exp2
+
+# GPU programs per SM the split heuristic aims at, and the fewest keys worth a split.
+_PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class DecodeStatic:
+    """Everything the decode kernel is specialised on (hashable: part of the compile key)."""
+
+    scale: float
+    window_left: int | None
+    window_right: int | None
+    softcap: float | None
+    alibi: bool
+    paged: bool
+    group: int  # Hq // Hkv
+    seqlen_q: int
+    rows: int  # seqlen_q * group (real rows)
+    block_m: int  # rows per program (padded)
+    block_n: int  # keys per step
+    num_splits: int
+    capacity: int  # S_max or max_pages * page_size
+    page_size: int
+    num_pages: int
+    max_pages: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+    f32: bool
+    fast_exp: bool
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two dividing n, at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def gpu_reasons(spec) -> list[str]:
+    """What the Triton lowering of the decode kernel cannot take (interpret mode takes all)."""
+    out = []
+    for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
+        if d < 16 or d & (d - 1):
+            out.append(
+                f"{name} {d}: the Pallas decode kernel on GPU needs a power of two >= 16 "
+                "(the cache is read in place, never padded)"
+            )
+    if spec.paged and spec.page_size % 16:
+        out.append(
+            f"page_size {spec.page_size}: the Pallas decode kernel on GPU needs a multiple of 16 "
+            "(key blocks of at least 16 rows within one page)"
+        )
+    return out
+
+
+def choose_splits(batch: int, heads_kv: int, row_blocks: int, capacity: int, cores: int) -> int:
+    """Key splits when the caller does not force them: enough programs for about
+    _PROGRAMS_PER_SM per SM, no split shorter than MIN_KEYS_PER_SPLIT keys of the capacity
+    (the real lengths stay on the device), at most MAX_SPLITS."""
+    programs = max(1, batch * heads_kv * row_blocks)
+    want = -(-_PROGRAMS_PER_SM * max(cores, 1) // programs)
+    by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
+    return int(max(1, min(want, by_len, MAX_SPLITS)))
+
+
+def _core_count(default: int = 132) -> int:
+    try:
+        import jax
+
+        n = getattr(jax.devices()[0], "core_count", None)
+        return int(n) if n else default
+    except Exception:
+        return default
+
+
+def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> DecodeStatic:
+    """The kernel's static configuration for a decode call. `spec_or_shapes` is a DecodeSpec or
+    any object with batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, paged, page_size,
+    dtype (and num_pages / max_pages for a paged cache, when known)."""
+    s = spec_or_shapes
+    group = s.heads_q // s.heads_kv
+    rows = s.seqlen_q * group
+    if interpret:
+        bm_cap, bn_cap, warps, stages = 16, 16, 4, 1
+    else:
+        bm_cap, bn_cap, warps, stages = 64, (64 if s.head_dim >= 256 else 128), 4, 2
+    block_m = max(16, min(bm_cap, _next_pow2(rows)))
+    row_blocks = -(-rows // block_m)
+    if s.paged:
+        block_n = _pow2_divisor(s.page_size, bn_cap)
+    else:
+        block_n = min(bn_cap, max(1, 1 << (max(s.capacity, 1).bit_length() - 1)))
+    if not interpret:
+        block_n = max(16, block_n)
+    ns = params.num_splits
+    if ns is None:
+        if interpret:
+            ns = 1
+        else:
+            ns = choose_splits(
+                s.batch, s.heads_kv, row_blocks, s.capacity, cores or _core_count()
+            )
+    import jax.numpy as jnp
+
+    return DecodeStatic(
+        scale=float(params.scale),
+        window_left=params.window_left,
+        window_right=params.window_right,
+        softcap=float(params.softcap) if params.softcap else None,
+        alibi=bool(params.alibi),
+        paged=bool(s.paged),
+        group=group,
+        seqlen_q=s.seqlen_q,
+        rows=rows,
+        block_m=block_m,
+        block_n=block_n,
+        num_splits=int(ns),
+        capacity=int(s.capacity),
+        page_size=int(s.page_size),
+        num_pages=int(getattr(s, "num_pages", 0) or 0),
+        max_pages=int(getattr(s, "max_pages", 0) or 0),
+        num_warps=warps,
+        num_stages=stages,
+        interpret=interpret,
+        f32=jnp.dtype(s.dtype) == jnp.float32,
+        fast_exp=not interpret,
+    )
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _decode_kernel(*refs, st: DecodeStatic):
+    import jax.numpy as jnp
+    from jax import lax
+
+    pl = pallas()
+    it = iter(refs)
+    q_ref, k_ref, v_ref, len_ref = next(it), next(it), next(it), next(it)
+    bt_ref = next(it) if st.paged else None
+    sl_ref = next(it) if st.alibi else None
+    o_ref, lse_ref = next(it), next(it)
+
+    bm, bn, G, ns = st.block_m, st.block_n, st.group, st.num_splits
+    pid = pl.program_id(0)
+    split = lax.rem(pid, ns) if ns > 1 else jnp.int32(0)
+    rb = lax.div(pid, ns) if ns > 1 else pid
+    r0 = rb * bm
+
+    sk = jnp.minimum(jnp.maximum(jnp.max(len_ref[...]), 0), st.capacity).astype(jnp.int32)
+    off = sk - st.seqlen_q
+    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]  # (bm, 1)
+    row_ok = rows < st.rows
+    pos = off + lax.div(rows, jnp.int32(G))  # query position of each row
+
+    # Keys any row of this block may see, cut into splits of whole key blocks.
+    i_first = lax.div(r0, jnp.int32(G))
+    i_last = jnp.minimum(lax.div(r0 + (bm - 1), jnp.int32(G)), st.seqlen_q - 1)
+    lo = jnp.int32(0)
+    hi = sk
+    if st.window_left is not None:
+        lo = jnp.clip(off + i_first - st.window_left, 0, sk)
+    if st.window_right is not None:
+        hi = jnp.clip(off + i_last + st.window_right + 1, lo, sk)
+    hi = jnp.maximum(hi, lo)
+    lo_al = lax.div(lo, jnp.int32(bn)) * bn
+    per = lax.div(hi - lo_al + (ns - 1), jnp.int32(ns))
+    chunk = lax.div(per + (bn - 1), jnp.int32(bn)) * bn
+    k_begin = jnp.minimum(lo_al + split * chunk, hi)
+    k_end = jnp.minimum(k_begin + chunk, hi)
+    nblocks = lax.div(k_end - k_begin + (bn - 1), jnp.int32(bn))
+
+    q = q_ref[...]
+    if st.softcap:
+        q_mult, cap2 = st.scale / st.softcap, st.softcap * LOG2E
+    else:
+        q_mult, cap2 = st.scale * LOG2E, None
+    slopes = sl_ref[...].astype(jnp.float32)[:, None] * LOG2E if st.alibi else None
+    prec = lax.Precision.HIGHEST if st.f32 else None
+    dv = o_ref.shape[-1]
+
+    def body(t, carry):
+        acc, m, l = carry
+        start = k_begin + t * bn
+        if st.paged:
+            pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
+            page = jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
+            slot = pl.multiple_of(start - pi * st.page_size, bn)
+            k = k_ref[page, pl.ds(slot, bn), :]
+            v = v_ref[page, pl.ds(slot, bn), :]
+            c0 = start
+        else:
+            c0 = jnp.minimum(start, st.capacity - bn)  # never past S_max (block shifted back)
+            k = k_ref[pl.ds(c0, bn), :]
+            v = v_ref[pl.ds(c0, bn), :]
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+        )
+        if cap2 is not None:
+            s = jnp.tanh(s * q_mult) * cap2
+        else:
+            s = s * q_mult
+        cols = c0 + jnp.arange(bn, dtype=jnp.int32)[None, :]
+        if slopes is not None:
+            s = s - slopes * jnp.abs(pos - cols).astype(jnp.float32)
+        ok = row_ok & (cols >= start) & (cols < k_end)
+        if st.window_left is not None:
+            ok = ok & (cols >= pos - st.window_left)
+        if st.window_right is not None:
+            ok = ok & (cols <= pos + st.window_right)
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = _exp2(s - m_use[:, None], st)
+        l = l * alpha + jnp.sum(p, axis=1)
+        pv = lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32,
+        )
+        return acc * alpha[:, None] + pv, m_new, l
+
+    carry = (
+        jnp.zeros((bm, dv), jnp.float32),
+        jnp.full((bm,), -jnp.inf, jnp.float32),
+        jnp.zeros((bm,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, nblocks, body, carry)
+    empty = l == 0.0
+    inv = 1.0 / jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+
+
+def _call(st: DecodeStatic, qp, k_cache, v_cache, lens, bt, slopes):
+    """pallas_call over the packed q (B, Hkv, Rp, D). Returns (out, lse) packed: with one
+    split (B, Hkv, Rp, Dv) in q's dtype and (B, Hkv, Rp); with several, float32 partials with a
+    leading split axis."""
+    import jax.numpy as jnp
+
+    pl = pallas()
+    B, Hkv, Rp, D = qp.shape
+    Dv = v_cache.shape[-1]
+    bm, ns = st.block_m, st.num_splits
+    nrb = Rp // bm
+    grid = (ns * nrb, Hkv, B)
+
+    def rb(p):
+        return p // ns if ns > 1 else p
+
+    in_specs = [block_spec((None, None, bm, D), lambda p, h, b: (b, h, rb(p), 0))]
+    if st.paged:
+        NP, PS = k_cache.shape[0], k_cache.shape[1]
+        in_specs += [
+            block_spec((NP, PS, None, D), lambda p, h, b: (0, 0, h, 0)),
+            block_spec((NP, PS, None, Dv), lambda p, h, b: (0, 0, h, 0)),
+        ]
+    else:
+        S = k_cache.shape[1]
+        in_specs += [
+            block_spec((None, S, None, D), lambda p, h, b: (b, 0, h, 0)),
+            block_spec((None, S, None, Dv), lambda p, h, b: (b, 0, h, 0)),
+        ]
+    in_specs.append(block_spec((None, 16), lambda p, h, b: (b, 0)))
+    args = [qp, k_cache, v_cache, lens]
+    if st.paged:
+        in_specs.append(block_spec((None, bt.shape[1]), lambda p, h, b: (b, 0)))
+        args.append(bt)
+    if st.alibi:
+        in_specs.append(block_spec((None, None, bm), lambda p, h, b: (b, h, rb(p))))
+        args.append(slopes)
+    if ns == 1:
+        out_specs = [
+            block_spec((None, None, bm, Dv), lambda p, h, b: (b, h, p, 0)),
+            block_spec((None, None, bm), lambda p, h, b: (b, h, p)),
+        ]
+        out_shape = [
+            out_struct((B, Hkv, Rp, Dv), qp.dtype, qp),
+            out_struct((B, Hkv, Rp), jnp.float32, qp),
+        ]
+    else:
+        out_specs = [
+            block_spec((None, None, None, bm, Dv), lambda p, h, b: (p % ns, b, h, p // ns, 0)),
+            block_spec((None, None, None, bm), lambda p, h, b: (p % ns, b, h, p // ns)),
+        ]
+        out_shape = [
+            out_struct((ns, B, Hkv, Rp, Dv), jnp.float32, qp),
+            out_struct((ns, B, Hkv, Rp), jnp.float32, qp),
+        ]
+    return pl.pallas_call(
+        functools.partial(_decode_kernel, st=st),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=None if st.interpret else triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="flashmux_decode",
+    )(*args)
+
+
+def _merge(o_part, lse_part, dtype):
+    """Merge split partials by lse (XLA): (ns, ...) -> (...)."""
+    import jax.numpy as jnp
+
+    mx = jnp.max(lse_part, axis=0)
+    safe = jnp.where(jnp.isneginf(mx), 0.0, mx)
+    w = jnp.exp(lse_part - safe[None])  # exp(-inf) = 0 for empty splits
+    tot = jnp.sum(w, axis=0)
+    empty = tot == 0.0
+    lse = jnp.where(empty, -jnp.inf, safe + jnp.log(jnp.where(empty, 1.0, tot)))
+    wn = w / jnp.where(empty, 1.0, tot)[None]
+    out = jnp.sum(o_part * wn[..., None], axis=0)
+    return out.astype(dtype), lse
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    batch: int
+    seqlen_q: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    capacity: int
+    paged: bool
+    page_size: int
+    dtype: object
+    num_pages: int
+    max_pages: int
+
+
+def shapes_of(q, k_cache, block_table) -> _Shapes:
+    B, Sq, Hq, D = q.shape
+    paged = block_table is not None
+    if paged:
+        NP, PS = k_cache.shape[0], k_cache.shape[1]
+        MP = block_table.shape[1]
+        cap = MP * PS
+    else:
+        NP = MP = PS = 0
+        cap = k_cache.shape[1]
+    return _Shapes(B, Sq, Hq, k_cache.shape[2], D, cap, paged, PS, q.dtype, NP, MP)
+
+
+def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, interpret: bool):
+    """(out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) float32); see the module docstring."""
+    import jax.numpy as jnp
+
+    sh = shapes_of(q, k_cache, block_table)
+    st = plan(sh, params, interpret)
+    B, Sq, Hq, D = q.shape
+    Hkv, G = sh.heads_kv, st.group
+    Dv = v_cache.shape[-1]
+    R = Sq * G
+    Rp = -(-R // st.block_m) * st.block_m
+    if not sh.paged and sh.capacity < st.block_n:  # a cache shorter than one key block (tiny)
+        pad = [(0, 0), (0, st.block_n - sh.capacity), (0, 0), (0, 0)]
+        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+        st = replace(st, capacity=st.block_n)
+        # the real capacity still clamps the lengths: the padded keys are never valid
+        seqlens_k = jnp.minimum(seqlens_k, sh.capacity)
+    # q (B, Sq, Hq, D) -> (B, Hkv, Sq*G, D) rows r = i*G + g, padded to Rp rows.
+    qp = q.reshape(B, Sq, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
+    if Rp != R:
+        qp = jnp.pad(qp, [(0, 0), (0, 0), (0, Rp - R), (0, 0)])
+    lens = jnp.broadcast_to(seqlens_k.astype(jnp.int32).reshape(B, 1), (B, 16))
+    bt = block_table.astype(jnp.int32) if sh.paged else None
+    slopes = None
+    if alibi_slopes is not None:
+        sl = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, Hq), (B, Hq))
+        # per packed row: slope of head hk*G + g for row r = i*G + g
+        sl = sl.reshape(B, Hkv, 1, G)
+        sl = jnp.broadcast_to(sl, (B, Hkv, Sq, G)).reshape(B, Hkv, R)
+        slopes = jnp.pad(sl, [(0, 0), (0, 0), (0, Rp - R)]) if Rp != R else sl
+    o, lse = _call(st, qp, k_cache, v_cache, lens, bt, slopes)
+    if st.num_splits > 1:
+        o, lse = _merge(o, lse, q.dtype)
+    o = o[:, :, :R].reshape(B, Hkv, Sq, G, Dv).transpose(0, 2, 1, 3, 4).reshape(B, Sq, Hq, Dv)
+    lse = lse[:, :, :R].reshape(B, Hkv, Sq, G).transpose(0, 1, 3, 2).reshape(B, Hq, Sq)
+    return o, lse
+
+
+def splits_for(spec, params, interpret: bool) -> int:
+    """The number of key splits `decode` runs for this call (explain)."""
+    return plan(spec, params, interpret).num_splits
+
+
+__all__ = ["decode", "plan", "gpu_reasons", "choose_splits", "splits_for"]
