@@ -108,7 +108,7 @@ def _fwd_inner(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, slope2=0.0, ALIBI: tl.constexpr = False,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -142,6 +142,8 @@ def _fwd_inner(
             c = scale_a
         if not FOLD:
             s = s * c
+        if ALIBI:  # -slope * |i + off - j| in log2 units (the launcher turns FOLD off)
+            s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
         if MASKED:
             ok = cols[None, :] < seqlen_k
             if HAS_LEFT:
@@ -181,12 +183,12 @@ def attn_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, window_left, window_right,
-    scale_a, scale_b, p_drop, drop_scale, seed, n_heads,
+    scale_a, scale_b, p_drop, drop_scale, seed, n_heads, SLOPES, stride_sb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
-    TMA: tl.constexpr, RESID: tl.constexpr,
+    TMA: tl.constexpr, RESID: tl.constexpr, ALIBI: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -206,6 +208,9 @@ def attn_fwd(
     hk = h // GROUP
     bh = b * n_heads + h
     diag_off = seqlen_k - seqlen_q
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -252,21 +257,21 @@ def attn_fwd(
         DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA,
+        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed,
         bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA,
+        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
     )
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
         mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA,
+        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
     )
 
     empty = l_i == 0.0
@@ -343,6 +348,7 @@ def _bwd_dkdv_inner(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    slope2=0.0, ALIBI: tl.constexpr = False,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -373,6 +379,8 @@ def _bwd_dkdv_inner(
             st = tt * scale_b
         else:
             st = st * scale_a
+        if ALIBI:
+            st = st - slope2 * tl.abs(rows[None, :] + diag_off - offs_n[:, None]).to(tl.float32)
         pt = tl.exp2(st - lse2[None, :])
         if MASKED:
             ok = rows[None, :] < seqlen_q
@@ -421,11 +429,12 @@ def attn_bwd_dkdv(
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, window_left, window_right,
-    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, SLOPES, stride_sb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    ALIBI: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
     the query blocks that see this key block, so dK/dV are summed without atomics."""
@@ -480,6 +489,9 @@ def attn_bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * n_heads + h
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
         q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
@@ -490,21 +502,21 @@ def attn_bwd_dkdv(
             dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, lo, mid0, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
             dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid0, mid1, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
         )
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
             dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid1, hi, seqlen_q, diag_off, window_left,
             window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ,
+            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
         )
     tl.store(
         DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
@@ -527,6 +539,7 @@ def _bwd_dq_inner(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    slope2=0.0, ALIBI: tl.constexpr = False,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -551,6 +564,8 @@ def _bwd_dq_inner(
             s = t * scale_b
         else:
             s = s * scale_a
+        if ALIBI:
+            s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             ok = cols[None, :] < seqlen_k
@@ -580,11 +595,12 @@ def attn_bwd_dq(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, window_left, window_right,
-    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, SLOPES, stride_sb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    ALIBI: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): dQ without atomics (deterministic)."""
     pid_m = tl.program_id(0)
@@ -605,6 +621,9 @@ def attn_bwd_dq(
     hk = h // GROUP
     bh = b * n_heads + h
     diag_off = seqlen_k - seqlen_q
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -651,19 +670,19 @@ def attn_bwd_dq(
         dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
         offs_dv, lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
         offs_dv, mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
         offs_dv, mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
     )
     dq = dq * post
     tl.store(

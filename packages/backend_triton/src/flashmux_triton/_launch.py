@@ -198,11 +198,27 @@ def _tma_views(pb: _Problem, k, v):
     return TensorDescriptor, views
 
 
-def forward(q, k, v, cu_q, cu_k, params, residual=False):
+def _slopes(pb: _Problem, alibi_slopes, like):
+    """(pointer, batch stride) of float32 ALiBi slopes (Hq,) or (B, Hq); a dummy without."""
+    if alibi_slopes is None:
+        return like, 0
+    sl = alibi_slopes.to(torch.float32).contiguous()
+    return sl, (sl.shape[-1] if sl.dim() == 2 else 0)
+
+
+def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, block_mask=None):
     """(out, lse), or (out, lse, out_residual) with ``residual``: the float32 output's rounding
-    error in out's dtype and layout (None for float32 inputs, whose output is not rounded)."""
+    error in out's dtype and layout (None for float32 inputs, whose output is not rounded).
+    alibi_slopes: float32 (Hq,) or (B, Hq); block_mask: a flashmux BlockMask (_launch_bs)."""
+    if block_mask is not None:
+        from . import _launch_bs
+
+        return _launch_bs.forward(q, k, v, params, residual, alibi_slopes, block_mask)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     pb = _Problem(q, k, v, cu_q, cu_k, params)
+    slopes, stride_sb = _slopes(pb, alibi_slopes, q)
+    if alibi_slopes is not None:
+        pb.fold = False  # the bias is added to scores already in log2 units
     out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
     if pb.varlen:
         lse = torch.empty((pb.hq, pb.total_q), dtype=torch.float32, device=q.device)
@@ -230,9 +246,10 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False):
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(out, pb.varlen), *pb.lse_strides(lse),
             pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
-            pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
+            pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, slopes, stride_sb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
-            TMA=tma is not None, RESID=res is not None, num_warps=cfg.num_warps,
+            TMA=tma is not None, RESID=res is not None, ALIBI=alibi_slopes is not None,
+            num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
 
@@ -246,9 +263,17 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False):
     return done
 
 
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None):
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
+             alibi_slopes=None, block_mask=None):
+    if block_mask is not None:
+        from . import _launch_bs
+
+        return _launch_bs.backward(do, dlse, q, k, v, out, lse, params, out_residual,
+                                   alibi_slopes, block_mask)
     q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
     pb = _Problem(q, k, v, cu_q, cu_k, params)
+    slopes, stride_sb = _slopes(pb, alibi_slopes, q)
+    alibi = dict(ALIBI=True) if alibi_slopes is not None else {}
     lse = lse.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -276,6 +301,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None)
     common = (
         pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
         pb.scale_a, pb.scale_b, float(params.scale), pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
+        slopes, stride_sb,
     )
 
     # Fused (opt-in, nondeterministic): dQ accumulated by the dK/dV kernel with float32 atomics.
@@ -291,7 +317,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None)
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
             *pb.strides(dq_acc, pb.varlen), *lse_str, *common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused, **alibi,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -302,7 +328,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None)
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dq, pb.varlen),
             *lse_str, *common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), **alibi,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
