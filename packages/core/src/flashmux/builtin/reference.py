@@ -161,15 +161,24 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
     return out, lse
 
 
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, out_residual=None):
+    """out_residual (float32 out minus out) is never passed by the core (this backend does not
+    declare out_residual); flashmux.ring_attention passes it because it hands each key block the
+    out and lse of the whole sequence: then delta = rowsum(dO * (out + out_residual))."""
     q_in, k_in, v_in = q, k, v
     ops, q, k, v, qf, kf, vf, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
     if cu_q is not None:
         do, lse = do[None], lse[None]
         dlse = None if dlse is None else dlse[None]
+        out = out[None]
+        out_residual = None if out_residual is None else out_residual[None]
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
     dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
-    del out  # delta comes from the recomputed float32 probabilities (below)
+    delta_out = None
+    if out_residual is not None:
+        of = (ops.f32(out) + ops.f32(out_residual)).reshape(b, sq, hkv, g, vf.shape[-1])
+        delta_out = ops.einsum("bqhgd,bqhgd->bhgq", dof, of)
+    del out  # otherwise delta comes from the recomputed float32 probabilities (below)
     dlse = None if dlse is None else ops.f32(dlse).reshape(b, hkv, g, sq)
     lse = ops.f32(lse).reshape(b, hkv, g, sq)
     lse = ops.where(ops.m.isfinite(lse), lse, 0.0)
@@ -195,7 +204,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
         dv = ops.add_rows(dv, lo, hi, ops.einsum("bhgqk,bqhgd->bkhd", pd, doc))
         # delta = rowsum(dO * O) = rowsum(P * dP), in float32 from the recomputed P: the stored
         # low-precision out would let its rounding dominate small gradients
-        delta = (pr * dp).sum(-1)
+        delta = (pr * dp).sum(-1) if delta_out is None else delta_out[..., r0:r1]
         if dlse is not None:
             delta = delta - dlse[..., r0:r1]
         ds = pr * (dp - delta[..., None])
@@ -231,14 +240,15 @@ class ReferenceBackend(Backend):
         fn = _jax_jit(forward, 5) if array_kind(q) == "jax" else forward
         return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
 
-    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, **masks):
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+                 out_residual=None, **masks):
         if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
             from . import reference_masks
 
             return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
                                                     cu_seqlens_k, params, **masks)
         fn = _jax_jit(backward, 9) if array_kind(q) == "jax" else backward
-        return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params)
+        return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual)
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         ops = ops_for(array_kind(like))
