@@ -73,7 +73,7 @@ def device_of(x, kind: str) -> DeviceInfo:
         dev = x.device
         if dev.type != "cuda":
             return DeviceInfo(dev.type, dev.index or 0, dev.type, None)
-        key = ("torch", dev.index)
+        key: tuple = ("torch", dev.index)
         if key not in _device_cache:
             import torch
 

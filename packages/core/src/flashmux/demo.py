@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"flashmux demo: {kind} {dtype} on {'GPU' if gpu else 'CPU'}, causal, "
           f"q/k/v (B={b}, S={s}, H={h}, D={d})")
     q64, k64, v64, do64 = (rng.standard_normal((b, s, h, d)) for _ in range(4))
+    q: Any  # a torch tensor, JAX array or NumPy array, by kind
+    k: Any
+    v: Any
+    do: Any
 
     if kind == "torch":
         import torch

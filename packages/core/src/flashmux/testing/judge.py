@@ -281,6 +281,10 @@ def _rng_seed() -> int:
 
 
 def make_inputs(case: Case, rng):
+    cu_q: np.ndarray | None
+    cu_k: np.ndarray | None
+    qs: tuple[int, ...]
+    ks: tuple[int, ...]
     if case.seqlens is not None:
         lq = [a for a, _ in case.seqlens]
         lk = [b for _, b in case.seqlens]
@@ -430,8 +434,11 @@ def measure(case: Case, backend: str, kind: str, device: str | None = None,
     if case.dropout_p:
         be = dispatch.get_backend(backend)
         nb = case.batch if cu_q is None else len(cu_q) - 1
-        mq = case.seqlen_q if cu_q is None else max([a for a, _ in case.seqlens] + [0])
-        mk = case.seqlen_k if cu_q is None else max([b for _, b in case.seqlens] + [0])
+        lens = case.seqlens or ()
+        mq = case.seqlen_q if cu_q is None else max([a for a, _ in lens] + [0])
+        mk = case.seqlen_k if cu_q is None else max([b for _, b in lens] + [0])
+        if be.dropout_keep_mask is None:
+            raise AssertionError(f"{backend} runs dropout but has no dropout_keep_mask to judge it by")
         km = be.dropout_keep_mask(kw["dropout_seed"], case.dropout_p, nb, case.heads_q, mq, mk, q)
         keep = fw.numpy(km) > 0.5
 
@@ -458,8 +465,9 @@ def measure(case: Case, backend: str, kind: str, device: str | None = None,
         jax, jnp = fw.jax, fw.jnp
 
         if case.transform != "eager" and cu_q is not None:  # traced cu_seqlens: give the maxima
-            kw["max_seqlen_q"] = max([a for a, _ in case.seqlens] + [0])
-            kw["max_seqlen_k"] = max([b for _, b in case.seqlens] + [0])
+            lens = case.seqlens or ()
+            kw["max_seqlen_q"] = max([a for a, _ in lens] + [0])
+            kw["max_seqlen_k"] = max([b for _, b in lens] + [0])
 
         def f(q, k, v):
             return flashmux.attention(q, k, v, return_lse=True, backend=backend, **kw)
