@@ -1,0 +1,127 @@
+"""Torch-side launchers of the block-sparse kernels (`_kernels_bs`), for calls with block_mask=
+(padded batches only: the core declines block_mask with cu_seqlens)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _kernels as K
+from . import _kernels_bs as KB
+from ._launch import _last_contig, _Problem, _slopes, _tuning
+
+
+def _mask_args(bm, hq):
+    """Mask operands and their broadcast flags: (arrays..., mask_b, mask_h, Hm, nQ, nK)."""
+    a = {n: x.contiguous() for n, x in zip(
+        ("kind", "qnf", "qfi", "qnp", "qpi", "knf", "kfi", "knp", "kpi", "tile", "bits"),
+        bm.arrays())}
+    bmb, hm = a["kind"].shape[0], a["kind"].shape[1]
+    if a["bits"].numel() == 0:  # no partial tile: a valid pointer all the same
+        a["bits"] = torch.zeros(1, dtype=torch.int32, device=a["kind"].device)
+    flags = (1 if bmb > 1 else 0, 1 if hm > 1 else 0, hm, bm.num_q_blocks, bm.num_kv_blocks)
+    return a, flags
+
+
+def _tiles(pb, which, mbs):
+    cfg = getattr(_tuning(pb), which)
+    return cfg, min(cfg.block_m, mbs), min(cfg.block_n, mbs)
+
+
+def _check_full(pb, mbs):
+    return pb.has_left or pb.has_right or pb.seqlen_q % mbs != 0 or pb.seqlen_k % mbs != 0
+
+
+def _common_flags(pb):
+    return dict(
+        GROUP=pb.group, HEAD_DIM=pb.d, HEAD_DIM_V=pb.dv, BLOCK_D=pb.block_d,
+        BLOCK_DV=pb.block_dv, HAS_LEFT=pb.has_left, HAS_RIGHT=pb.has_right, SOFTCAP=pb.softcap,
+        DROPOUT=pb.dropout, IEEE=pb.ieee,
+    )
+
+
+def forward(q, k, v, params, residual, alibi_slopes, bm):
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    pb = _Problem(q, k, v, None, None, params)
+    out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
+    lse = torch.empty((pb.batch, pb.hq, pb.seqlen_q), dtype=torch.float32, device=q.device)
+    res = torch.empty_like(out) if residual and q.dtype != torch.float32 else None
+    done = (out, lse, res) if residual else (out, lse)
+    if pb.batch == 0 or pb.seqlen_q == 0:
+        return done
+    slopes, stride_sb = _slopes(pb, alibi_slopes, q)
+    a, mflags = _mask_args(bm, pb.hq)
+    mbs = bm.block_size
+    cfg, bm_, bn = _tiles(pb, "fwd", mbs)
+    # the plain kernels fold the scale into exp2; these take scores in log2 units up front
+    grid = (triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)
+    KB.bs_fwd[grid](
+        q, k, v, out, lse, out if res is None else res, slopes,
+        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+        *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+        *pb.strides(out, False), lse.stride(0), lse.stride(1), stride_sb,
+        pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
+        _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
+        BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
+        RESID=res is not None, ALIBI=alibi_slopes is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return done
+
+
+def _scale_a(pb):
+    # _Problem's scale_a is the pre-softcap multiplier (softcap) or scale * log2(e) (no softcap):
+    # either way the kernels here multiply by it without folding, as the plain ones do unfolded
+    return pb.scale_a
+
+
+def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm):
+    q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
+    pb = _Problem(q, k, v, None, None, params)
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if pb.batch == 0 or pb.seqlen_q == 0 or pb.seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else lse
+    has_res = out_residual is not None and out_residual.numel() > 0
+    if has_res:
+        out, out_residual = out.contiguous(), out_residual.contiguous()
+    pre_m = 64 if not pb.interpret else 32
+    K.attn_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
+        out, out_residual if has_res else out, do, dlse_arg, delta, q,
+        *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
+        pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv, VARLEN=False,
+        HAS_DLSE=has_dlse, HAS_RESID=has_res,
+    )
+    slopes, stride_sb = _slopes(pb, alibi_slopes, q)
+    a, mflags = _mask_args(bm, pb.hq)
+    mbs = bm.block_size
+    common = (
+        pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
+        _scale_a(pb), pb.scale_b, float(params.scale), pb.p_drop, pb.drop_scale, pb.seed, pb.hq,
+        *mflags,
+    )
+    flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
+                 ALIBI=alibi_slopes is not None)
+
+    cfg, bm_, bn = _tiles(pb, "bwd_dkdv", mbs)
+    KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
+        q, k, v, do, lse, delta, dk, dv, slopes,
+        a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
+        *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+        *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
+        lse.stride(0), lse.stride(1), stride_sb, *common,
+        BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg, bm_, bn = _tiles(pb, "bwd_dq", mbs)
+    KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
+        q, k, v, do, lse, delta, dq, slopes,
+        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+        *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+        *pb.strides(do, False), *pb.strides(dq, False),
+        lse.stride(0), lse.stride(1), stride_sb, *common,
+        BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
