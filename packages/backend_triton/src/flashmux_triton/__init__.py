@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from flashmux.backend import FEATURES, Backend, Capabilities
+from flashmux.backend import EXTRA_FEATURES, FEATURES, Backend, Capabilities
 
 
 def _interpreting() -> bool:
@@ -61,7 +61,7 @@ class TritonBackend(Backend):
             dtypes=frozenset({"float16", "bfloat16", "float32"}),
             max_head_dim=256,
             min_compute_capability=(8, 0),
-            features=frozenset(FEATURES),
+            features=frozenset(FEATURES) | frozenset(EXTRA_FEATURES),
             crosses_from=frozenset({"jax"}),
             out_residual=True,
             priority=20,
@@ -80,17 +80,18 @@ class TritonBackend(Backend):
             ver = None
         return {"triton": ver, "interpreter": _interpreting()}
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False):
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, **masks):
+        # masks: alibi_slopes= and/or block_mask= (block-sparse kernels in _kernels_bs.py)
         from . import _launch
 
-        return _launch.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual)
+        return _launch.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual, **masks)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-                 out_residual=None):
+                 out_residual=None, **masks):
         from . import _launch
 
         return _launch.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-                                out_residual)
+                                out_residual, **masks)
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         from . import _launch
