@@ -1,15 +1,22 @@
 """The `reference` backend: exact attention in the framework's own ops (torch, jax.numpy or NumPy),
-float32 inside, always available, on every device the framework runs on.
+float32 inside (float64 for float64 inputs), always available, on every device the framework runs on.
 
-It is the default where no kernel backend fits (a machine without a GPU) and the yardstick the
-kernels are compared with for speed. Queries are processed in chunks of `chunk_rows` rows so that
-the score matrix of a long sequence is never allocated whole. Peak extra memory is about
-4 * 4 bytes * B * Hq * chunk_rows * Sk (scores, probabilities and their gradients, float32),
-capped by `SCORE_BUDGET` elements per buffer: at most ~4 * 128 MiB, plus O(B * S * H * D) for the
-float32 copies of q, k, v and the outputs. Under jax.jit the chunks unroll into the graph.
+It is the default where no kernel backend fits (NumPy and JAX on a machine without a GPU) and the
+yardstick the kernels are compared with for speed. The algorithm is FlashAttention's split, done
+with the framework's matmuls: heads are moved in front, (B, Hkv, S*g, D) with the g query heads of
+one KV head interleaved per row, so every product is one batched BLAS/XLA matmul per block of
+`chunk_rows` query rows against the keys those rows can see (causal and window bands skip whole
+key ranges; the mask is applied only to the columns a band cuts through). The score block is
+reused in place for exp (NumPy, torch) and normalized after the P @ V product, so a chunk costs
+two matmuls and four passes over its scores. Peak extra memory is about 3 score blocks of at most
+`SCORE_BUDGET` elements (forward: 1, backward: 3) plus float32 copies of q, k, v, out and the
+gradients: linear in the sequence length. Under jax.jit (the backend jits itself) the chunks unroll
+into the graph; their number is capped by `JAX_MAX_CHUNKS` to keep compile times short.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .._arrays import array_kind
 from .._xp import dropout_uniform, ops_for
@@ -17,19 +24,26 @@ from ..backend import EXTRA_FEATURES, FEATURES, Backend, Capabilities
 from ..spec import Params
 from . import reference_decode
 
-SCORE_BUDGET = 1 << 25  # float32 elements per score buffer (128 MiB)
+SCORE_BUDGET = 1 << 21  # elements per score block: 8 MiB float32, stays in the last-level cache
+JAX_MAX_CHUNKS = 16  # query chunks unrolled under jax.jit at most
 
 
-def chunk_rows(batch: int, heads: int, seqlen_q: int, seqlen_k: int, banded: bool = False) -> int:
-    """Query rows per chunk: within SCORE_BUDGET, and for banded masks (causal, windows) at
-    most 1/8 of the rows so that key blocks no row of a chunk can see are skipped."""
+def chunk_rows(
+    batch: int, heads: int, seqlen_q: int, seqlen_k: int, banded: bool = False,
+    max_chunks: int | None = None,
+) -> int:
+    """Query rows per chunk: within SCORE_BUDGET (at least 16 rows), for banded masks (causal,
+    windows) at most 1/8 of the rows so that key blocks no row of a chunk can see are skipped,
+    and at least seqlen_q / max_chunks rows when the chunk count is capped."""
     if not seqlen_q:
         return 1
     per_row = max(1, batch * heads * max(seqlen_k, 1))
     rows = max(16, min(seqlen_q, SCORE_BUDGET // per_row))
     if banded:
         rows = min(rows, max(128, -(-seqlen_q // 8)))
-    return rows
+    if max_chunks:
+        rows = max(rows, -(-seqlen_q // max_chunks))
+    return min(rows, seqlen_q)
 
 
 class _Layout:
@@ -74,6 +88,22 @@ class _Layout:
             hi = min(sk, max(lo, r1 - 1 + self.off_q + p.window_right + 1))
         return lo, hi
 
+    def masked_cols(self, r0, r1, lo, hi):
+        """Column ranges inside [lo, hi) where some row of r0:r1 has a masked key; the columns
+        between them are seen by every row and need no mask."""
+        if not self.needs_mask() or hi <= lo or r1 <= r0:
+            return []
+        if self.varlen:
+            return [(lo, hi)]
+        p, a, z = self.p, lo, hi  # [a, z): columns every row sees
+        if p.window_left is not None:
+            a = max(lo, min(hi, r1 - 1 + self.off_q - p.window_left))
+        if p.window_right is not None:
+            z = min(hi, max(lo, r0 + self.off_q + p.window_right + 1))
+        if a >= z:
+            return [(lo, hi)]
+        return [(c0, c1) for c0, c1 in ((lo, a), (z, hi)) if c1 > c0]
+
     def allowed(self, r0, r1, lo, hi):
         """Bool (rows, keys lo:hi) for query rows r0:r1, or None when every key is allowed."""
         if not self.needs_mask():
@@ -96,66 +126,148 @@ class _Layout:
         return ok
 
     def keep(self, r0, r1, lo, hi, batch, heads_kv, group):
-        """Dropout keep mask (B|1, Hkv, g, rows, keys lo:hi) for rows r0:r1."""
+        """Dropout keep mask (B|1, Hkv, rows, g, keys lo:hi) for rows r0:r1 (head = kv * g + g_i)."""
         ops, p = self.ops, self.p
         if self.varlen:
-            b = self.seg_q[r0:r1].reshape(1, 1, 1, -1, 1)
+            b = self.seg_q[r0:r1].reshape(1, 1, -1, 1, 1)
         else:
             b = ops.arange(batch, self.local_q).reshape(-1, 1, 1, 1, 1)
-        h = ops.arange(heads_kv * group, self.local_q).reshape(1, heads_kv, group, 1, 1)
-        i = self.local_q[r0:r1].reshape(1, 1, 1, -1, 1)
+        h = ops.arange(heads_kv * group, self.local_q).reshape(1, heads_kv, 1, group, 1)
+        i = self.local_q[r0:r1].reshape(1, 1, -1, 1, 1)
         j = self.local_k[lo:hi].reshape(1, 1, 1, 1, -1)
         return dropout_uniform(ops, p.dropout_seed, b, h, i, j) >= p.dropout_p
 
 
-def _scores(ops, qc, kf, p: Params):
-    s = ops.einsum("bqhgd,bkhd->bhgqk", qc, kf) * p.scale
-    t = None
-    if p.softcap:
-        t = ops.m.tanh(s / p.softcap)
-        s = t * p.softcap
-    return s, t
+# -- a few framework-specific steps: matmuls, layout copies, in-place elementwise work ----------
+
+
+def _mm(ops, a, b):
+    if ops.name == "jax":
+        return ops.m.matmul(a, b, precision=ops._prec)
+    return ops.m.matmul(a, b)
+
+
+def _perm(ops, x, axes):
+    """A contiguous transpose (one copy): the matmuls then run on plain row-major blocks."""
+    if ops.name == "numpy":
+        return np.ascontiguousarray(np.transpose(x, axes))
+    if ops.name == "torch":
+        return x.permute(axes).contiguous()
+    return ops.m.transpose(x, axes)
+
+
+def _t(ops, x):
+    return ops.m.swapaxes(x, -1, -2)  # a view for NumPy and torch; BLAS takes it transposed
+
+
+def _heads_first(ops, x, b, s, hkv, g):
+    """(B, S, Hkv*g, D) -> float32 (B, Hkv, S*g, D): row r*g + j is query head kv*g + j at r."""
+    d = x.shape[-1]
+    return _perm(ops, ops.f32(x).reshape(b, s, hkv, g, d), (0, 2, 1, 3, 4)).reshape(b, hkv, s * g, d)
+
+
+def _heads_last(ops, x, b, s, hkv, g):
+    """Inverse of _heads_first: (B, Hkv, S*g, D) -> (B, S, Hkv*g, D)."""
+    d = x.shape[-1]
+    return _perm(ops, x.reshape(b, hkv, s, g, d), (0, 2, 1, 3, 4)).reshape(b, s, hkv * g, d)
+
+
+def _exp_shift(ops, s, m):
+    """exp(s - m), in s's memory where the framework allows (s is a fresh block)."""
+    if ops.name == "numpy":
+        np.subtract(s, m, out=s)
+        return np.exp(s, out=s)
+    if ops.name == "torch":
+        return s.sub_(m).exp_()
+    return ops.m.exp(s - m)
+
+
+def _scale_(ops, s, c):
+    if ops.name == "jax":
+        return s * c
+    s *= c
+    return s
+
+
+def _fill_where_not(ops, s5, c0, c1, ok, fill):
+    """s5[..., c0:c1] = where(ok, s5[..., c0:c1], fill); s5 is (B, Hkv, rows, g, cols)."""
+    ok = ok[:, None, :]
+    if ops.name == "numpy":
+        np.copyto(s5[..., c0:c1], fill, where=~ok)
+        return s5
+    if ops.name == "torch":
+        s5[..., c0:c1].masked_fill_(~ok, fill)
+        return s5
+    return s5.at[..., c0:c1].set(ops.m.where(ok, s5[..., c0:c1], fill))
+
+
+def _add_keys(ops, acc, lo, hi, x):
+    """acc[:, :, lo:hi] += x, in place where the framework allows."""
+    if ops.name == "jax":
+        return acc.at[:, :, lo:hi].add(x)
+    acc[:, :, lo:hi] += x
+    return acc
+
+
+def _scores(ops, qc, kt, p: Params):
+    """Scores of a chunk, qc already scaled: (B, Hkv, rows*g, keys), and tanh(s/softcap) or None."""
+    s = _mm(ops, qc, kt)
+    if not p.softcap:
+        return s, None
+    t = ops.m.tanh(s * (1.0 / p.softcap))
+    return t * p.softcap, t
+
+
+def _mask(ops, lay, s, fill, r0, r1, lo, hi, shape5):
+    for c0, c1 in lay.masked_cols(r0, r1, lo, hi):
+        s5 = _fill_where_not(ops, s.reshape(shape5), c0 - lo, c1 - lo, lay.allowed(r0, r1, c0, c1), fill)
+        s = s5.reshape(s.shape)
+    return s
 
 
 def _prep(q, k, v, cu_q):
     ops = ops_for(array_kind(q))
     if cu_q is not None:  # packed rows: one "batch" of Tq rows, sequences told apart by masks
         q, k, v = q[None], k[None], v[None]
-    b, sq, hq, d = q.shape
+    b, sq, hq, _ = q.shape
     hkv = k.shape[2]
-    g = hq // hkv
-    qf = ops.f32(q).reshape(b, sq, hkv, g, d)
-    return ops, q, k, v, qf, ops.f32(k), ops.f32(v), (b, sq, k.shape[1], hq, hkv, g)
+    return ops, q, k, v, (b, sq, k.shape[1], hq, hkv, hq // hkv)
 
 
 def forward(q, k, v, cu_q, cu_k, p: Params):
     q_in = q
-    ops, q, k, v, qf, kf, vf, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
+    ops, q, k, v, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
+    qh = _heads_first(ops, q, b, sq, hkv, g) * p.scale  # (B, Hkv, Sq*g, D)
+    kt = _perm(ops, ops.f32(k), (0, 2, 3, 1))  # (B, Hkv, D, Sk)
+    vh = _perm(ops, ops.f32(v), (0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
     neg_inf = float("-inf")
     outs, lses = [], []
-    step = chunk_rows(b, hq, sq, sk, lay.banded())
+    cap = JAX_MAX_CHUNKS if ops.name == "jax" else None
+    step = chunk_rows(b, hq, sq, sk, lay.banded(), cap)
     for r0 in range(0, max(sq, 1), step):  # one empty chunk when sq == 0
         r1 = min(sq, r0 + step)
+        n = r1 - r0
         lo, hi = lay.key_range(r0, r1, sk)
-        s, _ = _scores(ops, qf[:, r0:r1], kf[:, lo:hi], p)
-        ok = lay.allowed(r0, r1, lo, hi)
-        if ok is not None:
-            s = ops.where(ok, s, neg_inf)
+        s, _ = _scores(ops, qh[:, :, r0 * g : r1 * g], kt[..., lo:hi], p)
+        s = _mask(ops, lay, s, neg_inf, r0, r1, lo, hi, (b, hkv, n, g, hi - lo))
         mx = ops.amax(s, -1)
         mx = ops.where(mx == neg_inf, 0.0, mx)
-        e = ops.m.exp(s - mx)
-        den = e.sum(-1)
+        e = _exp_shift(ops, s, mx)
+        den = e.sum(-1)[..., None]
         pos = den > 0
-        lse = ops.where(pos, ops.m.log(ops.where(pos, den, 1.0)) + mx[..., 0], neg_inf)
-        pr = e / ops.where(pos, den, 1.0)[..., None]
+        den1 = ops.where(pos, den, 1.0)
+        lse = ops.where(pos, ops.m.log(den1) + mx, neg_inf)
         if p.dropout_p:
-            pr = ops.where(lay.keep(r0, r1, lo, hi, b, hkv, g), pr / (1.0 - p.dropout_p), 0.0)
-        o = ops.einsum("bhgqk,bkhd->bqhgd", pr, vf[:, lo:hi])
-        outs.append(o.reshape(b, r1 - r0, hq, vf.shape[-1]))
-        lses.append(lse.reshape(b, hq, r1 - r0))
-    out = ops.cast_like(ops.concat(outs, 1), q_in)
-    lse = ops.concat(lses, 2)
+            keep = lay.keep(r0, r1, lo, hi, b, hkv, g)
+            e = ops.where(keep, e.reshape(b, hkv, n, g, hi - lo), 0.0).reshape(e.shape)
+            den1 = den1 * (1.0 - p.dropout_p)
+        outs.append(_mm(ops, e, vh[:, :, lo:hi]) / den1)
+        lses.append(lse)
+    out = _heads_last(ops, ops.concat(outs, 2), b, sq, hkv, g)  # (B, Sq, Hq, Dv)
+    out = ops.cast_like(out, q_in)
+    lse = ops.concat(lses, 2).reshape(b, hkv, sq, g)
+    lse = _perm(ops, lse, (0, 1, 3, 2)).reshape(b, hq, sq)
     if cu_q is not None:
         out, lse = out[0], lse[0]
     return out, lse
@@ -166,56 +278,81 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, out_residual=No
     declare out_residual); flashmux.ring_attention passes it because it hands each key block the
     out and lse of the whole sequence: then delta = rowsum(dO * (out + out_residual))."""
     q_in, k_in, v_in = q, k, v
-    ops, q, k, v, qf, kf, vf, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
+    ops, q, k, v, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
     if cu_q is not None:
         do, lse = do[None], lse[None]
         dlse = None if dlse is None else dlse[None]
         out = out[None]
         out_residual = None if out_residual is None else out_residual[None]
+    if out_residual is None:
+        del out  # delta comes from the recomputed float32 probabilities (below)
     lay = _Layout(ops, q, k, cu_q, cu_k, p)
-    dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
+    qh = _heads_first(ops, q, b, sq, hkv, g) * p.scale  # (B, Hkv, Sq*g, D), scaled
+    doh = _heads_first(ops, do, b, sq, hkv, g)  # (B, Hkv, Sq*g, Dv)
     delta_out = None
     if out_residual is not None:
-        of = (ops.f32(out) + ops.f32(out_residual)).reshape(b, sq, hkv, g, vf.shape[-1])
-        delta_out = ops.einsum("bqhgd,bqhgd->bhgq", dof, of)
-    del out  # otherwise delta comes from the recomputed float32 probabilities (below)
-    dlse = None if dlse is None else ops.f32(dlse).reshape(b, hkv, g, sq)
-    lse = ops.f32(lse).reshape(b, hkv, g, sq)
+        oh = _heads_first(ops, ops.f32(out) + ops.f32(out_residual), b, sq, hkv, g)
+        delta_out = (doh * oh).sum(-1)[..., None]
+        del oh
+    kh = _perm(ops, ops.f32(k), (0, 2, 1, 3))  # (B, Hkv, Sk, D)
+    vh = _perm(ops, ops.f32(v), (0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
+
+    def rows_last(x):  # (B, Hq, Sq) -> (B, Hkv, Sq*g, 1)
+        x = _perm(ops, ops.f32(x).reshape(b, hkv, g, sq), (0, 1, 3, 2))
+        return x.reshape(b, hkv, sq * g, 1)
+
+    lse = rows_last(lse)
     lse = ops.where(ops.m.isfinite(lse), lse, 0.0)
-    dk = ops.zeros(kf.shape, kf)
-    dv = ops.zeros(vf.shape, vf)
+    dlse = None if dlse is None else rows_last(dlse)
+    dk = ops.zeros(kh.shape, kh)
+    dvh = ops.zeros(vh.shape, vh)
     dqs = []
-    step = chunk_rows(b, hq, sq, sk, lay.banded())
+    cap = JAX_MAX_CHUNKS if ops.name == "jax" else None
+    step = chunk_rows(b, hq, sq, sk, lay.banded(), cap)
     for r0 in range(0, max(sq, 1), step):
         r1 = min(sq, r0 + step)
+        n = r1 - r0
         lo, hi = lay.key_range(r0, r1, sk)
-        qc, doc, kc, vc = qf[:, r0:r1], dof[:, r0:r1], kf[:, lo:hi], vf[:, lo:hi]
-        s, t = _scores(ops, qc, kc, p)
-        pr = ops.m.exp(s - lse[..., r0:r1, None])
-        ok = lay.allowed(r0, r1, lo, hi)
-        if ok is not None:
-            pr = ops.where(ok, pr, 0.0)
-        dp = ops.einsum("bqhgd,bkhd->bhgqk", doc, vc)
+        shape5 = (b, hkv, n, g, hi - lo)
+        qc, doc = qh[:, :, r0 * g : r1 * g], doh[:, :, r0 * g : r1 * g]
+        kc, vc = kh[:, :, lo:hi], vh[:, :, lo:hi]
+        s, t = _scores(ops, qc, _t(ops, kc), p)
+        pr = _exp_shift(ops, s, lse[:, :, r0 * g : r1 * g])
+        pr = _mask(ops, lay, pr, 0.0, r0, r1, lo, hi, shape5)
+        dp = _mm(ops, doc, _t(ops, vc))
         pd = pr
         if p.dropout_p:
             keep = lay.keep(r0, r1, lo, hi, b, hkv, g)
-            pd = ops.where(keep, pr / (1.0 - p.dropout_p), 0.0)
-            dp = ops.where(keep, dp / (1.0 - p.dropout_p), 0.0)
-        dv = ops.add_rows(dv, lo, hi, ops.einsum("bhgqk,bqhgd->bkhd", pd, doc))
+            inv = 1.0 / (1.0 - p.dropout_p)
+            pd = ops.where(keep, pr.reshape(shape5) * inv, 0.0).reshape(pr.shape)
+            dp = ops.where(keep, dp.reshape(shape5) * inv, 0.0).reshape(pr.shape)
+        dvh = _add_keys(ops, dvh, lo, hi, _mm(ops, _t(ops, pd), doc))
         # delta = rowsum(dO * O) = rowsum(P * dP), in float32 from the recomputed P: the stored
         # low-precision out would let its rounding dominate small gradients
-        delta = (pr * dp).sum(-1) if delta_out is None else delta_out[..., r0:r1]
+        delta = (pr * dp).sum(-1)[..., None] if delta_out is None else delta_out[:, :, r0 * g : r1 * g]
         if dlse is not None:
-            delta = delta - dlse[..., r0:r1]
-        ds = pr * (dp - delta[..., None])
+            delta = delta - dlse[:, :, r0 * g : r1 * g]
+        ds = _ds(ops, pr, dp, delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dqs.append(ops.einsum("bhgqk,bkhd->bqhgd", ds, kc).reshape(b, r1 - r0, hq, kf.shape[-1]) * p.scale)
-        dk = ops.add_rows(dk, lo, hi, ops.einsum("bhgqk,bqhgd->bkhd", ds, qc) * p.scale)
-    dq = ops.concat(dqs, 1)
+        dqs.append(_scale_(ops, _mm(ops, ds, kc), p.scale))
+        dk = _add_keys(ops, dk, lo, hi, _mm(ops, _t(ops, ds), qc))  # qc carries the scale
+    dq = _heads_last(ops, ops.concat(dqs, 2), b, sq, hkv, g)
+    dk = _perm(ops, dk, (0, 2, 1, 3))
+    dvh = _perm(ops, dvh, (0, 2, 1, 3))
     if cu_q is not None:
-        dq, dk, dv = dq[0], dk[0], dv[0]
-    return ops.cast_like(dq, q_in), ops.cast_like(dk, k_in), ops.cast_like(dv, v_in)
+        dq, dk, dvh = dq[0], dk[0], dvh[0]
+    return ops.cast_like(dq, q_in), ops.cast_like(dk, k_in), ops.cast_like(dvh, v_in)
+
+
+def _ds(ops, pr, dp, delta):
+    """P * (dP - delta), in dP's memory where the framework allows."""
+    if ops.name == "numpy":
+        np.subtract(dp, delta, out=dp)
+        return np.multiply(dp, pr, out=dp)
+    if ops.name == "torch":
+        return dp.sub_(delta).mul_(pr)
+    return pr * (dp - delta)
 
 
 _jitted: dict = {}
@@ -264,7 +401,7 @@ class ReferenceBackend(Backend):
     decode_splits = reference_decode.decode_splits
 
     def info(self):
-        return {"chunk budget (float32 elements per score buffer)": SCORE_BUDGET}
+        return {"score block (elements)": SCORE_BUDGET, "query chunks under jax.jit (max)": JAX_MAX_CHUNKS}
 
 
 backend = ReferenceBackend(
