@@ -55,7 +55,8 @@ def merge(out, lse, out_blk, lse_blk):
     wa = xp.exp(lse - hi)
     wb = xp.exp(lse_blk - hi)
     tot = wa + wb
-    new = xp.log(tot) + hi  # log(0) = -inf for rows with no key
+    pos = tot > 0
+    new = xp.where(pos, xp.log(xp.where(pos, tot, 1.0)) + hi, -float("inf"))  # -inf: no key
     safe = xp.where(xp.isfinite(new), new, 0.0)
     ca = _to_rows(xp.exp(lse - safe))
     cb = _to_rows(xp.exp(lse_blk - safe))
