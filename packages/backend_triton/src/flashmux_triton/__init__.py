@@ -93,6 +93,32 @@ class TritonBackend(Backend):
         return _launch.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
                                 out_residual, **masks)
 
+    # -- KV-cache decode (split-KV, paged): _decode.py; contract in flashmux/kvcache.py ------
+    def decode_reasons(self, spec) -> list[str]:
+        from flashmux.kvcache import decode_capability_reasons
+
+        out = decode_capability_reasons(self.capabilities, spec)
+        if spec.paged and spec.page_size % 8:
+            out.append(f"page_size {spec.page_size} is not a multiple of 8")
+        if not spec.paged and spec.capacity * spec.heads_kv * max(spec.head_dim, spec.head_dim_v) >= 2**31:
+            out.append("one sequence of the cache spans >= 2^31 elements (32-bit offsets)")
+        return out
+
+    def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
+        from . import _decode
+
+        return _decode.decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params)
+
+    def decode_splits(self, spec, params) -> int:
+        from . import _decode
+
+        return _decode.splits_for(spec, params)
+
+    def decode_kernel(self, spec, params) -> str:
+        from . import _decode
+
+        return _decode.kernel_for(spec, params)
+
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         from . import _launch
 

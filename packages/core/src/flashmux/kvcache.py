@@ -513,18 +513,7 @@ def _append(kind, k_cache, v_cache, k, v, cache_seqlens, block_table, page_size)
         v_cache.index_put_(idx, v)
         return k_cache, v_cache
     if kind == "jax":
-        import jax.numpy as jnp
-
-        pos = cache_seqlens.astype(jnp.int32)[:, None] + jnp.arange(snew, dtype=jnp.int32)[None]
-        if page_size:
-            cap = block_table.shape[1] * page_size
-            pos = jnp.clip(pos, 0, cap - 1)
-            page = jnp.take_along_axis(block_table.astype(jnp.int32), pos // page_size, axis=1)
-            idx = (jnp.clip(page, 0, k_cache.shape[0] - 1), pos % page_size)
-        else:
-            pos = jnp.clip(pos, 0, k_cache.shape[1] - 1)
-            idx = (jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, snew)), pos)
-        return k_cache.at[idx].set(k), v_cache.at[idx].set(v)
+        return _jax_append()(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size)
     import numpy as np
 
     pos = np.asarray(cache_seqlens, np.int64)[:, None] + np.arange(snew)[None]
@@ -539,6 +528,33 @@ def _append(kind, k_cache, v_cache, k, v, cache_seqlens, block_table, page_size)
     k_cache[idx] = k
     v_cache[idx] = v
     return k_cache, v_cache
+
+
+_jax_append_fn = None
+
+
+def _jax_append():
+    """The JAX append as one jitted function (eager JAX would compile each small op); inside
+    the caller's jit it inlines, and donated caches are updated in place."""
+    global _jax_append_fn
+    if _jax_append_fn is None:
+        import jax
+        import jax.numpy as jnp
+
+        def append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size):
+            b, snew = k.shape[0], k.shape[1]
+            pos = cache_seqlens.astype(jnp.int32)[:, None] + jnp.arange(snew, dtype=jnp.int32)
+            if page_size:
+                pos = jnp.clip(pos, 0, block_table.shape[1] * page_size - 1)
+                page = jnp.take_along_axis(block_table.astype(jnp.int32), pos // page_size, axis=1)
+                idx = (jnp.clip(page, 0, k_cache.shape[0] - 1), pos % page_size)
+            else:
+                pos = jnp.clip(pos, 0, k_cache.shape[1] - 1)
+                idx = (jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, snew)), pos)
+            return k_cache.at[idx].set(k), v_cache.at[idx].set(v)
+
+        _jax_append_fn = jax.jit(append, static_argnums=6)
+    return _jax_append_fn
 
 
 def _seqlens_k(kind, cache_seqlens, snew):

@@ -1,0 +1,464 @@
+"""KV-cache decoding in Triton: split-KV (Flash-Decoding) over contiguous or paged caches.
+
+Imported lazily (imports torch and triton). Contract: flashmux/kvcache.py.
+
+Work decomposition. One program owns one (sequence b, KV head h, split s, query block m). Its
+query tile packs every query row that reads KV head h: the G = Hq / Hkv query heads times the Sq
+query rows (row r = i * G + g, query head h * G + g, query row i), so each byte of K and V is
+read once per split instead of G * Sq times (GQA packing). The keys of the sequence are cut into
+`num_splits` block-aligned ranges; each program runs FlashAttention's online softmax over its
+range and writes a float32 partial output and its lse. A second short kernel merges the splits by
+lse (with one split the main kernel writes the final output itself and no merge runs).
+
+Paged caches: token t of sequence b is in page block_table[b, t // page_size], slot
+t % page_size. When the key block divides the page (page_size % BLOCK_N == 0) a block never
+crosses a page and costs one table lookup; otherwise each key row looks its page up (a gather).
+
+Lengths and page ids come from device memory and are clamped (seqlens_k to the capacity, page
+ids to [0, num_pages)); the host never reads them, so a launch can be captured in a CUDA graph.
+Scores are kept in log2 units: s2 = (scale * q.k [softcap] [- alibi]) * log2(e).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning_decode as T
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Triton's CPU interpreter multiplies bfloat16 tiles as raw bits: upcast there (as _kernels does).
+_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    if _INTERP:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if _INTERP:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype); in the interpreter, round bfloat16 to nearest even (it would truncate)."""
+    if _INTERP:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_page, stride_slot,
+             PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """int64 offsets (BLOCK_N,) of key rows start_n + offs_n inside one (sequence, KV head)."""
+    cols = start_n + offs_n
+    if PAGED:
+        if PAGE_BLOCK:  # the block lies inside one page: one lookup
+            pidx = tl.minimum(start_n // PAGE_SIZE, max_pages - 1)
+            page = tl.load(TBL + pidx)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            rows = page * stride_page + ((start_n % PAGE_SIZE) + offs_n).to(tl.int64) * stride_slot
+        else:  # small pages: one lookup per key row
+            pidx = tl.minimum(cols // PAGE_SIZE, max_pages - 1)
+            page = tl.load(TBL + pidx)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            rows = page * stride_page + (cols % PAGE_SIZE).to(tl.int64) * stride_slot
+    else:
+        rows = cols.to(tl.int64) * stride_page
+    return rows
+
+
+@triton.jit
+def _decode_inner(
+    acc, l_i, m_i, q, K, V, TBL, lo, hi, length, pos, slope,
+    max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+    offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, IEEE: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_rows = _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_kp, stride_ks,
+                          PAGE_SIZE, PAGED, PAGE_BLOCK, BLOCK_N)
+        v_rows = _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_vp, stride_vs,
+                          PAGE_SIZE, PAGED, PAGE_BLOCK, BLOCK_N)
+        kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
+        v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(cols[None, :] < length) & (offs_d[:, None] < HEAD_DIM),
+                         other=0.0)
+            v = tl.load(v_ptrs, mask=(cols[:, None] < length) & (offs_dv[None, :] < HEAD_DIM_V),
+                        other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                kt = tl.load(kt_ptrs)
+            if BLOCK_DV != HEAD_DIM_V:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+        s = _dot(q, kt, IEEE) * scale
+        if SOFTCAP:
+            s = softcap * _tanh(s * (1.0 / softcap))
+        if ALIBI:
+            s = s - slope[:, None] * tl.abs(pos[:, None] - cols[None, :]).to(tl.float32)
+        s = s * 1.4426950408889634
+        if MASKED:
+            ok = cols[None, :] < length
+            if HAS_LEFT:
+                ok = ok & (cols[None, :] >= pos[:, None] - window_left)
+            if HAS_RIGHT:
+                ok = ok & (cols[None, :] <= pos[:, None] + window_right)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(_cast(p, v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right", "max_pages", "num_pages",
+                               "split_len"])
+def decode_fwd(
+    Q, K, V, SEQLENS, TBL, ALIBI_SLOPES, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_kp, stride_kh, stride_ks,
+    stride_vb, stride_vp, stride_vh, stride_vs,
+    stride_tb, stride_ab,
+    stride_os, stride_ob, stride_oi, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    seqlen_q, capacity, max_pages, num_pages, split_len, window_left, window_right,
+    scale, softcap,
+    GROUP: tl.constexpr, HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
+    lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = bh // HEADS_KV
+    h = bh % HEADS_KV
+    b64 = b.to(tl.int64)
+
+    length = tl.load(SEQLENS + b)
+    length = tl.minimum(tl.maximum(length, 0), capacity)
+    off = length - seqlen_q  # query row i sits at position off + i
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = i * GROUP + g
+    row_i = offs_r // GROUP
+    row_g = offs_r % GROUP
+    row_ok = row_i < seqlen_q
+    head = h * GROUP + row_g
+    pos = off + row_i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = tl.load(
+        Q + b64 * stride_qb + row_i[:, None] * stride_qs + head[:, None] * stride_qh
+        + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALIBI:
+        slope = tl.load(ALIBI_SLOPES + b64 * stride_ab + head, mask=row_ok, other=0.0)
+
+    # Keys of this split, cut to the band the block's rows can see; the middle needs no mask.
+    first = pid_m * BLOCK_M // GROUP
+    last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seqlen_q - 1)
+    s0 = split * split_len
+    s1 = tl.minimum(s0 + split_len, length)
+    lo = s0
+    hi = s1
+    full_lo = s0
+    full_hi = s1
+    if HAS_LEFT:
+        lo = tl.maximum(lo, off + first - window_left)
+        full_lo = tl.maximum(full_lo, off + last - window_left)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, off + last + window_right + 1)
+        full_hi = tl.minimum(full_hi, off + first + window_right + 1)
+    lo_b = (tl.maximum(lo, s0) // BLOCK_N) * BLOCK_N
+    mid0 = ((tl.maximum(full_lo, s0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    mid1 = (full_hi // BLOCK_N) * BLOCK_N
+    mid0 = tl.maximum(tl.minimum(mid0, hi), lo_b)
+    mid1 = tl.minimum(tl.maximum(mid1, mid0), tl.maximum(hi, mid0))
+    mid1 = tl.maximum(mid1, mid0)
+
+    if PAGED:
+        k_base = K + h * stride_kh
+        v_base = V + h * stride_vh
+    else:
+        k_base = K + b64 * stride_kb + h * stride_kh
+        v_base = V + b64 * stride_vb + h * stride_vh
+    tbl = TBL + b64 * stride_tb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _decode_inner(
+        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, length, pos, slope,
+        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+    )
+    acc, l_i, m_i = _decode_inner(
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
+        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+    )
+    acc, l_i, m_i = _decode_inner(
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
+        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+    )
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc * (1.0 / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (O + split.to(tl.int64) * stride_os + b64 * stride_ob + row_i[:, None] * stride_oi
+              + head[:, None] * stride_oh + offs_dv[None, :])
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if SPLIT:
+        tl.store(o_ptrs, acc, mask=o_mask)
+    else:
+        tl.store(o_ptrs, _cast(acc, O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + split.to(tl.int64) * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
+             lse, mask=row_ok)
+
+
+@triton.jit
+def decode_merge(
+    OP, LP, O, LSE, num_splits,
+    stride_ops, stride_opb, stride_opi, stride_oph,
+    stride_lps, stride_lpb, stride_lph,
+    stride_ob, stride_oi, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, heads_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the splits of one (batch, query head, query row) by their lse."""
+    pid = tl.program_id(0)
+    i = pid % seqlen_q
+    h = (pid // seqlen_q) % heads_q
+    b = (pid // seqlen_q // heads_q).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < num_splits
+    lse_s = tl.load(LP + offs_s.to(tl.int64) * stride_lps + b * stride_lpb + h * stride_lph + i,
+                    mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_use)  # 0 for empty splits
+    den = tl.sum(w, 0)
+    o_s = tl.load(
+        OP + offs_s[:, None].to(tl.int64) * stride_ops + b * stride_opb + i * stride_opi
+        + h * stride_oph + offs_dv[None, :],
+        mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    )
+    den_safe = tl.where(den > 0, den, 1.0)
+    o = tl.sum(o_s * w[:, None], 0) / den_safe
+    lse = tl.where(den > 0, m_use + tl.log(den_safe), float("-inf"))
+    tl.store(O + b * stride_ob + i * stride_oi + h * stride_oh + offs_dv, _cast(o, O.dtype.element_ty),
+             mask=offs_dv < HEAD_DIM_V)
+    tl.store(LSE + b * stride_lb + h * stride_lh + i, lse)
+
+
+# -- launch -------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(q) -> int:
+    if q.is_cuda:
+        return sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return 8  # the interpreter: a few splits, so tests exercise the merge
+
+
+def plan(batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v, capacity, page_size, dtype,
+         num_splits, sms, config=None):
+    """Host-side plan from shapes only (never device values): (config, block_m, m_blocks,
+    num_splits, split_len, page_block)."""
+    group = heads_q // heads_kv
+    cfg = config or T.config_for(head_dim, head_dim_v, dtype, page_size)
+    rows = group * seqlen_q
+    block_m = max(16, min(T.MAX_BLOCK_M, triton.next_power_of_2(max(rows, 1))))
+    m_blocks = triton.cdiv(rows, block_m)
+    n_blocks = max(1, triton.cdiv(capacity, cfg.block_n))
+    if num_splits is None:
+        progs = batch * heads_kv * m_blocks
+        want = triton.cdiv(int(cfg.waves * sms), max(progs, 1))
+        want = min(want, max(1, n_blocks // cfg.min_blocks_per_split), T.MAX_SPLITS)
+        num_splits = max(1, want)
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    blocks_per_split = triton.cdiv(n_blocks, num_splits)
+    num_splits = triton.cdiv(n_blocks, blocks_per_split)  # no split left empty by rounding
+    split_len = blocks_per_split * cfg.block_n
+    page_block = bool(page_size) and page_size % cfg.block_n == 0
+    return cfg, block_m, m_blocks, num_splits, split_len, page_block
+
+
+def splits_for(spec, params) -> int:
+    """The number of key splits a call would run (explain); the SM count of device 0 on CUDA."""
+    sms = 8
+    if spec.device_type == "cuda" and torch.cuda.is_available():
+        sms = sm_count(torch.cuda.current_device())
+    return plan(spec.batch, spec.seqlen_q, spec.heads_q, spec.heads_kv, spec.head_dim,
+                spec.head_dim_v, spec.capacity, params.page_size, spec.dtype,
+                params.num_splits, sms)[3]
+
+
+def kernel_for(spec, params) -> str:
+    sms = 8
+    if spec.device_type == "cuda" and torch.cuda.is_available():
+        sms = sm_count(torch.cuda.current_device())
+    cfg, block_m, m_blocks, ns, split_len, page_block = plan(
+        spec.batch, spec.seqlen_q, spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v,
+        spec.capacity, params.page_size, spec.dtype, params.num_splits, sms)
+    paging = ""
+    if params.page_size:
+        paging = ", one page lookup per block" if page_block else ", page lookup per key row"
+    return (f"triton split-KV decode (block_m {block_m} packing {spec.heads_q // spec.heads_kv} "
+            f"heads x {spec.seqlen_q} rows, block_n {cfg.block_n}, {cfg.num_warps} warps, "
+            f"{cfg.num_stages} stages, {split_len} keys per split{paging}"
+            f"{', lse merge' if ns > 1 else ''})")
+
+
+def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config=None):
+    """-> (out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) float32). `config` overrides the
+    tuning table (benchmarks)."""
+    b, sq, hq, d = q.shape
+    paged = block_table is not None
+    hkv, dv = k_cache.shape[2], v_cache.shape[3]
+    page_size = k_cache.shape[1] if paged else 0
+    if paged:
+        num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
+        capacity = max_pages * page_size
+    else:
+        num_pages, max_pages = 1, 1
+        capacity = k_cache.shape[1]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache, v_cache: the triton decode kernel needs a contiguous last "
+                         "(head_dim) dimension")
+    dtype = str(q.dtype).rsplit(".", 1)[-1]
+    cfg, block_m, m_blocks, ns, split_len, page_block = plan(
+        b, sq, hq, hkv, d, dv, capacity, page_size, dtype, params.num_splits, _sms(q), config)
+    out = torch.empty((b, sq, hq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    split = ns > 1
+    if split:
+        o_part = torch.empty((ns, b, sq, hq, dv), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((ns, b, hq, sq), dtype=torch.float32, device=q.device)
+        o_dst, l_dst = o_part, l_part
+        so = o_part.stride()
+        sl = l_part.stride()
+    else:
+        o_dst, l_dst = out, lse
+        so = (0,) + out.stride()
+        sl = (0,) + lse.stride()
+    seqlens_k = seqlens_k if seqlens_k.dtype == torch.int32 else seqlens_k.to(torch.int32)
+    tbl = block_table if paged else seqlens_k  # a dummy pointer when contiguous
+    slopes = alibi_slopes if alibi_slopes is not None else lse
+    stride_ab = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_ab = alibi_slopes.stride(0)
+    if paged:  # (num_pages, page_size, Hkv, D): "page" stride, no batch stride
+        skb, skp, skh, sks = 0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+        svb, svp, svh, svs = 0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+    else:  # (B, S_max, Hkv, D): rows are sequence positions
+        skb, skp, skh, sks = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0
+        svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
+    wl, wr = params.window_left, params.window_right
+    grid = (ns, b * hkv, m_blocks)
+    decode_fwd[grid](
+        q, k_cache, v_cache, seqlens_k, tbl, slopes, o_dst, l_dst,
+        q.stride(0), q.stride(1), q.stride(2),
+        skb, skp, skh, sks, svb, svp, svh, svs,
+        block_table.stride(0) if paged else 0, stride_ab,
+        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2],
+        sq, capacity, max_pages, num_pages, split_len,
+        0 if wl is None else int(wl), 0 if wr is None else int(wr),
+        float(params.scale), float(params.softcap or 1.0),
+        GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        PAGE_SIZE=max(page_size, 1), PAGED=paged, PAGE_BLOCK=page_block,
+        HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
+        ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=split,
+        num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
+        num_stages=cfg.num_stages,
+    )
+    if split:
+        decode_merge[(b * hq * sq,)](
+            o_part, l_part, out, lse, ns,
+            so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2],
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            sq, hq,
+            HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+            BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+            num_warps=4,
+        )
+    return out, lse

@@ -1,0 +1,77 @@
+"""Block sizes of the Triton decode (split-KV) kernel: a small table and the candidates a GPU
+run times (`tests/kvcache/test_triton_decode_gpu.py` and the harness's decode sweep print
+GB/s per candidate; the lead's H200 run picks the default).
+
+Decode is bound by the bytes of the cache: wide key blocks (64-256 keys), enough splits to give
+every SM about `waves` programs, 16-byte loads along head_dim (contiguous last dimension), 2-4
+pipeline stages. `FLASHMUX_TRITON_DECODE="block_n=128,num_warps=4,num_stages=3,waves=2"`
+overrides the table (any subset of the fields).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+MAX_BLOCK_M = 128  # packed query rows (heads of one KV head x Sq rows) per program
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 128  # keys per block
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: float = 2.0  # splits chosen so that programs ~ waves x SM count
+    min_blocks_per_split: int = 4  # never split a sequence finer than this many key blocks
+
+    def label(self) -> str:
+        return (f"block_n={self.block_n},num_warps={self.num_warps},"
+                f"num_stages={self.num_stages},waves={self.waves:g}")
+
+
+# Candidates for the GPU run (the first of each head-dim class is the default until measured).
+CANDIDATES = (
+    DecodeConfig(128, 4, 3, 2.0),
+    DecodeConfig(64, 4, 3, 2.0),
+    DecodeConfig(128, 4, 4, 2.0),
+    DecodeConfig(128, 8, 3, 2.0),
+    DecodeConfig(256, 8, 2, 2.0),
+    DecodeConfig(128, 4, 3, 4.0),
+    DecodeConfig(64, 4, 4, 4.0),
+    DecodeConfig(128, 4, 2, 1.0),
+)
+
+
+def _override(cfg: DecodeConfig) -> DecodeConfig:
+    env = os.environ.get("FLASHMUX_TRITON_DECODE", "").strip()
+    if not env:
+        return cfg
+    kw = {}
+    for part in env.split(","):
+        name, _, val = part.partition("=")
+        name = name.strip()
+        if name not in DecodeConfig.__dataclass_fields__:
+            raise ValueError(f"FLASHMUX_TRITON_DECODE: unknown field {name!r} in {env!r}")
+        kw[name] = float(val) if name == "waves" else int(val)
+    return replace(cfg, **kw)
+
+
+def parse(text: str) -> DecodeConfig:
+    """'block_n=128,num_warps=4,...' -> DecodeConfig (unnamed fields keep their defaults)."""
+    kw = {}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        kw[name.strip()] = float(val) if name.strip() == "waves" else int(val)
+    return DecodeConfig(**kw)
+
+
+def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int) -> DecodeConfig:
+    """The default for a shape class. Wide blocks for 16-bit D <= 128; D = 256 and float32 use
+    64-key blocks (registers). Not yet measured on a GPU (see NOTES.md)."""
+    d = max(head_dim, head_dim_v)
+    if dtype == "float32" or d > 128:
+        cfg = DecodeConfig(64, 4, 2, 2.0)
+    else:
+        cfg = DecodeConfig(128, 4, 3, 2.0)
+    return _override(cfg)
