@@ -29,6 +29,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
 from .api import _check_window
@@ -205,8 +207,6 @@ def _check_array(name, x, kind, like, dtypes=None, rank=None):
 def _host_ints(x, kind):
     """Values of a small int array when reading them costs no device sync (NumPy, CPU torch
     outside torch.compile, concrete JAX arrays on the CPU); else None."""
-    import numpy as np
-
     if kind == "numpy":
         return np.asarray(x).astype(np.int64)
     if kind == "torch":
@@ -308,7 +308,7 @@ def _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scal
         if not math.isfinite(scale_f):
             raise ValueError(f"scale: expected a finite number, got {scale_f}")
     left, right = _check_window(window)
-    if causal not in (True, False):
+    if not isinstance(causal, bool | np.bool_):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
     if causal:
         right = 0 if right is None else min(right, 0)
@@ -318,7 +318,7 @@ def _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scal
         if not (float(softcap) > 0 and math.isfinite(float(softcap))):
             raise ValueError(f"softcap: expected a finite number > 0 or None, got {softcap}")
         softcap = float(softcap)
-    if return_lse not in (True, False):
+    if not isinstance(return_lse, bool | np.bool_):
         raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
     if num_splits is not None:
         if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
