@@ -134,9 +134,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         if interpret:
             ns = 1
         else:
-            ns = choose_splits(
-                s.batch, s.heads_kv, row_blocks, s.capacity, cores or _core_count()
-            )
+            ns = choose_splits(s.batch, s.heads_kv, row_blocks, s.capacity, cores or _core_count())
     import jax.numpy as jnp
 
     return DecodeStatic(
@@ -252,7 +250,10 @@ def _decode_kernel(*refs, st: DecodeStatic):
         p = _exp2(s - m_use[:, None], st)
         l = l * alpha + jnp.sum(p, axis=1)
         pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=prec,
             preferred_element_type=jnp.float32,
         )
         return acc * alpha[:, None] + pv, m_new, l
