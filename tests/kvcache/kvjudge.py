@@ -230,14 +230,14 @@ def measure(case: KvCase, backend: str, kind: str, seed: int, device: str | None
     }
 
 
-def run_case(case: KvCase, backend: str, kind: str, seed: int):
+def run_case(case: KvCase, backend: str, kind: str, seed: int, device: str | None = None):
     """Judge one case (with the redraw rule); None, or the reason the backend declines it."""
-    first = measure(case, backend, kind, seed)
+    first = measure(case, backend, kind, seed, device)
     if isinstance(first, str):
         return first
 
     def draw(s):
-        return first if s == seed else measure(case, backend, kind, s)
+        return first if s == seed else measure(case, backend, kind, s, device)
 
     ok, draws = redraw(draw, seed)
     if not ok:
