@@ -168,12 +168,14 @@ def test_jax_mesh(tmp_path):
     pytest.importorskip("jax")
     seed = _seed()
     c = CPCase(seed=seed)
+    # compiles dominate (a 4-rank all-gather case alone takes ~15 s): one 4-rank ring case, the
+    # rest on 2 of the 4 devices
     cases = [
         replace(c, world=4, layout="zigzag", dtype="bfloat16", heads_kv=2, lse_grad=True),
-        replace(c, world=4, layout="contiguous", seed=seed + 1),
+        replace(c, world=2, layout="contiguous", seed=seed + 1),
         replace(c, world=2, layout="zigzag", causal=False, softcap=5.0, return_lse=False, seed=seed + 2),
-        replace(c, world=4, layout="zigzag", variant="allgather", heads_kv=1, lse_grad=True, seed=seed + 3),
-        replace(c, world=2, layout="contiguous", variant="allgather", heads_kv=2, dtype="float16", seed=seed + 4),
+        replace(c, world=2, layout="zigzag", variant="allgather", heads_kv=1, lse_grad=True,
+                dtype="float16", seed=seed + 3),
     ]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     _judge_all("jax", cases, lambda cs, d: _run_jax(cs, d, env), tmp_path)
