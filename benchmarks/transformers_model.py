@@ -1,0 +1,197 @@
+"""flashmux inside a transformers model: a Llama-shaped model (random weights, nothing downloaded)
+at 4 x 2048 tokens, head_dim 64 and 128, forward and forward+backward, bf16, three ways:
+
+- sdpa:    attn_implementation="sdpa" (torch's SDPA; FlashAttention-2 kernels on the GPU)
+- fmx:     attn_implementation="fmx"  (flashmux.integrations.transformers)
+- direct:  a 3-line attention function that calls flashmux.attention on the same tensors
+           (transposed views, causal, scale): the integration must cost nothing on top of it
+
+and, to isolate the attention call, the same three on one layer's q/k/v tensors alone.
+
+    python benchmarks/transformers_model.py                 # the GPU run (about 2-3 minutes)
+    python benchmarks/transformers_model.py --padding       # + right-padded rows (mask path)
+    python benchmarks/transformers_model.py --quick         # tiny shapes, any device (smoke test)
+
+Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import transformers
+
+import flashmux
+from flashmux.integrations import transformers as fmx_tf
+
+
+def direct_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     **kwargs):
+    """The bar: flashmux.attention on the same tensors, no padding/packing logic."""
+    out = flashmux.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                             causal=True, scale=scaling)
+    return out, None
+
+
+def register_direct():
+    transformers.AttentionInterface.register("fmx_direct", direct_attention)
+    transformers.masking_utils.AttentionMaskInterface.register("fmx_direct",
+                                                               fmx_tf.attention_mask)
+
+
+def timer(fn, iters, device):
+    """Median milliseconds per call (CUDA events on the GPU, perf_counter elsewhere)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def model_for(head_dim, layers, impl, device, dtype, quick):
+    heads = 4 if quick else 16
+    cfg = transformers.LlamaConfig(
+        vocab_size=256 if quick else 32000, hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim if quick else 4 * heads * head_dim,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 4,
+        max_position_embeddings=8192, head_dim=head_dim,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
+                                                          attn_implementation=impl,
+                                                          dtype=dtype)
+    return model.to(device)
+
+
+def bench_model(args, device, dtype, head_dim, batch, seq):
+    rows = []
+    ids = torch.randint(0, 256, (batch, seq), device=device)
+    mask = None
+    if args.padding:
+        lens = [seq - i * seq // 8 for i in range(batch)]  # 100%, 87.5%, 75%, ... of the row
+        mask = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        for i, n in enumerate(lens):
+            mask[i, :n] = 1
+    impls = ["sdpa", "fmx"] + ([] if args.padding else ["fmx_direct"])
+    state = None
+    for impl in impls:
+        model = model_for(head_dim, args.layers, impl, device, dtype, args.quick)
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+
+        def fwd(model=model):
+            with torch.no_grad():
+                model(ids, attention_mask=mask, use_cache=False)
+
+        def fwd_bwd(model=model):
+            out = model(ids, attention_mask=mask, use_cache=False)
+            out.logits.float().square().mean().backward()
+
+        f = timer(fwd, args.iters, device)
+        fb = timer(fwd_bwd, args.iters, device)
+        rows.append((impl, head_dim, f, fb))
+        model = fwd = fwd_bwd = None  # free the weights before the next model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_attention(args, device, dtype, head_dim, batch, seq):
+    heads = 4 if args.quick else 16
+    shape_q, shape_kv = (batch, heads, seq, head_dim), (batch, heads // 4, seq, head_dim)
+    # (B, H, S, D) views of (B, S, H, D) tensors, as the projections make them
+    q = torch.randn(shape_q[0], shape_q[2], shape_q[1], head_dim, device=device, dtype=dtype)
+    k = torch.randn(shape_kv[0], shape_kv[2], shape_kv[1], head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    q, k, v = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))
+    module = torch.nn.Module()
+    module.is_causal = True
+    scale = head_dim ** -0.5
+    calls = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True),
+        "fmx": lambda: fmx_tf.attention_forward(module, q, k, v, None, scaling=scale)[0],
+        "fmx_direct": lambda: flashmux.attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), causal=True, scale=scale),
+    }
+    rows = []
+    for name, call in calls.items():
+        def fwd():
+            with torch.no_grad():
+                call()
+
+        def fwd_bwd():
+            call().float().sum().backward()
+
+        rows.append((name, head_dim, timer(fwd, args.iters, device),
+                     timer(fwd_bwd, args.iters, device)))
+    return rows
+
+
+def table(title, rows):
+    print(f"\n{title}")
+    print(f"{'impl':12} {'D':>4} {'fwd ms':>9} {'vs sdpa':>8} {'fwd+bwd ms':>11} {'vs sdpa':>8}")
+    base = {d: (f, fb) for name, d, f, fb in rows if name == "sdpa"}
+    for name, d, f, fb in rows:
+        bf, bfb = base[d]
+        print(f"{name:12} {d:>4} {f:9.3f} {bf / f:7.2f}x {fb:11.3f} {bfb / fb:7.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test, any device)")
+    ap.add_argument("--padding", action="store_true", help="right-padded rows with a mask")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--backend", default=None, help="force a flashmux backend")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch, seq = (2, 64) if args.quick else (4, 2048)
+    if args.quick:
+        args.layers, args.iters = min(args.layers, 2), min(args.iters, 3)
+    register_direct()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {name}, {dtype}, "
+          f"B={batch} S={seq}, {args.layers} layers, GQA 4:1"
+          + (", right-padded rows" if args.padding else ""))
+    with flashmux.use_backend(args.backend) if args.backend else _null():
+        heads = 4 if args.quick else 16
+        q = torch.zeros(batch, seq, heads, 64, device=device, dtype=dtype)
+        kv = q[:, :, : heads // 4]
+        print(flashmux.explain(q, kv, kv, causal=True))
+        model_rows, attn_rows = [], []
+        for head_dim in (64, 128):
+            model_rows += bench_model(args, device, dtype, head_dim, batch, seq)
+            attn_rows += bench_attention(args, device, dtype, head_dim, batch, seq)
+    table("whole model (median ms per step)", model_rows)
+    table("one attention call on the model's tensors", attn_rows)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    main()
