@@ -109,7 +109,21 @@ class FlashmuxImpl(Impl):
     def unsupported(self, point, mode, ctx):
         if self.framework == "numpy" and mode != "fwd":
             return "numpy arrays have no autograd: forward only"
+        if point.kvcache and mode != "fwd":
+            return "attention_with_kvcache is inference only: forward only"
         return None
+
+    def _kvcache_kwargs(self, point, ctx):
+        """cache_seqlens (full, or the ragged lengths) and the in-order block table."""
+        fw = ctx.fws[self.framework]
+        lens = point.kv_lens or (point.seqlen_k,) * point.batch
+        # cache_seqlens counts tokens before this step's queries: the Sq query tokens are the
+        # cache's last ones (bottom-right), as after an append
+        kw = dict(causal=point.causal, cache_seqlens=fw.int32(np.asarray(lens, np.int32)))
+        if point.page_size:
+            mp = point.seqlen_k // point.page_size
+            kw["block_table"] = fw.int32(np.arange(point.batch * mp).reshape(point.batch, mp))
+        return kw
 
     def _kwargs(self, point, ctx):
         kw = dict(causal=point.causal)
@@ -127,8 +141,19 @@ class FlashmuxImpl(Impl):
     def build(self, point, ctx):
         import flashmux
 
-        kw = self._kwargs(point, ctx)
         backend = None if self.backend == "auto" else self.backend
+        if point.kvcache:
+            kw = self._kvcache_kwargs(point, ctx)
+            page = point.page_size
+
+            def kv_fn(q, k, v):
+                if page:  # (B, Sk, Hkv, D) -> pages in order: a view, nothing copied
+                    k = k.reshape((-1, page) + tuple(k.shape[2:]))
+                    v = v.reshape((-1, page) + tuple(v.shape[2:]))
+                return flashmux.attention_with_kvcache(q, k, v, backend=backend, **kw)
+
+            return kv_fn
+        kw = self._kwargs(point, ctx)
 
         def fn(q, k, v):
             return flashmux.attention(q, k, v, backend=backend, **kw)
@@ -145,10 +170,28 @@ class FlashmuxImpl(Impl):
         try:
             import flashmux
 
+            if point.kvcache:
+                if point.page_size:
+                    k = k.reshape((-1, point.page_size) + tuple(k.shape[2:]))
+                    v = v.reshape((-1, point.page_size) + tuple(v.shape[2:]))
+                rep = flashmux.explain_kvcache(q, k, v, **self._kvcache_kwargs(point, ctx))
+                return getattr(rep, "chosen", None)
             rep = flashmux.explain(q, k, v, **self._kwargs(point, ctx))
             return getattr(rep, "chosen", None)
         except Exception as e:
             return f"explain failed: {type(e).__name__}"
+
+
+def kvcache_unsupported(impl: Impl, point: Point) -> str | None:
+    """Anchors run the decode sweep's KV-cache rows only where they compute the same thing:
+    a contiguous cache read in full (plain attention of the last Sq queries)."""
+    if not point.kvcache or impl.family == "flashmux":
+        return None
+    if point.page_size:
+        return "no paged KV cache"
+    if point.kv_lens is not None:
+        return "no ragged cache lengths (reads every key of a padded batch)"
+    return None
 
 
 def _discovered_backends() -> list:

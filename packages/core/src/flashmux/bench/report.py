@@ -239,6 +239,12 @@ def _group_desc(sweep: str, p: dict) -> str:
         else f"Hq={p['heads_q']}, Hkv={p['heads_kv']}"
     )
     parts += [h, f"head_dim {p['head_dim']}", "causal" if p["causal"] else "non-causal", p["dtype"]]
+    if p.get("kvcache"):  # attention_with_kvcache rows of the decode sweep
+        page = p.get("page_size") or 0
+        kv = f"attention_with_kvcache, {'paged (' + str(page) + '-token pages)' if page else 'contiguous'} cache"
+        if p.get("kv_lens"):
+            kv += f", ragged lengths (mean {sum(p['kv_lens']) / len(p['kv_lens']):.0f}; bytes actually read)"
+        parts.append(kv)
     return ", ".join(parts)
 
 

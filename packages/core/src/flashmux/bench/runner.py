@@ -18,7 +18,7 @@ import numpy as np
 
 from ..reference import reference_backward, reference_forward
 from .frameworks import bshd_to_layout_np, is_oom, layout_to_bshd_np, shapes_for
-from .impls import Context, Impl, cu_seqlens
+from .impls import Context, Impl, cu_seqlens, kvcache_unsupported
 from .shapes import ITEMSIZE, Point, check_point, modes_for
 
 STATUSES = ("ok", "wrong", "unsupported", "unavailable", "oom", "error", "budget")
@@ -349,7 +349,8 @@ class Runner:
             return
         todo = []
         for m in modes:
-            r = impl.unsupported(point, m, ctx) or self._predicted_oom(fw, impl, point, m)
+            r = (kvcache_unsupported(impl, point) or impl.unsupported(point, m, ctx)
+                 or self._predicted_oom(fw, impl, point, m))
             if r:
                 self._record(impl, point, m, "unsupported", r)
             else:

@@ -44,6 +44,12 @@ class Point:
     seqlens: tuple[int, ...] | None = None  # varlen: per-sequence lengths (q and k alike)
     x: int = 0
     memory_only: bool = False
+    # decode sweep, flashmux.attention_with_kvcache variants: k/v are the cache (B, Sk, Hkv, D),
+    # seen as pages of `page_size` tokens when > 0 (in order: block table = arange), with
+    # kv_lens (ragged cache_seqlens, one per sequence) when given, else every cache is full
+    kvcache: bool = False
+    page_size: int = 0
+    kv_lens: tuple[int, ...] | None = None
 
     @property
     def varlen(self) -> bool:
@@ -55,6 +61,8 @@ class Point:
 
     @property
     def total_k(self) -> int:
+        if self.kv_lens is not None:  # ragged cache: the keys actually read
+            return sum(self.kv_lens)
         return sum(self.seqlens) if self.varlen else self.batch * self.seqlen_k
 
     def allowed_pairs(self, sq: int, sk: int) -> float:
@@ -71,8 +79,10 @@ class Point:
     def flops_fwd(self) -> float:
         lens = self.seqlens if self.varlen else [None] * self.batch
         total = 0.0
-        for s in lens:
+        for b, s in enumerate(lens):
             sq, sk = (s, s) if s is not None else (self.seqlen_q, self.seqlen_k)
+            if self.kv_lens is not None:
+                sk = self.kv_lens[b]
             total += self.allowed_pairs(sq, sk)
         return 4.0 * self.heads_q * self.head_dim * total
 
@@ -89,6 +99,10 @@ class Point:
         g = f"hd{self.head_dim}-{'causal' if self.causal else 'noncausal'}-{self.dtype}"
         if self.sweep == "decode":
             g = f"sq{self.seqlen_q}-" + g
+        if self.kvcache:
+            g += "-kvcache-" + (f"page{self.page_size}" if self.page_size else "contig")
+            g += "-mqa" if self.heads_kv == 1 else ""
+            g += "-ragged" if self.kv_lens is not None else ""
         return g
 
     @property
@@ -98,11 +112,16 @@ class Point:
         else:
             shape = f"B{self.batch} Sq{self.seqlen_q} Sk{self.seqlen_k}"
         h = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.heads_kv != self.heads_q else "")
-        return f"{self.sweep} {shape} {h} D{self.head_dim} {'causal ' if self.causal else ''}{self.dtype}"
+        kv = ""
+        if self.kvcache:
+            kv = " kvcache " + (f"page{self.page_size}" if self.page_size else "contig")
+            kv += " ragged" if self.kv_lens is not None else ""
+        return f"{self.sweep} {shape} {h} D{self.head_dim} {'causal ' if self.causal else ''}{self.dtype}{kv}"
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["seqlens"] = list(self.seqlens) if self.seqlens else None
+        d["kv_lens"] = list(self.kv_lens) if self.kv_lens else None
         d["flops_fwd"] = self.flops_fwd
         d["group"] = self.group
         return d
@@ -180,6 +199,7 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
                     for sk in sks:
                         if sk >= sq:
                             pts.append(Point(sweep, b, sq, sk, hq, hkv, hd, causal, dt, x=sk))
+        pts += _kvcache_points(cfg, dt, quick)
     elif sweep == "long":
         hds = cfg.head_dims or ([32] if quick else [128])
         seqs = cfg.seqlens or ([256, 512] if quick else [32768, 65536, 131072])
@@ -210,6 +230,36 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
                     pts.append(Point(sweep, 1, s, s, h, h, hd, causal, dt, x=s, memory_only=True))
     else:
         raise ValueError(f"unknown sweep {sweep!r} (expected one of {', '.join(SWEEPS)}, all)")
+    return pts
+
+
+def _kvcache_points(cfg: SweepConfig, dt: str, quick: bool) -> list[Point]:
+    """The decode sweep's flashmux.attention_with_kvcache rows: contiguous and paged caches
+    (16- and 64-token pages), Sq = 1 and 4 (speculative decoding), a ragged batch (cache lengths
+    spread over [Sk/8, Sk]; bytes counted are those actually read) and MQA (Hkv = 1). Causal
+    (bottom-right), as a decode step is."""
+    hds = cfg.head_dims or ([32] if quick else [128])
+    sks = cfg.seqlens or ([64, 256] if quick else [4096, 16384, 65536, 131072])
+    b, hq, hkv = (2, 4, 1) if quick else (8, 32, 8)
+    pages = (16, 64)
+    pts: list[Point] = []
+    for hd in hds:
+        for sk in sks:
+            def add(sq, page, heads_kv=hkv, lens=None):
+                if sk >= sq and (not page or sk % page == 0):
+                    pts.append(Point("decode", b, sq, sk, hq, heads_kv, hd, True, dt, x=sk,
+                                     kvcache=True, page_size=page, kv_lens=lens))
+            for sq in (1, 4):
+                for page in (0,) + pages:
+                    add(sq, page)
+            rng = np.random.default_rng(sk)
+            ragged = tuple(int(n) for n in rng.integers(max(1, sk // 8), sk + 1, b))
+            ragged = (sk,) + ragged[1:]
+            add(1, 0, lens=ragged)
+            add(1, 16, lens=ragged)
+            if hkv > 1:
+                add(1, 0, heads_kv=1)
+                add(1, 16, heads_kv=1)
     return pts
 
 
@@ -279,4 +329,6 @@ def check_point(point: Point) -> Point:
         point.dtype,
         seqlens=c["seqlens"],
         x=c["seqlen_k"],
+        kvcache=point.kvcache,
+        page_size=point.page_size if c["seqlen_k"] % max(point.page_size, 1) == 0 else 0,
     )
