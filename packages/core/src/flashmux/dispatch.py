@@ -67,6 +67,10 @@ def _discover() -> dict[str, Backend]:
         from .builtin.reference import backend as ref
 
         found["reference"] = ref
+    if "native" not in found:  # a source tree whose installed metadata predates it
+        from .builtin.native import backend as native
+
+        found["native"] = native
     return found
 
 

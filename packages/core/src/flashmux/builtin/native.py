@@ -1,0 +1,450 @@
+"""The `native` backend: the frameworks' own fused attention kernels, where they compute exactly
+what the contract (docs/spec.md) asks.
+
+- torch: the kernels behind `torch.nn.functional.scaled_dot_product_attention`, called through
+  their aten ops so that the forward returns the log-sum-exp the backward needs:
+  `cudnn` (cuDNN), `flash` (FlashAttention-2), `efficient` (memory-efficient) on CUDA and
+  `cpu_flash` (torch's CPU flash kernel) on the CPU. SDPA's math kernel is not a candidate: it is
+  what the reference backend already does.
+- JAX: `jax.nn.dot_product_attention` with implementation `cudnn` (GPU) or `xla` (any device).
+
+A call takes the first kernel of its framework, in the order above, that has no reason against
+it; `reasons(spec)` lists every kernel's reasons when none fits, so the dispatcher passes the
+backend over instead of running something that computes a different function. What none of them
+does (each with its sentence): softcap; causal masks with Sq != Sk (SDPA's and jax's `is_causal`
+are aligned top-left, the contract bottom-right; Sq == 1 is run as non-causal, which is what a
+bottom-right causal mask means for a single query row); windows (except `xla` with Sq == Sk);
+packed variable-length batches; dropout (their masks are not the contract's counter-based one);
+deterministic=True with a gradient;
+Dv != D. Head-dim and dtype limits are per kernel (see `_torch_kernel_reasons`).
+
+GQA: torch's kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head);
+jax.nn.dot_product_attention groups heads itself. The JAX backward recomputes the forward under
+jax.vjp (an extra forward pass): the framework function keeps its residuals private. A gradient
+through lse, which the torch backward kernels do not take, costs two more kernel calls
+(`_torch_backward`); jax's cuDNN path declines it.
+
+FLASHMUX_NATIVE_KERNELS=cudnn,flash (a comma list) restricts the kernels tried, for A/B runs and
+for switching one off; `NativeBackend(name=..., kernels=(...))` does the same for one instance
+(the benchmark harness registers one per kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+from .._arrays import array_kind
+from ..backend import FEATURES, Backend, Capabilities
+from ..spec import Params, ProblemSpec
+
+TORCH_KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
+JAX_KERNELS = ("cudnn", "xla")
+ALL_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
+# The xla implementation materializes the (B, Hq, Sq, Sk) scores (and, with a gradient, the
+# probabilities): above this many bytes per buffer it is passed over.
+XLA_SCORE_BYTES = 1 << 30
+ENV_KERNELS = "FLASHMUX_NATIVE_KERNELS"
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the kernel checks look at, from a ProblemSpec or from the arrays of a call."""
+
+    kind: str
+    device_type: str
+    cc: tuple[int, int] | None
+    dtype: str
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    window: bool
+    softcap: bool
+    dropout: bool
+    varlen: bool
+    return_lse: bool
+    lse_grad: bool
+    deterministic: bool
+    nonpositive_scale: bool = False
+
+
+def _facts_from_spec(s: ProblemSpec) -> _Facts:
+    return _Facts(
+        s.kind, s.device_type, s.compute_capability, s.dtype, s.batch, s.seqlen_q, s.seqlen_k,
+        s.heads_q, s.heads_kv, s.head_dim, s.head_dim_v, s.causal, s.window, s.softcap,
+        s.dropout, s.varlen, s.return_lse, s.return_lse and s.requires_grad,
+        s.deterministic and s.requires_grad, s.nonpositive_scale,
+    )
+
+
+def _common_reasons(f: _Facts) -> list[str]:
+    """What no native kernel does, as the contract defines it."""
+    out = []
+    if f.softcap:
+        out.append("softcap: the frameworks' fused attention has no logit softcapping")
+    if f.varlen:
+        out.append("variable-length batches (cu_seqlens): not taken through the framework kernels")
+    if f.dropout:
+        out.append("dropout: the framework kernels draw their own masks, not the contract's "
+                   "counter-based one (keep(seed, batch, head, i, j))")
+    if f.deterministic:
+        out.append("deterministic=True: the framework backward kernels are not promised to be "
+                   "bitwise repeatable")
+    if f.head_dim_v != f.head_dim:
+        out.append(f"head_dim_v {f.head_dim_v} != head_dim {f.head_dim}: the framework kernels "
+                   "need equal head dims")
+    if f.causal and f.seqlen_q != f.seqlen_k and f.seqlen_q != 1:
+        out.append(f"causal with seqlen_q {f.seqlen_q} != seqlen_k {f.seqlen_k}: the framework's "
+                   "is_causal is aligned top-left, the contract's bottom-right")
+    return out
+
+
+def _torch_kernel_reasons(kernel: str, f: _Facts) -> list[str]:
+    out = []
+    if f.nonpositive_scale:  # measured: the CPU kernel returns NaN for scale -0.3
+        out.append("scale <= 0: SDPA's fused kernels assume a positive scale")
+    if f.window:
+        out.append("sliding windows: SDPA has no window argument")
+    d = f.head_dim
+    if kernel == "cpu_flash":
+        if f.device_type != "cpu":
+            out.append(f"runs on the CPU, inputs are on {f.device_type}")
+        if f.dtype not in ("float32", "bfloat16", "float16"):
+            out.append(f"dtype {f.dtype} not taken (float32, bfloat16, float16)")
+        return out
+    if f.device_type != "cuda":
+        return out + ["needs a CUDA device"]
+    cc = f.cc or (0, 0)
+    if kernel == "cudnn":
+        if cc < (8, 0):
+            out.append(f"cuDNN attention needs sm80+, got sm{cc[0]}{cc[1]}")
+        if f.dtype not in ("float16", "bfloat16"):
+            out.append(f"cuDNN attention takes float16/bfloat16, got {f.dtype}")
+        limit = 256 if cc >= (9, 0) else 128
+        if d % 8 or d > limit:
+            out.append(f"cuDNN attention takes head_dim a multiple of 8 up to {limit} here, got {d}")
+        if not _cudnn_available():
+            out.append("torch was built without cuDNN attention (torch.backends.cudnn unavailable)")
+    elif kernel == "flash":
+        if cc < (8, 0):
+            out.append(f"FlashAttention-2 needs sm80+, got sm{cc[0]}{cc[1]}")
+        if f.dtype not in ("float16", "bfloat16"):
+            out.append(f"FlashAttention-2 takes float16/bfloat16, got {f.dtype}")
+        if d % 8 or d > 256:
+            out.append(f"FlashAttention-2 takes head_dim a multiple of 8 up to 256, got {d}")
+    elif kernel == "efficient":
+        if cc < (5, 0):
+            out.append(f"memory-efficient attention needs sm50+, got sm{cc[0]}{cc[1]}")
+        if f.dtype not in ("float16", "bfloat16", "float32"):
+            out.append(f"memory-efficient attention takes float16/bfloat16/float32, got {f.dtype}")
+        align = 4 if f.dtype == "float32" else 8
+        if d % align:
+            out.append(f"memory-efficient attention takes head_dim a multiple of {align}, got {d}")
+    return out
+
+
+def _jax_kernel_reasons(kernel: str, f: _Facts) -> list[str]:
+    out = []
+    d = f.head_dim
+    if kernel == "cudnn":
+        if f.device_type not in ("gpu", "cuda"):
+            return [f"cuDNN needs a GPU, inputs are on {f.device_type}"]
+        cc = f.cc or (0, 0)
+        if f.cc is not None and cc < (8, 0):
+            out.append(f"cuDNN attention needs sm80+, got sm{cc[0]}{cc[1]}")
+        if f.dtype not in ("float16", "bfloat16"):
+            out.append(f"cuDNN attention takes float16/bfloat16, got {f.dtype}")
+        if d % 8 or d > 128:
+            out.append(f"jax's cuDNN attention takes head_dim a multiple of 8 up to 128, got {d}")
+        if f.window:
+            out.append("sliding windows: not taken through jax's cuDNN path")
+        if f.return_lse:
+            out.append("return_lse: jax's cuDNN path returns no float32 lse here")
+        if f.lse_grad:
+            out.append("gradient through lse: not taken through jax's cuDNN backward")
+        if f.nonpositive_scale:
+            out.append("scale <= 0: not taken through jax's cuDNN path")
+        return out
+    # xla
+    if f.window and f.seqlen_q != f.seqlen_k:
+        out.append(f"sliding windows with seqlen_q {f.seqlen_q} != seqlen_k {f.seqlen_k}: "
+                   "local_window_size is aligned top-left")
+    if f.return_lse and f.dtype != "float32":
+        out.append(f"return_lse with {f.dtype}: the xla implementation returns lse in the input "
+                   "dtype, not float32")
+    nbytes = 4 * f.batch * f.heads_q * f.seqlen_q * f.seqlen_k
+    if nbytes > XLA_SCORE_BYTES:
+        out.append(f"the xla implementation materializes the scores: {nbytes / 2**30:.1f} GiB "
+                   f"> {XLA_SCORE_BYTES / 2**30:.0f} GiB")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cudnn_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.backends.cudnn.is_available()) and hasattr(
+            torch.ops.aten, "_scaled_dot_product_cudnn_attention"
+        )
+    except Exception:
+        return False
+
+
+@dataclass
+class NativeBackend(Backend):
+    # None: every kernel of the framework (minus what $FLASHMUX_NATIVE_KERNELS leaves out)
+    kernels: tuple[str, ...] | None = field(default=None)
+
+    def _allowed(self, kind: str) -> tuple[str, ...]:
+        ks = TORCH_KERNELS if kind == "torch" else JAX_KERNELS
+        if self.kernels is not None:
+            ks = tuple(k for k in ks if k in self.kernels)
+        env = os.environ.get(ENV_KERNELS, "").strip()
+        if env:
+            want = {k.strip() for k in env.split(",")}
+            ks = tuple(k for k in ks if k in want)
+        return ks
+
+    def availability(self) -> list[str]:
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("torch", "jax")):
+            return ["neither torch nor jax is installed"]
+        return []
+
+    def kernel_reasons(self, f: _Facts) -> list[tuple[str, list[str]]]:
+        """(kernel, reasons) for every kernel of the call's framework, in the order tried."""
+        common = _common_reasons(f)
+        check = _torch_kernel_reasons if f.kind == "torch" else _jax_kernel_reasons
+        ks = self._allowed(f.kind)
+        if not ks:
+            return [("-", [f"no kernel left by {ENV_KERNELS} / this instance's kernel list"])]
+        return [(k, common + check(k, f)) for k in ks]
+
+    def pick(self, f: _Facts) -> str | None:
+        for k, r in self.kernel_reasons(f):
+            if not r:
+                return k
+        return None
+
+    def reasons(self, spec: ProblemSpec) -> list[str]:
+        if spec.kind not in ("torch", "jax"):
+            return []  # the capabilities already say so
+        f = _facts_from_spec(spec)
+        rows = self.kernel_reasons(f)
+        if any(not r for _, r in rows):
+            return []
+        common = _common_reasons(f)
+        out = list(common)
+        for k, r in rows:
+            extra = [x for x in r if x not in common]
+            if extra:
+                out.append(f"{k}: " + "; ".join(extra))
+        return out
+
+    def lowerings(self, q, k, v, params: Params):
+        k_ = self.pick(_facts_from_arrays(q, k, v, params, None))
+        return None if k_ is None else {"forward": k_, "backward": k_}
+
+    def info(self):
+        return {"kernels tried (torch)": ", ".join(self._allowed("torch")),
+                "kernels tried (jax)": ", ".join(self._allowed("jax"))}
+
+    # -- kernels ------------------------------------------------------------------------
+    def _kernel(self, q, k, v, p: Params, cu) -> str:
+        f = _facts_from_arrays(q, k, v, p, cu)
+        kern = self.pick(f)
+        if kern is None:
+            rows = self.kernel_reasons(f)
+            raise ValueError("native: no kernel can run this call: "
+                             + " | ".join(f"{n}: {'; '.join(r)}" for n, r in rows))
+        return kern
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params: Params):
+        kern = self._kernel(q, k, v, params, cu_seqlens_q)
+        if array_kind(q) == "torch":
+            return _torch_forward(kern, q, k, v, params)
+        return _jax_forward(kern, q, k, v, params)
+
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params: Params):
+        kern = self._kernel(q, k, v, params, cu_seqlens_q)
+        if array_kind(q) == "torch":
+            return _torch_backward(kern, do, dlse, q, k, v, out, lse, params)
+        return _jax_backward(kern, do, dlse, q, k, v, params)
+
+
+def _facts_from_arrays(q, k, v, p: Params, cu) -> _Facts:
+    from .._arrays import device_of, dtype_name
+
+    kind = array_kind(q)
+    dev = device_of(q, kind)
+    varlen = cu is not None or p.varlen
+    b, sq, hq, d = (1, *q.shape) if varlen else q.shape
+    sk, hkv, dv = k.shape[-3], k.shape[-2], v.shape[-1]
+    return _Facts(
+        kind, dev.type, dev.compute_capability, dtype_name(q), int(b), int(sq), int(sk),
+        int(hq), int(hkv), int(d), int(dv), p.causal, p.has_window, p.softcap is not None,
+        p.dropout_p > 0, varlen, p.return_lse, False, False, p.scale <= 0,
+    )
+
+
+# -- torch -----------------------------------------------------------------------------------
+
+
+def _is_causal(p: Params, sq: int) -> bool:
+    # bottom-right causal with one query row sees every key: not SDPA's top-left causal
+    return p.causal and sq > 1
+
+
+def _torch_forward(kern, q, k, v, p: Params):
+    import torch
+
+    aten = torch.ops.aten
+    b, sq, hq, _ = q.shape
+    g = hq // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
+    if g > 1:
+        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+    causal = _is_causal(p, sq)
+    if kern == "cpu_flash":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, causal, scale=p.scale)
+    elif kern == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(
+            qt, kt, vt, 0.0, causal, False, scale=p.scale)[:2]
+    elif kern == "efficient":
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            qt, kt, vt, None, True, 0.0, causal, scale=p.scale)[:2]
+    elif kern == "cudnn":
+        out, lse = aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, causal, False, scale=p.scale)[:2]
+    else:
+        raise ValueError(f"native: unknown torch kernel {kern!r}")
+    # lse: (B, H, Sq) float32, natural log; efficient pads rows to a multiple of 32, cuDNN adds
+    # a trailing axis of 1
+    lse = lse.reshape(b, hq, -1)[:, :, :sq].float().contiguous()
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def _torch_backward(kern, do, dlse, q, k, v, out, lse, p: Params):
+    """dq, dk, dv; with dlse (the gradient of the returned lse, (B, Hq, Sq)) two more kernel
+    calls add its terms. d lse_i / d s_ij = P_ij, so dq_i gains scale * dlse_i * sum_j P_ij k_j
+    (the output of attention with k as the values) and dk_j gains scale * sum_i P_ij dlse_i q_i
+    (the dV of a backward whose output gradient is dlse_i * q_i)."""
+    dq, dk, dv = _torch_backward_kernel(kern, do, q, k, v, out, lse, p)
+    if dlse is None:
+        return dq, dk, dv
+    w = dlse.float().transpose(1, 2).unsqueeze(-1) * p.scale  # (B, Sq, Hq, 1)
+    ok, _ = _torch_forward(kern, q, k, k, p)
+    dq = (dq.float() + w * ok.float()).to(q.dtype)
+    _, _, dk_lse = _torch_backward_kernel(kern, (w * q.float()).to(q.dtype), q, k, k, ok, lse, p)
+    return dq, (dk.float() + dk_lse.float()).to(k.dtype), dv
+
+
+def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
+    import torch
+
+    aten = torch.ops.aten
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if g > 1:
+        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+    # do and out in the same (BSHD contiguous) layout, seen as (B, H, S, D)
+    ot, dot = out.contiguous().transpose(1, 2), do.contiguous().transpose(1, 2)
+    causal = _is_causal(p, sq)
+    dev = q.device
+    if kern == "cpu_flash":
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dot, qt, kt, vt, ot, lse, 0.0, causal, scale=p.scale)
+    elif kern == "flash":
+        # no dropout: the philox state is not read; cum_seq None = not packed
+        rng = torch.zeros(2, dtype=torch.int64, device=dev)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse.contiguous(), None, None, sq, sk, 0.0, causal, rng,
+            torch.empty(0, device=dev), scale=p.scale)
+    elif kern == "efficient":
+        pad = -(-sq // 32) * 32
+        lse_p = torch.nn.functional.pad(lse, (0, pad - sq)) if pad != sq else lse
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dot, qt, kt, vt, None, ot, lse_p.contiguous(), zero, zero, 0.0,
+            [True, True, True, False], causal, scale=p.scale)
+    elif kern == "cudnn":
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            dot, qt, kt, vt, ot, lse.contiguous().unsqueeze(-1), zero, zero, None, None, None,
+            sq, sk, 0.0, causal, scale=p.scale)
+    else:
+        raise ValueError(f"native: unknown torch kernel {kern!r}")
+    if g > 1:  # a KV head's gradient sums over the query heads that share it
+        dk = dk.reshape(b, hkv, g, sk, d).sum(2)
+        dv = dv.reshape(b, hkv, g, sk, dv.shape[-1]).sum(2)
+    return (dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype),
+            dv.transpose(1, 2).contiguous().to(v.dtype))
+
+
+# -- JAX -------------------------------------------------------------------------------------
+
+
+def _jax_call(kern, p: Params, sq: int, sk: int):
+    import jax
+
+    kw = {"scale": p.scale, "is_causal": _is_causal(p, sq), "implementation": kern}
+    if p.has_window:  # xla only, Sq == Sk (checked): top-left and bottom-right agree
+        big = sk + sq
+        left = big if p.window_left is None else p.window_left
+        right = big if p.window_right is None else p.window_right
+        if p.causal:
+            kw["is_causal"] = False
+            right = min(right, 0)
+        kw["local_window_size"] = (left, right)
+
+    def f(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
+
+    return f
+
+
+def _jax_forward(kern, q, k, v, p: Params):
+    import jax.numpy as jnp
+
+    out, lse = _jax_call(kern, p, q.shape[1], k.shape[1])(q, k, v)  # lse (B, Sq, Hq)
+    return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
+
+
+def _jax_backward(kern, do, dlse, q, k, v, p: Params):
+    import jax
+    import jax.numpy as jnp
+
+    f = _jax_call(kern, p, q.shape[1], k.shape[1])
+    if dlse is None:
+        _, vjp = jax.vjp(lambda q, k, v: f(q, k, v)[0], q, k, v)
+        return vjp(do.astype(q.dtype))
+    # xla only (cuDNN declines): plain autodiff also carries the lse cotangent
+    (_, lse), vjp = jax.vjp(f, q, k, v)
+    return vjp((do.astype(q.dtype), jnp.transpose(dlse, (0, 2, 1)).astype(lse.dtype)))
+
+
+backend = NativeBackend(
+    name="native",
+    description="the frameworks' own fused attention: torch SDPA kernels (cuDNN, FlashAttention-2, "
+    "memory-efficient, CPU flash), jax.nn.dot_product_attention (cuDNN, XLA)",
+    capabilities=Capabilities(
+        array_kinds=frozenset({"torch", "jax"}),
+        devices=frozenset({"cpu", "cuda", "gpu"}),
+        dtypes=frozenset({"float16", "bfloat16", "float32"}),
+        max_head_dim=1 << 16,  # per-kernel limits in reasons()
+        features=frozenset(FEATURES),  # every refusal is a sentence of reasons()
+        runs_under_jit=True,
+        priority=500,
+    ),
+)
