@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 from dataclasses import dataclass
 
@@ -47,8 +48,46 @@ def _check_window(window):
     return out[0], out[1]
 
 
-def _check_cu(name, cu, kind, rows, q, batch=None):
-    """Validate one cu_seqlens vector; returns (host values or None when traced, batch)."""
+# FLASHMUX_CHECK_VALUES=1: read cu_seqlens on the host and check their values even where that
+# synchronizes a device (a debugging aid; never inside torch.compile or a JAX trace).
+CHECK_VALUES_ENV = "FLASHMUX_CHECK_VALUES"
+
+
+def _reads_cu_values(kind, cu, hints: bool) -> bool:
+    """Whether a varlen call reads cu_seqlens on the host (to check the offsets, and to find the
+    longest sequence when max_seqlen_q/k are not given).
+
+    Never under torch.compile or inside a JAX transformation (the max_seqlen default is then the
+    row count). With both max_seqlen hints given, only host-visible inputs (NumPy, CPU tensors,
+    JAX arrays on the CPU) are read, unless FLASHMUX_CHECK_VALUES=1: a device-resident packed
+    call then costs no synchronization. Without the hints, eager calls read the values to find
+    the maxima (on a GPU that synchronizes once per call: pass the hints to avoid it)."""
+    where = _cu_location(kind, cu)
+    if where == "traced":
+        return False
+    if not hints or where == "host":
+        return True
+    return os.environ.get(CHECK_VALUES_ENV, "") == "1"
+
+
+def _cu_location(kind, cu) -> str:
+    """"host" (readable for free), "device" (reading synchronizes) or "traced" (not readable)."""
+    if kind == "numpy" or array_kind(cu) != kind:
+        return "host"  # (a wrong kind is _check_cu's error)
+    if kind == "torch":
+        if sys.modules["torch"].compiler.is_compiling():
+            return "traced"
+        return "host" if cu.device.type == "cpu" else "device"
+    if is_traced(cu):
+        return "traced"
+    try:
+        return "host" if all(d.platform == "cpu" for d in cu.devices()) else "device"
+    except Exception:
+        return "device"
+
+
+def _check_cu(name, cu, kind, rows, q, batch=None, read_values=True):
+    """Validate one cu_seqlens vector; returns (host values or None when not read, batch)."""
     if array_kind(cu) != kind:
         raise TypeError(f"{name}: expected a {kind} array like q, got {type(cu).__name__}")
     if dtype_name(cu) != "int32":
@@ -62,7 +101,7 @@ def _check_cu(name, cu, kind, rows, q, batch=None):
         raise ValueError(
             f"{name}: expected length {batch + 1} like cu_seqlens_q, got length {n + 1}"
         )
-    host = to_numpy_int(cu, kind)
+    host = to_numpy_int(cu, kind) if read_values else None
     if host is not None:
         if host[0] != 0:
             raise ValueError(f"{name}: expected to start at 0, got {int(host[0])}")
@@ -149,8 +188,10 @@ def _resolve(
         seed = _seed(dropout_seed, kind)
 
     if varlen:
-        host_q, batch = _check_cu("cu_seqlens_q", cu_seqlens_q, kind, qs[0], q)
-        host_k, _ = _check_cu("cu_seqlens_k", cu_seqlens_k, kind, ks[0], q, batch)
+        hints = max_seqlen_q is not None and max_seqlen_k is not None
+        read = _reads_cu_values(kind, cu_seqlens_q, hints)
+        host_q, batch = _check_cu("cu_seqlens_q", cu_seqlens_q, kind, qs[0], q, None, read)
+        host_k, _ = _check_cu("cu_seqlens_k", cu_seqlens_k, kind, ks[0], q, batch, read)
         mq = _max_len("max_seqlen_q", max_seqlen_q, host_q, qs[0])
         mk = _max_len("max_seqlen_k", max_seqlen_k, host_k, ks[0])
         seqlen_q, seqlen_k = mq, mk
@@ -228,7 +269,7 @@ def _max_len(name, given, host, rows):
             if given < actual:
                 raise ValueError(f"{name}: expected >= the longest sequence ({actual}), got {given}")
         return int(given)
-    if host is None:  # traced offsets: the row count bounds every sequence
+    if host is None:  # offsets not read (traced, compiled): the row count bounds every sequence
         return rows
     return int((host[1:] - host[:-1]).max()) if len(host) > 1 else 0
 
