@@ -28,6 +28,15 @@ namespace decode {
 namespace {
 
 constexpr int kThreads = 128;
+
+// Build-time variants (for A/B runs: FLASHMUX_CUDA_NVCC_FLAGS="-DFMX_DECODE_PREFETCH=1"; the
+// flags enter the build cache key): register double-buffered loads, keys per group per step.
+#ifndef FMX_DECODE_PREFETCH
+#define FMX_DECODE_PREFETCH 0
+#endif
+#ifndef FMX_DECODE_KEYS
+#define FMX_DECODE_KEYS 4
+#endif
 constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T> struct Vec;
@@ -74,13 +83,15 @@ __device__ __forceinline__ uint4 load_stream(const void *ptr) {
 __device__ __forceinline__ int clamp_len(int v, int cap) { return v < 0 ? 0 : (v > cap ? cap : v); }
 
 // Programs resident per SM the register budget is set for (more keys in flight per SM).
-template <int ROWS> struct MinBlocks { static constexpr int value = ROWS >= 8 ? 2 : ROWS >= 4 ? 3 : 4; };
+template <int ROWS> struct MinBlocks {
+  static constexpr int value = (ROWS >= 8 || FMX_DECODE_PREFETCH) ? 2 : ROWS >= 4 ? 3 : 4;
+};
 
 template <typename T, int DP, int ROWS, bool PAGED>
 __global__ void __launch_bounds__(kThreads, MinBlocks<ROWS>::value) split_kernel(const DecodeParams p) {
   constexpr int TPK = DP / 8;            // threads per key
   constexpr int KPI = kThreads / TPK;    // groups (keys per pass)
-  constexpr int U = ROWS >= 8 ? 2 : 4;   // keys per group per step
+  constexpr int U = ROWS >= 8 ? (FMX_DECODE_KEYS + 1) / 2 : FMX_DECODE_KEYS;  // keys per group per step
   constexpr int STEP = KPI * U;          // keys per program per step
 
   __shared__ float sm_m[KPI][ROWS];
@@ -148,9 +159,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<ROWS>::value) split_kernel
   const T *vbase = static_cast<const T *>(p.v) + (int64_t)hk * p.v_hs + c0;
   const int32_t *bt = PAGED ? p.block_table + (int64_t)b * p.bt_stride : nullptr;
 
-  for (int it = k_begin; it < k_end; it += STEP) {
-    uint4 kr[U], vr[U];
-    bool kok[U];
+  // Loads of one step: U keys of this group, K and V rows (16 bytes per thread each).
+  auto fetch = [&](int it, uint4 (&kr)[U], uint4 (&vr)[U], bool (&kok)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = it + grp * U + u;
@@ -173,6 +183,28 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<ROWS>::value) split_kernel
         vr[u] = load_stream(vbase + page * p.v_ps + slot * p.v_rs);
       }
     }
+  };
+
+#if FMX_DECODE_PREFETCH
+  // Register double buffer: the next step's loads are in flight while this step computes.
+  uint4 kn[U], vn[U];
+  bool okn[U];
+  if (k_begin < k_end) fetch(k_begin, kn, vn, okn);
+#endif
+  for (int it = k_begin; it < k_end; it += STEP) {
+    uint4 kr[U], vr[U];
+    bool kok[U];
+#if FMX_DECODE_PREFETCH
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      kr[u] = kn[u];
+      vr[u] = vn[u];
+      kok[u] = okn[u];
+    }
+    if (it + STEP < k_end) fetch(it + STEP, kn, vn, okn);
+#else
+    fetch(it, kr, vr, kok);
+#endif
     // Scores: partial dots over this thread's 8 columns, summed across the group's lanes.
     float s[ROWS][U];
 #pragma unroll

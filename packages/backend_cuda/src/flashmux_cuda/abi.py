@@ -10,6 +10,7 @@ kernels don't cover), never a crash in a kernel.
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 ABI_VERSION = 1
@@ -340,6 +341,9 @@ DECODE_HEAD_DIMS = "multiples of 8 up to 256 (kernels for 64, 128 and 256; other
 MAX_SPLITS = 128
 # A split should stream at least this many keys: below it the merge costs more than it buys.
 MIN_KEYS_PER_SPLIT = 256
+# Programs per SM the split heuristic aims at (the kernel's register budget allows 3-4
+# resident); FLASHMUX_CUDA_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
+PROGRAMS_PER_SM = int(os.environ.get("FLASHMUX_CUDA_DECODE_PROGRAMS_PER_SM", "4"))
 
 
 def rows_per_program(rows: int) -> int:
@@ -350,13 +354,13 @@ def rows_per_program(rows: int) -> int:
 def choose_splits(batch: int, heads_kv: int, rows: int, capacity: int, num_sms: int) -> int:
     """Key splits for a decode call when the caller does not force them.
 
-    Programs = batch x heads_kv x row chunks; enough splits for ~4 programs per SM (the register
-    budget allows 3-4 resident), never splits shorter than MIN_KEYS_PER_SPLIT keys of the
-    capacity (the real lengths live on the device and are not read), at most MAX_SPLITS.
+    Programs = batch x heads_kv x row chunks; enough splits for PROGRAMS_PER_SM programs per SM,
+    never splits shorter than MIN_KEYS_PER_SPLIT keys of the capacity (the real lengths live on
+    the device and are not read), at most MAX_SPLITS.
     """
     chunks = -(-max(rows, 1) // rows_per_program(rows))
     programs = max(1, batch * heads_kv * chunks)
-    want = -(-4 * max(num_sms, 1) // programs)
+    want = -(-PROGRAMS_PER_SM * max(num_sms, 1) // programs)
     by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
     return int(max(1, min(want, by_len, MAX_SPLITS)))
 

@@ -188,6 +188,9 @@ def decode(lib, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, param
     if seqlens_k.dtype != torch.int32:
         raise TypeError(f"seqlens_k: expected int32, got {seqlens_k.dtype}")
     seqlens_k = seqlens_k.contiguous()
+    for name, t in (("seqlens_k", seqlens_k), ("block_table", block_table)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, q is on {q.device}")
     bt_ref = None
     if block_table is not None:
         if block_table.dtype != torch.int32:
