@@ -42,90 +42,18 @@ def save():
 
 
 def correctness(deadline, subset="all"):
+    from flashmux.testing.gpu_cases import gpu_cases
     from flashmux_pallas._check import Case, passed, run_case
 
-    base = [
-        Case(batch=2, seqlen_q=256, seqlen_k=256, heads_q=4, heads_kv=4, head_dim=64),
-        Case(batch=2, seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=4, head_dim=128, causal=True),
-        Case(
-            batch=1,
-            seqlen_q=200,
-            seqlen_k=333,
-            heads_q=8,
-            heads_kv=2,
-            head_dim=96,
-            causal=True,
-            lse_grad=True,
-        ),
-        Case(batch=1, seqlen_q=333, seqlen_k=150, heads_q=4, heads_kv=1, head_dim=64, causal=True),
-        Case(
-            batch=2,
-            seqlen_q=257,
-            seqlen_k=257,
-            heads_q=4,
-            heads_kv=2,
-            head_dim=64,
-            window=(48, 16),
-            softcap=8.0,
-        ),
-        Case(
-            batch=1,
-            seqlen_q=128,
-            seqlen_k=190,
-            heads_q=2,
-            heads_kv=2,
-            head_dim=256,
-            head_dim_v=128,
-            causal=True,
-        ),
-        Case(
-            batch=1, seqlen_q=100, seqlen_k=100, heads_q=2, heads_kv=2, head_dim=40, head_dim_v=72
-        ),
-        Case(
-            seqlens=((100, 120), (0, 17), (257, 200), (33, 0), (64, 64)),
-            heads_q=4,
-            heads_kv=2,
-            head_dim=64,
-            causal=True,
-        ),
-        Case(seqlens=((130, 90), (60, 300)), heads_q=2, heads_kv=1, head_dim=128, window=(20, 5)),
-        Case(
-            batch=2,
-            seqlen_q=200,
-            seqlen_k=200,
-            heads_q=4,
-            heads_kv=4,
-            head_dim=64,
-            dropout_p=0.2,
-            causal=True,
-        ),
-        Case(
-            batch=2,
-            seqlen_q=128,
-            seqlen_k=128,
-            heads_q=2,
-            heads_kv=2,
-            head_dim=64,
-            transform="vmap",
-            causal=True,
-        ),
-    ]
-    cases = [c.__class__(**{**c.__dict__, "dtype": "bfloat16"}) for c in base]
-    cases += [c.__class__(**{**c.__dict__, "dtype": "float16"}) for c in base[:6]]
+    # the GPU tools' one case list (flashmux.testing.gpu_cases) under jax.jit, plus what only a
+    # JAX tool checks: vmap, and float32
+    cases = gpu_cases(transform="jit")
     cases += [
-        Case(
-            batch=1,
-            seqlen_q=130,
-            seqlen_k=130,
-            heads_q=2,
-            heads_kv=2,
-            head_dim=64,
-            causal=True,
-            dtype="float32",
-        )
+        Case(batch=2, seqlen_q=128, seqlen_k=128, heads_q=2, heads_kv=2, head_dim=64,
+             transform="vmap", causal=True, dtype="bfloat16"),
+        Case(batch=1, seqlen_q=130, seqlen_k=130, heads_q=2, heads_kv=2, head_dim=64, causal=True,
+             dtype="float32"),
     ]
-    if subset == "rest":  # cases the first GPU run did not reach
-        cases = cases[8:10] + cases[12:13] + cases[-1:]
     mosaic_cases = mbwd_cases()[:3] + [  # the Mosaic backward's first cases, then:
         Case(
             batch=1,

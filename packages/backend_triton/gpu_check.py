@@ -2,8 +2,9 @@
 
     python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [fused] [bench] [flex] [cudnn]
 
-check: forward+backward vs the float64 reference on moderate random problems (fp16 and bf16),
-       judged by the SPEC rule (2 x plain low-precision attention error + 1e-5).
+check: forward+backward vs the float64 reference on the GPU tools' shared cases
+       (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
+       low-precision attention error + 1e-5), then float32, determinism and the dropout hook.
 sweep: times each kernel's candidate configs at S=4096 (bf16, d64/d128, causal and not) and uses
        the fastest for the rest of the run (printed as a TABLE_SM90 snippet).
 tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
@@ -56,47 +57,13 @@ def save():
 def check():
     import test_triton_kernels as tk  # the unit tests' case runner, on CUDA here
 
-    cases = [
-        ("plain", 2, 384, 384, 4, 4, 64, 64, {}),
-        ("causal sq<sk gqa", 2, 300, 517, 8, 2, 128, 128, {"causal": True}),
-        ("causal sq>sk empty rows", 1, 600, 257, 4, 1, 64, 64, {"causal": True}),
-        ("window+softcap d96", 2, 450, 450, 4, 2, 96, 96, {"window": (100, 17), "softcap": 30.0}),
-        ("causal+left window d80", 1, 333, 700, 4, 4, 80, 80, {"causal": True, "window": (150, None)}),
-        ("mqa right window d128", 1, 290, 290, 8, 1, 128, 128, {"window": (None, 40)}),
-        ("dv differs 192/128", 1, 300, 410, 2, 2, 192, 128, {"causal": True}),
-        ("hdim 256", 1, 260, 260, 2, 1, 256, 256, {"causal": True}),
-        ("hdim 40 softcap", 2, 200, 333, 3, 1, 40, 40, {"softcap": 5.0}),
-    ]
-    ok_all = True
-    for dtype in ("float16", "bfloat16"):
-        for name, B, Sq, Sk, Hq, Hkv, D, Dv, kw in cases:
-            t0 = time.time()
-            try:
-                tk._run_case(B, Sq, Sk, Hq, Hkv, D, Dv, dtype, kw)
-                res = "ok"
-            except Exception as e:  # noqa: BLE001
-                res = "FAIL " + str(e).splitlines()[0][:160]
-                ok_all = False
-            log(f"check {dtype:9s} {name:26s} {res} ({time.time() - t0:.1f}s)")
-            RESULTS["check"].append([dtype, name, res])
-        for name, fn in (
-            ("varlen gqa causal", lambda: tk._run_case(0, 0, 0, 8, 2, 64, 64, dtype, {"causal": True},
-                                                       varlen_lens=([300, 0, 517, 64], [350, 9, 517, 200]))),
-            ("varlen window", lambda: tk._run_case(0, 0, 0, 4, 4, 128, 128, dtype, {"window": (64, 8)},
-                                                   varlen_lens=([255, 129], [255, 300]))),
-            ("dropout causal", lambda: tk._run_case(2, 257, 300, 4, 2, 64, 64, dtype, {"causal": True}, dropout_p=0.17)),
-            ("dropout varlen", lambda: tk._run_case(0, 0, 0, 2, 2, 128, 128, dtype, {},
-                                                    varlen_lens=([100, 200], [150, 90]), dropout_p=0.3)),
-        ):
-            t0 = time.time()
-            try:
-                fn()
-                res = "ok"
-            except Exception as e:  # noqa: BLE001
-                res = "FAIL " + str(e).splitlines()[0][:160]
-                ok_all = False
-            log(f"check {dtype:9s} {name:26s} {res} ({time.time() - t0:.1f}s)")
-            RESULTS["check"].append([dtype, name, res])
+    # the GPU tools' one case list (flashmux.testing.gpu_cases), judged like the conformance suite
+    from flashmux.testing.gpu_cases import check as check_cases
+    from flashmux.testing.gpu_cases import gpu_cases
+
+    rows: list = []
+    ok_all = check_cases(gpu_cases(), "triton", "torch", log=log, results=rows) == 0
+    RESULTS["check"] += [[r["case"], r["verdict"], r["msg"]] for r in rows]
     for name, fn in (("float32", lambda: tk._run_case(1, 200, 300, 2, 1, 64, 64, "float32", {"causal": True})),
                      ("deterministic", tk.test_deterministic_backward_is_bitwise_repeatable),
                      ("dropout mask hook", tk.test_dropout_mask_is_a_pure_function_of_seed)):

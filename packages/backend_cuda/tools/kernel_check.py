@@ -262,36 +262,37 @@ def check_case(name, dtype, *, B=2, Sq=128, Sk=128, Hq=4, Hkv=4, D=64, causal=Fa
     return ok
 
 
-CASES = [
-    ("basic", dict()),
-    ("tails Sq113 Sk217 causal", dict(Sq=113, Sk=217, causal=True)),
-    ("Sq>Sk causal (masked rows)", dict(Sq=200, Sk=77, causal=True, D=128)),
-    ("Sq>Sk noncausal", dict(Sq=190, Sk=70, D=96)),
-    ("window(32,16)", dict(Sq=300, Sk=300, window=(32, 16), D=128)),
-    ("window(0,0)", dict(Sq=150, Sk=170, window=(0, 0))),
-    ("window(64,None)", dict(Sq=260, Sk=200, window=(64, None))),
-    ("causal+window(40,None)", dict(Sq=257, Sk=300, causal=True, window=(40, None), D=128)),
-    ("window(None,7)", dict(Sq=140, Sk=333, window=(None, 7))),
-    ("softcap 30", dict(Sq=130, Sk=190, softcap=30.0, D=128)),
-    ("softcap 5 causal scale 0.3", dict(Sq=129, Sk=129, softcap=5.0, causal=True, scale=0.3)),
-    ("GQA 8/2 causal", dict(Hq=8, Hkv=2, Sq=150, Sk=220, causal=True, D=128)),
-    ("MQA 6/1", dict(Hq=6, Hkv=1, Sq=100, Sk=300)),
-    ("d40 (pad 64)", dict(D=40, Sq=77, Sk=99, causal=True)),
-    ("d80 (pad 96)", dict(D=80, Sq=99, Sk=77)),
-    ("d96", dict(D=96, Sq=128, Sk=200, causal=True)),
-    ("d160 (pad 192)", dict(D=160, Sq=70, Sk=150, causal=True)),
-    ("d192", dict(D=192, Sq=130, Sk=140, window=(50, 20))),
-    ("d256", dict(D=256, Sq=150, Sk=129, causal=True)),
-    ("d256 GQA softcap", dict(D=256, Hq=4, Hkv=2, Sq=64, Sk=200, softcap=20.0)),
-    ("varlen", dict(Hq=4, Hkv=2, varlen=([0, 50, 50, 180, 301], [0, 64, 100, 100, 350]))),
-    ("varlen causal d128", dict(D=128, causal=True, varlen=([0, 129, 130, 300], [0, 200, 201, 401]))),
-    ("varlen window d96", dict(D=96, window=(20, 5), varlen=([0, 70, 200], [0, 90, 170]))),
-    ("Sk=0", dict(Sq=33, Sk=0)),
-    ("dlse", dict(Sq=140, Sk=160, dlse=True, causal=True)),
-    ("deterministic", dict(Sq=300, Sk=400, deterministic=True, Hq=4, Hkv=2, D=128)),
-    ("deterministic window", dict(Sq=333, Sk=333, deterministic=True, window=(70, 30))),
-    ("strided qkv", dict(Sq=150, Sk=150, strided=True, causal=True)),
-]
+def _kw(c):
+    """A flashmux.testing.gpu_cases case as check_case's keywords; None where the C ABI has no such
+    call (dropout and head_dim_v != head_dim are declined by the backend's capabilities)."""
+    if c.dropout_p or c.head_dim_v not in (None, c.head_dim):
+        return None
+    kw = dict(Hq=c.heads_q, Hkv=c.heads_kv, D=c.head_dim, causal=c.causal, window=c.window,
+              softcap=c.softcap, scale=c.scale, dlse=c.lse_grad)
+    if c.seqlens is not None:
+        cq, ck = [0], [0]
+        for lq, lk in c.seqlens:
+            cq.append(cq[-1] + lq)
+            ck.append(ck[-1] + lk)
+        kw["varlen"] = (cq, ck)
+    else:
+        kw.update(B=c.batch, Sq=c.seqlen_q, Sk=c.seqlen_k)
+    return kw
+
+
+def _cases():
+    """The GPU tools' one case list (flashmux.testing.gpu_cases), then what only the C ABI has."""
+    from flashmux.testing.gpu_cases import BASE
+
+    shared = [(c.id().split("-", 1)[1], _kw(c)) for c in BASE]
+    return [(n, kw) for n, kw in shared if kw is not None] + [
+        ("deterministic", dict(Sq=300, Sk=400, deterministic=True, Hq=4, Hkv=2, D=128)),
+        ("deterministic window", dict(Sq=333, Sk=333, deterministic=True, window=(70, 30))),
+        ("strided qkv", dict(Sq=150, Sk=150, strided=True, causal=True)),
+    ]
+
+
+CASES = _cases()
 
 
 def correctness(dtypes=(torch.float16, torch.bfloat16)):

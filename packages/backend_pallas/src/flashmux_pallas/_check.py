@@ -41,18 +41,7 @@ def passes(case: _judge.Case, seed: int, redraws: int = _judge.REDRAWS):
 
 def judge(cases, seed0: int, label: str, log=print) -> int:
     """Run and judge each case (seeds seed0, seed0 + 1, ...), one PASS/FAIL line each (an
-    exception counts as a failure, with its traceback); -> the number of failures."""
-    import traceback
+    exception or a declined case counts as a failure); -> the number of failures."""
+    from flashmux.testing.gpu_cases import check
 
-    bad = 0
-    for i, c in enumerate(cases):
-        try:
-            rep = run_case(c, seed=seed0 + i)
-            ok = passed(rep)
-            msg = " ".join(f"{k}={e:.1e}/{b:.1e}" for k, (e, b) in rep.items())
-        except Exception as e:  # noqa: BLE001
-            ok, msg = False, f"ERROR {type(e).__name__}: {str(e)[:600]}"
-            traceback.print_exc(limit=4)
-        bad += not ok
-        log(("PASS" if ok else "FAIL"), label, c.id(), msg)
-    return bad
+    return check(cases, "pallas", "jax", seed0=seed0, label=label, log=log, decline_ok=False)
