@@ -362,17 +362,22 @@ def block_backend(q, k, v, causal, scale, softcap, return_lse, grad, forced):
     return dispatch.select(spec, forced), call.params
 
 
+_takes_residual: dict[tuple[str, int], bool] = {}
+
+
 def takes_residual(be) -> bool:
     """Whether a backend's backward accepts out_residual (then the ring hands it the float32
     merged output's rounding error, and its delta comes from out + residual)."""
-    import inspect
+    key = (be.name, id(be))
+    if key not in _takes_residual:
+        import inspect
 
-    if be.capabilities.out_residual:
-        return True
-    try:
-        return "out_residual" in inspect.signature(be.backward).parameters
-    except (TypeError, ValueError):
-        return False
+        try:
+            ok = "out_residual" in inspect.signature(be.backward).parameters
+        except (TypeError, ValueError):
+            ok = False
+        _takes_residual[key] = bool(be.capabilities.out_residual) or ok
+    return _takes_residual[key]
 
 
 # -- the public call ---------------------------------------------------------------------------

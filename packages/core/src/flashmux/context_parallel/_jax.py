@@ -163,6 +163,7 @@ def _ring_backward(do, dlse, q, k, v, out, lse, res, cfg: Config, axis):
         acc = (lax.ppermute(dk_b, axis, perm), lax.ppermute(dv_b, axis, perm)) if p > 1 else (dk_b, dv_b)
         if s < p - 1:
             kc, vc = kn, vn
+    assert acc is not None
     return dq, acc[0], acc[1]
 
 

@@ -89,6 +89,7 @@ def _ring_forward(q, k, v, cfg: Config, comm: _Ring, grad: bool):
             if out is None:  # the first block (the rank's own) covers every row
                 out, lse = o.to(torch.float32), l
             else:
+                assert out is not None and lse is not None
                 out[:, qr], lse[:, :, qr] = merge(out[:, qr], lse[:, :, qr], o, l)
         if pending is not None:
             kc, vc = comm.finish(pending)
@@ -130,6 +131,7 @@ def _ring_backward(do, dlse, q, k, v, out, lse, res, cfg: Config, comm: _Ring):
             kc, vc = comm.finish(pending)
     if moving is not None:
         dk_c, dv_c = comm.finish(moving)
+    assert dk_c is not None and dv_c is not None
     return dq.to(q.dtype), dk_c.to(k.dtype), dv_c.to(v.dtype)
 
 
