@@ -172,6 +172,124 @@ def test_build_ninja_contents(tmp_path):
     assert "libflashmux_cuda.so" in text
 
 
+def test_sm90_sources_build_for_sm90a_only(tmp_path):
+    files = {
+        "api.cu": "// c\n",
+        "sm80/fwd_hdim64.cu": "// a\n",
+        "sm90/fwd_hdim64.cu": "// h\n",
+        "sm90/fwd_hdim128.cu": "// h\n",
+    }
+    src = tmp_path / "csrc"
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _cfg(src, archs=("80", "90"))
+    assert "-DFMX_HAS_SM90" in cfg.flags()
+    text = b.write_build_ninja(cfg, out).read_text()
+    lines = text.splitlines()
+    # each "build obj: nvcc src" line is followed by "  desc = <rel>" and its own overrides
+    blocks = {ln.split(" = ", 1)[1]: i for i, ln in enumerate(lines) if ln.startswith("  desc = ")}
+    assert set(blocks) == set(files)
+    for name, i in blocks.items():
+        override = [ln for ln in lines[i + 1 : i + 2] if ln.startswith("  gencode")]
+        if name.startswith("sm90/"):
+            assert override == ["  gencode = -gencode=arch=compute_90a,code=sm_90a"], name
+        else:
+            assert override == [], name  # the arch list: sm_80 and sm_90
+    assert len([n for n in blocks if n.startswith("sm90/")]) == 2
+    # head-dim filter applies to the sm90 family too
+    assert [
+        p.name
+        for p in _cfg(src, archs=("90",), head_dims=(64,)).translation_units()
+        if "sm90" in p.parts
+    ] == ["fwd_hdim64.cu"]
+    # Without a 9.x arch the family is left out (and the API file doesn't reference it)
+    cfg80 = _cfg(src, archs=("80", "86"))
+    assert "-DFMX_HAS_SM90" not in cfg80.flags()
+    assert all("sm90" not in p.parts for p in cfg80.translation_units())
+    assert cfg80.key() != _cfg(src, archs=("80", "90a")).key()
+    assert b.has_sm90(("90a",)) and b.has_sm90(("80", "90")) and not b.has_sm90(("80", "100"))
+
+
+def test_forward_family_selection():
+    from flashmux_cuda import family as fam
+
+    kw = dict(families=3, varlen=False, softcap=None, head_dim=128, seqlen_k=10, env="")
+    assert fam.forward_family((9, 0), **kw) == ("sm90", None)
+    assert fam.forward_family((9, 0), **{**kw, "head_dim": 40})[0] == "sm90"  # pads to 64
+    assert fam.forward_family((8, 0), **kw)[0] == "sm80"
+    assert fam.forward_family((10, 0), **kw)[0] == "sm80"  # sm_90a code runs on 9.0 only
+    assert fam.forward_family(None, **kw)[0] == "sm80"
+    for change, why in [
+        (dict(env="sm80"), "FLASHMUX_CUDA_FAMILY=sm80"),
+        (dict(families=1), "without a 9.x arch"),
+        (dict(varlen=True), "varlen"),
+        (dict(softcap=30.0), "softcap"),
+        (dict(head_dim=96), "head_dim"),
+        (dict(head_dim=256), "head_dim"),
+        (dict(seqlen_k=0), "no keys"),
+    ]:
+        family, reason = fam.forward_family((9, 0), **{**kw, **change})
+        assert family == "sm80" and why in reason, (change, reason)
+    assert [d for d in range(8, 257, 8) if fam.sm90_fwd_head_dim(d)] == [
+        8,
+        16,
+        24,
+        32,
+        40,
+        48,
+        56,
+        64,
+        104,
+        112,
+        120,
+        128,
+    ]
+    assert fam.describe("sm90", None).startswith("sm90")
+    assert "varlen" in fam.describe("sm80", "sm90 forward lacks varlen")
+
+
+def test_forward_family_env(monkeypatch):
+    from flashmux_cuda import family as fam
+
+    kw = dict(families=None, varlen=False, softcap=None, head_dim=64, seqlen_k=10)
+    monkeypatch.setenv("FLASHMUX_CUDA_FAMILY", "sm80")
+    assert fam.forward_family((9, 0), **kw)[0] == "sm80"
+    monkeypatch.delenv("FLASHMUX_CUDA_FAMILY")
+    assert fam.forward_family((9, 0), **kw)[0] == "sm90"
+
+
+def test_family_rule_matches_the_c_side():
+    """family.py mirrors csrc/sm90/sm90_api.h and the API file's use_sm90_fwd: same head dims,
+    same env name, same exclusions."""
+    src = b.source_dir()
+    api = (src / "sm90" / "sm90_api.h").read_text()
+    assert "if (d <= 64) return 64;" in api and "if (d > 96 && d <= 128) return 128;" in api
+    for word in ("varlen", "softcap", "head_dim", "empty keys"):
+        assert f'return "{word}"' in api
+    top = (src / "flashmux_cuda_api.cu").read_text()
+    assert 'std::getenv("FLASHMUX_CUDA_FAMILY")' in top and "if (cc != 90) return false;" in top
+
+
+def test_lowerings_names_the_family(monkeypatch):
+    from flashmux_cuda import family as fam
+
+    class Arr:
+        shape = (2, 300, 4, 128)
+
+    be = _backend()
+    monkeypatch.setattr(fam, "device_capability", lambda x: (9, 0))
+    monkeypatch.delenv("FLASHMUX_CUDA_FAMILY", raising=False)
+    got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1))
+    assert got["forward"].startswith("sm90") and got["backward"].startswith("sm80")
+    got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1, softcap=5.0))
+    assert got["forward"].startswith("sm80") and "softcap" in got["forward"]
+    monkeypatch.setattr(fam, "device_capability", lambda x: (8, 0))
+    assert be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1))["forward"].startswith("sm80")
+
+
 # ------------------------------------------------------------------------------------------
 # build runs, lock, failures (fake nvcc driven by the real ninja)
 

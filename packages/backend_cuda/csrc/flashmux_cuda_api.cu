@@ -9,6 +9,11 @@
 #include "flashmux_cuda.h"
 #include "common/fmx_params.h"
 #include "sm80/sm80_api.h"
+#ifdef FMX_HAS_SM90
+#include "sm90/sm90_api.h"  // built when the arch list has a 9.x (build.py); sm_90a code
+#endif
+#include <cstdlib>
+#include <cstring>
 #include "decode/decode_api.h"
 
 namespace {
@@ -168,7 +173,33 @@ WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
   return w;
 }
 
-int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s) {
+// The forward's kernel family: sm90 (wgmma/TMA) on compute capability 9.0 when it is built in
+// and has the problem (sm90::fwd_unsupported), unless FLASHMUX_CUDA_FAMILY=sm80; else sm80.
+// Mirrored by flashmux_cuda.family.forward_family (keep the two in step).
+bool use_sm90_fwd(const fmx::Params &p, int cc) {
+#ifdef FMX_HAS_SM90
+  if (cc != 90) return false;
+  const char *env = std::getenv("FLASHMUX_CUDA_FAMILY");
+  if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
+  return fmx::sm90::fwd_unsupported(p) == nullptr;
+#else
+  (void)p;
+  (void)cc;
+  return false;
+#endif
+}
+
+int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
+#ifdef FMX_HAS_SM90
+  if (use_sm90_fwd(p, cc)) {
+    switch (fmx::sm90::fwd_head_dim(p.d)) {
+      case 64: return fmx::sm90::run_fwd<64>(p, dtype, s);
+      case 128: return fmx::sm90::run_fwd<128>(p, dtype, s);
+    }
+  }
+#else
+  (void)cc;
+#endif
   switch (padded_head_dim(p.d)) {
     case 64: return fmx::sm80::run_fwd<64>(p, dtype, s);
     case 96: return fmx::sm80::run_fwd<96>(p, dtype, s);
@@ -190,14 +221,19 @@ int dispatch_bwd(const fmx::Params &p, int dtype, cudaStream_t s) {
   return -1;
 }
 
-int check_device() {
-  int dev = 0, major = 0;
+int check_device(int *cc = nullptr) {
+  int dev = 0, major = 0, minor = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
   e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return cuda_fail(e, "cudaDeviceGetAttribute");
   if (major < 8)
     return fail(FMX_ERR_UNSUPPORTED, "compute capability %d.x < 8.0 is not supported", major);
+  if (cc != nullptr) {
+    e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (e != cudaSuccess) return cuda_fail(e, "cudaDeviceGetAttribute");
+    *cc = major * 10 + minor;
+  }
   return FMX_OK;
 }
 
@@ -206,6 +242,16 @@ int check_device() {
 extern "C" {
 
 int fmx_abi_version(void) { return FMX_ABI_VERSION; }
+
+// Kernel families built into this library: bit 0 sm80, bit 1 sm90 (forward). Not in the
+// header: Python looks the symbol up (flashmux_cuda.family) to name the family in explain().
+int fmx_families(void) {
+#ifdef FMX_HAS_SM90
+  return 3;
+#else
+  return 1;
+#endif
+}
 
 const char *fmx_last_error(void) { return g_error; }
 
@@ -219,8 +265,9 @@ int fmx_attn_fwd(const FmxAttnArgs *args, void *stream) {
   int rc = build_params(args, p, false);
   if (rc) return rc;
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return FMX_OK;  // empty problem
-  if ((rc = check_device())) return rc;
-  int err = dispatch_fwd(p, args->dtype, static_cast<cudaStream_t>(stream));
+  int cc = 0;
+  if ((rc = check_device(&cc))) return rc;
+  int err = dispatch_fwd(p, args->dtype, static_cast<cudaStream_t>(stream), cc);
   if (err) return cuda_fail(err, "fmx_attn_fwd launch");
   return FMX_OK;
 }

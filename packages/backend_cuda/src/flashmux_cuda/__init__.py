@@ -96,6 +96,32 @@ class CudaBackend(Backend):
             out.append("scale <= 0 without softcap: the kernels' masking assumes scale > 0")
         return out
 
+    def lowerings(self, q, k, v, params) -> dict[str, str]:
+        """The kernel family each pass takes on these arrays (see `family`): the forward runs
+        the sm90 (wgmma/TMA) kernels on compute capability 9.0 where they have the problem, else
+        sm80; the backward is sm80."""
+        from . import family as fam
+
+        cc = fam.device_capability(q)
+        if cc is None:
+            from . import build as b
+
+            caps = b.detect_devices()
+            cc = caps[0] if caps else None
+        families = None
+        if self._lib is not None:
+            get = getattr(self._lib.lib, "fmx_families", None)
+            families = int(get()) if get is not None else 1
+        fwd, why = fam.forward_family(
+            cc,
+            families=families,
+            varlen=params.varlen,
+            softcap=params.softcap,
+            head_dim=int(q.shape[-1]),
+            seqlen_k=int(k.shape[-3]),
+        )
+        return {"forward": fam.describe(fwd, why), "backward": fam.describe(fam.SM80, None)}
+
     # -- kernels ---------------------------------------------------------------------------
     def _is_jax(self, x) -> bool:
         mod = type(x).__module__ or ""

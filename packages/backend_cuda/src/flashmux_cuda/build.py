@@ -20,6 +20,12 @@ Knobs (environment):
 - ``FLASHMUX_CUDA_SRC``: the csrc/ directory (default: next to the package).
 - ``FLASHMUX_NVCC``: the nvcc to use (default: $CUDA_HOME/bin/nvcc, then PATH).
 
+Kernel families: ``csrc/sm90/`` (wgmma/TMA, Hopper) is compiled only for
+``-gencode=arch=compute_90a,code=sm_90a`` (wgmma and setmaxnreg need the ``a`` target), and
+only when the arch list has a 9.x arch; every other translation unit is compiled for the arch
+list as given. With the sm90 family in, all units see ``-DFMX_HAS_SM90`` (the API file then
+dispatches the forward to it on compute capability 9.0; see ``family.py``).
+
 The kernel sources may add nvcc flags of their own in ``csrc/nvcc_flags.txt`` (one or more per
 line, ``#`` comments); they enter the key like every other flag.
 """
@@ -45,7 +51,7 @@ JAX_LIB_NAME = "libflashmux_cuda_jax.so"
 BASE_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG")
 HOST_FLAGS = ("-Xcompiler", "-fPIC")
 # Bump when the generated build.ninja changes in a way the other key parts don't capture.
-_GENERATOR_VERSION = "1"
+_GENERATOR_VERSION = "2"
 _SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".hpp", ".cc", ".cpp", ".inl", ".txt")
 _JAX_FFI_DIR = "jax_ffi"
 
@@ -229,6 +235,20 @@ def gencode_flags(archs) -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
+SM90_DIR = "sm90"
+SM90_GENCODE = "-gencode=arch=compute_90a,code=sm_90a"
+
+
+def has_sm90(archs) -> bool:
+    """Does the arch list ask for Hopper (9.x), so that the sm90 family is built?"""
+    return any(re.match(r"9\d[a-z]?$", a) for a in archs)
+
+
+def is_sm90_source(rel: str) -> bool:
+    """csrc-relative path of a source of the sm90 family (compiled for sm_90a only)."""
+    return rel.split("/", 1)[0] == SM90_DIR
+
+
 def parse_head_dims(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
@@ -296,6 +316,8 @@ class BuildConfig:
 
     def translation_units(self) -> list[Path]:
         tus = [p for p in self.source_files() if p.suffix == ".cu"]
+        if not has_sm90(self.archs):
+            tus = [p for p in tus if not is_sm90_source(p.relative_to(self.src).as_posix())]
         if self.head_dims:
             keep = set(self.head_dims)
             out = []
@@ -325,6 +347,8 @@ class BuildConfig:
         if self.cutlass_include is not None:
             flags += [f"-I{self.cutlass_include}"]
         flags += [f"-DFMX_ABI_VERSION_EXPECTED={ABI_VERSION}"]
+        if has_sm90(self.archs):
+            flags += ["-DFMX_HAS_SM90"]
         if self.head_dims:
             flags += ["-DFMX_HEAD_DIMS_LIMITED"] + [f"-DFMX_HEAD_DIM_{d}=1" for d in self.head_dims]
         flags += self.source_flags()
@@ -398,6 +422,8 @@ def write_build_ninja(cfg: BuildConfig, build_dir: Path) -> Path:
         objs.append(obj)
         lines.append(f"build {obj}: nvcc {_ninja_escape(str(tu))}")
         lines.append(f"  desc = {rel}")
+        if is_sm90_source(rel):
+            lines.append(f"  gencode = {SM90_GENCODE}")
     lines.append(f"build {LIB_NAME}: link {' '.join(objs)}")
     lines.append(f"default {LIB_NAME}")
     path = build_dir / "build.ninja"

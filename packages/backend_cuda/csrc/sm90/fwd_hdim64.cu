@@ -1,0 +1,33 @@
+// sm90 forward instantiations for head_dim <= 64 (fp16 and bf16); sm_90a only.
+#include <cstdlib>
+
+#include "fwd_kernel.cuh"
+
+// Tile configuration, overridable at build time (-DFMX_SM90_FWD64_BN=...) for sweeps.
+#ifndef FMX_SM90_FWD64_BN
+#define FMX_SM90_FWD64_BN 128
+#endif
+#ifndef FMX_SM90_FWD64_STAGES
+#define FMX_SM90_FWD64_STAGES 2
+#endif
+
+namespace fmx {
+namespace sm90 {
+template <typename T>
+using Fwd64 = FwdTraits<64, FMX_SM90_FWD64_BN, FMX_SM90_FWD64_STAGES, T>;
+
+template <>
+int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
+#ifdef FMX_SM90_TUNING
+  // -DFMX_SM90_TUNING builds: FMX_TUNE_SM90=1 runs the sequential variant (no ping-pong, no overlap).
+  const char *tune = std::getenv("FMX_TUNE_SM90");
+  if (tune != nullptr && tune[0] == '1') {
+    if (dtype == 0) return launch_fwd<FwdTraits<64, FMX_SM90_FWD64_BN, FMX_SM90_FWD64_STAGES, cutlass::half_t, false>>(p, stream);
+    return launch_fwd<FwdTraits<64, FMX_SM90_FWD64_BN, FMX_SM90_FWD64_STAGES, cutlass::bfloat16_t, false>>(p, stream);
+  }
+#endif
+  if (dtype == 0) return launch_fwd<Fwd64<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd64<cutlass::bfloat16_t>>(p, stream);
+}
+}  // namespace sm90
+}  // namespace fmx

@@ -1,0 +1,452 @@
+// sm90 forward: warp-specialized FlashAttention forward for Hopper (sm_90a).
+//
+// One CTA per (128-row query block, query head, batch), 3 warpgroups:
+//   warpgroup 0 (producer): one thread issues TMA loads of Q (two 64-row halves, one mbarrier)
+//     and, per key block, of K and V into Stages-deep shared-memory rings (PipelineTmaAsync:
+//     full barriers carry the TMA transaction bytes, empty barriers the consumers' releases);
+//     it gives its registers away (setmaxnreg.dec).
+//   warpgroups 1, 2 (consumers, setmaxnreg.inc): each owns 64 query rows. Per key block:
+//     S = Q K^T (wgmma SS, fp32 accumulators), K stage released, mask (boundary tiles only),
+//     online softmax in base 2 with the scale folded into one FFMA, P rounded to the input type
+//     in registers, O += P V (wgmma RS: P from registers, V^T from shared memory, MN-major),
+//     V stage released. Epilogue: O / l stored from registers, lse = m*scale + ln(l).
+// Masks (causal bottom-right, windows, key tails) use the family-independent helpers of
+// common/fmx_device.cuh; Q/K/V tails and head dims below the instantiation are zero-filled by
+// TMA (out-of-bounds fill), so no load is predicated.
+#pragma once
+#include <cuda_runtime.h>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "../common/fmx_device.cuh"
+#include "sm90_api.h"
+
+namespace fmx {
+namespace sm90 {
+using namespace cute;
+
+template <int kD_, int kBN_, int kStages_, typename T_, bool kOverlap_ = true>
+struct FwdTraits {
+  using T = T_;
+  // true: the two consumer warpgroups take turns issuing GEMMs (named barriers), and within a
+  // warpgroup S = Q K^T of the next key block is issued together with O += P V of the current
+  // one, so the softmax runs while both are in flight. false: S, softmax, P V in sequence.
+  static constexpr bool kOverlap = kOverlap_;
+  static constexpr int kD = kD_;
+  static constexpr int kBM = 128;      // rows per CTA
+  static constexpr int kWM = 64;       // rows per consumer warpgroup
+  static constexpr int kBN = kBN_;     // keys per block
+  static constexpr int kStages = kStages_;
+  static constexpr int kThreads = 384; // producer + 2 consumer warpgroups
+  static_assert(kD % 64 == 0 && kBN % 64 == 0, "128-byte swizzled tiles need 64-element rows");
+
+  using SmemLayoutQ = decltype(tile_to_shape(
+      GMMA::Layout_K_SW128_Atom<T>{},
+      Shape<Int<kWM>, Int<kD>, _2>{}));
+  using SmemLayoutK = decltype(tile_to_shape(
+      GMMA::Layout_K_SW128_Atom<T>{},
+      Shape<Int<kBN>, Int<kD>, Int<kStages>>{}));
+  // V^T as the (N = head dim, K = keys) B operand of O += P V: head dim contiguous (MN-major).
+  using SmemLayoutVt = decltype(tile_to_shape(
+      GMMA::Layout_MN_SW128_Atom<T>{},
+      Shape<Int<kD>, Int<kBN>, Int<kStages>>{}));
+
+  using TiledMmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kWM>, Int<kBN>, Int<kD>>>()));
+  using TiledMmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<Int<kWM>, Int<kD>, Int<kBN>>, GMMA::Major::K,
+                           GMMA::Major::MN>()));
+
+  // Global tensors as TMA sees them: (rows, head dim, heads, batch) for Q and K, and
+  // (head dim, rows, heads, batch) for V^T; element strides, the head dim contiguous.
+  using ShapeG = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideRow = cute::Stride<int64_t, _1, int64_t, int64_t>;
+  using StrideCol = cute::Stride<_1, int64_t, int64_t, int64_t>;
+  using TmaQ = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<T const *>(nullptr)), ShapeG{}, StrideRow{}),
+      SmemLayoutQ{}(_, _, 0), Shape<Int<kWM>, Int<kD>>{}, _1{}));
+  using TmaK = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<T const *>(nullptr)), ShapeG{}, StrideRow{}),
+      SmemLayoutK{}(_, _, 0), Shape<Int<kBN>, Int<kD>>{}, _1{}));
+  using TmaV = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<T const *>(nullptr)), ShapeG{}, StrideCol{}),
+      SmemLayoutVt{}(_, _, 0), Shape<Int<kD>, Int<kBN>>{}, _1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutVt>, 1024> v;
+    typename Pipeline::SharedStorage pipe_k, pipe_v;
+    alignas(8) uint64_t bar_q;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + base alignment
+
+  static constexpr uint32_t kBytesQ = kWM * kD * sizeof(T) * 2;
+  static constexpr uint32_t kBytesK = kBN * kD * sizeof(T);
+  static constexpr uint32_t kBytesV = kBN * kD * sizeof(T);
+};
+
+template <typename Tr>
+struct FwdKernelParams {
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmaK tma_k;
+  typename Tr::TmaV tma_v;
+  Params p;
+};
+
+// The accumulator fragment of a 64xN wgmma, ((2 cols, 2 rows, N/8), MMA_M, MMA_N), viewed as
+// (rows, cols): a thread holds 2 rows (lane/4 and lane/4 + 8 of its warp's 16) and N/4 columns.
+template <class L>
+__device__ __forceinline__ auto acc_rowcol(L l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same fragment as the register A operand of a 64xNx16 wgmma: each pair of 8-column
+// blocks becomes one k-block, ((2, 2, 2), MMA_M, N/16).
+template <class L>
+__device__ __forceinline__ auto acc_as_a(L l) {
+  auto m0 = get<0>(l);                                         // (2, 2, N/8)
+  auto split = logical_divide(m0, Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(split), get<1>(split), get<2, 0>(split)), get<1>(l),
+                     coalesce(make_layout(get<2, 1>(split), get<2>(l))));
+}
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fwd_kernel(const __grid_constant__ FwdKernelParams<Tr> kp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD, kBN = Tr::kBN, kWM = Tr::kWM, kBM = Tr::kBM;
+  using Pipeline = typename Tr::Pipeline;
+  using PipeState = typename cutlass::PipelineState<Tr::kStages>;
+  const Params &p = kp.p;
+
+  extern __shared__ char smem_raw[];
+  char *smem_aligned = reinterpret_cast<char *>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto &ss = *reinterpret_cast<typename Tr::SharedStorage *>(smem_aligned);
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (last) query blocks first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const SeqInfo si(p, b);
+  const int m0 = m_block * kBM;
+  int n_min, n_max;
+  key_block_range(p, si, m0, kBM, kBN, n_min, n_max);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / 4;
+
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Tr::kBytesK;
+  pp.role = wg == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = 2 * 128;
+  Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
+  pp.transaction_bytes = Tr::kBytesV;
+  Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    if (threadIdx.x == 0 && n_max > n_min) {  // no key block: nothing to load or wait for
+      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
+      Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
+      Tensor mVt = kp.tma_v.get_tma_tensor(make_shape(p.d, p.seqlen_k, p.hkv, p.batch));
+      // (64, D, 2): the two halves of this CTA's 128 query rows
+      Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kWM>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gVt = local_tile(mVt(_, _, hk, b), Shape<Int<kD>, Int<kBN>>{}, make_coord(0, _));
+      auto cq = kp.tma_q.get_slice(_0{});
+      auto ck = kp.tma_k.get_slice(_0{});
+      auto cv = kp.tma_v.get_slice(_0{});
+      Tensor tQgQ = cq.partition_S(gQ);   // (TMA, 1, 1, m halves)
+      Tensor tQsQ = cq.partition_D(sQ);   // (TMA, 1, 1, 2)
+      Tensor tKgK = ck.partition_S(gK);   // (TMA, 1, 1, n blocks)
+      Tensor tKsK = ck.partition_D(sK);   // (TMA, 1, 1, stages)
+      Tensor tVgV = cv.partition_S(gVt);
+      Tensor tVsV = cv.partition_D(sVt);
+
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, Tr::kBytesQ);
+      copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block), tQsQ(_, _, _, 0));
+      copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block + 1), tQsQ(_, _, _, 1));
+
+      PipeState st_k = cutlass::make_producer_start_state<Pipeline>();
+      PipeState st_v = cutlass::make_producer_start_state<Pipeline>();
+      for (int n = n_max - 1; n >= n_min; --n) {
+        pipe_k.producer_acquire(st_k);
+        copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, n),
+             tKsK(_, _, _, st_k.index()));
+        ++st_k;
+        pipe_v.producer_acquire(st_v);
+        copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, n),
+             tVsV(_, _, _, st_v.index()));
+        ++st_v;
+      }
+    }
+  } else {
+    // ---------------------------------------------------------------- consumers
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    const int w = wg - 1;                    // which 64-row half
+    const int tid = threadIdx.x - 128 * wg;  // thread in the warpgroup
+    typename Tr::TiledMmaS mma_s;
+    typename Tr::TiledMmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(tid);
+    auto thr_o = mma_o.get_thread_slice(tid);
+
+    Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ(_, _, w)));  // (MMA, 1, D/16)
+    Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));           // (MMA, 1, D/16, stages)
+    Tensor tOrV = thr_o.make_fragment_B(thr_o.partition_B(sVt));          // (MMA, 1, BN/16, stages)
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWM>, Int<kBN>>{});
+    Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWM>, Int<kD>>{});
+    clear(tOrO);
+
+    // Row/column coordinates (within the 64 x BN tile) of each S element this thread holds.
+    Tensor cS = make_identity_tensor(Shape<Int<kWM>, Int<kBN>>{});
+    Tensor tScS = thr_s.partition_C(cS);
+    Tensor S_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor C_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    constexpr int kRows = decltype(size<0>(S_rc))::value;  // 2
+    constexpr int kCols = decltype(size<1>(S_rc))::value;
+    static_assert(kRows == 2, "a thread holds two rows of a 64-row wgmma accumulator");
+
+    float row_max[kRows], row_sum[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+    const float sl2 = p.score_log2;
+    const int row0 = m0 + w * kWM;  // first query row of this warpgroup
+
+    PipeState st_k, st_v;
+    Tensor rP = make_tensor_like<T>(tSrS);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
+
+    // S = Q K^T on K stage `stage`, issued (not waited for).
+    auto issue_s = [&](int stage) __attribute__((always_inline)) {
+      warpgroup_fence_operand(tSrS);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    // O += P V on V stage `stage`, issued (not waited for).
+    auto issue_o = [&](int stage) __attribute__((always_inline)) {
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tOrP); ++kb)
+        gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
+      warpgroup_commit_batch();
+    };
+    // Mask (boundary tiles) and online softmax of key block n: S becomes exp2 values, the row
+    // maxima and sums advance, corr is what O must be multiplied by.
+    auto softmax = [&](int n, float (&corr)[kRows]) __attribute__((always_inline)) {
+      warpgroup_fence_operand(tSrS);
+      const int n0 = n * kBN;
+      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
+            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
+          }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, S_rc(r, c));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float ms = mx == -INFINITY ? 0.f : mx * sl2;
+        corr[r] = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float e = fast_exp2(fmaf(S_rc(r, c), sl2, -ms));
+          S_rc(r, c) = e;
+          sum += e;
+        }
+        row_sum[r] = row_sum[r] * corr[r] + sum;
+      }
+    };
+    auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < size<1>(O_rc); ++c) O_rc(r, c) *= corr[r];
+    };
+    auto convert_p = [&]() __attribute__((always_inline)) {
+      warpgroup_fence_operand(rP);
+#pragma unroll
+      for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
+      warpgroup_fence_operand(rP);
+    };
+    // Ping-pong between the two consumer warpgroups (kOverlap): a warpgroup issues its GEMMs
+    // only in its turn (named barrier), so one's softmax runs under the other's GEMMs.
+    const int n_turns = n_max - n_min + 1;
+    int turn = 0;
+    auto my_turn = [&]() __attribute__((always_inline)) {
+      if constexpr (Tr::kOverlap) cutlass::arch::NamedBarrier::sync(256, 1 + w);
+    };
+    auto end_turn = [&]() __attribute__((always_inline)) {
+      if constexpr (Tr::kOverlap) {
+        if (w == 0 || ++turn < n_turns) cutlass::arch::NamedBarrier::arrive(256, 2 - w);
+      }
+    };
+
+    float corr[kRows];
+    if (n_max > n_min) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
+      if constexpr (!Tr::kOverlap) {
+        for (int n = n_max - 1; n >= n_min; --n) {
+          pipe_k.consumer_wait(st_k);
+          issue_s(st_k.index());
+          warpgroup_wait<0>();
+          pipe_k.consumer_release(st_k);
+          ++st_k;
+          softmax(n, corr);
+          rescale_o(corr);
+          convert_p();
+          pipe_v.consumer_wait(st_v);
+          issue_o(st_v.index());
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          pipe_v.consumer_release(st_v);
+          ++st_v;
+        }
+      } else {
+        if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // the first turn is WG 1's
+        // first key block: S only
+        pipe_k.consumer_wait(st_k);
+        my_turn();
+        issue_s(st_k.index());
+        end_turn();
+        warpgroup_wait<0>();
+        pipe_k.consumer_release(st_k);
+        ++st_k;
+        softmax(n_max - 1, corr);
+        convert_p();
+        // steady state: S of block n runs beside O += P V of block n + 1
+        for (int n = n_max - 2; n >= n_min; --n) {
+          pipe_k.consumer_wait(st_k);
+          pipe_v.consumer_wait(st_v);
+          my_turn();
+          issue_s(st_k.index());
+          issue_o(st_v.index());
+          end_turn();
+          warpgroup_wait<1>();
+          pipe_k.consumer_release(st_k);
+          ++st_k;
+          softmax(n, corr);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          pipe_v.consumer_release(st_v);
+          ++st_v;
+          rescale_o(corr);
+          convert_p();
+        }
+        // last block's O += P V
+        pipe_v.consumer_wait(st_v);
+        my_turn();
+        issue_o(st_v.index());
+        end_turn();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        pipe_v.consumer_release(st_v);
+        ++st_v;
+      }
+    }
+    // Epilogue: O / l, lse = m * scale + ln(l) (natural units), rows without keys: 0 and -inf.
+    Tensor cO = make_identity_tensor(Shape<Int<kWM>, Int<kD>>{});
+    Tensor cO_rc = make_tensor(thr_o.partition_C(cO).data(),
+                               acc_rowcol(thr_o.partition_C(cO).layout()));
+    T *o = static_cast<T *>(p.o);
+    const int64_t obase = si.q_base(b, p.o_bs, p.o_rs) + (int64_t)h * p.o_hs;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float sum = row_sum[r];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int i = row0 + get<0>(cO_rc(r, 0));
+      if (i < si.sq) {
+        T *orow = o + obase + (int64_t)i * p.o_rs;
+#pragma unroll
+        for (int c = 0; c < size<1>(O_rc); c += 2) {
+          const int j = get<1>(cO_rc(r, c));
+          if (j < p.d) {
+            // columns c, c+1 of the fragment are adjacent in memory (one 4-byte store)
+            T pair[2] = {static_cast<T>(O_rc(r, c) * inv), static_cast<T>(O_rc(r, c + 1) * inv)};
+            *reinterpret_cast<uint32_t *>(orow + j) = *reinterpret_cast<uint32_t *>(pair);
+          }
+        }
+        if ((lane & 3) == 0) {
+          const float lse = sum > 0.f ? row_max[r] * p.score_nat + logf(sum) : -INFINITY;
+          p.lse[si.lse_off(p, b, h, i)] = lse;
+        }
+      }
+    }
+  }
+#else
+  __trap();  // the sm90 family is built for sm_90a only
+#endif
+}
+
+template <typename Tr>
+int launch_fwd(const Params &p, cudaStream_t stream) {
+  using T = typename Tr::T;
+  FwdKernelParams<Tr> kp;
+  kp.p = p;
+  auto sq = make_shape(p.seqlen_q, p.d, p.hq, p.batch);
+  auto sk = make_shape(p.seqlen_k, p.d, p.hkv, p.batch);
+  auto svt = make_shape(p.d, p.seqlen_k, p.hkv, p.batch);
+  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<T const *>(p.q)), sq,
+                          make_stride(p.q_rs, _1{}, p.q_hs, p.q_bs));
+  Tensor mK = make_tensor(make_gmem_ptr(static_cast<T const *>(p.k)), sk,
+                          make_stride(p.k_rs, _1{}, p.k_hs, p.k_bs));
+  Tensor mVt = make_tensor(make_gmem_ptr(static_cast<T const *>(p.v)), svt,
+                           make_stride(_1{}, p.v_rs, p.v_hs, p.v_bs));
+  kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Tr::SmemLayoutQ{}(_, _, 0),
+                           Shape<Int<Tr::kWM>, Int<Tr::kD>>{}, _1{});
+  kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, typename Tr::SmemLayoutK{}(_, _, 0),
+                           Shape<Int<Tr::kBN>, Int<Tr::kD>>{}, _1{});
+  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, typename Tr::SmemLayoutVt{}(_, _, 0),
+                           Shape<Int<Tr::kD>, Int<Tr::kBN>>{}, _1{});
+  auto kernel = fwd_kernel<Tr>;
+  constexpr int smem = Tr::kSmemBytes;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  dim3 grid(ceil_div(p.seqlen_q, Tr::kBM), p.hq, p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace fmx

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU check of the sm90 forward (H100/H200), run from the repository root on the GPU machine with
+# .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl: builds the library with the package's own build
+# (python -m flashmux_cuda build --archs 90, the sequential variant in: -DFMX_SM90_TUNING), shows ptxas and
+# SASS facts of the sm90 kernels, then runs the stages named on the command line (default:
+# fwd bench correctness): fwd = tools/sm90_check.py fwd (sm90 forward vs float64, both variants),
+# bench = forward TFLOP/s sm90 / sm80 / SDPA cuDNN (both variants), correctness =
+# tools/kernel_check.py correctness (forward + backward, sm90 forward wherever it applies),
+# sanitize = compute-sanitizer memcheck + racecheck of small sm90 forwards.
+set -u
+STAGES=${*:-fwd bench correctness}
+ROOT=$(pwd)
+OUTDIR=${OUT:-/tmp/fmx_out}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+if [ ! -d /tmp/cutl/cutlass_library ]; then
+  pip install -q --no-deps --target /tmp/cutl .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl 2>/dev/null || exit 1
+fi
+export FLASHMUX_CUTLASS_INCLUDE=/tmp/cutl/cutlass_library/source/include
+export PYTHONPATH=$ROOT/packages/core/src:$ROOT/packages/backend_cuda/src
+export FLASHMUX_CACHE_DIR=/tmp/fmxcache
+t0=$(date +%s)
+LIB=$(FLASHMUX_CUDA_NVCC_FLAGS="-DFMX_SM90_TUNING -lineinfo -Xptxas -v" \
+      python3 -m flashmux_cuda build --archs 90 -j 16 -q) || {
+  tail -60 $(ls -d /tmp/fmxcache/cuda/*/ | head -1)build.log; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s -> $LIB"
+BD=$(dirname "$LIB")
+cp "$BD/build.log" "$OUTDIR/build.log"
+grep -A2 "Compiling entry function.*sm90.*fwd_kernel" "$BD/build.log" | grep -E "spill|Used" | sort | uniq -c
+mkdir -p "$OUTDIR/obj" && cp "$BD"/obj/*.o "$OUTDIR/obj/" && rm -f "$OUTDIR"/obj/sm90_*.o
+for o in "$BD"/obj/sm90_fwd_hdim*.o; do
+  echo "$(basename $o): $(cuobjdump --dump-sass $o | grep -c HGMMA) HGMMA, $(cuobjdump --dump-sass $o | grep -c -E 'LDL|STL') LDL/STL"
+done
+cd packages/backend_cuda
+for s in $STAGES; do
+  case $s in
+    fwd)
+      timeout 120 python3 tools/sm90_check.py $LIB fwd 2>&1 | tee $OUTDIR/fwd.log | grep -v "^ok"
+      FMX_TUNE_SM90=1 timeout 120 python3 tools/sm90_check.py $LIB fwd 2>&1 | tee $OUTDIR/fwd_seq.log | grep -v "^ok" | sed 's/^/[sequential] /' ;;
+    bench)
+      timeout 150 python3 tools/sm90_check.py $LIB bench 2>&1 | tee $OUTDIR/bench.log
+      FMX_TUNE_SM90=1 timeout 150 python3 tools/sm90_check.py $LIB bench 2>&1 | tee $OUTDIR/bench_seq.log | sed 's/^/[sequential] /' ;;
+    correctness) timeout 200 python3 tools/kernel_check.py $LIB correctness 2>&1 | tee $OUTDIR/correctness.log | grep -v "^ok" ;;
+    sanitize)
+      timeout 150 compute-sanitizer --tool memcheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/memcheck.log 2>&1
+      tail -3 $OUTDIR/memcheck.log
+      timeout 150 compute-sanitizer --tool racecheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/racecheck.log 2>&1
+      tail -3 $OUTDIR/racecheck.log ;;
+  esac
+done
+echo "total: $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,88 @@
+"""Which kernel family of libflashmux_cuda runs a pass (named by ``explain()`` via ``lowerings()``).
+
+The library decides at launch (csrc/flashmux_cuda_api.cu, ``use_sm90_fwd`` and
+``sm90::fwd_unsupported`` in csrc/sm90/sm90_api.h); this module mirrors that rule so that
+explain() can say it without launching anything. Keep the two in step.
+
+- forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
+  library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
+  padded (not varlen), no softcap, head_dim <= 64 or 97..128, seqlen_k > 0, positive strides.
+  Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
+- backward: ``sm80`` always (the sm90 backward is not written yet).
+"""
+
+from __future__ import annotations
+
+import os
+
+FAMILY_ENV = "FLASHMUX_CUDA_FAMILY"
+SM80 = "sm80"
+SM90 = "sm90"
+FAMILY_BIT = {SM80: 1, SM90: 2}
+
+
+def sm90_fwd_head_dim(d: int) -> int:
+    """The sm90 forward instantiation for head_dim d, 0 when it has none (as in sm90_api.h)."""
+    if d <= 64:
+        return 64
+    if 96 < d <= 128:
+        return 128
+    return 0
+
+
+def forward_family(
+    cc: tuple[int, int] | None,
+    *,
+    families: int | None,
+    varlen: bool,
+    softcap: float | None,
+    head_dim: int,
+    seqlen_k: int,
+    env: str | None = None,
+) -> tuple[str, str | None]:
+    """(family, why the sm90 family is not used or None). `families` is the library's
+    fmx_families() bit mask (None: unknown, assumed built for this device); `env` defaults to
+    $FLASHMUX_CUDA_FAMILY."""
+    env = os.environ.get(FAMILY_ENV) if env is None else env
+    if families is not None and not families & FAMILY_BIT[SM90]:
+        return SM80, "library built without a 9.x arch"
+    if cc != (9, 0):
+        return SM80, "device is not compute capability 9.0"
+    if env == SM80:
+        return SM80, f"{FAMILY_ENV}=sm80"
+    if varlen:
+        return SM80, "sm90 forward lacks varlen"
+    if softcap:
+        return SM80, "sm90 forward lacks softcap"
+    if sm90_fwd_head_dim(head_dim) == 0:
+        return SM80, f"sm90 forward has head_dim <= 64 and 97..128, not {head_dim}"
+    if seqlen_k <= 0:
+        return SM80, "no keys"
+    return SM90, None
+
+
+def describe(family: str, why: str | None) -> str:
+    if family == SM90:
+        return "sm90 (wgmma/TMA, warp-specialized)"
+    return "sm80 (mma.sync/cp.async)" + (f"; {why}" if why else "")
+
+
+def device_capability(x) -> tuple[int, int] | None:
+    """Compute capability of the device holding a torch tensor or a JAX array, None if unknown."""
+    try:
+        mod = type(x).__module__ or ""
+        if mod.startswith("torch"):
+            import torch
+
+            if x.is_cuda:
+                return tuple(torch.cuda.get_device_capability(x.device))
+            return None
+        devs = x.devices() if hasattr(x, "devices") else ()
+        for dev in devs:
+            cap = getattr(dev, "compute_capability", None)
+            if cap:
+                major, minor = str(cap).split(".")[:2]
+                return int(major), int(minor)
+    except Exception:
+        return None
+    return None

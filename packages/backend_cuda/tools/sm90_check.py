@@ -1,0 +1,172 @@
+"""GPU check of the sm90 (wgmma/TMA) forward through the C ABI (Hopper, compute capability 9.0).
+
+  python sm90_check.py LIB fwd      # sm90 forward vs float64 reference, poisoned outputs
+  python sm90_check.py LIB bench    # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
+  python sm90_check.py LIB sanitize # two small sm90 forwards (under compute-sanitizer)
+
+The library picks the family per call; FLASHMUX_CUDA_FAMILY=sm80 (read at every call) forces the
+sm80 kernels, which is how the comparison runs in one process. Judging rule as kernel_check.py:
+error vs float64 <= 2 x (error of plain attention in the input dtype) + 1e-5, for out and lse.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_check as kc  # noqa: E402
+
+from flashmux.reference import reference_forward  # noqa: E402
+
+
+def _family(name):
+    if name == "sm80":
+        os.environ["FLASHMUX_CUDA_FAMILY"] = "sm80"
+    else:
+        os.environ.pop("FLASHMUX_CUDA_FAMILY", None)
+
+
+def fwd_case(
+    name,
+    dtype,
+    *,
+    B=2,
+    Sq=256,
+    Sk=256,
+    Hq=4,
+    Hkv=4,
+    D=64,
+    causal=False,
+    window=None,
+    seed=0,
+    strided=False,
+):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if strided:  # q, k, v as views into one packed buffer (row stride 3*Hq*D)
+        buf = torch.randn((B, max(Sq, Sk), 3, Hq, D), generator=g).to(dtype).cuda()
+        q, k, v = buf[:, :Sq, 0], buf[:, :Sk, 1, :Hkv], buf[:, :Sk, 2, :Hkv]
+    else:
+        q = torch.randn((B, Sq, Hq, D), generator=g).to(dtype).cuda()
+        k = torch.randn((B, Sk, Hkv, D), generator=g).to(dtype).cuda()
+        v = torch.randn((B, Sk, Hkv, D), generator=g).to(dtype).cuda()
+    sc = 1.0 / math.sqrt(D)
+    kw = dict(causal=causal, window=window, softcap=None, scale=sc)
+    # poisoned outputs: every element must be written
+    out = torch.full((B, Sq, Hq, D), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((B, Hq, Sq), float("nan"), dtype=torch.float32, device="cuda")
+    a = kc.make_args(q, k, v, out, lse, cu_q=None, cu_k=None, max_q=None, max_k=None, **kw)
+    rc = kc.LIB.fmx_attn_fwd(kc.C.byref(a), kc._stream())
+    if rc:
+        raise RuntimeError(f"fmx_attn_fwd -> {rc}: {kc.LIB.fmx_last_error().decode()}")
+    torch.cuda.synchronize()
+    npf = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    r_out, r_lse = reference_forward(
+        npf(q), npf(k), npf(v), causal=causal, window=window, softcap=None, scale=sc
+    )
+    p_out, p_lse = kc.plain_attention(q, k, v, cu_q=None, cu_k=None, **kw)
+    ok = not (torch.isnan(out).any() or torch.isnan(lse).any())
+    rows = []
+    for label, mine, plain, ref in (("out", out, p_out, r_out), ("lse", lse, p_lse, r_lse)):
+        e_m, e_p = kc._err(mine, ref), kc._err(plain, ref)
+        good = e_m <= 2 * e_p + 1e-5
+        ok &= good
+        rows.append(f"{label} {e_m:.2e}/{e_p:.2e}{'' if good else ' FAIL'}")
+    dt = "f16 " if dtype == torch.float16 else "bf16"
+    print(f"{'ok  ' if ok else 'FAIL'} {dt} {name:34s} " + "  ".join(rows), flush=True)
+    return bool(ok)
+
+
+FWD_CASES = [
+    ("d64", dict(D=64)),
+    ("d128", dict(D=128)),
+    ("d64 causal", dict(D=64, causal=True)),
+    ("d128 causal", dict(D=128, causal=True)),
+    ("d128 tails 300x517", dict(D=128, Sq=300, Sk=517)),
+    ("d64 causal tails 300x517", dict(D=64, Sq=300, Sk=517, causal=True)),
+    ("d128 causal Sq>Sk 517x300", dict(D=128, Sq=517, Sk=300, causal=True)),
+    ("d64 gqa 8/2 causal", dict(D=64, Hq=8, Hkv=2, causal=True, Sq=384, Sk=640)),
+    ("d128 mqa 8/1", dict(D=128, Hq=8, Hkv=1, Sq=200, Sk=1000)),
+    ("d40 (pads to 64)", dict(D=40, Sq=130, Sk=70)),
+    ("d112 causal (pads to 128)", dict(D=112, Sq=129, Sk=129, causal=True)),
+    ("d64 Sq=1", dict(D=64, Sq=1, Sk=1000)),
+    ("d128 Sk=1 causal", dict(D=128, Sq=50, Sk=1, causal=True)),
+    ("d64 window 64/16", dict(D=64, window=(64, 16), Sq=500, Sk=500)),
+    ("d128 window causal 100", dict(D=128, window=(100, None), causal=True, Sq=600, Sk=700)),
+    ("d128 strided packed qkv", dict(D=128, strided=True, Sq=300, Sk=300, causal=True)),
+    ("d128 long 4096 causal", dict(D=128, B=1, Hq=2, Hkv=2, Sq=4096, Sk=4096, causal=True)),
+]
+
+
+def fwd():
+    _family("auto")
+    n = n_ok = 0
+    for dtype in (torch.bfloat16, torch.float16):
+        for i, (name, kw) in enumerate(FWD_CASES):
+            n += 1
+            try:
+                n_ok += fwd_case(name, dtype, seed=i, **kw)
+            except Exception as e:  # noqa: BLE001
+                print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    print(f"sm90 forward: {n_ok}/{n} ok", flush=True)
+
+
+def sanitize():
+    _family("auto")
+    fwd_case(
+        "sanitize gqa causal tails d64",
+        torch.bfloat16,
+        B=1,
+        Sq=200,
+        Sk=333,
+        Hq=4,
+        Hkv=2,
+        D=64,
+        causal=True,
+    )
+    fwd_case("sanitize tails d128", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128)
+
+
+def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
+    import torch.nn.functional as F
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    print("| D | causal | S | sm90 | sm80 | cuDNN | sm90/cuDNN | sm90/sm80 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for D, causal, S, fl, q, k, v, _do in kc._points(dims, seqs):
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        times = {}
+        for fam in ("sm90", "sm80"):
+            _family(fam)
+            times[fam] = tt.do_bench(
+                lambda: kc.fmx_forward(qd, kd, vd, causal=causal), warmup=25, rep=100
+            )
+        _family("auto")
+        qt, kt, vt = (x.transpose(1, 2) for x in (qd, kd, vd))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            times["cudnn"] = tt.do_bench(
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                warmup=25,
+                rep=100,
+            )
+        tf = {n: fl / (t * 1e-3) / 1e12 for n, t in times.items()}
+        print(
+            f"| {D} | {int(causal)} | {S} | {tf['sm90']:.0f} | {tf['sm80']:.0f} | "
+            f"{tf['cudnn']:.0f} | {times['cudnn'] / times['sm90']:.2f} | "
+            f"{times['sm80'] / times['sm90']:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    kc.load(sys.argv[1])
+    t0 = time.time()
+    for mode in sys.argv[2:]:
+        {"fwd": fwd, "bench": bench, "sanitize": sanitize}[mode]()
+    print(f"[{' '.join(sys.argv[2:])} took {time.time() - t0:.1f}s]", flush=True)
