@@ -137,3 +137,17 @@ def test_scale_default_matches():
     a = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens)
     b = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, scale=1 / math.sqrt(64))
     torch.testing.assert_close(a, b)
+
+
+def test_repeated_calls_skip_the_checks():
+    from flashmux import kvcache
+
+    q, kc, vc, lens, k, v, table = _inputs(b=2, cap=256, snew=1, page=16)
+    kvcache._validated.clear()
+    for _ in range(3):
+        flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=k, v=v, block_table=table)
+    assert len(kvcache._validated) == 1
+    flashmux.attention_with_kvcache(q[:, :, :2], kc, vc, cache_seqlens=lens, block_table=table)
+    assert len(kvcache._validated) == 2
+    with pytest.raises(ValueError, match="q"):  # a bad call is still checked
+        flashmux.attention_with_kvcache(q[:, :, :3], kc, vc, cache_seqlens=lens, block_table=table)

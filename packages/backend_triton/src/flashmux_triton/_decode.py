@@ -321,6 +321,10 @@ def decode_merge(
 # -- launch -------------------------------------------------------------------------------------
 
 
+# Configs shrunk after a launch ran out of shared memory (a GPU with less than the table assumes).
+_SHRUNK: dict = {}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -336,12 +340,14 @@ def _sms(q) -> int:
     return 8  # the interpreter: a few splits, so tests exercise the merge
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v, capacity, page_size, dtype,
          num_splits, sms, config=None):
     """Host-side plan from shapes only (never device values): (config, block_m, m_blocks,
     num_splits, split_len, page_block)."""
     group = heads_q // heads_kv
-    cfg = config or T.config_for(head_dim, head_dim_v, dtype, page_size)
+    cfg = config or _SHRUNK.get((head_dim, head_dim_v, dtype)) or T.config_for(
+        head_dim, head_dim_v, dtype, page_size)
     rows = group * seqlen_q
     block_m = max(16, min(T.MAX_BLOCK_M, triton.next_power_of_2(max(rows, 1))))
     m_blocks = triton.cdiv(rows, block_m)
@@ -387,7 +393,25 @@ def kernel_for(spec, params) -> str:
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config=None):
     """-> (out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) float32). `config` overrides the
-    tuning table (benchmarks)."""
+    tuning table (benchmarks). A launch that runs out of shared memory is retried with fewer
+    pipeline stages, then narrower key blocks, and the smaller config is remembered."""
+    while True:
+        try:
+            return _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config)
+        except triton.runtime.errors.OutOfResources:
+            if config is not None:
+                raise
+            d, dv = q.shape[-1], v_cache.shape[-1]
+            dtype = str(q.dtype).rsplit(".", 1)[-1]
+            cur = _SHRUNK.get((d, dv, dtype)) or T.config_for(d, dv, dtype, 0)
+            smaller = T.smaller(cur)
+            if smaller is None:
+                raise
+            _SHRUNK[(d, dv, dtype)] = smaller
+            plan.cache_clear()
+
+
+def _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config):
     b, sq, hq, d = q.shape
     paged = block_table is not None
     hkv, dv = k_cache.shape[2], v_cache.shape[3]

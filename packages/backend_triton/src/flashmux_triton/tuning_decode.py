@@ -43,27 +43,31 @@ CANDIDATES = (
 )
 
 
-def _override(cfg: DecodeConfig) -> DecodeConfig:
-    env = os.environ.get("FLASHMUX_TRITON_DECODE", "").strip()
-    if not env:
-        return cfg
-    kw = {}
-    for part in env.split(","):
-        name, _, val = part.partition("=")
-        name = name.strip()
-        if name not in DecodeConfig.__dataclass_fields__:
-            raise ValueError(f"FLASHMUX_TRITON_DECODE: unknown field {name!r} in {env!r}")
-        kw[name] = float(val) if name == "waves" else int(val)
-    return replace(cfg, **kw)
-
-
-def parse(text: str) -> DecodeConfig:
-    """'block_n=128,num_warps=4,...' -> DecodeConfig (unnamed fields keep their defaults)."""
+def parse(text: str, base: DecodeConfig | None = None) -> DecodeConfig:
+    """'block_n=128,num_warps=4,...' -> DecodeConfig; unnamed fields keep `base`'s values."""
     kw = {}
     for part in text.split(","):
         name, _, val = part.partition("=")
-        kw[name.strip()] = float(val) if name.strip() == "waves" else int(val)
-    return DecodeConfig(**kw)
+        name = name.strip()
+        if name not in DecodeConfig.__dataclass_fields__:
+            raise ValueError(f"FLASHMUX_TRITON_DECODE: unknown field {name!r} in {text!r}")
+        kw[name] = float(val) if name == "waves" else int(val)
+    return replace(base or DecodeConfig(), **kw)
+
+
+def _override(cfg: DecodeConfig) -> DecodeConfig:
+    env = os.environ.get("FLASHMUX_TRITON_DECODE", "").strip()
+    return parse(env, cfg) if env else cfg
+
+
+def smaller(cfg: DecodeConfig) -> DecodeConfig | None:
+    """The next config to try after running out of shared memory: fewer stages, then narrower
+    key blocks; None when nothing smaller is left."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 16:
+        return replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+    return None
 
 
 def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int) -> DecodeConfig:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -613,6 +614,39 @@ def _run(be, call: _DecodeCall, q, k_cache, v_cache, seqlens_k, block_table, ali
     raise dispatch.NoBackendError(f"backend {be.name!r} cannot take {kind} arrays")
 
 
+# Validated calls by signature, so a decode loop pays the argument checks once. Only for torch
+# tensors on a GPU outside torch.compile: there the checks read no values (NumPy and CPU
+# tensors have their lengths and page ids checked on every call; JAX traces once per shape).
+_validated: dict[tuple, _DecodeCall] = {}
+
+
+def _fast_key(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, causal, scale,
+              window, softcap, return_lse, num_splits):
+    if not type(q).__module__.startswith("torch"):
+        return None
+    torch = sys.modules["torch"]
+    if not (isinstance(q, torch.Tensor) and q.is_cuda) or torch.compiler.is_compiling():
+        return None
+    if window is not None:
+        if type(window) not in (tuple, list):
+            return None
+        window = tuple(window)
+    key = [causal, scale, window, softcap, return_lse, num_splits, torch.is_grad_enabled()]
+    for x in (q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
+        if x is None:
+            key.append(None)
+        elif not isinstance(x, torch.Tensor):
+            return None
+        else:
+            key.append((x.shape, x.dtype, x.device, x.requires_grad))
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:  # an odd keyword value: take the checked path, which reports it
+        return None
+    return key
+
+
 def attention_with_kvcache(
     q,
     k_cache,
@@ -649,8 +683,16 @@ def attention_with_kvcache(
     num_splits forces the number of key splits (Flash-Decoding); None lets the backend choose.
     Inference only. `backend` forces a backend, as for `attention`.
     """
-    call = _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scale, window,
-                    softcap, alibi_slopes, return_lse, num_splits)
+    key = _fast_key(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, causal,
+                    scale, window, softcap, return_lse, num_splits)
+    call = _validated.get(key) if key is not None else None
+    if call is None:
+        call = _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scale,
+                        window, softcap, alibi_slopes, return_lse, num_splits)
+        if key is not None:
+            if len(_validated) > 4096:
+                _validated.clear()
+            _validated[key] = call
     forced = dispatch.forced_backends(backend)
     kind = call.kind
     if call.spec.seqlen_new and call.spec.batch:
