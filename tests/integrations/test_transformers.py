@@ -107,6 +107,26 @@ def test_logits_match_eager(family, padding, calls):
         assert calls[0][1].get("cu_seqlens_q") is not None  # padding went in as segments
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_segments_padding_path(family, monkeypatch, calls):
+    """The GPU's padding path (5 cu_seqlens segments per row, no copies) on the CPU: padded
+    logits and a left-padded greedy generate, against eager."""
+    monkeypatch.setattr(fmx_tf, "PADDING", "segments")
+    ref, fmx = _pair(family)
+    ids = _ids(seed=11)
+    for padding in ("left", "right"):
+        mask = _mask(padding)
+        with torch.no_grad():
+            want = ref(ids, attention_mask=mask).logits
+            got = fmx(ids, attention_mask=mask).logits
+        keep = mask.bool()
+        _close(got[keep], want[keep])
+        assert len(calls[-1][1]["cu_seqlens_q"]) == 5 * 2 + 1
+    mask = _mask("left")
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(fmx.generate(ids, **kw), ref.generate(ids, **kw))
+
+
 def test_sliding_window_and_softcap_reach_flashmux(calls):
     _, fmx = _pair("gemma2")
     with torch.no_grad():

@@ -17,11 +17,13 @@ What the attention function does with what a model passes:
   (w - 1 on both sides without), `is_causal` (or the module's) -> causal, `dropout` -> dropout_p.
   Masks are aligned bottom-right, which is what decoding with a KV cache (Sq < Sk) needs.
 - Padding (a 2-D attention_mask with zeros): the mask function hands the 2-D mask through (None
-  when it has no zero, as transformers' FlashAttention path does). The attention function then
-  runs the padded (B, S) rows as one packed batch of 3 segments per row (leading padding, the
-  tokens, trailing padding) through `cu_seqlens`: no gather, no copy, no data-dependent shape.
-  Padding rows attend only to padding, so their (unused) outputs stay finite; a mask whose ones
-  are not one contiguous run per row (a hole in the middle) is refused.
+  when it has no zero, as transformers' FlashAttention path does). On GPUs the attention function
+  runs the padded (B, S) rows as one packed batch of 5 segments per row through `cu_seqlens`
+  (padding queries with no key, padding keys with no query, the tokens against their keys): no
+  gather, no copy, no data-dependent shape, no work on padding. On the CPU it gathers the tokens
+  instead (`PADDING` below). Either way padding query rows come out 0, as with transformers'
+  FlashAttention path; a mask whose ones are not one contiguous run per row (a hole in the
+  middle) is refused.
 - Packed batches without padding ("padding-free" training): sequences that restart their
   `position_ids` inside a row (as DataCollatorWithFlattening makes them), or explicit
   `cu_seq_lens_q/k` keyword arguments, become `cu_seqlens`.
@@ -65,9 +67,13 @@ def _cached(kind: str, src: torch.Tensor, extra: tuple, fn):
 
 
 def _padding_segments(mask: torch.Tensor, sq: int):
-    """cu_seqlens_q, cu_seqlens_k (int32, length 3B+1) for a (B, Sk) padding mask whose ones are
-    one contiguous run per row: segments [0, start), [start, end), [end, S) per row, the queries
-    being the last sq positions of the keys."""
+    """cu_seqlens_q, cu_seqlens_k (int32, length 5B+1) for a (B, Sk) padding mask whose ones are
+    one contiguous run per row [start, end), the queries being the last sq key positions.
+
+    Per row five segments: leading padding queries with no key, leading padding keys with no
+    query, the tokens (queries against their keys), trailing padding queries with no key, trailing
+    padding keys with no query. Padding costs no attention work and its query rows come out 0
+    (as transformers' FlashAttention path leaves them), with no gather and no copy."""
     b, sk = mask.shape
     dev = mask.device
     m = mask.to(torch.bool)
@@ -76,7 +82,22 @@ def _padding_segments(mask: torch.Tensor, sq: int):
     end = start + count
     cols = torch.arange(sk, device=dev, dtype=torch.int32)
     runs = (cols >= start[:, None]) & (cols < end[:, None])
-    ok = (runs == m).all()
+    _check_runs((runs == m).all())
+    off = sk - sq
+    qstart = (start - off).clamp(0, sq)
+    qend = (end - off).clamp(0, sq)
+    zero = torch.zeros_like(start)
+
+    def cu(bounds, n):
+        base = torch.arange(b, device=dev, dtype=torch.int32)[:, None] * n
+        rows = (base + torch.stack(bounds, dim=1)).reshape(-1)
+        return torch.cat([rows, torch.full((1,), b * n, device=dev, dtype=torch.int32)])
+
+    return (cu([zero, qstart, qstart, qend, zero + sq], sq),
+            cu([zero, zero, start, end, end], sk))
+
+
+def _check_runs(ok: torch.Tensor):
     if torch.compiler.is_compiling():
         torch._assert_async(ok, "attention_mask: flashmux needs one contiguous run of ones per row")
     elif not bool(ok):
@@ -85,16 +106,27 @@ def _padding_segments(mask: torch.Tensor, sq: int):
             "padding), got a row with a hole; flashmux cannot mask single keys inside a sequence "
             "(use attn_implementation='sdpa' for such masks)"
         )
-    off = sk - sq
-    qstart = (start - off).clamp(0, sq)
-    qend = (end - off).clamp(0, sq)
 
-    def cu(lo, hi, n):
-        base = torch.arange(b, device=dev, dtype=torch.int32) * n
-        rows = torch.stack([base, base + lo, base + hi], dim=1).reshape(-1)
-        return torch.cat([rows, torch.full((1,), b * n, device=dev, dtype=torch.int32)])
 
-    return cu(qstart, qend, sq), cu(start, end, sk)
+def _unpad(mask: torch.Tensor, sq: int):
+    """(index of the kept query rows, index of the kept key rows, cu_q, cu_k) for the same masks
+    as `_padding_segments`, to gather the tokens into a smaller packed batch (the CPU path)."""
+    b, sk = mask.shape
+    m = mask.to(torch.bool)
+    count = m.sum(dim=1, dtype=torch.int32)
+    start = m.to(torch.int32).argmax(dim=1).to(torch.int32)
+    cols = torch.arange(sk, device=m.device, dtype=torch.int32)
+    _check_runs((((cols >= start[:, None]) & (cols < (start + count)[:, None])) == m).all())
+    mq = m[:, sk - sq:]
+    idx_k = m.reshape(-1).nonzero().flatten()
+    idx_q = mq.reshape(-1).nonzero().flatten()
+
+    def cu(rows):
+        out = torch.zeros(b + 1, dtype=torch.int32, device=m.device)
+        out[1:] = rows.sum(dim=1).cumsum(0)
+        return out
+
+    return idx_q, idx_k, cu(mq), cu(m)
 
 
 def _packed_from_position_ids(position_ids: torch.Tensor, b: int, s: int):
@@ -107,6 +139,22 @@ def _packed_from_position_ids(position_ids: torch.Tensor, b: int, s: int):
     idx = starts.reshape(-1).nonzero().flatten()
     total = torch.full((1,), b * s, dtype=idx.dtype, device=idx.device)
     return torch.cat([idx, total]).to(torch.int32)
+
+
+# How padded batches reach flashmux: "segments" (5 cu_seqlens segments per row on the padded
+# tensors, no copies), "unpad" (gather the tokens, attend, scatter back), or "auto": unpad on the
+# CPU, where the reference backend's packed path costs (total rows)^2 and fewer rows win, and
+# segments elsewhere, where kernels skip empty segments and the copies are pure overhead.
+# NOTES.md next to this file has the measurements.
+PADDING = "auto"
+
+
+def _padding_mode(q) -> str:
+    if PADDING not in ("auto", "segments", "unpad"):
+        raise ValueError(f"PADDING: expected 'auto', 'segments' or 'unpad', got {PADDING!r}")
+    if PADDING != "auto":
+        return PADDING
+    return "unpad" if q.device.type == "cpu" and not torch.compiler.is_compiling() else "segments"
 
 
 def _rows(x):
@@ -177,6 +225,15 @@ def attention_forward(
                 f"transformers integration yet (use the default dynamic cache)"
             )
         mask = attention_mask[:, -sk:] if attention_mask.shape[1] > sk else attention_mask
+        if _padding_mode(q) == "unpad":
+            idx_q, idx_k, cu_q, cu_k = _cached("unpad", attention_mask, (sq, sk),
+                                               lambda: _unpad(mask, sq))
+            out = flashmux.attention(_rows(q).index_select(0, idx_q),
+                                     _rows(k).index_select(0, idx_k),
+                                     _rows(v).index_select(0, idx_k),
+                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **opts)
+            full = out.new_zeros((b * sq, hq, out.shape[-1]))
+            return full.index_copy(0, idx_q, out).view(b, sq, hq, out.shape[-1]), None
         cu_q, cu_k = _cached("pad", attention_mask, (sq, sk),
                              lambda: _padding_segments(mask, sq))
         out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu_q,
