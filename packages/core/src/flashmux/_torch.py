@@ -356,6 +356,7 @@ def _setup_context_ext(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k, slopes, *bm)
     ctx.backend, ctx.bm_meta = backend, bm_meta
     ctx.flat = flat[:-1]
+    ctx.n_inputs, ctx.n_bm = len(inputs), len(bm)
     ctx.mark_non_differentiable(res)
 
 
@@ -367,7 +368,9 @@ def _backward_ext_op(ctx, dout, dlse, _dres):
         dlse = None
     dq, dk, dv = bwd_ext(dout.contiguous(), dlse, q, k, v, out, lse, res, cu_q, cu_k, slopes,
                          bm, ctx.bm_meta, ctx.backend, *ctx.flat)
-    return (dq, dk, dv) + (None,) * (6 + len(ctx.flat) + 1)
+    grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
+    grads[6] = [None] * ctx.n_bm  # the block mask's list of arrays: a list of no-gradients
+    return tuple(grads)
 
 
 fwd_ext.register_autograd(_backward_ext_op, setup_context=_setup_context_ext)
