@@ -39,6 +39,10 @@ CASES = [
     KvCase(page_size=128, capacity=256, batch=2, lens=(-1, 130), seqlen_q=4, snew=4, causal=True),
     KvCase(page_size=256, capacity=256, batch=2, lens=(-1, 7), dtype="float32", num_splits=2),
     KvCase(page_size=16, capacity=64, batch=2, seqlen_q=24, snew=24, lens=(40, 0), causal=True),
+    # more packed rows than one program holds (8/2 heads x 40 rows = 160 > 128), and a window
+    KvCase(heads_q=8, heads_kv=2, seqlen_q=40, snew=40, capacity=128, page_size=8,
+           lens=(88, 0, 10), window=(30, 0), num_splits=4),
+    KvCase(head_dim=48, head_dim_v=80, page_size=16, capacity=64, lens=(-1, 0, 5)),  # padded D
 ]
 # JAX compiles every new shape (~0.3 s per compile on the CI CPU): eager JAX runs a subset.
 JAX_EAGER = {0, 3, 5, 9, 12, 16, 18, 21}
