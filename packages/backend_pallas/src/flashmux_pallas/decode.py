@@ -19,6 +19,7 @@ is shifted back (clamped start) and its already-seen keys masked, so no read lea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, replace
 
@@ -58,6 +59,20 @@ class DecodeStatic:
     fast_exp: bool
 
 
+_override: list[dict] = []
+
+
+@contextlib.contextmanager
+def tuning(**kw):
+    """Force plan() fields for tuning runs (read at trace time): block_m, block_n, num_warps,
+    num_stages, fast_exp, or programs_per_sm (the split heuristic's target)."""
+    _override.append(kw)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
 def _next_pow2(n: int) -> int:
     p = 1
     while p < n:
@@ -90,12 +105,14 @@ def gpu_reasons(spec) -> list[str]:
     return out
 
 
-def choose_splits(batch: int, heads_kv: int, row_blocks: int, capacity: int, cores: int) -> int:
+def choose_splits(
+    batch: int, heads_kv: int, row_blocks: int, capacity: int, cores: int, per_sm: int = 0
+) -> int:
     """Key splits when the caller does not force them: enough programs for about
     _PROGRAMS_PER_SM per SM, no split shorter than MIN_KEYS_PER_SPLIT keys of the capacity
     (the real lengths stay on the device), at most MAX_SPLITS."""
     programs = max(1, batch * heads_kv * row_blocks)
-    want = -(-_PROGRAMS_PER_SM * max(cores, 1) // programs)
+    want = -(-(per_sm or _PROGRAMS_PER_SM) * max(cores, 1) // programs)
     by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
     return int(max(1, min(want, by_len, MAX_SPLITS)))
 
@@ -121,6 +138,9 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         bm_cap, bn_cap, warps, stages = 16, 16, 4, 1
     else:
         bm_cap, bn_cap, warps, stages = 64, (64 if s.head_dim >= 256 else 128), 4, 2
+    ov = _override[-1] if _override else {}
+    bm_cap, bn_cap = ov.get("block_m", bm_cap), ov.get("block_n", bn_cap)
+    warps, stages = ov.get("num_warps", warps), ov.get("num_stages", stages)
     block_m = max(16, min(bm_cap, _next_pow2(rows)))
     row_blocks = -(-rows // block_m)
     if s.paged:
@@ -134,7 +154,14 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         if interpret:
             ns = 1
         else:
-            ns = choose_splits(s.batch, s.heads_kv, row_blocks, s.capacity, cores or _core_count())
+            ns = choose_splits(
+                s.batch,
+                s.heads_kv,
+                row_blocks,
+                s.capacity,
+                cores or _core_count(),
+                ov.get("programs_per_sm", 0),
+            )
     import jax.numpy as jnp
 
     return DecodeStatic(
@@ -158,7 +185,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         num_stages=stages,
         interpret=interpret,
         f32=jnp.dtype(s.dtype) == jnp.float32,
-        fast_exp=not interpret,
+        fast_exp=ov.get("fast_exp", True) and not interpret,
     )
 
 
