@@ -39,6 +39,7 @@ class CPCase:
     scale: float | None = None
     return_lse: bool = True
     lse_grad: bool = False
+    backend: str | None = None  # forced backend for every block (None: the dispatcher's pick)
     seed: int = 0
 
     def id(self) -> str:
@@ -52,6 +53,8 @@ class CPCase:
             parts.append(f"cap{self.softcap}")
         if self.scale is not None:
             parts.append(f"scale{self.scale}")
+        if self.backend:
+            parts.append(self.backend)
         return "-".join(parts)
 
 

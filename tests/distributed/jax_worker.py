@@ -48,7 +48,7 @@ def run_case(case, index, out_dir):
     def local(q, k, v):
         res = flashmux.ring_attention(
             q, k, v, axis_name="sp", layout=case.layout, causal=case.causal, scale=case.scale,
-            softcap=case.softcap, return_lse=True, variant=case.variant,
+            softcap=case.softcap, return_lse=True, variant=case.variant, backend=case.backend,
         )
         return res
 

@@ -181,6 +181,26 @@ def test_jax_mesh(tmp_path):
     _judge_all("jax", cases, lambda cs, d: _run_jax(cs, d, env), tmp_path)
 
 
+def test_torch_gloo_triton(tmp_path):
+    """The ring on a kernel backend (Triton's CPU interpreter): its backward takes delta from the
+    global out + out_residual the ring hands it, and the lse gradient."""
+    pytest.importorskip("triton")
+    case = CPCase(world=2, layout="zigzag", dtype="float16", heads_kv=2, lse_grad=True,
+                  backend="triton", seed=_seed())
+    env = {"FLASHMUX_CP_DEVICE": "cpu", "TRITON_INTERPRET": "1"}
+    _judge_all("torch", [case], lambda cs, d: _run_torch(cs, 2, d, env), tmp_path)
+
+
+def test_jax_mesh_pallas(tmp_path):
+    """The ring on Pallas (interpret mode on CPU) inside shard_map, under jit and vjp."""
+    pytest.importorskip("jax")
+    pytest.importorskip("flashmux_pallas")
+    case = CPCase(world=2, layout="zigzag", dtype="bfloat16", heads_kv=2, lse_grad=True,
+                  backend="pallas", seed=_seed())
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    _judge_all("jax", [case], lambda cs, d: _run_jax(cs, d, env), tmp_path)
+
+
 # -- GPU (NCCL, JAX on GPUs) -------------------------------------------------------------------
 
 

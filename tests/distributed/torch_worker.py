@@ -45,7 +45,7 @@ def main(cases_path, out_dir):
             qa, ka, va = (local(x).requires_grad_(True) for x in (q, k, v))
             res = flashmux.ring_attention(
                 qa, ka, va, layout=case.layout, causal=case.causal, scale=case.scale,
-                softcap=case.softcap, return_lse=case.return_lse, variant=case.variant,
+                softcap=case.softcap, return_lse=case.return_lse, variant=case.variant, backend=case.backend,
             )
             out, lse = res if case.return_lse else (res, None)
             loss = (out.float() * local(do).float()).sum()
