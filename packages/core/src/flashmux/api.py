@@ -519,6 +519,8 @@ class Explanation:
             if on
         ]
         lines = [f"flashmux.explain: {shape}" + (f" [{', '.join(feats)}]" if feats else "")]
+        lines.append(f"problem class {dispatch.spec_class(s)}; order from the "
+                     f"{dispatch.priority_source(s)}")
         if self.forced:
             lines.append(f"forced: {', '.join(self.forced)}")
         if self.note:

@@ -142,7 +142,8 @@ def reasons(b: Backend, spec: ProblemSpec) -> list[str]:
 
 
 def priority_table() -> dict:
-    """{device class: {array kind: [backend names, fastest first]}}, with a "default" entry.
+    """{device class: {array kind: [backend names, fastest first], "classes": {problem class:
+    {array kind: [...]}}}}, with a "default" entry; "classes" is optional (see `ordered`).
 
     Shipped as flashmux/priority.json; `python -m flashmux bench --priority-from` regenerates it.
     FLASHMUX_PRIORITY_FILE points at another file.
@@ -169,11 +170,47 @@ def device_class(spec: ProblemSpec) -> str:
     return spec.device_type
 
 
+def problem_class(head_dim: int, causal: bool, training: bool, seqlen_q: int, seqlen_k: int,
+                  dtype: str) -> str:
+    """The priority table's problem class, e.g. "d128-causal-train-prefill-16bit".
+
+    head_dim bucket (64, 128, 256, 512 = anything larger); causal or full; train (a gradient is
+    needed) or infer; decode (at most 16 query rows against at least 4x as many keys) or
+    prefill; 16bit (float16/bfloat16) or fp32 (float32/float64). The benchmark harness files its
+    results under the same keys (flashmux.bench.priority)."""
+    hd = next((b for b in (64, 128, 256) if head_dim <= b), 512)
+    phase = "decode" if seqlen_q <= 16 and seqlen_k >= 4 * seqlen_q else "prefill"
+    bits = "fp32" if dtype in ("float32", "float64", "fp32", "fp64") else "16bit"
+    return (f"d{hd}-{'causal' if causal else 'full'}-{'train' if training else 'infer'}-"
+            f"{phase}-{bits}")
+
+
+def spec_class(spec: ProblemSpec) -> str:
+    return problem_class(spec.head_dim, spec.causal, spec.requires_grad, spec.seqlen_q,
+                         spec.seqlen_k, spec.dtype)
+
+
+def priority_source(spec: ProblemSpec) -> str:
+    """Which list of the priority table orders this problem (for explain)."""
+    table = priority_table()
+    dc = device_class(spec)
+    key = dc if table.get(dc) else "default"
+    entry = table.get(key) or {}
+    if ((entry.get("classes") or {}).get(spec_class(spec)) or {}).get(spec.kind):
+        return f"{key} table, class {spec_class(spec)}"
+    if entry.get(spec.kind):
+        return f"{key} table, {spec.kind} list (no entry for class {spec_class(spec)})"
+    return "no table entry: backends' own priorities"
+
+
 def ordered(spec: ProblemSpec) -> list[Backend]:
-    """Every backend, in the order the dispatcher tries them for this problem."""
+    """Every backend, in the order the dispatcher tries them for this problem: the device
+    class's list for the problem class (see `problem_class`) when the table has one, else the
+    device class's list for the array kind, else the "default" entry's."""
     table = priority_table()
     entry = table.get(device_class(spec)) or table.get("default") or {}
-    names = list(entry.get(spec.kind, []))
+    by_class = (entry.get("classes") or {}).get(spec_class(spec)) or {}
+    names = list(by_class.get(spec.kind) or entry.get(spec.kind, []))
     reg = registry()
     rank = {n: i for i, n in enumerate(names)}
     return sorted(

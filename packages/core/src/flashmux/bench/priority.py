@@ -11,6 +11,15 @@ relative to the fastest flashmux backend at that point (1.0 = always fastest), w
 coverage (0.5 + 0.5 x points it ran / points the best-covered backend ran), so a backend that
 declines most problems ranks below one that serves them all about as fast. Backends that never
 ran correctly keep their previous order after those that did; "reference" is always last.
+
+Problem classes: the same ranking is also made per problem class (`flashmux.dispatch.problem_class`:
+head_dim bucket, causal or not, training (modes with a backward) or inference, decode or prefill,
+16-bit or float32), from the points of that class alone, and stored under the device class's
+"classes" key:
+
+    {"sm90": {"torch": [...], "classes": {"d128-causal-train-prefill-16bit": {"torch": [...]}}}}
+
+The dispatcher looks the problem class up first and falls back to the device class's list.
 """
 
 from __future__ import annotations
@@ -21,11 +30,32 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def rank(results: list[dict], previous: dict | None = None) -> dict[str, list[str]]:
+def result_class(r: dict) -> str | None:
+    """The problem class of one result record (see flashmux.dispatch.problem_class); None when
+    the record does not say its shapes."""
+    from ..dispatch import problem_class
+
+    p = r.get("point") or {}
+    if "head_dim" not in p or "mode" not in r:
+        return None
+    sq, sk = p.get("seqlen_q") or 0, p.get("seqlen_k") or 0
+    if p.get("seqlens"):  # varlen: the longest sequence
+        sq = sk = max(p["seqlens"])
+    return problem_class(int(p["head_dim"]), bool(p.get("causal")), r["mode"] != "fwd", int(sq),
+                         int(sk), r.get("dtype") or p.get("dtype", "bf16"))
+
+
+def rank(
+    results: list[dict], previous: dict | None = None, cls: str | None = None
+) -> dict[str, list[str]]:
+    """{framework: [backends, best first]} from the results (of problem class `cls` only, when
+    given)."""
     previous = previous or {}
     rows = [
         r for r in results if r["family"] == "flashmux" and r.get("backend") not in (None, "auto")
     ]
+    if cls is not None:
+        rows = [r for r in rows if result_class(r) == cls]
     by_fw_point = defaultdict(dict)  # (fw, sweep, mode, point) -> backend -> tflops
     seen = defaultdict(set)
     for r in rows:
@@ -74,10 +104,23 @@ def regenerate(results_path: str | Path, out_path: str | Path) -> dict:
             table = json.loads(out_path.read_text())
         except json.JSONDecodeError:
             table = {}
-    new = rank(data.get("results", []), table.get(dev) or table.get("default"))
+    results = data.get("results", [])
+    prev = table.get(dev) or table.get("default") or {}
+    prev_plain = {k: v for k, v in prev.items() if k != "classes"}
+    new: dict = dict(rank(results, prev_plain))
+    classes = sorted({c for r in results if r.get("family") == "flashmux"
+                      and r.get("backend") not in (None, "auto") and (c := result_class(r))})
+    prev_classes = prev.get("classes") or {}
+    by_class = {}
+    for c in classes:
+        ranked = rank(results, prev_classes.get(c) or prev_plain, c)
+        if ranked:
+            by_class[c] = ranked
+    if by_class:
+        new["classes"] = by_class
     table[dev] = new
     if "default" not in table:
-        table["default"] = new
+        table["default"] = {k: v for k, v in new.items() if k != "classes"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return table

@@ -241,10 +241,11 @@ class NativeBackend(Backend):
         rows = self.kernel_reasons(f)
         if any(not r for _, r in rows):
             return []
-        common = _common_reasons(f)
-        out = list(common)
+        # what every kernel says once, then each kernel's own reasons
+        shared = [x for x in rows[0][1] if all(x in r for _, r in rows[1:])]
+        out = list(shared)
         for k, r in rows:
-            extra = [x for x in r if x not in common]
+            extra = [x for x in r if x not in shared]
             if extra:
                 out.append(f"{k}: " + "; ".join(extra))
         return out
