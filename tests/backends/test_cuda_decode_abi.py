@@ -235,7 +235,9 @@ def test_backend_decode_declines():
     be = flashmux_cuda.backend
     assert be.decode_reasons(_spec()) == []
     assert be.decode_reasons(_spec(paged=True, page_size=8, alibi=True, window=True)) == []
-    assert any("JAX" in r for r in be.decode_reasons(_spec(kind="jax")))
+    assert be.decode_reasons(_spec(kind="jax", traced=True)) == []  # through the XLA FFI
+    cpu = _spec(kind="jax", device_type="cpu", device_name="cpu", compute_capability=None)
+    assert any("no CUDA device" in r for r in be.decode_reasons(cpu))
     assert any("multiple of 8" in r for r in be.decode_reasons(_spec(head_dim=36, head_dim_v=36)))
     assert any("head_dim_v" in r for r in be.decode_reasons(_spec(head_dim_v=64)))
     assert any("float32" in r for r in be.decode_reasons(_spec(dtype="float32")))
@@ -253,3 +255,37 @@ def test_torch_glue_needs_cuda_tensors():
     lens = torch.zeros((1,), dtype=torch.int32)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         torch_glue.decode(None, q, kc, kc, lens, None, None, _params())
+
+
+@needs_cc
+@pytest.mark.parametrize("paged", [False, True])
+def test_jax_decode_shapes_at_trace_time(tmp_path, paged):
+    """The JAX path traces on the CPU (ffi_call needs its target only when lowered): shapes,
+    the workspace output sized by the library, and the shape checks at trace time."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from flashmux_cuda import jax_decode
+
+    lib = _fake(tmp_path, True)
+    bf = jnp.bfloat16
+    q = jax.ShapeDtypeStruct((2, 3, 8, 64), bf)
+    if paged:
+        kc = jax.ShapeDtypeStruct((9, 16, 2, 64), bf)
+        bt = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    else:
+        kc, bt = jax.ShapeDtypeStruct((2, 64, 2, 64), bf), None
+    lens = jax.ShapeDtypeStruct((2,), jnp.int32)
+    sl = jax.ShapeDtypeStruct((2, 8), jnp.float32)
+    p = _params(causal=True, num_splits=3, page_size=16 if paged else 0, alibi=True)
+
+    def f(q, kc, vc, lens, bt, sl):
+        return jax_decode.decode(lib, q, kc, vc, lens, bt, sl, p)
+
+    out, lse = jax.eval_shape(f, q, kc, kc, lens, bt, sl)
+    assert out.shape == (2, 3, 8, 64) and out.dtype == bf
+    assert lse.shape == (2, 8, 3) and lse.dtype == jnp.float32
+    q36 = jax.ShapeDtypeStruct((2, 3, 8, 36), bf)
+    k36 = jax.ShapeDtypeStruct(kc.shape[:-1] + (36,), bf)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        jax.eval_shape(f, q36, k36, k36, lens, bt, sl)

@@ -174,10 +174,6 @@ class CudaBackend(Backend):
         from flashmux.kvcache import decode_capability_reasons
 
         out = decode_capability_reasons(self.capabilities, spec)
-        if spec.kind == "jax":
-            out.append(
-                "KV-cache decode from JAX: no XLA FFI handler for fmx_decode yet (torch only)"
-            )
         if spec.head_dim % 8:
             out.append(
                 f"head_dim {spec.head_dim} is not a multiple of 8: the decode kernels read the "
@@ -220,9 +216,17 @@ class CudaBackend(Backend):
 
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
         if self._is_jax(q):
-            from .abi import Unsupported
+            from . import jax_decode
 
-            raise Unsupported("KV-cache decode from JAX is not wired (no XLA FFI handler yet)")
+            self._ensure_jax()
+            if "lib" not in jax_decode._registered:
+                from . import build as b
+
+                cfg = b.BuildConfig.from_env()
+                jax_decode.register(b.build_jax_ffi(cfg, Path(self.lib.path)))
+            return jax_decode.decode(
+                self.lib, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params
+            )
         from . import torch_glue
 
         return torch_glue.decode(
