@@ -35,7 +35,7 @@ import numpy as np
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
 from .api import _check_window
-from .backend import Capabilities
+from .backend import Backend, Capabilities
 from .spec import default_scale
 
 
@@ -405,13 +405,13 @@ def _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scal
 
 # -- dispatch: decode is its own problem class --------------------------------------------------
 
-_decisions: dict[tuple, object] = {}
+_decisions: dict[tuple, Backend] = {}
 
 
 def decode_order(spec: DecodeSpec) -> list:
     """Every backend, in the order the decode dispatcher tries them for this call."""
     table = dispatch.priority_table().get("decode") or DECODE_PRIORITY
-    entry = table.get(dispatch.device_class(spec)) or table.get("default") or {}
+    entry = table.get(dispatch.device_class(spec)) or table.get("default") or {}  # type: ignore[arg-type]
     names = list(entry.get(spec.kind, []))
     rank = {n: i for i, n in enumerate(names)}
     return sorted(
@@ -787,7 +787,7 @@ def explain_kvcache(q, k_cache, v_cache, **kwargs) -> DecodeExplanation:
     would use for these arguments, why the others were passed over, which decode kernel the
     chosen one runs and how many key splits. Takes the same arguments."""
     backend = kwargs.pop("backend", None)
-    defaults = dict(attention_with_kvcache.__kwdefaults__)
+    defaults = dict(attention_with_kvcache.__kwdefaults__ or {})
     defaults["cache_seqlens"] = None  # required; _resolve says so when it is missing
     allowed = set(defaults) - {"backend"}
     unknown = set(kwargs) - allowed
