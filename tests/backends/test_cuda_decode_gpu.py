@@ -300,3 +300,71 @@ def test_public_api_compiled():
     torch.cuda.synchronize()
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     assert (eager.float() - compiled.float()).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_jax_under_jit_with_donated_caches(paged):
+    """flashmux.attention_with_kvcache(backend="cuda") on JAX arrays under jax.jit (the XLA FFI
+    handler), caches donated, against the float64 reference."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    rng = np.random.default_rng(_seed())
+    B, Sq, Hq, Hkv, D, cap, page = 3, 2, 16, 4, 128, 256, 16 if paged else 0
+    q = rng.standard_normal((B, Sq, Hq, D))
+    k = rng.standard_normal((B, Sq, Hkv, D))
+    v = rng.standard_normal((B, Sq, Hkv, D))
+    if paged:
+        n_pages = B * cap // page + 2
+        kc = rng.standard_normal((n_pages, page, Hkv, D))
+        vc = rng.standard_normal((n_pages, page, Hkv, D))
+        table = rng.permutation(n_pages)[: B * cap // page].reshape(B, -1).astype(np.int32)
+    else:
+        kc = rng.standard_normal((B, cap, Hkv, D))
+        vc = rng.standard_normal((B, cap, Hkv, D))
+        table = None
+    lens = np.array([cap - Sq, 0, 77], np.int32)
+    slopes = rng.uniform(0.05, 0.5, (Hq,)).astype(np.float32)
+    bf = jnp.bfloat16
+    rnd = [
+        np.asarray(jnp.asarray(x, bf).astype(jnp.float32), np.float64) for x in (q, kc, vc, k, v)
+    ]
+
+    def f(q, kc, vc, lens, k, v, table, slopes):
+        return flashmux.attention_with_kvcache(
+            q,
+            kc,
+            vc,
+            cache_seqlens=lens,
+            k=k,
+            v=v,
+            block_table=table,
+            alibi_slopes=slopes,
+            causal=True,
+            return_lse=True,
+            num_splits=3,
+            backend="cuda",
+        )
+
+    args = [jnp.asarray(x, bf) for x in (q, kc, vc)] + [jnp.asarray(lens)]
+    args += [jnp.asarray(k, bf), jnp.asarray(v, bf)]
+    args += [None if table is None else jnp.asarray(table), jnp.asarray(slopes)]
+    out, lse, k2, _ = jax.jit(f, donate_argnums=(1, 2))(*args)
+    ref_out, ref_lse, ref_k, _ = reference.attention_with_kvcache(
+        rnd[0],
+        rnd[1],
+        rnd[2],
+        cache_seqlens=lens,
+        k=rnd[3],
+        v=rnd[4],
+        block_table=table,
+        causal=True,
+        alibi_slopes=slopes,
+    )
+    assert np.array_equal(np.asarray(k2.astype(jnp.float32), np.float64), ref_k)
+    assert np.abs(np.asarray(out.astype(jnp.float32)) - np.nan_to_num(ref_out)).max() < 3e-2
+    fin = np.isfinite(ref_lse)
+    assert np.abs(np.asarray(lse)[fin] - ref_lse[fin]).max() < 1e-3
+    assert np.array_equal(np.isneginf(np.asarray(lse)), np.isneginf(ref_lse))
