@@ -176,6 +176,7 @@ def test_jax_mesh(tmp_path):
         replace(c, world=2, layout="zigzag", causal=False, softcap=5.0, return_lse=False, seed=seed + 2),
         replace(c, world=2, layout="zigzag", variant="allgather", heads_kv=1, lse_grad=True,
                 dtype="float16", seed=seed + 3),
+        replace(c, world=1, layout="zigzag", seed=seed + 4),  # one device: the local call alone
     ]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     _judge_all("jax", cases, lambda cs, d: _run_jax(cs, d, env), tmp_path)
