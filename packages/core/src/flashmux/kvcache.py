@@ -410,8 +410,10 @@ _decisions: dict[tuple, Backend] = {}
 
 def decode_order(spec: DecodeSpec) -> list:
     """Every backend, in the order the decode dispatcher tries them for this call."""
-    table = dispatch.priority_table().get("decode") or DECODE_PRIORITY
-    entry = table.get(dispatch.device_class(spec)) or table.get("default") or {}  # type: ignore[arg-type]
+    table = dispatch.priority_table().get("decode") or {}
+    dc = dispatch.device_class(spec)  # type: ignore[arg-type]
+    entry = (table.get(dc) or DECODE_PRIORITY.get(dc) or table.get("default")
+             or DECODE_PRIORITY["default"])
     names = list(entry.get(spec.kind, []))
     rank = {n: i for i, n in enumerate(names)}
     return sorted(

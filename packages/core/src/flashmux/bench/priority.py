@@ -54,6 +54,12 @@ def rank(
     rows = [
         r for r in results if r["family"] == "flashmux" and r.get("backend") not in (None, "auto")
     ]
+    # attention_with_kvcache rows rank the decode dispatcher's table (regenerate's "decode"
+    # entry), not attention's: cls "kvcache" selects them, every other ranking leaves them out
+    want_kv = cls == "kvcache"
+    rows = [r for r in rows if bool((r.get("point") or {}).get("kvcache")) == want_kv]
+    if want_kv:
+        cls = None
     if cls is not None:
         rows = [r for r in rows if result_class(r) == cls]
     by_fw_point = defaultdict(dict)  # (fw, sweep, mode, point) -> backend -> tflops
@@ -109,7 +115,8 @@ def regenerate(results_path: str | Path, out_path: str | Path) -> dict:
     prev_plain = {k: v for k, v in prev.items() if k != "classes"}
     new: dict = dict(rank(results, prev_plain))
     classes = sorted({c for r in results if r.get("family") == "flashmux"
-                      and r.get("backend") not in (None, "auto") and (c := result_class(r))})
+                      and r.get("backend") not in (None, "auto")
+                      and not (r.get("point") or {}).get("kvcache") and (c := result_class(r))})
     prev_classes = prev.get("classes") or {}
     by_class = {}
     for c in classes:
@@ -121,6 +128,14 @@ def regenerate(results_path: str | Path, out_path: str | Path) -> dict:
     table[dev] = new
     if "default" not in table:
         table["default"] = {k: v for k, v in new.items() if k != "classes"}
+    # the decode (KV-cache) problem class: {"decode": {device class: {framework: [...]}}},
+    # read by flashmux.kvcache.decode_order
+    decode = table.get("decode") or {}
+    ranked_kv = rank(results, decode.get(dev) or {}, "kvcache")
+    if any(r.get("family") == "flashmux" and (r.get("point") or {}).get("kvcache")
+           for r in results):
+        decode[dev] = ranked_kv
+        table["decode"] = decode
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return table
