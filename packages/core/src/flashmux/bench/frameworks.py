@@ -279,6 +279,11 @@ class TorchFW(Framework):
             i = t.arange(sq, device=q.device)[:, None]
             j = t.arange(sk, device=q.device)[None, :]
             s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+        if point.mask is not None:  # masks sweep (bench/maskbench.py)
+            from .maskbench import dense_mask
+
+            ok = t.from_numpy(dense_mask(point.mask, q.shape[1], k.shape[1]).copy()).to(q.device)
+            s = s.masked_fill(~ok, float("-inf"))
         p = t.softmax(s, dim=-1).to(q.dtype)
         return t.einsum("bhqk,bkhd->bqhd", p, v)
 
@@ -491,6 +496,10 @@ class JaxFW(Framework):
             i = jnp.arange(sq)[:, None]
             j = jnp.arange(sk)[None, :]
             s = jnp.where(j > i + (sk - sq), -jnp.inf, s)
+        if point.mask is not None:  # masks sweep (bench/maskbench.py)
+            from .maskbench import dense_mask
+
+            s = jnp.where(jnp.asarray(dense_mask(point.mask, q.shape[1], k.shape[1])), s, -jnp.inf)
         p = self.jax.nn.softmax(s, axis=-1).astype(q.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
@@ -585,6 +594,10 @@ class NumpyFW(Framework):
             sq, sk = q.shape[1], k.shape[1]
             i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
             s = np.where(j > i + (sk - sq), -np.inf, s)
+        if point.mask is not None:  # masks sweep (bench/maskbench.py)
+            from .maskbench import dense_mask
+
+            s = np.where(dense_mask(point.mask, q.shape[1], k.shape[1]), s, -np.inf)
         s = s - s.max(-1, keepdims=True)
         p = np.exp(s)
         p = (p / p.sum(-1, keepdims=True)).astype(q.dtype)

@@ -127,6 +127,13 @@ class FlashmuxImpl(Impl):
 
     def _kwargs(self, point, ctx):
         kw = dict(causal=point.causal)
+        if point.mask is not None:  # masks sweep: the BlockMask, built once per point
+            from .maskbench import block_mask_for
+
+            fw = ctx.fws[self.framework]
+            like = fw.int32(np.zeros(1, np.int32))
+            kw["block_mask"] = block_mask_for(point.mask, point.seqlen_q, point.seqlen_k, like,
+                                              (self.framework, ctx.device))
         if point.varlen:
             fw = ctx.fws[self.framework]
             cu = cu_seqlens(point)
@@ -192,6 +199,14 @@ def kvcache_unsupported(impl: Impl, point: Point) -> str | None:
     if point.kv_lens is not None:
         return "no ragged cache lengths (reads every key of a padded batch)"
     return None
+
+
+def masks_unsupported(impl: Impl, point: Point) -> str | None:
+    """The masks sweep runs flashmux, FlexAttention (the same mask as its BlockMask) and
+    jax.nn.dot_product_attention (XLA, with the dense mask); other anchors have no mask input."""
+    if point.mask is None or impl.family == "flashmux" or impl.id in ("flex", "jax-xla"):
+        return None
+    return "no block mask / mask function input"
 
 
 def _discovered_backends() -> list:
@@ -355,7 +370,14 @@ class FlexImpl(Impl):
         flex = _compiled_flex(self.dynamic)
         dev = ctx.device
         block_mask = None
-        if point.varlen:
+        if point.mask is not None:  # the masks sweep: the same mask function, flex's BlockMask
+            from .maskbench import BLOCK, mask_fn_for
+
+            block_mask = create_block_mask(
+                mask_fn_for(point.mask, point.seqlen_q, point.seqlen_k), None, None,
+                point.seqlen_q, point.seqlen_k, device=dev, BLOCK_SIZE=BLOCK,
+            )
+        elif point.varlen:
             doc = torch.repeat_interleave(
                 torch.arange(len(point.seqlens), device=dev),
                 torch.tensor(point.seqlens, device=dev),
@@ -451,10 +473,20 @@ class JaxDpaImpl(Impl):
 
         scale = 1.0 / math.sqrt(point.head_dim)
         causal, kind = point.causal, self.kind
+        mask = None
+        if point.mask is not None:  # masks sweep: the dense (Sq, Sk) bool mask of the same function
+            import jax.numpy as jnp
+
+            from .maskbench import mask_fn_for
+
+            fn_m = mask_fn_for(point.mask, point.seqlen_q, point.seqlen_k)
+            zero = jnp.zeros((1, 1), jnp.int32)
+            mask = fn_m(zero, zero, jnp.arange(point.seqlen_q, dtype=jnp.int32)[:, None],
+                        jnp.arange(point.seqlen_k, dtype=jnp.int32)[None, :])[None, None]
 
         def fn(q, k, v):
             return jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=causal, implementation=kind
+                q, k, v, scale=scale, is_causal=causal, implementation=kind, mask=mask
             )
 
         return fn

@@ -245,6 +245,12 @@ def _group_desc(sweep: str, p: dict) -> str:
         if p.get("kv_lens"):
             kv += f", ragged lengths (mean {sum(p['kv_lens']) / len(p['kv_lens']):.0f}; bytes actually read)"
         parts.append(kv)
+    if p.get("mask"):  # masks sweep: the block mask and its densities
+        dens = p.get("mask_density")
+        el = p.get("mask_elem_density")
+        parts.append(f"block mask {p['mask']}" + (
+            f" (tile density {dens:.1%}, element density {el:.1%}; TFLOP/s count allowed pairs)"
+            if dens is not None else ""))
     return ", ".join(parts)
 
 

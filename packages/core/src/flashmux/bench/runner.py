@@ -18,7 +18,7 @@ import numpy as np
 
 from ..reference import reference_backward, reference_forward
 from .frameworks import bshd_to_layout_np, is_oom, layout_to_bshd_np, shapes_for
-from .impls import Context, Impl, cu_seqlens, kvcache_unsupported
+from .impls import Context, Impl, cu_seqlens, kvcache_unsupported, masks_unsupported
 from .shapes import ITEMSIZE, Point, check_point, modes_for
 
 STATUSES = ("ok", "wrong", "unsupported", "unavailable", "oom", "error", "budget")
@@ -157,6 +157,10 @@ class Runner:
         q, k, v, do = rounded
         cu = cu_seqlens(cp) if cp.varlen else None
         kw = dict(causal=cp.causal, scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        if cp.mask is not None:  # masks sweep: the mask function itself (not the BlockMask)
+            from .maskbench import mask_fn_for
+
+            kw["block_mask"] = mask_fn_for(cp.mask, cp.seqlen_q, cp.seqlen_k)
         out, _ = reference_forward(q, k, v, **kw)
         grads = reference_backward(do, q, k, v, **kw) if with_bwd else None
         entry[rkey] = (rounded, out, grads)
@@ -349,7 +353,8 @@ class Runner:
             return
         todo = []
         for m in modes:
-            r = (kvcache_unsupported(impl, point) or impl.unsupported(point, m, ctx)
+            r = (kvcache_unsupported(impl, point) or masks_unsupported(impl, point)
+                 or impl.unsupported(point, m, ctx)
                  or self._predicted_oom(fw, impl, point, m))
             if r:
                 self._record(impl, point, m, "unsupported", r)

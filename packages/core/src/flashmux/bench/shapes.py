@@ -17,7 +17,7 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-SWEEPS = ("papers", "gqa", "decode", "long", "varlen", "memory")
+SWEEPS = ("papers", "gqa", "decode", "long", "varlen", "memory", "masks")
 
 # Model dimension of the papers' sweep: H = MODEL_DIM / head_dim.
 MODEL_DIM = 2048
@@ -50,6 +50,8 @@ class Point:
     kvcache: bool = False
     page_size: int = 0
     kv_lens: tuple[int, ...] | None = None
+    # masks sweep: a block mask given by a spec string (bench/maskbench.py), e.g. "doc:8"
+    mask: str | None = None
 
     @property
     def varlen(self) -> bool:
@@ -76,7 +78,18 @@ class Point:
         return float(np.clip(i + off + 1, 0, sk).sum())
 
     @property
+    def mask_stats(self) -> dict | None:
+        """Tile density and allowed pairs of the point's block mask (None without one)."""
+        if self.mask is None:
+            return None
+        from .maskbench import mask_stats
+
+        return mask_stats(self.mask, self.seqlen_q, self.seqlen_k)
+
+    @property
     def flops_fwd(self) -> float:
+        if self.mask is not None:  # the allowed (i, j) pairs of the mask, exactly
+            return 4.0 * self.heads_q * self.head_dim * self.batch * self.mask_stats["pairs"]
         lens = self.seqlens if self.varlen else [None] * self.batch
         total = 0.0
         for b, s in enumerate(lens):
@@ -103,6 +116,8 @@ class Point:
             g += "-kvcache-" + (f"page{self.page_size}" if self.page_size else "contig")
             g += "-mqa" if self.heads_kv == 1 else ""
             g += "-ragged" if self.kv_lens is not None else ""
+        if self.mask is not None:
+            g = f"mask-{self.mask.replace(':', '')}-" + g
         return g
 
     @property
@@ -116,6 +131,8 @@ class Point:
         if self.kvcache:
             kv = " kvcache " + (f"page{self.page_size}" if self.page_size else "contig")
             kv += " ragged" if self.kv_lens is not None else ""
+        if self.mask is not None:
+            kv += f" mask {self.mask} (tile density {self.mask_stats['density']:.1%})"
         return f"{self.sweep} {shape} {h} D{self.head_dim} {'causal ' if self.causal else ''}{self.dtype}{kv}"
 
     def to_json(self) -> dict:
@@ -124,6 +141,9 @@ class Point:
         d["kv_lens"] = list(self.kv_lens) if self.kv_lens else None
         d["flops_fwd"] = self.flops_fwd
         d["group"] = self.group
+        if self.mask is not None:
+            d["mask_density"] = self.mask_stats["density"]
+            d["mask_elem_density"] = self.mask_stats["elem_density"]
         return d
 
 
@@ -228,6 +248,17 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
             for causal in _causals(cfg.causal, "no"):
                 for s in seqs:
                     pts.append(Point(sweep, 1, s, s, h, h, hd, causal, dt, x=s, memory_only=True))
+    elif sweep == "masks":  # block masks (issue 15): B*S = 32k tokens, model dim 2048
+        from .maskbench import sweep_masks
+
+        hds = cfg.head_dims or ([32] if quick else [128])
+        seqs = cfg.seqlens or ([256] if quick else [8192, 32768])
+        for hd in hds:
+            h = 2 if quick else max(1, MODEL_DIM // hd)
+            for s in seqs:
+                b = 1 if quick else max(1, 32768 // s)
+                for m in sweep_masks(s, quick):
+                    pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s, mask=m))
     else:
         raise ValueError(f"unknown sweep {sweep!r} (expected one of {', '.join(SWEEPS)}, all)")
     return pts
@@ -270,6 +301,7 @@ DEFAULT_MODES = {
     "long": ["fwd", "fwd_bwd"],
     "varlen": ["fwd", "fwd_bwd"],
     "memory": ["fwd_bwd"],
+    "masks": ["fwd", "fwd_bwd"],
 }
 
 
@@ -331,4 +363,5 @@ def check_point(point: Point) -> Point:
         x=c["seqlen_k"],
         kvcache=point.kvcache,
         page_size=point.page_size if c["seqlen_k"] % max(point.page_size, 1) == 0 else 0,
+        mask=point.mask,
     )

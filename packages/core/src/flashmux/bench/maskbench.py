@@ -1,0 +1,103 @@
+"""The `masks` sweep's masks: names, mask functions, densities and BlockMasks.
+
+A masked Point carries `mask`, a spec string whose parameters are in tokens, e.g.
+``causal``, ``sliding:1024``, ``doc:8`` (8 packed documents, causal), ``prefix:2048``,
+``dilated:256:1024`` (causal band of 256 plus every 1024th key), ``chunked:1024`` (causal
+inside 1024-token chunks). `mask_fn_for` builds the `flashmux.masks` function for a problem's
+lengths; `mask_stats` gives its tile density and allowed (i, j) pairs (the FLOP count) from a
+NumPy BlockMask (no S x S array); `block_mask_for` builds and caches the BlockMask the timed
+calls pass (built outside the timing, as a training loop would build it once per batch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+BLOCK = 128  # the mask's tile, as FlexAttention's default
+
+
+def document_ids(seqlen: int, n_docs: int, seed: int = 0) -> np.ndarray:
+    """Sorted segment ids (seqlen,) for n_docs documents of random lengths (at least 1 token)."""
+    rng = np.random.default_rng(seed + 1000 * n_docs + seqlen)
+    n_docs = max(1, min(n_docs, seqlen))
+    cuts = np.sort(rng.choice(np.arange(1, seqlen), size=n_docs - 1, replace=False)) if n_docs > 1 else []
+    return np.searchsorted(np.asarray(cuts, np.int64), np.arange(seqlen), side="right").astype(np.int32)
+
+
+def mask_fn_for(spec: str, seqlen_q: int, seqlen_k: int):
+    """The flashmux.masks function of a mask spec for these lengths (bottom-right causal)."""
+    from .. import masks as M
+
+    name, *args = spec.split(":")
+    a = [int(x) for x in args]
+    causal = M.causal(seqlen_k - seqlen_q)
+    if name == "causal":
+        return causal
+    if name == "sliding":  # causal sliding window of a[0] keys before the diagonal
+        if seqlen_q != seqlen_k:
+            raise ValueError(f"mask {spec!r}: the sweep's sliding window needs Sq == Sk")
+        return M.sliding_window(a[0], 0)
+    if name == "doc":
+        return M.and_(causal, M.document(document_ids(max(seqlen_q, seqlen_k), a[0])))
+    if name == "prefix":
+        return M.prefix_lm(a[0])
+    if name == "dilated":
+        return M.and_(causal, M.dilated(a[0], a[1]))
+    if name == "chunked":
+        return M.and_(causal, M.chunked(a[0]))
+    raise ValueError(f"unknown mask spec {spec!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def mask_stats(spec: str, seqlen_q: int, seqlen_k: int) -> dict:
+    """{'density': computed tiles / all tiles, 'pairs': allowed (i, j) pairs, 'elem_density'}."""
+    from ..blockmask import create_block_mask
+
+    bm = create_block_mask(mask_fn_for(spec, seqlen_q, seqlen_k), None, None, seqlen_q, seqlen_k,
+                           block_size=BLOCK)
+    c = bm.counts()
+    kind = bm.kind[0, 0]
+    bs = BLOCK
+    # allowed pairs: full tiles count their in-sequence elements, partial ones their bits
+    rows = np.minimum(bs, seqlen_q - np.arange(kind.shape[0]) * bs)[:, None]
+    cols = np.minimum(bs, seqlen_k - np.arange(kind.shape[1]) * bs)[None, :]
+    pairs = float((rows * cols * (kind == 1)).sum())
+    if bm.num_partial:
+        pairs += float(np.unpackbits(bm.bits.view(np.uint8)).sum())
+    return {"density": c["density"], "pairs": pairs,
+            "elem_density": pairs / max(1.0, float(seqlen_q) * seqlen_k)}
+
+
+_BM_CACHE: dict = {}
+
+
+def block_mask_for(spec: str, seqlen_q: int, seqlen_k: int, like, key):
+    """The BlockMask of a spec on like's framework and device, cached under `key`."""
+    from ..blockmask import create_block_mask
+
+    k = (spec, seqlen_q, seqlen_k, key)
+    if k not in _BM_CACHE:
+        if len(_BM_CACHE) > 32:
+            _BM_CACHE.clear()
+        _BM_CACHE[k] = create_block_mask(mask_fn_for(spec, seqlen_q, seqlen_k), None, None,
+                                         seqlen_q, seqlen_k, block_size=BLOCK, like=like)
+    return _BM_CACHE[k]
+
+
+def sweep_masks(seqlen: int, quick: bool) -> list[str]:
+    """The issue's masks: causal, sliding 1k and 4k, documents (8 and 64), prefix-LM, dilated,
+    chunked (quick mode: the same shapes scaled to a short sequence)."""
+    if quick:
+        return ["causal", "sliding:32", "doc:4", "prefix:64", "dilated:16:64", "chunked:64"]
+    return ["causal", "sliding:1024", "sliding:4096", "doc:8", "doc:64",
+            f"prefix:{seqlen // 4}", "dilated:256:1024", "chunked:1024"]
+
+
+def dense_mask(spec: str, seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """(seqlen_q, seqlen_k) bool: the element mask, for plain attention on small check problems."""
+    fn = mask_fn_for(spec, seqlen_q, seqlen_k)
+    z = np.zeros((1, 1), np.int64)
+    got = fn(z, z, np.arange(seqlen_q)[:, None], np.arange(seqlen_k)[None, :])
+    return np.broadcast_to(np.asarray(got, bool), (seqlen_q, seqlen_k))
