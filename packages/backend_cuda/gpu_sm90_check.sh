@@ -3,10 +3,10 @@
 # .carry/nvidia_cutlass-4.2.0.0-py3-none-any.whl: builds the library with the package's own build
 # (python -m flashmux_cuda build --archs 90, the sequential variant in: -DFMX_SM90_TUNING), shows ptxas and
 # SASS facts of the sm90 kernels, then runs the stages named on the command line (default:
-# fwd bench correctness): fwd = tools/sm90_check.py fwd (sm90 forward vs float64, both variants),
-# bench = forward TFLOP/s sm90 / sm80 / SDPA cuDNN (both variants), correctness =
+# fwd bench correctness): fwd = tools/sm90_check.py fwd (sm90 forward vs float64, per variant),
+# bench = forward TFLOP/s sm90 / sm80 / SDPA cuDNN (per variant), correctness =
 # tools/kernel_check.py correctness (forward + backward, sm90 forward wherever it applies),
-# sanitize = compute-sanitizer memcheck + racecheck of small sm90 forwards.
+# sanitize / racecheck = compute-sanitizer memcheck / racecheck of small sm90 forwards.
 set -u
 STAGES=${*:-fwd bench correctness}
 ROOT=$(pwd)
@@ -27,25 +27,32 @@ echo "build: $(( $(date +%s) - t0 )) s -> $LIB"
 BD=$(dirname "$LIB")
 cp "$BD/build.log" "$OUTDIR/build.log"
 grep -A2 "Compiling entry function.*sm90.*fwd_kernel" "$BD/build.log" | grep -E "spill|Used" | sort | uniq -c
-mkdir -p "$OUTDIR/obj" && cp "$BD"/obj/*.o "$OUTDIR/obj/" && rm -f "$OUTDIR"/obj/sm90_*.o
 for o in "$BD"/obj/sm90_fwd_hdim*.o; do
   echo "$(basename $o): $(cuobjdump --dump-sass $o | grep -c HGMMA) HGMMA, $(cuobjdump --dump-sass $o | grep -c -E 'LDL|STL') LDL/STL"
 done
 cd packages/backend_cuda
+# FMX_TUNE_SM90 values to check and time (tuning build): "-" = default, 1 = sequential
+# (no ping-pong/overlap), 2 = persistent grid, 3 = one CTA per tile.
+VARIANTS=${SM90_VARIANTS:-- 2}
 for s in $STAGES; do
   case $s in
     fwd)
-      timeout 120 python3 tools/sm90_check.py $LIB fwd 2>&1 | tee $OUTDIR/fwd.log | grep -v "^ok"
-      FMX_TUNE_SM90=1 timeout 120 python3 tools/sm90_check.py $LIB fwd 2>&1 | tee $OUTDIR/fwd_seq.log | grep -v "^ok" | sed 's/^/[sequential] /' ;;
+      for v in $VARIANTS; do
+        [ "$v" = "-" ] && v=""
+        FMX_TUNE_SM90=$v timeout 120 python3 tools/sm90_check.py $LIB fwd 2>&1 | tee $OUTDIR/fwd$v.log | grep -v "^ok" | sed "s/^/[variant ${v:-default}] /"
+      done ;;
     bench)
-      timeout 150 python3 tools/sm90_check.py $LIB bench 2>&1 | tee $OUTDIR/bench.log
-      FMX_TUNE_SM90=1 timeout 150 python3 tools/sm90_check.py $LIB bench 2>&1 | tee $OUTDIR/bench_seq.log | sed 's/^/[sequential] /' ;;
+      for v in $VARIANTS; do
+        [ "$v" = "-" ] && v=""
+        FMX_TUNE_SM90=$v timeout 150 python3 tools/sm90_check.py $LIB bench 2>&1 | tee $OUTDIR/bench$v.log | sed "s/^/[variant ${v:-default}] /"
+      done ;;
     correctness) timeout 200 python3 tools/kernel_check.py $LIB correctness 2>&1 | tee $OUTDIR/correctness.log | grep -v "^ok" ;;
     sanitize)
-      timeout 150 compute-sanitizer --tool memcheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/memcheck.log 2>&1
-      tail -3 $OUTDIR/memcheck.log
-      timeout 150 compute-sanitizer --tool racecheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/racecheck.log 2>&1
-      tail -3 $OUTDIR/racecheck.log ;;
+      timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool memcheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/memcheck.log 2>&1
+      grep -v "^ok" $OUTDIR/memcheck.log | tail -5 ;;
+    racecheck)
+      timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool racecheck python3 tools/sm90_check.py $LIB sanitize > $OUTDIR/racecheck.log 2>&1
+      grep -v "^ok" $OUTDIR/racecheck.log | tail -5 ;;
   esac
 done
 echo "total: $(( $(date +%s) - t0 )) s"
