@@ -22,6 +22,7 @@ Scores are kept in log2 units: s2 = (scale * q.k [softcap] [- alibi]) * log2(e).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -409,80 +410,118 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, co
                 raise
             _SHRUNK[(d, dv, dtype)] = smaller
             plan.cache_clear()
+            _LAUNCHES.clear()
+
+
+# Launch plans by call signature (shapes, strides, dtype, device, params): a decode loop pays
+# the host-side planning once, then two allocations and one or two launches per step.
+_LAUNCHES: dict = {}
 
 
 def _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config):
-    b, sq, hq, d = q.shape
-    paged = block_table is not None
-    hkv, dv = k_cache.shape[2], v_cache.shape[3]
-    page_size = k_cache.shape[1] if paged else 0
-    if paged:
-        num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
-        capacity = max_pages * page_size
-    else:
-        num_pages, max_pages = 1, 1
-        capacity = k_cache.shape[1]
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: the triton decode kernel needs a contiguous last "
                          "(head_dim) dimension")
-    dtype = str(q.dtype).rsplit(".", 1)[-1]
-    cfg, block_m, m_blocks, ns, split_len, page_block = plan(
-        b, sq, hq, hkv, d, dv, capacity, page_size, dtype, params.num_splits, _sms(q), config)
-    out = torch.empty((b, sq, hq, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    split = ns > 1
-    if split:
-        o_part = torch.empty((ns, b, sq, hq, dv), dtype=torch.float32, device=q.device)
-        l_part = torch.empty((ns, b, hq, sq), dtype=torch.float32, device=q.device)
-        o_dst, l_dst = o_part, l_part
-        so = o_part.stride()
-        sl = l_part.stride()
-    else:
-        o_dst, l_dst = out, lse
-        so = (0,) + out.stride()
-        sl = (0,) + lse.stride()
-    seqlens_k = seqlens_k if seqlens_k.dtype == torch.int32 else seqlens_k.to(torch.int32)
-    tbl = block_table if paged else seqlens_k  # a dummy pointer when contiguous
-    slopes = alibi_slopes if alibi_slopes is not None else lse
-    stride_ab = 0
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:
-        stride_ab = alibi_slopes.stride(0)
-    if paged:  # (num_pages, page_size, Hkv, D): "page" stride, no batch stride
-        skb, skp, skh, sks = 0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
-        svb, svp, svh, svs = 0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
-    else:  # (B, S_max, Hkv, D): rows are sequence positions
-        skb, skp, skh, sks = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0
-        svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
-    wl, wr = params.window_left, params.window_right
-    grid = (ns, b * hkv, m_blocks)
-    decode_fwd[grid](
-        q, k_cache, v_cache, seqlens_k, tbl, slopes, o_dst, l_dst,
-        q.stride(0), q.stride(1), q.stride(2),
-        skb, skp, skh, sks, svb, svp, svh, svs,
-        block_table.stride(0) if paged else 0, stride_ab,
-        so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2],
-        sq, capacity, max_pages, num_pages, split_len,
-        0 if wl is None else int(wl), 0 if wr is None else int(wr),
-        float(params.scale), float(params.softcap or 1.0),
-        GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        PAGE_SIZE=max(page_size, 1), PAGED=paged, PAGE_BLOCK=page_block,
-        HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
-        ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=split,
-        num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
-        num_stages=cfg.num_stages,
-    )
-    if split:
-        decode_merge[(b * hq * sq,)](
-            o_part, l_part, out, lse, ns,
+    if seqlens_k.dtype != torch.int32:
+        seqlens_k = seqlens_k.to(torch.int32)
+    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(),
+           v_cache.shape, v_cache.stride(),
+           None if block_table is None else (block_table.shape, block_table.stride()),
+           None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
+           params, config)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _Launch(q, k_cache, v_cache, block_table, alibi_slopes, params, config)
+        if len(_LAUNCHES) > 1024:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    return launch(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
+
+
+class _Launch:
+    """Everything about one decode call signature that does not change from step to step."""
+
+    def __init__(self, q, k_cache, v_cache, block_table, alibi_slopes, params, config):
+        b, sq, hq, d = q.shape
+        paged = block_table is not None
+        hkv, dv = k_cache.shape[2], v_cache.shape[3]
+        page_size = k_cache.shape[1] if paged else 0
+        if paged:
+            num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
+            capacity = max_pages * page_size
+        else:
+            num_pages, max_pages = 1, 1
+            capacity = k_cache.shape[1]
+        dtype = str(q.dtype).rsplit(".", 1)[-1]
+        cfg, block_m, m_blocks, ns, split_len, page_block = plan(
+            b, sq, hq, hkv, d, dv, capacity, page_size, dtype, params.num_splits, _sms(q), config)
+        self.paged = paged
+        self.split = ns > 1
+        self.out_shape = (b, sq, hq, dv)
+        self.lse_shape = (b, hq, sq)
+        self.n_opart = ns * b * sq * hq * dv
+        self.opart_shape = (ns, b, sq, hq, dv)
+        self.lpart_shape = (ns, b, hq, sq)
+        if self.split:  # contiguous float32 partials
+            so = (b * sq * hq * dv, sq * hq * dv, hq * dv, dv)
+            sl = (b * hq * sq, hq * sq, sq)
+        else:  # straight into out / lse (fresh, contiguous)
+            so = (0, sq * hq * dv, hq * dv, dv)
+            sl = (0, hq * sq, sq)
+        stride_ab = 0
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            stride_ab = alibi_slopes.stride(0)
+        if paged:  # (num_pages, page_size, Hkv, D): "page" stride, no batch stride
+            skb, skp, skh, sks = 0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+            svb, svp, svh, svs = 0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+        else:  # (B, S_max, Hkv, D): rows are sequence positions
+            skb, skp, skh, sks = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0
+            svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
+        wl, wr = params.window_left, params.window_right
+        self.grid = (ns, b * hkv, m_blocks)
+        self.args = (
+            q.stride(0), q.stride(1), q.stride(2),
+            skb, skp, skh, sks, svb, svp, svh, svs,
+            block_table.stride(0) if paged else 0, stride_ab,
             so[0], so[1], so[2], so[3], sl[0], sl[1], sl[2],
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            sq, hq,
-            HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-            BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-            num_warps=4,
+            sq, capacity, max_pages, num_pages, split_len,
+            0 if wl is None else int(wl), 0 if wr is None else int(wr),
+            float(params.scale), float(params.softcap or 1.0),
         )
-    return out, lse
+        block_dv = max(16, triton.next_power_of_2(dv))
+        self.kw = dict(
+            GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=block_dv,
+            PAGE_SIZE=max(page_size, 1), PAGED=paged, PAGE_BLOCK=page_block,
+            HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
+            ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=self.split,
+            num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
+            num_stages=cfg.num_stages,
+        )
+        self.merge_grid = (b * hq * sq,)
+        self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
+        self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+                             BLOCK_DV=block_dv, num_warps=4)
+
+    def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes):
+        dev = q.device
+        out = torch.empty(self.out_shape, dtype=q.dtype, device=dev)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev)
+        if self.split:  # both float32 partials in one allocation
+            ws = torch.empty(self.n_opart + math.prod(self.lpart_shape), dtype=torch.float32,
+                             device=dev)
+            o_dst = ws[: self.n_opart].view(self.opart_shape)
+            l_dst = ws[self.n_opart :].view(self.lpart_shape)
+        else:
+            o_dst, l_dst = out, lse
+        tbl = block_table if self.paged else seqlens_k  # a dummy pointer when contiguous
+        slopes = alibi_slopes if alibi_slopes is not None else lse
+        decode_fwd[self.grid](q, k_cache, v_cache, seqlens_k, tbl, slopes, o_dst, l_dst,
+                              *self.args, **self.kw)
+        if self.split:
+            decode_merge[self.merge_grid](o_dst, l_dst, out, lse, *self.merge_args,
+                                          **self.merge_kw)
+        return out, lse

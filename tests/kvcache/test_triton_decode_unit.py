@@ -1,0 +1,75 @@
+"""The Triton decode launcher's host side: split planning, the tuning table's fallbacks and
+override, and the launch cache (a second step with new lengths reuses the plan and is still
+right). Runs in the triton pass (FLASHMUX_TEST_BACKEND=triton; the interpreter on a CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FLASHMUX_TEST_BACKEND") != "triton":
+    pytest.skip("runs in the triton pass only", allow_module_level=True)
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import flashmux  # noqa: E402
+from flashmux import reference  # noqa: E402
+from flashmux_triton import _decode  # noqa: E402
+from flashmux_triton import tuning_decode as T  # noqa: E402
+
+
+def test_plan_fills_the_machine_without_empty_splits():
+    cfg = T.DecodeConfig(128, 4, 3, 2.0, 4)
+    # B=8 x Hkv=8 = 64 programs on 132 SMs: ~2 waves -> 5 splits of a 4k cache (32 blocks)
+    _, bm, mb, ns, split_len, _ = _decode.plan(8, 1, 32, 8, 128, 128, 4096, 0, "bfloat16", None,
+                                              132, cfg)
+    assert (bm, mb) == (16, 1) and ns == 5 and split_len % 128 == 0
+    assert (ns - 1) * split_len < 4096 <= ns * split_len  # no split left empty
+    # short caches are not split finer than min_blocks_per_split
+    assert _decode.plan(1, 1, 8, 1, 128, 128, 512, 0, "bfloat16", None, 132, cfg)[3] == 1
+    # forced, but never more splits than key blocks
+    assert _decode.plan(1, 1, 8, 1, 128, 128, 512, 0, "bfloat16", 3, 132, cfg)[3] == 2
+    assert _decode.plan(1, 1, 8, 1, 128, 128, 512, 0, "bfloat16", 100, 132, cfg)[3] == 4
+    # packed rows: 8 heads per KV head x 16 rows = 128 rows in one program
+    assert _decode.plan(2, 16, 16, 2, 128, 128, 4096, 0, "bfloat16", None, 132, cfg)[1:3] == (128, 1)
+    # pages the key block divides take one lookup per block
+    assert _decode.plan(2, 1, 8, 8, 128, 128, 4096, 256, "bfloat16", None, 132, cfg)[5]
+    assert not _decode.plan(2, 1, 8, 8, 128, 128, 4096, 16, "bfloat16", None, 132, cfg)[5]
+
+
+def test_tuning_fallbacks_and_override(monkeypatch):
+    c = T.DecodeConfig(128, 4, 3)
+    chain = []
+    while c is not None:
+        chain.append((c.block_n, c.num_stages))
+        c = T.smaller(c)
+    assert chain[:4] == [(128, 3), (128, 2), (128, 1), (64, 2)] and chain[-1][0] == 16
+    monkeypatch.setenv("FLASHMUX_TRITON_DECODE", "block_n=64,waves=3")
+    got = T.config_for(128, 128, "bfloat16", 0)
+    assert (got.block_n, got.waves, got.num_warps) == (64, 3.0, 4)
+    monkeypatch.setenv("FLASHMUX_TRITON_DECODE", "blocks=64")
+    with pytest.raises(ValueError, match="blocks"):
+        T.config_for(128, 128, "bfloat16", 0)
+
+
+def test_launch_cache_reuses_the_plan_with_new_lengths():
+    rng = np.random.default_rng(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.from_numpy(rng.standard_normal((2, 1, 4, 32)).astype(np.float32)).half().to(dev)
+    kc = torch.from_numpy(rng.standard_normal((12, 16, 2, 32)).astype(np.float32)).half().to(dev)
+    vc = torch.from_numpy(rng.standard_normal((12, 16, 2, 32)).astype(np.float32)).half().to(dev)
+    table = torch.from_numpy(rng.permutation(12)[:8].reshape(2, 4).astype(np.int32)).to(dev)
+    _decode._LAUNCHES.clear()
+    for lens in ([64, 3], [17, 40], [0, 64]):
+        lt = torch.tensor(lens, dtype=torch.int32, device=dev)
+        out = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lt, block_table=table,
+                                              num_splits=3, backend="triton")
+        ref = reference.attention_with_kvcache(
+            q.float().cpu().numpy(), kc.float().cpu().numpy(), vc.float().cpu().numpy(),
+            cache_seqlens=np.array(lens, np.int32), block_table=table.cpu().numpy())[0]
+        assert np.abs(out.float().cpu().numpy() - ref).max() < 5e-3
+    assert len(_decode._LAUNCHES) == 1
