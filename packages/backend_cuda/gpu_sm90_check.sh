@@ -32,8 +32,8 @@ for o in "$BD"/obj/sm90_fwd_hdim*.o; do
 done
 cd packages/backend_cuda
 # FMX_TUNE_SM90 values to check and time (tuning build): "-" = default, 1 = sequential
-# (no ping-pong/overlap), 2 = persistent grid, 3 = one CTA per tile.
-VARIANTS=${SM90_VARIANTS:-- 2}
+# (no ping-pong/overlap; commit cf6c85a had 2 = persistent grid).
+VARIANTS=${SM90_VARIANTS:-- 1}
 for s in $STAGES; do
   case $s in
     fwd)

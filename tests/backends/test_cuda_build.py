@@ -746,7 +746,8 @@ def _real_build_ready():
 
 @pytest.mark.skipif(_real_build_ready() is not None, reason=str(_real_build_ready()))
 def test_real_compile_sm80_sm90(tmp_path, monkeypatch):
-    """Compiles csrc/ for sm_80 and sm_90 with the real nvcc; FLASHMUX_CUDA_HEAD_DIMS trims it."""
+    """Compiles csrc/ for sm_80 and sm_90 with the real nvcc (csrc/sm90/ once, for sm_90a);
+    FLASHMUX_CUDA_HEAD_DIMS trims it."""
     monkeypatch.setenv("FLASHMUX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("FLASHMUX_NVCC", raising=False)
     b._nvcc_version_cache.clear()
@@ -771,6 +772,9 @@ def test_real_compile_sm80_sm90(tmp_path, monkeypatch):
     if cuobjdump.is_file():
         elfs = subprocess.check_output([str(cuobjdump), "--list-elf", str(lib)], text=True)
         assert "sm_80" in elfs and "sm_90" in elfs
+        assert "sm_90a" in elfs  # the sm90 family (wgmma needs the 'a' target)
+        sass = subprocess.check_output([str(cuobjdump), "--dump-sass", str(lib)], text=True)
+        assert "HGMMA" in sass and "UTMALDG" in sass
     # Loading needs no GPU: the ABI version answers from the host. A head-dim subset may leave
     # the dispatcher's other instantiations unresolved, so load it lazily.
     if cfg.head_dims:

@@ -7,9 +7,6 @@
 #ifndef FMX_SM90_FWD128_BN
 #define FMX_SM90_FWD128_BN 128
 #endif
-#ifndef FMX_SM90_FWD128_PERSISTENT  // 1: one CTA per SM looping over tiles
-#define FMX_SM90_FWD128_PERSISTENT 0
-#endif
 #ifndef FMX_SM90_FWD128_STAGES
 #define FMX_SM90_FWD128_STAGES 2
 #endif
@@ -21,20 +18,16 @@ using Fwd128 = FwdTraits<128, FMX_SM90_FWD128_BN, FMX_SM90_FWD128_STAGES, T>;
 
 template <>
 int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
-  bool persistent = FMX_SM90_FWD128_PERSISTENT;
 #ifdef FMX_SM90_TUNING
-  // -DFMX_SM90_TUNING builds: FMX_TUNE_SM90=1 runs the sequential variant (no ping-pong, no
-  // overlap), 2 the persistent grid, 3 the one-CTA-per-tile grid.
+  // -DFMX_SM90_TUNING builds: FMX_TUNE_SM90=1 runs the sequential variant (no ping-pong, no overlap).
   const char *tune = std::getenv("FMX_TUNE_SM90");
   if (tune != nullptr && tune[0] == '1') {
     if (dtype == 0) return launch_fwd<FwdTraits<128, FMX_SM90_FWD128_BN, FMX_SM90_FWD128_STAGES, cutlass::half_t, false>>(p, stream);
     return launch_fwd<FwdTraits<128, FMX_SM90_FWD128_BN, FMX_SM90_FWD128_STAGES, cutlass::bfloat16_t, false>>(p, stream);
   }
-  if (tune != nullptr && tune[0] == '2') persistent = true;
-  if (tune != nullptr && tune[0] == '3') persistent = false;
 #endif
-  if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream, persistent);
-  return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream, persistent);
+  if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
+  return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm90
 }  // namespace fmx

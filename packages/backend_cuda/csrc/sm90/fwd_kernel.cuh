@@ -14,8 +14,6 @@
 // common/fmx_device.cuh; Q/K/V tails and head dims below the instantiation are zero-filled by
 // TMA (out-of-bounds fill), so no load is predicated.
 #pragma once
-#include <algorithm>
-#include <cstdint>
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -87,7 +85,6 @@ struct FwdTraits {
     alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutVt>, 1024> v;
     typename Pipeline::SharedStorage pipe_k, pipe_v;
     alignas(8) uint64_t bar_q;
-    alignas(8) uint64_t bar_q_empty;  // the consumers are done reading Q (persistent grid)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + base alignment
 
@@ -137,24 +134,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto &ss = *reinterpret_cast<typename Tr::SharedStorage *>(smem_aligned);
 
-  // Tiles (query block, head, batch), heaviest (last) query blocks first; CTA c takes tiles
-  // c, c + gridDim.x, ... (one tile per CTA when the grid has one CTA per tile; a persistent
-  // grid of one CTA per SM lets the producer load the next tile while the consumers finish).
-  const int num_m = ceil_div(p.seqlen_q, kBM);
-  const int hb = p.hq * p.batch;
-  const int num_tiles = num_m * hb;
-  struct Tile {
-    int m_block, h, b, n_min, n_max;
-  };
-  auto tile_at = [&](int t) {
-    Tile x;
-    x.m_block = num_m - 1 - t / hb;
-    x.h = t % hb % p.hq;
-    x.b = t % hb / p.hq;
-    const SeqInfo si(p, x.b);
-    key_block_range(p, si, x.m_block * kBM, kBM, kBN, x.n_min, x.n_max);
-    return x;
-  };
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (last) query blocks first
+  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const SeqInfo si(p, b);
+  const int m0 = m_block * kBM;
+  int n_min, n_max;
+  key_block_range(p, si, m0, kBM, kBN, n_min, n_max);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / 4;
@@ -169,7 +154,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
-    cutlass::arch::ClusterBarrier::init(&ss.bar_q_empty, 256);  // every consumer thread
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -181,49 +165,39 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (threadIdx.x == 0) {
-      cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-      cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-      cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    if (threadIdx.x == 0 && n_max > n_min) {  // no key block: nothing to load or wait for
       Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
       Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
       Tensor mVt = kp.tma_v.get_tma_tensor(make_shape(p.d, p.seqlen_k, p.hkv, p.batch));
+      // (64, D, 2): the two halves of this CTA's 128 query rows
+      Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kWM>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));
+      Tensor gVt = local_tile(mVt(_, _, hk, b), Shape<Int<kD>, Int<kBN>>{}, make_coord(0, _));
       auto cq = kp.tma_q.get_slice(_0{});
       auto ck = kp.tma_k.get_slice(_0{});
       auto cv = kp.tma_v.get_slice(_0{});
+      Tensor tQgQ = cq.partition_S(gQ);   // (TMA, 1, 1, m halves)
       Tensor tQsQ = cq.partition_D(sQ);   // (TMA, 1, 1, 2)
+      Tensor tKgK = ck.partition_S(gK);   // (TMA, 1, 1, n blocks)
       Tensor tKsK = ck.partition_D(sK);   // (TMA, 1, 1, stages)
+      Tensor tVgV = cv.partition_S(gVt);
       Tensor tVsV = cv.partition_D(sVt);
+
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, Tr::kBytesQ);
+      copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block), tQsQ(_, _, _, 0));
+      copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block + 1), tQsQ(_, _, _, 1));
+
       PipeState st_k = cutlass::make_producer_start_state<Pipeline>();
       PipeState st_v = cutlass::make_producer_start_state<Pipeline>();
-      int k_tile = 0;  // tiles with keys so far (Q barrier phases)
-      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-        const Tile x = tile_at(t);
-        if (x.n_max <= x.n_min) continue;  // no key block: nothing to load or wait for
-        const int hk = x.h / p.group;
-        // (64, D, m halves): this tile's 128 query rows are halves 2 m_block and 2 m_block + 1
-        Tensor gQ = local_tile(mQ(_, _, x.h, x.b), Shape<Int<kWM>, Int<kD>>{}, make_coord(_, 0));
-        Tensor gK = local_tile(mK(_, _, hk, x.b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));
-        Tensor gVt = local_tile(mVt(_, _, hk, x.b), Shape<Int<kD>, Int<kBN>>{}, make_coord(0, _));
-        Tensor tQgQ = cq.partition_S(gQ);   // (TMA, 1, 1, m halves)
-        Tensor tKgK = ck.partition_S(gK);   // (TMA, 1, 1, n blocks)
-        Tensor tVgV = cv.partition_S(gVt);
-        if (k_tile > 0)  // the previous tile's Q must be consumed before it is overwritten
-          cutlass::arch::ClusterBarrier::wait(&ss.bar_q_empty, (k_tile - 1) & 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, Tr::kBytesQ);
-        copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * x.m_block), tQsQ(_, _, _, 0));
-        copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * x.m_block + 1), tQsQ(_, _, _, 1));
-        for (int n = x.n_max - 1; n >= x.n_min; --n) {
-          pipe_k.producer_acquire(st_k);
-          copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, n),
-               tKsK(_, _, _, st_k.index()));
-          ++st_k;
-          pipe_v.producer_acquire(st_v);
-          copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, n),
-               tVsV(_, _, _, st_v.index()));
-          ++st_v;
-        }
-        ++k_tile;
+      for (int n = n_max - 1; n >= n_min; --n) {
+        pipe_k.producer_acquire(st_k);
+        copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, n),
+             tKsK(_, _, _, st_k.index()));
+        ++st_k;
+        pipe_v.producer_acquire(st_v);
+        copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, n),
+             tVsV(_, _, _, st_v.index()));
+        ++st_v;
       }
     }
   } else {
@@ -241,6 +215,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     Tensor tOrV = thr_o.make_fragment_B(thr_o.partition_B(sVt));          // (MMA, 1, BN/16, stages)
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWM>, Int<kBN>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWM>, Int<kD>>{});
+    clear(tOrO);
 
     // Row/column coordinates (within the 64 x BN tile) of each S element this thread holds.
     Tensor cS = make_identity_tensor(Shape<Int<kWM>, Int<kBN>>{});
@@ -252,28 +227,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     constexpr int kCols = decltype(size<1>(S_rc))::value;
     static_assert(kRows == 2, "a thread holds two rows of a 64-row wgmma accumulator");
 
-    const float sl2 = p.score_log2;
-    PipeState st_k, st_v;
-    Tensor rP = make_tensor_like<T>(tSrS);
-    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
-    Tensor cO = make_identity_tensor(Shape<Int<kWM>, Int<kD>>{});
-    Tensor cO_rc = make_tensor(thr_o.partition_C(cO).data(),
-                               acc_rowcol(thr_o.partition_C(cO).layout()));
-    T *o = static_cast<T *>(p.o);
-    int k_tile = 0;  // tiles with keys so far (Q barrier phases)
-
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-    const Tile x = tile_at(t);
-    const int h = x.h, b = x.b, n_min = x.n_min, n_max = x.n_max;
-    const SeqInfo si(p, b);
-    const int row0 = x.m_block * kBM + w * kWM;  // first query row of this warpgroup
     float row_max[kRows], row_sum[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       row_max[r] = -INFINITY;
       row_sum[r] = 0.f;
     }
-    clear(tOrO);
+    const float sl2 = p.score_log2;
+    const int row0 = m0 + w * kWM;  // first query row of this warpgroup
+
+    PipeState st_k, st_v;
+    Tensor rP = make_tensor_like<T>(tSrS);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
 
     // S = Q K^T on K stage `stage`, issued (not waited for).
     auto issue_s = [&](int stage) __attribute__((always_inline)) {
@@ -358,7 +323,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
     float corr[kRows];
     if (n_max > n_min) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, k_tile & 1);
+      cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
       if constexpr (!Tr::kOverlap) {
         for (int n = n_max - 1; n >= n_min; --n) {
           pipe_k.consumer_wait(st_k);
@@ -417,10 +382,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         pipe_v.consumer_release(st_v);
         ++st_v;
       }
-      cutlass::arch::ClusterBarrier::arrive(&ss.bar_q_empty);  // Q may be reloaded
-      ++k_tile;
     }
     // Epilogue: O / l, lse = m * scale + ln(l) (natural units), rows without keys: 0 and -inf.
+    Tensor cO = make_identity_tensor(Shape<Int<kWM>, Int<kD>>{});
+    Tensor cO_rc = make_tensor(thr_o.partition_C(cO).data(),
+                               acc_rowcol(thr_o.partition_C(cO).layout()));
+    T *o = static_cast<T *>(p.o);
     const int64_t obase = si.q_base(b, p.o_bs, p.o_rs) + (int64_t)h * p.o_hs;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -446,7 +413,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     }
-    }  // tiles
   }
 #else
   __trap();  // the sm90 family is built for sm_90a only
@@ -454,7 +420,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 }
 
 template <typename Tr>
-int launch_fwd(const Params &p, cudaStream_t stream, bool persistent = false) {
+int launch_fwd(const Params &p, cudaStream_t stream) {
   using T = typename Tr::T;
   FwdKernelParams<Tr> kp;
   kp.p = p;
@@ -477,17 +443,8 @@ int launch_fwd(const Params &p, cudaStream_t stream, bool persistent = false) {
   constexpr int smem = Tr::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const int64_t tiles = (int64_t)ceil_div(p.seqlen_q, Tr::kBM) * p.hq * p.batch;
-  if (tiles > INT32_MAX) return cudaErrorInvalidConfiguration;
-  int ctas = (int)tiles;
-  if (persistent) {  // one CTA per SM, each looping over tiles
-    int dev = 0, sms = 0;
-    if ((e = cudaGetDevice(&dev)) != cudaSuccess) return e;
-    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-      return e;
-    ctas = std::min<int64_t>(tiles, sms);
-  }
-  kernel<<<ctas, Tr::kThreads, smem, stream>>>(kp);
+  dim3 grid(ceil_div(p.seqlen_q, Tr::kBM), p.hq, p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(kp);
   return cudaGetLastError();
 }
 
