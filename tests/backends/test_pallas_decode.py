@@ -292,6 +292,10 @@ def test_split_heuristic():
     assert (st.rows, st.block_m, st.block_n) == (16, 16, 128)
     st = decode.plan(_spec(paged=True, page_size=48), p, interpret=False, cores=132)
     assert st.block_n == 16  # the largest power of two dividing the page, >= 16
+    assert st.pages_per_step == 8  # 8 page tiles per loop trip: ~128 keys a trip
+    st = decode.plan(_spec(paged=True, page_size=64), p, interpret=False, cores=132)
+    assert (st.block_n, st.pages_per_step) == (64, 2)
+    assert decode.plan(_spec(), p, interpret=False, cores=132).pages_per_step == 1
 
 
 def test_explain_names_kernel_and_splits():

@@ -351,8 +351,9 @@ int build_decode_params(const FmxDecodeArgs *a, fmx::decode::DecodeParams &p) {
   if ((int64_t)a->batch * a->heads_kv > 65535)
     return fail(FMX_ERR_UNSUPPORTED, "batch * heads_kv = %lld exceeds 65535",
                 (long long)a->batch * a->heads_kv);
-  if ((int64_t)a->seqlen_q * (a->heads_q / a->heads_kv) > 8 * 65535)
-    return fail(FMX_ERR_UNSUPPORTED, "seqlen_q * heads_q / heads_kv exceeds %d", 8 * 65535);
+
+  if ((int64_t)a->seqlen_q * (a->heads_q / a->heads_kv) > 2147483647LL)
+    return fail(FMX_ERR_UNSUPPORTED, "seqlen_q * heads_q / heads_kv exceeds 2^31-1");
   if (a->head_dim <= 0 || a->head_dim % 8 != 0 || a->head_dim > 256)
     return fail(FMX_ERR_UNSUPPORTED, "head_dim %d must be a multiple of 8 in [8, 256]", a->head_dim);
   if (a->head_dim_v != a->head_dim)

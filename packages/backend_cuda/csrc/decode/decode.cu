@@ -1,7 +1,7 @@
 // Split-KV decode (Flash-Decoding) over a contiguous or paged KV cache.
 //
-// Grid (num_splits, batch * hkv, ceil(rows / ROWS)): one program per (key split, sequence, KV
-// head, packed row chunk). The rows of a program are the Sq query positions x the group = hq/hkv
+// Grid (ceil(rows / ROWS), num_splits, batch * hkv): one program per (packed row chunk, key
+// split, sequence, KV head). The rows of a program are the Sq query positions x the group = hq/hkv
 // query heads that share the KV head (row r = i * group + g), so each byte of K and V is read
 // once per program (once overall when rows <= 8).
 //
@@ -99,10 +99,12 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<ROWS>::value) split_kernel
   __shared__ float sm_w[KPI][ROWS];
   __shared__ float sm_acc[KPI][ROWS][DP];
 
-  const int split = blockIdx.x;
-  const int b = blockIdx.y / p.hkv;
-  const int hk = blockIdx.y % p.hkv;
-  const int r0 = blockIdx.z * ROWS;
+  // Row chunks of one (split, sequence, KV head) are neighbours in launch order, so the
+  // chunks after the first find their K/V in L2.
+  const int split = blockIdx.y;
+  const int b = blockIdx.z / p.hkv;
+  const int hk = blockIdx.z % p.hkv;
+  const int r0 = blockIdx.x * ROWS;
   const int tid = threadIdx.x;
   const int grp = tid / TPK;
   const int c0 = (tid % TPK) * 8;
@@ -375,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const DecodeParams p)
 template <typename T, int DP, int ROWS, bool PAGED>
 int launch_split(const DecodeParams &p, cudaStream_t stream) {
   const int chunks = (p.rows + ROWS - 1) / ROWS;
-  dim3 grid(p.num_splits, p.batch * p.hkv, chunks);
+  dim3 grid(chunks, p.num_splits, p.batch * p.hkv);
   split_kernel<T, DP, ROWS, PAGED><<<grid, kThreads, 0, stream>>>(p);
   return (int)cudaGetLastError();
 }

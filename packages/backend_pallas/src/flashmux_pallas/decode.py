@@ -46,7 +46,8 @@ class DecodeStatic:
     seqlen_q: int
     rows: int  # seqlen_q * group (real rows)
     block_m: int  # rows per program (padded)
-    block_n: int  # keys per step
+    block_n: int  # keys per tile
+    pages_per_step: int  # paged: tiles (each within one page) per loop trip
     num_splits: int
     capacity: int  # S_max or max_pages * page_size
     page_size: int
@@ -65,7 +66,7 @@ _override: list[dict] = []
 @contextlib.contextmanager
 def tuning(**kw):
     """Force plan() fields for tuning runs (read at trace time): block_m, block_n, num_warps,
-    num_stages, fast_exp, or programs_per_sm (the split heuristic's target)."""
+    num_stages, fast_exp, pages_per_step (paged), or programs_per_sm (the split target)."""
     _override.append(kw)
     try:
         yield
@@ -149,6 +150,9 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         block_n = min(bn_cap, max(1, 1 << (max(s.capacity, 1).bit_length() - 1)))
     if not interpret:
         block_n = max(16, block_n)
+    # Small pages: several page tiles per loop trip, so a trip streams about bn_cap keys.
+    pages = max(1, bn_cap // block_n) if s.paged else 1
+    pages = ov.get("pages_per_step", pages) if s.paged else 1
     ns = params.num_splits
     if ns is None:
         if interpret:
@@ -176,6 +180,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         rows=rows,
         block_m=block_m,
         block_n=block_n,
+        pages_per_step=pages,
         num_splits=int(ns),
         capacity=int(s.capacity),
         page_size=int(s.page_size),
@@ -225,12 +230,14 @@ def _decode_kernel(*refs, st: DecodeStatic):
     if st.window_right is not None:
         hi = jnp.clip(off + i_last + st.window_right + 1, lo, sk)
     hi = jnp.maximum(hi, lo)
-    lo_al = lax.div(lo, jnp.int32(bn)) * bn
+    P = st.pages_per_step if st.paged else 1
+    step = bn * P  # keys per loop trip: P tiles of bn keys (paged: each within one page)
+    lo_al = lax.div(lo, jnp.int32(step)) * step
     per = lax.div(hi - lo_al + (ns - 1), jnp.int32(ns))
-    chunk = lax.div(per + (bn - 1), jnp.int32(bn)) * bn
+    chunk = lax.div(per + (step - 1), jnp.int32(step)) * step
     k_begin = jnp.minimum(lo_al + split * chunk, hi)
     k_end = jnp.minimum(k_begin + chunk, hi)
-    nblocks = lax.div(k_end - k_begin + (bn - 1), jnp.int32(bn))
+    nblocks = lax.div(k_end - k_begin + (step - 1), jnp.int32(step))
 
     q = q_ref[...]
     if st.softcap:
@@ -241,13 +248,14 @@ def _decode_kernel(*refs, st: DecodeStatic):
     prec = lax.Precision.HIGHEST if st.f32 else None
     dv = o_ref.shape[-1]
 
-    def body(t, carry):
-        acc, m, l = carry
-        start = k_begin + t * bn
+    def tile(start):
+        """K, V and masked base-2 scores of the bn keys from `start`."""
         if st.paged:
+            # start is a multiple of bn and bn divides page_size: the tile lies in one page.
+            # Tiles past the sequence (a step's tail) read a clamped page, fully masked.
             pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
             page = jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
-            slot = pl.multiple_of(start - pi * st.page_size, bn)
+            slot = pl.multiple_of(lax.rem(start, jnp.int32(st.page_size)), bn)
             k = k_ref[page, pl.ds(slot, bn), :]
             v = v_ref[page, pl.ds(slot, bn), :]
             c0 = start
@@ -270,20 +278,30 @@ def _decode_kernel(*refs, st: DecodeStatic):
             ok = ok & (cols >= pos - st.window_left)
         if st.window_right is not None:
             ok = ok & (cols <= pos + st.window_right)
-        s = jnp.where(ok, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        return jnp.where(ok, s, -jnp.inf), v
+
+    def body(t, carry):
+        acc, m, l = carry
+        start = k_begin + t * step
+        tiles = [tile(start + j * bn) for j in range(P)]  # loads of all P tiles, then the math
+        m_new = m
+        for s, _ in tiles:
+            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_use)
-        p = _exp2(s - m_use[:, None], st)
-        l = l * alpha + jnp.sum(p, axis=1)
-        pv = lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=prec,
-            preferred_element_type=jnp.float32,
-        )
-        return acc * alpha[:, None] + pv, m_new, l
+        acc = acc * alpha[:, None]
+        l = l * alpha
+        for s, v in tiles:
+            p = _exp2(s - m_use[:, None], st)
+            l = l + jnp.sum(p, axis=1)
+            acc = acc + lax.dot_general(
+                p.astype(v.dtype),
+                v,
+                (((1,), (0,)), ((), ())),
+                precision=prec,
+                preferred_element_type=jnp.float32,
+            )
+        return acc, m_new, l
 
     carry = (
         jnp.zeros((bm, dv), jnp.float32),
