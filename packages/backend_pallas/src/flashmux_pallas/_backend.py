@@ -126,7 +126,9 @@ class PallasBackend(Backend):
         cache = f"paged (page_size {spec.page_size})" if spec.paged else "contiguous"
         return (
             f"pallas split-KV decode ({lowering}, {cache}, {st.rows} query rows packed per KV "
-            f"head in blocks of {st.block_m}, {st.block_n}-key steps)"
+            f"head in blocks of {st.block_m}, {st.block_n}-key tiles"
+            + (f", {st.pages_per_step} page tiles per trip" if spec.paged else "")
+            + ")"
             + (", XLA lse merge" if st.num_splits > 1 else "")
         )
 
