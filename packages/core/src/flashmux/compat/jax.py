@@ -120,7 +120,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         cu_k = _cu(lk if lk is not None else jnp.full((b,), sk, jnp.int32), sk, b)
         got = flashmux.attention(query.reshape(b * sq, hq, -1), key.reshape(b * sk, *key.shape[2:]),
                                  value.reshape(b * sk, *value.shape[2:]),
-                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq,
+                                 max_seqlen_k=sk, **kw)
         out, lse = got if return_residual else (got, None)
         out = out.reshape(b, sq, hq, -1)
         if lse is not None:

@@ -139,7 +139,8 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
                              f"queries as keys, got ids {mask.ids.shape} with Sq={sq}, Sk={sk}")
         cu = _segment_cu(mask.ids)
         out = flashmux.attention(query.reshape(b * sq, hq, -1), _rows(key), _rows(value),
-                                 cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal, **kw)
+                                 cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=sq,
+                                 max_seqlen_k=sk, causal=causal, **kw)
         return out.reshape(b, sq, hq, -1)
 
     m = jnp.asarray(mask)
@@ -155,7 +156,8 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
     m = jnp.broadcast_to(m[:, 0, 0, :].astype(bool), (b, sk))
     cu_q, cu_k, ok = _run_cu(m, sq, causal)
     out = flashmux.attention(query.reshape(b * sq, hq, -1), _rows(key), _rows(value),
-                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, **kw)
+                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq,
+                             max_seqlen_k=sk, causal=causal, **kw)
     out = out.reshape(b, sq, hq, -1)
     return jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 

@@ -130,7 +130,8 @@ def _unpad(mask: torch.Tensor, sq: int):
 
 
 def _packed_from_position_ids(position_ids: torch.Tensor, b: int, s: int):
-    """cu_seqlens (int32) when position_ids restart inside a row (packed sequences), else None."""
+    """(cu_seqlens (int32), longest sequence) when position_ids restart inside a row (packed
+    sequences), else None. Reads the host once per forward (cached by identity)."""
     pos = position_ids.expand(b, -1) if position_ids.shape[0] != b else position_ids
     starts = torch.ones((b, s), dtype=torch.bool, device=pos.device)
     starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
@@ -138,7 +139,8 @@ def _packed_from_position_ids(position_ids: torch.Tensor, b: int, s: int):
         return None
     idx = starts.reshape(-1).nonzero().flatten()
     total = torch.full((1,), b * s, dtype=idx.dtype, device=idx.device)
-    return torch.cat([idx, total]).to(torch.int32)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 # How padded batches reach flashmux: "segments" (5 cu_seqlens segments per row on the padded
@@ -231,13 +233,15 @@ def attention_forward(
             out = flashmux.attention(_rows(q).index_select(0, idx_q),
                                      _rows(k).index_select(0, idx_k),
                                      _rows(v).index_select(0, idx_k),
-                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **opts)
+                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=sq,
+                                     max_seqlen_k=sk, **opts)
             full = out.new_zeros((b * sq, hq, out.shape[-1]))
             return full.index_copy(0, idx_q, out).view(b, sq, hq, out.shape[-1]), None
         cu_q, cu_k = _cached("pad", attention_mask, (sq, sk),
                              lambda: _padding_segments(mask, sq))
+        # sq / sk bound every segment: with the hints flashmux reads no offsets on the host
         out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, **opts)
+                                 cu_seqlens_k=cu_k, max_seqlen_q=sq, max_seqlen_k=sk, **opts)
         return out.view(b, sq, hq, out.shape[-1]), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -252,11 +256,13 @@ def attention_forward(
 
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and sq == sk and sq > 1 and not torch.compiler.is_compiling():
-        cu = _cached("pos", position_ids, (b, sq),
-                     lambda: _packed_from_position_ids(position_ids, b, sq))
-        if cu is not None:
+        packed = _cached("pos", position_ids, (b, sq),
+                         lambda: _packed_from_position_ids(position_ids, b, sq))
+        if packed is not None:
+            cu, longest = packed
             out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu,
-                                     cu_seqlens_k=cu, **opts)
+                                     cu_seqlens_k=cu, max_seqlen_q=longest,
+                                     max_seqlen_k=longest, **opts)
             return out.view(b, sq, hq, out.shape[-1]), None
 
     return flashmux.attention(q, k, v, **opts), None
