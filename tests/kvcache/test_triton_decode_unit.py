@@ -73,3 +73,40 @@ def test_launch_cache_reuses_the_plan_with_new_lengths():
             cache_seqlens=np.array(lens, np.int32), block_table=table.cpu().numpy())[0]
         assert np.abs(out.float().cpu().numpy() - ref).max() < 5e-3
     assert len(_decode._LAUNCHES) == 1
+
+
+def test_append_kernel_is_used_and_clamps(monkeypatch):
+    calls = []
+    real = _decode.append
+    monkeypatch.setattr(_decode, "append", lambda *a: calls.append(1) or real(*a))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(7)
+
+    def t(x, dt=torch.float16):
+        return torch.from_numpy(np.asarray(x)).to(dev, dt)
+
+    q = t(rng.standard_normal((2, 2, 4, 16)))
+    kc, vc = t(rng.standard_normal((6, 8, 2, 16))), t(rng.standard_normal((6, 8, 2, 16)))
+    table = t(np.array([[4, 1], [0, 5]]), torch.int32)
+    kn, vn = t(rng.standard_normal((2, 2, 2, 16))), t(rng.standard_normal((2, 2, 2, 16)))
+    before_k = kc.clone()
+    lens = t([3, 9], torch.int32)
+    flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=kn, v=vn, block_table=table,
+                                    backend="triton")
+    assert calls, "the triton backend's append kernel was not used"
+    want = before_k.clone()
+    want[4, 3], want[4, 4] = kn[0, 0], kn[0, 1]  # sequence 0: positions 3, 4 in page 4
+    want[5, 1], want[5, 2] = kn[1, 0], kn[1, 1]  # sequence 1: positions 9, 10 in page 5
+    torch.testing.assert_close(kc, want, rtol=0, atol=0)
+    # the kernel itself clamps what the host cannot check (as on a GPU): positions past the
+    # capacity land in the last slot, page ids outside the pool are clamped
+    kc2 = before_k.clone()
+    vc2 = vc.clone()
+    bad_table = t(np.array([[4, 99], [-3, 5]]), torch.int32)
+    _decode.append(kc2, vc2, kn, vn, t([15, 0], torch.int32), bad_table, 8)
+    want = before_k.clone()
+    want[5, 7] = kn[0, 1]  # 15 -> page 99 clamped to 5, slot 7; 16 clamped to 15 too (last wins)
+    want[0, 0], want[0, 1] = kn[1, 0], kn[1, 1]  # page -3 clamped to 0
+    changed = (kc2 != before_k).any(-1).any(-1)
+    assert changed.sum() == 3 and changed[5, 7] and changed[0, 0] and changed[0, 1]
+    torch.testing.assert_close(kc2[0, :2], want[0, :2], rtol=0, atol=0)

@@ -109,6 +109,11 @@ class TritonBackend(Backend):
 
         return _decode.decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params)
 
+    def decode_append(self, k_cache, v_cache, k, v, cache_seqlens, block_table, page_size):
+        from . import _decode
+
+        _decode.append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size)
+
     def decode_splits(self, spec, params) -> int:
         from . import _decode
 

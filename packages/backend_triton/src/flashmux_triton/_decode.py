@@ -525,3 +525,81 @@ class _Launch:
             decode_merge[self.merge_grid](o_dst, l_dst, out, lse, *self.merge_args,
                                           **self.merge_kw)
         return out, lse
+
+
+# -- appending new tokens -----------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["capacity", "max_pages", "num_pages", "snew"])
+def kv_append(
+    K, V, KN, VN, SEQLENS, TBL,
+    stride_kb, stride_kp, stride_kh, stride_ks,
+    stride_vb, stride_vp, stride_vh, stride_vs,
+    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
+    stride_tb, capacity, max_pages, num_pages, snew,
+    HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):
+    """One new token (sequence b, t-th new token): K/V rows at position seqlens[b] + t, clamped
+    to the capacity; paged through the (clamped) block table."""
+    pid = tl.program_id(0)
+    b = pid // snew
+    t = pid % snew
+    b64 = b.to(tl.int64)
+    pos = tl.load(SEQLENS + b) + t
+    pos = tl.minimum(tl.maximum(pos, 0), capacity - 1)
+    if PAGED:
+        page = tl.load(TBL + b64 * stride_tb + tl.minimum(pos // PAGE_SIZE, max_pages - 1))
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        k_row = page * stride_kp + (pos % PAGE_SIZE).to(tl.int64) * stride_ks
+        v_row = page * stride_vp + (pos % PAGE_SIZE).to(tl.int64) * stride_vs
+    else:
+        k_row = b64 * stride_kb + pos.to(tl.int64) * stride_kp
+        v_row = b64 * stride_vb + pos.to(tl.int64) * stride_vp
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mk = (offs_h[:, None] < HEADS_KV) & (offs_d[None, :] < HEAD_DIM)
+    x = tl.load(KN + b64 * stride_knb + t * stride_kns + offs_h[:, None] * stride_knh
+                + offs_d[None, :], mask=mk)
+    tl.store(K + k_row + offs_h[:, None] * stride_kh + offs_d[None, :], x, mask=mk)
+    mv = (offs_h[:, None] < HEADS_KV) & (offs_dv[None, :] < HEAD_DIM_V)
+    y = tl.load(VN + b64 * stride_vnb + t * stride_vns + offs_h[:, None] * stride_vnh
+                + offs_dv[None, :], mask=mv)
+    tl.store(V + v_row + offs_h[:, None] * stride_vh + offs_dv[None, :], y, mask=mv)
+
+
+def append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size):
+    """Write k, v (B, Snew, Hkv, D/Dv) into the caches in place, one program per new token."""
+    b, snew, hkv, d = k.shape
+    dv = v.shape[-1]
+    if not (b and snew):
+        return
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache, v_cache: the triton append kernel needs a contiguous last "
+                         "(head_dim) dimension")
+    paged = block_table is not None
+    if paged:
+        num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
+        capacity = max_pages * page_size
+        sk = (0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+        sv = (0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+    else:
+        num_pages, max_pages = 1, 1
+        capacity = k_cache.shape[1]
+        sk = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0)
+        sv = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0)
+    seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    kv_append[(b * snew,)](
+        k_cache, v_cache, k, v, seqlens, block_table if paged else seqlens,
+        *sk, *sv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        block_table.stride(0) if paged else 0, capacity, max_pages, num_pages, snew,
+        HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_H=max(2, triton.next_power_of_2(hkv)),
+        BLOCK_D=max(2, triton.next_power_of_2(d)), BLOCK_DV=max(2, triton.next_power_of_2(dv)),
+        PAGE_SIZE=max(page_size, 1), PAGED=paged, num_warps=4,
+    )

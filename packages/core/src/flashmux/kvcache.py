@@ -21,6 +21,11 @@ The backend contract (a backend that has decode kernels implements these optiona
   None; the score s_ij -= slope * |i + off - j| after scale and softcap.
   Returns out (B, Sq, Hq, Dv) in q's dtype and lse (B, Hq, Sq) float32 (always).
 - ``decode_splits(spec, params) -> int``: optional, how many key splits it would run (explain).
+- ``decode_kernel(spec, params) -> str``: optional, a description of the kernel (explain).
+- ``decode_append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size) -> None``:
+  optional, torch backends only: write the new tokens into the caches in place (clamped as
+  above) with the backend's own kernel instead of the core's torch ops (eager calls; traced
+  ones keep the torch ops).
 """
 
 from __future__ import annotations
@@ -697,13 +702,20 @@ def attention_with_kvcache(
             _validated[key] = call
     forced = dispatch.forced_backends(backend)
     kind = call.kind
+    # choose first: a call no backend can run fails before it touches the caches
+    be = None if call.empty else select(call.spec, forced)
     if call.spec.seqlen_new and call.spec.batch:
-        k_cache, v_cache = _append(kind, k_cache, v_cache, k, v, cache_seqlens, block_table,
-                                   call.params.page_size)
-    if call.empty:
+        append = getattr(be, "decode_append", None)
+        if append is not None and kind == "torch" and kind in be.capabilities.array_kinds \
+                and not torch_compiling():
+            # the backend's own append kernel (one launch); traced code takes the torch ops
+            append(k_cache, v_cache, k, v, cache_seqlens, block_table, call.params.page_size)
+        else:
+            k_cache, v_cache = _append(kind, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                                       call.params.page_size)
+    if be is None:
         out, lse = _empty_result(kind, q, call.spec)
     else:
-        be = select(call.spec, forced)
         seqlens_k = _seqlens_k(kind, cache_seqlens, call.spec.seqlen_new)
         out, lse = _run(be, call, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
     res = (out, lse) if return_lse else (out,)
