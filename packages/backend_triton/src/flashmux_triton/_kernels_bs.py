@@ -150,13 +150,18 @@ def bs_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # One flat loop per list (SUBS kernel tiles per mask tile), so the compiler can pipeline the
+    # K/V loads across mask tiles. Without causal/window every listed tile is computed (a tail
+    # tile past seqlen_k is masked by CHECK_FULL); with them, tiles outside the band are skipped.
+    SUBS: tl.constexpr = MBS // BLOCK_N
     n_full = tl.load(QNF + row)
-    for t in range(0, n_full):
-        kb = tl.load(QFI + row.to(tl.int64) * n_kb + t)
-        for sub in range(0, MBS, BLOCK_N):
-            start_n = kb * MBS + sub
-            if (start_n < seqlen_k) & _in_band(start_n, BLOCK_N, row_first, row_last, diag_off,
-                                               window_left, window_right, HAS_LEFT, HAS_RIGHT):
+    for it in range(0, n_full * SUBS):
+        kb = tl.load(QFI + row.to(tl.int64) * n_kb + it // SUBS)
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if HAS_LEFT or HAS_RIGHT:
+            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
+                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
                 acc, l_i, m_i = _bs_fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc, sub,
                     offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
@@ -164,14 +169,23 @@ def bs_fwd(
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 )
+        else:
+            acc, l_i, m_i = _bs_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc, sub,
+                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
+                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+            )
     n_part = tl.load(QNP + row)
-    for t in range(0, n_part):
-        kb = tl.load(QPI + row.to(tl.int64) * n_kb + t)
+    for it in range(0, n_part * SUBS):
+        kb = tl.load(QPI + row.to(tl.int64) * n_kb + it // SUBS)
         tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
-        for sub in range(0, MBS, BLOCK_N):
-            start_n = kb * MBS + sub
-            if (start_n < seqlen_k) & _in_band(start_n, BLOCK_N, row_first, row_last, diag_off,
-                                               window_left, window_right, HAS_LEFT, HAS_RIGHT):
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if HAS_LEFT or HAS_RIGHT:
+            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
+                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
                 acc, l_i, m_i = _bs_fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
                     offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
@@ -179,6 +193,14 @@ def bs_fwd(
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 )
+        else:
+            acc, l_i, m_i = _bs_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
+                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
+                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+            )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -294,6 +316,7 @@ def bs_bwd_dkdv(
         mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
     )
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    SUBS: tl.constexpr = MBS // BLOCK_M  # flat loops over (mask tile, sub-tile), as the forward
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
@@ -309,14 +332,14 @@ def bs_bwd_dkdv(
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
         n_full = tl.load(KNF + col)
-        for t in range(0, n_full):
-            qb = tl.load(KFI + col.to(tl.int64) * n_qb + t)
-            for sub in range(0, MBS, BLOCK_M):
-                start_m = qb * MBS + sub
-                # rows [start_m, start_m + BLOCK_M) meet keys [n0, n_last] (same band test, swapped)
-                if (start_m < seqlen_q) & _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1,
-                                                   diag_off, window_left, window_right, HAS_LEFT,
-                                                   HAS_RIGHT):
+        for it in range(0, n_full * SUBS):
+            qb = tl.load(KFI + col.to(tl.int64) * n_qb + it // SUBS)
+            sub = (it % SUBS) * BLOCK_M
+            start_m = qb * MBS + sub
+            if HAS_LEFT or HAS_RIGHT:
+                # rows [start_m, start_m + BLOCK_M) meet keys [n0, n_last] (the band test, swapped)
+                if _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1, diag_off,
+                            window_left, window_right, HAS_LEFT, HAS_RIGHT) & (start_m < seqlen_q):
                     dk, dv = _bs_dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
                         sm_scale, BITS, 0, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
@@ -324,15 +347,23 @@ def bs_bwd_dkdv(
                         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                         CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                     )
+            else:
+                dk, dv = _bs_dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                    sm_scale, BITS, 0, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
+                    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
+                    p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+                    CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                )
         n_part = tl.load(KNP + col)
-        for t in range(0, n_part):
-            qb = tl.load(KPI + col.to(tl.int64) * n_qb + t)
+        for it in range(0, n_part * SUBS):
+            qb = tl.load(KPI + col.to(tl.int64) * n_qb + it // SUBS)
             tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb)
-            for sub in range(0, MBS, BLOCK_M):
-                start_m = qb * MBS + sub
-                if (start_m < seqlen_q) & _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1,
-                                                   diag_off, window_left, window_right, HAS_LEFT,
-                                                   HAS_RIGHT):
+            sub = (it % SUBS) * BLOCK_M
+            start_m = qb * MBS + sub
+            if HAS_LEFT or HAS_RIGHT:
+                if _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1, diag_off,
+                            window_left, window_right, HAS_LEFT, HAS_RIGHT) & (start_m < seqlen_q):
                     dk, dv = _bs_dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
                         sm_scale, BITS, tid, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
@@ -340,6 +371,14 @@ def bs_bwd_dkdv(
                         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                         True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                     )
+            else:
+                dk, dv = _bs_dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                    sm_scale, BITS, tid, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
+                    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
+                    p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+                    True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
         _cast(dk, DK.dtype.element_ty),
@@ -462,13 +501,15 @@ def bs_bwd_dq(
     row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    SUBS: tl.constexpr = MBS // BLOCK_N  # flat loops, as in the forward
     n_full = tl.load(QNF + row)
-    for t in range(0, n_full):
-        kb = tl.load(QFI + row.to(tl.int64) * n_kb + t)
-        for sub in range(0, MBS, BLOCK_N):
-            start_n = kb * MBS + sub
-            if (start_n < seqlen_k) & _in_band(start_n, BLOCK_N, row_first, row_last, diag_off,
-                                               window_left, window_right, HAS_LEFT, HAS_RIGHT):
+    for it in range(0, n_full * SUBS):
+        kb = tl.load(QFI + row.to(tl.int64) * n_kb + it // SUBS)
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if HAS_LEFT or HAS_RIGHT:
+            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
+                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
                 dq = _bs_dq_tile(
                     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc,
                     sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
@@ -476,14 +517,23 @@ def bs_bwd_dq(
                     bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 )
+        else:
+            dq = _bs_dq_tile(
+                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc,
+                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
+                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
+                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+            )
     n_part = tl.load(QNP + row)
-    for t in range(0, n_part):
-        kb = tl.load(QPI + row.to(tl.int64) * n_kb + t)
+    for it in range(0, n_part * SUBS):
+        kb = tl.load(QPI + row.to(tl.int64) * n_kb + it // SUBS)
         tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
-        for sub in range(0, MBS, BLOCK_N):
-            start_n = kb * MBS + sub
-            if (start_n < seqlen_k) & _in_band(start_n, BLOCK_N, row_first, row_last, diag_off,
-                                               window_left, window_right, HAS_LEFT, HAS_RIGHT):
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if HAS_LEFT or HAS_RIGHT:
+            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
+                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
                 dq = _bs_dq_tile(
                     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
                     sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
@@ -491,6 +541,14 @@ def bs_bwd_dq(
                     bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 )
+        else:
+            dq = _bs_dq_tile(
+                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
+                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
+                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
+                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+            )
     dq = dq * post
     tl.store(
         DQ + b64 * stride_dqb + offs_m[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],

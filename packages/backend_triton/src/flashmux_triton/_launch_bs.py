@@ -8,6 +8,7 @@ import triton
 
 from . import _kernels as K
 from . import _kernels_bs as KB
+from . import tuning as T
 from ._launch import _last_contig, _Problem, _slopes, _tuning
 
 
@@ -23,9 +24,19 @@ def _mask_args(bm, hq):
     return a, flags
 
 
-def _tiles(pb, which, mbs):
-    cfg = getattr(_tuning(pb), which)
-    return cfg, min(cfg.block_m, mbs), min(cfg.block_n, mbs)
+def _launch(pb, which, mbs, run):
+    """run(cfg, block_m, block_n) with the plain kernels' tiles for this shape class, capped at
+    the mask block (kernel tiles divide it: both are powers of two); smaller tiles on
+    shared-memory exhaustion."""
+    t = _tuning(pb)
+    while True:
+        cfg = getattr(t, which)
+        try:
+            return run(cfg, min(cfg.block_m, mbs), min(cfg.block_n, mbs))
+        except triton.runtime.errors.OutOfResources:
+            t = T.smaller(t, which)
+            if t is None:
+                raise
 
 
 def _check_full(pb, mbs):
@@ -52,9 +63,18 @@ def forward(q, k, v, params, residual, alibi_slopes, bm):
     slopes, stride_sb = _slopes(pb, alibi_slopes, q)
     a, mflags = _mask_args(bm, pb.hq)
     mbs = bm.block_size
-    cfg, bm_, bn = _tiles(pb, "fwd", mbs)
-    # the plain kernels fold the scale into exp2; these take scores in log2 units up front
-    grid = (triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)
+
+    def run(cfg, bm_, bn):
+        # the plain kernels fold the scale into exp2; these take scores in log2 units up front
+        grid = (triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)
+        _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs,
+             alibi_slopes is not None)
+
+    _launch(pb, "fwd", mbs, run)
+    return done
+
+
+def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi):
     KB.bs_fwd[grid](
         q, k, v, out, lse, out if res is None else res, slopes,
         a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
@@ -63,10 +83,9 @@ def forward(q, k, v, params, residual, alibi_slopes, bm):
         pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
         _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
         BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
-        RESID=res is not None, ALIBI=alibi_slopes is not None,
+        RESID=res is not None, ALIBI=alibi,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return done
 
 
 def _scale_a(pb):
@@ -106,22 +125,26 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
 
-    cfg, bm_, bn = _tiles(pb, "bwd_dkdv", mbs)
-    KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
-        q, k, v, do, lse, delta, dk, dv, slopes,
-        a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
-        *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
-        *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
-        lse.stride(0), lse.stride(1), stride_sb, *common,
-        BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    cfg, bm_, bn = _tiles(pb, "bwd_dq", mbs)
-    KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
-        q, k, v, do, lse, delta, dq, slopes,
-        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
-        *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
-        *pb.strides(do, False), *pb.strides(dq, False),
-        lse.stride(0), lse.stride(1), stride_sb, *common,
-        BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    def run_dkdv(cfg, bm_, bn):
+        KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
+            q, k, v, do, lse, delta, dk, dv, slopes,
+            a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
+            *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+            *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
+            lse.stride(0), lse.stride(1), stride_sb, *common,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run_dq(cfg, bm_, bn):
+        KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
+            q, k, v, do, lse, delta, dq, slopes,
+            a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+            *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+            *pb.strides(do, False), *pb.strides(dq, False),
+            lse.stride(0), lse.stride(1), stride_sb, *common,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    _launch(pb, "bwd_dkdv", mbs, run_dkdv)
+    _launch(pb, "bwd_dq", mbs, run_dq)
     return dq, dk, dv
