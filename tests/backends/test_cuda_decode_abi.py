@@ -289,3 +289,21 @@ def test_jax_decode_shapes_at_trace_time(tmp_path, paged):
     k36 = jax.ShapeDtypeStruct(kc.shape[:-1] + (36,), bf)
     with pytest.raises(ValueError, match="multiple of 8"):
         jax.eval_shape(f, q36, k36, k36, lens, bt, sl)
+
+
+def test_decode_sources_are_built():
+    """csrc/decode/decode.cu is a translation unit of the kernel library (also under a
+    FLASHMUX_CUDA_HEAD_DIMS subset) and decode_ffi.cc one of the JAX FFI library."""
+    from flashmux_cuda import build as b
+
+    cfg = b.BuildConfig(
+        archs=("80", "90"),
+        nvcc="nvcc",
+        nvcc_version="x",
+        src=b.source_dir(),
+        cutlass_include=None,
+        head_dims=(64,),
+    )
+    names = [p.relative_to(cfg.src).as_posix() for p in cfg.translation_units()]
+    assert "decode/decode.cu" in names
+    assert "decode_ffi.cc" in [p.name for p in b.jax_ffi_sources(cfg)]
