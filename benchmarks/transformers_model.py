@@ -1,6 +1,8 @@
 """flashmux inside a transformers model: a Llama-shaped model (random weights, nothing downloaded)
 at 4 x 2048 tokens, head_dim 64 and 128, forward and forward+backward, bf16, three ways:
 
+Timed: the decoder stack (embeddings, layers, final norm; not the LM head).
+
 - sdpa:    attn_implementation="sdpa" (torch's SDPA; FlashAttention-2 kernels on the GPU)
 - fmx:     attn_implementation="fmx"  (flashmux.integrations.transformers)
 - direct:  a 3-line attention function that calls flashmux.attention on the same tensors
@@ -96,13 +98,14 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
         else:
             model.load_state_dict(state)
 
+        # the decoder stack (model.model): the LM head's (B, S, vocab) matmul would only dilute
         def fwd(model=model):
             with torch.no_grad():
-                model(ids, attention_mask=mask, use_cache=False)
+                model.model(ids, attention_mask=mask, use_cache=False)
 
         def fwd_bwd(model=model):
-            out = model(ids, attention_mask=mask, use_cache=False)
-            out.logits.float().square().mean().backward()
+            out = model.model(ids, attention_mask=mask, use_cache=False)
+            out.last_hidden_state.float().square().mean().backward()
 
         f = timer(fwd, args.iters, device)
         fb = timer(fwd_bwd, args.iters, device)
