@@ -428,3 +428,37 @@ def test_variant_choice_and_explain():
     kv1 = np.zeros((1, 8, 1, 16), np.float32)
     plan = cp.explain(q, kv1, kv1, world_size=2, causal=True, grad=False)
     assert plan.variant == "allgather" and "gather them once" in str(plan)
+
+
+def test_ring_reasons():
+    """Backends whose backward recomputes a block-local forward are passed over for ring blocks
+    (their own `ring_reasons`, or the known ones), and a forced one raises."""
+    from dataclasses import replace as dc_replace
+
+    from flashmux.spec import ProblemSpec
+
+    spec = ProblemSpec(
+        kind="jax", device_type="cpu", device_name="cpu", compute_capability=None,
+        dtype="float32", batch=1, seqlen_q=8, seqlen_k=8, heads_q=2, heads_kv=2, head_dim=4,
+        head_dim_v=4, varlen=False, causal=False, window=False, softcap=False, dropout=False,
+        return_lse=False, deterministic=False, requires_grad=True, traced=True,
+    )
+
+    class Own:
+        name = "own"
+
+        def ring_reasons(self, spec):
+            return ["recomputes the block"]
+
+    assert cp.ring_reasons(Own(), spec) == ["recomputes the block"]
+    assert cp.ring_reasons(flashmux.dispatch.get_backend("reference"), spec) == []
+    native = flashmux.dispatch.registry().get("native")
+    if native is not None:
+        assert cp.ring_reasons(native, spec)  # JAX: backward through jax.vjp of its forward
+        torch_spec = dc_replace(spec, kind="torch", traced=False)
+        assert cp.ring_reasons(native, torch_spec) == []
+        assert cp.ring_reasons(native, dc_replace(torch_spec, return_lse=True))
+        assert cp.ring_reasons(native, dc_replace(spec, requires_grad=False)) == []
+    q = np.zeros((1, 8, 2, 4), np.float32)
+    be, _ = cp.block_backend(q, q, q, True, None, None, False, False, ("reference",))
+    assert be.name == "reference"

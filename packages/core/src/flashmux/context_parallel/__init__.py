@@ -349,8 +349,11 @@ def check_call(q, k, v, *, layout, causal, window, softcap, world_size, variant)
     return choose_variant(variant, q.shape, k.shape, v.shape, world_size)
 
 
-def block_backend(q, k, v, causal, scale, softcap, return_lse, grad, forced):
-    """(backend, Params) for one block call, chosen by the dispatcher as for `attention`."""
+def block_backend(q, k, v, causal, scale, softcap, return_lse, grad, forced, ring=True):
+    """(backend, Params) for one block call, chosen by the dispatcher as for `attention`.
+
+    ring=True: the block's backward will get the whole sequence's out and lse, so backends with
+    `ring_reasons` against it are passed over too (a forced one raises NoBackendError)."""
     from dataclasses import replace
 
     from .. import api, dispatch
@@ -359,7 +362,34 @@ def block_backend(q, k, v, causal, scale, softcap, return_lse, grad, forced):
         q, k, v, causal, scale, None, softcap, 0.0, None, None, None, None, None, return_lse, False
     )
     spec = replace(call.spec, requires_grad=bool(grad), return_lse=bool(return_lse))
-    return dispatch.select(spec, forced), call.params
+    if not ring:
+        return dispatch.select(spec, forced), call.params
+    rows = []
+    for cand in dispatch._candidates(spec, forced):  # the dispatcher's order (or the forced list)
+        why = dispatch.reasons(cand, spec) or ring_reasons(cand, spec)
+        if not why:
+            return cand, call.params
+        rows.append(f"  {cand.name}: " + "; ".join(why))
+    head = f"no forced backend ({', '.join(forced)})" if forced else "no backend"
+    raise dispatch.NoBackendError(f"{head} can run this ring_attention block:\n" + "\n".join(rows))
+
+
+def ring_reasons(be, spec) -> list[str]:
+    """Why a backend cannot run a ring block, beyond its own reasons: the ring's backward hands
+    each block the out and lse of the whole sequence, so the backward must take delta and the
+    probabilities from them rather than recompute the block's own forward. A backend may say so
+    itself with a `ring_reasons(spec)` method; the known exceptions are listed here."""
+    own = getattr(be, "ring_reasons", None)
+    if callable(own):
+        return list(own(spec))
+    if be.name == "native" and spec.requires_grad:
+        if spec.kind == "jax":
+            return ["its JAX backward recomputes the forward instead of using the out and lse it "
+                    "is given (a ring block gets the whole sequence's)"]
+        if spec.return_lse:
+            return ["its lse gradient recomputes a block-local forward (a ring block needs the "
+                    "whole sequence's out and lse)"]
+    return []
 
 
 _takes_residual: dict[tuple[str, int], bool] = {}
@@ -501,7 +531,7 @@ def explain(q, k, v, *, world_size, rank=0, layout="zigzag", causal=False, scale
             qs = q[:, r0:r1]
             kk = _concat([k] * world_size, 1, k)[:, :nk]
             vv = _concat([v] * world_size, 1, v)[:, :nk]
-            be, _ = block_backend(qs, kk, vv, c, scale, softcap, return_lse, grad, forced)
+            be, _ = block_backend(qs, kk, vv, c, scale, softcap, return_lse, grad, forced, ring=False)
             calls.append((f"local rows {r0}:{r1} x keys 0:{nk}{' causal' if c else ''}", be.name))
     return Plan(chosen, why, world_size, layout, calls)
 

@@ -205,7 +205,7 @@ def _ag_rank_forward(rank, cfg: Config, q, kg, vg):
                                               q.shape[1]):
         qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
         be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
-                                True, cfg.forced)
+                                True, cfg.forced, ring=False)
         if be.capabilities.out_residual and q.dtype in _LOW:
             o, l, r = be.forward(qs, ks, vs, None, None, prm, residual=True)
         else:
@@ -224,7 +224,7 @@ def _ag_rank_backward(rank, cfg: Config, do, dlse, q, kg, vg, out, lse, res):
                                               q.shape[1]):
         qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
         be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
-                                True, cfg.forced)
+                                True, cfg.forced, ring=False)
         kw = {}
         if be.capabilities.out_residual and q.dtype in _LOW:
             kw["out_residual"] = res[:, r0:r1]

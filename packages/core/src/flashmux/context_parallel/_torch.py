@@ -193,7 +193,7 @@ def _ag_calls(q, kg, vg, cfg: Config, rank: int, grad: bool):
         qs = _part(q, slice(r0, r1))
         ks, vs = _part(kg, slice(0, nk)), _part(vg, slice(0, nk))
         be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
-                                grad, cfg.forced)
+                                grad, cfg.forced, ring=False)
         yield slice(r0, r1), qs, ks, vs, be, prm
 
 
