@@ -203,7 +203,7 @@ class NativeBackend(Backend):
     kernels: tuple[str, ...] | None = field(default=None)
 
     def _allowed(self, kind: str) -> tuple[str, ...]:
-        ks = TORCH_KERNELS if kind == "torch" else JAX_KERNELS
+        ks: tuple[str, ...] = TORCH_KERNELS if kind == "torch" else JAX_KERNELS
         if self.kernels is not None:
             ks = tuple(k for k in ks if k in self.kernels)
         env = os.environ.get(ENV_KERNELS, "").strip()
@@ -285,6 +285,7 @@ def _facts_from_arrays(q, k, v, p: Params, cu) -> _Facts:
     from .._arrays import device_of, dtype_name
 
     kind = array_kind(q)
+    assert kind is not None  # the api checked q before a backend sees it
     dev = device_of(q, kind)
     varlen = cu is not None or p.varlen
     b, sq, hq, d = (1, *q.shape) if varlen else q.shape
