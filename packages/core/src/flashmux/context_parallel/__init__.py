@@ -477,6 +477,22 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
+def _stretch(x, n):
+    """An array shaped like x with n rows along dim 1, for dispatch only (values unused): a
+    broadcast view where the framework has one, so explain allocates nothing large."""
+    shape = (x.shape[0], n) + tuple(x.shape[2:])
+    kind = array_kind(x)
+    if kind == "torch":
+        return x[:, :1].expand(shape)
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        return jnp.broadcast_to(x[:, :1], shape)
+    import numpy as np
+
+    return np.broadcast_to(x[:, :1], shape)
+
+
 @dataclass
 class Plan:
     """What ring_attention would run: the variant and why, and the backend of each block call."""
@@ -529,8 +545,7 @@ def explain(q, k, v, *, world_size, rank=0, layout="zigzag", causal=False, scale
     else:
         for r0, r1, nk, c in allgather_calls(layout, causal, world_size, rank, n):
             qs = q[:, r0:r1]
-            kk = _concat([k] * world_size, 1, k)[:, :nk]
-            vv = _concat([v] * world_size, 1, v)[:, :nk]
+            kk, vv = _stretch(k, nk), _stretch(v, nk)
             be, _ = block_backend(qs, kk, vv, c, scale, softcap, return_lse, grad, forced, ring=False)
             calls.append((f"local rows {r0}:{r1} x keys 0:{nk}{' causal' if c else ''}", be.name))
     return Plan(chosen, why, world_size, layout, calls)
