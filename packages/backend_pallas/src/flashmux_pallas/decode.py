@@ -210,8 +210,10 @@ def _decode_kernel(*refs, st: DecodeStatic):
 
     bm, bn, G, ns = st.block_m, st.block_n, st.group, st.num_splits
     pid = pl.program_id(0)
-    split = lax.rem(pid, ns) if ns > 1 else jnp.int32(0)
-    rb = lax.div(pid, ns) if ns > 1 else pid
+    # Row blocks of one split are neighbours in launch order (they read the same keys: L2 hits).
+    nrb = -(-st.rows // bm)
+    split = lax.div(pid, jnp.int32(nrb)) if ns > 1 else jnp.int32(0)
+    rb = lax.rem(pid, jnp.int32(nrb)) if ns > 1 else pid
     r0 = rb * bm
 
     sk = jnp.minimum(jnp.maximum(jnp.max(len_ref[...]), 0), st.capacity).astype(jnp.int32)
@@ -329,7 +331,7 @@ def _call(st: DecodeStatic, qp, k_cache, v_cache, lens, bt, slopes):
     grid = (ns * nrb, Hkv, B)
 
     def rb(p):
-        return p // ns if ns > 1 else p
+        return p % nrb if ns > 1 else p
 
     in_specs = [block_spec((None, None, bm, D), lambda p, h, b: (b, h, rb(p), 0))]
     if st.paged:
@@ -363,8 +365,8 @@ def _call(st: DecodeStatic, qp, k_cache, v_cache, lens, bt, slopes):
         ]
     else:
         out_specs = [
-            block_spec((None, None, None, bm, Dv), lambda p, h, b: (p % ns, b, h, p // ns, 0)),
-            block_spec((None, None, None, bm), lambda p, h, b: (p % ns, b, h, p // ns)),
+            block_spec((None, None, None, bm, Dv), lambda p, h, b: (p // nrb, b, h, p % nrb, 0)),
+            block_spec((None, None, None, bm), lambda p, h, b: (p // nrb, b, h, p % nrb)),
         ]
         out_shape = [
             out_struct((ns, B, Hkv, Rp, Dv), jnp.float32, qp),
