@@ -62,6 +62,7 @@ def test_block_jit_and_grad_causal_padding_segments():
         (valid[:, None, None, :], valid[:, None, None, :] & nnx.make_causal_mask(valid, dtype=bool),
          True, valid),
         (fmx_flax.segments(ids), _dense_segments(ids, True), True, None),
+        (fmx_flax.segments(ids, max_segments=3), _dense_segments(ids, False), False, None),
     ]
 
     @nnx.jit(static_argnums=(3,))
@@ -124,3 +125,9 @@ def test_refusals():
     hole = jnp.ones((B, 1, 1, S), bool).at[1, 0, 0, 3].set(False)
     out = jax.jit(fmx_flax.attention_fn)(q, q, q, mask=hole)
     assert np.isfinite(np.asarray(out[0])).all() and np.isnan(np.asarray(out[1])).all()
+    # more runs (5) than the bound allows (2 rows x 2): NaN, not documents mixed silently
+    ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1, 2, 2]])
+    out = fmx_flax.attention_fn(q, q, q, mask=fmx_flax.segments(ids, max_segments=2))
+    assert np.isnan(np.asarray(out)).all()
+    out = fmx_flax.attention_fn(q, q, q, mask=fmx_flax.segments(ids, max_segments=3))
+    assert np.isfinite(np.asarray(out)).all()

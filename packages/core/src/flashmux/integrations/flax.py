@@ -22,8 +22,9 @@ What the mask may be (a dense (B, H, Sq, Sk) mask cannot be checked under jit, s
   causal mask every query attends the run; with one (Sq == Sk) the run's own queries attend it
   causally and padding query rows are unspecified (finite). A row whose mask is not one run
   comes out NaN (the check runs on the device, so it cannot raise under jit).
-- `segments(segment_ids)`: (B, S) ints, tokens attend tokens of their own contiguous run of equal
-  ids (documents packed in a row); with causal, causally inside each run.
+- `segments(segment_ids, max_segments=None)`: (B, S) ints, tokens attend tokens of their own
+  contiguous run of equal ids (documents packed in a row); with causal, causally inside each
+  run. A bound on the runs per row keeps the packed call small (more runs than the bound: NaN).
 
 Refused with a ValueError: other dense masks (for causal use is_causal / causal=True), `bias`,
 sown attention weights (`sow_weights=True`), and dropout: Flax hands a PRNG key, which under jit
@@ -50,26 +51,38 @@ class Segments:
     """Segment ids (B, S) int: see `segments`. A pytree, so it passes through jit."""
 
     ids: jax.Array
+    max_segments: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-def segments(segment_ids) -> Segments:
+def segments(segment_ids, max_segments: int | None = None) -> Segments:
     """Mask for packed documents: token i attends token j of the same row when both lie in one
-    contiguous run of equal ids. Pass as `mask=` to the attention module."""
+    contiguous run of equal ids. Pass as `mask=` to the attention module.
+
+    max_segments: an upper bound on the runs per row (default S). The packed call has
+    B * max_segments segments, most of them empty: a tight bound keeps the kernels' grids small.
+    If a batch has more runs than B * max_segments in total, the output is NaN (the count is only
+    known on the device)."""
     ids = jnp.asarray(segment_ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"segment_ids: expected an integer array (B, S), got {ids.dtype} "
                          f"{ids.shape}")
-    return Segments(ids)
+    if max_segments is not None and (isinstance(max_segments, bool)
+                                     or not isinstance(max_segments, int) or max_segments < 1):
+        raise ValueError(f"max_segments: expected an int >= 1 or None, got {max_segments!r}")
+    return Segments(ids, max_segments)
 
 
-def _segment_cu(ids):
-    """cu_seqlens (B*S+1 entries, empty segments at the end) of the runs of equal ids."""
+def _segment_cu(ids, max_segments):
+    """cu_seqlens of the runs of equal ids (B * max_segments + 1 entries, empty segments at the
+    end) and whether every run got a segment."""
     b, s = ids.shape
     starts = jnp.ones((b, s), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1]).reshape(-1)
     seg = jnp.cumsum(starts.astype(jnp.int32))  # 1-based segment of each row
     n = b * s
+    nseg = b * min(s, max_segments or s)
     # segment i starts at the first row whose running count reaches i + 1 (n when none does)
-    return jnp.searchsorted(seg, jnp.arange(1, n + 2, dtype=jnp.int32)).astype(jnp.int32).at[0].set(0)
+    cu = jnp.searchsorted(seg, jnp.arange(1, nseg + 1, dtype=jnp.int32)).astype(jnp.int32)
+    return jnp.concatenate([cu, jnp.array([n], jnp.int32)]), seg[-1] <= nseg
 
 
 def _run_cu(m, sq, causal):
@@ -137,11 +150,11 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
         if sq != sk or mask.ids.shape != (b, sq):
             raise ValueError(f"mask: segments expected ids of shape ({b}, {sq}) and as many "
                              f"queries as keys, got ids {mask.ids.shape} with Sq={sq}, Sk={sk}")
-        cu = _segment_cu(mask.ids)
+        cu, ok = _segment_cu(mask.ids, mask.max_segments)
         out = flashmux.attention(query.reshape(b * sq, hq, -1), _rows(key), _rows(value),
                                  cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=sq,
                                  max_seqlen_k=sk, causal=causal, **kw)
-        return out.reshape(b, sq, hq, -1)
+        return jnp.where(ok, out.reshape(b, sq, hq, -1), jnp.asarray(jnp.nan, out.dtype))
 
     m = jnp.asarray(mask)
     if m.ndim != 4 or m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, b):
