@@ -74,6 +74,23 @@ def _inputs(rng, B, Sq, Hq, Hkv, D, Dv, cap, page, lens, alibi, dtype):
 
 
 def _run(q, kc, vc, lens, table, slopes, p, dtype):
+    """backend.decode directly. On a GPU machine the arrays land on the GPU (Triton lowering):
+    cases that the GPU declines (decode.gpu_reasons) are skipped there."""
+    if jax.default_backend() != "cpu":
+        from types import SimpleNamespace
+
+        from flashmux_pallas import decode
+
+        why = decode.gpu_reasons(
+            SimpleNamespace(
+                head_dim=q.shape[-1],
+                head_dim_v=vc.shape[-1],
+                paged=table is not None,
+                page_size=p.page_size,
+            )
+        )
+        if why:
+            pytest.skip("GPU declines: " + "; ".join(why))
     dev = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
     return _backend().decode(
         jnp.asarray(q, dtype),
@@ -146,8 +163,8 @@ def test_splits_agree():
         _run(q, kc, vc, lens, None, None, _params(32, True, ns=ns), jnp.float32) for ns in (1, 2, 9)
     ]
     for o, lse in outs[1:]:
-        np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0][0]), atol=2e-6)
-        np.testing.assert_allclose(np.asarray(lse), np.asarray(outs[0][1]), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0][0]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(outs[0][1]), atol=1e-5)
 
 
 def test_clamps_lengths_and_pages():
@@ -159,17 +176,17 @@ def test_clamps_lengths_and_pages():
     out, lse = _run(q, kc, vc, np.array([1000, 32], np.int32), None, None, p, jnp.float32)
     ref = _run(q, kc, vc, np.array([32, 32], np.int32), None, None, p, jnp.float32)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref[0]))
-    # paged: 4 pages of 8 per sequence, entries -7 and 10**6 in the table
-    q, kc, vc, _, table, _ = _inputs(rng, 2, 1, 4, 2, 32, 32, 32, 8, (0, 0), "", jnp.float32)
+    # paged: 4 pages of 16 per sequence, entries -7 and 10**6 in the table
+    q, kc, vc, _, table, _ = _inputs(rng, 2, 1, 4, 2, 32, 32, 64, 16, (0, 0), "", jnp.float32)
     n_pages = kc.shape[0]
     bad = table.copy()
     bad[0, 1], bad[1, 3] = -7, 10**6
     fixed = np.clip(bad, 0, n_pages - 1)
     lens = np.array([32, 999], np.int32)
-    p = _params(32, page_size=8, ns=2)
+    p = _params(32, page_size=16, ns=2)
     out, lse = _run(q, kc, vc, lens, bad, None, p, jnp.float32)
     ref_out, ref_lse, _, _ = reference.attention_with_kvcache(
-        q, kc, vc, cache_seqlens=np.array([32, 32]), block_table=fixed, scale=32**-0.5
+        q, kc, vc, cache_seqlens=np.array([32, 64]), block_table=fixed, scale=32**-0.5
     )
     _check(out, lse, ref_out, ref_lse, jnp.float32)
 
@@ -178,7 +195,7 @@ def test_public_api_under_jit_with_donated_caches():
     """flashmux.attention_with_kvcache(backend="pallas") under jax.jit, caches donated: the
     append and the decode trace (no host read of the lengths) and match the eager call."""
     rng = np.random.default_rng(_seed())
-    B, Hkv, D, page = 2, 2, 32, 8
+    B, Hkv, D, page = 2, 2, 32, 16
     q = jnp.asarray(rng.standard_normal((B, 2, 4, D)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((B, 2, Hkv, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((B, 2, Hkv, D)), jnp.float32)
