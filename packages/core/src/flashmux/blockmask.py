@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -252,17 +253,17 @@ class BlockMask:
     """An immutable block-sparse mask for `flashmux.attention(..., block_mask=)`; see the module
     docstring for the arrays. Build it with `flashmux.create_block_mask`."""
 
-    kind: object
-    q_num_full: object
-    q_full_idx: object
-    q_num_part: object
-    q_part_idx: object
-    kv_num_full: object
-    kv_full_idx: object
-    kv_num_part: object
-    kv_part_idx: object
-    tile_id: object
-    bits: object
+    kind: Any
+    q_num_full: Any
+    q_full_idx: Any
+    q_num_part: Any
+    q_part_idx: Any
+    kv_num_full: Any
+    kv_full_idx: Any
+    kv_num_part: Any
+    kv_part_idx: Any
+    tile_id: Any
+    bits: Any
     block_size: int
     seqlen_q: int
     seqlen_k: int
@@ -293,7 +294,8 @@ class BlockMask:
     @classmethod
     def from_arrays(cls, meta, arrays) -> BlockMask:
         bs, sq, sk, b, h, kind = meta
-        return cls(*arrays, block_size=bs, seqlen_q=sq, seqlen_k=sk, batch=b, heads=h, array_kind=kind)
+        return cls(**dict(zip(_ARRAYS, arrays)), block_size=bs, seqlen_q=sq, seqlen_k=sk, batch=b,
+                   heads=h, array_kind=kind)
 
     # -- summaries (host reads: for printing and explain, never in a hot path) ----------------
     def counts(self) -> dict:
