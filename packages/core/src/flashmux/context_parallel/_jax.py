@@ -159,8 +159,14 @@ def _ring_backward(do, dlse, q, k, v, out, lse, res, cfg: Config, axis):
         dq = dq + dq_b
         if acc is not None:
             dk_b, dv_b = dk_b + acc[0], dv_b + acc[1]
-        # after P sends each accumulator is back with the rank that owns its block
-        acc = (lax.ppermute(dk_b, axis, perm), lax.ppermute(dv_b, axis, perm)) if p > 1 else (dk_b, dv_b)
+        # after P sends each accumulator is back with the rank that owns its block; the last hop
+        # (nothing is added after it) travels in the input dtype, which the owner rounds to anyway
+        if p > 1:
+            if s == p - 1:
+                dk_b, dv_b = dk_b.astype(k.dtype), dv_b.astype(v.dtype)
+            acc = (lax.ppermute(dk_b, axis, perm), lax.ppermute(dv_b, axis, perm))
+        else:
+            acc = (dk_b, dv_b)
         if s < p - 1:
             kc, vc = kn, vn
     assert acc is not None

@@ -125,8 +125,12 @@ def _ring_backward(do, dlse, q, k, v, out, lse, res, cfg: Config, comm: _Ring):
             rk, rv = comm.finish(moving)
             dk_c += rk
             dv_c += rv
-        # after P sends, each accumulator is back with the rank that owns its block
-        moving = comm.start([dk_c, dv_c]) if p > 1 else None
+        # after P sends, each accumulator is back with the rank that owns its block; the last
+        # hop (nothing is added after it, and its transfer is not hidden behind a kernel)
+        # travels in the input dtype: the owner would round to it anyway
+        if p > 1:
+            last = s == p - 1
+            moving = comm.start([dk_c.to(k.dtype), dv_c.to(v.dtype)] if last else [dk_c, dv_c])
         if pending is not None:
             kc, vc = comm.finish(pending)
     if moving is not None:
