@@ -49,6 +49,8 @@ def parse():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--no-single", action="store_true", help="skip the one-GPU reference time")
     ap.add_argument("--out", default="")
+    ap.add_argument("--markdown", default="", metavar="JSON",
+                    help="print a markdown table (for docs/benchmarks.md) of an --out file and exit")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -271,8 +273,25 @@ def table(rows):
               f"{r['ran'] or r['variant']:>9} {str(r.get('auto_picks')):>9} {t1:>9} {tp:>9} {eff:>6}  {r.get('backend')}{extra}")
 
 
+def markdown(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| framework | S | Hq/Hkv | variant (auto picks) | 1 GPU ms | P GPUs ms | efficiency | backend |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("P") == 1:
+            continue
+        eff = f"{r['efficiency']:.3f}" if r.get("efficiency") else r.get("error", "-")[:60]
+        t1 = f"{r['t1_ms']:.1f}" if r.get("t1_ms") else "-"
+        tp = f"{r['tP_ms']:.1f}" if r.get("tP_ms") else "-"
+        print(f"| {r['framework']} | {f"{r['S'] // 1024}k" if r['S'] >= 1024 else r['S']} | {r['Hq']}/{r['Hkv']} | {r['ran'] or r['variant']}"
+              f" ({r.get('auto_picks')}) | {t1} | {tp} (P={r['P']}) | {eff} | {r.get('backend')} |")
+
+
 def main():
     a = parse()
+    if a.markdown:
+        markdown(a.markdown)
+        return
     if a.child == "jax":
         import jax
 

@@ -32,4 +32,5 @@ start=$(date +%s)
 rm -f "$OUT/ring_scaling.json"
 $PY benchmarks/ring_scaling.py --out "$OUT/ring_scaling.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30
 echo "bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+[ -s "$OUT/ring_scaling.json" ] && $PY benchmarks/ring_scaling.py --markdown "$OUT/ring_scaling.json"
 exit $rc
