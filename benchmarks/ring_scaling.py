@@ -283,7 +283,8 @@ def markdown(path):
         eff = f"{r['efficiency']:.3f}" if r.get("efficiency") else r.get("error", "-")[:60]
         t1 = f"{r['t1_ms']:.1f}" if r.get("t1_ms") else "-"
         tp = f"{r['tP_ms']:.1f}" if r.get("tP_ms") else "-"
-        print(f"| {r['framework']} | {f"{r['S'] // 1024}k" if r['S'] >= 1024 else r['S']} | {r['Hq']}/{r['Hkv']} | {r['ran'] or r['variant']}"
+        seqlen = f"{r['S'] // 1024}k" if r["S"] >= 1024 else str(r["S"])
+        print(f"| {r['framework']} | {seqlen} | {r['Hq']}/{r['Hkv']} | {r['ran'] or r['variant']}"
               f" ({r.get('auto_picks')}) | {t1} | {tp} (P={r['P']}) | {eff} | {r.get('backend')} |")
 
 
