@@ -21,6 +21,10 @@ Stages (in the order given; setup first when the machine is fresh):
                  --only-correctness, backend_cuda/tools/kernel_check.py LIB correctness and big
   sanitize       compute-sanitizer memcheck and racecheck on kernel_check.py LIB sanitize
   bench          `python -m flashmux bench --sweep papers` with the time left (docs/benchmarks.md)
+  decode-bench   KV-cache decode GB/s: backend_cuda/tools/decode_bench.py (vs SDPA cuDNN) and
+                 backend_pallas/decode_bench.py (vs JAX cuDNN), each with a read ceiling;
+                 --decode-args "..." replaces both scripts' default arguments (e.g. "--splits
+                 auto,4,16 --sk 4096,131072"; the Pallas one also takes --configs)
 
 Options: --budget SECONDS (all stages together, default 570), --backends (default
 reference,triton,pallas,cuda), --out DIR (default $OUT, else /tmp/flashmux-gpu), --size
@@ -46,11 +50,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "/tmp/flashmux-site"
 PY = sys.executable
-STAGES = ["setup", "build", "conformance", "backend-tests", "kernels", "sanitize", "bench"]
+STAGES = ["setup", "build", "conformance", "backend-tests", "kernels", "sanitize", "bench",
+          "decode-bench"]
 DEFAULT = ["setup", "build", "conformance", "backend-tests"]
 # the most each stage may take (seconds), before the budget's own limit
 CAPS = {"setup": 120, "build": 240, "conformance": 330, "backend-tests": 200,
-        "sanitize": 420, "bench": 10_000}
+        "sanitize": 420, "bench": 10_000, "decode-bench": 400}
 PYTEST = [PY, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider"]
 
 
@@ -246,8 +251,19 @@ def bench(r: Run):
                      "--out", str(r.out)], CAPS["bench"])
 
 
+def decode_bench(r: Run):
+    args = shlex.split(r.a.decode_args) if r.a.decode_args else ["--sq", "1,4"]
+    b = set(r.a.backends)
+    if "cuda" in b:
+        r.step("decode_bench_cuda", [PY, "packages/backend_cuda/tools/decode_bench.py", *args],
+               CAPS["decode-bench"] / 2)
+    if "pallas" in b:
+        r.step("decode_bench_pallas", [PY, "packages/backend_pallas/decode_bench.py", *args],
+               CAPS["decode-bench"] / 2)
+
+
 RUN = {"setup": setup, "build": build, "conformance": conformance, "backend-tests": backend_tests,
-       "kernels": kernels, "sanitize": sanitize, "bench": bench}
+       "kernels": kernels, "sanitize": sanitize, "bench": bench, "decode-bench": decode_bench}
 
 
 def main(argv=None) -> int:
@@ -260,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hypothesis", type=int, default=25)
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--bench-args", default="")
+    ap.add_argument("--decode-args", default="")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
