@@ -201,6 +201,10 @@ class CudaBackend(Backend):
                 ).multi_processor_count
             except Exception:
                 pass
+        elif spec.kind == "jax":
+            from .jax_decode import _sm_count
+
+            sms = _sm_count()
         rows = spec.seqlen_q * (spec.heads_q // max(spec.heads_kv, 1))
         return choose_splits(spec.batch, spec.heads_kv, rows, spec.capacity, sms)
 
