@@ -213,6 +213,39 @@ def test_views_go_in_without_copies(calls):
     _close(out, torch.from_numpy(want).float())
 
 
+@pytest.mark.parametrize("mode", ["segments", "unpad"])
+@pytest.mark.parametrize("causal,sq", [(False, 3), (False, 9), (True, 3), (True, 9)])
+def test_padding_paths_against_sdpa(mode, causal, sq, monkeypatch):
+    """The attention function alone on a (B, Sk) padding mask: not causal, every query attends
+    the row's tokens (cross-attention, Sq != Sk); causal, the queries are the last Sq key
+    positions (a KV cache). Against SDPA with the equivalent boolean mask, on the rows that have
+    a token to see."""
+    monkeypatch.setattr(fmx_tf, "PADDING", mode)
+    sk = 9
+    q, k, v = _t_bhsd(2, 4, sq, seed=1), _t_bhsd(2, 2, sk, seed=2), _t_bhsd(2, 2, sk, seed=3)
+    mask = torch.ones(2, sk, dtype=torch.bool)
+    mask[0, :4] = False  # left padding
+    mask[1, 6:] = False  # right padding
+    module = torch.nn.Module()
+    module.is_causal = causal
+    got, _ = fmx_tf.attention_forward(module, q, k, v, mask, scaling=0.4)
+    allowed = mask[:, None, None, :].expand(2, 1, sq, sk)
+    if causal:
+        i = torch.arange(sq)[:, None] + sk - sq
+        allowed = allowed & (torch.arange(sk)[None, :] <= i)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, scale=0.4, enable_gqa=True).transpose(1, 2)
+    rows = allowed[:, 0].any(-1)  # (B, Sq): rows that see a token
+    if causal:
+        rows = rows & mask[:, sk - sq:]  # padding query rows are unspecified
+    _close(got[rows], want[rows])
+
+
+def _t_bhsd(b, h, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, s, h, 8, generator=g).transpose(1, 2)  # (B, H, S, D) view
+
+
 def test_refusals():
     module = torch.nn.Module()
     module.is_causal = True

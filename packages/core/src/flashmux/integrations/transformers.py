@@ -66,9 +66,11 @@ def _cached(kind: str, src: torch.Tensor, extra: tuple, fn):
     return value
 
 
-def _padding_segments(mask: torch.Tensor, sq: int):
+def _padding_segments(mask: torch.Tensor, sq: int, causal: bool):
     """cu_seqlens_q, cu_seqlens_k (int32, length 5B+1) for a (B, Sk) padding mask whose ones are
-    one contiguous run per row [start, end), the queries being the last sq key positions.
+    one contiguous run per row [start, end). Causal: the queries are the last sq key positions
+    (self-attention, with a KV cache when sq < Sk). Not causal: every query attends the run
+    (cross-attention, encoders).
 
     Per row five segments: leading padding queries with no key, leading padding keys with no
     query, the tokens (queries against their keys), trailing padding queries with no key, trailing
@@ -83,10 +85,13 @@ def _padding_segments(mask: torch.Tensor, sq: int):
     cols = torch.arange(sk, device=dev, dtype=torch.int32)
     runs = (cols >= start[:, None]) & (cols < end[:, None])
     _check_runs((runs == m).all())
-    off = sk - sq
-    qstart = (start - off).clamp(0, sq)
-    qend = (end - off).clamp(0, sq)
     zero = torch.zeros_like(start)
+    if causal:
+        off = sk - sq
+        qstart = (start - off).clamp(0, sq)
+        qend = (end - off).clamp(0, sq)
+    else:
+        qstart, qend = zero, zero + sq
 
     def cu(bounds, n):
         base = torch.arange(b, device=dev, dtype=torch.int32)[:, None] * n
@@ -108,16 +113,17 @@ def _check_runs(ok: torch.Tensor):
         )
 
 
-def _unpad(mask: torch.Tensor, sq: int):
+def _unpad(mask: torch.Tensor, sq: int, causal: bool):
     """(index of the kept query rows, index of the kept key rows, cu_q, cu_k) for the same masks
-    as `_padding_segments`, to gather the tokens into a smaller packed batch (the CPU path)."""
+    and the same causal / not causal query placement as `_padding_segments`, to gather the tokens
+    into a smaller packed batch (the CPU path)."""
     b, sk = mask.shape
     m = mask.to(torch.bool)
     count = m.sum(dim=1, dtype=torch.int32)
     start = m.to(torch.int32).argmax(dim=1).to(torch.int32)
     cols = torch.arange(sk, device=m.device, dtype=torch.int32)
     _check_runs((((cols >= start[:, None]) & (cols < (start + count)[:, None])) == m).all())
-    mq = m[:, sk - sq:]
+    mq = m[:, sk - sq:] if causal else torch.ones(b, sq, dtype=torch.bool, device=m.device)
     idx_k = m.reshape(-1).nonzero().flatten()
     idx_q = mq.reshape(-1).nonzero().flatten()
 
@@ -228,8 +234,8 @@ def attention_forward(
             )
         mask = attention_mask[:, -sk:] if attention_mask.shape[1] > sk else attention_mask
         if _padding_mode(q) == "unpad":
-            idx_q, idx_k, cu_q, cu_k = _cached("unpad", attention_mask, (sq, sk),
-                                               lambda: _unpad(mask, sq))
+            idx_q, idx_k, cu_q, cu_k = _cached("unpad", attention_mask, (sq, sk, causal),
+                                               lambda: _unpad(mask, sq, causal))
             out = flashmux.attention(_rows(q).index_select(0, idx_q),
                                      _rows(k).index_select(0, idx_k),
                                      _rows(v).index_select(0, idx_k),
@@ -237,8 +243,8 @@ def attention_forward(
                                      max_seqlen_k=sk, **opts)
             full = out.new_zeros((b * sq, hq, out.shape[-1]))
             return full.index_copy(0, idx_q, out).view(b, sq, hq, out.shape[-1]), None
-        cu_q, cu_k = _cached("pad", attention_mask, (sq, sk),
-                             lambda: _padding_segments(mask, sq))
+        cu_q, cu_k = _cached("pad", attention_mask, (sq, sk, causal),
+                             lambda: _padding_segments(mask, sq, causal))
         # sq / sk bound every segment: with the hints flashmux reads no offsets on the host
         out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu_q,
                                  cu_seqlens_k=cu_k, max_seqlen_q=sq, max_seqlen_k=sk, **opts)
