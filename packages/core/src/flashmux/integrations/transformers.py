@@ -21,9 +21,10 @@ What the attention function does with what a model passes:
   runs the padded (B, S) rows as one packed batch of 5 segments per row through `cu_seqlens`
   (padding queries with no key, padding keys with no query, the tokens against their keys): no
   gather, no copy, no data-dependent shape, no work on padding. On the CPU it gathers the tokens
-  instead (`PADDING` below). Either way padding query rows come out 0, as with transformers'
-  FlashAttention path; a mask whose ones are not one contiguous run per row (a hole in the
-  middle) is refused.
+  instead (`PADDING` below). Causal layers place the queries at the last key positions (KV
+  cache) and their padding query rows come out 0, as with transformers' FlashAttention path;
+  non-causal ones (encoders, cross-attention) let every query attend its row's tokens. A mask
+  whose ones are not one contiguous run per row (a hole in the middle) is refused.
 - Packed batches without padding ("padding-free" training): sequences that restart their
   `position_ids` inside a row (as DataCollatorWithFlattening makes them), or explicit
   `cu_seq_lens_q/k` keyword arguments, become `cu_seqlens`.
