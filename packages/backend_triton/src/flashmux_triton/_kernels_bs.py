@@ -28,11 +28,24 @@ from ._kernels import _cast, _dot, _dot_acc, _dropout_keep, _tanh
 
 @triton.jit
 def _bits(BITS, tid, r_loc, c_loc, MBS: tl.constexpr):
-    """Element mask of a partial tile for rows r_loc, cols c_loc (broadcast shapes)."""
+    """Element mask of a partial tile for rows r_loc, cols c_loc (broadcast shapes): one
+    gathered word per element (used for kernel tiles narrower than a 32-key word)."""
     WORDS: tl.constexpr = MBS // 32
     base = BITS + tid.to(tl.int64) * (MBS * WORDS)
     w = tl.load(base + r_loc * WORDS + (c_loc // 32))
     return ((w >> (c_loc % 32)) & 1) != 0
+
+
+@triton.jit
+def _bits_tile(BITS, tid, r_loc, c0, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, BLOCK_N) element mask of a partial tile for rows r_loc (1-D) and the BLOCK_N keys
+    from c0 (a multiple of 32): loads the (rows, BLOCK_N / 32) words once and expands them."""
+    WORDS: tl.constexpr = MBS // 32
+    NW: tl.constexpr = BLOCK_N // 32
+    base = BITS + tid.to(tl.int64) * (MBS * WORDS)
+    w = tl.load(base + r_loc[:, None] * WORDS + (c0 // 32 + tl.arange(0, NW))[None, :])
+    b = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(b, (r_loc.shape[0], BLOCK_N)) != 0
 
 
 @triton.jit
@@ -43,7 +56,7 @@ def _bs_fwd_tile(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = start_n + offs_n
     kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
@@ -68,7 +81,10 @@ def _bs_fwd_tile(
         if HAS_RIGHT:
             ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
         if PARTIAL:
-            ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
+            if BLOCK_N >= 32:
+                ok = ok & _bits_tile(BITS, tid, r_loc, c_loc0, MBS, BLOCK_N)
+            else:
+                ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -167,7 +183,7 @@ def bs_fwd(
                     offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
                     window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
                 )
         else:
             acc, l_i, m_i = _bs_fwd_tile(
@@ -175,7 +191,7 @@ def bs_fwd(
                 offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
                 window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
             )
     n_part = tl.load(QNP + row)
     for it in range(0, n_part * SUBS):
@@ -191,7 +207,7 @@ def bs_fwd(
                     offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
                     window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
                 )
         else:
             acc, l_i, m_i = _bs_fwd_tile(
@@ -199,7 +215,7 @@ def bs_fwd(
                 offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
                 window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
             )
 
     empty = l_i == 0.0
@@ -227,7 +243,8 @@ def _bs_dkdv_tile(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+    c_loc0=0,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -254,7 +271,10 @@ def _bs_dkdv_tile(
         if HAS_RIGHT:
             ok = ok & (offs_n[:, None] <= rows[None, :] + diag_off + window_right)
         if PARTIAL:
-            ok = ok & _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
+            if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
+                ok = ok & tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
+            else:
+                ok = ok & _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
         pt = tl.where(ok, pt, 0.0)
     dpt = _dot(v, tl.trans(do), IEEE)
     if DROPOUT:
@@ -346,6 +366,7 @@ def bs_bwd_dkdv(
                         seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                         CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                        BLOCK_N, n0 - kb * MBS,
                     )
             else:
                 dk, dv = _bs_dkdv_tile(
@@ -354,6 +375,7 @@ def bs_bwd_dkdv(
                     seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                     p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                     CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    BLOCK_N, n0 - kb * MBS,
                 )
         n_part = tl.load(KNP + col)
         for it in range(0, n_part * SUBS):
@@ -370,6 +392,7 @@ def bs_bwd_dkdv(
                         seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                         p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                         True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                        BLOCK_N, n0 - kb * MBS,
                     )
             else:
                 dk, dv = _bs_dkdv_tile(
@@ -378,6 +401,7 @@ def bs_bwd_dkdv(
                     seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                     p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                     True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    BLOCK_N, n0 - kb * MBS,
                 )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
@@ -400,7 +424,7 @@ def _bs_dq_tile(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = start_n + offs_n
     kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
@@ -427,7 +451,10 @@ def _bs_dq_tile(
         if HAS_RIGHT:
             ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
         if PARTIAL:
-            ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
+            if BLOCK_N >= 32:
+                ok = ok & _bits_tile(BITS, tid, r_loc, c_loc0, MBS, BLOCK_N)
+            else:
+                ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
         p = tl.where(ok, p, 0.0)
     dp = _dot(do, vt, IEEE)
     if DROPOUT:
@@ -515,7 +542,7 @@ def bs_bwd_dq(
                     sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
                     bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
                 )
         else:
             dq = _bs_dq_tile(
@@ -523,7 +550,7 @@ def bs_bwd_dq(
                 sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
                 window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
                 bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
             )
     n_part = tl.load(QNP + row)
     for it in range(0, n_part * SUBS):
@@ -539,7 +566,7 @@ def bs_bwd_dq(
                     sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
                     bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
                 )
         else:
             dq = _bs_dq_tile(
@@ -547,7 +574,7 @@ def bs_bwd_dq(
                 sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
                 window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
                 bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
             )
     dq = dq * post
     tl.store(
