@@ -80,22 +80,29 @@ def _tanh(x):
 
 
 @triton.jit
-def _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_page, stride_slot,
-             PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+def _pages(TBL, start_n, offs_n, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
+           PAGE_BLOCK: tl.constexpr):
+    """Page ids (clamped) of the key block at start_n: a scalar when the block lies in one page,
+    else one per key row."""
+    if PAGE_BLOCK:
+        pidx = tl.minimum(start_n // PAGE_SIZE, max_pages - 1)
+    else:
+        pidx = tl.minimum((start_n + offs_n) // PAGE_SIZE, max_pages - 1)
+    page = tl.load(TBL + pidx)
+    return tl.minimum(tl.maximum(page, 0), num_pages - 1)
+
+
+@triton.jit
+def _kv_rows(page, start_n, offs_n, stride_page, stride_slot, PAGE_SIZE: tl.constexpr,
+             PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr):
     """int64 offsets (BLOCK_N,) of key rows start_n + offs_n inside one (sequence, KV head)."""
     cols = start_n + offs_n
     if PAGED:
-        if PAGE_BLOCK:  # the block lies inside one page: one lookup
-            pidx = tl.minimum(start_n // PAGE_SIZE, max_pages - 1)
-            page = tl.load(TBL + pidx)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-            rows = page * stride_page + ((start_n % PAGE_SIZE) + offs_n).to(tl.int64) * stride_slot
-        else:  # small pages: one lookup per key row
-            pidx = tl.minimum(cols // PAGE_SIZE, max_pages - 1)
-            page = tl.load(TBL + pidx)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-            rows = page * stride_page + (cols % PAGE_SIZE).to(tl.int64) * stride_slot
+        if PAGE_BLOCK:
+            rows = (page.to(tl.int64) * stride_page
+                    + ((start_n % PAGE_SIZE) + offs_n).to(tl.int64) * stride_slot)
+        else:
+            rows = page.to(tl.int64) * stride_page + (cols % PAGE_SIZE).to(tl.int64) * stride_slot
     else:
         rows = cols.to(tl.int64) * stride_page
     return rows
@@ -112,13 +119,31 @@ def _decode_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # paged: the page ids of the next block are loaded one iteration ahead, so the K/V loads'
+    # addresses come from the loop's carried values and the pipeliner can multi-buffer them
+    nxt = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if PAGED:
+        if PAGE_BLOCK:
+            nxt = _pages(TBL, lo, offs_n, max_pages, num_pages, PAGE_SIZE, True) + nxt
+        else:
+            nxt = _pages(TBL, lo, offs_n, max_pages, num_pages, PAGE_SIZE, False)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k_rows = _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_kp, stride_ks,
-                          PAGE_SIZE, PAGED, PAGE_BLOCK, BLOCK_N)
-        v_rows = _kv_rows(TBL, start_n, offs_n, max_pages, num_pages, stride_vp, stride_vs,
-                          PAGE_SIZE, PAGED, PAGE_BLOCK, BLOCK_N)
+        page = nxt
+        if PAGED:
+            if PAGE_BLOCK:
+                nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages, PAGE_SIZE,
+                             True) + nxt * 0
+            else:
+                nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages, PAGE_SIZE,
+                             False)
+        if PAGE_BLOCK:
+            page = tl.max(page, 0)  # every entry holds the block's one page id
+        k_rows = _kv_rows(page, start_n, offs_n, stride_kp, stride_ks, PAGE_SIZE, PAGED,
+                          PAGE_BLOCK)
+        v_rows = _kv_rows(page, start_n, offs_n, stride_vp, stride_vs, PAGE_SIZE, PAGED,
+                          PAGE_BLOCK)
         kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
         v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
         if MASKED:
