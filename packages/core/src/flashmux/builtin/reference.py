@@ -374,8 +374,11 @@ class ReferenceBackend(Backend):
             from . import reference_masks
 
             return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks)
-        fn = _jax_jit(forward, 5) if array_kind(q) == "jax" else forward
-        return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        if array_kind(q) == "jax":  # lax.map over chunks: memory linear in S under jit
+            from . import reference_jax
+
+            return reference_jax.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
                  out_residual=None, **masks):
@@ -384,6 +387,11 @@ class ReferenceBackend(Backend):
 
             return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
                                                     cu_seqlens_k, params, **masks)
+        if array_kind(q) == "jax" and out_residual is None:
+            from . import reference_jax
+
+            return reference_jax.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                          params)
         fn = _jax_jit(backward, 9) if array_kind(q) == "jax" else backward
         return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual)
 
