@@ -30,7 +30,9 @@ class DecodeConfig:
                 f"num_stages={self.num_stages},waves={self.waves:g}")
 
 
-# Candidates for the GPU run (the first of each head-dim class is the default until measured).
+# Candidates for the GPU run (the first is the 16-bit default until measured). Shared memory on
+# sm90 (decode_aot.py): 128/4/3 136 KiB (one program per SM), 128/4/4 200 KiB, 64/4/3 70 KiB,
+# 256/8/2 140 KiB, 128/4/2 72 KiB.
 CANDIDATES = (
     DecodeConfig(128, 4, 3, 2.0),
     DecodeConfig(64, 4, 3, 2.0),
@@ -40,6 +42,9 @@ CANDIDATES = (
     DecodeConfig(128, 4, 3, 4.0),
     DecodeConfig(64, 4, 4, 4.0),
     DecodeConfig(128, 4, 2, 1.0),
+    # smaller tiles: ~70 KiB of shared memory, so 3 programs fit an SM (sm90 compile, decode_aot.py)
+    DecodeConfig(64, 4, 3, 3.0),
+    DecodeConfig(128, 4, 2, 3.0),
 )
 
 
