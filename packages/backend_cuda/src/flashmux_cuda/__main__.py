@@ -14,7 +14,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     pb = sub.add_parser("build", help="build libflashmux_cuda.so into the cache, print its path")
     pb.add_argument(
-        "--archs", help="e.g. 80,90 (default: FLASHMUX_CUDA_ARCHS or this machine's GPUs)"
+        "--archs",
+        help="e.g. 80,90 (default: FLASHMUX_CUDA_ARCHS or this machine's GPUs); a 9.x arch "
+        "also builds the sm90 (Hopper) family for sm_90a",
     )
     pb.add_argument("--jobs", "-j", type=int, help="parallel nvcc processes")
     pb.add_argument("--head-dims", help="only these head-dim instantiations, e.g. 64,128 (CI)")
@@ -34,6 +36,10 @@ def main(argv=None) -> int:
             print(f"cutlass   {cfg.cutlass_include} ({cfg.cutlass_version})")
             print(f"src       {cfg.src} ({len(cfg.translation_units())} .cu)")
             print(f"archs     {' '.join(cfg.archs)}")
+            fams = (
+                "sm80 + sm90 (sm_90a)" if b.has_sm90(cfg.archs) else "sm80 (no 9.x arch: no sm90)"
+            )
+            print(f"families  {fams}")
             print(f"head_dims {cfg.head_dims or 'all'}")
             print(f"key       {cfg.key()}")
             print(f"library   {cfg.library_path()}")
