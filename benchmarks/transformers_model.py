@@ -5,13 +5,15 @@ Timed: the decoder stack (embeddings, layers, final norm; not the LM head).
 
 - sdpa:    attn_implementation="sdpa" (torch's SDPA; FlashAttention-2 kernels on the GPU)
 - fmx:     attn_implementation="fmx"  (flashmux.integrations.transformers)
-- direct:  a 3-line attention function that calls flashmux.attention on the same tensors
+- fmx_unpad (with --padding): the integration gathering the tokens instead of its default
+           5 cu_seqlens segments per row over the padded tensors
+- fmx_direct: a 3-line attention function that calls flashmux.attention on the same tensors
            (transposed views, causal, scale): the integration must cost nothing on top of it
 
 and, to isolate the attention call, the same three on one layer's q/k/v tensors alone.
 
     python benchmarks/transformers_model.py                 # the GPU run (about 2-3 minutes)
-    python benchmarks/transformers_model.py --padding       # + right-padded rows (mask path)
+    python benchmarks/transformers_model.py --padding       # right-padded rows (mask path) instead
     python benchmarks/transformers_model.py --quick         # tiny shapes, any device (smoke test)
 
 Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N.
@@ -89,10 +91,13 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
         mask = torch.zeros(batch, seq, dtype=torch.long, device=device)
         for i, n in enumerate(lens):
             mask[i, :n] = 1
-    impls = ["sdpa", "fmx"] + ([] if args.padding else ["fmx_direct"])
+    # padded: the integration's two padding paths (segments: the default off the CPU; unpad)
+    impls = ["sdpa", "fmx", "fmx_unpad"] if args.padding else ["sdpa", "fmx", "fmx_direct"]
     state = None
     for impl in impls:
-        model = model_for(head_dim, args.layers, impl, device, dtype, args.quick)
+        fmx_tf.PADDING = "unpad" if impl == "fmx_unpad" else "segments"
+        model = model_for(head_dim, args.layers, impl.replace("_unpad", ""), device, dtype,
+                          args.quick)
         if state is None:
             state = model.state_dict()
         else:
