@@ -216,8 +216,10 @@ def test_jax_residual_mask_and_unbatched():
     mask = mask.at[..., 0].set(True)
     _close(cjax.dot_product_attention(q, k, v, mask=mask),
            jax.nn.dot_product_attention(q, k, v, mask=mask))
-    _close(cjax.dot_product_attention(q[0], k[0], v[0], is_causal=True),
+    _close(cjax.dot_product_attention(q[0], k[0], v[0], is_causal=True, implementation="xla"),
            jax.nn.dot_product_attention(q[0], k[0], v[0], is_causal=True))
+    _close(cjax.dot_product_attention(q, k, v, implementation="reference"),
+           jax.nn.dot_product_attention(q, k, v))
 
 
 def test_jax_refusals():

@@ -18,7 +18,8 @@ Differences and refusals (ValueError naming the argument):
   built from a concrete array (refused under jit);
 - with is_causal or a window, query and key lengths must be equal per row (the same array, or
   equal concrete values): other combinations have no exact flashmux mapping;
-- `implementation`: None, or a flashmux backend name to force ("reference", "pallas", ...).
+- `implementation`: None (or jax's "xla" / "cudnn", which let the dispatcher choose too), or a
+  flashmux backend name to force ("reference", "pallas", ...).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if implementation is not None and not isinstance(implementation, str):
         raise TypeError(f"implementation: expected None or a flashmux backend name, got "
                         f"{implementation!r}")
+    if implementation in ("xla", "cudnn"):
+        implementation = None  # jax's own names: code written for jax.nn passes them; dispatch
     if is_causal not in (True, False):
         raise TypeError(f"is_causal: expected a bool, got {is_causal!r}")
     b, sq, hq, _ = query.shape
