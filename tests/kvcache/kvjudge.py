@@ -140,8 +140,8 @@ def _plain_math(fw: Framework, q, ks, vs, slopes_b, case: KvCase):
     den = xp.exp(s - m).sum(-1)
     lse = xp.where(den > 0, xp.log(xp.where(den > 0, den, 1.0)) + m[..., 0], -np.inf)
     p = xp.where(allowed[None], xp.exp(s - xp.where(xp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    if xp is np:
-        out = np.einsum("hqk,khd->qhd", p.astype(lo).astype(np.float32), v)
+    if xp is np:  # float32 products of the rounded P, stored in the input precision
+        out = np.einsum("hqk,khd->qhd", p.astype(lo).astype(np.float32), v).astype(lo)
     else:
         out = xp.einsum("hqk,khd->qhd", p.astype(lo), v)
     return out, lse
