@@ -29,6 +29,7 @@ def test_mask_stats_match_the_dense_mask(spec):
 def test_masks_sweep_points():
     pts = build_points(SweepConfig(sweeps=["masks"]))
     masks = {p.mask for p in pts}
+    assert None in masks  # the dense call, for the density bar
     assert {"causal", "sliding:1024", "sliding:4096", "doc:8", "doc:64", "dilated:256:1024",
             "chunked:1024"} <= masks
     assert {p.seqlen_q for p in pts} == {8192, 32768} and {p.head_dim for p in pts} == {128}
@@ -47,6 +48,6 @@ def test_quick_masks_sweep_runs_and_checks(tmp_path):
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     ok = [r for r in data["results"] if r["status"] == "ok"]
-    assert {r["point"]["mask"] for r in ok} == set(sweep_masks(256, True))
+    assert {r["point"]["mask"] for r in ok} == set(sweep_masks(256, True)) | {None}
     assert data["checks"] and all(c["ok"] for c in data["checks"]), data["checks"]
     assert "block mask doc:4 (tile density" in (out / "results.md").read_text()

@@ -257,6 +257,9 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
             h = 2 if quick else max(1, MODEL_DIM // hd)
             for s in seqs:
                 b = 1 if quick else max(1, 32768 // s)
+                # the dense (unmasked) call: the "dense time" of the bar
+                # time(mask) <= 1.25 x density x time(dense)
+                pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s))
                 for m in sweep_masks(s, quick):
                     pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s, mask=m))
     else:
