@@ -22,7 +22,7 @@ GQA: torch's kernels get K and V repeated to Hq heads (their dK/dV summed back p
 jax.nn.dot_product_attention groups heads itself. The JAX backward recomputes the forward under
 jax.vjp (an extra forward pass): the framework function keeps its residuals private. A gradient
 through lse, which the torch backward kernels do not take, costs two more kernel calls
-(`_torch_backward`); jax's cuDNN path declines it.
+(`_torch_backward`, `_jax_backward`).
 
 FLASHMUX_NATIVE_KERNELS=cudnn,flash (a comma list) restricts the kernels tried, for A/B runs and
 for switching one off; `NativeBackend(name=..., kernels=(...))` does the same for one instance
@@ -166,8 +166,6 @@ def _jax_kernel_reasons(kernel: str, f: _Facts) -> list[str]:
             out.append("sliding windows: not taken through jax's cuDNN path")
         if f.return_lse:
             out.append("return_lse: jax's cuDNN path returns no float32 lse here")
-        if f.lse_grad:
-            out.append("gradient through lse: not taken through jax's cuDNN backward")
         if f.nonpositive_scale:
             out.append("scale <= 0: not taken through jax's cuDNN path")
         return out
@@ -428,12 +426,17 @@ def _jax_backward(kern, do, dlse, q, k, v, p: Params):
     import jax.numpy as jnp
 
     f = _jax_call(kern, p, q.shape[1], k.shape[1])
+    _, vjp = jax.vjp(lambda q, k, v: f(q, k, v)[0], q, k, v)
+    dq, dk, dv = vjp(do.astype(q.dtype))
     if dlse is None:
-        _, vjp = jax.vjp(lambda q, k, v: f(q, k, v)[0], q, k, v)
-        return vjp(do.astype(q.dtype))
-    # xla only (cuDNN declines): plain autodiff also carries the lse cotangent
-    (_, lse), vjp = jax.vjp(f, q, k, v)
-    return vjp((do.astype(q.dtype), jnp.transpose(dlse, (0, 2, 1)).astype(lse.dtype)))
+        return dq, dk, dv
+    # the lse terms, composed as in _torch_backward (jax.vjp through the returned lse itself
+    # gave wrong dq/dk): dq += scale * dlse * (P @ K), dk += P^T @ (scale * dlse * q)
+    w = jnp.transpose(dlse, (0, 2, 1))[..., None].astype(jnp.float32) * p.scale  # (B, Sq, Hq, 1)
+    ok, vjp_v = jax.vjp(lambda kv: f(q, k, kv)[0], k)
+    (dk_lse,) = vjp_v((w * q.astype(jnp.float32)).astype(q.dtype))
+    dq = (dq.astype(jnp.float32) + w * ok.astype(jnp.float32)).astype(q.dtype)
+    return dq, (dk.astype(jnp.float32) + dk_lse.astype(jnp.float32)).astype(k.dtype), dv
 
 
 backend = NativeBackend(

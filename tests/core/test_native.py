@@ -1,0 +1,121 @@
+"""The `native` backend (issue 14): the frameworks' own fused attention, judged like every backend
+(flashmux.testing.judge) for the calls it accepts, and declining with a sentence what it cannot
+compute. CPU: torch's CPU flash kernel and jax.nn.dot_product_attention (xla). GPU (skipped here):
+each torch CUDA kernel (cuDNN, FlashAttention-2, memory-efficient) and jax's cuDNN path alone."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import flashmux
+from flashmux import dispatch
+from flashmux.builtin.native import NativeBackend
+from flashmux.builtin.native import backend as native
+from flashmux.testing.judge import Case, run_case
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
+CUDA = HAS_TORCH and __import__("torch").cuda.is_available()
+
+CPU_CASES = [
+    Case(seqlen_q=65, seqlen_k=65, causal=True, dtype="float32"),
+    Case(seqlen_q=33, seqlen_k=65, heads_q=4, heads_kv=2, dtype="float32", lse_grad=True),
+    Case(seqlen_q=1, seqlen_k=77, causal=True, heads_q=4, heads_kv=1, dtype="float32"),  # decode
+    Case(seqlen_q=40, seqlen_k=40, head_dim=128, dtype="bfloat16", scale=0.2),
+]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("case", CPU_CASES, ids=Case.id)
+def test_torch_cpu_flash(case):
+    assert run_case(case, "native", "torch", "cpu") is None  # None: taken and within bounds
+
+
+@pytest.mark.skipif(not HAS_JAX, reason="needs jax")
+@pytest.mark.parametrize("case", CPU_CASES[:3] + [
+    Case(seqlen_q=48, seqlen_k=48, window=(5, 3), dtype="float32"),
+], ids=Case.id)
+def test_jax_xla(case):
+    assert run_case(case, "native", "jax", "cpu") is None
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_declines_with_reasons():
+    import torch
+
+    q = torch.randn(1, 16, 2, 32)
+    k = torch.randn(1, 24, 2, 32)
+
+    def reasons(*a, **kw):
+        return " ".join(flashmux.explain(*a, backend="native", **kw).reasons("native"))
+
+    assert "softcap" in reasons(q, q, q, softcap=5.0)
+    assert "top-left" in reasons(q, k, k, causal=True)
+    assert "window" in reasons(q, q, q, window=(4, 0))
+    assert "dropout" in reasons(q, q, q, dropout_p=0.1)
+    assert "scale <= 0" in reasons(q, q, q, scale=-0.5)
+    assert "head_dim_v" in reasons(q, k, torch.randn(1, 24, 2, 16))
+    qr = q.clone().requires_grad_(True)
+    assert "deterministic" in reasons(qr, q, q, deterministic=True)
+    with pytest.raises(dispatch.NoBackendError, match="softcap"):
+        flashmux.attention(q, q, q, softcap=5.0, backend="native")
+    ex = flashmux.explain(q, q, q, causal=True, backend="native")
+    assert ex.chosen == "native" and ex.lowerings == {"forward": "cpu_flash", "backward": "cpu_flash"}
+    assert "problem class d64-causal-infer-prefill-fp32" in str(ex)
+
+
+def test_kernel_list_and_env(monkeypatch):
+    only = NativeBackend(name="native-x", kernels=("flash",), capabilities=native.capabilities)
+    from flashmux.builtin.native import _Facts
+
+    f = _Facts("torch", "cpu", None, "float32", 1, 8, 8, 2, 2, 64, 64, False, False, False, False,
+               False, False, False, False)
+    assert only.pick(f) is None and native.pick(f) == "cpu_flash"
+    monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "cudnn")
+    assert native.pick(f) is None
+
+
+GPU_CASES = [
+    Case(seqlen_q=128, seqlen_k=128, head_dim=64, causal=True, dtype="bfloat16"),
+    Case(seqlen_q=100, seqlen_k=300, head_dim=128, heads_q=8, heads_kv=2, dtype="float16",
+         lse_grad=True),
+    Case(seqlen_q=1, seqlen_k=513, head_dim=128, causal=True, heads_q=8, heads_kv=1,
+         dtype="bfloat16"),
+    Case(seqlen_q=256, seqlen_k=256, head_dim=256, dtype="bfloat16"),
+]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=Case.id)
+def test_torch_cuda_kernel(kernel, case):
+    name = f"native-{kernel}"
+    dispatch.register(NativeBackend(name=name, kernels=(kernel,), capabilities=native.capabilities))
+    skip = run_case(case, name, "torch", "cuda")
+    if skip:
+        pytest.skip(skip)
+
+
+@pytest.mark.skipif(not (HAS_JAX and CUDA), reason="needs jax and a GPU")
+@pytest.mark.parametrize("case", GPU_CASES[:1] + [
+    Case(seqlen_q=128, seqlen_k=128, head_dim=128, heads_q=8, heads_kv=2, dtype="bfloat16"),
+], ids=Case.id)
+def test_jax_cudnn(case):
+    import jax
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("jax has no GPU backend here")
+    dispatch.register(NativeBackend(name="native-jcudnn", kernels=("cudnn",),
+                                    capabilities=native.capabilities))
+    skip = run_case(case, "native-jcudnn", "jax", "gpu")
+    if skip:
+        pytest.skip(skip)
+
+
+def test_numpy_not_served():
+    q = np.zeros((1, 4, 1, 8), np.float32)
+    assert "numpy arrays not supported" in " ".join(
+        flashmux.explain(q, q, q, backend="native").reasons("native"))
