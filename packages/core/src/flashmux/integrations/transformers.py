@@ -302,6 +302,14 @@ def attention_mask(
             "flashmux's transformers integration cannot express yet; use attn_implementation="
             "'sdpa' for it"
         )
+    if "allow_is_bidirectional_skip" not in kwargs and _static_cache(q_length, kv_length,
+                                                                     q_offset):
+        # Keys past the filled cache slots would be attended (the kernels see the whole cache):
+        # refuse rather than answer wrongly.
+        raise ValueError(
+            "cache: static (preallocated) KV caches are not supported by flashmux's transformers "
+            "integration yet; use the default dynamic cache (no cache_implementation='static')"
+        )
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
@@ -309,9 +317,21 @@ def attention_mask(
     if kv_length is not None and attention_mask.shape[1] > kv_length:
         attention_mask = attention_mask[:, -kv_length:]
     attention_mask = attention_mask.to(torch.bool)
-    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+    if (not torch.compiler.is_compiling() and attention_mask.shape[1] == kv_length
+            and bool(attention_mask.all())):
         return None  # one host read per forward, as transformers' FlashAttention mask does
     return attention_mask
+
+
+def _static_cache(q_length, kv_length, q_offset) -> bool:
+    """A causal mask sized for a preallocated cache: transformers >= 5.2x passes the query offset
+    as a tensor for static cache layers, and a key length beyond the tokens seen so far. (Sliding
+    dynamic layers have fewer keys than that, which is fine: masks align bottom-right.)"""
+    if isinstance(q_offset, torch.Tensor):
+        return True
+    if isinstance(q_offset, int) and isinstance(q_length, int) and isinstance(kv_length, int):
+        return kv_length > q_offset + q_length
+    return False
 
 
 def register(name: str = NAME) -> str:
