@@ -111,6 +111,11 @@ class FlashmuxImpl(Impl):
             return "numpy arrays have no autograd: forward only"
         if point.kvcache and mode != "fwd":
             return "attention_with_kvcache is inference only: forward only"
+        if point.mask is not None and self.framework == "jax" and not ctx.quick and (
+                self.backend in ("reference", "auto")):
+            # Pallas declines block masks, so JAX calls land on the reference backend, whose
+            # query chunks unroll under jax.jit (hundreds at 32k): not a kernel worth timing
+            return "JAX with a block mask runs the reference backend (Pallas declines block masks)"
         return None
 
     def _kvcache_kwargs(self, point, ctx):
