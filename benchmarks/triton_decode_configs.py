@@ -4,6 +4,7 @@ flashmux_triton/tuning_decode.py.
 
     python benchmarks/triton_decode_configs.py              # B=8 Hq=32 Hkv=8 D=128 bf16, Sk 4k-128k
     python benchmarks/triton_decode_configs.py --quick      # Sk 4k and 32k, 3 candidates
+    python benchmarks/triton_decode_configs.py --sks 65536,131072 --candidates 0,1,8
 
 GB/s counts the bytes of K and V read once (the floor of a decode step): 2 * B * Sk * Hkv * D * 2.
 Layouts: contiguous, paged with 16-token and 64-token pages (shuffled block tables). Each
@@ -50,11 +51,19 @@ def main():
     ap.add_argument("--sq", type=int, default=1)
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--sks", default=None, help="comma-separated Sk values (default 4k-128k)")
+    ap.add_argument("--layouts", default="0,16,64", help="page sizes, 0 = contiguous")
+    ap.add_argument("--candidates", default=None, help="indices into tuning_decode.CANDIDATES")
     args = ap.parse_args()
     b, hq, hkv, d, sq = 8, args.hq, args.hkv, 128, args.sq
     dtype = torch.bfloat16
     sks = [4096, 32768] if args.quick else [4096, 16384, 65536, 131072]
+    if args.sks:
+        sks = [int(x) for x in args.sks.split(",")]
     cands = T.CANDIDATES[:3] if args.quick else T.CANDIDATES
+    if args.candidates:
+        cands = tuple(T.CANDIDATES[int(i)] for i in args.candidates.split(","))
+    layouts = [int(x) for x in args.layouts.split(",")]
     print(f"device {torch.cuda.get_device_name()}, B={b} Sq={sq} Hq={hq} Hkv={hkv} D={d} bf16")
     print("GB/s of K+V read once; 'copy' = read+write bytes per second of a torch copy of the "
           "K cache (the HBM ceiling)")
@@ -64,7 +73,7 @@ def main():
     print(" | ".join(header))
     for sk in sks:
         nbytes = 2 * b * sk * hkv * d * 2
-        for page in (0, 16, 64):
+        for page in layouts:
             kc, vc, table = make(b, sk, hkv, d, page, dtype)
             q = torch.randn(b, sq, hq, d, device="cuda", dtype=dtype)
             lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
