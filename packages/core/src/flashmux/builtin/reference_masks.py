@@ -106,8 +106,14 @@ def _prep(q, k, v, cu_q):
     return ops, q, ops.f32(q).reshape(b, sq, hkv, g, d), ops.f32(k), ops.f32(v), (b, sq, k.shape[1], hkv, g)
 
 
-def _step(b, hq, sq, sk):
-    return max(1, min(max(sq, 1), BUDGET // max(1, b * hq * max(sk, 1))))
+JAX_MAX_CHUNKS = 16  # under jax.jit the chunk loop unrolls: bound the graph, not the buffers
+
+
+def _step(b, hq, sq, sk, kind="numpy"):
+    step = max(1, min(max(sq, 1), BUDGET // max(1, b * hq * max(sk, 1))))
+    if kind == "jax":  # fewer, larger chunks (memory ~ S^2 / JAX_MAX_CHUNKS scores per buffer)
+        step = max(step, -(-sq // JAX_MAX_CHUNKS))
+    return step
 
 
 def _scores(ops, rows: _Rows, qc, kf, p: Params, r0, r1, hkv, g):
@@ -128,7 +134,7 @@ def forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
     rows = _Rows(ops, q, kf, cu_q, cu_k, p, alibi_slopes, block_mask)
     neg = float("-inf")
     outs, lses = [], []
-    step = _step(b, hkv * g, sq, sk)
+    step = _step(b, hkv * g, sq, sk, ops.name)
     for r0 in range(0, max(sq, 1), step):
         r1 = min(sq, r0 + step)
         s, _ = _scores(ops, rows, qf[:, r0:r1], kf, p, r0, r1, hkv, g)
@@ -168,7 +174,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, alibi_slopes=No
     lse = ops.where(ops.m.isfinite(lse), lse, 0.0)
     dk, dv = ops.zeros(kf.shape, kf), ops.zeros(vf.shape, vf)
     dqs = []
-    step = _step(b, hkv * g, sq, sk)
+    step = _step(b, hkv * g, sq, sk, ops.name)
     for r0 in range(0, max(sq, 1), step):
         r1 = min(sq, r0 + step)
         qc, doc = qf[:, r0:r1], dof[:, r0:r1]
