@@ -110,3 +110,17 @@ def test_append_kernel_is_used_and_clamps(monkeypatch):
     changed = (kc2 != before_k).any(-1).any(-1)
     assert changed.sum() == 3 and changed[5, 7] and changed[0, 0] and changed[0, 1]
     torch.testing.assert_close(kc2[0, :2], want[0, :2], rtol=0, atol=0)
+
+
+def test_declines_page_sizes_that_are_not_multiples_of_8():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.zeros(1, 1, 2, 16, dtype=torch.float16, device=dev)
+    kc = torch.zeros(4, 12, 2, 16, dtype=torch.float16, device=dev)
+    table = torch.zeros(1, 2, dtype=torch.int32, device=dev)
+    lens = torch.zeros(1, dtype=torch.int32, device=dev)
+    ex = flashmux.explain_kvcache(q, kc, kc, cache_seqlens=lens, block_table=table,
+                                  backend="triton")
+    assert ex.chosen is None and "page_size 12 is not a multiple of 8" in ex.reasons("triton")
+    with pytest.raises(flashmux.NoBackendError, match="multiple of 8"):
+        flashmux.attention_with_kvcache(q, kc, kc, cache_seqlens=lens, block_table=table,
+                                        backend="triton")

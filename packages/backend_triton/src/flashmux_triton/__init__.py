@@ -98,10 +98,8 @@ class TritonBackend(Backend):
         from flashmux.kvcache import decode_capability_reasons
 
         out = decode_capability_reasons(self.capabilities, spec)
-        if spec.paged and spec.page_size % 8:
+        if spec.paged and spec.page_size % 8:  # cache offsets are 64-bit: no size limit
             out.append(f"page_size {spec.page_size} is not a multiple of 8")
-        if not spec.paged and spec.capacity * spec.heads_kv * max(spec.head_dim, spec.head_dim_v) >= 2**31:
-            out.append("one sequence of the cache spans >= 2^31 elements (32-bit offsets)")
         return out
 
     def decode(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params):
