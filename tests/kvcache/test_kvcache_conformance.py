@@ -45,7 +45,7 @@ CASES = [
     KvCase(head_dim=48, head_dim_v=80, page_size=16, capacity=64, lens=(-1, 0, 5)),  # padded D
 ]
 # JAX compiles every new shape (~0.3 s per compile on the CI CPU): eager JAX runs a subset.
-JAX_EAGER = {0, 3, 5, 9, 12, 16, 18, 21}
+JAX_EAGER = {0, 3, 5, 9, 16, 21}
 JAX_JIT = [
     KvCase(transform="jit", causal=True, seqlen_q=2, snew=2),
     KvCase(transform="jit", page_size=16, capacity=64, lens=(-1, 0, 9), alibi="h"),
