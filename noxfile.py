@@ -3,7 +3,8 @@
     nox -s demo                          run flashmux.attention on a realistic shape, explain it,
                                          check it against the reference, time it
     nox -s tests                         everything this machine can run, lean tiers (the CI's
-                                         command; about 13 minutes on an idle 2-core machine)
+                                         command; about 14 minutes on an idle 2-core machine,
+                                         estimated from each stage's CPU time, 2026-11-30)
     nox -s full                          the same with the long tiers (full-size conformance in
                                          the interpreters, more hypothesis examples, every head
                                          dim in the nvcc build): hours on a CPU, minutes on a GPU
@@ -125,10 +126,10 @@ def _suite(session: nox.Session, full: bool) -> None:
     size = {"FLASHMUX_TEST_SIZE": "full"} if full else {}
     hyp = {"FLASHMUX_HYPOTHESIS_EXAMPLES": "25"} if full else {}
     session.run("python", "-c", "import flashmux, sys; print('import ok:', flashmux.__version__)")
-    # 1. everything but the backends' own tests, on the reference backend (its full tier: the
-    #    reference runs the framework's own ops, fast enough on a CPU)
+    # 1. everything but the backends' own tests, on the reference backend (small tier on a CPU,
+    #    as TRITON_INTERPRET=1 makes size_tier() say; `full` runs its full tier)
     _pytest(session, "tests", "--ignore=tests/backends",
-            env={"FLASHMUX_TEST_BACKEND": "reference", "FLASHMUX_TEST_SIZE": "full", **interp, **hyp})
+            env={"FLASHMUX_TEST_BACKEND": "reference", **interp, **size, **hyp})
     # 2. the per-backend suites on each kernel backend (small tier in interpreters unless full)
     suites = per_backend_suites()
     for backend in BACKENDS[1:] if gpu else INTERPRETED:
