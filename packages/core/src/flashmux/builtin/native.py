@@ -40,6 +40,8 @@ from ..backend import FEATURES, Backend, Capabilities
 from ..spec import Params, ProblemSpec
 
 TORCH_KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
+# cuDNN is not asked for shorter sequences (see _torch_kernel_reasons)
+CUDNN_MIN_SEQLEN = 128
 JAX_KERNELS = ("cudnn", "xla")
 ALL_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
 # The xla implementation materializes the (B, Hq, Sq, Sk) scores (and, with a gradient, the
@@ -131,6 +133,14 @@ def _torch_kernel_reasons(kernel: str, f: _Facts) -> list[str]:
             out.append(f"cuDNN attention takes head_dim a multiple of 8 up to {limit} here, got {d}")
         if not _cudnn_available():
             out.append("torch was built without cuDNN attention (torch.backends.cudnn unavailable)")
+        if min(f.seqlen_q, f.seqlen_k) < CUDNN_MIN_SEQLEN:
+            # Measured on the H200 (torch 2.11, 2026-11-30), calling the aten ops directly as this
+            # backend does: s_q = s_kv = 1 raised "cuDNN Frontend error: s_q = s_kv = 1 is not
+            # supported" in the backward, and a small generated shape crashed the process
+            # (segfault) in the backward. SDPA's own dispatcher checks shapes before calling them.
+            out.append(f"cuDNN attention: sequences shorter than {CUDNN_MIN_SEQLEN} rows are not "
+                       f"taken (seqlen_q {f.seqlen_q}, seqlen_k {f.seqlen_k}); cuDNN refused or "
+                       "crashed on such shapes on the H200")
     elif kernel == "flash":
         if cc < (8, 0):
             out.append(f"FlashAttention-2 needs sm80+, got sm{cc[0]}{cc[1]}")
