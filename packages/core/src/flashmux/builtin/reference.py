@@ -368,13 +368,18 @@ def _jax_jit(fn, static):
     return _jitted[fn]
 
 
+def _empty(*xs) -> bool:
+    """A zero-size operand (B, Sq, Sk, Tq or Tk of 0): the generic path answers it (zeros, -inf)."""
+    return any(0 in tuple(x.shape) for x in xs)
+
+
 class ReferenceBackend(Backend):
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks):
         if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
             from . import reference_masks
 
             return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks)
-        if array_kind(q) == "jax":  # lax.map over chunks: memory linear in S under jit
+        if array_kind(q) == "jax" and not _empty(q, k, v):  # lax.map over chunks: linear memory
             from . import reference_jax
 
             return reference_jax.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
@@ -387,7 +392,7 @@ class ReferenceBackend(Backend):
 
             return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
                                                     cu_seqlens_k, params, **masks)
-        if array_kind(q) == "jax" and out_residual is None:
+        if array_kind(q) == "jax" and out_residual is None and not _empty(q, k, v):
             from . import reference_jax
 
             return reference_jax.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,

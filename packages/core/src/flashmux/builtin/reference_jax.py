@@ -119,7 +119,8 @@ def _run_chunks(body, s0, s1, step):
 def _unstack_rows(y):
     """(n_chunks, B, Hkv, rows, ...) -> (B, Hkv, n_chunks * rows, ...)."""
     y = jnp.moveaxis(y, 0, 2)
-    return y.reshape(y.shape[:2] + (-1,) + y.shape[4:])
+    # explicit sizes, not -1: B = 0 (an empty batch) makes -1 ambiguous
+    return y.reshape(y.shape[:2] + (y.shape[2] * y.shape[3],) + y.shape[4:])
 
 
 def _prep(q, k, v, cu_q):
