@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import tf32
 
 from flashmux.reference import reference_forward
 
@@ -22,27 +23,13 @@ TOL = 2e-5
 TF32_TOL = 5e-3
 
 
-def _tf32(*xs) -> bool:
-    """JAX arrays on a GPU: float32 matmuls run in TF32 by default there (XLA and the Pallas
-    kernels alike), so float32 comparisons take TF32's tolerance (measured on the H200,
-    2026-11-30: up to ~1e-3 of the largest value between two correct float32 attentions)."""
-    for x in xs:
-        if type(x).__module__.startswith("jax"):
-            try:
-                if any(d.platform != "cpu" for d in x.devices()):
-                    return True
-            except Exception:
-                pass
-    return False
-
-
 def _t(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float32)
 
 
 def _close(a, b, tol=TOL):
-    if _tf32(a, b):
+    if tf32(a, b):
         tol = max(tol, TF32_TOL)
     a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(b), dtype=torch.float64)

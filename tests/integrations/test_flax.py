@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import tf32
 
 jax = pytest.importorskip("jax")
 flax = pytest.importorskip("flax")
@@ -40,22 +41,8 @@ def _x(seed=0, shape=(B, S, E)):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-def _tf32(*xs) -> bool:
-    """JAX arrays on a GPU: float32 matmuls run in TF32 by default there (XLA and the Pallas
-    kernels alike), so float32 comparisons take TF32's tolerance (measured on the H200,
-    2026-11-30: up to ~1e-3 of the largest value between two correct float32 attentions)."""
-    for x in xs:
-        if type(x).__module__.startswith("jax"):
-            try:
-                if any(d.platform != "cpu" for d in x.devices()):
-                    return True
-            except Exception:
-                pass
-    return False
-
-
 def _close(a, b, tol=2e-5):
-    if _tf32(a, b):
+    if tf32(a, b):
         tol = max(tol, 5e-3)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))

@@ -121,8 +121,10 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no decode kernel")
 
 
-def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
-    """The reasons a problem falls outside a backend's declared capabilities, one check each."""
+def platform_reasons(caps: Capabilities, spec) -> list[str]:
+    """The checks every kind of call shares (attention and KV-cache decode): array kind and JAX
+    tracing, device and compute capability, dtype, head_dim. `spec` is a ProblemSpec or a
+    kvcache.DecodeSpec (anything with those fields)."""
     out: list[str] = []
     kind_ok = spec.kind in caps.array_kinds
     if not kind_ok:
@@ -153,6 +155,12 @@ def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
     hd = max(spec.head_dim, spec.head_dim_v)
     if hd > caps.max_head_dim:
         out.append(f"head_dim {hd} > {caps.max_head_dim}")
+    return out
+
+
+def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
+    """The reasons a problem falls outside a backend's declared capabilities, one check each."""
+    out = platform_reasons(caps, spec)
     f = caps.features
     checks = (
         ("causal", spec.causal, "causal masking not supported"),

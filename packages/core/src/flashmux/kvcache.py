@@ -40,7 +40,7 @@ import numpy as np
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
 from .api import _check_window
-from .backend import Backend, Capabilities
+from .backend import Backend, Capabilities, platform_reasons
 from .spec import default_scale
 
 
@@ -104,35 +104,7 @@ def decode_capability_reasons(caps: Capabilities, spec: DecodeSpec) -> list[str]
     """The reasons a decode call falls outside a backend's declared capabilities (array kinds,
     JAX tracing, devices, compute capability, dtypes, head_dim, causal/window/softcap/GQA/Dv
     features), one sentence each. Alibi, paging and page sizes are left to the backend."""
-    out: list[str] = []
-    if spec.kind not in caps.array_kinds:
-        if spec.kind in caps.crosses_from and not spec.traced:
-            pass
-        elif spec.traced and spec.kind == "jax" and "jax" in caps.crosses_from:
-            served = "/".join(sorted(caps.array_kinds))
-            out.append(f"inside a JAX transformation (jit/grad/vmap): backend serves {served} only")
-        else:
-            served = "/".join(sorted(caps.array_kinds | caps.crosses_from))
-            out.append(f"{spec.kind} arrays not supported (serves {served})")
-    elif spec.traced and spec.kind == "jax" and not caps.runs_under_jit:
-        out.append("inside a JAX transformation (jit/grad/vmap): backend runs eagerly only")
-    if spec.device_type not in caps.devices:
-        if spec.device_type == "cpu" and "cuda" in caps.devices:
-            out.append("no CUDA device: inputs are on the CPU")
-        else:
-            out.append(
-                f"device {spec.device_type} not supported (runs on {'/'.join(sorted(caps.devices))})"
-            )
-    elif spec.device_type == "cuda" and caps.min_compute_capability and spec.compute_capability:
-        if tuple(spec.compute_capability) < tuple(caps.min_compute_capability):
-            need = ".".join(map(str, caps.min_compute_capability))
-            have = ".".join(map(str, spec.compute_capability))
-            out.append(f"compute capability {have} < {need}")
-    if spec.dtype not in caps.dtypes:
-        out.append(f"dtype {spec.dtype} not supported ({', '.join(sorted(caps.dtypes))})")
-    hd = max(spec.head_dim, spec.head_dim_v)
-    if hd > caps.max_head_dim:
-        out.append(f"head_dim {hd} > {caps.max_head_dim}")
+    out = platform_reasons(caps, spec)
     f = caps.features
     checks = (
         ("causal", spec.causal, "causal masking not supported"),
