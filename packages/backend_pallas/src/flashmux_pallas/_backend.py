@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flashmux.backend import Backend, Capabilities
+from flashmux.backend import FEATURES, Backend, Capabilities
 
 
 class PallasBackend(Backend):
@@ -34,7 +34,8 @@ class PallasBackend(Backend):
                 "cuda sm90": "mosaic_gpu forward for dense fp16/bf16, D 64/128, no window "
                 "(causal with Sq == Sk), block-multiple lengths; mosaic_gpu backward for dense "
                 "fp16/bf16, D 64/128, no window (causal with Sq == Sk), any lengths, where "
-                "measured faster (FLASHMUX_PALLAS_MOSAIC_BWD); triton otherwise",
+                "measured faster (FLASHMUX_PALLAS_MOSAIC_BWD); triton otherwise (always "
+                "with ALiBi: the Mosaic kernels take no slopes)",
             }
         }
         try:
@@ -69,13 +70,36 @@ class PallasBackend(Backend):
             "backward": ops.backward_lowering(q, k, v, params, interp),
         }
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False):
+    def forward(
+        self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, alibi_slopes=None
+    ):
         from . import ops
 
-        return ops.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=residual)
+        return ops.forward(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            params,
+            residual=residual,
+            alibi_slopes=alibi_slopes,
+        )
 
     def backward(
-        self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual=None
+        self,
+        do,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        params,
+        out_residual=None,
+        alibi_slopes=None,
     ):
         from . import ops
 
@@ -91,6 +115,7 @@ class PallasBackend(Backend):
             cu_seqlens_k,
             params,
             out_residual=out_residual,
+            alibi_slopes=alibi_slopes,
         )
 
     # -- KV-cache decode (decode.py) --------------------------------------------------------
@@ -157,6 +182,8 @@ def make_backend() -> PallasBackend:
             dtypes=frozenset({"float16", "bfloat16", "float32"}),
             max_head_dim=256,
             min_compute_capability=(8, 0),
+            # ALiBi in the Triton-lowering kernels; block masks are declined (their reason).
+            features=frozenset(FEATURES) | {"alibi"},
             runs_under_jit=True,
             out_residual=True,
             priority=50,

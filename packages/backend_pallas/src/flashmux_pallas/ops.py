@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, replace
 
 from ._compat import varying
-from .triton_kernels import LOG2E, Static, dkdv_call, dq_call, forward_call
+from .triton_kernels import LOG2E, Static, dkdv_call, dq_call, forward_call, slopes_operand
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def lowering(q, k, v, params, interpret: bool) -> str:
     """Which lowering runs this forward: "interpret", "mosaic_gpu" or "triton"."""
     if interpret:
         return "interpret"
-    if MOSAIC_MODE == "off":
+    if MOSAIC_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
         return "triton"
     from . import mosaic_kernels
 
@@ -147,7 +147,7 @@ def backward_lowering(q, k, v, params, interpret: bool) -> str:
     """Which lowering runs this backward: "interpret", "mosaic_gpu" or "triton"."""
     if interpret:
         return "interpret"
-    if MOSAIC_BWD_MODE == "off":
+    if MOSAIC_BWD_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
         return "triton"
     from . import mosaic_backward, mosaic_kernels
 
@@ -214,6 +214,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         fast_exp=cfg.fast_exp and not interpret,
         one_loop=cfg.one_loop,
         scale_ds=cfg.scale_ds and float(params.scale) > 0,  # log2(scale) needs scale > 0
+        alibi=bool(getattr(params, "alibi", False)),
     )
     fused = dict(fused_delta=cfg.fused_delta)
 
@@ -292,9 +293,21 @@ def _shapes(q, k, v, params):
     return sq, sk, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
 
 
-def forward(q, k, v, cu_q, cu_k, params, *, residual: bool = False, interpret: bool | None = None):
+def forward(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    params,
+    *,
+    residual: bool = False,
+    interpret: bool | None = None,
+    alibi_slopes=None,
+):
     """-> (out, lse), or (out, lse, out_residual) with residual=True: out_residual has out's shape
-    and dtype and holds float32 out - out (zeros for float32 inputs), for the backward's delta."""
+    and dtype and holds float32 out - out (zeros for float32 inputs), for the backward's delta.
+    alibi_slopes: float32 (Hq,) or (B, Hq) (params.alibi), Triton lowering only."""
     import jax.numpy as jnp
 
     if interpret is None:
@@ -306,17 +319,28 @@ def forward(q, k, v, cu_q, cu_k, params, *, residual: bool = False, interpret: b
 
         res = mosaic_kernels.forward(q, k, v, params, residual=want)
     else:
-        res = _forward_triton(q, k, v, cu_q, cu_k, params, want, interpret)
+        res = _forward_triton(q, k, v, cu_q, cu_k, params, want, interpret, alibi_slopes)
     if residual and not want:
         return (*res, jnp.zeros_like(res[0]))
     return res
 
 
-def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool):
+def _slopes(alibi_slopes, q, cu_q, params, plan: Plan):
+    """The kernels' (B, Hq, 16) slopes operand, or None without ALiBi."""
+    if not plan.fwd.alibi:
+        return None
+    if alibi_slopes is None:
+        raise ValueError("params.alibi is set but no alibi_slopes were passed")
+    batch = cu_q.shape[0] - 1 if params.varlen else q.shape[0]
+    return slopes_operand(alibi_slopes, batch, q.shape[-2])
+
+
+def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool, alibi_slopes):
     import jax.numpy as jnp
 
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
+    slopes = _slopes(alibi_slopes, q, cu_q, params, plan)
     lq = lk = None
     if params.varlen:
         tq = q.shape[0]
@@ -325,7 +349,7 @@ def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool
     qp = _pad(q, plan.sqp, plan.dp)
     kp = _pad(k, plan.skp, plan.dp)
     vp = _pad(v, plan.skp, plan.dvp)
-    outs = forward_call(qp, kp, vp, lq, lk, replace(plan.fwd, residual=residual))
+    outs = forward_call(qp, kp, vp, lq, lk, replace(plan.fwd, residual=residual), slopes)
     out, lse = outs[0][:, :sq, :, :dv], outs[1][:, :, :sq]
     res = [outs[2][:, :sq, :, :dv]] if residual else []
     if params.varlen:
@@ -350,6 +374,7 @@ def backward(
     *,
     out_residual=None,
     interpret: bool | None = None,
+    alibi_slopes=None,
 ):
     import jax.numpy as jnp
 
@@ -365,11 +390,14 @@ def backward(
         )
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
+    slopes = _slopes(alibi_slopes, q, cu_q, params, plan)
     do = do.astype(q.dtype)
     # Interpret mode inside shard_map: the interpreter's grid loop starts every output unvarying
     # and rejects the dQ kernel's delta output (computed straight from varying input blocks).
     if plan.dq.fused_delta and not (interpret and varying(q)):
-        return _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual, plan)
+        return _backward_fused(
+            do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual, plan, slopes
+        )
     # delta_i = rowsum(dO * O) - dlse_i: the softmax backward's row term (dlse folds in here).
     # O is the float32 output when the forward saved its rounding error (out_residual): on rows
     # that see few keys the rounded O's error in delta would exceed plain attention's.
@@ -394,9 +422,18 @@ def backward(
     kp, vp = _pad(k, plan.skp, plan.dp), _pad(v, plan.skp, plan.dvp)
     lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
     delta = _pad(delta, plan.sqp, None, seq_axis=2)
-    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes)
     dq = dq_call(
-        qp, kp, vp, dop, _dq_lse2(lse2, plan), delta, lq, lk, replace(plan.dq, fused_delta=False)
+        qp,
+        kp,
+        vp,
+        dop,
+        _dq_lse2(lse2, plan),
+        delta,
+        lq,
+        lk,
+        replace(plan.dq, fused_delta=False),
+        slopes=slopes,
     )
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
@@ -409,7 +446,7 @@ def _dq_lse2(lse2, plan: Plan):
     return lse2 - math.log2(plan.dq.scale) if plan.dq.scale_ds else lse2
 
 
-def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan):
+def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan, slopes=None):
     """dQ first (it computes delta from O, r, dO and dlse), then dK/dV."""
     import jax.numpy as jnp
 
@@ -435,9 +472,21 @@ def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Pl
     dlse = None if dlse is None else _pad(dlse, plan.sqp, None, seq_axis=2)
     st = replace(plan.dq, has_r=rp is not None, has_dlse=dlse is not None)
     dq, delta = dq_call(
-        qp, kp, vp, dop, _dq_lse2(lse2, plan), None, lq, lk, st, out=op, r=rp, dlse=dlse
+        qp,
+        kp,
+        vp,
+        dop,
+        _dq_lse2(lse2, plan),
+        None,
+        lq,
+        lk,
+        st,
+        out=op,
+        r=rp,
+        dlse=dlse,
+        slopes=slopes,
     )
-    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes)
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
         dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)

@@ -57,6 +57,10 @@ class Static:
     # Backward: round dS * scale (not dS) to the input dtype before the dQ/dK matmuls, as plain
     # attention's autograd does, so that the two round at the same points (see NOTES, run D).
     scale_ds: bool = True
+    # ALiBi: a float32 (B, Hq, 16) slopes operand (each row's 16 lanes equal; 16 so the block is
+    # a Triton-legal shape); the score gets -slope * |i + off - j| after scale and softcap, before
+    # the mask, added in log2 units.
+    alibi: bool = False
 
 
 def _call(kernel, st: Static, grid, in_specs, out_specs, out_shape, name: str):
@@ -137,6 +141,29 @@ def _scores2(s, st: Static):
         t = jnp.tanh(s * (st.scale / st.softcap))
         return t * (st.softcap * LOG2E), t
     return s * (st.scale * LOG2E), None
+
+
+def _slope2(ref, g=None):
+    """The head's ALiBi slope in log2 units, from its (16,) lanes (or row g of a (G, 16) block)."""
+    import jax.numpy as jnp
+
+    x = ref[...] if g is None else ref[g, :]
+    return jnp.max(x.astype(jnp.float32)) * LOG2E
+
+
+def _alibi2(s2, slope2, rows, cols, off):
+    """s2 - slope * |i + off - j| in log2 units (rows and cols broadcast against s2)."""
+    import jax.numpy as jnp
+
+    return s2 - slope2 * jnp.abs(rows + off - cols).astype(jnp.float32)
+
+
+def slopes_operand(alibi_slopes, batch: int, heads: int):
+    """float32 (Hq,) or (B, Hq) slopes -> the kernels' (B, Hq, 16) operand (lanes equal)."""
+    import jax.numpy as jnp
+
+    sl = jnp.asarray(alibi_slopes, jnp.float32).reshape(-1, heads)
+    return jnp.broadcast_to(sl[:, :, None], (batch, heads, 16))
 
 
 def _allowed(rows, cols, sk, off, st: Static, check_k: bool = True):
@@ -257,9 +284,10 @@ def _fwd_kernel(*refs, st: Static):
     import jax.numpy as jnp
 
     pl = pallas()
-    n_in = 5 if st.varlen else 3
+    n_in = (5 if st.varlen else 3) + int(st.alibi)
     q_ref, k_ref, v_ref = refs[:3]
     lq_ref, lk_ref = refs[3:5] if st.varlen else (None, None)
+    sl_ref = refs[n_in - 1] if st.alibi else None
     o_ref, lse_ref = refs[n_in : n_in + 2]
     r_ref = refs[n_in + 2] if st.residual else None
     bm, bn = st.block_m, st.block_n
@@ -274,6 +302,7 @@ def _fwd_kernel(*refs, st: Static):
     rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
     q = q_ref[...]
     dv = v_ref.shape[-1]
+    slope2 = _slope2(sl_ref) if st.alibi else None
 
     def body(kb, carry, masked):
         acc, m, l = carry
@@ -282,6 +311,8 @@ def _fwd_kernel(*refs, st: Static):
         v = v_ref[pl.ds(start, bn), :]
         s2, _ = _scores2(_dot(q, k, st, trans_b=True), st)
         cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
+        if st.alibi:
+            s2 = _alibi2(s2, slope2, rows, cols, off)
         if masked:
             s2 = jnp.where(_allowed(rows, cols, sk, off, st), s2, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s2, axis=1))
@@ -313,9 +344,10 @@ def _fwd_kernel(*refs, st: Static):
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
-def forward_call(q, k, v, lens_q, lens_k, st: Static):
+def forward_call(q, k, v, lens_q, lens_k, st: Static, slopes=None):
     """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)
-    (and out_residual, out's shape and dtype, when st.residual)."""
+    (and out_residual, out's shape and dtype, when st.residual). slopes: (B, Hq, 16) float32
+    with st.alibi (slopes_operand)."""
     import jax.numpy as jnp
 
     B, Sqp, Hq, Dp = q.shape
@@ -331,6 +363,9 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static):
     if st.varlen:
         in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
         args += [lens_q, lens_k]
+    if st.alibi:
+        in_specs.append(block_spec((None, None, 16), lambda i, h, b: (b, h, 0)))
+        args.append(slopes)
     out_specs = [
         block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0)),
         block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
@@ -354,6 +389,8 @@ def _dkdv_kernel(*refs, st: Static):
     from jax import lax
 
     pl = pallas()
+    refs = list(refs)
+    sl_ref = refs.pop(-3) if st.alibi else None  # the last input, before dk and dv
     if st.varlen:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lq_ref, lk_ref, dk_ref, dv_ref) = refs
     else:
@@ -371,6 +408,8 @@ def _dkdv_kernel(*refs, st: Static):
     inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
 
     def head_body(g, carry):
+        slope2 = _slope2(sl_ref, g) if st.alibi else None
+
         def body(qb, carry, masked):
             dk, dv = carry
             start = pl.multiple_of(qb * bm, bm)
@@ -380,8 +419,10 @@ def _dkdv_kernel(*refs, st: Static):
             delta = dl_ref[g, pl.ds(start, bm)]
             # Transposed tile: rows are keys, columns are queries, so dK/dV need no transpose.
             s2t, t = _scores2(_dot(k, q, st, trans_b=True), st)
-            pt = _exp2(s2t - lse2[None, :], st)
             rows_t = start + jnp.arange(bm, dtype=jnp.int32)[None, :]
+            if st.alibi:
+                s2t = _alibi2(s2t, slope2, rows_t, cols_t, off)
+            pt = _exp2(s2t - lse2[None, :], st)
             if masked:
                 pt = jnp.where(_allowed(rows_t, cols_t, sk, off, st, check_k=False), pt, 0.0)
             dpt = _dot(v, do, st, trans_b=True)
@@ -416,7 +457,7 @@ def _dkdv_kernel(*refs, st: Static):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
+def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, slopes=None):
     B, Sqp, Hq, Dp = q.shape
     Skp, Hkv, Dvp = k.shape[1], k.shape[2], v.shape[-1]
     bn, G = st.block_n, st.group
@@ -432,6 +473,9 @@ def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static):
     if st.varlen:
         in_specs += [block_spec((None, 16), lambda j, h, b: (b, 0))] * 2
         args += [lens_q, lens_k]
+    if st.alibi:  # the G query heads of KV head h
+        in_specs.append(block_spec((None, G, 16), lambda j, h, b: (b, h, 0)))
+        args.append(slopes)
     out_specs = [
         block_spec((None, bn, None, Dp), lambda j, h, b: (b, j, h, 0)),
         block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
@@ -459,6 +503,7 @@ def _dq_kernel(*refs, st: Static):
         dl_ref, i = refs[i], i + 1
     lq_ref, lk_ref = (refs[i], refs[i + 1]) if st.varlen else (None, None)
     i += 2 if st.varlen else 0
+    sl_ref, i = (refs[i], i + 1) if st.alibi else (None, i)
     dq_ref = refs[i]
     bm, bn = st.block_m, st.block_n
     qi, h, b = (
@@ -484,14 +529,17 @@ def _dq_kernel(*refs, st: Static):
     else:
         delta = dl_ref[...]
     inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
+    slope2 = _slope2(sl_ref) if st.alibi else None
 
     def body(kb, dq, masked):
         start = pl.multiple_of(kb * bn, bn)
         k = k_ref[pl.ds(start, bn), :]
         v = v_ref[pl.ds(start, bn), :]
         s2, t = _scores2(_dot(q, k, st, trans_b=True), st)
-        p = _exp2(s2 - lse2[:, None], st)  # scale_ds: lse2 - log2(scale) came in: p * scale
         cols = start + jnp.arange(bn, dtype=jnp.int32)[None, :]
+        if st.alibi:
+            s2 = _alibi2(s2, slope2, rows, cols, off)
+        p = _exp2(s2 - lse2[:, None], st)  # scale_ds: lse2 - log2(scale) came in: p * scale
         if masked:
             p = jnp.where(_allowed(rows, cols, sk, off, st), p, 0.0)
         dp = _dot(do, v, st, trans_b=True)
@@ -510,7 +558,9 @@ def _dq_kernel(*refs, st: Static):
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None):
+def dq_call(
+    q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None, slopes=None
+):
     """-> dq. With st.scale_ds, lse2 must be lse2 - log2(scale): p * scale = exp2(s2 - that), so
     dS comes out scaled at no cost and is rounded as dS * scale (p serves nothing else here).
     With st.fused_delta, delta is unused, out (and r, dlse when st.has_r / st.has_dlse) come in,
@@ -546,6 +596,9 @@ def dq_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=No
     if st.varlen:
         in_specs += [block_spec((None, 16), lambda i, h, b: (b, 0))] * 2
         args += [lens_q, lens_k]
+    if st.alibi:
+        in_specs.append(block_spec((None, None, 16), lambda i, h, b: (b, h, 0)))
+        args.append(slopes)
     out_specs = block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0))
     out_shape = out_struct(q.shape, q.dtype, q)
     if st.fused_delta:
