@@ -21,6 +21,7 @@ from harness import ATOL, Framework, default_device, format_report, max_err, red
 import flashmux
 from flashmux import masks as M
 from flashmux.reference import allowed_mask, reference_backward, reference_forward
+from flashmux.testing.judge import masked_softmax, plain_pv, plain_scores
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,6 @@ def _plain(fw: Framework, q, k, v, case, allowed, slopes64, do, dlse):
     """Plain attention with the bias and element mask: scores in the input precision, float32
     softmax; -> [out, lse, dq, dk, dv] (numpy float64)."""
     scale = 1.0 / np.sqrt(case.head_dim)
-    g = case.heads_q // case.heads_kv
     i = np.arange(case.seqlen_q)[:, None]
     j = np.arange(case.seqlen_k)[None, :]
     dist = np.abs(i + case.seqlen_k - case.seqlen_q - j).astype(np.float32)
@@ -112,33 +112,11 @@ def _plain(fw: Framework, q, k, v, case, allowed, slopes64, do, dlse):
 
     def attend(xp, q, k, v, to_xp):
         lo = q.dtype
-        if fw.kind == "torch":
-            k, v = (x.repeat_interleave(g, dim=2) for x in (k, v))
-            s = fw.t.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
-        else:
-            k, v = (xp.repeat(x, g, axis=2) for x in (k, v))
-            if xp is np:
-                q, k, v = (x.astype(np.float32) for x in (q, k, v))
-            s = xp.einsum("bqhd,bkhd->bhqk", q, k).astype(xp.float32) * scale
-        if case.softcap:
-            s = case.softcap * xp.tanh(s / case.softcap)
+        s, v = plain_scores(xp, q, k, v, scale, "bqhd,bkhd->bhqk", 2, case.softcap)
         if bias is not None:
             s = s + to_xp(bias)
-        ok = to_xp(allowed)
-        s = xp.where(ok, s, -np.inf)
-        m = s.max(-1, keepdims=True) if fw.kind != "torch" else s.amax(-1, keepdim=True)
-        m = xp.where(xp.isfinite(m), m, 0.0)
-        den = xp.exp(s - m).sum(-1)
-        pos = den > 0
-        lse = xp.where(pos, xp.log(xp.where(pos, den, 1.0)) + m[..., 0], -np.inf)
-        p = xp.where(ok, xp.exp(s - xp.where(xp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-        if fw.kind == "torch":
-            out = fw.t.einsum("bhqk,bkhd->bqhd", p.to(lo), v)
-        elif xp is np:
-            out = np.einsum("bhqk,bkhd->bqhd", p.astype(lo).astype(np.float32), v).astype(lo)
-        else:
-            out = xp.einsum("bhqk,bkhd->bqhd", p.astype(lo), v)
-        return out, lse
+        lse, p = masked_softmax(xp, s, to_xp(allowed))
+        return plain_pv(xp, "bhqk,bkhd->bqhd", p, v, lo), lse
 
     if fw.kind == "torch":
         t = fw.t

@@ -20,7 +20,17 @@ import numpy as np
 import flashmux
 from flashmux import reference
 from flashmux.reference import allowed_mask
-from flashmux.testing.judge import ATOL, Framework, default_device, format_report, max_err, redraw
+from flashmux.testing.judge import (
+    ATOL,
+    Framework,
+    default_device,
+    format_report,
+    max_err,
+    plain_pv,
+    plain_scores,
+    plain_softmax,
+    redraw,
+)
 
 
 @dataclass(frozen=True)
@@ -101,50 +111,23 @@ def make_inputs(case: KvCase, rng):
 def _plain_math(fw: Framework, q, ks, vs, slopes_b, case: KvCase):
     """Plain attention for one sequence in the framework and precision: q (Sq, Hq, D), ks/vs
     (n, Hkv, *) -> (out, lse) arrays of the framework. Scores in the input precision, float32
-    softmax."""
-    hq, hkv = q.shape[1], ks.shape[1]
-    g = hq // hkv
+    softmax (flashmux.testing.judge's steps), plus the ALiBi bias."""
     sq, n = q.shape[0], ks.shape[0]
     scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
     allowed = allowed_mask(sq, n, case.causal, case.window)
     dist = np.abs(np.arange(sq)[:, None] + (n - sq) - np.arange(n)[None, :]).astype(np.float32)
+    xp = fw.t if fw.kind == "torch" else fw.jnp if fw.kind == "jax" else np
+    lo = q.dtype
+    s, v = plain_scores(xp, q, ks, vs, scale, "qhd,khd->hqk", 1, case.softcap)
     if fw.kind == "torch":
         t = fw.t
-        k = ks.repeat_interleave(g, dim=1)
-        v = vs.repeat_interleave(g, dim=1)
-        s = t.einsum("qhd,khd->hqk", q, k).float() * scale
-        if case.softcap:
-            s = case.softcap * t.tanh(s / case.softcap)
         if slopes_b is not None:
             s = s - t.from_numpy(np.asarray(slopes_b))[:, None, None].to(s.device) * t.from_numpy(dist).to(s.device)
-        ok = t.from_numpy(allowed).to(s.device)
-        s = t.where(ok[None], s, -math.inf)
-        lse = t.logsumexp(s, dim=-1)
-        p = t.where(ok[None], t.exp(s - lse[..., None].clamp(min=-1e30)), 0.0)
-        out = t.einsum("hqk,khd->qhd", p.to(q.dtype), v)
-        return out, lse
-    xp = fw.jnp if fw.kind == "jax" else np
-    k = xp.repeat(ks, g, axis=1)
-    v = xp.repeat(vs, g, axis=1)
-    lo = q.dtype
-    if xp is np:
-        q, k, v = (x.astype(np.float32) for x in (q, k, v))
-    s = xp.einsum("qhd,khd->hqk", q, k).astype(xp.float32) * scale
-    if case.softcap:
-        s = case.softcap * xp.tanh(s / case.softcap)
-    if slopes_b is not None:
+        allowed = t.from_numpy(allowed).to(s.device)
+    elif slopes_b is not None:
         s = s - xp.asarray(slopes_b)[:, None, None] * dist
-    s = xp.where(allowed[None], s, -np.inf)
-    m = s.max(-1, keepdims=True) if n else xp.zeros(s.shape[:-1] + (1,), xp.float32)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    den = xp.exp(s - m).sum(-1)
-    lse = xp.where(den > 0, xp.log(xp.where(den > 0, den, 1.0)) + m[..., 0], -np.inf)
-    p = xp.where(allowed[None], xp.exp(s - xp.where(xp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    if xp is np:  # float32 products of the rounded P, stored in the input precision
-        out = np.einsum("hqk,khd->qhd", p.astype(lo).astype(np.float32), v).astype(lo)
-    else:
-        out = xp.einsum("hqk,khd->qhd", p.astype(lo), v)
-    return out, lse
+    lse, p = plain_softmax(xp, s, allowed[None])
+    return plain_pv(xp, "hqk,khd->qhd", p, v, lo), lse
 
 
 def call(fw: Framework, case: KvCase, arrays, backend):

@@ -82,12 +82,16 @@ def fwd(
 
 @fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, backend, *rest):
+    return _fake_fwd(q, v, backend, rest[-1])
+
+
+def _fake_fwd(q, v, backend, residual):
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
     if q.dim() == 3:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    wants = _wants_residual(dispatch.get_backend(backend), q, rest[-1])
+    wants = _wants_residual(dispatch.get_backend(backend), q, residual)
     return out, lse, q.new_empty(out.shape if wants else (0,))
 
 
@@ -97,23 +101,26 @@ def _wants_residual(be, q, residual: bool) -> bool:
     return residual and be.capabilities.out_residual and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _forward(be, q, k, v, cu_q, cu_k, p: Params, residual: bool):
-    """(out, lse, out_residual or None); the residual only from backends that offer it."""
+def _forward(be, q, k, v, cu_q, cu_k, p: Params, residual: bool, extra=None):
+    """(out, lse, out_residual or None); the residual only from backends that offer it.
+    `extra`: the keyword operands of the _ext route (alibi_slopes, block_mask), else empty."""
+    extra = extra or {}
     if _wants_residual(be, q, residual):
-        out, lse, res = be.forward(q, k, v, cu_q, cu_k, p, residual=True)
+        out, lse, res = be.forward(q, k, v, cu_q, cu_k, p, residual=True, **extra)
         if res is None or res.shape != out.shape:
             raise RuntimeError(f"backend {be.name!r} was asked for out_residual of shape "
                                f"{tuple(out.shape)} and returned "
                                f"{None if res is None else tuple(res.shape)}")
         return out, lse, res
-    out, lse = be.forward(q, k, v, cu_q, cu_k, p)
+    out, lse = be.forward(q, k, v, cu_q, cu_k, p, **extra)
     return out, lse, None
 
 
-def _backward_call(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, res):
+def _backward_call(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, res, extra=None):
+    extra = extra or {}
     if res is not None and res.numel():
-        return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, out_residual=res)
-    return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p)
+        extra = dict(extra, out_residual=res)
+    return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, **extra)
 
 
 @torch.library.custom_op("flashmux::bwd", mutates_args=())
@@ -178,13 +185,15 @@ fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _Attention(torch.autograd.Function):
     """Eager autograd path: the same forward/backward as the custom ops, minus their dispatch
-    cost (tens of microseconds), which matters for small calls."""
+    cost (tens of microseconds), which matters for small calls. `extra` holds ALiBi slopes / a
+    block mask (no gradient flows into either); empty for plain calls."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, backend, p):
-        out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_q, cu_k, p, True)
+    def forward(ctx, q, k, v, cu_q, cu_k, backend, p, extra):
+        out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_q, cu_k, p, True,
+                                 extra)
         ctx.save_for_backward(q, k, v, out, lse, res)
-        ctx.cu, ctx.backend, ctx.p = (cu_q, cu_k), backend, p
+        ctx.cu, ctx.backend, ctx.p, ctx.extra = (cu_q, cu_k), backend, p, extra
         if not p.return_lse:
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -197,17 +206,21 @@ class _Attention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward_call(dispatch.get_backend(ctx.backend), dout.contiguous(),
                                     dlse if p.return_lse else None, q, k, v, out, lse, *ctx.cu,
-                                    p, res)
-        return dq, dk, dv, None, None, None, None
+                                    p, res, ctx.extra)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():
         out, lse, _ = fwd(q, k, v, cu_q, cu_k, backend, *_flat(p), grad)
         return out, lse
     if grad:
-        return _Attention.apply(q, k, v, cu_q, cu_k, backend, p)
+        return _Attention.apply(q, k, v, cu_q, cu_k, backend, p, {})
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)
 
 
@@ -244,20 +257,6 @@ def _bm_operands(bm):
                                -1 if bm.heads is None else bm.heads]
 
 
-def _forward_ext(be, q, k, v, cu_q, cu_k, p, residual, extra):
-    if _wants_residual(be, q, residual):
-        out, lse, res = be.forward(q, k, v, cu_q, cu_k, p, residual=True, **extra)
-        return out, lse, res
-    out, lse = be.forward(q, k, v, cu_q, cu_k, p, **extra)
-    return out, lse, None
-
-
-def _backward_ext(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p, res, extra):
-    if res is not None and res.numel():
-        extra = dict(extra, out_residual=res)
-    return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, **extra)
-
-
 @torch.library.custom_op("flashmux::fwd_ext", mutates_args=())
 def fwd_ext(
     q: torch.Tensor,
@@ -287,8 +286,8 @@ def fwd_ext(
             max_seqlen_q, max_seqlen_k, return_lse, deterministic)
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
     extra = _extra(alibi_slopes, block_mask, block_mask_meta)
-    out, lse, res = _forward_ext(dispatch.get_backend(backend), q, k, v, cu_seqlens_q,
-                                 cu_seqlens_k, p, residual, extra)
+    out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                             p, residual, extra)
     return out, lse, q.new_empty(0) if res is None else res
 
 
@@ -296,16 +295,6 @@ def fwd_ext(
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_meta, backend,
       *rest):
     return _fake_fwd(q, v, backend, rest[-1])
-
-
-def _fake_fwd(q, v, backend, residual):
-    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    if q.dim() == 3:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    wants = _wants_residual(dispatch.get_backend(backend), q, residual)
-    return out, lse, q.new_empty(out.shape if wants else (0,))
 
 
 @torch.library.custom_op("flashmux::bwd_ext", mutates_args=())
@@ -341,8 +330,8 @@ def bwd_ext(
             max_seqlen_q, max_seqlen_k, return_lse, deterministic)
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
     extra = _extra(alibi_slopes, block_mask, block_mask_meta)
-    return _backward_ext(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
-                         cu_seqlens_q, cu_seqlens_k, p, out_residual, extra)
+    return _backward_call(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
+                          cu_seqlens_q, cu_seqlens_k, p, out_residual, extra)
 
 
 @bwd_ext.register_fake
@@ -376,43 +365,18 @@ def _backward_ext_op(ctx, dout, dlse, _dres):
 fwd_ext.register_autograd(_backward_ext_op, setup_context=_setup_context_ext)
 
 
-class _AttentionExt(torch.autograd.Function):
-    """Eager autograd path with ALiBi slopes / a block mask (no gradient flows into either)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, backend, p, extra):
-        be = dispatch.get_backend(backend)
-        out, lse, res = _forward_ext(be, q, k, v, cu_q, cu_k, p, True, extra)
-        ctx.save_for_backward(q, k, v, out, lse, res)
-        ctx.cu, ctx.backend, ctx.p, ctx.extra = (cu_q, cu_k), backend, p, extra
-        if not p.return_lse:
-            ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, res = ctx.saved_tensors
-        p = ctx.p
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward_ext(dispatch.get_backend(ctx.backend), dout.contiguous(),
-                                   dlse if p.return_lse else None, q, k, v, out, lse, *ctx.cu,
-                                   p, res, ctx.extra)
-        return dq, dk, dv, None, None, None, None, None
-
-
 def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
     extra = {}
     if alibi_slopes is not None:
         extra["alibi_slopes"] = alibi_slopes
     if block_mask is not None:
         extra["block_mask"] = block_mask
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():
         arrays, meta = _bm_operands(block_mask)
         out, lse, _ = fwd_ext(q, k, v, cu_q, cu_k, alibi_slopes, arrays, meta, backend,
                               *_flat(p), grad)
         return out, lse
     if grad:
-        return _AttentionExt.apply(q, k, v, cu_q, cu_k, backend, p, extra)
+        return _Attention.apply(q, k, v, cu_q, cu_k, backend, p, extra)
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p, **extra)

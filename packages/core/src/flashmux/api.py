@@ -30,6 +30,32 @@ def _shape(x):
     return tuple(int(d) for d in x.shape)
 
 
+def _check_scalars(scale, d: int, window, causal, softcap):
+    """The checks attention and attention_with_kvcache share: -> (scale, window left, window
+    right, softcap). scale: 1/sqrt(head_dim) for None (1.0 for an empty head_dim), else a finite
+    real; causal clips the window's right side to 0; softcap: None or a finite number > 0."""
+    if scale is None:
+        scale_f = default_scale(d) if d else 1.0
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
+        scale_f = float(scale)
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale: expected a finite number, got {scale_f}")
+    left, right = _check_window(window)
+    if not isinstance(causal, bool | np.bool_):  # 1 == True, so test the type
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
+        if not (float(softcap) > 0 and math.isfinite(float(softcap))):
+            raise ValueError(f"softcap: expected a finite number > 0 or None, got {softcap}")
+        softcap = float(softcap)
+    return scale_f, left, right, softcap
+
+
 def _check_window(window):
     if window is None:
         return None, None
@@ -159,25 +185,7 @@ def _resolve(
         )
     d, dv = qs[-1], vs[-1]
 
-    if scale is None:
-        scale_f = default_scale(d) if d else 1.0
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
-        scale_f = float(scale)
-        if not math.isfinite(scale_f):
-            raise ValueError(f"scale: expected a finite number, got {scale_f}")
-    left, right = _check_window(window)
-    if not isinstance(causal, bool | np.bool_):  # 1 == True, so test the type
-        raise TypeError(f"causal: expected a bool, got {causal!r}")
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
-        if not (float(softcap) > 0 and math.isfinite(float(softcap))):
-            raise ValueError(f"softcap: expected a finite number > 0 or None, got {softcap}")
-        softcap = float(softcap)
+    scale_f, left, right, softcap = _check_scalars(scale, d, window, causal, softcap)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)
@@ -521,20 +529,7 @@ class Explanation:
         lines = [f"flashmux.explain: {shape}" + (f" [{', '.join(feats)}]" if feats else "")]
         lines.append(f"problem class {dispatch.spec_class(s)}; order from the "
                      f"{dispatch.priority_source(s)}")
-        if self.forced:
-            lines.append(f"forced: {', '.join(self.forced)}")
-        if self.note:
-            lines.append(self.note)
-        width = max([len(n) for n, _ in self.rows] + [7])
-        lines.append(f"  {'backend'.ljust(width)}  status")
-        for name, r in self.rows:
-            if name == self.chosen:
-                status = "CHOSEN"
-            elif not r:
-                status = "usable (lower priority)"
-            else:
-                status = "passed over: " + "; ".join(r)
-            lines.append(f"  {name.ljust(width)}  {status}")
+        lines += _backend_table(self.forced, self.note, self.rows, self.chosen)
         if self.chosen is None:
             lines.append("  -> no backend can run this call")
         elif self.lowerings:
@@ -543,6 +538,27 @@ class Explanation:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _backend_table(forced, note, rows, chosen) -> list[str]:
+    """The lines that explain() and explain_kvcache() share: the forced list, the note, and one
+    row per backend with its status (chosen, usable, or passed over with its reasons)."""
+    lines = []
+    if forced:
+        lines.append(f"forced: {', '.join(forced)}")
+    if note:
+        lines.append(note)
+    width = max([len(n) for n, _ in rows] + [7])
+    lines.append(f"  {'backend'.ljust(width)}  status")
+    for name, r in rows:
+        if name == chosen:
+            status = "CHOSEN"
+        elif not r:
+            status = "usable (lower priority)"
+        else:
+            status = "passed over: " + "; ".join(r)
+        lines.append(f"  {name.ljust(width)}  {status}")
+    return lines
 
 
 def explain(q, k, v, **kwargs) -> Explanation:

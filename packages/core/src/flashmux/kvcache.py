@@ -30,7 +30,6 @@ The backend contract (a backend that has decode kernels implements these optiona
 
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 from dataclasses import dataclass
@@ -39,9 +38,8 @@ import numpy as np
 
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
-from .api import _check_window
+from .api import _backend_table, _check_scalars
 from .backend import Backend, Capabilities, platform_reasons
-from .spec import default_scale
 
 
 @dataclass(frozen=True)
@@ -277,25 +275,7 @@ def _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scal
         if sh not in ((hq,), (b, hq)):
             raise ValueError(f"alibi_slopes: expected shape ({hq},) or ({b}, {hq}), got {sh}")
 
-    if scale is None:
-        scale_f = default_scale(d) if d else 1.0
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
-        scale_f = float(scale)
-        if not math.isfinite(scale_f):
-            raise ValueError(f"scale: expected a finite number, got {scale_f}")
-    left, right = _check_window(window)
-    if not isinstance(causal, bool | np.bool_):
-        raise TypeError(f"causal: expected a bool, got {causal!r}")
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
-        if not (float(softcap) > 0 and math.isfinite(float(softcap))):
-            raise ValueError(f"softcap: expected a finite number > 0 or None, got {softcap}")
-        softcap = float(softcap)
+    scale_f, left, right, softcap = _check_scalars(scale, d, window, causal, softcap)
     if not isinstance(return_lse, bool | np.bool_):
         raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
     if num_splits is not None:
@@ -740,20 +720,7 @@ class DecodeExplanation:
             ) if on
         ]
         lines = [head + (f" [{', '.join(feats)}]" if feats else "")]
-        if self.forced:
-            lines.append(f"forced: {', '.join(self.forced)}")
-        if self.note:
-            lines.append(self.note)
-        width = max([len(n) for n, _ in self.rows] + [7])
-        lines.append(f"  {'backend'.ljust(width)}  status")
-        for name, r in self.rows:
-            if name == self.chosen:
-                status = "CHOSEN"
-            elif not r:
-                status = "usable (lower priority)"
-            else:
-                status = "passed over: " + "; ".join(r)
-            lines.append(f"  {name.ljust(width)}  {status}")
+        lines += _backend_table(self.forced, self.note, self.rows, self.chosen)
         if self.chosen is None:
             lines.append("  -> no backend can run this decode call")
         else:
