@@ -89,9 +89,9 @@ CASES = [
     MCase("or_masks", mask="or", causal=True),
     MCase("empty_rows_lse_grad", mask="empty_rows", lse_grad=True, slopes="h", jax=True),
     MCase("per_head_mask", mask="per_head", mask_heads=True, heads_q=4, heads_kv=2),
-    MCase("alibi_h_causal_sq_ne_sk", seqlen_q=33, seqlen_k=57, causal=True, slopes="h"),
+    MCase("alibi_h_causal_sq_ne_sk", seqlen_q=33, seqlen_k=57, causal=True, slopes="h", jax=True),
     MCase("alibi_bh_window_softcap", seqlen_q=45, seqlen_k=30, window=(10, 4), softcap=4.0,
-          slopes="bh", heads_q=4, heads_kv=2),
+          slopes="bh", heads_q=4, heads_kv=2, jax=True),
     MCase("doc_causal_jit", mask="doc_causal", slopes="h", transform="jit", jax=True),
 ]
 
