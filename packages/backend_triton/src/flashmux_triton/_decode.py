@@ -31,52 +31,8 @@ import triton.language as tl
 
 from . import tuning_decode as T
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-# Triton's CPU interpreter multiplies bfloat16 tiles as raw bits: upcast there (as _kernels does).
-_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    if _INTERP:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if _INTERP:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """x.to(dtype); in the interpreter, round bfloat16 to nearest even (it would truncate)."""
-    if _INTERP:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
-    return 1.0 - 2.0 / (e + 1.0)
+# the dot, cast and tanh helpers of the attention kernels (interpreter-safe bf16 handling)
+from ._kernels import _cast, _dot, _dot_acc, _tanh
 
 
 @triton.jit
@@ -181,7 +137,7 @@ def _decode_inner(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(_cast(p, v.dtype), v, acc * alpha[:, None], IEEE)
+        acc = _dot_acc(_cast(p, v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
