@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import flashmux_cuda
-from flashmux.kvcache import DecodeParams, DecodeSpec
+from flashmux.kvcache import DecodeParams
+from flashmux.testing.decode import decode_spec
 from flashmux_cuda import abi
 
 HEADER = Path(flashmux_cuda.__file__).resolve().parents[2] / "csrc" / "flashmux_cuda.h"
@@ -202,33 +203,7 @@ def test_decode_plumbing_and_errors(tmp_path):
 
 
 def _spec(**kw):
-    base = dict(
-        kind="torch",
-        device_type="cuda",
-        device_name="NVIDIA H200",
-        compute_capability=(9, 0),
-        dtype="bfloat16",
-        batch=8,
-        seqlen_q=1,
-        seqlen_new=1,
-        heads_q=32,
-        heads_kv=8,
-        head_dim=128,
-        head_dim_v=128,
-        capacity=4096,
-        paged=False,
-        page_size=0,
-        causal=True,
-        window=False,
-        softcap=False,
-        alibi=False,
-        return_lse=False,
-        num_splits=None,
-        traced=False,
-        requires_grad=False,
-    )
-    base.update(kw)
-    return DecodeSpec(**base)
+    return decode_spec(**{"kind": "torch", **kw})
 
 
 def test_backend_decode_declines():

@@ -19,7 +19,8 @@ jnp = jax.numpy
 
 import flashmux  # noqa: E402
 from flashmux import reference  # noqa: E402
-from flashmux.kvcache import DecodeParams, DecodeSpec  # noqa: E402
+from flashmux.kvcache import DecodeParams  # noqa: E402
+from flashmux.testing.decode import decode_spec  # noqa: E402
 
 
 def _backend():
@@ -244,33 +245,7 @@ def test_public_api_under_jit_with_donated_caches():
 
 
 def _spec(**kw):
-    base = dict(
-        kind="jax",
-        device_type="cuda",
-        device_name="NVIDIA H200",
-        compute_capability=(9, 0),
-        dtype="bfloat16",
-        batch=8,
-        seqlen_q=1,
-        seqlen_new=1,
-        heads_q=32,
-        heads_kv=8,
-        head_dim=128,
-        head_dim_v=128,
-        capacity=4096,
-        paged=False,
-        page_size=0,
-        causal=True,
-        window=False,
-        softcap=False,
-        alibi=False,
-        return_lse=False,
-        num_splits=None,
-        traced=False,
-        requires_grad=False,
-    )
-    base.update(kw)
-    return DecodeSpec(**base)
+    return decode_spec(**{"kind": "jax", **kw})
 
 
 def test_gpu_declines_and_cpu_accepts():
