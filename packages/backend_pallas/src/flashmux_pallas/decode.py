@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass, replace
 
 from ._compat import block_spec, out_struct, pallas, triton_params
+from .ops import _next_pow2
 from .triton_kernels import LN2, LOG2E, _exp2
 
 # GPU programs per SM the split heuristic aims at, and the fewest keys worth a split.
@@ -72,13 +73,6 @@ def tuning(**kw):
         yield
     finally:
         _override.pop()
-
-
-def _next_pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
