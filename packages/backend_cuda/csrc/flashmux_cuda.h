@@ -41,6 +41,20 @@ typedef struct FmxAttnArgs {
   int32_t deterministic;
 } FmxAttnArgs;
 
+/* Optional operands of one attention call (fmx_attn_fwd_ext / fmx_attn_bwd_ext, added after ABI
+ * version 1: additive, look the symbols up; fmx_attn_fwd/bwd are the _ext calls with ext NULL).
+ * struct_size is the caller's sizeof(FmxAttnExt): fields past it read as zero, so fields can be
+ * appended later without breaking older callers. Pass the same ext to the forward and backward. */
+typedef struct FmxAttnExt {
+  int64_t struct_size;
+  /* ALiBi: NULL, or float32 slopes (heads_q,) or (batch, heads_q) on the device: element (b, h)
+   * at b * alibi_stride + h (b: the sequence; varlen: its index in cu_seqlens). The score of
+   * query i and key j of a sequence becomes s_ij - slope * |i + seqlen_k - seqlen_q - j| after
+   * scale and softcap, before the masks. sm80 family (the sm90 forward steps aside). */
+  const float *alibi_slopes;
+  int64_t alibi_stride;          /* 0 for (heads_q,) slopes; >= heads_q for (batch, heads_q) */
+} FmxAttnExt;
+
 /* KV-cache decode (fmx_decode): split-KV attention of a few query rows against a contiguous
  * cache (k_cache (batch, capacity, heads_kv, head_dim)) or a paged one (k_cache (num_pages,
  * page_size, heads_kv, head_dim) with block_table (batch, max_pages) int32). The keys of
@@ -74,6 +88,8 @@ size_t fmx_decode_workspace_size(const FmxDecodeArgs *args);
 int fmx_abi_version(void);
 int fmx_attn_fwd(const FmxAttnArgs *args, void *stream);   /* 0 ok; else error code, message via fmx_last_error */
 int fmx_attn_bwd(const FmxAttnArgs *args, void *stream);
+int fmx_attn_fwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *stream);  /* ext may be NULL */
+int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *stream);
 size_t fmx_attn_bwd_workspace_size(const FmxAttnArgs *args);
 const char *fmx_last_error(void);   /* thread-local message of the last failure */
 #ifdef __cplusplus

@@ -12,6 +12,7 @@
 #ifdef FMX_HAS_SM90
 #include "sm90/sm90_api.h"  // built when the arch list has a 9.x (build.py); sm_90a code
 #endif
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include "decode/decode_api.h"
@@ -155,6 +156,28 @@ int build_params(const FmxAttnArgs *a, fmx::Params &p, bool backward) {
   return FMX_OK;
 }
 
+// The optional operands (FmxAttnExt, struct_size bytes of it) into p.
+int apply_ext(const FmxAttnArgs *a, const FmxAttnExt *ext, fmx::Params &p) {
+  if (ext == nullptr) return FMX_OK;
+  if (ext->struct_size < (int64_t)sizeof(int64_t))
+    return fail(FMX_ERR_INVALID_ARGUMENT, "ext->struct_size = %lld is too small",
+                (long long)ext->struct_size);
+  FmxAttnExt e;
+  std::memset(&e, 0, sizeof(e));
+  std::memcpy(&e, ext, std::min<size_t>(sizeof(e), (size_t)ext->struct_size));
+  if (e.alibi_slopes != nullptr) {
+    if ((reinterpret_cast<uintptr_t>(e.alibi_slopes) & 3) != 0)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "alibi_slopes must be 4-byte aligned float32");
+    if (e.alibi_stride != 0 && e.alibi_stride < a->heads_q)
+      return fail(FMX_ERR_INVALID_ARGUMENT,
+                  "alibi_stride must be 0 ((heads_q,) slopes) or >= heads_q = %d, got %lld",
+                  a->heads_q, (long long)e.alibi_stride);
+    p.alibi = e.alibi_slopes;
+    p.alibi_bs = e.alibi_stride;
+  }
+  return FMX_OK;
+}
+
 struct WorkspaceLayout {
   size_t dq_accum, dsum, sem, total;
 };
@@ -179,6 +202,7 @@ WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
 bool use_sm90_fwd(const fmx::Params &p, int cc) {
 #ifdef FMX_HAS_SM90
   if (cc != 90) return false;
+  if (p.alibi != nullptr) return false;  // the sm90 forward takes no ALiBi slopes
   const char *env = std::getenv("FLASHMUX_CUDA_FAMILY");
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   return fmx::sm90::fwd_unsupported(p) == nullptr;
@@ -260,10 +284,14 @@ size_t fmx_attn_bwd_workspace_size(const FmxAttnArgs *args) {
   return workspace_layout(args).total;
 }
 
-int fmx_attn_fwd(const FmxAttnArgs *args, void *stream) {
+int fmx_attn_fwd(const FmxAttnArgs *args, void *stream) { return fmx_attn_fwd_ext(args, nullptr, stream); }
+int fmx_attn_bwd(const FmxAttnArgs *args, void *stream) { return fmx_attn_bwd_ext(args, nullptr, stream); }
+
+int fmx_attn_fwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *stream) {
   fmx::Params p;
   int rc = build_params(args, p, false);
   if (rc) return rc;
+  if ((rc = apply_ext(args, ext, p))) return rc;
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return FMX_OK;  // empty problem
   int cc = 0;
   if ((rc = check_device(&cc))) return rc;
@@ -272,10 +300,11 @@ int fmx_attn_fwd(const FmxAttnArgs *args, void *stream) {
   return FMX_OK;
 }
 
-int fmx_attn_bwd(const FmxAttnArgs *args, void *stream) {
+int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *stream) {
   fmx::Params p;
   int rc = build_params(args, p, true);
   if (rc) return rc;
+  if ((rc = apply_ext(args, ext, p))) return rc;
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) {
     return FMX_OK;  // nothing to do (dk/dv of an empty query set are the caller's zeros)
   }

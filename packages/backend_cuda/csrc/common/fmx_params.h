@@ -23,6 +23,10 @@ struct Params {
   float score_log2;            // multiplier turning the (capped) score into log2 units
   float score_nat;             // multiplier turning the (capped) score into natural units
   int32_t window_left, window_right;  // -1 => unbounded (causal folded into window_right)
+  // ALiBi (SPEC "ALiBi"; fmx_attn_*_ext): NULL, or float32 slopes with (b, h) at b * alibi_bs + h.
+  // The score of (i, j) gets -slope * |i + sk - sq - j| after softcap, before the mask.
+  const float *alibi;
+  int64_t alibi_bs;
 
   // Backward operands.
   const void *dout;

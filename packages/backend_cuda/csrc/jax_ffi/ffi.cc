@@ -6,9 +6,10 @@
 // (flashmux_cuda.abi.make_args); the handlers re-check what they rely on and report a clean
 // error instead of launching on something unexpected.
 //
-// Forward:  q, k, v, cu_seqlens_q, cu_seqlens_k -> out, lse
-// Backward: dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k -> dq, dk, dv, workspace
-// Padded calls pass cu_seqlens as dummy int32 vectors and varlen=0; has_dlse=0 passes a dummy dlse.
+// Forward:  q, k, v, cu_seqlens_q, cu_seqlens_k, alibi -> out, lse
+// Backward: dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi -> dq, dk, dv, workspace
+// Padded calls pass cu_seqlens as dummy int32 vectors and varlen=0; has_dlse=0 passes a dummy dlse;
+// has_alibi=0 a dummy alibi (else float32 slopes (Hq,) or (B, Hq), run through fmx_attn_*_ext).
 
 #include <cuda_runtime_api.h>
 
@@ -101,31 +102,58 @@ ffi::Error fill_forward(FmxAttnArgs& a, const Attrs& at, const ffi::AnyBuffer& q
   return ffi::Error::Success();
 }
 
+// FmxAttnExt for the ALiBi operand (dense float32 (Hq,) or (B, Hq)); used = false without one.
+ffi::Error fill_ext(FmxAttnExt& e, const FmxAttnArgs& a, const ffi::AnyBuffer& alibi,
+                    int32_t has_alibi, bool& used) {
+  std::memset(&e, 0, sizeof(e));
+  e.struct_size = sizeof(e);
+  used = has_alibi != 0;
+  if (!used) return ffi::Error::Success();
+  auto d = alibi.dimensions();
+  if (alibi.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("flashmux_cuda: alibi_slopes must be float32");
+  if (d.size() == 1 && d[0] == a.heads_q) {
+    e.alibi_stride = 0;
+  } else if (d.size() == 2 && d[0] == a.batch && d[1] == a.heads_q) {
+    e.alibi_stride = a.heads_q;
+  } else {
+    return ffi::Error::InvalidArgument("flashmux_cuda: alibi_slopes must be (Hq,) or (B, Hq)");
+  }
+  e.alibi_slopes = static_cast<const float*>(alibi.untyped_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error status(int rc) {
   if (rc == 0) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("flashmux_cuda: ") + fmx_last_error());
 }
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, ffi::Result<ffi::AnyBuffer> out,
-                   ffi::Result<ffi::AnyBuffer> lse, float scale, float softcap, int32_t causal,
-                   int32_t window_left, int32_t window_right, int32_t varlen,
-                   int32_t max_seqlen_q, int32_t max_seqlen_k) {
+                   ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, ffi::AnyBuffer alibi,
+                   ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse, float scale,
+                   float softcap, int32_t causal, int32_t window_left, int32_t window_right,
+                   int32_t varlen, int32_t max_seqlen_q, int32_t max_seqlen_k,
+                   int32_t has_alibi) {
   Attrs at{scale, softcap, causal, window_left, window_right, varlen, max_seqlen_q, max_seqlen_k, 0};
   FmxAttnArgs a;
   auto err = fill_forward(a, at, q, k, v, cu_q, cu_k, out->untyped_data(), lse->untyped_data());
   if (err.failure()) return err;
-  return status(fmx_attn_fwd(&a, stream));
+  FmxAttnExt e;
+  bool used = false;
+  err = fill_ext(e, a, alibi, has_alibi, used);
+  if (err.failure()) return err;
+  return status(fmx_attn_fwd_ext(&a, used ? &e : nullptr, stream));
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
                    ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                    ffi::AnyBuffer lse, ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k,
-                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::AnyBuffer alibi, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
                    float scale, float softcap, int32_t causal, int32_t window_left,
                    int32_t window_right, int32_t varlen, int32_t max_seqlen_q,
-                   int32_t max_seqlen_k, int32_t deterministic, int32_t has_dlse) {
+                   int32_t max_seqlen_k, int32_t deterministic, int32_t has_dlse,
+                   int32_t has_alibi) {
   Attrs at{scale,  softcap,      causal,       window_left,  window_right,
            varlen, max_seqlen_q, max_seqlen_k, deterministic};
   FmxAttnArgs a;
@@ -154,7 +182,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer dlse
       return ffi::Error::Internal(std::string("flashmux_cuda: workspace memset: ") +
                                   cudaGetErrorString(e));
   }
-  return status(fmx_attn_bwd(&a, stream));
+  FmxAttnExt e;
+  bool used = false;
+  err = fill_ext(e, a, alibi, has_alibi, used);
+  if (err.failure()) return err;
+  return status(fmx_attn_bwd_ext(&a, used ? &e : nullptr, stream));
 }
 
 }  // namespace
@@ -167,6 +199,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaFwd, FwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_q
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_k
+                                  .Arg<ffi::AnyBuffer>()  // alibi slopes (or a dummy)
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<float>("scale")
@@ -176,7 +209,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaFwd, FwdImpl,
                                   .Attr<int32_t>("window_right")
                                   .Attr<int32_t>("varlen")
                                   .Attr<int32_t>("max_seqlen_q")
-                                  .Attr<int32_t>("max_seqlen_k"));
+                                  .Attr<int32_t>("max_seqlen_k")
+                                  .Attr<int32_t>("has_alibi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                               ffi::Ffi::Bind()
@@ -190,6 +224,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // lse
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_q
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_k
+                                  .Arg<ffi::AnyBuffer>()  // alibi slopes (or a dummy)
                                   .Ret<ffi::AnyBuffer>()  // dq
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
@@ -203,4 +238,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
                                   .Attr<int32_t>("deterministic")
-                                  .Attr<int32_t>("has_dlse"));
+                                  .Attr<int32_t>("has_dlse")
+                                  .Attr<int32_t>("has_alibi"));

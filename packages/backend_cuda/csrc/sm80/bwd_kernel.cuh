@@ -233,6 +233,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2, inv_cap = capped ? 1.f / p.softcap : 0.f;
   const int64_t dq_blk = (int64_t)p.hq * p.d * 8;  // dq_accum floats per group of 8 rows
+  const bool alibi_on = p.alibi != nullptr;  // ALiBi: CTA-uniform branches, as in the forward
 
   // Per step (FlashAttention-2 order): S = Q K^T; P -> smem; dP = dO V^T (overlaps the P
   // stores); dS -> smem; barrier; dV += P^T dO; dQ = dS K and its atomics; dK += dS^T Q (the
@@ -265,6 +266,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
     }
+    // ALiBi after softcap, before the mask. S then holds capped score + bias; the softcap
+    // derivative below needs the capped score alone and adds the bias back (pass2, kAlibi).
+    const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
+    if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n0);
     if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
 
     // P = exp(s - lse) on allowed keys (rows past the end and fully masked rows get 0). Without
@@ -311,17 +316,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     {
       Tensor dP = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
       const float scale = p.scale;
-      auto pass2 = [&](auto capped_c) {
+      auto pass2 = [&](auto capped_c, auto alibi_c) {
         constexpr bool kCapped = decltype(capped_c)::value;
+        constexpr bool kAlibi = decltype(alibi_c)::value;  // only with kCapped
+        [[maybe_unused]] const int col0 = get<1>(cSrc(0, 0));
         CUTE_UNROLL
         for (int r = 0; r < size<0>(S); ++r) {
           const float ds = s_dsum[buf * BM + get<0>(cSrc(r, 0))] * scale;
+          [[maybe_unused]] const float d0 =
+              static_cast<float>(m0 + get<0>(cSrc(r, 0)) + si.off - n0 - col0);
           CUTE_UNROLL
           for (int c = 0; c < size<1>(S); ++c) {
             if constexpr (kCapped) {
               const float x = S(r, c);
               const float pr = fast_exp2(fmaf(x, sl2, -lrow[r]));
-              const float t = fminf(fabsf(x * inv_cap), 1.f);
+              // the capped score: S minus the ALiBi bias (apply_alibi's distance, added back)
+              float xc = x;
+              if constexpr (kAlibi) {
+                const float cc = static_cast<float>(get<1>(cSrc(r, c)) - col0);
+                xc = fmaf(slope, fabsf(d0 - cc), x);
+              }
+              const float t = fminf(fabsf(xc * inv_cap), 1.f);
               dP(r, c) = pr * fmaf(dP(r, c), scale, -ds) * (1.f - t * t);
             } else {
               dP(r, c) = S(r, c) * fmaf(dP(r, c), scale, -ds);
@@ -329,10 +344,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
           }
         }
       };
-      if (capped) {
-        pass2(cute::true_type{});
+      if (capped && alibi_on) {
+        pass2(cute::true_type{}, cute::true_type{});
+      } else if (capped) {
+        pass2(cute::true_type{}, cute::false_type{});
       } else {
-        pass2(cute::false_type{});
+        pass2(cute::false_type{}, cute::false_type{});
       }
       Tensor rdS = to_element<Element>(acc_dp);
       copy(cpC_sdp, cpC_sdp_t.retile_S(rdS), tPsdS);

@@ -111,6 +111,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   const bool capped = p.softcap > 0.f;
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2;
+  // ALiBi: a CTA-uniform branch per tile (no extra instantiation); off: not a single FLOP.
+  const bool alibi_on = p.alibi != nullptr;
+  const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
 
   // One loop iteration; instantiated with and without the mask so that interior tiles run no
   // mask code at all (the compiler would otherwise predicate it rather than branch over it).
@@ -135,6 +138,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
     }
     const int n0 = n * BN;
+    if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n0);
     if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n0);
 
     cp_async_wait<0>();
@@ -323,6 +327,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
   const bool capped = p.softcap > 0.f;
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2;
+  // ALiBi: a CTA-uniform branch per tile (no extra instantiation); off: not a single FLOP.
+  const bool alibi_on = p.alibi != nullptr;
+  const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
 
   auto iteration = [&](const int n, const int stage, auto mask_c) __attribute__((always_inline)) {
     constexpr bool kMask = decltype(mask_c)::value;
@@ -353,6 +360,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
       }
+      if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n * BN + ch * SN);
       if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n * BN + ch * SN);
 
       // Online softmax (base 2, scale folded into one FFMA), as in fwd_kernel.

@@ -142,5 +142,29 @@ __device__ __forceinline__ void apply_mask(STensor &S, CTensor const &C, const P
   }
 }
 
+// ALiBi: the slope of (sequence b, query head h) in the accumulator's units (the scores are
+// s * score_nat in natural units: the bias -slope * |d| is -slope / score_nat * |d| here).
+__device__ __forceinline__ float alibi_slope_acc(const Params &p, int b, int h) {
+  return p.alibi[(int64_t)b * p.alibi_bs + h] / p.score_nat;
+}
+
+// S(r, c) -= slope * |i + off - j| for the tile of query rows m0.. and keys n0.. (C as in
+// apply_mask). Per element one FADD and one FFMA (|x| is an operand modifier): the distance of
+// row r is computed once and the static column offsets are folded in as constants.
+template <typename STensor, typename CTensor>
+__device__ __forceinline__ void apply_alibi(STensor &S, CTensor const &C, float slope,
+                                            const SeqInfo &si, int m0, int n0) {
+  const int col0 = get<1>(C(0, 0));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(S); ++r) {
+    const float d0 = static_cast<float>(m0 + get<0>(C(r, 0)) + si.off - n0 - col0);
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(S); ++c) {
+      const float cc = static_cast<float>(get<1>(C(r, c)) - col0);
+      S(r, c) = fmaf(-slope, fabsf(d0 - cc), S(r, c));
+    }
+  }
+}
+
 }  // namespace sm80
 }  // namespace fmx

@@ -29,5 +29,36 @@ inline const char *fwd_unsupported(const Params &p) {
 }
 
 template <int D> int run_fwd(const Params &p, int dtype, cudaStream_t stream);
+
+// ---- backward (bwd_kernel.cuh, bwd_hdim*.cu, bwd_aux.cu) ------------------------------------
+// Same head dims as the forward.
+inline int bwd_head_dim(int d) { return fwd_head_dim(d); }
+
+// nullptr when the sm90 backward runs this problem, else why not (the sm80 backward runs it).
+// The API file also applies the forward's call-level conditions (use_sm90_fwd). Mirrored in
+// Python by flashmux_cuda.family.backward_family.
+inline const char *bwd_unsupported(const Params &p) {
+  if (const char *why = fwd_unsupported(p)) return why;
+  if (p.deterministic) return "deterministic";
+  const int64_t s[] = {p.do_rs, p.do_hs, p.do_bs};
+  for (int64_t x : s)
+    if (x <= 0 || x % 8 != 0) return "strides";
+  return nullptr;
+}
+
+// Query rows of the padded lse2/dsum rows the sm90 backward reads (a multiple of every BM).
+inline int bwd_sq_pad(int seqlen_q) { return (seqlen_q + 127) / 128 * 128; }
+// Workspace floats the sm90 backward needs beside the sm80 layout: lse2 and dsum, each
+// (batch, hq, bwd_sq_pad(seqlen_q)).
+inline size_t bwd_extra_floats(int batch, int hq, int seqlen_q) {
+  return 2 * (size_t)batch * (size_t)hq * (size_t)bwd_sq_pad(seqlen_q);
+}
+
+// lse2 = lse * log2(e) (+inf where lse = -inf and past seqlen_q), dsum = rowsum(dO * O) - dlse
+// (0 past seqlen_q), both (batch, hq, sq_pad).
+int run_bwd_preprocess(const Params &p, float *lse2, float *dsum, int dtype, cudaStream_t stream);
+// The main backward: dK, dV written, dQ added into p.dq_accum (the sm80 convert kernel follows).
+template <int D>
+int run_bwd(const Params &p, const float *lse2, const float *dsum, int dtype, cudaStream_t stream);
 }  // namespace sm90
 }  // namespace fmx

@@ -119,6 +119,7 @@ class CudaBackend(Backend):
             softcap=params.softcap,
             head_dim=int(q.shape[-1]),
             seqlen_k=int(k.shape[-3]),
+            alibi=bool(getattr(params, "alibi", False)),
         )
         return {"forward": fam.describe(fwd, why), "backward": fam.describe(fam.SM80, None)}
 
@@ -140,32 +141,47 @@ class CudaBackend(Backend):
                 jax_glue.register(b.build_jax_ffi(cfg, Path(lib.path)))
                 self._jax_ready = True
 
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+    @staticmethod
+    def _no_block_mask(block_mask) -> None:
+        if block_mask is not None:
+            from .abi import Unsupported
+
+            raise Unsupported("block masks are not implemented in the CUDA kernels")
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
+                block_mask=None):
         if params.dropout_p:
             from .abi import Unsupported
 
             raise Unsupported("dropout not implemented in CUDA kernels")
+        self._no_block_mask(block_mask)
         if self._is_jax(q):
             from . import jax_glue
 
             self._ensure_jax()
-            return jax_glue.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+            return jax_glue.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params,
+                                    alibi_slopes=alibi_slopes)
         from . import torch_glue
 
-        return torch_glue.forward(self.lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+        return torch_glue.forward(self.lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params,
+                                  alibi_slopes=alibi_slopes)
 
-    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+    def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+                 alibi_slopes=None, block_mask=None):
+        self._no_block_mask(block_mask)
         if self._is_jax(q):
             from . import jax_glue
 
             self._ensure_jax()
             return jax_glue.backward(
-                self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params
+                self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+                alibi_slopes=alibi_slopes,
             )
         from . import torch_glue
 
         return torch_glue.backward(
-            self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params
+            self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+            alibi_slopes=alibi_slopes,
         )
 
     # -- KV-cache decode (csrc/decode/) ----------------------------------------------------
@@ -246,7 +262,8 @@ backend = CudaBackend(
         dtypes=frozenset({"float16", "bfloat16"}),
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(8, 0),
-        features=frozenset(FEATURES) - {"dropout", "dv_differs"},
+        # ALiBi in the sm80 kernels (forward and backward); block masks declined (reason).
+        features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi"},
         runs_under_jit=True,
     ),
 )

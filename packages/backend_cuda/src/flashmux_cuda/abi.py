@@ -70,6 +70,17 @@ class FmxAttnArgs(ctypes.Structure):
     ]
 
 
+class FmxAttnExt(ctypes.Structure):
+    """Mirror of `FmxAttnExt` in flashmux_cuda.h: the optional operands of fmx_attn_*_ext
+    (added after ABI version 1; struct_size lets the C side read older, shorter structs)."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_int64),
+        ("alibi_slopes", ctypes.c_void_p),
+        ("alibi_stride", ctypes.c_int64),
+    ]
+
+
 class Unsupported(ValueError):
     """A valid problem that the CUDA kernels do not cover (the dispatcher normally filters these)."""
 
@@ -223,6 +234,37 @@ def make_args(
     return args
 
 
+def make_ext(alibi: ArrayRef | None, batch: int, heads_q: int) -> FmxAttnExt | None:
+    """Check the optional operands and fill FmxAttnExt; None when there are none (plain call).
+
+    alibi: float32 slopes (heads_q,) or (batch, heads_q), last dimension contiguous; `batch` is
+    the number of sequences (varlen: len(cu_seqlens) - 1).
+    """
+    if alibi is None:
+        return None
+    if alibi.dtype != "float32":
+        raise ValueError(f"alibi_slopes: expected float32, got {alibi.dtype}")
+    if tuple(alibi.shape) == (heads_q,):
+        stride = 0
+    elif tuple(alibi.shape) == (batch, heads_q):
+        stride = int(alibi.strides[0]) if batch > 1 else heads_q
+    else:
+        raise ValueError(
+            f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {alibi.shape}"
+        )
+    if heads_q > 1 and alibi.strides[-1] != 1:
+        raise ValueError(f"alibi_slopes: the head dimension must be contiguous, strides {alibi.strides}")
+    if stride and stride < heads_q:
+        raise ValueError(f"alibi_slopes: batch stride {stride} < heads {heads_q}")
+    if alibi.ptr % 4:
+        raise ValueError(f"alibi_slopes: data pointer {alibi.ptr:#x} is not 4-byte aligned")
+    ext = FmxAttnExt()
+    ext.struct_size = ctypes.sizeof(FmxAttnExt)
+    ext.alibi_slopes = alibi.ptr or None
+    ext.alibi_stride = stride
+    return ext
+
+
 def add_backward(
     args: FmxAttnArgs,
     dout: ArrayRef,
@@ -284,11 +326,28 @@ class Library:
             cls = Unsupported if rc == 2 else ValueError if rc == 1 else KernelError
             raise cls(f"flashmux_cuda {what}: {kind}: {msg}")
 
-    def forward(self, args: FmxAttnArgs, stream: int) -> None:
-        self._check(self.lib.fmx_attn_fwd(ctypes.byref(args), stream or None), "forward")
+    def _ext_fn(self, name: str):
+        """fmx_attn_{fwd,bwd}_ext, typed; KernelError when the library predates them."""
+        fn = getattr(self.lib, name, None)
+        if fn is None:
+            raise KernelError(f"{self.path} has no {name} (built before ALiBi support: rebuild)")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(FmxAttnArgs), ctypes.POINTER(FmxAttnExt), ctypes.c_void_p]
+        return fn
 
-    def backward(self, args: FmxAttnArgs, stream: int) -> None:
-        self._check(self.lib.fmx_attn_bwd(ctypes.byref(args), stream or None), "backward")
+    def forward(self, args: FmxAttnArgs, stream: int, ext: FmxAttnExt | None = None) -> None:
+        if ext is None:
+            self._check(self.lib.fmx_attn_fwd(ctypes.byref(args), stream or None), "forward")
+        else:
+            rc = self._ext_fn("fmx_attn_fwd_ext")(ctypes.byref(args), ctypes.byref(ext), stream or None)
+            self._check(rc, "forward")
+
+    def backward(self, args: FmxAttnArgs, stream: int, ext: FmxAttnExt | None = None) -> None:
+        if ext is None:
+            self._check(self.lib.fmx_attn_bwd(ctypes.byref(args), stream or None), "backward")
+        else:
+            rc = self._ext_fn("fmx_attn_bwd_ext")(ctypes.byref(args), ctypes.byref(ext), stream or None)
+            self._check(rc, "backward")
 
     def workspace_size(self, args: FmxAttnArgs) -> int:
         return int(self.lib.fmx_attn_bwd_workspace_size(ctypes.byref(args)))

@@ -6,7 +6,8 @@ explain() can say it without launching anything. Keep the two in step.
 
 - forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
   library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
-  padded (not varlen), no softcap, head_dim <= 64 or 97..128, seqlen_k > 0, positive strides.
+  padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..128, seqlen_k > 0, positive
+  strides.
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm80`` always (the sm90 backward is not written yet).
 """
@@ -39,6 +40,7 @@ def forward_family(
     head_dim: int,
     seqlen_k: int,
     env: str | None = None,
+    alibi: bool = False,
 ) -> tuple[str, str | None]:
     """(family, why the sm90 family is not used or None). `families` is the library's
     fmx_families() bit mask (None: unknown, assumed built for this device); `env` defaults to
@@ -54,6 +56,8 @@ def forward_family(
         return SM80, "sm90 forward lacks varlen"
     if softcap:
         return SM80, "sm90 forward lacks softcap"
+    if alibi:
+        return SM80, "sm90 forward lacks ALiBi"
     if sm90_fwd_head_dim(head_dim) == 0:
         return SM80, f"sm90 forward has head_dim <= 64 and 97..128, not {head_dim}"
     if seqlen_k <= 0:

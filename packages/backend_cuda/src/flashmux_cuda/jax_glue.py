@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .abi import ALIGN_ELEMS, ArrayRef, add_backward, make_args
+from .abi import ALIGN_ELEMS, ArrayRef, add_backward, make_args, make_ext
 
 FWD_TARGET = "flashmux_cuda_fwd"
 BWD_TARGET = "flashmux_cuda_bwd"
@@ -107,13 +107,25 @@ def _check(q, k, v, out_shape, params, cu_q):
     )
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+def _alibi(alibi_slopes, q, cu_q, params):
+    """(operand, has_alibi): float32 slopes (checked on shapes at trace time) or a dummy."""
+    if alibi_slopes is None:
+        return jnp.zeros((1,), jnp.float32), np.int32(0)
+    sl = jnp.asarray(alibi_slopes).astype(jnp.float32)
+    batch = (cu_q.shape[0] - 1) if params.varlen else q.shape[0]
+    make_ext(ArrayRef("alibi_slopes", 0, tuple(sl.shape), _dense_strides(sl.shape), "float32"),
+             batch, q.shape[-2])
+    return sl, np.int32(1)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_pad(x, _padded_dim(d)) for x in (q, k))
     vp = _pad(v, _padded_dim(dv))
     attrs, cu_q, cu_k = _common(params, cu_seqlens_q, cu_seqlens_k)
     out_shape = qp.shape[:-1] + (vp.shape[-1],)
     _check(qp, kp, vp, out_shape, params, cu_q)
+    alibi, has_alibi = _alibi(alibi_slopes, q, cu_q, params)
     out, lse = jax.ffi.ffi_call(
         FWD_TARGET,
         (
@@ -121,13 +133,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params):
             jax.ShapeDtypeStruct(_lse_shape(q, params.varlen), jnp.float32),
         ),
         vmap_method="sequential",
-    )(qp, kp, vp, cu_q, cu_k, **attrs)
+    )(qp, kp, vp, cu_q, cu_k, alibi, has_alibi=has_alibi, **attrs)
     if out.shape[-1] != v.shape[-1]:
         out = out[..., : v.shape[-1]]
     return out, lse
 
 
-def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
+def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+             alibi_slopes=None):
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_pad(x, _padded_dim(d)) for x in (q, k))
     vp, outp, dop = (_pad(x, _padded_dim(dv)) for x in (v, out, do))
@@ -145,6 +158,7 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         q_shape=qp.shape,
         k_shape=kp.shape,
     )
+    alibi, has_alibi = _alibi(alibi_slopes, q, cu_q, params)
     nbytes = max(int(lib.workspace_size(args)), 1)
     has_dlse = dlse is not None
     dlse_arg = dlse.astype(jnp.float32) if has_dlse else jnp.zeros((1,), jnp.float32)
@@ -167,8 +181,10 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         lse,
         cu_q,
         cu_k,
+        alibi,
         deterministic=np.int32(bool(params.deterministic)),
         has_dlse=np.int32(has_dlse),
+        has_alibi=has_alibi,
         **attrs,
     )
     if qp.shape[-1] != d:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .abi import ALIGN_BYTES, ALIGN_ELEMS, ArrayRef, add_backward, make_args
+from .abi import ALIGN_BYTES, ALIGN_ELEMS, ArrayRef, add_backward, make_args, make_ext
 
 _DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -69,8 +69,25 @@ def _stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
-    """(out, lse): out like q with v's head_dim, lse (B, Hq, Sq) or varlen (Hq, Tq) float32."""
+def _ext(alibi_slopes, q, cu_q):
+    """FmxAttnExt for the optional operands (ALiBi slopes), None for a plain call. The slopes
+    become float32 and contiguous on q's device (a no-op for the usual float32 tensor)."""
+    if alibi_slopes is None:
+        return None, None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes: expected a torch.Tensor, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes: on {alibi_slopes.device}, q is on {q.device}")
+    sl = alibi_slopes.to(torch.float32).contiguous()
+    batch = (cu_q.shape[0] - 1) if cu_q is not None else q.shape[0]
+    hq = q.shape[-2]
+    return make_ext(ArrayRef("alibi_slopes", sl.data_ptr(), tuple(sl.shape), tuple(sl.stride()),
+                             "float32"), batch, hq), sl
+
+
+def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
+    """(out, lse): out like q with v's head_dim, lse (B, Hq, Sq) or varlen (Hq, Tq) float32.
+    alibi_slopes: None or float32 (Hq,) / (B, Hq) on q's device."""
     if q.device.type != "cuda":
         raise ValueError(f"q: the CUDA backend needs CUDA tensors, got {q.device}")
     d, dv = q.shape[-1], v.shape[-1]
@@ -98,14 +115,16 @@ def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
             cu_seqlens_k=cu_k.data_ptr() if cu_k is not None else 0,
             batch=(cu_q.shape[0] - 1) if cu_q is not None else None,
         )
-        lib.forward(args, _stream(q.device))
+        ext, _slopes = _ext(alibi_slopes, q, cu_q)  # _slopes keeps the buffer alive
+        lib.forward(args, _stream(q.device), ext)
     if out.shape[-1] != v.shape[-1]:
         out = out[..., : v.shape[-1]].contiguous()  # the core's fake impl says contiguous
     return out, lse
 
 
-def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params):
-    """(dq, dk, dv) shaped like q, k, v."""
+def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
+             alibi_slopes=None):
+    """(dq, dk, dv) shaped like q, k, v (no gradient for the ALiBi slopes)."""
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_readable(_pad(t, _padded_dim(d))) for t in (q, k))
     vp, outp, dop = (_readable(_pad(t, _padded_dim(dv))) for t in (v, out, do))
@@ -146,7 +165,8 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         if workspace is not None:
             args.workspace = workspace.data_ptr()
             args.workspace_bytes = nbytes
-        lib.backward(args, _stream(q.device))
+        ext, _slopes = _ext(alibi_slopes, q, cu_q)
+        lib.backward(args, _stream(q.device), ext)
         for res, buf in ((dq_res, dq), (dk_res, dk), (dv_res, dv)):
             if buf is not res:
                 res.copy_(buf[..., : res.shape[-1]])
