@@ -71,7 +71,8 @@ class PallasBackend(Backend):
         }
 
     def forward(
-        self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, alibi_slopes=None
+        self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, alibi_slopes=None,
+        dropout_seed=None,
     ):
         from . import ops
 
@@ -84,6 +85,7 @@ class PallasBackend(Backend):
             params,
             residual=residual,
             alibi_slopes=alibi_slopes,
+            dropout_seed=dropout_seed,
         )
 
     def backward(
@@ -100,6 +102,7 @@ class PallasBackend(Backend):
         params,
         out_residual=None,
         alibi_slopes=None,
+        dropout_seed=None,
     ):
         from . import ops
 
@@ -116,6 +119,7 @@ class PallasBackend(Backend):
             params,
             out_residual=out_residual,
             alibi_slopes=alibi_slopes,
+            dropout_seed=dropout_seed,
         )
 
     # -- KV-cache decode (decode.py) --------------------------------------------------------
@@ -183,7 +187,8 @@ def make_backend() -> PallasBackend:
             max_head_dim=256,
             min_compute_capability=(8, 0),
             # ALiBi in the Triton-lowering kernels; block masks are declined (their reason).
-            features=frozenset(FEATURES) | {"alibi"},
+            # seed_array: the dropout seed is always a kernel operand (dropout.seed_operand).
+            features=frozenset(FEATURES) | {"alibi", "seed_array"},
             runs_under_jit=True,
             out_residual=True,
             priority=50,

@@ -37,12 +37,45 @@ def threshold24(dropout_p: float) -> int:
     return int(np.round(float(dropout_p) * (1 << 24)))
 
 
-def keep(seed: int, dropout_p: float, b, h, i, j):
-    """Bool keep mask, broadcast over i (rows) and j (cols); b, h scalars (int32 or uint32)."""
+def seed_operand(seed):
+    """The kernels' seed operand: (1, 16) int32, every lane the 32-bit key (the bits of
+    seed32(seed) for a Python int; the low 32 bits of a scalar integer array, traced or not,
+    which for values below 2**32 is the same key). An operand, never a constant baked into the
+    kernel, so a new seed compiles nothing."""
+    import numbers
+
+    import jax.numpy as jnp
+    from jax import lax
+
+    if isinstance(seed, numbers.Integral):
+        s = seed32(int(seed))
+        word = jnp.int32(s - (1 << 32) if s >= 1 << 31 else s)
+    else:
+        word = lax.bitcast_convert_type(jnp.asarray(seed).reshape(()).astype(jnp.uint32),
+                                        jnp.int32)
+    return jnp.broadcast_to(word, (1, 16))
+
+
+def seed_of(ref):
+    """Inside a kernel: the uint32 key from a seed_operand block (all 16 lanes equal)."""
+    import jax.numpy as jnp
+
+    return jnp.max(ref[...]).astype(jnp.uint32)
+
+
+def keep(seed, dropout_p: float, b, h, i, j):
+    """Bool keep mask, broadcast over i (rows) and j (cols); b, h scalars (int32 or uint32).
+    seed: a Python int (folded by seed32) or a traced uint32 key (seed_of)."""
+    import numbers
+
     import jax.numpy as jnp
 
     u = jnp.uint32
-    key = _fmix(u(seed32(seed)) ^ _fmix(b.astype(jnp.uint32) + u(0x68E31DA4)))
+    if isinstance(seed, numbers.Integral):
+        key0 = u(seed32(seed))
+    else:  # a uint32 key (seed_of) or another scalar integer array: its low 32 bits
+        key0 = jnp.asarray(seed).reshape(()).astype(jnp.uint32)
+    key = _fmix(key0 ^ _fmix(b.astype(jnp.uint32) + u(0x68E31DA4)))
     key = _fmix(key ^ (h.astype(jnp.uint32) + u(0x1B56C4E9)))
     row = _fmix(key + i.astype(jnp.uint32) * u(_ROW))
     x = _fmix(row + j.astype(jnp.uint32) * u(_COL))

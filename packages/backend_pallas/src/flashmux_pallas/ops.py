@@ -204,7 +204,7 @@ def make_plan(sq, sk, d, dv, hq, hkv, dtype, params, interpret: bool) -> Plan:
         window_right=params.window_right,
         softcap=float(params.softcap) if params.softcap else None,
         dropout_p=float(params.dropout_p),
-        dropout_seed=int(params.dropout_seed) if params.dropout_p else 0,
+        dropout_seed=0,  # an operand (_seed below): a new seed compiles nothing
         varlen=bool(params.varlen),
         seqlen_q=sq,
         seqlen_k=sk,
@@ -304,10 +304,12 @@ def forward(
     residual: bool = False,
     interpret: bool | None = None,
     alibi_slopes=None,
+    dropout_seed=None,
 ):
     """-> (out, lse), or (out, lse, out_residual) with residual=True: out_residual has out's shape
     and dtype and holds float32 out - out (zeros for float32 inputs), for the backward's delta.
-    alibi_slopes: float32 (Hq,) or (B, Hq) (params.alibi), Triton lowering only."""
+    alibi_slopes: float32 (Hq,) or (B, Hq) (params.alibi), Triton lowering only.
+    dropout_seed: a scalar integer array (traced or not) in place of params.dropout_seed."""
     import jax.numpy as jnp
 
     if interpret is None:
@@ -319,7 +321,8 @@ def forward(
 
         res = mosaic_kernels.forward(q, k, v, params, residual=want)
     else:
-        res = _forward_triton(q, k, v, cu_q, cu_k, params, want, interpret, alibi_slopes)
+        res = _forward_triton(q, k, v, cu_q, cu_k, params, want, interpret, alibi_slopes,
+                              dropout_seed)
     if residual and not want:
         return (*res, jnp.zeros_like(res[0]))
     return res
@@ -335,12 +338,23 @@ def _slopes(alibi_slopes, q, cu_q, params, plan: Plan):
     return slopes_operand(alibi_slopes, batch, q.shape[-2])
 
 
-def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool, alibi_slopes):
+def _seed(params, dropout_seed):
+    """The kernels' (1, 16) int32 seed operand with dropout (the array seed, else the int)."""
+    if not params.dropout_p:
+        return None
+    from .dropout import seed_operand
+
+    return seed_operand(params.dropout_seed if dropout_seed is None else dropout_seed)
+
+
+def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool, alibi_slopes,
+                    dropout_seed=None):
     import jax.numpy as jnp
 
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     slopes = _slopes(alibi_slopes, q, cu_q, params, plan)
+    seed = _seed(params, dropout_seed)
     lq = lk = None
     if params.varlen:
         tq = q.shape[0]
@@ -349,7 +363,7 @@ def _forward_triton(q, k, v, cu_q, cu_k, params, residual: bool, interpret: bool
     qp = _pad(q, plan.sqp, plan.dp)
     kp = _pad(k, plan.skp, plan.dp)
     vp = _pad(v, plan.skp, plan.dvp)
-    outs = forward_call(qp, kp, vp, lq, lk, replace(plan.fwd, residual=residual), slopes)
+    outs = forward_call(qp, kp, vp, lq, lk, replace(plan.fwd, residual=residual), slopes, seed)
     out, lse = outs[0][:, :sq, :, :dv], outs[1][:, :, :sq]
     res = [outs[2][:, :sq, :, :dv]] if residual else []
     if params.varlen:
@@ -375,6 +389,7 @@ def backward(
     out_residual=None,
     interpret: bool | None = None,
     alibi_slopes=None,
+    dropout_seed=None,
 ):
     import jax.numpy as jnp
 
@@ -391,12 +406,13 @@ def backward(
     sq, sk, hq, hkv, d, dv = _shapes(q, k, v, params)
     plan = make_plan(sq, sk, d, dv, hq, hkv, q.dtype, params, interpret)
     slopes = _slopes(alibi_slopes, q, cu_q, params, plan)
+    seed = _seed(params, dropout_seed)
     do = do.astype(q.dtype)
     # Interpret mode inside shard_map: the interpreter's grid loop starts every output unvarying
     # and rejects the dQ kernel's delta output (computed straight from varying input blocks).
     if plan.dq.fused_delta and not (interpret and varying(q)):
         return _backward_fused(
-            do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual, plan, slopes
+            do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual, plan, slopes, seed
         )
     # delta_i = rowsum(dO * O) - dlse_i: the softmax backward's row term (dlse folds in here).
     # O is the float32 output when the forward saved its rounding error (out_residual): on rows
@@ -422,7 +438,7 @@ def backward(
     kp, vp = _pad(k, plan.skp, plan.dp), _pad(v, plan.skp, plan.dvp)
     lse2 = _pad(lse2, plan.sqp, None, seq_axis=2, value=jnp.inf)
     delta = _pad(delta, plan.sqp, None, seq_axis=2)
-    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes, seed)
     dq = dq_call(
         qp,
         kp,
@@ -434,6 +450,7 @@ def backward(
         lk,
         replace(plan.dq, fused_delta=False),
         slopes=slopes,
+        seed=seed,
     )
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
@@ -446,7 +463,8 @@ def _dq_lse2(lse2, plan: Plan):
     return lse2 - math.log2(plan.dq.scale) if plan.dq.scale_ds else lse2
 
 
-def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan, slopes=None):
+def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Plan, slopes=None,
+                    seed=None):
     """dQ first (it computes delta from O, r, dO and dlse), then dK/dV."""
     import jax.numpy as jnp
 
@@ -485,8 +503,9 @@ def _backward_fused(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, r, plan: Pl
         r=rp,
         dlse=dlse,
         slopes=slopes,
+        seed=seed,
     )
-    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes)
+    dk, dvv = dkdv_call(qp, kp, vp, dop, lse2, delta, lq, lk, plan.dkdv, slopes, seed)
     dq, dk, dvv = dq[:, :sq, :, :d], dk[:, :sk, :, :d], dvv[:, :sk, :, :dv]
     if params.varlen:
         dq, dk, dvv = _to_packed(dq, cu_q, tq), _to_packed(dk, cu_k, tk), _to_packed(dvv, cu_k, tk)

@@ -35,7 +35,7 @@ class Static:
     window_right: int | None
     softcap: float | None
     dropout_p: float
-    dropout_seed: int
+    dropout_seed: int  # always 0: the seed is an operand (dropout.seed_operand), never compiled in
     varlen: bool
     seqlen_q: int  # real (unpadded) lengths; in varlen mode the per-sequence ones come in refs
     seqlen_k: int
@@ -166,6 +166,15 @@ def slopes_operand(alibi_slopes, batch: int, heads: int):
     return jnp.broadcast_to(sl[:, :, None], (batch, heads, 16))
 
 
+def _seed_arg(st: Static, seed, in_specs, args):
+    """With dropout: the (1, 16) int32 seed operand (dropout.seed_operand) as the last input."""
+    if st.dropout_p > 0:
+        if seed is None:
+            raise ValueError("dropout_p > 0 needs the seed operand (dropout.seed_operand)")
+        in_specs.append(block_spec((None, 16), lambda *_: (0, 0)))
+        args.append(seed)
+
+
 def _allowed(rows, cols, sk, off, st: Static, check_k: bool = True):
     """Mask of allowed (row, col) pairs: window/causal (bottom-right) and key padding."""
     ok = None
@@ -284,10 +293,12 @@ def _fwd_kernel(*refs, st: Static):
     import jax.numpy as jnp
 
     pl = pallas()
-    n_in = (5 if st.varlen else 3) + int(st.alibi)
+    drop = st.dropout_p > 0
+    n_in = (5 if st.varlen else 3) + int(st.alibi) + int(drop)
     q_ref, k_ref, v_ref = refs[:3]
     lq_ref, lk_ref = refs[3:5] if st.varlen else (None, None)
-    sl_ref = refs[n_in - 1] if st.alibi else None
+    sl_ref = refs[n_in - 1 - int(drop)] if st.alibi else None
+    seed = _dropout.seed_of(refs[n_in - 1]) if drop else None
     o_ref, lse_ref = refs[n_in : n_in + 2]
     r_ref = refs[n_in + 2] if st.residual else None
     bm, bn = st.block_m, st.block_n
@@ -321,7 +332,7 @@ def _fwd_kernel(*refs, st: Static):
         p = _exp2(s2 - m_use[:, None], st)
         l = l * alpha + jnp.sum(p, axis=1)
         if st.dropout_p > 0:
-            p = jnp.where(_dropout.keep(st.dropout_seed, st.dropout_p, b, h, rows, cols), p, 0.0)
+            p = jnp.where(_dropout.keep(seed, st.dropout_p, b, h, rows, cols), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
         return acc, m_new, l
 
@@ -344,10 +355,10 @@ def _fwd_kernel(*refs, st: Static):
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
-def forward_call(q, k, v, lens_q, lens_k, st: Static, slopes=None):
+def forward_call(q, k, v, lens_q, lens_k, st: Static, slopes=None, seed=None):
     """q (B, Sqp, Hq, Dp), k (B, Skp, Hkv, Dp), v (B, Skp, Hkv, Dvp) padded -> out, lse (B,Hq,Sqp)
     (and out_residual, out's shape and dtype, when st.residual). slopes: (B, Hq, 16) float32
-    with st.alibi (slopes_operand)."""
+    with st.alibi (slopes_operand). seed: (1, 16) int32 with dropout (dropout.seed_operand)."""
     import jax.numpy as jnp
 
     B, Sqp, Hq, Dp = q.shape
@@ -366,6 +377,7 @@ def forward_call(q, k, v, lens_q, lens_k, st: Static, slopes=None):
     if st.alibi:
         in_specs.append(block_spec((None, None, 16), lambda i, h, b: (b, h, 0)))
         args.append(slopes)
+    _seed_arg(st, seed, in_specs, args)
     out_specs = [
         block_spec((None, bm, None, Dvp), lambda i, h, b: (b, qb(i), h, 0)),
         block_spec((None, None, bm), lambda i, h, b: (b, h, qb(i))),
@@ -390,7 +402,8 @@ def _dkdv_kernel(*refs, st: Static):
 
     pl = pallas()
     refs = list(refs)
-    sl_ref = refs.pop(-3) if st.alibi else None  # the last input, before dk and dv
+    seed = _dropout.seed_of(refs.pop(-3)) if st.dropout_p > 0 else None  # the last input
+    sl_ref = refs.pop(-3) if st.alibi else None  # the last input left, before dk and dv
     if st.varlen:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lq_ref, lk_ref, dk_ref, dv_ref) = refs
     else:
@@ -427,7 +440,7 @@ def _dkdv_kernel(*refs, st: Static):
                 pt = jnp.where(_allowed(rows_t, cols_t, sk, off, st, check_k=False), pt, 0.0)
             dpt = _dot(v, do, st, trans_b=True)
             if st.dropout_p > 0:
-                kp = _dropout.keep(st.dropout_seed, st.dropout_p, b, hk * G + g, rows_t, cols_t)
+                kp = _dropout.keep(seed, st.dropout_p, b, hk * G + g, rows_t, cols_t)
                 pdt = jnp.where(kp, pt * inv_keep, 0.0)
                 dpt = jnp.where(kp, dpt * inv_keep, 0.0)
             else:
@@ -457,7 +470,7 @@ def _dkdv_kernel(*refs, st: Static):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, slopes=None):
+def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, slopes=None, seed=None):
     B, Sqp, Hq, Dp = q.shape
     Skp, Hkv, Dvp = k.shape[1], k.shape[2], v.shape[-1]
     bn, G = st.block_n, st.group
@@ -476,6 +489,7 @@ def dkdv_call(q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, slopes=None)
     if st.alibi:  # the G query heads of KV head h
         in_specs.append(block_spec((None, G, 16), lambda j, h, b: (b, h, 0)))
         args.append(slopes)
+    _seed_arg(st, seed, in_specs, args)
     out_specs = [
         block_spec((None, bn, None, Dp), lambda j, h, b: (b, j, h, 0)),
         block_spec((None, bn, None, Dvp), lambda j, h, b: (b, j, h, 0)),
@@ -504,6 +518,7 @@ def _dq_kernel(*refs, st: Static):
     lq_ref, lk_ref = (refs[i], refs[i + 1]) if st.varlen else (None, None)
     i += 2 if st.varlen else 0
     sl_ref, i = (refs[i], i + 1) if st.alibi else (None, i)
+    seed_ref, i = (refs[i], i + 1) if st.dropout_p > 0 else (None, i)
     dq_ref = refs[i]
     bm, bn = st.block_m, st.block_n
     qi, h, b = (
@@ -530,6 +545,7 @@ def _dq_kernel(*refs, st: Static):
         delta = dl_ref[...]
     inv_keep = 1.0 / (1.0 - st.dropout_p) if st.dropout_p > 0 else 1.0
     slope2 = _slope2(sl_ref) if st.alibi else None
+    seed = _dropout.seed_of(seed_ref) if seed_ref is not None else None
 
     def body(kb, dq, masked):
         start = pl.multiple_of(kb * bn, bn)
@@ -544,7 +560,7 @@ def _dq_kernel(*refs, st: Static):
             p = jnp.where(_allowed(rows, cols, sk, off, st), p, 0.0)
         dp = _dot(do, v, st, trans_b=True)
         if st.dropout_p > 0:
-            kp = _dropout.keep(st.dropout_seed, st.dropout_p, b, h, rows, cols)
+            kp = _dropout.keep(seed, st.dropout_p, b, h, rows, cols)
             dp = jnp.where(kp, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         if t is not None:
@@ -559,7 +575,8 @@ def _dq_kernel(*refs, st: Static):
 
 
 def dq_call(
-    q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None, slopes=None
+    q, k, v, do, lse2, delta, lens_q, lens_k, st: Static, out=None, r=None, dlse=None, slopes=None,
+    seed=None,
 ):
     """-> dq. With st.scale_ds, lse2 must be lse2 - log2(scale): p * scale = exp2(s2 - that), so
     dS comes out scaled at no cost and is rounded as dS * scale (p serves nothing else here).
@@ -599,6 +616,7 @@ def dq_call(
     if st.alibi:
         in_specs.append(block_spec((None, None, 16), lambda i, h, b: (b, h, 0)))
         args.append(slopes)
+    _seed_arg(st, seed, in_specs, args)
     out_specs = block_spec((None, bm, None, Dp), lambda i, h, b: (b, qb(i), h, 0))
     out_shape = out_struct(q.shape, q.dtype, q)
     if st.fused_delta:

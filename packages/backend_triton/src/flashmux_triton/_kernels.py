@@ -35,11 +35,18 @@ def _tanh(x):
 @triton.jit
 def _dropout_keep(seed, bh, rows, cols, p_drop):
     """Keep mask, a pure function of (seed, batch*heads_q + head, row i, key j): Philox-4x32
-    with counter (j, i, bh, 0) and the 64-bit seed as key; uniform from the top 24 bits."""
+    with counter (j, i, bh, 0) and the 64-bit seed as key; uniform from the top 24 bits.
+    seed: an int (a runtime scalar, never specialized) or a pointer to a scalar integer tensor
+    (dropout_seed given as an array): loaded here, on the device, its low 32 bits as the key, so
+    the array and the int of one value draw the same mask and a new seed compiles nothing."""
+    if seed.dtype.is_ptr():
+        key = tl.load(seed).to(tl.int64) & 0xFFFFFFFF
+    else:
+        key = seed
     c0 = cols + rows * 0
     c1 = rows + cols * 0
     c2 = c0 * 0 + bh
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
+    r, _, _, _ = tl.philox(key, c0, c1, c2, c2 * 0)
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
     return u >= p_drop
 
@@ -94,6 +101,197 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# pieces of a tile's work, shared by the kernels here and the block-sparse ones (_kernels_bs).
+# Triton inlines them: a kernel compiles to the code it had when it spelled them out.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seq(CU, b, seqlen, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: from cu_seqlens in a varlen batch, else (0, seqlen)."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    else:
+        start = 0
+    return start, seqlen
+
+
+@triton.jit
+def _slope2(SLOPES, b, stride_sb, h, ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch b, query head h) in log2 units; 0 without ALiBi."""
+    s2 = 0.0
+    if ALIBI:
+        s2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+    return s2
+
+
+@triton.jit
+def _q_band(m0, seqlen_q, seqlen_k, diag_off, window_left, window_right,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key range of the query block from m0 (bottom-right aligned band) and its mask-free
+    middle: (lo, mid0, mid1, hi) as `_band` splits it."""
+    row_first = m0
+    row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo_edge = 0
+    lo_full = 0
+    hi_edge = seqlen_k
+    hi_full = seqlen_k
+    if HAS_LEFT:
+        lo_edge = row_first + diag_off - window_left
+        lo_full = row_last + diag_off - window_left
+    if HAS_RIGHT:
+        hi_edge = row_last + diag_off + window_right + 1
+        hi_full = row_first + diag_off + window_right + 1
+    return _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
+
+
+@triton.jit
+def _load(ptrs, seq_ok, d_ok, CHECK_SEQ: tl.constexpr, CHECK_D: tl.constexpr):
+    """A tile of Q, K, V or dO: masked by the sequence bound and the head dim (CHECK_SEQ), by
+    the head dim only (CHECK_D: the tile is wider than the head), or not at all."""
+    if CHECK_SEQ:
+        x = tl.load(ptrs, mask=seq_ok & d_ok, other=0.0)
+    elif CHECK_D:
+        x = tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _band_ok(ok, r, c, diag_off, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """ok & (key c lies in row r's causal/window band: r + off - left <= c <= r + off + right);
+    r and c broadcast against each other (rows x keys, or keys x rows in the dK/dV kernels)."""
+    if HAS_LEFT:
+        ok = ok & (c >= r + diag_off - window_left)
+    if HAS_RIGHT:
+        ok = ok & (c <= r + diag_off + window_right)
+    return ok
+
+
+@triton.jit
+def _scores(a, b, scale_a, scale_b, slope2, r, c, diag_off, SOFTCAP: tl.constexpr,
+            ALIBI: tl.constexpr, FOLD: tl.constexpr, IEEE: tl.constexpr):
+    """(s, mult, t) for the tile a @ b of rows r and keys c: scores in log2 units s * mult,
+    already multiplied unless FOLD (then the multiply, with mult > 0, is left to the exponent's
+    FMA and the row max is taken before it), minus the ALiBi bias -slope * |r + off - c| (the
+    launcher turns FOLD off with ALiBi); t = tanh(a @ b * scale_a) with softcap (the backward's
+    derivative needs it)."""
+    s = _dot(a, b, IEEE)
+    t = s
+    if SOFTCAP:
+        t = _tanh(s * scale_a)
+        s = t
+        mult = scale_b
+    else:
+        mult = scale_a
+    if not FOLD:
+        s = s * mult
+    if ALIBI:
+        s = s - slope2 * tl.abs(r + diag_off - c).to(tl.float32)
+    return s, mult, t
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s, mult, v, r, c, p_drop, seed, bh, FOLD: tl.constexpr,
+                SAFE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step of the forward over a key tile of (masked) scores s: returns
+    (acc, l_i, m_i) with P V added. SAFE: rows whose keys are all masked so far (max -inf)
+    subtract 0 instead of -inf."""
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SAFE:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    if FOLD:
+        p = tl.exp2(s * mult - m_use[:, None])
+    else:
+        p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, r, c, p_drop)
+        p = tl.where(keep, p, 0.0)
+    acc = _dot_acc(_cast(p, v.dtype), v, acc, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_store(acc, l_i, m_i, O, R, LSE, o_off, o_mask, lse_off, row_ok, drop_scale,
+               DROPOUT: tl.constexpr, RESID: tl.constexpr):
+    """The forward's end: normalize, store O (and its rounding error R), and the lse."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    if DROPOUT:
+        inv = inv * drop_scale
+    acc = acc * inv[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_low = _cast(acc, O.dtype.element_ty)
+    tl.store(O + o_off, o_low, mask=o_mask)
+    if RESID:  # the rounding error of the stored output, for the backward's delta (R: O's layout)
+        tl.store(R + o_off, _cast(acc - o_low.to(tl.float32), O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + lse_off, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_lse2(lse, sm_scale):
+    """(lse2, post) for the dQ kernels: p * scale = exp2(s2 - lse2), so dS * scale comes out of
+    the same FMA as dS and is what gets rounded (as in plain attention's autograd; see the dK/dV
+    kernel); a scale <= 0 can't be shifted into the exponent: it stays a multiply (post) at the
+    end. Rows with no allowed key (lse = -inf) get p = 0."""
+    pos = sm_scale > 0
+    shift = tl.where(pos, tl.log2(tl.where(pos, sm_scale, 1.0)), 0.0)
+    post = tl.where(pos, 1.0, sm_scale)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - shift)
+    return lse2, post
+
+
+@triton.jit
+def _dq_acc(dq, p, t, do, vt, kt, delta, r, c, p_drop, drop_scale, seed, bh,
+            SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """dQ += dS K for a key tile of (masked) probabilities p (times the scale)."""
+    dp = _dot(do, vt, IEEE)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, r, c, p_drop)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return _dot_acc(_cast(ds, kt.dtype), tl.trans(kt), dq, IEEE)
+
+
+@triton.jit
+def _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, r, c, sm_scale, p_drop, drop_scale, seed, bh,
+              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q for a query tile of (masked) transposed probabilities pt
+    (keys x queries); returns (dk, dv, ds_lo), ds_lo = scale * dS^T rounded to Q's dtype."""
+    dpt = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, r, c, p_drop)
+        pdt = tl.where(keep, pt * drop_scale, 0.0)
+        dpt = tl.where(keep, dpt * drop_scale, 0.0)
+    else:
+        pdt = pt
+    dv = _dot_acc(_cast(pdt, do.dtype), do, dv, IEEE)
+    dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)
+    # dS * scale is rounded, not dS: the rounding plain attention's autograd does (its scores
+    # are scaled in float32 before the cast), so the two errors are alike, not independent.
+    ds_lo = _cast(dst * sm_scale, qt.dtype)
+    dk = _dot_acc(ds_lo, tl.trans(qt), dk, IEEE)
+    return dk, dv, ds_lo
+
+
+# --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 
@@ -115,62 +313,24 @@ def _fwd_inner(
         cols = start_n + offs_n
         kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        elif TMA:
+        if TMA and not MASKED:
             # interior blocks only: in bounds by construction, so the (rows, heads*dim) view's
             # tiles never cross into another sequence or head
             kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
             v = desc_v.load([k_row0 + start_n, v_col])
         else:
-            if BLOCK_D != HEAD_DIM:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            else:
-                kt = tl.load(kt_ptrs)
-            if BLOCK_DV != HEAD_DIM_V:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-        s = _dot(q, kt, IEEE)
-        # s2 = s * c in log2 units; with c > 0 (FOLD) the multiply is folded into the
-        # exponent's FMA and the row max is taken before scaling.
-        if SOFTCAP:
-            s = _tanh(s * scale_a)
-            c = scale_b
-        else:
-            c = scale_a
-        if not FOLD:
-            s = s * c
-        if ALIBI:  # -slope * |i + off - j| in log2 units (the launcher turns FOLD off)
-            s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
+            kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, MASKED,
+                       BLOCK_D != HEAD_DIM)
+            v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, MASKED,
+                      BLOCK_DV != HEAD_DIM_V)
+        s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :],
+                             diag_off, SOFTCAP, ALIBI, FOLD, IEEE)
         if MASKED:
-            ok = cols[None, :] < seqlen_k
-            if HAS_LEFT:
-                ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
-            if HAS_RIGHT:
-                ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
+            ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
+                          window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
-        if FOLD:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        alpha = tl.exp2(m_i - m_use)
-        if FOLD:
-            p = tl.exp2(s * c - m_use[:, None])
-        else:
-            p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
-            p = tl.where(keep, p, 0.0)
-        acc = _dot_acc(_cast(p, v.dtype), v, acc, IEEE)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :],
+                                    p_drop, seed, bh, FOLD, MASKED, DROPOUT, IEEE)
     return acc, l_i, m_i
 
 
@@ -193,14 +353,8 @@ def attn_fwd(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -208,9 +362,7 @@ def attn_fwd(
     hk = h // GROUP
     bh = b * n_heads + h
     diag_off = seqlen_k - seqlen_q
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+    slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -227,19 +379,8 @@ def attn_fwd(
     )
 
     # Key range of this query block (bottom-right aligned band), and its mask-free middle.
-    row_first = m0
-    row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-    lo_edge = 0
-    lo_full = 0
-    hi_edge = seqlen_k
-    hi_full = seqlen_k
-    if HAS_LEFT:
-        lo_edge = row_first + diag_off - window_left
-        lo_full = row_last + diag_off - window_left
-    if HAS_RIGHT:
-        hi_edge = row_last + diag_off + window_right + 1
-        hi_full = row_first + diag_off + window_right + 1
-    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
+    lo, mid0, mid1, hi = _q_band(m0, seqlen_q, seqlen_k, diag_off, window_left, window_right,
+                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     # TMA view of K/V: (rows, heads * dim); row of key j of this sequence = k_row0 + j
     if VARLEN:
@@ -274,22 +415,11 @@ def attn_fwd(
         DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
     )
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    inv = 1.0 / l_safe
-    if DROPOUT:
-        inv = inv * drop_scale
-    acc = acc * inv[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-
     o_off = b64 * stride_ob + q_start * stride_os + h * stride_oh
     o_off = o_off + offs_m[:, None] * stride_os + offs_dv[None, :]
     o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    o_low = _cast(acc, O.dtype.element_ty)
-    tl.store(O + o_off, o_low, mask=o_mask)
-    if RESID:  # the rounding error of the stored output, for the backward's delta (R: O's layout)
-        tl.store(R + o_off, _cast(acc - o_low.to(tl.float32), O.dtype.element_ty), mask=o_mask)
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+    _fwd_store(acc, l_i, m_i, O, R, LSE, o_off, o_mask, b64 * stride_lb + h * stride_lh + q_start
+               + offs_m, offs_m < seqlen_q, drop_scale, DROPOUT, RESID)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,11 +441,7 @@ def attn_bwd_preprocess(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-    else:
-        q_start = 0
+    q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -355,55 +481,28 @@ def _bwd_dkdv_inner(
         rows = start_m + offs_m
         qt_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
         do_ptrs = do_base + rows[:, None] * stride_dos + offs_dv[None, :]
+        qt = _load(qt_ptrs, rows[None, :] < seqlen_q, offs_d[:, None] < HEAD_DIM, MASKED,
+                   BLOCK_D != HEAD_DIM)
+        do = _load(do_ptrs, rows[:, None] < seqlen_q, offs_dv[None, :] < HEAD_DIM_V, MASKED,
+                   BLOCK_DV != HEAD_DIM_V)
         if MASKED:
-            qt = tl.load(qt_ptrs, mask=(rows[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs, mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
             lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
             delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
         else:
-            if BLOCK_D != HEAD_DIM:
-                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            else:
-                qt = tl.load(qt_ptrs)
-            if BLOCK_DV != HEAD_DIM_V:
-                do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-            else:
-                do = tl.load(do_ptrs)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         # rows with no allowed key carry lse = -inf: make their p exactly 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        st = _dot(k, qt, IEEE)  # (BLOCK_N, BLOCK_M): keys x queries
-        if SOFTCAP:
-            tt = _tanh(st * scale_a)
-            st = tt * scale_b
-        else:
-            st = st * scale_a
-        if ALIBI:
-            st = st - slope2 * tl.abs(rows[None, :] + diag_off - offs_n[:, None]).to(tl.float32)
+        # (BLOCK_N, BLOCK_M): keys x queries
+        st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, rows[None, :], offs_n[:, None],
+                            diag_off, SOFTCAP, ALIBI, False, IEEE)
         pt = tl.exp2(st - lse2[None, :])
         if MASKED:
-            ok = rows[None, :] < seqlen_q
-            if HAS_LEFT:
-                ok = ok & (offs_n[:, None] >= rows[None, :] + diag_off - window_left)
-            if HAS_RIGHT:
-                ok = ok & (offs_n[:, None] <= rows[None, :] + diag_off + window_right)
+            ok = _band_ok(rows[None, :] < seqlen_q, rows[None, :], offs_n[:, None], diag_off,
+                          window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(ok, pt, 0.0)
-        dpt = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], p_drop)
-            pdt = tl.where(keep, pt * drop_scale, 0.0)
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
-        else:
-            pdt = pt
-        dv = _dot_acc(_cast(pdt, do.dtype), do, dv, IEEE)
-        dst = pt * (dpt - delta[None, :])
-        if SOFTCAP:
-            dst = dst * (1.0 - tt * tt)
-        # dS * scale is rounded, not dS: the rounding plain attention's autograd does (its scores
-        # are scaled in float32 before the cast), so the two errors are alike, not independent.
-        ds_lo = _cast(dst * sm_scale, qt.dtype)
-        dk = _dot_acc(ds_lo, tl.trans(qt), dk, IEEE)
+        dk, dv, ds_lo = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                                  sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
         if FUSED_DQ:
             # dQ += (scale * dS) K, accumulated across key blocks with float32 atomics
             dq_part = _dot(tl.trans(ds_lo), k, IEEE)
@@ -441,14 +540,8 @@ def attn_bwd_dkdv(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -489,9 +582,7 @@ def attn_bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * n_heads + h
-        slope2 = 0.0
-        if ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+        slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
         q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
@@ -546,42 +637,19 @@ def _bwd_dq_inner(
         cols = start_n + offs_n
         kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
         vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            vt = tl.load(vt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        else:
-            if BLOCK_D != HEAD_DIM:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            else:
-                kt = tl.load(kt_ptrs)
-            if BLOCK_DV != HEAD_DIM_V:
-                vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
-            else:
-                vt = tl.load(vt_ptrs)
-        s = _dot(q, kt, IEEE)
-        if SOFTCAP:
-            t = _tanh(s * scale_a)
-            s = t * scale_b
-        else:
-            s = s * scale_a
-        if ALIBI:
-            s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
+        kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, MASKED,
+                   BLOCK_D != HEAD_DIM)
+        vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, MASKED,
+                   BLOCK_DV != HEAD_DIM_V)
+        s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :],
+                          diag_off, SOFTCAP, ALIBI, False, IEEE)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            ok = cols[None, :] < seqlen_k
-            if HAS_LEFT:
-                ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
-            if HAS_RIGHT:
-                ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
+            ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
+                          window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
-        dp = _dot(do, vt, IEEE)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = _dot_acc(_cast(ds, kt.dtype), tl.trans(kt), dq, IEEE)
+        dq = _dq_acc(dq, p, t, do, vt, kt, delta, offs_m[:, None], cols[None, :], p_drop,
+                     drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
     return dq
 
 
@@ -606,14 +674,8 @@ def attn_bwd_dq(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -621,9 +683,7 @@ def attn_bwd_dq(
     hk = h // GROUP
     bh = b * n_heads + h
     diag_off = seqlen_k - seqlen_q
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+    slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -640,30 +700,13 @@ def attn_bwd_dq(
     )
     row_ptr = b64 * stride_lb + h * stride_lh + q_start + offs_m
     lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
-    # p * scale = exp2(s2 - (lse2 - log2(scale))): dS * scale comes out of the same FMA as dS,
-    # and is what gets rounded (as in plain attention's autograd; see the dK/dV kernel)
-    # (a scale <= 0 can't be shifted into the exponent: it stays a multiply at the end)
-    pos = sm_scale > 0
-    shift = tl.where(pos, tl.log2(tl.where(pos, sm_scale, 1.0)), 0.0)
-    post = tl.where(pos, 1.0, sm_scale)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - shift)
+    lse2, post = _dq_lse2(lse, sm_scale)
     delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     v_base = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
 
-    row_first = m0
-    row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-    lo_edge = 0
-    lo_full = 0
-    hi_edge = seqlen_k
-    hi_full = seqlen_k
-    if HAS_LEFT:
-        lo_edge = row_first + diag_off - window_left
-        lo_full = row_last + diag_off - window_left
-    if HAS_RIGHT:
-        hi_edge = row_last + diag_off + window_right + 1
-        hi_full = row_first + diag_off + window_right + 1
-    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_k, lo_full, hi_full, BLOCK_N)
+    lo, mid0, mid1, hi = _q_band(m0, seqlen_q, seqlen_k, diag_off, window_left, window_right,
+                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(

@@ -27,7 +27,7 @@ def _last_contig(x):
 class _Problem:
     """Shapes, strides and kernel switches of one call, shared by forward and backward."""
 
-    def __init__(self, q, k, v, cu_q, cu_k, params):
+    def __init__(self, q, k, v, cu_q, cu_k, params, dropout_seed=None):
         self.varlen = cu_q is not None
         if self.varlen:
             self.batch = cu_q.shape[0] - 1
@@ -67,6 +67,10 @@ class _Problem:
         self.seed = int(params.dropout_seed) & 0xFFFFFFFFFFFFFFFF if self.dropout else 0
         if self.seed >= 2**63:  # triton takes signed 64-bit ints; same bits
             self.seed -= 2**64
+        if self.dropout and dropout_seed is not None:
+            # a scalar integer tensor on q's device: the kernels get its pointer and load it
+            # (_kernels._dropout_keep), so it is never read on the host and compiles nothing new
+            self.seed = dropout_seed.reshape(1)
         self.causal = bool(params.causal)
         self.interpret = interpreting()
         cap = None
@@ -206,16 +210,18 @@ def _slopes(pb: _Problem, alibi_slopes, like):
     return sl, (sl.shape[-1] if sl.dim() == 2 else 0)
 
 
-def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, block_mask=None):
+def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, block_mask=None,
+            dropout_seed=None):
     """(out, lse), or (out, lse, out_residual) with ``residual``: the float32 output's rounding
     error in out's dtype and layout (None for float32 inputs, whose output is not rounded).
     alibi_slopes: float32 (Hq,) or (B, Hq); block_mask: a flashmux BlockMask (_launch_bs)."""
     if block_mask is not None:
         from . import _launch_bs
 
-        return _launch_bs.forward(q, k, v, params, residual, alibi_slopes, block_mask)
+        return _launch_bs.forward(q, k, v, params, residual, alibi_slopes, block_mask,
+                                  dropout_seed)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-    pb = _Problem(q, k, v, cu_q, cu_k, params)
+    pb = _Problem(q, k, v, cu_q, cu_k, params, dropout_seed)
     slopes, stride_sb = _slopes(pb, alibi_slopes, q)
     if alibi_slopes is not None:
         pb.fold = False  # the bias is added to scores already in log2 units
@@ -264,14 +270,14 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
 
 
 def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
-             alibi_slopes=None, block_mask=None):
+             alibi_slopes=None, block_mask=None, dropout_seed=None):
     if block_mask is not None:
         from . import _launch_bs
 
         return _launch_bs.backward(do, dlse, q, k, v, out, lse, params, out_residual,
-                                   alibi_slopes, block_mask)
+                                   alibi_slopes, block_mask, dropout_seed)
     q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
-    pb = _Problem(q, k, v, cu_q, cu_k, params)
+    pb = _Problem(q, k, v, cu_q, cu_k, params, dropout_seed)
     slopes, stride_sb = _slopes(pb, alibi_slopes, q)
     alibi = dict(ALIBI=True) if alibi_slopes is not None else {}
     lse = lse.contiguous()

@@ -51,9 +51,9 @@ def _common_flags(pb):
     )
 
 
-def forward(q, k, v, params, residual, alibi_slopes, bm):
+def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-    pb = _Problem(q, k, v, None, None, params)
+    pb = _Problem(q, k, v, None, None, params, dropout_seed)
     out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
     lse = torch.empty((pb.batch, pb.hq, pb.seqlen_q), dtype=torch.float32, device=q.device)
     res = torch.empty_like(out) if residual and q.dtype != torch.float32 else None
@@ -94,9 +94,10 @@ def _scale_a(pb):
     return pb.scale_a
 
 
-def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm):
+def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm,
+             dropout_seed=None):
     q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
-    pb = _Problem(q, k, v, None, None, params)
+    pb = _Problem(q, k, v, None, None, params, dropout_seed)
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if pb.batch == 0 or pb.seqlen_q == 0 or pb.seqlen_k == 0:

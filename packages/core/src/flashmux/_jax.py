@@ -70,48 +70,53 @@ def _vjp_fn_ext(backend: str, p: Params):
     pytree). No gradient flows into either."""
     be = dispatch.get_backend(backend)
 
-    def kw(slopes, bm):
+    def kw(slopes, bm, seed):
         extra = {}
         if slopes is not None:
             extra["alibi_slopes"] = slopes
         if bm is not None:
             extra["block_mask"] = bm
+        if seed is not None:  # dropout_seed as an array operand (traced under jit)
+            extra["dropout_seed"] = seed
         return extra
 
     @jax.custom_vjp
-    def f(q, k, v, cu_q, cu_k, slopes, bm):
-        return be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm))
+    def f(q, k, v, cu_q, cu_k, slopes, bm, seed):
+        return be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm, seed))
 
     residual = be.capabilities.out_residual
 
-    def f_fwd(q, k, v, cu_q, cu_k, slopes, bm):
+    def f_fwd(q, k, v, cu_q, cu_k, slopes, bm, seed):
         if residual and q.dtype in (jax.numpy.float16, jax.numpy.bfloat16):
-            out, lse, r = be.forward(q, k, v, cu_q, cu_k, p, residual=True, **kw(slopes, bm))
+            out, lse, r = be.forward(q, k, v, cu_q, cu_k, p, residual=True,
+                                     **kw(slopes, bm, seed))
         else:
-            (out, lse), r = be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm)), None
-        return (out, lse), (q, k, v, cu_q, cu_k, slopes, bm, out, lse, r)
+            (out, lse), r = be.forward(q, k, v, cu_q, cu_k, p, **kw(slopes, bm, seed)), None
+        return (out, lse), (q, k, v, cu_q, cu_k, slopes, bm, seed, out, lse, r)
 
     def f_bwd(saved, cts):
-        q, k, v, cu_q, cu_k, slopes, bm, out, lse, r = saved
+        q, k, v, cu_q, cu_k, slopes, bm, seed, out, lse, r = saved
         dout, dlse = cts
-        extra = kw(slopes, bm)
+        extra = kw(slopes, bm, seed)
         if r is not None:
             extra["out_residual"] = r
         dq, dk, dv = be.backward(
             dout, dlse if p.return_lse else None, q, k, v, out, lse, cu_q, cu_k, p, **extra
         )
         dslopes = None if slopes is None else jax.numpy.zeros_like(slopes)
-        return dq, dk, dv, None, None, dslopes, None
+        return dq, dk, dv, None, None, dslopes, None, None
 
     f.defvjp(f_fwd, f_bwd)
     return f
 
 
-def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
-    return _vjp_fn_ext(backend, p)(q, k, v, cu_q, cu_k, alibi_slopes, block_mask)
+def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None,
+            dropout_seed=None):
+    return _vjp_fn_ext(backend, p)(q, k, v, cu_q, cu_k, alibi_slopes, block_mask, dropout_seed)
 
 
-def run_through_torch_ext(be, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+def run_through_torch_ext(be, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None,
+                          dropout_seed=None):
     """Eager JAX arrays (and the slopes / block mask) into a torch backend and back (DLPack)."""
     import torch
 
@@ -126,5 +131,7 @@ def run_through_torch_ext(be, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None,
     if block_mask is not None:
         meta = block_mask.meta()[:-1] + ("torch",)
         extra["block_mask"] = BlockMask.from_arrays(meta, [to_t(a) for a in block_mask.arrays()])
+    if dropout_seed is not None:
+        extra["dropout_seed"] = to_t(dropout_seed)
     out, lse = be.forward(to_t(q), to_t(k), to_t(v), to_t(cu_q), to_t(cu_k), p, **extra)
     return jax.dlpack.from_dlpack(out), jax.dlpack.from_dlpack(lse)

@@ -229,10 +229,12 @@ def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
 # arrays plus its sizes, and is rebuilt inside the op.
 
 
-def _extra(slopes, bm_arrays, bm_meta):
+def _extra(slopes, bm_arrays, bm_meta, seed=None):
     extra = {}
     if slopes is not None:
         extra["alibi_slopes"] = slopes
+    if seed is not None:  # dropout_seed as a tensor (read by the kernels on the device)
+        extra["dropout_seed"] = seed
     if bm_arrays:
         from .blockmask import BlockMask
 
@@ -267,6 +269,7 @@ def fwd_ext(
     alibi_slopes: torch.Tensor | None,
     block_mask: list[torch.Tensor],
     block_mask_meta: list[int],
+    seed: torch.Tensor | None,
     backend: str,
     scale: float,
     causal: bool,
@@ -285,15 +288,15 @@ def fwd_ext(
     flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
             max_seqlen_q, max_seqlen_k, return_lse, deterministic)
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
-    extra = _extra(alibi_slopes, block_mask, block_mask_meta)
+    extra = _extra(alibi_slopes, block_mask, block_mask_meta, seed)
     out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
                              p, residual, extra)
     return out, lse, q.new_empty(0) if res is None else res
 
 
 @fwd_ext.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_meta, backend,
-      *rest):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_meta, seed,
+      backend, *rest):
     return _fake_fwd(q, v, backend, rest[-1])
 
 
@@ -312,6 +315,7 @@ def bwd_ext(
     alibi_slopes: torch.Tensor | None,
     block_mask: list[torch.Tensor],
     block_mask_meta: list[int],
+    seed: torch.Tensor | None,
     backend: str,
     scale: float,
     causal: bool,
@@ -329,7 +333,7 @@ def bwd_ext(
     flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
             max_seqlen_q, max_seqlen_k, return_lse, deterministic)
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
-    extra = _extra(alibi_slopes, block_mask, block_mask_meta)
+    extra = _extra(alibi_slopes, block_mask, block_mask_meta, seed)
     return _backward_call(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
                           cu_seqlens_q, cu_seqlens_k, p, out_residual, extra)
 
@@ -340,9 +344,9 @@ def _(do, dlse, q, k, v, *rest):
 
 
 def _setup_context_ext(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, slopes, bm, bm_meta, backend, *flat = inputs
+    q, k, v, cu_q, cu_k, slopes, bm, bm_meta, seed, backend, *flat = inputs
     out, lse, res = output
-    ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k, slopes, *bm)
+    ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k, slopes, seed, *bm)
     ctx.backend, ctx.bm_meta = backend, bm_meta
     ctx.flat = flat[:-1]
     ctx.n_inputs, ctx.n_bm = len(inputs), len(bm)
@@ -350,13 +354,13 @@ def _setup_context_ext(ctx, inputs, output):
 
 
 def _backward_ext_op(ctx, dout, dlse, _dres):
-    q, k, v, out, lse, res, cu_q, cu_k, slopes, *bm = ctx.saved_tensors
+    q, k, v, out, lse, res, cu_q, cu_k, slopes, seed, *bm = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if not ctx.flat[10]:
         dlse = None
     dq, dk, dv = bwd_ext(dout.contiguous(), dlse, q, k, v, out, lse, res, cu_q, cu_k, slopes,
-                         bm, ctx.bm_meta, ctx.backend, *ctx.flat)
+                         bm, ctx.bm_meta, seed, ctx.backend, *ctx.flat)
     grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[6] = [None] * ctx.n_bm  # the block mask's list of arrays: a list of no-gradients
     return tuple(grads)
@@ -365,17 +369,20 @@ def _backward_ext_op(ctx, dout, dlse, _dres):
 fwd_ext.register_autograd(_backward_ext_op, setup_context=_setup_context_ext)
 
 
-def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None,
+            dropout_seed=None):
     extra = {}
     if alibi_slopes is not None:
         extra["alibi_slopes"] = alibi_slopes
     if block_mask is not None:
         extra["block_mask"] = block_mask
+    if dropout_seed is not None:
+        extra["dropout_seed"] = dropout_seed
     grad = _needs_grad(q, k, v)
     if torch.compiler.is_compiling():
         arrays, meta = _bm_operands(block_mask)
-        out, lse, _ = fwd_ext(q, k, v, cu_q, cu_k, alibi_slopes, arrays, meta, backend,
-                              *_flat(p), grad)
+        out, lse, _ = fwd_ext(q, k, v, cu_q, cu_k, alibi_slopes, arrays, meta, dropout_seed,
+                              backend, *_flat(p), grad)
         return out, lse
     if grad:
         return _Attention.apply(q, k, v, cu_q, cu_k, backend, p, extra)

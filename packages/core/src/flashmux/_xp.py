@@ -4,6 +4,8 @@ jax.numpy, so that one algorithm (flashmux/backends/_chunked.py) serves all thre
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -188,19 +190,34 @@ def _mix32(x, ops):
     return x ^ (x >> 16)
 
 
-def dropout_uniform(ops, seed: int, b, h, i, j):
-    """Uniform [0, 1) numbers, a pure function of (seed, batch, head, row, col); broadcasting."""
+def _seed_bits(ops, seed):
+    """The seed's low 32 bits: a Python int, or a scalar integer array (torch tensor or JAX
+    array, traced or not: never read on the host), as uint32 (JAX) or int64 (NumPy, torch)."""
+    if isinstance(seed, numbers.Integral):
+        return int(seed) & _MASK32
+    if ops.name == "jax":  # integer -> uint32 keeps the low 32 bits (two's complement)
+        return ops.m.asarray(seed).reshape(()).astype(ops.m.uint32)
+    if ops.name == "torch":
+        return seed.reshape(()).to(ops.m.int64) & _MASK32
+    return int(seed) & _MASK32
+
+
+def dropout_uniform(ops, seed, b, h, i, j):
+    """Uniform [0, 1) numbers, a pure function of (seed, batch, head, row, col); broadcasting.
+    seed: an int or a scalar integer array (see _seed_bits); the same value gives the same bits."""
+    seed = _seed_bits(ops, seed)
     if ops.name == "jax":
         u32 = ops.m.uint32
 
         def c(v):
             return ops.m.asarray(v).astype(u32)
 
-        x = _mix32(c(seed & _MASK32) ^ u32(0x9E3779B9), ops)
+        seed = u32(seed) if isinstance(seed, int) else seed  # ints >= 2**31 too
+        x = _mix32(seed ^ u32(0x9E3779B9), ops)
         for part in (b, h, i, j):
             x = _mix32(x ^ c(part), ops)
         return (x >> 8).astype(ops.m.float32) * (1.0 / (1 << 24))
-    x = _mix32((seed & _MASK32) ^ 0x9E3779B9, ops)
+    x = _mix32(seed ^ 0x9E3779B9, ops)
     for part in (b, h, i, j):
         x = _mix32(x ^ part, ops)
     return (x >> 8) * (1.0 / (1 << 24))

@@ -191,9 +191,11 @@ def _resolve(
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a value in [0, 1), got {dropout_p}")
-    seed = 0
+    seed, seed_array = 0, False
     if dropout_p > 0:
-        seed = _seed(dropout_seed, kind)
+        seed = _seed(dropout_seed, kind, q)
+        if seed is None:  # a scalar integer array: an operand beside q, k, v (see attention)
+            seed, seed_array = 0, True
 
     if varlen:
         hints = max_seqlen_q is not None and max_seqlen_k is not None
@@ -257,6 +259,7 @@ def _resolve(
         requires_grad=requires_grad,
         traced=traced,
         nonpositive_scale=params.scale <= 0,
+        seed_array=seed_array,
     )
     return _Call(kind, params, spec, empty or empty_k or d == 0 or dv == 0)
 
@@ -282,22 +285,43 @@ def _max_len(name, given, host, rows):
     return int((host[1:] - host[:-1]).max()) if len(host) > 1 else 0
 
 
-def _seed(seed, kind) -> int:
+_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _seed(seed, kind, q=None) -> int | None:
+    """The dropout seed: an int in [0, 2**32) for Python ints, NumPy integer arrays and
+    generator draws; None for a scalar integer torch tensor or JAX array (traced or not), which
+    the kernels read as an operand (its low 32 bits: the same mask as the int of that value)."""
+    ak = array_kind(seed)
+    if ak is not None:
+        shape = _shape(seed)
+        if dtype_name(seed) not in _INT_DTYPES:
+            raise TypeError(f"dropout_seed: expected an integer array, got dtype {dtype_name(seed)}")
+        if shape not in ((), (1,)):
+            raise ValueError(f"dropout_seed: expected a scalar (shape () or (1,)), got shape {shape}")
+        if ak == "numpy":
+            return int(np.asarray(seed).reshape(())) & 0xFFFFFFFF
+        if ak != kind:
+            raise TypeError(f"dropout_seed: expected an int or a {kind} array like q, got a "
+                            f"{ak} array")
+        if q is not None and not same_device(seed, q, kind):
+            raise ValueError(f"dropout_seed: expected it on q's device ({_dev_str(q, kind)}), "
+                             f"got {_dev_str(seed, kind)}")
+        return None
     if seed is None:
         if kind == "torch":
             import torch
 
             return int(torch.randint(0, 2**31 - 1, (1,)).item())
         if kind == "numpy":
-            import numpy as np
-
             return int(np.random.randint(0, 2**31 - 1))
         raise ValueError(
             "dropout_seed: expected an int when dropout_p > 0 with JAX arrays "
             "(JAX has no global random state), got None"
         )
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"dropout_seed: expected an int or None, got {seed!r}")
+        raise TypeError(f"dropout_seed: expected an int or None, got {seed!r} (a scalar integer "
+                        "tensor or JAX array is also accepted)")
     return int(seed) & 0xFFFFFFFF
 
 
@@ -390,6 +414,8 @@ def attention(
     extra = {}
     if alibi_slopes is not None or block_mask is not None:
         call, extra = _extend(call, q, alibi_slopes, block_mask)
+    if call.spec.seed_array:  # the seed array travels as an operand (docs/spec.md, "Dropout seeds")
+        extra["dropout_seed"] = dropout_seed
     forced = dispatch.forced_backends(backend)
     if call.empty:
         # No kernel work: the reference path answers with zeros / -inf and zero gradients.
@@ -523,6 +549,7 @@ class Explanation:
                 ("dropout", s.dropout), ("varlen", s.varlen), ("return_lse", s.return_lse),
                 ("deterministic", s.deterministic), ("grad", s.requires_grad), ("traced", s.traced),
                 ("alibi", getattr(s, "alibi", False)), ("block_mask", getattr(s, "block_mask", False)),
+                ("seed_array", getattr(s, "seed_array", False)),
             )
             if on
         ]

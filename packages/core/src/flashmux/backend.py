@@ -52,7 +52,9 @@ FEATURES = (
 # Second-round features, outside FEATURES on purpose: backends declare
 # ``features=frozenset(FEATURES)``, so a name added there would be claimed by all of them. A
 # backend that does these lists them itself: ``frozenset(FEATURES) | {"alibi", "block_mask"}``.
-EXTRA_FEATURES = ("alibi", "block_mask")
+# "seed_array": dropout_seed as a scalar integer array (torch tensor, JAX array traced under
+# jit), read by the kernels as an operand, so that a new seed compiles nothing.
+EXTRA_FEATURES = ("alibi", "block_mask", "seed_array")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ def capability_reasons(caps: Capabilities, spec: ProblemSpec) -> list[str]:
         ("backward", spec.requires_grad, "no backward pass (inputs require grad)"),
         ("alibi", getattr(spec, "alibi", False), "ALiBi (alibi_slopes) not supported"),
         ("block_mask", getattr(spec, "block_mask", False), "block masks (block_mask) not supported"),
+        ("seed_array", getattr(spec, "seed_array", False),
+         "dropout seeds as arrays (a tensor or traced dropout_seed) not supported"),
     )
     for feat, wanted, sentence in checks:
         if wanted and feat not in f:

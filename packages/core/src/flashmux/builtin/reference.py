@@ -50,8 +50,9 @@ class _Layout:
     """Row/column bookkeeping shared by forward and backward: local positions, sequence ids
     and the bottom-right offset, for padded batches and packed (varlen) ones alike."""
 
-    def __init__(self, ops, q, k, cu_q, cu_k, p: Params):
+    def __init__(self, ops, q, k, cu_q, cu_k, p: Params, seed=None):
         self.ops, self.p = ops, p
+        self.seed = p.dropout_seed if seed is None else seed  # an int or a scalar int array
         self.varlen = cu_q is not None
         sq, sk = q.shape[1], k.shape[1]  # q/k already carry a batch axis here
         self.local_q = ops.arange(sq, q)
@@ -135,7 +136,7 @@ class _Layout:
         h = ops.arange(heads_kv * group, self.local_q).reshape(1, heads_kv, 1, group, 1)
         i = self.local_q[r0:r1].reshape(1, 1, -1, 1, 1)
         j = self.local_k[lo:hi].reshape(1, 1, 1, 1, -1)
-        return dropout_uniform(ops, p.dropout_seed, b, h, i, j) >= p.dropout_p
+        return dropout_uniform(ops, self.seed, b, h, i, j) >= p.dropout_p
 
 
 # -- a few framework-specific steps: matmuls, layout copies, in-place elementwise work ----------
@@ -234,10 +235,11 @@ def _prep(q, k, v, cu_q):
     return ops, q, k, v, (b, sq, k.shape[1], hq, hkv, hq // hkv)
 
 
-def forward(q, k, v, cu_q, cu_k, p: Params):
+def forward(q, k, v, cu_q, cu_k, p: Params, seed=None):
+    """seed: dropout_seed as a scalar integer array (params.dropout_seed when None)."""
     q_in = q
     ops, q, k, v, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
-    lay = _Layout(ops, q, k, cu_q, cu_k, p)
+    lay = _Layout(ops, q, k, cu_q, cu_k, p, seed)
     qh = _heads_first(ops, q, b, sq, hkv, g) * p.scale  # (B, Hkv, Sq*g, D)
     kt = _perm(ops, ops.f32(k), (0, 2, 3, 1))  # (B, Hkv, D, Sk)
     vh = _perm(ops, ops.f32(v), (0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
@@ -273,7 +275,7 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
     return out, lse
 
 
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, out_residual=None):
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, out_residual=None, seed=None):
     """out_residual (float32 out minus out) is never passed by the core (this backend does not
     declare out_residual); flashmux.ring_attention passes it because it hands each key block the
     out and lse of the whole sequence: then delta = rowsum(dO * (out + out_residual))."""
@@ -286,7 +288,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, out_residual=No
         out_residual = None if out_residual is None else out_residual[None]
     if out_residual is None:
         del out  # delta comes from the recomputed float32 probabilities (below)
-    lay = _Layout(ops, q, k, cu_q, cu_k, p)
+    lay = _Layout(ops, q, k, cu_q, cu_k, p, seed)
     qh = _heads_first(ops, q, b, sq, hkv, g) * p.scale  # (B, Hkv, Sq*g, D), scaled
     doh = _heads_first(ops, do, b, sq, hkv, g)  # (B, Hkv, Sq*g, Dv)
     delta_out = None
@@ -374,31 +376,35 @@ def _empty(*xs) -> bool:
 
 
 class ReferenceBackend(Backend):
-    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks):
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, dropout_seed=None, **masks):
+        # dropout_seed: a scalar integer array (spec.seed_array), an operand of every path below
         if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
             from . import reference_masks
 
-            return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, **masks)
+            return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params,
+                                                   dropout_seed=dropout_seed, **masks)
         if array_kind(q) == "jax" and not _empty(q, k, v):  # lax.map over chunks: linear memory
             from . import reference_jax
 
-            return reference_jax.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
-        return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+            return reference_jax.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, dropout_seed)
+        return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, dropout_seed)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-                 out_residual=None, **masks):
+                 out_residual=None, dropout_seed=None, **masks):
         if masks:  # alibi_slopes= / block_mask=: builtin/reference_masks.py
             from . import reference_masks
 
             return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
-                                                    cu_seqlens_k, params, **masks)
+                                                    cu_seqlens_k, params,
+                                                    dropout_seed=dropout_seed, **masks)
         if array_kind(q) == "jax" and out_residual is None and not _empty(q, k, v):
             from . import reference_jax
 
             return reference_jax.backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                          params)
+                                          params, dropout_seed)
         fn = _jax_jit(backward, 9) if array_kind(q) == "jax" else backward
-        return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual)
+        return fn(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params, out_residual,
+                  dropout_seed)
 
     def dropout_keep_mask(self, seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
         ops = ops_for(array_kind(like))

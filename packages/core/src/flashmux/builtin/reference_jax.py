@@ -31,8 +31,9 @@ _HI = lax.Precision.HIGHEST  # float32 dots stay float32 on GPUs too
 class _Pos:
     """Per-row and per-key positions, sequence ids and offsets (packed rows: one batch)."""
 
-    def __init__(self, q, k, cu_q, cu_k, p: Params):
+    def __init__(self, q, k, cu_q, cu_k, p: Params, seed=None):
         self.p = p
+        self.seed = p.dropout_seed if seed is None else seed  # an int or a scalar int array
         self.varlen = cu_q is not None
         sq, sk = q.shape[1], k.shape[1]
         self.local_q = jnp.arange(sq, dtype=jnp.int32)
@@ -81,7 +82,7 @@ class _Pos:
         h = jnp.arange(hkv * g, dtype=jnp.int32).reshape(1, hkv, 1, g, 1)
         i = self.rows(self.local_q, r0, n).reshape(1, 1, -1, 1, 1)
         j = self.local_k[lo:hi].reshape(1, 1, 1, 1, -1)
-        return dropout_uniform(ops, self.p.dropout_seed, b, h, i, j) >= self.p.dropout_p
+        return dropout_uniform(ops, self.seed, b, h, i, j) >= self.p.dropout_p
 
 
 def _segments(pos: _Pos, sq: int, sk: int, step: int):
@@ -155,10 +156,11 @@ def _scores(qc, kt, p: Params):
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def forward(q, k, v, cu_q, cu_k, p: Params):
+def forward(q, k, v, cu_q, cu_k, p: Params, seed=None):
+    """seed: dropout_seed as a scalar integer array, traced (None: params.dropout_seed)."""
     q_in = q
     q, k, v, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
-    pos = _Pos(q, k, cu_q, cu_k, p)
+    pos = _Pos(q, k, cu_q, cu_k, p, seed)
     qh = _heads_first(q, b, sq, hkv, g) * p.scale
     kt = jnp.transpose(_f32(k), (0, 2, 3, 1))  # (B, Hkv, D, Sk)
     vh = jnp.transpose(_f32(v), (0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
@@ -199,14 +201,14 @@ def forward(q, k, v, cu_q, cu_k, p: Params):
 
 
 @functools.partial(jax.jit, static_argnums=9)
-def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params):
+def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, seed=None):
     q_in, k_in, v_in = q, k, v
     q, k, v, (b, sq, sk, hq, hkv, g) = _prep(q, k, v, cu_q)
     if cu_q is not None:
         do, lse = do[None], lse[None]
         dlse = None if dlse is None else dlse[None]
     del out  # delta = rowsum(P * dP) from the recomputed float32 P, as in reference.py
-    pos = _Pos(q, k, cu_q, cu_k, p)
+    pos = _Pos(q, k, cu_q, cu_k, p, seed)
     qh = _heads_first(q, b, sq, hkv, g) * p.scale
     doh = _heads_first(do, b, sq, hkv, g)
     kh = jnp.transpose(_f32(k), (0, 2, 1, 3))  # (B, Hkv, Sk, D)

@@ -21,8 +21,9 @@ BUDGET = 1 << 24  # float32 scores per chunk
 class _Rows:
     """Positions and masks for query rows r0:r1 of a padded (B, S) or packed (1, T) batch."""
 
-    def __init__(self, ops, q, k, cu_q, cu_k, p: Params, slopes, bm):
+    def __init__(self, ops, q, k, cu_q, cu_k, p: Params, slopes, bm, seed=None):
         self.ops, self.p, self.slopes, self.bm = ops, p, slopes, bm
+        self.seed = p.dropout_seed if seed is None else seed  # an int or a scalar int array
         self.varlen = cu_q is not None
         b, sq = q.shape[0], q.shape[1]
         sk = k.shape[1]
@@ -93,7 +94,7 @@ class _Rows:
         h = ops.arange(hkv * g, self.lq).reshape(1, hkv, g, 1, 1)
         i = self.lq[r0:r1].reshape(1, 1, 1, -1, 1)
         j = self.lk.reshape(1, 1, 1, 1, -1)
-        return dropout_uniform(ops, p.dropout_seed, bi, h, i, j) >= p.dropout_p
+        return dropout_uniform(ops, self.seed, bi, h, i, j) >= p.dropout_p
 
 
 def _prep(q, k, v, cu_q):
@@ -128,10 +129,10 @@ def _scores(ops, rows: _Rows, qc, kf, p: Params, r0, r1, hkv, g):
     return s, t
 
 
-def forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+def forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None, seed=None):
     q_in = q
     ops, q, qf, kf, vf, (b, sq, sk, hkv, g) = _prep(q, k, v, cu_q)
-    rows = _Rows(ops, q, kf, cu_q, cu_k, p, alibi_slopes, block_mask)
+    rows = _Rows(ops, q, kf, cu_q, cu_k, p, alibi_slopes, block_mask, seed)
     neg = float("-inf")
     outs, lses = [], []
     step = _step(b, hkv * g, sq, sk, ops.name)
@@ -161,13 +162,13 @@ def forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
 
 
 def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, alibi_slopes=None,
-             block_mask=None):
+             block_mask=None, seed=None):
     q_in, k_in, v_in = q, k, v
     ops, q, qf, kf, vf, (b, sq, sk, hkv, g) = _prep(q, k, v, cu_q)
     if cu_q is not None:
         do, lse = do[None], lse[None]
         dlse = None if dlse is None else dlse[None]
-    rows = _Rows(ops, q, kf, cu_q, cu_k, p, alibi_slopes, block_mask)
+    rows = _Rows(ops, q, kf, cu_q, cu_k, p, alibi_slopes, block_mask, seed)
     dof = ops.f32(do).reshape(b, sq, hkv, g, vf.shape[-1])
     dlse = None if dlse is None else ops.f32(dlse).reshape(b, hkv, g, sq)
     lse = ops.f32(lse).reshape(b, hkv, g, sq)
@@ -215,15 +216,17 @@ def _jit(fn, static):
     return _jitted[fn]
 
 
-def backend_forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None):
+def backend_forward(q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, block_mask=None,
+                    dropout_seed=None):
     if array_kind(q) == "jax":
-        return _jit(forward, 5)(q, k, v, cu_q, cu_k, p, alibi_slopes, block_mask)
-    return forward(q, k, v, cu_q, cu_k, p, alibi_slopes, block_mask)
+        return _jit(forward, 5)(q, k, v, cu_q, cu_k, p, alibi_slopes, block_mask, dropout_seed)
+    return forward(q, k, v, cu_q, cu_k, p, alibi_slopes, block_mask, dropout_seed)
 
 
 def backend_backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, alibi_slopes=None,
-                     block_mask=None):
+                     block_mask=None, dropout_seed=None):
     if array_kind(q) == "jax":
         return _jit(backward, 9)(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, alibi_slopes,
-                                 block_mask)
-    return backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, alibi_slopes, block_mask)
+                                 block_mask, dropout_seed)
+    return backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, alibi_slopes, block_mask,
+                    dropout_seed)
