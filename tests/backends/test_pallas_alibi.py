@@ -205,13 +205,13 @@ def test_unfused_uneven_blocks():
 
 
 def test_feature_and_lowerings(monkeypatch):
-    """ALiBi is declared, block masks are not; with alibi both passes take the Triton lowering
+    """ALiBi (and block masks) are declared; with alibi both passes take the Triton lowering
     (never Mosaic GPU) and the slopes reach the kernels as an operand."""
     from flashmux.spec import Params
     from flashmux_pallas import backend, mosaic_kernels, ops
 
     caps = backend.capabilities
-    assert "alibi" in caps.features and "block_mask" not in caps.features
+    assert "alibi" in caps.features and "block_mask" in caps.features  # blocksparse.py
     # Pretend to be on an sm90 with Mosaic GPU, and ask for the GPU answer (interpret=False).
     monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
     monkeypatch.setattr(mosaic_kernels, "available", lambda: True)

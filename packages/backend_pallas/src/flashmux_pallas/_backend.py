@@ -72,7 +72,7 @@ class PallasBackend(Backend):
 
     def forward(
         self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, alibi_slopes=None,
-        dropout_seed=None,
+        dropout_seed=None, block_mask=None,
     ):
         from . import ops
 
@@ -86,6 +86,7 @@ class PallasBackend(Backend):
             residual=residual,
             alibi_slopes=alibi_slopes,
             dropout_seed=dropout_seed,
+            block_mask=block_mask,
         )
 
     def backward(
@@ -103,6 +104,7 @@ class PallasBackend(Backend):
         out_residual=None,
         alibi_slopes=None,
         dropout_seed=None,
+        block_mask=None,
     ):
         from . import ops
 
@@ -120,6 +122,7 @@ class PallasBackend(Backend):
             out_residual=out_residual,
             alibi_slopes=alibi_slopes,
             dropout_seed=dropout_seed,
+            block_mask=block_mask,
         )
 
     # -- KV-cache decode (decode.py) --------------------------------------------------------
@@ -186,9 +189,10 @@ def make_backend() -> PallasBackend:
             dtypes=frozenset({"float16", "bfloat16", "float32"}),
             max_head_dim=256,
             min_compute_capability=(8, 0),
-            # ALiBi in the Triton-lowering kernels; block masks are declined (their reason).
+            # ALiBi in the Triton-lowering kernels; block masks in blocksparse.py (Triton
+            # lowering / interpret, never Mosaic GPU).
             # seed_array: the dropout seed is always a kernel operand (dropout.seed_operand).
-            features=frozenset(FEATURES) | {"alibi", "seed_array"},
+            features=frozenset(FEATURES) | {"alibi", "seed_array", "block_mask"},
             runs_under_jit=True,
             out_residual=True,
             priority=50,

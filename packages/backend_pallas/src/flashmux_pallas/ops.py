@@ -122,6 +122,8 @@ def lowering(q, k, v, params, interpret: bool) -> str:
         return "interpret"
     if MOSAIC_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
         return "triton"
+    if getattr(params, "mask_block_size", 0):  # block masks: blocksparse.py (Triton lowering)
+        return "triton"
     from . import mosaic_kernels
 
     cc = _compute_capability()
@@ -148,6 +150,8 @@ def backward_lowering(q, k, v, params, interpret: bool) -> str:
     if interpret:
         return "interpret"
     if MOSAIC_BWD_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
+        return "triton"
+    if getattr(params, "mask_block_size", 0):  # block masks: blocksparse.py (Triton lowering)
         return "triton"
     from . import mosaic_backward, mosaic_kernels
 
@@ -305,6 +309,7 @@ def forward(
     interpret: bool | None = None,
     alibi_slopes=None,
     dropout_seed=None,
+    block_mask=None,
 ):
     """-> (out, lse), or (out, lse, out_residual) with residual=True: out_residual has out's shape
     and dtype and holds float32 out - out (zeros for float32 inputs), for the backward's delta.
@@ -316,7 +321,13 @@ def forward(
         interpret = on_cpu(q)
     # float32 outputs are stored exactly: their residual is zero, no kernel output needed.
     want = residual and jnp.dtype(q.dtype) != jnp.dtype(jnp.float32)
-    if lowering(q, k, v, params, interpret) == "mosaic_gpu":
+    if block_mask is not None:  # block-sparse kernels (blocksparse.py)
+        from . import blocksparse
+
+        res = blocksparse.forward(q, k, v, params, residual=want, interpret=interpret,
+                                  alibi_slopes=alibi_slopes, block_mask=block_mask,
+                                  dropout_seed=dropout_seed)
+    elif lowering(q, k, v, params, interpret) == "mosaic_gpu":
         from . import mosaic_kernels
 
         res = mosaic_kernels.forward(q, k, v, params, residual=want)
@@ -390,6 +401,7 @@ def backward(
     interpret: bool | None = None,
     alibi_slopes=None,
     dropout_seed=None,
+    block_mask=None,
 ):
     import jax.numpy as jnp
 
@@ -397,6 +409,13 @@ def backward(
         interpret = on_cpu(q)
     if out_residual is not None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
         out_residual = None  # float32 outputs are exact: the residual is zeros
+    if block_mask is not None:  # block-sparse kernels (blocksparse.py)
+        from . import blocksparse
+
+        return blocksparse.backward(do, dlse, q, k, v, out, lse, params,
+                                    out_residual=out_residual, interpret=interpret,
+                                    alibi_slopes=alibi_slopes, block_mask=block_mask,
+                                    dropout_seed=dropout_seed)
     if backward_lowering(q, k, v, params, interpret) == "mosaic_gpu":
         from . import mosaic_backward
 
