@@ -24,10 +24,16 @@ from flashmux_triton import tuning_decode as T  # noqa: E402
 
 def test_plan_fills_the_machine_without_empty_splits():
     cfg = T.DecodeConfig(128, 4, 3, 2.0, 4)
-    # B=8 x Hkv=8 = 64 programs on 132 SMs: ~2 waves -> 5 splits of a 4k cache (32 blocks)
+    # B=8 x Hkv=8 = 64 programs on 132 SMs with one 136 KiB program each: 2 whole waves -> 4
+    # splits of a 4k cache (32 blocks): 256 programs <= 264 (5 splits: 320, a third round)
+    assert T.programs_per_sm(cfg, 128, 128, 2) == 1
     _, bm, mb, ns, split_len, _ = _decode.plan(8, 1, 32, 8, 128, 128, 4096, 0, "bfloat16", None,
                                               132, cfg)
-    assert (bm, mb) == (16, 1) and ns == 5 and split_len % 128 == 0
+    assert (bm, mb) == (16, 1) and ns == 4 and split_len % 128 == 0
+    # 64-key blocks, 3 stages: ~72 KiB, 3 programs per SM -> 396 slots, 6 splits in one wave
+    small = T.DecodeConfig(64, 4, 3, 1.0)
+    assert T.programs_per_sm(small, 128, 128, 2) == 3
+    assert _decode.plan(8, 1, 32, 8, 128, 128, 4096, 0, "bfloat16", None, 132, small)[3] == 6
     assert (ns - 1) * split_len < 4096 <= ns * split_len  # no split left empty
     # short caches are not split finer than min_blocks_per_split
     assert _decode.plan(1, 1, 8, 1, 128, 128, 512, 0, "bfloat16", None, 132, cfg)[3] == 1

@@ -112,6 +112,12 @@ class TritonBackend(Backend):
 
         _decode.append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size)
 
+    def decode_runner(self, spec, params, q, k_cache, v_cache, block_table, alibi_slopes):
+        """The core's fast path for a validated torch call signature (flashmux/kvcache.py)."""
+        from . import _decode
+
+        return _decode.runner(spec, params, q, k_cache, v_cache, block_table, alibi_slopes)
+
     def decode_splits(self, spec, params) -> int:
         from . import _decode
 

@@ -22,7 +22,6 @@ Scores are kept in log2 units: s2 = (scale * q.k [softcap] [- alibi]) * log2(e).
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -143,9 +142,9 @@ def _decode_inner(
 
 
 @triton.jit(do_not_specialize=["window_left", "window_right", "max_pages", "num_pages",
-                               "split_len"])
+                               "split_len", "seqlen_add"])
 def decode_fwd(
-    Q, K, V, SEQLENS, TBL, ALIBI_SLOPES, O, LSE,
+    Q, K, V, SEQLENS, TBL, ALIBI_SLOPES, O, LSE, OP, LP, CNT,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_kp, stride_kh, stride_ks,
     stride_vb, stride_vp, stride_vh, stride_vs,
@@ -153,16 +152,22 @@ def decode_fwd(
     stride_os, stride_ob, stride_oi, stride_oh,
     stride_ls, stride_lb, stride_lh,
     seqlen_q, capacity, max_pages, num_pages, split_len, window_left, window_right,
-    scale, softcap,
+    scale, softcap, seqlen_add, num_splits,
+    stride_ob2, stride_oi2, stride_oh2, stride_lb2, stride_lh2,
     GROUP: tl.constexpr, HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
-    lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis."""
+    lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
+
+    FUSED (with SPLIT): the last program of a (batch * KV head, query block) to finish (a ticket
+    from the int32 counter CNT, one per such group, left at 0 again) merges the splits' partials
+    by lse into OP (out) and LP (lse), strides stride_*2; no second launch. The lengths are
+    SEQLENS[b] + seqlen_add (the append's new tokens), clamped to the capacity."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -170,7 +175,7 @@ def decode_fwd(
     h = bh % HEADS_KV
     b64 = b.to(tl.int64)
 
-    length = tl.load(SEQLENS + b)
+    length = tl.load(SEQLENS + b) + seqlen_add
     length = tl.minimum(tl.maximum(length, 0), capacity)
     off = length - seqlen_q  # query row i sits at position off + i
 
@@ -261,6 +266,41 @@ def decode_fwd(
         tl.store(o_ptrs, _cast(acc, O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + split.to(tl.int64) * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
              lse, mask=row_ok)
+    if FUSED:
+        # every thread's partial stores happen before the ticket (barrier, then a release);
+        # the last ticket acquires them and merges; it leaves the counter at 0 for the next call
+        tl.debug_barrier()
+        slot = CNT + bh * tl.num_programs(2) + pid_m
+        ticket = tl.atomic_add(slot, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            tl.debug_barrier()
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            den = tl.zeros([BLOCK_M], dtype=tl.float32)
+            o_all = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            for s_i in range(0, num_splits):
+                s64 = tl.cast(s_i, tl.int64)
+                l_s = tl.load(LSE + s64 * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
+                              mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                o_s = tl.load(O + s64 * stride_os + b64 * stride_ob + row_i[:, None] * stride_oi
+                              + head[:, None] * stride_oh + offs_dv[None, :], mask=o_mask,
+                              other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, l_s)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a = tl.exp(m_all - m_use)
+                w = tl.exp(l_s - m_use)  # 0 for an empty split
+                o_all = o_all * a[:, None] + o_s * w[:, None]
+                den = den * a + w
+                m_all = m_new
+            den_ok = den > 0
+            den_safe = tl.where(den_ok, den, 1.0)
+            m_fin = tl.where(m_all == float("-inf"), 0.0, m_all)
+            o_fin = o_all * (1.0 / den_safe)[:, None]
+            l_fin = tl.where(den_ok, m_fin + tl.log(den_safe), float("-inf"))
+            tl.store(OP + b64 * stride_ob2 + row_i[:, None] * stride_oi2
+                     + head[:, None] * stride_oh2 + offs_dv[None, :],
+                     _cast(o_fin, OP.dtype.element_ty), mask=o_mask)
+            tl.store(LP + b64 * stride_lb2 + head * stride_lh2 + row_i, l_fin, mask=row_ok)
+            tl.atomic_xchg(slot, 0)
 
 
 @triton.jit
@@ -335,8 +375,13 @@ def plan(batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v, capacity, pag
     m_blocks = triton.cdiv(rows, block_m)
     n_blocks = max(1, triton.cdiv(capacity, cfg.block_n))
     if num_splits is None:
+        # whole waves: programs <= waves x the programs that fit the GPU at once (a partial last
+        # wave leaves SMs idle while its programs run: 320 programs on 132 one-program SMs took
+        # 3 rounds for 2.4 rounds of work, the 4k decode of session 5)
         progs = batch * heads_kv * m_blocks
-        want = triton.cdiv(int(cfg.waves * sms), max(progs, 1))
+        itemsize = 4 if dtype == "float32" else 2
+        slots = sms * T.programs_per_sm(cfg, head_dim, head_dim_v, itemsize)
+        want = int(cfg.waves * slots) // max(progs, 1)
         want = min(want, max(1, n_blocks // cfg.min_blocks_per_split), T.MAX_SPLITS)
         num_splits = max(1, want)
     num_splits = max(1, min(int(num_splits), n_blocks))
@@ -364,22 +409,34 @@ def kernel_for(spec, params) -> str:
     cfg, block_m, m_blocks, ns, split_len, page_block = plan(
         spec.batch, spec.seqlen_q, spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v,
         spec.capacity, params.page_size, spec.dtype, params.num_splits, sms)
+    merge = ", lse merge in the last program" if cfg.fused_merge else ", lse merge kernel"
     paging = ""
     if params.page_size:
         paging = ", one page lookup per block" if page_block else ", page lookup per key row"
     return (f"triton split-KV decode (block_m {block_m} packing {spec.heads_q // spec.heads_kv} "
             f"heads x {spec.seqlen_q} rows, block_n {cfg.block_n}, {cfg.num_warps} warps, "
             f"{cfg.num_stages} stages, {split_len} keys per split{paging}"
-            f"{', lse merge' if ns > 1 else ''})")
+            f"{merge if ns > 1 else ''})")
 
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config=None):
     """-> (out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq) float32). `config` overrides the
     tuning table (benchmarks). A launch that runs out of shared memory is retried with fewer
     pipeline stages, then narrower key blocks, and the smaller config is remembered."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if seqlens_k.dtype != torch.int32:
+        seqlens_k = seqlens_k.to(torch.int32)
+    launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config)
+    return _retrying(launch, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, 0, params,
+                     config)
+
+
+def _retrying(launch, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add,
+              params, config):
     while True:
         try:
-            return _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config)
+            return launch(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add)
         except triton.runtime.errors.OutOfResources:
             if config is not None:
                 raise
@@ -392,21 +449,18 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, co
             _SHRUNK[(d, dv, dtype)] = smaller
             plan.cache_clear()
             _LAUNCHES.clear()
+            launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config)
 
 
 # Launch plans by call signature (shapes, strides, dtype, device, params): a decode loop pays
-# the host-side planning once, then two allocations and one or two launches per step.
+# the host-side planning once, then (with the fused merge) one launch per step.
 _LAUNCHES: dict = {}
 
 
-def _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config):
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+def _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config):
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: the triton decode kernel needs a contiguous last "
                          "(head_dim) dimension")
-    if seqlens_k.dtype != torch.int32:
-        seqlens_k = seqlens_k.to(torch.int32)
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(),
            v_cache.shape, v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride()),
@@ -418,7 +472,82 @@ def _decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, c
         if len(_LAUNCHES) > 1024:
             _LAUNCHES.clear()
         _LAUNCHES[key] = launch
-    return launch(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
+    return launch
+
+
+class _FastLaunch:
+    """Relaunch one compiled Triton kernel without `JITFunction.run`'s per-call work (binding
+    and specializing ~50 arguments, the cache-key lookup): the CompiledKernel's own launcher
+    with the tensors of this call and the fixed scalars of the signature. Used only when what
+    the compiled kernel was specialized on still holds: every pointer 16-byte aligned (as at
+    the first launch), the same current device, and no launch hooks (profilers) installed.
+    Anything else goes back through `kernel[grid](...)`."""
+
+    __slots__ = ("run", "function", "meta", "grid", "tail", "device", "stream", "knobs")
+
+    def __init__(self, kernel, grid, tail, device):
+        self.run = kernel.run
+        self.function = kernel.function
+        self.meta = kernel.packed_metadata
+        self.grid = grid
+        self.tail = tail
+        self.device = device
+        drv = triton.runtime.driver.active
+        self.stream = drv.get_current_stream
+        self.knobs = getattr(triton, "knobs", None)
+
+    @staticmethod
+    def make(jitfn, kernel, grid, n_tensors, args, kw):
+        """From the first launch's CompiledKernel: the launcher takes every parameter of the
+        kernel in order (constexprs included, as JITFunction.run passes them)."""
+        if kernel is None or _interpreting() or not hasattr(kernel, "packed_metadata"):
+            return None
+        names = list(getattr(jitfn, "arg_names", None) or [])
+        if len(names) < len(args):
+            return None
+        vals = dict(zip(names, args))
+        for n in names[len(args):]:
+            if n not in kw:
+                return None
+            vals[n] = kw[n]
+        tail = tuple(vals[n] for n in names[n_tensors:])
+        drv = triton.runtime.driver.active
+        return _FastLaunch(kernel, grid, tail, drv.get_current_device())
+
+    def hooks_off(self) -> bool:
+        k = self.knobs
+        if k is None:
+            return False
+        rt = k.runtime
+        return _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook)
+
+    def __call__(self, device, *tensors) -> bool:
+        if device != self.device:
+            return False
+        g = self.grid
+        self.run(g[0], g[1], g[2], self.stream(device), self.function, self.meta, None, None,
+                 None, *tensors, *self.tail)
+        return True
+
+
+def _no_hook(h) -> bool:
+    """None (triton 3.6) or an empty HookChain (3.9)."""
+    return h is None or (isinstance(getattr(h, "calls", None), list) and not h.calls)
+
+
+def _aligned(*tensors) -> bool:
+    a = 0
+    for t in tensors:
+        a |= t.data_ptr()
+    return a & 15 == 0
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _stream_key(dev) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
 
 
 class _Launch:
@@ -440,11 +569,14 @@ class _Launch:
             b, sq, hq, hkv, d, dv, capacity, page_size, dtype, params.num_splits, _sms(q), config)
         self.paged = paged
         self.split = ns > 1
+        self.fused = self.split and cfg.fused_merge
         self.out_shape = (b, sq, hq, dv)
         self.lse_shape = (b, hq, sq)
         self.n_opart = ns * b * sq * hq * dv
+        self.n_ws = self.n_opart + ns * b * hq * sq
         self.opart_shape = (ns, b, sq, hq, dv)
         self.lpart_shape = (ns, b, hq, sq)
+        self.n_cnt = b * hkv * m_blocks
         if self.split:  # contiguous float32 partials
             so = (b * sq * hq * dv, sq * hq * dv, hq * dv, dv)
             sl = (b * hq * sq, hq * sq, sq)
@@ -462,7 +594,9 @@ class _Launch:
             svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
         wl, wr = params.window_left, params.window_right
         self.grid = (ns, b * hkv, m_blocks)
-        self.args = (
+        # the scalars after seqlen_add (num_splits and the final out/lse strides of the fused
+        # merge) follow it in `tail`
+        self.head = (
             q.stride(0), q.stride(1), q.stride(2),
             skb, skp, skh, sks, svb, svp, svh, svs,
             block_table.stride(0) if paged else 0, stride_ab,
@@ -471,6 +605,7 @@ class _Launch:
             0 if wl is None else int(wl), 0 if wr is None else int(wr),
             float(params.scale), float(params.softcap or 1.0),
         )
+        self.tail = (ns, sq * hq * dv, hq * dv, dv, hq * sq, sq)
         block_dv = max(16, triton.next_power_of_2(dv))
         self.kw = dict(
             GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
@@ -479,6 +614,7 @@ class _Launch:
             PAGE_SIZE=max(page_size, 1), PAGED=paged, PAGE_BLOCK=page_block,
             HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
             ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=self.split,
+            FUSED=self.fused,
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )
@@ -486,26 +622,99 @@ class _Launch:
         self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
         self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
                              BLOCK_DV=block_dv, num_warps=4)
+        self.dev = q.device
+        # fused merge: per stream, the ticket counters (zeroed once, left at 0 by each launch)
+        # and the float32 partials (stream order makes reuse safe); under CUDA-graph capture
+        # fresh ones every call (a graph's own memory; its replays zero the counters)
+        self.buffers: dict = {}
+        # (kept per stream up to 16 MiB of partials; larger ones, e.g. long chunked prefills,
+        # are allocated per call with a zeroed counter)
+        self.persist = q.is_cuda and self.n_ws * 4 <= (16 << 20)
+        self.fast = {}  # seqlen_add -> _FastLaunch | False
+        self.fast_ok = not _interpreting()
 
-    def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes):
+    def _buffers(self, dev):
+        if _capturing():
+            return self._new_buffers(dev)
+        key = _stream_key(dev)
+        bufs = self.buffers.get(key)
+        if bufs is None:
+            bufs = self.buffers[key] = self._new_buffers(dev)
+        return bufs
+
+    def _new_buffers(self, dev):
+        ws = torch.empty(self.n_ws, dtype=torch.float32, device=dev)
+        cnt = torch.zeros(self.n_cnt, dtype=torch.int32, device=dev) if self.fused else None
+        return (ws[: self.n_opart].view(self.opart_shape),
+                ws[self.n_opart :].view(self.lpart_shape), cnt)
+
+    def __call__(self, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add=0):
         dev = q.device
         out = torch.empty(self.out_shape, dtype=q.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev)
-        if self.split:  # both float32 partials in one allocation
-            ws = torch.empty(self.n_opart + math.prod(self.lpart_shape), dtype=torch.float32,
-                             device=dev)
-            o_dst = ws[: self.n_opart].view(self.opart_shape)
-            l_dst = ws[self.n_opart :].view(self.lpart_shape)
+        if self.fused and self.persist:
+            o_dst, l_dst, cnt = self._buffers(dev)
+        elif self.split:  # both float32 partials in one allocation
+            o_dst, l_dst, cnt = self._new_buffers(dev)
         else:
-            o_dst, l_dst = out, lse
-        tbl = block_table if self.paged else seqlens_k  # a dummy pointer when contiguous
+            o_dst, l_dst, cnt = out, lse, None
+        tbl = block_table if self.paged else seqlens  # a dummy pointer when contiguous
         slopes = alibi_slopes if alibi_slopes is not None else lse
-        decode_fwd[self.grid](q, k_cache, v_cache, seqlens_k, tbl, slopes, o_dst, l_dst,
-                              *self.args, **self.kw)
-        if self.split:
+        tensors = (q, k_cache, v_cache, seqlens, tbl, slopes, o_dst, l_dst, out, lse,
+                   cnt if cnt is not None else seqlens)
+        fast = self.fast.get(seqlen_add) if self.fast_ok else None
+        if fast and fast.hooks_off() and _aligned(*tensors) and \
+                fast(torch.cuda.current_device(), *tensors):
+            pass
+        else:
+            kernel = decode_fwd[self.grid](*tensors, *self.head, seqlen_add, *self.tail,
+                                           **self.kw)
+            if self.fast_ok and seqlen_add not in self.fast:
+                f = None
+                if _aligned(*tensors):
+                    f = _FastLaunch.make(decode_fwd, kernel, self.grid, len(tensors),
+                                         (*tensors, *self.head, seqlen_add, *self.tail), self.kw)
+                self.fast[seqlen_add] = f or False
+        if self.split and not self.fused:
             decode_merge[self.merge_grid](o_dst, l_dst, out, lse, *self.merge_args,
                                           **self.merge_kw)
         return out, lse
+
+
+def runner(spec, params, q, k_cache, v_cache, block_table, alibi_slopes):
+    """The fast path's step for one validated call signature (kvcache.py's `decode_runner`):
+    the append kernel when the call brings new tokens, then one decode launch that forms the
+    lengths cache_seqlens + Snew itself (no separate add)."""
+    return _Step(spec, params, q, k_cache, v_cache, block_table, alibi_slopes)
+
+
+class _Step:
+    def __init__(self, spec, params, q, k_cache, v_cache, block_table, alibi_slopes):
+        self.snew = spec.seqlen_new
+        self.page_size = params.page_size
+        self.params = params
+        self.contig_q = q.stride(-1) == 1
+        self.launch = None
+        self.append = None
+
+    def __call__(self, q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
+        if self.snew:
+            app = self.append
+            if app is None:
+                app = self.append = _Append(k_cache, v_cache, k, v, block_table, self.page_size)
+            app(k_cache, v_cache, k, v, cache_seqlens, block_table)
+        if not self.contig_q:
+            q = q.contiguous()
+        launch = self.launch
+        if launch is not None:
+            return launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                          self.snew)
+        launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, self.params, None)
+        res = _retrying(launch, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                        self.snew, self.params, None)
+        self.launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, self.params,
+                                  None)
+        return res
 
 
 # -- appending new tokens -----------------------------------------------------------------------
@@ -553,34 +762,64 @@ def kv_append(
 
 def append(k_cache, v_cache, k, v, cache_seqlens, block_table, page_size):
     """Write k, v (B, Snew, Hkv, D/Dv) into the caches in place, one program per new token."""
-    b, snew, hkv, d = k.shape
-    dv = v.shape[-1]
+    b, snew = k.shape[0], k.shape[1]
     if not (b and snew):
         return
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache, v_cache: the triton append kernel needs a contiguous last "
-                         "(head_dim) dimension")
-    paged = block_table is not None
-    if paged:
-        num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
-        capacity = max_pages * page_size
-        sk = (0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
-        sv = (0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
-    else:
-        num_pages, max_pages = 1, 1
-        capacity = k_cache.shape[1]
-        sk = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0)
-        sv = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0)
-    seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
-    kv_append[(b * snew,)](
-        k_cache, v_cache, k, v, seqlens, block_table if paged else seqlens,
-        *sk, *sv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        block_table.stride(0) if paged else 0, capacity, max_pages, num_pages, snew,
-        HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_H=max(2, triton.next_power_of_2(hkv)),
-        BLOCK_D=max(2, triton.next_power_of_2(d)), BLOCK_DV=max(2, triton.next_power_of_2(dv)),
-        PAGE_SIZE=max(page_size, 1), PAGED=paged, num_warps=4,
-    )
+    _Append(k_cache, v_cache, k, v, block_table, page_size)(k_cache, v_cache, k, v,
+                                                             cache_seqlens, block_table)
+
+
+class _Append:
+    """The append launch of one call signature (the fast path keeps it): static arguments
+    computed once, then the compiled kernel relaunched directly (`_FastLaunch`)."""
+
+    def __init__(self, k_cache, v_cache, k, v, block_table, page_size):
+        b, snew, hkv, d = k.shape
+        dv = v.shape[-1]
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("k_cache, v_cache: the triton append kernel needs a contiguous last "
+                             "(head_dim) dimension")
+        self.contig = k.stride(-1) == 1 and v.stride(-1) == 1
+        if not self.contig:
+            k, v = k.contiguous(), v.contiguous()
+        self.paged = paged = block_table is not None
+        if paged:
+            num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
+            capacity = max_pages * page_size
+            sk = (0, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+            sv = (0, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+        else:
+            num_pages, max_pages = 1, 1
+            capacity = k_cache.shape[1]
+            sk = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0)
+            sv = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0)
+        self.grid = (b * snew, 1, 1)
+        self.args = (*sk, *sv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                     v.stride(2), block_table.stride(0) if paged else 0, capacity, max_pages,
+                     num_pages, snew)
+        self.kw = dict(
+            HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_H=max(2, triton.next_power_of_2(hkv)),
+            BLOCK_D=max(2, triton.next_power_of_2(d)), BLOCK_DV=max(2, triton.next_power_of_2(dv)),
+            PAGE_SIZE=max(page_size, 1), PAGED=paged, num_warps=4,
+        )
+        self.fast = None  # None: not tried yet; False: not usable
+        self.fast_ok = not _interpreting()
+
+    def __call__(self, k_cache, v_cache, k, v, cache_seqlens, block_table):
+        if not self.contig:
+            k, v = k.contiguous(), v.contiguous()
+        seqlens = cache_seqlens
+        if seqlens.dtype != torch.int32:
+            seqlens = seqlens.to(torch.int32)
+        tensors = (k_cache, v_cache, k, v, seqlens, block_table if self.paged else seqlens)
+        fast = self.fast
+        if fast and fast.hooks_off() and _aligned(*tensors) and \
+                fast(torch.cuda.current_device(), *tensors):
+            return
+        kernel = kv_append[self.grid](*tensors, *self.args, **self.kw)
+        if self.fast is None and self.fast_ok:
+            f = None
+            if _aligned(*tensors):
+                f = _FastLaunch.make(kv_append, kernel, self.grid, len(tensors),
+                                     (*tensors, *self.args), self.kw)
+            self.fast = f or False

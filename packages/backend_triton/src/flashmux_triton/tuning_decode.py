@@ -3,9 +3,11 @@ run times (`tests/kvcache/test_triton_decode_gpu.py` and the harness's decode sw
 GB/s per candidate; the lead's H200 run picks the default).
 
 Decode is bound by the bytes of the cache: wide key blocks (64-256 keys), enough splits to give
-every SM about `waves` programs, 16-byte loads along head_dim (contiguous last dimension), 2-4
-pipeline stages. `FLASHMUX_TRITON_DECODE="block_n=128,num_warps=4,num_stages=3,waves=2"`
-overrides the table (any subset of the fields).
+every SM `waves` full rounds of programs (whole waves: the number of programs that fit the GPU at
+once is SMs x programs per SM, from the config's shared memory), 16-byte loads along head_dim
+(contiguous last dimension), 2-4 pipeline stages, the lse merge fused into the split kernel (the
+last program of a group merges). `FLASHMUX_TRITON_DECODE="block_n=128,num_warps=4,num_stages=3,
+waves=2,fused_merge=1,occupancy=0"` overrides the table (any subset of the fields).
 """
 
 from __future__ import annotations
@@ -22,29 +24,49 @@ class DecodeConfig:
     block_n: int = 128  # keys per block
     num_warps: int = 4
     num_stages: int = 3
-    waves: float = 2.0  # splits chosen so that programs ~ waves x SM count
+    waves: float = 2.0  # splits: programs <= waves x (SMs x programs per SM), whole waves
     min_blocks_per_split: int = 4  # never split a sequence finer than this many key blocks
+    fused_merge: int = 1  # 1: the last split program merges (one launch); 0: a merge kernel
+    occupancy: int = 0  # programs per SM; 0: estimated from shared memory (programs_per_sm)
 
     def label(self) -> str:
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
-                f"num_stages={self.num_stages},waves={self.waves:g}")
+                f"num_stages={self.num_stages},waves={self.waves:g},"
+                f"fused_merge={self.fused_merge},occupancy={self.occupancy}")
+
+
+SMEM_PER_SM = 227 * 1024  # sm90 / sm80 (A100: 163 KiB; a smaller GPU shrinks the config)
+
+
+def programs_per_sm(cfg: DecodeConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
+    """How many programs of this config share an SM: the K/V tiles of num_stages - 1 buffers
+    (the pipeliner's count, decode_aot.py: 128 keys x 3 stages = 136 KiB at D = 128) plus ~8 KiB,
+    capped at 4 (4 warps) / 2 (8 warps) for registers."""
+    if cfg.occupancy:
+        return cfg.occupancy
+    stages = max(1, cfg.num_stages - 1)
+    smem = stages * cfg.block_n * (head_dim + head_dim_v) * itemsize + 8 * 1024
+    cap = 4 if cfg.num_warps <= 4 else 2
+    return max(1, min(cap, SMEM_PER_SM // smem))
 
 
 # Candidates for the GPU run (the first is the 16-bit default until measured). Shared memory on
 # sm90 (decode_aot.py): 128/4/3 136 KiB (one program per SM), 128/4/4 200 KiB, 64/4/3 70 KiB,
-# 256/8/2 140 KiB, 128/4/2 72 KiB.
+# 256/8/2 140 KiB, 128/4/2 72 KiB. Session 6: waves are whole waves of the programs that fit
+# (SMs x programs_per_sm); c2 is c0 with the separate merge kernel (what the fused merge saves).
 CANDIDATES = (
     DecodeConfig(128, 4, 3, 2.0),
+    DecodeConfig(128, 4, 3, 1.0),
+    DecodeConfig(128, 4, 3, 2.0, fused_merge=0),
+    DecodeConfig(64, 4, 3, 1.0),
     DecodeConfig(64, 4, 3, 2.0),
-    DecodeConfig(128, 4, 4, 2.0),
-    DecodeConfig(128, 8, 3, 2.0),
-    DecodeConfig(256, 8, 2, 2.0),
-    DecodeConfig(128, 4, 3, 4.0),
-    DecodeConfig(64, 4, 4, 4.0),
     DecodeConfig(128, 4, 2, 1.0),
-    # smaller tiles: ~70 KiB of shared memory, so 3 programs fit an SM (sm90 compile, decode_aot.py)
-    DecodeConfig(64, 4, 3, 3.0),
-    DecodeConfig(128, 4, 2, 3.0),
+    DecodeConfig(128, 4, 2, 2.0),
+    DecodeConfig(128, 8, 3, 1.0),
+    DecodeConfig(256, 8, 2, 1.0),
+    DecodeConfig(64, 4, 4, 1.0),
+    DecodeConfig(128, 4, 4, 1.0),
+    DecodeConfig(64, 8, 3, 1.0),
 )
 
 

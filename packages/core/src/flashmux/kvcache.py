@@ -573,37 +573,126 @@ def _run(be, call: _DecodeCall, q, k_cache, v_cache, seqlens_k, block_table, ali
     raise dispatch.NoBackendError(f"backend {be.name!r} cannot take {kind} arrays")
 
 
-# Validated calls by signature, so a decode loop pays the argument checks once. Only for torch
-# tensors on a GPU outside torch.compile: there the checks read no values (NumPy and CPU
-# tensors have their lengths and page ids checked on every call; JAX traces once per shape).
-_validated: dict[tuple, _DecodeCall] = {}
+# Prepared steps by call signature, so a decode loop pays the argument checks, the dispatch and
+# the backend's launch planning once. Only for torch tensors on a GPU outside torch.compile:
+# there the checks read no values (NumPy and CPU tensors have their lengths and page ids checked
+# on every call; JAX traces once per shape). The key holds everything the checks and the
+# planning look at: shapes, strides, dtypes, devices, requires_grad, the keyword values (with
+# their types: True == 1 must not let num_splits=True through), grad mode and the forced
+# backends; the entry re-checks that the chosen backend is still the registered one.
+_validated: dict[tuple, _FastStep] = {}
+
+
+def _fast_eligible(q) -> bool:
+    """A torch tensor on a GPU, outside torch.compile (tests widen this to CPU tensors)."""
+    if not type(q).__module__.startswith("torch"):
+        return False
+    torch = sys.modules["torch"]
+    return isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling()
 
 
 def _fast_key(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, causal, scale,
-              window, softcap, return_lse, num_splits):
-    if not type(q).__module__.startswith("torch"):
+              window, softcap, return_lse, num_splits, forced=None):
+    if not _fast_eligible(q):
         return None
     torch = sys.modules["torch"]
-    if not (isinstance(q, torch.Tensor) and q.is_cuda) or torch.compiler.is_compiling():
-        return None
     if window is not None:
         if type(window) not in (tuple, list):
             return None
-        window = tuple(window)
-    key = [causal, scale, window, softcap, return_lse, num_splits, torch.is_grad_enabled()]
-    for x in (q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
-        if x is None:
-            key.append(None)
-        elif not isinstance(x, torch.Tensor):
-            return None
-        else:
-            key.append((x.shape, x.dtype, x.device, x.requires_grad))
-    key = tuple(key)
+        window = tuple((type(w), w) for w in window)
+    tensor = torch.Tensor
     try:
+        key = (
+            type(causal), causal, type(scale), scale, window, type(softcap), softcap,
+            type(return_lse), return_lse, type(num_splits), num_splits,
+            torch.is_grad_enabled(), forced,
+            q.shape, q.stride(), q.dtype, q.get_device(), q.requires_grad,
+            _sig(k_cache, tensor), _sig(v_cache, tensor), _sig(cache_seqlens, tensor),
+            None if k is None else _sig(k, tensor), None if v is None else _sig(v, tensor),
+            None if block_table is None else _sig(block_table, tensor),
+            None if alibi_slopes is None else _sig(alibi_slopes, tensor),
+        )
         hash(key)
-    except TypeError:  # an odd keyword value: take the checked path, which reports it
-        return None
+    except (TypeError, AttributeError):  # not tensors, or an odd keyword value: the checked
+        return None                       # path reports it
     return key
+
+
+def _sig(x, tensor):
+    if not isinstance(x, tensor):
+        raise TypeError
+    return (x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
+
+
+_FORCED: dict[str, tuple | None] = {}
+
+
+def _forced(backend):
+    """dispatch.forced_backends, memoized for a backend named by a string."""
+    if type(backend) is str:
+        f = _FORCED.get(backend, _FORCED)
+        if f is _FORCED:
+            f = _FORCED[backend] = dispatch.forced_backends(backend)
+        return f
+    return dispatch.forced_backends(backend)
+
+
+class _FastStep:
+    """One validated torch GPU call signature: the chosen backend and what runs per step.
+
+    `runner`, when the backend offers one (`decode_runner(spec, params, q, k_cache, v_cache,
+    block_table, alibi_slopes)`), takes (q, k_cache, v_cache, cache_seqlens, k, v, block_table,
+    alibi_slopes) and does the append and the attention for any call of this signature (the
+    backend plans once; the lengths seqlens_k = cache_seqlens + Snew may be formed on the
+    device inside its kernels). Without one, the step is the checked path minus the checks."""
+
+    __slots__ = ("be", "reg", "table", "call", "runner", "with_new", "return_lse")
+
+    def __init__(self, be, call: _DecodeCall, runner):
+        self.be = be
+        self.reg = dispatch._backends
+        self.table = dispatch._priority_table
+        self.call = call
+        self.runner = runner
+        self.with_new = call.spec.seqlen_new > 0
+        self.return_lse = call.params.return_lse
+
+    def valid(self) -> bool:
+        reg = self.reg
+        return (dispatch._backends is reg and reg is not None and not dispatch._pending
+                and reg.get(self.be.name) is self.be and dispatch._priority_table is self.table)
+
+    def __call__(self, q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
+        if self.runner is not None:
+            out, lse = self.runner(q, k_cache, v_cache, cache_seqlens, k, v, block_table,
+                                   alibi_slopes)
+        else:
+            call, be = self.call, self.be
+            if self.with_new:
+                _append_torch(be, call, k_cache, v_cache, k, v, cache_seqlens, block_table)
+            seqlens_k = _seqlens_k("torch", cache_seqlens, call.spec.seqlen_new)
+            out, lse = _run(be, call, q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes)
+        if self.with_new:
+            return (out, lse, k_cache, v_cache) if self.return_lse else (out, k_cache, v_cache)
+        return (out, lse) if self.return_lse else out
+
+
+def _append_torch(be, call, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    append = getattr(be, "decode_append", None)
+    if append is not None and "torch" in be.capabilities.array_kinds and not torch_compiling():
+        # the backend's own append kernel (one launch); traced code takes the torch ops
+        append(k_cache, v_cache, k, v, cache_seqlens, block_table, call.params.page_size)
+    else:
+        _append("torch", k_cache, v_cache, k, v, cache_seqlens, block_table,
+                call.params.page_size)
+
+
+def _fast_step(be, call: _DecodeCall, q, k_cache, v_cache, block_table, alibi_slopes):
+    runner = None
+    make = getattr(be, "decode_runner", None)
+    if make is not None and "torch" in be.capabilities.array_kinds:
+        runner = make(call.spec, call.params, q, k_cache, v_cache, block_table, alibi_slopes)
+    return _FastStep(be, call, runner)
 
 
 def attention_with_kvcache(
@@ -642,26 +731,28 @@ def attention_with_kvcache(
     num_splits forces the number of key splits (Flash-Decoding); None lets the backend choose.
     Inference only. `backend` forces a backend, as for `attention`.
     """
+    forced = _forced(backend)
     key = _fast_key(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes, causal,
-                    scale, window, softcap, return_lse, num_splits)
-    call = _validated.get(key) if key is not None else None
-    if call is None:
-        call = _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scale,
-                        window, softcap, alibi_slopes, return_lse, num_splits)
-        if key is not None:
-            if len(_validated) > 4096:
-                _validated.clear()
-            _validated[key] = call
-    forced = dispatch.forced_backends(backend)
+                    scale, window, softcap, return_lse, num_splits, forced)
+    if key is not None:
+        step = _validated.get(key)
+        if step is not None and step.valid():
+            return step(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes)
+    call = _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scale,
+                    window, softcap, alibi_slopes, return_lse, num_splits)
     kind = call.kind
     # choose first: a call no backend can run fails before it touches the caches
     be = None if call.empty else select(call.spec, forced)
+    if key is not None and be is not None:
+        step = _fast_step(be, call, q, k_cache, v_cache, block_table, alibi_slopes)
+        res = step(q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes)
+        if len(_validated) > 4096:
+            _validated.clear()
+        _validated[key] = step  # kept once it ran
+        return res
     if call.spec.seqlen_new and call.spec.batch:
-        append = getattr(be, "decode_append", None)
-        if append is not None and kind == "torch" and kind in be.capabilities.array_kinds \
-                and not torch_compiling():
-            # the backend's own append kernel (one launch); traced code takes the torch ops
-            append(k_cache, v_cache, k, v, cache_seqlens, block_table, call.params.page_size)
+        if kind == "torch" and be is not None:
+            _append_torch(be, call, k_cache, v_cache, k, v, cache_seqlens, block_table)
         else:
             k_cache, v_cache = _append(kind, k_cache, v_cache, k, v, cache_seqlens, block_table,
                                        call.params.page_size)

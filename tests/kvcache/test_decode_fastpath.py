@@ -1,0 +1,157 @@
+"""The torch fast path of attention_with_kvcache (a validated call signature runs a prepared
+step: no re-validation, no dispatch, the backend's runner) and the Triton decode's fused lse
+merge, on the CPU: the fast path is widened to CPU tensors here (on a GPU it serves CUDA
+tensors only). Runs in the reference pass (no runner: the checked path minus the checks) and in
+the triton pass (TRITON_INTERPRET=1: the runner with the append, seqlen_add and fused merge)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import flashmux  # noqa: E402
+from flashmux import dispatch, kvcache  # noqa: E402
+
+BACKEND = os.environ.get("FLASHMUX_TEST_BACKEND", "reference")
+if BACKEND not in ("reference", "triton"):
+    pytest.skip("runs in the reference and triton passes", allow_module_level=True)
+if BACKEND == "triton" and os.environ.get("TRITON_INTERPRET") != "1" \
+        and not torch.cuda.is_available():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture
+def fast_on_cpu(monkeypatch):
+    monkeypatch.setattr(kvcache, "_fast_eligible", lambda q: isinstance(q, torch.Tensor))
+    kvcache._validated.clear()
+    yield
+    kvcache._validated.clear()
+
+
+def _case(seed, b=3, sq=2, hq=4, hkv=2, d=16, page=8, max_pages=6, snew=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, hq, d, generator=g)
+    n = b * max_pages + 2
+    kc = torch.randn(n, page, hkv, d, generator=g)
+    vc = torch.randn(n, page, hkv, d, generator=g)
+    table = torch.randperm(n, generator=g)[: b * max_pages].reshape(b, max_pages).int()
+    k = torch.randn(b, snew, hkv, d, generator=g)
+    v = torch.randn(b, snew, hkv, d, generator=g)
+    lens = torch.tensor([0, 17, page * max_pages - snew][:b], dtype=torch.int32)
+    return q, kc, vc, table, k, v, lens
+
+
+def _np(x):
+    return x.double().numpy().copy()
+
+
+def _want(q, kc, vc, table, k, v, lens, **kw):
+    """NumPy float64 through the reference backend (NumPy arrays never take the fast path)."""
+    out, lse, kc, vc = flashmux.attention_with_kvcache(
+        _np(q), _np(kc), _np(vc), cache_seqlens=lens.numpy(), k=_np(k), v=_np(v),
+        block_table=table.numpy(), backend="reference", return_lse=True, **kw)
+    return tuple(torch.from_numpy(x) for x in (out, lse, kc, vc))
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_fast_steps_match_the_checked_path(fast_on_cpu, num_splits):
+    q, kc, vc, table, k, v, lens = _case(0)
+    kw = dict(causal=True, num_splits=num_splits)
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 + step)  # new values, same signature
+        q = torch.randn(q.shape, generator=g)
+        k, v = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g)
+        lens = torch.tensor([step, 17 + 3 * step, 46], dtype=torch.int32)
+        want = _want(q, kc, vc, table, k, v, lens, **kw)
+        got = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=k, v=v,
+                                              block_table=table, return_lse=True,
+                                              backend=BACKEND, **kw)
+        assert got[2] is kc and got[3] is vc  # updated in place, the same objects
+        assert len(kvcache._validated) == 1
+        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-5)
+        # every slot: the appended tokens where they belong, the rest untouched
+        np.testing.assert_array_equal(kc.numpy(), want[2].float().numpy())
+        np.testing.assert_array_equal(vc.numpy(), want[3].float().numpy())
+    step = next(iter(kvcache._validated.values()))
+    assert (step.runner is not None) == (BACKEND == "triton")
+
+
+def test_fast_path_keeps_the_checks_the_key_does_not_prove(fast_on_cpu):
+    q, kc, vc, table, k, v, lens = _case(1)
+    kw = dict(cache_seqlens=lens, block_table=table, backend=BACKEND)
+    flashmux.attention_with_kvcache(q, kc, vc, num_splits=1, **kw)
+    assert len(kvcache._validated) == 1
+    with pytest.raises(TypeError, match="num_splits"):  # True == 1, but not an int
+        flashmux.attention_with_kvcache(q, kc, vc, num_splits=True, **kw)
+    flashmux.attention_with_kvcache(q, kc, vc, causal=True, **kw)
+    with pytest.raises(TypeError, match="causal"):
+        flashmux.attention_with_kvcache(q, kc, vc, causal=1, **kw)
+    with pytest.raises(ValueError, match="block_table"):  # another shape: checked again
+        flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table[:2],
+                                        backend=BACKEND)
+    with pytest.raises(ValueError, match="q"):
+        flashmux.attention_with_kvcache(q[:, :, :3], kc, vc, **kw)
+
+
+def test_a_re_registered_backend_is_not_served_by_a_stale_step(fast_on_cpu):
+    q, kc, vc, table, k, v, lens = _case(2)
+    kw = dict(cache_seqlens=lens, block_table=table, backend=BACKEND)
+    flashmux.attention_with_kvcache(q, kc, vc, **kw)
+    step = next(iter(kvcache._validated.values()))
+    assert step.valid()
+    old = dispatch.get_backend(BACKEND)
+    calls = []
+
+    class Spy(type(old)):
+        def decode(self, *a, **k):
+            calls.append(1)
+            return super().decode(*a, **k)
+
+    spy = Spy.__new__(Spy)
+    spy.__dict__.update(old.__dict__)
+    dispatch.register(spy)
+    try:
+        kvcache.clear_caches()
+        assert not step.valid()
+        flashmux.attention_with_kvcache(q, kc, vc, **kw)
+        assert calls or next(iter(kvcache._validated.values())).runner is not None
+        assert next(iter(kvcache._validated.values())).be is spy
+    finally:
+        dispatch.register(old)
+        kvcache.clear_caches()
+
+
+@pytest.mark.skipif(BACKEND != "triton", reason="the triton pass")
+def test_fused_merge_leaves_its_counters_at_zero(monkeypatch):
+    from flashmux_triton import _decode
+    from flashmux_triton import tuning_decode as T
+
+    q, kc, vc, table, k, v, lens = _case(3, snew=1)
+    p = kvcache.DecodeParams(scale=0.25, causal=True, window_left=None, window_right=0,
+                             softcap=None, alibi=False, num_splits=3, page_size=8,
+                             return_lse=True)
+    for fused in (1, 0):
+        cfg = T.DecodeConfig(16, 4, 2, 1.0, fused_merge=fused)
+        launch = _decode._Launch(q, kc, vc, table, None, p, cfg)
+        assert launch.split and launch.fused == bool(fused)
+        # as on a GPU: buffers kept per stream (a counter zeroed once)
+        launch.persist = True
+        monkeypatch.setattr(_decode, "_stream_key", lambda dev: 0)
+        monkeypatch.setattr(_decode, "_capturing", lambda: False)
+        for n in ((5, 40, 47), (0, 1, 33), (47, 47, 47)):
+            lens = torch.tensor(n, dtype=torch.int32)
+            out, lse = launch(q, kc, vc, lens, table, None, 1)  # seqlen_add: lengths + 1
+            want = flashmux.attention_with_kvcache(
+                _np(q), _np(kc), _np(vc), cache_seqlens=(lens + 1).numpy(),
+                block_table=table.numpy(), causal=True, scale=0.25, return_lse=True,
+                backend="reference")
+            np.testing.assert_allclose(out.numpy(), want[0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(lse.numpy(), want[1], rtol=1e-4, atol=1e-5)
+            if fused:
+                cnt = launch.buffers[0][2]
+                assert cnt.shape == (3 * 2,) and not cnt.any()
