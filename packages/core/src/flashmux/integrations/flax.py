@@ -26,10 +26,17 @@ What the mask may be (a dense (B, H, Sq, Sk) mask cannot be checked under jit, s
   contiguous run of equal ids (documents packed in a row); with causal, causally inside each
   run. A bound on the runs per row keeps the packed call small (more runs than the bound: NaN).
 
+Attention dropout (`dropout_rate > 0`, not deterministic) draws its seed from the PRNG key Flax
+hands in (`dropout_rng`, from the module's `rngs` / the 'dropout' stream): 32 random bits of the
+key become flashmux's `dropout_seed` as a traced int32 scalar, so under jit a new key compiles
+nothing, the same key gives the same output, and the backward redraws the forward's mask. The
+mask is flashmux's counter-based one, drawn per (batch, head, query, key): Flax's default
+`broadcast_dropout=True` (one mask shared by the batch and heads) is not reproduced, and the mask
+bits differ from Flax's own `random.bernoulli` draw (same keep probability, same 1/(1 - rate)
+scaling).
+
 Refused with a ValueError: other dense masks (for causal use is_causal / causal=True), `bias`,
-sown attention weights (`sow_weights=True`), and dropout: Flax hands a PRNG key, which under jit
-is traced, while flashmux's dropout seed is a Python int today (and each new seed would compile
-the Pallas kernels again); run attention dropout-free (dropout_rate=0 or deterministic=True).
+sown attention weights (`sow_weights=True`), and dropout without a `dropout_rng`.
 A query row that sees no key gives 0 (Flax's own gives the mean of the values).
 """
 
@@ -109,12 +116,9 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
     if module is not None:
         raise ValueError("sow_weights: flashmux never materializes attention weights; call the "
                          "module with sow_weights=False")
+    drop = {}
     if dropout_rate and not deterministic:
-        raise ValueError(
-            "dropout_rate: attention dropout is not supported by flashmux's Flax attention_fn: "
-            "Flax hands a PRNG key (traced under jit) and flashmux's dropout seed is an int; "
-            "use dropout_rate=0.0 or deterministic=True"
-        )
+        drop = {"dropout_p": float(dropout_rate), "dropout_seed": dropout_seed(dropout_rng)}
     if bias is not None:
         raise ValueError("bias: additive biases are not supported by flashmux; pass None")
     if dtype is not None:
@@ -125,13 +129,13 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
             raise ValueError(f"query: with a mask, expected one batch axis (B, S, H, D), got "
                              f"shape {query.shape}")
         flat = lambda x: x.reshape((math.prod(x.shape[:-3]),) + x.shape[-3:])
-        out = _attend(flat(query), flat(key), flat(value), None, mask, None, 0.0, True, None,
-                      None, is_causal, opts)
+        out = _attend(flat(query), flat(key), flat(value), None, mask, dropout_rng,
+                      dropout_rate, deterministic, None, None, is_causal, opts)
         return out.reshape(batch_shape + out.shape[-3:])
     causal = bool(is_causal) or opts.get("causal", False)
     b, sq, hq, _ = query.shape
     sk = key.shape[1]
-    kw = {k: v for k, v in opts.items() if k != "causal"}
+    kw = {k: v for k, v in opts.items() if k != "causal"} | drop
 
     if mask is None:
         mapped = top_left(causal, None, None, sq, sk)
@@ -175,6 +179,16 @@ def _attend(query, key, value, bias, mask, dropout_rng, dropout_rate, determinis
     return jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 
 
+def dropout_seed(dropout_rng):
+    """flashmux's dropout seed from a Flax/JAX PRNG key (new-style typed or raw uint32): 32
+    random bits of the key as an int32 scalar, traced under jit (nothing compiles per key)."""
+    if dropout_rng is None:
+        raise ValueError("dropout_rng: expected a PRNG key when dropout_rate > 0 and not "
+                         "deterministic (the module's rngs / 'dropout' stream), got None")
+    bits = jax.random.bits(dropout_rng, (), jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits, jnp.int32)
+
+
 def _rows(x):
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
@@ -203,4 +217,4 @@ def make_attention_fn(*, causal=False, scale=None, window=None, softcap=None, ba
 
 attention_fn = make_attention_fn()
 
-__all__ = ["Segments", "attention_fn", "make_attention_fn", "segments"]
+__all__ = ["Segments", "attention_fn", "dropout_seed", "make_attention_fn", "segments"]
