@@ -9,6 +9,7 @@ On a GPU machine it uses the GPUs (as many as a case asks for).
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import sys
@@ -74,8 +75,10 @@ def run_case(case, index, out_dir):
 
 def main(cases_path, out_dir):
     for i, case in enumerate(load_cases(cases_path)):
+        print(f"case {i} {case.id()}", flush=True)
         run_case(case, i, out_dir)
 
 
 if __name__ == "__main__":
+    faulthandler.enable()
     functools.partial(main)(sys.argv[1], sys.argv[2])

@@ -36,6 +36,8 @@ GPU_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    # a crash inside a compiler or a kernel launch prints the Python stack of every thread
+    "PYTHONFAULTHANDLER": "1",
 }
 
 
@@ -62,7 +64,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_torch(cases, world, tmp, env_extra=None, timeout=240):
+def _run_torch(cases, world, tmp, env_extra=None, timeout=420):
     save_cases(cases, tmp / "cases.json")
     port = _free_port()
     procs = []
@@ -70,6 +72,8 @@ def _run_torch(cases, world, tmp, env_extra=None, timeout=240):
         env = dict(os.environ, **GPU_ENV, **(env_extra or {}), RANK=str(r), WORLD_SIZE=str(world),
                    LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1")
+        # one Triton cache per rank: ranks compiling the same kernel at once never share files
+        env.setdefault("TRITON_CACHE_DIR", str(tmp / f"triton-cache-{r}"))
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(HERE, "torch_worker.py"), str(tmp / "cases.json"), str(tmp)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -81,7 +85,8 @@ def _run_torch(cases, world, tmp, env_extra=None, timeout=240):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
+            tails = [f"rank {r}:\n" + (q.communicate()[0] or "")[-2000:] for r, q in enumerate(procs)]
+            raise AssertionError(f"ranks still running after {timeout} s:\n" + "\n".join(tails)) from None
         logs.append(out)
     bad = [f"rank {r} exited {p.returncode}:\n{logs[r][-3000:]}" for r, p in enumerate(procs)
            if p.returncode]

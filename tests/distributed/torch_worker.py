@@ -9,6 +9,7 @@ NCCL on CUDA devices, gloo otherwise (FLASHMUX_CP_DEVICE=cpu forces gloo on a GP
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -35,6 +36,7 @@ def main(cases_path, out_dir):
         for i, case in enumerate(load_cases(cases_path)):
             if case.world != world:
                 continue
+            print(f"rank {rank}: case {i} {case.id()}", flush=True)
             q, k, v, do, dlse = global_inputs(case)
             dt = getattr(torch, case.dtype)
 
@@ -62,4 +64,5 @@ def main(cases_path, out_dir):
 
 
 if __name__ == "__main__":
+    faulthandler.enable()
     main(sys.argv[1], sys.argv[2])

@@ -5,7 +5,7 @@ The ring passes K/V with `lax.ppermute` (the next block's transfer is issued bef
 block's kernel, so XLA's scheduler can overlap the two); the rank is `lax.axis_index`, a traced
 value, so the two shapes of work a zigzag step can take (all queries x first key half, or second
 query half x all keys) are the two branches of a `lax.cond`. The all-gather variant gathers K/V
-with `lax.all_gather`, picks its rank's static prefix calls with `lax.switch`, and returns
+with `lax.all_gather`, runs the ring's blocks on slices of the gathered arrays, and returns
 dK/dV with `lax.psum_scatter`. Works under jit and grad. Imported only when JAX arrays reach
 ring_attention.
 """
@@ -20,14 +20,11 @@ from jax import lax
 
 from . import (
     Config,
-    allgather_calls,
     block_backend,
     merge,
     ring_block,
     rows,
-    shard_sequence,
     takes_residual,
-    unshard_sequence,
 )
 
 _F32 = jnp.float32
@@ -203,65 +200,66 @@ def _ring_fn(cfg: Config, axis):
 
 
 # -- all-gather --------------------------------------------------------------------------------
+#
+# K/V of every rank are gathered once (lax.all_gather, rank order) and dK/dV return with one
+# lax.psum_scatter. The blocks are the ring's (the same static schedule and the same lax.cond on
+# the traced rank), taken from the gathered arrays with a dynamic slice instead of arriving by
+# ppermute. An earlier version called each rank's static prefix calls through a P-way lax.switch;
+# XLA (jax 0.11.2, 2 H200s) died with SIGSEGV compiling its backward, while the ring's lax.cond
+# compiled, so the all-gather variant now shares the ring's blocks.
 
 
-def _ag_rank_forward(rank, cfg: Config, q, kg, vg):
-    outs, lses, ress = [], [], []
-    for r0, r1, nk, causal in allgather_calls(cfg.layout, cfg.causal, cfg.world_size, rank,
-                                              q.shape[1]):
-        qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
-        be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
-                                True, cfg.forced, ring=False)
-        if be.capabilities.out_residual and q.dtype in _LOW:
-            o, l, r = be.forward(qs, ks, vs, None, None, prm, residual=True)
-        else:
-            (o, l), r = be.forward(qs, ks, vs, None, None, prm), None
-        outs.append(o)
-        lses.append(l.astype(_F32))
-        ress.append(jnp.zeros_like(o) if r is None else r.astype(o.dtype))
-    return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2), jnp.concatenate(ress, 1)
+def _src_block(xg, src, n):
+    return lax.dynamic_slice_in_dim(xg, src * n, n, axis=1)
 
 
-def _ag_rank_backward(rank, cfg: Config, do, dlse, q, kg, vg, out, lse, res):
-    dqs = []
+def _ag_forward(q, kg, vg, cfg: Config, axis):
+    p, n = cfg.world_size, q.shape[1]
+    rank = lax.axis_index(axis)
+    b0, _, _ = _schedule(cfg)
+    out, lse = _fwd_block(b0, q, _src_block(kg, rank, n), _src_block(vg, rank, n), cfg)
+    for s in range(1, p):
+        src = (rank - s) % p
+        o, l = _step(lambda blk, q, kc, vc: _fwd_block(blk, q, kc, vc, cfg), s, rank, cfg,
+                     q, _src_block(kg, src, n), _src_block(vg, src, n))
+        out, lse = merge(out, lse, o, l)
+    return out, lse
+
+
+def _ag_backward(do, dlse, q, kg, vg, out, lse, res, cfg: Config, axis):
+    p, n = cfg.world_size, q.shape[1]
+    rank = lax.axis_index(axis)
+    b0, _, _ = _schedule(cfg)
+    dq = jnp.zeros(q.shape, _F32)
     dkg = jnp.zeros(kg.shape, _F32)
     dvg = jnp.zeros(vg.shape, _F32)
-    for r0, r1, nk, causal in allgather_calls(cfg.layout, cfg.causal, cfg.world_size, rank,
-                                              q.shape[1]):
-        qs, ks, vs = q[:, r0:r1], kg[:, :nk], vg[:, :nk]
-        be, prm = block_backend(qs, ks, vs, causal, cfg.scale, cfg.softcap, cfg.return_lse,
-                                True, cfg.forced, ring=False)
-        kw = {}
-        if be.capabilities.out_residual and q.dtype in _LOW:
-            kw["out_residual"] = res[:, r0:r1]
-        dq, dk, dv = be.backward(
-            do[:, r0:r1], None if dlse is None else dlse[:, :, r0:r1], qs, ks, vs,
-            out[:, r0:r1], lse[:, :, r0:r1], None, None, prm, **kw,
-        )
-        dqs.append(dq.astype(q.dtype))
-        dkg = dkg.at[:, :nk].add(dk.astype(_F32))
-        dvg = dvg.at[:, :nk].add(dv.astype(_F32))
-    return jnp.concatenate(dqs, 1), dkg, dvg
 
+    def blk_grads(blk, do, dlse, q, kc, vc, out, lse, res):
+        return _bwd_block(blk, do, dlse, q, kc, vc, out, lse, res, cfg)
 
-def _gather(x, cfg: Config, axis):
-    whole = lax.all_gather(x, axis, axis=1, tiled=True)  # shards in rank order
-    return unshard_sequence(whole, cfg.layout, dim=1, world_size=cfg.world_size)
-
-
-def _scatter_sum(xg, cfg: Config, axis):
-    ranked = shard_sequence(xg, None, cfg.world_size, cfg.layout)  # global -> rank order
-    return lax.psum_scatter(ranked, axis, scatter_dimension=1, tiled=True)
+    for s in range(p):
+        src = (rank - s) % p
+        args = (do, dlse, q, _src_block(kg, src, n), _src_block(vg, src, n), out, lse, res)
+        if s == 0:
+            dq_b, dk_b, dv_b = blk_grads(b0, *args)
+        else:
+            dq_b, dk_b, dv_b = _step(blk_grads, s, rank, cfg, *args)
+        dq = dq + dq_b
+        dkg = lax.dynamic_update_slice_in_dim(dkg, _src_block(dkg, src, n) + dk_b, src * n, 1)
+        dvg = lax.dynamic_update_slice_in_dim(dvg, _src_block(dvg, src, n) + dv_b, src * n, 1)
+    dk = lax.psum_scatter(dkg, axis, scatter_dimension=1, tiled=True)
+    dv = lax.psum_scatter(dvg, axis, scatter_dimension=1, tiled=True)
+    return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=64)
 def _allgather_fn(cfg: Config, axis):
-    p = cfg.world_size
-
     def forward(q, k, v):
-        kg, vg = _gather(k, cfg, axis), _gather(v, cfg, axis)
-        branches = [functools.partial(_ag_rank_forward, r, cfg) for r in range(p)]
-        out, lse, res = lax.switch(lax.axis_index(axis), branches, q, kg, vg)
+        kg = lax.all_gather(k, axis, axis=1, tiled=True)  # rank order: rank r's shard at r * n
+        vg = lax.all_gather(v, axis, axis=1, tiled=True)
+        out32, lse = _ag_forward(q, kg, vg, cfg, axis)
+        out = out32.astype(q.dtype)
+        res = (out32 - out.astype(_F32)).astype(q.dtype)
         return out, lse, res, kg, vg
 
     @jax.custom_vjp
@@ -277,12 +275,8 @@ def _allgather_fn(cfg: Config, axis):
         q, kg, vg, out, lse, res = saved
         do, dlse = cts
         dlse = dlse.astype(_F32) if cfg.return_lse else None
-        branches = [functools.partial(_ag_rank_backward, r, cfg) for r in range(p)]
-        dq, dkg, dvg = lax.switch(lax.axis_index(axis), branches, do.astype(q.dtype), dlse, q,
-                                  kg, vg, out, lse, res)
-        dk = _scatter_sum(dkg, cfg, axis)
-        dv = _scatter_sum(dvg, cfg, axis)
-        return dq, dk.astype(kg.dtype), dv.astype(vg.dtype)
+        dq, dk, dv = _ag_backward(do.astype(q.dtype), dlse, q, kg, vg, out, lse, res, cfg, axis)
+        return dq.astype(q.dtype), dk.astype(kg.dtype), dv.astype(vg.dtype)
 
     f.defvjp(f_fwd, f_bwd)
     return f
