@@ -24,18 +24,20 @@ from flashmux_triton import _decode as D
 from flashmux_triton import tuning_decode as T
 
 NOT_ALIGNED = {"scale", "softcap", "window_left", "window_right", "max_pages", "num_pages",
-               "split_len", "seqlen_q", "snew"}
+               "split_len", "seqlen_q", "snew", "seqlen_add", "num_splits", "stride_lh2"}
 
 
 def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, split=True,
                    block_m=16, cfg: T.DecodeConfig | None = None):
     cfg = cfg or T.config_for(d, d, {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype), 0)
     ptr = {"Q": dtype, "K": dtype, "V": dtype, "SEQLENS": "i32", "TBL": "i32",
-           "ALIBI_SLOPES": "fp32", "O": "fp32" if split else dtype, "LSE": "fp32"}
+           "ALIBI_SLOPES": "fp32", "O": "fp32" if split else dtype, "LSE": "fp32",
+           "OP": dtype, "LP": "fp32", "CNT": "i32"}
     consts = dict(GROUP=4, HEADS_KV=8, HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d, PAGE_SIZE=16 if paged else 1,
                   PAGED=paged, PAGE_BLOCK=page_block, HAS_LEFT=False, HAS_RIGHT=True,
-                  SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split)
+                  SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
+                  FUSED=split and bool(cfg.fused_merge))
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):

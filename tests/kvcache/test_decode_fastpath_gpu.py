@@ -67,8 +67,8 @@ def test_direct_relaunch_gives_the_same_bits(page, monkeypatch):
         outs.append(_step(q, kc, vc, lens, k, v, table)[:2])
     step = next(iter(kvcache._validated.values()))
     run = step.runner
-    assert isinstance(run.launch.fast.get(1), _decode._FastLaunch), run.launch.fast
-    assert isinstance(run.append.fast, _decode._FastLaunch)
+    for f in (run.launch.fast.get(1), run.append.fast):  # relaunched directly, still working
+        assert isinstance(f, _decode._FastLaunch) and f.run is not None, f
     kc_fast = kc.clone()
     # the same calls through Triton's own launcher only
     _reset()

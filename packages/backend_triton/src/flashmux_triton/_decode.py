@@ -522,11 +522,15 @@ class _FastLaunch:
         return _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook)
 
     def __call__(self, device, *tensors) -> bool:
-        if device != self.device:
+        if device != self.device or self.run is None:
             return False
         g = self.grid
-        self.run(g[0], g[1], g[2], self.stream(device), self.function, self.meta, None, None,
-                 None, *tensors, *self.tail)
+        try:
+            self.run(g[0], g[1], g[2], self.stream(device), self.function, self.meta, None, None,
+                     None, *tensors, *self.tail)
+        except (TypeError, ValueError):  # a launcher that takes its arguments otherwise (an
+            self.run = None              # untested Triton version): Triton's own launch from now
+            return False
         return True
 
 
