@@ -44,6 +44,7 @@ class MCase:
     dtype: str = "float16"
     transform: str = "eager"  # JAX: "jit" passes the BlockMask through jax.jit
     jax: bool = False  # JAX runs a subset (each case compiles several programs: seconds on a CPU)
+    gpu: bool = False  # GPU-sized (multi-tile for the GPU kernels' 64-128 row tiles): GPU only
 
 
 def _segments(rng, b, s):
@@ -93,6 +94,18 @@ CASES = [
     MCase("alibi_bh_window_softcap", seqlen_q=45, seqlen_k=30, window=(10, 4), softcap=4.0,
           slopes="bh", heads_q=4, heads_kv=2, jax=True),
     MCase("doc_causal_jit", mask="doc_causal", slopes="h", transform="jit", jax=True),
+    # GPU-sized: several kernel tiles per row and column, head_dim 64/128 (skipped on a CPU)
+    MCase("gpu_alibi_causal_d64", seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=2,
+          head_dim=64, causal=True, slopes="bh", jax=True, gpu=True),
+    MCase("gpu_alibi_window_softcap_d128", batch=1, seqlen_q=257, seqlen_k=700, heads_q=2,
+          heads_kv=1, head_dim=128, window=(100, 50), softcap=20.0, slopes="h", lse_grad=True,
+          jax=True, gpu=True),
+    MCase("gpu_doc_causal_alibi_d128", seqlen_q=600, seqlen_k=600, heads_q=4, heads_kv=2,
+          head_dim=128, mask="doc_causal", slopes="h", block_size=128, dtype="bfloat16",
+          jax=True, gpu=True),
+    MCase("gpu_per_head_causal_d64", batch=1, seqlen_q=333, seqlen_k=333, heads_q=4, heads_kv=2,
+          head_dim=64, mask="per_head", mask_heads=True, causal=True, block_size=64, jax=True,
+          gpu=True),
 ]
 
 
@@ -223,6 +236,8 @@ def test_mask_case(case: MCase, backend: str, kind: str):
         pytest.skip("jit case: JAX only")
     if kind == "jax" and not case.jax:
         pytest.skip("JAX runs the cases marked jax=True (compiles take seconds per case on a CPU)")
+    if case.gpu and default_device(kind) != "cuda":
+        pytest.skip("GPU-sized case: runs where the arrays live on a GPU")
     seed = int(np.random.default_rng().integers(0, 2**31))
     first = measure(case, backend, kind, seed)
     if isinstance(first, str):
