@@ -550,7 +550,13 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_key(dev) -> int:
+    """The current stream's handle on q's device (what the launch runs on)."""
+    if _RAW_STREAM is not None and dev.index is not None:
+        return _RAW_STREAM(dev.index)
     return torch.cuda.current_stream(dev).cuda_stream
 
 
