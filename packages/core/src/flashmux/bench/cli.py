@@ -100,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument(
+        "--kvcache-only",
+        action="store_true",
+        help="decode sweep: only the attention_with_kvcache rows (no plain Sq=1/128 attention)",
+    )
+    p.add_argument(
         "--compile-threads",
         type=int,
         default=None,
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             dtypes=dtypes,
             causal=args.causal,
             quick=args.quick,
+            kvcache_only=args.kvcache_only,
         )
         points = build_points(cfg)
     except ValueError as e:

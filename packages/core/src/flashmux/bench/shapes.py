@@ -157,6 +157,7 @@ class SweepConfig:
     dtypes: list[str] = field(default_factory=lambda: ["bf16"])
     causal: str | None = None  # "both" | "yes" | "no" | None (the sweep's default)
     quick: bool = False
+    kvcache_only: bool = False  # decode sweep: only the attention_with_kvcache rows
 
 
 def _causals(opt: str | None, default: str) -> list[bool]:
@@ -213,7 +214,7 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
         hds = cfg.head_dims or ([32] if quick else [128])
         sks = cfg.seqlens or ([64, 256] if quick else [4096, 16384, 65536, 131072])
         b, hq, hkv = (2, 4, 1) if quick else (8, 32, 8)
-        for sq in [1, 16] if quick else [1, 128]:
+        for sq in [] if cfg.kvcache_only else [1, 16] if quick else [1, 128]:
             for hd in hds:
                 for causal in _causals(cfg.causal, "no"):
                     for sk in sks:
