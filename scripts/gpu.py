@@ -21,15 +21,37 @@ Stages (in the order given; setup first when the machine is fresh):
                  --only-correctness, backend_cuda/tools/kernel_check.py LIB correctness and big
   sanitize       compute-sanitizer memcheck and racecheck on kernel_check.py LIB sanitize
   bench          `python -m flashmux bench --sweep papers` with the time left (docs/benchmarks.md)
-  decode-bench   KV-cache decode GB/s: backend_cuda/tools/decode_bench.py (vs SDPA cuDNN) and
-                 backend_pallas/decode_bench.py (vs JAX cuDNN), each with a read ceiling;
-                 --decode-args "..." replaces both scripts' default arguments (e.g. "--splits
-                 auto,4,16 --sk 4096,131072"; the Pallas one also takes --configs)
+  decode-bench   KV-cache decode GB/s of each backend's variants (forced splits, tuning configs)
+                 with a read ceiling and the framework's cuDNN: benchmarks/decode_variants.py
+                 BACKEND for triton, cuda and pallas; --decode-args "..." replaces its default
+                 arguments (e.g. "--splits auto,4,16 --sk 4096,131072 --configs all"). The
+                 decode sweep across backends is the harness's: bench --bench-args "--sweep
+                 decode --no-progress"
+The CUDA backend's deeper tools (each builds its own library for this GPU: nvcc flags in
+FLASHMUX_CUDA_NVCC_FLAGS, its own cache key, -lineinfo for the profiler and sanitizers):
+  sm90           the Hopper forward: a build with -DFMX_SM90_TUNING (ptxas registers/spills and
+                 the SASS HGMMA and local-memory counts of each sm90 unit), then the --sm90 steps
+                 of backend_cuda/tools/sm90_check.py for each --sm90-variants value of
+                 FMX_TUNE_SM90 ("-" = default, 1 = sequential): fwd (vs float64), bench (TFLOP/s
+                 sm90 / sm80 / SDPA cuDNN), and correctness (kernel_check.py, fwd + bwd),
+                 sanitize / racecheck (compute-sanitizer on small sm90 forwards)
+  cuda-bench     kernel_check.py LIB bench: TFLOP/s against SDPA flash (head dims 64/128, 2k-16k)
+  cuda-profile   ncu (speed of light, occupancy, stalls, ...) of ours and SDPA flash, hd128;
+                 $PROFILE_KERNELS picks the kernels (a regex)
+  cuda-tune      a -DFMX_TUNING build; kernel_check.py tune and correctness_bf16 of each --tune
+                 spec ("NAME:FMX_TUNE_BWD64=1,..."; FMX_TUNE_SEQS / FMX_TUNE_DIMS pick the sweep)
+  cuda-variants  one build per line "name|nvcc flags" of --variants (default
+                 packages/backend_cuda/tools/variants.txt), each timed by kernel_check.py benchlite
+  context-parallel  for the nvidia-h200-x2 kind (2 GPUs; NVLink multicast off: NCCL_NVLS_ENABLE=0
+                 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1): tests/distributed's GPU
+                 cases (NCCL with 2 ranks, JAX on the GPUs; --cp-tests "" skips them), then
+                 benchmarks/ring_scaling.py (--cp-args) into $OUT/ring_scaling.json and its table
 
 Options: --budget SECONDS (all stages together, default 570), --backends (default
 reference,triton,pallas,cuda), --out DIR (default $OUT, else /tmp/flashmux-gpu), --size
 (conformance tier, default full), --hypothesis N (examples, default 25), --workers N (pytest-xdist
 per pytest, default 3), --bench-args "..." (replace the benchmark's default arguments),
+--sm90, --sm90-variants, --tune, --variants, --cp-tests, --cp-args (the stages above),
 --dry-run (print the commands, run nothing).
 Each stage gets at most its own cap and what is left of the budget; a stage cut short says so.
 Output: one line per step on stdout and in $OUT/summary.txt, each step's full log in
@@ -51,11 +73,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = "/tmp/flashmux-site"
 PY = sys.executable
 STAGES = ["setup", "build", "conformance", "backend-tests", "kernels", "sanitize", "bench",
-          "decode-bench"]
+          "decode-bench", "sm90", "cuda-bench", "cuda-profile", "cuda-tune", "cuda-variants",
+          "context-parallel"]
 DEFAULT = ["setup", "build", "conformance", "backend-tests"]
 # the most each stage may take (seconds), before the budget's own limit
 CAPS = {"setup": 120, "build": 240, "conformance": 330, "backend-tests": 200,
-        "sanitize": 420, "bench": 10_000, "decode-bench": 400}
+        "sanitize": 420, "bench": 10_000, "decode-bench": 450, "sm90": 480, "cuda-bench": 300,
+        "cuda-profile": 240, "cuda-tune": 520, "cuda-variants": 540, "context-parallel": 560}
+# multicast over NVLink stays off on the lent multi-GPU machines (the device tool's KINDS.md)
+NO_NVLS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1"}
+KC = "packages/backend_cuda/tools/kernel_check.py"
 PYTEST = [PY, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider"]
 
 
@@ -86,7 +114,8 @@ class Run:
     def step(self, name: str, cmd, cap: float, env=None, cwd=None) -> int:
         """Run one command with a timeout of min(cap, budget left - 10 s); log to $OUT/name.log."""
         limit = min(cap, self.left() - 10)
-        shown = " ".join(shlex.quote(str(c)) for c in cmd)
+        shown = " ".join([f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+                         + [shlex.quote(str(c)) for c in cmd])
         if self.a.dry_run:
             self.say(f"[dry-run] {name}: {shown}")
             return 0
@@ -253,17 +282,127 @@ def bench(r: Run):
 
 def decode_bench(r: Run):
     args = shlex.split(r.a.decode_args) if r.a.decode_args else ["--sq", "1,4"]
-    b = set(r.a.backends)
-    if "cuda" in b:
-        r.step("decode_bench_cuda", [PY, "packages/backend_cuda/tools/decode_bench.py", *args],
-               CAPS["decode-bench"] / 2)
-    if "pallas" in b:
-        r.step("decode_bench_pallas", [PY, "packages/backend_pallas/decode_bench.py", *args],
-               CAPS["decode-bench"] / 2)
+    which = [b for b in ("triton", "cuda", "pallas") if b in r.a.backends]
+    for b in which:
+        r.step(f"decode_bench_{b}", [PY, "benchmarks/decode_variants.py", b, *args],
+               CAPS["decode-bench"] / len(which))
+
+
+def _cuda_build(r: Run, name: str, flags: str, cap: float, archs: str | None = None) -> str | None:
+    """A library built with extra nvcc flags (its own cache entry): its path, or None."""
+    cmd = [PY, "-m", "flashmux_cuda", "build", "-q", "-j", str(os.cpu_count() or 8)]
+    if archs:
+        cmd += ["--archs", archs]
+    rc = r.step(name, cmd, cap, env={"FLASHMUX_CUDA_NVCC_FLAGS": flags})
+    if r.a.dry_run:
+        return "LIB"
+    return _last_line(r.out / f"{name}.log").split()[-1] if rc == 0 else None
+
+
+def sm90(r: Run):
+    lib = _cuda_build(r, "sm90_build", "-DFMX_SM90_TUNING -lineinfo -Xptxas -v", 240, "90")
+    if not lib:
+        return
+    r.step("sm90_facts", [PY, "scripts/gpu.py", "--sm90-facts", lib], 60, env={"OUT": str(r.out)})
+    tool = "packages/backend_cuda/tools/sm90_check.py"
+    san = {"sanitize": "memcheck", "racecheck": "racecheck"}
+    for what in r.a.sm90.split():
+        if what in ("fwd", "bench"):
+            for v in r.a.sm90_variants.split():
+                v = "" if v == "-" else v
+                r.step(f"sm90_{what}{v}", [PY, tool, lib, what], 150 if what == "bench" else 120,
+                       env={"FMX_TUNE_SM90": v})
+        elif what == "correctness":
+            r.step("sm90_correctness", [PY, KC, lib, "correctness"], 200)
+        elif what in san:
+            r.step(f"sm90_{san[what]}", ["compute-sanitizer", "--tool", san[what],
+                                          "--error-exitcode", "1", PY, tool, lib, "sanitize"], 150)
+        else:
+            r.say(f"sm90: unknown step {what!r} (fwd bench correctness sanitize racecheck)")
+
+
+def sm90_facts(lib: str) -> int:
+    """ptxas registers/spills of the sm90 forward kernels and SASS counts per sm90 unit."""
+    bd = Path(lib).parent
+    text = (bd / "build.log").read_text(errors="replace")
+    if os.environ.get("OUT"):  # the whole ptxas report beside the other logs
+        (Path(os.environ["OUT"]) / "sm90_ptxas.log").write_text(text)
+    lines = text.splitlines()
+    facts: dict[str, int] = {}
+    for i, x in enumerate(lines):
+        if "Compiling entry function" in x and "sm90" in x and "fwd_kernel" in x:
+            for y in lines[i + 1:i + 3]:
+                if "spill" in y or "Used" in y:
+                    facts[y.strip()] = facts.get(y.strip(), 0) + 1
+    for y, n in sorted(facts.items()):
+        print(f"{n:4d} {y}")
+    for o in sorted((bd / "obj").glob("sm90_fwd_hdim*.o")):
+        sass = subprocess.run(["cuobjdump", "--dump-sass", str(o)], capture_output=True,
+                              text=True).stdout
+        local = sum(1 for x in sass.splitlines() if "LDL" in x or "STL" in x)
+        print(f"{o.name}: {sass.count('HGMMA')} HGMMA, {local} LDL/STL")
+    return 0
+
+
+def cuda_bench(r: Run):
+    if lib := _cuda_build(r, "cuda_build_lineinfo", "-lineinfo", 240):
+        r.step("cuda_bench", [PY, KC, lib, "bench"], CAPS["cuda-bench"])
+
+
+def cuda_profile(r: Run):
+    if not (lib := _cuda_build(r, "cuda_build_lineinfo", "-lineinfo", 240)):
+        return
+    kern = os.environ.get("PROFILE_KERNELS", "fwd_kernel|bwd_kernel|dq_dk_dv")
+    sections = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats",
+                "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "InstructionStats",
+                "SourceCounters"]
+    cmd = ["ncu", "--clock-control", "none", "-k", f"regex:{kern}"]
+    for sec in sections:
+        cmd += ["--section", sec]
+    r.step("cuda_profile", cmd + ["--print-details", "all", PY, KC, lib, "profile"],
+           CAPS["cuda-profile"])
+
+
+def cuda_tune(r: Run):
+    if not r.a.tune:
+        r.say("cuda-tune: no --tune specs (e.g. --tune 'A:FMX_TUNE_BWD64=1 B:FMX_TUNE_BWD64=2')")
+        return
+    if not (lib := _cuda_build(r, "cuda_build_tuning", "-lineinfo -DFMX_TUNING", 240)):
+        return
+    specs = shlex.split(r.a.tune)
+    r.step("cuda_tune", [PY, KC, lib, "tune", "default:", *specs], 280)
+    r.step("cuda_tunecheck", [PY, KC, lib, "correctness_bf16", *specs], 240)
+
+
+def cuda_variants(r: Run):
+    for i, line in enumerate(Path(ROOT / r.a.variants).read_text().splitlines(), 1):
+        if not line.strip() or "|" not in line:
+            continue
+        name, flags = (x.strip() for x in line.split("|", 1))
+        if lib := _cuda_build(r, f"variant{i}_build", flags, 240):
+            r.step(f"variant{i}_bench", [PY, KC, lib, "benchlite", f"{name}: {flags}"], 120)
+
+
+def context_parallel(r: Run):
+    """2 GPUs (nvidia-h200-x2): the distributed GPU tests, then the ring scaling benchmark."""
+    r.step("cp_gpus", ["nvidia-smi", "-L"], 30)
+    r.step("cp_info", [PY, "-m", "flashmux", "info"], 60)
+    if r.a.cp_tests:
+        r.step("cp_tests", PYTEST + ["tests/distributed", "-k", r.a.cp_tests], 300, env=NO_NVLS)
+    js = r.out / "ring_scaling.json"
+    if js.exists():
+        js.unlink()
+    r.step("cp_bench", [PY, "benchmarks/ring_scaling.py", "--out", str(js),
+                        *shlex.split(r.a.cp_args)], CAPS["context-parallel"], env=NO_NVLS)
+    if r.a.dry_run or js.exists():
+        r.step("cp_table", [PY, "benchmarks/ring_scaling.py", "--markdown", str(js)], 30)
 
 
 RUN = {"setup": setup, "build": build, "conformance": conformance, "backend-tests": backend_tests,
-       "kernels": kernels, "sanitize": sanitize, "bench": bench, "decode-bench": decode_bench}
+       "kernels": kernels, "sanitize": sanitize, "bench": bench, "decode-bench": decode_bench,
+       "sm90": sm90, "cuda-bench": cuda_bench, "cuda-profile": cuda_profile,
+       "cuda-tune": cuda_tune, "cuda-variants": cuda_variants,
+       "context-parallel": context_parallel}
 
 
 def main(argv=None) -> int:
@@ -277,12 +416,23 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--bench-args", default="")
     ap.add_argument("--decode-args", default="")
+    ap.add_argument("--sm90", default="fwd bench correctness",
+                    help="sm90 steps: fwd bench correctness sanitize racecheck")
+    ap.add_argument("--sm90-variants", default="- 1", help="FMX_TUNE_SM90 values, - = default")
+    ap.add_argument("--tune", default="", help="cuda-tune specs, NAME:FMX_...=1,...")
+    ap.add_argument("--variants", default="packages/backend_cuda/tools/variants.txt")
+    ap.add_argument("--cp-tests", default="nccl or gpus",
+                    help="-k of tests/distributed for context-parallel ('' skips the tests)")
+    ap.add_argument("--cp-args", default="", help="benchmarks/ring_scaling.py arguments")
+    ap.add_argument("--sm90-facts", metavar="LIB", help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
     if a.list:
         print(__doc__)
         return 0
+    if a.sm90_facts:
+        return sm90_facts(a.sm90_facts)
     a.backends = [b for b in a.backends.split(",") if b]
     stages = a.stages or DEFAULT
     unknown = [s for s in stages if s not in RUN]

@@ -2,7 +2,7 @@
 shapes against the float64 reference, no host synchronization in an eager decode step, a
 decode step captured in a CUDA graph and replayed after the lengths change on the device, and
 torch.compile(fullgraph=True) with inductor. The tuning table's candidates are timed by
-benchmarks/triton_decode_configs.py, not here."""
+benchmarks/decode_variants.py, not here."""
 
 from __future__ import annotations
 

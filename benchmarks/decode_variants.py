@@ -1,0 +1,329 @@
+"""Decode (KV-cache) GB/s of one backend's kernel variants: forced split counts and tuning configs,
+next to an HBM read ceiling (and, unless --no-anchors, the framework's cuDNN attention), on the
+harness decode sweep's problem. GPU only. The default configurations and the anchors across
+backends are the harness's job (`python -m flashmux bench --sweep decode`); this script is for
+picking a backend's defaults.
+
+    python benchmarks/decode_variants.py triton                         # default config, Sk 4k-128k
+    python benchmarks/decode_variants.py triton --configs all --quick   # every tuning_decode candidate
+    python benchmarks/decode_variants.py triton --configs 0,1,8 --sk 65536,131072
+    python benchmarks/decode_variants.py cuda --splits auto,1,4,8,16,32 --sk 4096,131072
+    FLASHMUX_CUDA_NVCC_FLAGS="-DFMX_DECODE_PREFETCH=1" python benchmarks/decode_variants.py cuda
+    python benchmarks/decode_variants.py pallas --configs all --pages 16 --splits auto,4,16
+
+Problem: B=8, Hq=32, Hkv=8, D=128, bf16, causal (bottom-right), Sq 1 (--sq 1,4), full caches,
+contiguous and paged (--pages, in-order block tables; --shuffle permutes them). GB/s counts the
+bytes of K and V read once: 2 * B * Sk * Hkv * D * 2. Every variant is first checked against
+the reference backend on the same inputs (WRONG: max error above 2% of the largest output).
+Timing: torch backends replay a CUDA graph of --inner calls (no Python or launch cost in the
+figure, as a serving engine that captures its decode step sees it; median of --reps); pallas
+dispatches --inner jitted calls back to back (host dispatch overlaps the kernels; best of
+--reps). Variants (--configs): triton, flashmux_triton.tuning_decode.CANDIDATES (indices or
+"all"); pallas, the (block_n, num_warps, num_stages) list PALLAS_CONFIGS below; cuda has none
+(its variants are builds: FLASHMUX_CUDA_NVCC_FLAGS, FLASHMUX_CUDA_DECODE_PROGRAMS_PER_SM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+# (block_n, num_warps, num_stages) for flashmux_pallas.decode.tuning
+PALLAS_CONFIGS = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2), (64, 4, 4)]
+
+
+def graph_time(fn, inner: int, reps: int) -> float:
+    """Seconds per call: median over reps of a CUDA graph replay of `inner` calls."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def wall_time(fn, inner: int, reps: int) -> float:
+    """Seconds per call on a CPU: best over reps of `inner` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def jax_time(fn, args, inner: int, reps: int) -> float:
+    """Seconds per call: best over reps of `inner` asynchronous calls of a jitted function."""
+    import jax
+
+    def block(out):
+        jax.tree_util.tree_map(lambda x: x.block_until_ready(), out)
+
+    block(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        block(out)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+class Torch:
+    """triton and cuda: the caches as torch tensors, timed by CUDA graph replay."""
+
+    def __init__(self, backend: str, args):
+        import torch
+
+        self.torch, self.backend, self.args = torch, backend, args
+        # without a GPU (a smoke test, TRITON_INTERPRET=1): the CPU, timed by the wall clock
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dt = getattr(torch, args.dtype)
+        self.name = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
+        if backend == "cuda":
+            from flashmux import dispatch
+            from flashmux_cuda import torch_glue
+
+            be = dispatch.get_backend("cuda")
+            reasons = dispatch.availability(be)
+            if reasons:
+                raise SystemExit("cuda backend unavailable: " + "; ".join(reasons))
+            self.glue, self.lib = torch_glue, be.lib
+
+    def problem(self, b, sq, sk, hq, hkv, d, seed):
+        torch = self.torch
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+        k = torch.randn((b, sk, hkv, d), generator=g, device=self.dev, dtype=self.dt)
+        v = torch.randn((b, sk, hkv, d), generator=g, device=self.dev, dtype=self.dt)
+        q = torch.randn((b, sq, hq, d), generator=g, device=self.dev, dtype=self.dt)
+        return q, k, v, torch.full((b,), sk, dtype=torch.int32, device=self.dev)
+
+    def paged(self, k, v, page, shuffle, seed):
+        torch = self.torch
+        b, sk, hkv, d = k.shape
+        n = b * (sk // page)
+        order = (torch.randperm(n, generator=torch.Generator(device=self.dev).manual_seed(seed),
+                                device=self.dev) if shuffle else torch.arange(n, device=self.dev))
+        kc = torch.empty((n, page, hkv, d), dtype=k.dtype, device=self.dev)
+        vc = torch.empty_like(kc)
+        kc[order] = k.reshape(n, page, hkv, d)
+        vc[order] = v.reshape(n, page, hkv, d)
+        return kc, vc, order.to(torch.int32).view(b, sk // page)
+
+    def call(self, q, kc, vc, lens, table, page, splits, cfg):
+        import math
+
+        from flashmux.kvcache import DecodeParams
+
+        p = DecodeParams(scale=1 / math.sqrt(q.shape[-1]), causal=True, window_left=None,
+                         window_right=0, softcap=None, alibi=False, num_splits=splits,
+                         page_size=page, return_lse=False)
+        if self.backend == "cuda":
+            return lambda: self.glue.decode(self.lib, q, kc, vc, lens, table, None, p)
+        from flashmux_triton import _decode
+
+        return lambda: _decode.decode(q, kc, vc, lens, table, None, p, config=cfg)
+
+    def time(self, fn):
+        if self.dev.type == "cuda":
+            return graph_time(fn, self.args.inner, self.args.reps)
+        return wall_time(fn, self.args.inner, self.args.reps)
+
+    def anchor(self, q, k, v):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+        def sdpa():  # Sq > 1 attends to every key (no bottom-right causal here): the same bytes
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+        return "sdpa-cudnn", sdpa
+
+    def ceiling(self, k, v):
+        torch = self.torch
+        return lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32))
+
+    def err(self, out, ref):
+        o = out[0] if isinstance(out, tuple) else out
+        return ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+class Jax:
+    """pallas: the caches as JAX arrays, timed by back-to-back jitted calls."""
+
+    def __init__(self, backend: str, args):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp, self.args = jax, jnp, args
+        self.dt = getattr(jnp, args.dtype)
+        self.name = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
+
+    def problem(self, b, sq, sk, hq, hkv, d, seed):
+        jax, jnp = self.jax, self.jnp
+        kk, kv, kq = jax.random.split(jax.random.PRNGKey(seed), 3)
+        k = jax.random.normal(kk, (b, sk, hkv, d), self.dt)
+        v = jax.random.normal(kv, (b, sk, hkv, d), self.dt)
+        q = jax.random.normal(kq, (b, sq, hq, d), self.dt)
+        return q, k, v, jnp.full((b,), sk, jnp.int32)
+
+    def paged(self, k, v, page, shuffle, seed):
+        jax, jnp = self.jax, self.jnp
+        b, sk, hkv, d = k.shape
+        n = b * (sk // page)
+        order = (jax.random.permutation(jax.random.PRNGKey(seed), n) if shuffle
+                 else jnp.arange(n)).astype(jnp.int32)
+        kc = jnp.zeros((n, page, hkv, d), k.dtype).at[order].set(k.reshape(n, page, hkv, d))
+        vc = jnp.zeros((n, page, hkv, d), v.dtype).at[order].set(v.reshape(n, page, hkv, d))
+        return kc, vc, order.reshape(b, sk // page)
+
+    def call(self, q, kc, vc, lens, table, page, splits, cfg):
+        import flashmux
+        from flashmux_pallas import decode
+
+        kw = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+        with decode.tuning(**kw):  # read at trace time: trace here
+            fn = self.jax.jit(lambda q, kc, vc, lens, table: flashmux.attention_with_kvcache(
+                q, kc, vc, cache_seqlens=lens, block_table=table, causal=True,
+                num_splits=splits, backend="pallas"))
+            fn.lower(q, kc, vc, lens, table)
+            out = fn(q, kc, vc, lens, table)
+        return lambda: fn(q, kc, vc, lens, table), out
+
+    def anchor(self, q, k, v):
+        return "jax-cudnn", self.jax.jit(
+            lambda: self.jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+
+    def ceiling(self, k, v):
+        jnp = self.jnp
+        return self.jax.jit(lambda: (jnp.sum(k, dtype=jnp.float32), jnp.sum(v, dtype=jnp.float32)))
+
+    def time(self, fn):
+        return jax_time(fn, (), self.args.inner, self.args.reps)
+
+    def err(self, out, ref):
+        jnp = self.jnp
+        o = out[0] if isinstance(out, tuple) else out
+        return float(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32)).max()
+                     / jnp.abs(ref.astype(jnp.float32)).max())
+
+
+def variants(backend: str, configs: str):
+    if backend == "triton":
+        from flashmux_triton import tuning_decode as T
+
+        if not configs:
+            return [(None, "default")]
+        idx = range(len(T.CANDIDATES)) if configs == "all" else [int(i) for i in configs.split(",")]
+        return [(T.CANDIDATES[i], f"c{i} {T.CANDIDATES[i].label()}") for i in idx]
+    if backend == "pallas":
+        if not configs:
+            return [(None, "default")]
+        idx = (range(len(PALLAS_CONFIGS)) if configs == "all"
+               else [int(i) for i in configs.split(",")])
+        return [(None, "default")] + [(PALLAS_CONFIGS[i], "bn{} w{} s{}".format(*PALLAS_CONFIGS[i]))
+                                      for i in idx]
+    if configs:
+        raise SystemExit("cuda has no runtime configs: its variants are builds "
+                         "(FLASHMUX_CUDA_NVCC_FLAGS)")
+    return [(None, "default")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("backend", choices=["triton", "cuda", "pallas"])
+    ap.add_argument("--sk", default="4096,16384,65536,131072")
+    ap.add_argument("--sq", default="1")
+    ap.add_argument("--pages", default="0,16,64", help="page sizes, 0 = contiguous cache")
+    ap.add_argument("--shuffle", action="store_true", help="permuted block tables")
+    ap.add_argument("--splits", default="auto", help="auto and/or forced split counts")
+    ap.add_argument("--configs", default="", help="'all' or indices (see the module doc)")
+    ap.add_argument("--quick", action="store_true", help="Sk 4k and 32k")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", default="32,8", help="Hq,Hkv")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-anchors", action="store_true")
+    args = ap.parse_args(argv)
+
+    import flashmux
+
+    fw = Jax(args.backend, args) if args.backend == "pallas" else Torch(args.backend, args)
+    b, d = args.batch, args.head_dim
+    hq, hkv = (int(x) for x in args.heads.split(","))
+    sks = [4096, 32768] if args.quick else [int(x) for x in args.sk.split(",")]
+    vs = variants(args.backend, args.configs)
+    print(f"# {fw.name} {args.backend} B={b} Hq={hq} Hkv={hkv} D={d} {args.dtype}; "
+          "GB/s of K+V read once")
+    print("| Sq | Sk | cache | impl | splits | config | us | GB/s |\n|---|---|---|---|---|---|---|---|")
+    for sq in (int(x) for x in args.sq.split(",")):
+        for sk in sks:
+            q, k, v, lens = fw.problem(b, sq, sk, hq, hkv, d, seed=sk)
+            nbytes = 2 * b * sk * hkv * d * (2 if "16" in args.dtype else 4)
+
+            def row(cache, impl, splits, cfg, sec, sq=sq, sk=sk, nbytes=nbytes):
+                gb = f"{nbytes / sec / 1e9:.0f}" if isinstance(sec, float) else sec
+                us = f"{sec * 1e6:.1f}" if isinstance(sec, float) else "-"
+                print(f"| {sq} | {sk} | {cache} | {impl} | {splits} | {cfg} | {us} | {gb} |",
+                      flush=True)
+
+            ref = flashmux.attention_with_kvcache(q, k, v, cache_seqlens=lens, causal=True,
+                                                  backend="reference")
+            for page in (int(x) for x in args.pages.split(",")):
+                if page and sk % page:
+                    continue
+                kc, vc, table = (fw.paged(k, v, page, args.shuffle, sk) if page
+                                 else (k, v, None))
+                cache = f"page{page}" if page else "contig"
+                for sp in args.splits.split(","):
+                    ns = None if sp == "auto" else int(sp)
+                    for cfg, label in vs:
+                        try:
+                            if isinstance(fw, Jax):
+                                fn, out = fw.call(q, kc, vc, lens, table, page, ns, cfg)
+                            else:
+                                fn = fw.call(q, kc, vc, lens, table, page, ns, cfg)
+                                out = fn()
+                            e = fw.err(out, ref)
+                            sec = f"WRONG ({e:.1e})" if e > 2e-2 else fw.time(fn)
+                        except Exception as ex:  # noqa: BLE001 - out of resources etc.: report
+                            sec = f"{type(ex).__name__}: {str(ex)[:80]}"
+                        row(cache, f"flashmux-{args.backend}", sp, label, sec)
+                kc = vc = table = None
+            if not args.no_anchors:
+                name, fn = fw.anchor(q, k, v)
+                try:
+                    row("contig", name, "-", "-", fw.time(fn))
+                except Exception as ex:  # noqa: BLE001 - not every cuDNN takes this shape
+                    row("contig", name, "-", "-", f"{type(ex).__name__}: {str(ex)[:80]}")
+            row("contig", "ceiling (sum of K, V)", "-", "-", fw.time(fw.ceiling(k, v)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
