@@ -440,8 +440,10 @@ def select(spec: DecodeSpec, forced):
 
 
 def clear_caches() -> None:
-    """Forget cached decode decisions (after registering or installing a backend)."""
+    """Forget cached decode decisions and prepared steps (after registering or installing a
+    backend)."""
     _decisions.clear()
+    _validated.clear()
 
 
 # -- appending new tokens -----------------------------------------------------------------------
