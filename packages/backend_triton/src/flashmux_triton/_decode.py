@@ -369,7 +369,7 @@ def plan(batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v, capacity, pag
     num_splits, split_len, page_block)."""
     group = heads_q // heads_kv
     cfg = config or _SHRUNK.get((head_dim, head_dim_v, dtype)) or T.config_for(
-        head_dim, head_dim_v, dtype, page_size)
+        head_dim, head_dim_v, dtype, page_size, capacity)
     rows = group * seqlen_q
     block_m = max(16, min(T.MAX_BLOCK_M, triton.next_power_of_2(max(rows, 1))))
     m_blocks = triton.cdiv(rows, block_m)

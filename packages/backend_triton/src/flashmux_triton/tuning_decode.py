@@ -97,7 +97,8 @@ def smaller(cfg: DecodeConfig) -> DecodeConfig | None:
     return None
 
 
-def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int) -> DecodeConfig:
+def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int,
+               capacity: int = 0) -> DecodeConfig:
     """The default for a shape class. Wide blocks for 16-bit D <= 128; D = 256 and float32 use
     64-key blocks (registers). Not yet measured on a GPU (see NOTES.md)."""
     d = max(head_dim, head_dim_v)
