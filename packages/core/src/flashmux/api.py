@@ -507,6 +507,7 @@ def _extend(call: _Call, q, alibi_slopes, block_mask):
         extra["block_mask"] = block_mask
         p_kw["mask_block_size"] = block_mask.block_size
         s_kw["block_mask"] = True
+        s_kw["mask_block_size"] = block_mask.block_size
     return replace(call, params=replace(call.params, **p_kw), spec=replace(call.spec, **s_kw)), extra
 
 

@@ -76,6 +76,7 @@ class ProblemSpec:
     nonpositive_scale: bool = False  # scale <= 0 (valid; a backend whose kernels assume > 0 declines)
     alibi: bool = False  # alibi_slopes given
     block_mask: bool = False  # block_mask given
+    mask_block_size: int = 0  # its block_size (a backend may take only some tile edges)
     seed_array: bool = False  # dropout_seed is a scalar integer array (an operand, never baked in)
 
     @property
