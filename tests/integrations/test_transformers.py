@@ -263,6 +263,4 @@ def test_refusals():
         fmx_tf.register("flashmux")
     assert fmx_tf.attention_mask(attention_mask=torch.ones(2, 4, dtype=torch.long),
                                  kv_length=4) is None
-    _, fmx = _pair("llama")
-    with pytest.raises(ValueError, match="static"):
-        fmx.generate(_ids(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+    # static caches (supported, and their refusals): test_transformers_static_cache.py

@@ -32,9 +32,27 @@ What the attention function does with what a model passes:
   with Sq < Sk (bottom-right causal), and padded batches (left padding in `generate`) go through
   the same segments.
 
+- Static caches (`cache_implementation="static"`, `StaticCache`): the layers hand the whole
+  preallocated buffer (B, Hkv, max_cache_len, D), of which the first q_offset + Sq slots are
+  filled (the new tokens already written). The mask function then returns a (B, 1, 1,
+  max_cache_len) boolean "filled slots" row (True for the first q_offset + Sq slots, computed on
+  the device from transformers' own query offset; a 4-D tensor, so that `generate` and the
+  models pass it through unchanged), and the attention function runs
+  `flashmux.attention_with_kvcache(q, keys, values, cache_seqlens=<count of the row>,
+  causal=...)` on the buffer's (B, S_max, Hkv, D) views: slots past the filled ones are never
+  attended, nothing is copied, and CUDA graphs / torch.compile see fixed shapes. Any (B, 1, 1,
+  Sk) boolean mask whose True entries are a prefix of the keys takes this route (for one query
+  that is the mask's own meaning). Sliding-window layers keep a buffer of `sliding_window` slots:
+  until it wraps the filled-slots row and the window mask apply; once full, transformers asks for
+  no mask and every slot (the last `sliding_window` tokens, in ring order, which attention does
+  not depend on) is attended. Inference only (no gradient).
+
 Not supported (refused with an error, never silently wrong): attention sinks (`s_aux`), custom
 4-D masks, mask overlays from `or_mask_function`/`and_mask_function` (some multimodal models),
-static/paged caches. `output_attentions=True` returns no weights, as with FlashAttention.
+static caches with padded batches (the padding keys sit at the start of each row of the buffer,
+which attention_with_kvcache cannot skip), and transformers' paged attention (continuous batching runs `"paged|<name>"` implementations with its
+own flattened batch, block tables and cache manager: not mapped; the name is refused by
+`register`). `output_attentions=True` returns no weights, as with FlashAttention.
 Under torch.compile a packed layout is not detected from `position_ids` (that needs the values).
 """
 
@@ -174,6 +192,50 @@ def _rows(x):
 _warned_attn_weights = False
 
 
+def _is_filled_row(m) -> bool:
+    """A (B, 1, 1, Sk) boolean mask: the static-cache "filled slots" row (see the docstring)."""
+    return (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1
+            and m.dtype == torch.bool)
+
+
+def _filled_count(row: torch.Tensor) -> torch.Tensor:
+    """(B,) int32 count of a (B, Sk) row that must be a prefix of True (checked on the device;
+    one host read per forward in eager mode, an async assert under torch.compile)."""
+    n = row.sum(dim=1, dtype=torch.int32)
+    cols = torch.arange(row.shape[1], device=row.device, dtype=torch.int32)
+    ok = (row == (cols[None, :] < n[:, None])).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "attention_mask: a (B, 1, 1, Sk) mask must be a prefix of keys")
+    elif not bool(ok):
+        raise ValueError(
+            "attention_mask: a (B, 1, 1, Sk) boolean mask (a static cache's filled slots) must "
+            "be True on a prefix of the keys in every row; padded batches with a static cache "
+            "are not supported by flashmux's transformers integration (the padding keys sit "
+            "inside the cache buffer): use the default dynamic cache, or batches without padding"
+        )
+    return n
+
+
+def _static_attention(q, k, v, mask: torch.Tensor, opts, sliding_window):
+    """Attention over a static cache buffer: q (B, Sq, Hq, D), k/v (B, S_max, Hkv, D) views,
+    mask the (B, 1, 1, S_max) filled-slots row."""
+    if opts["dropout_p"]:
+        raise ValueError("dropout: a static KV cache is for inference; call model.eval()")
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        raise ValueError("cache: a static KV cache is for inference (attention_with_kvcache takes "
+                         "no gradient); run generation under torch.no_grad()")
+    if mask.shape[0] not in (1, q.shape[0]) or mask.shape[3] != k.shape[1]:
+        raise ValueError(f"attention_mask: expected a filled-slots row of shape ({q.shape[0]}, 1, "
+                         f"1, {k.shape[1]}), got {tuple(mask.shape)}")
+    row = mask[:, 0, 0, :].expand(q.shape[0], -1)
+    seqlens = _cached("filled", mask, (q.shape[0],), lambda: _filled_count(row))
+    return flashmux.attention_with_kvcache(
+        q, k, v, cache_seqlens=seqlens, causal=opts["causal"], scale=opts["scale"],
+        window=opts["window"], softcap=opts["softcap"],
+    )
+
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -217,6 +279,9 @@ def attention_forward(
         softcap=float(softcap) if softcap else None,
         dropout_p=float(dropout or 0.0),
     )
+
+    if _is_filled_row(attention_mask):
+        return _static_attention(q, k, v, attention_mask, opts, sliding_window), None
 
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -304,12 +369,24 @@ def attention_mask(
         )
     if "allow_is_bidirectional_skip" not in kwargs and _static_cache(q_length, kv_length,
                                                                      q_offset):
-        # Keys past the filled cache slots would be attended (the kernels see the whole cache):
-        # refuse rather than answer wrongly.
-        raise ValueError(
-            "cache: static (preallocated) KV caches are not supported by flashmux's transformers "
-            "integration yet; use the default dynamic cache (no cache_implementation='static')"
-        )
+        # The layers hand the whole buffer: tell the attention function which slots are filled
+        # (the past tokens plus this forward's, written before attention runs), as a 4-D row.
+        dev = kwargs.get("device")
+        if isinstance(q_offset, torch.Tensor):
+            dev = q_offset.device
+        elif attention_mask is not None:
+            dev = attention_mask.device
+        cols = torch.arange(kv_length, device=dev)
+        row = (cols < q_offset + q_length)[None, :].expand(batch_size or 1, -1)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask: expected a 2-D padding mask with a static "
+                                 f"cache, got shape {tuple(attention_mask.shape)}")
+            pad = attention_mask.to(device=dev, dtype=torch.bool)[:, :kv_length]
+            if pad.shape[1] < kv_length:  # slots past the mask: not filled yet
+                pad = torch.nn.functional.pad(pad, (0, kv_length - pad.shape[1]), value=False)
+            row = row & pad
+        return row[:, None, None, :]
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:

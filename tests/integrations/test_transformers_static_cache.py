@@ -1,0 +1,137 @@
+"""Static (preallocated) KV caches through flashmux's transformers integration: the layers hand
+the whole buffer and flashmux.attention_with_kvcache attends only its filled slots. Greedy
+generate() is token-identical to attn_implementation="sdpa" in float32 on tiny random models
+(Llama, Qwen2 without sliding layers, Mistral with sliding-window layers, prompts shorter and
+the window, generating past it); a decode step compiles with fullgraph=True; what cannot be mapped
+(padded batches) is refused with a sentence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import flashmux  # noqa: E402
+from flashmux.integrations import transformers as fmx_tf  # noqa: E402
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+
+def _config(family):
+    if family == "llama":
+        return transformers.LlamaConfig(**COMMON)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**COMMON, use_sliding_window=False)
+    if family == "mistral":
+        return transformers.MistralConfig(**COMMON, sliding_window=4, head_dim=16)
+    raise ValueError(family)
+
+
+_models: dict = {}
+
+
+def _pair(family):
+    """(sdpa model, fmx model) with the same weights, eval mode."""
+    if family not in _models:
+        torch.manual_seed(4321)
+        cfg = _config(family)
+        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
+                                                            attn_implementation="sdpa")
+        fmx = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
+                                                            attn_implementation=fmx_tf.NAME)
+        fmx.load_state_dict(ref.state_dict())
+        _models[family] = (ref.eval(), fmx.eval())
+    return _models[family]
+
+
+def _ids(batch=2, seq=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, seq), generator=g)
+
+
+@pytest.fixture
+def kv_calls(monkeypatch):
+    seen = []
+    real = flashmux.attention_with_kvcache
+
+    def spy(q, k_cache, v_cache, **kw):
+        seen.append((tuple(q.shape), tuple(k_cache.shape), kw["cache_seqlens"].clone()))
+        return real(q, k_cache, v_cache, **kw)
+
+    monkeypatch.setattr(flashmux, "attention_with_kvcache", spy)
+    return seen
+
+
+def test_static_cache_sliding_window_matches_sdpa():
+    """Mistral's sliding layers keep a 4-slot buffer: before it wraps (prompt 2, first steps) the
+    filled-slots row and the window apply; after (later steps) every slot is attended."""
+    ref, fmx = _pair("mistral")
+    ids = _ids(seq=2, seed=3)
+    kw = dict(max_new_tokens=7, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(fmx.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_cache_generate_matches_sdpa(family, kv_calls):
+    ref, fmx = _pair(family)
+    ids = _ids()
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        got = fmx.generate(ids, **kw)
+        want = ref.generate(ids, **kw)
+    assert torch.equal(got, want)
+    # prefill (9 queries over 9 filled slots), then one query per step over 10, 11, ... slots
+    layers = fmx.config.num_hidden_layers
+    assert len(kv_calls) == 6 * layers
+    assert [int(c[2][0]) for c in kv_calls[::layers]] == list(range(9, 15))
+    assert kv_calls[0][0][1] == 9 and kv_calls[-1][0][1] == 1
+    assert all(c[1] == kv_calls[0][1] for c in kv_calls)  # the same preallocated buffer shape
+
+
+def test_static_cache_decode_step_under_compile():
+    from torch._dynamo.testing import CompileCounter
+
+    ref, fmx = _pair("llama")
+    ids = _ids(batch=1)
+    cache = transformers.StaticCache(config=fmx.config, max_cache_len=32)
+    cache_ref = transformers.StaticCache(config=ref.config, max_cache_len=32)
+    with torch.no_grad():
+        fmx(ids, past_key_values=cache, use_cache=True)
+        ref(ids, past_key_values=cache_ref, use_cache=True)
+        cnt = CompileCounter()
+        step = torch.compile(lambda t: fmx(t, past_key_values=cache, use_cache=True).logits,
+                             backend=cnt, fullgraph=True)
+        tok = torch.tensor([[5]])
+        for _ in range(2):
+            got = step(tok)
+            want = ref(tok, past_key_values=cache_ref, use_cache=True).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-4 * max(1.0, float(want.abs().max())))
+    assert cnt.frame_count >= 1
+
+
+def test_static_cache_refusals():
+    _, fmx = _pair("llama")
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: its keys sit inside the buffer
+    with torch.no_grad(), pytest.raises(ValueError, match="padded batches with a static cache"):
+        fmx.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                     cache_implementation="static", pad_token_id=0)
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    kv = torch.randn(1, 2, 6, 8)
+    row = (torch.arange(6) < 3)[None, None, None, :]
+    module = torch.nn.Module()
+    module.is_causal = True
+    with pytest.raises(ValueError, match="inference"):
+        fmx_tf.attention_forward(module, q, kv, kv, row)
+    hole = row.clone()
+    hole[..., 1] = False
+    with pytest.raises(ValueError, match="prefix of the keys"):
+        fmx_tf.attention_forward(module, q.detach(), kv, kv, hole)
