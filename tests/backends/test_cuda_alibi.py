@@ -27,18 +27,11 @@ from flashmux_cuda import family as fam
 
 HEADER = Path(flashmux_cuda.__file__).resolve().parents[2] / "csrc" / "flashmux_cuda.h"
 
-LAYOUT_C = r"""
-#include <stddef.h>
-#include <stdio.h>
-#include "flashmux_cuda.h"
-int main(void) {
-  printf("struct_size %zu\n", offsetof(FmxAttnExt, struct_size));
-  printf("alibi_slopes %zu\n", offsetof(FmxAttnExt, alibi_slopes));
-  printf("alibi_stride %zu\n", offsetof(FmxAttnExt, alibi_stride));
-  printf("sizeof %zu\n", sizeof(FmxAttnExt));
-  return 0;
-}
-"""
+LAYOUT_C = (
+    "#include <stddef.h>\n#include <stdio.h>\n#include \"flashmux_cuda.h\"\nint main(void) {\n"
+    + "".join(f'  printf("{n} %zu\\n", offsetof(FmxAttnExt, {n}));\n' for n, _ in abi.FmxAttnExt._fields_)
+    + '  printf("sizeof %zu\\n", sizeof(FmxAttnExt));\n  return 0;\n}\n'
+)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -103,16 +96,18 @@ def test_library_without_ext_symbols_says_rebuild(tmp_path):
 
 def test_family_and_capabilities():
     """ALiBi runs on the sm80 kernels (the sm90 forward takes no slopes); the backend declares
-    alibi and declines block masks with a sentence."""
+    alibi and block masks (forward only: a backward with one raises with a sentence)."""
     kw = dict(families=3, varlen=False, softcap=None, head_dim=128, seqlen_k=1024, env="")
     assert fam.forward_family((9, 0), **kw) == (fam.SM90, None)
     f, why = fam.forward_family((9, 0), alibi=True, **kw)
     assert f == fam.SM80 and "ALiBi" in why
     caps = flashmux_cuda.backend.capabilities
-    assert "alibi" in caps.features and "block_mask" not in caps.features
-    with pytest.raises(abi.Unsupported, match="block masks"):
-        flashmux_cuda.backend.forward(None, None, None, None, None, Params(scale=1.0),
-                                      block_mask=object())
+    assert "alibi" in caps.features and "block_mask" in caps.features
+    f, why = fam.forward_family((9, 0), block_mask=True, **kw)
+    assert f == fam.SM80 and "block masks" in why
+    with pytest.raises(abi.Unsupported, match="block-sparse backward"):
+        flashmux_cuda.backend.backward(None, None, None, None, None, None, None, None, None,
+                                       Params(scale=1.0), block_mask=object())
 
 
 def test_c_side_steps_sm90_aside_for_alibi():

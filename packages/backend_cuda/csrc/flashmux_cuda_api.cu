@@ -175,6 +175,31 @@ int apply_ext(const FmxAttnArgs *a, const FmxAttnExt *ext, fmx::Params &p) {
     p.alibi = e.alibi_slopes;
     p.alibi_bs = e.alibi_stride;
   }
+  if (e.q_num_full != nullptr) {  // block mask
+    if (a->cu_seqlens_q != nullptr)
+      return fail(FMX_ERR_UNSUPPORTED, "block masks with cu_seqlens are not supported");
+    if (!e.q_full_idx || !e.q_num_part || !e.q_part_idx || !e.tile_id || !e.bits)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "block mask: every array pointer must be set");
+    if (e.mask_block < 128 || e.mask_block % 128 != 0)
+      return fail(FMX_ERR_UNSUPPORTED,
+                  "block mask: block_size %d is not a multiple of 128 (the kernels' query tile)",
+                  e.mask_block);
+    const int nq = (a->seqlen_q + e.mask_block - 1) / e.mask_block;
+    const int nk = (a->seqlen_k + e.mask_block - 1) / e.mask_block;
+    if (e.mask_nq != nq || e.mask_nk != nk)
+      return fail(FMX_ERR_INVALID_ARGUMENT,
+                  "block mask: %d x %d blocks, the call needs %d x %d (block %d)", e.mask_nq,
+                  e.mask_nk, nq, nk, e.mask_block);
+    if ((e.mask_batch != 1 && e.mask_batch != a->batch) ||
+        (e.mask_heads != 1 && e.mask_heads != a->heads_q))
+      return fail(FMX_ERR_INVALID_ARGUMENT,
+                  "block mask: leading dims (%d, %d) must be 1 or (batch %d, heads_q %d)",
+                  e.mask_batch, e.mask_heads, a->batch, a->heads_q);
+    p.bm_qnf = e.q_num_full; p.bm_qfi = e.q_full_idx; p.bm_qnp = e.q_num_part;
+    p.bm_qpi = e.q_part_idx; p.bm_tile = e.tile_id; p.bm_bits = e.bits;
+    p.bm_block = e.mask_block; p.bm_b = e.mask_batch; p.bm_h = e.mask_heads;
+    p.bm_nq = nq; p.bm_nk = nk;
+  }
   return FMX_OK;
 }
 
@@ -203,6 +228,7 @@ bool use_sm90_fwd(const fmx::Params &p, int cc) {
 #ifdef FMX_HAS_SM90
   if (cc != 90) return false;
   if (p.alibi != nullptr) return false;  // the sm90 forward takes no ALiBi slopes
+  if (p.bm_qnf != nullptr) return false;  // nor block masks
   const char *env = std::getenv("FLASHMUX_CUDA_FAMILY");
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   return fmx::sm90::fwd_unsupported(p) == nullptr;
@@ -305,6 +331,8 @@ int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *strea
   int rc = build_params(args, p, true);
   if (rc) return rc;
   if ((rc = apply_ext(args, ext, p))) return rc;
+  if (p.bm_qnf != nullptr)
+    return fail(FMX_ERR_UNSUPPORTED, "block masks: the backward is not implemented (forward only)");
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) {
     return FMX_OK;  // nothing to do (dk/dv of an empty query set are the caller's zeros)
   }

@@ -54,7 +54,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
                    (int64_t)m0 * p.o_rs + (int64_t)h * p.o_hs;
   int n_min, n_max;
   key_block_range(p, si, m0, BM, BN, n_min, n_max);
-  if (n_max <= n_min) {  // no allowed key for any row of this tile
+  const KeyTiles<BN> kt(p, b, h, m0, n_min, n_max);  // dense range or the block mask's lists
+  if (n_max <= n_min || kt.count <= 0) {  // no allowed key for any row of this tile
     zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
     for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
     return;
@@ -74,10 +75,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   Tensor sV = make_tensor(make_smem_ptr(smem + (BM + BN) * D), typename Tr::SmemKV::Layout_{});
   Tensor sVt = make_tensor(make_smem_ptr(smem + (BM + BN) * D), typename Tr::SmemKV::LayoutT{});
 
-  // Prologue: Q and the last K tile.
-  int n = n_max - 1;
+  // Prologue: Q and the first K tile (dense: the last one).
+  const int n_first = kt.n(0);
   load_tile_async<BM, D, NT>(sQ, q_ptr, p.q_rs, rows_q, p.d, tid);
-  load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)n * BN * p.k_rs, p.k_rs, si.sk - n * BN, p.d, tid);
+  load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)n_first * BN * p.k_rs, p.k_rs,
+                             si.sk - n_first * BN, p.d, tid);
   cp_async_commit();
 
   typename Tr::TiledMma mma;
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
 
   // One loop iteration; instantiated with and without the mask so that interior tiles run no
   // mask code at all (the compiler would otherwise predicate it rather than branch over it).
-  auto iteration = [&](const int n, auto mask_c) {
+  auto iteration = [&](const int n, const int n_next, const int32_t *tb, auto mask_c) {
     constexpr bool kMask = decltype(mask_c)::value;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
     clear(acc_s);
@@ -139,13 +141,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     }
     const int n0 = n * BN;
     if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n0);
-    if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n0);
+    if constexpr (kMask) {
+      apply_mask(S, cSrc, p, si, m0, n0);
+      if (tb != nullptr) apply_bits(S, cSrc, tb, kt.words, m0 % p.bm_block, n0 % p.bm_block);
+    }
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; everyone is done reading K[n]
-    if (n > n_min) {
-      load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)(n - 1) * BN * p.k_rs, p.k_rs,
-                                 si.sk - (n - 1) * BN, p.d, tid);
+    if (n_next >= 0) {
+      load_tile_async<BN, D, NT>(sK, k_ptr + (int64_t)n_next * BN * p.k_rs, p.k_rs,
+                                 si.sk - n_next * BN, p.d, tid);
       cp_async_commit();
     }
 
@@ -189,11 +194,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     gemm_rs(mma, acc_o, tOrP, tOrVt, tOsVt, cpV, tOrVtv);
   };
 
-  for (; n >= n_min; --n) {
-    if (tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
-      iteration(n, cute::true_type{});
+  for (int s = 0; s < kt.count; ++s) {
+    const int n = kt.n(s);
+    const int n_next = s + 1 < kt.count ? kt.n(s + 1) : -1;
+    const int32_t *tb = kt.tile_bits(s);
+    if (tb != nullptr || tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
+      iteration(n, n_next, tb, cute::true_type{});
     } else {
-      iteration(n, cute::false_type{});
+      iteration(n, n_next, tb, cute::false_type{});
     }
   }
 
@@ -261,7 +269,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
                    (int64_t)m0 * p.o_rs + (int64_t)h * p.o_hs;
   int n_min, n_max;
   key_block_range(p, si, m0, BM, BN, n_min, n_max);
-  if (n_max <= n_min) {  // no allowed key for any row of this tile
+  const KeyTiles<BN> kt(p, b, h, m0, n_min, n_max);  // dense range or the block mask's lists
+  if (n_max <= n_min || kt.count <= 0) {  // no allowed key for any row of this tile
     zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
     for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
     return;
@@ -288,10 +297,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
                                tid);
   };
 
-  // Prologue: Q and the last key tile.
-  int n = n_max - 1;
+  // Prologue: Q and the first key tile (dense: the last one).
   load_tile_async<BM, D, NT>(sQ, q_ptr, p.q_rs, rows_q, p.d, tid);
-  load_kv(n, 0);
+  load_kv(kt.n(0), 0);
   cp_async_commit();
 
   typename Tr::TiledMma mma;
@@ -331,12 +339,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
   const bool alibi_on = p.alibi != nullptr;
   const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
 
-  auto iteration = [&](const int n, const int stage, auto mask_c) __attribute__((always_inline)) {
+  auto iteration = [&](const int n, const int n_next, const int32_t *tb, const int stage,
+                       auto mask_c) __attribute__((always_inline)) {
     constexpr bool kMask = decltype(mask_c)::value;
     cp_async_wait<0>();
-    __syncthreads();  // tile n landed; every warp is done with tile n + 1 (the other stage)
-    if (n > n_min) {
-      load_kv(n - 1, stage ^ 1);
+    __syncthreads();  // tile n landed; every warp is done with the previous tile (other stage)
+    if (n_next >= 0) {
+      load_kv(n_next, stage ^ 1);
       cp_async_commit();
     }
     Tensor sK = make_tensor(make_smem_ptr(smem_kv + stage * 2 * BN * D), LKV{});
@@ -361,7 +370,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
         for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap * tanh_fast(acc_s(i) * cap_in);
       }
       if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n * BN + ch * SN);
-      if constexpr (kMask) apply_mask(S, cSrc, p, si, m0, n * BN + ch * SN);
+      if constexpr (kMask) {
+        apply_mask(S, cSrc, p, si, m0, n * BN + ch * SN);
+        if (tb != nullptr)
+          apply_bits(S, cSrc, tb, kt.words, m0 % p.bm_block, (n * BN + ch * SN) % p.bm_block);
+      }
 
       // Online softmax (base 2, scale folded into one FFMA), as in fwd_kernel.
       CUTE_UNROLL
@@ -400,11 +413,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel_pipe(const Params
     }
   };
 
-  for (int stage = 0; n >= n_min; --n, stage ^= 1) {
-    if (tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
-      iteration(n, stage, cute::true_type{});
+  for (int s = 0, stage = 0; s < kt.count; ++s, stage ^= 1) {
+    const int n = kt.n(s);
+    const int n_next = s + 1 < kt.count ? kt.n(s + 1) : -1;
+    const int32_t *tb = kt.tile_bits(s);
+    if (tb != nullptr || tile_needs_mask(p, si, m0, BM, n * BN, BN)) {
+      iteration(n, n_next, tb, stage, cute::true_type{});
     } else {
-      iteration(n, stage, cute::false_type{});
+      iteration(n, n_next, tb, stage, cute::false_type{});
     }
   }
 

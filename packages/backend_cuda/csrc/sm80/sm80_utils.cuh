@@ -142,6 +142,64 @@ __device__ __forceinline__ void apply_mask(STensor &S, CTensor const &C, const P
   }
 }
 
+// The key tiles (BN keys each) one query tile visits, in visiting order. Dense: from the last
+// allowed tile down to the first ([n_min, n_max), as before). With a block mask: the query
+// block's listed full mask tiles, then its partial ones, each as block / BN consecutive key
+// tiles (BN divides the mask block); tile_bits(s) is a partial tile's bitmask (nullptr for full
+// tiles and dense calls). Empty mask tiles are never visited.
+template <int BN>
+struct KeyTiles {
+  int count, n_max, sub, nf, words;
+  const int32_t *full, *part, *tile, *bits;  // this query block's list rows, the bitmasks
+  __device__ __forceinline__ KeyTiles(const Params &p, int b, int h, int m0, int n_min, int nmax) {
+    n_max = nmax;
+    full = part = tile = bits = nullptr;
+    sub = nf = words = 0;
+    if (p.bm_qnf == nullptr) {
+      count = n_max - n_min;
+      return;
+    }
+    const int64_t row =
+        ((int64_t)(p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? h : 0)) * p.bm_nq + m0 / p.bm_block;
+    sub = p.bm_block / BN;
+    nf = p.bm_qnf[row] * sub;
+    count = nf + p.bm_qnp[row] * sub;
+    full = p.bm_qfi + row * p.bm_nk;
+    part = p.bm_qpi + row * p.bm_nk;
+    tile = p.bm_tile + row * p.bm_nk;
+    bits = p.bm_bits;
+    words = p.bm_block / 32;
+  }
+  __device__ __forceinline__ int n(int s) const {
+    if (full == nullptr) return n_max - 1 - s;
+    if (s < nf) return full[s / sub] * sub + s % sub;
+    s -= nf;
+    return part[s / sub] * sub + s % sub;
+  }
+  __device__ __forceinline__ const int32_t *tile_bits(int s) const {
+    if (full == nullptr || s < nf) return nullptr;
+    return bits + (int64_t)tile[part[(s - nf) / sub]] * (words * 32) * words;
+  }
+};
+
+// Element mask of a partial block-mask tile: S(r, c) = -inf where bit (r0 + row, c0 + col) of
+// the tile's bitmask tb (rows of `words` int32, bit j % 32 of word j / 32) is 0. r0 / c0: the
+// kernel tile's first row / key inside the mask tile. One cached word load (L1) per element.
+template <typename STensor, typename CTensor>
+__device__ __forceinline__ void apply_bits(STensor &S, CTensor const &C, const int32_t *tb,
+                                           int words, int r0, int c0) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(S); ++r) {
+    const int32_t *wr = tb + (int64_t)(r0 + get<0>(C(r, 0))) * words;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(S); ++c) {
+      const int j = c0 + get<1>(C(r, c));
+      const unsigned w = static_cast<unsigned>(__ldg(wr + (j >> 5)));
+      if (((w >> (j & 31)) & 1u) == 0u) S(r, c) = -INFINITY;
+    }
+  }
+}
+
 // ALiBi: the slope of (sequence b, query head h) in the accumulator's units (the scores are
 // s * score_nat in natural units: the bias -slope * |d| is -slope / score_nat * |d| here).
 __device__ __forceinline__ float alibi_slope_acc(const Params &p, int b, int h) {

@@ -94,6 +94,19 @@ class CudaBackend(Backend):
             out.append("more than 2^31-1 rows: the kernels index rows with int32")
         if getattr(spec, "nonpositive_scale", False) and not spec.softcap:
             out.append("scale <= 0 without softcap: the kernels' masking assumes scale > 0")
+        if getattr(spec, "block_mask", False):  # block-sparse forward (sm80 kernels) only
+            from .abi import MASK_BLOCK_MULTIPLE
+
+            if spec.kind != "torch":
+                out.append("block masks: the CUDA backend takes them from torch tensors only "
+                           "(with JAX arrays the pallas backend runs them)")
+            if spec.requires_grad:
+                out.append("block masks: forward only in the CUDA kernels (no block-sparse "
+                           "backward yet)")
+            bs = int(getattr(spec, "mask_block_size", 0) or 0)
+            if bs % MASK_BLOCK_MULTIPLE:
+                out.append(f"block masks: block_size {bs} is not a multiple of "
+                           f"{MASK_BLOCK_MULTIPLE} (the CUDA kernels' query tile)")
         return out
 
     def lowerings(self, q, k, v, params) -> dict[str, str]:
@@ -120,6 +133,7 @@ class CudaBackend(Backend):
             head_dim=int(q.shape[-1]),
             seqlen_k=int(k.shape[-3]),
             alibi=bool(getattr(params, "alibi", False)),
+            block_mask=bool(getattr(params, "mask_block_size", 0)),
         )
         return {"forward": fam.describe(fwd, why), "backward": fam.describe(fam.SM80, None)}
 
@@ -142,11 +156,11 @@ class CudaBackend(Backend):
                 self._jax_ready = True
 
     @staticmethod
-    def _no_block_mask(block_mask) -> None:
+    def _no_block_mask(block_mask, what: str) -> None:
         if block_mask is not None:
             from .abi import Unsupported
 
-            raise Unsupported("block masks are not implemented in the CUDA kernels")
+            raise Unsupported(f"block masks: the CUDA backend has no {what}")
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
                 block_mask=None):
@@ -154,21 +168,21 @@ class CudaBackend(Backend):
             from .abi import Unsupported
 
             raise Unsupported("dropout not implemented in CUDA kernels")
-        self._no_block_mask(block_mask)
         if self._is_jax(q):
             from . import jax_glue
 
+            self._no_block_mask(block_mask, "JAX path for them (pallas runs them)")
             self._ensure_jax()
             return jax_glue.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params,
                                     alibi_slopes=alibi_slopes)
         from . import torch_glue
 
         return torch_glue.forward(self.lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params,
-                                  alibi_slopes=alibi_slopes)
+                                  alibi_slopes=alibi_slopes, block_mask=block_mask)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
                  alibi_slopes=None, block_mask=None):
-        self._no_block_mask(block_mask)
+        self._no_block_mask(block_mask, "block-sparse backward")
         if self._is_jax(q):
             from . import jax_glue
 
@@ -262,8 +276,9 @@ backend = CudaBackend(
         dtypes=frozenset({"float16", "bfloat16"}),
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(8, 0),
-        # ALiBi in the sm80 kernels (forward and backward); block masks declined (reason).
-        features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi"},
+        # ALiBi in the sm80 kernels (forward and backward); block masks in the sm80 forward
+        # (torch only, block_size a multiple of 128; `reasons` declines the rest).
+        features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi", "block_mask"},
         runs_under_jit=True,
     ),
 )

@@ -10,6 +10,7 @@ kernels don't cover), never a crash in a kernel.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass
 
@@ -78,6 +79,18 @@ class FmxAttnExt(ctypes.Structure):
         ("struct_size", ctypes.c_int64),
         ("alibi_slopes", ctypes.c_void_p),
         ("alibi_stride", ctypes.c_int64),
+        ("mask_block", ctypes.c_int32),
+        ("mask_batch", ctypes.c_int32),
+        ("mask_heads", ctypes.c_int32),
+        ("mask_nq", ctypes.c_int32),
+        ("mask_nk", ctypes.c_int32),
+        ("mask_reserved", ctypes.c_int32),
+        ("q_num_full", ctypes.c_void_p),
+        ("q_full_idx", ctypes.c_void_p),
+        ("q_num_part", ctypes.c_void_p),
+        ("q_part_idx", ctypes.c_void_p),
+        ("tile_id", ctypes.c_void_p),
+        ("bits", ctypes.c_void_p),
     ]
 
 
@@ -262,6 +275,47 @@ def make_ext(alibi: ArrayRef | None, batch: int, heads_q: int) -> FmxAttnExt | N
     ext.struct_size = ctypes.sizeof(FmxAttnExt)
     ext.alibi_slopes = alibi.ptr or None
     ext.alibi_stride = stride
+    return ext
+
+
+# The BlockMask arrays the forward kernels read, with their ranks (flashmux.blockmask).
+MASK_ARRAYS = {"q_num_full": 3, "q_full_idx": 4, "q_num_part": 3, "q_part_idx": 4, "tile_id": 4,
+               "bits": 3}
+MASK_BLOCK_MULTIPLE = 128  # the forward kernels' query tile: a mask block holds whole tiles
+
+
+def add_block_mask(ext: FmxAttnExt | None, arrays: dict, block: int, batch: int, heads_q: int,
+                   seqlen_q: int, seqlen_k: int) -> FmxAttnExt:
+    """Fill the block-mask fields of FmxAttnExt (made here when ext is None) from ArrayRefs of
+    the BlockMask's int32 arrays (MASK_ARRAYS), checking dtypes, ranks and contiguity."""
+    if block % MASK_BLOCK_MULTIPLE:
+        raise Unsupported(f"block_mask: block_size {block} is not a multiple of "
+                          f"{MASK_BLOCK_MULTIPLE} (the CUDA kernels' query tile)")
+    nq, nk = -(-seqlen_q // block), -(-seqlen_k // block)
+    lead = None
+    for name, rank in MASK_ARRAYS.items():
+        a = arrays[name]
+        if a.dtype != "int32":
+            raise ValueError(f"block_mask.{name}: expected int32, got {a.dtype}")
+        if len(a.shape) != rank:
+            raise ValueError(f"block_mask.{name}: expected rank {rank}, got shape {a.shape}")
+        dense = tuple(math.prod(a.shape[i + 1:]) for i in range(rank))
+        if any(n > 1 and s != d for n, s, d in zip(a.shape, a.strides, dense)):
+            raise ValueError(f"block_mask.{name}: must be contiguous, strides {a.strides}")
+        if name != "bits":
+            lead = lead or tuple(a.shape[:2])
+            if tuple(a.shape[:2]) != lead or a.shape[2] != nq or (rank == 4 and a.shape[3] != nk):
+                raise ValueError(f"block_mask.{name}: shape {a.shape} does not fit "
+                                 f"{nq} x {nk} blocks of {block}")
+    if lead[0] not in (1, batch) or lead[1] not in (1, heads_q):
+        raise ValueError(f"block_mask: leading dims {lead}, expected 1 or ({batch}, {heads_q})")
+    if ext is None:
+        ext = FmxAttnExt()
+        ext.struct_size = ctypes.sizeof(FmxAttnExt)
+    ext.mask_block, ext.mask_batch, ext.mask_heads = block, lead[0], lead[1]
+    ext.mask_nq, ext.mask_nk = nq, nk
+    for name in MASK_ARRAYS:
+        setattr(ext, name, arrays[name].ptr or None)
     return ext
 
 

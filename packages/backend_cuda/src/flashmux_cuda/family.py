@@ -41,6 +41,7 @@ def forward_family(
     seqlen_k: int,
     env: str | None = None,
     alibi: bool = False,
+    block_mask: bool = False,
 ) -> tuple[str, str | None]:
     """(family, why the sm90 family is not used or None). `families` is the library's
     fmx_families() bit mask (None: unknown, assumed built for this device); `env` defaults to
@@ -58,6 +59,8 @@ def forward_family(
         return SM80, "sm90 forward lacks softcap"
     if alibi:
         return SM80, "sm90 forward lacks ALiBi"
+    if block_mask:
+        return SM80, "sm90 forward lacks block masks"
     if sm90_fwd_head_dim(head_dim) == 0:
         return SM80, f"sm90 forward has head_dim <= 64 and 97..128, not {head_dim}"
     if seqlen_k <= 0:

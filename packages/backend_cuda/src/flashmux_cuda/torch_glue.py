@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .abi import ALIGN_BYTES, ALIGN_ELEMS, ArrayRef, add_backward, make_args, make_ext
+from .abi import (
+    ALIGN_BYTES,
+    ALIGN_ELEMS,
+    MASK_ARRAYS,
+    ArrayRef,
+    add_backward,
+    add_block_mask,
+    make_args,
+    make_ext,
+)
 
 _DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -85,9 +94,33 @@ def _ext(alibi_slopes, q, cu_q):
                              "float32"), batch, hq), sl
 
 
-def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
+def _mask_ext(ext, bm, q, k):
+    """Add a BlockMask's arrays (int32, contiguous, on q's device) to ext; -> (ext, keepalive)."""
+    keep = []
+    refs = {}
+    for name in MASK_ARRAYS:
+        t = getattr(bm, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"block_mask.{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"block_mask.{name}: on {t.device}, q is on {q.device}")
+        t = t.to(torch.int32).contiguous()
+        if name == "bits" and t.numel() == 0:  # no partial tile: a valid pointer all the same
+            bs = bm.block_size
+            t = torch.zeros((1, bs, bs // 32), dtype=torch.int32, device=q.device)
+        keep.append(t)
+        refs[name] = ArrayRef(f"block_mask.{name}", t.data_ptr(), tuple(t.shape),
+                              tuple(t.stride()), "int32")
+    ext = add_block_mask(ext, refs, int(bm.block_size), q.shape[0], q.shape[2], q.shape[1],
+                         k.shape[1])
+    return ext, keep
+
+
+def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
+            block_mask=None):
     """(out, lse): out like q with v's head_dim, lse (B, Hq, Sq) or varlen (Hq, Tq) float32.
-    alibi_slopes: None or float32 (Hq,) / (B, Hq) on q's device."""
+    alibi_slopes: None or float32 (Hq,) / (B, Hq) on q's device. block_mask: None or a
+    flashmux BlockMask of torch arrays (forward only; block_size a multiple of 128)."""
     if q.device.type != "cuda":
         raise ValueError(f"q: the CUDA backend needs CUDA tensors, got {q.device}")
     d, dv = q.shape[-1], v.shape[-1]
@@ -116,6 +149,8 @@ def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None)
             batch=(cu_q.shape[0] - 1) if cu_q is not None else None,
         )
         ext, _slopes = _ext(alibi_slopes, q, cu_q)  # _slopes keeps the buffer alive
+        if block_mask is not None:  # the forward kernels walk its lists (padded layout only)
+            ext, _mask = _mask_ext(ext, block_mask, q, k)
         lib.forward(args, _stream(q.device), ext)
     if out.shape[-1] != v.shape[-1]:
         out = out[..., : v.shape[-1]].contiguous()  # the core's fake impl says contiguous
