@@ -59,6 +59,7 @@ Under torch.compile a packed layout is not detected from `position_ids` (that ne
 from __future__ import annotations
 
 import warnings
+from typing import TypeGuard
 
 import torch
 
@@ -192,7 +193,7 @@ def _rows(x):
 _warned_attn_weights = False
 
 
-def _is_filled_row(m) -> bool:
+def _is_filled_row(m) -> TypeGuard[torch.Tensor]:
     """A (B, 1, 1, Sk) boolean mask: the static-cache "filled slots" row (see the docstring)."""
     return (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1
             and m.dtype == torch.bool)
@@ -371,6 +372,9 @@ def attention_mask(
                                                                      q_offset):
         # The layers hand the whole buffer: tell the attention function which slots are filled
         # (the past tokens plus this forward's, written before attention runs), as a 4-D row.
+        if kv_length is None or q_length is None:
+            raise ValueError("cache: a static cache's mask needs q_length and kv_length, got "
+                             f"{q_length!r} and {kv_length!r}")
         dev = kwargs.get("device")
         if isinstance(q_offset, torch.Tensor):
             dev = q_offset.device
