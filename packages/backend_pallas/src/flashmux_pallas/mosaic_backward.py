@@ -39,6 +39,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+from .mosaic_kernels import kv_loader, produce
+
 LOG2E = 1.4426950408889634
 
 
@@ -384,21 +386,8 @@ def _dq(q, k, v, do, lse2q, delta, sk, causal, c2, cfg, interpret, out=None, r=N
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             hk = lax.div(h, jnp.int32(G))
-
-            def load(i, slot):
-                kv_rows = (b, pl.ds(i * bkv, bkv), hk)
-                plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_full.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem.at[slot], v_full.at[slot])
-
-            for s_ in range(stages):
-                pl.when(s_ < cta_steps)(functools.partial(load, s_, s_))
-
-            def refill(i, _):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(free.at[slot])
-                load(i + stages, slot)
-
-            lax.fori_loop(0, jnp.maximum(cta_steps - stages, 0), refill, None)
+            load = kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b, hk, bkv)
+            produce(load, stages, cta_steps, lambda slot: plgpu.barrier_wait(free.at[slot]))
 
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     xsmem = (plgpu.SMEM((2, bq) if has_dlse else (1,), jnp.float32),)
@@ -557,7 +546,7 @@ def _dkdv(q, k, v, do, lse2, delta, causal: bool, c2: float, scale: float, cfg, 
             plgpu.set_max_registers(40, action="decrease")
             total = G * per_head
 
-            def load(t, slot):
+            def load(t, slot, refill=False):
                 g = lax.div(t, per_head)
                 qb = t - g * per_head + lo
                 hq = hk * G + g
@@ -568,15 +557,8 @@ def _dkdv(q, k, v, do, lse2, delta, causal: bool, c2: float, scale: float, cfg, 
                 plgpu.copy_gmem_to_smem(lse_ref.at[vr], lse_smem.at[slot], lse_full.at[slot])
                 plgpu.copy_gmem_to_smem(dl_ref.at[vr], dl_smem.at[slot], dl_full.at[slot])
 
-            for s_ in range(stages):
-                pl.when(s_ < total)(functools.partial(load, jnp.int32(s_), s_))
-
-            def refill(t, _):
-                slot = lax.rem(t, jnp.int32(stages))
-                plgpu.barrier_wait(free.at[slot])
-                load(t + stages, slot)
-
-            lax.fori_loop(0, jnp.maximum(total - stages, 0), refill, None)
+            produce(load, stages, total, lambda slot: plgpu.barrier_wait(free.at[slot]),
+                    jnp.int32)
 
     stages = cfg.stages
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

@@ -82,6 +82,48 @@ def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
     return out
 
 
+def kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b, hk, bkv, k_free=None,
+              v_free=None):
+    """load(i, slot, refill=False): TMA copies of key block i's K and V tiles (rows i * bkv of
+    batch b, KV head hk) into a slot, each signalling its `full` barrier. On a refill, K waits
+    for k_free[slot] and V for v_free[slot] when given (the forward frees them apart)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def load(i, slot, refill=False):
+        if refill and k_free is not None:
+            plgpu.barrier_wait(k_free.at[slot])
+        rows = (b, pl.ds(i * bkv, bkv), hk)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+        if refill and v_free is not None:
+            plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+
+    return load
+
+
+def produce(load, stages: int, total, wait=None, first=int):
+    """The producer warpgroup's loop of the Mosaic GPU kernels (forward, dQ, dK/dV): steps
+    0 .. stages-1 into their own slots (those below `total`), then step i + stages into slot
+    i % stages once the consumers freed it: wait(slot) first when given, then
+    load(i + stages, slot, True) (a loader may wait itself, as kv_loader's with k_free/v_free).
+    `first` makes the first steps' index (e.g. jnp.int32)."""
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    for s_ in range(stages):
+        pl.when(s_ < total)(functools.partial(load, first(s_), s_))
+
+    def refill(i, _):
+        slot = lax.rem(i, jnp.int32(stages))
+        if wait is not None:
+            wait(slot)
+        load(i + stages, slot, True)
+
+    lax.fori_loop(0, jnp.maximum(total - stages, 0), refill, None)
+
+
 def forward(q, k, v, params, cfg: MosaicConfig | None = None, residual: bool = False):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) float32,
     and with residual=True out_residual (out's shape and dtype): float32 out - out."""
@@ -233,24 +275,9 @@ def forward(q, k, v, params, cfg: MosaicConfig | None = None, residual: bool = F
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             hk = lax.div(h, jnp.int32(G))
-
-            def load(i, slot):
-                rows = (b, pl.ds(i * bkv, bkv), hk)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
-
-            for s_ in range(stages):
-                pl.when(s_ < cta_steps)(functools.partial(load, s_, s_))
-
-            def refill(i, _):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                rows = (b, pl.ds((i + stages) * bkv, bkv), hk)
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
-
-            lax.fori_loop(0, jnp.maximum(cta_steps - stages, 0), refill, None)
+            load = kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b, hk, bkv,
+                             k_free, v_free)
+            produce(load, stages, cta_steps)
 
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref, *r_ref):
         tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
