@@ -1,9 +1,11 @@
-"""Block masks in the CUDA backend (issue 15): the sm80 forward walks a BlockMask's lists
-(`FmxAttnExt`'s mask fields); forward only, torch only, block_size a multiple of 128.
+"""Block masks in the CUDA backend (issue 15): the sm80 forward walks a BlockMask's per-query-
+block lists, the backward's dK/dV walk its transposed lists (`FmxAttnExt`'s mask fields); torch
+only, block_size a multiple of 128, not deterministic.
 
 CPU: the ctypes checks (`abi.add_block_mask`) and the backend's reasons. GPU (skipped here):
-the forward against the float64 reference with the conformance rule, error(cuda) <= 2 x
-error(plain attention with the same mask and bias, same precision) + 1e-5 for out and lse, on
+forward and backward against the float64 reference with the conformance rule, error(cuda) <= 2 x
+error(plain attention with the same mask and bias, same precision) + 1e-5 for out, lse, dq, dk,
+dv, on
 masks with full, partial and empty tiles, ragged lengths, Sq != Sk, per-head masks with GQA,
 ALiBi, softcap, windows.
 """
@@ -36,6 +38,10 @@ def _arrays(lead=(1, 1), nq=2, nk=3, bs=128, n_part=2):
         "q_part_idx": _ref("d", (b, h, nq, nk)),
         "tile_id": _ref("e", (b, h, nq, nk)),
         "bits": _ref("f", (n_part, bs, bs // 32)),
+        "kv_num_full": _ref("g", (b, h, nk)),
+        "kv_full_idx": _ref("h", (b, h, nk, nq)),
+        "kv_num_part": _ref("i", (b, h, nk)),
+        "kv_part_idx": _ref("j", (b, h, nk, nq)),
     }
 
 
@@ -43,7 +49,7 @@ def test_add_block_mask_fills_and_checks():
     ext = abi.add_block_mask(None, _arrays(), 128, 2, 4, 200, 300)
     assert (ext.mask_block, ext.mask_batch, ext.mask_heads, ext.mask_nq, ext.mask_nk) == (
         128, 1, 1, 2, 3)
-    assert ext.q_num_full == 256 and ext.bits == 256
+    assert ext.q_num_full == 256 and ext.bits == 256 and ext.kv_part_idx == 256
     assert ext.struct_size == ctypes_sizeof()
     ext2 = abi.add_block_mask(abi.make_ext(_ref("s", (4,), "float32"), 2, 4),
                               _arrays((2, 4)), 128, 2, 4, 200, 300)
@@ -55,6 +61,10 @@ def test_add_block_mask_fills_and_checks():
     bad = _arrays()
     bad["tile_id"] = _ref("e", (1, 1, 2, 3), "int64")
     with pytest.raises(ValueError, match="int32"):
+        abi.add_block_mask(None, bad, 128, 2, 4, 200, 300)
+    bad = _arrays()
+    bad["kv_full_idx"] = _ref("h", (1, 1, 2, 3))  # (.., nk, nq) transposed
+    with pytest.raises(ValueError, match="does not fit"):
         abi.add_block_mask(None, bad, 128, 2, 4, 200, 300)
     bad = _arrays()
     bad["q_full_idx"] = _ref("b", (1, 1, 2, 3), strides=(6, 6, 1, 2))
@@ -82,11 +92,14 @@ def _spec(**kw):
 
 
 def test_reasons_for_block_masks():
-    """Forward on torch with a 128-multiple block: no reason; each other case: one sentence."""
+    """torch with a 128-multiple block, forward or backward: no reason; each other case: one
+    sentence."""
     be = flashmux_cuda.backend
     assert "block_mask" in be.capabilities.features
     assert not [r for r in be.reasons(_spec()) if "block mask" in r]
-    assert any("forward only" in r for r in be.reasons(_spec(requires_grad=True)))
+    assert not [r for r in be.reasons(_spec(requires_grad=True)) if "block mask" in r]
+    assert any("deterministic" in r
+               for r in be.reasons(_spec(requires_grad=True, deterministic=True)))
     assert any("torch tensors only" in r for r in be.reasons(_spec(kind="jax")))
     assert any("block_size 64" in r for r in be.reasons(_spec(mask_block_size=64)))
     assert not [r for r in be.reasons(_spec(block_mask=False, mask_block_size=0))
@@ -120,7 +133,10 @@ GPU_CASES = [
          mask="per_head", mask_heads=True, block=256, window=(300, 40), softcap=20.0),
     dict(name="dilated_causal_sq_ne_sk_d64", b=2, sq=300, sk=700, hq=2, hkv=2, d=64,
          mask="dilated", causal=True, slopes="h"),
-    dict(name="chunked_d256", b=1, sq=513, sk=513, hq=2, hkv=2, d=256, mask="chunked"),
+    dict(name="chunked_d256", b=1, sq=513, sk=513, hq=2, hkv=2, d=256, mask="chunked",
+         lse_grad=True),
+    dict(name="doc_causal_d128_forward_only", b=2, sq=1000, sk=1000, hq=4, hkv=2, d=128,
+         mask="doc_causal", grad=False),
 ]
 
 
@@ -141,16 +157,24 @@ def _mask_fn(c, rng):
 
 
 def _measure(c, seed, backend="cuda", device="cuda"):
+    """Forward (out, lse) and, unless c["grad"] is False, backward (dq, dk, dv, with an lse
+    cotangent when c["lse_grad"]) against the float64 reference, judged against plain
+    attention."""
     import torch
 
-    from flashmux.reference import allowed_mask, reference_forward
+    from flashmux.reference import allowed_mask, reference_backward, reference_forward
     from flashmux.testing.judge import ATOL, masked_softmax, max_err, plain_pv, plain_scores
 
     rng = np.random.default_rng(seed)
     dt = getattr(torch, c.get("dtype", "bfloat16"))
+    grad = c.get("grad", True)
     b, sq, sk, hq, hkv, d = c["b"], c["sq"], c["sk"], c["hq"], c["hkv"], c["d"]
     q, k, v = (torch.tensor(rng.standard_normal(s), dtype=dt, device=device)
                for s in ((b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d)))
+    do = torch.tensor(rng.standard_normal((b, sq, hq, d)), dtype=dt, device=device)
+    dlse = None
+    if c.get("lse_grad"):
+        dlse = torch.tensor(rng.standard_normal((b, hq, sq)), dtype=torch.float32, device=device)
     fn = _mask_fn(c, rng)
     bm = flashmux.create_block_mask(fn, b, hq if c.get("mask_heads") else None, sq, sk,
                                     block_size=c.get("block", 128), like=q)
@@ -160,29 +184,46 @@ def _measure(c, seed, backend="cuda", device="cuda"):
     kw = dict(causal=c.get("causal", False), window=c.get("window"), softcap=c.get("softcap"))
     if slopes is not None:
         kw["alibi_slopes"] = torch.tensor(slopes, device=device)
-    ex = flashmux.explain(q, k, v, block_mask=bm, backend=backend, return_lse=True, **kw)
+
+    def loss_of(out, lse):
+        loss = (out.float() * do.float()).sum()
+        if dlse is not None:
+            loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * dlse).sum()
+        return loss
+
+    qa, ka, va = (x.detach().requires_grad_(grad) for x in (q, k, v))
+    ex = flashmux.explain(qa, ka, va, block_mask=bm, backend=backend, return_lse=True, **kw)
     assert ex.chosen == backend, ex.reasons(backend)
-    out, lse = flashmux.attention(q, k, v, block_mask=bm, backend=backend, return_lse=True, **kw)
-    got = [x.double().cpu().numpy() for x in (out, lse)]
+    out, lse = flashmux.attention(qa, ka, va, block_mask=bm, backend=backend, return_lse=True,
+                                  **kw)
+    got = [out, lse] + (list(torch.autograd.grad(loss_of(out, lse), (qa, ka, va))) if grad else [])
+    got = [x.detach().double().cpu().numpy() for x in got]
     x64 = [x.double().cpu().numpy() for x in (q, k, v)]
     rkw = dict(causal=kw["causal"], window=kw["window"], softcap=kw["softcap"],
                alibi_slopes=slopes, block_mask=fn)
-    ref = reference_forward(*x64, **rkw)
+    ref = list(reference_forward(*x64, **rkw))
+    if grad:
+        d64 = None if dlse is None else np.where(np.isfinite(got[1]), dlse.double().cpu().numpy(), 0.0)
+        ref += list(reference_backward(do.double().cpu().numpy(), *x64, dlse=d64, **rkw))
     # plain attention: the same mask and bias on materialized scores, float32 softmax
     allowed = allowed_mask(sq, sk, kw["causal"], kw["window"])[None, None]
     bi, hi = np.arange(b).reshape(-1, 1, 1, 1), np.arange(hq).reshape(1, -1, 1, 1)
     allowed = allowed & np.asarray(fn(bi, hi, np.arange(sq).reshape(1, 1, -1, 1),
                                       np.arange(sk).reshape(1, 1, 1, -1)), bool)
-    s, vv = plain_scores(torch, q, k, v, 1.0 / np.sqrt(d), "bqhd,bkhd->bhqk", 2, kw["softcap"])
+    qp, kp, vp = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
+    s, vv = plain_scores(torch, qp, kp, vp, 1.0 / np.sqrt(d), "bqhd,bkhd->bhqk", 2, kw["softcap"])
     if slopes is not None:
         dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
         sl = slopes.reshape((1, -1, 1, 1) if slopes.ndim == 1 else (b, -1, 1, 1))
         s = s - torch.tensor(sl * dist, dtype=torch.float32, device=device)
     plse, p = masked_softmax(torch, s, torch.tensor(np.ascontiguousarray(allowed), device=device))
     pout = plain_pv(torch, "bhqk,bkhd->bqhd", p, vv, q.dtype)
-    plain = [x.double().cpu().numpy() for x in (pout, plse)]
+    plain = [pout, plse] + (list(torch.autograd.grad(loss_of(pout, plse), (qp, kp, vp)))
+                            if grad else [])
+    plain = [x.detach().double().cpu().numpy() for x in plain]
+    names = ("out", "lse", "dq", "dk", "dv")
     return {n: (max_err(g, r), 2 * max_err(pl, r) + ATOL)
-            for n, g, r, pl in zip(("out", "lse"), got, ref, plain)}
+            for n, g, r, pl in zip(names, got, ref, plain)}
 
 
 def test_judge_harness_on_the_reference_backend():
@@ -192,14 +233,14 @@ def test_judge_harness_on_the_reference_backend():
     from flashmux.testing.judge import format_report
 
     c = dict(name="cpu", b=2, sq=150, sk=200, hq=4, hkv=2, d=16, mask="per_head",
-             mask_heads=True, window=(60, 10), softcap=5.0, slopes="bh")
+             mask_heads=True, window=(60, 10), softcap=5.0, slopes="bh", lse_grad=True)
     rep = _measure(c, 99, backend="reference", device="cpu")
     assert all(e <= bound for e, bound in rep.values()), format_report(rep)
 
 
 @gpu
 @pytest.mark.parametrize("c", GPU_CASES, ids=[c["name"] for c in GPU_CASES])
-def test_cuda_block_mask_forward_against_reference(c):
+def test_cuda_block_mask_against_reference(c):
     from flashmux.testing.judge import format_report, redraw
 
     seed = int(np.random.default_rng().integers(0, 2**31))

@@ -53,7 +53,7 @@ typedef struct FmxAttnExt {
    * scale and softcap, before the masks. sm80 family (the sm90 forward steps aside). */
   const float *alibi_slopes;
   int64_t alibi_stride;          /* 0 for (heads_q,) slopes; >= heads_q for (batch, heads_q) */
-  /* Block mask (a flashmux BlockMask; forward only, sm80 kernels, padded layout): q_num_full
+  /* Block mask (a flashmux BlockMask; sm80 kernels, padded layout, not deterministic): q_num_full
    * NULL = none. int32 arrays, contiguous, leading dims (mask_batch, mask_heads) = (1 or batch,
    * 1 or heads_q): q_num_full, q_num_part (.., mask_nq); q_full_idx, q_part_idx, tile_id
    * (.., mask_nq, mask_nk); bits (partial tiles, mask_block, mask_block / 32): bit c % 32 of
@@ -61,6 +61,9 @@ typedef struct FmxAttnExt {
    * mask_nq / mask_nk = ceil(seqlen_q / mask_block), ceil(seqlen_k / mask_block). */
   int32_t mask_block, mask_batch, mask_heads, mask_nq, mask_nk, mask_reserved;
   const int32_t *q_num_full, *q_full_idx, *q_num_part, *q_part_idx, *tile_id, *bits;
+  /* The transposed lists (per key block: query blocks), read by the backward (its dK/dV walk):
+   * kv_num_full, kv_num_part (.., mask_nk); kv_full_idx, kv_part_idx (.., mask_nk, mask_nq). */
+  const int32_t *kv_num_full, *kv_full_idx, *kv_num_part, *kv_part_idx;
 } FmxAttnExt;
 
 /* KV-cache decode (fmx_decode): split-KV attention of a few query rows against a contiguous

@@ -197,6 +197,8 @@ int apply_ext(const FmxAttnArgs *a, const FmxAttnExt *ext, fmx::Params &p) {
                   e.mask_batch, e.mask_heads, a->batch, a->heads_q);
     p.bm_qnf = e.q_num_full; p.bm_qfi = e.q_full_idx; p.bm_qnp = e.q_num_part;
     p.bm_qpi = e.q_part_idx; p.bm_tile = e.tile_id; p.bm_bits = e.bits;
+    p.bm_knf = e.kv_num_full; p.bm_kfi = e.kv_full_idx; p.bm_knp = e.kv_num_part;
+    p.bm_kpi = e.kv_part_idx;
     p.bm_block = e.mask_block; p.bm_b = e.mask_batch; p.bm_h = e.mask_heads;
     p.bm_nq = nq; p.bm_nk = nk;
   }
@@ -331,8 +333,13 @@ int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *strea
   int rc = build_params(args, p, true);
   if (rc) return rc;
   if ((rc = apply_ext(args, ext, p))) return rc;
-  if (p.bm_qnf != nullptr)
-    return fail(FMX_ERR_UNSUPPORTED, "block masks: the backward is not implemented (forward only)");
+  if (p.bm_qnf != nullptr) {  // block mask: the dK/dV walk reads the transposed lists
+    if (!p.bm_knf || !p.bm_kfi || !p.bm_knp || !p.bm_kpi)
+      return fail(FMX_ERR_INVALID_ARGUMENT, "block mask: the backward needs the kv_* lists");
+    if (p.deterministic)
+      return fail(FMX_ERR_UNSUPPORTED, "block masks: no deterministic backward (the dQ order "
+                                       "follows the mask's lists)");
+  }
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) {
     return FMX_OK;  // nothing to do (dk/dv of an empty query set are the caller's zeros)
   }

@@ -27,10 +27,11 @@ struct Params {
   // The score of (i, j) gets -slope * |i + sk - sq - j| after softcap, before the mask.
   const float *alibi;
   int64_t alibi_bs;
-  // Block mask (flashmux BlockMask; fmx_attn_fwd_ext, forward only): bm_qnf NULL = none. int32
+  // Block mask (flashmux BlockMask; fmx_attn_*_ext): bm_qnf NULL = none. int32
   // arrays with leading dims (bm_b, bm_h) = (1 or batch, 1 or hq): q_num_full / q_num_part
   // (.., nq), q_full_idx / q_part_idx / tile_id (.., nq, nk), bits (partial tiles, mbs, mbs/32).
   const int32_t *bm_qnf, *bm_qfi, *bm_qnp, *bm_qpi, *bm_tile, *bm_bits;
+  const int32_t *bm_knf, *bm_kfi, *bm_knp, *bm_kpi;  // transposed lists (backward): (.., nk[, nq])
   int32_t bm_block, bm_b, bm_h, bm_nq, bm_nk;
 
   // Backward operands.

@@ -82,8 +82,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   int m_min, m_max;
   query_block_range(p, si, n0, BN, BM, m_min, m_max);
   const int nm = max(0, m_max - m_min);
-  const int num_steps = nm * p.group;
-  if (num_steps == 0) {
+  // Block mask: per head of the group, this key block's listed full then partial query mask
+  // blocks (the transposed lists), each as block / BM query tiles; empty ones are never visited.
+  const bool masked = p.bm_qnf != nullptr;
+  const int kmb = masked ? n0 / p.bm_block : 0;
+  const int subq = masked ? p.bm_block / BM : 1;
+  auto mrow = [&](int h) -> int64_t {
+    return ((int64_t)(p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? h : 0)) * p.bm_nk + kmb;
+  };
+  auto mcount = [&](int h) {
+    const int64_t r = mrow(h);
+    return (p.bm_knf[r] + p.bm_knp[r]) * subq;
+  };
+  int num_steps = nm * p.group;
+  if (masked && nm > 0) {
+    num_steps = 0;
+    for (int g = 0; g < p.group; ++g) num_steps += mcount(hk * p.group + g);
+  }
+  if (num_steps == 0 || nm == 0) {
     zero_rows<D, NT>(dk_ptr, p.dk_rs, rows_k, p.d, tid);
     zero_rows<D, NT>(dv_ptr, p.dv_rs, rows_k, p.d, tid);
     return;
@@ -121,17 +137,42 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   // Key blocks start their walk over query blocks at different places so that concurrently
   // running CTAs add into different dQ rows (deterministic mode keeps the plain order).
   // A step is (head of the group, query block); both advance incrementally (no divisions).
-  const int rot = p.deterministic ? 0 : n_block % nm;
+  const int rot = (p.deterministic || masked) ? 0 : n_block % nm;
   struct Cursor {
-    int h, mi;  // head, query-block index in [0, nm) before rotation
+    int h, mi;  // head, query-block index in [0, nm) before rotation (masked: list position)
+  };
+  auto skip_empty = [&](Cursor c) {  // masked: past heads whose lists are empty
+    while (c.h < (hk + 1) * p.group && c.mi >= mcount(c.h)) { c.mi = 0; ++c.h; }
+    return c;
   };
   auto next = [&](Cursor c) {
+    if (masked) {
+      ++c.mi;
+      return skip_empty(c);
+    }
     if (++c.mi == nm) { c.mi = 0; ++c.h; }
     return c;
   };
   auto m_of = [&](Cursor c) {
+    if (masked) {
+      const int64_t r = mrow(c.h);
+      const int nf = p.bm_knf[r] * subq;
+      const int mi = c.mi < nf ? c.mi : c.mi - nf;
+      const int32_t *lst = (c.mi < nf ? p.bm_kfi : p.bm_kpi) + r * p.bm_nq;
+      return lst[mi / subq] * subq + mi % subq;
+    }
     int mi = c.mi + rot;
     return m_min + (mi >= nm ? mi - nm : mi);
+  };
+  auto bits_of = [&](Cursor c) -> const int32_t * {  // a partial tile's bitmask, else nullptr
+    if (!masked) return nullptr;
+    const int64_t r = mrow(c.h);
+    const int nf = p.bm_knf[r] * subq;
+    if (c.mi < nf) return nullptr;
+    const int qmb = p.bm_kpi[r * p.bm_nq + (c.mi - nf) / subq];
+    const int64_t trow =
+        ((int64_t)(p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? c.h : 0)) * p.bm_nq + qmb;
+    return p.bm_bits + (int64_t)p.bm_tile[trow * p.bm_nk + kmb] * p.bm_block * (p.bm_block / 32);
   };
   auto load_q_do = [&](Cursor cur, int buf) {
     const int h = cur.h;
@@ -160,6 +201,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   load_tile_async<BN, D, NT>(sK, k_ptr, p.k_rs, rows_k, p.d, tid);
   load_tile_async<BN, D, NT>(sV, v_ptr, p.v_rs, rows_k, p.d, tid);
   Cursor cur{hk * p.group, 0};
+  if (masked) cur = skip_empty(cur);
   load_q_do(cur, 0);
   cp_async_commit();
 
@@ -271,6 +313,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
     if (alibi_on) apply_alibi(S, cSrc, slope, si, m0, n0);
     if (tile_needs_mask(p, si, m0, BM, n0, BN)) apply_mask(S, cSrc, p, si, m0, n0);
+    if (const int32_t *tb = bits_of(cur))  // block mask: a partial tile's element mask
+      apply_bits(S, cSrc, tb, p.bm_block / 32, m0 % p.bm_block, n0 % p.bm_block);
 
     // P = exp(s - lse) on allowed keys (rows past the end and fully masked rows get 0). Without
     // softcap S is overwritten by P; with it S keeps the capped scores (needed for the

@@ -94,15 +94,15 @@ class CudaBackend(Backend):
             out.append("more than 2^31-1 rows: the kernels index rows with int32")
         if getattr(spec, "nonpositive_scale", False) and not spec.softcap:
             out.append("scale <= 0 without softcap: the kernels' masking assumes scale > 0")
-        if getattr(spec, "block_mask", False):  # block-sparse forward (sm80 kernels) only
+        if getattr(spec, "block_mask", False):  # block-sparse sm80 forward and backward
             from .abi import MASK_BLOCK_MULTIPLE
 
             if spec.kind != "torch":
                 out.append("block masks: the CUDA backend takes them from torch tensors only "
                            "(with JAX arrays the pallas backend runs them)")
-            if spec.requires_grad:
-                out.append("block masks: forward only in the CUDA kernels (no block-sparse "
-                           "backward yet)")
+            if spec.requires_grad and spec.deterministic:
+                out.append("block masks: no deterministic backward in the CUDA kernels (the dQ "
+                           "order follows the mask's lists)")
             bs = int(getattr(spec, "mask_block_size", 0) or 0)
             if bs % MASK_BLOCK_MULTIPLE:
                 out.append(f"block masks: block_size {bs} is not a multiple of "
@@ -182,10 +182,10 @@ class CudaBackend(Backend):
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
                  alibi_slopes=None, block_mask=None):
-        self._no_block_mask(block_mask, "block-sparse backward")
         if self._is_jax(q):
             from . import jax_glue
 
+            self._no_block_mask(block_mask, "JAX path for them (pallas runs them)")
             self._ensure_jax()
             return jax_glue.backward(
                 self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
@@ -195,7 +195,7 @@ class CudaBackend(Backend):
 
         return torch_glue.backward(
             self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-            alibi_slopes=alibi_slopes,
+            alibi_slopes=alibi_slopes, block_mask=block_mask,
         )
 
     # -- KV-cache decode (csrc/decode/) ----------------------------------------------------
@@ -276,8 +276,8 @@ backend = CudaBackend(
         dtypes=frozenset({"float16", "bfloat16"}),
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(8, 0),
-        # ALiBi in the sm80 kernels (forward and backward); block masks in the sm80 forward
-        # (torch only, block_size a multiple of 128; `reasons` declines the rest).
+        # ALiBi and block masks in the sm80 kernels (forward and backward; block masks from
+        # torch only, block_size a multiple of 128, not deterministic: `reasons`).
         features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi", "block_mask"},
         runs_under_jit=True,
     ),

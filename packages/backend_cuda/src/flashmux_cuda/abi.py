@@ -91,6 +91,10 @@ class FmxAttnExt(ctypes.Structure):
         ("q_part_idx", ctypes.c_void_p),
         ("tile_id", ctypes.c_void_p),
         ("bits", ctypes.c_void_p),
+        ("kv_num_full", ctypes.c_void_p),
+        ("kv_full_idx", ctypes.c_void_p),
+        ("kv_num_part", ctypes.c_void_p),
+        ("kv_part_idx", ctypes.c_void_p),
     ]
 
 
@@ -278,9 +282,11 @@ def make_ext(alibi: ArrayRef | None, batch: int, heads_q: int) -> FmxAttnExt | N
     return ext
 
 
-# The BlockMask arrays the forward kernels read, with their ranks (flashmux.blockmask).
-MASK_ARRAYS = {"q_num_full": 3, "q_full_idx": 4, "q_num_part": 3, "q_part_idx": 4, "tile_id": 4,
-               "bits": 3}
+# The BlockMask arrays the kernels read (flashmux.blockmask), with their trailing dims: "q" the
+# query blocks, "k" the key blocks, "-" not checked (bits: one row per partial tile).
+MASK_ARRAYS = {"q_num_full": "q", "q_full_idx": "qk", "q_num_part": "q", "q_part_idx": "qk",
+               "tile_id": "qk", "bits": "---", "kv_num_full": "k", "kv_full_idx": "kq",
+               "kv_num_part": "k", "kv_part_idx": "kq"}
 MASK_BLOCK_MULTIPLE = 128  # the forward kernels' query tile: a mask block holds whole tiles
 
 
@@ -293,8 +299,9 @@ def add_block_mask(ext: FmxAttnExt | None, arrays: dict, block: int, batch: int,
                           f"{MASK_BLOCK_MULTIPLE} (the CUDA kernels' query tile)")
     nq, nk = -(-seqlen_q // block), -(-seqlen_k // block)
     lead = None
-    for name, rank in MASK_ARRAYS.items():
+    for name, dims in MASK_ARRAYS.items():
         a = arrays[name]
+        rank = len(dims) + (0 if name == "bits" else 2)
         if a.dtype != "int32":
             raise ValueError(f"block_mask.{name}: expected int32, got {a.dtype}")
         if len(a.shape) != rank:
@@ -304,7 +311,8 @@ def add_block_mask(ext: FmxAttnExt | None, arrays: dict, block: int, batch: int,
             raise ValueError(f"block_mask.{name}: must be contiguous, strides {a.strides}")
         if name != "bits":
             lead = lead or tuple(a.shape[:2])
-            if tuple(a.shape[:2]) != lead or a.shape[2] != nq or (rank == 4 and a.shape[3] != nk):
+            want = tuple({"q": nq, "k": nk}[c] for c in dims)
+            if tuple(a.shape[:2]) != lead or tuple(a.shape[2:]) != want:
                 raise ValueError(f"block_mask.{name}: shape {a.shape} does not fit "
                                  f"{nq} x {nk} blocks of {block}")
     if lead[0] not in (1, batch) or lead[1] not in (1, heads_q):

@@ -120,7 +120,7 @@ def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
             block_mask=None):
     """(out, lse): out like q with v's head_dim, lse (B, Hq, Sq) or varlen (Hq, Tq) float32.
     alibi_slopes: None or float32 (Hq,) / (B, Hq) on q's device. block_mask: None or a
-    flashmux BlockMask of torch arrays (forward only; block_size a multiple of 128)."""
+    flashmux BlockMask of torch arrays (block_size a multiple of 128)."""
     if q.device.type != "cuda":
         raise ValueError(f"q: the CUDA backend needs CUDA tensors, got {q.device}")
     d, dv = q.shape[-1], v.shape[-1]
@@ -158,7 +158,7 @@ def forward(lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
 
 
 def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-             alibi_slopes=None):
+             alibi_slopes=None, block_mask=None):
     """(dq, dk, dv) shaped like q, k, v (no gradient for the ALiBi slopes)."""
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_readable(_pad(t, _padded_dim(d))) for t in (q, k))
@@ -201,6 +201,8 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
             args.workspace = workspace.data_ptr()
             args.workspace_bytes = nbytes
         ext, _slopes = _ext(alibi_slopes, q, cu_q)
+        if block_mask is not None:
+            ext, _mask = _mask_ext(ext, block_mask, q, k)
         lib.backward(args, _stream(q.device), ext)
         for res, buf in ((dq_res, dq), (dk_res, dk), (dv_res, dv)):
             if buf is not res:
