@@ -37,6 +37,15 @@ from flashmux.testing.judge import (  # noqa: E402
 )
 
 
+def _long_tier() -> bool:
+    """The slower interpret cases run in `nox -s full` (FLASHMUX_TEST_SIZE=full) and on a GPU;
+    `nox -s tests` keeps a lean subset (its 15-minute CI budget)."""
+    return os.environ.get("FLASHMUX_TEST_SIZE") == "full" or jax.default_backend() in ("gpu", "cuda")
+
+
+long_tier = pytest.mark.skipif(not _long_tier(), reason="long tier (FLASHMUX_TEST_SIZE=full)")
+
+
 @dataclass(frozen=True)
 class BCase:
     name: str
@@ -56,6 +65,7 @@ class BCase:
     lse_grad: bool = False
     blocks: tuple | None = None  # (block_m, block_n) of every kernel (ops.use_config)
     jit: bool = True
+    long: bool = False  # long tier only
 
 
 def _mask_fn(case: BCase, rng):
@@ -78,10 +88,10 @@ CASES = [
           mask_heads=True, window=(20, 6), softcap=3.0, slopes="bh", lse_grad=True),
     # mask tiles of 64 as 4 kernel tiles of 16; full tiles at a ragged key end (130 % 64 != 0)
     BCase("prefix_block64_ragged", seqlen_q=130, seqlen_k=130, batch=1, mask="prefix",
-          block_size=64, causal=True, slopes="h"),
+          block_size=64, causal=True, slopes="h", long=True),
     # kernel tiles of 32 and 64 keys: one and two bitmask words per row
     BCase("chunked_dilated_tiles32", seqlen_q=100, seqlen_k=120, batch=1, heads_q=2,
-          mask="chunked_dilated", block_size=64, blocks=(32, 32), lse_grad=True),
+          mask="chunked_dilated", block_size=64, blocks=(32, 32), lse_grad=True, long=True),
     BCase("chunked_dilated_tiles64", seqlen_q=100, seqlen_k=120, batch=1, heads_q=2,
           mask="chunked_dilated", block_size=128, blocks=(64, 64), softcap=4.0, jit=False),
 ]
@@ -164,10 +174,13 @@ def _seed() -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_block_mask_against_reference(case):
+    if case.long and not _long_tier():
+        pytest.skip("long tier (FLASHMUX_TEST_SIZE=full)")
     ok, draws = redraw(lambda s: _measure(case, s), _seed())
     assert ok, "\n".join(f"{case.name} seed {s}:\n  {format_report(r)}" for s, r in draws)
 
 
+@long_tier
 def test_dropout_with_block_mask():
     """Dropout on top of a block mask: float32 against the float64 reference given the backend's
     own keep mask (a misplaced keep mask, or a tile skipped or visited twice, shows as O(1))."""
@@ -194,6 +207,7 @@ def test_dropout_with_block_mask():
         assert err < 2e-5, f"{name}: {err:.3g}"
 
 
+@long_tier
 def test_vmap_and_one_compile_per_mask_shape():
     """jax.vmap over a leading axis equals the per-slice calls; a new mask with the same shapes
     (a traced pytree argument) reuses the compiled program."""
