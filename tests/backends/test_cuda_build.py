@@ -283,7 +283,7 @@ def test_lowerings_names_the_family(monkeypatch):
     monkeypatch.setattr(fam, "device_capability", lambda x: (9, 0))
     monkeypatch.delenv("FLASHMUX_CUDA_FAMILY", raising=False)
     got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1))
-    assert got["forward"].startswith("sm90") and got["backward"].startswith("sm80")
+    assert got["forward"].startswith("sm90") and got["backward"].startswith("sm90")
     got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1, softcap=5.0))
     assert got["forward"].startswith("sm80") and "softcap" in got["forward"]
     monkeypatch.setattr(fam, "device_capability", lambda x: (8, 0))

@@ -207,6 +207,7 @@ int apply_ext(const FmxAttnArgs *a, const FmxAttnExt *ext, fmx::Params &p) {
 
 struct WorkspaceLayout {
   size_t dq_accum, dsum, sem, total;
+  size_t sm90 = 0;  // the sm90 backward's padded lse2 and dsum rows (after the sm80 layout)
 };
 
 WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
@@ -220,6 +221,12 @@ WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
   w.dsum = align_up((tq + 7) / 8 * 8 * hq * d * sizeof(float));  // dq_accum rows padded to 8
   w.sem = w.dsum + align_up(tq * hq * sizeof(float));
   w.total = w.sem + align_up(b * hq * mb * sizeof(int32_t));
+#ifdef FMX_HAS_SM90
+  // Sized from shapes alone (JAX asks at trace time, before the device is known).
+  w.sm90 = w.total;
+  const int sq = a->seqlen_q > 0 ? a->seqlen_q : 0;
+  w.total = w.sm90 + align_up(fmx::sm90::bwd_extra_floats((int)b, (int)hq, sq) * sizeof(float));
+#endif
   return w;
 }
 
@@ -234,6 +241,22 @@ bool use_sm90_fwd(const fmx::Params &p, int cc) {
   const char *env = std::getenv("FLASHMUX_CUDA_FAMILY");
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   return fmx::sm90::fwd_unsupported(p) == nullptr;
+#else
+  (void)p;
+  (void)cc;
+  return false;
+#endif
+}
+
+// The backward's kernel family: sm90 where the sm90 forward would run (use_sm90_fwd: device,
+// FLASHMUX_CUDA_FAMILY, the forward's conditions) and sm90::bwd_unsupported has no objection
+// (deterministic, dO strides); else sm80. Mirrored by flashmux_cuda.family.backward_family.
+bool use_sm90_bwd(const fmx::Params &p, int cc) {
+#ifdef FMX_HAS_SM90
+  if (!use_sm90_fwd(p, cc)) return false;
+  const char *env = std::getenv("FLASHMUX_CUDA_BWD_FAMILY");  // sm80: the sm80 backward only
+  if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
+  return fmx::sm90::bwd_unsupported(p) == nullptr;
 #else
   (void)p;
   (void)cc;
@@ -295,11 +318,12 @@ extern "C" {
 
 int fmx_abi_version(void) { return FMX_ABI_VERSION; }
 
-// Kernel families built into this library: bit 0 sm80, bit 1 sm90 (forward). Not in the
-// header: Python looks the symbol up (flashmux_cuda.family) to name the family in explain().
+// Kernel families built into this library: bit 0 sm80, bit 1 sm90 forward, bit 2 sm90
+// backward. Not in the header: Python looks the symbol up (flashmux_cuda.family) to name the
+// family in explain().
 int fmx_families(void) {
 #ifdef FMX_HAS_SM90
-  return 3;
+  return 7;  // bit 2: the sm90 backward
 #else
   return 1;
 #endif
@@ -349,12 +373,29 @@ int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *strea
                 args->workspace_bytes, args->workspace);
   if (!aligned16(args->workspace))
     return fail(FMX_ERR_WORKSPACE, "workspace must be 16-byte aligned");
-  if ((rc = check_device())) return rc;
+  int cc = 0;
+  if ((rc = check_device(&cc))) return rc;
   char *ws = static_cast<char *>(args->workspace);
   p.dq_accum = reinterpret_cast<float *>(ws + w.dq_accum);
   p.dsum = reinterpret_cast<float *>(ws + w.dsum);
   p.dq_sem = reinterpret_cast<int32_t *>(ws + w.sem);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+#ifdef FMX_HAS_SM90
+  if (use_sm90_bwd(p, cc)) {  // preprocess (padded rows), wgmma backward, the shared dQ convert
+    float *lse2 = reinterpret_cast<float *>(ws + w.sm90);
+    float *dsum2 = lse2 + fmx::sm90::bwd_extra_floats(p.batch, p.hq, p.seqlen_q) / 2;
+    int e = fmx::sm90::run_bwd_preprocess(p, lse2, dsum2, args->dtype, s);
+    if (e) return cuda_fail(e, "fmx_attn_bwd sm90 preprocess launch");
+    e = fmx::sm90::bwd_head_dim(p.d) == 64 ? fmx::sm90::run_bwd<64>(p, lse2, dsum2, args->dtype, s)
+                                           : fmx::sm90::run_bwd<128>(p, lse2, dsum2, args->dtype, s);
+    if (e) return cuda_fail(e, "fmx_attn_bwd sm90 launch");
+    e = fmx::sm80::run_bwd_convert_dq(p, args->dtype, s);
+    if (e) return cuda_fail(e, "fmx_attn_bwd convert launch");
+    return FMX_OK;
+  }
+#else
+  (void)cc;
+#endif
   int err = fmx::sm80::run_bwd_preprocess(p, args->dtype, s);
   if (err) return cuda_fail(err, "fmx_attn_bwd preprocess launch");
   if (p.seqlen_k > 0) {

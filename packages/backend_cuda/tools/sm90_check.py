@@ -1,8 +1,14 @@
-"""GPU check of the sm90 (wgmma/TMA) forward through the C ABI (Hopper, compute capability 9.0).
+"""GPU check of the sm90 (wgmma/TMA) family through the C ABI (Hopper, compute capability 9.0).
 
-  python sm90_check.py LIB fwd      # sm90 forward vs float64 reference, poisoned outputs
-  python sm90_check.py LIB bench    # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
-  python sm90_check.py LIB sanitize # two small sm90 forwards (under compute-sanitizer)
+  python sm90_check.py LIB fwd       # sm90 forward vs float64 reference, poisoned outputs
+  python sm90_check.py LIB bwd       # sm90 forward + backward vs float64 (out, lse, dq, dk, dv)
+  python sm90_check.py LIB bench     # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
+  python sm90_check.py LIB benchbwd  # bf16 backward ms (sm90 vs sm80) and fwd+bwd vs SDPA cuDNN
+  python sm90_check.py LIB sanitize  # small sm90 forwards (under compute-sanitizer)
+  python sm90_check.py LIB sanitizebwd  # small sm90 forward + backward (compute-sanitizer)
+
+FLASHMUX_CUDA_BWD_FAMILY=sm80 (read at every call) keeps the sm90 forward and runs the sm80
+backward after it; the backward comparisons use it in the same process.
 
 The library picks the family per call; FLASHMUX_CUDA_FAMILY=sm80 (read at every call) forces the
 sm80 kernels, which is how the comparison runs in one process. Judging rule as kernel_check.py:
@@ -151,6 +157,120 @@ def sanitize():
     os.environ.pop("FMX_TUNE_SM90", None)
 
 
+# Backward cases: kernel_check.check_case keywords (forward + backward through the C ABI, judged
+# for out, lse, dq, dk, dv against float64 with the plain-attention yardstick). The sm90 backward
+# runs wherever the sm90 forward does and the call is not deterministic (family.backward_family).
+BWD_CASES = [
+    ("d64 one tile 64x64", dict(B=1, Hq=1, Hkv=1, D=64, Sq=64, Sk=64)),
+    ("d128 one tile 64x128", dict(B=1, Hq=1, Hkv=1, D=128, Sq=64, Sk=128)),
+    ("d64", dict(D=64, Sq=256, Sk=256)),
+    ("d128", dict(D=128, Sq=256, Sk=256)),
+    ("d64 causal", dict(D=64, Sq=256, Sk=256, causal=True)),
+    ("d128 causal", dict(D=128, Sq=256, Sk=256, causal=True)),
+    ("d128 tails 300x517", dict(D=128, Sq=300, Sk=517)),
+    ("d64 causal tails 300x517", dict(D=64, Sq=300, Sk=517, causal=True)),
+    ("d128 causal Sq>Sk 517x300", dict(D=128, Sq=517, Sk=300, causal=True)),
+    ("d64 gqa 8/2 causal", dict(D=64, Hq=8, Hkv=2, causal=True, Sq=384, Sk=640)),
+    ("d128 mqa 8/1", dict(D=128, Hq=8, Hkv=1, Sq=200, Sk=1000)),
+    ("d40 (pads to 64)", dict(D=40, Sq=130, Sk=70)),
+    ("d112 causal (pads to 128)", dict(D=112, Sq=129, Sk=129, causal=True)),
+    ("d64 Sq=1", dict(D=64, Sq=1, Sk=300)),
+    ("d128 Sk=1 causal", dict(D=128, Sq=50, Sk=1, causal=True)),
+    ("d64 window 64/16", dict(D=64, window=(64, 16), Sq=500, Sk=500)),
+    ("d128 window causal 100", dict(D=128, window=(100, None), causal=True, Sq=600, Sk=700)),
+    ("d128 strided packed qkv", dict(D=128, strided=True, Sq=300, Sk=300, causal=True)),
+    ("d64 lse grad causal", dict(D=64, Sq=200, Sk=333, causal=True, dlse=True)),
+    ("d128 lse grad gqa", dict(D=128, Hq=4, Hkv=2, Sq=160, Sk=200, dlse=True)),
+    (
+        "d128 1024 causal gqa many CTAs",
+        dict(D=128, B=2, Hq=8, Hkv=2, Sq=1024, Sk=1024, causal=True),
+    ),
+    ("d64 1024 gqa many CTAs", dict(D=64, B=2, Hq=8, Hkv=4, Sq=1000, Sk=1024)),
+]
+
+
+def bwd(dtypes=(torch.bfloat16, torch.float16)):
+    _family("auto")
+    n = n_ok = 0
+    for dtype in dtypes:
+        for i, (name, kw) in enumerate(BWD_CASES):
+            n += 1
+            try:
+                n_ok += bool(kc.check_case("sm90bwd " + name, dtype, seed=100 + i, **kw))
+            except Exception as e:  # noqa: BLE001
+                print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    print(f"sm90 forward+backward: {n_ok}/{n} ok", flush=True)
+
+
+def sanitize_bwd():
+    _family("auto")
+    kc.check_case(
+        "sanitize bwd gqa causal tails d64",
+        torch.bfloat16,
+        B=1,
+        Sq=200,
+        Sk=333,
+        Hq=4,
+        Hkv=2,
+        D=64,
+        causal=True,
+    )
+    kc.check_case("sanitize bwd tails d128", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128)
+
+
+def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
+    """Backward alone (sm90 vs the sm80 backward, same out/lse) and forward+backward (ours with
+    each backward vs torch SDPA cuDNN), bf16, the papers sweep; TFLOP/s with the 2.5x / 3.5x
+    forward-flop convention of kernel_check."""
+    import torch.nn.functional as F
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    print(
+        "| D | causal | S | bwd sm90 | bwd sm80 | sm90/sm80 | f+b ours | f+b sm80-bwd | f+b cuDNN "
+        "| ours/cuDNN |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for D, causal, S, fl, q, k, v, do in kc._points(dims, seqs):
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        _family("auto")
+        o, lse = kc.fmx_forward(qd, kd, vd, causal=causal)
+        t = {}
+        for fam_b in ("sm90", "sm80"):
+            if fam_b == "sm80":
+                os.environ["FLASHMUX_CUDA_BWD_FAMILY"] = "sm80"
+            else:
+                os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
+            t["b" + fam_b] = tt.do_bench(
+                lambda: kc.fmx_backward(do, qd, kd, vd, o, lse, causal=causal), warmup=10, rep=50
+            )
+
+            def fb():
+                o2, l2 = kc.fmx_forward(qd, kd, vd, causal=causal)
+                return kc.fmx_backward(do, qd, kd, vd, o2, l2, causal=causal)
+
+            t["fb" + fam_b] = tt.do_bench(fb, warmup=10, rep=50)
+        os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        dot = do.transpose(1, 2)
+
+        def cudnn_fb():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            out.backward(dot)
+
+        t["cudnn"] = tt.do_bench(cudnn_fb, warmup=10, rep=50, grad_to_none=[q, k, v])
+        tf = lambda ms, m: fl * m / (ms * 1e-3) / 1e12  # noqa: E731
+        print(
+            f"| {D} | {int(causal)} | {S} | {tf(t['bsm90'], 2.5):.0f} | {tf(t['bsm80'], 2.5):.0f} | "
+            f"{t['bsm80'] / t['bsm90']:.2f} | {tf(t['fbsm90'], 3.5):.0f} | "
+            f"{tf(t['fbsm80'], 3.5):.0f} | {tf(t['cudnn'], 3.5):.0f} | "
+            f"{t['cudnn'] / t['fbsm90']:.2f} |",
+            flush=True,
+        )
+
+
 def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     import torch.nn.functional as F
     import triton.testing as tt
@@ -188,5 +308,12 @@ if __name__ == "__main__":
     kc.load(sys.argv[1])
     t0 = time.time()
     for mode in sys.argv[2:]:
-        {"fwd": fwd, "bench": bench, "sanitize": sanitize}[mode]()
+        {
+            "fwd": fwd,
+            "bwd": bwd,
+            "bench": bench,
+            "benchbwd": bench_bwd,
+            "sanitize": sanitize,
+            "sanitizebwd": sanitize_bwd,
+        }[mode]()
     print(f"[{' '.join(sys.argv[2:])} took {time.time() - t0:.1f}s]", flush=True)

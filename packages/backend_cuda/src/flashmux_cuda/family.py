@@ -9,7 +9,10 @@ explain() can say it without launching anything. Keep the two in step.
   padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..128, seqlen_k > 0, positive
   strides.
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
-- backward: ``sm80`` always (the sm90 backward is not written yet).
+- backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
+  run, the library has it (``fmx_families()`` bit 2) and the call is not deterministic, unless
+  ``FLASHMUX_CUDA_BWD_FAMILY=sm80`` (the sm80 backward after the sm90 forward, for comparisons;
+  the API file's ``use_sm90_bwd`` and ``sm90::bwd_unsupported``). Else sm80.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ FAMILY_ENV = "FLASHMUX_CUDA_FAMILY"
 SM80 = "sm80"
 SM90 = "sm90"
 FAMILY_BIT = {SM80: 1, SM90: 2}
+SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
+BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 
 
 def sm90_fwd_head_dim(d: int) -> int:
@@ -65,6 +70,46 @@ def forward_family(
         return SM80, f"sm90 forward has head_dim <= 64 and 97..128, not {head_dim}"
     if seqlen_k <= 0:
         return SM80, "no keys"
+    return SM90, None
+
+
+def backward_family(
+    cc: tuple[int, int] | None,
+    *,
+    families: int | None,
+    varlen: bool,
+    softcap: float | None,
+    head_dim: int,
+    seqlen_k: int,
+    deterministic: bool,
+    env: str | None = None,
+    bwd_env: str | None = None,
+    alibi: bool = False,
+    block_mask: bool = False,
+) -> tuple[str, str | None]:
+    """(family, why the sm90 backward is not used or None), as the API file's use_sm90_bwd:
+    the forward's conditions, then the library's sm90-backward bit, $FLASHMUX_CUDA_BWD_FAMILY
+    (`bwd_env`) and deterministic mode."""
+    fam, why = forward_family(
+        cc,
+        families=families,
+        varlen=varlen,
+        softcap=softcap,
+        head_dim=head_dim,
+        seqlen_k=seqlen_k,
+        env=env,
+        alibi=alibi,
+        block_mask=block_mask,
+    )
+    if fam != SM90:
+        return SM80, (why or "").replace("sm90 forward", "sm90 backward") or None
+    if families is not None and not families & SM90_BWD_BIT:
+        return SM80, "library built without the sm90 backward (rebuild)"
+    bwd_env = os.environ.get(BWD_FAMILY_ENV) if bwd_env is None else bwd_env
+    if bwd_env == SM80:
+        return SM80, f"{BWD_FAMILY_ENV}=sm80"
+    if deterministic:
+        return SM80, "sm90 backward lacks deterministic mode"
     return SM90, None
 
 

@@ -1,0 +1,25 @@
+// sm90 backward instantiations for head_dim 97..128 (fp16 and bf16); sm_90a only.
+#include "bwd_kernel.cuh"
+
+// Query rows per step and Q/dO stages, overridable at build time for sweeps.
+#ifndef FMX_SM90_BWD128_BM
+#define FMX_SM90_BWD128_BM 64
+#endif
+#ifndef FMX_SM90_BWD128_STAGES
+#define FMX_SM90_BWD128_STAGES 2
+#endif
+
+namespace fmx {
+namespace sm90 {
+template <typename T>
+using Bwd128 = BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, T>;
+
+template <>
+int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtype,
+                cudaStream_t stream) {
+  const int pad = bwd_sq_pad(p.seqlen_q);
+  if (dtype == 0) return launch_bwd<Bwd128<cutlass::half_t>>(p, lse2, dsum, pad, stream);
+  return launch_bwd<Bwd128<cutlass::bfloat16_t>>(p, lse2, dsum, pad, stream);
+}
+}  // namespace sm90
+}  // namespace fmx

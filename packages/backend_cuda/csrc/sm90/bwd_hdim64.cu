@@ -1,0 +1,25 @@
+// sm90 backward instantiations for head_dim <= 64 (fp16 and bf16); sm_90a only.
+#include "bwd_kernel.cuh"
+
+// Query rows per step and Q/dO stages, overridable at build time for sweeps.
+#ifndef FMX_SM90_BWD64_BM
+#define FMX_SM90_BWD64_BM 128
+#endif
+#ifndef FMX_SM90_BWD64_STAGES
+#define FMX_SM90_BWD64_STAGES 2
+#endif
+
+namespace fmx {
+namespace sm90 {
+template <typename T>
+using Bwd64 = BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, T>;
+
+template <>
+int run_bwd<64>(const Params &p, const float *lse2, const float *dsum, int dtype,
+                cudaStream_t stream) {
+  const int pad = bwd_sq_pad(p.seqlen_q);
+  if (dtype == 0) return launch_bwd<Bwd64<cutlass::half_t>>(p, lse2, dsum, pad, stream);
+  return launch_bwd<Bwd64<cutlass::bfloat16_t>>(p, lse2, dsum, pad, stream);
+}
+}  // namespace sm90
+}  // namespace fmx

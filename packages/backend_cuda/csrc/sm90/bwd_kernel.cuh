@@ -1,0 +1,502 @@
+// sm90 backward: warp-specialized FlashAttention backward for Hopper (sm_90a).
+//
+// One CTA per (128-key block, kv head, batch), 3 warpgroups, K/V-tile-stationary:
+//   warpgroup 0 (producer, setmaxnreg.dec): one thread loads K and V once (TMA, one mbarrier),
+//     then, per step (query head of the GQA group x query block that can see the key block), Q
+//     and dO (TMA) and the step's lse (log2 units) and dsum rows (1-D bulk copies from the
+//     padded rows the preprocess kernel wrote) into a kStages-deep ring (PipelineTmaAsync).
+//   warpgroups 1, 2 (consumers, setmaxnreg.inc): warpgroup w owns keys [64 w, 64 w + 64).
+//     S^T = K Q^T and dP^T = V dO^T (wgmma SS, fp32), P^T = exp2(S^T * scale * log2e - lse2),
+//     dS^T = P^T (dP^T * scale - dsum * scale) (rounded to the input type with the scale in,
+//     as the sm80 family does, so dQ and dK need no final multiply), then
+//     dV += P^T dO and dK += dS^T Q with wgmma RS (P^T and dS^T straight from the accumulator
+//     registers: the transposed products make them the A operands), dS^T -> shared memory
+//     (double-buffered), a 256-thread named barrier, dQ = dS K (wgmma SS, each warpgroup a
+//     64 x 64 part: query rows for BM = 128, head-dim columns for BM = 64), added into the fp32
+//     dq_accum workspace (the sm80 8x8-block layout, converted once by the sm80 convert kernel)
+//     with fire-and-forget red.global.add.v2.f32.
+//   dK, dV stay in registers across the whole walk (GQA sums over the group without atomics),
+//   stored once at the end.
+// Masks (causal bottom-right, windows, key tails) use common/fmx_device.cuh; Q/dO/K/V tails and
+// head dims below the instantiation are zero-filled by TMA; query rows past the end have
+// lse2 = +inf and dsum = 0 in the padded rows, so their P and dS are 0.
+#pragma once
+#include <cuda_runtime.h>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "../common/fmx_device.cuh"
+#include "sm90_api.h"
+
+namespace fmx {
+namespace sm90 {
+using namespace cute;
+
+template <int kD_, int kBM_, int kStages_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kD = kD_;
+  static constexpr int kBM = kBM_;     // query rows per step
+  static constexpr int kBN = 128;      // keys per CTA (64 per consumer warpgroup)
+  static constexpr int kStages = kStages_;
+  static constexpr int kThreads = 384;
+  // dQ = dS K: the two warpgroups split the query rows (BM = 128) or the head dim (BM = 64);
+  // either way each computes a 64 x kQN tile.
+  static constexpr bool kSplitM = kBM == 128;
+  static constexpr int kQN = kSplitM ? kD : kD / 2;
+  static_assert(kBM == 64 || kBM == 128, "BM is 64 or 128");
+  static_assert(kD % 64 == 0 && kQN % 64 == 0, "128-byte swizzled tiles need 64-element rows");
+
+  // Q and dO ring: (rows, head dim, stage), head dim contiguous. The transposed views
+  // (head dim, rows, stage) are the MN-major B operands of dK += dS^T Q and dV += P^T dO.
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             Shape<Int<kBM>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<kD>, Int<kBM>, Int<kStages>>{},
+                                 Stride<Int<kBM>, _1, Int<kBM * kD>>{})));
+  // K and V: (keys, head dim); K^T (head dim, keys) is the MN-major B operand of dQ = dS K.
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             Shape<Int<kBN>, Int<kD>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_layout(Shape<Int<kD>, Int<kBN>>{}, Stride<Int<kBN>, _1>{})));
+  // dS as the A operand of dQ = dS K: (query rows, keys, buffer), query rows contiguous.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                              Shape<Int<kBM>, Int<kBN>, _2>{}));
+
+  // Each tiled MMA spans both consumer warpgroups (256 threads).
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kBM>, Int<kD>>>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using TiledMmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<_64, Int<kD>, Int<kBM>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using AtomLayoutdQ = std::conditional_t<kSplitM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
+  using TiledMmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kQN>, Int<kBN>>, GMMA::Major::MN,
+                           GMMA::Major::MN>(),
+      AtomLayoutdQ{}));
+
+  using ShapeG = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideRow = cute::Stride<int64_t, _1, int64_t, int64_t>;
+  using TmaQ = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<T const *>(nullptr)), ShapeG{}, StrideRow{}),
+      SmemLayoutQ{}(_, _, 0), Shape<Int<kBM>, Int<kD>>{}, _1{}));
+  using TmaK = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<T const *>(nullptr)), ShapeG{}, StrideRow{}),
+      SmemLayoutK{}, Shape<Int<kBN>, Int<kD>>{}, _1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutK>, 1024> v;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutQ>, 1024> dout;
+    alignas(1024) cute::array_aligned<T, cosize_v<SmemLayoutdS>, 1024> ds;
+    alignas(16) float lse[kStages][kBM];
+    alignas(16) float dsum[kStages][kBM];
+    typename Pipeline::SharedStorage pipe;
+    alignas(8) uint64_t bar_kv;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+
+  static constexpr uint32_t kBytesKV = 2u * kBN * kD * sizeof(T);
+  static constexpr uint32_t kBytesStep = 2u * kBM * kD * sizeof(T) + 2u * kBM * sizeof(float);
+};
+
+template <typename Tr>
+struct BwdKernelParams {
+  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaK tma_k, tma_v;
+  Params p;
+  const float *lse2;  // (batch, hq, sq_pad): lse * log2(e), +inf for rows without keys or past sq
+  const float *dsum;  // (batch, hq, sq_pad): rowsum(dO * O) - dlse, 0 past sq
+  int32_t sq_pad;
+};
+
+// 1-D bulk copy global -> shared completing on an mbarrier (16-byte aligned, bytes % 16 == 0).
+__device__ __forceinline__ void bulk_g2s(void *smem, const void *gmem, uint32_t bytes, uint64_t *bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(s),
+      "l"(gmem), "r"(bytes), "r"(b)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void red_add_v2(float *ptr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b)
+               : "memory");
+#endif
+}
+
+// The accumulator fragment of a 64xN wgmma, ((2 cols, 2 rows, N/8), MMA_M, MMA_N), viewed as
+// (rows, cols): a thread holds 2 rows (lane/4 and lane/4 + 8 of its warp's 16) and N/4 columns.
+template <class L>
+CUTE_HOST_DEVICE auto bwd_rowcol(L l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same fragment as the register A operand of a 64xNx16 wgmma: each pair of 8-column
+// blocks becomes one k-block, ((2, 2, 2), MMA_M, N/16).
+template <class L>
+CUTE_HOST_DEVICE auto bwd_acc_as_a(L l) {
+  auto m0 = get<0>(l);                                                    // (2, 2, N/8)
+  auto split = logical_divide(m0, Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(split), get<1>(split), get<2, 0>(split)), get<1>(l),
+                     coalesce(make_layout(get<2, 1>(split), get<2>(l))));
+}
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    bwd_kernel(const __grid_constant__ BwdKernelParams<Tr> kp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kD, kBN = Tr::kBN, kBM = Tr::kBM;
+  using Pipeline = typename Tr::Pipeline;
+  using PipeState = typename cutlass::PipelineState<Tr::kStages>;
+  const Params &p = kp.p;
+
+  extern __shared__ char smem_raw[];
+  char *smem_aligned = reinterpret_cast<char *>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto &ss = *reinterpret_cast<typename Tr::SharedStorage *>(smem_aligned);
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqInfo si(p, b);
+  const int n0 = n_block * kBN;
+  int m_min, m_max;
+  query_block_range(p, si, n0, kBN, kBM, m_min, m_max);
+  const int nm = max(0, m_max - m_min);
+  const int num_steps = nm * p.group;
+  // Key blocks start their walk at different query blocks, so that CTAs running together add
+  // into different dQ rows.
+  const int rot = nm > 0 ? n_block % nm : 0;
+  auto step_hm = [&](int s, int &h, int &m) __attribute__((always_inline)) {
+    const int g = s / nm;
+    int mi = s - g * nm + rot;
+    if (mi >= nm) mi -= nm;
+    h = hk * p.group + g;
+    m = m_min + mi;
+  };
+
+  const int wg = threadIdx.x / 128;
+
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Tr::kBytesStep;
+  pp.role = wg == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = 2 * 128;
+  Pipeline pipe(ss.pipe, pp, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_kv, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdS{});
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    if (threadIdx.x == 0 && num_steps > 0) {
+      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
+      Tensor mdO = kp.tma_do.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
+      Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
+      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
+      auto cq = kp.tma_q.get_slice(_0{});
+      auto cdo = kp.tma_do.get_slice(_0{});
+      auto ck = kp.tma_k.get_slice(_0{});
+      auto cv = kp.tma_v.get_slice(_0{});
+      Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, 0));
+      Tensor gV = local_tile(mV(_, _, hk, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, 0));
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_kv, Tr::kBytesKV);
+      copy(kp.tma_k.with(ss.bar_kv), ck.partition_S(gK), ck.partition_D(sK));
+      copy(kp.tma_v.with(ss.bar_kv), cv.partition_S(gV), cv.partition_D(sV));
+
+      Tensor tQsQ = cq.partition_D(sQ);     // (TMA, 1, 1, stages)
+      Tensor tdOsdO = cdo.partition_D(sdO);
+      PipeState st = cutlass::make_producer_start_state<Pipeline>();
+      for (int s = 0; s < num_steps; ++s) {
+        int h, m;
+        step_hm(s, h, m);
+        Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m, 0));
+        Tensor gdO = local_tile(mdO(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m, 0));
+        pipe.producer_acquire(st);
+        uint64_t *bar = pipe.producer_get_barrier(st);
+        const int i = st.index();
+        copy(kp.tma_q.with(*bar), cq.partition_S(gQ), tQsQ(_, _, _, i));
+        copy(kp.tma_do.with(*bar), cdo.partition_S(gdO), tdOsdO(_, _, _, i));
+        const int64_t row = ((int64_t)b * p.hq + h) * kp.sq_pad + (int64_t)m * kBM;
+        bulk_g2s(&ss.lse[i][0], kp.lse2 + row, kBM * sizeof(float), bar);
+        bulk_g2s(&ss.dsum[i][0], kp.dsum + row, kBM * sizeof(float), bar);
+        ++st;
+      }
+    }
+  } else {
+    // ---------------------------------------------------------------- consumers
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    const int tid = threadIdx.x - 128;  // 0..255 over both consumer warpgroups
+    typename Tr::TiledMmaSdP mma_sdp;
+    typename Tr::TiledMmaKV mma_kv;
+    typename Tr::TiledMmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tid);
+    auto thr_kv = mma_kv.get_thread_slice(tid);
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+
+    // S^T = K Q^T, dP^T = V dO^T: A = this warpgroup's 64 keys, B = the step's query rows.
+    Tensor tSrK = thr_sdp.make_fragment_A(thr_sdp.partition_A(sK));     // (MMA, 1, D/16)
+    Tensor tSrQ = thr_sdp.make_fragment_B(thr_sdp.partition_B(sQ));     // (MMA, 1, D/16, stages)
+    Tensor tdPrV = thr_sdp.make_fragment_A(thr_sdp.partition_A(sV));
+    Tensor tdPrdO = thr_sdp.make_fragment_B(thr_sdp.partition_B(sdO));
+    // dV += P^T dO, dK += dS^T Q: B = dO^T, Q^T (head dim, query rows), MN-major.
+    Tensor tdVrdOt = thr_kv.make_fragment_B(thr_kv.partition_B(sdOt));  // (MMA, 1, BM/16, stages)
+    Tensor tdKrQt = thr_kv.make_fragment_B(thr_kv.partition_B(sQt));
+    // dQ = dS K: A = dS (query rows, keys), B = K^T (head dim, keys).
+    Tensor tdQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS));   // (MMA, 1, BN/16, 2)
+    Tensor tdQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));   // (MMA, 1, BN/16)
+
+    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBN>, Int<kBM>>{});
+    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBN>, Int<kBM>>{});
+    Tensor acc_dk = partition_fragment_C(mma_kv, Shape<Int<kBN>, Int<kD>>{});
+    Tensor acc_dv = partition_fragment_C(mma_kv, Shape<Int<kBN>, Int<kD>>{});
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
+    clear(acc_dk);
+    clear(acc_dv);
+
+    // (key, query row) of each S^T element this thread holds; (row, col) of each dQ element.
+    Tensor cS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBN>, Int<kBM>>{}));
+    Tensor S_rc = make_tensor(tSrS.data(), bwd_rowcol(tSrS.layout()));
+    Tensor dP_rc = make_tensor(tdPrdP.data(), bwd_rowcol(tdPrdP.layout()));
+    Tensor C_rc = make_tensor(cS.data(), bwd_rowcol(cS.layout()));
+    constexpr int kRows = decltype(size<0>(S_rc))::value;  // 2
+    constexpr int kCols = decltype(size<1>(S_rc))::value;  // BM / 4
+    static_assert(kRows == 2, "a thread holds two rows of a 64-row wgmma accumulator");
+
+    Tensor rP = make_tensor_like<T>(tSrS);
+    Tensor rdS = make_tensor_like<T>(tdPrdP);
+    Tensor tPrP = make_tensor(rP.data(), bwd_acc_as_a(rP.layout()));
+    Tensor tdSrdS = make_tensor(rdS.data(), bwd_acc_as_a(rdS.layout()));
+    Tensor rdS_rc = make_tensor(rdS.data(), bwd_rowcol(rdS.layout()));
+
+    const float sl2 = p.score_log2, scale = p.scale;
+    PipeState st;
+    if (num_steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_kv, 0);
+
+    for (int s = 0; s < num_steps; ++s) {
+      int h, m;
+      step_hm(s, h, m);
+      const int m0 = m * kBM;
+      const int buf = s & 1;
+      pipe.consumer_wait(st);
+      const int stage = st.index();
+
+      // S^T and dP^T, two batches.
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tdPrdP);
+      warpgroup_arrive();
+      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tSrK); ++kb) {
+        gemm(mma_sdp, tSrK(_, _, kb), tSrQ(_, _, kb, stage), tSrS);
+        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tdPrV); ++kb) {
+        gemm(mma_sdp, tdPrV(_, _, kb), tdPrdO(_, _, kb, stage), tdPrdP);
+        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+
+      // P^T = exp2(S^T * sl2 - lse2) on allowed (key, row) pairs, 0 elsewhere.
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(tSrS);
+      const bool masked = tile_needs_mask(p, si, m0, kBM, n0, kBN);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int q = get<1>(C_rc(0, c));
+        const float l2 = ss.lse[stage][q];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float pr = fast_exp2(fmaf(S_rc(r, c), sl2, -l2));
+          if (masked && !key_allowed(p, si, m0 + q, n0 + get<0>(C_rc(r, c)))) pr = 0.f;
+          S_rc(r, c) = pr;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
+      warpgroup_fence_operand(rP);
+
+      // dS^T = P^T (dP^T * scale - dsum * scale), in the input type.
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdPrdP);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int q = get<1>(C_rc(0, c));
+        const float ds = ss.dsum[stage][q] * scale;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) dP_rc(r, c) = S_rc(r, c) * fmaf(dP_rc(r, c), scale, -ds);
+      }
+#pragma unroll
+      for (int e = 0; e < size(tdPrdP); ++e) rdS(e) = static_cast<T>(tdPrdP(e));
+      warpgroup_fence_operand(rdS);
+
+      // dV += P^T dO (issued first: its operands are ready).
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tPrP); ++kb)
+        gemm(mma_kv, tPrP(_, _, kb), tdVrdOt(_, _, kb, stage), acc_dv);
+      warpgroup_commit_batch();
+
+      // dS^T -> shared memory as dS (query rows contiguous): columns c, c+1 of the fragment are
+      // adjacent query rows, so each pair is one 4-byte store.
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; c += 2) {
+          const int key = get<0>(C_rc(r, c)), q = get<1>(C_rc(r, c));
+          T pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
+          *reinterpret_cast<uint32_t *>(&sdS(q, key, buf)) = *reinterpret_cast<uint32_t *>(pair);
+        }
+      cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> wgmma reads
+
+      // dK += dS^T Q.
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tdSrdS); ++kb)
+        gemm(mma_kv, tdSrdS(_, _, kb), tdKrQt(_, _, kb, stage), acc_dk);
+      warpgroup_commit_batch();
+
+      // Both warpgroups' halves of dS are in shared memory: dQ = dS K.
+      cutlass::arch::NamedBarrier::sync(256, 1);
+      warpgroup_fence_operand(acc_dq);
+      warpgroup_arrive();
+      mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tdQrdS); ++kb) {
+        gemm(mma_dq, tdQrdS(_, _, kb, buf), tdQrKt(_, _, kb), acc_dq);
+        mma_dq.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(acc_dq);
+      pipe.consumer_release(st);  // Q, dO, lse, dsum of this stage are no longer read
+      ++st;
+
+      // dQ into the fp32 workspace: 8x8 blocks, (row i, head h, col c) at
+      // ((i / 8 * hq + h) * d + c / 8 * 8) * 8 + i % 8 * 8 + c % 8.
+      {
+        Tensor cQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+        Tensor dQ_rc = make_tensor(acc_dq.data(), bwd_rowcol(acc_dq.layout()));
+        Tensor cQ_rc = make_tensor(cQ.data(), bwd_rowcol(cQ.layout()));
+        const int rows_q = si.sq - m0;
+        const int64_t dq_blk = (int64_t)p.hq * p.d * 8;
+        float *dq_h = p.dq_accum + (int64_t)h * p.d * 8;
+        const int64_t i0 = si.q_row0 + m0;
+#pragma unroll
+        for (int r = 0; r < size<0>(dQ_rc); ++r) {
+          const int row = get<0>(cQ_rc(r, 0));
+          if (row < rows_q) {
+            const int64_t i = i0 + row;
+            float *rp = dq_h + (i >> 3) * dq_blk + (i & 7) * 8;
+#pragma unroll
+            for (int c = 0; c < size<1>(dQ_rc); c += 2) {
+              const int col = get<1>(cQ_rc(r, c));
+              if (col < p.d) red_add_v2(rp + (col >> 3) * 64 + (col & 7), dQ_rc(r, c), dQ_rc(r, c + 1));
+            }
+          }
+        }
+      }
+    }
+
+    // Epilogue: dK and dV (zeros when no query row sees this key block).
+    Tensor cKV = thr_kv.partition_C(make_identity_tensor(Shape<Int<kBN>, Int<kD>>{}));
+    Tensor cKV_rc = make_tensor(cKV.data(), bwd_rowcol(cKV.layout()));
+    Tensor dK_rc = make_tensor(acc_dk.data(), bwd_rowcol(acc_dk.layout()));
+    Tensor dV_rc = make_tensor(acc_dv.data(), bwd_rowcol(acc_dv.layout()));
+    T *dk = static_cast<T *>(p.dk) + si.k_base(b, p.dk_bs, p.dk_rs) + (int64_t)hk * p.dk_hs;
+    T *dv = static_cast<T *>(p.dv) + si.k_base(b, p.dv_bs, p.dv_rs) + (int64_t)hk * p.dv_hs;
+#pragma unroll
+    for (int r = 0; r < size<0>(dK_rc); ++r) {
+      const int j = n0 + get<0>(cKV_rc(r, 0));
+      if (j < si.sk) {
+        T *krow = dk + (int64_t)j * p.dk_rs;
+        T *vrow = dv + (int64_t)j * p.dv_rs;
+#pragma unroll
+        for (int c = 0; c < size<1>(dK_rc); c += 2) {
+          const int col = get<1>(cKV_rc(r, c));
+          if (col < p.d) {
+            T kp2[2] = {static_cast<T>(dK_rc(r, c)), static_cast<T>(dK_rc(r, c + 1))};
+            T vp2[2] = {static_cast<T>(dV_rc(r, c)), static_cast<T>(dV_rc(r, c + 1))};
+            *reinterpret_cast<uint32_t *>(krow + col) = *reinterpret_cast<uint32_t *>(kp2);
+            *reinterpret_cast<uint32_t *>(vrow + col) = *reinterpret_cast<uint32_t *>(vp2);
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // the sm90 family is built for sm_90a only
+#endif
+}
+
+template <typename Tr>
+int launch_bwd(const Params &p, const float *lse2, const float *dsum, int sq_pad,
+               cudaStream_t stream) {
+  using T = typename Tr::T;
+  BwdKernelParams<Tr> kp;
+  kp.p = p;
+  kp.lse2 = lse2;
+  kp.dsum = dsum;
+  kp.sq_pad = sq_pad;
+  auto sq = make_shape(p.seqlen_q, p.d, p.hq, p.batch);
+  auto sk = make_shape(p.seqlen_k, p.d, p.hkv, p.batch);
+  Tensor mQ = make_tensor(make_gmem_ptr(static_cast<T const *>(p.q)), sq,
+                          make_stride(p.q_rs, _1{}, p.q_hs, p.q_bs));
+  Tensor mdO = make_tensor(make_gmem_ptr(static_cast<T const *>(p.dout)), sq,
+                           make_stride(p.do_rs, _1{}, p.do_hs, p.do_bs));
+  Tensor mK = make_tensor(make_gmem_ptr(static_cast<T const *>(p.k)), sk,
+                          make_stride(p.k_rs, _1{}, p.k_hs, p.k_bs));
+  Tensor mV = make_tensor(make_gmem_ptr(static_cast<T const *>(p.v)), sk,
+                          make_stride(p.v_rs, _1{}, p.v_hs, p.v_bs));
+  auto sl_q = typename Tr::SmemLayoutQ{}(_, _, 0);
+  kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, sl_q, Shape<Int<Tr::kBM>, Int<Tr::kD>>{}, _1{});
+  kp.tma_do = make_tma_copy(SM90_TMA_LOAD{}, mdO, sl_q, Shape<Int<Tr::kBM>, Int<Tr::kD>>{}, _1{});
+  kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, typename Tr::SmemLayoutK{},
+                           Shape<Int<Tr::kBN>, Int<Tr::kD>>{}, _1{});
+  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mV, typename Tr::SmemLayoutK{},
+                           Shape<Int<Tr::kBN>, Int<Tr::kD>>{}, _1{});
+  auto kernel = bwd_kernel<Tr>;
+  constexpr int smem = Tr::kSmemBytes;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  dim3 grid(ceil_div(p.seqlen_k, Tr::kBN), p.hkv, p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace fmx
