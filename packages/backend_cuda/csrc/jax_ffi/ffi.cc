@@ -10,6 +10,8 @@
 // Backward: dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi -> dq, dk, dv, workspace
 // Padded calls pass cu_seqlens as dummy int32 vectors and varlen=0; has_dlse=0 passes a dummy dlse;
 // has_alibi=0 a dummy alibi (else float32 slopes (Hq,) or (B, Hq), run through fmx_attn_*_ext).
+// With mask_block > 0 the BlockMask's ten int32 arrays follow alibi (remaining arguments, in the
+// order of flashmux_cuda.abi.MASK_ARRAYS); without, none do.
 
 #include <cuda_runtime_api.h>
 
@@ -123,6 +125,38 @@ ffi::Error fill_ext(FmxAttnExt& e, const FmxAttnArgs& a, const ffi::AnyBuffer& a
   return ffi::Error::Success();
 }
 
+// The BlockMask's arrays, in the order flashmux_cuda.abi.MASK_ARRAYS lists them.
+constexpr int kMaskArrays = 10;
+
+ffi::Error fill_mask(FmxAttnExt& e, const ffi::RemainingArgs& m, int32_t mask_block, bool& used) {
+  if (mask_block <= 0) return ffi::Error::Success();
+  if (m.size() != kMaskArrays)
+    return ffi::Error::InvalidArgument("flashmux_cuda: a block mask needs its 10 arrays");
+  const int32_t* ptr[kMaskArrays];
+  for (int i = 0; i < kMaskArrays; ++i) {
+    auto buf = m.get<ffi::AnyBuffer>(i);
+    if (buf.has_error()) return buf.error();
+    if (buf->element_type() != ffi::DataType::S32)
+      return ffi::Error::InvalidArgument("flashmux_cuda: block mask arrays must be int32");
+    if (i == 1) {  // q_full_idx (mask_batch, mask_heads, nq, nk)
+      auto d = buf->dimensions();
+      if (d.size() != 4)
+        return ffi::Error::InvalidArgument("flashmux_cuda: q_full_idx must have rank 4");
+      e.mask_batch = static_cast<int32_t>(d[0]);
+      e.mask_heads = static_cast<int32_t>(d[1]);
+      e.mask_nq = static_cast<int32_t>(d[2]);
+      e.mask_nk = static_cast<int32_t>(d[3]);
+    }
+    ptr[i] = static_cast<const int32_t*>(buf->untyped_data());
+  }
+  e.mask_block = mask_block;
+  e.q_num_full = ptr[0]; e.q_full_idx = ptr[1]; e.q_num_part = ptr[2]; e.q_part_idx = ptr[3];
+  e.tile_id = ptr[4]; e.bits = ptr[5];
+  e.kv_num_full = ptr[6]; e.kv_full_idx = ptr[7]; e.kv_num_part = ptr[8]; e.kv_part_idx = ptr[9];
+  used = true;
+  return ffi::Error::Success();
+}
+
 ffi::Error status(int rc) {
   if (rc == 0) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("flashmux_cuda: ") + fmx_last_error());
@@ -130,10 +164,11 @@ ffi::Error status(int rc) {
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, ffi::AnyBuffer alibi,
-                   ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse, float scale,
-                   float softcap, int32_t causal, int32_t window_left, int32_t window_right,
-                   int32_t varlen, int32_t max_seqlen_q, int32_t max_seqlen_k,
-                   int32_t has_alibi) {
+                   ffi::RemainingArgs mask, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::AnyBuffer> lse, float scale, float softcap, int32_t causal,
+                   int32_t window_left, int32_t window_right, int32_t varlen,
+                   int32_t max_seqlen_q, int32_t max_seqlen_k, int32_t has_alibi,
+                   int32_t mask_block) {
   Attrs at{scale, softcap, causal, window_left, window_right, varlen, max_seqlen_q, max_seqlen_k, 0};
   FmxAttnArgs a;
   auto err = fill_forward(a, at, q, k, v, cu_q, cu_k, out->untyped_data(), lse->untyped_data());
@@ -142,18 +177,21 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   bool used = false;
   err = fill_ext(e, a, alibi, has_alibi, used);
   if (err.failure()) return err;
+  err = fill_mask(e, mask, mask_block, used);
+  if (err.failure()) return err;
   return status(fmx_attn_fwd_ext(&a, used ? &e : nullptr, stream));
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
                    ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                    ffi::AnyBuffer lse, ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k,
-                   ffi::AnyBuffer alibi, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::AnyBuffer alibi, ffi::RemainingArgs mask, ffi::Result<ffi::AnyBuffer> dq,
+                   ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
                    float scale, float softcap, int32_t causal, int32_t window_left,
                    int32_t window_right, int32_t varlen, int32_t max_seqlen_q,
                    int32_t max_seqlen_k, int32_t deterministic, int32_t has_dlse,
-                   int32_t has_alibi) {
+                   int32_t has_alibi, int32_t mask_block) {
   Attrs at{scale,  softcap,      causal,       window_left,  window_right,
            varlen, max_seqlen_q, max_seqlen_k, deterministic};
   FmxAttnArgs a;
@@ -186,6 +224,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer dlse
   bool used = false;
   err = fill_ext(e, a, alibi, has_alibi, used);
   if (err.failure()) return err;
+  err = fill_mask(e, mask, mask_block, used);
+  if (err.failure()) return err;
   return status(fmx_attn_bwd_ext(&a, used ? &e : nullptr, stream));
 }
 
@@ -200,6 +240,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaFwd, FwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_q
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_k
                                   .Arg<ffi::AnyBuffer>()  // alibi slopes (or a dummy)
+                                  .RemainingArgs()        // block mask arrays (or none)
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<float>("scale")
@@ -210,7 +251,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaFwd, FwdImpl,
                                   .Attr<int32_t>("varlen")
                                   .Attr<int32_t>("max_seqlen_q")
                                   .Attr<int32_t>("max_seqlen_k")
-                                  .Attr<int32_t>("has_alibi"));
+                                  .Attr<int32_t>("has_alibi")
+                                  .Attr<int32_t>("mask_block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                               ffi::Ffi::Bind()
@@ -225,6 +267,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_q
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens_k
                                   .Arg<ffi::AnyBuffer>()  // alibi slopes (or a dummy)
+                                  .RemainingArgs()        // block mask arrays (or none)
                                   .Ret<ffi::AnyBuffer>()  // dq
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
@@ -239,4 +282,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashmuxCudaBwd, BwdImpl,
                                   .Attr<int32_t>("max_seqlen_k")
                                   .Attr<int32_t>("deterministic")
                                   .Attr<int32_t>("has_dlse")
-                                  .Attr<int32_t>("has_alibi"));
+                                  .Attr<int32_t>("has_alibi")
+                                  .Attr<int32_t>("mask_block"));

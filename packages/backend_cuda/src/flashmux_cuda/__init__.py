@@ -97,9 +97,6 @@ class CudaBackend(Backend):
         if getattr(spec, "block_mask", False):  # block-sparse sm80 forward and backward
             from .abi import MASK_BLOCK_MULTIPLE
 
-            if spec.kind != "torch":
-                out.append("block masks: the CUDA backend takes them from torch tensors only "
-                           "(with JAX arrays the pallas backend runs them)")
             if spec.requires_grad and spec.deterministic:
                 out.append("block masks: no deterministic backward in the CUDA kernels (the dQ "
                            "order follows the mask's lists)")
@@ -166,13 +163,6 @@ class CudaBackend(Backend):
                 jax_glue.register(b.build_jax_ffi(cfg, Path(lib.path)))
                 self._jax_ready = True
 
-    @staticmethod
-    def _no_block_mask(block_mask, what: str) -> None:
-        if block_mask is not None:
-            from .abi import Unsupported
-
-            raise Unsupported(f"block masks: the CUDA backend has no {what}")
-
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None,
                 block_mask=None):
         if params.dropout_p:
@@ -182,10 +172,9 @@ class CudaBackend(Backend):
         if self._is_jax(q):
             from . import jax_glue
 
-            self._no_block_mask(block_mask, "JAX path for them (pallas runs them)")
             self._ensure_jax()
             return jax_glue.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params,
-                                    alibi_slopes=alibi_slopes)
+                                    alibi_slopes=alibi_slopes, block_mask=block_mask)
         from . import torch_glue
 
         return torch_glue.forward(self.lib, q, k, v, cu_seqlens_q, cu_seqlens_k, params,
@@ -196,11 +185,10 @@ class CudaBackend(Backend):
         if self._is_jax(q):
             from . import jax_glue
 
-            self._no_block_mask(block_mask, "JAX path for them (pallas runs them)")
             self._ensure_jax()
             return jax_glue.backward(
                 self.lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-                alibi_slopes=alibi_slopes,
+                alibi_slopes=alibi_slopes, block_mask=block_mask,
             )
         from . import torch_glue
 
@@ -287,8 +275,8 @@ backend = CudaBackend(
         dtypes=frozenset({"float16", "bfloat16"}),
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(8, 0),
-        # ALiBi and block masks in the sm80 kernels (forward and backward; block masks from
-        # torch only, block_size a multiple of 128, not deterministic: `reasons`).
+        # ALiBi and block masks in the sm80 kernels (forward and backward; block masks with
+        # block_size a multiple of 128, not deterministic: `reasons`).
         features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi", "block_mask"},
         runs_under_jit=True,
     ),

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .abi import ALIGN_ELEMS, ArrayRef, add_backward, make_args, make_ext
+from .abi import (
+    ALIGN_ELEMS,
+    MASK_ARRAYS,
+    ArrayRef,
+    add_backward,
+    add_block_mask,
+    make_args,
+    make_ext,
+)
 
 FWD_TARGET = "flashmux_cuda_fwd"
 BWD_TARGET = "flashmux_cuda_bwd"
@@ -118,7 +126,25 @@ def _alibi(alibi_slopes, q, cu_q, params):
     return sl, np.int32(1)
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
+def _mask(block_mask, q, k):
+    """(extra operands, mask_block attribute): the BlockMask's ten int32 arrays in
+    abi.MASK_ARRAYS order (checked on shapes at trace time), or () and 0 without one."""
+    if block_mask is None:
+        return (), np.int32(0)
+    arrays, refs = [], {}
+    bs = int(block_mask.block_size)
+    for name in MASK_ARRAYS:
+        x = jnp.asarray(getattr(block_mask, name)).astype(jnp.int32)
+        if name == "bits" and x.shape[0] == 0:  # no partial tile: a valid operand all the same
+            x = jnp.zeros((1, bs, bs // 32), jnp.int32)
+        arrays.append(x)
+        refs[name] = ArrayRef(f"block_mask.{name}", 0, tuple(x.shape), _dense_strides(x.shape),
+                              "int32")
+    add_block_mask(None, refs, bs, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    return tuple(arrays), np.int32(bs)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None, block_mask=None):
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_pad(x, _padded_dim(d)) for x in (q, k))
     vp = _pad(v, _padded_dim(dv))
@@ -126,6 +152,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
     out_shape = qp.shape[:-1] + (vp.shape[-1],)
     _check(qp, kp, vp, out_shape, params, cu_q)
     alibi, has_alibi = _alibi(alibi_slopes, q, cu_q, params)
+    mask, mask_block = _mask(block_mask, q, k)
     out, lse = jax.ffi.ffi_call(
         FWD_TARGET,
         (
@@ -133,14 +160,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None):
             jax.ShapeDtypeStruct(_lse_shape(q, params.varlen), jnp.float32),
         ),
         vmap_method="sequential",
-    )(qp, kp, vp, cu_q, cu_k, alibi, has_alibi=has_alibi, **attrs)
+    )(qp, kp, vp, cu_q, cu_k, alibi, *mask, has_alibi=has_alibi, mask_block=mask_block, **attrs)
     if out.shape[-1] != v.shape[-1]:
         out = out[..., : v.shape[-1]]
     return out, lse
 
 
 def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params,
-             alibi_slopes=None):
+             alibi_slopes=None, block_mask=None):
     d, dv = q.shape[-1], v.shape[-1]
     qp, kp = (_pad(x, _padded_dim(d)) for x in (q, k))
     vp, outp, dop = (_pad(x, _padded_dim(dv)) for x in (v, out, do))
@@ -159,6 +186,7 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         k_shape=kp.shape,
     )
     alibi, has_alibi = _alibi(alibi_slopes, q, cu_q, params)
+    mask, mask_block = _mask(block_mask, q, k)
     nbytes = max(int(lib.workspace_size(args)), 1)
     has_dlse = dlse is not None
     dlse_arg = dlse.astype(jnp.float32) if has_dlse else jnp.zeros((1,), jnp.float32)
@@ -182,9 +210,11 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         cu_q,
         cu_k,
         alibi,
+        *mask,
         deterministic=np.int32(bool(params.deterministic)),
         has_dlse=np.int32(has_dlse),
         has_alibi=has_alibi,
+        mask_block=mask_block,
         **attrs,
     )
     if qp.shape[-1] != d:
