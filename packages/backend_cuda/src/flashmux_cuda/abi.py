@@ -298,7 +298,7 @@ def add_block_mask(ext: FmxAttnExt | None, arrays: dict, block: int, batch: int,
         raise Unsupported(f"block_mask: block_size {block} is not a multiple of "
                           f"{MASK_BLOCK_MULTIPLE} (the CUDA kernels' query tile)")
     nq, nk = -(-seqlen_q // block), -(-seqlen_k // block)
-    lead = None
+    lead: tuple = ()
     for name, dims in MASK_ARRAYS.items():
         a = arrays[name]
         rank = len(dims) + (0 if name == "bits" else 2)
