@@ -23,9 +23,10 @@ The design follows the Triton backend's block-sparse kernels (flashmux_triton/_k
 - Scores, softcap, ALiBi and the online softmax are those of triton_kernels (log2 units);
   dropout uses dropout.keep with the seed operand, as the dense kernels do.
 
-Causal/window on top of a block mask are applied as element masks on the listed tiles (a listed
-tile entirely outside the band is still visited; build the band into the mask function to skip
-it). Padded batches only: the core declines block_mask with cu_seqlens.
+Causal/window on top of a block mask are element masks on the listed tiles; a kernel tile
+entirely outside the band, or entirely past a sequence end (the padding of a ragged last mask
+tile), is skipped by a branch (`_live`, `lax.cond`) and never loaded. Padded batches only: the
+core declines block_mask with cu_seqlens.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class MaskStatic:
     mask_b: bool  # the mask has a batch axis (else one mask for every batch entry)
     mask_h: bool  # the mask has a head axis (per query head)
     check: bool  # full tiles still need the key bound / window (forward and dQ)
+    ragged_q: bool = False  # Sq is not a multiple of the mask block (padding query tiles)
+    ragged_k: bool = False  # Sk is not a multiple of the mask block (padding key tiles)
 
 
 def _next_pow2(n: int) -> int:
@@ -147,6 +150,36 @@ def _has_window(st: Static) -> bool:
     return st.window_left is not None or st.window_right is not None
 
 
+def _live(r0, nr: int, c0, nc: int, sq, sk, off, st: Static, ms: MaskStatic):
+    """Whether the kernel tile of query rows [r0, r0+nr) and keys [c0, c0+nc) can hold an
+    allowed element: not entirely past a sequence end (the padding of a ragged last mask tile)
+    nor outside the causal/window band. None when every listed tile is live (no test traced)."""
+    conds = []
+    if ms.ragged_k:
+        conds.append(c0 < sk)
+    if ms.ragged_q:
+        conds.append(r0 < sq)
+    if st.window_right is not None:
+        conds.append(c0 <= r0 + (nr - 1) + off + st.window_right)
+    if st.window_left is not None:
+        conds.append(c0 + (nc - 1) >= r0 + off - st.window_left)
+    if not conds:
+        return None
+    live = conds[0]
+    for c in conds[1:]:
+        live = live & c
+    return live
+
+
+def _visit(step, carry, start, ok, live):
+    """step(carry, start, ok) for a live tile; a dead one (live False) is skipped, not loaded."""
+    from jax import lax
+
+    if live is None:
+        return step(carry, start, ok)
+    return lax.cond(live, lambda c: step(c, start, ok), lambda c: c, carry)
+
+
 def _mb(ms: MaskStatic, b):
     return b if ms.mask_b else 0
 
@@ -216,7 +249,7 @@ def _fwd_kernel(*refs, st: Static, ms: MaskStatic, names):
         start = r["full"][_div(t, sub)] * mbs + lax.rem(_i32(t), _i32(sub)) * bn
         start = pl.multiple_of(start, bn)
         ok = (lambda cols: _allowed(rows, cols, sk, off, st)) if ms.check else None
-        return step(carry, start, ok)
+        return _visit(step, carry, start, ok, _live(r0, bm, start, bn, sq, sk, off, st, ms))
 
     def part_body(t, carry):
         j = _div(t, sub)
@@ -230,7 +263,7 @@ def _fwd_kernel(*refs, st: Static, ms: MaskStatic, names):
                 m = m & _allowed(rows, cols, sk, off, st, check_k=False)
             return m
 
-        return step(carry, start, ok)
+        return _visit(step, carry, start, ok, _live(r0, bm, start, bn, sq, sk, off, st, ms))
 
     carry = (
         jnp.zeros((bm, dv), jnp.float32),
@@ -358,7 +391,8 @@ def _dq_kernel(*refs, st: Static, ms: MaskStatic, names):
     def full_body(t, dq):
         start = r["full"][_div(t, sub)] * mbs + lax.rem(_i32(t), _i32(sub)) * bn
         ok = (lambda cols: _allowed(rows, cols, sk, off, st)) if ms.check else None
-        return step(dq, pl.multiple_of(start, bn), ok)
+        start = pl.multiple_of(start, bn)
+        return _visit(step, dq, start, ok, _live(r0, bm, start, bn, sq, sk, off, st, ms))
 
     def part_body(t, dq):
         j = _div(t, sub)
@@ -372,7 +406,7 @@ def _dq_kernel(*refs, st: Static, ms: MaskStatic, names):
                 m = m & _allowed(rows, cols, sk, off, st, check_k=False)
             return m
 
-        return step(dq, start, ok)
+        return _visit(step, dq, start, ok, _live(r0, bm, start, bn, sq, sk, off, st, ms))
 
     dq = jnp.zeros((bm, q.shape[-1]), jnp.float32)
     dq = lax.fori_loop(0, _count(cnt, 0) * sub, full_body, dq)
@@ -478,7 +512,8 @@ def _dkdv_kernel(*refs, st: Static, ms: MaskStatic, names):
                 def ok(rows_t):
                     return _allowed(rows_t, cols_t, sk, off, st, check_k=False)
 
-            return step(carry, pl.multiple_of(start, bm), ok)
+            start = pl.multiple_of(start, bm)
+            return _visit(step, carry, start, ok, _live(start, bm, c0, bn, sq, sk, off, st, ms))
 
         def part_body(t, carry):
             j = _div(t, sub)
@@ -492,7 +527,7 @@ def _dkdv_kernel(*refs, st: Static, ms: MaskStatic, names):
                     m = m & _allowed(rows_t, cols_t, sk, off, st, check_k=False)
                 return m
 
-            return step(carry, start, ok)
+            return _visit(step, carry, start, ok, _live(start, bm, c0, bn, sq, sk, off, st, ms))
 
         carry = lax.fori_loop(0, _count(cnt, 0) * sub, full_body, carry)
         return lax.fori_loop(0, _count(cnt, 1) * sub, part_body, carry)
@@ -583,6 +618,8 @@ def make_plan(q, k, v, params, bm, interpret: bool) -> BsPlan:
         mask_b=int(bm.kind.shape[0]) > 1,
         mask_h=int(bm.kind.shape[1]) > 1,
         check=_has_window(base.fwd) or sk % mbs != 0,
+        ragged_q=sq % mbs != 0,
+        ragged_k=sk % mbs != 0,
     )
     dq = replace(cap(base.dq), fused_delta=False, has_r=False, has_dlse=False)
     return BsPlan(_round_up(max(sq, 1), mbs), _round_up(max(sk, 1), mbs), base.dp, base.dvp,
