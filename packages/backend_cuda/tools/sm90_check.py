@@ -219,39 +219,47 @@ def sanitize_bwd():
 
 
 def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
-    """Backward alone (sm90 vs the sm80 backward, same out/lse) and forward+backward (ours with
-    each backward vs torch SDPA cuDNN), bf16, the papers sweep; TFLOP/s with the 2.5x / 3.5x
-    forward-flop convention of kernel_check."""
+    """Backward alone (the sm80 backward and each sm90 variant in $FMX_BWD_VARIANTS, default
+    "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build; same out/lse) and
+    forward+backward (ours with each backward vs torch SDPA cuDNN), bf16, the papers sweep;
+    TFLOP/s with kernel_check's 2.5x (backward) / 3.5x (forward+backward) forward-flop rule."""
     import torch.nn.functional as F
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    variants = [v for v in os.environ.get("FMX_BWD_VARIANTS", "0").split(",") if v]
+    names = ["sm80"] + [f"sm90v{v}" for v in variants]
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    print(
-        "| D | causal | S | bwd sm90 | bwd sm80 | sm90/sm80 | f+b ours | f+b sm80-bwd | f+b cuDNN "
-        "| ours/cuDNN |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    head = " | ".join(f"bwd {n}" for n in names) + " | " + " | ".join(f"f+b {n}" for n in names)
+    print(f"| D | causal | S | {head} | f+b cuDNN | best/cuDNN | best/sm80 f+b |")
+    print("|---" * (6 + 2 * len(names)) + "|")
+
+    def use(name):
+        os.environ.pop("FMX_TUNE_SM90_BWD", None)
+        if name == "sm80":
+            os.environ["FLASHMUX_CUDA_BWD_FAMILY"] = "sm80"
+        else:
+            os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
+            os.environ["FMX_TUNE_SM90_BWD"] = name[len("sm90v") :]
+
     for D, causal, S, fl, q, k, v, do in kc._points(dims, seqs):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         _family("auto")
         o, lse = kc.fmx_forward(qd, kd, vd, causal=causal)
-        t = {}
-        for fam_b in ("sm90", "sm80"):
-            if fam_b == "sm80":
-                os.environ["FLASHMUX_CUDA_BWD_FAMILY"] = "sm80"
-            else:
-                os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
-            t["b" + fam_b] = tt.do_bench(
-                lambda: kc.fmx_backward(do, qd, kd, vd, o, lse, causal=causal), warmup=10, rep=50
+        tb, tfb = {}, {}
+        for name in names:
+            use(name)
+            tb[name] = tt.do_bench(
+                lambda: kc.fmx_backward(do, qd, kd, vd, o, lse, causal=causal), warmup=10, rep=40
             )
 
             def fb():
                 o2, l2 = kc.fmx_forward(qd, kd, vd, causal=causal)
                 return kc.fmx_backward(do, qd, kd, vd, o2, l2, causal=causal)
 
-            t["fb" + fam_b] = tt.do_bench(fb, warmup=10, rep=50)
-        os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
+            tfb[name] = tt.do_bench(fb, warmup=10, rep=40)
+        use("sm90v0")
+        os.environ.pop("FMX_TUNE_SM90_BWD", None)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         dot = do.transpose(1, 2)
 
@@ -260,13 +268,14 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
                 out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
             out.backward(dot)
 
-        t["cudnn"] = tt.do_bench(cudnn_fb, warmup=10, rep=50, grad_to_none=[q, k, v])
+        t_cudnn = tt.do_bench(cudnn_fb, warmup=10, rep=40, grad_to_none=[q, k, v])
         tf = lambda ms, m: fl * m / (ms * 1e-3) / 1e12  # noqa: E731
+        best = min(tfb[n] for n in names[1:])
+        cols = " | ".join(f"{tf(tb[n], 2.5):.0f}" for n in names)
+        cols += " | " + " | ".join(f"{tf(tfb[n], 3.5):.0f}" for n in names)
         print(
-            f"| {D} | {int(causal)} | {S} | {tf(t['bsm90'], 2.5):.0f} | {tf(t['bsm80'], 2.5):.0f} | "
-            f"{t['bsm80'] / t['bsm90']:.2f} | {tf(t['fbsm90'], 3.5):.0f} | "
-            f"{tf(t['fbsm80'], 3.5):.0f} | {tf(t['cudnn'], 3.5):.0f} | "
-            f"{t['cudnn'] / t['fbsm90']:.2f} |",
+            f"| {D} | {int(causal)} | {S} | {cols} | {tf(t_cudnn, 3.5):.0f} | "
+            f"{t_cudnn / best:.2f} | {tfb['sm80'] / best:.2f} |",
             flush=True,
         )
 

@@ -1,4 +1,6 @@
 // sm90 backward instantiations for head_dim 97..128 (fp16 and bf16); sm_90a only.
+#include <cstdlib>
+
 #include "bwd_kernel.cuh"
 
 // Query rows per step and Q/dO stages, overridable at build time for sweeps.
@@ -18,6 +20,18 @@ template <>
 int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtype,
                 cudaStream_t stream) {
   const int pad = bwd_sq_pad(p.seqlen_q);
+#ifdef FMX_SM90_BWD_TUNING
+  // -DFMX_SM90_BWD_TUNING builds: FMX_TUNE_SM90_BWD=1 adds dQ through shared memory and bulk
+  // reduce-adds (kDqBulk) where seqlen_q % 8 == 0 (its 8-row groups must be dq_accum's).
+  const char *tune = std::getenv("FMX_TUNE_SM90_BWD");
+  if (tune != nullptr && tune[0] == '1' && p.seqlen_q % 8 == 0) {
+    if (dtype == 0)
+      return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::half_t, true>>(
+          p, lse2, dsum, pad, stream);
+    return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::bfloat16_t, true>>(
+        p, lse2, dsum, pad, stream);
+  }
+#endif
   if (dtype == 0) return launch_bwd<Bwd128<cutlass::half_t>>(p, lse2, dsum, pad, stream);
   return launch_bwd<Bwd128<cutlass::bfloat16_t>>(p, lse2, dsum, pad, stream);
 }

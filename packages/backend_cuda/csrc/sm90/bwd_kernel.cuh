@@ -37,9 +37,14 @@ namespace fmx {
 namespace sm90 {
 using namespace cute;
 
-template <int kD_, int kBM_, int kStages_, typename T_>
+template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false>
 struct BwdTraits {
   using T = T_;
+  // false: each consumer thread adds its dQ values into dq_accum (red.global.add.v2.f32).
+  // true: the consumers write the step's dQ tile to shared memory in dq_accum's 8x8-block order
+  // and warp 1 of the producer warpgroup adds it with one bulk reduce-add (cp.reduce.async.bulk)
+  // per 8 query rows (named barriers 2 "dQ full" and 3 "dQ empty", 288 threads each).
+  static constexpr bool kDqBulk = kDqBulk_;
   static constexpr int kD = kD_;
   static constexpr int kBM = kBM_;     // query rows per step
   static constexpr int kBN = 128;      // keys per CTA (64 per consumer warpgroup)
@@ -103,6 +108,8 @@ struct BwdTraits {
     alignas(16) float dsum[kStages][kBM];
     typename Pipeline::SharedStorage pipe;
     alignas(8) uint64_t bar_kv;
+    // dQ tile in dq_accum order, [row / 8][col / 8][row % 8][col % 8] (kDqBulk only)
+    alignas(128) float dq[kDqBulk ? kBM * kD : 4];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
 
@@ -216,6 +223,36 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
     cutlass::arch::warpgroup_reg_dealloc<24>();
+    if constexpr (Tr::kDqBulk) {
+      if (threadIdx.x / 32 == 1 && num_steps > 0) {  // warp 1: dQ bulk reduce-adds
+        const uint32_t sdq = static_cast<uint32_t>(__cvta_generic_to_shared(&ss.dq[0]));
+        const uint32_t bytes = (uint32_t)p.d * 8 * sizeof(float);  // 8 rows x d columns
+        const int64_t dq_blk = (int64_t)p.hq * p.d * 8;
+        for (int s = 0; s < num_steps; ++s) {
+          int h, m;
+          step_hm(s, h, m);
+          const int m0 = m * kBM;
+          const int groups = min(kBM / 8, ceil_div(si.sq - m0, 8));
+          cutlass::arch::NamedBarrier::sync(288, 2);  // dQ full
+          if (threadIdx.x == 32) {
+            const int64_t i0 = si.q_row0 + m0;  // a multiple of 8: seqlen_q rows per batch...
+            float *dst = p.dq_accum + (i0 >> 3) * dq_blk + (int64_t)h * p.d * 8;
+            // ...only when seqlen_q % 8 == 0; bwd_unsupported declines the rest for this variant
+            for (int g = 0; g < groups; ++g)
+              asm volatile(
+                  "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                      dst + g * dq_blk),
+                  "r"(sdq + (uint32_t)(g * kD * 8 * sizeof(float))), "r"(bytes)
+                  : "memory");
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+          }
+          __syncwarp();
+          if (s + 1 < num_steps) cutlass::arch::NamedBarrier::arrive(288, 3);  // dQ empty
+        }
+        if (threadIdx.x == 32) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+      }
+    }
     if (threadIdx.x == 0 && num_steps > 0) {
       Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
       Tensor mdO = kp.tma_do.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
@@ -406,6 +443,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       pipe.consumer_release(st);  // Q, dO, lse, dsum of this stage are no longer read
       ++st;
 
+      if constexpr (Tr::kDqBulk) {
+        // dQ tile -> shared memory in dq_accum's order; the reducer warp adds it.
+        Tensor cQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+        Tensor dQ_rc = make_tensor(acc_dq.data(), bwd_rowcol(acc_dq.layout()));
+        Tensor cQ_rc = make_tensor(cQ.data(), bwd_rowcol(cQ.layout()));
+        if (s > 0) cutlass::arch::NamedBarrier::sync(288, 3);  // the previous tile was read
+        // Fragment (r, c) sits at row row0 + 8 r, column col0 + c % 2 + 8 (c / 2) (checked on
+        // the host), so one base address and static offsets cover it.
+        const int row0 = get<0>(cQ_rc(0, 0)), col0 = get<1>(cQ_rc(0, 0));
+        float *base = &ss.dq[((row0 >> 3) * (kD / 8) + (col0 >> 3)) * 64 + (row0 & 7) * 8 + (col0 & 7)];
+#pragma unroll
+        for (int r = 0; r < size<0>(dQ_rc); ++r)
+#pragma unroll
+          for (int c = 0; c < size<1>(dQ_rc); c += 2)
+            *reinterpret_cast<float2 *>(base + r * (kD / 8) * 64 + (c / 2) * 64) =
+                make_float2(dQ_rc(r, c), dQ_rc(r, c + 1));
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::arrive(288, 2);  // dQ full
+        continue;
+      }
+
       // dQ into the fp32 workspace: 8x8 blocks, (row i, head h, col c) at
       // ((i / 8 * hq + h) * d + c / 8 * 8) * 8 + i % 8 * 8 + c % 8.
       {
@@ -414,19 +472,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         Tensor cQ_rc = make_tensor(cQ.data(), bwd_rowcol(cQ.layout()));
         const int rows_q = si.sq - m0;
         const int64_t dq_blk = (int64_t)p.hq * p.d * 8;
-        float *dq_h = p.dq_accum + (int64_t)h * p.d * 8;
-        const int64_t i0 = si.q_row0 + m0;
+        // Fragment (r, c) is row row0 + 8 r, column col0 + c % 2 + 8 (c / 2) (host-checked).
+        const int row0 = get<0>(cQ_rc(0, 0)), col0 = get<1>(cQ_rc(0, 0));
+        const int64_t i = si.q_row0 + m0 + row0;
+        float *base = p.dq_accum + (int64_t)h * p.d * 8 + (i >> 3) * dq_blk + (i & 7) * 8 +
+                      (col0 >> 3) * 64 + (col0 & 7);
 #pragma unroll
         for (int r = 0; r < size<0>(dQ_rc); ++r) {
-          const int row = get<0>(cQ_rc(r, 0));
-          if (row < rows_q) {
-            const int64_t i = i0 + row;
-            float *rp = dq_h + (i >> 3) * dq_blk + (i & 7) * 8;
+          if (row0 + 8 * r < rows_q) {
 #pragma unroll
-            for (int c = 0; c < size<1>(dQ_rc); c += 2) {
-              const int col = get<1>(cQ_rc(r, c));
-              if (col < p.d) red_add_v2(rp + (col >> 3) * 64 + (col & 7), dQ_rc(r, c), dQ_rc(r, c + 1));
-            }
+            for (int c = 0; c < size<1>(dQ_rc); c += 2)
+              if (col0 + 8 * (c / 2) < p.d)
+                red_add_v2(base + r * dq_blk + (c / 2) * 64, dQ_rc(r, c), dQ_rc(r, c + 1));
           }
         }
       }
