@@ -5,8 +5,9 @@
 
 Same layouts (q (B, S, H, D), packed (T, H, D) with int32 cu_seqlens), same conventions:
 `softmax_scale` (None: 1/sqrt(D)), `causal` aligned bottom-right, `window_size=(left, right)` with
--1 for unbounded, `softcap=0.0` for none, `dropout_p` (the seed is drawn from torch's generator,
-as FlashAttention does), `deterministic`, `alibi_slopes` ((H,) or (B, H) float32). Any array kind
+-1 for unbounded, `softcap=0.0` for none, `dropout_p` (torch tensors: the seed is drawn on q's
+device from torch's generator, as FlashAttention does, and passed as a tensor: no host read, no
+graph break), `deterministic`, `alibi_slopes` ((H,) or (B, H) float32). Any array kind
 flashmux takes works (torch, JAX, NumPy), not only torch.
 
 Refused with an error: `return_attn_probs=True` (flashmux never materializes probabilities; use
@@ -19,6 +20,8 @@ from __future__ import annotations
 import numbers
 
 import flashmux
+
+from ._align import device_seed
 
 
 def _window(window_size):
@@ -76,7 +79,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     """q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) -> out (B, Sq, Hq, Dv)."""
     kw = _common(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                  deterministic, return_attn_probs)
-    return flashmux.attention(q, k, v, **kw)
+    return flashmux.attention(q, k, v, **kw, **device_seed(q, dropout_p))
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -88,7 +91,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError("block_table: paged keys are not supported by flash_attn_varlen_func on "
                          "flashmux; use flash_attn_with_kvcache (flashmux.attention_with_kvcache)")
     kw = _common(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 deterministic, return_attn_probs)
+                 deterministic, return_attn_probs) | device_seed(q, dropout_p)
     return flashmux.attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                               max_seqlen_q=_hint(max_seqlen_q, "max_seqlen_q"),
                               max_seqlen_k=_hint(max_seqlen_k, "max_seqlen_k"), **kw)

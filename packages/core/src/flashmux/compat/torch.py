@@ -20,7 +20,7 @@ import torch
 
 import flashmux
 
-from ._align import top_left
+from ._align import device_seed, top_left
 
 
 def _block_mask(mask_fn, b, h, sq, sk, like):
@@ -55,7 +55,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise TypeError(f"is_causal: expected a bool, got {is_causal!r}")
     b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    kw = dict(scale=scale, dropout_p=dropout_p)
+    kw = dict(scale=scale, dropout_p=dropout_p, **device_seed(q, dropout_p))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale: expected a float or None, got {scale!r}")
 
