@@ -3,7 +3,8 @@ the whole buffer and flashmux.attention_with_kvcache attends only its filled slo
 generate() is token-identical to attn_implementation="sdpa" in float32 on tiny random models
 (Llama, Qwen2 without sliding layers, Mistral with sliding-window layers, prompts shorter and
 the window, generating past it); a decode step compiles with fullgraph=True; what cannot be mapped
-(padded batches) is refused with a sentence."""
+(padded batches) is refused with a sentence. Also: training dropout's seed reaches flashmux as a
+device tensor (no host read)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,29 @@ def test_static_cache_refusals():
     hole[..., 1] = False
     with pytest.raises(ValueError, match="prefix of the keys"):
         fmx_tf.attention_forward(module, q.detach(), kv, kv, hole)
+
+
+def test_training_dropout_seed_is_drawn_on_the_device(monkeypatch):
+    """attention_dropout in training: the seed reaches flashmux as a tensor on the device, and
+    torch.manual_seed replays the forward."""
+    cfg = _config("llama")
+    cfg.attention_dropout = 0.3
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=fmx_tf.NAME)
+    model.train()
+    seeds = []
+    real = flashmux.attention
+
+    def spy(q, k, v, **kw):
+        seeds.append(kw.get("dropout_seed"))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(flashmux, "attention", spy)
+    ids = _ids()
+    torch.manual_seed(1)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    b = model(ids).logits
+    c = model(ids).logits
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert seeds and all(isinstance(s, torch.Tensor) for s in seeds)

@@ -14,7 +14,8 @@ What the attention function does with what a model passes:
   back (views, no copy) and handed to `flashmux.attention` in its BSHD layout; GQA key/value heads
   go in unrepeated.
 - `scaling` -> scale, `softcap` -> softcap, `sliding_window=w` -> window=(w - 1, 0) with causal
-  (w - 1 on both sides without), `is_causal` (or the module's) -> causal, `dropout` -> dropout_p.
+  (w - 1 on both sides without), `is_causal` (or the module's) -> causal, `dropout` -> dropout_p
+  (its seed drawn on the device from torch's generator, passed as a tensor).
   Masks are aligned bottom-right, which is what decoding with a KV cache (Sq < Sk) needs.
 - Padding (a 2-D attention_mask with zeros): the mask function hands the 2-D mask through (None
   when it has no zero, as transformers' FlashAttention path does). On GPUs the attention function
@@ -64,6 +65,7 @@ from typing import TypeGuard
 import torch
 
 import flashmux
+from flashmux.compat._align import device_seed
 
 NAME = "fmx"
 
@@ -280,6 +282,8 @@ def attention_forward(
         softcap=float(softcap) if softcap else None,
         dropout_p=float(dropout or 0.0),
     )
+    # training dropout: a seed tensor drawn on the device (no host read, no graph break)
+    opts.update(device_seed(q, opts["dropout_p"]))
 
     if _is_filled_row(attention_mask):
         return _static_attention(q, k, v, attention_mask, opts, sliding_window), None
