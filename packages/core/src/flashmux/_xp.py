@@ -102,10 +102,11 @@ class TorchOps:
 
     def where(self, c, a, b):
         t = self.torch
+        # t.full fills on the device; t.tensor(scalar, device=cuda) would be a synchronizing copy
         if not isinstance(a, t.Tensor):
-            a = t.tensor(a, dtype=b.dtype, device=b.device)
+            a = t.full((), a, dtype=b.dtype, device=b.device)
         if not isinstance(b, t.Tensor):
-            b = t.tensor(b, dtype=a.dtype, device=a.device)
+            b = t.full((), b, dtype=a.dtype, device=a.device)
         return t.where(c, a, b)
 
 
