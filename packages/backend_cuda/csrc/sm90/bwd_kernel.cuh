@@ -45,6 +45,9 @@ struct BwdTraits {
   // and warp 1 of the producer warpgroup adds it with one bulk reduce-add (cp.reduce.async.bulk)
   // per 8 query rows (named barriers 2 "dQ full" and 3 "dQ empty", 288 threads each).
   static constexpr bool kDqBulk = kDqBulk_;
+  // dV issued before the dS arithmetic (under which it runs) rather than after it: only where
+  // the registers allow (hd64 holds 64x128 fp32 S^T and dP^T per thread: it spilled 144 B).
+  static constexpr bool kEarlyDV = kD_ >= 128;
   static constexpr int kD = kD_;
   static constexpr int kBM = kBM_;     // query rows per step
   static constexpr int kBN = 128;      // keys per CTA (64 per consumer warpgroup)
@@ -383,8 +386,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
       warpgroup_fence_operand(rP);
 
+      // dV += P^T dO: issued now (kEarlyDV) so that it runs under the dS arithmetic, or after
+      // it (fewer live registers).
+      auto issue_dv = [&]() __attribute__((always_inline)) {
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_arrive();
+#pragma unroll
+        for (int kb = 0; kb < size<2>(tPrP); ++kb)
+          gemm(mma_kv, tPrP(_, _, kb), tdVrdOt(_, _, kb, stage), acc_dv);
+        warpgroup_commit_batch();
+      };
+      if constexpr (Tr::kEarlyDV) {
+        issue_dv();
+        warpgroup_wait<1>();  // dP^T done (dV may still run)
+      } else {
+        warpgroup_wait<0>();
+      }
+
       // dS^T = P^T (dP^T * scale - dsum * scale), in the input type.
-      warpgroup_wait<0>();
       warpgroup_fence_operand(tdPrdP);
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
@@ -396,14 +415,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < size(tdPrdP); ++e) rdS(e) = static_cast<T>(tdPrdP(e));
       warpgroup_fence_operand(rdS);
+      if constexpr (!Tr::kEarlyDV) issue_dv();
 
-      // dV += P^T dO (issued first: its operands are ready).
-      warpgroup_fence_operand(acc_dv);
-      warpgroup_arrive();
+      // dK += dS^T Q: before the dS stores (kEarlyDV: they run under it) or after them.
+      auto issue_dk = [&]() __attribute__((always_inline)) {
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_arrive();
 #pragma unroll
-      for (int kb = 0; kb < size<2>(tPrP); ++kb)
-        gemm(mma_kv, tPrP(_, _, kb), tdVrdOt(_, _, kb, stage), acc_dv);
-      warpgroup_commit_batch();
+        for (int kb = 0; kb < size<2>(tdSrdS); ++kb)
+          gemm(mma_kv, tdSrdS(_, _, kb), tdKrQt(_, _, kb, stage), acc_dk);
+        warpgroup_commit_batch();
+      };
+      if constexpr (Tr::kEarlyDV) issue_dk();
 
       // dS^T -> shared memory as dS (query rows contiguous): columns c, c+1 of the fragment are
       // adjacent query rows, so each pair is one 4-byte store.
@@ -416,14 +439,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           *reinterpret_cast<uint32_t *>(&sdS(q, key, buf)) = *reinterpret_cast<uint32_t *>(pair);
         }
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> wgmma reads
-
-      // dK += dS^T Q.
-      warpgroup_fence_operand(acc_dk);
-      warpgroup_arrive();
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tdSrdS); ++kb)
-        gemm(mma_kv, tdSrdS(_, _, kb), tdKrQt(_, _, kb, stage), acc_dk);
-      warpgroup_commit_batch();
+      if constexpr (!Tr::kEarlyDV) issue_dk();
 
       // Both warpgroups' halves of dS are in shared memory: dQ = dS K.
       cutlass::arch::NamedBarrier::sync(256, 1);
