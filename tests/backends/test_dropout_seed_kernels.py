@@ -142,7 +142,7 @@ def jax_mod():
 def test_pallas_array_seed_equals_int_and_compiles_once(jax_mod):
     jax = jax_mod
     jnp = jax.numpy
-    q, k, v = (jnp.asarray(x) for x in _np_qkv())
+    q, k, v = (jnp.asarray(x[:, :17, :1]) for x in _np_qkv())  # one head: interpret mode is slow
     traces = []
 
     def loss(q, k, v, s):
@@ -164,6 +164,7 @@ def test_pallas_array_seed_equals_int_and_compiles_once(jax_mod):
 
 def test_pallas_conformance_dropout_with_array_seeds(jax_mod, monkeypatch):
     used = array_seeds(monkeypatch)
-    skip = judge.run_case(replace(CASE, transform="jit"), "pallas", "jax")
+    small = replace(CASE, seqlen_q=17, seqlen_k=17, heads_q=2, heads_kv=1, transform="jit")
+    skip = judge.run_case(small, "pallas", "jax")
     assert skip is None, skip
     assert used and all("Tracer" in t for t in used), used

@@ -1,7 +1,7 @@
 """Static (preallocated) KV caches through flashmux's transformers integration: the layers hand
 the whole buffer and flashmux.attention_with_kvcache attends only its filled slots. Greedy
 generate() is token-identical to attn_implementation="sdpa" in float32 on tiny random models
-(Llama, Qwen2 without sliding layers, Mistral with sliding-window layers, prompts shorter and
+(Llama, Mistral with sliding-window layers, prompts shorter and
 the window, generating past it); a decode step compiles with fullgraph=True; what cannot be mapped
 (padded batches) is refused with a sentence. Also: training dropout's seed reaches flashmux as a
 device tensor (no host read)."""
@@ -27,8 +27,6 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 def _config(family):
     if family == "llama":
         return transformers.LlamaConfig(**COMMON)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**COMMON, use_sliding_window=False)
     if family == "mistral":
         return transformers.MistralConfig(**COMMON, sliding_window=4, head_dim=16)
     raise ValueError(family)
@@ -74,14 +72,13 @@ def test_static_cache_sliding_window_matches_sdpa():
     filled-slots row and the window apply; after (later steps) every slot is attended."""
     ref, fmx = _pair("mistral")
     ids = _ids(seq=2, seed=3)
-    kw = dict(max_new_tokens=7, do_sample=False, cache_implementation="static")
+    kw = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         assert torch.equal(fmx.generate(ids, **kw), ref.generate(ids, **kw))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_static_cache_generate_matches_sdpa(family, kv_calls):
-    ref, fmx = _pair(family)
+def test_static_cache_generate_matches_sdpa(kv_calls):
+    ref, fmx = _pair("llama")
     ids = _ids()
     kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
     with torch.no_grad():
