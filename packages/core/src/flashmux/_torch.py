@@ -1,7 +1,8 @@
-"""PyTorch glue: two custom ops (``flashmux::fwd``, ``flashmux::bwd``) with fake
+"""PyTorch glue: two custom ops (``flashmux::fwd_ext``, ``flashmux::bwd_ext``) with fake
 implementations and autograd, so every torch backend is differentiable and traceable by
 torch.compile without graph breaks. The backend is named by a string argument; the ops look it up
-in the registry, so the backward runs on the backend that ran the forward.
+in the registry, so the backward runs on the backend that ran the forward. Plain calls pass no
+ALiBi slopes, an empty block mask and no seed array; eager calls skip the ops (`_Attention`).
 
 Imported only when torch tensors reach `flashmux.attention`.
 """
@@ -50,39 +51,15 @@ def _flat(p: Params):
     )
 
 
-@torch.library.custom_op("flashmux::fwd", mutates_args=())
-def fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    backend: str,
-    scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    dropout_seed: int,
-    varlen: bool,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    return_lse: bool,
-    deterministic: bool,
-    residual: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
-                varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
-    out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
-                             p, residual)
-    # An op output can be neither None nor an alias of another output: "no residual" is empty.
-    return out, lse, q.new_empty(0) if res is None else res
-
-
-@fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, backend, *rest):
-    return _fake_fwd(q, v, backend, rest[-1])
+# The ops' schemas (what torch.library.infer_schema made of their annotations before, kept
+# as they were): the flags in the order of `_flat`, then the extra operands. Their Python
+# functions take the flags as *flat.
+_FLAGS = ("float scale, bool causal, SymInt window_left, SymInt window_right, float softcap, "
+          "float dropout_p, SymInt dropout_seed, bool varlen, SymInt max_seqlen_q, "
+          "SymInt max_seqlen_k, bool return_lse, bool deterministic")
+_OPERANDS = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, Tensor[] block_mask, "
+             "SymInt[] block_mask_meta, Tensor? seed, str backend")
+_OUT = "(Tensor, Tensor, Tensor)"
 
 
 def _fake_fwd(q, v, backend, residual):
@@ -123,66 +100,6 @@ def _backward_call(be, do, dlse, q, k, v, out, lse, cu_q, cu_k, p: Params, res, 
     return be.backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, p, **extra)
 
 
-@torch.library.custom_op("flashmux::bwd", mutates_args=())
-def bwd(
-    do: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    out_residual: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    backend: str,
-    scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    dropout_seed: int,
-    varlen: bool,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    return_lse: bool,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _params(scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed,
-                varlen, max_seqlen_q, max_seqlen_k, return_lse, deterministic)
-    return _backward_call(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
-                          cu_seqlens_q, cu_seqlens_k, p, out_residual)
-
-
-@bwd.register_fake
-def _(do, dlse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, backend, *flat = inputs
-    out, lse, res = output
-    ctx.save_for_backward(q, k, v, out, lse, res, cu_q, cu_k)
-    ctx.backend = backend
-    ctx.flat = flat[:-1]  # without `residual`
-    ctx.mark_non_differentiable(res)
-
-
-def _backward(ctx, dout, dlse, _dres):
-    q, k, v, out, lse, res, cu_q, cu_k = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    if not ctx.flat[10]:  # return_lse False: nothing can have used lse
-        dlse = None
-    dq, dk, dv = bwd(dout.contiguous(), dlse, q, k, v, out, lse, res, cu_q, cu_k, ctx.backend,
-                     *ctx.flat)
-    return (dq, dk, dv) + (None,) * (4 + len(ctx.flat))
-
-
-fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
 class _Attention(torch.autograd.Function):
     """Eager autograd path: the same forward/backward as the custom ops, minus their dispatch
     cost (tens of microseconds), which matters for small calls. `extra` holds ALiBi slopes / a
@@ -215,18 +132,11 @@ def _needs_grad(q, k, v) -> bool:
 
 
 def run(backend: str, q, k, v, cu_q, cu_k, p: Params):
-    grad = _needs_grad(q, k, v)
-    if torch.compiler.is_compiling():
-        out, lse, _ = fwd(q, k, v, cu_q, cu_k, backend, *_flat(p), grad)
-        return out, lse
-    if grad:
-        return _Attention.apply(q, k, v, cu_q, cu_k, backend, p, {})
-    return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p)
+    return run_ext(backend, q, k, v, cu_q, cu_k, p)
 
 
-# -- ALiBi slopes and block masks (issue 15): the same route with extra array operands ----------
-# Separate ops so that the plain calls keep their signature. A BlockMask travels as its list of
-# arrays plus its sizes, and is rebuilt inside the op.
+# -- the ops' extra operands: ALiBi slopes, a block mask (issue 15), a seed array ------------------
+# A BlockMask travels as its list of arrays plus its sizes, and is rebuilt inside the op.
 
 
 def _extra(slopes, bm_arrays, bm_meta, seed=None):
@@ -259,38 +169,17 @@ def _bm_operands(bm):
                                -1 if bm.heads is None else bm.heads]
 
 
-@torch.library.custom_op("flashmux::fwd_ext", mutates_args=())
-def fwd_ext(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    block_mask: list[torch.Tensor],
-    block_mask_meta: list[int],
-    seed: torch.Tensor | None,
-    backend: str,
-    scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    dropout_seed: int,
-    varlen: bool,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    return_lse: bool,
-    deterministic: bool,
-    residual: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
-            max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+@torch.library.custom_op(
+    "flashmux::fwd_ext", mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, {_OPERANDS}, {_FLAGS}, bool residual) -> {_OUT}")
+def fwd_ext(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_meta, seed,
+            backend, *flat):
+    *flat, residual = flat
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
     extra = _extra(alibi_slopes, block_mask, block_mask_meta, seed)
     out, lse, res = _forward(dispatch.get_backend(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
                              p, residual, extra)
+    # An op output can be neither None nor an alias of another output: "no residual" is empty.
     return out, lse, q.new_empty(0) if res is None else res
 
 
@@ -300,38 +189,12 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_mask, block_mask_
     return _fake_fwd(q, v, backend, rest[-1])
 
 
-@torch.library.custom_op("flashmux::bwd_ext", mutates_args=())
-def bwd_ext(
-    do: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    out_residual: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    block_mask: list[torch.Tensor],
-    block_mask_meta: list[int],
-    seed: torch.Tensor | None,
-    backend: str,
-    scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    dropout_seed: int,
-    varlen: bool,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    return_lse: bool,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flat = (scale, causal, window_left, window_right, softcap, dropout_p, dropout_seed, varlen,
-            max_seqlen_q, max_seqlen_k, return_lse, deterministic)
+@torch.library.custom_op(
+    "flashmux::bwd_ext", mutates_args=(),
+    schema=f"(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+           f"Tensor out_residual, {_OPERANDS}, {_FLAGS}) -> {_OUT}")
+def bwd_ext(do, dlse, q, k, v, out, lse, out_residual, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+            block_mask, block_mask_meta, seed, backend, *flat):
     p = _ext_params(flat, alibi_slopes, block_mask_meta)
     extra = _extra(alibi_slopes, block_mask, block_mask_meta, seed)
     return _backward_call(dispatch.get_backend(backend), do, dlse, q, k, v, out, lse,
@@ -363,6 +226,8 @@ def _backward_ext_op(ctx, dout, dlse, _dres):
                          bm, ctx.bm_meta, seed, ctx.backend, *ctx.flat)
     grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
     grads[6] = [None] * ctx.n_bm  # the block mask's list of arrays: a list of no-gradients
+    if not ctx.bm_meta:  # plain calls: autograd wants [] for an empty int list, None otherwise
+        grads[7] = []
     return tuple(grads)
 
 
