@@ -109,6 +109,9 @@ def test_triton_compiled_graph_takes_seed_tensors(triton_device):
     from torch._dynamo.testing import CompileCounter
 
     q, k, v = (torch.tensor(x, device=triton_device) for x in _np_qkv())
+    # eagerly first: the first call's lazy imports and caches would force a retrace
+    flashmux.attention(q, k, v, dropout_p=P, dropout_seed=torch.tensor(0, device=triton_device),
+                       backend="triton")
     cnt = CompileCounter()
 
     @torch.compile(backend=cnt, fullgraph=True)
