@@ -39,7 +39,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from .mosaic_kernels import kv_loader, produce
+from .mosaic_kernels import kv_loader, produce, shared_reasons
 
 LOG2E = 1.4426950408889634
 
@@ -76,24 +76,9 @@ def default_config(head_dim: int, causal: bool, seqlen_q: int = 0) -> MosaicBwdC
 
 def supports(q, k, v, params, cfg: MosaicBwdConfig = MosaicBwdConfig()) -> list[str]:
     """Reasons this backward can't take the Mosaic path (empty when it can)."""
-    import jax.numpy as jnp
-
-    out = []
-    if q.ndim != 4:
-        out.append("varlen")
-    else:
-        B, Sq, Hq, D = q.shape
-        Sk = k.shape[1]
-        if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-            out.append("dtype")
-        if D not in (64, 128) or v.shape[-1] != D:
-            out.append("head_dim")
-        if Sq == 0 or Sk == 0 or B == 0:
-            out.append("empty")
-        if params.causal and Sq != Sk:
-            out.append("causal with Sq != Sk")
-    if params.has_window or params.softcap or params.dropout_p or params.varlen:
-        out.append("window/softcap/dropout/varlen")
+    out = shared_reasons(q, k, v, params)
+    if q.ndim == 4 and 0 in (q.shape[0], q.shape[1], k.shape[1]):
+        out.append("empty")
     if not float(params.scale) > 0:
         out.append("scale <= 0")
     return out

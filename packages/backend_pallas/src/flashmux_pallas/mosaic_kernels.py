@@ -59,26 +59,32 @@ def available() -> bool:
         return False
 
 
-def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
-    """Reasons this problem can't take the Mosaic path (empty when it can)."""
+def shared_reasons(q, k, v, params) -> list[str]:
+    """What the Mosaic forward and backward both need: (B, S, H, D) arrays in fp16/bf16, head_dim
+    64 or 128 (V's too), causal only with Sq == Sk, no window/softcap/dropout/varlen."""
     import jax.numpy as jnp
 
     out = []
     if q.ndim != 4:
         out.append("varlen")
     else:
-        B, Sq, Hq, D = q.shape
-        Sk = k.shape[1]
+        D = q.shape[-1]
         if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
             out.append("dtype")
         if D not in (64, 128) or v.shape[-1] != D:
             out.append("head_dim")
-        if Sq % (2 * cfg.block_q) or Sk % cfg.block_kv:
-            out.append("seqlen not a block multiple")
-        if params.causal and Sq != Sk:
+        if params.causal and q.shape[1] != k.shape[1]:
             out.append("causal with Sq != Sk")
     if params.has_window or params.softcap or params.dropout_p or params.varlen:
         out.append("window/softcap/dropout/varlen")
+    return out
+
+
+def supports(q, k, v, params, cfg: MosaicConfig) -> list[str]:
+    """Reasons this problem can't take the Mosaic path (empty when it can)."""
+    out = shared_reasons(q, k, v, params)
+    if q.ndim == 4 and (q.shape[1] % (2 * cfg.block_q) or k.shape[1] % cfg.block_kv):
+        out.append("seqlen not a block multiple")
     return out
 
 
