@@ -317,7 +317,8 @@ def _seed(seed, kind, q=None) -> int | None:
             return int(np.random.randint(0, 2**31 - 1))
         raise ValueError(
             "dropout_seed: expected an int when dropout_p > 0 with JAX arrays "
-            "(JAX has no global random state), got None"
+            "(JAX has no global random state), got None; under jit pass a scalar integer array, "
+            "e.g. jax.random.bits(key, (), jnp.uint32), so that a new seed compiles nothing"
         )
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"dropout_seed: expected an int or None, got {seed!r} (a scalar integer "
