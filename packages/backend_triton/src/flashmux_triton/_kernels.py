@@ -127,6 +127,40 @@ def _slope2(SLOPES, b, stride_sb, h, ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _part(part: tl.constexpr, lo, mid0, mid1, hi):
+    """Block range `part` of a band split by `_band`: 0 and 2 the boundary blocks (masked),
+    1 the mask-free interior."""
+    if part == 0:
+        start = lo
+        end = mid0
+    elif part == 1:
+        start = mid0
+        end = mid1
+    else:
+        start = mid1
+        end = hi
+    return start, end
+
+
+@triton.jit
+def _q_tile(b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP: tl.constexpr,
+            ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What a query-block program (forward, dQ) derives from (batch b, query head h, first row
+    m0): (b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv)."""
+    b64 = b.to(tl.int64)
+    hk = h // GROUP
+    bh = b * n_heads + h
+    diag_off = seqlen_k - seqlen_q
+    slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv
+
+
+@triton.jit
 def _q_band(m0, seqlen_q, seqlen_k, diag_off, window_left, window_right,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
@@ -224,9 +258,11 @@ def _softmax_pv(acc, l_i, m_i, s, mult, v, r, c, p_drop, seed, bh, FOLD: tl.cons
 
 
 @triton.jit
-def _fwd_store(acc, l_i, m_i, O, R, LSE, o_off, o_mask, lse_off, row_ok, drop_scale,
-               DROPOUT: tl.constexpr, RESID: tl.constexpr):
-    """The forward's end: normalize, store O (and its rounding error R), and the lse."""
+def _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, q_start, offs_m, offs_dv, seqlen_q,
+               stride_ob, stride_os, stride_oh, stride_lb, stride_lh, drop_scale,
+               HEAD_DIM_V: tl.constexpr, DROPOUT: tl.constexpr, RESID: tl.constexpr):
+    """The forward's end: normalize, store O (and its rounding error R) and the lse of rows
+    offs_m of (batch b64, head h); q_start: the sequence's first row (varlen), else 0."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     inv = 1.0 / l_safe
@@ -234,11 +270,15 @@ def _fwd_store(acc, l_i, m_i, O, R, LSE, o_off, o_mask, lse_off, row_ok, drop_sc
         inv = inv * drop_scale
     acc = acc * inv[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+
+    o_off = b64 * stride_ob + q_start * stride_os + h * stride_oh
+    o_off = o_off + offs_m[:, None] * stride_os + offs_dv[None, :]
+    o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
     o_low = _cast(acc, O.dtype.element_ty)
     tl.store(O + o_off, o_low, mask=o_mask)
     if RESID:  # the rounding error of the stored output, for the backward's delta (R: O's layout)
         tl.store(R + o_off, _cast(acc - o_low.to(tl.float32), O.dtype.element_ty), mask=o_mask)
-    tl.store(LSE + lse_off, lse, mask=row_ok)
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -358,16 +398,9 @@ def attn_fwd(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    hk = h // GROUP
-    bh = b * n_heads + h
-    diag_off = seqlen_k - seqlen_q
-    slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
+        b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV)
 
     q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
     k_base = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
@@ -393,33 +426,18 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
-        lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
-        mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed,
-        bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-        DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
-        mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop, seed, bh,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
-    )
+    for part in tl.static_range(3):  # boundary blocks (masked), the interior, boundary blocks
+        start, end = _part(part, lo, mid0, mid1, hi)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+            DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
+            start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
+            seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, part != 1, HAS_LEFT,
+            HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
+        )
 
-    o_off = b64 * stride_ob + q_start * stride_os + h * stride_oh
-    o_off = o_off + offs_m[:, None] * stride_os + offs_dv[None, :]
-    o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    _fwd_store(acc, l_i, m_i, O, R, LSE, o_off, o_mask, b64 * stride_lb + h * stride_lh + q_start
-               + offs_m, offs_m < seqlen_q, drop_scale, DROPOUT, RESID)
+    _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, q_start, offs_m, offs_dv, seqlen_q, stride_ob,
+               stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,27 +606,15 @@ def attn_bwd_dkdv(
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
         dqa_base = DQA + b64 * stride_dqab + q_start * stride_dqas + h * stride_dqah
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, lo, mid0, seqlen_q, diag_off, window_left,
-            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid0, mid1, seqlen_q, diag_off, window_left,
-            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-            dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, mid1, hi, seqlen_q, diag_off, window_left,
-            window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
-        )
+        for part in tl.static_range(3):  # boundary, interior, boundary (as in the forward)
+            start, end = _part(part, lo, mid0, mid1, hi)
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, start, end,
+                seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
+                drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 1,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
+            )
     tl.store(
         DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
         _cast(dk, DK.dtype.element_ty),
@@ -679,16 +685,9 @@ def attn_bwd_dq(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    hk = h // GROUP
-    bh = b * n_heads + h
-    diag_off = seqlen_k - seqlen_q
-    slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
+        b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV)
     row_ok = offs_m < seqlen_q
     q = tl.load(
         Q + b64 * stride_qb + (q_start + offs_m[:, None]) * stride_qs + h * stride_qh + offs_d[None, :],
@@ -709,24 +708,14 @@ def attn_bwd_dq(
                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        offs_dv, lo, mid0, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
-        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        offs_dv, mid0, mid1, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
-        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        offs_dv, mid1, hi, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
-        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
-    )
+    for part in tl.static_range(3):  # boundary, interior, boundary (as in the forward)
+        start, end = _part(part, lo, mid0, mid1, hi)
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+            offs_dv, start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+            p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+            part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
+        )
     dq = dq * post
     tl.store(
         DQ + b64 * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + h * stride_dqh + offs_d[None, :],

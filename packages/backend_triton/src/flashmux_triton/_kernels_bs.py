@@ -23,7 +23,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._kernels import _cast, _dot, _dot_acc, _dropout_keep, _tanh
+from ._kernels import (
+    _band_ok,
+    _cast,
+    _dkdv_acc,
+    _dq_acc,
+    _dq_lse2,
+    _fwd_store,
+    _load,
+    _q_tile,
+    _scores,
+    _slope2,
+    _softmax_pv,
+)
 
 
 @triton.jit
@@ -49,54 +61,13 @@ def _bits_tile(BITS, tid, r_loc, c0, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _bs_fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, c_loc0,
-    offs_m, offs_n, offs_d, offs_dv, start_n,
-    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    cols = start_n + offs_n
-    kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
-    if CHECK:
-        kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+def _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, keys) element mask of a partial tile: rows r_loc, the keys from c_loc0."""
+    if BLOCK_N >= 32:
+        ok = _bits_tile(BITS, tid, r_loc, c_loc0, MBS, BLOCK_N)
     else:
-        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-    s = _dot(q, kt, IEEE)
-    if SOFTCAP:
-        s = _tanh(s * scale_a) * scale_b
-    else:
-        s = s * scale_a
-    if ALIBI:
-        s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
-    if CHECK or PARTIAL:
-        ok = cols[None, :] < seqlen_k
-        if HAS_LEFT:
-            ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
-        if HAS_RIGHT:
-            ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
-        if PARTIAL:
-            if BLOCK_N >= 32:
-                ok = ok & _bits_tile(BITS, tid, r_loc, c_loc0, MBS, BLOCK_N)
-            else:
-                ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
-        p = tl.where(keep, p, 0.0)
-    acc = _dot_acc(_cast(p, v.dtype), v, acc, IEEE)
-    return acc, l_i, m_new
+        ok = _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
+    return ok
 
 
 @triton.jit
@@ -110,6 +81,92 @@ def _in_band(start_n, n_len, row_first, row_last, diag_off, window_left, window_
     if HAS_LEFT:
         ok = ok & (start_n + n_len - 1 >= row_first + diag_off - window_left)
     return ok
+
+
+@triton.jit
+def _visit(start_n, n_len, row_first, row_last, x, lim, diag_off, window_left, window_right,
+           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Whether a listed tile is computed: every one without causal/window (a tail tile past the
+    sequence is masked by CHECK_FULL), else those that meet the band, with x < lim."""
+    if HAS_LEFT or HAS_RIGHT:
+        ok = _in_band(start_n, n_len, row_first, row_last, diag_off, window_left, window_right,
+                      HAS_LEFT, HAS_RIGHT) & (x < lim)
+    else:
+        ok = True
+    return ok
+
+
+@triton.jit
+def _list(NF, FI, NP, PI, row, PARTIAL: tl.constexpr):
+    """(count, index pointer) of a mask row's (or column's) full tiles, or its partial ones."""
+    if PARTIAL:
+        n = tl.load(NP + row)
+        idx = PI
+    else:
+        n = tl.load(NF + row)
+        idx = FI
+    return n, idx
+
+
+@triton.jit
+def _bs_fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, c_loc0,
+    offs_m, offs_n, offs_d, offs_dv, start_n,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = start_n + offs_n
+    kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
+    kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
+    v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, CHECK, True)
+    s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :],
+                         diag_off, SOFTCAP, ALIBI, False, IEEE)
+    if CHECK or PARTIAL:
+        ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
+                      window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        if PARTIAL:
+            ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
+        s = tl.where(ok, s, float("-inf"))
+    return _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :], p_drop, seed,
+                       bh, False, True, DROPOUT, IEEE)
+
+
+@triton.jit
+def _bs_fwd_list(
+    acc, l_i, m_i, NF, FI, NP, PI, TILE, row, n_kb, q, k_base, v_base, stride_ks, stride_vs,
+    BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tiles of one list of the query block's mask row (NF/FI: the full mask tiles'
+    count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
+    tiles per mask tile, so the compiler can pipeline the K/V loads across mask tiles."""
+    SUBS: tl.constexpr = MBS // BLOCK_N
+    n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
+    for it in range(0, n * SUBS):
+        kb = tl.load(IDX + row.to(tl.int64) * n_kb + it // SUBS)
+        tid = 0
+        if PARTIAL:
+            tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if _visit(start_n, BLOCK_N, row_first, row_last, start_n, seqlen_k, diag_off,
+                  window_left, window_right, HAS_LEFT, HAS_RIGHT):
+            acc, l_i, m_i = _bs_fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
+                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
+                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+            )
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
@@ -138,20 +195,11 @@ def bs_fwd(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    hk = h // GROUP
-    bh = b * n_heads + h
-    diag_off = seqlen_k - seqlen_q
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
     qb = m0 // MBS
     row = (b * mask_b * mask_heads + h * mask_h) * n_qb + qb
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
+        b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV)
     r_loc = offs_m - qb * MBS
     q_base = Q + b64 * stride_qb + h * stride_qh
     k_base = K + b64 * stride_kb + hk * stride_kh
@@ -166,72 +214,16 @@ def bs_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # One flat loop per list (SUBS kernel tiles per mask tile), so the compiler can pipeline the
-    # K/V loads across mask tiles. Without causal/window every listed tile is computed (a tail
-    # tile past seqlen_k is masked by CHECK_FULL); with them, tiles outside the band are skipped.
-    SUBS: tl.constexpr = MBS // BLOCK_N
-    n_full = tl.load(QNF + row)
-    for it in range(0, n_full * SUBS):
-        kb = tl.load(QFI + row.to(tl.int64) * n_kb + it // SUBS)
-        sub = (it % SUBS) * BLOCK_N
-        start_n = kb * MBS + sub
-        if HAS_LEFT or HAS_RIGHT:
-            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
-                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
-                acc, l_i, m_i = _bs_fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc, sub,
-                    offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
-                    window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                )
-        else:
-            acc, l_i, m_i = _bs_fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc, sub,
-                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
-                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
-    n_part = tl.load(QNP + row)
-    for it in range(0, n_part * SUBS):
-        kb = tl.load(QPI + row.to(tl.int64) * n_kb + it // SUBS)
-        tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
-        sub = (it % SUBS) * BLOCK_N
-        start_n = kb * MBS + sub
-        if HAS_LEFT or HAS_RIGHT:
-            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
-                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
-                acc, l_i, m_i = _bs_fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
-                    offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
-                    window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                )
-        else:
-            acc, l_i, m_i = _bs_fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
-                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
-                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
-
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    inv = 1.0 / l_safe
-    if DROPOUT:
-        inv = inv * drop_scale
-    acc = acc * inv[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_off = b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :]
-    o_mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    o_low = _cast(acc, O.dtype.element_ty)
-    tl.store(O + o_off, o_low, mask=o_mask)
-    if RESID:
-        tl.store(R + o_off, _cast(acc - o_low.to(tl.float32), O.dtype.element_ty), mask=o_mask)
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
+    for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+        acc, l_i, m_i = _bs_fwd_list(
+            acc, l_i, m_i, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, k_base, v_base, stride_ks,
+            stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
+            seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed,
+            bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL or part == 1, part == 1,
+            HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+        )
+    _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
+               stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)
 
 
 @triton.jit
@@ -248,47 +240,65 @@ def _bs_dkdv_tile(
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
-    qt = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
-                 mask=rmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :],
-                 mask=rmask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    qt = _load(q_base + rows[None, :] * stride_qs + offs_d[:, None], rmask[None, :],
+               offs_d[:, None] < HEAD_DIM, True, True)
+    do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :], rmask[:, None],
+               offs_dv[None, :] < HEAD_DIM_V, True, True)
     lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    st = _dot(k, qt, IEEE)  # (BLOCK_N, BLOCK_M): keys x queries
-    if SOFTCAP:
-        tt = _tanh(st * scale_a)
-        st = tt * scale_b
-    else:
-        st = st * scale_a
-    if ALIBI:
-        st = st - slope2 * tl.abs(rows[None, :] + diag_off - offs_n[:, None]).to(tl.float32)
+    # (BLOCK_N, BLOCK_M): keys x queries
+    st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, rows[None, :], offs_n[:, None],
+                        diag_off, SOFTCAP, ALIBI, False, IEEE)
     pt = tl.exp2(st - lse2[None, :])
     if CHECK or PARTIAL:
-        ok = rmask[None, :]
-        if HAS_LEFT:
-            ok = ok & (offs_n[:, None] >= rows[None, :] + diag_off - window_left)
-        if HAS_RIGHT:
-            ok = ok & (offs_n[:, None] <= rows[None, :] + diag_off + window_right)
+        ok = _band_ok(rmask[None, :], rows[None, :], offs_n[:, None], diag_off, window_left,
+                      window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
             if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
                 ok = ok & tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
             else:
                 ok = ok & _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
         pt = tl.where(ok, pt, 0.0)
-    dpt = _dot(v, tl.trans(do), IEEE)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], p_drop)
-        pdt = tl.where(keep, pt * drop_scale, 0.0)
-        dpt = tl.where(keep, dpt * drop_scale, 0.0)
-    else:
-        pdt = pt
-    dv = _dot_acc(_cast(pdt, do.dtype), do, dv, IEEE)
-    dst = pt * (dpt - delta[None, :])
-    if SOFTCAP:
-        dst = dst * (1.0 - tt * tt)
-    ds_lo = _cast(dst * sm_scale, qt.dtype)
-    dk = _dot_acc(ds_lo, tl.trans(qt), dk, IEEE)
+    dk, dv, _ = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                          sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _bs_dkdv_list(
+    dk, dv, NF, FI, NP, PI, TILE, col, bhm, n_qb, n_kb, kb, k, v, q_base, do_base, lse_base,
+    delta_base, stride_qs, stride_dos, sm_scale, BITS, c_loc, offs_n, offs_m, offs_d, offs_dv,
+    n0, n_last, seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop,
+    drop_scale, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The query tiles of one list of the key block's transposed mask column (full or
+    partial mask tiles), flat as in the forward."""
+    SUBS: tl.constexpr = MBS // BLOCK_M
+    n, IDX = _list(NF, FI, NP, PI, col, PARTIAL)
+    for it in range(0, n * SUBS):
+        qb = tl.load(IDX + col.to(tl.int64) * n_qb + it // SUBS)
+        tid = 0
+        if PARTIAL:
+            tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb)
+        sub = (it % SUBS) * BLOCK_M
+        start_m = qb * MBS + sub
+        # rows [start_m, start_m + BLOCK_M) meet keys [n0, n_last] (the band test, swapped)
+        if _visit(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1, start_m, seqlen_q,
+                  diag_off, window_left, window_right, HAS_LEFT, HAS_RIGHT):
+            dk, dv = _bs_dkdv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                sm_scale, BITS, tid, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
+                seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
+                p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+                CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
+                BLOCK_N, n0 - kb * MBS,
+            )
     return dk, dv
 
 
@@ -336,73 +346,27 @@ def bs_bwd_dkdv(
         mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
     )
     n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
-    SUBS: tl.constexpr = MBS // BLOCK_M  # flat loops over (mask tile, sub-tile), as the forward
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * n_heads + h
-        slope2 = 0.0
-        if ALIBI:
-            slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+        slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
         bhm = b * mask_b * mask_heads + h * mask_h
         col = bhm * n_kb + kb
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
-        n_full = tl.load(KNF + col)
-        for it in range(0, n_full * SUBS):
-            qb = tl.load(KFI + col.to(tl.int64) * n_qb + it // SUBS)
-            sub = (it % SUBS) * BLOCK_M
-            start_m = qb * MBS + sub
-            if HAS_LEFT or HAS_RIGHT:
-                # rows [start_m, start_m + BLOCK_M) meet keys [n0, n_last] (the band test, swapped)
-                if _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1, diag_off,
-                            window_left, window_right, HAS_LEFT, HAS_RIGHT) & (start_m < seqlen_q):
-                    dk, dv = _bs_dkdv_tile(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                        sm_scale, BITS, 0, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
-                        seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
-                        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-                        CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                        BLOCK_N, n0 - kb * MBS,
-                    )
-            else:
-                dk, dv = _bs_dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                    sm_scale, BITS, 0, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
-                    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
-                    p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-                    CHECK_FULL, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                    BLOCK_N, n0 - kb * MBS,
-                )
-        n_part = tl.load(KNP + col)
-        for it in range(0, n_part * SUBS):
-            qb = tl.load(KPI + col.to(tl.int64) * n_qb + it // SUBS)
-            tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb)
-            sub = (it % SUBS) * BLOCK_M
-            start_m = qb * MBS + sub
-            if HAS_LEFT or HAS_RIGHT:
-                if _in_band(n0, n_last - n0 + 1, start_m, start_m + BLOCK_M - 1, diag_off,
-                            window_left, window_right, HAS_LEFT, HAS_RIGHT) & (start_m < seqlen_q):
-                    dk, dv = _bs_dkdv_tile(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                        sm_scale, BITS, tid, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
-                        seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
-                        p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-                        True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                        BLOCK_N, n0 - kb * MBS,
-                    )
-            else:
-                dk, dv = _bs_dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                    sm_scale, BITS, tid, c_loc, offs_n, offs_m, offs_d, offs_dv, start_m, sub,
-                    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
-                    p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-                    True, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                    BLOCK_N, n0 - kb * MBS,
-                )
+        for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+            dk, dv = _bs_dkdv_list(
+                dk, dv, KNF, KFI, KNP, KPI, TILE, col, bhm, n_qb, n_kb, kb, k, v, q_base, do_base,
+                lse_base, delta_base, stride_qs, stride_dos, sm_scale, BITS, c_loc, offs_n,
+                offs_m, offs_d, offs_dv, n0, n_last, seqlen_q, diag_off, window_left,
+                window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed, bh, HEAD_DIM,
+                HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL or part == 1, part == 1, HAS_LEFT,
+                HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
+            )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
         _cast(dk, DK.dtype.element_ty),
@@ -429,41 +393,52 @@ def _bs_dq_tile(
     cols = start_n + offs_n
     kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
     vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
-    if CHECK:
-        kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vt = tl.load(vt_ptrs, mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-    else:
-        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
-    s = _dot(q, kt, IEEE)
-    if SOFTCAP:
-        t = _tanh(s * scale_a)
-        s = t * scale_b
-    else:
-        s = s * scale_a
-    if ALIBI:
-        s = s - slope2 * tl.abs(offs_m[:, None] + diag_off - cols[None, :]).to(tl.float32)
+    kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
+    vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK, True)
+    s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :], diag_off,
+                      SOFTCAP, ALIBI, False, IEEE)
     p = tl.exp2(s - lse2[:, None])
     if CHECK or PARTIAL:
-        ok = cols[None, :] < seqlen_k
-        if HAS_LEFT:
-            ok = ok & (cols[None, :] >= offs_m[:, None] + diag_off - window_left)
-        if HAS_RIGHT:
-            ok = ok & (cols[None, :] <= offs_m[:, None] + diag_off + window_right)
+        ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
+                      window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
-            if BLOCK_N >= 32:
-                ok = ok & _bits_tile(BITS, tid, r_loc, c_loc0, MBS, BLOCK_N)
-            else:
-                ok = ok & _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
+            ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         p = tl.where(ok, p, 0.0)
-    dp = _dot(do, vt, IEEE)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], p_drop)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    return _dot_acc(_cast(ds, kt.dtype), tl.trans(kt), dq, IEEE)
+    return _dq_acc(dq, p, t, do, vt, kt, delta, offs_m[:, None], cols[None, :], p_drop,
+                   drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
+
+
+@triton.jit
+def _bs_dq_list(
+    dq, NF, FI, NP, PI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base, stride_ks,
+    stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
+    seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tiles of one list of the query block's mask row, flat as in the forward."""
+    SUBS: tl.constexpr = MBS // BLOCK_N
+    n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
+    for it in range(0, n * SUBS):
+        kb = tl.load(IDX + row.to(tl.int64) * n_kb + it // SUBS)
+        tid = 0
+        if PARTIAL:
+            tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
+        sub = (it % SUBS) * BLOCK_N
+        start_n = kb * MBS + sub
+        if _visit(start_n, BLOCK_N, row_first, row_last, start_n, seqlen_k, diag_off,
+                  window_left, window_right, HAS_LEFT, HAS_RIGHT):
+            dq = _bs_dq_tile(
+                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
+                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
+                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
+                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+            )
+    return dq
 
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
@@ -491,19 +466,11 @@ def bs_bwd_dq(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
-    hk = h // GROUP
-    bh = b * n_heads + h
-    diag_off = seqlen_k - seqlen_q
-    slope2 = 0.0
-    if ALIBI:
-        slope2 = tl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
     qb = m0 // MBS
     row = (b * mask_b * mask_heads + h * mask_h) * n_qb + qb
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
+        b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV)
     r_loc = offs_m - qb * MBS
     row_ok = offs_m < seqlen_q
     q = tl.load(
@@ -516,11 +483,7 @@ def bs_bwd_dq(
     )
     row_ptr = b64 * stride_lb + h * stride_lh + offs_m
     lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
-    # as in _kernels.attn_bwd_dq: p * scale straight from exp2 (scale > 0), else a multiply
-    pos = sm_scale > 0
-    shift = tl.where(pos, tl.log2(tl.where(pos, sm_scale, 1.0)), 0.0)
-    post = tl.where(pos, 1.0, sm_scale)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - shift)
+    lse2, post = _dq_lse2(lse, sm_scale)  # as in _kernels.attn_bwd_dq
     delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
@@ -528,54 +491,15 @@ def bs_bwd_dq(
     row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    SUBS: tl.constexpr = MBS // BLOCK_N  # flat loops, as in the forward
-    n_full = tl.load(QNF + row)
-    for it in range(0, n_full * SUBS):
-        kb = tl.load(QFI + row.to(tl.int64) * n_kb + it // SUBS)
-        sub = (it % SUBS) * BLOCK_N
-        start_n = kb * MBS + sub
-        if HAS_LEFT or HAS_RIGHT:
-            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
-                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
-                dq = _bs_dq_tile(
-                    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc,
-                    sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
-                    window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
-                    bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                )
-        else:
-            dq = _bs_dq_tile(
-                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, 0, r_loc,
-                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
-                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
-                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, False,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
-    n_part = tl.load(QNP + row)
-    for it in range(0, n_part * SUBS):
-        kb = tl.load(QPI + row.to(tl.int64) * n_kb + it // SUBS)
-        tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
-        sub = (it % SUBS) * BLOCK_N
-        start_n = kb * MBS + sub
-        if HAS_LEFT or HAS_RIGHT:
-            if _in_band(start_n, BLOCK_N, row_first, row_last, diag_off, window_left,
-                        window_right, HAS_LEFT, HAS_RIGHT) & (start_n < seqlen_k):
-                dq = _bs_dq_tile(
-                    dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
-                    sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
-                    window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
-                    bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                )
-        else:
-            dq = _bs_dq_tile(
-                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
-                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
-                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
-                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, True, True,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
+    for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+        dq = _bs_dq_list(
+            dq, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base,
+            stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
+            row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2,
+            p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+            CHECK_FULL or part == 1, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+            ALIBI, BLOCK_N,
+        )
     dq = dq * post
     tl.store(
         DQ + b64 * stride_dqb + offs_m[:, None] * stride_dqs + h * stride_dqh + offs_d[None, :],
