@@ -155,3 +155,31 @@ def test_fused_merge_leaves_its_counters_at_zero(monkeypatch):
             if fused:
                 cnt = launch.buffers[0][2]
                 assert cnt.shape == (3 * 2,) and not cnt.any()
+
+
+@pytest.mark.skipif(BACKEND != "triton", reason="the triton pass")
+def test_kept_buffers_are_bounded(monkeypatch):
+    from flashmux_triton import _decode
+    from flashmux_triton import tuning_decode as T
+
+    q, kc, vc, table, *_ = _case(4, snew=1)
+    p = kvcache.DecodeParams(scale=0.25, causal=True, window_left=None, window_right=0,
+                             softcap=None, alibi=False, num_splits=3, page_size=8,
+                             return_lse=False)
+    monkeypatch.setattr(_decode, "_stream_key", lambda dev: 0)
+    monkeypatch.setattr(_decode, "_capturing", lambda: False)
+    cfg = T.DecodeConfig(16, 4, 2, 1.0)
+    a = _decode._Launch(q, kc, vc, table, None, p, cfg)
+    size = 4 * (a.n_ws + a.n_cnt)
+    before = _decode._KEPT[0]
+    monkeypatch.setattr(_decode, "KEEP_BYTES", before + size)  # room for one signature
+    a._buffers(q.device)
+    assert a.buffers and _decode._KEPT[0] == before + size
+    b = _decode._Launch(q[:2], kc, vc, table[:2], None, p, cfg)
+    b._buffers(q.device)
+    assert not b.buffers  # over the cap: nothing kept
+    del a
+    import gc
+
+    gc.collect()
+    assert _decode._KEPT[0] == before

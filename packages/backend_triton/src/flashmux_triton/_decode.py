@@ -560,6 +560,13 @@ def _stream_key(dev) -> int:
     return torch.cuda.current_stream(dev).cuda_stream
 
 
+# Partials and counters kept across calls, all signatures and streams together: a serving loop
+# whose batch size changes every step makes a signature per size, and kept buffers must not
+# grow without bound (past this, a signature allocates per call and zeroes a fresh counter).
+KEEP_BYTES = 256 << 20
+_KEPT = [0]
+
+
 class _Launch:
     """Everything about one decode call signature that does not change from step to step."""
 
@@ -637,6 +644,7 @@ class _Launch:
         # and the float32 partials (stream order makes reuse safe); under CUDA-graph capture
         # fresh ones every call (a graph's own memory; its replays zero the counters)
         self.buffers: dict = {}
+        self.kept = 0  # bytes of buffers kept (counted against KEEP_BYTES)
         # (kept per stream up to 16 MiB of partials; larger ones, e.g. long chunked prefills,
         # are allocated per call with a zeroed counter)
         self.persist = q.is_cuda and self.n_ws * 4 <= (16 << 20)
@@ -649,8 +657,16 @@ class _Launch:
         key = _stream_key(dev)
         bufs = self.buffers.get(key)
         if bufs is None:
-            bufs = self.buffers[key] = self._new_buffers(dev)
+            bufs = self._new_buffers(dev)
+            size = 4 * (self.n_ws + self.n_cnt)
+            if _KEPT[0] + size <= KEEP_BYTES:  # else fresh ones each call (a zeroed counter)
+                self.buffers[key] = bufs
+                self.kept += size
+                _KEPT[0] += size
         return bufs
+
+    def __del__(self):
+        _KEPT[0] -= getattr(self, "kept", 0)
 
     def _new_buffers(self, dev):
         ws = torch.empty(self.n_ws, dtype=torch.float32, device=dev)
