@@ -22,8 +22,14 @@ int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtyp
   const int pad = bwd_sq_pad(p.seqlen_q);
 #ifdef FMX_SM90_BWD_TUNING
   // -DFMX_SM90_BWD_TUNING builds: FMX_TUNE_SM90_BWD=1 adds dQ through shared memory and bulk
-  // reduce-adds (kDqBulk) where seqlen_q % 8 == 0 (its 8-row groups must be dq_accum's).
+  // reduce-adds (kDqBulk) where seqlen_q % 8 == 0 (its 8-row groups must be dq_accum's);
+  // FMX_TUNE_SM90_BWD=2 (bf16) flips the GEMM issue order (kEarlyDV) against the default.
   const char *tune = std::getenv("FMX_TUNE_SM90_BWD");
+  if (tune != nullptr && tune[0] == '2' && dtype == 1) {
+    constexpr int kFlip = BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::bfloat16_t>::kEarlyDV ? 0 : 1;
+    return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::bfloat16_t, false, kFlip>>(
+        p, lse2, dsum, pad, stream);
+  }
   if (tune != nullptr && tune[0] == '1' && p.seqlen_q % 8 == 0) {
     if (dtype == 0)
       return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::half_t, true>>(

@@ -37,7 +37,7 @@ namespace fmx {
 namespace sm90 {
 using namespace cute;
 
-template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false>
+template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false, int kOrder_ = -1>
 struct BwdTraits {
   using T = T_;
   // false: each consumer thread adds its dQ values into dq_accum (red.global.add.v2.f32).
@@ -47,7 +47,8 @@ struct BwdTraits {
   static constexpr bool kDqBulk = kDqBulk_;
   // dV issued before the dS arithmetic (under which it runs) rather than after it: only where
   // the registers allow (hd64 holds 64x128 fp32 S^T and dP^T per thread: it spilled 144 B).
-  static constexpr bool kEarlyDV = kD_ >= 128;
+  // kOrder_: -1 this rule, 0 / 1 force the late / early order (tuning variants).
+  static constexpr bool kEarlyDV = kOrder_ < 0 ? kD_ >= 128 : kOrder_ == 1;
   static constexpr int kD = kD_;
   static constexpr int kBM = kBM_;     // query rows per step
   static constexpr int kBN = 128;      // keys per CTA (64 per consumer warpgroup)
