@@ -136,18 +136,22 @@ def _bs_fwd_tile(
 
 
 @triton.jit
-def _bs_fwd_list(
-    acc, l_i, m_i, NF, FI, NP, PI, TILE, row, n_kb, q, k_base, v_base, stride_ks, stride_vs,
-    BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
-    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+def _bs_q_list(
+    acc, l_i, m_i, NF, FI, NP, PI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base,
+    stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
+    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
+    seed, bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQ: tl.constexpr,
 ):
-    """The key tiles of one list of the query block's mask row (NF/FI: the full mask tiles'
+    """The key tiles of one list of a query block's mask row (NF/FI: the full mask tiles'
     count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
-    tiles per mask tile, so the compiler can pipeline the K/V loads across mask tiles."""
+    tiles per mask tile, so the compiler can pipeline the K/V loads across mask tiles. The
+    forward's tiles update (acc, l_i, m_i); with DQ, the dQ kernel's update acc (dQ) from do,
+    lse2, delta (unused by the forward; l_i, m_i unused by dQ)."""
     SUBS: tl.constexpr = MBS // BLOCK_N
     n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
     for it in range(0, n * SUBS):
@@ -159,13 +163,22 @@ def _bs_fwd_list(
         start_n = kb * MBS + sub
         if _visit(start_n, BLOCK_N, row_first, row_last, start_n, seqlen_k, diag_off,
                   window_left, window_right, HAS_LEFT, HAS_RIGHT):
-            acc, l_i, m_i = _bs_fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, sub,
-                offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off, window_left,
-                window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
+            if DQ:
+                acc = _bs_dq_tile(
+                    acc, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid,
+                    r_loc, sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
+                    window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
+                    seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+                )
+            else:
+                acc, l_i, m_i = _bs_fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
+                    sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
+                    window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+                )
     return acc, l_i, m_i
 
 
@@ -215,12 +228,13 @@ def bs_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for part in tl.static_range(2):  # the full mask tiles, then the partial ones
-        acc, l_i, m_i = _bs_fwd_list(
-            acc, l_i, m_i, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, k_base, v_base, stride_ks,
-            stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
-            seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, seed,
-            bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL or part == 1, part == 1,
-            HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+        acc, l_i, m_i = _bs_q_list(
+            acc, l_i, m_i, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, 0, 0, 0, k_base, v_base,
+            stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
+            row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2,
+            p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+            CHECK_FULL or part == 1, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+            ALIBI, BLOCK_N, False,
         )
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)
@@ -408,39 +422,6 @@ def _bs_dq_tile(
                    drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
 
 
-@triton.jit
-def _bs_dq_list(
-    dq, NF, FI, NP, PI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base, stride_ks,
-    stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
-    seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
-    seed, bh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The key tiles of one list of the query block's mask row, flat as in the forward."""
-    SUBS: tl.constexpr = MBS // BLOCK_N
-    n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
-    for it in range(0, n * SUBS):
-        kb = tl.load(IDX + row.to(tl.int64) * n_kb + it // SUBS)
-        tid = 0
-        if PARTIAL:
-            tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
-        sub = (it % SUBS) * BLOCK_N
-        start_n = kb * MBS + sub
-        if _visit(start_n, BLOCK_N, row_first, row_last, start_n, seqlen_k, diag_off,
-                  window_left, window_right, HAS_LEFT, HAS_RIGHT):
-            dq = _bs_dq_tile(
-                dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc,
-                sub, offs_m, offs_n, offs_d, offs_dv, start_n, seqlen_k, diag_off,
-                window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed,
-                bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-            )
-    return dq
-
-
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS,
@@ -492,13 +473,13 @@ def bs_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2):  # the full mask tiles, then the partial ones
-        dq = _bs_dq_list(
-            dq, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base,
-            stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
-            row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2,
-            p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
+        dq, _, _ = _bs_q_list(
+            dq, 0.0, 0.0, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, do, lse2, delta, k_base,
+            v_base, stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv,
+            row_first, row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+            slope2, p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
             CHECK_FULL or part == 1, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
-            ALIBI, BLOCK_N,
+            ALIBI, BLOCK_N, True,
         )
     dq = dq * post
     tl.store(
