@@ -666,7 +666,10 @@ class _Launch:
         return bufs
 
     def __del__(self):
-        _KEPT[0] -= getattr(self, "kept", 0)
+        try:
+            _KEPT[0] -= getattr(self, "kept", 0)
+        except Exception:  # interpreter shutdown: module globals already gone
+            pass
 
     def _new_buffers(self, dev):
         ws = torch.empty(self.n_ws, dtype=torch.float32, device=dev)
