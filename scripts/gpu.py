@@ -388,7 +388,7 @@ def context_parallel(r: Run):
     r.step("cp_gpus", ["nvidia-smi", "-L"], 30)
     r.step("cp_info", [PY, "-m", "flashmux", "info"], 60)
     if r.a.cp_tests:
-        r.step("cp_tests", PYTEST + ["tests/distributed", "-k", r.a.cp_tests], 300, env=NO_NVLS)
+        r.step("cp_tests", PYTEST + ["tests/distributed", "-k", r.a.cp_tests], 430, env=NO_NVLS)
     js = r.out / "ring_scaling.json"
     if js.exists():
         js.unlink()
