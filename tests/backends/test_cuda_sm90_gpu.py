@@ -98,7 +98,8 @@ def test_forward_vs_reference(case, dtype, family, monkeypatch):
     scale = 1.0 / math.sqrt(c["D"])
     ex = flashmux.explain(q, k, v, causal=causal, backend="cuda")
     assert ex.lowerings["forward"].startswith(family), ex.lowerings
-    assert ex.lowerings["backward"].startswith("sm80")
+    # the sm90 backward runs where the sm90 forward does (test_cuda_sm90_bwd_gpu.py judges it)
+    assert ex.lowerings["backward"].startswith(family)
     out, lse = flashmux.attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
     torch.cuda.synchronize()
     npf = lambda t: t.float().cpu().numpy()  # noqa: E731
