@@ -189,7 +189,11 @@ BWD_CASES = [
 ]
 
 
-def bwd(dtypes=(torch.bfloat16, torch.float16)):
+def bwd(dtypes=None):
+    """$FMX_BWD_DTYPES ("bf16,f16" by default) picks the dtypes."""
+    if dtypes is None:
+        names = os.environ.get("FMX_BWD_DTYPES", "bf16,f16").split(",")
+        dtypes = [{"bf16": torch.bfloat16, "f16": torch.float16}[n] for n in names if n]
     _family("auto")
     n = n_ok = 0
     for dtype in dtypes:
