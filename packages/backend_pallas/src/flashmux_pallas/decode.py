@@ -49,6 +49,7 @@ class DecodeStatic:
     block_m: int  # rows per program (padded)
     block_n: int  # keys per tile
     pages_per_step: int  # paged: tiles (each within one page) per loop trip
+    prefetch_pages: bool  # paged: the next trip's page ids are loaded a trip ahead (carried)
     num_splits: int
     capacity: int  # S_max or max_pages * page_size
     page_size: int
@@ -67,12 +68,36 @@ _override: list[dict] = []
 @contextlib.contextmanager
 def tuning(**kw):
     """Force plan() fields for tuning runs (read at trace time): block_m, block_n, num_warps,
-    num_stages, fast_exp, pages_per_step (paged), or programs_per_sm (the split target)."""
+    num_stages, fast_exp, pages_per_step and prefetch_pages (paged), or programs_per_sm (the
+    split target)."""
     _override.append(kw)
     try:
         yield
     finally:
         _override.pop()
+
+
+_TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
+                  "prefetch_pages", "programs_per_sm")
+
+
+def _env_override() -> dict:
+    """FLASHMUX_PALLAS_DECODE="prefetch_pages=1,pages_per_step=16,...": the `tuning` fields for
+    a whole process (benchmark runs; `tuning` blocks take precedence)."""
+    import os
+
+    text = os.environ.get("FLASHMUX_PALLAS_DECODE", "").strip()
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        name = name.strip()
+        if name not in _TUNING_FIELDS:
+            raise ValueError(f"FLASHMUX_PALLAS_DECODE: unknown field {name!r} in {text!r} "
+                             f"(known: {', '.join(_TUNING_FIELDS)})")
+        out[name] = int(val)
+    return out
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -133,7 +158,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         bm_cap, bn_cap, warps, stages = 16, 16, 4, 1
     else:
         bm_cap, bn_cap, warps, stages = 64, (64 if s.head_dim >= 256 else 128), 4, 2
-    ov = _override[-1] if _override else {}
+    ov = _override[-1] if _override else _env_override()
     bm_cap, bn_cap = ov.get("block_m", bm_cap), ov.get("block_n", bn_cap)
     warps, stages = ov.get("num_warps", warps), ov.get("num_stages", stages)
     block_m = max(16, min(bm_cap, _next_pow2(rows)))
@@ -175,6 +200,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         block_m=block_m,
         block_n=block_n,
         pages_per_step=pages,
+        prefetch_pages=bool(ov.get("prefetch_pages", False)) and bool(s.paged),
         num_splits=int(ns),
         capacity=int(s.capacity),
         page_size=int(s.page_size),
@@ -244,13 +270,19 @@ def _decode_kernel(*refs, st: DecodeStatic):
     prec = lax.Precision.HIGHEST if st.f32 else None
     dv = o_ref.shape[-1]
 
-    def tile(start):
-        """K, V and masked base-2 scores of the bn keys from `start`."""
+    def page_of(start):
+        """The (clamped) page of the tile at `start`: a scalar load of the block table."""
+        pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
+        return jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
+
+    def tile(start, page=None):
+        """K, V and masked base-2 scores of the bn keys from `start` (paged: in `page`, looked
+        up here unless the caller loaded it a trip ahead)."""
         if st.paged:
             # start is a multiple of bn and bn divides page_size: the tile lies in one page.
             # Tiles past the sequence (a step's tail) read a clamped page, fully masked.
-            pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
-            page = jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
+            if page is None:
+                page = page_of(start)
             slot = pl.multiple_of(lax.rem(start, jnp.int32(st.page_size)), bn)
             k = k_ref[page, pl.ds(slot, bn), :]
             v = v_ref[page, pl.ds(slot, bn), :]
@@ -277,9 +309,17 @@ def _decode_kernel(*refs, st: DecodeStatic):
         return jnp.where(ok, s, -jnp.inf), v
 
     def body(t, carry):
-        acc, m, l = carry
+        acc, m, l = carry[:3]
         start = k_begin + t * step
-        tiles = [tile(start + j * bn) for j in range(P)]  # loads of all P tiles, then the math
+        if st.prefetch_pages:
+            # this trip's pages came in the carry; the next trip's are loaded now, so the K/V
+            # loads' addresses do not wait on a table load of their own trip
+            pages = carry[3:]
+            nxt = tuple(page_of(start + step + j * bn) for j in range(P))
+            tiles = [tile(start + j * bn, pages[j]) for j in range(P)]
+        else:
+            nxt = ()
+            tiles = [tile(start + j * bn) for j in range(P)]  # all P tiles' loads, then the math
         m_new = m
         for s, _ in tiles:
             m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
@@ -297,14 +337,16 @@ def _decode_kernel(*refs, st: DecodeStatic):
                 precision=prec,
                 preferred_element_type=jnp.float32,
             )
-        return acc, m_new, l
+        return (acc, m_new, l) + nxt
 
     carry = (
         jnp.zeros((bm, dv), jnp.float32),
         jnp.full((bm,), -jnp.inf, jnp.float32),
         jnp.zeros((bm,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, nblocks, body, carry)
+    if st.prefetch_pages:
+        carry = carry + tuple(page_of(k_begin + j * bn) for j in range(P))
+    acc, m, l = lax.fori_loop(0, nblocks, body, carry)[:3]
     empty = l == 0.0
     inv = 1.0 / jnp.where(empty, 1.0, l)
     o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
