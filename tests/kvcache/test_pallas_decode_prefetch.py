@@ -100,6 +100,11 @@ def test_the_environment_sets_the_variant(monkeypatch):
     monkeypatch.setenv("FLASHMUX_PALLAS_DECODE", "prefetch_pages=1,pages_per_step=16")
     st = decode.plan(shapes, p, interpret=False, cores=132)
     assert st.prefetch_pages and st.pages_per_step == 16
+    with decode.tuning(num_warps=8):  # a tuning block (benchmarks) keeps the other fields
+        st = decode.plan(shapes, p, interpret=False, cores=132)
+    assert st.prefetch_pages and st.num_warps == 8
+    with decode.tuning(prefetch_pages=False):
+        assert not decode.plan(shapes, p, interpret=False, cores=132).prefetch_pages
     monkeypatch.setenv("FLASHMUX_PALLAS_DECODE", "prefetch=1")
     with pytest.raises(ValueError, match="prefetch"):
         decode.plan(shapes, p, interpret=False, cores=132)

@@ -83,7 +83,7 @@ _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "
 
 def _env_override() -> dict:
     """FLASHMUX_PALLAS_DECODE="prefetch_pages=1,pages_per_step=16,...": the `tuning` fields for
-    a whole process (benchmark runs; `tuning` blocks take precedence)."""
+    a whole process (benchmark runs); the fields a `tuning` block names take precedence."""
     import os
 
     text = os.environ.get("FLASHMUX_PALLAS_DECODE", "").strip()
@@ -158,7 +158,7 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         bm_cap, bn_cap, warps, stages = 16, 16, 4, 1
     else:
         bm_cap, bn_cap, warps, stages = 64, (64 if s.head_dim >= 256 else 128), 4, 2
-    ov = _override[-1] if _override else _env_override()
+    ov = {**_env_override(), **(_override[-1] if _override else {})}
     bm_cap, bn_cap = ov.get("block_m", bm_cap), ov.get("block_n", bn_cap)
     warps, stages = ov.get("num_warps", warps), ov.get("num_stages", stages)
     block_m = max(16, min(bm_cap, _next_pow2(rows)))
