@@ -34,8 +34,8 @@ grep -A2 "Compiling entry function.*sm90.*_kernel" "$BD/build.log" | grep -E "sp
 cd packages/backend_cuda
 T=${STAGE_TIMEOUT:-150}
 # FMX_TUNE_SM90_BWD values checked by bwd, timed by benchbwd: 0 default, 1 bulk dQ, 2 flipped
-# GEMM issue order (bf16)
-VARIANTS=${SM90_BWD_VARIANTS:-0 1 2}
+# GEMM issue order (bf16), 3 per-warpgroup dQ partials (hd64 bf16; hd128 runs the default)
+VARIANTS=${SM90_BWD_VARIANTS:-0 1 2 3}
 export FMX_BWD_VARIANTS=$(echo $VARIANTS | tr ' ' ',')
 for s in $STAGES; do
   ts=$(date +%s)

@@ -23,8 +23,12 @@ int run_bwd<64>(const Params &p, const float *lse2, const float *dsum, int dtype
 #ifdef FMX_SM90_BWD_TUNING
   // -DFMX_SM90_BWD_TUNING builds: FMX_TUNE_SM90_BWD=1 adds dQ through shared memory and bulk
   // reduce-adds (kDqBulk) where seqlen_q % 8 == 0 (its 8-row groups must be dq_accum's);
-  // FMX_TUNE_SM90_BWD=2 (bf16) flips the GEMM issue order (kEarlyDV) against the default.
+  // FMX_TUNE_SM90_BWD=2 (bf16) flips the GEMM issue order (kEarlyDV) against the default;
+  // FMX_TUNE_SM90_BWD=3 (bf16) gives each warpgroup its own dQ partial (kLocalDQ).
   const char *tune = std::getenv("FMX_TUNE_SM90_BWD");
+  if (tune != nullptr && tune[0] == '3' && dtype == 1)  // per-warpgroup dQ partials (kLocalDQ)
+    return launch_bwd<BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, cutlass::bfloat16_t, false, -1, true>>(
+        p, lse2, dsum, pad, stream);
   if (tune != nullptr && tune[0] == '2' && dtype == 1) {
     constexpr int kFlip = BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, cutlass::bfloat16_t>::kEarlyDV ? 0 : 1;
     return launch_bwd<BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, cutlass::bfloat16_t, false, kFlip>>(

@@ -37,7 +37,8 @@ namespace fmx {
 namespace sm90 {
 using namespace cute;
 
-template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false, int kOrder_ = -1>
+template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false, int kOrder_ = -1,
+          bool kLocalDQ_ = false>
 struct BwdTraits {
   using T = T_;
   // false: each consumer thread adds its dQ values into dq_accum (red.global.add.v2.f32).
@@ -49,6 +50,10 @@ struct BwdTraits {
   // the registers allow (hd64 holds 64x128 fp32 S^T and dP^T per thread: it spilled 144 B).
   // kOrder_: -1 this rule, 0 / 1 force the late / early order (tuning variants).
   static constexpr bool kEarlyDV = kOrder_ < 0 ? kD_ >= 128 : kOrder_ == 1;
+  // true (tuning variant, hd64): each warpgroup computes a full BM x D dQ partial from its own
+  // 64 keys (its own dS half, a 128-thread barrier), so the two warpgroups are not held in
+  // lockstep by the shared dS; twice the dQ reductions.
+  static constexpr bool kLocalDQ = kLocalDQ_;
   static constexpr int kD = kD_;
   static constexpr int kBM = kBM_;     // query rows per step
   static constexpr int kBN = 128;      // keys per CTA (64 per consumer warpgroup)
@@ -76,6 +81,18 @@ struct BwdTraits {
   // dS as the A operand of dQ = dS K: (query rows, keys, buffer), query rows contiguous.
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                               Shape<Int<kBM>, Int<kBN>, _2>{}));
+
+  // kLocalDQ: (rows, 64 keys, warpgroup, buffer) and K^T of one warpgroup's 64 keys (its half of
+  // sK is contiguous when kD == 64), and a one-warpgroup dQ MMA over K = 64 keys.
+  static_assert(!kLocalDQ_ || (kD_ == 64 && !kDqBulk_), "kLocalDQ: hd64, red.v2 reductions");
+  using SmemLayoutdSw = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                               Shape<Int<kBM>, _64, _2, _2>{}));
+  using SmemLayoutKh = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<kD>>{}));
+  using SmemLayoutKht = decltype(composition(
+      SmemLayoutKh{}, make_layout(Shape<Int<kD>, _64>{}, Stride<_64, _1>{})));
+  using TiledMmadQw = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kD>, _64>, GMMA::Major::MN,
+                           GMMA::Major::MN>()));
 
   // Each tiled MMA spans both consumer warpgroups (256 threads).
   using TiledMmaSdP = decltype(make_tiled_mma(
@@ -428,6 +445,63 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         warpgroup_commit_batch();
       };
       if constexpr (Tr::kEarlyDV) issue_dk();
+
+      if constexpr (Tr::kLocalDQ) {
+        // This warpgroup's dS half -> smem, its own barrier, dQ partial = dS_w K_w, reductions.
+        const int w = tid / 128;
+        Tensor sdSw = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdSw{});
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; c += 2) {
+            const int key = get<0>(C_rc(r, c)) - 64 * w, q = get<1>(C_rc(r, c));
+            T pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
+            *reinterpret_cast<uint32_t *>(&sdSw(q, key, w, buf)) = *reinterpret_cast<uint32_t *>(pair);
+          }
+        cutlass::arch::fence_view_async_shared();
+        if constexpr (!Tr::kEarlyDV) issue_dk();
+        cutlass::arch::NamedBarrier::sync(128, 4 + w);
+        typename Tr::TiledMmadQw mma_dqw;
+        auto thr_dqw = mma_dqw.get_thread_slice(tid % 128);
+        Tensor sKtw = make_tensor(make_smem_ptr(ss.k.data() + w * 64 * kD), typename Tr::SmemLayoutKht{});
+        Tensor tdQrdSw = thr_dqw.make_fragment_A(thr_dqw.partition_A(sdSw(_, _, w, _)));  // (MMA, 2, 4, 2)
+        Tensor tdQrKtw = thr_dqw.make_fragment_B(thr_dqw.partition_B(sKtw));              // (MMA, 1, 4)
+        Tensor acc_dqw = partition_fragment_C(mma_dqw, Shape<Int<kBM>, Int<kD>>{});
+        warpgroup_fence_operand(acc_dqw);
+        warpgroup_arrive();
+        mma_dqw.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+        for (int kb = 0; kb < size<2>(tdQrdSw); ++kb) {
+          gemm(mma_dqw, tdQrdSw(_, _, kb, buf), tdQrKtw(_, _, kb), acc_dqw);
+          mma_dqw.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_fence_operand(acc_dqw);
+        pipe.consumer_release(st);
+        ++st;
+        Tensor cQ = thr_dqw.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+        Tensor dQ_rc = make_tensor(acc_dqw.data(), bwd_rowcol(acc_dqw.layout()));
+        Tensor cQ_rc = make_tensor(cQ.data(), bwd_rowcol(cQ.layout()));
+        const int rows_q = si.sq - m0;
+        const int64_t dq_blk = (int64_t)p.hq * p.d * 8;
+        const int col0 = get<1>(cQ_rc(0, 0));
+        float *dq_h = p.dq_accum + (int64_t)h * p.d * 8 + (col0 >> 3) * 64 + (col0 & 7);
+#pragma unroll
+        for (int r = 0; r < size<0>(dQ_rc); ++r) {
+          const int row = get<0>(cQ_rc(r, 0));
+          if (row < rows_q) {
+            const int64_t i = si.q_row0 + m0 + row;
+            float *rp = dq_h + (i >> 3) * dq_blk + (i & 7) * 8;
+#pragma unroll
+            for (int c = 0; c < size<1>(dQ_rc); c += 2)
+              if (col0 + 8 * (c / 2) < p.d) red_add_v2(rp + (c / 2) * 64, dQ_rc(r, c), dQ_rc(r, c + 1));
+          }
+        }
+        continue;
+      }
 
       // dS^T -> shared memory as dS (query rows contiguous): columns c, c+1 of the fragment are
       // adjacent query rows, so each pair is one 4-byte store.
