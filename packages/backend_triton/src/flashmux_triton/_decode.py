@@ -534,6 +534,12 @@ class _FastLaunch:
         return True
 
 
+def _direct_launch() -> bool:
+    """Relaunch compiled kernels directly (`_FastLaunch`); FLASHMUX_TRITON_DIRECT_LAUNCH=0 turns
+    it off (Triton's own launch every call: a switch for diagnosing a GPU run)."""
+    return not _interpreting() and os.environ.get("FLASHMUX_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
 def _no_hook(h) -> bool:
     """None (triton 3.6) or an empty HookChain (3.9)."""
     return h is None or (isinstance(getattr(h, "calls", None), list) and not h.calls)
@@ -649,7 +655,7 @@ class _Launch:
         # are allocated per call with a zeroed counter)
         self.persist = q.is_cuda and self.n_ws * 4 <= (16 << 20)
         self.fast = {}  # seqlen_add -> _FastLaunch | False
-        self.fast_ok = not _interpreting()
+        self.fast_ok = _direct_launch()
 
     def _buffers(self, dev):
         if _capturing():
@@ -832,7 +838,7 @@ class _Append:
             PAGE_SIZE=max(page_size, 1), PAGED=paged, num_warps=4,
         )
         self.fast = None  # None: not tried yet; False: not usable
-        self.fast_ok = not _interpreting()
+        self.fast_ok = _direct_launch()
 
     def __call__(self, k_cache, v_cache, k, v, cache_seqlens, block_table):
         if not self.contig:

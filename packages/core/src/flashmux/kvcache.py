@@ -31,6 +31,7 @@ The backend contract (a backend that has decode kernels implements these optiona
 from __future__ import annotations
 
 import numbers
+import os
 import sys
 from dataclasses import dataclass
 
@@ -585,9 +586,14 @@ def _run(be, call: _DecodeCall, q, k_cache, v_cache, seqlens_k, block_table, ali
 _validated: dict[tuple, _FastStep] = {}
 
 
+# FLASHMUX_DECODE_FASTPATH=0 (read at import) sends every call through the checked path (a
+# switch for diagnosing a GPU run).
+_FASTPATH = os.environ.get("FLASHMUX_DECODE_FASTPATH", "1") != "0"
+
+
 def _fast_eligible(q) -> bool:
     """A torch tensor on a GPU, outside torch.compile (tests widen this to CPU tensors)."""
-    if not type(q).__module__.startswith("torch"):
+    if not _FASTPATH or not type(q).__module__.startswith("torch"):
         return False
     torch = sys.modules["torch"]
     return isinstance(q, torch.Tensor) and q.is_cuda and not torch.compiler.is_compiling()
