@@ -34,7 +34,11 @@ FLASHMUX_CUDA_NVCC_FLAGS, its own cache key, -lineinfo for the profiler and sani
                  of backend_cuda/tools/sm90_check.py for each --sm90-variants value of
                  FMX_TUNE_SM90 ("-" = default, 1 = sequential): fwd (vs float64), bench (TFLOP/s
                  sm90 / sm80 / SDPA cuDNN), and correctness (kernel_check.py, fwd + bwd),
-                 sanitize / racecheck (compute-sanitizer on small sm90 forwards)
+                 sanitize / racecheck (compute-sanitizer on small sm90 forwards); the sm90
+                 backward: bwd (vs float64, per --sm90-bwd-variants value of FMX_TUNE_SM90_BWD:
+                 0 default, 1 bulk dQ, 2 flipped issue order, 3 per-warpgroup dQ at hd64),
+                 benchbwd (backward vs the sm80 backward, fwd+bwd vs SDPA cuDNN),
+                 sanitizebwd / racecheckbwd (compute-sanitizer on small forward+backward)
   cuda-bench     kernel_check.py LIB bench: TFLOP/s against SDPA flash (head dims 64/128, 2k-16k)
   cuda-profile   ncu (speed of light, occupancy, stalls, ...) of ours and SDPA flash, hd128;
                  $PROFILE_KERNELS picks the kernels (a regex)
@@ -300,7 +304,8 @@ def _cuda_build(r: Run, name: str, flags: str, cap: float, archs: str | None = N
 
 
 def sm90(r: Run):
-    lib = _cuda_build(r, "sm90_build", "-DFMX_SM90_TUNING -lineinfo -Xptxas -v", 240, "90")
+    lib = _cuda_build(r, "sm90_build", "-DFMX_SM90_TUNING -DFMX_SM90_BWD_TUNING -lineinfo -Xptxas -v",
+                      240, "90")
     if not lib:
         return
     r.step("sm90_facts", [PY, "scripts/gpu.py", "--sm90-facts", lib], 60, env={"OUT": str(r.out)})
@@ -312,13 +317,26 @@ def sm90(r: Run):
                 v = "" if v == "-" else v
                 r.step(f"sm90_{what}{v}", [PY, tool, lib, what], 150 if what == "bench" else 120,
                        env={"FMX_TUNE_SM90": v})
+        elif what == "bwd":  # the sm90 backward vs float64, per FMX_TUNE_SM90_BWD variant
+            for v in r.a.sm90_bwd_variants.split():
+                dts = "bf16,f16" if v == "0" else "bf16"  # the tuning variants: bf16 only
+                r.step(f"sm90_bwd{v}", [PY, tool, lib, "bwd"], 150,
+                       env={"FMX_TUNE_SM90_BWD": v, "FMX_BWD_DTYPES": dts})
+        elif what == "benchbwd":  # backward ms per variant vs sm80, fwd+bwd vs SDPA cuDNN
+            r.step("sm90_benchbwd", [PY, tool, lib, "benchbwd"], 240,
+                   env={"FMX_BWD_VARIANTS": ",".join(r.a.sm90_bwd_variants.split())})
+        elif what in ("sanitizebwd", "racecheckbwd"):
+            r.step(f"sm90_{what}", ["compute-sanitizer", "--tool",
+                                    "memcheck" if what == "sanitizebwd" else "racecheck",
+                                    "--error-exitcode", "1", PY, tool, lib, "sanitizebwd"], 200)
         elif what == "correctness":
             r.step("sm90_correctness", [PY, KC, lib, "correctness"], 200)
         elif what in san:
             r.step(f"sm90_{san[what]}", ["compute-sanitizer", "--tool", san[what],
                                           "--error-exitcode", "1", PY, tool, lib, "sanitize"], 150)
         else:
-            r.say(f"sm90: unknown step {what!r} (fwd bench correctness sanitize racecheck)")
+            r.say(f"sm90: unknown step {what!r} (fwd bench bwd benchbwd correctness sanitize "
+                  "racecheck sanitizebwd racecheckbwd)")
 
 
 def sm90_facts(lib: str) -> int:
@@ -419,6 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sm90", default="fwd bench correctness",
                     help="sm90 steps: fwd bench correctness sanitize racecheck")
     ap.add_argument("--sm90-variants", default="- 1", help="FMX_TUNE_SM90 values, - = default")
+    ap.add_argument("--sm90-bwd-variants", default="0 1 2 3",
+                    help="FMX_TUNE_SM90_BWD values for the bwd/benchbwd steps (0 = default)")
     ap.add_argument("--tune", default="", help="cuda-tune specs, NAME:FMX_...=1,...")
     ap.add_argument("--variants", default="packages/backend_cuda/tools/variants.txt")
     ap.add_argument("--cp-tests", default="nccl or gpus",
