@@ -127,7 +127,8 @@ def device_capability(x) -> tuple[int, int] | None:
             import torch
 
             if x.is_cuda:
-                return tuple(torch.cuda.get_device_capability(x.device))
+                major, minor = torch.cuda.get_device_capability(x.device)
+                return int(major), int(minor)
             return None
         devs = x.devices() if hasattr(x, "devices") else ()
         for dev in devs:
