@@ -134,8 +134,8 @@ def device_capability(x) -> tuple[int, int] | None:
         for dev in devs:
             cap = getattr(dev, "compute_capability", None)
             if cap:
-                major, minor = str(cap).split(".")[:2]
-                return int(major), int(minor)
+                hi, lo = str(cap).split(".")[:2]
+                return int(hi), int(lo)
     except Exception:
         return None
     return None
