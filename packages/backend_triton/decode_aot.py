@@ -28,16 +28,16 @@ NOT_ALIGNED = {"scale", "softcap", "window_left", "window_right", "max_pages", "
 
 
 def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, split=True,
-                   block_m=16, cfg: T.DecodeConfig | None = None):
+                   block_m=16, cfg: T.DecodeConfig | None = None, new=False):
     cfg = cfg or T.config_for(d, d, {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype), 0)
     ptr = {"Q": dtype, "K": dtype, "V": dtype, "SEQLENS": "i32", "TBL": "i32",
            "ALIBI_SLOPES": "fp32", "O": "fp32" if split else dtype, "LSE": "fp32",
-           "OP": dtype, "LP": "fp32", "CNT": "i32"}
+           "OP": dtype, "LP": "fp32", "CNT": "i32", "KN": dtype, "VN": dtype}
     consts = dict(GROUP=4, HEADS_KV=8, HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d, PAGE_SIZE=16 if paged else 1,
                   PAGED=paged, PAGE_BLOCK=page_block, HAS_LEFT=False, HAS_RIGHT=True,
                   SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
-                  FUSED=split and bool(cfg.fused_merge))
+                  FUSED=split and bool(cfg.fused_merge), NEW=new)
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -62,7 +62,7 @@ def main():
     target = GPUTarget("cuda", args.arch, 32)
     variants = [
         dict(), dict(split=False), dict(paged=True), dict(paged=True, page_block=True),
-        dict(block_m=128), dict(dtype="fp32", d=128),
+        dict(block_m=128), dict(dtype="fp32", d=128), dict(new=True), dict(paged=True, new=True),
     ]
     if args.candidates:
         variants += [dict(cfg=c) for c in T.CANDIDATES] + [dict(cfg=c, paged=True)

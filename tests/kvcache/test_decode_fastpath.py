@@ -183,3 +183,48 @@ def test_kept_buffers_are_bounded(monkeypatch):
 
     gc.collect()
     assert _decode._KEPT[0] == before
+
+
+@pytest.mark.skipif(BACKEND != "triton", reason="the triton pass")
+@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("page, window, ns", [(0, None, 3), (16, (9, 0), None), (8, (20, 0), 2)])
+def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, window, ns):
+    """16-key blocks, 5 new tokens: the new keys span block and split boundaries and reach the
+    masked head loop (small left windows); fused (the decode launch appends) and separate (the
+    append kernel first) against the float64 reference, every cache slot compared."""
+    from flashmux_triton import _decode
+
+    monkeypatch.setenv("FLASHMUX_TRITON_DECODE", "block_n=16,num_stages=1")
+    monkeypatch.setenv("FLASHMUX_TRITON_FUSED_APPEND", fused)
+    _decode.plan.cache_clear()
+    _decode._LAUNCHES.clear()
+    try:
+        q, kc, vc, table, k, v, lens = _case(5, b=3, sq=3, hq=4, hkv=2, d=16, page=page or 8,
+                                             max_pages=8, snew=5)
+        if not page:  # a contiguous cache of the same capacity
+            g = torch.Generator().manual_seed(6)
+            kc, vc = torch.randn(3, 64, 2, 16, generator=g), torch.randn(3, 64, 2, 16, generator=g)
+            table = None
+        kw = dict(causal=True, window=window, num_splits=ns)
+        for lens in ([0, 30, 59], [12, 47, 3]):
+            lens = torch.tensor(lens, dtype=torch.int32)
+            if table is None:
+                want = flashmux.attention_with_kvcache(
+                    _np(q), _np(kc), _np(vc), cache_seqlens=lens.numpy(), k=_np(k), v=_np(v),
+                    backend="reference", return_lse=True, **kw)
+                want = tuple(torch.from_numpy(x) for x in want)
+            else:
+                want = _want(q, kc, vc, table, k, v, lens, **kw)
+            got = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=k, v=v,
+                                                  block_table=table, return_lse=True,
+                                                  backend="triton", **kw)
+            np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(kc.numpy(), want[2].float().numpy())
+            np.testing.assert_array_equal(vc.numpy(), want[3].float().numpy())
+        step = next(iter(kvcache._validated.values()))
+        assert step.runner.fuse == (fused == "1")
+        assert step.runner.launch.new == (fused == "1")
+    finally:
+        _decode.plan.cache_clear()
+        _decode._LAUNCHES.clear()

@@ -1,7 +1,8 @@
 """On a CUDA GPU (skipped elsewhere), the Triton decode's host fast path: the compiled kernels
-relaunched directly give the same bits as Triton's own launch, a misaligned operand falls back
-to it, the fused lse merge agrees with the merge kernel and leaves its counters at zero, two
-streams keep their own partials, and the host cost per eager step is printed (-s)."""
+relaunched directly give the same bits as Triton's own launch, the append inside the decode
+launch matches the separate append kernel, a misaligned operand falls back to Triton's launch,
+the fused lse merge agrees with the merge kernel and leaves its counters at zero, two streams
+keep their own partials, and the host cost per eager step is printed (-s)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def test_direct_relaunch_gives_the_same_bits(page, monkeypatch):
         outs.append(_step(q, kc, vc, lens, k, v, table)[:2])
     step = next(iter(kvcache._validated.values()))
     run = step.runner
-    for f in (run.launch.fast.get(1), run.append.fast):  # relaunched directly, still working
-        assert isinstance(f, _decode._FastLaunch) and f.run is not None, f
+    assert run.fuse and run.append is None and run.launch.new  # one launch appends and attends
+    f = run.launch.fast.get(1)  # relaunched directly, still working
+    assert isinstance(f, _decode._FastLaunch) and f.run is not None, f
     kc_fast = kc.clone()
     # the same calls through Triton's own launcher only
     _reset()
@@ -80,6 +82,30 @@ def test_direct_relaunch_gives_the_same_bits(page, monkeypatch):
     for o in outs:
         assert torch.equal(o[0], slow[0]) and torch.equal(o[1], slow[1])
     assert torch.equal(kc, kc_fast)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_fused_append_matches_the_append_kernel(page, monkeypatch):
+    q, kc, vc, lens, k, v, table = _inputs(page=page, snew=3)
+    kc0, vc0 = kc.clone(), vc.clone()
+    res = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FLASHMUX_TRITON_FUSED_APPEND", fused)
+        _reset()
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        for _ in range(2):  # the second call is the fast path's
+            kc.copy_(kc0)
+            vc.copy_(vc0)
+            out, lse = _step(q, kc, vc, lens, k, v, table)[:2]
+        run = next(iter(kvcache._validated.values())).runner
+        assert run.fuse == (fused == "1")
+        if fused == "0":
+            assert isinstance(run.append.fast, _decode._FastLaunch) and run.append.fast.run
+        res[fused] = (out, lse, kc.clone(), vc.clone())
+    torch.testing.assert_close(res["1"][0], res["0"][0])
+    torch.testing.assert_close(res["1"][1], res["0"][1])
+    assert torch.equal(res["1"][2], res["0"][2]) and torch.equal(res["1"][3], res["0"][3])
 
 
 def test_a_misaligned_operand_takes_triton_s_own_launch():

@@ -68,12 +68,15 @@ def _decode_inner(
     acc, l_i, m_i, q, K, V, TBL, lo, hi, length, pos, slope,
     max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
     offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+    KN, VN, stride_kns, stride_vns, cache_len, snew,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, IEEE: tl.constexpr,
+    ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
 ):
+    """NEW: this loop reads only this call's new tokens, keys at positions cache_len ..
+    length - 1, from KN / VN (token t = position - cache_len), never the cache."""
     # paged: the page ids of the next block are loaded one iteration ahead, so the K/V loads'
     # addresses come from the loop's carried values and the pipeliner can multi-buffer them
     nxt = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -101,7 +104,14 @@ def _decode_inner(
                           PAGE_BLOCK)
         kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
         v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
-        if MASKED:
+        if NEW:  # (always masked)
+            new_k = (cols >= cache_len) & (cols < length)
+            t64 = tl.minimum(tl.maximum(cols - cache_len, 0), tl.maximum(snew - 1, 0)).to(tl.int64)
+            kt = tl.load(KN + t64[None, :] * stride_kns + offs_d[:, None],
+                         mask=new_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(VN + t64[:, None] * stride_vns + offs_dv[None, :],
+                        mask=new_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif MASKED:
             kt = tl.load(kt_ptrs, mask=(cols[None, :] < length) & (offs_d[:, None] < HEAD_DIM),
                          other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < length) & (offs_dv[None, :] < HEAD_DIM_V),
@@ -121,7 +131,14 @@ def _decode_inner(
         if ALIBI:
             s = s - slope[:, None] * tl.abs(pos[:, None] - cols[None, :]).to(tl.float32)
         s = s * 1.4426950408889634
-        if MASKED:
+        if NEW:
+            ok = (cols[None, :] < length) & (cols[None, :] >= cache_len)
+            if HAS_LEFT:
+                ok = ok & (cols[None, :] >= pos[:, None] - window_left)
+            if HAS_RIGHT:
+                ok = ok & (cols[None, :] <= pos[:, None] + window_right)
+            s = tl.where(ok, s, float("-inf"))
+        elif MASKED:
             ok = cols[None, :] < length
             if HAS_LEFT:
                 ok = ok & (cols[None, :] >= pos[:, None] - window_left)
@@ -144,7 +161,7 @@ def _decode_inner(
 @triton.jit(do_not_specialize=["window_left", "window_right", "max_pages", "num_pages",
                                "split_len", "seqlen_add"])
 def decode_fwd(
-    Q, K, V, SEQLENS, TBL, ALIBI_SLOPES, O, LSE, OP, LP, CNT,
+    Q, K, V, SEQLENS, TBL, ALIBI_SLOPES, O, LSE, OP, LP, CNT, KN, VN,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_kp, stride_kh, stride_ks,
     stride_vb, stride_vp, stride_vh, stride_vs,
@@ -154,12 +171,13 @@ def decode_fwd(
     seqlen_q, capacity, max_pages, num_pages, split_len, window_left, window_right,
     scale, softcap, seqlen_add, num_splits,
     stride_ob2, stride_oi2, stride_oh2, stride_lb2, stride_lh2,
+    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
     GROUP: tl.constexpr, HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -167,7 +185,12 @@ def decode_fwd(
     FUSED (with SPLIT): the last program of a (batch * KV head, query block) to finish (a ticket
     from the int32 counter CNT, one per such group, left at 0 again) merges the splits' partials
     by lse into OP (out) and LP (lse), strides stride_*2; no second launch. The lengths are
-    SEQLENS[b] + seqlen_add (the append's new tokens), clamped to the capacity."""
+    SEQLENS[b] + seqlen_add (the append's new tokens), clamped to the capacity.
+
+    NEW: the seqlen_add new tokens KN / VN (B, Snew, Hkv, D / Dv) are appended here: keys at
+    positions >= SEQLENS[b] are read from KN / VN (so no program reads a cache slot this launch
+    writes), and the first query block of the split whose keys hold a new token's position
+    writes it into the cache (positions clamped to the capacity, pages to the pool)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -175,8 +198,11 @@ def decode_fwd(
     h = bh % HEADS_KV
     b64 = b.to(tl.int64)
 
-    length = tl.load(SEQLENS + b) + seqlen_add
-    length = tl.minimum(tl.maximum(length, 0), capacity)
+    cache_raw = tl.load(SEQLENS + b)
+    length = tl.minimum(tl.maximum(cache_raw + seqlen_add, 0), capacity)
+    cache_len = length
+    if NEW:
+        cache_len = tl.minimum(tl.maximum(cache_raw, 0), length)
     off = length - seqlen_q  # query row i sits at position off + i
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = i * GROUP + g
@@ -213,6 +239,8 @@ def decode_fwd(
     if HAS_RIGHT:
         hi = tl.minimum(hi, off + last + window_right + 1)
         full_hi = tl.minimum(full_hi, off + first + window_right + 1)
+    if NEW:  # new tokens only in masked blocks (read from KN / VN)
+        full_hi = tl.minimum(full_hi, cache_len)
     lo_b = (tl.maximum(lo, s0) // BLOCK_N) * BLOCK_N
     mid0 = ((tl.maximum(full_lo, s0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     mid1 = (full_hi // BLOCK_N) * BLOCK_N
@@ -227,31 +255,74 @@ def decode_fwd(
         k_base = K + b64 * stride_kb + h * stride_kh
         v_base = V + b64 * stride_vb + h * stride_vh
     tbl = TBL + b64 * stride_tb
+    kn_base = KN + b64 * stride_knb + h * stride_knh
+    vn_base = VN + b64 * stride_vnb + h * stride_vnh
+
+    if NEW:
+        if pid_m == 0:
+            # the new tokens whose (clamped) positions fall in this split's keys, into the cache
+            for t0 in range(0, seqlen_add, BLOCK_N):
+                t = t0 + offs_n
+                p_t = tl.minimum(tl.maximum(cache_raw + t, 0), capacity - 1)
+                own = (t < seqlen_add) & (p_t >= s0) & (p_t < s0 + split_len)
+                if PAGED:
+                    pg = tl.load(tbl + tl.minimum(p_t // PAGE_SIZE, max_pages - 1), mask=own,
+                                 other=0)
+                    pg = tl.minimum(tl.maximum(pg, 0), num_pages - 1).to(tl.int64)
+                    k_row = pg * stride_kp + (p_t % PAGE_SIZE).to(tl.int64) * stride_ks
+                    v_row = pg * stride_vp + (p_t % PAGE_SIZE).to(tl.int64) * stride_vs
+                else:
+                    k_row = p_t.to(tl.int64) * stride_kp
+                    v_row = p_t.to(tl.int64) * stride_vp
+                t64 = t.to(tl.int64)
+                mk = own[:, None] & (offs_d[None, :] < HEAD_DIM)
+                x = tl.load(kn_base + t64[:, None] * stride_kns + offs_d[None, :], mask=mk)
+                tl.store(k_base + k_row[:, None] + offs_d[None, :], x, mask=mk)
+                mv = own[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+                y = tl.load(vn_base + t64[:, None] * stride_vns + offs_dv[None, :], mask=mv)
+                tl.store(v_base + v_row[:, None] + offs_dv[None, :], y, mask=mv)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # the cache's keys (with NEW, only positions < cache_len: the new ones come after)
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, length, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, cache_len, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
     )
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, cache_len, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
     )
+    hi_c = hi
+    if NEW:
+        hi_c = tl.maximum(tl.minimum(hi, cache_len), mid1)
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi_c, cache_len, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
     )
+    if NEW:  # this call's new keys, from KN / VN
+        new_lo = tl.maximum(lo_b, (cache_len // BLOCK_N) * BLOCK_N)
+        acc, l_i, m_i = _decode_inner(
+            acc, l_i, m_i, q, k_base, v_base, tbl, new_lo, hi, length, pos, slope,
+            max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+            offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+            kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, False, False, True,
+            HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, True,
+        )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -433,10 +504,12 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, co
 
 
 def _retrying(launch, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add,
-              params, config):
+              params, config, new=None):
+    k, v = new if new is not None else (None, None)
     while True:
         try:
-            return launch(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add)
+            return launch(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add,
+                          k, v)
         except triton.runtime.errors.OutOfResources:
             if config is not None:
                 raise
@@ -449,7 +522,8 @@ def _retrying(launch, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, s
             _SHRUNK[(d, dv, dtype)] = smaller
             plan.cache_clear()
             _LAUNCHES.clear()
-            launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config)
+            launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config,
+                                 new)
 
 
 # Launch plans by call signature (shapes, strides, dtype, device, params): a decode loop pays
@@ -457,7 +531,9 @@ def _retrying(launch, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, s
 _LAUNCHES: dict = {}
 
 
-def _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config):
+def _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config, new=None):
+    """The launch of a call signature; `new` = (k, v): the new tokens appended by the same
+    launch (the fast path's fused append), their shapes and strides part of the signature."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache, v_cache: the triton decode kernel needs a contiguous last "
                          "(head_dim) dimension")
@@ -465,10 +541,11 @@ def _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, params, config):
            v_cache.shape, v_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride()),
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
-           params, config)
+           params, config,
+           None if new is None else tuple((x.shape, x.stride()) for x in new))
     launch = _LAUNCHES.get(key)
     if launch is None:
-        launch = _Launch(q, k_cache, v_cache, block_table, alibi_slopes, params, config)
+        launch = _Launch(q, k_cache, v_cache, block_table, alibi_slopes, params, config, new)
         if len(_LAUNCHES) > 1024:
             _LAUNCHES.clear()
         _LAUNCHES[key] = launch
@@ -576,9 +653,11 @@ _KEPT = [0]
 class _Launch:
     """Everything about one decode call signature that does not change from step to step."""
 
-    def __init__(self, q, k_cache, v_cache, block_table, alibi_slopes, params, config):
+    def __init__(self, q, k_cache, v_cache, block_table, alibi_slopes, params, config,
+                 new=None):
         b, sq, hq, d = q.shape
         paged = block_table is not None
+        self.new = new is not None
         hkv, dv = k_cache.shape[2], v_cache.shape[3]
         page_size = k_cache.shape[1] if paged else 0
         if paged:
@@ -628,7 +707,9 @@ class _Launch:
             0 if wl is None else int(wl), 0 if wr is None else int(wr),
             float(params.scale), float(params.softcap or 1.0),
         )
-        self.tail = (ns, sq * hq * dv, hq * dv, dv, hq * sq, sq)
+        kn_s = (0, 0, 0) if new is None else tuple(new[0].stride()[:3])
+        vn_s = (0, 0, 0) if new is None else tuple(new[1].stride()[:3])
+        self.tail = (ns, sq * hq * dv, hq * dv, dv, hq * sq, sq, *kn_s, *vn_s)
         block_dv = max(16, triton.next_power_of_2(dv))
         self.kw = dict(
             GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
@@ -637,7 +718,7 @@ class _Launch:
             PAGE_SIZE=max(page_size, 1), PAGED=paged, PAGE_BLOCK=page_block,
             HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
             ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=self.split,
-            FUSED=self.fused,
+            FUSED=self.fused, NEW=self.new,
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )
@@ -683,7 +764,8 @@ class _Launch:
         return (ws[: self.n_opart].view(self.opart_shape),
                 ws[self.n_opart :].view(self.lpart_shape), cnt)
 
-    def __call__(self, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add=0):
+    def __call__(self, q, k_cache, v_cache, seqlens, block_table, alibi_slopes, seqlen_add=0,
+                 k=None, v=None):
         dev = q.device
         out = torch.empty(self.out_shape, dtype=q.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev)
@@ -696,7 +778,8 @@ class _Launch:
         tbl = block_table if self.paged else seqlens  # a dummy pointer when contiguous
         slopes = alibi_slopes if alibi_slopes is not None else lse
         tensors = (q, k_cache, v_cache, seqlens, tbl, slopes, o_dst, l_dst, out, lse,
-                   cnt if cnt is not None else seqlens)
+                   cnt if cnt is not None else seqlens, q if k is None else k,
+                   q if v is None else v)
         fast = self.fast.get(seqlen_add) if self.fast_ok else None
         if fast and fast.hooks_off() and _aligned(*tensors) and \
                 fast(torch.cuda.current_device(), *tensors):
@@ -723,17 +806,31 @@ def runner(spec, params, q, k_cache, v_cache, block_table, alibi_slopes):
     return _Step(spec, params, q, k_cache, v_cache, block_table, alibi_slopes)
 
 
+def _fused_append() -> bool:
+    """Append the new tokens inside the decode launch (one launch per step);
+    FLASHMUX_TRITON_FUSED_APPEND=0: the separate append kernel first (two launches)."""
+    return os.environ.get("FLASHMUX_TRITON_FUSED_APPEND", "1") != "0"
+
+
 class _Step:
     def __init__(self, spec, params, q, k_cache, v_cache, block_table, alibi_slopes):
         self.snew = spec.seqlen_new
         self.page_size = params.page_size
         self.params = params
         self.contig_q = q.stride(-1) == 1
+        self.fuse = bool(self.snew) and _fused_append()
         self.launch = None
         self.append = None
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
-        if self.snew:
+        new = None
+        if self.fuse:
+            if k.stride(-1) != 1:
+                k = k.contiguous()
+            if v.stride(-1) != 1:
+                v = v.contiguous()
+            new = (k, v)
+        elif self.snew:
             app = self.append
             if app is None:
                 app = self.append = _Append(k_cache, v_cache, k, v, block_table, self.page_size)
@@ -743,12 +840,14 @@ class _Step:
         launch = self.launch
         if launch is not None:
             return launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
-                          self.snew)
-        launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, self.params, None)
+                          self.snew, k, v) if new else \
+                launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, self.snew)
+        launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, self.params, None,
+                             new)
         res = _retrying(launch, q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
-                        self.snew, self.params, None)
+                        self.snew, self.params, None, new)
         self.launch = _launch_for(q, k_cache, v_cache, block_table, alibi_slopes, self.params,
-                                  None)
+                                  None, new)
         return res
 
 
