@@ -7,8 +7,16 @@ query tile packs every query row that reads KV head h: the G = Hq / Hkv query he
 query rows (row r = i * G + g, query head h * G + g, query row i), so each byte of K and V is
 read once per split instead of G * Sq times (GQA packing). The keys of the sequence are cut into
 `num_splits` block-aligned ranges; each program runs FlashAttention's online softmax over its
-range and writes a float32 partial output and its lse. A second short kernel merges the splits by
-lse (with one split the main kernel writes the final output itself and no merge runs).
+range and writes a float32 partial output and its lse. The last program of each (sequence, KV
+head, query block) to finish (an atomic ticket) merges the splits by lse (FUSED; the separate
+merge kernel `decode_merge` remains for fused_merge=0); with one split the program writes the
+final output itself.
+
+Appending (the core's fast path, `runner`): the new tokens k, v are written by the same launch
+(NEW): keys at positions >= cache_seqlens are read from k, v, never from the cache, and each
+split's first query block writes the new tokens that fall in its keys. Host side: launch plans
+per call signature (`_Launch`), compiled kernels relaunched without Triton's per-call binding
+(`_FastLaunch`), partials and ticket counters kept per stream.
 
 Paged caches: token t of sequence b is in page block_table[b, t // page_size], slot
 t % page_size. When the key block divides the page (page_size % BLOCK_N == 0) a block never
