@@ -187,8 +187,10 @@ def test_kept_buffers_are_bounded(monkeypatch):
 
 @pytest.mark.skipif(BACKEND != "triton", reason="the triton pass")
 @pytest.mark.parametrize("fused", ["1", "0"])
-@pytest.mark.parametrize("page, window, ns", [(0, None, 3), (16, (9, 0), None), (8, (20, 0), 2)])
-def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, window, ns):
+@pytest.mark.parametrize("page, window, ns, snew", [
+    (0, None, 3, 5), (16, (9, 0), None, 5), (8, (20, 0), 2, 5), (8, None, 3, 20)])
+def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, window, ns,
+                                         snew):
     """16-key blocks, 5 new tokens: the new keys span block and split boundaries and reach the
     masked head loop (small left windows); fused (the decode launch appends) and separate (the
     append kernel first) against the float64 reference, every cache slot compared."""
@@ -200,13 +202,13 @@ def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, 
     _decode._LAUNCHES.clear()
     try:
         q, kc, vc, table, k, v, lens = _case(5, b=3, sq=3, hq=4, hkv=2, d=16, page=page or 8,
-                                             max_pages=8, snew=5)
+                                             max_pages=8, snew=snew)
         if not page:  # a contiguous cache of the same capacity
             g = torch.Generator().manual_seed(6)
             kc, vc = torch.randn(3, 64, 2, 16, generator=g), torch.randn(3, 64, 2, 16, generator=g)
             table = None
         kw = dict(causal=True, window=window, num_splits=ns)
-        for lens in ([0, 30, 59], [12, 47, 3]):
+        for lens in ([0, 30, 64 - snew], [12, 47 + 5 - snew, 3]):  # 20 new: > one block
             lens = torch.tensor(lens, dtype=torch.int32)
             if table is None:
                 want = flashmux.attention_with_kvcache(
