@@ -34,7 +34,9 @@ the same process, on the same GPU, minutes apart.
 - **Sweeps** (`--sweep`): `papers`: B·S = 16k tokens, S = 512 ... 16k, model dim 2048
   (H = 2048 / head_dim), head_dim 64/128 (256 with `--head-dims`), causal and not, bf16 (fp16 with
   `--dtype`); `gqa`: the same with Hq/Hkv = 8; `decode`: Sq = 1 and 128 against Sk = 4k ... 128k,
-  B = 8, Hq = 32, Hkv = 8, reported as GB/s of K and V read; `long`: B = 1, H = 16, S = 32k ...
+  B = 8, Hq = 32, Hkv = 8, reported as GB/s of K and V read, plus `attention_with_kvcache` rows
+  (contiguous, 16- and 64-token pages, Sq 1 and 4, ragged, MQA; `--kvcache-only` runs just
+  these); `long`: B = 1, H = 16, S = 32k ...
   128k; `varlen`: packed batches of mixed lengths (~16k tokens); `memory`: peak extra device
   memory of forward+backward against S (B = 1, H = 16, head_dim 128).
 - **Modes** (`--modes`): `fwd`, `bwd` (backward alone, the forward's graph built outside the
