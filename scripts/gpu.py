@@ -56,7 +56,7 @@ reference,triton,pallas,cuda), --out DIR (default $OUT, else /tmp/flashmux-gpu),
 (conformance tier, default full), --hypothesis N (examples, default 25), --workers N (pytest-xdist
 per pytest, default 3), --bench-args "..." (replace the benchmark's default arguments),
 --sm90, --sm90-variants, --tune, --variants, --cp-tests, --cp-args (the stages above),
---dry-run (print the commands, run nothing).
+--show N (each step's last N log lines on stdout), --dry-run (print the commands, run nothing).
 Each stage gets at most its own cap and what is left of the budget; a stage cut short says so.
 Output: one line per step on stdout and in $OUT/summary.txt, each step's full log in
 $OUT/<step>.log, and $OUT/gpu.json (step, command, rc, seconds, last line).
@@ -138,10 +138,14 @@ class Run:
                                     timeout=limit).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
+            except OSError as e:  # the tool is not on this machine (nvidia-smi, ncu, ...)
+                f.write(f"{e}\n")
+                rc = 127
         s = time.monotonic() - t
         last = _last_line(log)
         cut = f" (cut at {limit:.0f} s)" if rc == 124 else ""
         self.say(f"{name}: rc={rc} in {s:.0f} s{cut}: {last}")
+        self.tail(log)
         self.rows.append({"step": name, "cmd": shown, "rc": rc, "s": round(s, 1), "last": last})
         return rc
 
@@ -175,8 +179,15 @@ class Run:
             s = time.monotonic() - t
             last = _last_line(self.out / f"{name}.log")
             self.say(f"{name}: rc={rc} in {s:.0f} s{' (cut)' if rc == 124 else ''}: {last}")
+            self.tail(self.out / f"{name}.log")
             self.rows.append({"step": name, "cmd": " ".join(map(str, cmd)), "rc": rc,
                               "s": round(s, 1), "last": last})
+
+    def tail(self, log: Path):
+        """--show N: the last N lines of a step's log on stdout (not in summary.txt)."""
+        if self.a.show > 0:
+            lines = log.read_text(errors="replace").splitlines()[-self.a.show:]
+            print("\n".join("    " + x for x in lines), flush=True)
 
     def save(self):
         with open(self.out / "gpu.json", "w") as f:
@@ -445,6 +456,7 @@ def main(argv=None) -> int:
                     help="-k of tests/distributed for context-parallel ('' skips the tests)")
     ap.add_argument("--cp-args", default="", help="benchmarks/ring_scaling.py arguments")
     ap.add_argument("--sm90-facts", metavar="LIB", help=argparse.SUPPRESS)
+    ap.add_argument("--show", type=int, default=0, help="print each step's last N log lines")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
