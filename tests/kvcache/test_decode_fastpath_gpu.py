@@ -58,6 +58,7 @@ def _step(q, kc, vc, lens, k, v, table, **kw):
 
 @pytest.mark.parametrize("page", [0, 16, 64])
 def test_direct_relaunch_gives_the_same_bits(page, monkeypatch):
+    monkeypatch.setenv("FLASHMUX_TRITON_DIRECT_LAUNCH", "1")  # off by default until confirmed here
     q, kc, vc, lens, k, v, table = _inputs(page=page)
     kc0, vc0 = kc.clone(), vc.clone()
     _reset()
@@ -89,6 +90,7 @@ def test_fused_append_matches_the_append_kernel(page, monkeypatch):
     q, kc, vc, lens, k, v, table = _inputs(page=page, snew=3)
     kc0, vc0 = kc.clone(), vc.clone()
     res = {}
+    monkeypatch.setenv("FLASHMUX_TRITON_DIRECT_LAUNCH", "1")
     for fused in ("1", "0"):
         monkeypatch.setenv("FLASHMUX_TRITON_FUSED_APPEND", fused)
         _reset()

@@ -620,9 +620,11 @@ class _FastLaunch:
 
 
 def _direct_launch() -> bool:
-    """Relaunch compiled kernels directly (`_FastLaunch`); FLASHMUX_TRITON_DIRECT_LAUNCH=0 turns
-    it off (Triton's own launch every call: a switch for diagnosing a GPU run)."""
-    return not _interpreting() and os.environ.get("FLASHMUX_TRITON_DIRECT_LAUNCH", "1") != "0"
+    """Relaunch compiled kernels directly (`_FastLaunch`) when FLASHMUX_TRITON_DIRECT_LAUNCH=1.
+    Off by default: it follows Triton 3.9's launcher convention and has not yet run on a GPU
+    (the H200 has Triton 3.6); Triton's own launch is used until a GPU run confirms it
+    (tests/kvcache/test_decode_fastpath_gpu.py)."""
+    return not _interpreting() and os.environ.get("FLASHMUX_TRITON_DIRECT_LAUNCH", "0") == "1"
 
 
 def _no_hook(h) -> bool:
