@@ -265,6 +265,25 @@ def _q_block(i, n: int, st: Static):
     return (n - 1 - i) if _heavy_first(st) else i
 
 
+def _q_tile(st: Static, q_ref, lq_ref, lk_ref):
+    """What a query-block program (forward, dQ) starts from: (qi, h, b, sq, sk, off, r0, rows, q)
+    = its block, head and batch, the sequence lengths, Sk - Sq, its first row, its rows (a
+    column) and its Q tile."""
+    import jax.numpy as jnp
+
+    pl = pallas()
+    qi, h, b = (
+        _q_block(pl.program_id(0), pl.num_programs(0), st),
+        pl.program_id(1),
+        pl.program_id(2),
+    )
+    sq, sk = _seqlens(st, lq_ref, lk_ref)
+    off = sk - sq
+    r0 = qi * st.block_m
+    rows = r0 + jnp.arange(st.block_m, dtype=jnp.int32)[:, None]
+    return qi, h, b, sq, sk, off, r0, rows, q_ref[...]
+
+
 def _seqlens(st: Static, lq_ref, lk_ref):
     import jax.numpy as jnp
 
@@ -302,16 +321,7 @@ def _fwd_kernel(*refs, st: Static):
     o_ref, lse_ref = refs[n_in : n_in + 2]
     r_ref = refs[n_in + 2] if st.residual else None
     bm, bn = st.block_m, st.block_n
-    qi, h, b = (
-        _q_block(pl.program_id(0), pl.num_programs(0), st),
-        pl.program_id(1),
-        pl.program_id(2),
-    )
-    sq, sk = _seqlens(st, lq_ref, lk_ref)
-    off = sk - sq
-    r0 = qi * bm
-    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-    q = q_ref[...]
+    qi, h, b, sq, sk, off, r0, rows, q = _q_tile(st, q_ref, lq_ref, lk_ref)
     dv = v_ref.shape[-1]
     slope2 = _slope2(sl_ref) if st.alibi else None
 
@@ -521,16 +531,7 @@ def _dq_kernel(*refs, st: Static):
     seed_ref, i = (refs[i], i + 1) if st.dropout_p > 0 else (None, i)
     dq_ref = refs[i]
     bm, bn = st.block_m, st.block_n
-    qi, h, b = (
-        _q_block(pl.program_id(0), pl.num_programs(0), st),
-        pl.program_id(1),
-        pl.program_id(2),
-    )
-    sq, sk = _seqlens(st, lq_ref, lk_ref)
-    off = sk - sq
-    r0 = qi * bm
-    rows = r0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-    q = q_ref[...]
+    qi, h, b, sq, sk, off, r0, rows, q = _q_tile(st, q_ref, lq_ref, lk_ref)
     do = do_ref[...]
     lse2 = lse_ref[...]
     if st.fused_delta:
