@@ -42,6 +42,10 @@ from ..spec import Params, ProblemSpec
 TORCH_KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
 # cuDNN is not asked for shorter sequences (see _torch_kernel_reasons)
 CUDNN_MIN_SEQLEN = 128
+# torch kernels that take K/V with fewer heads than Q as they are (GQA/MQA, forward and backward,
+# dK/dV returned per KV head): checked against the repeated-K/V path on the CPU (torch 2.13,
+# equal to 1.2e-7). The GPU kernels get repeated K/V until a GPU run checks them the same way.
+NATIVE_GQA = frozenset({"cpu_flash"})
 JAX_KERNELS = ("cudnn", "xla")
 ALL_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
 # The xla implementation materializes the (B, Hq, Sq, Sk) scores (and, with a gradient, the
@@ -340,7 +344,7 @@ def _torch_forward(kern, q, k, v, p: Params):
     b, sq, hq, _ = q.shape
     g = hq // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
-    if g > 1:
+    if g > 1 and kern not in NATIVE_GQA:
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     causal = _is_causal(p, sq)
     if kern == "cpu_flash":
@@ -386,7 +390,8 @@ def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if g > 1:
+    repeat = g > 1 and kern not in NATIVE_GQA
+    if repeat:
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     # do and out in the same (BSHD contiguous) layout, seen as (B, H, S, D)
     ot, dot = out.contiguous().transpose(1, 2), do.contiguous().transpose(1, 2)
@@ -415,7 +420,7 @@ def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
             sq, sk, 0.0, causal, scale=p.scale)
     else:
         raise ValueError(f"native: unknown torch kernel {kern!r}")
-    if g > 1:  # a KV head's gradient sums over the query heads that share it
+    if repeat:  # a KV head's gradient sums over the query heads that share it
         dk = dk.reshape(b, hkv, g, sk, d).sum(2)
         dv = dv.reshape(b, hkv, g, sk, dv.shape[-1]).sum(2)
     return (dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype),
