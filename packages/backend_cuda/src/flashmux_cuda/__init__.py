@@ -122,8 +122,7 @@ class CudaBackend(Backend):
         if self._lib is not None:
             get = getattr(self._lib.lib, "fmx_families", None)
             families = int(get()) if get is not None else 1
-        fwd, why = fam.forward_family(
-            cc,
+        shared = dict(
             families=families,
             varlen=params.varlen,
             softcap=params.softcap,
@@ -132,16 +131,9 @@ class CudaBackend(Backend):
             alibi=bool(getattr(params, "alibi", False)),
             block_mask=bool(getattr(params, "mask_block_size", 0)),
         )
+        fwd, why = fam.forward_family(cc, **shared)
         bwd, bwhy = fam.backward_family(
-            cc,
-            families=families,
-            varlen=params.varlen,
-            softcap=params.softcap,
-            head_dim=int(q.shape[-1]),
-            seqlen_k=int(k.shape[-3]),
-            deterministic=bool(getattr(params, "deterministic", False)),
-            alibi=bool(getattr(params, "alibi", False)),
-            block_mask=bool(getattr(params, "mask_block_size", 0)),
+            cc, deterministic=bool(getattr(params, "deterministic", False)), **shared
         )
         return {"forward": fam.describe(fwd, why), "backward": fam.describe(bwd, bwhy)}
 
