@@ -18,7 +18,8 @@ packed variable-length batches; dropout (their masks are not the contract's coun
 deterministic=True with a gradient;
 Dv != D. Head-dim and dtype limits are per kernel (see `_torch_kernel_reasons`).
 
-GQA: torch's kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head);
+GQA: torch's GPU kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head;
+the CPU flash kernel takes the KV heads as they are, NATIVE_GQA);
 jax.nn.dot_product_attention groups heads itself. The JAX backward recomputes the forward under
 jax.vjp (an extra forward pass): the framework function keeps its residuals private. A gradient
 through lse, which the torch backward kernels do not take, costs two more kernel calls
