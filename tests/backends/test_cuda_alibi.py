@@ -21,6 +21,7 @@ import pytest
 import flashmux
 import flashmux_cuda
 from flashmux.spec import Params
+from flashmux.testing.gpu import backend_gpu_reasons
 from flashmux.testing.judge import ATOL, masked_softmax, max_err, plain_pv, plain_scores
 from flashmux_cuda import abi
 from flashmux_cuda import family as fam
@@ -147,19 +148,8 @@ def test_jax_shapes_with_alibi_at_trace_time():
 # GPU: the kernels against the float64 reference
 
 
-def _gpu_reasons():
-    try:
-        import torch
-    except ImportError:
-        return ["torch not installed"]
-    if not torch.cuda.is_available():
-        return ["no CUDA device"]
-    from flashmux import dispatch
-
-    return dispatch.availability(dispatch.get_backend("cuda"))
-
-
-gpu = pytest.mark.skipif(bool(_gpu_reasons()), reason="; ".join(_gpu_reasons()) or "gpu")
+_GPU_REASONS = backend_gpu_reasons("cuda")
+gpu = pytest.mark.skipif(bool(_GPU_REASONS), reason="; ".join(_GPU_REASONS) or "gpu")
 
 # (batch, seqlens ((sq, sk),...) for varlen or None, sq, sk, hq, hkv, d, causal, window, softcap,
 #  slopes "h"/"bh", dtype, lse_grad)

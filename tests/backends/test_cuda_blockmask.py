@@ -22,6 +22,7 @@ import flashmux
 import flashmux_cuda
 from flashmux import masks as M
 from flashmux.spec import ProblemSpec
+from flashmux.testing.gpu import backend_gpu_reasons
 from flashmux_cuda import abi
 
 
@@ -143,19 +144,8 @@ def test_jax_shapes_with_block_mask_at_trace_time():
 # GPU
 
 
-def _gpu_reasons():
-    try:
-        import torch
-    except ImportError:
-        return ["torch not installed"]
-    if not torch.cuda.is_available():
-        return ["no CUDA device"]
-    from flashmux import dispatch
-
-    return dispatch.availability(dispatch.get_backend("cuda"))
-
-
-gpu = pytest.mark.skipif(bool(_gpu_reasons()), reason="; ".join(_gpu_reasons()) or "gpu")
+_GPU_REASONS = backend_gpu_reasons("cuda")
+gpu = pytest.mark.skipif(bool(_GPU_REASONS), reason="; ".join(_GPU_REASONS) or "gpu")
 
 GPU_CASES = [
     dict(name="doc_causal_d64", b=2, sq=1000, sk=1000, hq=4, hkv=2, d=64, mask="doc_causal"),

@@ -24,23 +24,15 @@ import flashmux  # noqa: E402
 from flashmux import dispatch, reference  # noqa: E402
 from flashmux.kvcache import DecodeParams  # noqa: E402
 from flashmux.reference import allowed_mask  # noqa: E402
+from flashmux.testing.gpu import backend_gpu_reasons  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ATOL = 1e-5
 
 
-def _cuda_reasons():
-    if not torch.cuda.is_available():
-        return ["no CUDA device"]
-    try:
-        return dispatch.availability(dispatch.get_backend("cuda"))
-    except Exception as e:  # not installed
-        return [str(e)]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _available():
-    reasons = _cuda_reasons()
+    reasons = backend_gpu_reasons("cuda")
     if reasons:
         pytest.skip("cuda backend unavailable: " + "; ".join(reasons))
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import flashmux
-from flashmux import dispatch
 from flashmux.reference import reference_backward, reference_forward
+from flashmux.testing.gpu import backend_gpu_reasons
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "conformance"))
 from harness import ATOL, Case, Framework, make_inputs, max_err  # noqa: E402
@@ -24,16 +24,9 @@ from harness import ATOL, Case, Framework, make_inputs, max_err  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def _cuda_reasons():
-    try:
-        return dispatch.availability(dispatch.get_backend("cuda"))
-    except Exception as e:  # not installed
-        return [str(e)]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _available():
-    reasons = _cuda_reasons()
+    reasons = backend_gpu_reasons("cuda")
     if reasons:
         pytest.skip("cuda backend unavailable: " + "; ".join(reasons))
 

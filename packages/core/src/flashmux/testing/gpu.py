@@ -1,0 +1,21 @@
+"""Whether a backend can run on this machine's GPU, for GPU tests' skip conditions."""
+
+from __future__ import annotations
+
+
+def backend_gpu_reasons(name: str) -> list[str]:
+    """[] when torch sees a CUDA device and backend `name` is usable; else why not (a skip
+    reason): torch missing, no CUDA device, the backend's own availability reasons, or the error
+    raised looking it up (e.g. its package not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return ["torch not installed"]
+    if not torch.cuda.is_available():
+        return ["no CUDA device"]
+    from .. import dispatch
+
+    try:
+        return dispatch.availability(dispatch.get_backend(name))
+    except Exception as e:  # not installed
+        return [str(e)]
