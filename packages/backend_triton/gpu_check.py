@@ -5,8 +5,9 @@
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
        low-precision attention error + 1e-5), then float32, determinism and the dropout hook.
-sweep: times each kernel's candidate configs at S=4096 (bf16, d64/d128, causal and not) and uses
-       the fastest for the rest of the run (printed as a TABLE_SM90 snippet).
+sweep: times each kernel's candidate configs at S=4096 (bf16, causal and not; head dims from
+       FMX_SWEEP_DIMS, default 64,128; 256 has its own candidates) and uses the fastest for the
+       rest of the run (printed as a TABLE_SM90 snippet).
 tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
 fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
@@ -181,17 +182,36 @@ SWEEP_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2)
               (64, 64, 4, 3), (16, 128, 4, 4)]
 SWEEP_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
             (64, 64, 4, 3), (128, 16, 4, 4)]
+# head_dim 256: the tiles that fit 228 KiB of shared memory with 2-3 stages (K+V tiles of 32-64
+# rows x 256 x 2 bytes per stage; dK/dV hold two fp32 BLOCK_N x 256 accumulators in registers)
+SWEEP_256 = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
+            (64, 32, 4, 3), (128, 32, 8, 3)],
+    "bwd_dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2),
+                 (32, 64, 8, 1), (64, 64, 8, 1)],
+    "bwd_dq": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
+               (128, 64, 8, 1), (64, 16, 4, 2)],
+}
+
+
+def sweep_dims() -> list[int]:
+    """FMX_SWEEP_DIMS (default "64,128"; 256 uses SWEEP_256); FMX_SWEEP_CAUSAL (default "0,1")."""
+    return [int(x) for x in os.environ.get("FMX_SWEEP_DIMS", "64,128").split(",") if x]
 
 
 def sweep():
     cap = torch.cuda.get_device_capability()
-    for D in (64, 128):
-        for causal in (False, True):
+    causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
+    for D in sweep_dims():
+        for causal in causals:
             S = 4096
             B, H, fwd, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
             o, lse = backend.forward(q, k, v, None, None, p)
             best = {}
-            for which, cands in (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ)):
+            lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ))
+            if D > 128:
+                lists = tuple(SWEEP_256.items())
+            for which, cands in lists:
                 times = []
                 for c in cands:
                     cfg = T.KernelConfig(*c)
