@@ -119,3 +119,75 @@ def test_numpy_not_served():
     q = np.zeros((1, 4, 1, 8), np.float32)
     assert "numpy arrays not supported" in " ".join(
         flashmux.explain(q, q, q, backend="native").reasons("native"))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_reasons_traceable_by_dynamo():
+    """torch.compile(fullgraph=True) traces the dispatcher into native's reasons: every kernel's
+    checks on a CUDA problem (the path the H200 takes) must be plain Python to dynamo. The H200
+    run of 2026-11-30 failed here on torch.backends.cudnn.is_available()."""
+    import torch
+
+    from flashmux.builtin.native import _Facts
+    from flashmux.spec import ProblemSpec
+
+    spec = ProblemSpec("torch", "cuda", "H200", (9, 0), "bfloat16", 2, 256, 256, 8, 2, 64, 64,
+                       False, True, False, False, False, False, False, True, False)
+    f = _Facts("torch", "cuda", (9, 0), "bfloat16", 2, 256, 256, 8, 2, 64, 64, True, False, False,
+               False, False, False, False, False)
+    eager = (native.reasons(spec), native.pick(f))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def traced(x):
+        r, k = native.reasons(spec), native.pick(f)
+        return x + len(r) + (0 if k is None else len(k)), r, k
+
+    torch._dynamo.reset()
+    y, r, k = traced(torch.zeros(2))
+    assert (r, k) == eager
+    assert float(y[0]) == len(eager[0]) + (0 if eager[1] is None else len(eager[1]))
+
+
+GQA_CASES = [
+    Case(seqlen_q=256, seqlen_k=256, head_dim=64, causal=True, heads_q=8, heads_kv=2,
+         dtype="bfloat16"),
+    Case(seqlen_q=200, seqlen_k=320, head_dim=128, heads_q=8, heads_kv=1, dtype="float16",
+         lse_grad=True),
+]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("case", GQA_CASES, ids=Case.id)
+def test_torch_cuda_kernel_unrepeated_gqa(kernel, case, monkeypatch):
+    """Each GPU kernel given the KV heads as they are ($FLASHMUX_NATIVE_GQA=kernel): judged
+    against the float64 reference, and equal to the repeated-K/V path on the same inputs."""
+    import torch
+
+    from flashmux.builtin.native import ENV_GQA, _torch_backward, _torch_forward
+    from flashmux.spec import Params
+
+    monkeypatch.setenv(ENV_GQA, kernel)
+    name = f"native-{kernel}"
+    dispatch.register(NativeBackend(name=name, kernels=(kernel,), capabilities=native.capabilities))
+    skip = run_case(case, name, "torch", "cuda")
+    if skip:
+        pytest.skip(skip)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = getattr(torch, case.dtype)
+    b, hq, hkv, d = 2, case.heads_q, case.heads_kv, case.head_dim
+    q = torch.randn(b, case.seqlen_q, hq, d, device="cuda", dtype=dt, generator=g)
+    k = torch.randn(b, case.seqlen_k, hkv, d, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(b, case.seqlen_k, hkv, d, device="cuda", dtype=dt, generator=g)
+    do = torch.randn(b, case.seqlen_q, hq, d, device="cuda", dtype=dt, generator=g)
+    p = Params(scale=d ** -0.5, causal=case.causal, return_lse=True)
+    res = {}
+    for mode in (kernel, "none"):
+        monkeypatch.setenv(ENV_GQA, mode)
+        out, lse = _torch_forward(kernel, q, k, v, p)
+        res[mode] = (out, lse, *_torch_backward(kernel, do, None, q, k, v, out, lse, p))
+    for name_, a, r in zip(("out", "lse", "dq", "dk", "dv"), res[kernel], res["none"]):
+        assert a.shape == r.shape, (name_, a.shape, r.shape)
+        a, r = a.float(), r.float()
+        tol = 2e-2 * max(1.0, r.abs().max().item())
+        assert (a - r).abs().max().item() <= tol, (name_, (a - r).abs().max().item(), tol)

@@ -18,8 +18,9 @@ packed variable-length batches; dropout (their masks are not the contract's coun
 deterministic=True with a gradient;
 Dv != D. Head-dim and dtype limits are per kernel (see `_torch_kernel_reasons`).
 
-GQA: torch's GPU kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head;
-the CPU flash kernel takes the KV heads as they are, NATIVE_GQA);
+GQA: torch's GPU kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head)
+unless listed in GPU_GQA or $FLASHMUX_NATIVE_GQA; the CPU flash kernel takes the KV heads as they
+are (NATIVE_GQA);
 jax.nn.dot_product_attention groups heads itself. The JAX backward recomputes the forward under
 jax.vjp (an extra forward pass): the framework function keeps its residuals private. A gradient
 through lse, which the torch backward kernels do not take, costs two more kernel calls
@@ -32,7 +33,6 @@ for switching one off; `NativeBackend(name=..., kernels=(...))` does the same fo
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -45,8 +45,12 @@ TORCH_KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
 CUDNN_MIN_SEQLEN = 128
 # torch kernels that take K/V with fewer heads than Q as they are (GQA/MQA, forward and backward,
 # dK/dV returned per KV head): checked against the repeated-K/V path on the CPU (torch 2.13,
-# equal to 1.2e-7). The GPU kernels get repeated K/V until a GPU run checks them the same way.
+# equal to 1.2e-7). The GPU kernels get repeated K/V unless listed in GPU_GQA (or in
+# $FLASHMUX_NATIVE_GQA, a comma list of GPU kernels, "" or "none" for none: the A/B switch the
+# GPU tests and the model benchmark use to check each kernel against the repeated path).
 NATIVE_GQA = frozenset({"cpu_flash"})
+GPU_GQA: frozenset[str] = frozenset()
+ENV_GQA = "FLASHMUX_NATIVE_GQA"
 JAX_KERNELS = ("cudnn", "xla")
 ALL_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
 # The xla implementation materializes the (B, Hq, Sq, Sk) scores (and, with a gradient, the
@@ -203,16 +207,15 @@ def _jax_kernel_reasons(kernel: str, f: _Facts) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def _cudnn_available() -> bool:
-    try:
-        import torch
+    """torch has cuDNN and the cuDNN attention op. Read on every reasons() call (two attribute
+    reads, no cache): torch.compile traces the dispatcher, and dynamo refuses
+    torch.backends.cudnn.is_available() ("torch.* op returned non-Tensor", the H200 run of
+    2026-11-30) and ignores functools caches; these two reads it folds into constants."""
+    import torch
 
-        return bool(torch.backends.cudnn.is_available()) and hasattr(
-            torch.ops.aten, "_scaled_dot_product_cudnn_attention"
-        )
-    except Exception:
-        return False
+    return bool(getattr(torch._C, "_has_cudnn", False)) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_cudnn_attention")
 
 
 @dataclass
@@ -333,6 +336,16 @@ def _facts_from_arrays(q, k, v, p: Params, cu) -> _Facts:
 # -- torch -----------------------------------------------------------------------------------
 
 
+def _takes_kv_heads(kern: str) -> bool:
+    """Whether `kern` gets K/V with their own (fewer) heads rather than repeated to Hq."""
+    if kern in NATIVE_GQA:
+        return True
+    env = os.environ.get(ENV_GQA)
+    if env is None:
+        return kern in GPU_GQA
+    return kern in {x.strip() for x in env.split(",")}
+
+
 def _is_causal(p: Params, sq: int) -> bool:
     # bottom-right causal with one query row sees every key: not SDPA's top-left causal
     return p.causal and sq > 1
@@ -345,7 +358,7 @@ def _torch_forward(kern, q, k, v, p: Params):
     b, sq, hq, _ = q.shape
     g = hq // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
-    if g > 1 and kern not in NATIVE_GQA:
+    if g > 1 and not _takes_kv_heads(kern):
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     causal = _is_causal(p, sq)
     if kern == "cpu_flash":
@@ -391,7 +404,7 @@ def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    repeat = g > 1 and kern not in NATIVE_GQA
+    repeat = g > 1 and not _takes_kv_heads(kern)
     if repeat:
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     # do and out in the same (BSHD contiguous) layout, seen as (B, H, S, D)
