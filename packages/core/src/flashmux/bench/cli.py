@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,17 @@ def parser() -> argparse.ArgumentParser:
         help="seconds for the whole sweep; what does not fit is marked, not run",
     )
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument(
+        "--masks",
+        help="masks sweep: mask specs, comma-separated, 'dense' for the unmasked call (default: "
+        "dense plus the issue's eight: causal, sliding:1024, sliding:4096, doc:8, doc:64, "
+        "prefix:S/4, dilated:256:1024, chunked:1024)",
+    )
+    p.add_argument(
+        "--log-each",
+        action="store_true",
+        help="a stderr line per measurement with its wall seconds (default on for --sweep masks)",
+    )
     p.add_argument(
         "--kvcache-only",
         action="store_true",
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             causal=args.causal,
             quick=args.quick,
             kvcache_only=args.kvcache_only,
+            masks=_csv(args.masks),
         )
         points = build_points(cfg)
     except ValueError as e:
@@ -259,11 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         # torch and JAX share the GPU: JAX must not grab 75% of it up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     anchors = _csv(args.anchors)
+    backends = _csv(args.backends)
+    lean = sweeps == ["masks"] and not args.quick and device == "cuda"
+    if lean:  # the masks sweep's lean default (bench/maskbench.py): what issue 15's bar compares
+        from .maskbench import LEAN_ANCHORS, LEAN_BACKENDS
+
+        if anchors is None:
+            anchors = list(LEAN_ANCHORS)
+        if backends is None:
+            backends = list(LEAN_BACKENDS)
     if anchors is None:
         anchors = list(QUICK_ANCHORS if args.quick else ANCHORS)
     elif anchors == ["none"]:
         anchors = []
-    backends = _csv(args.backends)
     if backends is None and args.quick:
         backends = ["reference", "auto"]
     if backends == ["none"]:
@@ -313,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             else (min(8, os.cpu_count() or 1) if device == "cuda" else 0)
         ),
         seed=args.seed,
+        log_each=args.log_each or "masks" in sweeps,
     )
     from . import envinfo
 
@@ -324,19 +346,65 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+
+    def snapshot(runner, partial: str | None) -> dict:
+        data = {
+            "schema": 1,
+            "env": env,
+            "args": {"argv": argv, **{k: v for k, v in vars(args).items()}},
+            "wall_s": time.time() - t0,
+            "implementations": [{**i.info(), "unavailable": i.unavailable(ctx)} for i in impls],
+            "frameworks_missing": fw_reasons,
+            "results": list(runner.results),
+            "checks": list(runner.checks),
+            "log": list(runner.log),
+        }
+        if partial:
+            data["partial"] = partial
+        return data
+
+    # Results so far are written after every measurement (at most every 2 s), so a run that is
+    # killed leaves what it measured; under --time-budget a watchdog ends a run that overruns
+    # its budget inside one step (a compile, a check) and says where it was.
+    state = {"runner": None, "written": 0.0, "current": None, "lock": threading.Lock()}
+
+    def on_event(runner, event, impl, point):
+        state["runner"] = runner
+        state["current"] = f"{impl.id} {point.label}" if event == "start" else None
+        if event == "done" and time.monotonic() - state["written"] > 2.0:
+            with state["lock"]:
+                write_outputs(snapshot(runner, "in progress"), out, plots=False)
+                state["written"] = time.monotonic()
+
+    opts.on_event = on_event
+    if args.time_budget is not None:
+        grace = 3.0 + 0.02 * args.time_budget
+
+        def overrun():
+            print(f"\n[bench] time budget {args.time_budget:g} s + {grace:.0f} s exceeded while "
+                  f"running {state['current'] or 'setup'}; ending the run", file=sys.stderr,
+                  flush=True)
+            r = state["runner"]
+            if r is not None and state["lock"].acquire(timeout=2.0):
+                try:
+                    data = snapshot(r, f"stopped by the time budget in {state['current']}")
+                    write_outputs(data, out, plots=False)
+                    print(f"wrote {out / 'results.json'} ({len(data['results'])} records)",
+                          file=sys.stderr, flush=True)
+                except Exception as e:  # the exit must happen regardless
+                    print(f"[bench] could not write the results: {e}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(3)
+
+        watchdog = threading.Timer(args.time_budget + grace, overrun)
+        watchdog.daemon = True
+        watchdog.start()
     runner = run_all(points, impls, ctx, opts, progress=not args.no_progress)
-    data = {
-        "schema": 1,
-        "env": env,
-        "args": {"argv": argv, **{k: v for k, v in vars(args).items()}},
-        "wall_s": time.time() - t0,
-        "implementations": [{**i.info(), "unavailable": i.unavailable(ctx)} for i in impls],
-        "frameworks_missing": fw_reasons,
-        "results": runner.results,
-        "checks": runner.checks,
-        "log": runner.log,
-    }
-    files = write_outputs(data, out, plots=not args.no_plots)
+    if args.time_budget is not None:
+        watchdog.cancel()
+    data = snapshot(runner, None)
+    with state["lock"]:
+        files = write_outputs(data, out, plots=not args.no_plots)
     _summary(data, out, files)
     return 0 if any(r["status"] == "ok" for r in runner.results) else 1
 

@@ -31,7 +31,15 @@ def mask_fn_for(spec: str, seqlen_q: int, seqlen_k: int):
     from .. import masks as M
 
     name, *args = spec.split(":")
-    a = [int(x) for x in args]
+    try:
+        a = [int(x) for x in args]
+    except ValueError:
+        raise ValueError(f"mask spec {spec!r}: expected integer parameters, e.g. "
+                         "causal, sliding:1024, doc:8, prefix:2048, dilated:256:1024, chunked:1024"
+                         ) from None
+    need = {"causal": 0, "sliding": 1, "doc": 1, "prefix": 1, "dilated": 2, "chunked": 1}
+    if name in need and len(a) != need[name]:
+        raise ValueError(f"mask spec {spec!r}: {name} takes {need[name]} parameter(s), got {len(a)}")
     causal = M.causal(seqlen_k - seqlen_q)
     if name == "causal":
         return causal
@@ -93,6 +101,13 @@ def sweep_masks(seqlen: int, quick: bool) -> list[str]:
         return ["causal", "sliding:32", "doc:4", "prefix:64", "dilated:16:64", "chunked:64"]
     return ["causal", "sliding:1024", "sliding:4096", "doc:8", "doc:64",
             f"prefix:{seqlen // 4}", "dilated:256:1024", "chunked:1024"]
+
+
+# The lean default of the masks sweep on a GPU (issue 15's bar): flashmux's three GPU backends
+# against FlexAttention (torch, same mask), cuDNN SDPA (the dense call) and XLA's
+# jax.nn.dot_product_attention with the dense mask (JAX). --backends / --anchors widen it.
+LEAN_BACKENDS = ("triton", "pallas", "cuda")
+LEAN_ANCHORS = ("flex", "sdpa-cudnn", "jax-xla")
 
 
 def dense_mask(spec: str, seqlen_q: int, seqlen_k: int) -> np.ndarray:

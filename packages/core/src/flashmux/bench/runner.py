@@ -37,6 +37,10 @@ class RunOptions:
     seed: int = 0
     max_sets: int = 8
     precompile_threads: int = 0  # JAX: compile ahead in this many threads (0: off)
+    # called as on_event(runner, "start" | "done", impl, point) around every measurement (the
+    # CLI writes the results so far after each one, so a killed run leaves what it measured)
+    on_event: object = None
+    log_each: bool = False  # a stderr line per measurement (status, median, wall seconds)
 
 
 # Messages by which libraries decline a problem (rather than fail on it).
@@ -133,6 +137,9 @@ class Runner:
     check_wall_s: float = 0.0
     compiled: dict = field(default_factory=dict)  # (impl id, point, kind) -> executable
     precompile_s: float = 0.0
+    # impl id -> wall seconds of its latest measurement that ran: under a time budget, a
+    # measurement that would end past the deadline by this estimate is not started
+    cost: dict = field(default_factory=dict)
 
     # -- correctness ------------------------------------------------------------------------
     def _inputs(self, cp: Point, dt: str, impl: Impl, point: Point):
@@ -342,6 +349,8 @@ class Runner:
             spent = time.monotonic() - t0
             for r in self.results[n0:]:
                 r["wall_s"] = round(spent / max(1, len(self.results) - n0), 3)
+            if any(r["status"] in ("ok", "wrong") for r in self.results[n0:]):
+                self.cost[impl.id] = spent
 
     def _measure(self, impl, point, modes, deadline):
         ctx, opts = self.ctx, self.opts
@@ -365,6 +374,13 @@ class Runner:
         if deadline is not None and time.monotonic() > deadline:
             for m in todo:
                 self._record(impl, point, m, "budget", "time budget exhausted")
+            return
+        est = self.cost.get(impl.id)
+        if deadline is not None and est is not None and time.monotonic() + est > deadline:
+            left = deadline - time.monotonic()
+            for m in todo:
+                self._record(impl, point, m, "budget", f"time budget: its last point took "
+                             f"{est:.1f} s, {left:.1f} s were left")
             return
         verdicts = {"fwd": None, "bwd": None}
         if opts.check:
@@ -561,6 +577,28 @@ def spread_order(points: list[Point]) -> list[Point]:
     return sorted(points, key=lambda p: (p.sweep, rank.get(p.x, 0)))
 
 
+def _log_records(recs: list) -> None:
+    """One stderr line per record that did something (ran, failed, or ran out of budget)."""
+    for r in recs:
+        if r["status"] in ("unsupported", "unavailable"):
+            continue
+        p = r["point"]
+        what = p.get("mask") or ("causal" if p.get("causal") else "dense")
+        ms = f" {r['ms']:.3f} ms" if r.get("ms") is not None else ""
+        why = f" ({r['reason'][:120]})" if r.get("reason") and r["status"] != "ok" else ""
+        print(f"[bench] {r['impl']} S{p.get('seqlen_q')} {what} {r['mode']}: {r['status']}{ms}"
+              f" [{r.get('wall_s', 0):.1f} s]{why}", file=sys.stderr, flush=True)
+
+
+def _cheap(impl: Impl, point: Point, ctx: Context) -> bool:
+    """True for plan entries that record a reason without running anything."""
+    try:
+        return bool(impl.unavailable(ctx) or kvcache_unsupported(impl, point)
+                    or masks_unsupported(impl, point))
+    except Exception:
+        return False
+
+
 def run_all(
     points: list[Point], impls: list[Impl], ctx: Context, opts: RunOptions, progress: bool = True
 ) -> Runner:
@@ -583,9 +621,14 @@ def run_all(
             continue
         deadline = None
         if budget is not None:
-            remaining_work = sum(len(p[3]) for p in plan[plan.index(work[0]) :])
+            # the budget left is shared by measurements that will run (not those that only
+            # record a reason: most anchors at a masks sweep's masked points)
+            def runs(p):
+                return 0 if _cheap(p[1], p[2], ctx) else len(p[3])
+
+            remaining_work = sum(runs(p) for p in plan[plan.index(work[0]) :])
             left = budget - (time.monotonic() - t_start)
-            deadline = time.monotonic() + max(0.0, left) * sum(len(p[3]) for p in work) / max(
+            deadline = time.monotonic() + max(0.0, left) * sum(runs(p) for p in work) / max(
                 1, remaining_work
             )
         fw = ctx.fws.get(fwname)
@@ -605,7 +648,14 @@ def run_all(
                         ctx.fws.get(f"_{fwname}_reason") or f"{fwname} not available",
                     )
             else:
+                n0 = len(runner.results)
+                if opts.on_event is not None:
+                    opts.on_event(runner, "start", impl, point)
                 runner.measure(impl, point, modes, deadline)
+                if opts.log_each:
+                    _log_records(runner.results[n0:])
+                if opts.on_event is not None:
+                    opts.on_event(runner, "done", impl, point)
             bar.update(len(modes), f"{impl.id} {point.label}")
         if runner.compiled:
             runner.log.append(

@@ -158,6 +158,7 @@ class SweepConfig:
     causal: str | None = None  # "both" | "yes" | "no" | None (the sweep's default)
     quick: bool = False
     kvcache_only: bool = False  # decode sweep: only the attention_with_kvcache rows
+    masks: list[str] | None = None  # masks sweep: these mask specs (and "dense"), not all
 
 
 def _causals(opt: str | None, default: str) -> list[bool]:
@@ -250,7 +251,7 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
                 for s in seqs:
                     pts.append(Point(sweep, 1, s, s, h, h, hd, causal, dt, x=s, memory_only=True))
     elif sweep == "masks":  # block masks (issue 15): B*S = 32k tokens, model dim 2048
-        from .maskbench import sweep_masks
+        from .maskbench import mask_fn_for, sweep_masks
 
         hds = cfg.head_dims or ([32] if quick else [128])
         seqs = cfg.seqlens or ([256] if quick else [8192, 32768])
@@ -260,9 +261,12 @@ def _sweep_points(sweep: str, cfg: SweepConfig, dt: str, quick: bool) -> list[Po
                 b = 1 if quick else max(1, 32768 // s)
                 # the dense (unmasked) call: the "dense time" of the issue's bar
                 # time(mask) <= 1.25 x density x time(dense)
-                pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s))
-                for m in sweep_masks(s, quick):
-                    pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s, mask=m))
+                specs = cfg.masks if cfg.masks is not None else ["dense", *sweep_masks(s, quick)]
+                for m in specs:
+                    if m != "dense":
+                        mask_fn_for(m, s, s)  # an unknown spec fails here, before any timing
+                    pts.append(Point(sweep, b, s, s, h, h, hd, False, dt, x=s,
+                                     mask=None if m == "dense" else m))
     else:
         raise ValueError(f"unknown sweep {sweep!r} (expected one of {', '.join(SWEEPS)}, all)")
     return pts

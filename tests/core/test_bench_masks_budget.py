@@ -1,0 +1,118 @@
+"""The masks sweep's time budget, incremental results and --masks selection (CPU, quick mode).
+
+The H200 run of 14:15 UTC (session 7) printed "18 problems x 20 implementations" and was killed
+past its --time-budget with nothing written: these tests pin the three fixes (a watchdog that
+ends an overrunning step and writes what was measured, results written after every measurement,
+a narrower selection).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from flashmux.bench import cli
+from flashmux.bench.impls import ANCHORS
+from flashmux.bench.maskbench import LEAN_ANCHORS, LEAN_BACKENDS, mask_fn_for
+from flashmux.bench.shapes import SweepConfig, build_points
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_masks_option_selects_points():
+    pts = build_points(SweepConfig(sweeps=["masks"], seqlens=[8192], masks=["dense", "doc:8"]))
+    assert [p.mask for p in pts] == [None, "doc:8"]
+    assert {p.seqlen_q for p in pts} == {8192}
+
+
+@pytest.mark.parametrize("spec", ["doc", "sliding:1k", "dilated:256", "nosuch:3"])
+def test_bad_mask_spec_is_refused_before_timing(spec, capsys):
+    with pytest.raises(ValueError, match="mask spec"):
+        mask_fn_for(spec, 256, 256)
+    rc = cli.main(["bench", "--quick", "--sweep", "masks", "--masks", spec, "--out", "/nonexistent"])
+    assert rc == 2
+    assert spec in capsys.readouterr().err
+
+
+def test_lean_default_names_are_known():
+    assert set(LEAN_ANCHORS) <= set(ANCHORS)
+    assert set(LEAN_BACKENDS) == {"triton", "pallas", "cuda"}
+
+
+_OVERRUN = textwrap.dedent(
+    """
+    import sys, time
+    from flashmux.bench import cli, runner
+
+    real = runner.Runner.measure
+    calls = []
+
+    def measure(self, impl, point, modes, deadline):
+        calls.append(impl.id)
+        if len(calls) == 3:  # one step that never ends (a compile that hangs)
+            time.sleep(120)
+        return real(self, impl, point, modes, deadline)
+
+    runner.Runner.measure = measure
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_overrunning_step_ends_the_run_and_keeps_what_was_measured(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _OVERRUN, "bench", "--quick", "--no-progress", "--sweep", "masks",
+         "--frameworks", "torch", "--backends", "reference", "--anchors", "none",
+         "--modes", "fwd", "--masks", "dense,causal,doc:4,chunked:64", "--time-budget", "8",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=100,
+    )
+    wall = time.monotonic() - t0
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert wall < 60  # budget 8 s + grace, plus imports; never the 120 s sleep
+    assert "time budget 8 s" in proc.stderr and "exceeded while running" in proc.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"].startswith("stopped by the time budget in flashmux-reference[torch]")
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    # the two measurements before the hanging one were written, with their per-record lines
+    assert {r["point"]["mask"] for r in ok} == {None, "causal"}, data["results"]
+    assert "[bench] flashmux-reference[torch] S256 causal fwd: ok" in proc.stderr
+    assert (out / "results.md").exists()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_a_measurement_that_would_overrun_is_not_started(tmp_path):
+    """Under a budget, an implementation whose last point took longer than what is left is
+    recorded as 'budget' instead of being started (the rest of the run is not held up)."""
+    from flashmux.bench import runner as R
+
+    real = R.Runner.measure
+
+    def measure(self, impl, point, modes, deadline):
+        real(self, impl, point, modes, deadline)
+        self.cost[impl.id] = 1e6  # pretend every point of this impl takes 11 days
+
+    out = tmp_path / "out"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(R.Runner, "measure", measure)
+    try:
+        rc = cli.main(["bench", "--quick", "--no-progress", "--sweep", "masks", "--frameworks",
+                       "torch", "--backends", "reference", "--anchors", "none", "--modes", "fwd",
+                       "--masks", "dense,causal", "--time-budget", "300", "--out", str(out)])
+    finally:
+        mp.undo()
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    st = {r["point"]["mask"]: r for r in data["results"]}
+    assert st[None]["status"] == "ok"
+    assert st["causal"]["status"] == "budget" and "last point took" in st["causal"]["reason"]
+    assert "partial" not in data
