@@ -1,6 +1,6 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [fused] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
@@ -9,6 +9,7 @@ sweep: times each kernel's candidate configs at S=4096 (bf16, causal and not; he
        FMX_SWEEP_DIMS, default 64,128; 256 has its own candidates) and uses the fastest for the
        rest of the run (printed as a TABLE_SM90 snippet).
 tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
+ws:    forward TFLOP/s with and without FLASHMUX_TRITON_WS=1 (warp-specialized interior loop).
 fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
@@ -277,27 +278,32 @@ def bench(with_flex, with_cudnn):
     return rows
 
 
-def tma_compare():
-    """Forward with and without Hopper tensor descriptors (FLASHMUX_TRITON_TMA) at S=4k/16k."""
+def flag_compare(env: str, tag: str, seqs=(4096, 16384)):
+    """Forward TFLOP/s with env=0 and env=1 (FLASHMUX_TRITON_TMA: Hopper tensor descriptors;
+    FLASHMUX_TRITON_WS: Triton's warp specialization of the interior loop)."""
     out = []
-    for D in (64, 128):
+    for D in sweep_dims():
         for causal in (False, True):
-            for S in (4096, 16384):
+            for S in seqs:
                 B, H, fwd, _, _ = mine_fns(S, D, causal)
                 ft = flops(B, H, S, D, causal)
                 r = {"D": D, "causal": causal, "S": S}
                 for flag in ("0", "1"):
-                    os.environ["FLASHMUX_TRITON_TMA"] = flag
+                    os.environ[env] = flag
                     try:
-                        r["tma" + flag] = ft / bench_ms(fwd) * 1e-9
+                        r[tag + flag] = ft / bench_ms(fwd) * 1e-9
                     except Exception as e:  # noqa: BLE001
-                        log(f"tma{flag} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
-                        r["tma" + flag] = float("nan")
-                os.environ["FLASHMUX_TRITON_TMA"] = "0"
-                log("tma " + json.dumps(r) + f"  broken={sorted(map(str, _launch._TMA_BROKEN))[:1]}")
+                        log(f"{tag}{flag} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        r[tag + flag] = float("nan")
+                os.environ.pop(env)
+                log(f"{tag} " + json.dumps(r) + f"  tma_broken={sorted(map(str, _launch._TMA_BROKEN))[:1]}")
                 out.append(r)
-    RESULTS["tma"] = out
+    RESULTS[tag] = out
     save()
+
+
+def tma_compare():
+    flag_compare("FLASHMUX_TRITON_TMA", "tma")
 
 
 def fused_compare():
@@ -353,6 +359,8 @@ def main(argv):
         log(f"sweep done {time.time() - t0:.0f}s")
     if "tma" in what:
         tma_compare()
+    if "ws" in what:
+        flag_compare("FLASHMUX_TRITON_WS", "ws", (4096,))
     if "fused" in what:
         fused_compare()
     rows = None

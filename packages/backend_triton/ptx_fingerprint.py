@@ -29,6 +29,12 @@ KERNELS = ("fwd", "dkdv", "dq", "bs_fwd", "bs_dkdv", "bs_dq")
 FLAGS = ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "DROPOUT", "ALIBI")
 
 
+def _constexpr_default(fn, name) -> bool:
+    """A `tl.constexpr` parameter with a default (e.g. an opt-in flag): compiled at its default."""
+    p = inspect.signature(fn.fn).parameters[name]
+    return p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)
+
+
 def signature(fn, consts):
     """Argument types by the kernels' naming: UPPER = pointers, strides/lengths i32."""
     ints = {"CU_Q", "CU_K", "QNF", "QFI", "QNP", "QPI", "KNF", "KFI", "KNP", "KPI", "TILE",
@@ -37,6 +43,9 @@ def signature(fn, consts):
     out = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
+            out[name] = "constexpr"
+        elif _constexpr_default(fn, name):
+            consts[name] = inspect.signature(fn.fn).parameters[name].default
             out[name] = "constexpr"
         elif name in ("scale_a", "scale_b", "p_drop", "drop_scale", "sm_scale"):
             out[name] = "fp32"

@@ -346,9 +346,11 @@ def _fwd_inner(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
-    TMA: tl.constexpr, slope2=0.0, ALIBI: tl.constexpr = False,
+    TMA: tl.constexpr, slope2=0.0, ALIBI: tl.constexpr = False, WS: tl.constexpr = False,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    # WS: Triton's automatic warp specialization of the loop (producer warps for the loads,
+    # consumer warps for the dots and softmax; Hopper/Blackwell), opt-in, interior blocks only
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS and not MASKED):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
@@ -388,7 +390,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
-    TMA: tl.constexpr, RESID: tl.constexpr, ALIBI: tl.constexpr = False,
+    TMA: tl.constexpr, RESID: tl.constexpr, ALIBI: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -396,8 +398,10 @@ def attn_fwd(
     q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
     k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
+    # (the grid is exact without varlen; the warp-specialization pass wants no early exit)
+    if VARLEN or not WS:
+        if m0 >= seqlen_q:
+            return
     b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
         b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
         BLOCK_D, BLOCK_DV)
@@ -433,7 +437,7 @@ def attn_fwd(
             DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
             start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
             seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, part != 1, HAS_LEFT,
-            HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI,
+            HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI, WS,
         )
 
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, q_start, offs_m, offs_dv, seqlen_q, stride_ob,

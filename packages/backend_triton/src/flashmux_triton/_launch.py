@@ -170,6 +170,15 @@ def tma_wanted(pb: _Problem) -> bool:
 _TMA_BROKEN: set = set()
 
 
+def ws_wanted(pb: _Problem) -> bool:
+    """FLASHMUX_TRITON_WS=1: Triton's automatic warp specialization of the forward's interior
+    loop (sm90+, compiled only, not the interpreter). Off by default until the H200 measures it
+    (packages/backend_triton/NOTES.md)."""
+    if os.environ.get("FLASHMUX_TRITON_WS", "0") != "1" or pb.interpret:
+        return False
+    return pb.capability is not None and pb.capability >= (9, 0)
+
+
 def fused_bwd_wanted() -> bool:
     """Opt-in (FLASHMUX_TRITON_BWD=fused): one backward kernel, dQ by float32 atomics (5
     matmuls per block pair instead of 7; not bitwise repeatable, so never when deterministic).
@@ -239,6 +248,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
     cu_k_arg = cu_k if pb.varlen else q
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
+    ws = ws_wanted(pb)
 
     def run(cfg: T.KernelConfig, tma=tma):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
@@ -255,6 +265,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, slopes, stride_sb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
             TMA=tma is not None, RESID=res is not None, ALIBI=alibi_slopes is not None,
+            WS=ws,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
