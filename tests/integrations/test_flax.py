@@ -79,7 +79,11 @@ def test_block_jit_and_grad_causal_padding_segments():
     for mask_mine, mask_ref, causal, rows in cases:
         rows = jnp.ones((B, S), bool) if rows is None else rows
         g_mine, y_mine = loss_and_grad(mine, x, mask_mine, causal, rows)
-        g_ref, y_ref = loss_and_grad(ref, x, mask_ref, causal, rows)
+        # Flax's own attention at full float32: on a GPU its default TF32 matmuls left ~7e-3 of
+        # noise in the key-bias gradient, whose true value is 0 (softmax ignores a per-row shift;
+        # flashmux gave ~2e-6), over the 5e-3 bound (the H200 run of 2026-11-30)
+        with jax.default_matmul_precision("highest"):
+            g_ref, y_ref = loss_and_grad(ref, x, mask_ref, causal, rows)
         _close(y_mine, y_ref)
         flat_mine, flat_ref = jax.tree.leaves(g_mine), jax.tree.leaves(g_ref)
         assert len(flat_mine) == len(flat_ref) > 0
