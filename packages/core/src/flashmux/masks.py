@@ -150,6 +150,14 @@ def document(segment_ids, segment_ids_kv=None) -> MaskFn:
     cache: dict = {}
 
     def conv(xp_name, xp, like_dev):
+        if xp_name == "jax":
+            # JAX: cache host int32 copies and wrap them per call. A cached jnp array made while
+            # jit traces (the element mask inside a jitted function) is a tracer of that trace
+            # and leaks into the next one (UnexpectedTracerError under jax.grad after jax.jit).
+            if "jax-host" not in cache:
+                cache["jax-host"] = tuple(_convert(x, "numpy", np, None).astype(np.int32)
+                                          for x in (ids_q, ids_k))
+            return tuple(xp.asarray(x) for x in cache["jax-host"])
         key = (xp_name, like_dev)
         if key not in cache:
             cache[key] = tuple(_convert(x, xp_name, xp, like_dev) for x in (ids_q, ids_k))

@@ -478,18 +478,24 @@ class JaxDpaImpl(Impl):
 
         scale = 1.0 / math.sqrt(point.head_dim)
         causal, kind = point.causal, self.kind
-        mask = None
+        fn_m = None
         if point.mask is not None:  # masks sweep: the dense (Sq, Sk) bool mask of the same function
-            import jax.numpy as jnp
-
             from .maskbench import mask_fn_for
 
             fn_m = mask_fn_for(point.mask, point.seqlen_q, point.seqlen_k)
-            zero = jnp.zeros((1, 1), jnp.int32)
-            mask = fn_m(zero, zero, jnp.arange(point.seqlen_q, dtype=jnp.int32)[:, None],
-                        jnp.arange(point.seqlen_k, dtype=jnp.int32)[None, :])[None, None]
+        sq, sk = point.seqlen_q, point.seqlen_k
 
         def fn(q, k, v):
+            mask = None
+            if fn_m is not None:
+                # built inside the traced function (from iota under jit): a closed-over array
+                # would be a constant of Sq x Sk bytes in the compiled program (1 GiB at 32k)
+                import jax.numpy as jnp
+
+                zero = jnp.zeros((1, 1), jnp.int32)
+                mask = fn_m(zero, zero, jnp.arange(sq, dtype=jnp.int32)[:, None],
+                            jnp.arange(sk, dtype=jnp.int32)[None, :])
+                mask = jnp.broadcast_to(mask, (sq, sk))[None, None]
             return jax.nn.dot_product_attention(
                 q, k, v, scale=scale, is_causal=causal, implementation=kind, mask=mask
             )
