@@ -2,7 +2,8 @@
 step: no re-validation, no dispatch, the backend's runner) and the Triton decode's fused lse
 merge, on the CPU: the fast path is widened to CPU tensors here (on a GPU it serves CUDA
 tensors only). Runs in the reference pass (no runner: the checked path minus the checks) and in
-the triton pass (TRITON_INTERPRET=1: the runner with the append, seqlen_add and fused merge)."""
+the triton pass: with TRITON_INTERPRET=1 on CPU tensors (the runner with the append,
+seqlen_add and fused merge), without it on CUDA tensors (compiled kernels, a GPU machine)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ if BACKEND not in ("reference", "triton"):
 if BACKEND == "triton" and os.environ.get("TRITON_INTERPRET") != "1" \
         and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+# the device the backend under test runs: Triton compiled on a GPU takes CUDA tensors only
+DEV = "cuda" if (BACKEND == "triton" and os.environ.get("TRITON_INTERPRET") != "1") else "cpu"
+if BACKEND == "triton" and dispatch.availability(dispatch.get_backend("triton")):
+    pytest.skip("triton unavailable: "
+                + "; ".join(dispatch.availability(dispatch.get_backend("triton"))),
+                allow_module_level=True)
 
 
 @pytest.fixture
@@ -42,18 +49,18 @@ def _case(seed, b=3, sq=2, hq=4, hkv=2, d=16, page=8, max_pages=6, snew=2):
     k = torch.randn(b, snew, hkv, d, generator=g)
     v = torch.randn(b, snew, hkv, d, generator=g)
     lens = torch.tensor([0, 17, page * max_pages - snew][:b], dtype=torch.int32)
-    return q, kc, vc, table, k, v, lens
+    return tuple(x.to(DEV) for x in (q, kc, vc, table, k, v, lens))
 
 
 def _np(x):
-    return x.double().numpy().copy()
+    return x.double().cpu().numpy().copy()
 
 
 def _want(q, kc, vc, table, k, v, lens, **kw):
     """NumPy float64 through the reference backend (NumPy arrays never take the fast path)."""
     out, lse, kc, vc = flashmux.attention_with_kvcache(
-        _np(q), _np(kc), _np(vc), cache_seqlens=lens.numpy(), k=_np(k), v=_np(v),
-        block_table=table.numpy(), backend="reference", return_lse=True, **kw)
+        _np(q), _np(kc), _np(vc), cache_seqlens=lens.cpu().numpy(), k=_np(k), v=_np(v),
+        block_table=table.cpu().numpy(), backend="reference", return_lse=True, **kw)
     return tuple(torch.from_numpy(x) for x in (out, lse, kc, vc))
 
 
@@ -63,20 +70,20 @@ def test_fast_steps_match_the_checked_path(fast_on_cpu, num_splits):
     kw = dict(causal=True, num_splits=num_splits)
     for step in range(3):
         g = torch.Generator().manual_seed(10 + step)  # new values, same signature
-        q = torch.randn(q.shape, generator=g)
-        k, v = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g)
-        lens = torch.tensor([step, 17 + 3 * step, 46], dtype=torch.int32)
+        q = torch.randn(q.shape, generator=g).to(DEV)
+        k, v = torch.randn(k.shape, generator=g).to(DEV), torch.randn(v.shape, generator=g).to(DEV)
+        lens = torch.tensor([step, 17 + 3 * step, 46], dtype=torch.int32, device=DEV)
         want = _want(q, kc, vc, table, k, v, lens, **kw)
         got = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=k, v=v,
                                               block_table=table, return_lse=True,
                                               backend=BACKEND, **kw)
         assert got[2] is kc and got[3] is vc  # updated in place, the same objects
         assert len(kvcache._validated) == 1
-        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[0].cpu().numpy(), want[0].cpu().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[1].cpu().numpy(), want[1].cpu().numpy(), rtol=1e-4, atol=1e-5)
         # every slot: the appended tokens where they belong, the rest untouched
-        np.testing.assert_array_equal(kc.numpy(), want[2].float().numpy())
-        np.testing.assert_array_equal(vc.numpy(), want[3].float().numpy())
+        np.testing.assert_array_equal(kc.cpu().numpy(), want[2].float().cpu().numpy())
+        np.testing.assert_array_equal(vc.cpu().numpy(), want[3].float().cpu().numpy())
     step = next(iter(kvcache._validated.values()))
     assert (step.runner is not None) == (BACKEND == "triton")
 
@@ -144,14 +151,14 @@ def test_fused_merge_leaves_its_counters_at_zero(monkeypatch):
         monkeypatch.setattr(_decode, "_stream_key", lambda dev: 0)
         monkeypatch.setattr(_decode, "_capturing", lambda: False)
         for n in ((5, 40, 47), (0, 1, 33), (47, 47, 47)):
-            lens = torch.tensor(n, dtype=torch.int32)
+            lens = torch.tensor(n, dtype=torch.int32, device=DEV)
             out, lse = launch(q, kc, vc, lens, table, None, 1)  # seqlen_add: lengths + 1
             want = flashmux.attention_with_kvcache(
-                _np(q), _np(kc), _np(vc), cache_seqlens=(lens + 1).numpy(),
-                block_table=table.numpy(), causal=True, scale=0.25, return_lse=True,
+                _np(q), _np(kc), _np(vc), cache_seqlens=(lens + 1).cpu().numpy(),
+                block_table=table.cpu().numpy(), causal=True, scale=0.25, return_lse=True,
                 backend="reference")
-            np.testing.assert_allclose(out.numpy(), want[0], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(lse.numpy(), want[1], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(out.cpu().numpy(), want[0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(lse.cpu().numpy(), want[1], rtol=1e-4, atol=1e-5)
             if fused:
                 cnt = launch.buffers[0][2]
                 assert cnt.shape == (3 * 2,) and not cnt.any()
@@ -159,9 +166,12 @@ def test_fused_merge_leaves_its_counters_at_zero(monkeypatch):
 
 @pytest.mark.skipif(BACKEND != "triton", reason="the triton pass")
 def test_kept_buffers_are_bounded(monkeypatch):
+    import gc
+
     from flashmux_triton import _decode
     from flashmux_triton import tuning_decode as T
 
+    gc.collect()  # launches of earlier tests left for the collector: their bytes go now
     q, kc, vc, table, *_ = _case(4, snew=1)
     p = kvcache.DecodeParams(scale=0.25, causal=True, window_left=None, window_right=0,
                              softcap=None, alibi=False, num_splits=3, page_size=8,
@@ -179,8 +189,6 @@ def test_kept_buffers_are_bounded(monkeypatch):
     b._buffers(q.device)
     assert not b.buffers  # over the cap: nothing kept
     del a
-    import gc
-
     gc.collect()
     assert _decode._KEPT[0] == before
 
@@ -205,14 +213,15 @@ def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, 
                                              max_pages=8, snew=snew)
         if not page:  # a contiguous cache of the same capacity
             g = torch.Generator().manual_seed(6)
-            kc, vc = torch.randn(3, 64, 2, 16, generator=g), torch.randn(3, 64, 2, 16, generator=g)
+            kc = torch.randn(3, 64, 2, 16, generator=g).to(DEV)
+            vc = torch.randn(3, 64, 2, 16, generator=g).to(DEV)
             table = None
         kw = dict(causal=True, window=window, num_splits=ns)
         for lens in ([0, 30, 64 - snew], [12, 47 + 5 - snew, 3]):  # 20 new: > one block
-            lens = torch.tensor(lens, dtype=torch.int32)
+            lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
             if table is None:
                 want = flashmux.attention_with_kvcache(
-                    _np(q), _np(kc), _np(vc), cache_seqlens=lens.numpy(), k=_np(k), v=_np(v),
+                    _np(q), _np(kc), _np(vc), cache_seqlens=lens.cpu().numpy(), k=_np(k), v=_np(v),
                     backend="reference", return_lse=True, **kw)
                 want = tuple(torch.from_numpy(x) for x in want)
             else:
@@ -220,10 +229,10 @@ def test_append_inside_the_decode_launch(fast_on_cpu, monkeypatch, fused, page, 
             got = flashmux.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, k=k, v=v,
                                                   block_table=table, return_lse=True,
                                                   backend="triton", **kw)
-            np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-4, atol=1e-5)
-            np.testing.assert_array_equal(kc.numpy(), want[2].float().numpy())
-            np.testing.assert_array_equal(vc.numpy(), want[3].float().numpy())
+            np.testing.assert_allclose(got[0].cpu().numpy(), want[0].cpu().numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got[1].cpu().numpy(), want[1].cpu().numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(kc.cpu().numpy(), want[2].float().cpu().numpy())
+            np.testing.assert_array_equal(vc.cpu().numpy(), want[3].float().cpu().numpy())
         step = next(iter(kvcache._validated.values()))
         assert step.runner.fuse == (fused == "1")
         assert step.runner.launch.new == (fused == "1")

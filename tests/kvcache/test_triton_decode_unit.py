@@ -82,10 +82,16 @@ def test_launch_cache_reuses_the_plan_with_new_lengths():
 
 
 def test_append_kernel_is_used_and_clamps(monkeypatch):
+    """The checked path (a first call; on a GPU the fast path would append inside the decode
+    launch instead, tests/kvcache/test_decode_fused_append.py) appends with the Triton kernel."""
+    from flashmux import kvcache
+
+    monkeypatch.setattr(kvcache, "_fast_eligible", lambda q: False)
     calls = []
     real = _decode.append
     monkeypatch.setattr(_decode, "append", lambda *a: calls.append(1) or real(*a))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" \
+        else "cpu"
     rng = np.random.default_rng(7)
 
     def t(x, dt=torch.float16):

@@ -83,8 +83,11 @@ def _decode_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
 ):
-    """NEW: this loop reads only this call's new tokens, keys at positions cache_len ..
-    length - 1, from KN / VN (token t = position - cache_len), never the cache."""
+    """NEW (masked loops of a launch that appends): keys at positions < cache_len come from the
+    cache, keys at cache_len .. length - 1 (this call's new tokens, token t = position -
+    cache_len) from KN / VN, never from the cache slots the same launch writes. A block holding
+    both kinds is processed once, as the separate append's launch processes it, so the fused
+    and the separate append give the same scores, running maxima and roundings of P."""
     # paged: the page ids of the next block are loaded one iteration ahead, so the K/V loads'
     # addresses come from the loop's carried values and the pipeliner can multi-buffer them
     nxt = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -112,13 +115,18 @@ def _decode_inner(
                           PAGE_BLOCK)
         kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
         v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
-        if NEW:  # (always masked)
+        if NEW:  # (always masked) cached keys from the cache, new ones from KN / VN
             new_k = (cols >= cache_len) & (cols < length)
+            old_k = cols < cache_len
             t64 = tl.minimum(tl.maximum(cols - cache_len, 0), tl.maximum(snew - 1, 0)).to(tl.int64)
-            kt = tl.load(KN + t64[None, :] * stride_kns + offs_d[:, None],
-                         mask=new_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(VN + t64[:, None] * stride_vns + offs_dv[None, :],
-                        mask=new_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            kt = tl.load(kt_ptrs, mask=old_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            kt_n = tl.load(KN + t64[None, :] * stride_kns + offs_d[:, None],
+                           mask=new_k[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            kt = tl.where(new_k[None, :], kt_n, kt)
+            v = tl.load(v_ptrs, mask=old_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            v_n = tl.load(VN + t64[:, None] * stride_vns + offs_dv[None, :],
+                          mask=new_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            v = tl.where(new_k[:, None], v_n, v)
         elif MASKED:
             kt = tl.load(kt_ptrs, mask=(cols[None, :] < length) & (offs_d[:, None] < HEAD_DIM),
                          other=0.0)
@@ -139,14 +147,7 @@ def _decode_inner(
         if ALIBI:
             s = s - slope[:, None] * tl.abs(pos[:, None] - cols[None, :]).to(tl.float32)
         s = s * 1.4426950408889634
-        if NEW:
-            ok = (cols[None, :] < length) & (cols[None, :] >= cache_len)
-            if HAS_LEFT:
-                ok = ok & (cols[None, :] >= pos[:, None] - window_left)
-            if HAS_RIGHT:
-                ok = ok & (cols[None, :] <= pos[:, None] + window_right)
-            s = tl.where(ok, s, float("-inf"))
-        elif MASKED:
+        if MASKED:
             ok = cols[None, :] < length
             if HAS_LEFT:
                 ok = ok & (cols[None, :] >= pos[:, None] - window_left)
@@ -293,44 +294,33 @@ def decode_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # the cache's keys (with NEW, only positions < cache_len: the new ones come after)
+    # head (left window edge), middle (no mask) and tail blocks. With NEW the masked head and
+    # tail blocks take cached keys from the cache and new ones from KN / VN in one pass (the
+    # middle stops before cache_len), the blocks the separate append's launch has.
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, cache_len, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, length, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW,
     )
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, cache_len, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
         HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
     )
-    hi_c = hi
-    if NEW:
-        hi_c = tl.maximum(tl.minimum(hi, cache_len), mid1)
     acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi_c, cache_len, pos, slope,
+        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
         max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW,
     )
-    if NEW:  # this call's new keys, from KN / VN
-        new_lo = tl.maximum(lo_b, (cache_len // BLOCK_N) * BLOCK_N)
-        acc, l_i, m_i = _decode_inner(
-            acc, l_i, m_i, q, k_base, v_base, tbl, new_lo, hi, length, pos, slope,
-            max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
-            offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
-            kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, False, False, True,
-            HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, True,
-        )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
