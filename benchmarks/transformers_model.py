@@ -16,13 +16,17 @@ and, to isolate the attention call, the same three on one layer's q/k/v tensors 
     python benchmarks/transformers_model.py --padding       # right-padded rows (mask path) instead
     python benchmarks/transformers_model.py --quick         # tiny shapes, any device (smoke test)
 
-Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N.
+Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N,
+--gqa KERNELS: also time `fmx_kv`, the integration with $FLASHMUX_NATIVE_GQA=KERNELS (the native
+backend's GPU kernels listed get the KV heads unrepeated), for A/B runs.
+Rows print as they are measured (a crash keeps what came before), the tables at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -30,7 +34,29 @@ import torch
 import transformers
 
 import flashmux
+from flashmux.builtin.native import ENV_GQA
 from flashmux.integrations import transformers as fmx_tf
+
+
+class _gqa_env:
+    """$FLASHMUX_NATIVE_GQA set to `value` inside (None: left as it is)."""
+
+    def __init__(self, value):
+        self.value, self.old = value, None
+
+    def __enter__(self):
+        if self.value is not None:
+            self.old = os.environ.get(ENV_GQA)
+            os.environ[ENV_GQA] = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.value is not None:
+            if self.old is None:
+                os.environ.pop(ENV_GQA, None)
+            else:
+                os.environ[ENV_GQA] = self.old
+        return False
 
 
 def direct_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -93,11 +119,13 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             mask[i, :n] = 1
     # padded: the integration's two padding paths (segments: the default off the CPU; unpad)
     impls = ["sdpa", "fmx", "fmx_unpad"] if args.padding else ["sdpa", "fmx", "fmx_direct"]
+    if args.gqa is not None:
+        impls.append("fmx_kv")
     state = None
     for impl in impls:
         fmx_tf.PADDING = "unpad" if impl == "fmx_unpad" else "segments"
-        model = model_for(head_dim, args.layers, impl.replace("_unpad", ""), device, dtype,
-                          args.quick)
+        model = model_for(head_dim, args.layers, impl.replace("_unpad", "").replace("_kv", ""),
+                          device, dtype, args.quick)
         if state is None:
             state = model.state_dict()
         else:
@@ -112,9 +140,11 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             out = model.model(ids, attention_mask=mask, use_cache=False)
             out.last_hidden_state.float().square().mean().backward()
 
-        f = timer(fwd, args.iters, device)
-        fb = timer(fwd_bwd, args.iters, device)
+        with _gqa_env(args.gqa if impl == "fmx_kv" else None):
+            f = timer(fwd, args.iters, device)
+            fb = timer(fwd_bwd, args.iters, device)
         rows.append((impl, head_dim, f, fb))
+        print(f"  model {impl:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
         model = fwd = fwd_bwd = None  # free the weights before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -139,6 +169,8 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
         "fmx_direct": lambda: flashmux.attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), causal=True, scale=scale),
     }
+    if args.gqa is not None:
+        calls["fmx_kv"] = calls["fmx"]
     rows = []
     for name, call in calls.items():
         def fwd():
@@ -148,8 +180,11 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
         def fwd_bwd():
             call().float().sum().backward()
 
-        rows.append((name, head_dim, timer(fwd, args.iters, device),
-                     timer(fwd_bwd, args.iters, device)))
+        with _gqa_env(args.gqa if name == "fmx_kv" else None):
+            f, fb = timer(fwd, args.iters, device), timer(fwd_bwd, args.iters, device)
+        rows.append((name, head_dim, f, fb))
+        print(f"  attention {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms",
+              flush=True)
     return rows
 
 
@@ -169,6 +204,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--backend", default=None, help="force a flashmux backend")
+    ap.add_argument("--gqa", default=None, metavar="KERNELS",
+                    help="also time fmx_kv: the integration with $FLASHMUX_NATIVE_GQA=KERNELS")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
