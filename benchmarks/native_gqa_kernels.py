@@ -67,7 +67,8 @@ def main():
     dev = "cuda" if cuda else "cpu"
     dt = torch.bfloat16 if cuda else torch.float32
     b, s, hq, hkv = (4, 2048, 16, 4) if not args.quick else (2, 64, 4, 1)
-    kernels = ("cudnn", "flash", "efficient") if cuda else ("cpu_flash",)
+    # cuDNN last: a kernel that crashes on the KV heads takes the rest of the run with it
+    kernels = ("flash", "efficient", "cudnn") if cuda else ("cpu_flash",)
     for k in kernels:
         dispatch.register(NativeBackend(name=f"native-{k}", kernels=(k,),
                                         capabilities=native.capabilities))
