@@ -117,6 +117,17 @@ def parser() -> argparse.ArgumentParser:
         help="decode sweep: only the attention_with_kvcache rows (no plain Sq=1/128 attention)",
     )
     p.add_argument(
+        "--kv-pages",
+        help="decode sweep: kvcache rows with these page sizes only, 0 = contiguous (default "
+        "0,16,64)",
+    )
+    p.add_argument("--kv-sq", help="decode sweep: kvcache rows with these Sq only (default 1,4)")
+    p.add_argument(
+        "--kv-no-extras",
+        action="store_true",
+        help="decode sweep: no ragged-batch and MQA kvcache rows",
+    )
+    p.add_argument(
         "--compile-threads",
         type=int,
         default=None,
@@ -260,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             causal=args.causal,
             quick=args.quick,
             kvcache_only=args.kvcache_only,
+            kv_pages=_ints(args.kv_pages),
+            kv_sq=_ints(args.kv_sq),
+            kv_extras=not args.kv_no_extras,
             masks=_csv(args.masks),
         )
         points = build_points(cfg)

@@ -158,6 +158,11 @@ class SweepConfig:
     causal: str | None = None  # "both" | "yes" | "no" | None (the sweep's default)
     quick: bool = False
     kvcache_only: bool = False  # decode sweep: only the attention_with_kvcache rows
+    # decode sweep's kvcache rows: only these page sizes (0 = contiguous) and query lengths;
+    # kv_extras False drops the ragged and MQA rows (None / True: every row, the default)
+    kv_pages: list[int] | None = None
+    kv_sq: list[int] | None = None
+    kv_extras: bool = True
     masks: list[str] | None = None  # masks sweep: these mask specs (and "dense"), not all
 
 
@@ -285,12 +290,16 @@ def _kvcache_points(cfg: SweepConfig, dt: str, quick: bool) -> list[Point]:
     for hd in hds:
         for sk in sks:
             def add(sq, page, heads_kv=hkv, lens=None):
+                if cfg.kv_pages is not None and page not in cfg.kv_pages:
+                    return
                 if sk >= sq and (not page or sk % page == 0):
                     pts.append(Point("decode", b, sq, sk, hq, heads_kv, hd, True, dt, x=sk,
                                      kvcache=True, page_size=page, kv_lens=lens))
-            for sq in (1, 4):
+            for sq in cfg.kv_sq or (1, 4):
                 for page in (0,) + pages:
                     add(sq, page)
+            if not cfg.kv_extras:
+                continue
             rng = np.random.default_rng(sk)
             ragged = tuple(int(n) for n in rng.integers(max(1, sk // 8), sk + 1, b))
             ragged = (sk,) + ragged[1:]
