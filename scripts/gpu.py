@@ -38,7 +38,10 @@ FLASHMUX_CUDA_NVCC_FLAGS, its own cache key, -lineinfo for the profiler and sani
                  backward: bwd (vs float64, per --sm90-bwd-variants value of FMX_TUNE_SM90_BWD:
                  0 default, 1 bulk dQ, 2 flipped issue order, 3 per-warpgroup dQ at hd64),
                  benchbwd (backward vs the sm80 backward, fwd+bwd vs SDPA cuDNN),
-                 sanitizebwd / racecheckbwd (compute-sanitizer on small forward+backward)
+                 sanitizebwd / racecheckbwd (compute-sanitizer on small forward+backward);
+                 --sm90-lib plain runs the steps on the build stage's library instead (no
+                 second build; default variants only). FMX_BENCH_DIMS / FMX_BENCH_SEQS (comma
+                 lists) narrow the bench and benchbwd sweeps
   cuda-bench     kernel_check.py LIB bench: TFLOP/s against SDPA flash (head dims 64/128, 2k-16k)
   cuda-profile   ncu (speed of light, occupancy, stalls, ...) of ours and SDPA flash, hd128;
                  $PROFILE_KERNELS picks the kernels (a regex)
@@ -315,11 +318,17 @@ def _cuda_build(r: Run, name: str, flags: str, cap: float, archs: str | None = N
 
 
 def sm90(r: Run):
-    lib = _cuda_build(r, "sm90_build", "-DFMX_SM90_TUNING -DFMX_SM90_BWD_TUNING -lineinfo -Xptxas -v",
-                      240, "90")
-    if not lib:
-        return
-    r.step("sm90_facts", [PY, "scripts/gpu.py", "--sm90-facts", lib], 60, env={"OUT": str(r.out)})
+    if r.a.sm90_lib == "plain":  # the build stage's library: no tuning variants, no ptxas facts
+        lib = _cuda_lib(r)
+        if not lib:
+            return
+    else:
+        lib = _cuda_build(r, "sm90_build",
+                          "-DFMX_SM90_TUNING -DFMX_SM90_BWD_TUNING -lineinfo -Xptxas -v", 240, "90")
+        if not lib:
+            return
+        r.step("sm90_facts", [PY, "scripts/gpu.py", "--sm90-facts", lib], 60,
+               env={"OUT": str(r.out)})
     tool = "packages/backend_cuda/tools/sm90_check.py"
     san = {"sanitize": "memcheck", "racecheck": "racecheck"}
     for what in r.a.sm90.split():
@@ -448,6 +457,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sm90", default="fwd bench correctness",
                     help="sm90 steps: fwd bench correctness sanitize racecheck")
     ap.add_argument("--sm90-variants", default="- 1", help="FMX_TUNE_SM90 values, - = default")
+    ap.add_argument("--sm90-lib", choices=("tuning", "plain"), default="tuning",
+                    help="sm90 stage library: its own -DFMX_SM90_TUNING build (tuning), or the "
+                         "build stage's (plain: saves a build; only variant 0 / '-')")
     ap.add_argument("--sm90-bwd-variants", default="0 1 2 3",
                     help="FMX_TUNE_SM90_BWD values for the bwd/benchbwd steps (0 = default)")
     ap.add_argument("--tune", default="", help="cuda-tune specs, NAME:FMX_...=1,...")

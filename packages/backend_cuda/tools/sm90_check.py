@@ -4,6 +4,7 @@
   python sm90_check.py LIB bwd       # sm90 forward + backward vs float64 (out, lse, dq, dk, dv)
   python sm90_check.py LIB bench     # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
   python sm90_check.py LIB benchbwd  # bf16 backward ms (sm90 vs sm80) and fwd+bwd vs SDPA cuDNN
+  (bench and benchbwd: FMX_BENCH_DIMS=64,128 FMX_BENCH_SEQS=2048,8192 narrow the sweep)
   python sm90_check.py LIB sanitize  # small sm90 forwards (under compute-sanitizer)
   python sm90_check.py LIB sanitizebwd  # small sm90 forward + backward (compute-sanitizer)
 
@@ -222,6 +223,15 @@ def sanitize_bwd():
     kc.check_case("sanitize bwd tails d128", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128)
 
 
+def _sweep(dims, seqs):
+    """$FMX_BENCH_DIMS / $FMX_BENCH_SEQS (comma lists, e.g. 64,128 and 2048,8192) narrow a sweep."""
+    d, s = os.environ.get("FMX_BENCH_DIMS"), os.environ.get("FMX_BENCH_SEQS")
+    return (
+        tuple(int(x) for x in d.split(",")) if d else dims,
+        tuple(int(x) for x in s.split(",")) if s else seqs,
+    )
+
+
 def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Backward alone (the sm80 backward and each sm90 variant in $FMX_BWD_VARIANTS, default
     "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build; same out/lse) and
@@ -231,6 +241,7 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    dims, seqs = _sweep(dims, seqs)
     variants = [v for v in os.environ.get("FMX_BWD_VARIANTS", "0").split(",") if v]
     names = ["sm80"] + [f"sm90v{v}" for v in variants]
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
@@ -289,6 +300,7 @@ def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    dims, seqs = _sweep(dims, seqs)
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     print("| D | causal | S | sm90 | sm80 | cuDNN | sm90/cuDNN | sm90/sm80 |")
     print("|---|---|---|---|---|---|---|---|")
