@@ -259,8 +259,10 @@ def test_dropout_with_block_mask(backend: str, kind: str):
     from flashmux import dispatch
 
     rng = np.random.default_rng()
+    dev = default_device(kind)  # the GPU where there is one (the GPU backends decline CPU inputs)
     b, s, hq, hkv, d, p = 2, 45, 4, 2, 16, 0.3
-    q, k, v = (torch.tensor(rng.standard_normal(sh), dtype=torch.float32, requires_grad=True)
+    q, k, v = (torch.tensor(rng.standard_normal(sh), dtype=torch.float32, device=dev,
+                            requires_grad=True)
                for sh in ((b, s, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
     fn = M.and_(M.causal(), M.document(np.sort(rng.integers(0, 3, (b, s)), axis=1)))
     bm = flashmux.create_block_mask(fn, b, None, s, s, block_size=32, like=q)
@@ -269,14 +271,14 @@ def test_dropout_with_block_mask(backend: str, kind: str):
     if ex.chosen != backend:
         pytest.skip(f"{backend} declines: " + "; ".join(ex.reasons(backend)))
     out = flashmux.attention(q, k, v, backend=backend, **kw)
-    do = torch.tensor(rng.standard_normal(out.shape), dtype=torch.float32)
+    do = torch.tensor(rng.standard_normal(out.shape), dtype=torch.float32, device=dev)
     grads = torch.autograd.grad(out, (q, k, v), do)
     keep = dispatch.get_backend(backend).dropout_keep_mask(kw["dropout_seed"], p, b, hq, s, s, q)
     keep = np.asarray(keep.cpu().numpy() if hasattr(keep, "cpu") else keep, bool)
-    x64 = [x.detach().double().numpy() for x in (q, k, v)]
+    x64 = [x.detach().double().cpu().numpy() for x in (q, k, v)]
     rkw = dict(block_mask=fn, dropout_p=p, keep_mask=keep, softcap=5.0)
     ro, _ = reference_forward(*x64, **rkw)
-    rg = reference_backward(do.double().numpy(), *x64, **rkw)
+    rg = reference_backward(do.double().cpu().numpy(), *x64, **rkw)
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (ro, *rg)):
-        err = float(np.abs(got.detach().double().numpy() - ref).max())
+        err = float(np.abs(got.detach().double().cpu().numpy() - ref).max())
         assert err < 2e-5, f"{name}: {err:.3g}"

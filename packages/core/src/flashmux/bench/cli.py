@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         impls += flashmux_impls(backends, ctx, fw_reasons)
     impls += anchor_list
     impls = [i for i in impls if i.framework in want_fws]
+    if lean and backends == list(LEAN_BACKENDS):  # Triton serving JAX eagerly: not the bar's
+        impls = [i for i in impls if i.id != "flashmux-triton[jax]"]
 
     from .runner import RunOptions, run_all
 
