@@ -191,3 +191,34 @@ def test_torch_cuda_kernel_unrepeated_gqa(kernel, case, monkeypatch):
         a, r = a.float(), r.float()
         tol = 2e-2 * max(1.0, r.abs().max().item())
         assert (a - r).abs().max().item() <= tol, (name_, (a - r).abs().max().item(), tol)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_repeated_kv_path_on_cpu(monkeypatch):
+    """The repeat-K/V path the GPU kernels take (repeat in BSHD, dK/dV summed per KV head),
+    exercised with the CPU kernel by taking it out of NATIVE_GQA: judged against the float64
+    reference, and equal to the CPU kernel's own GQA path."""
+    import torch
+
+    from flashmux.builtin import native as nat
+    from flashmux.spec import Params
+
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(2, 40, 6, 32, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, 40, 2, 32, generator=g) for _ in range(2))
+    dlse = torch.randn(2, 6, 40, generator=g)
+    p = Params(scale=0.2, causal=True, return_lse=True)
+
+    def both():
+        out, lse = nat._torch_forward("cpu_flash", q, k, v, p)
+        return (out, lse, *nat._torch_backward("cpu_flash", do, dlse, q, k, v, out, lse, p))
+
+    kv_heads = both()
+    monkeypatch.setattr(nat, "NATIVE_GQA", frozenset())
+    assert not nat._takes_kv_heads("cpu_flash")
+    repeated = both()
+    for a, r in zip(kv_heads, repeated):
+        assert a.shape == r.shape and a.is_contiguous()
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
+    case = Case(seqlen_q=33, seqlen_k=65, heads_q=6, heads_kv=2, dtype="float32", lse_grad=True)
+    assert run_case(case, "native", "torch", "cpu") is None

@@ -357,9 +357,9 @@ def _torch_forward(kern, q, k, v, p: Params):
     aten = torch.ops.aten
     b, sq, hq, _ = q.shape
     g = hq // k.shape[2]
+    if g > 1 and not _takes_kv_heads(kern):  # repeated in BSHD, q's layout
+        k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
-    if g > 1 and not _takes_kv_heads(kern):
-        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     causal = _is_causal(p, sq)
     if kern == "cpu_flash":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
@@ -403,10 +403,9 @@ def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     repeat = g > 1 and not _takes_kv_heads(kern)
-    if repeat:
-        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+    kr, vr = (k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)) if repeat else (k, v)
+    qt, kt, vt = q.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2)
     # do and out in the same (BSHD contiguous) layout, seen as (B, H, S, D)
     ot, dot = out.contiguous().transpose(1, 2), do.contiguous().transpose(1, 2)
     causal = _is_causal(p, sq)
@@ -416,29 +415,48 @@ def _torch_backward_kernel(kern, do, q, k, v, out, lse, p: Params):
             dot, qt, kt, vt, ot, lse, 0.0, causal, scale=p.scale)
     elif kern == "flash":
         # no dropout: the philox state is not read; cum_seq None = not packed
-        rng = torch.zeros(2, dtype=torch.int64, device=dev)
+        zero, rng, empty = _backward_consts(dev)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             dot, qt, kt, vt, ot, lse.contiguous(), None, None, sq, sk, 0.0, causal, rng,
-            torch.empty(0, device=dev), scale=p.scale)
+            empty, scale=p.scale)
     elif kern == "efficient":
         pad = -(-sq // 32) * 32
         lse_p = torch.nn.functional.pad(lse, (0, pad - sq)) if pad != sq else lse
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        zero = _backward_consts(dev)[0]
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             dot, qt, kt, vt, None, ot, lse_p.contiguous(), zero, zero, 0.0,
             [True, True, True, False], causal, scale=p.scale)
     elif kern == "cudnn":
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        zero = _backward_consts(dev)[0]
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dot, qt, kt, vt, ot, lse.contiguous().unsqueeze(-1), zero, zero, None, None, None,
             sq, sk, 0.0, causal, scale=p.scale)
     else:
         raise ValueError(f"native: unknown torch kernel {kern!r}")
-    if repeat:  # a KV head's gradient sums over the query heads that share it
-        dk = dk.reshape(b, hkv, g, sk, d).sum(2)
-        dv = dv.reshape(b, hkv, g, sk, dv.shape[-1]).sum(2)
-    return (dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype),
-            dv.transpose(1, 2).contiguous().to(v.dtype))
+    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # (B, S, H, D)
+    if repeat:  # a KV head's gradient sums over the query heads that share it (one pass,
+        # written straight in (B, S, Hkv, D) when the kernel's dK/dV are BSHD underneath, as
+        # its K/V are)
+        dk = dk.reshape(b, sk, hkv, g, d).sum(3)
+        dv = dv.reshape(b, sk, hkv, g, dv.shape[-1]).sum(3)
+    return dq.contiguous(), dk.contiguous().to(k.dtype), dv.contiguous().to(v.dtype)
+
+
+_consts: dict = {}
+
+
+def _backward_consts(dev):
+    """(int64 zero scalar, int64 zero pair, empty) on `dev`: the philox seed/offset and debug
+    arguments the backward ops take and, without dropout, never read. Made once per device
+    (two fill kernels and allocations per backward call before)."""
+    hit = _consts.get(dev)
+    if hit is None:
+        import torch
+
+        hit = (torch.zeros((), dtype=torch.int64, device=dev),
+               torch.zeros(2, dtype=torch.int64, device=dev), torch.empty(0, device=dev))
+        _consts[dev] = hit
+    return hit
 
 
 # -- JAX -------------------------------------------------------------------------------------
