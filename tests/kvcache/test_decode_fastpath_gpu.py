@@ -180,9 +180,13 @@ def test_two_streams_keep_their_own_partials():
     assert torch.equal(a, want1) and torch.equal(b, want2)
 
 
+@pytest.mark.parametrize("direct", ["0", "1"])
 @pytest.mark.parametrize("snew", [0, 1])
-def test_print_host_cost_per_step(snew):
-    """Host microseconds per eager step (enqueue only: the GPU runs behind), not asserted."""
+def test_print_host_cost_per_step(snew, direct, monkeypatch):
+    """Host microseconds per eager step (enqueue only: the GPU runs behind), not asserted;
+    direct=1: compiled kernels relaunched directly (FLASHMUX_TRITON_DIRECT_LAUNCH=1)."""
+    monkeypatch.setenv("FLASHMUX_TRITON_DIRECT_LAUNCH", direct)
+    _reset()
     q, kc, vc, lens, k, v, table = _inputs(snew=snew)
     if not snew:
         k = v = None
@@ -197,5 +201,6 @@ def test_print_host_cost_per_step(snew):
     t = time.perf_counter()
     torch.cuda.synchronize()  # what the GPU still had queued when the host was done
     backlog = (time.perf_counter() - t) * 1e6
-    print(f"\nhost cost of one eager decode step (B8 Hq32 Hkv8 D128 4k, snew={snew}): "
+    print(f"\nhost cost of one eager decode step (B8 Hq32 Hkv8 D128 4k, snew={snew}, "
+          f"direct launch {direct}): "
           f"{host:.1f} us; GPU backlog after {n} steps {backlog:.0f} us")
