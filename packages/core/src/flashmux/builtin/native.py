@@ -376,8 +376,10 @@ def _torch_forward(kern, q, k, v, p: Params):
     else:
         raise ValueError(f"native: unknown torch kernel {kern!r}")
     # lse: (B, H, Sq) float32, natural log; efficient pads rows to a multiple of 32, cuDNN adds
-    # a trailing axis of 1
-    lse = lse.reshape(b, hq, -1)[:, :, :sq].float().contiguous()
+    # a trailing axis of 1 (the others' is already right: no more ops for them, host time)
+    if lse.dim() != 3 or lse.shape[2] != sq:
+        lse = lse.reshape(b, hq, -1)[:, :, :sq].contiguous()
+    lse = lse.float().contiguous()
     return out.transpose(1, 2).contiguous(), lse
 
 
