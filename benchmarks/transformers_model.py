@@ -18,7 +18,9 @@ and, to isolate the attention call, the same three on one layer's q/k/v tensors 
 
 Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N,
 --gqa KERNELS: also time `fmx_kv`, the integration with $FLASHMUX_NATIVE_GQA=KERNELS (the native
-backend's GPU kernels listed get the KV heads unrepeated), for A/B runs.
+backend's GPU kernels listed get the KV heads unrepeated), for A/B runs;
+--variant "NAME:VAR=VALUE;VAR=VALUE" (repeatable): also time the integration as row NAME with
+those environment variables set, e.g. "fmx_flash:FLASHMUX_NATIVE_KERNELS=flash,cudnn".
 Rows print as they are measured (a crash keeps what came before), the tables at the end.
 """
 
@@ -38,25 +40,39 @@ from flashmux.builtin.native import ENV_GQA
 from flashmux.integrations import transformers as fmx_tf
 
 
-class _gqa_env:
-    """$FLASHMUX_NATIVE_GQA set to `value` inside (None: left as it is)."""
+class _env:
+    """Environment variables set inside (a variant row), restored after."""
 
-    def __init__(self, value):
-        self.value, self.old = value, None
+    def __init__(self, values):
+        self.values, self.old = dict(values or {}), {}
 
     def __enter__(self):
-        if self.value is not None:
-            self.old = os.environ.get(ENV_GQA)
-            os.environ[ENV_GQA] = self.value
+        for key, value in self.values.items():
+            self.old[key] = os.environ.get(key)
+            os.environ[key] = value
         return self
 
     def __exit__(self, *exc):
-        if self.value is not None:
-            if self.old is None:
-                os.environ.pop(ENV_GQA, None)
+        for key, old in self.old.items():
+            if old is None:
+                os.environ.pop(key, None)
             else:
-                os.environ[ENV_GQA] = self.old
+                os.environ[key] = old
         return False
+
+
+def variants(args) -> dict[str, dict[str, str]]:
+    """Extra integration rows: name -> the environment they run with."""
+    out = {}
+    if args.gqa is not None:
+        out["fmx_kv"] = {ENV_GQA: args.gqa}
+    for spec in args.variant or ():
+        name, _, env = spec.partition(":")
+        pairs = [x.partition("=") for x in env.split(";") if x.strip()]
+        if not name or any(not eq for _, eq, _ in pairs):
+            raise SystemExit(f"--variant: expected NAME:VAR=VALUE;VAR=VALUE, got {spec!r}")
+        out[name.strip()] = {k.strip(): v.strip() for k, _, v in pairs}
+    return out
 
 
 def direct_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -119,13 +135,12 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             mask[i, :n] = 1
     # padded: the integration's two padding paths (segments: the default off the CPU; unpad)
     impls = ["sdpa", "fmx", "fmx_unpad"] if args.padding else ["sdpa", "fmx", "fmx_direct"]
-    if args.gqa is not None:
-        impls.append("fmx_kv")
+    extra = variants(args)  # timed on the fmx model, right after it
     state = None
     for impl in impls:
         fmx_tf.PADDING = "unpad" if impl == "fmx_unpad" else "segments"
-        model = model_for(head_dim, args.layers, impl.replace("_unpad", "").replace("_kv", ""),
-                          device, dtype, args.quick)
+        model = model_for(head_dim, args.layers, impl.replace("_unpad", ""), device, dtype,
+                          args.quick)
         if state is None:
             state = model.state_dict()
         else:
@@ -140,17 +155,19 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             out = model.model(ids, attention_mask=mask, use_cache=False)
             out.last_hidden_state.float().square().mean().backward()
 
-        try:
-            with _gqa_env(args.gqa if impl == "fmx_kv" else None):
-                f = timer(fwd, args.iters, device)
-                fb = timer(fwd_bwd, args.iters, device)
-        except Exception as e:  # fmx_kv: a kernel that refuses the KV heads; say so, go on
-            if impl != "fmx_kv":
-                raise
-            print(f"  model {impl} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
-            continue
-        rows.append((impl, head_dim, f, fb))
-        print(f"  model {impl:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        for name, env in [(impl, None)] + (list(extra.items()) if impl == "fmx" else []):
+            try:
+                with _env(env):
+                    f = timer(fwd, args.iters, device)
+                    fb = timer(fwd_bwd, args.iters, device)
+            except Exception as e:  # a variant (e.g. a kernel that refuses the KV heads)
+                if env is None:
+                    raise
+                print(f"  model {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
+                continue
+            rows.append((name, head_dim, f, fb))
+            print(f"  model {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms",
+                  flush=True)
         model = fwd = fwd_bwd = None  # free the weights before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -175,8 +192,9 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
         "fmx_direct": lambda: flashmux.attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), causal=True, scale=scale),
     }
-    if args.gqa is not None:
-        calls["fmx_kv"] = calls["fmx"]
+    extra = variants(args)
+    for name in extra:
+        calls[name] = calls["fmx"]
     rows = []
     for name, call in calls.items():
         def fwd():
@@ -187,10 +205,10 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
             call().float().sum().backward()
 
         try:
-            with _gqa_env(args.gqa if name == "fmx_kv" else None):
+            with _env(extra.get(name)):
                 f, fb = timer(fwd, args.iters, device), timer(fwd_bwd, args.iters, device)
         except Exception as e:
-            if name != "fmx_kv":
+            if name not in extra:
                 raise
             print(f"  attention {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -218,6 +236,8 @@ def main():
     ap.add_argument("--backend", default=None, help="force a flashmux backend")
     ap.add_argument("--gqa", default=None, metavar="KERNELS",
                     help="also time fmx_kv: the integration with $FLASHMUX_NATIVE_GQA=KERNELS")
+    ap.add_argument("--variant", action="append", metavar="NAME:VAR=VALUE;...",
+                    help="also time the integration as row NAME with these variables set")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -222,3 +222,10 @@ def test_repeated_kv_path_on_cpu(monkeypatch):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
     case = Case(seqlen_q=33, seqlen_k=65, heads_q=6, heads_kv=2, dtype="float32", lse_grad=True)
     assert run_case(case, "native", "torch", "cpu") is None
+
+
+def test_env_kernel_list_orders(monkeypatch):
+    monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "flash, cudnn,bogus,flash")
+    assert native._allowed("torch") == ("flash", "cudnn")
+    monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "xla")
+    assert native._allowed("jax") == ("xla",) and native._allowed("torch") == ()

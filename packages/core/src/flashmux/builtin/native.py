@@ -26,8 +26,8 @@ jax.vjp (an extra forward pass): the framework function keeps its residuals priv
 through lse, which the torch backward kernels do not take, costs two more kernel calls
 (`_torch_backward`, `_jax_backward`).
 
-FLASHMUX_NATIVE_KERNELS=cudnn,flash (a comma list) restricts the kernels tried, for A/B runs and
-for switching one off; `NativeBackend(name=..., kernels=(...))` does the same for one instance
+FLASHMUX_NATIVE_KERNELS=cudnn,flash (a comma list) restricts the kernels tried, in its order,
+for A/B runs and for switching one off; `NativeBackend(name=..., kernels=(...))` does the same for one instance
 (the benchmark harness registers one per kernel).
 """
 
@@ -229,9 +229,9 @@ class NativeBackend(Backend):
         if self.kernels is not None:
             ks = tuple(k for k in ks if k in self.kernels)
         env = os.environ.get(ENV_KERNELS, "").strip()
-        if env:
-            want = {k.strip() for k in env.split(",")}
-            ks = tuple(k for k in ks if k in want)
+        if env:  # the list's order is the order tried (an A/B of which kernel goes first)
+            want = dict.fromkeys(k.strip() for k in env.split(","))
+            ks = tuple(k for k in want if k in ks)
         return ks
 
     def availability(self) -> list[str]:
