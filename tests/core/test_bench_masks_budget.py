@@ -116,3 +116,49 @@ def test_a_measurement_that_would_overrun_is_not_started(tmp_path):
     assert st[None]["status"] == "ok"
     assert st["causal"]["status"] == "budget" and "last point took" in st["causal"]["reason"]
     assert "partial" not in data
+
+
+def test_alibi_specs():
+    from flashmux.bench.maskbench import alibi_for, mask_stats, score_bias, split_spec
+
+    assert split_spec("alibi") == (None, True) and split_spec("causal+alibi") == ("causal", True)
+    assert split_spec("doc:8") == ("doc:8", False)
+    with pytest.raises(ValueError, match="modifier"):
+        split_spec("causal+softcap")
+    assert alibi_for("causal", 4) is None
+    sl = alibi_for("alibi", 4)
+    assert sl.tolist() == [0.25, 0.0625, 0.015625, 0.00390625]
+    b = score_bias("alibi", 4, 3, 5)  # Sq < Sk: bottom-right, the last query is at key 4
+    assert b.shape == (4, 3, 5) and b[0, 2, 4] == 0 and b[0, 0, 0] == pytest.approx(-0.5)
+    assert mask_stats("alibi", 300, 300)["density"] == 1.0
+    assert mask_stats("causal+alibi", 300, 300) == mask_stats("causal", 300, 300)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_alibi_points_pass_slopes_and_are_checked(tmp_path):
+    """The check judges flashmux with slopes against the float64 reference with slopes, and the
+    plain-attention yardstick adds the same bias (its error stays at rounding level)."""
+    out = tmp_path / "out"
+    rc = cli.main(["bench", "--quick", "--no-progress", "--sweep", "masks", "--frameworks", "torch",
+                   "--backends", "reference", "--anchors", "sdpa-math", "--modes", "fwd_bwd",
+                   "--masks", "alibi,chunked:64+alibi", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    checks = [c for c in data["checks"] if c["impl"] == "flashmux-reference[torch]"]
+    assert {c["point"]["mask"] for c in checks} == {"alibi", "chunked:64+alibi"}
+    for c in checks:
+        assert c["ok"], c
+        assert max(c["plain_errors"].values()) < 1e-5, c  # the yardstick has the bias too
+    anchor = [r for r in data["results"] if r["impl"] == "sdpa-math"]
+    assert anchor and all(r["status"] == "unsupported" and "ALiBi" in r["reason"] for r in anchor)
+    from flashmux.bench.impls import FlashmuxImpl
+    from flashmux.bench.shapes import Point
+
+    class Ctx:
+        fws = {"torch": type("F", (), {"int32": staticmethod(lambda x: x),
+                                       "from_numpy": staticmethod(lambda x, dt: x)})()}
+        device = "cpu"
+
+    p = Point("masks", 1, 256, 256, 2, 2, 32, False, "fp32", x=256, mask="alibi")
+    kw = FlashmuxImpl("reference", "torch", None)._kwargs(p, Ctx())
+    assert "block_mask" not in kw and kw["alibi_slopes"].shape == (2,)

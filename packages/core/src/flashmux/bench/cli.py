@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
         "--masks",
         help="masks sweep: mask specs, comma-separated, 'dense' for the unmasked call (default: "
         "dense plus the issue's eight: causal, sliding:1024, sliding:4096, doc:8, doc:64, "
-        "prefix:S/4, dilated:256:1024, chunked:1024)",
+        "prefix:S/4, dilated:256:1024, chunked:1024); a spec ending in '+alibi' (or 'alibi' alone, "
+        "the dense call) adds ALiBi slopes, timed against the same call without them",
     )
     p.add_argument(
         "--log-each",

@@ -280,8 +280,11 @@ class TorchFW(Framework):
             j = t.arange(sk, device=q.device)[None, :]
             s = s.masked_fill(j > i + (sk - sq), float("-inf"))
         if point.mask is not None:  # masks sweep (bench/maskbench.py)
-            from .maskbench import dense_mask
+            from .maskbench import dense_mask, score_bias
 
+            bias = score_bias(point.mask, q.shape[2], q.shape[1], k.shape[1])  # ALiBi specs
+            if bias is not None:
+                s = s + t.from_numpy(bias).to(q.device)
             ok = t.from_numpy(dense_mask(point.mask, q.shape[1], k.shape[1]).copy()).to(q.device)
             s = s.masked_fill(~ok, float("-inf"))
         p = t.softmax(s, dim=-1).to(q.dtype)
@@ -497,8 +500,11 @@ class JaxFW(Framework):
             j = jnp.arange(sk)[None, :]
             s = jnp.where(j > i + (sk - sq), -jnp.inf, s)
         if point.mask is not None:  # masks sweep (bench/maskbench.py)
-            from .maskbench import dense_mask
+            from .maskbench import dense_mask, score_bias
 
+            bias = score_bias(point.mask, q.shape[2], q.shape[1], k.shape[1])  # ALiBi specs
+            if bias is not None:
+                s = s + jnp.asarray(bias)
             s = jnp.where(jnp.asarray(dense_mask(point.mask, q.shape[1], k.shape[1])), s, -jnp.inf)
         p = self.jax.nn.softmax(s, axis=-1).astype(q.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
@@ -595,8 +601,11 @@ class NumpyFW(Framework):
             i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
             s = np.where(j > i + (sk - sq), -np.inf, s)
         if point.mask is not None:  # masks sweep (bench/maskbench.py)
-            from .maskbench import dense_mask
+            from .maskbench import dense_mask, score_bias
 
+            bias = score_bias(point.mask, q.shape[2], q.shape[1], k.shape[1])  # ALiBi specs
+            if bias is not None:
+                s = s + bias
             s = np.where(dense_mask(point.mask, q.shape[1], k.shape[1]), s, -np.inf)
         s = s - s.max(-1, keepdims=True)
         p = np.exp(s)

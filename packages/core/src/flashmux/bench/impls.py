@@ -133,12 +133,17 @@ class FlashmuxImpl(Impl):
     def _kwargs(self, point, ctx):
         kw = dict(causal=point.causal)
         if point.mask is not None:  # masks sweep: the BlockMask, built once per point
-            from .maskbench import block_mask_for
+            from .maskbench import alibi_for, block_mask_for
 
             fw = ctx.fws[self.framework]
             like = fw.int32(np.zeros(1, np.int32))
-            kw["block_mask"] = block_mask_for(point.mask, point.seqlen_q, point.seqlen_k, like,
-                                              (self.framework, ctx.device))
+            bm = block_mask_for(point.mask, point.seqlen_q, point.seqlen_k, like,
+                                (self.framework, ctx.device))
+            if bm is not None:
+                kw["block_mask"] = bm
+            slopes = alibi_for(point.mask, point.heads_q)  # "+alibi" specs
+            if slopes is not None:
+                kw["alibi_slopes"] = fw.from_numpy(slopes, "fp32")
         if point.varlen:
             fw = ctx.fws[self.framework]
             cu = cu_seqlens(point)
@@ -209,7 +214,13 @@ def kvcache_unsupported(impl: Impl, point: Point) -> str | None:
 def masks_unsupported(impl: Impl, point: Point) -> str | None:
     """The masks sweep runs flashmux, FlexAttention (the same mask as its BlockMask) and
     jax.nn.dot_product_attention (XLA, with the dense mask); other anchors have no mask input."""
-    if point.mask is None or impl.family == "flashmux" or impl.id in ("flex", "jax-xla"):
+    if point.mask is None or impl.family == "flashmux":
+        return None
+    from .maskbench import split_spec
+
+    if split_spec(point.mask)[1]:
+        return "ALiBi points time flashmux against its own call without ALiBi"
+    if impl.id in ("flex", "jax-xla"):
         return None
     return "no block mask / mask function input"
 

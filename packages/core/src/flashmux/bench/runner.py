@@ -165,9 +165,10 @@ class Runner:
         cu = cu_seqlens(cp) if cp.varlen else None
         kw = dict(causal=cp.causal, scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu)
         if cp.mask is not None:  # masks sweep: the mask function itself (not the BlockMask)
-            from .maskbench import mask_fn_for
+            from .maskbench import alibi_for, mask_fn_for
 
             kw["block_mask"] = mask_fn_for(cp.mask, cp.seqlen_q, cp.seqlen_k)
+            kw["alibi_slopes"] = alibi_for(cp.mask, cp.heads_q)
         out, _ = reference_forward(q, k, v, **kw)
         grads = reference_backward(do, q, k, v, **kw) if with_bwd else None
         entry[rkey] = (rounded, out, grads)
