@@ -162,3 +162,25 @@ def test_alibi_points_pass_slopes_and_are_checked(tmp_path):
     p = Point("masks", 1, 256, 256, 2, 2, 32, False, "fp32", x=256, mask="alibi")
     kw = FlashmuxImpl("reference", "torch", None)._kwargs(p, Ctx())
     assert "block_mask" not in kw and kw["alibi_slopes"].shape == (2,)
+
+
+def test_bar_tables_compute_the_issue_ratios():
+    from flashmux.bench.maskbench import bar_tables
+
+    def rec(impl, spec, ms, density=1.0, status="ok", fw="torch"):
+        p = {"sweep": "masks", "seqlen_q": 8192, "head_dim": 128, "batch": 4, "heads_q": 16,
+             "mask": spec, "mask_density": density}
+        return {"impl": impl, "framework": fw, "sweep": "masks", "mode": "fwd", "dtype": "bf16",
+                "point": p, "status": status, "ms": ms if status == "ok" else None}
+
+    t = "flashmux-triton[torch]"
+    md = bar_tables([
+        rec(t, None, 10.0), rec("flex", None, 12.0),
+        rec(t, "doc:64", 0.5, 0.04), rec("flex", "doc:64", 1.0, 0.04),
+        rec(t, "alibi", 10.8), rec(t, "causal", 5.0, 0.5), rec("flex", "causal", None, 0.5, "budget"),
+    ])
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "| 0.500 | 2.00x | 1.25 |" in lines["doc:64"]  # 1.0/0.5; 0.5 / (0.04 x 10)
+    assert "| 10.800 |  | +8.0% |" in lines["alibi"]
+    assert "| 1.000 |" in lines["doc:64"] and "budget" in lines["causal"]
+    assert "| 10.000 | 1.20x |  |" in lines["dense"]

@@ -158,3 +158,85 @@ def dense_mask(spec: str, seqlen_q: int, seqlen_k: int) -> np.ndarray:
     z = np.zeros((1, 1), np.int64)
     got = fn(z, z, np.arange(seqlen_q)[:, None], np.arange(seqlen_k)[None, :])
     return np.broadcast_to(np.asarray(got, bool), (seqlen_q, seqlen_k))
+
+
+def bar_tables(results: list[dict]) -> str:
+    """Markdown tables of issue 15's bars from a masks sweep's records (results.json "results").
+
+    Per (S, head_dim, mode): one row per mask with its tile density, then per implementation
+    the median ms and, for flashmux, ``x anchor`` (the same-framework anchor's time / this one:
+    FlexAttention for torch, jax-xla with the dense mask for JAX; >= 1.0 is the bar, 1.3 the
+    goal) and ``/dens`` (time / (tile density x the same implementation's dense time): <= 1.25
+    is the bar); on ``+alibi`` rows that column holds the overhead over the same call without
+    ALiBi instead (<= +10% is the bar). Records that are not "ok" show their status.
+    """
+    rows: dict = {}
+    impls: list[str] = []
+    for r in results:
+        p = r.get("point") or {}
+        if r.get("sweep") != "masks" or p.get("sweep") != "masks":
+            continue
+        key = (p["seqlen_q"], p["head_dim"], p["batch"], p["heads_q"], r["dtype"], r["mode"])
+        spec = p.get("mask") or "dense"
+        rows.setdefault(key, {}).setdefault(spec, {"density": p.get("mask_density", 1.0)})
+        rows[key][spec][r["impl"]] = r
+        if r["status"] not in ("unsupported", "unavailable") and r["impl"] not in impls:
+            impls.append(r["impl"])
+    impls.sort(key=lambda i: (not i.startswith("flashmux"), i))
+    anchor_of = {"torch": "flex", "jax": "jax-xla"}
+    out = []
+    for key in sorted(rows):
+        s, d, b, h, dt, mode = key
+        table = rows[key]
+        shown = [i for i in impls if any(i in row for row in table.values())]
+        out.append(f"#### {mode}, S={s}, B={b}, H={h}, head_dim {d}, {dt}\n")
+        head = ["mask", "tile density"]
+        for i in shown:
+            head.append(f"{i} ms")
+            if i.startswith("flashmux"):
+                head += ["x anchor", "/dens or alibi"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+
+        def ms(spec, impl):
+            r = table.get(spec, {}).get(impl)
+            return r["ms"] if r and r.get("status") == "ok" and r.get("ms") else None
+
+        for spec in sorted(table, key=lambda x: (x != "dense", x.replace("+alibi", "~"), x)):
+            row = table[spec]
+            cells = [spec, f"{row['density']:.1%}"]
+            base, alibi = split_spec(spec)
+            for i in shown:
+                r = row.get(i)
+                t = ms(spec, i)
+                if t is not None:
+                    cells.append(f"{t:.3f}")
+                elif r is None or r["status"] in ("unsupported", "unavailable"):
+                    cells.append("–")
+                else:
+                    cells.append(r["status"])
+                if not i.startswith("flashmux"):
+                    continue
+                fw = (r or {}).get("framework") or ("jax" if "[jax]" in i else "torch")
+                ax = ms(spec, anchor_of.get(fw, ""))
+                cells.append(f"{ax / t:.2f}x" if t and ax else "")
+                if alibi:
+                    plain = ms(base or "dense", i)
+                    cells.append(f"{100 * (t / plain - 1):+.1f}%" if t and plain else "")
+                else:
+                    dn = ms("dense", i)
+                    cells.append(f"{t / (row['density'] * dn):.2f}" if t and dn and base else "")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m flashmux.bench.maskbench RESULTS_JSON...
+    import json
+    import sys
+
+    recs = []
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            recs += json.load(f)["results"]
+    print(bar_tables(recs))
