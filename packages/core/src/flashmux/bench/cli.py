@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if lean and backends == list(LEAN_BACKENDS):  # Triton serving JAX eagerly: not the bar's
         impls = [i for i in impls if i.id != "flashmux-triton[jax]"]
 
-    from .runner import RunOptions, run_all
+    from .runner import RunOptions, run_all, short
 
     opts = RunOptions(
         modes=modes,
@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         state["current"] = f"{impl.id} {point.label}" if event == "start" else None
         if event == "done" and time.monotonic() - state["written"] > 2.0:
             with state["lock"]:
-                write_outputs(snapshot(runner, "in progress"), out, plots=False)
+                try:
+                    write_outputs(snapshot(runner, "in progress"), out, plots=False)
+                except Exception as e:  # a report bug must not end the sweep
+                    runner.log.append(f"writing the results so far failed: {short(e)}")
                 state["written"] = time.monotonic()
 
     opts.on_event = on_event
