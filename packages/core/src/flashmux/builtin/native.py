@@ -457,7 +457,9 @@ def _backward_consts(dev):
 
         hit = (torch.zeros((), dtype=torch.int64, device=dev),
                torch.zeros(2, dtype=torch.int64, device=dev), torch.empty(0, device=dev))
-        _consts[dev] = hit
+        # not kept when made inside a CUDA graph capture: that memory belongs to the graph's pool
+        if dev.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _consts[dev] = hit
     return hit
 
 
