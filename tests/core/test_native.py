@@ -229,3 +229,22 @@ def test_env_kernel_list_orders(monkeypatch):
     assert native._allowed("torch") == ("flash", "cudnn")
     monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "xla")
     assert native._allowed("jax") == ("xla",) and native._allowed("torch") == ()
+
+
+def test_gqa_kv_heads_first(monkeypatch):
+    from flashmux.builtin import native as nat
+    from flashmux.builtin.native import _Facts
+
+    def facts(hkv):
+        return _Facts("torch", "cuda", (9, 0), "bfloat16", 2, 256, 256, 8, hkv, 64, 64, True,
+                      False, False, False, False, False, False, False)
+
+    monkeypatch.setattr(nat, "_cudnn_available", lambda: True)  # CPU builds have no cuDNN
+    monkeypatch.setenv(nat.ENV_GQA, "flash")
+    assert native.pick(facts(2)) == "cudnn"  # off: the table's order
+    monkeypatch.setattr(nat, "GQA_KV_HEADS_FIRST", True)
+    assert native.pick(facts(2)) == "flash" and native.pick(facts(8)) == "cudnn"
+    assert [k for k, _ in native.kernel_reasons(facts(2))] == [
+        "flash", "cpu_flash", "cudnn", "efficient"]
+    monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "efficient,flash")
+    assert native.pick(facts(2)) == "efficient"  # an explicit list keeps its order

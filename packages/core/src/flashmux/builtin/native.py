@@ -51,6 +51,10 @@ CUDNN_MIN_SEQLEN = 128
 NATIVE_GQA = frozenset({"cpu_flash"})
 GPU_GQA: frozenset[str] = frozenset()
 ENV_GQA = "FLASHMUX_NATIVE_GQA"
+# GQA calls (torch): try the kernels that take the KV heads as they are before the others (when
+# that was measured faster than repeating K/V for the first kernel); $FLASHMUX_NATIVE_KERNELS,
+# when set, keeps its own order
+GQA_KV_HEADS_FIRST = False
 JAX_KERNELS = ("cudnn", "xla")
 ALL_KERNELS = tuple(dict.fromkeys(TORCH_KERNELS + JAX_KERNELS))
 # The xla implementation materializes the (B, Hq, Sq, Sk) scores (and, with a gradient, the
@@ -248,6 +252,11 @@ class NativeBackend(Backend):
         ks = self._allowed(f.kind)
         if not ks:
             return [("-", [f"no kernel left by {ENV_KERNELS} / this instance's kernel list"])]
+        if (GQA_KV_HEADS_FIRST and f.kind == "torch" and f.heads_q != f.heads_kv
+                and not os.environ.get(ENV_KERNELS)):
+            # stable: the kernels that take the KV heads as they are first, in their order
+            ks = tuple([k for k in ks if _takes_kv_heads(k)] +
+                       [k for k in ks if not _takes_kv_heads(k)])
         return [(k, common + check(k, f)) for k in ks]
 
     def pick(self, f: _Facts) -> str | None:
