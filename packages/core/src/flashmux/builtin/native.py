@@ -297,7 +297,8 @@ class NativeBackend(Backend):
         key = None
         if type(q).__module__.startswith("torch"):  # JAX tracers have no device to key on
             key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, p,
-                   cu is None, self.kernels, os.environ.get(ENV_KERNELS, ""))
+                   cu is None, self.kernels, os.environ.get(ENV_KERNELS, ""),
+                   os.environ.get(ENV_GQA))
             hit = self._picks.get(key)
             if hit is not None:
                 return hit
