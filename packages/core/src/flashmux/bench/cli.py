@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     if lean:  # the masks sweep's lean default (bench/maskbench.py): what issue 15's bar compares
         from .maskbench import LEAN_ANCHORS, LEAN_BACKENDS
 
+        if anchors is None or backends is None:
+            print("masks sweep, lean default: backends "
+                  f"{','.join(backends or LEAN_BACKENDS)}, anchors {','.join(anchors or LEAN_ANCHORS)}"
+                  " (--backends / --anchors widen it)", file=sys.stderr, flush=True)
         if anchors is None:
             anchors = list(LEAN_ANCHORS)
         if backends is None:
