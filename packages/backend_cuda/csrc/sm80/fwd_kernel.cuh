@@ -36,10 +36,10 @@ struct FwdTraits {
       (kBlockM + ((kFlags & kFwdPipe) != 0 ? 4 : 2) * kBlockN) * kHeadDim * 2;
 };
 
-// Online softmax of one score tile (base 2, the scale folded into one FFMA): S (a rowcol view of
-// the fp32 scores, rows x keys) becomes P = exp2(S sl2 - max sl2) in place, the running row max and
-// row sum of this thread's NR rows are updated and accO (rowcol view) is rescaled by the
-// correction. Both forward kernels' key-tile bodies call it.
+// Online softmax of one score tile (base 2, the scale folded into one FFMA): S (a rowcol view
+// of the fp32 scores, rows x keys) becomes P = exp2(S sl2 - max sl2) in place, the running row
+// max and row sum of this thread's NR rows are updated and accO (rowcol view) is rescaled by
+// the correction. Both key-tile loops of fwd_kernel call it.
 template <int kFlags, int NR, typename STensor, typename OTensor>
 __device__ __forceinline__ void online_softmax(STensor &S, OTensor &accO, float (&row_max)[NR],
                                                float (&row_sum)[NR], const float sl2) {
