@@ -117,7 +117,7 @@ def test_fused_append_matches_the_append_kernel(page, monkeypatch):
     want = reference.attention_with_kvcache(
         *(x.double().cpu().numpy() for x in (q, kc0, vc0)),
         cache_seqlens=lens.cpu().numpy(), k=k.double().cpu().numpy(),
-        v=v.double().cpu().numpy(), causal=True, return_lse=True,
+        v=v.double().cpu().numpy(), causal=True,  # -> (out, lse, k_cache, v_cache)
         block_table=None if table is None else table.cpu().numpy())
     errs = {f: float(abs(r[0].double().cpu().numpy() - want[0]).max()) for f, r in res.items()}
     print(f"\nmax |out - float64| fused {errs['1']:.2e}, separate {errs['0']:.2e}")

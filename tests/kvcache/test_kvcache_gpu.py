@@ -147,7 +147,9 @@ def test_triton_splits_fill_the_gpu():
     q, kc, vc, lens, *_ = _inputs(b=8, cap=4096, snew=0)
     ex = flashmux.explain_kvcache(q, kc, vc, cache_seqlens=lens, backend="triton")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert ex.splits * 8 * 8 >= sms, str(ex)
+    # one whole wave of one-program-per-SM splits: 2 x 64 = 128 programs on the H200's 132 SMs
+    # (measured faster than two waves, 4 splits: 3377 vs 2908 GB/s at 4k)
+    assert ex.splits * 8 * 8 >= 0.9 * sms, str(ex)
     print(ex)
 
 

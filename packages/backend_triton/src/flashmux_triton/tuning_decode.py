@@ -50,7 +50,8 @@ def programs_per_sm(cfg: DecodeConfig, head_dim: int, head_dim_v: int, itemsize:
     return max(1, min(cap, SMEM_PER_SM // smem))
 
 
-# Candidates for the GPU run (the first is the 16-bit default until measured). Shared memory on
+# Candidates for the GPU run (c1 and c3 are the 16-bit defaults since the H200 run of session 7,
+# config_for). Shared memory on
 # sm90 (decode_aot.py): 128/4/3 136 KiB (one program per SM), 128/4/4 200 KiB, 64/4/3 70 KiB,
 # 256/8/2 140 KiB, 128/4/2 72 KiB. Session 6: waves are whole waves of the programs that fit
 # (SMs x programs_per_sm); c2 is c0 with the separate merge kernel (what the fused merge saves).
@@ -99,11 +100,17 @@ def smaller(cfg: DecodeConfig) -> DecodeConfig | None:
 
 def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int,
                capacity: int = 0) -> DecodeConfig:
-    """The default for a shape class. Wide blocks for 16-bit D <= 128; D = 256 and float32 use
-    64-key blocks (registers). Not yet measured on a GPU (see NOTES.md)."""
+    """The default for a shape class. D = 256 and float32 use 64-key blocks (registers). 16-bit
+    D <= 128, from the H200 (2026-11-30 15:00 UTC, B8 Hq32 Hkv8 D128 bf16, Sk 4k-128k, CUDA-graph
+    timed, NOTES.md): contiguous caches and pages the 128-key block divides take 128-key blocks
+    and one wave (c1: 3377 / 4371 / 4489 GB/s at 4k / 32k / 128k, c0 with two waves 2908 / 4235
+    / 4449); smaller pages take 64-key blocks (c3 with 16-token pages: 2973 / 4118 / 4319, c1
+    2602 / 3490 / 3700: the per-key page gather costs less with narrower blocks)."""
     d = max(head_dim, head_dim_v)
     if dtype == "float32" or d > 128:
         cfg = DecodeConfig(64, 4, 2, 2.0)
+    elif page_size and page_size % 128:
+        cfg = DecodeConfig(64, 4, 3, 1.0)
     else:
-        cfg = DecodeConfig(128, 4, 3, 2.0)
+        cfg = DecodeConfig(128, 4, 3, 1.0)
     return _override(cfg)
