@@ -49,7 +49,6 @@ class DecodeStatic:
     block_m: int  # rows per program (padded)
     block_n: int  # keys per tile
     pages_per_step: int  # paged: tiles (each within one page) per loop trip
-    prefetch_pages: bool  # paged: the next trip's page ids are loaded a trip ahead (carried)
     num_splits: int
     capacity: int  # S_max or max_pages * page_size
     page_size: int
@@ -68,7 +67,7 @@ _override: list[dict] = []
 @contextlib.contextmanager
 def tuning(**kw):
     """Force plan() fields for tuning runs (read at trace time): block_m, block_n, num_warps,
-    num_stages, fast_exp, pages_per_step and prefetch_pages (paged), or programs_per_sm (the
+    num_stages, fast_exp, pages_per_step (paged), or programs_per_sm (the
     split target)."""
     _override.append(kw)
     try:
@@ -78,11 +77,11 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "prefetch_pages", "programs_per_sm")
+                  "programs_per_sm")
 
 
 def _env_override() -> dict:
-    """FLASHMUX_PALLAS_DECODE="prefetch_pages=1,pages_per_step=16,...": the `tuning` fields for
+    """FLASHMUX_PALLAS_DECODE="pages_per_step=16,num_warps=4,...": the `tuning` fields for
     a whole process (benchmark runs); the fields a `tuning` block names take precedence."""
     import os
 
@@ -200,7 +199,6 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         block_m=block_m,
         block_n=block_n,
         pages_per_step=pages,
-        prefetch_pages=bool(ov.get("prefetch_pages", False)) and bool(s.paged),
         num_splits=int(ns),
         capacity=int(s.capacity),
         page_size=int(s.page_size),
@@ -275,14 +273,12 @@ def _decode_kernel(*refs, st: DecodeStatic):
         pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
         return jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
 
-    def tile(start, page=None):
-        """K, V and masked base-2 scores of the bn keys from `start` (paged: in `page`, looked
-        up here unless the caller loaded it a trip ahead)."""
+    def tile(start):
+        """K, V and masked base-2 scores of the bn keys from `start`."""
         if st.paged:
             # start is a multiple of bn and bn divides page_size: the tile lies in one page.
             # Tiles past the sequence (a step's tail) read a clamped page, fully masked.
-            if page is None:
-                page = page_of(start)
+            page = page_of(start)
             slot = pl.multiple_of(lax.rem(start, jnp.int32(st.page_size)), bn)
             k = k_ref[page, pl.ds(slot, bn), :]
             v = v_ref[page, pl.ds(slot, bn), :]
@@ -309,17 +305,9 @@ def _decode_kernel(*refs, st: DecodeStatic):
         return jnp.where(ok, s, -jnp.inf), v
 
     def body(t, carry):
-        acc, m, l = carry[:3]
+        acc, m, l = carry
         start = k_begin + t * step
-        if st.prefetch_pages:
-            # this trip's pages came in the carry; the next trip's are loaded now, so the K/V
-            # loads' addresses do not wait on a table load of their own trip
-            pages = carry[3:]
-            nxt = tuple(page_of(start + step + j * bn) for j in range(P))
-            tiles = [tile(start + j * bn, pages[j]) for j in range(P)]
-        else:
-            nxt = ()
-            tiles = [tile(start + j * bn) for j in range(P)]  # all P tiles' loads, then the math
+        tiles = [tile(start + j * bn) for j in range(P)]  # all P tiles' loads, then the math
         m_new = m
         for s, _ in tiles:
             m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
@@ -337,16 +325,14 @@ def _decode_kernel(*refs, st: DecodeStatic):
                 precision=prec,
                 preferred_element_type=jnp.float32,
             )
-        return (acc, m_new, l) + nxt
+        return acc, m_new, l
 
     carry = (
         jnp.zeros((bm, dv), jnp.float32),
         jnp.full((bm,), -jnp.inf, jnp.float32),
         jnp.zeros((bm,), jnp.float32),
     )
-    if st.prefetch_pages:
-        carry = carry + tuple(page_of(k_begin + j * bn) for j in range(P))
-    acc, m, l = lax.fori_loop(0, nblocks, body, carry)[:3]
+    acc, m, l = lax.fori_loop(0, nblocks, body, carry)
     empty = l == 0.0
     inv = 1.0 / jnp.where(empty, 1.0, l)
     o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
