@@ -579,7 +579,9 @@ def spread_order(points: list[Point]) -> list[Point]:
 
 
 def _log_records(recs: list) -> None:
-    """One stderr line per record that did something (ran, failed, or ran out of budget)."""
+    """One stderr line per record that did something (ran, failed, or ran out of budget), with
+    the wall seconds of the whole step (check, compile, every mode: one measure() call)."""
+    step = sum(r.get("wall_s", 0) for r in recs)
     for r in recs:
         if r["status"] in ("unsupported", "unavailable"):
             continue
@@ -588,7 +590,7 @@ def _log_records(recs: list) -> None:
         ms = f" {r['ms']:.3f} ms" if r.get("ms") is not None else ""
         why = f" ({r['reason'][:120]})" if r.get("reason") and r["status"] != "ok" else ""
         print(f"[bench] {r['impl']} S{p.get('seqlen_q')} {what} {r['mode']}: {r['status']}{ms}"
-              f" [{r.get('wall_s', 0):.1f} s]{why}", file=sys.stderr, flush=True)
+              f" [step {step:.1f} s]{why}", file=sys.stderr, flush=True)
 
 
 def _cheap(impl: Impl, point: Point, ctx: Context) -> bool:
