@@ -122,10 +122,12 @@ def test_numpy_not_served():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
-def test_reasons_traceable_by_dynamo():
-    """torch.compile(fullgraph=True) traces the dispatcher into native's reasons: every kernel's
-    checks on a CUDA problem (the path the H200 takes) must be plain Python to dynamo. The H200
-    run of 2026-11-30 failed here on torch.backends.cudnn.is_available()."""
+def test_reasons_traceable_by_dynamo(monkeypatch):
+    """torch.compile(fullgraph=True) traces the dispatcher into native's availability and reasons:
+    every kernel's checks on a CUDA problem (the path the H200 takes) must be plain Python to
+    dynamo, also when the compiled call is the process's first (nothing cached yet). The H200
+    runs of 2026-11-30 failed here on torch.backends.cudnn.is_available() (14:15) and on
+    importlib.util.find_spec in availability() (15:05)."""
     import torch
 
     from flashmux.builtin.native import _Facts
@@ -136,10 +138,20 @@ def test_reasons_traceable_by_dynamo():
     f = _Facts("torch", "cuda", (9, 0), "bfloat16", 2, 256, 256, 8, 2, 64, 64, True, False, False,
                False, False, False, False, False)
     eager = (native.reasons(spec), native.pick(f))
+    monkeypatch.setattr(dispatch, "_availability", {})  # as in a fresh process
+
+    real_find_spec = importlib.util.find_spec
+
+    def no_find_spec(name, *a, **kw):  # torch 2.11's dynamo refuses it; 2.13's traces it
+        if name in ("torch", "jax"):
+            raise AssertionError(f"importlib.util.find_spec({name!r}) with torch imported")
+        return real_find_spec(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_find_spec)
 
     @torch.compile(fullgraph=True, backend="eager")
     def traced(x):
-        r, k = native.reasons(spec), native.pick(f)
+        r, k = dispatch.reasons(native, spec), native.pick(f)
         return x + len(r) + (0 if k is None else len(k)), r, k
 
     torch._dynamo.reset()

@@ -18,9 +18,9 @@ packed variable-length batches; dropout (their masks are not the contract's coun
 deterministic=True with a gradient;
 Dv != D. Head-dim and dtype limits are per kernel (see `_torch_kernel_reasons`).
 
-GQA: torch's GPU kernels get K and V repeated to Hq heads (their dK/dV summed back per KV head)
-unless listed in GPU_GQA or $FLASHMUX_NATIVE_GQA; the CPU flash kernel takes the KV heads as they
-are (NATIVE_GQA);
+GQA: cuDNN, FlashAttention-2 (GPU_GQA, checked on the H200) and the CPU flash kernel (NATIVE_GQA)
+take the KV heads as they are; the memory-efficient kernel gets K and V repeated to Hq heads (its
+dK/dV summed back per KV head); $FLASHMUX_NATIVE_GQA overrides the GPU list for A/B runs;
 jax.nn.dot_product_attention groups heads itself. The JAX backward recomputes the forward under
 jax.vjp (an extra forward pass): the framework function keeps its residuals private. A gradient
 through lse, which the torch backward kernels do not take, costs two more kernel calls
@@ -34,6 +34,7 @@ for A/B runs and for switching one off; `NativeBackend(name=..., kernels=(...))`
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from .._arrays import array_kind
@@ -49,7 +50,11 @@ CUDNN_MIN_SEQLEN = 128
 # $FLASHMUX_NATIVE_GQA, a comma list of GPU kernels, "" or "none" for none: the A/B switch the
 # GPU tests and the model benchmark use to check each kernel against the repeated path).
 NATIVE_GQA = frozenset({"cpu_flash"})
-GPU_GQA: frozenset[str] = frozenset()
+# H200, torch 2.11, cuDNN 9.19 (2026-11-30, test_torch_cuda_kernel_unrepeated_gqa and
+# benchmarks/native_gqa_kernels.py): cuDNN and FlashAttention-2 take the KV heads as they are
+# (judged against float64, equal to the repeated path; cuDNN's output bitwise equal to SDPA's
+# enable_gqa call); the memory-efficient kernel raises "Expected query.size(2) == key.size(2)".
+GPU_GQA: frozenset[str] = frozenset({"cudnn", "flash"})
 ENV_GQA = "FLASHMUX_NATIVE_GQA"
 # GQA calls (torch): try the kernels that take the KV heads as they are before the others (when
 # that was measured faster than repeating K/V for the first kernel); $FLASHMUX_NATIVE_KERNELS,
@@ -239,6 +244,10 @@ class NativeBackend(Backend):
         return ks
 
     def availability(self) -> list[str]:
+        # an imported framework answers without importlib: torch.compile traces this when the
+        # compiled call is the process's first, and dynamo (torch 2.11) refuses find_spec
+        if "torch" in sys.modules or "jax" in sys.modules:
+            return []
         import importlib.util
 
         if not any(importlib.util.find_spec(m) for m in ("torch", "jax")):
