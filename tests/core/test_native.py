@@ -169,7 +169,9 @@ GQA_CASES = [
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])  # cuDNN last: a crash ends the run
+# GPU_GQA's kernels (memory-efficient raised "Expected query.size(2) == key.size(2)" on the H200,
+# 2026-11-30, and keeps repeated K/V: its GQA cases are in GPU_CASES)
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
 @pytest.mark.parametrize("case", GQA_CASES, ids=Case.id)
 def test_torch_cuda_kernel_unrepeated_gqa(kernel, case, monkeypatch):
     """Each GPU kernel given the KV heads as they are ($FLASHMUX_NATIVE_GQA=kernel): judged
