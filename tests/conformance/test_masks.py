@@ -74,6 +74,9 @@ def _mask_fn(case: MCase, rng):
         return M.or_(M.sliding_window(2, 2), M.prefix_lm(5))
     if case.mask == "empty_rows":  # a custom lambda: rows < 10 see nothing
         return lambda b, h, q, kv: ((q * 7 + kv * 3) % 4 != 0) & (q >= 10)
+    if case.mask == "prefix_dilated_doc":  # per-batch documents, each a prefix-LM or dilated
+        return M.and_(M.document(_segments(rng, case.batch, s)),
+                      M.or_(M.prefix_lm(40), M.dilated(16, 64)))
     if case.mask == "per_head":
         return lambda b, h, q, kv: ((q + kv + h) % 3 != 0) | (kv == q)
     raise KeyError(case.mask)
@@ -106,6 +109,18 @@ CASES = [
     MCase("gpu_per_head_causal_d64", batch=1, seqlen_q=333, seqlen_k=333, heads_q=4, heads_kv=2,
           head_dim=64, mask="per_head", mask_heads=True, causal=True, block_size=64, jax=True,
           gpu=True),
+    # GPU-sized with 128 blocks, which the CUDA backend takes (it declines 32/64 blocks): each
+    # ready-made mask and a custom lambda, lengths off the block, MQA, Sq != Sk
+    MCase("gpu_sliding_causal_softcap_mqa_b128", seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=1,
+          head_dim=64, mask="sliding", causal=True, softcap=3.0, block_size=128, gpu=True),
+    MCase("gpu_chunked_lse_grad_b128", batch=2, seqlen_q=390, seqlen_k=390, head_dim=128,
+          mask="chunked", lse_grad=True, block_size=128, dtype="bfloat16", gpu=True),
+    MCase("gpu_empty_rows_alibi_b128", seqlen_q=270, seqlen_k=270, head_dim=64,
+          mask="empty_rows", lse_grad=True, slopes="h", block_size=128, jax=True, gpu=True),
+    MCase("gpu_or_causal_sq_ne_sk_b128", seqlen_q=200, seqlen_k=450, heads_q=4, heads_kv=2,
+          head_dim=64, mask="or", causal=True, block_size=128, gpu=True),
+    MCase("gpu_prefix_dilated_doc_b128", seqlen_q=500, seqlen_k=500, head_dim=128,
+          mask="prefix_dilated_doc", slopes="bh", block_size=128, jax=True, gpu=True),
 ]
 
 
