@@ -297,7 +297,9 @@ def test_explain_names_kernel_and_splits():
         q, kc, kc, cache_seqlens=jnp.asarray([3, 4], jnp.int32), num_splits=3, backend="pallas"
     )
     assert ex.chosen == "pallas"
-    assert ex.splits == 3 and "pallas split-KV decode (interpret" in ex.kernel
+    assert ex.splits == 3 and "pallas split-KV decode" in ex.kernel
+    on_cpu = jax.default_backend() == "cpu"  # the GPU names its lowering instead
+    assert ("(interpret" in ex.kernel) == on_cpu, ex.kernel
 
 
 @pytest.mark.parametrize("paged", [False, True])
