@@ -262,3 +262,27 @@ def test_gqa_kv_heads_first(monkeypatch):
         "flash", "cpu_flash", "cudnn", "efficient"]
     monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", "efficient,flash")
     assert native.pick(facts(2)) == "efficient"  # an explicit list keeps its order
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_torch_autograd_path(hkv):
+    """Eager torch calls with gradients of out only run the aten op under torch's autograd
+    (forward_autograd: its registered derivative, no Python backward); gradients equal the
+    generic path's (flashmux's autograd Function, taken when lse is returned too)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 48, 4, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 48, hkv, 32, generator=g, requires_grad=True) for _ in range(2))
+    do = torch.randn(2, 48, 4, 32, generator=g)
+    out = flashmux.attention(q, k, v, causal=True, backend="native")
+    assert "_Attention" not in type(out.grad_fn).__name__
+    fast = torch.autograd.grad(out, (q, k, v), do)
+    out2, lse = flashmux.attention(q, k, v, causal=True, backend="native", return_lse=True)
+    assert "_Attention" in type(out2.grad_fn).__name__  # the generic path
+    slow = torch.autograd.grad(out2, (q, k, v), do)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -250,5 +250,11 @@ def run_ext(backend: str, q, k, v, cu_q, cu_k, p: Params, alibi_slopes=None, blo
                               backend, *_flat(p), grad)
         return out, lse
     if grad:
+        # a backend whose kernels carry torch's own derivatives (native) may take the call under
+        # torch's autograd: no Python backward per call (returns None to decline)
+        fast = None if extra else getattr(dispatch.get_backend(backend), "forward_autograd", None)
+        res = fast(q, k, v, cu_q, cu_k, p) if fast is not None else None
+        if res is not None:
+            return res
         return _Attention.apply(q, k, v, cu_q, cu_k, backend, p, extra)
     return dispatch.get_backend(backend).forward(q, k, v, cu_q, cu_k, p, **extra)

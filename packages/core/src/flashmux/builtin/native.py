@@ -329,6 +329,16 @@ class NativeBackend(Backend):
             return _torch_forward(kern, q, k, v, params)
         return _jax_forward(kern, q, k, v, params)
 
+    def forward_autograd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params: Params):
+        """(out, lse) with torch's own autograd: eager torch calls that need gradients of `out`
+        only (no lse gradient: the aten ops mark their logsumexp non-differentiable) run the aten
+        op under autograd, so the backward is the op's registered derivative (the same backward
+        kernel `backward` calls, in C++: no Python backward per call, host time). None: take the
+        generic path (flashmux's autograd Function)."""
+        if params.return_lse or cu_seqlens_q is not None or array_kind(q) != "torch":
+            return None
+        return _torch_forward(self._kernel(q, k, v, params, cu_seqlens_q), q, k, v, params)
+
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params: Params):
         kern = self._kernel(q, k, v, params, cu_seqlens_q)
         if array_kind(q) == "torch":
