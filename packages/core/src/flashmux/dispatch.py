@@ -115,14 +115,38 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend: unknown backend {name!r} (known: {known})") from None
 
 
-def availability(b: Backend) -> list[str]:
-    """Why a backend can't run at all on this machine (cached; empty when usable)."""
+def _fill_availability(b: Backend) -> list[str]:
     if b.name not in _availability:
         try:
             _availability[b.name] = list(b.availability())
         except Exception as e:
             _availability[b.name] = [f"availability check failed: {type(e).__name__}: {e}"]
     return _availability[b.name]
+
+
+def _registered_availability(name: str) -> tuple[str, ...]:
+    return tuple(_fill_availability(registry()[name]))
+
+
+# what torch.compiler.assume_constant_result(fn) does (torch >= 2.1), without importing torch here
+# and outside any trace (dynamo refuses to trace the decorator itself): dynamo calls the function
+# eagerly and keeps its result as a constant
+_registered_availability._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def availability(b: Backend) -> list[str]:
+    """Why a backend can't run at all on this machine (cached; empty when usable).
+
+    The first check of a backend can happen inside a torch.compile trace (a compiled call that is
+    the process's first): it then runs eagerly, its result a constant of the graph, because
+    backends probe packages with calls dynamo refuses to trace (importlib.util.find_spec on
+    torch 2.11)."""
+    cached = _availability.get(b.name)
+    if cached is not None:
+        return cached
+    if torch_compiling() and registry().get(b.name) is b:
+        return list(_registered_availability(b.name))
+    return _fill_availability(b)
 
 
 def reasons(b: Backend, spec: ProblemSpec) -> list[str]:
