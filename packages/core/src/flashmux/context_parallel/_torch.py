@@ -237,9 +237,19 @@ class _AllGatherAttention(torch.autograd.Function):
         for (qr, qs, ks, vs, be, prm), res in zip(
             _ag_calls(q, kg, vg, cfg, ctx.rank, True), ctx.res
         ):
+            o_b, do_b = _part(out, qr), _part(dout, qr)
+            if q.device.type == "cpu" and q.dtype != f32:
+                # on the CPU (no 16-bit fast path to lose) the chunks' backward runs in float32:
+                # its gradients are partial sums (two query chunks per rank, then the sum over
+                # ranks) and stay float32 until the final sum. Rounded to bfloat16 per call by the
+                # CPU default (torch's CPU flash kernel through `native`), 15-20% of draws of the
+                # zigzag bf16 cases went over the SPEC bound (2.0-2.4x plain attention's error,
+                # 2026-11-30). On GPUs the kernels' 16-bit gradients are summed in float32 as is.
+                o_b = o_b.float() + (res.float() if res is not None else 0.0)
+                do_b, qs, ks, vs, res = do_b.float(), qs.float(), ks.float(), vs.float(), None
             dq_b, dk_b, dv_b = core_torch._backward_call(
-                be, _part(dout, qr), None if dlse is None else _part(dlse, qr, 2), qs, ks, vs,
-                _part(out, qr), _part(lse, qr, 2), None, None, prm, res,
+                be, do_b, None if dlse is None else _part(dlse, qr, 2), qs, ks, vs,
+                o_b, _part(lse, qr, 2), None, None, prm, res,
             )
             dq[:, qr] = dq_b
             dkg[:, : ks.shape[1]] += dk_b
