@@ -16,31 +16,19 @@ import numpy as np
 import pytest
 
 import flashmux
-from flashmux import dispatch
 from flashmux.reference import reference_forward
+from flashmux.testing.gpu import backend_gpu_reasons
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
 
-def _skip_reason():
-    try:
-        reasons = dispatch.availability(dispatch.get_backend("cuda"))
-    except Exception as e:  # not installed
-        return str(e)
-    if reasons:
-        return "cuda backend unavailable: " + "; ".join(reasons)
-    if tuple(torch.cuda.get_device_capability()) != (9, 0):
-        return "needs compute capability 9.0"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _hopper():
-    why = _skip_reason()
+    why = backend_gpu_reasons("cuda", capability=(9, 0))
     if why:
-        pytest.skip(why)
+        pytest.skip("cuda backend unavailable here: " + "; ".join(why))
 
 
 def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed):

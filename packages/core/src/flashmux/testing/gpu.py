@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 
-def backend_gpu_reasons(name: str) -> list[str]:
+def backend_gpu_reasons(name: str, capability: tuple[int, int] | None = None) -> list[str]:
     """[] when torch sees a CUDA device and backend `name` is usable; else why not (a skip
     reason): torch missing, no CUDA device, the backend's own availability reasons, or the error
-    raised looking it up (e.g. its package not installed)."""
+    raised looking it up (e.g. its package not installed). `capability`: the device must also
+    have exactly this compute capability (tests of one architecture's kernels)."""
     try:
         import torch
     except ImportError:
@@ -16,6 +17,12 @@ def backend_gpu_reasons(name: str) -> list[str]:
     from .. import dispatch
 
     try:
-        return dispatch.availability(dispatch.get_backend(name))
+        reasons = dispatch.availability(dispatch.get_backend(name))
     except Exception as e:  # not installed
         return [str(e)]
+    if reasons:
+        return reasons
+    got = tuple(torch.cuda.get_device_capability())
+    if capability is not None and got != tuple(capability):
+        return [f"needs compute capability {capability[0]}.{capability[1]}, got {got[0]}.{got[1]}"]
+    return []
