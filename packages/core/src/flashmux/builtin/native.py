@@ -33,6 +33,7 @@ for A/B runs and for switching one off; `NativeBackend(name=..., kernels=(...))`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -509,11 +510,11 @@ def _jax_call(kern, p: Params, sq: int, sk: int):
         kw["local_window_size"] = (left, right)
 
     def f(q, k, v):
-        if q.dtype == jax.numpy.float32:  # the xla path's matmuls at full float32, whatever the
-            # platform's default (the H200 host's jax 0.11.2 on the CPU was off by 3e-4 at Sq=1)
-            with jax.default_matmul_precision("highest"):
-                return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
-        return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
+        # float32: the xla path's matmuls at full float32, whatever the platform's default (the
+        # H200 host's jax 0.11.2 on the CPU was off by 3e-4 at Sq=1)
+        full = q.dtype == jax.numpy.float32
+        with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+            return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
 
     return f
 
