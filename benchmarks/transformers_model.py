@@ -156,18 +156,7 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             out.last_hidden_state.float().square().mean().backward()
 
         for name, env in [(impl, None)] + (list(extra.items()) if impl == "fmx" else []):
-            try:
-                with _env(env):
-                    f = timer(fwd, args.iters, device)
-                    fb = timer(fwd_bwd, args.iters, device)
-            except Exception as e:  # a variant (e.g. a kernel that refuses the KV heads)
-                if env is None:
-                    raise
-                print(f"  model {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
-                continue
-            rows.append((name, head_dim, f, fb))
-            print(f"  model {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms",
-                  flush=True)
+            rows += _time_row("model", name, head_dim, env, fwd, fwd_bwd, args, device)
         model = fwd = fwd_bwd = None  # free the weights before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -204,18 +193,24 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
         def fwd_bwd():
             call().float().sum().backward()
 
-        try:
-            with _env(extra.get(name)):
-                f, fb = timer(fwd, args.iters, device), timer(fwd_bwd, args.iters, device)
-        except Exception as e:
-            if name not in extra:
-                raise
-            print(f"  attention {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
-            continue
-        rows.append((name, head_dim, f, fb))
-        print(f"  attention {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms",
-              flush=True)
+        rows += _time_row("attention", name, head_dim, extra.get(name), fwd, fwd_bwd, args,
+                          device)
     return rows
+
+
+def _time_row(what, name, head_dim, env, fwd, fwd_bwd, args, device):
+    """[(name, head_dim, fwd ms, fwd+bwd ms)], printed; a variant (env given: e.g. a kernel that
+    refuses the KV heads) that fails is reported and gives no row; the others raise."""
+    try:
+        with _env(env):
+            f, fb = timer(fwd, args.iters, device), timer(fwd_bwd, args.iters, device)
+    except Exception as e:
+        if env is None:
+            raise
+        print(f"  {what} {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
+        return []
+    print(f"  {what} {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+    return [(name, head_dim, f, fb)]
 
 
 def table(title, rows):
