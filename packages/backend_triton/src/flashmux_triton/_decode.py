@@ -57,10 +57,19 @@ def _pages(TBL, start_n, offs_n, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
 
 @triton.jit
 def _kv_rows(page, start_n, offs_n, stride_page, stride_slot, PAGE_SIZE: tl.constexpr,
-             PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr):
-    """int64 offsets (BLOCK_N,) of key rows start_n + offs_n inside one (sequence, KV head)."""
+             PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, OFF32: tl.constexpr = False):
+    """int64 offsets (BLOCK_N,) of key rows start_n + offs_n inside one (sequence, KV head);
+    int32 with OFF32 (the host checked that every offset fits)."""
     cols = start_n + offs_n
-    if PAGED:
+    if OFF32:
+        if PAGED:
+            if PAGE_BLOCK:
+                rows = page * stride_page + ((start_n % PAGE_SIZE) + offs_n) * stride_slot
+            else:
+                rows = page * stride_page + (cols % PAGE_SIZE) * stride_slot
+        else:
+            rows = cols * stride_page
+    elif PAGED:
         if PAGE_BLOCK:
             rows = (page.to(tl.int64) * stride_page
                     + ((start_n % PAGE_SIZE) + offs_n).to(tl.int64) * stride_slot)
@@ -82,6 +91,7 @@ def _decode_inner(
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
+    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True,
 ):
     """NEW (masked loops of a launch that appends): keys at positions < cache_len come from the
     cache, keys at cache_len .. length - 1 (this call's new tokens, token t = position -
@@ -91,7 +101,7 @@ def _decode_inner(
     # paged: the page ids of the next block are loaded one iteration ahead, so the K/V loads'
     # addresses come from the loop's carried values and the pipeliner can multi-buffer them
     nxt = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if PAGED:
+    if PAGED and PREFETCH:
         if PAGE_BLOCK:
             nxt = _pages(TBL, lo, offs_n, max_pages, num_pages, PAGE_SIZE, True) + nxt
         else:
@@ -101,18 +111,22 @@ def _decode_inner(
         cols = start_n + offs_n
         page = nxt
         if PAGED:
-            if PAGE_BLOCK:
-                nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages, PAGE_SIZE,
-                             True) + nxt * 0
-            else:
-                nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages, PAGE_SIZE,
-                             False)
+            if PREFETCH:
+                if PAGE_BLOCK:
+                    nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages,
+                                 PAGE_SIZE, True) + nxt * 0
+                else:
+                    nxt = _pages(TBL, start_n + BLOCK_N, offs_n, max_pages, num_pages,
+                                 PAGE_SIZE, False)
+            else:  # this block's ids, in the loop (the pipeliner stages the index load)
+                page = _pages(TBL, start_n, offs_n, max_pages, num_pages, PAGE_SIZE,
+                              PAGE_BLOCK) + nxt * 0
         if PAGE_BLOCK:
             page = tl.max(page, 0)  # every entry holds the block's one page id
         k_rows = _kv_rows(page, start_n, offs_n, stride_kp, stride_ks, PAGE_SIZE, PAGED,
-                          PAGE_BLOCK)
+                          PAGE_BLOCK, OFF32)
         v_rows = _kv_rows(page, start_n, offs_n, stride_vp, stride_vs, PAGE_SIZE, PAGED,
-                          PAGE_BLOCK)
+                          PAGE_BLOCK, OFF32)
         kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
         v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
         if NEW:  # (always masked) cached keys from the cache, new ones from KN / VN
@@ -189,6 +203,7 @@ def decode_fwd(
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
+    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -305,7 +320,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
@@ -313,7 +328,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
@@ -321,7 +336,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH,
     )
 
     empty = l_i == 0.0
@@ -652,6 +667,16 @@ KEEP_BYTES = 256 << 20
 _KEPT = [0]
 
 
+def _fits32(k_cache, v_cache, paged, capacity) -> bool:
+    """Whether every key-row offset the kernel forms fits in int32: the whole pool of a paged
+    cache (every page id is clamped into it), or one sequence's rows of a contiguous one."""
+    lim = 2**31 - 1
+    if paged:
+        return all(sum((n - 1) * st for n, st in zip(c.shape, c.stride())) + 1 <= lim
+                   for c in (k_cache, v_cache))
+    return all(capacity * c.stride(1) <= lim for c in (k_cache, v_cache))
+
+
 class _Launch:
     """Everything about one decode call signature that does not change from step to step."""
 
@@ -721,6 +746,8 @@ class _Launch:
             HAS_LEFT=wl is not None, HAS_RIGHT=wr is not None, SOFTCAP=bool(params.softcap),
             ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, SPLIT=self.split,
             FUSED=self.fused, NEW=self.new,
+            OFF32=bool(cfg.off32) and _fits32(k_cache, v_cache, paged, capacity),
+            PREFETCH=bool(cfg.page_prefetch),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

@@ -28,11 +28,23 @@ class DecodeConfig:
     min_blocks_per_split: int = 4  # never split a sequence finer than this many key blocks
     fused_merge: int = 1  # 1: the last split program merges (one launch); 0: a merge kernel
     occupancy: int = 0  # programs per SM; 0: estimated from shared memory (programs_per_sm)
+    # session 8 variants (NOTES.md): 1: int32 key-row offsets where the cache's element offsets
+    # fit in 31 bits (half the per-tile address arithmetic; int64 otherwise, decided per call)
+    off32: int = 0
+    # paged caches: 1: the next block's page ids loaded one iteration ahead by hand; 0: looked
+    # up in the loop, left to Triton's pipeliner (which stages an index load ahead of the loads
+    # that use it)
+    page_prefetch: int = 1
 
     def label(self) -> str:
+        extra = ""
+        if self.off32:
+            extra += f",off32={self.off32}"
+        if not self.page_prefetch:
+            extra += f",page_prefetch={self.page_prefetch}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
-                f"fused_merge={self.fused_merge},occupancy={self.occupancy}")
+                f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
 
 
 SMEM_PER_SM = 227 * 1024  # sm90 / sm80 (A100: 163 KiB; a smaller GPU shrinks the config)
@@ -68,6 +80,16 @@ CANDIDATES = (
     DecodeConfig(64, 4, 4, 1.0),
     DecodeConfig(128, 4, 4, 1.0),
     DecodeConfig(64, 8, 3, 1.0),
+    # session 8 (4k and small pages, NOTES.md "Decode, session 8"): c12-c13 int32 offsets,
+    # c14-c16 the pipeliner's own page lookup, c17 64-key blocks with c1's bytes in flight,
+    # c18 c1 with the merge kernel (what the in-kernel merge saves at one wave)
+    DecodeConfig(128, 4, 3, 1.0, off32=1),
+    DecodeConfig(64, 4, 3, 1.0, off32=1),
+    DecodeConfig(128, 4, 3, 1.0, page_prefetch=0),
+    DecodeConfig(64, 4, 3, 1.0, page_prefetch=0),
+    DecodeConfig(128, 4, 3, 1.0, off32=1, page_prefetch=0),
+    DecodeConfig(64, 4, 5, 1.0),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0),
 )
 
 

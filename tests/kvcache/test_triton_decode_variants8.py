@@ -1,0 +1,82 @@
+"""Session 8's Triton decode variants (tuning_decode fields off32 and page_prefetch, the
+candidates c12-c18 a GPU run times): each judged against the float64 reference on random
+inputs, contiguous and paged (a page the key block divides and one it does not, a shuffled
+table, ragged lengths including 0 and full), split. Runs in the triton pass
+(FLASHMUX_TEST_BACKEND=triton; the interpreter on a CPU, small shapes)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FLASHMUX_TEST_BACKEND") != "triton":
+    pytest.skip("runs in the triton pass only", allow_module_level=True)
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from flashmux import reference  # noqa: E402
+from flashmux.kvcache import DecodeParams  # noqa: E402
+from flashmux_triton import _decode  # noqa: E402
+from flashmux_triton import tuning_decode as T  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(page, seed, lens, sq=1, d=32):
+    rng = np.random.default_rng(seed)
+    b, hq, hkv, cap = len(lens), 4, 2, 128
+    q = rng.standard_normal((b, sq, hq, d)).astype(np.float32)
+    k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    ref = reference.attention_with_kvcache(q, k, v, cache_seqlens=np.array(lens, np.int32),
+                                           causal=True)[0]
+    t = lambda x: torch.from_numpy(x).half().to(DEV)  # noqa: E731
+    kc, vc, table = t(k), t(v), None
+    if page:
+        n = b * cap // page
+        order = rng.permutation(n)
+        kc = torch.empty((n, page, hkv, d), dtype=torch.float16, device=DEV)
+        vc = torch.empty_like(kc)
+        kc[torch.from_numpy(order).to(DEV)] = t(k).reshape(n, page, hkv, d)
+        vc[torch.from_numpy(order).to(DEV)] = t(v).reshape(n, page, hkv, d)
+        table = torch.from_numpy(order.astype(np.int32).reshape(b, cap // page)).to(DEV)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return t(q), kc, vc, seqlens, table, ref
+
+
+@pytest.mark.parametrize("page", [0, 16, 32])
+@pytest.mark.parametrize("fields", [dict(off32=1), dict(page_prefetch=0),
+                                    dict(off32=1, page_prefetch=0)])
+def test_variant_matches_reference(page, fields):
+    if not page and "off32" not in fields:
+        pytest.skip("page_prefetch only changes paged launches")
+    # 32-key blocks: pages of 16 take a per-row gather, pages of 32 one lookup per block
+    cfg = T.DecodeConfig(32, 4, 2, 1.0, **fields)
+    q, kc, vc, seqlens, table, ref = _case(page, 3 + page, [128, 0, 77])
+    p = DecodeParams(scale=1 / math.sqrt(q.shape[-1]), causal=True, window_left=None,
+                     window_right=0, softcap=None, alibi=False, num_splits=3,
+                     page_size=page, return_lse=False)
+    out, _ = _decode.decode(q, kc, vc, seqlens, table, None, p, config=cfg)
+    assert np.abs(out.float().cpu().numpy() - ref).max() < 4e-3
+
+
+def test_off32_is_refused_where_offsets_do_not_fit():
+    small = torch.empty((4, 16, 2, 32), dtype=torch.float16)
+    assert _decode._fits32(small, small, True, 64)
+    assert _decode._fits32(small, small, False, 16)
+    # a contiguous cache whose one sequence spans more than 2**31 elements: a stride view
+    big = torch.empty_strided((1, 2**16, 1, 32), (0, 2**16, 0, 1), dtype=torch.float16,
+                              device="meta")
+    assert not _decode._fits32(big, big, False, 2**16)
+    assert not _decode._fits32(big, big, True, 2**16)
+
+
+def test_candidates_labels_are_distinct():
+    labels = [c.label() for c in T.CANDIDATES]
+    assert len(set(labels)) == len(labels)
+    assert T.parse("off32=1,page_prefetch=0").off32 == 1
