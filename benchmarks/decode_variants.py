@@ -193,6 +193,13 @@ class Torch:
         torch = self.torch
         return lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32))
 
+    def read_ceilings(self, k, v):
+        """(label, fn) of Triton read kernels over K and V (the HBM read ceiling: session 7's
+        torch.sum read slower than the decode kernel, so it bounded nothing)."""
+        if self.dev.type != "cuda":
+            return []
+        return [(f"read {label}", fn) for label, fn in _triton_read(k, v)]
+
     def err(self, out, ref):
         o = out[0] if isinstance(out, tuple) else out
         return ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -258,6 +265,44 @@ class Jax:
                      / jnp.abs(ref.astype(jnp.float32)).max())
 
 
+def _triton_read(k, v):
+    """Triton kernels that only read K and V (16-byte loads, a float32 sum per program so the
+    loads are not dropped): one per (tile elements, warps, programs per SM) shape; the fastest
+    is the in-run read ceiling."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read2(X, Y, OUT, n, per_prog, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid.to(tl.int64) * per_prog
+        for i in range(0, per_prog, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            m = offs < n
+            acc += tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+            acc += tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + pid, tl.sum(acc, 0))
+
+    x, y = k.reshape(-1), v.reshape(-1)
+    n = x.numel()
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    out = []
+    for block, warps, per_sm in ((4096, 8, 4), (8192, 8, 2), (2048, 4, 8), (4096, 4, 16)):
+        progs = sms * per_sm
+        per_prog = triton.cdiv(triton.cdiv(n, progs), block) * block
+        grid = (triton.cdiv(n, per_prog),)
+        acc = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+
+        def fn(grid=grid, per_prog=per_prog, block=block, warps=warps, acc=acc):
+            read2[grid](x, y, acc, n, per_prog, BLOCK=block, num_warps=warps)
+            return acc
+
+        out.append((f"{block}x{warps}w {per_sm}/SM", fn))
+    return out
+
+
 def variants(backend: str, configs: str):
     if backend == "triton":
         from flashmux_triton import tuning_decode as T
@@ -296,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--no-read-ceiling", action="store_true",
+                    help="no Triton read-only kernels (the in-run HBM read ceiling)")
     args = ap.parse_args(argv)
 
     import flashmux
@@ -349,6 +396,13 @@ def main(argv=None) -> int:
                 except Exception as ex:  # noqa: BLE001 - not every cuDNN takes this shape
                     row("contig", name, "-", "-", f"{type(ex).__name__}: {str(ex)[:80]}")
             row("contig", "ceiling (sum of K, V)", "-", "-", fw.time(fw.ceiling(k, v)))
+            if not args.no_read_ceiling:
+                for label, fn in getattr(fw, "read_ceilings", lambda k, v: [])(k, v):
+                    try:
+                        row("contig", f"ceiling ({label})", "-", "-", fw.time(fn))
+                    except Exception as ex:  # noqa: BLE001 - report, go on
+                        row("contig", f"ceiling ({label})", "-", "-",
+                            f"{type(ex).__name__}: {str(ex)[:80]}")
     return 0
 
 

@@ -36,3 +36,31 @@ def test_command_line_options():
     a = parser().parse_args(["--sweep", "decode", "--kvcache-only", "--kv-pages", "0,16",
                              "--kv-sq", "1", "--kv-no-extras"])
     assert (a.kv_pages, a.kv_sq, a.kv_no_extras) == ("0,16", "1", True)
+
+
+def test_decode_anchors_run_sq1_causal_without_a_mask():
+    """A causal decode step (Sq = 1, bottom-right) sees every key: jax's cuDNN anchor runs it
+    (unsupported before session 8, so the sweep had no JAX anchor); Sq = 4 stays unsupported."""
+    import types
+
+    import numpy as np
+
+    from flashmux.bench.impls import JaxDpaImpl
+    from flashmux.bench.shapes import Point
+
+    ctx = types.SimpleNamespace(device="cuda")
+    one = Point("decode", 2, 1, 64, 4, 2, 16, True, "fp32", x=64, kvcache=True)
+    four = Point("decode", 2, 4, 64, 4, 2, 16, True, "fp32", x=64, kvcache=True)
+    assert JaxDpaImpl("cudnn").unsupported(one, "fwd", ctx) is None
+    assert "bottom-right" in JaxDpaImpl("cudnn").unsupported(four, "fwd", ctx)
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32)
+               for s in ((2, 1, 4, 16), (2, 64, 2, 16), (2, 64, 2, 16)))
+    out = np.asarray(JaxDpaImpl("xla").build(one, ctx)(jnp.asarray(q), jnp.asarray(k),
+                                                        jnp.asarray(v)))
+    kr, vr = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h reads KV head h//2
+    s = np.einsum("bqhd,bkhd->bhqk", q, kr) / 4.0
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vr)
+    assert np.abs(out - ref).max() < 1e-4  # every key, not only the first (top-left causal)

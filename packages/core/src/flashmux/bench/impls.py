@@ -329,7 +329,7 @@ class SdpaImpl(Impl):
             "math": SDPBackend.MATH,
         }[self.kind]
         kw: dict = dict(scale=1.0 / math.sqrt(point.head_dim))
-        if point.causal:
+        if point.causal and point.seqlen_q != 1:  # Sq = 1: bottom-right causal is no mask
             if point.seqlen_q == point.seqlen_k:
                 kw["is_causal"] = True
             else:
@@ -478,7 +478,9 @@ class JaxDpaImpl(Impl):
     def unsupported(self, point, mode, ctx):
         if point.varlen:
             return "no packed variable-length input"
-        if point.causal and point.seqlen_q != point.seqlen_k:
+        # Sq = 1: bottom-right causal masks nothing (the one query sees every key), so the call
+        # runs without is_causal (build); other Sq != Sk have no bottom-right form here
+        if point.causal and point.seqlen_q not in (1, point.seqlen_k):
             return "is_causal is top-left aligned: no bottom-right causal for Sq != Sk"
         if self.kind == "cudnn" and ctx.device != "cuda":
             return "needs a CUDA GPU"
@@ -488,7 +490,8 @@ class JaxDpaImpl(Impl):
         import jax
 
         scale = 1.0 / math.sqrt(point.head_dim)
-        causal, kind = point.causal, self.kind
+        # a decode step (Sq = 1) attends to every key: bottom-right causal is no mask
+        causal, kind = point.causal and point.seqlen_q != 1, self.kind
         fn_m = None
         if point.mask is not None:  # masks sweep: the dense (Sq, Sk) bool mask of the same function
             from .maskbench import mask_fn_for
