@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._kernels import (
+    _alibi_rc,
     _band_ok,
     _cast,
     _dkdv_acc,
@@ -123,8 +124,9 @@ def _bs_fwd_tile(
     v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
     kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
     v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, CHECK, True)
-    s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :],
-                         diag_off, SOFTCAP, ALIBI, False, IEEE)
+    ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
+    s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False,
+                         IEEE)
     if CHECK or PARTIAL:
         ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
                       window_left, window_right, HAS_LEFT, HAS_RIGHT)

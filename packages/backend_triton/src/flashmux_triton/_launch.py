@@ -232,8 +232,6 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     pb = _Problem(q, k, v, cu_q, cu_k, params, dropout_seed)
     slopes, stride_sb = _slopes(pb, alibi_slopes, q)
-    if alibi_slopes is not None:
-        pb.fold = False  # the bias is added to scores already in log2 units
     out = torch.empty(q.shape[:-1] + (pb.dv,), dtype=q.dtype, device=q.device)
     if pb.varlen:
         lse = torch.empty((pb.hq, pb.total_q), dtype=torch.float32, device=q.device)
