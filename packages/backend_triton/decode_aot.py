@@ -37,7 +37,9 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
                   BLOCK_N=cfg.block_n, BLOCK_D=d, BLOCK_DV=d, PAGE_SIZE=16 if paged else 1,
                   PAGED=paged, PAGE_BLOCK=page_block, HAS_LEFT=False, HAS_RIGHT=True,
                   SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
-                  FUSED=split and bool(cfg.fused_merge), NEW=new)
+                  FUSED=split and bool(cfg.fused_merge), NEW=new, OFF32=bool(cfg.off32),
+                  PREFETCH=bool(cfg.page_prefetch), L2PF=0 if paged else cfg.l2_prefetch,
+                  LINE=64 if dtype != "fp32" else 32)
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -58,12 +60,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--candidates", action="store_true", help="every tuning candidate too")
+    ap.add_argument("--only", help="candidate indices (comma list): these, contiguous and paged")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     variants = [
         dict(), dict(split=False), dict(paged=True), dict(paged=True, page_block=True),
         dict(block_m=128), dict(dtype="fp32", d=128), dict(new=True), dict(paged=True, new=True),
     ]
+    if args.only:
+        variants = []
+        for i in (int(x) for x in args.only.split(",")):
+            c = T.CANDIDATES[i]
+            variants += [dict(cfg=c), dict(cfg=c, paged=True), dict(cfg=c, paged=True,
+                                                                     page_block=True)]
     if args.candidates:
         variants += [dict(cfg=c) for c in T.CANDIDATES] + [dict(cfg=c, paged=True)
                                                          for c in T.CANDIDATES]

@@ -203,7 +203,8 @@ def decode_fwd(
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
-    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True,
+    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
+    LINE: tl.constexpr = 64,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -223,6 +224,23 @@ def decode_fwd(
     b = bh // HEADS_KV
     h = bh % HEADS_KV
     b64 = b.to(tl.int64)
+
+    if L2PF:
+        # (contiguous caches, compiled GPUs only) L2 prefetch of this split's first L2PF key
+        # blocks of K and V, issued before the length is known: the pipeline's first loads,
+        # which wait for SEQLENS, then hit L2. One prefetch per 128-byte line (LINE elements).
+        NL: tl.constexpr = (BLOCK_D + LINE - 1) // LINE
+        pr = tl.arange(0, L2PF * BLOCK_N)
+        pc = tl.arange(0, NL)
+        prow = tl.minimum(split * split_len + pr, capacity - 1).to(tl.int64)
+        pk = (K + b64 * stride_kb + h * stride_kh + prow[:, None] * stride_kp
+              + pc[None, :] * LINE)
+        pv = (V + b64 * stride_vb + h * stride_vh + prow[:, None] * stride_vp
+              + pc[None, :] * LINE)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pk],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pv],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
     cache_raw = tl.load(SEQLENS + b)
     length = tl.minimum(tl.maximum(cache_raw + seqlen_add, 0), capacity)
@@ -748,6 +766,9 @@ class _Launch:
             FUSED=self.fused, NEW=self.new,
             OFF32=bool(cfg.off32) and _fits32(k_cache, v_cache, paged, capacity),
             PREFETCH=bool(cfg.page_prefetch),
+            # L2 prefetch: inline PTX, so compiled GPUs and contiguous caches only
+            L2PF=0 if paged or not q.is_cuda or _interpreting() else int(cfg.l2_prefetch),
+            LINE=128 // k_cache.element_size(),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

@@ -35,6 +35,9 @@ class DecodeConfig:
     # up in the loop, left to Triton's pipeliner (which stages an index load ahead of the loads
     # that use it)
     page_prefetch: int = 1
+    # contiguous caches on a compiled GPU: L2-prefetch this many leading key blocks of a split
+    # before its length is loaded (the first K/V loads wait for that length)
+    l2_prefetch: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -42,6 +45,8 @@ class DecodeConfig:
             extra += f",off32={self.off32}"
         if not self.page_prefetch:
             extra += f",page_prefetch={self.page_prefetch}"
+        if self.l2_prefetch:
+            extra += f",l2_prefetch={self.l2_prefetch}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -90,6 +95,9 @@ CANDIDATES = (
     DecodeConfig(128, 4, 3, 1.0, off32=1, page_prefetch=0),
     DecodeConfig(64, 4, 5, 1.0),
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0),
+    # c19-c20: c1 / c12 with the first two key blocks of each split L2-prefetched
+    DecodeConfig(128, 4, 3, 1.0, l2_prefetch=2),
+    DecodeConfig(128, 4, 3, 1.0, off32=1, l2_prefetch=2),
 )
 
 
