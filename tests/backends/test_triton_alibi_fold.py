@@ -54,19 +54,21 @@ def test_alibi_dense_fold(sq, sk, softcap, shape):
                            ((b, sq, h, d), (b, sk, h, d), (b, sk, h, d), (b, sq, h, d)))
     sl = np.array([0.5, -0.25, 0.0], np.float32)
     sl = sl if shape == "h" else np.stack([sl[::-1]] * b)
-    q, k, v, do = (torch.tensor(x, dtype=torch.float32) for x in (q64, k64, v64, do64))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (torch.tensor(x, dtype=torch.float32, device=dev) for x in (q64, k64, v64, do64))
     qa, ka, va = (x.clone().requires_grad_(True) for x in (q, k, v))
     kw = dict(softcap=softcap)
-    out = flashmux.attention(qa, ka, va, alibi_slopes=torch.tensor(sl), backend="triton", **kw)
+    out = flashmux.attention(qa, ka, va, alibi_slopes=torch.tensor(sl, device=dev),
+                             backend="triton", **kw)
     grads = torch.autograd.grad((out * do).sum(), (qa, ka, va))
     ref_out, _ = reference_forward(q64, k64, v64, alibi_slopes=sl, **kw)
     ref_grads = reference_backward(do64, q64, k64, v64, alibi_slopes=sl, **kw)
 
-    pa = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    pa = [x.cpu().clone().requires_grad_(True) for x in (q, k, v)]
     pout = _plain(*pa, torch.tensor(sl), softcap)
-    pgrads = torch.autograd.grad((pout * do).sum(), pa)
+    pgrads = torch.autograd.grad((pout * do.cpu()).sum(), pa)
     for name, got, plain, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (pout, *pgrads),
                                      (ref_out, *ref_grads)):
-        err = np.abs(got.detach().double().numpy() - ref).max()
+        err = np.abs(got.detach().cpu().double().numpy() - ref).max()
         bound = 2 * np.abs(plain.detach().double().numpy() - ref).max() + 1e-5
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
