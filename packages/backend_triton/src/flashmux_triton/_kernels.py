@@ -349,6 +349,33 @@ def _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, r, c, sm_scale, p_drop, drop_sca
     return dk, dv, ds_lo
 
 
+@triton.jit
+def _dk_or_dv_acc(acc, pt, tt, v, do, qt, delta, r, c, sm_scale, p_drop, drop_scale, seed, bh,
+                  ROLE: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One of `_dkdv_acc`'s two accumulators, with the same arithmetic: ROLE 1 dV += P^T dO,
+    ROLE 2 dK += (scale * dS)^T Q (the split backward: one accumulator per program, so the
+    key block can be twice as tall at head_dim 256)."""
+    if ROLE == 1:
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, r, c, p_drop)
+            pdt = tl.where(keep, pt * drop_scale, 0.0)
+        else:
+            pdt = pt
+        acc = _dot_acc(_cast(pdt, do.dtype), do, acc, IEEE)
+    else:
+        dpt = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, r, c, p_drop)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
+        ds_lo = _cast(dst * sm_scale, qt.dtype)
+        acc = _dot_acc(ds_lo, tl.trans(qt), acc, IEEE)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -516,8 +543,9 @@ def _bwd_dkdv_inner(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    slope2=0.0, ALIBI: tl.constexpr = False,
+    slope2=0.0, ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0,
 ):
+    # ROLE 0: dK and dV; 1: dV only (dk passes through); 2: dK only (dv passes through)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
@@ -529,10 +557,14 @@ def _bwd_dkdv_inner(
                    BLOCK_DV != HEAD_DIM_V)
         if MASKED:
             lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
-            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+            if ROLE != 1:
+                delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
         else:
             lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+            if ROLE != 1:
+                delta = tl.load(delta_base + rows)
+        if ROLE == 1:
+            delta = lse  # unused: the dV program needs no delta
         # rows with no allowed key carry lse = -inf: make their p exactly 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         # (BLOCK_N, BLOCK_M): keys x queries
@@ -543,8 +575,16 @@ def _bwd_dkdv_inner(
             ok = _band_ok(rows[None, :] < seqlen_q, rows[None, :], offs_n[:, None], diag_off,
                           window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(ok, pt, 0.0)
-        dk, dv, ds_lo = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
-                                  sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
+        if ROLE == 0:
+            dk, dv, ds_lo = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :],
+                                      offs_n[:, None], sm_scale, p_drop, drop_scale, seed, bh,
+                                      SOFTCAP, DROPOUT, IEEE)
+        elif ROLE == 1:
+            dv = _dk_or_dv_acc(dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                               sm_scale, p_drop, drop_scale, seed, bh, 1, SOFTCAP, DROPOUT, IEEE)
+        else:
+            dk = _dk_or_dv_acc(dk, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                               sm_scale, p_drop, drop_scale, seed, bh, 2, SOFTCAP, DROPOUT, IEEE)
         if FUSED_DQ:
             # dQ += (scale * dS) K, accumulated across key blocks with float32 atomics
             dq_part = _dot(tl.trans(ds_lo), k, IEEE)
@@ -575,10 +615,13 @@ def attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    ALIBI: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
-    the query blocks that see this key block, so dK/dV are summed without atomics."""
+    the query blocks that see this key block, so dK/dV are summed without atomics.
+    ROLE 0 computes dK and dV; the split backward launches it twice, ROLE 1 (dV only: no V, no
+    delta, 2 matmuls per tile pair) and ROLE 2 (dK only, 3 matmuls), each program holding one
+    float32 accumulator instead of two (NOTES.md, session 8)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -598,10 +641,13 @@ def attn_bwd_dkdv(
         K + b64 * stride_kb + (k_start + offs_n[:, None]) * stride_ks + hk * stride_kh + offs_d[None, :],
         mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
-    v = tl.load(
-        V + b64 * stride_vb + (k_start + offs_n[:, None]) * stride_vs + hk * stride_vh + offs_dv[None, :],
-        mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
-    )
+    if ROLE == 1:
+        v = k  # unused: the dV program needs no V
+    else:
+        v = tl.load(
+            V + b64 * stride_vb + (k_start + offs_n[:, None]) * stride_vs + hk * stride_vh + offs_dv[None, :],
+            mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+        )
 
     # Query rows that see keys [n0, n_last]: j <= i + off + right  <=>  i >= j - off - right,
     # j >= i + off - left  <=>  i <= j - off + left. Key-tail columns need no mask here: their
@@ -619,8 +665,14 @@ def attn_bwd_dkdv(
         hi_full = n0 - diag_off + window_left + 1
     lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_q, lo_full, hi_full, BLOCK_M)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if ROLE == 1:
+        dk = tl.zeros([16, 16], dtype=tl.float32)  # placeholder, passed through untouched
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if ROLE == 2:
+        dv = tl.zeros([16, 16], dtype=tl.float32)
+    else:
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * n_heads + h
@@ -637,18 +689,20 @@ def attn_bwd_dkdv(
                 dqa_base, stride_dqas, sm_scale, offs_n, offs_m, offs_d, offs_dv, start, end,
                 seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
                 drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 1,
-                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI, ROLE,
             )
-    tl.store(
-        DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
-        _cast(dk, DK.dtype.element_ty),
-        mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
-    )
-    tl.store(
-        DV + b64 * stride_dvb + (k_start + offs_n[:, None]) * stride_dvs + hk * stride_dvh + offs_dv[None, :],
-        _cast(dv, DV.dtype.element_ty),
-        mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
-    )
+    if ROLE != 1:
+        tl.store(
+            DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + hk * stride_dkh + offs_d[None, :],
+            _cast(dk, DK.dtype.element_ty),
+            mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+        )
+    if ROLE != 2:
+        tl.store(
+            DV + b64 * stride_dvb + (k_start + offs_n[:, None]) * stride_dvs + hk * stride_dvh + offs_dv[None, :],
+            _cast(dv, DV.dtype.element_ty),
+            mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
+        )
 
 
 @triton.jit

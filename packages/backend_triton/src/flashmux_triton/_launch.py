@@ -119,11 +119,11 @@ def _launch(pb: _Problem, which: str, run):
     key = (pb.shape, pb.capability, pb.interpret)
     t = _tuning(pb)
     if T.autotune_enabled() and not pb.interpret:
-        cfg = _autotuned(pb, which, run, getattr(t, which))
+        cfg = _autotuned(pb, which, run, T.config_of(t, which))
         return run(cfg)
     while True:
         try:
-            return run(getattr(t, which))
+            return run(T.config_of(t, which))
         except triton.runtime.errors.OutOfResources:
             t2 = T.smaller(t, which)
             if t2 is None:
@@ -143,7 +143,8 @@ def _autotuned(pb, which, run, default):
     cfg = T.CACHE.get(ck, which)
     if cfg is not None:
         return cfg
-    cands = {"fwd": T.FWD_CANDIDATES, "bwd_dkdv": T.DKDV_CANDIDATES, "bwd_dq": T.DQ_CANDIDATES}[which]
+    cands = {"fwd": T.FWD_CANDIDATES, "bwd_dkdv": T.DKDV_CANDIDATES, "bwd_dq": T.DQ_CANDIDATES,
+             "bwd_dv": T.DV_CANDIDATES, "bwd_dk": T.DK_CANDIDATES}[which]
     best, best_t = default, float("inf")
     for c in [default] + [c for c in cands if c != default]:
         try:
@@ -170,13 +171,35 @@ def tma_wanted(pb: _Problem) -> bool:
 _TMA_BROKEN: set = set()
 
 
+_WS_BROKEN: set = set()
+
+
 def ws_wanted(pb: _Problem) -> bool:
-    """FLASHMUX_TRITON_WS=1: Triton's automatic warp specialization of the forward's interior
-    loop (sm90+, compiled only, not the interpreter). Off by default until the H200 measures it
-    (packages/backend_triton/NOTES.md)."""
-    if os.environ.get("FLASHMUX_TRITON_WS", "0") != "1" or pb.interpret:
+    """Triton's automatic warp specialization of the forward's interior loop (sm90+, compiled
+    only, not the interpreter). FLASHMUX_TRITON_WS=1 forces it on, =0 off; by default the
+    problem class's `Tuning.ws` decides (off in every class until the H200 measures a class
+    correct and faster: packages/backend_triton/NOTES.md). A class whose WS compile failed once
+    runs without it for the rest of the process."""
+    env = os.environ.get("FLASHMUX_TRITON_WS", "auto")
+    if env == "0" or pb.interpret or pb.capability is None or pb.capability < (9, 0):
         return False
-    return pb.capability is not None and pb.capability >= (9, 0)
+    if env == "1":
+        return True
+    return _tuning(pb).ws and pb.shape not in _WS_BROKEN
+
+
+def split_dkdv_wanted(pb: _Problem, fused: bool) -> bool:
+    """The split backward (a dV program and a dK program per key block, one accumulator each;
+    _kernels.attn_bwd_dkdv ROLE 1/2) instead of the joint dK/dV program.
+    FLASHMUX_TRITON_DKDV=split forces it, =joint turns it off; by default the problem class's
+    `Tuning.split_dkdv` decides. Never with the fused (atomic dQ) backward, which needs dS in
+    the joint program. Deterministic either way (no atomics)."""
+    if fused:
+        return False
+    env = os.environ.get("FLASHMUX_TRITON_DKDV", "auto")
+    if env in ("split", "joint"):
+        return env == "split"
+    return _tuning(pb).split_dkdv
 
 
 def fused_bwd_wanted() -> bool:
@@ -248,7 +271,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
     ws = ws_wanted(pb)
 
-    def run(cfg: T.KernelConfig, tma=tma):
+    def run(cfg: T.KernelConfig, tma=tma, ws=ws):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
         if tma is not None:
             TD, views = tma
@@ -268,13 +291,24 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
             num_stages=cfg.num_stages,
         )
 
-    if tma is not None:
+    if ws and os.environ.get("FLASHMUX_TRITON_WS") != "1":
+        # on by the tuning table: a compiler that fails on it (triton 3.6 did at head_dim 64)
+        # costs this class its WS, not the call; FLASHMUX_TRITON_WS=1 lets the error through
         try:
             _launch(pb, "fwd", run)
             return done
+        except triton.runtime.errors.OutOfResources:
+            raise
+        except Exception:  # noqa: BLE001 - a compile failure of the specialized loop
+            _WS_BROKEN.add(pb.shape)
+            ws = False
+    if tma is not None:
+        try:
+            _launch(pb, "fwd", lambda cfg: run(cfg, tma, ws))
+            return done
         except Exception:  # noqa: BLE001 - a compiler without working descriptors: plain path
             _TMA_BROKEN.add(pb.shape)
-    _launch(pb, "fwd", lambda cfg: run(cfg, None))
+    _launch(pb, "fwd", lambda cfg: run(cfg, None, ws))
     return done
 
 
@@ -347,7 +381,24 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    _launch(pb, "bwd_dkdv", run_dkdv)
+    def run_role(role: int):
+        def run_one(cfg: T.KernelConfig):
+            grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
+            K.attn_bwd_dkdv[grid](
+                q, k, v, do, lse, delta, dk, dv, dq, cu_q_arg, cu_k_arg,
+                *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
+                *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
+                *pb.strides(dq, pb.varlen), *lse_str, *common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=False, **alibi,
+                ROLE=role, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        return run_one
+
+    if split_dkdv_wanted(pb, fused):
+        _launch(pb, "bwd_dv", run_role(1))
+        _launch(pb, "bwd_dk", run_role(2))
+    else:
+        _launch(pb, "bwd_dkdv", run_dkdv)
     if fused:
         dq.copy_(dq_acc)
     else:

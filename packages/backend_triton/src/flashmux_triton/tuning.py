@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -28,11 +28,29 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class Tuning:
-    """One config per kernel of a problem class."""
+    """One config per kernel of a problem class, and the class's kernel variants.
+
+    bwd_dv / bwd_dk: the split backward's two programs (dV only, dK only; None: bwd_dkdv's
+    config). split_dkdv: run the split backward by default for this class
+    (FLASHMUX_TRITON_DKDV=split|joint overrides). ws: warp-specialize the forward's interior
+    loop by default for this class (sm90+, compiled; FLASHMUX_TRITON_WS=0|1 overrides)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
     bwd_dq: KernelConfig
+    bwd_dv: KernelConfig | None = None
+    bwd_dk: KernelConfig | None = None
+    split_dkdv: bool = False
+    ws: bool = False
+
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk")
+
+
+def config_of(t: Tuning, which: str) -> KernelConfig:
+    """The config of kernel `which` (one of KERNELS); the split programs default to bwd_dkdv's."""
+    c = getattr(t, which)
+    return t.bwd_dkdv if c is None else c
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,11 @@ def _c(m, n, w, s):
 _D64 = Tuning(_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(64, 64, 4, 3))
 _D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3))
 _D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3))
-_D256 = Tuning(_c(128, 64, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 1))
+# head_dim 256's split backward (dV program, dK program): 128-row key blocks, one fp32
+# accumulator each (192 KiB of shared memory each, NOTES.md session 8); not yet measured, so
+# split_dkdv stays off until the H200 says it is faster
+_D256 = Tuning(_c(128, 64, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 1),
+               bwd_dv=_c(64, 128, 8, 2), bwd_dk=_c(32, 128, 8, 2))
 TABLE_SM90: dict[tuple[int, bool], Tuning] = {
     (16, False): _D64,
     (16, True): _D64_CAUSAL,
@@ -100,17 +122,22 @@ def default_tuning(shape: ShapeClass, capability: tuple[int, int] | None, interp
     table = TABLE_SM90 if capability and capability >= (9, 0) else TABLE_SM80
     t = table[(d, shape.causal)]
     if shape.dtype == "float32":  # twice the bytes per tile: halve the tiles
-        t = Tuning(_halve(t.fwd), _halve(t.bwd_dkdv), _halve(t.bwd_dq))
+        t = replace(t, **{w: _halve(config_of(t, w)) for w in KERNELS})
     return t
 
 
 def smaller(t: Tuning, which: str) -> Tuning | None:
     """A fallback when a config runs out of shared memory: halve the named kernel's tiles."""
-    c = getattr(t, which)
+    c = config_of(t, which)
     h = _halve(c)
     if h == c:
         return None
-    return Tuning(**{**{f: getattr(t, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: h})
+    return replace(t, **{which: h})
+
+
+def with_config(t: Tuning, which: str, cfg: KernelConfig) -> Tuning:
+    """t with kernel `which`'s config replaced (the variants and other kernels kept)."""
+    return replace(t, **{which: cfg})
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +154,13 @@ DKDV_CANDIDATES = [
 ]
 DQ_CANDIDATES = [
     _c(128, 64, 8, 3), _c(64, 64, 4, 3), _c(128, 32, 4, 3), _c(64, 32, 4, 3), _c(64, 16, 4, 2),
+]
+# the split backward's programs (one accumulator each: taller key blocks fit)
+DV_CANDIDATES = [
+    _c(64, 128, 8, 2), _c(32, 128, 8, 3), _c(64, 128, 8, 3), _c(64, 64, 4, 3), _c(32, 64, 4, 3),
+]
+DK_CANDIDATES = [
+    _c(32, 128, 8, 2), _c(64, 128, 8, 1), _c(64, 128, 8, 2), _c(64, 64, 4, 3), _c(32, 64, 4, 3),
 ]
 
 
