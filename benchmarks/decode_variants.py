@@ -140,6 +140,9 @@ class Torch:
         q = torch.randn((b, sq, hq, d), generator=g, device=self.dev, dtype=self.dt)
         return q, k, v, torch.full((b,), sk, dtype=torch.int32, device=self.dev)
 
+    def lengths(self, lens):
+        return self.torch.tensor(lens, dtype=self.torch.int32, device=self.dev)
+
     def paged(self, k, v, page, shuffle, seed):
         torch = self.torch
         b, sk, hkv, d = k.shape
@@ -224,6 +227,9 @@ class Jax:
         q = jax.random.normal(kq, (b, sq, hq, d), self.dt)
         return q, k, v, jnp.full((b,), sk, jnp.int32)
 
+    def lengths(self, lens):
+        return self.jnp.asarray(lens, self.jnp.int32)
+
     def paged(self, k, v, page, shuffle, seed):
         jax, jnp = self.jax, self.jnp
         b, sk, hkv, d = k.shape
@@ -303,6 +309,15 @@ def _triton_read(k, v):
     return out
 
 
+def ragged_lengths(b: int, sk: int) -> list[int]:
+    """The harness decode sweep's ragged cache_seqlens (shapes._kvcache_points)."""
+    import numpy as np
+
+    rng = np.random.default_rng(sk)
+    lens = [int(n) for n in rng.integers(max(1, sk // 8), sk + 1, b)]
+    return [sk] + lens[1:]
+
+
 def variants(backend: str, configs: str):
     if backend == "triton":
         from flashmux_triton import tuning_decode as T
@@ -341,6 +356,9 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--ragged", action="store_true",
+                    help="ragged cache_seqlens over [Sk/8, Sk] (the harness's); GB/s counts the "
+                         "bytes actually read")
     ap.add_argument("--no-read-ceiling", action="store_true",
                     help="no Triton read-only kernels (the in-run HBM read ceiling)")
     args = ap.parse_args(argv)
@@ -358,7 +376,14 @@ def main(argv=None) -> int:
     for sq in (int(x) for x in args.sq.split(",")):
         for sk in sks:
             q, k, v, lens = fw.problem(b, sq, sk, hq, hkv, d, seed=sk)
-            nbytes = 2 * b * sk * hkv * d * (2 if "16" in args.dtype else 4)
+            keys = b * sk
+            if args.ragged:  # the harness's ragged batch: lengths over [Sk/8, Sk], the first full
+                rl = ragged_lengths(b, sk)
+                lens = fw.lengths(rl)
+                keys = sum(rl)
+            # bytes of the keys actually read (the cache_seqlens), K and V once
+            nbytes = 2 * keys * hkv * d * (2 if "16" in args.dtype else 4)
+            full = 2 * b * sk * hkv * d * (2 if "16" in args.dtype else 4)  # what a ceiling reads
 
             def row(cache, impl, splits, cfg, sec, sq=sq, sk=sk, nbytes=nbytes):
                 gb = f"{nbytes / sec / 1e9:.0f}" if isinstance(sec, float) else sec
@@ -369,15 +394,18 @@ def main(argv=None) -> int:
             # the anchor and ceilings first: a run cut by its time limit still has them
             if not args.no_anchors:
                 name, fn = fw.anchor(q, k, v)
+                if args.ragged:  # no cache lengths: it reads every key of the padded batch
+                    name += " (padded batch: reads every key; GB/s of the ragged bytes)"
                 try:
                     row("contig", name, "-", "-", fw.time(fn))
                 except Exception as ex:  # noqa: BLE001 - not every cuDNN takes this shape
                     row("contig", name, "-", "-", f"{type(ex).__name__}: {str(ex)[:80]}")
-            row("contig", "ceiling (sum of K, V)", "-", "-", fw.time(fw.ceiling(k, v)))
+            row("contig", "ceiling (sum of K, V)", "-", "-", fw.time(fw.ceiling(k, v)),
+                nbytes=full)
             if not args.no_read_ceiling:
                 for label, fn in getattr(fw, "read_ceilings", lambda k, v: [])(k, v):
                     try:
-                        row("contig", f"ceiling ({label})", "-", "-", fw.time(fn))
+                        row("contig", f"ceiling ({label})", "-", "-", fw.time(fn), nbytes=full)
                     except Exception as ex:  # noqa: BLE001 - report, go on
                         row("contig", f"ceiling ({label})", "-", "-",
                             f"{type(ex).__name__}: {str(ex)[:80]}")
