@@ -51,10 +51,11 @@ def _case(page, seed, lens, sq=1, d=32):
 
 @pytest.mark.parametrize("page", [0, 16, 32])
 @pytest.mark.parametrize("fields", [dict(off32=1), dict(page_prefetch=0),
-                                    dict(off32=1, page_prefetch=0), dict(l2_prefetch=2)])
+                                    dict(off32=1, page_prefetch=0), dict(l2_prefetch=2),
+                                    dict(page_dual=1)])
 def test_variant_matches_reference(page, fields):
-    if not page and "page_prefetch" in fields and "off32" not in fields:
-        pytest.skip("page_prefetch only changes paged launches")
+    if not page and ("page_prefetch" in fields or "page_dual" in fields) and "off32" not in fields:
+        pytest.skip("page_prefetch and page_dual only change paged launches")
     if "l2_prefetch" in fields and (page or not torch.cuda.is_available()):
         pytest.skip("the L2 prefetch (inline PTX) runs on compiled GPUs, contiguous caches")
     # 32-key blocks: pages of 16 take a per-row gather, pages of 32 one lookup per block

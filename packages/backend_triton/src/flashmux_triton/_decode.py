@@ -91,7 +91,7 @@ def _decode_inner(
     PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
-    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True,
+    OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, DUAL: tl.constexpr = False,
 ):
     """NEW (masked loops of a launch that appends): keys at positions < cache_len come from the
     cache, keys at cache_len .. length - 1 (this call's new tokens, token t = position -
@@ -106,6 +106,15 @@ def _decode_inner(
             nxt = _pages(TBL, lo, offs_n, max_pages, num_pages, PAGE_SIZE, True) + nxt
         else:
             nxt = _pages(TBL, lo, offs_n, max_pages, num_pages, PAGE_SIZE, False)
+    # DUAL (per-row pages, prefetched): the ids are loaded twice, as a (1, BLOCK_N) row for K^T
+    # and a (BLOCK_N, 1) column for V, each in its own operand's layout (one shared vector
+    # took layout conversions through shared memory, with barriers, every iteration at 128 keys)
+    DUAL_ON: tl.constexpr = DUAL and PAGED and PREFETCH and not PAGE_BLOCK
+    nk = tl.zeros([1, BLOCK_N], dtype=tl.int32)
+    nv = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+    if DUAL_ON:
+        nk = _pages(TBL, lo, offs_n[None, :], max_pages, num_pages, PAGE_SIZE, False)
+        nv = _pages(TBL, lo, offs_n[:, None], max_pages, num_pages, PAGE_SIZE, False)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -123,12 +132,24 @@ def _decode_inner(
                               PAGE_BLOCK) + nxt * 0
         if PAGE_BLOCK:
             page = tl.max(page, 0)  # every entry holds the block's one page id
-        k_rows = _kv_rows(page, start_n, offs_n, stride_kp, stride_ks, PAGE_SIZE, PAGED,
-                          PAGE_BLOCK, OFF32)
-        v_rows = _kv_rows(page, start_n, offs_n, stride_vp, stride_vs, PAGE_SIZE, PAGED,
-                          PAGE_BLOCK, OFF32)
-        kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
-        v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
+        if DUAL_ON:
+            pk = nk
+            pv = nv
+            nk = _pages(TBL, start_n + BLOCK_N, offs_n[None, :], max_pages, num_pages,
+                        PAGE_SIZE, False)
+            nv = _pages(TBL, start_n + BLOCK_N, offs_n[:, None], max_pages, num_pages,
+                        PAGE_SIZE, False)
+            kt_ptrs = K + _kv_rows(pk, start_n, offs_n[None, :], stride_kp, stride_ks,
+                                   PAGE_SIZE, PAGED, PAGE_BLOCK, OFF32) + offs_d[:, None]
+            v_ptrs = V + _kv_rows(pv, start_n, offs_n[:, None], stride_vp, stride_vs,
+                                  PAGE_SIZE, PAGED, PAGE_BLOCK, OFF32) + offs_dv[None, :]
+        else:
+            k_rows = _kv_rows(page, start_n, offs_n, stride_kp, stride_ks, PAGE_SIZE, PAGED,
+                              PAGE_BLOCK, OFF32)
+            v_rows = _kv_rows(page, start_n, offs_n, stride_vp, stride_vs, PAGE_SIZE, PAGED,
+                              PAGE_BLOCK, OFF32)
+            kt_ptrs = K + k_rows[None, :] + offs_d[:, None]
+            v_ptrs = V + v_rows[:, None] + offs_dv[None, :]
         if NEW:  # (always masked) cached keys from the cache, new ones from KN / VN
             # one load per tile through per-key pointers (cache slot or new token): the
             # pipeliner buffers one K and one V tile, as for the cache alone (two loads per
@@ -204,7 +225,7 @@ def decode_fwd(
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
-    LINE: tl.constexpr = 64,
+    LINE: tl.constexpr = 64, DUAL: tl.constexpr = False,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -338,7 +359,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
@@ -346,7 +367,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH, DUAL,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
@@ -354,7 +375,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL,
     )
 
     empty = l_i == 0.0
@@ -768,7 +789,7 @@ class _Launch:
             PREFETCH=bool(cfg.page_prefetch),
             # L2 prefetch: inline PTX, so compiled GPUs and contiguous caches only
             L2PF=0 if paged or not q.is_cuda or _interpreting() else int(cfg.l2_prefetch),
-            LINE=128 // k_cache.element_size(),
+            LINE=128 // k_cache.element_size(), DUAL=bool(cfg.page_dual),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

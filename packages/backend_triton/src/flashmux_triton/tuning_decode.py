@@ -38,6 +38,9 @@ class DecodeConfig:
     # contiguous caches on a compiled GPU: L2-prefetch this many leading key blocks of a split
     # before its length is loaded (the first K/V loads wait for that length)
     l2_prefetch: int = 0
+    # paged caches with a per-row page gather (pages smaller than the key block): 1 loads the
+    # page ids twice, as a row for K^T and a column for V, each in its operand's layout
+    page_dual: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -47,6 +50,8 @@ class DecodeConfig:
             extra += f",page_prefetch={self.page_prefetch}"
         if self.l2_prefetch:
             extra += f",l2_prefetch={self.l2_prefetch}"
+        if self.page_dual:
+            extra += f",page_dual={self.page_dual}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -98,6 +103,10 @@ CANDIDATES = (
     # c19-c20: c1 / c12 with the first two key blocks of each split L2-prefetched
     DecodeConfig(128, 4, 3, 1.0, l2_prefetch=2),
     DecodeConfig(128, 4, 3, 1.0, off32=1, l2_prefetch=2),
+    # c21-c23: per-row page ids loaded once per operand (c1, c12, c3 with page_dual)
+    DecodeConfig(128, 4, 3, 1.0, page_dual=1),
+    DecodeConfig(128, 4, 3, 1.0, off32=1, page_dual=1),
+    DecodeConfig(64, 4, 3, 1.0, page_dual=1),
 )
 
 
