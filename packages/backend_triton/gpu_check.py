@@ -1,6 +1,6 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
@@ -11,6 +11,11 @@ sweep: times each kernel's candidate configs at S=4096 (bf16, causal and not; he
 tma:   forward TFLOP/s with and without FLASHMUX_TRITON_TMA=1 (Hopper tensor descriptors).
 ws:    forward TFLOP/s with and without FLASHMUX_TRITON_WS=1 (warp-specialized interior loop).
 fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
+split: head_dim 256/192 (FMX_SPLIT_DIMS), S 4k/8k (FMX_SPLIT_SEQS), causal and not
+       (FMX_SWEEP_CAUSAL): backward and forward+backward TFLOP/s of the joint dK/dV program vs
+       the split one (FLASHMUX_TRITON_DKDV=joint|split), beside SDPA cuDNN and flash
+       forward+backward; with FMX_SPLIT_PROFILE=1 also each backward kernel's time (profiler).
+       `sweep` with FMX_SWEEP_KERNELS=bwd_dv,bwd_dk sweeps the split programs' configs.
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -183,6 +188,8 @@ SWEEP_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2)
               (64, 64, 4, 3), (16, 128, 4, 4)]
 SWEEP_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
             (64, 64, 4, 3), (128, 16, 4, 4)]
+SWEEP_DV = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+SWEEP_DK = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
 # head_dim 256: the tiles that fit 228 KiB of shared memory with 2-3 stages (K+V tiles of 32-64
 # rows x 256 x 2 bytes per stage; dK/dV hold two fp32 BLOCK_N x 256 accumulators in registers)
 SWEEP_256 = {
@@ -192,6 +199,12 @@ SWEEP_256 = {
                  (32, 64, 8, 1), (64, 64, 8, 1)],
     "bwd_dq": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
                (128, 64, 8, 1), (64, 16, 4, 2)],
+    # the split backward (session 8): one fp32 128 x 256 accumulator per program at 8 warps;
+    # FMX_SWEEP_N narrows each list to its first N (GPU time: ~5-10 s of compile per entry)
+    "bwd_dv": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 8, 2),
+               (32, 64, 4, 2)],
+    "bwd_dk": [(32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (32, 128, 8, 1), (64, 64, 8, 2),
+               (32, 64, 4, 2)],
 }
 
 
@@ -201,7 +214,10 @@ def sweep_dims() -> list[int]:
 
 
 def sweep():
+    """FMX_SWEEP_KERNELS (default fwd,bwd_dkdv,bwd_dq; bwd_dv,bwd_dk: the split backward's
+    programs, timed with FLASHMUX_TRITON_DKDV=split)."""
     cap = torch.cuda.get_device_capability()
+    kernels = os.environ.get("FMX_SWEEP_KERNELS", "fwd,bwd_dkdv,bwd_dq").split(",")
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
     for D in sweep_dims():
         for causal in causals:
@@ -209,16 +225,21 @@ def sweep():
             B, H, fwd, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
             o, lse = backend.forward(q, k, v, None, None, p)
             best = {}
-            lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ))
+            lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ),
+                     ("bwd_dv", SWEEP_DV), ("bwd_dk", SWEEP_DK))
             if D > 128:
                 lists = tuple(SWEEP_256.items())
+            lists = tuple((w, c) for w, c in lists if w in kernels)
+            bd = max(16, 1 << (D - 1).bit_length())  # the padded head dim: the tuning class
             for which, cands in lists:
                 times = []
-                for c in cands:
+                if which in ("bwd_dv", "bwd_dk"):
+                    os.environ["FLASHMUX_TRITON_DKDV"] = "split"
+                for c in cands[:int(os.environ.get("FMX_SWEEP_N", "99"))]:
                     cfg = T.KernelConfig(*c)
-                    key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+                    key = (T.ShapeClass(bd, bd, "16bit", causal), cap, False)
                     base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
-                    _launch._CHOSEN[key] = T.Tuning(**{**{f: getattr(base, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: cfg})
+                    _launch._CHOSEN[key] = T.with_config(base, which, cfg)
                     try:
                         if which == "fwd":
                             fn = lambda: backend.forward(q, k, v, None, None, p)  # noqa: E731
@@ -231,16 +252,17 @@ def sweep():
                     times.append((ms, c))
                     _launch._CHOSEN[key] = base
                 times.sort()
+                os.environ.pop("FLASHMUX_TRITON_DKDV", None)
                 best[which] = times[0][1]
-                key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+                key = (T.ShapeClass(bd, bd, "16bit", causal), cap, False)
                 base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
-                _launch._CHOSEN[key] = T.Tuning(**{**{f: getattr(base, f) for f in ("fwd", "bwd_dkdv", "bwd_dq")}, which: T.KernelConfig(*times[0][1])})
+                _launch._CHOSEN[key] = T.with_config(base, which, T.KernelConfig(*times[0][1]))
                 ft = flops(B, H, S, D, causal)
                 log(f"sweep d{D} causal={int(causal)} {which:8s} " + "  ".join(
                     f"{c}:{(ft if which == 'fwd' else ft * 2.5) / ms * 1e-9:.0f}" for ms, c in times))
             RESULTS["sweep"][f"d{D}_causal{int(causal)}"] = best
             save()
-            log(f"    ({D}, {causal}): Tuning(_c{best['fwd']}, _c{best['bwd_dkdv']}, _c{best['bwd_dq']}),")
+            log(f"    ({D}, {causal}): " + ", ".join(f"{w}=_c{c}" for w, c in best.items()))
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,6 +351,76 @@ def fused_compare():
     save()
 
 
+def kernel_ms(fn, reps=5):
+    """Per-kernel GPU milliseconds of one fn() call (torch profiler, mean over reps), by
+    kernel name (the split backward's two programs share attn_bwd_dkdv's name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if e.key.startswith("attn_") and t:
+            out[e.key] = out.get(e.key, 0.0) + t / 1000.0 / reps
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def split_compare():
+    """The split backward vs the joint one at head_dim 256/192, S 4k/8k, beside SDPA."""
+    dims = [int(x) for x in os.environ.get("FMX_SPLIT_DIMS", "256,192").split(",") if x]
+    seqs = [int(x) for x in os.environ.get("FMX_SPLIT_SEQS", "4096,8192").split(",") if x]
+    causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
+    sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
+    prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
+    out = []
+    for D in dims:
+        for causal in causals:
+            for S in seqs:
+                B, H, _, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
+                ft = flops(B, H, S, D, causal)
+                o, lse = backend.forward(q, k, v, None, None, p)
+
+                def bwd():
+                    backend.backward(do, None, q, k, v, o, lse, None, None, p)
+
+                r = {"D": D, "causal": causal, "S": S}
+                for variant in ("joint", "split"):
+                    os.environ["FLASHMUX_TRITON_DKDV"] = variant
+                    try:
+                        r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
+                        r[variant + "_fb"] = round(3.5 * ft / bench_ms(fwdbwd) * 1e-9, 1)
+                        if prof and S == seqs[0]:
+                            r[variant + "_ms"] = kernel_ms(bwd)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"split {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:160]}")
+                        r[variant + "_bwd"] = r[variant + "_fb"] = float("nan")
+                os.environ.pop("FLASHMUX_TRITON_DKDV", None)
+                for name in sdpa:
+                    try:
+                        f, fb, _ = sdpa_fns(S, D, causal, name)
+                        r[name + "_fb"] = round(3.5 * ft / bench_ms(fb) * 1e-9, 1)
+                        del f, fb
+                    except Exception as e:  # noqa: BLE001
+                        log(f"split sdpa-{name} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        r[name + "_fb"] = float("nan")
+                    torch.cuda.empty_cache()
+                for name in sdpa:
+                    for variant in ("joint", "split"):
+                        r[f"{variant}/{name}"] = round(r[variant + "_fb"] / r[name + "_fb"], 3)
+                log("split " + json.dumps(r))
+                out.append(r)
+                RESULTS["split"] = out
+                save()
+    return out
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -363,6 +455,8 @@ def main(argv):
         flag_compare("FLASHMUX_TRITON_WS", "ws", (4096,))
     if "fused" in what:
         fused_compare()
+    if "split" in what:
+        split_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)
