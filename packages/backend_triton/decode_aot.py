@@ -39,7 +39,7 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
                   SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
                   FUSED=split and bool(cfg.fused_merge), NEW=new, OFF32=bool(cfg.off32),
                   PREFETCH=bool(cfg.page_prefetch), L2PF=0 if paged else cfg.l2_prefetch,
-                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual))
+                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual), SEL=bool(cfg.page_select))
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):

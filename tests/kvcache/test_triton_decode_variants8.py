@@ -49,13 +49,15 @@ def _case(page, seed, lens, sq=1, d=32):
     return t(q), kc, vc, seqlens, table, ref
 
 
-@pytest.mark.parametrize("page", [0, 16, 32])
+@pytest.mark.parametrize("page", [0, 8, 16, 32])
 @pytest.mark.parametrize("fields", [dict(off32=1), dict(page_prefetch=0),
                                     dict(off32=1, page_prefetch=0), dict(l2_prefetch=2),
-                                    dict(page_dual=1)])
+                                    dict(page_dual=1), dict(page_select=1),
+                                    dict(off32=1, page_select=1)])
 def test_variant_matches_reference(page, fields):
-    if not page and ("page_prefetch" in fields or "page_dual" in fields) and "off32" not in fields:
-        pytest.skip("page_prefetch and page_dual only change paged launches")
+    if not page and "off32" not in fields and (
+            {"page_prefetch", "page_dual", "page_select"} & set(fields)):
+        pytest.skip("page_prefetch, page_dual and page_select only change paged launches")
     if "l2_prefetch" in fields and (page or not torch.cuda.is_available()):
         pytest.skip("the L2 prefetch (inline PTX) runs on compiled GPUs, contiguous caches")
     # 32-key blocks: pages of 16 take a per-row gather, pages of 32 one lookup per block

@@ -56,6 +56,21 @@ def _pages(TBL, start_n, offs_n, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
 
 
 @triton.jit
+def _pages_sel(TBL, start_n, offs, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
+               NP: tl.constexpr):
+    """Page ids (clamped) of the key rows start_n + offs (any shape) of a block holding NP
+    whole pages: NP scalar loads spread over the rows by select. Built from scalars and an
+    arange, the result takes whatever layout its user needs (no conversion)."""
+    first = start_n // PAGE_SIZE
+    ids = tl.zeros(offs.shape, dtype=tl.int32)
+    for j in tl.static_range(NP):
+        pj = tl.load(TBL + tl.minimum(first + j, max_pages - 1))
+        pj = tl.minimum(tl.maximum(pj, 0), num_pages - 1)
+        ids = tl.where(offs // PAGE_SIZE == j, pj, ids)
+    return ids
+
+
+@triton.jit
 def _kv_rows(page, start_n, offs_n, stride_page, stride_slot, PAGE_SIZE: tl.constexpr,
              PAGED: tl.constexpr, PAGE_BLOCK: tl.constexpr, OFF32: tl.constexpr = False):
     """int64 offsets (BLOCK_N,) of key rows start_n + offs_n inside one (sequence, KV head);
@@ -92,6 +107,7 @@ def _decode_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, DUAL: tl.constexpr = False,
+    SEL: tl.constexpr = False,
 ):
     """NEW (masked loops of a launch that appends): keys at positions < cache_len come from the
     cache, keys at cache_len .. length - 1 (this call's new tokens, token t = position -
@@ -109,10 +125,17 @@ def _decode_inner(
     # DUAL (per-row pages, prefetched): the ids are loaded twice, as a (1, BLOCK_N) row for K^T
     # and a (BLOCK_N, 1) column for V, each in its own operand's layout (one shared vector
     # took layout conversions through shared memory, with barriers, every iteration at 128 keys)
-    DUAL_ON: tl.constexpr = DUAL and PAGED and PREFETCH and not PAGE_BLOCK
+    # SEL (with DUAL, pages dividing the block): the row and column are built from the block's
+    # BLOCK_N / PAGE_SIZE page ids as scalar loads (no gather load whose layout needs converting)
+    DUAL_ON: tl.constexpr = (DUAL or SEL) and PAGED and PREFETCH and not PAGE_BLOCK
+    SEL_ON: tl.constexpr = SEL and DUAL_ON and BLOCK_N % PAGE_SIZE == 0
+    NP: tl.constexpr = max(BLOCK_N // PAGE_SIZE, 1)
     nk = tl.zeros([1, BLOCK_N], dtype=tl.int32)
     nv = tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    if DUAL_ON:
+    if SEL_ON:
+        nk = _pages_sel(TBL, lo, offs_n[None, :], max_pages, num_pages, PAGE_SIZE, NP)
+        nv = _pages_sel(TBL, lo, offs_n[:, None], max_pages, num_pages, PAGE_SIZE, NP)
+    elif DUAL_ON:
         nk = _pages(TBL, lo, offs_n[None, :], max_pages, num_pages, PAGE_SIZE, False)
         nv = _pages(TBL, lo, offs_n[:, None], max_pages, num_pages, PAGE_SIZE, False)
     for start_n in range(lo, hi, BLOCK_N):
@@ -135,10 +158,16 @@ def _decode_inner(
         if DUAL_ON:
             pk = nk
             pv = nv
-            nk = _pages(TBL, start_n + BLOCK_N, offs_n[None, :], max_pages, num_pages,
-                        PAGE_SIZE, False)
-            nv = _pages(TBL, start_n + BLOCK_N, offs_n[:, None], max_pages, num_pages,
-                        PAGE_SIZE, False)
+            if SEL_ON:
+                nk = _pages_sel(TBL, start_n + BLOCK_N, offs_n[None, :], max_pages, num_pages,
+                                PAGE_SIZE, NP)
+                nv = _pages_sel(TBL, start_n + BLOCK_N, offs_n[:, None], max_pages, num_pages,
+                                PAGE_SIZE, NP)
+            else:
+                nk = _pages(TBL, start_n + BLOCK_N, offs_n[None, :], max_pages, num_pages,
+                            PAGE_SIZE, False)
+                nv = _pages(TBL, start_n + BLOCK_N, offs_n[:, None], max_pages, num_pages,
+                            PAGE_SIZE, False)
             kt_ptrs = K + _kv_rows(pk, start_n, offs_n[None, :], stride_kp, stride_ks,
                                    PAGE_SIZE, PAGED, PAGE_BLOCK, OFF32) + offs_d[:, None]
             v_ptrs = V + _kv_rows(pv, start_n, offs_n[:, None], stride_vp, stride_vs,
@@ -225,7 +254,7 @@ def decode_fwd(
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
-    LINE: tl.constexpr = 64, DUAL: tl.constexpr = False,
+    LINE: tl.constexpr = 64, DUAL: tl.constexpr = False, SEL: tl.constexpr = False,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -359,7 +388,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
@@ -367,7 +396,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH, DUAL,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH, DUAL, SEL,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
@@ -375,7 +404,7 @@ def decode_fwd(
         offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL,
+        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
     )
 
     empty = l_i == 0.0
@@ -790,6 +819,7 @@ class _Launch:
             # L2 prefetch: inline PTX, so compiled GPUs and contiguous caches only
             L2PF=0 if paged or not q.is_cuda or _interpreting() else int(cfg.l2_prefetch),
             LINE=128 // k_cache.element_size(), DUAL=bool(cfg.page_dual),
+            SEL=bool(cfg.page_select),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

@@ -41,6 +41,9 @@ class DecodeConfig:
     # paged caches with a per-row page gather (pages smaller than the key block): 1 loads the
     # page ids twice, as a row for K^T and a column for V, each in its operand's layout
     page_dual: int = 0
+    # with pages dividing the key block: 1 builds those ids from the block's page ids loaded
+    # as scalars (BLOCK_N / page_size of them) and spread by select (implies page_dual)
+    page_select: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -52,6 +55,8 @@ class DecodeConfig:
             extra += f",l2_prefetch={self.l2_prefetch}"
         if self.page_dual:
             extra += f",page_dual={self.page_dual}"
+        if self.page_select:
+            extra += f",page_select={self.page_select}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -107,6 +112,9 @@ CANDIDATES = (
     DecodeConfig(128, 4, 3, 1.0, page_dual=1),
     DecodeConfig(128, 4, 3, 1.0, off32=1, page_dual=1),
     DecodeConfig(64, 4, 3, 1.0, page_dual=1),
+    # c24-c25: the block's page ids as scalar loads spread by select (c1, c12 with page_select)
+    DecodeConfig(128, 4, 3, 1.0, page_select=1),
+    DecodeConfig(128, 4, 3, 1.0, off32=1, page_select=1),
 )
 
 
