@@ -118,14 +118,20 @@ def _bs_fwd_tile(
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+    desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     cols = start_n + offs_n
-    kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
-    kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
-    v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, CHECK, True)
+    if TMA and not CHECK:  # in bounds (no tail): K/V through tensor descriptors
+        kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
+        v = desc_v.load([k_row0 + start_n, v_col])
+    else:
+        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
+        kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
+        v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, CHECK, True)
     ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
-    s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False,
+    s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, FOLD,
                          IEEE)
     if CHECK or PARTIAL:
         ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
@@ -134,7 +140,7 @@ def _bs_fwd_tile(
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
     return _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :], p_drop, seed,
-                       bh, False, True, DROPOUT, IEEE)
+                       bh, FOLD, True, DROPOUT, IEEE)
 
 
 @triton.jit
@@ -147,7 +153,8 @@ def _bs_q_list(
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-    DQ: tl.constexpr,
+    DQ: tl.constexpr, desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     """The key tiles of one list of a query block's mask row (NF/FI: the full mask tiles'
     count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
@@ -172,6 +179,7 @@ def _bs_q_list(
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
                     seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+                    desc_k, desc_v, k_row0, k_col, v_col, TMA,
                 )
             else:
                 acc, l_i, m_i = _bs_fwd_tile(
@@ -180,13 +188,14 @@ def _bs_q_list(
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
+                    desc_k, desc_v, k_row0, k_col, v_col, TMA, FOLD,
                 )
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_fwd(
-    Q, K, V, O, LSE, R, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS,
+    Q, K, V, O, LSE, R, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -200,7 +209,8 @@ def bs_fwd(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    RESID: tl.constexpr, ALIBI: tl.constexpr,
+    RESID: tl.constexpr, ALIBI: tl.constexpr, TMA: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): the full tiles of its mask block's
     list, then the partial ones."""
@@ -235,8 +245,9 @@ def bs_fwd(
             stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
             row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, slope2,
             p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-            CHECK_FULL or part == 1, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
-            ALIBI, BLOCK_N, False,
+            CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+            ALIBI, BLOCK_N, False, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
+            TMA, FOLD,
         )
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)
@@ -405,12 +416,17 @@ def _bs_dq_tile(
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
+    desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
 ):
     cols = start_n + offs_n
-    kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-    vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
-    kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
-    vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK, True)
+    if TMA and not CHECK:
+        kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
+        vt = tl.trans(desc_v.load([k_row0 + start_n, v_col]))
+    else:
+        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
+        kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
+        vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK, True)
     s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :], diag_off,
                       SOFTCAP, ALIBI, False, IEEE)
     p = tl.exp2(s - lse2[:, None])
@@ -426,7 +442,7 @@ def _bs_dq_tile(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS,
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -441,6 +457,7 @@ def bs_bwd_dq(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch), over the forward's lists."""
     pid_m = tl.program_id(0)
@@ -480,8 +497,9 @@ def bs_bwd_dq(
             v_base, stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv,
             row_first, row_last, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
             slope2, p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
-            CHECK_FULL or part == 1, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
-            ALIBI, BLOCK_N, True,
+            CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
+            ALIBI, BLOCK_N, True, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
+            TMA,
         )
     dq = dq * post
     tl.store(

@@ -3,13 +3,46 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from . import _kernels as K
 from . import _kernels_bs as KB
 from . import tuning as T
-from ._launch import _last_contig, _Problem, _slopes, _tuning
+from ._launch import _last_contig, _Problem, _slopes, _tma_views, _tuning
+
+_TMA_BROKEN: set = set()
+
+
+def _tma(pb, k, v):
+    """The dense forward's K/V tensor-descriptor views (`_launch._tma_views`: sm90+, head_dim
+    >= 128 by default, FLASHMUX_TRITON_TMA) for the block-sparse forward and dQ kernels' tiles
+    that need no sequence bound (every tile unless a length is off the mask block or the call
+    has causal/window); FLASHMUX_TRITON_BS_TMA=0 turns it off here only. None: pointer loads."""
+    if os.environ.get("FLASHMUX_TRITON_BS_TMA", "1") == "0" or pb.shape in _TMA_BROKEN:
+        return None
+    return _tma_views(pb, k, v)
+
+
+def _descs(tma, k, v, bn):
+    """(DESC_K, DESC_V) with (bn, head_dim) blocks, or K and V themselves (unused) without."""
+    if tma is None:
+        return k, v
+    TD, views = tma
+    return tuple(TD(x, shape, strides, [bn, d]) for x, shape, strides, d in views)
+
+
+def _with_tma(pb, tma, go):
+    """go(tma); a compiler without working descriptors falls back to pointer loads (once per
+    problem shape, as the dense forward does)."""
+    if tma is not None:
+        try:
+            return go(tma)
+        except Exception:  # noqa: BLE001 - no working descriptors: pointer loads
+            _TMA_BROKEN.add(pb.shape)
+    return go(None)
 
 
 def _mask_args(bm, hq):
@@ -64,33 +97,35 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
     a, mflags = _mask_args(bm, pb.hq)
     mbs = bm.block_size
 
-    def run(cfg, bm_, bn):
-        # the plain kernels fold the scale into exp2; these take scores in log2 units up front
+    def run(cfg, bm_, bn, tma):
+        # FOLD (a positive multiplier): the scale goes into exp2's FMA, as in the plain forward
         grid = (triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)
         _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs,
-             alibi_slopes is not None)
+             alibi_slopes is not None, tma)
 
-    _launch(pb, "fwd", mbs, run)
+    tma = _tma(pb, k, v)
+    _with_tma(pb, tma, lambda t: _launch(pb, "fwd", mbs, lambda c, m, n: run(c, m, n, t)))
     return done
 
 
-def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi):
+def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi,
+         tma=None):
     KB.bs_fwd[grid](
         q, k, v, out, lse, out if res is None else res, slopes,
-        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"], *_descs(tma, k, v, bn),
         *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
         *pb.strides(out, False), lse.stride(0), lse.stride(1), stride_sb,
         pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
         _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
         BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
-        RESID=res is not None, ALIBI=alibi,
+        RESID=res is not None, ALIBI=alibi, TMA=tma is not None, FOLD=pb.fold,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def _scale_a(pb):
     # _Problem's scale_a is the pre-softcap multiplier (softcap) or scale * log2(e) (no softcap):
-    # either way the kernels here multiply by it without folding, as the plain ones do unfolded
+    # the backward kernels multiply by it; the forward folds it into exp2 when pb.fold
     return pb.scale_a
 
 
@@ -136,16 +171,18 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    def run_dq(cfg, bm_, bn):
+    def run_dq(cfg, bm_, bn, tma):
         KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
             q, k, v, do, lse, delta, dq, slopes,
-            a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+            a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"], *_descs(tma, k, v, bn),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     _launch(pb, "bwd_dkdv", mbs, run_dkdv)
-    _launch(pb, "bwd_dq", mbs, run_dq)
+    tma = _tma(pb, k, v)
+    _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     return dq, dk, dv
