@@ -20,7 +20,9 @@ Options: --layers N (default 4), --backend NAME (force a flashmux backend), --it
 --gqa KERNELS: also time `fmx_kv`, the integration with $FLASHMUX_NATIVE_GQA=KERNELS (the native
 backend's GPU kernels listed get the KV heads unrepeated), for A/B runs;
 --variant "NAME:VAR=VALUE;VAR=VALUE" (repeatable): also time the integration as row NAME with
-those environment variables set, e.g. "fmx_flash:FLASHMUX_NATIVE_KERNELS=flash,cudnn".
+those environment variables set, e.g. "fmx_flash:FLASHMUX_NATIVE_KERNELS=flash,cudnn"
+("fmx_nofast:FLASHMUX_ATTENTION_FASTPATH=0": the integration with flashmux's prepared eager calls
+switched off, every call checked and dispatched).
 Rows print as they are measured (a crash keeps what came before), the tables at the end.
 """
 
@@ -36,8 +38,11 @@ import torch
 import transformers
 
 import flashmux
+from flashmux import _prepared
 from flashmux.builtin.native import ENV_GQA
 from flashmux.integrations import transformers as fmx_tf
+
+FASTPATH_ENV = "FLASHMUX_ATTENTION_FASTPATH"  # 0: flashmux's prepared eager calls off
 
 
 class _env:
@@ -50,6 +55,9 @@ class _env:
         for key, value in self.values.items():
             self.old[key] = os.environ.get(key)
             os.environ[key] = value
+        self.fast = _prepared.ENABLED
+        if FASTPATH_ENV in self.values:  # read at import: switched here for the row
+            _prepared.ENABLED = self.values[FASTPATH_ENV] != "0"
         return self
 
     def __exit__(self, *exc):
@@ -58,6 +66,7 @@ class _env:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+        _prepared.ENABLED = self.fast
         return False
 
 

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import flashmux  # noqa: E402
+from flashmux import _prepared  # noqa: E402
 from flashmux.integrations import transformers as fmx_tf  # noqa: E402
 
 VOCAB = 96
@@ -89,6 +90,16 @@ def calls(monkeypatch):
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(flashmux, "attention", spy)
+    # the common case (no mask, packing or dropout) takes flashmux's prepared route for the
+    # (B, H, S, D) views: recorded as the flashmux.attention call it stands for
+    real_bhsd = _prepared.attention_bhsd
+
+    def spy_bhsd(query, key, value, causal, scale, window, softcap):
+        seen.append((query.transpose(1, 2), dict(causal=causal, scale=scale, window=window,
+                                                 softcap=softcap)))
+        return real_bhsd(query, key, value, causal, scale, window, softcap)
+
+    monkeypatch.setattr(_prepared, "attention_bhsd", spy_bhsd)
     return seen
 
 

@@ -367,6 +367,17 @@ def _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic
     return None  # JAX: traced calls run once per trace; eager ones are dominated by JAX itself
 
 
+_PREPARED = None  # flashmux._prepared, imported by the first torch call
+
+
+def _load_prepared():
+    global _PREPARED
+    from . import _prepared
+
+    _PREPARED = _prepared
+    return _prepared
+
+
 def attention(
     q,
     k,
@@ -398,9 +409,19 @@ def attention(
     alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + Sk - Sq - j| on the scores.
     block_mask: a `flashmux.BlockMask` (see `flashmux.create_block_mask`), ANDed with causal/window.
     """
-    key = None
+    key = prep = None
     if (cu_seqlens_q is None and cu_seqlens_k is None and not dropout_p
             and alibi_slopes is None and block_mask is None):
+        if "torch" in sys.modules and type(q).__module__ == "torch":
+            # eager torch: a prepared step per call signature skips the checks and the dispatch
+            # (flashmux/_prepared.py; None under torch.compile and for ineligible calls)
+            _prepared = _PREPARED or _load_prepared()
+            prep = _prepared.key(q, k, v, causal, scale, window, softcap, return_lse,
+                                 deterministic, backend)
+            if prep is not None:
+                step = _prepared.steps.get(prep)
+                if step is not None and step.valid():
+                    return step(q, k, v)
         key = _fast_key(q, k, v, causal, scale, window, softcap, return_lse, deterministic)
     call = _validated.get(key) if key is not None else None
     if call is None:
@@ -423,6 +444,8 @@ def attention(
         be = dispatch.get_backend("reference")
     else:
         be = dispatch.select(call.spec, forced)
+        if prep is not None and not extra:
+            return _load_prepared().prepare(prep, be, call, _run, q, k, v)(q, k, v)
     out, lse = _run(be, call, q, k, v, cu_seqlens_q, cu_seqlens_k, extra)
     return (out, lse) if return_lse else out
 

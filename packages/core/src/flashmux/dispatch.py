@@ -49,6 +49,9 @@ _decisions: dict[tuple, Backend] = {}
 _priority_table: dict | None = None
 # Innermost `use_backend` block last. A plain list, not a ContextVar: torch.compile can read it.
 _forced_stack: list[tuple[str, ...]] = []
+# Bumped whenever a cached choice may change (register, clear_caches, a pending backend loaded):
+# flashmux's prepared eager calls (_prepared.py) are valid for one generation.
+_generation = 0
 
 
 def _discover() -> dict[str, Backend]:
@@ -97,6 +100,7 @@ def registry() -> dict[str, Backend]:
             _backends[obj.name] = obj
             _availability.pop(obj.name, None)
             _decisions.clear()
+            _bump()
     return _backends
 
 
@@ -105,6 +109,12 @@ def register(backend: Backend) -> None:
     registry()[backend.name] = backend
     _availability.pop(backend.name, None)
     _decisions.clear()
+    _bump()
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
 
 
 def get_backend(name: str) -> Backend:
@@ -325,8 +335,13 @@ def decide(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Decision:
     return Decision(spec, forced, chosen, rows)
 
 
+# An environment variable that changes a backend's reasons between calls (the native backend's
+# kernel list): part of the decision cache's key, so that a change is seen.
+NATIVE_KERNELS_ENV = "FLASHMUX_NATIVE_KERNELS"
+
+
 def select(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Backend:
-    key = (spec, forced)
+    key = (spec, forced, os.environ.get(NATIVE_KERNELS_ENV))
     b = _decisions.get(key)
     if b is not None:
         return b
@@ -361,3 +376,4 @@ def clear_caches() -> None:
     _priority_table = None
     _availability.clear()
     _decisions.clear()
+    _bump()

@@ -340,6 +340,18 @@ class NativeBackend(Backend):
             return None
         return _torch_forward(self._kernel(q, k, v, params, cu_seqlens_q), q, k, v, params)
 
+    def prepare_torch(self, params: Params, q, k, v, grad: bool):
+        """For flashmux's prepared eager calls (flashmux/_prepared.py): a runner (q, k, v) ->
+        (out, lse) for every later call of this signature, the same ops as `forward` /
+        `forward_autograd` with the kernel, its aten op, causal flag and scale fixed now (the
+        backward, when a gradient is needed, is the op's own derivative under torch's autograd).
+        None where the generic path runs: a gradient through lse (flashmux's autograd Function),
+        packed batches, dropout."""
+        if params.varlen or params.dropout_p or (grad and params.return_lse):
+            return None
+        kern = self._kernel(q, k, v, params, None)
+        return _torch_runner(kern, params, int(q.shape[1]), int(q.shape[2]) // int(k.shape[2]))
+
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params: Params):
         kern = self._kernel(q, k, v, params, cu_seqlens_q)
         if array_kind(q) == "torch":
@@ -411,6 +423,64 @@ def _torch_forward(kern, q, k, v, p: Params):
         lse = lse.reshape(b, hq, -1)[:, :, :sq].contiguous()
     lse = lse.float().contiguous()
     return out.transpose(1, 2).contiguous(), lse
+
+
+def _torch_runner(kern, p: Params, sq: int, g: int):
+    """`_torch_forward` for one call signature (kern, p, Sq, the GQA group g fixed): the aten op
+    and its arguments chosen once; per call three transposes (views), the op, the output's
+    transpose (a view whose .contiguous() is free: the kernels write (B, Sq, H, D) underneath)
+    and, only with return_lse, the lse fix-up. Same ops, same results as _torch_forward."""
+    import torch
+
+    aten = torch.ops.aten
+    repeat = g > 1 and not _takes_kv_heads(kern)
+    causal, scale = _is_causal(p, sq), p.scale
+    if kern == "cpu_flash":
+        op = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+        def attend(qt, kt, vt):
+            return op(qt, kt, vt, 0.0, causal, scale=scale)
+    elif kern == "flash":
+        op = aten._scaled_dot_product_flash_attention.default
+
+        def attend(qt, kt, vt):
+            return op(qt, kt, vt, 0.0, causal, False, scale=scale)[:2]
+    elif kern == "efficient":
+        op = aten._scaled_dot_product_efficient_attention.default
+
+        def attend(qt, kt, vt):
+            return op(qt, kt, vt, None, True, 0.0, causal, scale=scale)[:2]
+    elif kern == "cudnn":
+        op = aten._scaled_dot_product_cudnn_attention.default
+
+        def attend(qt, kt, vt):
+            return op(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)[:2]
+    else:
+        raise ValueError(f"native: unknown torch kernel {kern!r}")
+    want_lse = p.return_lse
+
+    def run(q, k, v):
+        if repeat:
+            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        out, lse = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).contiguous()
+        if not want_lse:
+            return out, lse  # lse is not returned to the caller: left as the kernel made it
+        if lse.dim() != 3 or lse.shape[2] != sq:
+            lse = lse.reshape(out.shape[0], out.shape[2], -1)[:, :, :sq].contiguous()
+        return out, lse.float().contiguous()
+
+    def run_bhsd(qt, kt, vt):
+        # the same call for (B, H, S, D) views of the same tensors (transformers' layout): no
+        # transposes in and out of flashmux's (B, S, H, D); repeated K/V built in BSHD as above
+        if repeat:
+            kt = kt.transpose(1, 2).repeat_interleave(g, dim=2).transpose(1, 2)
+            vt = vt.transpose(1, 2).repeat_interleave(g, dim=2).transpose(1, 2)
+        out, lse = attend(qt, kt, vt)
+        return out.transpose(1, 2).contiguous(), lse
+
+    run.bhsd = None if want_lse else run_bhsd  # type: ignore[attr-defined]
+    return run
 
 
 def _torch_backward(kern, do, dlse, q, k, v, out, lse, p: Params):

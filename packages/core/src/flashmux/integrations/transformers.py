@@ -65,6 +65,7 @@ from typing import TypeGuard
 import torch
 
 import flashmux
+from flashmux import _prepared
 from flashmux.compat._align import device_seed
 
 NAME = "fmx"
@@ -268,22 +269,31 @@ def attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     causal = bool(is_causal)
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    b, sq, hq, _ = q.shape
-    sk = k.shape[1]
     window = None
     if sliding_window is not None:
         w = int(sliding_window) - 1
         window = (w, 0 if causal else w)
-    opts = dict(
-        causal=causal,
-        scale=None if scaling is None else float(scaling),
-        window=window,
-        softcap=float(softcap) if softcap else None,
-        dropout_p=float(dropout or 0.0),
-    )
-    # training dropout: a seed tensor drawn on the device (no host read, no graph break)
-    opts.update(device_seed(q, opts["dropout_p"]))
+    scale = None if scaling is None else float(scaling)
+    softcap = float(softcap) if softcap else None
+    dropout_p = float(dropout or 0.0)
+    position_ids = kwargs.get("position_ids")
+    b, hq, sq = query.shape[0], query.shape[1], query.shape[2]
+    sk = key.shape[2]
+    cu_given = kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None
+    packed = None
+    if (attention_mask is None and not cu_given and position_ids is not None and sq == sk
+            and sq > 1 and not torch.compiler.is_compiling()):
+        packed = _cached("pos", position_ids, (b, sq),
+                         lambda: _packed_from_position_ids(position_ids, b, sq))
+    if attention_mask is None and not dropout_p and packed is None and not cu_given:
+        # the common case (no padding, no packing, no dropout): flashmux's prepared call for
+        # the (B, H, S, D) views as they are (no transposes on a repeated signature)
+        return _prepared.attention_bhsd(query, key, value, causal, scale, window, softcap), None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    opts = dict(causal=causal, scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
+    if dropout_p:
+        # training dropout: a seed tensor drawn on the device (no host read, no graph break)
+        opts.update(device_seed(q, dropout_p))
 
     if _is_filled_row(attention_mask):
         return _static_attention(q, k, v, attention_mask, opts, sliding_window), None
@@ -331,16 +341,11 @@ def attention_forward(
         )
         return out.view(b, sq, hq, out.shape[-1]), None
 
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None and sq == sk and sq > 1 and not torch.compiler.is_compiling():
-        packed = _cached("pos", position_ids, (b, sq),
-                         lambda: _packed_from_position_ids(position_ids, b, sq))
-        if packed is not None:
-            cu, longest = packed
-            out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu,
-                                     cu_seqlens_k=cu, max_seqlen_q=longest,
-                                     max_seqlen_k=longest, **opts)
-            return out.view(b, sq, hq, out.shape[-1]), None
+    if packed is not None:
+        cu, longest = packed
+        out = flashmux.attention(_rows(q), _rows(k), _rows(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                 max_seqlen_q=longest, max_seqlen_k=longest, **opts)
+        return out.view(b, sq, hq, out.shape[-1]), None
 
     return flashmux.attention(q, k, v, **opts), None
 
