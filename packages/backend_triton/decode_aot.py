@@ -39,7 +39,7 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
                   SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
                   FUSED=split and bool(cfg.fused_merge), NEW=new, OFF32=bool(cfg.off32),
                   PREFETCH=bool(cfg.page_prefetch), L2PF=0 if paged else cfg.l2_prefetch,
-                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual), SEL=bool(cfg.page_select))
+                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual), SEL=bool(cfg.page_select), PDL=bool(cfg.pdl))
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -51,7 +51,8 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
             attrs[(i,)] = [["tt.divisibility", 16]]
     warps = cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8)
     k = triton.compile(ASTSource(D.decode_fwd, sig, consts, attrs=attrs), target=target,
-                       options={"num_warps": warps, "num_stages": cfg.num_stages})
+                       options={"num_warps": warps, "num_stages": cfg.num_stages,
+                                **({"launch_pdl": True} if cfg.pdl else {})})
     ir = k.asm["ttgir"]
     return k.metadata.shared, ir.count("async_copy_global_to_local")
 

@@ -53,13 +53,16 @@ def _case(page, seed, lens, sq=1, d=32):
 @pytest.mark.parametrize("fields", [dict(off32=1), dict(page_prefetch=0),
                                     dict(off32=1, page_prefetch=0), dict(l2_prefetch=2),
                                     dict(page_dual=1), dict(page_select=1),
-                                    dict(off32=1, page_select=1)])
+                                    dict(off32=1, page_select=1), dict(pdl=1),
+                                    dict(pdl=1, l2_prefetch=2)])
 def test_variant_matches_reference(page, fields):
     if not page and "off32" not in fields and (
             {"page_prefetch", "page_dual", "page_select"} & set(fields)):
         pytest.skip("page_prefetch, page_dual and page_select only change paged launches")
     if "l2_prefetch" in fields and (page or not torch.cuda.is_available()):
         pytest.skip("the L2 prefetch (inline PTX) runs on compiled GPUs, contiguous caches")
+    if "pdl" in fields and not torch.cuda.is_available():
+        pytest.skip("programmatic dependent launch: compiled sm90+ GPUs only")
     # 32-key blocks: pages of 16 take a per-row gather, pages of 32 one lookup per block
     cfg = T.DecodeConfig(32, 4, 2, 1.0, **fields)
     q, kc, vc, seqlens, table, ref = _case(page, 3 + page, [128, 0, 77])
@@ -85,3 +88,33 @@ def test_candidates_labels_are_distinct():
     labels = [c.label() for c in T.CANDIDATES]
     assert len(set(labels)) == len(labels)
     assert T.parse("off32=1,page_prefetch=0").off32 == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
+@pytest.mark.parametrize("fields", [dict(pdl=1, l2_prefetch=2), dict(page_select=1)])
+def test_variant_in_a_cuda_graph(fields):
+    """Three decode steps captured in one CUDA graph (a PDL launch's programmatic edge between
+    them), replayed with new lengths: equal to the eager calls, and judged."""
+    cfg = T.DecodeConfig(128, 4, 3, 1.0, **fields)
+    page = 16 if "page_select" in fields else 0
+    q, kc, vc, seqlens, table, _ = _case(page, 11, [128, 40, 100], d=64)
+    p = DecodeParams(scale=0.125, causal=True, window_left=None, window_right=0, softcap=None,
+                     alibi=False, num_splits=2, page_size=page, return_lse=False)
+
+    def step():
+        return [_decode.decode(q, kc, vc, seqlens, table, None, p, config=cfg)[0]
+                for _ in range(3)]
+
+    step()  # compile, plan
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    seqlens.copy_(torch.tensor([77, 128, 1], dtype=torch.int32, device=DEV))
+    g.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for o, e in zip(outs, eager):
+        assert torch.equal(o, e)
+    _, _, _, _, _, ref = _case(page, 11, [77, 128, 1], d=64)
+    assert np.abs(outs[-1].float().cpu().numpy() - ref).max() < 4e-3

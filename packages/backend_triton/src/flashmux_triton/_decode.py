@@ -41,6 +41,11 @@ from . import tuning_decode as T
 # the dot, cast and tanh helpers of the attention kernels (interpreter-safe bf16 handling)
 from ._kernels import _cast, _dot, _dot_acc, _tanh
 
+try:  # programmatic dependent launch (sm90+; triton >= 3.4): the `pdl` variant only
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: the variant is refused on the host
+    gdc_wait = gdc_launch_dependents = None
+
 
 @triton.jit
 def _pages(TBL, start_n, offs_n, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
@@ -255,6 +260,7 @@ def decode_fwd(
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
     LINE: tl.constexpr = 64, DUAL: tl.constexpr = False, SEL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -291,6 +297,12 @@ def decode_fwd(
                                   dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pv],
                                   dtype=tl.int32, is_pure=False, pack=1)
+
+    if PDL:
+        # launched with programmatic dependent launch: everything above (index math, the L2
+        # prefetch of cache rows, which only warms L2) may overlap the previous kernel; every
+        # read of q, the lengths, the table, the cache and the new tokens comes after this wait
+        gdc_wait()
 
     cache_raw = tl.load(SEQLENS + b)
     length = tl.minimum(tl.maximum(cache_raw + seqlen_add, 0), capacity)
@@ -407,6 +419,8 @@ def decode_fwd(
         HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
     )
 
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may start launching (it waits for our exit)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc * (1.0 / l_safe)[:, None]
@@ -735,6 +749,13 @@ KEEP_BYTES = 256 << 20
 _KEPT = [0]
 
 
+def _pdl_ok(q) -> bool:
+    """Programmatic dependent launch: a compiled sm90+ GPU and a triton with GDC."""
+    if _interpreting() or not q.is_cuda or gdc_wait is None:
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def _fits32(k_cache, v_cache, paged, capacity) -> bool:
     """Whether every key-row offset the kernel forms fits in int32: the whole pool of a paged
     cache (every page id is clamped into it), or one sequence's rows of a contiguous one."""
@@ -790,6 +811,7 @@ class _Launch:
             skb, skp, skh, sks = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0
             svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
         wl, wr = params.window_left, params.window_right
+        self.pdl = bool(cfg.pdl) and _pdl_ok(q)
         self.grid = (ns, b * hkv, m_blocks)
         # the scalars after seqlen_add (num_splits and the final out/lse strides of the fused
         # merge) follow it in `tail`
@@ -820,9 +842,11 @@ class _Launch:
             L2PF=0 if paged or not q.is_cuda or _interpreting() else int(cfg.l2_prefetch),
             LINE=128 // k_cache.element_size(), DUAL=bool(cfg.page_dual),
             SEL=bool(cfg.page_select),
+            PDL=self.pdl,
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )
+        self.launch_kw = {"launch_pdl": True} if self.pdl else {}
         self.merge_grid = (b * hq * sq,)
         self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
         self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
@@ -887,7 +911,7 @@ class _Launch:
             pass
         else:
             kernel = decode_fwd[self.grid](*tensors, *self.head, seqlen_add, *self.tail,
-                                           **self.kw)
+                                           **self.kw, **self.launch_kw)
             if self.fast_ok and seqlen_add not in self.fast:
                 f = None
                 if _aligned(*tensors):

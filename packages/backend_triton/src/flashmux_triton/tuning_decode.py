@@ -44,6 +44,9 @@ class DecodeConfig:
     # with pages dividing the key block: 1 builds those ids from the block's page ids loaded
     # as scalars (BLOCK_N / page_size of them) and spread by select (implies page_dual)
     page_select: int = 0
+    # sm90+: launch with programmatic dependent launch (the prologue and the L2 prefetch
+    # overlap the previous kernel's tail; reads wait in the kernel, griddepcontrol.wait)
+    pdl: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -57,6 +60,8 @@ class DecodeConfig:
             extra += f",page_dual={self.page_dual}"
         if self.page_select:
             extra += f",page_select={self.page_select}"
+        if self.pdl:
+            extra += f",pdl={self.pdl}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -115,6 +120,9 @@ CANDIDATES = (
     # c24-c25: the block's page ids as scalar loads spread by select (c1, c12 with page_select)
     DecodeConfig(128, 4, 3, 1.0, page_select=1),
     DecodeConfig(128, 4, 3, 1.0, off32=1, page_select=1),
+    # c26-c27: programmatic dependent launch (c1; c19 with its L2 prefetch before the wait)
+    DecodeConfig(128, 4, 3, 1.0, pdl=1),
+    DecodeConfig(128, 4, 3, 1.0, l2_prefetch=2, pdl=1),
 )
 
 
