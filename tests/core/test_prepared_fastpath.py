@@ -204,8 +204,11 @@ def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
         res.append((out, lse, out2, out3) + grads)
     assert {s.be.name for s in _prepared.steps.values()} == {"native"}
     for fast_res in res[:2]:
-        for a, b in zip(fast_res, res[2]):
-            assert torch.equal(a, b)
+        for i, (a, b) in enumerate(zip(fast_res, res[2])):
+            if i == 3:  # no gradient: cuDNN / efficient run without the lse output (SDPA's call)
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
+            else:
+                assert torch.equal(a, b)
     want, _ = reference_forward(*(x.detach().double().cpu().numpy() for x in (q, k, v)),
                                 causal=True)
     np.testing.assert_allclose(res[0][0].float().cpu().numpy(), want, atol=2e-2)

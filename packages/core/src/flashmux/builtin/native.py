@@ -350,7 +350,8 @@ class NativeBackend(Backend):
         if params.varlen or params.dropout_p or (grad and params.return_lse):
             return None
         kern = self._kernel(q, k, v, params, None)
-        return _torch_runner(kern, params, int(q.shape[1]), int(q.shape[2]) // int(k.shape[2]))
+        return _torch_runner(kern, params, int(q.shape[1]), int(q.shape[2]) // int(k.shape[2]),
+                             grad)
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params: Params):
         kern = self._kernel(q, k, v, params, cu_seqlens_q)
@@ -425,16 +426,19 @@ def _torch_forward(kern, q, k, v, p: Params):
     return out.transpose(1, 2).contiguous(), lse
 
 
-def _torch_runner(kern, p: Params, sq: int, g: int):
-    """`_torch_forward` for one call signature (kern, p, Sq, the GQA group g fixed): the aten op
-    and its arguments chosen once; per call three transposes (views), the op, the output's
-    transpose (a view whose .contiguous() is free: the kernels write (B, Sq, H, D) underneath)
-    and, only with return_lse, the lse fix-up. Same ops, same results as _torch_forward."""
+def _torch_runner(kern, p: Params, sq: int, g: int, grad: bool):
+    """`_torch_forward` for one call signature (kern, p, Sq, the GQA group g, whether a gradient
+    is needed, fixed): the aten op and its arguments chosen once; per call three transposes
+    (views), the op, the output's transpose (a view whose .contiguous() is free: the kernels write
+    (B, Sq, H, D) underneath) and, only with return_lse, the lse fix-up. Same ops as
+    _torch_forward, except that cuDNN and the memory-efficient kernel are not asked for the
+    log-sum-exp when neither the caller nor a backward needs it (SDPA's own inference call)."""
     import torch
 
     aten = torch.ops.aten
     repeat = g > 1 and not _takes_kv_heads(kern)
     causal, scale = _is_causal(p, sq), p.scale
+    stats = p.return_lse or grad  # the log-sum-exp: returned, or the backward's
     if kern == "cpu_flash":
         op = aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -449,12 +453,12 @@ def _torch_runner(kern, p: Params, sq: int, g: int):
         op = aten._scaled_dot_product_efficient_attention.default
 
         def attend(qt, kt, vt):
-            return op(qt, kt, vt, None, True, 0.0, causal, scale=scale)[:2]
+            return op(qt, kt, vt, None, stats, 0.0, causal, scale=scale)[:2]
     elif kern == "cudnn":
         op = aten._scaled_dot_product_cudnn_attention.default
 
         def attend(qt, kt, vt):
-            return op(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)[:2]
+            return op(qt, kt, vt, None, stats, 0.0, causal, False, scale=scale)[:2]
     else:
         raise ValueError(f"native: unknown torch kernel {kern!r}")
     want_lse = p.return_lse
