@@ -1,10 +1,11 @@
 """The Triton backend's split backward (a dV program and a dK program per key block,
-FLASHMUX_TRITON_DKDV=split) and the per-class switches of the tuning table (split_dkdv, ws).
+FLASHMUX_TRITON_DKDV=split, or transposed: split_t) and the per-class switches of the tuning
+table (dkdv, ws).
 
-On the CPU (TRITON_INTERPRET=1, tiny shapes): the split backward is judged against the float64
-reference by the SPEC rule (2 x plain low-precision attention + 1e-5) and, with the same tiles as
-the joint program (the interpreter's table), is bitwise equal to it: the same arithmetic, only in
-two programs. On a GPU (no interpreter): the head_dim 192/256 classes at a size with many key
+On the CPU (TRITON_INTERPRET=1, tiny shapes): both split variants are judged against the float64
+reference by the SPEC rule (2 x plain low-precision attention + 1e-5); "split", with the same
+tiles as the joint program (the interpreter's table), is bitwise equal to it: the same
+arithmetic, only in two programs. On a GPU (no interpreter): the head_dim 192/256 classes at a size with many key
 blocks, with the table's own configs (128-row key blocks), and the warp-specialized forward of
 head_dim 128, judged the same way.
 """
@@ -32,9 +33,10 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 gpu_only = pytest.mark.skipif(INTERP, reason="GPU sizes: needs CUDA without the interpreter")
 
 
-@pytest.fixture
-def split(monkeypatch):
-    monkeypatch.setenv("FLASHMUX_TRITON_DKDV", "split")
+@pytest.fixture(params=["split", "split_t"])
+def split(request, monkeypatch):
+    monkeypatch.setenv("FLASHMUX_TRITON_DKDV", request.param)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,6 +54,8 @@ def test_split_equals_joint_and_reference(monkeypatch):
     if INTERP:
         for name, a, b in zip(("dq", "dk", "dv"), joint[2:5], got[2:5]):
             assert torch.equal(a, b), name
+    monkeypatch.setenv("FLASHMUX_TRITON_DKDV", "split_t")
+    tk._run_case(*case)
 
 
 def test_split_varlen_dropout_window_dv_differs(split):
@@ -62,15 +66,15 @@ def test_split_varlen_dropout_window_dv_differs(split):
 
 
 def test_table_switches_and_env(monkeypatch):
-    """split_dkdv / ws come from the class's Tuning unless the environment forces them; the
+    """dkdv / ws come from the class's Tuning unless the environment forces them; the
     split programs' configs default to the joint one's; smaller() and float32 halving keep the
     variants."""
     t = T.TABLE_SM90[(256, False)]
     assert T.config_of(t, "bwd_dv").block_n == 128 and T.config_of(t, "bwd_dk").block_n == 128
     t64 = T.TABLE_SM90[(64, False)]
     assert T.config_of(t64, "bwd_dk") == t64.bwd_dkdv
-    s = T.smaller(T.with_config(t, "split_dkdv", True), "bwd_dk")
-    assert s.split_dkdv and s.bwd_dk.block_n == 64 and s.bwd_dv == t.bwd_dv
+    s = T.smaller(T.with_config(t, "dkdv", "split"), "bwd_dk")
+    assert s.dkdv == "split" and s.bwd_dk.block_n == 64 and s.bwd_dv == t.bwd_dv
     f32 = T.default_tuning(T.ShapeClass(256, 256, "float32", False), (9, 0), False)
     assert f32.bwd_dk.block_n == 64 and f32.bwd_dkdv.block_n == 32
 
@@ -78,13 +82,17 @@ def test_table_switches_and_env(monkeypatch):
     pb = _launch._Problem(x, x, x, None, None, tk._params(256))
     pb.interpret, pb.capability = False, (9, 0)  # as on an H200
     key = (pb.shape, pb.capability, pb.interpret)
-    monkeypatch.setitem(_launch._CHOSEN, key, T.with_config(t, "split_dkdv", True))
+    monkeypatch.setitem(_launch._CHOSEN, key, T.with_config(t, "dkdv", "split_t"))
     monkeypatch.delenv("FLASHMUX_TRITON_DKDV", raising=False)
     monkeypatch.delenv("FLASHMUX_TRITON_WS", raising=False)
-    assert _launch.split_dkdv_wanted(pb, fused=False)
-    assert not _launch.split_dkdv_wanted(pb, fused=True)  # the atomic dQ needs the joint dS
+    assert _launch.dkdv_variant(pb, fused=False) == "split_t"
+    assert _launch.dkdv_variant(pb, fused=True) == "joint"  # the atomic dQ needs the joint dS
     monkeypatch.setenv("FLASHMUX_TRITON_DKDV", "joint")
-    assert not _launch.split_dkdv_wanted(pb, fused=False)
+    assert _launch.dkdv_variant(pb, fused=False) == "joint"
+    monkeypatch.setenv("FLASHMUX_TRITON_DKDV", "splt")
+    with pytest.raises(ValueError, match="FLASHMUX_TRITON_DKDV"):
+        _launch.dkdv_variant(pb, fused=False)
+    monkeypatch.setenv("FLASHMUX_TRITON_DKDV", "joint")
     assert not _launch.ws_wanted(pb)
     monkeypatch.setitem(_launch._CHOSEN, key, T.with_config(t, "ws", True))
     assert _launch.ws_wanted(pb)
@@ -100,7 +108,7 @@ def test_table_switches_and_env(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 @gpu_only
-@pytest.mark.parametrize("variant", ["joint", "split"])
+@pytest.mark.parametrize("variant", ["joint", "split", "split_t"])
 @pytest.mark.parametrize("d,causal,dtype", [(256, False, "bfloat16"), (256, True, "float16"),
                                             (192, True, "bfloat16"), (192, False, "float16")])
 def test_gpu_hdim_192_256_backward(monkeypatch, variant, d, causal, dtype):

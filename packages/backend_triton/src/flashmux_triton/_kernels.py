@@ -706,6 +706,163 @@ def attn_bwd_dkdv(
 
 
 @triton.jit
+def _bwd_kvt_inner(
+    acc, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, sm_scale,
+    offs_n, offs_m, offs_d, offs_dv, lo, hi,
+    seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    slope2, ALIBI: tl.constexpr, ROLE: tl.constexpr,
+):
+    """The transposed split backward's query loop: tiles are (queries x keys), as in the dQ
+    kernel; ROLE 1: dV^T += dO^T P, ROLE 2: dK^T += Q^T (scale * dS). K^T and V^T are the
+    right-hand operands of the score dots (shared memory on Hopper), Q and dO stream in."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q = _load(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows[:, None] < seqlen_q,
+                  offs_d[None, :] < HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :],
+                   rows[:, None] < seqlen_q, offs_dv[None, :] < HEAD_DIM_V, MASKED,
+                   BLOCK_DV != HEAD_DIM_V)
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s, _, t = _scores(q, kt, scale_a, scale_b, slope2, rows[:, None], offs_n[None, :],
+                          diag_off, SOFTCAP, ALIBI, False, IEEE)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = _band_ok(rows[:, None] < seqlen_q, rows[:, None], offs_n[None, :], diag_off,
+                          window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        if ROLE == 1:
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, rows[:, None], offs_n[None, :], p_drop)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            acc = _dot_acc(tl.trans(do), _cast(p, do.dtype), acc, IEEE)
+        else:
+            if MASKED:
+                delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+            else:
+                delta = tl.load(delta_base + rows)
+            dp = _dot(do, vt, IEEE)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, rows[:, None], offs_n[None, :], p_drop)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            acc = _dot_acc(tl.trans(q), _cast(ds * sm_scale, q.dtype), acc, IEEE)
+    return acc
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def attn_bwd_kv_t(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_dqab, stride_dqas, stride_dqah,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, SLOPES, stride_sb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 1,
+):
+    """The split backward, transposed (FLASHMUX_TRITON_DKDV=split_t): one program per (key
+    block, KV head, batch) and ROLE (1: dV, 2: dK), accumulating dV^T / dK^T (head dim x keys)
+    over the query blocks that see the key block, the GQA group summed in registers (no
+    atomics). Same arguments as attn_bwd_dkdv (DQA and FUSED_DQ unused). Why transposed: in
+    attn_bwd_dkdv the key tiles K and V are the left operands of the score dots, which Triton
+    keeps in registers (64 per thread each at 128 x 256 with 8 warps, on top of the 128 of the
+    accumulator); here they are right operands, which wgmma reads from shared memory."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    diag_off = seqlen_k - seqlen_q
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = tl.load(
+        K + b64 * stride_kb + (k_start + offs_n[None, :]) * stride_ks + hk * stride_kh + offs_d[:, None],
+        mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
+    )
+    if ROLE == 1:
+        vt = kt  # unused: the dV program needs no V
+    else:
+        vt = tl.load(
+            V + b64 * stride_vb + (k_start + offs_n[None, :]) * stride_vs + hk * stride_vh + offs_dv[:, None],
+            mask=(offs_n[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0,
+        )
+
+    # the query rows that see keys [n0, n_last] (as in attn_bwd_dkdv)
+    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo_edge = 0
+    lo_full = 0
+    hi_edge = seqlen_q
+    hi_full = seqlen_q
+    if HAS_RIGHT:
+        lo_edge = n0 - diag_off - window_right
+        lo_full = n_last - diag_off - window_right
+    if HAS_LEFT:
+        hi_edge = n_last - diag_off + window_left + 1
+        hi_full = n0 - diag_off + window_left + 1
+    lo, mid0, mid1, hi = _band(lo_edge, hi_edge, seqlen_q, lo_full, hi_full, BLOCK_M)
+
+    if ROLE == 1:
+        acc = tl.zeros([BLOCK_DV, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * n_heads + h
+        slope2 = _slope2(SLOPES, b, stride_sb, h, ALIBI)
+        q_base = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+        do_base = DO + b64 * stride_dob + q_start * stride_dos + h * stride_doh
+        lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        for part in tl.static_range(3):  # boundary, interior, boundary
+            start, end = _part(part, lo, mid0, mid1, hi)
+            acc = _bwd_kvt_inner(
+                acc, kt, vt, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                sm_scale, offs_n, offs_m, offs_d, offs_dv, start, end, seqlen_q, diag_off,
+                window_left, window_right, scale_a, scale_b, p_drop, drop_scale, seed, bh,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 1, HAS_LEFT, HAS_RIGHT,
+                SOFTCAP, DROPOUT, IEEE, slope2, ALIBI, ROLE,
+            )
+    if ROLE == 1:
+        tl.store(
+            DV + b64 * stride_dvb + (k_start + offs_n[None, :]) * stride_dvs + hk * stride_dvh + offs_dv[:, None],
+            _cast(acc, DV.dtype.element_ty),
+            mask=(offs_n[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V),
+        )
+    else:
+        tl.store(
+            DK + b64 * stride_dkb + (k_start + offs_n[None, :]) * stride_dks + hk * stride_dkh + offs_d[:, None],
+            _cast(acc, DK.dtype.element_ty),
+            mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM),
+        )
+
+
+@triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs,
     offs_m, offs_n, offs_d, offs_dv, lo, hi,

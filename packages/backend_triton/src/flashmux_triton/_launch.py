@@ -188,18 +188,30 @@ def ws_wanted(pb: _Problem) -> bool:
     return _tuning(pb).ws and pb.shape not in _WS_BROKEN
 
 
-def split_dkdv_wanted(pb: _Problem, fused: bool) -> bool:
-    """The split backward (a dV program and a dK program per key block, one accumulator each;
-    _kernels.attn_bwd_dkdv ROLE 1/2) instead of the joint dK/dV program.
-    FLASHMUX_TRITON_DKDV=split forces it, =joint turns it off; by default the problem class's
-    `Tuning.split_dkdv` decides. Never with the fused (atomic dQ) backward, which needs dS in
-    the joint program. Deterministic either way (no atomics)."""
+DKDV_VARIANTS = ("joint", "split", "split_t")
+
+
+def dkdv_variant(pb: _Problem, fused: bool) -> str:
+    """Which dK/dV kernel: "joint" (_kernels.attn_bwd_dkdv, both accumulators in one program),
+    "split" (attn_bwd_dkdv launched as a dV program and a dK program, ROLE 1/2, one accumulator
+    each) or "split_t" (attn_bwd_kv_t, the same split with transposed tiles).
+    FLASHMUX_TRITON_DKDV forces one; by default the problem class's `Tuning.dkdv`. Always
+    "joint" with the fused (atomic dQ) backward, which needs dS in the joint program.
+    Deterministic in every variant (no atomics)."""
     if fused:
-        return False
+        return "joint"
     env = os.environ.get("FLASHMUX_TRITON_DKDV", "auto")
-    if env in ("split", "joint"):
-        return env == "split"
-    return _tuning(pb).split_dkdv
+    if env in DKDV_VARIANTS:
+        return env
+    if env != "auto":
+        raise ValueError(f"FLASHMUX_TRITON_DKDV: expected one of {', '.join(DKDV_VARIANTS)} "
+                         f"or auto, got {env!r}")
+    return _tuning(pb).dkdv
+
+
+def split_dkdv_wanted(pb: _Problem, fused: bool) -> bool:
+    """True when the dK/dV side runs as two programs (split or split_t)."""
+    return dkdv_variant(pb, fused) != "joint"
 
 
 def fused_bwd_wanted() -> bool:
@@ -381,10 +393,13 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+    variant = dkdv_variant(pb, fused)
+    kern = K.attn_bwd_kv_t if variant == "split_t" else K.attn_bwd_dkdv
+
     def run_role(role: int):
         def run_one(cfg: T.KernelConfig):
             grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
-            K.attn_bwd_dkdv[grid](
+            kern[grid](
                 q, k, v, do, lse, delta, dk, dv, dq, cu_q_arg, cu_k_arg,
                 *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
                 *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
@@ -394,7 +409,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             )
         return run_one
 
-    if split_dkdv_wanted(pb, fused):
+    if variant != "joint":
         _launch(pb, "bwd_dv", run_role(1))
         _launch(pb, "bwd_dk", run_role(2))
     else:

@@ -31,16 +31,18 @@ class Tuning:
     """One config per kernel of a problem class, and the class's kernel variants.
 
     bwd_dv / bwd_dk: the split backward's two programs (dV only, dK only; None: bwd_dkdv's
-    config). split_dkdv: run the split backward by default for this class
-    (FLASHMUX_TRITON_DKDV=split|joint overrides). ws: warp-specialize the forward's interior
-    loop by default for this class (sm90+, compiled; FLASHMUX_TRITON_WS=0|1 overrides)."""
+    config). dkdv: which dK/dV kernel this class runs by default, "joint" (one program, both
+    accumulators), "split" (a dV and a dK program) or "split_t" (the same, transposed: dV^T /
+    dK^T accumulators, K and V as right-hand operands); FLASHMUX_TRITON_DKDV overrides. ws:
+    warp-specialize the forward's interior loop by default for this class (sm90+, compiled;
+    FLASHMUX_TRITON_WS=0|1 overrides)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
     bwd_dq: KernelConfig
     bwd_dv: KernelConfig | None = None
     bwd_dk: KernelConfig | None = None
-    split_dkdv: bool = False
+    dkdv: str = "joint"
     ws: bool = False
 
 
@@ -75,8 +77,8 @@ _D64 = Tuning(_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(64, 64, 4, 3))
 _D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3))
 _D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3))
 # head_dim 256's split backward (dV program, dK program): 128-row key blocks, one fp32
-# accumulator each (192 KiB of shared memory each, NOTES.md session 8); not yet measured, so
-# split_dkdv stays off until the H200 says it is faster
+# accumulator each (NOTES.md session 8); not yet measured, so dkdv stays "joint" until the
+# H200 says a split is faster
 _D256 = Tuning(_c(128, 64, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 1),
                bwd_dv=_c(64, 128, 8, 2), bwd_dk=_c(32, 128, 8, 2))
 TABLE_SM90: dict[tuple[int, bool], Tuning] = {
