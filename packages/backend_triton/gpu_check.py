@@ -13,9 +13,10 @@ ws:    forward TFLOP/s with and without FLASHMUX_TRITON_WS=1 (warp-specialized i
 fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
 split: head_dim 256/192 (FMX_SPLIT_DIMS), S 4k/8k (FMX_SPLIT_SEQS), causal and not
        (FMX_SWEEP_CAUSAL): backward and forward+backward TFLOP/s of the joint dK/dV program vs
-       the split one (FLASHMUX_TRITON_DKDV=joint|split), beside SDPA cuDNN and flash
-       forward+backward; with FMX_SPLIT_PROFILE=1 also each backward kernel's time (profiler).
-       `sweep` with FMX_SWEEP_KERNELS=bwd_dv,bwd_dk sweeps the split programs' configs.
+       the split ones (FMX_SPLIT_VARIANTS, default joint,split,split_t: FLASHMUX_TRITON_DKDV),
+       beside SDPA cuDNN and flash forward+backward (FMX_SPLIT_SDPA); FMX_SPLIT_PROFILE=1 adds
+       each backward kernel's time (profiler). `sweep` with FMX_SWEEP_KERNELS=bwd_dv,bwd_dk and
+       FMX_SWEEP_VARIANT=split|split_t sweeps the split programs' configs.
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -201,10 +202,17 @@ SWEEP_256 = {
                (128, 64, 8, 1), (64, 16, 4, 2)],
     # the split backward (session 8): one fp32 128 x 256 accumulator per program at 8 warps;
     # FMX_SWEEP_N narrows each list to its first N (GPU time: ~5-10 s of compile per entry)
-    "bwd_dv": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 8, 2),
-               (32, 64, 4, 2)],
-    "bwd_dk": [(32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (32, 128, 8, 1), (64, 64, 8, 2),
-               (32, 64, 4, 2)],
+    # (ptxas stack bytes of the sm_90 compile, triton 3.9, in the comments: all spill somewhat)
+    "bwd_dv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 1),
+               (32, 64, 4, 2)],  # 144, 224, 160
+    "bwd_dk": [(32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 8, 2), (16, 128, 8, 3), (32, 128, 8, 1),
+               (32, 64, 4, 2)],  # 560, 520, -, 736, 568
+}
+# the transposed split (split_t): a query block of 32 rows makes its score dots M=32 (mma.sync,
+# not wgmma), so 64-row query blocks come first
+SWEEP_256_T = {
+    "bwd_dv": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 1)],  # 608, 80
+    "bwd_dk": [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2)],  # 368, -, 1216
 }
 
 
@@ -215,7 +223,9 @@ def sweep_dims() -> list[int]:
 
 def sweep():
     """FMX_SWEEP_KERNELS (default fwd,bwd_dkdv,bwd_dq; bwd_dv,bwd_dk: the split backward's
-    programs, timed with FLASHMUX_TRITON_DKDV=split)."""
+    programs, timed with FLASHMUX_TRITON_DKDV=$FMX_SWEEP_VARIANT, default split; split_t has
+    its own lists, SWEEP_256_T)."""
+    variant = os.environ.get("FMX_SWEEP_VARIANT", "split")
     cap = torch.cuda.get_device_capability()
     kernels = os.environ.get("FMX_SWEEP_KERNELS", "fwd,bwd_dkdv,bwd_dq").split(",")
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
@@ -228,13 +238,13 @@ def sweep():
             lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ),
                      ("bwd_dv", SWEEP_DV), ("bwd_dk", SWEEP_DK))
             if D > 128:
-                lists = tuple(SWEEP_256.items())
+                lists = tuple({**SWEEP_256, **(SWEEP_256_T if variant == "split_t" else {})}.items())
             lists = tuple((w, c) for w, c in lists if w in kernels)
             bd = max(16, 1 << (D - 1).bit_length())  # the padded head dim: the tuning class
             for which, cands in lists:
                 times = []
                 if which in ("bwd_dv", "bwd_dk"):
-                    os.environ["FLASHMUX_TRITON_DKDV"] = "split"
+                    os.environ["FLASHMUX_TRITON_DKDV"] = variant
                 for c in cands[:int(os.environ.get("FMX_SWEEP_N", "99"))]:
                     cfg = T.KernelConfig(*c)
                     key = (T.ShapeClass(bd, bd, "16bit", causal), cap, False)
@@ -379,6 +389,7 @@ def split_compare():
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
     sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
     prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
+    variants = os.environ.get("FMX_SPLIT_VARIANTS", "joint,split,split_t").split(",")
     out = []
     for D in dims:
         for causal in causals:
@@ -391,7 +402,7 @@ def split_compare():
                     backend.backward(do, None, q, k, v, o, lse, None, None, p)
 
                 r = {"D": D, "causal": causal, "S": S}
-                for variant in ("joint", "split"):
+                for variant in variants:
                     os.environ["FLASHMUX_TRITON_DKDV"] = variant
                     try:
                         r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
@@ -412,7 +423,7 @@ def split_compare():
                         r[name + "_fb"] = float("nan")
                     torch.cuda.empty_cache()
                 for name in sdpa:
-                    for variant in ("joint", "split"):
+                    for variant in variants:
                         r[f"{variant}/{name}"] = round(r[variant + "_fb"] / r[name + "_fb"], 3)
                 log("split " + json.dumps(r))
                 out.append(r)
