@@ -263,14 +263,18 @@ def _bs_dkdv_tile(
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
-    c_loc0=0,
+    c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
-    qt = _load(q_base + rows[None, :] * stride_qs + offs_d[:, None], rmask[None, :],
-               offs_d[:, None] < HEAD_DIM, True, True)
-    do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :], rmask[:, None],
-               offs_dv[None, :] < HEAD_DIM_V, True, True)
+    if TMA and not CHECK:  # in bounds (no tail): Q/dO through tensor descriptors
+        qt = tl.trans(desc_q.load([q_row0 + start_m, q_col]))
+        do = desc_do.load([q_row0 + start_m, do_col])
+    else:
+        qt = _load(q_base + rows[None, :] * stride_qs + offs_d[:, None], rmask[None, :],
+                   offs_d[:, None] < HEAD_DIM, True, True)
+        do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :], rmask[:, None],
+                   offs_dv[None, :] < HEAD_DIM_V, True, True)
     lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -302,7 +306,8 @@ def _bs_dkdv_list(
     BLOCK_DV: tl.constexpr, MBS: tl.constexpr, CHECK: tl.constexpr, PARTIAL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
+    TMA: tl.constexpr = False,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
     partial mask tiles), flat as in the forward."""
@@ -324,14 +329,14 @@ def _bs_dkdv_list(
                 seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                 p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                 CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                BLOCK_N, n0 - kb * MBS,
+                BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA,
             )
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, DESC_Q, DESC_DO,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -347,6 +352,7 @@ def bs_bwd_dkdv(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
     query blocks of the transposed lists (full, then partial); dK/dV summed without atomics."""
@@ -391,8 +397,9 @@ def bs_bwd_dkdv(
                 lse_base, delta_base, stride_qs, stride_dos, sm_scale, BITS, c_loc, offs_n,
                 offs_m, offs_d, offs_dv, n0, n_last, seqlen_q, diag_off, window_left,
                 window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed, bh, HEAD_DIM,
-                HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL or part == 1, part == 1, HAS_LEFT,
+                HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, part == 1, HAS_LEFT,
                 HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
+                DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
             )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],

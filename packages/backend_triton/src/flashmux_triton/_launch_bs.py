@@ -26,6 +26,20 @@ def _tma(pb, k, v):
     return _tma_views(pb, k, v)
 
 
+def _tma_q(pb, q, do):
+    """The same for the dK/dV kernel's Q and dO tiles: (rows, Hq * dim) views, or None."""
+    gate = _tma(pb, q, do)  # the device/dtype/head-dim/env conditions (views rebuilt for Hq)
+    if gate is None:
+        return None
+    views = []
+    for x, d in ((q, pb.d), (do, pb.dv)):
+        if (x.stride(-1) != 1 or x.stride(-2) != d or x.stride(1) != pb.hq * d
+                or x.stride(0) != x.shape[1] * x.stride(1)):
+            return None
+        views.append((x, [x.shape[0] * x.shape[1], pb.hq * d], [x.stride(1), 1], d))
+    return gate[0], views
+
+
 def _descs(tma, k, v, bn):
     """(DESC_K, DESC_V) with (bn, head_dim) blocks, or K and V themselves (unused) without."""
     if tma is None:
@@ -161,14 +175,15 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
 
-    def run_dkdv(cfg, bm_, bn):
+    def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
             q, k, v, do, lse, delta, dk, dv, slopes,
-            a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
+            a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"], *_descs(tma, q, do, bm_),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def run_dq(cfg, bm_, bn, tma):
@@ -182,7 +197,8 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    _launch(pb, "bwd_dkdv", mbs, run_dkdv)
+    tq = _tma_q(pb, q, do)
+    _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t)))
     tma = _tma(pb, k, v)
     _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     return dq, dk, dv
