@@ -231,12 +231,87 @@ def bar_tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # python -m flashmux.bench.maskbench RESULTS_JSON...
+def density_points(results: list[dict]) -> dict:
+    """{(S, mode): {impl: [(tile density, ms / that impl's dense ms, spec), ...]}} for the masks
+    without ALiBi, from a masks sweep's records (the density bar's data: y <= 1.25 x)."""
+    dense: dict = {}
+    pts: dict = {}
+    for r in results:
+        p = r.get("point") or {}
+        if r.get("sweep") != "masks" or r.get("status") != "ok" or not r.get("ms"):
+            continue
+        spec = p.get("mask") or "dense"
+        base, alibi = split_spec(spec)
+        if alibi:
+            continue
+        key = (p["seqlen_q"], r["mode"])
+        if base is None:
+            dense[key + (r["impl"],)] = r["ms"]
+        else:
+            pts.setdefault(key, {}).setdefault(r["impl"], []).append(
+                (p.get("mask_density", 1.0), r["ms"], spec))
+    out: dict = {}
+    for key, by_impl in pts.items():
+        for impl, rows in by_impl.items():
+            d = dense.get(key + (impl,))
+            if d:
+                out.setdefault(key, {})[impl] = sorted((x, ms / d, sp) for x, ms, sp in rows)
+    return out
+
+
+def density_plot(results: list[dict], path: str) -> str | None:
+    """PNG of time against tile density (time / the same implementation's dense time; log-log),
+    one panel per (S, mode), with the ideal line (y = density) and the bar (y = 1.25 density).
+    None when matplotlib is missing or no implementation has a dense time."""
+    data = density_points(results)
+    if not data:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = sorted(data)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [0.01, 1.0]
+        ax.plot(xs, xs, "k-", lw=1, label="ideal (time = density x dense)")
+        ax.plot(xs, [1.25 * x for x in xs], "k--", lw=1, label="bar (1.25 x density x dense)")
+        for impl, rows in sorted(data[key].items()):
+            x, y, specs = zip(*rows)
+            ax.plot(x, y, "o", label=impl)
+            if impl.startswith("flashmux-triton"):
+                for xi, yi, sp in rows:
+                    ax.annotate(sp, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tile density (computed tiles / all tiles)")
+        ax.set_ylabel("time / dense time")
+        ax.set_title(f"S={key[0]}, {key[1]}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # python -m flashmux.bench.maskbench RESULTS_JSON... [--plot PNG]
     import json
     import sys
 
+    args = sys.argv[1:]
+    plot = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        plot = args[i + 1]
+        del args[i:i + 2]
     recs = []
-    for path in sys.argv[1:]:
+    for path in args:
         with open(path) as f:
             recs += json.load(f)["results"]
     print(bar_tables(recs))
+    if plot:
+        print(f"density plot: {density_plot(recs, plot)}")
