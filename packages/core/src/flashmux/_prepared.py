@@ -21,7 +21,8 @@ Imported by `flashmux.attention` only when torch tensors reach it (torch is impo
 from __future__ import annotations
 
 import os
-import sys
+
+import torch
 
 from . import dispatch
 from .api import attention
@@ -33,10 +34,9 @@ _ENV_KERNELS = "FLASHMUX_NATIVE_KERNELS"
 _ENV_GQA = "FLASHMUX_NATIVE_GQA"
 _MAX_STEPS = 4096
 
-_torch = sys.modules["torch"]
-_Tensor = _torch.Tensor
-_is_compiling = _torch.compiler.is_compiling
-_grad_enabled = _torch.is_grad_enabled
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 # os.environ's own mapping (what os.environ.get reads, minus its key encoding and KeyError: ~0.6
 # us per read), where this Python has it
 _env_data = getattr(os.environ, "_data", None)
