@@ -134,9 +134,13 @@ def _launch(pb: _Problem, which: str, run):
 
 def _autotuned(pb, which, run, default):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if which in ("bwd_dv", "bwd_dk"):  # split and split_t are different kernels
+        which_key = which + ("_t" if dkdv_variant(pb, False) == "split_t" else "")
+    else:
+        which_key = which
     ck = "|".join(
         str(x)
-        for x in (dev, triton.__version__, which, pb.block_d, pb.block_dv, pb.shape.dtype,
+        for x in (dev, triton.__version__, which_key, pb.block_d, pb.block_dv, pb.shape.dtype,
                   pb.causal, pb.has_left or (pb.has_right and not pb.causal), pb.softcap,
                   pb.dropout, pb.group > 1, T.seq_bucket(max(pb.seqlen_q, pb.seqlen_k)))
     )
