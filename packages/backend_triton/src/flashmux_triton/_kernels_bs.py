@@ -214,7 +214,9 @@ def bs_fwd(
 ):
     """One program per (query block, query head, batch): the full tiles of its mask block's
     list, then the partial ones."""
-    pid_m = tl.program_id(0)
+    # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
+    # list the most tiles, so the grid's tail is made of short programs
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     m0 = pid_m * BLOCK_M
@@ -467,7 +469,9 @@ def bs_bwd_dq(
     TMA: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch), over the forward's lists."""
-    pid_m = tl.program_id(0)
+    # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
+    # list the most tiles, so the grid's tail is made of short programs
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     m0 = pid_m * BLOCK_M
