@@ -24,7 +24,8 @@ from flashmux_triton import _decode as D
 from flashmux_triton import tuning_decode as T
 
 NOT_ALIGNED = {"scale", "softcap", "window_left", "window_right", "max_pages", "num_pages",
-               "split_len", "seqlen_q", "snew", "seqlen_add", "num_splits", "stride_lh2"}
+               "split_len", "seqlen_q", "snew", "seqlen_add", "num_splits", "stride_lh2",
+               "batch_n"}
 
 
 def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, split=True,
@@ -39,7 +40,8 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
                   SOFTCAP=False, ALIBI=False, IEEE=dtype == "fp32", SPLIT=split,
                   FUSED=split and bool(cfg.fused_merge), NEW=new, OFF32=bool(cfg.off32),
                   PREFETCH=bool(cfg.page_prefetch), L2PF=0 if paged else cfg.l2_prefetch,
-                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual), SEL=bool(cfg.page_select), PDL=bool(cfg.pdl))
+                  LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual), SEL=bool(cfg.page_select), PDL=bool(cfg.pdl), BAL=bool(cfg.balanced) and not new,
+                  BLOCK_B=8)
     names = D.decode_fwd.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):

@@ -118,3 +118,28 @@ def test_variant_in_a_cuda_graph(fields):
         assert torch.equal(o, e)
     _, _, _, _, _, ref = _case(page, 11, [77, 128, 1], d=64)
     assert np.abs(outs[-1].float().cpu().numpy() - ref).max() < 4e-3
+
+
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("lens,sq", [([128, 0, 77], 1), ([0, 0, 0], 1), ([5, 128, 17], 3),
+                                     ([128, 128, 128], 2)])
+def test_balanced_splits_match_reference(page, lens, sq):
+    """c28-style length-balanced splits: chunks of one size over all sequences' keys (from the
+    device lengths), partials by program, the last program of a (sequence, KV head) merging."""
+    cfg = T.DecodeConfig(32, 4, 2, 1.0, min_blocks_per_split=1, balanced=1)
+    q, kc, vc, seqlens, table, ref = _case(page, 21 + sq, lens, sq=sq)
+    p = DecodeParams(scale=1 / math.sqrt(q.shape[-1]), causal=True, window_left=None,
+                     window_right=0, softcap=None, alibi=False, num_splits=None,
+                     page_size=page, return_lse=True)
+    launch = _decode._launch_for(q, kc, vc, table, None, p, cfg)
+    assert launch.bal and launch.grid[0] > len(lens)
+    out, lse = _decode.decode(q, kc, vc, seqlens, table, None, p, config=cfg)
+    assert np.abs(out.float().cpu().numpy() - ref).max() < 4e-3
+    empty = np.array(lens) == 0
+    assert np.isneginf(lse.cpu().numpy()[empty]).all() and (out[torch.from_numpy(empty)] == 0).all()
+    # the counters are left at 0: a second call with other lengths is right too
+    lens2 = [max(0, 128 - n) for n in lens]
+    seqlens.copy_(torch.tensor(lens2, dtype=torch.int32, device=DEV))
+    out2, _ = _decode.decode(q, kc, vc, seqlens, table, None, p, config=cfg)
+    ref2 = _case(page, 21 + sq, lens2, sq=sq)[-1]
+    assert np.abs(out2.float().cpu().numpy() - ref2).max() < 4e-3

@@ -251,7 +251,7 @@ def decode_fwd(
     seqlen_q, capacity, max_pages, num_pages, split_len, window_left, window_right,
     scale, softcap, seqlen_add, num_splits,
     stride_ob2, stride_oi2, stride_oh2, stride_lb2, stride_lh2,
-    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
+    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh, batch_n,
     GROUP: tl.constexpr, HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -260,7 +260,7 @@ def decode_fwd(
     SPLIT: tl.constexpr, FUSED: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
     LINE: tl.constexpr = 64, DUAL: tl.constexpr = False, SEL: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, BAL: tl.constexpr = False, BLOCK_B: tl.constexpr = 2,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -280,6 +280,10 @@ def decode_fwd(
     b = bh // HEADS_KV
     h = bh % HEADS_KV
     b64 = b.to(tl.int64)
+    part = split  # this program's partial slot
+    nsplit = num_splits
+    first_part = 0
+    active = split >= 0
 
     if L2PF:
         # (contiguous caches, compiled GPUs only) L2 prefetch of this split's first L2PF key
@@ -303,6 +307,32 @@ def decode_fwd(
         # prefetch of cache rows, which only warms L2) may overlap the previous kernel; every
         # read of q, the lengths, the table, the cache and the new tokens comes after this wait
         gdc_wait()
+
+    if BAL:
+        # length-balanced splits (ragged batches; no append): grid (programs, KV heads, query
+        # blocks). The keys of all sequences are cut into chunks of one size, at least
+        # split_len keys and few enough that num_splits programs per KV head hold them; the
+        # chunks of sequence b are the programs ends[b - 1] .. ends[b] - 1 (from the lengths,
+        # on the device). Programs past the last chunk do nothing. Partials by program.
+        h = bh
+        offs_b = tl.arange(0, BLOCK_B)
+        in_b = offs_b < batch_n
+        lens_b = tl.load(SEQLENS + offs_b, mask=in_b, other=0)
+        lens_b = tl.where(in_b, tl.minimum(tl.maximum(lens_b + seqlen_add, 0), capacity), 0)
+        total = tl.sum(lens_b, 0)
+        chunk = tl.maximum((total + num_splits - 1) // num_splits, split_len)
+        chunk = ((chunk + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        nb = tl.where(in_b, tl.maximum((lens_b + chunk - 1) // chunk, 1), 0)
+        ends = tl.cumsum(nb, 0)
+        b = tl.sum((ends <= part).to(tl.int32), 0)
+        active = b < batch_n
+        b = tl.minimum(b, batch_n - 1)
+        nsplit = tl.sum(tl.where(offs_b == b, nb, 0), 0)
+        first_part = tl.sum(tl.where(offs_b == b, ends - nb, 0), 0)
+        split = part - first_part
+        split_len = chunk
+        bh = b * HEADS_KV + h
+        b64 = b.to(tl.int64)
 
     cache_raw = tl.load(SEQLENS + b)
     length = tl.minimum(tl.maximum(cache_raw + seqlen_add, 0), capacity)
@@ -425,28 +455,32 @@ def decode_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = (O + split.to(tl.int64) * stride_os + b64 * stride_ob + row_i[:, None] * stride_oi
+    o_ptrs = (O + part.to(tl.int64) * stride_os + b64 * stride_ob + row_i[:, None] * stride_oi
               + head[:, None] * stride_oh + offs_dv[None, :])
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if SPLIT:
         tl.store(o_ptrs, acc, mask=o_mask)
     else:
         tl.store(o_ptrs, _cast(acc, O.dtype.element_ty), mask=o_mask)
-    tl.store(LSE + split.to(tl.int64) * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
+    tl.store(LSE + part.to(tl.int64) * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
              lse, mask=row_ok)
     if FUSED:
         # every thread's partial stores happen before the ticket (barrier, then a release);
         # the last ticket acquires them and merges; it leaves the counter at 0 for the next call
         tl.debug_barrier()
         slot = CNT + bh * tl.num_programs(2) + pid_m
-        ticket = tl.atomic_add(slot, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
+        if BAL:  # programs past the last chunk take no ticket
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel", mask=active)
+            ticket = tl.where(active, ticket, -2)
+        else:
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel")
+        if ticket == nsplit - 1:
             tl.debug_barrier()
             m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             den = tl.zeros([BLOCK_M], dtype=tl.float32)
             o_all = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-            for s_i in range(0, num_splits):
-                s64 = tl.cast(s_i, tl.int64)
+            for s_i in range(0, nsplit):
+                s64 = tl.cast(first_part + s_i, tl.int64)
                 l_s = tl.load(LSE + s64 * stride_ls + b64 * stride_lb + head * stride_lh + row_i,
                               mask=row_ok, other=float("-inf"), cache_modifier=".cg")
                 o_s = tl.load(O + s64 * stride_os + b64 * stride_ob + row_i[:, None] * stride_oi
@@ -788,6 +822,8 @@ class _Launch:
         self.paged = paged
         self.split = ns > 1
         self.fused = self.split and cfg.fused_merge
+        # length-balanced splits (cfg.balanced): no append in the launch, no forced count
+        self.bal = bool(cfg.balanced) and new is None and params.num_splits is None
         self.out_shape = (b, sq, hq, dv)
         self.lse_shape = (b, hq, sq)
         self.n_opart = ns * b * sq * hq * dv
@@ -795,7 +831,23 @@ class _Launch:
         self.opart_shape = (ns, b, sq, hq, dv)
         self.lpart_shape = (ns, b, hq, sq)
         self.n_cnt = b * hkv * m_blocks
-        if self.split:  # contiguous float32 partials
+        grid = (ns, b * hkv, m_blocks)
+        if self.bal:
+            # num_splits (kernel argument): programs per KV head the keys are spread over;
+            # split_len: the shortest chunk; b more programs for the rounding of chunks
+            slots = _sms(q) * T.programs_per_sm(cfg, d, dv, q.element_size())
+            ns = max(1, int(cfg.waves * slots) // (hkv * m_blocks))
+            split_len = cfg.min_blocks_per_split * cfg.block_n
+            nprog = ns + b
+            self.split = self.fused = True
+            self.n_opart = nprog * sq * hq * dv
+            self.n_ws = self.n_opart + nprog * hq * sq
+            self.opart_shape = (nprog, sq, hq, dv)
+            self.lpart_shape = (nprog, hq, sq)
+            so = (sq * hq * dv, 0, hq * dv, dv)  # partials by program: no batch stride
+            sl = (hq * sq, 0, sq)
+            grid = (nprog, hkv, m_blocks)
+        elif self.split:  # contiguous float32 partials
             so = (b * sq * hq * dv, sq * hq * dv, hq * dv, dv)
             sl = (b * hq * sq, hq * sq, sq)
         else:  # straight into out / lse (fresh, contiguous)
@@ -812,7 +864,7 @@ class _Launch:
             svb, svp, svh, svs = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0
         wl, wr = params.window_left, params.window_right
         self.pdl = bool(cfg.pdl) and _pdl_ok(q)
-        self.grid = (ns, b * hkv, m_blocks)
+        self.grid = grid
         # the scalars after seqlen_add (num_splits and the final out/lse strides of the fused
         # merge) follow it in `tail`
         self.head = (
@@ -826,7 +878,7 @@ class _Launch:
         )
         kn_s = (0, 0, 0) if new is None else tuple(new[0].stride()[:3])
         vn_s = (0, 0, 0) if new is None else tuple(new[1].stride()[:3])
-        self.tail = (ns, sq * hq * dv, hq * dv, dv, hq * sq, sq, *kn_s, *vn_s)
+        self.tail = (ns, sq * hq * dv, hq * dv, dv, hq * sq, sq, *kn_s, *vn_s, b)
         block_dv = max(16, triton.next_power_of_2(dv))
         self.kw = dict(
             GROUP=hq // hkv, HEADS_KV=hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
@@ -839,10 +891,11 @@ class _Launch:
             OFF32=bool(cfg.off32) and _fits32(k_cache, v_cache, paged, capacity),
             PREFETCH=bool(cfg.page_prefetch),
             # L2 prefetch: inline PTX, so compiled GPUs and contiguous caches only
-            L2PF=0 if paged or not q.is_cuda or _interpreting() else int(cfg.l2_prefetch),
+            L2PF=0 if paged or self.bal or not q.is_cuda or _interpreting()
+            else int(cfg.l2_prefetch),
             LINE=128 // k_cache.element_size(), DUAL=bool(cfg.page_dual),
             SEL=bool(cfg.page_select),
-            PDL=self.pdl,
+            PDL=self.pdl, BAL=self.bal, BLOCK_B=max(2, triton.next_power_of_2(b)),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

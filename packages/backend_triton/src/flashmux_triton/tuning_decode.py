@@ -47,6 +47,10 @@ class DecodeConfig:
     # sm90+: launch with programmatic dependent launch (the prologue and the L2 prefetch
     # overlap the previous kernel's tail; reads wait in the kernel, griddepcontrol.wait)
     pdl: int = 0
+    # 1: length-balanced splits for ragged batches: the keys of all sequences cut into chunks
+    # of one size from the device lengths, each sequence getting as many programs as its
+    # length needs (launches without an append and without a forced num_splits)
+    balanced: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -62,6 +66,8 @@ class DecodeConfig:
             extra += f",page_select={self.page_select}"
         if self.pdl:
             extra += f",pdl={self.pdl}"
+        if self.balanced:
+            extra += f",balanced={self.balanced}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -123,6 +129,9 @@ CANDIDATES = (
     # c26-c27: programmatic dependent launch (c1; c19 with its L2 prefetch before the wait)
     DecodeConfig(128, 4, 3, 1.0, pdl=1),
     DecodeConfig(128, 4, 3, 1.0, l2_prefetch=2, pdl=1),
+    # c28-c29: length-balanced splits (c1; c3 for small pages)
+    DecodeConfig(128, 4, 3, 1.0, balanced=1),
+    DecodeConfig(64, 4, 3, 1.0, balanced=1),
 )
 
 
