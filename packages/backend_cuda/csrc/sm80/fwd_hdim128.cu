@@ -23,6 +23,9 @@ template <typename T>
 using Fwd128 = FwdTraits<128, FMX_FWD128_BM, FMX_FWD128_BN, FMX_FWD128_WARPS, T,
                           FMX_FWD128_FLAGS>;
 
+FMX_FWD_EXTRAS(Fwd128)  // ALiBi / block-mask kernels: fwd_extras_hdim128.cu
+
+#ifndef FMX_FWD_EXTRAS_UNIT
 template <>
 int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
 #ifdef FMX_TUNING
@@ -37,5 +40,6 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }
+#endif
 }  // namespace sm80
 }  // namespace fmx

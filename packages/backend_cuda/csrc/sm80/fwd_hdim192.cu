@@ -18,10 +18,14 @@ namespace sm80 {
 template <typename T>
 using Fwd192 = FwdTraits<192, FMX_FWD192_BM, FMX_FWD192_BN, FMX_FWD192_WARPS, T>;
 
+FMX_FWD_EXTRAS(Fwd192)  // ALiBi / block-mask kernels: fwd_extras_hdim192.cu
+
+#ifndef FMX_FWD_EXTRAS_UNIT
 template <>
 int run_fwd<192>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 0) return launch_fwd<Fwd192<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd192<cutlass::bfloat16_t>>(p, stream);
 }
+#endif
 }  // namespace sm80
 }  // namespace fmx

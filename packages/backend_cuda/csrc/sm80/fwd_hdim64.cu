@@ -24,6 +24,9 @@ template <typename T>
 using Fwd64 = FwdTraits<64, FMX_FWD64_BM, FMX_FWD64_BN, FMX_FWD64_WARPS, T,
                           FMX_FWD64_FLAGS>;
 
+FMX_FWD_EXTRAS(Fwd64)  // ALiBi / block-mask kernels: fwd_extras_hdim64.cu
+
+#ifndef FMX_FWD_EXTRAS_UNIT
 template <>
 int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
 #ifdef FMX_TUNING
@@ -40,5 +43,6 @@ int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 0) return launch_fwd<Fwd64<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd64<cutlass::bfloat16_t>>(p, stream);
 }
+#endif
 }  // namespace sm80
 }  // namespace fmx

@@ -22,6 +22,9 @@ namespace sm80 {
 template <typename T>
 using Fwd96 = FwdTraits<96, FMX_FWD96_BM, FMX_FWD96_BN, FMX_FWD96_WARPS, T, FMX_FWD96_FLAGS>;
 
+FMX_FWD_EXTRAS(Fwd96)  // ALiBi / block-mask kernels: fwd_extras_hdim96.cu
+
+#ifndef FMX_FWD_EXTRAS_UNIT
 template <>
 int run_fwd<96>(const Params &p, int dtype, cudaStream_t stream) {
 #ifdef FMX_TUNING
@@ -30,5 +33,6 @@ int run_fwd<96>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 0) return launch_fwd<Fwd96<cutlass::half_t>>(p, stream);
   return launch_fwd<Fwd96<cutlass::bfloat16_t>>(p, stream);
 }
+#endif
 }  // namespace sm80
 }  // namespace fmx

@@ -86,7 +86,10 @@ __device__ __forceinline__ void online_softmax(STensor &S, OTensor &accO, float 
 //   retires the stage that the next load overwrites). Each tile is computed in column chunks of
 //   kSubN keys: S chunk, mask, online softmax, O += P V chunk.
 // Stage 0 of the pipelined layout is the plain layout (K right after Q, V right after K).
-template <typename Tr>
+// kExtras: ALiBi and block masks compiled in (launch_fwd picks the instantiation per call). Off,
+// the kernel is the dense one without their runtime branches: with them ptxas spilled 88-184 B
+// in the dense kernels (session 7), which cost the dense forward 15-17% on the H200.
+template <typename Tr, bool kExtras>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   using Element = typename Tr::Element;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, SN = Tr::kSubN, D = Tr::kHeadDim;
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
                    (int64_t)m0 * p.o_rs + (int64_t)h * p.o_hs;
   int n_min, n_max;
   key_block_range(p, si, m0, BM, BN, n_min, n_max);
-  const KeyTiles<BN> kt(p, b, h, m0, n_min, n_max);  // dense range or the block mask's lists
+  const KeyTiles<BN, kExtras> kt(p, b, h, m0, n_min, n_max);  // dense range or the block mask's lists
   if (n_max <= n_min || kt.count <= 0) {  // no allowed key for any row of this tile
     zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
     for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
@@ -191,8 +194,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   const bool capped = p.softcap > 0.f;
   const float cap = p.softcap, cap_in = p.scale / (capped ? p.softcap : 1.f);
   const float sl2 = p.score_log2;
-  // ALiBi: a CTA-uniform branch per tile (no extra instantiation); off: not a single FLOP.
-  const bool alibi_on = p.alibi != nullptr;
+  // ALiBi (kExtras only): a CTA-uniform branch per tile; off: not a single FLOP.
+  const bool alibi_on = kExtras && p.alibi != nullptr;
   const float slope = alibi_on ? alibi_slope_acc(p, b, h) : 0.f;
 
   // The score tile's modifiers (softcap, ALiBi, then the mask where kMask) for keys from n0().
@@ -340,10 +343,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   }
 }
 
-template <typename Tr>
-int launch_fwd(const Params &p, cudaStream_t stream) {
+template <typename Tr, bool kExtras>
+int launch_fwd_kernel(const Params &p, cudaStream_t stream) {
   constexpr int smem = Tr::kSmemBytes;
-  void (*kernel)(const Params) = fwd_kernel<Tr>;
+  void (*kernel)(const Params) = fwd_kernel<Tr, kExtras>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return (int)e;
@@ -352,6 +355,28 @@ int launch_fwd(const Params &p, cudaStream_t stream) {
   kernel<<<grid, Tr::kNThreads, smem, stream>>>(p);
   return (int)cudaGetLastError();
 }
+
+// The dense instantiation unless the call has ALiBi slopes or a block mask (host-side fields).
+template <typename Tr>
+int launch_fwd(const Params &p, cudaStream_t stream) {
+  if (p.alibi != nullptr || p.bm_qnf != nullptr) return launch_fwd_kernel<Tr, true>(p, stream);
+  return launch_fwd_kernel<Tr, false>(p, stream);
+}
+
+// fwd_hdim<D>.cu compiles a head dim's dense kernels; its ALiBi / block-mask kernels (kExtras)
+// are compiled by fwd_extras_hdim<D>.cu, which includes fwd_hdim<D>.cu with FMX_FWD_EXTRAS_UNIT
+// defined: two units the build runs in parallel, each as long as the dense one alone.
+// FMX_FWD_EXTRAS(Alias) declares (dense unit) or instantiates (extras unit) both dtypes.
+#ifdef FMX_FWD_EXTRAS_UNIT
+#define FMX_FWD_EXTRAS_INSTANCE template
+#else
+#define FMX_FWD_EXTRAS_INSTANCE extern template
+#endif
+#define FMX_FWD_EXTRAS(Alias)                                                                \
+  FMX_FWD_EXTRAS_INSTANCE int launch_fwd_kernel<Alias<cutlass::half_t>, true>(const Params &, \
+                                                                             cudaStream_t);   \
+  FMX_FWD_EXTRAS_INSTANCE int launch_fwd_kernel<Alias<cutlass::bfloat16_t>, true>(           \
+      const Params &, cudaStream_t);
 
 }  // namespace sm80
 }  // namespace fmx

@@ -146,8 +146,10 @@ __device__ __forceinline__ void apply_mask(STensor &S, CTensor const &C, const P
 // allowed tile down to the first ([n_min, n_max), as before). With a block mask: the query
 // block's listed full mask tiles, then its partial ones, each as block / BN consecutive key
 // tiles (BN divides the mask block); tile_bits(s) is a partial tile's bitmask (nullptr for full
-// tiles and dense calls). Empty mask tiles are never visited.
-template <int BN>
+// tiles and dense calls). Empty mask tiles are never visited. kBlockMask = false (the forward's
+// plain instantiation, fwd_kernel's kExtras off): the dense sequence only, as compile-time
+// constants, so none of the list code is compiled in (it costs registers even when unused).
+template <int BN, bool kBlockMask = true>
 struct KeyTiles {
   int count, n_max, sub, nf, words;
   const int32_t *full, *part, *tile, *bits;  // this query block's list rows, the bitmasks
@@ -155,7 +157,7 @@ struct KeyTiles {
     n_max = nmax;
     full = part = tile = bits = nullptr;
     sub = nf = words = 0;
-    if (p.bm_qnf == nullptr) {
+    if (!kBlockMask || p.bm_qnf == nullptr) {
       count = n_max - n_min;
       return;
     }
@@ -171,13 +173,13 @@ struct KeyTiles {
     words = p.bm_block / 32;
   }
   __device__ __forceinline__ int n(int s) const {
-    if (full == nullptr) return n_max - 1 - s;
+    if (!kBlockMask || full == nullptr) return n_max - 1 - s;
     if (s < nf) return full[s / sub] * sub + s % sub;
     s -= nf;
     return part[s / sub] * sub + s % sub;
   }
   __device__ __forceinline__ const int32_t *tile_bits(int s) const {
-    if (full == nullptr || s < nf) return nullptr;
+    if (!kBlockMask || full == nullptr || s < nf) return nullptr;
     return bits + (int64_t)tile[part[(s - nf) / sub]] * (words * 32) * words;
   }
 };

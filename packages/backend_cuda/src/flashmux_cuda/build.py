@@ -13,6 +13,10 @@ Knobs (environment):
 - ``FLASHMUX_CUDA_HEAD_DIMS``: "64,128": compile only these head-dim instantiations (CI uses it
   to keep the compile short). Passed to the sources as ``-DFMX_HEAD_DIMS_LIMITED`` plus
   ``-DFMX_HEAD_DIM_<N>=1`` for each; .cu files named ``*hdim<N>*`` for other N are skipped.
+- ``FLASHMUX_CUDA_SM80_ARCHS``: archs for the units outside ``csrc/sm90/`` (default: the arch
+  list). CI's compile-only check sets "80": the sm80 kernels are then compiled for sm_80 once,
+  not again for sm_90 (the same source through the same front end; the library it makes has no
+  sm_90 code for them, so it is for checking compiles, not for running on Hopper).
 - ``FLASHMUX_CUDA_JOBS`` (or ``MAX_JOBS``): parallel nvcc processes.
 - ``FLASHMUX_CUDA_NVCC_FLAGS``: extra nvcc flags, appended.
 - ``FLASHMUX_CUTLASS_INCLUDE``: the CUTLASS/CuTe include directory (default: the pinned
@@ -273,9 +277,13 @@ class BuildConfig:
     head_dims: tuple[int, ...] | None = None
     extra_flags: tuple[str, ...] = ()
     jobs: int | None = field(default=None, compare=False)
+    # archs of the units outside csrc/sm90/ (None: `archs`); CI's lean compile check uses ("80",)
+    sm80_archs: tuple[str, ...] | None = None
 
     @classmethod
-    def from_env(cls, archs=None, head_dims=None, jobs=None, nvcc=None) -> BuildConfig:
+    def from_env(
+        cls, archs=None, head_dims=None, jobs=None, nvcc=None, sm80_archs=None
+    ) -> BuildConfig:
         nvcc = nvcc or find_nvcc()
         if nvcc is None:
             raise BuildError("nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
@@ -284,6 +292,10 @@ class BuildConfig:
             head_dims = parse_head_dims(os.environ.get("FLASHMUX_CUDA_HEAD_DIMS"))
         elif isinstance(head_dims, str):
             head_dims = parse_head_dims(head_dims)
+        if sm80_archs is None:
+            sm80_archs = os.environ.get("FLASHMUX_CUDA_SM80_ARCHS") or None
+        if isinstance(sm80_archs, str):
+            sm80_archs = parse_archs(sm80_archs)
         inc = cutlass_include()
         if jobs is None:
             env_jobs = os.environ.get("FLASHMUX_CUDA_JOBS") or os.environ.get("MAX_JOBS")
@@ -298,6 +310,7 @@ class BuildConfig:
             head_dims=tuple(head_dims) if head_dims else None,
             extra_flags=tuple(shlex.split(os.environ.get("FLASHMUX_CUDA_NVCC_FLAGS", ""))),
             jobs=jobs,
+            sm80_archs=tuple(sm80_archs) if sm80_archs else None,
         )
 
     # -- inputs ----------------------------------------------------------------------------
@@ -365,6 +378,8 @@ class BuildConfig:
 
         put("gen", _GENERATOR_VERSION, "abi", ABI_VERSION, "nvcc", self.nvcc_version)
         put("archs", *self.archs)
+        if self.sm80_archs:
+            put("sm80_archs", *self.sm80_archs)
         # Flags without absolute paths, so that moving the cache or the checkout keeps the key.
         put("flags", *[f for f in self.flags() if not f.startswith("-I")])
         put("cutlass", self.cutlass_version)
@@ -424,6 +439,8 @@ def write_build_ninja(cfg: BuildConfig, build_dir: Path) -> Path:
         lines.append(f"  desc = {rel}")
         if is_sm90_source(rel):
             lines.append(f"  gencode = {SM90_GENCODE}")
+        elif cfg.sm80_archs:
+            lines.append(f"  gencode = {_q(gencode_flags(cfg.sm80_archs))}")
     lines.append(f"build {LIB_NAME}: link {' '.join(objs)}")
     lines.append(f"default {LIB_NAME}")
     path = build_dir / "build.ninja"

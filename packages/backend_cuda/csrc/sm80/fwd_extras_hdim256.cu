@@ -1,0 +1,4 @@
+// The head_dim 256 forward's ALiBi / block-mask kernels (fwd_kernel<Tr, true>), compiled beside
+// fwd_hdim256.cu's dense ones (same configuration: that unit, with FMX_FWD_EXTRAS_UNIT).
+#define FMX_FWD_EXTRAS_UNIT
+#include "fwd_hdim256.cu"
