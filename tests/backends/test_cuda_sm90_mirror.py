@@ -82,12 +82,12 @@ def test_head_dim_classes_match(c_rule):
     for dd, (hd, fwd, bwd) in zip(dims, got):
         assert int(hd) == fam.sm90_fwd_head_dim(dd), dd
         py_fwd = fam.forward_family(
-            (9, 0), families=7, varlen=False, softcap=None, head_dim=dd, seqlen_k=256, env=""
+            (9, 0), families=15, varlen=False, softcap=None, head_dim=dd, seqlen_k=256, env=""
         )[0]
         assert (fwd == "-") == (py_fwd == fam.SM90), (dd, fwd, py_fwd)
         py_bwd = fam.backward_family(
             (9, 0),
-            families=7,
+            families=15,
             varlen=False,
             softcap=None,
             head_dim=dd,
@@ -97,13 +97,30 @@ def test_head_dim_classes_match(c_rule):
             bwd_env="",
         )[0]
         assert (bwd == "-") == (py_bwd == fam.SM90), (dd, bwd, py_bwd)
-    # the classes themselves: sm90 at <= 64 and 97..128 only (96, 192, 256 run sm80)
-    assert [dd for dd, (hd, _, _) in zip(dims, got) if int(hd)] == list(range(8, 65, 8)) + [
+    # the classes themselves: the sm90 forward at <= 64 and 97..256 (65..96 run sm80), the sm90
+    # backward at <= 64 and 97..128 only
+    assert [dd for dd, (hd, _, _) in zip(dims, got) if int(hd)] == list(range(8, 65, 8)) + list(
+        range(104, 257, 8)
+    )
+    assert [dd for dd, (_, _, bwd) in zip(dims, got) if bwd == "-"] == list(range(8, 65, 8)) + [
         104,
         112,
         120,
         128,
     ]
+    assert {int(hd) for dd, (hd, _, _) in zip(dims, got) if dd > 128} == {192, 256}
+
+
+def test_wide_head_dims_need_the_library_bit():
+    """A library without fmx_families() bit 3 (built before head_dim 192/256) keeps them on sm80."""
+    kw = dict(varlen=False, softcap=None, seqlen_k=256, env="")
+    assert fam.forward_family((9, 0), families=7, head_dim=256, **kw)[0] == fam.SM80
+    assert fam.forward_family((9, 0), families=15, head_dim=256, **kw)[0] == fam.SM90
+    assert fam.forward_family((9, 0), families=7, head_dim=128, **kw)[0] == fam.SM90
+    fam_b, why = fam.backward_family(
+        (9, 0), families=15, head_dim=192, deterministic=False, bwd_env="", **kw
+    )
+    assert fam_b == fam.SM80 and "head_dim" in why
 
 
 def test_conditions_match(c_rule):
@@ -111,11 +128,11 @@ def test_conditions_match(c_rule):
     for row, (_, fwd, bwd) in zip(rows, c_rule(rows)):
         dd, varlen, cap, sk, det = row
         kw = dict(
-            families=7, varlen=bool(varlen), softcap=cap or None, head_dim=dd, seqlen_k=sk, env=""
+            families=15, varlen=bool(varlen), softcap=cap or None, head_dim=dd, seqlen_k=sk, env=""
         )
         f, why = fam.forward_family((9, 0), **kw)
         g, gwhy = fam.backward_family((9, 0), deterministic=bool(det), bwd_env="", **kw)
         assert (fwd == "-") == (f == fam.SM90), (row, fwd, why)
         assert (bwd == "-") == (g == fam.SM90), (row, bwd, gwhy)
-        if det and f == fam.SM90:  # the one backward-only condition, said on both sides
+        if det and f == fam.SM90 and dd <= 128:  # the backward-only condition, said on both sides
             assert bwd == "deterministic" and "deterministic" in gwhy

@@ -270,6 +270,8 @@ int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
     switch (fmx::sm90::fwd_head_dim(p.d)) {
       case 64: return fmx::sm90::run_fwd<64>(p, dtype, s);
       case 128: return fmx::sm90::run_fwd<128>(p, dtype, s);
+      case 192: return fmx::sm90::run_fwd<192>(p, dtype, s);
+      case 256: return fmx::sm90::run_fwd<256>(p, dtype, s);
     }
   }
 #else
@@ -319,11 +321,11 @@ extern "C" {
 int fmx_abi_version(void) { return FMX_ABI_VERSION; }
 
 // Kernel families built into this library: bit 0 sm80, bit 1 sm90 forward, bit 2 sm90
-// backward. Not in the header: Python looks the symbol up (flashmux_cuda.family) to name the
-// family in explain().
+// backward, bit 3 the sm90 forward's head_dim 192/256. Not in the header: Python looks the
+// symbol up (flashmux_cuda.family) to name the family in explain().
 int fmx_families(void) {
 #ifdef FMX_HAS_SM90
-  return 7;  // bit 2: the sm90 backward
+  return 15;  // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256
 #else
   return 1;
 #endif

@@ -4,7 +4,8 @@
   python sm90_check.py LIB bwd       # sm90 forward + backward vs float64 (out, lse, dq, dk, dv)
   python sm90_check.py LIB bench     # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
   python sm90_check.py LIB benchbwd  # bf16 backward ms (sm90 vs sm80) and fwd+bwd vs SDPA cuDNN
-  (bench and benchbwd: FMX_BENCH_DIMS=64,128 FMX_BENCH_SEQS=2048,8192 narrow the sweep)
+  (bench and benchbwd: FMX_BENCH_DIMS=64,128 FMX_BENCH_SEQS=2048,8192 narrow the sweep;
+   fwd and bwd: FMX_CASES=d256,d192 runs the cases whose names contain one of the strings)
   python sm90_check.py LIB sanitize  # small sm90 forwards (under compute-sanitizer)
   python sm90_check.py LIB sanitizebwd  # small sm90 forward + backward (compute-sanitizer)
 
@@ -110,7 +111,25 @@ FWD_CASES = [
     ("d128 512 tiles causal gqa", dict(D=128, B=4, Hq=16, Hkv=4, Sq=1000, Sk=1000, causal=True)),
     ("d64 216 tiles tails", dict(D=64, B=3, Hq=12, Hkv=3, Sq=700, Sk=900)),
     ("d64 640 tiles causal Sq>Sk", dict(D=64, B=2, Hq=40, Hkv=40, Sq=900, Sk=300, causal=True)),
+    # head_dim 192 / 256 (session 8: 112- and 80-key blocks, not multiples of 64)
+    ("d256", dict(D=256)),
+    ("d256 causal tails 300x517", dict(D=256, Sq=300, Sk=517, causal=True)),
+    ("d256 causal Sq>Sk 517x300 gqa 4/2", dict(D=256, Sq=517, Sk=300, Hkv=2, causal=True)),
+    ("d224 (pads to 256) mqa 8/1", dict(D=224, Hq=8, Hkv=1, Sq=200, Sk=1000)),
+    ("d256 window 100/30", dict(D=256, window=(100, 30), Sq=400, Sk=400)),
+    ("d256 Sk=1 causal", dict(D=256, Sq=50, Sk=1, causal=True)),
+    ("d256 300 tiles causal", dict(D=256, B=2, Hq=12, Hkv=4, Sq=1500, Sk=1500, causal=True)),
+    ("d192", dict(D=192)),
+    ("d192 causal tails 300x517", dict(D=192, Sq=300, Sk=517, causal=True)),
+    ("d160 (pads to 192) gqa 8/2", dict(D=160, Hq=8, Hkv=2, Sq=333, Sk=222)),
+    ("d192 strided packed qkv", dict(D=192, strided=True, Sq=300, Sk=300, causal=True)),
 ]
+
+
+def _selected(name):
+    """$FMX_CASES (comma list of substrings, e.g. "d256,d192") narrows the case lists."""
+    want = [w for w in os.environ.get("FMX_CASES", "").split(",") if w]
+    return not want or any(w in name for w in want)
 
 
 def fwd():
@@ -118,6 +137,8 @@ def fwd():
     n = n_ok = 0
     for dtype in (torch.bfloat16, torch.float16):
         for i, (name, kw) in enumerate(FWD_CASES):
+            if not _selected(name):
+                continue
             n += 1
             try:
                 n_ok += fwd_case(name, dtype, seed=i, **kw)
@@ -187,6 +208,10 @@ BWD_CASES = [
         dict(D=128, B=2, Hq=8, Hkv=2, Sq=1024, Sk=1024, causal=True),
     ),
     ("d64 1024 gqa many CTAs", dict(D=64, B=2, Hq=8, Hkv=4, Sq=1000, Sk=1024)),
+    # head_dim 192 / 256: the sm90 forward, then the sm80 backward (no sm90 backward there)
+    ("d256 causal tails 300x517", dict(D=256, Sq=300, Sk=517, causal=True)),
+    ("d192 gqa 4/2", dict(D=192, Hq=4, Hkv=2, Sq=256, Sk=256)),
+    ("d256 lse grad", dict(D=256, Sq=200, Sk=333, dlse=True)),
 ]
 
 
@@ -199,6 +224,8 @@ def bwd(dtypes=None):
     n = n_ok = 0
     for dtype in dtypes:
         for i, (name, kw) in enumerate(BWD_CASES):
+            if not _selected(name):
+                continue
             n += 1
             try:
                 n_ok += bool(kc.check_case("sm90bwd " + name, dtype, seed=100 + i, **kw))

@@ -43,7 +43,11 @@ struct FwdTraits {
   static constexpr int kBN = kBN_;     // keys per block
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 384; // producer + 2 consumer warpgroups
-  static_assert(kD % 64 == 0 && kBN % 64 == 0, "128-byte swizzled tiles need 64-element rows");
+  // 128-byte swizzled tiles need 64-element rows (the head dim); the key block is the N of the
+  // S wgmma and the K of O += P V (16-key k-blocks; P's accumulator->A regrouping pairs 8-key
+  // column blocks), so any multiple of 16 (head_dim 256 takes 80, 192 takes 112: smem).
+  static_assert(kD % 64 == 0 && kBN % 16 == 0, "head dim: 64-element rows; keys: 16-key blocks");
+  static_assert(kD <= 256 && kBN <= 256, "one wgmma N and one TMA box dimension are <= 256");
 
   using SmemLayoutQ = decltype(tile_to_shape(
       GMMA::Layout_K_SW128_Atom<T>{},
@@ -52,9 +56,15 @@ struct FwdTraits {
       GMMA::Layout_K_SW128_Atom<T>{},
       Shape<Int<kBN>, Int<kD>, Int<kStages>>{}));
   // V^T as the (N = head dim, K = keys) B operand of O += P V: head dim contiguous (MN-major).
-  using SmemLayoutVt = decltype(tile_to_shape(
-      GMMA::Layout_MN_SW128_Atom<T>{},
-      Shape<Int<kD>, Int<kBN>, Int<kStages>>{}));
+  // Head dims of a power-of-two number of 64-column atoms tile the head dim first; 192 (3 atoms)
+  // tiles the keys first (CuTe cannot slice one stage out of the other order with 3 atoms).
+  static constexpr bool kVtKeysFirst = ((kD / 64) & (kD / 64 - 1)) != 0;
+  using SmemLayoutVt = std::conditional_t<
+      kVtKeysFirst,
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                             Shape<Int<kD>, Int<kBN>, Int<kStages>>{}, Step<_2, _1, _3>{})),
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                             Shape<Int<kD>, Int<kBN>, Int<kStages>>{}))>;
 
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kWM>, Int<kBN>, Int<kD>>>()));

@@ -7,10 +7,13 @@
 
 namespace fmx {
 namespace sm90 {
-// The head-dim instantiation the sm90 forward would use for head_dim d (0: none).
+// The head-dim instantiation the sm90 forward would use for head_dim d (0: none). 65..96 stay on
+// the sm80 family (no 96 instantiation: 96 is not a multiple of the 64-element swizzled row).
 inline int fwd_head_dim(int d) {
   if (d <= 64) return 64;
   if (d > 96 && d <= 128) return 128;
+  if (d > 128 && d <= 192) return 192;
+  if (d > 192 && d <= 256) return 256;
   return 0;
 }
 
@@ -31,14 +34,18 @@ inline const char *fwd_unsupported(const Params &p) {
 template <int D> int run_fwd(const Params &p, int dtype, cudaStream_t stream);
 
 // ---- backward (bwd_kernel.cuh, bwd_hdim*.cu, bwd_aux.cu) ------------------------------------
-// Same head dims as the forward.
-inline int bwd_head_dim(int d) { return fwd_head_dim(d); }
+// head_dim <= 64 and 97..128 (192 and 256 have an sm90 forward only: the sm80 backward follows).
+inline int bwd_head_dim(int d) {
+  const int f = fwd_head_dim(d);
+  return f <= 128 ? f : 0;
+}
 
 // nullptr when the sm90 backward runs this problem, else why not (the sm80 backward runs it).
 // The API file also applies the forward's call-level conditions (use_sm90_fwd). Mirrored in
 // Python by flashmux_cuda.family.backward_family.
 inline const char *bwd_unsupported(const Params &p) {
   if (const char *why = fwd_unsupported(p)) return why;
+  if (bwd_head_dim(p.d) == 0) return "head_dim";
   if (p.deterministic) return "deterministic";
   const int64_t s[] = {p.do_rs, p.do_hs, p.do_bs};
   for (int64_t x : s)

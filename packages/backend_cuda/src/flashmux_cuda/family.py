@@ -6,11 +6,12 @@ explain() can say it without launching anything. Keep the two in step.
 
 - forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
   library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
-  padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..128, seqlen_k > 0, positive
-  strides.
+  padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..256 (129..256 where the
+  library has them, ``fmx_families()`` bit 3), seqlen_k > 0, positive strides.
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
-  run, the library has it (``fmx_families()`` bit 2) and the call is not deterministic, unless
+  run with head_dim <= 64 or 97..128, the library has it (``fmx_families()`` bit 2) and the call
+  is not deterministic, unless
   ``FLASHMUX_CUDA_BWD_FAMILY=sm80`` (the sm80 backward after the sm90 forward, for comparisons;
   the API file's ``use_sm90_bwd`` and ``sm90::bwd_unsupported``). Else sm80.
 """
@@ -24,6 +25,7 @@ SM80 = "sm80"
 SM90 = "sm90"
 FAMILY_BIT = {SM80: 1, SM90: 2}
 SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
+SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192, 256)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 
 
@@ -33,7 +35,17 @@ def sm90_fwd_head_dim(d: int) -> int:
         return 64
     if 96 < d <= 128:
         return 128
+    if 128 < d <= 192:
+        return 192
+    if 192 < d <= 256:
+        return 256
     return 0
+
+
+def sm90_bwd_head_dim(d: int) -> int:
+    """The sm90 backward's instantiation for head_dim d (64, 128), 0 when none (sm90_api.h)."""
+    f = sm90_fwd_head_dim(d)
+    return f if f <= 128 else 0
 
 
 def forward_family(
@@ -67,7 +79,9 @@ def forward_family(
     if block_mask:
         return SM80, "sm90 forward lacks block masks"
     if sm90_fwd_head_dim(head_dim) == 0:
-        return SM80, f"sm90 forward has head_dim <= 64 and 97..128, not {head_dim}"
+        return SM80, f"sm90 forward has head_dim <= 64 and 97..256, not {head_dim}"
+    if head_dim > 128 and families is not None and not families & SM90_WIDE_BIT:
+        return SM80, "library built without the sm90 forward's head_dim 192/256 (rebuild)"
     if seqlen_k <= 0:
         return SM80, "no keys"
     return SM90, None
@@ -105,6 +119,8 @@ def backward_family(
         return SM80, (why or "").replace("sm90 forward", "sm90 backward") or None
     if families is not None and not families & SM90_BWD_BIT:
         return SM80, "library built without the sm90 backward (rebuild)"
+    if sm90_bwd_head_dim(head_dim) == 0:
+        return SM80, f"sm90 backward has head_dim <= 64 and 97..128, not {head_dim}"
     bwd_env = os.environ.get(BWD_FAMILY_ENV) if bwd_env is None else bwd_env
     if bwd_env == SM80:
         return SM80, f"{BWD_FAMILY_ENV}=sm80"
