@@ -68,7 +68,7 @@ def test_backward_family_devices_and_env(monkeypatch):
 def test_backward_rule_matches_the_c_side():
     src = b.source_dir()
     api = (src / "sm90" / "sm90_api.h").read_text()
-    assert "return f <= 128 ? f : 0;" in api  # bwd_head_dim: 64 and 128 only
+    assert "return f <= 128 && (d <= 64 || d > 96) ? f : 0;" in api  # bwd_head_dim: 64, 128
     assert 'if (bwd_head_dim(p.d) == 0) return "head_dim";' in api
     assert 'if (p.deterministic) return "deterministic";' in api
     assert "if (const char *why = fwd_unsupported(p)) return why;" in api

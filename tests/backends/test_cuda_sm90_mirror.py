@@ -111,6 +111,20 @@ def test_head_dim_classes_match(c_rule):
     assert {int(hd) for dd, (hd, _, _) in zip(dims, got) if dd > 128} == {192, 256}
 
 
+def test_pad96_experiment_matches(c_rule, monkeypatch):
+    """FLASHMUX_CUDA_SM90_PAD96=1 (read per call on both sides): 65..96 -> the sm90 forward's 128
+    instantiation, the backward stays sm80 there."""
+    monkeypatch.setenv(fam.PAD96_ENV, "1")
+    dims = [64, 72, 80, 88, 96, 104]
+    got = c_rule([(dd, 0, 0.0, 256, 0) for dd in dims])
+    assert [int(hd) for hd, _, _ in got] == [64, 128, 128, 128, 128, 128]
+    assert [fam.sm90_fwd_head_dim(dd) for dd in dims] == [64, 128, 128, 128, 128, 128]
+    assert [bwd == "-" for _, _, bwd in got] == [True, False, False, False, False, True]
+    assert [fam.sm90_bwd_head_dim(dd) for dd in dims] == [64, 0, 0, 0, 0, 128]
+    monkeypatch.delenv(fam.PAD96_ENV)
+    assert fam.sm90_fwd_head_dim(96) == 0
+
+
 def test_wide_head_dims_need_the_library_bit():
     """A library without fmx_families() bit 3 (built before head_dim 192/256) keeps them on sm80."""
     kw = dict(varlen=False, softcap=None, seqlen_k=256, env="")

@@ -123,6 +123,9 @@ FWD_CASES = [
     ("d192 causal tails 300x517", dict(D=192, Sq=300, Sk=517, causal=True)),
     ("d160 (pads to 192) gqa 8/2", dict(D=160, Hq=8, Hkv=2, Sq=333, Sk=222)),
     ("d192 strided packed qkv", dict(D=192, strided=True, Sq=300, Sk=300, causal=True)),
+    # head_dim 65..96: sm80, or the 128 instantiation with FLASHMUX_CUDA_SM90_PAD96=1
+    ("d96 causal tails 300x517", dict(D=96, Sq=300, Sk=517, causal=True)),
+    ("d80 gqa 8/2", dict(D=80, Hq=8, Hkv=2, Sq=256, Sk=384)),
 ]
 
 

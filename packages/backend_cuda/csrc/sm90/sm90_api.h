@@ -3,15 +3,26 @@
 // fwd_supported() says yes, else the sm80 family runs. Return 0 or a cudaError_t value.
 #pragma once
 #include <cuda_runtime.h>
+#include <cstdlib>
 #include "../common/fmx_params.h"
 
 namespace fmx {
 namespace sm90 {
+// FLASHMUX_CUDA_SM90_PAD96=1 (session 8 experiment, read per call): the forward runs head_dim
+// 65..96 on the 128 instantiation (TMA zero-fills the padding: 4/3 of the MMA work), to be
+// compared with the sm80 forward at 96 in one process.
+inline bool sm90_pad96() {
+  const char *e = std::getenv("FLASHMUX_CUDA_SM90_PAD96");
+  return e != nullptr && e[0] == '1';
+}
+
 // The head-dim instantiation the sm90 forward would use for head_dim d (0: none). 65..96 stay on
-// the sm80 family (no 96 instantiation: 96 is not a multiple of the 64-element swizzled row).
+// the sm80 family (no 96 instantiation: 96 is not a multiple of the 64-element swizzled row)
+// unless sm90_pad96().
 inline int fwd_head_dim(int d) {
   if (d <= 64) return 64;
-  if (d > 96 && d <= 128) return 128;
+  if (d <= 96) return sm90_pad96() ? 128 : 0;
+  if (d <= 128) return 128;
   if (d > 128 && d <= 192) return 192;
   if (d > 192 && d <= 256) return 256;
   return 0;
@@ -34,10 +45,11 @@ inline const char *fwd_unsupported(const Params &p) {
 template <int D> int run_fwd(const Params &p, int dtype, cudaStream_t stream);
 
 // ---- backward (bwd_kernel.cuh, bwd_hdim*.cu, bwd_aux.cu) ------------------------------------
-// head_dim <= 64 and 97..128 (192 and 256 have an sm90 forward only: the sm80 backward follows).
+// head_dim <= 64 and 97..128 (192 and 256 have an sm90 forward only: the sm80 backward follows;
+// so does 65..96 under sm90_pad96()).
 inline int bwd_head_dim(int d) {
   const int f = fwd_head_dim(d);
-  return f <= 128 ? f : 0;
+  return f <= 128 && (d <= 64 || d > 96) ? f : 0;
 }
 
 // nullptr when the sm90 backward runs this problem, else why not (the sm80 backward runs it).

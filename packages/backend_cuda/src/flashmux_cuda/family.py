@@ -27,13 +27,16 @@ FAMILY_BIT = {SM80: 1, SM90: 2}
 SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
 SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192, 256)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
+PAD96_ENV = "FLASHMUX_CUDA_SM90_PAD96"
 
 
 def sm90_fwd_head_dim(d: int) -> int:
     """The sm90 forward instantiation for head_dim d, 0 when it has none (as in sm90_api.h)."""
     if d <= 64:
         return 64
-    if 96 < d <= 128:
+    if d <= 96:  # FLASHMUX_CUDA_SM90_PAD96=1: the 128 instantiation (session 8 experiment)
+        return 128 if os.environ.get(PAD96_ENV, "").startswith("1") else 0
+    if d <= 128:
         return 128
     if 128 < d <= 192:
         return 192
@@ -45,7 +48,7 @@ def sm90_fwd_head_dim(d: int) -> int:
 def sm90_bwd_head_dim(d: int) -> int:
     """The sm90 backward's instantiation for head_dim d (64, 128), 0 when none (sm90_api.h)."""
     f = sm90_fwd_head_dim(d)
-    return f if f <= 128 else 0
+    return f if f <= 128 and (d <= 64 or d > 96) else 0
 
 
 def forward_family(
