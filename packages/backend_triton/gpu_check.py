@@ -403,8 +403,9 @@ def split_compare():
                     backend.backward(do, None, q, k, v, o, lse, None, None, p)
 
                 r = {"D": D, "causal": causal, "S": S}
-                for variant in variants:
-                    os.environ["FLASHMUX_TRITON_DKDV"] = variant
+                for variant in variants:  # "split+tma": FLASHMUX_TRITON_BWD_TMA=1 too
+                    os.environ["FLASHMUX_TRITON_DKDV"] = variant.split("+")[0]
+                    os.environ["FLASHMUX_TRITON_BWD_TMA"] = "1" if variant.endswith("+tma") else "0"
                     try:
                         r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
                         r[variant + "_fb"] = round(3.5 * ft / bench_ms(fwdbwd) * 1e-9, 1)
@@ -414,6 +415,7 @@ def split_compare():
                         log(f"split {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:160]}")
                         r[variant + "_bwd"] = r[variant + "_fb"] = float("nan")
                 os.environ.pop("FLASHMUX_TRITON_DKDV", None)
+                os.environ.pop("FLASHMUX_TRITON_BWD_TMA", None)
                 for name in sdpa:
                     try:
                         f, fb, _ = sdpa_fns(S, D, causal, name)

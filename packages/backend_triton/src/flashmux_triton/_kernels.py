@@ -544,17 +544,24 @@ def _bwd_dkdv_inner(
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
     slope2=0.0, ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0,
+    desc_q=None, desc_do=None, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
 ):
     # ROLE 0: dK and dV; 1: dV only (dk passes through); 2: dK only (dv passes through)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        qt_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
-        do_ptrs = do_base + rows[:, None] * stride_dos + offs_dv[None, :]
-        qt = _load(qt_ptrs, rows[None, :] < seqlen_q, offs_d[:, None] < HEAD_DIM, MASKED,
-                   BLOCK_D != HEAD_DIM)
-        do = _load(do_ptrs, rows[:, None] < seqlen_q, offs_dv[None, :] < HEAD_DIM_V, MASKED,
-                   BLOCK_DV != HEAD_DIM_V)
+        if TMA and not MASKED:
+            # interior query blocks only: full and inside the sequence, so the (rows,
+            # heads*dim) view's tiles never cross into another sequence or head
+            qt = tl.trans(desc_q.load([q_row0 + start_m, q_col]))
+            do = desc_do.load([q_row0 + start_m, do_col])
+        else:
+            qt_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
+            do_ptrs = do_base + rows[:, None] * stride_dos + offs_dv[None, :]
+            qt = _load(qt_ptrs, rows[None, :] < seqlen_q, offs_d[:, None] < HEAD_DIM, MASKED,
+                       BLOCK_D != HEAD_DIM)
+            do = _load(do_ptrs, rows[:, None] < seqlen_q, offs_dv[None, :] < HEAD_DIM_V, MASKED,
+                       BLOCK_DV != HEAD_DIM_V)
         if MASKED:
             lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
             if ROLE != 1:
@@ -600,7 +607,7 @@ def _bwd_dkdv_inner(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, DESC_Q, DESC_DO,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -615,10 +622,13 @@ def attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0,
+    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0, TMA: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
     the query blocks that see this key block, so dK/dV are summed without atomics.
+    TMA: the interior query blocks' Q and dO tiles come through Hopper tensor descriptors
+    DESC_Q / DESC_DO over (rows, heads*dim) views (opt-in, FLASHMUX_TRITON_BWD_TMA=1);
+    otherwise DESC_Q / DESC_DO are unused.
     ROLE 0 computes dK and dV; the split backward launches it twice, ROLE 1 (dV only: no V, no
     delta, 2 matmuls per tile pair) and ROLE 2 (dK only, 3 matmuls), each program holding one
     float32 accumulator instead of two (NOTES.md, session 8)."""
@@ -673,6 +683,11 @@ def attn_bwd_dkdv(
         dv = tl.zeros([16, 16], dtype=tl.float32)
     else:
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # TMA view of Q/dO: (rows, heads * dim); row of query i of this sequence = q_row0 + i
+    if VARLEN:
+        q_row0 = q_start.to(tl.int32)
+    else:
+        q_row0 = b * seqlen_q
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * n_heads + h
@@ -690,6 +705,7 @@ def attn_bwd_dkdv(
                 seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
                 drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 1,
                 HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI, ROLE,
+                DESC_Q, DESC_DO, q_row0, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
             )
     if ROLE != 1:
         tl.store(
@@ -762,7 +778,7 @@ def _bwd_kvt_inner(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_bwd_kv_t(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, CU_Q, CU_K, DESC_Q, DESC_DO,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -777,12 +793,12 @@ def attn_bwd_kv_t(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 1,
+    ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 1, TMA: tl.constexpr = False,
 ):
     """The split backward, transposed (FLASHMUX_TRITON_DKDV=split_t): one program per (key
     block, KV head, batch) and ROLE (1: dV, 2: dK), accumulating dV^T / dK^T (head dim x keys)
     over the query blocks that see the key block, the GQA group summed in registers (no
-    atomics). Same arguments as attn_bwd_dkdv (DQA and FUSED_DQ unused). Why transposed: in
+    atomics). Same arguments as attn_bwd_dkdv (DQA, DESC_Q, DESC_DO, FUSED_DQ, TMA unused). Why transposed: in
     attn_bwd_dkdv the key tiles K and V are the left operands of the score dots, which Triton
     keeps in registers (64 per thread each at 128 x 256 with 8 warps, on top of the 128 of the
     accumulator); here they are right operands, which wgmma reads from shared memory."""

@@ -250,6 +250,42 @@ def _tma_views(pb: _Problem, k, v):
     return TensorDescriptor, views
 
 
+def bwd_tma_wanted(pb: _Problem) -> bool:
+    """Q and dO tiles of the dK/dV programs' interior query blocks through tensor descriptors:
+    FLASHMUX_TRITON_BWD_TMA=1 (also under the interpreter, for tests); the class's
+    `Tuning.bwd_tma` by default (off everywhere until the H200 measures it)."""
+    env = os.environ.get("FLASHMUX_TRITON_BWD_TMA", "auto")
+    if env in ("0", "1"):
+        return env == "1"
+    return not pb.interpret and _tuning(pb).bwd_tma
+
+
+def _bwd_tma_views(pb: _Problem, q, do):
+    """(TensorDescriptor, [(q, shape, strides, d), (do, ...)]): (rows, Hq*dim) views of Q and
+    dO for the dK/dV programs, or None (not wanted, float32, padded head dims, a layout
+    without contiguous heads, or no descriptors on this device/triton)."""
+    if not bwd_tma_wanted(pb) or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
+        return None
+    if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
+    except ImportError:
+        return None
+    views = []
+    for x, d in ((q, pb.d), (do, pb.dv)):
+        if x.stride(-1) != 1 or x.stride(-2) != d:
+            return None
+        rows = x.shape[0] if pb.varlen else x.shape[0] * x.shape[1]
+        row_stride = x.stride(0) if pb.varlen else x.stride(1)
+        if not pb.varlen and x.stride(0) != x.shape[1] * row_stride:
+            return None
+        if (row_stride * x.element_size()) % 16 or x.data_ptr() % 16:
+            return None
+        views.append((x, [rows, pb.hq * d], [row_stride, 1], d))
+    return TensorDescriptor, views
+
+
 def _slopes(pb: _Problem, alibi_slopes, like):
     """(pointer, batch stride) of float32 ALiBi slopes (Hq,) or (B, Hq); a dummy without."""
     if alibi_slopes is None:
@@ -371,6 +407,16 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
 
     # Fused (opt-in, nondeterministic): dQ accumulated by the dK/dV kernel with float32 atomics.
     fused = fused_bwd_wanted() and not params.deterministic
+    variant = dkdv_variant(pb, fused)
+    # Q/dO of the dK/dV programs' interior query blocks through tensor descriptors (opt-in)
+    btma = _bwd_tma_views(pb, q, do) if variant != "split_t" else None
+    tma_flag = dict(TMA=True) if btma is not None else {}
+
+    def descs(cfg: T.KernelConfig):
+        if btma is None:
+            return q, do  # unused
+        TD, views = btma
+        return tuple(TD(x, shape, strides, [cfg.block_m, d]) for x, shape, strides, d in views)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else dq
 
     def run_dkdv(cfg: T.KernelConfig):
@@ -378,12 +424,12 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
         if fused:
             dq_acc.zero_()  # a retry (smaller tiles) starts over
         K.attn_bwd_dkdv[grid](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs(cfg),
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
             *pb.strides(dq_acc, pb.varlen), *lse_str, *common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused, **alibi,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def run_dq(cfg: T.KernelConfig):
@@ -397,19 +443,18 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    variant = dkdv_variant(pb, fused)
     kern = K.attn_bwd_kv_t if variant == "split_t" else K.attn_bwd_dkdv
 
     def run_role(role: int):
         def run_one(cfg: T.KernelConfig):
             grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
             kern[grid](
-                q, k, v, do, lse, delta, dk, dv, dq, cu_q_arg, cu_k_arg,
+                q, k, v, do, lse, delta, dk, dv, dq, cu_q_arg, cu_k_arg, *descs(cfg),
                 *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
                 *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
                 *pb.strides(dq, pb.varlen), *lse_str, *common,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=False, **alibi,
-                ROLE=role, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ROLE=role, **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         return run_one
 

@@ -35,7 +35,8 @@ class Tuning:
     accumulators), "split" (a dV and a dK program) or "split_t" (the same, transposed: dV^T /
     dK^T accumulators, K and V as right-hand operands); FLASHMUX_TRITON_DKDV overrides. ws:
     warp-specialize the forward's interior loop by default for this class (sm90+, compiled;
-    FLASHMUX_TRITON_WS=0|1 overrides)."""
+    FLASHMUX_TRITON_WS=0|1 overrides). bwd_tma: Q/dO tiles of the dK/dV programs through
+    tensor descriptors (FLASHMUX_TRITON_BWD_TMA=0|1 overrides)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
@@ -44,6 +45,7 @@ class Tuning:
     bwd_dk: KernelConfig | None = None
     dkdv: str = "joint"
     ws: bool = False
+    bwd_tma: bool = False
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk")
