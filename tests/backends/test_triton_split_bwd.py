@@ -113,8 +113,9 @@ def test_table_switches_and_env(monkeypatch):
                     reason="CI time: the full tier (nox -s full) and GPUs run it")
 @pytest.mark.parametrize("variant", ["joint", "split"])
 def test_bwd_tma_is_the_pointer_path(monkeypatch, variant):
-    """FLASHMUX_TRITON_BWD_TMA=1: the interior query blocks' Q/dO through tensor descriptors
-    give the same gradients as pointer loads (bitwise in the interpreter), varlen
+    """FLASHMUX_TRITON_BWD_TMA=1: the dK/dV programs' interior Q/dO tiles and the dQ
+    program's interior K/V tiles through tensor descriptors give the same gradients as pointer
+    loads (bitwise in the interpreter), varlen
     too (rows of the (rows, heads*dim) view start at each sequence's offset)."""
     monkeypatch.setenv("FLASHMUX_TRITON_DKDV", variant)
     case = (1, 300 if not INTERP else 50, 280 if not INTERP else 45, 2, 1, 64, 64, "bfloat16",

@@ -888,16 +888,22 @@ def _bwd_dq_inner(
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     slope2=0.0, ALIBI: tl.constexpr = False,
+    desc_k=None, desc_v=None, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-        vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
-        kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, MASKED,
-                   BLOCK_D != HEAD_DIM)
-        vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, MASKED,
-                   BLOCK_DV != HEAD_DIM_V)
+        if TMA and not MASKED:
+            # interior key blocks only (in bounds by construction), as in the forward
+            kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
+            vt = tl.trans(desc_v.load([k_row0 + start_n, v_col]))
+        else:
+            kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+            vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
+            kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, MASKED,
+                       BLOCK_D != HEAD_DIM)
+            vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, MASKED,
+                       BLOCK_DV != HEAD_DIM_V)
         s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :],
                           diag_off, SOFTCAP, ALIBI, False, IEEE)
         p = tl.exp2(s - lse2[:, None])
@@ -912,7 +918,7 @@ def _bwd_dq_inner(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -925,9 +931,11 @@ def attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    ALIBI: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
-    """One program per (query block, query head, batch): dQ without atomics (deterministic)."""
+    """One program per (query block, query head, batch): dQ without atomics (deterministic).
+    TMA: interior key blocks' K and V through tensor descriptors DESC_K / DESC_V over
+    (rows, heads*dim) views (FLASHMUX_TRITON_BWD_TMA=1); otherwise those are unused."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -958,6 +966,10 @@ def attn_bwd_dq(
     lo, mid0, mid1, hi = _q_band(m0, seqlen_q, seqlen_k, diag_off, window_left, window_right,
                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
+    if VARLEN:
+        k_row0 = k_start.to(tl.int32)
+    else:
+        k_row0 = b * seqlen_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(3):  # boundary, interior, boundary (as in the forward)
         start, end = _part(part, lo, mid0, mid1, hi)
@@ -966,6 +978,7 @@ def attn_bwd_dq(
             offs_dv, start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
             p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
             part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, slope2, ALIBI,
+            DESC_K, DESC_V, k_row0, hk * HEAD_DIM, hk * HEAD_DIM_V, TMA,
         )
     dq = dq * post
     tl.store(

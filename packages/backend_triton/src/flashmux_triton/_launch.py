@@ -251,7 +251,8 @@ def _tma_views(pb: _Problem, k, v):
 
 
 def bwd_tma_wanted(pb: _Problem) -> bool:
-    """Q and dO tiles of the dK/dV programs' interior query blocks through tensor descriptors:
+    """Q and dO tiles of the dK/dV programs' interior query blocks, and K and V tiles of the dQ
+    program's interior key blocks, through tensor descriptors:
     FLASHMUX_TRITON_BWD_TMA=1 (also under the interpreter, for tests); the class's
     `Tuning.bwd_tma` by default (off everywhere until the H200 measures it)."""
     env = os.environ.get("FLASHMUX_TRITON_BWD_TMA", "auto")
@@ -260,10 +261,11 @@ def bwd_tma_wanted(pb: _Problem) -> bool:
     return not pb.interpret and _tuning(pb).bwd_tma
 
 
-def _bwd_tma_views(pb: _Problem, q, do):
-    """(TensorDescriptor, [(q, shape, strides, d), (do, ...)]): (rows, Hq*dim) views of Q and
-    dO for the dK/dV programs, or None (not wanted, float32, padded head dims, a layout
-    without contiguous heads, or no descriptors on this device/triton)."""
+def _bwd_tma_views(pb: _Problem, q, do, heads=None):
+    """(TensorDescriptor, [(q, shape, strides, d), (do, ...)]): (rows, heads*dim) views of Q and
+    dO for the dK/dV programs (or of K and V for the dQ program, heads=pb.hkv), or None (not
+    wanted, float32, padded head dims, a layout without contiguous heads, or no descriptors on
+    this device/triton)."""
     if not bwd_tma_wanted(pb) or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
         return None
     if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
@@ -282,7 +284,7 @@ def _bwd_tma_views(pb: _Problem, q, do):
             return None
         if (row_stride * x.element_size()) % 16 or x.data_ptr() % 16:
             return None
-        views.append((x, [rows, pb.hq * d], [row_stride, 1], d))
+        views.append((x, [rows, (heads or pb.hq) * d], [row_stride, 1], d))
     return TensorDescriptor, views
 
 
@@ -432,14 +434,22 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+    ktma = _bwd_tma_views(pb, k, v, heads=pb.hkv)  # the dQ program's K/V (same switch)
+
     def run_dq(cfg: T.KernelConfig):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
+        if ktma is None:
+            kv_descs = (k, v)  # unused
+        else:
+            TD, views = ktma
+            kv_descs = tuple(TD(x, shape, strides, [cfg.block_n, d]) for x, shape, strides, d in views)
         K.attn_bwd_dq[grid](
-            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg,
+            q, k, v, do, lse, delta, dq, cu_q_arg, cu_k_arg, *kv_descs,
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dq, pb.varlen),
             *lse_str, *common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), **alibi,
+            **(dict(TMA=True) if ktma is not None else {}),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
