@@ -150,7 +150,8 @@ def test_fused_merge_leaves_its_counters_at_zero(monkeypatch):
         launch.persist = True
         monkeypatch.setattr(_decode, "_stream_key", lambda dev: 0)
         monkeypatch.setattr(_decode, "_capturing", lambda: False)
-        for n in ((5, 40, 47), (0, 1, 33), (47, 47, 47)):
+        # the merge kernel (fused 0) once: its counters are not the point (CI time)
+        for n in ((5, 40, 47), (0, 1, 33), (47, 47, 47))[: 3 if fused else 1]:
             lens = torch.tensor(n, dtype=torch.int32, device=DEV)
             out, lse = launch(q, kc, vc, lens, table, None, 1)  # seqlen_add: lengths + 1
             want = flashmux.attention_with_kvcache(

@@ -54,6 +54,10 @@ def fresh(monkeypatch):
 
 @pytest.mark.parametrize("page, seed", [(16, 2), (16, 3), (0, 2)])
 def test_fused_append_gives_the_bits_of_the_separate_append(fresh, page, seed):
+    if seed == 3 and not torch.cuda.is_available() and \
+            os.environ.get("FLASHMUX_TEST_SIZE") != "full":
+        pytest.skip("interpreter (CI time): the second seed runs on a GPU or with "
+                    "FLASHMUX_TEST_SIZE=full")
     g = torch.Generator().manual_seed(seed)
     b, hq, hkv, d, cap, snew = 4, 8, 2, 32, 512, 3
 
