@@ -57,7 +57,7 @@ def _bits_tile(BITS, tid, r_loc, c0, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
     NW: tl.constexpr = BLOCK_N // 32
     base = BITS + tid.to(tl.int64) * (MBS * WORDS)
     w = tl.load(base + r_loc[:, None] * WORDS + (c0 // 32 + tl.arange(0, NW))[None, :])
-    b = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    b = w[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]  # one AND per element
     return tl.reshape(b, (r_loc.shape[0], BLOCK_N)) != 0
 
 
@@ -133,12 +133,14 @@ def _bs_fwd_tile(
     ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
     s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, FOLD,
                          IEEE)
-    if CHECK or PARTIAL:
+    if CHECK:  # a tail or causal/window (CHECK_FULL): bounds and band, and the bits
         ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
+    elif PARTIAL:  # in bounds, no band: the bitmask alone (an AND and a select per score)
+        s = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s, float("-inf"))
     return _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :], p_drop, seed,
                        bh, FOLD, True, DROPOUT, IEEE)
 
@@ -284,15 +286,19 @@ def _bs_dkdv_tile(
     st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, rows[None, :], offs_n[:, None],
                         diag_off, SOFTCAP, ALIBI, False, IEEE)
     pt = tl.exp2(st - lse2[None, :])
-    if CHECK or PARTIAL:
+    if PARTIAL:
+        if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
+            bits = tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
+        else:
+            bits = _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
+    if CHECK:
         ok = _band_ok(rmask[None, :], rows[None, :], offs_n[:, None], diag_off, window_left,
                       window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
-            if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
-                ok = ok & tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
-            else:
-                ok = ok & _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
+            ok = ok & bits
         pt = tl.where(ok, pt, 0.0)
+    elif PARTIAL:  # in bounds, no band: the bitmask alone
+        pt = tl.where(bits, pt, 0.0)
     dk, dv, _ = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
                           sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
     return dk, dv
@@ -439,12 +445,14 @@ def _bs_dq_tile(
     s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :], diag_off,
                       SOFTCAP, ALIBI, False, IEEE)
     p = tl.exp2(s - lse2[:, None])
-    if CHECK or PARTIAL:
+    if CHECK:
         ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         p = tl.where(ok, p, 0.0)
+    elif PARTIAL:
+        p = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
     return _dq_acc(dq, p, t, do, vt, kt, delta, offs_m[:, None], cols[None, :], p_drop,
                    drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
 
