@@ -32,3 +32,15 @@ def test_the_environment_sets_the_tuning_fields(monkeypatch):
     monkeypatch.setenv("FLASHMUX_PALLAS_DECODE", "prefetch_pages=1")
     with pytest.raises(ValueError, match="prefetch_pages"):
         decode.plan(shapes, p, interpret=False, cores=132)
+
+
+def test_whole_wave_splits():
+    """Session 8's `waves` field: splits that keep every program in whole waves (B8 Hkv8 on
+    132 SMs: 3 stages -> one 128-key program per SM -> 2 splits; 2 stages -> 3 per SM -> 6)."""
+    from flashmux_pallas import decode as D
+
+    assert D.whole_wave_splits(8, 8, 1, 32768, 132, 128, 128, 2, 3, 1) == 2
+    assert D.whole_wave_splits(8, 8, 1, 32768, 132, 128, 128, 2, 2, 1) == 6
+    assert D.whole_wave_splits(8, 8, 1, 32768, 132, 128, 128, 2, 2, 2) == 12
+    assert D.whole_wave_splits(8, 8, 1, 512, 132, 128, 128, 2, 2, 1) == 2  # capacity // 256
+    assert D.whole_wave_splits(1, 1, 1, 1 << 20, 132, 128, 128, 2, 2, 4) == D.MAX_SPLITS

@@ -77,7 +77,7 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "programs_per_sm")
+                  "programs_per_sm", "waves")
 
 
 def _env_override() -> dict:
@@ -136,6 +136,21 @@ def choose_splits(
     return int(max(1, min(want, by_len, MAX_SPLITS)))
 
 
+def whole_wave_splits(batch: int, heads_kv: int, row_blocks: int, capacity: int, cores: int,
+                      block_n: int, head_dim: int, itemsize: int, stages: int,
+                      waves: int) -> int:
+    """Splits that fill `waves` whole waves (session 8, `waves` tuning field): the programs
+    that fit the GPU at once are SMs x programs per SM, estimated from the pipeline's K/V
+    buffers ((stages - 1) tiles of block_n keys of K and V, plus ~8 KiB; at most 4 per SM), and
+    the splits are the most that keep every program in those waves."""
+    smem = max(1, stages - 1) * block_n * 2 * head_dim * itemsize + 8 * 1024
+    per_sm = max(1, min(4, (227 * 1024) // smem))
+    programs = max(1, batch * heads_kv * row_blocks)
+    want = (waves * per_sm * max(cores, 1)) // programs
+    by_len = max(1, capacity // MIN_KEYS_PER_SPLIT)
+    return int(max(1, min(want, by_len, MAX_SPLITS)))
+
+
 def _core_count(default: int = 132) -> int:
     try:
         import jax
@@ -172,9 +187,15 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
     pages = max(1, bn_cap // block_n) if s.paged else 1
     pages = ov.get("pages_per_step", pages) if s.paged else 1
     ns = params.num_splits
+    import jax.numpy as jnp
+
     if ns is None:
         if interpret:
             ns = 1
+        elif ov.get("waves"):
+            ns = whole_wave_splits(
+                s.batch, s.heads_kv, row_blocks, s.capacity, cores or _core_count(), block_n * pages,
+                s.head_dim, jnp.dtype(s.dtype).itemsize, stages, ov["waves"])
         else:
             ns = choose_splits(
                 s.batch,
@@ -184,7 +205,6 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
                 cores or _core_count(),
                 ov.get("programs_per_sm", 0),
             )
-    import jax.numpy as jnp
 
     return DecodeStatic(
         scale=float(params.scale),
