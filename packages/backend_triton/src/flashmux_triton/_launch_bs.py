@@ -74,8 +74,12 @@ def _mask_args(bm, hq):
 def _launch(pb, which, mbs, run):
     """run(cfg, block_m, block_n) with the plain kernels' tiles for this shape class, capped at
     the mask block (kernel tiles divide it: both are powers of two); smaller tiles on
-    shared-memory exhaustion."""
+    shared-memory exhaustion. FLASHMUX_TRITON_BS_FWD / _BWD_DQ / _BWD_DKDV = "m,n,warps,stages"
+    set one kernel's config (for sweeps on a GPU)."""
     t = _tuning(pb)
+    env = os.environ.get("FLASHMUX_TRITON_BS_" + which.upper())  # "block_m,block_n,warps,stages"
+    if env:  # a tile config for the block-sparse kernel only (GPU sweeps; tuning.py untouched)
+        t = T.with_config(t, which, T.KernelConfig(*(int(x) for x in env.split(","))))
     while True:
         cfg = getattr(t, which)
         try:
