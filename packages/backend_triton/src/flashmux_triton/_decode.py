@@ -615,10 +615,19 @@ def kernel_for(spec, params) -> str:
     paging = ""
     if params.page_size:
         paging = ", one page lookup per block" if page_block else ", page lookup per key row"
+        if not page_block and cfg.page_select and cfg.block_n % params.page_size == 0:
+            paging = (f", {cfg.block_n // params.page_size} page ids per block as scalar "
+                      "loads")
+    split = f"{split_len} keys per split"
+    if cfg.balanced and params.num_splits is None:
+        split = (f"length-balanced splits (at least {cfg.min_blocks_per_split * cfg.block_n} "
+                 "keys each, from the device lengths)")
+        ns = 2  # the merge runs
+    extra = ", programmatic dependent launch" if cfg.pdl and spec.device_type == "cuda" else ""
     return (f"triton split-KV decode (block_m {block_m} packing {spec.heads_q // spec.heads_kv} "
             f"heads x {spec.seqlen_q} rows, block_n {cfg.block_n}, {cfg.num_warps} warps, "
-            f"{cfg.num_stages} stages, {split_len} keys per split{paging}"
-            f"{merge if ns > 1 else ''})")
+            f"{cfg.num_stages} stages, {split}{paging}"
+            f"{merge if ns > 1 else ''}{extra})")
 
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, config=None):
