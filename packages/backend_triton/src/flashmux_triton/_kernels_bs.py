@@ -268,6 +268,7 @@ def _bs_dkdv_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
+    n0=0,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -283,8 +284,9 @@ def _bs_dkdv_tile(
     delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     # (BLOCK_N, BLOCK_M): keys x queries
-    st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, rows[None, :], offs_n[:, None],
-                        diag_off, SOFTCAP, ALIBI, False, IEEE)
+    # ALiBi distances in float (_alibi_rc) from the program's first key n0
+    ar, ac, aoff = _alibi_rc(rows[None, :], tl.arange(0, BLOCK_N)[:, None], n0, diag_off, ALIBI)
+    st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False, IEEE)
     pt = tl.exp2(st - lse2[None, :])
     if PARTIAL:
         if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
@@ -337,7 +339,7 @@ def _bs_dkdv_list(
                 seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, slope2,
                 p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                 CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
-                BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA,
+                BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA, n0,
             )
     return dk, dv
 
@@ -442,8 +444,8 @@ def _bs_dq_tile(
         vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
         kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
         vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK, True)
-    s, _, t = _scores(q, kt, scale_a, scale_b, slope2, offs_m[:, None], cols[None, :], diag_off,
-                      SOFTCAP, ALIBI, False, IEEE)
+    ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
+    s, _, t = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False, IEEE)
     p = tl.exp2(s - lse2[:, None])
     if CHECK:
         ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
