@@ -182,12 +182,14 @@ def test_not_taken_under_compile_or_for_subclasses(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("kernel", ["default", "cudnn", "flash", "efficient"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
-    """Each torch GPU kernel of native: the prepared step gives the checked path's out, lse and
-    gradients bitwise (GQA, causal, bf16), and its output is judged against float64."""
-    monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", kernel)
+    """Each torch GPU kernel of native (default: native's own pick, where the runner may call
+    SDPA itself): the prepared step gives the checked path's out, lse and gradients bitwise (GQA,
+    causal, bf16), and its output is judged against float64."""
+    if kernel != "default":
+        monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", kernel)
     q, k, v = (x.cuda().requires_grad_() for x in qkv(b=2, sq=256, sk=256, hq=8, hkv=2, d=d,
                                                       dtype=torch.bfloat16))
     res = []
@@ -203,6 +205,7 @@ def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
             out3 = flashmux.attention(q, k, v, causal=True, backend="native")
         res.append((out, lse, out2, out3) + grads)
     assert {s.be.name for s in _prepared.steps.values()} == {"native"}
+    print("runners:", [getattr(s.runner, "kernel", "aten") for s in _prepared.steps.values()])
     for fast_res in res[:2]:
         for i, (a, b) in enumerate(zip(fast_res, res[2])):
             if i == 3:  # no gradient: cuDNN / efficient run without the lse output (SDPA's call)
@@ -212,3 +215,27 @@ def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
     want, _ = reference_forward(*(x.detach().double().cpu().numpy() for x in (q, k, v)),
                                 causal=True)
     np.testing.assert_allclose(res[0][0].float().cpu().numpy(), want, atol=2e-2)
+
+
+def test_sdpa_call_only_when_sdpa_runs_natives_kernel():
+    """native's prepared runner calls F.scaled_dot_product_attention when SDPA picks the kernel
+    native chose (the CPU flash kernel here), bitwise the aten op's output; SDPA's backend
+    switches are part of the signature, so under sdpa_kernel(MATH) the step is a new one that
+    keeps the aten op."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = qkv(grad=True)
+    ref = checked(q, k, v, causal=True)
+    for _ in range(2):
+        out = flashmux.attention(q, k, v, causal=True)
+    (step,) = _prepared.steps.values()
+    assert getattr(step.runner, "kernel", None) == "cpu_flash"  # the SDPA route
+    assert torch.equal(out, ref)
+    g_fast = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(g_fast, g_ref))
+    with sdpa_kernel(SDPBackend.MATH):
+        out = flashmux.attention(q, k, v, causal=True)
+    assert len(_prepared.steps) == 2
+    assert getattr(list(_prepared.steps.values())[1].runner, "kernel", None) is None  # aten op
+    assert torch.equal(out, ref)

@@ -35,6 +35,14 @@ _ENV_GQA = "FLASHMUX_NATIVE_GQA"
 _MAX_STEPS = 4096
 
 _Tensor = torch.Tensor
+# SDPA's backend switches (torch.backends.cuda.enable_*_sdp, sdpa_kernel): part of the signature,
+# since native's runner may call SDPA itself when SDPA would pick native's kernel
+_sdp_flags = tuple(getattr(torch._C, n, None) for n in (
+    "_get_flash_sdp_enabled", "_get_mem_efficient_sdp_enabled", "_get_cudnn_sdp_enabled",
+    "_get_math_sdp_enabled"))
+if None in _sdp_flags:  # pragma: no cover - an older torch: no SDPA call from the runner
+    _sdp_flags = ()
+_f0, _f1, _f2, _f3 = _sdp_flags or (bool, bool, bool, bool)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 # os.environ's own mapping (what os.environ.get reads, minus its key encoding and KeyError: ~0.6
@@ -78,7 +86,7 @@ def key(q, k, v, causal, scale, window, softcap, return_lse, deterministic, back
             v.dtype, q.device, k.device, v.device, q.requires_grad, k.requires_grad,
             v.requires_grad, _grad_enabled(), type(causal), causal, type(scale), scale, window,
             type(softcap), softcap, type(return_lse), return_lse, type(deterministic),
-            deterministic, forced, env[1], env[2],
+            deterministic, forced, env[1], env[2], _f0(), _f1(), _f2(), _f3(),
         )
         hash(sig)
     except TypeError:  # an unhashable keyword value: the checked path says what is wrong

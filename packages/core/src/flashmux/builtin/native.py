@@ -350,8 +350,13 @@ class NativeBackend(Backend):
         if params.varlen or params.dropout_p or (grad and params.return_lse):
             return None
         kern = self._kernel(q, k, v, params, None)
-        return _torch_runner(kern, params, int(q.shape[1]), int(q.shape[2]) // int(k.shape[2]),
-                             grad)
+        run = _torch_runner(kern, params, int(q.shape[1]), int(q.shape[2]) // int(k.shape[2]),
+                            grad)
+        if SDPA_CALL and not params.return_lse:
+            sdpa = _sdpa_runner(kern, params, q, k, v)
+            if sdpa is not None:
+                return sdpa
+        return run
 
     def backward(self, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, params: Params):
         kern = self._kernel(q, k, v, params, cu_seqlens_q)
@@ -484,6 +489,49 @@ def _torch_runner(kern, p: Params, sq: int, g: int, grad: bool):
         return out.transpose(1, 2).contiguous(), lse
 
     run.bhsd = None if want_lse else run_bhsd  # type: ignore[attr-defined]
+    return run
+
+
+# The prepared runner calls torch.nn.functional.scaled_dot_product_attention itself when SDPA
+# would run the very kernel native chose, with the same arguments (checked once per signature by
+# torch._fused_sdp_choice; SDPA's backend switches are part of the signature): the same kernel,
+# the same output, without the Python cost of calling the aten op through torch.ops (~5 us per
+# call on the development CPU). False: always the aten op.
+SDPA_CALL = True
+_SDPA_BACKEND = {"cpu_flash": 1, "flash": 1, "efficient": 2, "cudnn": 3}  # torch's SDPBackend
+
+
+def _sdpa_runner(kern, p: Params, q, k, v):
+    """A runner through F.scaled_dot_product_attention for (B, S, H, D) tensors like q, k, v (with
+    a `bhsd` form), or None when SDPA would not run `kern` on them: K/V repeated for `kern`,
+    $FLASHMUX_NATIVE_KERNELS set (A/B runs pin the aten op), or another choice."""
+    import torch
+
+    g = int(q.shape[2]) // int(k.shape[2])
+    if (g > 1 and not _takes_kv_heads(kern)) or os.environ.get(ENV_KERNELS):
+        return None
+    causal, scale, gqa = _is_causal(p, int(q.shape[1])), p.scale, g > 1
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    try:
+        choice = int(torch._fused_sdp_choice(qt, kt, vt, None, 0.0, causal, scale=scale,
+                                             enable_gqa=gqa))
+    except Exception:  # an older torch (no enable_gqa) or no such function: the aten op
+        return None
+    if choice != _SDPA_BACKEND.get(kern):
+        return None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run_bhsd(qt, kt, vt):
+        out = sdpa(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+
+    def run(q, k, v):
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                   scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+
+    run.bhsd = run_bhsd  # type: ignore[attr-defined]
+    run.kernel = kern  # type: ignore[attr-defined]
     return run
 
 
