@@ -3,7 +3,9 @@ checks and the dispatch, later calls of the same signature go straight to the ch
 
 What a repeated model layer pays per call is then a key (shapes, strides, dtypes, devices, grad
 flags, keyword values with their types, the forced backends, the environment variables the
-dispatcher and the native backend read) and one dict lookup, then the backend's own runner:
+dispatcher and the native backend read, SDPA's backend switches and torch's deterministic flag,
+which native's runner depends on when it calls SDPA; not SDPA's priority order, set through
+sdpa_kernel(..., set_priority=True)) and one dict lookup, then the backend's own runner:
 `Backend.prepare_torch(params, q, k, v, grad)` when it has one (native: the aten SDPA op with
 its kernel, causal flag and scale fixed, under torch's own autograd), else the checked path's
 `_run` minus the checks and the dispatch.
@@ -43,6 +45,7 @@ _sdp_flags = tuple(getattr(torch._C, n, None) for n in (
 if None in _sdp_flags:  # pragma: no cover - an older torch: no SDPA call from the runner
     _sdp_flags = ()
 _f0, _f1, _f2, _f3 = _sdp_flags or (bool, bool, bool, bool)
+_deterministic = torch.are_deterministic_algorithms_enabled  # SDPA's choice may depend on it
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 # os.environ's own mapping (what os.environ.get reads, minus its key encoding and KeyError: ~0.6
@@ -87,6 +90,7 @@ def key(q, k, v, causal, scale, window, softcap, return_lse, deterministic, back
             v.requires_grad, _grad_enabled(), type(causal), causal, type(scale), scale, window,
             type(softcap), softcap, type(return_lse), return_lse, type(deterministic),
             deterministic, forced, env[1], env[2], _f0(), _f1(), _f2(), _f3(),
+            _deterministic(),
         )
         hash(sig)
     except TypeError:  # an unhashable keyword value: the checked path says what is wrong
