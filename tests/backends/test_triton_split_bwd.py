@@ -105,6 +105,26 @@ def test_table_switches_and_env(monkeypatch):
     assert not _launch.ws_wanted(pb)  # never below sm90
 
 
+def test_table_tma_falls_back_when_descriptors_fail(monkeypatch):
+    """Tensor descriptors turned on by the table (not forced by the environment): a kernel that
+    fails with them is rerun without, the class remembers it, and the gradients are right."""
+    from flashmux_triton import _kernels as K
+
+    monkeypatch.delenv("FLASHMUX_TRITON_BWD_TMA", raising=False)
+    monkeypatch.setattr(_launch, "bwd_tma_wanted", lambda pb: True)
+    monkeypatch.setattr(_launch, "_BWD_TMA_BROKEN", set())
+    orig = K.attn_bwd_dq.run
+
+    def run(*a, **kw):
+        if kw.get("TMA"):
+            raise RuntimeError("no descriptors here")
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(K.attn_bwd_dq, "run", run)
+    tk._run_case(1, 20, 24, 2, 1, 16, 16, "float16", {"causal": True})
+    assert len(_launch._BWD_TMA_BROKEN) == 1
+
+
 # ------------------------------------------------------------------------------------------
 # GPU: head_dim 192 / 256 with the table's configs, and the warp-specialized forward
 # ------------------------------------------------------------------------------------------

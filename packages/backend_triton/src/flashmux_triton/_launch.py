@@ -250,6 +250,9 @@ def _tma_views(pb: _Problem, k, v):
     return TensorDescriptor, views
 
 
+_BWD_TMA_BROKEN: set = set()
+
+
 def bwd_tma_wanted(pb: _Problem) -> bool:
     """Q and dO tiles of the dK/dV programs' interior query blocks, and K and V tiles of the dQ
     program's interior key blocks, through tensor descriptors:
@@ -411,7 +414,9 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
     fused = fused_bwd_wanted() and not params.deterministic
     variant = dkdv_variant(pb, fused)
     # Q/dO of the dK/dV programs' interior query blocks through tensor descriptors (opt-in)
-    btma = _bwd_tma_views(pb, q, do) if variant != "split_t" else None
+    btma = None
+    if variant != "split_t" and pb.shape not in _BWD_TMA_BROKEN:
+        btma = _bwd_tma_views(pb, q, do)
     tma_flag = dict(TMA=True) if btma is not None else {}
 
     def descs(cfg: T.KernelConfig):
@@ -434,7 +439,8 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    ktma = _bwd_tma_views(pb, k, v, heads=pb.hkv)  # the dQ program's K/V (same switch)
+    # the dQ program's K/V (same switch)
+    ktma = _bwd_tma_views(pb, k, v, heads=pb.hkv) if pb.shape not in _BWD_TMA_BROKEN else None
 
     def run_dq(cfg: T.KernelConfig):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
@@ -468,15 +474,30 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             )
         return run_one
 
-    if variant != "joint":
-        _launch(pb, "bwd_dv", run_role(1))
-        _launch(pb, "bwd_dk", run_role(2))
-    else:
-        _launch(pb, "bwd_dkdv", run_dkdv)
-    if fused:
-        dq.copy_(dq_acc)
-    else:
-        _launch(pb, "bwd_dq", run_dq)
+    def run_all():
+        if variant != "joint":
+            _launch(pb, "bwd_dv", run_role(1))
+            _launch(pb, "bwd_dk", run_role(2))
+        else:
+            _launch(pb, "bwd_dkdv", run_dkdv)
+        if fused:
+            dq.copy_(dq_acc)
+        else:
+            _launch(pb, "bwd_dq", run_dq)
+
+    if (btma is not None or ktma is not None) and os.environ.get("FLASHMUX_TRITON_BWD_TMA") != "1":
+        # on by the tuning table: a compiler without working descriptors costs this class the
+        # descriptors, not the call (every kernel rewrites its whole output, so a rerun is safe)
+        try:
+            run_all()
+            return dq, dk, dv
+        except triton.runtime.errors.OutOfResources:
+            raise
+        except Exception:  # noqa: BLE001 - a compile failure of the descriptor path
+            _BWD_TMA_BROKEN.add(pb.shape)
+            btma = ktma = None
+            tma_flag = {}
+    run_all()
     return dq, dk, dv
 
 
