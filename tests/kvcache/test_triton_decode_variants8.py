@@ -58,15 +58,14 @@ def _case(page, seed, lens, sq=1, d=32):
                                     dict(off32=1, page_prefetch=0), dict(l2_prefetch=2),
                                     dict(page_dual=1), dict(page_select=1),
                                     dict(off32=1, page_select=1), dict(pdl=1),
-                                    dict(pdl=1, l2_prefetch=2)])
+                                    dict(pdl=1, l2_prefetch=2),
+                                    dict(fused_merge=0, off32=1, page_select=1, pdl=1)])
 def test_variant_matches_reference(page, fields):
     if not page and "off32" not in fields and (
             {"page_prefetch", "page_dual", "page_select"} & set(fields)):
         pytest.skip("page_prefetch, page_dual and page_select only change paged launches")
     if "l2_prefetch" in fields and (page or not torch.cuda.is_available()):
         pytest.skip("the L2 prefetch (inline PTX) runs on compiled GPUs, contiguous caches")
-    if "pdl" in fields and not torch.cuda.is_available():
-        pytest.skip("programmatic dependent launch: compiled sm90+ GPUs only")
     if _FEW and (",".join(fields), page) not in _CI_VARIANTS:
         pytest.skip("interpreter: a few cases (FLASHMUX_TEST_SIZE=full runs them all)")
     # 32-key blocks: pages of 16 take a per-row gather, pages of 32 one lookup per block
@@ -97,12 +96,20 @@ def test_candidates_labels_are_distinct():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("fields", [dict(pdl=1, l2_prefetch=2), dict(page_select=1)])
+@pytest.mark.parametrize("fields", [dict(pdl=1, l2_prefetch=2), dict(page_select=1),
+                                    dict(fused_merge=0, off32=1, page_select=1, pdl=1)])
 def test_variant_in_a_cuda_graph(fields):
     """Three decode steps captured in one CUDA graph (a PDL launch's programmatic edge between
     them), replayed with new lengths: equal to the eager calls, and judged."""
     cfg = T.DecodeConfig(128, 4, 3, 1.0, **fields)
-    page = 16 if "page_select" in fields else 0
+    pages = [16 if "page_select" in fields else 0]
+    if fields.get("fused_merge") == 0:
+        pages = [0, 16]  # the merge kernel after the decode kernel, contiguous and paged
+    for page in pages:
+        _graph_case(cfg, page)
+
+
+def _graph_case(cfg, page):
     q, kc, vc, seqlens, table, _ = _case(page, 11, [128, 40, 100], d=64)
     p = DecodeParams(scale=0.125, causal=True, window_left=None, window_right=0, softcap=None,
                      alibi=False, num_splits=2, page_size=page, return_lse=False)

@@ -514,8 +514,12 @@ def decode_merge(
     stride_lb, stride_lh,
     seqlen_q, heads_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """Merge the splits of one (batch, query head, query row) by their lse."""
+    """Merge the splits of one (batch, query head, query row) by their lse. PDL: launched with
+    programmatic dependent launch after the decode kernel; waits for it before any read."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     i = pid % seqlen_q
     h = (pid // seqlen_q) % heads_q
@@ -912,7 +916,7 @@ class _Launch:
         self.merge_grid = (b * hq * sq,)
         self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
         self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                             BLOCK_DV=block_dv, num_warps=4)
+                             BLOCK_DV=block_dv, num_warps=4, PDL=self.pdl)
         self.dev = q.device
         # fused merge: per stream, the ticket counters (zeroed once, left at 0 by each launch)
         # and the float32 partials (stream order makes reuse safe); under CUDA-graph capture
@@ -982,7 +986,7 @@ class _Launch:
                 self.fast[seqlen_add] = f or False
         if self.split and not self.fused:
             decode_merge[self.merge_grid](o_dst, l_dst, out, lse, *self.merge_args,
-                                          **self.merge_kw)
+                                          **self.merge_kw, **self.launch_kw)
         return out, lse
 
 

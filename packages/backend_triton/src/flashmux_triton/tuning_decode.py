@@ -132,6 +132,16 @@ CANDIDATES = (
     # c28-c29: length-balanced splits (c1; c3 for small pages)
     DecodeConfig(128, 4, 3, 1.0, balanced=1),
     DecodeConfig(64, 4, 3, 1.0, balanced=1),
+    # c30-c35, from the 17:40 H200 call (4k: the merge kernel beat the in-kernel merge, c18 37.9
+    # vs c1 38.8 us; int32 offsets fixed the paged kernels' spills, c12 pages16 42.8 vs c1
+    # 50.9): merge kernel + off32, with page_select, with PDL (the merge kernel PDL-launched
+    # too), and c25 + PDL; c35 64-key blocks with both
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, page_select=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1),
+    DecodeConfig(128, 4, 3, 1.0, off32=1, page_select=1, pdl=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, page_select=1, pdl=1),
+    DecodeConfig(64, 4, 3, 1.0, fused_merge=0, off32=1),
 )
 
 
