@@ -78,11 +78,13 @@ def _c(m, n, w, s):
 _D64 = Tuning(_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(64, 64, 4, 3))
 _D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3))
 _D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3))
-# head_dim 256's split backward (dV program, dK program): 128-row key blocks, one fp32
-# accumulator each (NOTES.md session 8); not yet measured, so dkdv stays "joint" until the
-# H200 says a split is faster
+# head_dim 256's split backward (a dV program and a dK program, 128-row key blocks, one fp32
+# accumulator each), the default since the H200 measured it (2026-11-30 17:39, triton 3.6, bf16,
+# S=4096 non-causal, NOTES.md session 8): dK/dV kernels 4.14 -> 2.70 ms, whole backward 231 ->
+# 306 TFLOP/s; configs from its sweep (dV (64,128,8,2) 277 ~ (32,128,8,4) 277; dK (32,128,8,3)
+# 306 > (32,128,8,2) 279); causal takes the same (not yet measured)
 _D256 = Tuning(_c(128, 64, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 1),
-               bwd_dv=_c(32, 128, 8, 3), bwd_dk=_c(32, 128, 8, 2))
+               bwd_dv=_c(64, 128, 8, 2), bwd_dk=_c(32, 128, 8, 3), dkdv="split")
 TABLE_SM90: dict[tuple[int, bool], Tuning] = {
     (16, False): _D64,
     (16, True): _D64_CAUSAL,
