@@ -324,8 +324,12 @@ def variants(backend: str, configs: str):
 
         if not configs:
             return [(None, "default")]
-        idx = range(len(T.CANDIDATES)) if configs == "all" else [int(i) for i in configs.split(",")]
-        return [(T.CANDIDATES[i], f"c{i} {T.CANDIDATES[i].label()}") for i in idx]
+        if configs == "all":
+            return [(c, f"c{i} {c.label()}") for i, c in enumerate(T.CANDIDATES)]
+        # "d": the default (tuning_decode.config_for) among the indices
+        return [(None, "default") if i == "d" else
+                (T.CANDIDATES[int(i)], f"c{i} {T.CANDIDATES[int(i)].label()}")
+                for i in configs.split(",")]
     if backend == "pallas":
         if not configs:
             return [(None, "default")]
@@ -347,7 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pages", default="0,16,64", help="page sizes, 0 = contiguous cache")
     ap.add_argument("--shuffle", action="store_true", help="permuted block tables")
     ap.add_argument("--splits", default="auto", help="auto and/or forced split counts")
-    ap.add_argument("--configs", default="", help="'all' or indices (see the module doc)")
+    ap.add_argument("--configs", default="",
+                    help="'all' or indices (see the module doc); triton: 'd' is the default")
     ap.add_argument("--quick", action="store_true", help="Sk 4k and 32k")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", default="32,8", help="Hq,Hkv")

@@ -56,7 +56,31 @@ def compile_decode(target, dtype="bf16", d=128, paged=False, page_block=False, s
                        options={"num_warps": warps, "num_stages": cfg.num_stages,
                                 **({"launch_pdl": True} if cfg.pdl else {})})
     ir = k.asm["ttgir"]
-    return k.metadata.shared, ir.count("async_copy_global_to_local")
+    return k.metadata.shared, ir.count("async_copy_global_to_local"), _registers(k)
+
+
+def _registers(k) -> str:
+    """ptxas's registers and stack (spills) per thread, from the cubin (cuobjdump, shipped with
+    the triton wheel); '' when it cannot be read."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    cubin = k.asm.get("cubin")
+    if not cubin or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    for line in out.splitlines():
+        if "REG:" in line:
+            parts = dict(p.split(":") for p in line.split() if ":" in p)
+            return f", {parts.get('REG')} registers, stack {parts.get('STACK')} B"
+    return ""
 
 
 def main():
@@ -83,10 +107,10 @@ def main():
     for v in variants:
         t0 = time.time()
         try:
-            smem, copies = compile_decode(target, **v)
+            smem, copies, regs = compile_decode(target, **v)
             label = ", ".join(f"{k}={c.label() if k == 'cfg' else c}" for k, c in v.items())
-            print(f"{label or 'default'}: shared {smem / 1024:.0f} KiB, async copies {copies}, "
-                  f"{time.time() - t0:.0f} s", flush=True)
+            print(f"{label or 'default'}: shared {smem / 1024:.0f} KiB, async copies {copies}"
+                  f"{regs}, {time.time() - t0:.0f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"{v}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 

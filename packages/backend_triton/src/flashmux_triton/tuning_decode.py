@@ -175,16 +175,20 @@ def smaller(cfg: DecodeConfig) -> DecodeConfig | None:
 def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int,
                capacity: int = 0) -> DecodeConfig:
     """The default for a shape class. D = 256 and float32 use 64-key blocks (registers). 16-bit
-    D <= 128, from the H200 (2026-11-30 15:00 UTC, B8 Hq32 Hkv8 D128 bf16, Sk 4k-128k, CUDA-graph
-    timed, NOTES.md): contiguous caches and pages the 128-key block divides take 128-key blocks
-    and one wave (c1: 3377 / 4371 / 4489 GB/s at 4k / 32k / 128k, c0 with two waves 2908 / 4235
-    / 4449); smaller pages take 64-key blocks (c3 with 16-token pages: 2973 / 4118 / 4319, c1
-    2602 / 3490 / 3700: the per-key page gather costs less with narrower blocks)."""
+    D <= 128: 128-key blocks, 3 stages, one wave, the merge kernel (fused_merge=0) and int32
+    row offsets; pages smaller than the block take their page ids as scalar loads
+    (page_select). From the H200 (2026-11-30 17:40 UTC, B8 Hq32 Hkv8 D128 bf16 Sq1 4k,
+    CUDA-graph timed, NOTES.md "Decode, session 8"): the merge kernel beat the in-kernel merge
+    (c18 37.9 vs c1 38.8 us contiguous; 46.4 vs 50.9 at 16-token pages), int32 offsets
+    removed the paged kernels' register spills (c12 42.8 vs c1 50.9 us at 16-token pages,
+    40.0 vs 45.7 at 64); page_select (no layout conversions, 152 registers) is the
+    sm90-compile choice for small pages, first timed in the 18:35 call. Session 7's c1 / c3
+    (the in-kernel merge) stay candidates."""
     d = max(head_dim, head_dim_v)
     if dtype == "float32" or d > 128:
         cfg = DecodeConfig(64, 4, 2, 2.0)
     elif page_size and page_size % 128:
-        cfg = DecodeConfig(64, 4, 3, 1.0)
+        cfg = DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, page_select=1)
     else:
-        cfg = DecodeConfig(128, 4, 3, 1.0)
+        cfg = DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1)
     return _override(cfg)
