@@ -188,7 +188,7 @@ def test_gpu_split_deterministic_large(split):
 
 @gpu_only
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [128])
+@pytest.mark.parametrize("d", [128, 256])
 def test_gpu_warp_specialized_forward(monkeypatch, d, causal):
     """FLASHMUX_TRITON_WS=1 (forced: a compile failure raises here instead of falling back):
     forward and backward judged against float64, lengths off the blocks."""
