@@ -960,7 +960,9 @@ class _Launch:
         dev = q.device
         out = torch.empty(self.out_shape, dtype=q.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev)
-        if self.fused and self.persist:
+        if self.split and self.persist:
+            # kept per stream (stream order: the next step's decode writes them after this
+            # step's merge, in the launch or in the merge kernel, has read them)
             o_dst, l_dst, cnt = self._buffers(dev)
         elif self.split:  # both float32 partials in one allocation
             o_dst, l_dst, cnt = self._new_buffers(dev)
