@@ -66,3 +66,32 @@ def test_sm80_archs_from_env(tmp_path, monkeypatch):
     monkeypatch.delenv("FLASHMUX_CUDA_SM80_ARCHS")
     assert b.BuildConfig.from_env(archs="80;90").sm80_archs is None
     assert b.BuildConfig.from_env(archs="80;90", sm80_archs="80").sm80_archs == ("80",)
+
+
+def test_long_units_are_listed_first(tmp_path):
+    """build.ninja lists the units longest first (ninja starts ready units in that order)."""
+    src = tmp_path / "csrc"
+    names = [
+        "api.cu",
+        "decode/decode.cu",
+        "sm80/bwd_aux.cu",
+        "sm80/bwd_hdim64.cu",
+        "sm80/fwd_extras_hdim64.cu",
+        "sm80/fwd_hdim128.cu",
+        "sm80/tune_hdim64_fwd1.cu",
+        "sm90/bwd_hdim64.cu",
+        "sm90/fwd_hdim256.cu",
+    ]
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("// x\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    text = b.write_build_ninja(_cfg(src), out).read_text()
+    order = [ln.split(" = ", 1)[1] for ln in text.splitlines() if ln.startswith("  desc = ")]
+    assert order[:2] == ["sm90/fwd_hdim256.cu", "sm90/bwd_hdim64.cu"]
+    assert order.index("sm80/bwd_hdim64.cu") < order.index("sm80/fwd_hdim128.cu")
+    assert order.index("sm80/fwd_hdim128.cu") < order.index("decode/decode.cu")
+    assert order[-1] == "sm80/tune_hdim64_fwd1.cu"
+    link = next(ln for ln in text.splitlines() if ln.startswith("build libflashmux_cuda.so"))
+    assert link.index("sm90_fwd_hdim256") < link.index("api.cu")

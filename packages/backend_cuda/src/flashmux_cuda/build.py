@@ -408,8 +408,36 @@ def _q(args) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+def compile_rank(rel: str) -> tuple[int, int]:
+    """A unit's rough compile cost (larger first): ninja starts ready units in the order of the
+    build statements, so listing the long ones first keeps them off the end of a parallel build
+    (the GPU machine's 16-core build was about twice its longest unit with the sm90 units last).
+    sm90 kernels > sm80 backward > sm80 forward > decode > the rest > tune_* (empty unless
+    -DFMX_TUNING); a larger head dim first within a class."""
+    name = rel.rsplit("/", 1)[-1]
+    m = re.search(r"hdim(\d+)", name)
+    d = int(m.group(1)) if m else 0
+    if name.startswith("tune_"):
+        cls = 0
+    elif is_sm90_source(rel) and m:
+        cls = 5
+    elif "bwd_hdim" in name:
+        cls = 4
+    elif m:
+        cls = 3
+    elif name.startswith("decode"):
+        cls = 2
+    else:
+        cls = 1
+    return cls, d
+
+
 def write_build_ninja(cfg: BuildConfig, build_dir: Path) -> Path:
-    tus = cfg.translation_units()
+    tus = sorted(
+        cfg.translation_units(),
+        key=lambda p: compile_rank(p.relative_to(cfg.src).as_posix()),
+        reverse=True,
+    )
     if not tus:
         raise BuildError(f"no .cu sources under {cfg.src}")
     lines = [
