@@ -198,8 +198,10 @@ SWEEP_256 = {
             (64, 32, 4, 3), (128, 32, 8, 3)],
     "bwd_dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2),
                  (32, 64, 8, 1), (64, 64, 8, 1)],
-    "bwd_dq": [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-               (128, 64, 8, 1), (64, 16, 4, 2)],
+    # (session 8: the winners first, for FMX_SWEEP_N; with FLASHMUX_TRITON_BWD_TMA=1 the sm_90
+    # compile has (128,64,8,1) 254 regs / 0 spill / 192 KiB, (128,32,8,3) 236 / 0 / 224 KiB)
+    "bwd_dq": [(128, 64, 8, 1), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+               (32, 64, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2)],
     # the split backward (session 8): one fp32 128 x 256 accumulator per program at 8 warps;
     # FMX_SWEEP_N narrows each list to its first N (GPU time: ~5-10 s of compile per entry)
     # comments: registers / spilled bytes / shared KiB of the sm_90 compile (triton 3.9, strides
