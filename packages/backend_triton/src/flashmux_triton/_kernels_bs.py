@@ -72,6 +72,17 @@ def _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(keys, rows) element mask of a partial tile for the dK/dV kernel: the (rows, keys) words
+    transposed (rows r_loc0 + offs_m, keys c_loc / from c_loc0)."""
+    if BLOCK_N >= 32:
+        ok = tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
+    else:
+        ok = _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
+    return ok
+
+
+@triton.jit
 def _in_band(start_n, n_len, row_first, row_last, diag_off, window_left, window_right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Whether keys [start_n, start_n + n_len) meet the causal/window band of rows
@@ -119,8 +130,9 @@ def _bs_fwd_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, is_p=False, RT: tl.constexpr = False,
 ):
+    # RT: the tile's kind is the runtime is_p (the merged list walk), not the constexpr PARTIAL
     cols = start_n + offs_n
     if TMA and not CHECK:  # in bounds (no tail): K/V through tensor descriptors
         kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
@@ -138,9 +150,16 @@ def _bs_fwd_tile(
                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
+        elif RT:
+            if is_p:
+                ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
     elif PARTIAL:  # in bounds, no band: the bitmask alone (an AND and a select per score)
         s = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s, float("-inf"))
+    elif RT:
+        if is_p:
+            s = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s,
+                         float("-inf"))
     return _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :], p_drop, seed,
                        bh, FOLD, True, DROPOUT, IEEE)
 
@@ -156,7 +175,7 @@ def _bs_q_list(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     DQ: tl.constexpr, desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False,
 ):
     """The key tiles of one list of a query block's mask row (NF/FI: the full mask tiles'
     count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
@@ -164,12 +183,25 @@ def _bs_q_list(
     forward's tiles update (acc, l_i, m_i); with DQ, the dQ kernel's update acc (dQ) from do,
     lse2, delta (unused by the forward; l_i, m_i unused by dQ)."""
     SUBS: tl.constexpr = MBS // BLOCK_N
-    n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
+    base = row.to(tl.int64) * n_kb
+    if MERGED:  # one walk over the full tiles, then the partial ones: the pipeline never drains
+        nf = tl.load(NF + row)
+        n = nf + tl.load(NP + row)
+    else:
+        nf = 0
+        n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
     for it in range(0, n * SUBS):
-        kb = tl.load(IDX + row.to(tl.int64) * n_kb + it // SUBS)
-        tid = 0
-        if PARTIAL:
-            tid = tl.load(TILE + row.to(tl.int64) * n_kb + kb)
+        is_p = False
+        if MERGED:
+            j = it // SUBS
+            is_p = j >= nf
+            kb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
+            tid = tl.load(TILE + base + kb, mask=is_p, other=0)
+        else:
+            kb = tl.load(IDX + base + it // SUBS)
+            tid = 0
+            if PARTIAL:
+                tid = tl.load(TILE + base + kb)
         sub = (it % SUBS) * BLOCK_N
         start_n = kb * MBS + sub
         if _visit(start_n, BLOCK_N, row_first, row_last, start_n, seqlen_k, diag_off,
@@ -181,7 +213,7 @@ def _bs_q_list(
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, drop_scale,
                     seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                    desc_k, desc_v, k_row0, k_col, v_col, TMA,
+                    desc_k, desc_v, k_row0, k_col, v_col, TMA, is_p, MERGED,
                 )
             else:
                 acc, l_i, m_i = _bs_fwd_tile(
@@ -190,7 +222,7 @@ def _bs_q_list(
                     window_left, window_right, scale_a, scale_b, slope2, p_drop, seed, bh,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK, PARTIAL,
                     HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_N,
-                    desc_k, desc_v, k_row0, k_col, v_col, TMA, FOLD,
+                    desc_k, desc_v, k_row0, k_col, v_col, TMA, FOLD, is_p, MERGED,
                 )
     return acc, l_i, m_i
 
@@ -212,7 +244,7 @@ def bs_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     RESID: tl.constexpr, ALIBI: tl.constexpr, TMA: tl.constexpr = False,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): the full tiles of its mask block's
     list, then the partial ones."""
@@ -243,7 +275,8 @@ def bs_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+    # the full mask tiles, then the partial ones: one walk (MERGED) or two loops
+    for part in tl.static_range(2 - MERGED):
         acc, l_i, m_i = _bs_q_list(
             acc, l_i, m_i, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, 0, 0, 0, k_base, v_base,
             stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
@@ -251,7 +284,7 @@ def bs_fwd(
             p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
             CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
             ALIBI, BLOCK_N, False, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
-            TMA, FOLD,
+            TMA, FOLD, MERGED,
         )
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)
@@ -268,7 +301,7 @@ def _bs_dkdv_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
-    n0=0,
+    n0=0, is_p=False, RT: tl.constexpr = False,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -288,19 +321,21 @@ def _bs_dkdv_tile(
     ar, ac, aoff = _alibi_rc(rows[None, :], tl.arange(0, BLOCK_N)[:, None], n0, diag_off, ALIBI)
     st, _, tt = _scores(k, qt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False, IEEE)
     pt = tl.exp2(st - lse2[None, :])
-    if PARTIAL:
-        if BLOCK_N >= 32:  # the (rows, keys) words of this tile, transposed to (keys, rows)
-            bits = tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
-        else:
-            bits = _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
     if CHECK:
         ok = _band_ok(rmask[None, :], rows[None, :], offs_n[:, None], diag_off, window_left,
                       window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
-            ok = ok & bits
+            ok = ok & _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N)
+        elif RT:
+            if is_p:
+                ok = ok & _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N)
         pt = tl.where(ok, pt, 0.0)
     elif PARTIAL:  # in bounds, no band: the bitmask alone
-        pt = tl.where(bits, pt, 0.0)
+        pt = tl.where(_bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N), pt, 0.0)
+    elif RT:
+        if is_p:
+            pt = tl.where(_bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N), pt,
+                          0.0)
     dk, dv, _ = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
                           sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
     return dk, dv
@@ -317,17 +352,30 @@ def _bs_dkdv_list(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
-    partial mask tiles), flat as in the forward."""
+    partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward."""
     SUBS: tl.constexpr = MBS // BLOCK_M
-    n, IDX = _list(NF, FI, NP, PI, col, PARTIAL)
+    base = col.to(tl.int64) * n_qb
+    if MERGED:
+        nf = tl.load(NF + col)
+        n = nf + tl.load(NP + col)
+    else:
+        nf = 0
+        n, IDX = _list(NF, FI, NP, PI, col, PARTIAL)
     for it in range(0, n * SUBS):
-        qb = tl.load(IDX + col.to(tl.int64) * n_qb + it // SUBS)
-        tid = 0
-        if PARTIAL:
-            tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb)
+        is_p = False
+        if MERGED:
+            j = it // SUBS
+            is_p = j >= nf
+            qb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
+            tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb, mask=is_p, other=0)
+        else:
+            qb = tl.load(IDX + base + it // SUBS)
+            tid = 0
+            if PARTIAL:
+                tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb)
         sub = (it % SUBS) * BLOCK_M
         start_m = qb * MBS + sub
         # rows [start_m, start_m + BLOCK_M) meet keys [n0, n_last] (the band test, swapped)
@@ -340,6 +388,7 @@ def _bs_dkdv_list(
                 p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                 CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA, n0,
+                is_p, MERGED,
             )
     return dk, dv
 
@@ -362,7 +411,7 @@ def bs_bwd_dkdv(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
     query blocks of the transposed lists (full, then partial); dK/dV summed without atomics."""
@@ -401,7 +450,7 @@ def bs_bwd_dkdv(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
-        for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+        for part in tl.static_range(2 - MERGED):  # full then partial tiles (as the forward)
             dk, dv = _bs_dkdv_list(
                 dk, dv, KNF, KFI, KNP, KPI, TILE, col, bhm, n_qb, n_kb, kb, k, v, q_base, do_base,
                 lse_base, delta_base, stride_qs, stride_dos, sm_scale, BITS, c_loc, offs_n,
@@ -409,7 +458,7 @@ def bs_bwd_dkdv(
                 window_right, scale_a, scale_b, slope2, p_drop, drop_scale, seed, bh, HEAD_DIM,
                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, part == 1, HAS_LEFT,
                 HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
-                DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
+                DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA, MERGED,
             )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
@@ -434,6 +483,7 @@ def _bs_dq_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
+    is_p=False, RT: tl.constexpr = False,
 ):
     cols = start_n + offs_n
     if TMA and not CHECK:
@@ -452,9 +502,15 @@ def _bs_dq_tile(
                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
+        elif RT:
+            if is_p:
+                ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         p = tl.where(ok, p, 0.0)
     elif PARTIAL:
         p = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
+    elif RT:
+        if is_p:
+            p = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
     return _dq_acc(dq, p, t, do, vt, kt, delta, offs_m[:, None], cols[None, :], p_drop,
                    drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
 
@@ -476,7 +532,7 @@ def bs_bwd_dq(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch), over the forward's lists."""
     # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
@@ -512,7 +568,7 @@ def bs_bwd_dq(
     row_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for part in tl.static_range(2):  # the full mask tiles, then the partial ones
+    for part in tl.static_range(2 - MERGED):  # as in the forward
         dq, _, _ = _bs_q_list(
             dq, 0.0, 0.0, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, do, lse2, delta, k_base,
             v_base, stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv,
@@ -520,7 +576,7 @@ def bs_bwd_dq(
             slope2, p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
             CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
             ALIBI, BLOCK_N, True, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
-            TMA,
+            TMA, False, MERGED,
         )
     dq = dq * post
     tl.store(

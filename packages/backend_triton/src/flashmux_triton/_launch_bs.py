@@ -40,6 +40,13 @@ def _tma_q(pb, q, do):
     return gate[0], views
 
 
+def _merged():
+    """The forward and dQ walk a query block's full and partial tiles in one loop (the
+    software pipeline keeps loading across the boundary; a tile's kind is a runtime branch
+    around its bitmask), unless FLASHMUX_TRITON_BS_LOOP=two (one loop per kind)."""
+    return os.environ.get("FLASHMUX_TRITON_BS_LOOP", "merged") != "two"
+
+
 def _descs(tma, k, v, bn):
     """(DESC_K, DESC_V) with (bn, head_dim) blocks, or K and V themselves (unused) without."""
     if tma is None:
@@ -137,6 +144,7 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
         _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
         BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
         RESID=res is not None, ALIBI=alibi, TMA=tma is not None, FOLD=pb.fold,
+        MERGED=_merged(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -186,7 +194,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -197,7 +205,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
