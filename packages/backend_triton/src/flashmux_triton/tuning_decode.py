@@ -188,7 +188,9 @@ def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int,
     if dtype == "float32" or d > 128:
         cfg = DecodeConfig(64, 4, 2, 2.0)
     elif page_size and page_size % 128:
-        cfg = DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, page_select=1)
+        cfg = DecodeConfig(128, 4, 3, 1.0, 2, fused_merge=0, off32=1, page_select=1)
     else:
-        cfg = DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1)
+        # splits of at least 2 key blocks (was 4): MQA (Hkv = 1, B = 8) at 4k then fills the
+        # GPU with 16 splits instead of 8; the B8 Hkv8 shape keeps its 2
+        cfg = DecodeConfig(128, 4, 3, 1.0, 2, fused_merge=0, off32=1)
     return _override(cfg)
