@@ -33,8 +33,8 @@ int run_fwd<192>(const Params &p, int dtype, cudaStream_t stream) {
 #if FMX_SM90_WIDE_VARIANTS || defined(FMX_SM90_TUNING)
   const char *tune = std::getenv("FMX_TUNE_SM90");
   if (dtype == 1 && tune != nullptr) {
-    if (tune[0] == '1')  // overlap, 112-key blocks (156 B spills)
-      return launch_fwd<FwdTraits<192, 112, 2, cutlass::bfloat16_t, true>>(p, stream);
+    if (tune[0] == '1')  // sequential loop with ping-pong between the warpgroups, 112 keys
+      return launch_fwd<FwdTraits<192, 112, 2, cutlass::bfloat16_t, false, true>>(p, stream);
     if (tune[0] == '2')  // overlap, 96-key blocks
       return launch_fwd<FwdTraits<192, 96, 2, cutlass::bfloat16_t, true>>(p, stream);
   }

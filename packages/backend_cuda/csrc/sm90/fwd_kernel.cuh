@@ -30,9 +30,15 @@ namespace fmx {
 namespace sm90 {
 using namespace cute;
 
-template <int kD_, int kBN_, int kStages_, typename T_, bool kOverlap_ = true>
+template <int kD_, int kBN_, int kStages_, typename T_, bool kOverlap_ = true,
+          bool kPingPong_ = kOverlap_>
 struct FwdTraits {
   using T = T_;
+  // Ping-pong (named barriers) between the two consumer warpgroups. With kOverlap a turn issues
+  // O += P V of one block and S of the next; without it (the sequential loop) a turn issues one
+  // GEMM, S or O += P V, so one warpgroup's softmax runs under the other's GEMM with the
+  // sequential loop's registers.
+  static constexpr bool kPingPong = kPingPong_;
   // true: the two consumer warpgroups take turns issuing GEMMs (named barriers), and within a
   // warpgroup S = Q K^T of the next key block is issued together with O += P V of the current
   // one, so the softmax runs while both are in flight. false: S, softmax, P V in sequence.
@@ -318,15 +324,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
       warpgroup_fence_operand(rP);
     };
-    // Ping-pong between the two consumer warpgroups (kOverlap): a warpgroup issues its GEMMs
-    // only in its turn (named barrier), so one's softmax runs under the other's GEMMs.
-    const int n_turns = n_max - n_min + 1;
+    // Ping-pong between the two consumer warpgroups (kPingPong): a warpgroup issues its GEMMs
+    // only in its turn (named barrier), so one's softmax runs under the other's GEMMs. Turns per
+    // warpgroup: kOverlap: first S, n-1 combined, last O; sequential: S and O of each block.
+    // Both take the same number (same key blocks); w = 1's last turn does not arrive (w = 0 goes
+    // first: w = 1 arrives on w = 0's barrier once up front).
+    const int n_turns = Tr::kOverlap ? n_max - n_min + 1 : 2 * (n_max - n_min);
     int turn = 0;
     auto my_turn = [&]() __attribute__((always_inline)) {
-      if constexpr (Tr::kOverlap) cutlass::arch::NamedBarrier::sync(256, 1 + w);
+      if constexpr (Tr::kPingPong) cutlass::arch::NamedBarrier::sync(256, 1 + w);
     };
     auto end_turn = [&]() __attribute__((always_inline)) {
-      if constexpr (Tr::kOverlap) {
+      if constexpr (Tr::kPingPong) {
         if (w == 0 || ++turn < n_turns) cutlass::arch::NamedBarrier::arrive(256, 2 - w);
       }
     };
@@ -335,9 +344,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (n_max > n_min) {
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
       if constexpr (!Tr::kOverlap) {
+        if (Tr::kPingPong && w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // w = 0 first
         for (int n = n_max - 1; n >= n_min; --n) {
           pipe_k.consumer_wait(st_k);
+          my_turn();
           issue_s(st_k.index());
+          end_turn();
           warpgroup_wait<0>();
           pipe_k.consumer_release(st_k);
           ++st_k;
@@ -345,7 +357,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           rescale_o(corr);
           convert_p();
           pipe_v.consumer_wait(st_v);
+          my_turn();
           issue_o(st_v.index());
+          end_turn();
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
           pipe_v.consumer_release(st_v);
