@@ -186,8 +186,9 @@ def test_not_taken_under_compile_or_for_subclasses(monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
     """Each torch GPU kernel of native (default: native's own pick, where the runner may call
-    SDPA itself): the prepared step gives the checked path's out, lse and gradients bitwise (GQA,
-    causal, bf16), and its output is judged against float64."""
+    SDPA itself): the prepared step gives the checked path's forward outputs bitwise and its
+    gradients within bf16 rounding (the GPU backward kernels accumulate dQ with atomics: two runs
+    of the same path need not agree bitwise), GQA, causal; its output judged against float64."""
     if kernel != "default":
         monkeypatch.setenv("FLASHMUX_NATIVE_KERNELS", kernel)
     q, k, v = (x.cuda().requires_grad_() for x in qkv(b=2, sq=256, sk=256, hq=8, hkv=2, d=d,
@@ -206,15 +207,23 @@ def test_gpu_prepared_equals_checked(monkeypatch, kernel, d):
         res.append((out, lse, out2, out3) + grads)
     assert {s.be.name for s in _prepared.steps.values()} == {"native"}
     print("runners:", [getattr(s.runner, "kernel", "aten") for s in _prepared.steps.values()])
-    for fast_res in res[:2]:
-        for i, (a, b) in enumerate(zip(fast_res, res[2])):
-            if i == 3:  # no gradient: cuDNN / efficient run without the lse output (SDPA's call)
-                torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
+    names = ("out(lse call)", "lse", "out(grad)", "out(no grad)", "dq", "dk", "dv")
+    bad = []
+    for run, fast_res in enumerate(res[:2]):
+        for name, a, b in zip(names, fast_res, res[2]):
+            a, b = a.float(), b.float()
+            if name.startswith("d"):
+                ok = bool(((a - b).abs() <= 2e-2 * max(1.0, float(b.abs().max()))).all())
+            elif name == "out(no grad)":  # cuDNN / efficient run without the lse (SDPA's call)
+                ok = bool(((a - b).abs() <= 2e-2).all())
             else:
-                assert torch.equal(a, b)
+                ok = torch.equal(a, b)
+            if not ok:
+                bad.append(f"run {run} {name}: max diff {float((a - b).abs().max()):.3g}")
+    assert not bad, bad
     want, _ = reference_forward(*(x.detach().double().cpu().numpy() for x in (q, k, v)),
                                 causal=True)
-    np.testing.assert_allclose(res[0][0].float().cpu().numpy(), want, atol=2e-2)
+    np.testing.assert_allclose(res[0][0].detach().float().cpu().numpy(), want, atol=2e-2)
 
 
 def test_sdpa_call_only_when_sdpa_runs_natives_kernel():
