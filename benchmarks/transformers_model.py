@@ -17,6 +17,8 @@ and, to isolate the attention call, the same three on one layer's q/k/v tensors 
     python benchmarks/transformers_model.py --quick         # tiny shapes, any device (smoke test)
 
 Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N,
+--interleave (the model rows timed in turn, one call each per round, medians: drift falls on
+every row alike; all models of a head_dim stay in memory),
 --gqa KERNELS: also time `fmx_kv`, the integration with $FLASHMUX_NATIVE_GQA=KERNELS (the native
 backend's GPU kernels listed get the KV heads unrepeated), for A/B runs;
 --variant "NAME:VAR=VALUE;VAR=VALUE" (repeatable): also time the integration as row NAME with
@@ -98,9 +100,9 @@ def register_direct():
                                                                fmx_tf.attention_mask)
 
 
-def timer(fn, iters, device):
+def timer(fn, iters, device, warmup=3):
     """Median milliseconds per call (CUDA events on the GPU, perf_counter elsewhere)."""
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
@@ -146,6 +148,7 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
     impls = ["sdpa", "fmx", "fmx_unpad"] if args.padding else ["sdpa", "fmx", "fmx_direct"]
     extra = variants(args)  # timed on the fmx model, right after it
     state = None
+    pending = []  # --interleave: (name, env, fwd, fwd_bwd, model) timed together at the end
     for impl in impls:
         fmx_tf.PADDING = "unpad" if impl == "fmx_unpad" else "segments"
         model = model_for(head_dim, args.layers, impl.replace("_unpad", ""), device, dtype,
@@ -165,10 +168,48 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             out.last_hidden_state.float().square().mean().backward()
 
         for name, env in [(impl, None)] + (list(extra.items()) if impl == "fmx" else []):
-            rows += _time_row("model", name, head_dim, env, fwd, fwd_bwd, args, device)
+            if args.interleave:
+                pending.append((name, env, fwd, fwd_bwd, model))
+            else:
+                rows += _time_row("model", name, head_dim, env, fwd, fwd_bwd, args, device)
         model = fwd = fwd_bwd = None  # free the weights before the next model
+        if device.type == "cuda" and not args.interleave:
+            torch.cuda.empty_cache()
+    if pending:
+        rows += _time_interleaved("model", head_dim, pending, args, device)
+        pending.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _time_interleaved(what, head_dim, pending, args, device):
+    """--interleave: every row's forward timed once per round, rows in turn, for args.iters
+    rounds (then the same for forward+backward), so that clock and thermal drift over the run
+    fall on every row alike; medians. A failing variant row is reported and dropped."""
+    live = list(pending)
+    times = {name: ([], []) for name, *_ in live}
+    for phase in (0, 1):
+        for name, env, *fns, _model in list(live):  # warm-up, and drop what fails
+            try:
+                with _env(env):
+                    for _ in range(3):
+                        fns[phase]()
+            except Exception as e:
+                if env is None:
+                    raise
+                print(f"  {what} {name} D={head_dim}: ERROR {type(e).__name__}: {str(e)[:300]}")
+                live = [x for x in live if x[0] != name]
+        for _ in range(args.iters):
+            for name, env, *fns, _model in live:
+                with _env(env):
+                    times[name][phase].append(timer(fns[phase], 1, device, warmup=0))
+    rows = []
+    for name, *_ in live:
+        f, fb = (statistics.median(t) for t in times[name])
+        print(f"  {what} {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms "
+              f"(interleaved)", flush=True)
+        rows.append((name, head_dim, f, fb))
     return rows
 
 
@@ -184,8 +225,9 @@ def bench_attention(args, device, dtype, head_dim, batch, seq):
     module.is_causal = True
     scale = head_dim ** -0.5
     calls = {
+        # as transformers' sdpa function calls it, output back in (B, S, H, D) like the others
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True),
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2).contiguous(),
         "fmx": lambda: fmx_tf.attention_forward(module, q, k, v, None, scaling=scale)[0],
         "fmx_direct": lambda: flashmux.attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), causal=True, scale=scale),
@@ -237,6 +279,8 @@ def main():
     ap.add_argument("--padding", action="store_true", help="right-padded rows with a mask")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the model rows in turn, one call each per round (drift-fair)")
     ap.add_argument("--backend", default=None, help="force a flashmux backend")
     ap.add_argument("--gqa", default=None, metavar="KERNELS",
                     help="also time fmx_kv: the integration with $FLASHMUX_NATIVE_GQA=KERNELS")
