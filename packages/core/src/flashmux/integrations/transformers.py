@@ -283,8 +283,12 @@ def attention_forward(
     packed = None
     if (attention_mask is None and not cu_given and position_ids is not None and sq == sk
             and sq > 1 and not torch.compiler.is_compiling()):
-        packed = _cached("pos", position_ids, (b, sq),
-                         lambda: _packed_from_position_ids(position_ids, b, sq))
+        hit = _derived.get(("pos", id(position_ids), b, sq))  # every layer after the first
+        if hit is not None and hit[0] is position_ids:
+            packed = hit[1]
+        else:
+            packed = _cached("pos", position_ids, (b, sq),
+                             lambda: _packed_from_position_ids(position_ids, b, sq))
     if attention_mask is None and not dropout_p and packed is None and not cu_given:
         # the common case (no padding, no packing, no dropout): flashmux's prepared call for
         # the (B, H, S, D) views as they are (no transposes on a repeated signature)
