@@ -15,6 +15,9 @@
 #ifndef FMX_SM90_FWD256_OVERLAP  // 0: the sequential consumer loop (FwdTraits::kOverlap)
 #define FMX_SM90_FWD256_OVERLAP 0
 #endif
+#ifndef FMX_SM90_FWD256_PINGPONG  // turns between the consumer warpgroups (FwdTraits::kPingPong)
+#define FMX_SM90_FWD256_PINGPONG 0
+#endif
 // Session 8 only: bf16 variants in the normal build, picked by $FMX_TUNE_SM90 (so that one GPU
 // build compares them; -DFMX_SM90_WIDE_VARIANTS=0 leaves them out). To go once one is chosen.
 #ifndef FMX_SM90_WIDE_VARIANTS
@@ -25,7 +28,7 @@ namespace fmx {
 namespace sm90 {
 template <typename T>
 using Fwd256 = FwdTraits<256, FMX_SM90_FWD256_BN, FMX_SM90_FWD256_STAGES, T,
-                         (FMX_SM90_FWD256_OVERLAP != 0)>;
+                         (FMX_SM90_FWD256_OVERLAP != 0), (FMX_SM90_FWD256_PINGPONG != 0)>;
 static_assert(Fwd256<cutlass::bfloat16_t>::kSmemBytes <= 227 * 1024, "over the 227 KB of smem");
 
 template <>
