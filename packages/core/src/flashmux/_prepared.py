@@ -45,7 +45,9 @@ _sdp_flags = tuple(getattr(torch._C, n, None) for n in (
 if None in _sdp_flags:  # pragma: no cover - an older torch: no SDPA call from the runner
     _sdp_flags = ()
 _f0, _f1, _f2, _f3 = _sdp_flags or (bool, bool, bool, bool)
-_deterministic = torch.are_deterministic_algorithms_enabled  # SDPA's choice may depend on it
+# SDPA's choice may depend on it (the C function behind torch.are_deterministic_algorithms_enabled)
+_deterministic = getattr(torch._C, "_get_deterministic_algorithms",
+                         torch.are_deterministic_algorithms_enabled)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 # os.environ's own mapping (what os.environ.get reads, minus its key encoding and KeyError: ~0.6
