@@ -248,3 +248,16 @@ def test_sdpa_call_only_when_sdpa_runs_natives_kernel():
     assert len(_prepared.steps) == 2
     assert getattr(list(_prepared.steps.values())[1].runner, "kernel", None) is None  # aten op
     assert torch.equal(out, ref)
+
+
+def test_deterministic_flag_is_part_of_the_signature():
+    q, k, v = qkv()
+    flashmux.attention(q, k, v, causal=True)
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = flashmux.attention(q, k, v, causal=True)
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+    assert len(_prepared.steps) == 2
+    assert torch.equal(out, checked(q, k, v, causal=True))
