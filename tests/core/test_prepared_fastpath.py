@@ -253,7 +253,8 @@ def test_sdpa_call_only_when_sdpa_runs_natives_kernel():
 def test_deterministic_flag_is_part_of_the_signature():
     q, k, v = qkv()
     flashmux.attention(q, k, v, causal=True)
-    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         out = flashmux.attention(q, k, v, causal=True)
