@@ -62,6 +62,49 @@ def _bits_tile(BITS, tid, r_loc, c0, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _bits_words(BITS, tid, r_loc, c0, is_p, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (rows, BLOCK_N / 32) bitmask words `_bits_tile` reads, loaded under the runtime
+    is_p (zeros where not: unused), outside the tile's runtime branch, so that the software
+    pipeline prefetches them with the tile's K/V (the merged walk)."""
+    WORDS: tl.constexpr = MBS // 32
+    NW: tl.constexpr = BLOCK_N // 32
+    base = BITS + tid.to(tl.int64) * (MBS * WORDS)
+    cw = c0 // 32 + tl.arange(0, NW)
+    # the scalar flag broadcast as an int (the interpreter rejects a scalar-and-tensor mask)
+    m = (r_loc[:, None] * 0 + cw[None, :] * 0 + is_p.to(tl.int32)) != 0
+    return tl.load(base + r_loc[:, None] * WORDS + cw[None, :], mask=m, other=0)
+
+
+@triton.jit
+def _bits_expand(w, BLOCK_N: tl.constexpr):
+    """(rows, BLOCK_N) element mask from `_bits_words`' words: one AND per element."""
+    b = w[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]
+    return tl.reshape(b, (w.shape[0], BLOCK_N)) != 0
+
+
+@triton.jit
+def _rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A partial tile's (rows, keys) mask in the merged walk: from the prefetched words (w), or
+    gathered per element for kernel tiles narrower than a word."""
+    if BLOCK_N >= 32:
+        ok = _bits_expand(w, BLOCK_N)
+    else:
+        ok = _bits(BITS, tid, r_loc[:, None], c_loc0 + offs_n[None, :], MBS)
+    return ok
+
+
+@triton.jit
+def _rt_words(BITS, tid, r_loc, c_loc0, is_p, MBS: tl.constexpr, BLOCK_N: tl.constexpr,
+              RT: tl.constexpr):
+    """`_bits_words` when the walk is merged (RT) and tiles are at least a word wide, else 0."""
+    w = 0
+    if RT:
+        if BLOCK_N >= 32:
+            w = _bits_words(BITS, tid, r_loc, c_loc0, is_p, MBS, BLOCK_N)
+    return w
+
+
+@triton.jit
 def _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
     """(rows, keys) element mask of a partial tile: rows r_loc, the keys from c_loc0."""
     if BLOCK_N >= 32:
@@ -77,6 +120,16 @@ def _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS: tl.constexpr, BLOCK_
     transposed (rows r_loc0 + offs_m, keys c_loc / from c_loc0)."""
     if BLOCK_N >= 32:
         ok = tl.trans(_bits_tile(BITS, tid, r_loc0 + offs_m, c_loc0, MBS, BLOCK_N))
+    else:
+        ok = _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
+    return ok
+
+
+@triton.jit
+def _rt_bits_kr(w, BITS, tid, r_loc0, offs_m, c_loc, MBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_bits_kr` in the merged walk, from the prefetched words (w) when tiles are word-wide."""
+    if BLOCK_N >= 32:
+        ok = tl.trans(_bits_expand(w, BLOCK_N))
     else:
         ok = _bits(BITS, tid, r_loc0 + offs_m[None, :], c_loc[:, None], MBS)
     return ok
@@ -142,6 +195,7 @@ def _bs_fwd_tile(
         v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :]
         kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
         v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, CHECK, True)
+    w = _rt_words(BITS, tid, r_loc, c_loc0, is_p, MBS, BLOCK_N, RT)
     ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
     s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, FOLD,
                          IEEE)
@@ -152,13 +206,13 @@ def _bs_fwd_tile(
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         elif RT:
             if is_p:
-                ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
+                ok = ok & _rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
     elif PARTIAL:  # in bounds, no band: the bitmask alone (an AND and a select per score)
         s = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s, float("-inf"))
     elif RT:
         if is_p:
-            s = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s,
+            s = tl.where(_rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), s,
                          float("-inf"))
     return _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :], p_drop, seed,
                        bh, FOLD, True, DROPOUT, IEEE)
@@ -315,6 +369,7 @@ def _bs_dkdv_tile(
                    offs_dv[None, :] < HEAD_DIM_V, True, True)
     lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
     delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+    w = _rt_words(BITS, tid, r_loc0 + offs_m, c_loc0, is_p, MBS, BLOCK_N, RT)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     # (BLOCK_N, BLOCK_M): keys x queries
     # ALiBi distances in float (_alibi_rc) from the program's first key n0
@@ -328,13 +383,13 @@ def _bs_dkdv_tile(
             ok = ok & _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N)
         elif RT:
             if is_p:
-                ok = ok & _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N)
+                ok = ok & _rt_bits_kr(w, BITS, tid, r_loc0, offs_m, c_loc, MBS, BLOCK_N)
         pt = tl.where(ok, pt, 0.0)
     elif PARTIAL:  # in bounds, no band: the bitmask alone
         pt = tl.where(_bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N), pt, 0.0)
     elif RT:
         if is_p:
-            pt = tl.where(_bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N), pt,
+            pt = tl.where(_rt_bits_kr(w, BITS, tid, r_loc0, offs_m, c_loc, MBS, BLOCK_N), pt,
                           0.0)
     dk, dv, _ = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
                           sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
@@ -494,6 +549,7 @@ def _bs_dq_tile(
         vt_ptrs = v_base + cols[None, :] * stride_vs + offs_dv[:, None]
         kt = _load(kt_ptrs, cols[None, :] < seqlen_k, offs_d[:, None] < HEAD_DIM, CHECK, True)
         vt = _load(vt_ptrs, cols[None, :] < seqlen_k, offs_dv[:, None] < HEAD_DIM_V, CHECK, True)
+    w = _rt_words(BITS, tid, r_loc, c_loc0, is_p, MBS, BLOCK_N, RT)
     ar, ac, aoff = _alibi_rc(offs_m[:, None], offs_n[None, :], start_n, diag_off, ALIBI)
     s, _, t = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, False, IEEE)
     p = tl.exp2(s - lse2[:, None])
@@ -504,13 +560,13 @@ def _bs_dq_tile(
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         elif RT:
             if is_p:
-                ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
+                ok = ok & _rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         p = tl.where(ok, p, 0.0)
     elif PARTIAL:
         p = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
     elif RT:
         if is_p:
-            p = tl.where(_row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
+            p = tl.where(_rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N), p, 0.0)
     return _dq_acc(dq, p, t, do, vt, kt, delta, offs_m[:, None], cols[None, :], p_drop,
                    drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
 
