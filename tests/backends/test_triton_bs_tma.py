@@ -1,7 +1,8 @@
 """Triton's block-sparse forward and dQ with K/V through tensor descriptors (TMA, the H200's
 default at head_dim >= 128) and the scale folded into exp2: on the CPU interpreter (TMA forced
 with FLASHMUX_TRITON_TMA=1), lengths on the mask block so every listed tile takes the
-descriptor path, full and partial tiles, ALiBi on top. Judged against the float64 reference
+descriptor path, full and partial tiles in one merged walk (32-wide tiles, so the bitmask words are prefetched
+outside the tile-kind branch), ALiBi on top. Judged against the float64 reference
 by the conformance rule, and the descriptor path must actually have run (fp16: the descriptor
 path is off for float32, which runs IEEE dots).
 """
@@ -40,6 +41,8 @@ def test_block_sparse_tma_fold(monkeypatch):
     from flashmux_triton import _launch_bs as LB
 
     monkeypatch.setenv("FLASHMUX_TRITON_TMA", "1")
+    for k in ("FWD", "BWD_DQ", "BWD_DKDV"):  # 32-wide tiles: the bitmask-word path everywhere
+        monkeypatch.setenv("FLASHMUX_TRITON_BS_" + k, "32,32,4,1")
     used = []
     orig = LB._descs
     monkeypatch.setattr(LB, "_descs", lambda t, k, v, bn: (used.append(t is not None),
