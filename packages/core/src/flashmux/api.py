@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dispatch
-from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, to_numpy_int
+from ._arrays import (
+    array_kind,
+    device_of,
+    dtype_name,
+    is_traced,
+    same_device,
+    to_numpy_int,
+    torch_compiling,
+)
 from .spec import Params, ProblemSpec, default_scale
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -415,9 +423,12 @@ def attention(
         if "torch" in sys.modules and type(q).__module__ == "torch":
             # eager torch: a prepared step per call signature skips the checks and the dispatch
             # (flashmux/_prepared.py; None under torch.compile and for ineligible calls)
-            _prepared = _PREPARED or _load_prepared()
-            prep = _prepared.key(q, k, v, causal, scale, window, softcap, return_lse,
-                                 deterministic, backend)
+            _prepared = _PREPARED
+            if _prepared is None and not torch_compiling():  # never imported inside a trace
+                _prepared = _load_prepared()
+            if _prepared is not None:
+                prep = _prepared.key(q, k, v, causal, scale, window, softcap, return_lse,
+                                     deterministic, backend)
             if prep is not None:
                 step = _prepared.steps.get(prep)
                 if step is not None and step.valid():
@@ -445,7 +456,7 @@ def attention(
     else:
         be = dispatch.select(call.spec, forced)
         if prep is not None and not extra:
-            return _load_prepared().prepare(prep, be, call, _run, q, k, v)(q, k, v)
+            return _PREPARED.prepare(prep, be, call, _run, q, k, v)(q, k, v)
     out, lse = _run(be, call, q, k, v, cu_seqlens_q, cu_seqlens_k, extra)
     return (out, lse) if return_lse else out
 
