@@ -131,14 +131,14 @@ def test_table_tma_falls_back_when_descriptors_fail(monkeypatch):
 
 @pytest.mark.skipif(INTERP and os.environ.get("FLASHMUX_TEST_SIZE") != "full",
                     reason="CI time: the full tier (nox -s full) and GPUs run it")
-@pytest.mark.parametrize("variant", ["joint", "split"])
-def test_bwd_tma_is_the_pointer_path(monkeypatch, variant):
+@pytest.mark.parametrize("variant,d", [("joint", 64), ("split", 64), ("joint", 128)])
+def test_bwd_tma_is_the_pointer_path(monkeypatch, variant, d):
     """FLASHMUX_TRITON_BWD_TMA=1: the dK/dV programs' interior Q/dO tiles and the dQ
     program's interior K/V tiles through tensor descriptors give the same gradients as pointer
     loads (bitwise in the interpreter), varlen
     too (rows of the (rows, heads*dim) view start at each sequence's offset)."""
     monkeypatch.setenv("FLASHMUX_TRITON_DKDV", variant)
-    case = (1, 300 if not INTERP else 50, 280 if not INTERP else 45, 2, 1, 64, 64, "bfloat16",
+    case = (1, 300 if not INTERP else 50, 280 if not INTERP else 45, 2, 1, d, d, "bfloat16",
             {"causal": True})
     monkeypatch.setenv("FLASHMUX_TRITON_BWD_TMA", "0")
     a = tk._run_case(*case)
@@ -147,7 +147,7 @@ def test_bwd_tma_is_the_pointer_path(monkeypatch, variant):
     if INTERP:  # on a GPU both are judged; the shared-memory layouts may differ
         for name, x, y in zip(("dq", "dk", "dv"), a[2:5], b[2:5]):
             assert torch.equal(x, y), name
-    tk._run_case(0, 0, 0, 4, 2, 64, 64, "float16", {"causal": True},
+    tk._run_case(0, 0, 0, 4, 2, d, d, "float16", {"causal": True},
                  varlen_lens=([17, 0, 40, 9], [23, 5, 33, 9]))
 
 

@@ -77,12 +77,17 @@ def _c(m, n, w, s):
 # dK/dV holds K, V, dK, dV of one key block (BLOCK_N rows); dQ holds Q, dO, dQ (BLOCK_M rows).
 _D64 = Tuning(_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(64, 64, 4, 3))
 _D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3))
-_D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3))
+# head_dim 128 on the H200 (2026-11-30 18:22-18:31, triton 3.6, bf16, S=4096): warp-specialized
+# forward loop 529 -> 541 (non-causal), 460 -> 475 TFLOP/s (causal), judged vs float64 on the
+# H200 (causal and not); tensor-descriptor loads in the backward 394 -> 404 (non-causal), 303
+# -> 315 (causal) whole-backward TFLOP/s (NOTES.md session 8)
+_D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3), ws=True, bwd_tma=True)
 # head_dim 256's split backward (a dV program and a dK program, 128-row key blocks, one fp32
 # accumulator each), the default since the H200 measured it (2026-11-30 17:39, triton 3.6, bf16,
 # S=4096 non-causal, NOTES.md session 8): dK/dV kernels 4.14 -> 2.70 ms, whole backward 231 ->
 # 306 TFLOP/s; configs from its sweep (dV (64,128,8,2) 277 ~ (32,128,8,4) 277; dK (32,128,8,3)
-# 306 > (32,128,8,2) 279); causal takes the same (not yet measured)
+# 306 > (32,128,8,2) 279); causal the same (18:31: backward 189 -> 224 at S 4k, 205 -> 245 at
+# 8k; non-causal 8k 234 -> 314); descriptors in the backward lose here (306 -> 293), WS ~+0.7%
 _D256 = Tuning(_c(128, 64, 8, 2), _c(64, 64, 8, 2), _c(128, 64, 8, 1),
                bwd_dv=_c(64, 128, 8, 2), bwd_dk=_c(32, 128, 8, 3), dkdv="split")
 TABLE_SM90: dict[tuple[int, bool], Tuning] = {
@@ -129,6 +134,7 @@ def default_tuning(shape: ShapeClass, capability: tuple[int, int] | None, interp
     t = table[(d, shape.causal)]
     if shape.dtype == "float32":  # twice the bytes per tile: halve the tiles
         t = replace(t, **{w: _halve(config_of(t, w)) for w in KERNELS})
+        t = replace(t, ws=False, bwd_tma=False)  # measured and judged with 16-bit inputs only
     return t
 
 
