@@ -275,3 +275,20 @@ def test_refusals():
     assert fmx_tf.attention_mask(attention_mask=torch.ones(2, 4, dtype=torch.long),
                                  kv_length=4) is None
     # static caches (supported, and their refusals): test_transformers_static_cache.py
+
+
+def test_packing_is_searched_in_one_row_only(calls, monkeypatch):
+    """Like transformers' FlashAttention path: position_ids restarting inside a batch of several
+    rows are not read (no host synchronization per forward); one row is."""
+    _, fmx = _pair("llama")
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    reads = []
+    real = fmx_tf._packed_from_position_ids
+    monkeypatch.setattr(fmx_tf, "_packed_from_position_ids",
+                        lambda *a: reads.append(a) or real(*a))
+    with torch.no_grad():
+        fmx(_ids(2, 12), position_ids=pos.expand(2, -1), use_cache=False)
+    assert not reads and all(kw.get("cu_seqlens_q") is None for _, kw in calls)
+    with torch.no_grad():
+        fmx(_ids(1, 12), position_ids=pos, use_cache=False)
+    assert len(reads) == 1 and calls[-1][1]["cu_seqlens_q"].tolist() == [0, 5, 12]
