@@ -205,6 +205,7 @@ def _bs_fwd_tile(
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         elif RT:
+            ok = tl.broadcast_to(ok, s.shape)  # both branches of the runtime if: one shape
             if is_p:
                 ok = ok & _rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
@@ -382,6 +383,7 @@ def _bs_dkdv_tile(
         if PARTIAL:
             ok = ok & _bits_kr(BITS, tid, r_loc0, offs_m, c_loc, c_loc0, MBS, BLOCK_N)
         elif RT:
+            ok = tl.broadcast_to(ok, pt.shape)
             if is_p:
                 ok = ok & _rt_bits_kr(w, BITS, tid, r_loc0, offs_m, c_loc, MBS, BLOCK_N)
         pt = tl.where(ok, pt, 0.0)
@@ -559,6 +561,7 @@ def _bs_dq_tile(
         if PARTIAL:
             ok = ok & _row_bits(BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         elif RT:
+            ok = tl.broadcast_to(ok, p.shape)
             if is_p:
                 ok = ok & _rt_bits(w, BITS, tid, r_loc, c_loc0, offs_n, MBS, BLOCK_N)
         p = tl.where(ok, p, 0.0)

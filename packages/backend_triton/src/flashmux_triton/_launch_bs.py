@@ -41,10 +41,12 @@ def _tma_q(pb, q, do):
 
 
 def _merged():
-    """The forward and dQ walk a query block's full and partial tiles in one loop (the
-    software pipeline keeps loading across the boundary; a tile's kind is a runtime branch
-    around its bitmask), unless FLASHMUX_TRITON_BS_LOOP=two (one loop per kind)."""
-    return os.environ.get("FLASHMUX_TRITON_BS_LOOP", "merged") != "two"
+    """FLASHMUX_TRITON_BS_LOOP=merged: walk a block's full and partial tiles in one loop (a
+    tile's kind is a runtime branch around its bitmask). Off by default: on the H200 (session 8,
+    18:25) it was slower wherever full tiles dominate (prefix:8192 fwd 5.53 ms vs 4.47 with one
+    loop per kind, causal 2.98 vs 2.49) and faster only on the sparsest masks (doc:64 0.50 vs
+    0.59, dilated 0.68 vs 0.75)."""
+    return os.environ.get("FLASHMUX_TRITON_BS_LOOP", "two") == "merged"
 
 
 def _descs(tma, k, v, bn):
