@@ -280,6 +280,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128", help="comma list, in the order timed")
+    ap.add_argument("--model-only", action="store_true", help="skip the single-call rows")
     ap.add_argument("--interleave", action="store_true",
                     help="time the model rows in turn, one call each per round (drift-fair)")
     ap.add_argument("--backend", default=None, help="force a flashmux backend")
@@ -306,9 +307,11 @@ def main():
         model_rows, attn_rows = [], []
         for head_dim in (int(x) for x in args.head_dims.split(",")):
             model_rows += bench_model(args, device, dtype, head_dim, batch, seq)
-            attn_rows += bench_attention(args, device, dtype, head_dim, batch, seq)
+            if not args.model_only:
+                attn_rows += bench_attention(args, device, dtype, head_dim, batch, seq)
     table("whole model (median ms per step)", model_rows)
-    table("one attention call on the model's tensors", attn_rows)
+    if attn_rows:
+        table("one attention call on the model's tensors", attn_rows)
 
 
 class _null:
