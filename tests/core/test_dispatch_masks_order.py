@@ -1,4 +1,4 @@
-"""Torch calls with a block mask or ALiBi slopes try Triton before CUDA, even in classes whose
+"""Torch prefill calls with a block mask or ALiBi slopes try Triton before CUDA, even in classes whose
 table ranks CUDA first (measured without masks); other calls keep the table's order."""
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def test_masks_and_alibi_put_triton_before_cuda(monkeypatch):
     assert _names(_spec(block_mask=True)) == ["triton", "cuda"]
     assert _names(_spec(alibi=True)) == ["triton", "cuda"]
     assert _names(_spec(kind="jax", block_mask=True)) == ["cuda", "triton"]  # torch only
+    # decode (Sq <= 16 against >= 4x the keys) keeps its class order
+    monkeypatch.setattr(dispatch, "priority_table", lambda: {
+        "sm90": {"classes": {"d128-full-infer-decode-16bit": {"torch": ["cuda", "triton"]}}}})
+    assert _names(_spec(alibi=True, seqlen_q=1)) == ["cuda", "triton"]
     assert dispatch._triton_before_cuda(["triton", "cuda"]) == ["triton", "cuda"]
     assert dispatch._triton_before_cuda(["native", "cuda", "reference"]) == [
         "native", "cuda", "reference"]

@@ -238,7 +238,8 @@ def priority_source(spec: ProblemSpec) -> str:
 
 
 def _triton_before_cuda(names: list[str]) -> list[str]:
-    """Torch calls with a block mask or ALiBi slopes: Triton goes before CUDA. The class tables
+    """Torch prefill calls with a block mask or ALiBi slopes: Triton goes before CUDA (decode
+    keeps the table's order: not measured with slopes). The class tables
     are measured without masks, and rank CUDA first for some inference classes. On the H200
     (session 8, docs/benchmarks.md) CUDA's block-mask and ALiBi paths took much longer than
     Triton's: they run its sm80 kernels, because its sm90 forward steps aside for them. At 8k,
@@ -258,7 +259,7 @@ def ordered(spec: ProblemSpec) -> list[Backend]:
     entry = table.get(device_class(spec)) or table.get("default") or {}
     by_class = (entry.get("classes") or {}).get(spec_class(spec)) or {}
     names = list(by_class.get(spec.kind) or entry.get(spec.kind, []))
-    if spec.kind == "torch" and (spec.block_mask or spec.alibi):
+    if spec.kind == "torch" and (spec.block_mask or spec.alibi) and "-prefill-" in spec_class(spec):
         names = _triton_before_cuda(names)
     reg = registry()
     rank = {n: i for i, n in enumerate(names)}
