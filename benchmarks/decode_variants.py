@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the float64 check of each variant (its host time at long caches)")
     ap.add_argument("--ragged", action="store_true",
                     help="ragged cache_seqlens over [Sk/8, Sk] (the harness's); GB/s counts the "
                          "bytes actually read")
@@ -414,8 +416,8 @@ def main(argv=None) -> int:
                     except Exception as ex:  # noqa: BLE001 - report, go on
                         row("contig", f"ceiling ({label})", "-", "-",
                             f"{type(ex).__name__}: {str(ex)[:80]}")
-            ref = flashmux.attention_with_kvcache(q, k, v, cache_seqlens=lens, causal=True,
-                                                  backend="reference")
+            ref = None if args.no_check else flashmux.attention_with_kvcache(
+                q, k, v, cache_seqlens=lens, causal=True, backend="reference")
             for page in (int(x) for x in args.pages.split(",")):
                 if page and sk % page:
                     continue
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
                             else:
                                 fn = fw.call(q, kc, vc, lens, table, page, ns, cfg)
                                 out = fn()
-                            e = fw.err(out, ref)
+                            e = 0.0 if ref is None else fw.err(out, ref)
                             sec = f"WRONG ({e:.1e})" if e > 2e-2 else fw.time(fn)
                         except Exception as ex:  # noqa: BLE001 - out of resources etc.: report
                             sec = f"{type(ex).__name__}: {str(ex)[:80]}"

@@ -175,22 +175,16 @@ def smaller(cfg: DecodeConfig) -> DecodeConfig | None:
 def config_for(head_dim: int, head_dim_v: int, dtype: str, page_size: int,
                capacity: int = 0) -> DecodeConfig:
     """The default for a shape class. D = 256 and float32 use 64-key blocks (registers). 16-bit
-    D <= 128: 128-key blocks, 3 stages, one wave, the merge kernel (fused_merge=0) and int32
-    row offsets; pages smaller than the block take their page ids as scalar loads
-    (page_select). From the H200 (2026-11-30 17:40 UTC, B8 Hq32 Hkv8 D128 bf16 Sq1 4k,
-    CUDA-graph timed, NOTES.md "Decode, session 8"): the merge kernel beat the in-kernel merge
-    (c18 37.9 vs c1 38.8 us contiguous; 46.4 vs 50.9 at 16-token pages), int32 offsets
-    removed the paged kernels' register spills (c12 42.8 vs c1 50.9 us at 16-token pages,
-    40.0 vs 45.7 at 64); page_select (no layout conversions, 152 registers) is the
-    sm90-compile choice for small pages, first timed in the 18:35 call. Session 7's c1 / c3
-    (the in-kernel merge) stay candidates."""
+    D <= 128 (contiguous and paged alike): 128-key blocks, 3 stages, one wave, splits of at least
+    2 blocks, the merge kernel (fused_merge=0), int32 row offsets and programmatic dependent
+    launch on sm90+ (c32). From the H200 (2026-11-30, B8 Hq32 Hkv8 D128 bf16 Sq1, CUDA-graph
+    timed, NOTES.md "Decode, session 8"): at 4k c32 37.7 us contiguous / 39.4 16-token pages /
+    38.4 64-token pages (18:25 call), against c30 (no PDL) 38.5 / 40.4 (with page_select) /
+    39.0 and session 7's c1 / c3 38.8 / 44.1 / 43.4 (17:40 call); page_select (c34) lost to the
+    plain per-row gather at 16-token pages once offsets were int32 (40.1 vs 39.4)."""
     d = max(head_dim, head_dim_v)
     if dtype == "float32" or d > 128:
         cfg = DecodeConfig(64, 4, 2, 2.0)
-    elif page_size and page_size % 128:
-        cfg = DecodeConfig(128, 4, 3, 1.0, 2, fused_merge=0, off32=1, page_select=1)
     else:
-        # splits of at least 2 key blocks (was 4): MQA (Hkv = 1, B = 8) at 4k then fills the
-        # GPU with 16 splits instead of 8; the B8 Hkv8 shape keeps its 2
-        cfg = DecodeConfig(128, 4, 3, 1.0, 2, fused_merge=0, off32=1)
+        cfg = DecodeConfig(128, 4, 3, 1.0, 2, fused_merge=0, off32=1, pdl=1)
     return _override(cfg)
