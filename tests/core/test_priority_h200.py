@@ -1,8 +1,10 @@
 """The committed priority table is the one the committed H200 sweep produces (issue 14).
 
-docs/data/h200-2026-11-30-priority-sweep.json is the harness run on the H200 (papers sweep, S=4k,
-head_dim 64/128/256, causal and not, fwd and fwd+bwd, bf16; flashmux's triton, cuda, native and
-pallas beside SDPA cuDNN and JAX cuDNN). Regenerating from it must give the sm90 entry that
+docs/data/h200-2026-11-30-priority-sweep.json holds two harness runs on the H200 (bf16, fwd and
+fwd+bwd, causal and not): head_dim 64/128 from session 6 (S=4k; flashmux's triton, cuda, native and
+pallas beside SDPA cuDNN and JAX cuDNN) and head_dim 256 from session 8's final call (torch S 2k-16k
+with triton, cuda, native beside SDPA cuDNN and FlashAttention-2; JAX S=4k with pallas, cuda, native
+beside JAX cuDNN), which replaced session 6's head_dim 256 rows. Regenerating from it must give the sm90 entry that
 packages/core/src/flashmux/priority.json holds, and each class must put first a backend that was
 correct and fastest (by the geometric mean over the class's points) in that run.
 """
