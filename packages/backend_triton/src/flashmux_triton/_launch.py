@@ -225,10 +225,11 @@ def fused_bwd_wanted() -> bool:
     return os.environ.get("FLASHMUX_TRITON_BWD", "split") == "fused"
 
 
-def _tma_views(pb: _Problem, k, v):
-    """(rows, heads*dim) 2-D views of K and V for tensor descriptors, or None when the layout,
-    head dims, dtype or device don't allow it."""
-    if not tma_wanted(pb) or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
+def _desc_views(pb: _Problem, x16, y16, heads: int, wanted: bool):
+    """(TensorDescriptor, [(x, shape, strides, d), (y, ...)]): (rows, heads*dim) 2-D views of two
+    tensors whose last dims are pb.d and pb.dv, or None when not wanted, float32, padded head
+    dims, a layout without contiguous heads, or no descriptors on this device/triton."""
+    if not wanted or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
         return None
     if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
         return None
@@ -237,7 +238,7 @@ def _tma_views(pb: _Problem, k, v):
     except ImportError:
         return None
     views = []
-    for x, d in ((k, pb.d), (v, pb.dv)):
+    for x, d in ((x16, pb.d), (y16, pb.dv)):
         if x.stride(-1) != 1 or x.stride(-2) != d:
             return None
         rows = x.shape[0] if pb.varlen else x.shape[0] * x.shape[1]
@@ -246,8 +247,13 @@ def _tma_views(pb: _Problem, k, v):
             return None
         if (row_stride * x.element_size()) % 16 or x.data_ptr() % 16:
             return None
-        views.append((x, [rows, pb.hkv * d], [row_stride, 1], d))
+        views.append((x, [rows, heads * d], [row_stride, 1], d))
     return TensorDescriptor, views
+
+
+def _tma_views(pb: _Problem, k, v):
+    """The forward's K/V descriptor views (`_desc_views`), when `tma_wanted`."""
+    return _desc_views(pb, k, v, pb.hkv, tma_wanted(pb))
 
 
 _BWD_TMA_BROKEN: set = set()
@@ -265,30 +271,9 @@ def bwd_tma_wanted(pb: _Problem) -> bool:
 
 
 def _bwd_tma_views(pb: _Problem, q, do, heads=None):
-    """(TensorDescriptor, [(q, shape, strides, d), (do, ...)]): (rows, heads*dim) views of Q and
-    dO for the dK/dV programs (or of K and V for the dQ program, heads=pb.hkv), or None (not
-    wanted, float32, padded head dims, a layout without contiguous heads, or no descriptors on
-    this device/triton)."""
-    if not bwd_tma_wanted(pb) or pb.ieee or pb.block_d != pb.d or pb.block_dv != pb.dv:
-        return None
-    if not pb.interpret and (pb.capability is None or pb.capability < (9, 0)):
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
-    except ImportError:
-        return None
-    views = []
-    for x, d in ((q, pb.d), (do, pb.dv)):
-        if x.stride(-1) != 1 or x.stride(-2) != d:
-            return None
-        rows = x.shape[0] if pb.varlen else x.shape[0] * x.shape[1]
-        row_stride = x.stride(0) if pb.varlen else x.stride(1)
-        if not pb.varlen and x.stride(0) != x.shape[1] * row_stride:
-            return None
-        if (row_stride * x.element_size()) % 16 or x.data_ptr() % 16:
-            return None
-        views.append((x, [rows, (heads or pb.hq) * d], [row_stride, 1], d))
-    return TensorDescriptor, views
+    """The backward's descriptor views (`_desc_views`) of Q and dO for the dK/dV programs (or of
+    K and V for the dQ program, heads=pb.hkv), when `bwd_tma_wanted`."""
+    return _desc_views(pb, q, do, heads or pb.hq, bwd_tma_wanted(pb))
 
 
 def _slopes(pb: _Problem, alibi_slopes, like):
