@@ -13,10 +13,10 @@ ws:    forward TFLOP/s with and without FLASHMUX_TRITON_WS=1 (warp-specialized i
 fused: forward+backward TFLOP/s, split backward vs FLASHMUX_TRITON_BWD=fused (atomic dQ).
 split: head_dim 256/192 (FMX_SPLIT_DIMS), S 4k/8k (FMX_SPLIT_SEQS), causal and not
        (FMX_SWEEP_CAUSAL): backward and forward+backward TFLOP/s of the joint dK/dV program vs
-       the split ones (FMX_SPLIT_VARIANTS, default joint,split,split_t: FLASHMUX_TRITON_DKDV),
+       the split ones (FMX_SPLIT_VARIANTS, default joint,split: FLASHMUX_TRITON_DKDV),
        beside SDPA cuDNN and flash forward+backward (FMX_SPLIT_SDPA); FMX_SPLIT_PROFILE=1 adds
        each backward kernel's time (profiler). `sweep` with FMX_SWEEP_KERNELS=bwd_dv,bwd_dk and
-       FMX_SWEEP_VARIANT=split|split_t sweeps the split programs' configs.
+       sweeps the split programs' configs.
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -211,12 +211,6 @@ SWEEP_256 = {
     "bwd_dk": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 1), (64, 64, 8, 2),
                (32, 64, 4, 2)],  # 245/0/192, 242/0/224, 214/0/176, 255/120/192
 }
-# the transposed split (split_t): a query block of 32 rows makes its score dots M=32 (mma.sync,
-# not wgmma), so 64-row query blocks come first
-SWEEP_256_T = {
-    "bwd_dv": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3)],  # 255/0/169, 255/216/208, mma.sync
-    "bwd_dk": [(64, 64, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2)],  # 255/120/201, 255/832/192, mma.sync
-}
 
 
 def sweep_dims() -> list[int]:
@@ -226,9 +220,8 @@ def sweep_dims() -> list[int]:
 
 def sweep():
     """FMX_SWEEP_KERNELS (default fwd,bwd_dkdv,bwd_dq; bwd_dv,bwd_dk: the split backward's
-    programs, timed with FLASHMUX_TRITON_DKDV=$FMX_SWEEP_VARIANT, default split; split_t has
-    its own lists, SWEEP_256_T)."""
-    variant = os.environ.get("FMX_SWEEP_VARIANT", "split")
+    programs, timed with FLASHMUX_TRITON_DKDV=split)."""
+    variant = "split"
     cap = torch.cuda.get_device_capability()
     kernels = os.environ.get("FMX_SWEEP_KERNELS", "fwd,bwd_dkdv,bwd_dq").split(",")
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
@@ -241,7 +234,7 @@ def sweep():
             lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ),
                      ("bwd_dv", SWEEP_DV), ("bwd_dk", SWEEP_DK))
             if D > 128:
-                lists = tuple({**SWEEP_256, **(SWEEP_256_T if variant == "split_t" else {})}.items())
+                lists = tuple(SWEEP_256.items())
             lists = tuple((w, c) for w, c in lists if w in kernels)
             bd = max(16, 1 << (D - 1).bit_length())  # the padded head dim: the tuning class
             for which, cands in lists:
@@ -392,7 +385,7 @@ def split_compare():
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
     sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
     prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
-    variants = os.environ.get("FMX_SPLIT_VARIANTS", "joint,split,split_t").split(",")
+    variants = os.environ.get("FMX_SPLIT_VARIANTS", "joint,split").split(",")
     out = []
     for D in dims:
         for causal in causals:

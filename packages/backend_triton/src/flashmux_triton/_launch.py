@@ -134,10 +134,7 @@ def _launch(pb: _Problem, which: str, run):
 
 def _autotuned(pb, which, run, default):
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if which in ("bwd_dv", "bwd_dk"):  # split and split_t are different kernels
-        which_key = which + ("_t" if dkdv_variant(pb, False) == "split_t" else "")
-    else:
-        which_key = which
+    which_key = which
     ck = "|".join(
         str(x)
         for x in (dev, triton.__version__, which_key, pb.block_d, pb.block_dv, pb.shape.dtype,
@@ -192,13 +189,13 @@ def ws_wanted(pb: _Problem) -> bool:
     return _tuning(pb).ws and pb.shape not in _WS_BROKEN
 
 
-DKDV_VARIANTS = ("joint", "split", "split_t")
+DKDV_VARIANTS = ("joint", "split")
 
 
 def dkdv_variant(pb: _Problem, fused: bool) -> str:
     """Which dK/dV kernel: "joint" (_kernels.attn_bwd_dkdv, both accumulators in one program),
-    "split" (attn_bwd_dkdv launched as a dV program and a dK program, ROLE 1/2, one accumulator
-    each) or "split_t" (attn_bwd_kv_t, the same split with transposed tiles).
+    or "split" (attn_bwd_dkdv launched as a dV program and a dK program, ROLE 1/2, one
+    accumulator each).
     FLASHMUX_TRITON_DKDV forces one; by default the problem class's `Tuning.dkdv`. Always
     "joint" with the fused (atomic dQ) backward, which needs dS in the joint program.
     Deterministic in every variant (no atomics)."""
@@ -214,7 +211,7 @@ def dkdv_variant(pb: _Problem, fused: bool) -> str:
 
 
 def split_dkdv_wanted(pb: _Problem, fused: bool) -> bool:
-    """True when the dK/dV side runs as two programs (split or split_t)."""
+    """True when the dK/dV side runs as two programs (split)."""
     return dkdv_variant(pb, fused) != "joint"
 
 
@@ -400,7 +397,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
     variant = dkdv_variant(pb, fused)
     # Q/dO of the dK/dV programs' interior query blocks through tensor descriptors (opt-in)
     btma = None
-    if variant != "split_t" and pb.shape not in _BWD_TMA_BROKEN:
+    if pb.shape not in _BWD_TMA_BROKEN:
         btma = _bwd_tma_views(pb, q, do)
     tma_flag = dict(TMA=True) if btma is not None else {}
 
@@ -444,7 +441,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    kern = K.attn_bwd_kv_t if variant == "split_t" else K.attn_bwd_dkdv
+    kern = K.attn_bwd_dkdv
 
     def run_role(role: int):
         def run_one(cfg: T.KernelConfig):

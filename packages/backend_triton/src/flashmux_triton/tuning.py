@@ -32,8 +32,7 @@ class Tuning:
 
     bwd_dv / bwd_dk: the split backward's two programs (dV only, dK only; None: bwd_dkdv's
     config). dkdv: which dK/dV kernel this class runs by default, "joint" (one program, both
-    accumulators), "split" (a dV and a dK program) or "split_t" (the same, transposed: dV^T /
-    dK^T accumulators, K and V as right-hand operands); FLASHMUX_TRITON_DKDV overrides. ws:
+    accumulators) or "split" (a dV and a dK program); FLASHMUX_TRITON_DKDV overrides. ws:
     warp-specialize the forward's interior loop by default for this class (sm90+, compiled;
     FLASHMUX_TRITON_WS=0|1 overrides). bwd_tma: Q/dO tiles of the dK/dV programs through
     tensor descriptors (FLASHMUX_TRITON_BWD_TMA=0|1 overrides)."""
