@@ -414,7 +414,13 @@ def decide(spec: DecodeSpec, forced) -> dispatch.Decision:
     return dispatch.Decision(spec, forced, chosen, rows)  # type: ignore[arg-type]
 
 
+_decisions_gen = [dispatch._generation]  # the dispatch generation _decisions belongs to
+
+
 def select(spec: DecodeSpec, forced):
+    if _decisions_gen[0] != dispatch._generation:  # register / clear_caches since: choose again
+        _decisions.clear()
+        _decisions_gen[0] = dispatch._generation
     key = (spec, forced)
     be = _decisions.get(key)
     if be is not None and dispatch.registry().get(be.name) is be:
@@ -654,11 +660,14 @@ class _FastStep:
     backend plans once; the lengths seqlens_k = cache_seqlens + Snew may be formed on the
     device inside its kernels). Without one, the step is the checked path minus the checks."""
 
-    __slots__ = ("be", "reg", "table", "call", "runner", "with_new", "return_lse")
+    __slots__ = ("be", "reg", "gen", "table", "call", "runner", "with_new", "return_lse")
 
     def __init__(self, be, call: _DecodeCall, runner):
         self.be = be
         self.reg = dispatch._backends
+        # register(), clear_caches() and a pending backend's load bump the generation: a backend
+        # registered since (under any name) may now be the dispatcher's choice
+        self.gen = dispatch._generation
         self.table = dispatch._priority_table
         self.call = call
         self.runner = runner
@@ -667,7 +676,8 @@ class _FastStep:
 
     def valid(self) -> bool:
         reg = self.reg
-        return (dispatch._backends is reg and reg is not None and not dispatch._pending
+        return (dispatch._generation == self.gen and dispatch._backends is reg
+                and reg is not None and not dispatch._pending
                 and reg.get(self.be.name) is self.be and dispatch._priority_table is self.table)
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes):
