@@ -244,7 +244,12 @@ class Jax:
         import flashmux
         from flashmux_pallas import decode
 
-        kw = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+        if cfg is None:
+            kw = {}
+        elif isinstance(cfg, dict):  # --tune: decode.tuning fields
+            kw = cfg
+        else:
+            kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
         with decode.tuning(**kw):  # read at trace time: trace here
             fn = self.jax.jit(lambda q, kc, vc, lens, table: flashmux.attention_with_kvcache(
                 q, kc, vc, cache_seqlens=lens, block_table=table, causal=True,
@@ -253,13 +258,19 @@ class Jax:
             out = fn(q, kc, vc, lens, table)
         return lambda: fn(q, kc, vc, lens, table), out
 
+    # The arrays are jit arguments, never closed over: a closed-over array is a constant of the
+    # compiled program, and XLA constant-folds a sum of it on the host (a 1 GiB cache at 32k:
+    # minutes; session 8's pallas lines were cut by their limits there, before any kernel row).
     def anchor(self, q, k, v):
-        return "jax-cudnn", self.jax.jit(
-            lambda: self.jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        f = self.jax.jit(lambda q, k, v: self.jax.nn.dot_product_attention(
+            q, k, v, implementation="cudnn"))
+        return "jax-cudnn", lambda: f(q, k, v)
 
     def ceiling(self, k, v):
         jnp = self.jnp
-        return self.jax.jit(lambda: (jnp.sum(k, dtype=jnp.float32), jnp.sum(v, dtype=jnp.float32)))
+        f = self.jax.jit(lambda k, v: (jnp.sum(k, dtype=jnp.float32),
+                                       jnp.sum(v, dtype=jnp.float32)))
+        return lambda: f(k, v)
 
     def time(self, fn):
         return jax_time(fn, (), self.args.inner, self.args.reps)
@@ -318,6 +329,21 @@ def ragged_lengths(b: int, sk: int) -> list[int]:
     return [sk] + lens[1:]
 
 
+def tune_variants(text: str):
+    """--tune "num_stages=3;waves=1,num_stages=3": pallas variants as flashmux_pallas.decode
+    tuning fields, one variant per ';'-separated group."""
+    out = []
+    for group in (g.strip() for g in text.split(";")):
+        if not group:
+            continue
+        kw = {}
+        for part in group.split(","):
+            name, _, val = part.partition("=")
+            kw[name.strip()] = int(val)
+        out.append((kw, group))
+    return out
+
+
 def variants(backend: str, configs: str):
     if backend == "triton":
         from flashmux_triton import tuning_decode as T
@@ -353,6 +379,11 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="auto", help="auto and/or forced split counts")
     ap.add_argument("--configs", default="",
                     help="'all' or indices (see the module doc); triton: 'd' is the default")
+    ap.add_argument("--tune", default="",
+                    help="pallas: extra variants as decode.tuning fields, ';' between variants "
+                         "(e.g. 'num_stages=3;waves=1,num_stages=3;unmasked=1')")
+    ap.add_argument("--no-default", action="store_true",
+                    help="pallas: leave out the default row (--configs/--tune rows only)")
     ap.add_argument("--quick", action="store_true", help="Sk 4k and 32k")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", default="32,8", help="Hq,Hkv")
@@ -377,6 +408,12 @@ def main(argv=None) -> int:
     hq, hkv = (int(x) for x in args.heads.split(","))
     sks = [4096, 32768] if args.quick else [int(x) for x in args.sk.split(",")]
     vs = variants(args.backend, args.configs)
+    if args.tune:
+        if args.backend != "pallas":
+            raise SystemExit("--tune is for pallas (triton: --configs, FLASHMUX_TRITON_DECODE)")
+        vs = vs + tune_variants(args.tune)
+    if args.no_default:
+        vs = [x for x in vs if x[0] is not None] or vs
     print(f"# {fw.name} {args.backend} B={b} Hq={hq} Hkv={hkv} D={d} {args.dtype}; "
           "GB/s of K+V read once")
     print("| Sq | Sk | cache | impl | splits | config | us | GB/s |\n|---|---|---|---|---|---|---|---|")

@@ -142,6 +142,14 @@ CANDIDATES = (
     DecodeConfig(128, 4, 3, 1.0, off32=1, page_select=1, pdl=1),
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, page_select=1, pdl=1),
     DecodeConfig(64, 4, 3, 1.0, fused_merge=0, off32=1),
+    # c36-c40, session 9 (the 4k gap, NOTES.md "Decode, session 9"): c32 (the default) with
+    # 8 warps; 64-key blocks x 4 stages (2 programs per SM, 4 splits); 128 keys x 2 stages (3
+    # per SM, 6 splits); two waves (4 splits); 64-key blocks x 3 stages (3 per SM, 6 splits)
+    DecodeConfig(128, 8, 3, 1.0, fused_merge=0, off32=1, pdl=1),
+    DecodeConfig(64, 4, 4, 1.0, fused_merge=0, off32=1, pdl=1),
+    DecodeConfig(128, 4, 2, 1.0, fused_merge=0, off32=1, pdl=1),
+    DecodeConfig(128, 4, 3, 2.0, fused_merge=0, off32=1, pdl=1),
+    DecodeConfig(64, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1),
 )
 
 
