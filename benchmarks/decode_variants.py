@@ -415,7 +415,7 @@ def main(argv=None) -> int:
     if args.no_default:
         vs = [x for x in vs if x[0] is not None] or vs
     print(f"# {fw.name} {args.backend} B={b} Hq={hq} Hkv={hkv} D={d} {args.dtype}; "
-          "GB/s of K+V read once")
+          "GB/s of K+V read once" + ("; ragged cache_seqlens" if args.ragged else ""))
     print("| Sq | Sk | cache | impl | splits | config | us | GB/s |\n|---|---|---|---|---|---|---|---|")
     for sq in (int(x) for x in args.sq.split(",")):
         for sk in sks:
