@@ -230,7 +230,7 @@ def _bs_q_list(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     DQ: tl.constexpr, desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
-    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False,
+    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """The key tiles of one list of a query block's mask row (NF/FI: the full mask tiles'
     count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
@@ -245,7 +245,9 @@ def _bs_q_list(
     else:
         nf = 0
         n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
-    for it in range(0, n * SUBS):
+    # WS: Triton's warp specialization of the walk (a producer warp group issues the index
+    # loads and the K/V copies ahead of the consumers), as the dense forward's interior loop
+    for it in tl.range(0, n * SUBS, warp_specialize=WS):
         is_p = False
         if MERGED:
             j = it // SUBS
@@ -299,7 +301,7 @@ def bs_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     RESID: tl.constexpr, ALIBI: tl.constexpr, TMA: tl.constexpr = False,
-    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False,
+    FOLD: tl.constexpr = False, MERGED: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): the full tiles of its mask block's
     list, then the partial ones."""
@@ -309,8 +311,9 @@ def bs_fwd(
     h = tl.program_id(1)
     b = tl.program_id(2)
     m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
+    if not WS:  # (the grid is exact; the warp-specialization pass wants no early exit)
+        if m0 >= seqlen_q:
+            return
     qb = m0 // MBS
     row = (b * mask_b * mask_heads + h * mask_h) * n_qb + qb
     b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
@@ -339,7 +342,7 @@ def bs_fwd(
             p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
             CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
             ALIBI, BLOCK_N, False, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
-            TMA, FOLD, MERGED,
+            TMA, FOLD, MERGED, WS and not CHECK_FULL and part == 0,
         )
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -80,15 +81,33 @@ def _mask_args(bm, hq):
     return a, flags
 
 
+@dataclass(frozen=True)
+class _BsConfig(T.KernelConfig):
+    """A block-sparse kernel's config with ptxas's register cap (0: none): 128 registers at 8
+    warps lets two 256-thread programs share an SM (the sm_90 compile of the 128x64 forward:
+    174 -> 128 registers, 56 B of spill, 97 KiB of shared memory)."""
+
+    maxnreg: int = 0
+
+
+def _opts(cfg):
+    """Launch options of a config: warps, stages, and maxnreg when capped."""
+    o = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if getattr(cfg, "maxnreg", 0):
+        o["maxnreg"] = cfg.maxnreg
+    return o
+
+
 def _launch(pb, which, mbs, run):
     """run(cfg, block_m, block_n) with the plain kernels' tiles for this shape class, capped at
     the mask block (kernel tiles divide it: both are powers of two); smaller tiles on
     shared-memory exhaustion. FLASHMUX_TRITON_BS_FWD / _BWD_DQ / _BWD_DKDV = "m,n,warps,stages"
-    set one kernel's config (for sweeps on a GPU)."""
+    set one kernel's config (for sweeps on a GPU), with an optional fifth field, ptxas's
+    register cap (maxnreg: "128,64,8,2,128")."""
     t = _tuning(pb)
     env = os.environ.get("FLASHMUX_TRITON_BS_" + which.upper())  # "block_m,block_n,warps,stages"
     if env:  # a tile config for the block-sparse kernel only (GPU sweeps; tuning.py untouched)
-        t = T.with_config(t, which, T.KernelConfig(*(int(x) for x in env.split(","))))
+        t = T.with_config(t, which, _BsConfig(*(int(x) for x in env.split(","))))
     while True:
         cfg = getattr(t, which)
         try:
@@ -146,9 +165,17 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
         _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
         BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
         RESID=res is not None, ALIBI=alibi, TMA=tma is not None, FOLD=pb.fold,
-        MERGED=_merged(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        MERGED=_merged(), WS=_ws(pb),
+        **_opts(cfg),
     )
+
+
+def _ws(pb):
+    """FLASHMUX_TRITON_BS_WS=1: the forward's walks warp-specialized (Triton's automatic
+    producer/consumer split, as the dense forward's interior loop at head_dim 128 on the H200);
+    calls without causal/window and with lengths on the mask block only (CHECK_FULL off).
+    Opt-in until the H200 measures it; not under the interpreter."""
+    return os.environ.get("FLASHMUX_TRITON_BS_WS", "0") == "1" and not pb.interpret
 
 
 def _scale_a(pb):
@@ -197,7 +224,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_opts(cfg),
         )
 
     def run_dq(cfg, bm_, bn, tma):
@@ -208,7 +235,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_opts(cfg),
         )
 
     tq = _tma_q(pb, q, do)

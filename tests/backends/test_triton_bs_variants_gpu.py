@@ -1,0 +1,84 @@
+"""The block-sparse Triton kernels' GPU variants (session 9, issue 15), each judged against the
+float64 reference by the conformance rule on a CUDA GPU (skipped elsewhere): the tile configs
+with two programs per SM (FLASHMUX_TRITON_BS_FWD / _BWD_DQ / _BWD_DKDV = "m,n,warps,stages")
+and the other opt-in variants of `_launch_bs` (FLASHMUX_TRITON_BS_*). Lengths on the 128 mask
+block so the interior tiles take the tensor-descriptor path the H200 runs, plus one tail case.
+
+    pytest tests/backends/test_triton_bs_variants_gpu.py -v
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+if HAS_TORCH:
+    import torch
+
+    CUDA = torch.cuda.is_available()
+else:  # pragma: no cover
+    CUDA = False
+
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and torch")
+
+import flashmux  # noqa: E402
+from flashmux import masks as M  # noqa: E402
+from flashmux.reference import reference_backward, reference_forward  # noqa: E402
+
+VARIANTS = {
+    "fwd64x64s3": {"FLASHMUX_TRITON_BS_FWD": "64,64,4,3"},
+    "fwd128x64r128": {"FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128"},
+    "fwd128x32r128": {"FLASHMUX_TRITON_BS_FWD": "128,32,8,3,128"},
+    "bwd2sm": {"FLASHMUX_TRITON_BS_BWD_DQ": "128,32,8,3,128", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,3"},
+    "ws": {"FLASHMUX_TRITON_BS_WS": "1"},
+}
+
+
+def _segments(s, n, seed):
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, s), n - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(s), side="right").astype(np.int32)
+
+
+@pytest.mark.parametrize("s", [1024, 1000])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bs_variant_vs_float64(variant, s, monkeypatch):
+    for k, v in VARIANTS[variant].items():
+        monkeypatch.setenv(k, v)
+    rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
+    b, hq, hkv, d = 2, 4, 2, 128
+    seg = np.stack([_segments(s, 5, 1), _segments(s, 9, 2)])
+    # full tiles (document interiors), partial tiles (diagonal, document edges, dilated keys)
+    fn = M.or_(M.and_(M.causal(), M.document(seg)), M.dilated(0, 200))
+    slopes = rng.uniform(0.01, 0.2, (b, hq)).astype(np.float32)
+    x64 = [rng.standard_normal(sh) for sh in ((b, s, hq, d), (b, s, hkv, d), (b, s, hkv, d))]
+    do64 = rng.standard_normal((b, s, hq, d))
+    q, k, v = (torch.tensor(x, device="cuda").to(torch.bfloat16).requires_grad_(True) for x in x64)
+    do = torch.tensor(do64, device="cuda").to(torch.bfloat16)
+    bm = flashmux.create_block_mask(fn, b, None, s, s, like=q)
+    ts = torch.tensor(slopes, device="cuda")
+    out = flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=ts, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (x.detach().double().cpu().numpy() for x in (q, k, v))
+    d64 = do.double().cpu().numpy()
+    ro, _ = reference_forward(q64, k64, v64, block_mask=fn, alibi_slopes=slopes)
+    rg = reference_backward(d64, q64, k64, v64, block_mask=fn, alibi_slopes=slopes)
+    # plain attention in bf16 with the same mask and bias: the conformance rule's yardstick
+    allowed = torch.tensor(bm.to_dense().cpu().numpy(), device="cuda")
+    qp, kp, vp = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    g = hq // hkv
+    sc = torch.einsum("bqhd,bkhd->bhqk", qp, kp.repeat_interleave(g, 2)).float() / np.sqrt(d)
+    i = torch.arange(s, device="cuda")
+    sc = sc - ts[:, :, None, None] * (i[:, None] - i[None, :]).abs()
+    sc = sc.masked_fill(~allowed, float("-inf"))
+    po = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1).to(torch.bfloat16),
+                      vp.repeat_interleave(g, 2))
+    pg = torch.autograd.grad(po, (qp, kp, vp), do)
+    for name, o, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ro, *rg), (po, *pg)):
+        o64, p64 = o.detach().double().cpu().numpy(), p.detach().double().cpu().numpy()
+        err = float(np.abs(o64 - r).max())
+        bound = 2 * float(np.abs(p64 - r).max()) + 1e-5
+        assert err <= bound, f"{variant} S{s} {name}: error {err:.3g} > bound {bound:.3g}"
