@@ -39,7 +39,10 @@ def test_random_cases(backend, kind):
     seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
     rnd = random.Random(seed)
     failures, ran = [], 0
-    for i in range(N_CASES[kind]):
+    # the reference backend's JAX path is also in the conformance cases: one random case (CI
+    # time; session 9 took ~2 s here for the generation and decode-plot tests it added)
+    n = 1 if (kind == "jax" and backend == "reference") else N_CASES[kind]
+    for i in range(n):
         case = random_case(rnd)
         try:
             if run_case(case, backend, kind, seed + i) is None:
