@@ -355,14 +355,16 @@ def _dk_or_dv_acc(acc, pt, tt, v, do, qt, delta, r, c, sm_scale, p_drop, drop_sc
                   IEEE: tl.constexpr):
     """One of `_dkdv_acc`'s two accumulators, with the same arithmetic: ROLE 1 dV += P^T dO,
     ROLE 2 dK += (scale * dS)^T Q (the split backward: one accumulator per program, so the
-    key block can be twice as tall at head_dim 256)."""
+    key block can be twice as tall at head_dim 256). Returns (acc, ds_lo): ds_lo as in
+    `_dkdv_acc` for ROLE 2 (the fused dQ's left operand), P^T in dO's dtype for ROLE 1."""
     if ROLE == 1:
         if DROPOUT:
             keep = _dropout_keep(seed, bh, r, c, p_drop)
             pdt = tl.where(keep, pt * drop_scale, 0.0)
         else:
             pdt = pt
-        acc = _dot_acc(_cast(pdt, do.dtype), do, acc, IEEE)
+        ds_lo = _cast(pdt, do.dtype)  # (P^T for ROLE 1: the name keeps one return type)
+        acc = _dot_acc(ds_lo, do, acc, IEEE)
     else:
         dpt = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
@@ -373,7 +375,7 @@ def _dk_or_dv_acc(acc, pt, tt, v, do, qt, delta, r, c, sm_scale, p_drop, drop_sc
             dst = dst * (1.0 - tt * tt)
         ds_lo = _cast(dst * sm_scale, qt.dtype)
         acc = _dot_acc(ds_lo, tl.trans(qt), acc, IEEE)
-    return acc
+    return acc, ds_lo
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,8 +547,13 @@ def _bwd_dkdv_inner(
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
     slope2=0.0, ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0,
     desc_q=None, desc_do=None, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
+    desc_dqa=None, DQ_TMA: tl.constexpr = False,
 ):
-    # ROLE 0: dK and dV; 1: dV only (dk passes through); 2: dK only (dv passes through)
+    # ROLE 0: dK and dV; 1: dV only (dk passes through); 2: dK only (dv passes through).
+    # FUSED_DQ (ROLE 0 or 2): dQ += (scale * dS) K into the float32 buffer DQA by atomics;
+    # DQ_TMA: the interior query blocks' adds as one bulk tensor reduction each (TMA
+    # cp.reduce.async.bulk through desc_dqa, a (rows, heads*dim) float32 view), the rest as
+    # per-element atomics
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
@@ -587,16 +594,24 @@ def _bwd_dkdv_inner(
                                       offs_n[:, None], sm_scale, p_drop, drop_scale, seed, bh,
                                       SOFTCAP, DROPOUT, IEEE)
         elif ROLE == 1:
-            dv = _dk_or_dv_acc(dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
-                               sm_scale, p_drop, drop_scale, seed, bh, 1, SOFTCAP, DROPOUT, IEEE)
+            dv, _ = _dk_or_dv_acc(dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                                  sm_scale, p_drop, drop_scale, seed, bh, 1, SOFTCAP, DROPOUT, IEEE)
         else:
-            dk = _dk_or_dv_acc(dk, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
-                               sm_scale, p_drop, drop_scale, seed, bh, 2, SOFTCAP, DROPOUT, IEEE)
+            dk, ds_lo = _dk_or_dv_acc(dk, pt, tt, v, do, qt, delta, rows[None, :],
+                                      offs_n[:, None], sm_scale, p_drop, drop_scale, seed, bh, 2, SOFTCAP, DROPOUT, IEEE)
         if FUSED_DQ:
             # dQ += (scale * dS) K, accumulated across key blocks with float32 atomics
             dq_part = _dot(tl.trans(ds_lo), k, IEEE)
             dqa_ptrs = dqa_base + rows[:, None] * stride_dqas + offs_d[None, :]
-            if MASKED:
+            if DQ_TMA and not MASKED:
+                if _UPCAST_BF16:  # the interpreter has no descriptor reductions; its
+                    # programs run one at a time, so a load-add-store through the same
+                    # descriptor is the same sum (tests the offsets)
+                    desc_dqa.store([q_row0 + start_m, q_col],
+                                   desc_dqa.load([q_row0 + start_m, q_col]) + dq_part)
+                else:
+                    desc_dqa.atomic_add([q_row0 + start_m, q_col], dq_part)
+            elif MASKED:
                 tl.atomic_add(dqa_ptrs, dq_part, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
             elif BLOCK_D != HEAD_DIM:
                 tl.atomic_add(dqa_ptrs, dq_part, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
@@ -623,6 +638,7 @@ def attn_bwd_dkdv(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
     ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0, TMA: tl.constexpr = False,
+    DESC_DQA=None, DQ_TMA: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
     the query blocks that see this key block, so dK/dV are summed without atomics.
@@ -705,7 +721,7 @@ def attn_bwd_dkdv(
                 seqlen_q, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
                 drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, part != 1,
                 HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FUSED_DQ, slope2, ALIBI, ROLE,
-                DESC_Q, DESC_DO, q_row0, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
+                DESC_Q, DESC_DO, q_row0, h * HEAD_DIM, h * HEAD_DIM_V, TMA, DESC_DQA, DQ_TMA,
             )
     if ROLE != 1:
         tl.store(

@@ -145,7 +145,8 @@ def _autotuned(pb, which, run, default):
     if cfg is not None:
         return cfg
     cands = {"fwd": T.FWD_CANDIDATES, "bwd_dkdv": T.DKDV_CANDIDATES, "bwd_dq": T.DQ_CANDIDATES,
-             "bwd_dv": T.DV_CANDIDATES, "bwd_dk": T.DK_CANDIDATES}[which]
+             "bwd_dv": T.DV_CANDIDATES, "bwd_dk": T.DK_CANDIDATES,
+             "bwd_fused": T.FUSED_CANDIDATES, "bwd_dkq": T.DK_CANDIDATES}[which]
     best, best_t = default, float("inf")
     for c in [default] + [c for c in cands if c != default]:
         try:
@@ -215,11 +216,48 @@ def split_dkdv_wanted(pb: _Problem, fused: bool) -> bool:
     return dkdv_variant(pb, fused) != "joint"
 
 
-def fused_bwd_wanted() -> bool:
-    """Opt-in (FLASHMUX_TRITON_BWD=fused): one backward kernel, dQ by float32 atomics (5
-    matmuls per block pair instead of 7; not bitwise repeatable, so never when deterministic).
-    Off by default: not yet timed on the H100 (NOTES.md)."""
-    return os.environ.get("FLASHMUX_TRITON_BWD", "split") == "fused"
+def fused_bwd_wanted(pb: _Problem | None = None, deterministic: bool = False) -> bool:
+    """dQ by float32 atomics in the dK/dV program (the "fused" backward: 5 matmuls per block
+    pair instead of 7; not bitwise repeatable, so never when deterministic).
+    FLASHMUX_TRITON_BWD=fused forces it, =split forces the dQ program; by default the problem
+    class's `Tuning.dq` ("atomic" or "kernel"; "kernel" everywhere until the H200 measures the
+    atomic one faster: NOTES.md session 9)."""
+    if deterministic:
+        return False
+    env = os.environ.get("FLASHMUX_TRITON_BWD", "auto")
+    if env in ("fused", "split"):
+        return env == "fused"
+    if env != "auto":
+        raise ValueError(f"FLASHMUX_TRITON_BWD: expected fused, split or auto, got {env!r}")
+    return pb is not None and _tuning(pb).dq == "atomic"
+
+
+_DQ_TMA_BROKEN: set = set()
+
+
+def dq_tma_wanted(pb: _Problem) -> bool:
+    """With the atomic dQ: each interior query block's (scale*dS) K added by one bulk tensor
+    reduction (TMA cp.reduce.async.bulk.tensor, through a descriptor over the float32 dQ
+    buffer) instead of per-element red.global atomics. FLASHMUX_TRITON_DQ_TMA=1 forces it
+    (also under the interpreter, for tests), =0 off; by default on for 16-bit inputs with
+    unpadded head dims on sm90+ (a compile failure turns it off for the class)."""
+    env = os.environ.get("FLASHMUX_TRITON_DQ_TMA", "auto")
+    if env in ("0", "1"):
+        return env == "1" and not pb.ieee and pb.block_d == pb.d
+    if pb.interpret or pb.capability is None or pb.capability < (9, 0):
+        return False
+    return not pb.ieee and pb.block_d == pb.d and pb.shape not in _DQ_TMA_BROKEN
+
+
+def _dqa_desc(pb: _Problem, dq_acc, block_m: int):
+    """A (rows, heads*dim) float32 descriptor over the dQ buffer (rows of query i of sequence
+    b: b*Sq + i, or the packed row), block [block_m, dim]; None without descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
+    except ImportError:
+        return None
+    rows = dq_acc.shape[0] if pb.varlen else dq_acc.shape[0] * dq_acc.shape[1]
+    return TensorDescriptor(dq_acc, [rows, pb.hq * pb.d], [pb.hq * pb.d, 1], [block_m, pb.d])
 
 
 def _desc_views(pb: _Problem, x16, y16, heads: int, wanted: bool):
@@ -393,8 +431,9 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
     )
 
     # Fused (opt-in, nondeterministic): dQ accumulated by the dK/dV kernel with float32 atomics.
-    fused = fused_bwd_wanted() and not params.deterministic
+    fused = fused_bwd_wanted(pb, params.deterministic)
     variant = dkdv_variant(pb, fused)
+    dq_tma = fused and dq_tma_wanted(pb)
     # Q/dO of the dK/dV programs' interior query blocks through tensor descriptors (opt-in)
     btma = None
     if pb.shape not in _BWD_TMA_BROKEN:
@@ -406,19 +445,24 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             return q, do  # unused
         TD, views = btma
         return tuple(TD(x, shape, strides, [cfg.block_m, d]) for x, shape, strides, d in views)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else dq
+    # the atomic dQ's float32 buffer: contiguous, q's shape (the descriptor view needs it)
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused else dq
 
     def run_dkdv(cfg: T.KernelConfig):
         grid = (triton.cdiv(pb.seqlen_k, cfg.block_n), pb.hkv, pb.batch)
+        dqa_desc = None
         if fused:
-            dq_acc.zero_()  # a retry (smaller tiles) starts over
+            dq_acc.zero_()  # every launch starts over (a retry with smaller tiles too)
+            if dq_tma:
+                dqa_desc = _dqa_desc(pb, dq_acc, cfg.block_m)
         K.attn_bwd_dkdv[grid](
             q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs(cfg),
             *pb.strides(q, pb.varlen), *pb.strides(k, pb.varlen), *pb.strides(v, pb.varlen),
             *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
             *pb.strides(dq_acc, pb.varlen), *lse_str, *common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused, **alibi,
-            **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **tma_flag, **(dict(DESC_DQA=dqa_desc, DQ_TMA=True) if dqa_desc is not None else {}),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     # the dQ program's K/V (same switch)
@@ -461,12 +505,23 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             _launch(pb, "bwd_dv", run_role(1))
             _launch(pb, "bwd_dk", run_role(2))
         else:
-            _launch(pb, "bwd_dkdv", run_dkdv)
+            _launch(pb, "bwd_fused" if fused else "bwd_dkdv", run_dkdv)
         if fused:
             dq.copy_(dq_acc)
         else:
             _launch(pb, "bwd_dq", run_dq)
 
+    if dq_tma and os.environ.get("FLASHMUX_TRITON_DQ_TMA") != "1":
+        # on by default: a compiler without descriptor reductions costs this class the bulk
+        # reductions (per-element atomics instead), not the call
+        try:
+            run_all()
+            return dq, dk, dv
+        except triton.runtime.errors.OutOfResources:
+            raise
+        except Exception:  # noqa: BLE001 - a compile failure of the descriptor reduction
+            _DQ_TMA_BROKEN.add(pb.shape)
+            dq_tma = False
     if (btma is not None or ktma is not None) and os.environ.get("FLASHMUX_TRITON_BWD_TMA") != "1":
         # on by the tuning table: a compiler without working descriptors costs this class the
         # descriptors, not the call (every kernel rewrites its whole output, so a rerun is safe)

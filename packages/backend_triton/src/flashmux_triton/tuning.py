@@ -35,7 +35,13 @@ class Tuning:
     accumulators) or "split" (a dV and a dK program); FLASHMUX_TRITON_DKDV overrides. ws:
     warp-specialize the forward's interior loop by default for this class (sm90+, compiled;
     FLASHMUX_TRITON_WS=0|1 overrides). bwd_tma: Q/dO tiles of the dK/dV programs through
-    tensor descriptors (FLASHMUX_TRITON_BWD_TMA=0|1 overrides)."""
+    tensor descriptors (FLASHMUX_TRITON_BWD_TMA=0|1 overrides). dq: how dQ is computed by
+    default, "kernel" (its own program per query block: recomputes S and dP, deterministic) or
+    "atomic" (the dK/dV program, joint or the split's dK program, adds (scale*dS) K into a
+    float32 buffer: 2 matmuls per block pair fewer, not bitwise repeatable, so never with
+    deterministic=True); FLASHMUX_TRITON_BWD=fused|split overrides. bwd_fused / bwd_dkq: the
+    configs of the joint program and of the split's dK program when they carry the atomic dQ
+    (None: bwd_dkdv's / bwd_dk's)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
@@ -45,14 +51,20 @@ class Tuning:
     dkdv: str = "joint"
     ws: bool = False
     bwd_tma: bool = False
+    dq: str = "kernel"
+    bwd_fused: KernelConfig | None = None
+    bwd_dkq: KernelConfig | None = None
 
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk")
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk", "bwd_fused", "bwd_dkq")
 
 
 def config_of(t: Tuning, which: str) -> KernelConfig:
-    """The config of kernel `which` (one of KERNELS); the split programs default to bwd_dkdv's."""
+    """The config of kernel `which` (one of KERNELS); the split programs and the fused joint
+    program default to bwd_dkdv's, the split's dK program with the atomic dQ to bwd_dk's."""
     c = getattr(t, which)
+    if c is None and which == "bwd_dkq":
+        return config_of(t, "bwd_dk")
     return t.bwd_dkdv if c is None else c
 
 
@@ -133,7 +145,7 @@ def default_tuning(shape: ShapeClass, capability: tuple[int, int] | None, interp
     t = table[(d, shape.causal)]
     if shape.dtype == "float32":  # twice the bytes per tile: halve the tiles
         t = replace(t, **{w: _halve(config_of(t, w)) for w in KERNELS})
-        t = replace(t, ws=False, bwd_tma=False)  # measured and judged with 16-bit inputs only
+        t = replace(t, ws=False, bwd_tma=False, dq="kernel")  # measured, judged: 16-bit only
     return t
 
 
@@ -169,6 +181,11 @@ DQ_CANDIDATES = [
 # the split backward's programs (one accumulator each: taller key blocks fit)
 DV_CANDIDATES = [
     _c(64, 128, 8, 2), _c(32, 128, 8, 3), _c(64, 128, 8, 3), _c(64, 64, 4, 3), _c(32, 64, 4, 3),
+]
+# the joint program carrying the atomic dQ (sm_90 compile, d128: (64,64,8,3) 245 regs, no
+# spill, 169 KiB; (64,128,8,3) spills 168 B; d64: (64,128,8,3) 228 regs, no spill)
+FUSED_CANDIDATES = [
+    _c(64, 64, 8, 3), _c(64, 128, 8, 3), _c(64, 128, 8, 2), _c(64, 64, 4, 3), _c(128, 64, 8, 2),
 ]
 DK_CANDIDATES = [
     _c(32, 128, 8, 2), _c(64, 128, 8, 1), _c(64, 128, 8, 2), _c(64, 64, 4, 3), _c(32, 64, 4, 3),
