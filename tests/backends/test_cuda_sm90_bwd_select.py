@@ -69,13 +69,14 @@ def test_backward_rule_matches_the_c_side():
     src = b.source_dir()
     api = (src / "sm90" / "sm90_api.h").read_text()
     assert "return f <= 128 && (d <= 64 || d > 96) ? f : 0;" in api  # bwd_head_dim: 64, 128
-    assert 'if (bwd_head_dim(p.d) == 0) return "head_dim";' in api
+    assert 'if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";' in api  # max(D, Dv)
+    assert 'if (p.d_v != p.d) return "head_dim_v";' in api  # Dv != D: the sm80 backward
     assert 'if (p.deterministic) return "deterministic";' in api
     assert "if (const char *why = fwd_unsupported(p)) return why;" in api
     top = (src / "flashmux_cuda_api.cu").read_text()
     assert f'std::getenv("{fam.BWD_FAMILY_ENV}")' in top
     assert "if (!use_sm90_fwd(p, cc)) return false;" in top
-    assert "return 15;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (and bit 3)
+    assert "return 31;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (3, 4 too)
     # the workspace grows by the padded lse2/dsum rows whenever the family is built in
     assert "w.sm90 = w.total;" in top and "bwd_extra_floats" in top
 

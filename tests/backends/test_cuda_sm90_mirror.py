@@ -32,6 +32,7 @@ int main() {
     fmx::Params p;
     std::memset(&p, 0, sizeof(p));
     p.d = d;
+    p.d_v = d;  // Dv == D here (test_cuda_dv.py mirrors Dv != D)
     p.cu_q = varlen ? cu : nullptr;
     p.cu_k = varlen ? cu : nullptr;
     p.softcap = cap;

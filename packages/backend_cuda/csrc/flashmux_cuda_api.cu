@@ -86,13 +86,17 @@ int build_params(const FmxAttnArgs *a, fmx::Params &p, bool backward) {
                 a->heads_q, a->heads_kv);
   if (a->heads_q > 65535) return fail(FMX_ERR_UNSUPPORTED, "heads_q = %d exceeds 65535", a->heads_q);
   if (a->head_dim <= 0) return fail(FMX_ERR_INVALID_ARGUMENT, "head_dim must be > 0, got %d", a->head_dim);
-  if (a->head_dim_v != a->head_dim)
-    return fail(FMX_ERR_UNSUPPORTED, "head_dim_v (%d) != head_dim (%d) is not supported",
-                a->head_dim_v, a->head_dim);
   if (a->head_dim > 256)
     return fail(FMX_ERR_UNSUPPORTED, "head_dim %d > 256 is not supported", a->head_dim);
   if (a->head_dim % 8 != 0)
     return fail(FMX_ERR_UNSUPPORTED, "head_dim %d must be a multiple of 8", a->head_dim);
+  // head_dim_v (Dv) may differ from head_dim: the kernels of max(D, Dv) run it (fmx_params.h).
+  if (a->head_dim_v <= 0)
+    return fail(FMX_ERR_INVALID_ARGUMENT, "head_dim_v must be > 0, got %d", a->head_dim_v);
+  if (a->head_dim_v > 256)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim_v %d > 256 is not supported", a->head_dim_v);
+  if (a->head_dim_v % 8 != 0)
+    return fail(FMX_ERR_UNSUPPORTED, "head_dim_v %d must be a multiple of 8", a->head_dim_v);
   if (!std::isfinite(a->scale)) return fail(FMX_ERR_INVALID_ARGUMENT, "scale must be finite");
   // The forward takes row maxima of the unscaled scores and masks them with -inf: both assume a
   // positive scale (with softcap the capped scores are already signed correctly).
@@ -132,6 +136,7 @@ int build_params(const FmxAttnArgs *a, fmx::Params &p, bool backward) {
   p.batch = a->batch; p.seqlen_q = a->seqlen_q; p.seqlen_k = a->seqlen_k;
   p.total_q = a->total_q; p.total_k = a->total_k;
   p.hq = a->heads_q; p.hkv = a->heads_kv; p.group = a->heads_q / a->heads_kv; p.d = a->head_dim;
+  p.d_v = a->head_dim_v;
   p.scale = a->scale;
   p.softcap = a->softcap;
   const float log2e = 1.4426950408889634f;
@@ -267,7 +272,7 @@ bool use_sm90_bwd(const fmx::Params &p, int cc) {
 int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
 #ifdef FMX_HAS_SM90
   if (use_sm90_fwd(p, cc)) {
-    switch (fmx::sm90::fwd_head_dim(p.d)) {
+    switch (fmx::sm90::fwd_head_dim(fmx::sm90::kernel_dim(p))) {
       case 64: return fmx::sm90::run_fwd<64>(p, dtype, s);
       case 128: return fmx::sm90::run_fwd<128>(p, dtype, s);
       case 192: return fmx::sm90::run_fwd<192>(p, dtype, s);
@@ -277,7 +282,7 @@ int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
 #else
   (void)cc;
 #endif
-  switch (padded_head_dim(p.d)) {
+  switch (padded_head_dim(std::max(p.d, p.d_v))) {  // Dv != D: the larger one's kernels
     case 64: return fmx::sm80::run_fwd<64>(p, dtype, s);
     case 96: return fmx::sm80::run_fwd<96>(p, dtype, s);
     case 128: return fmx::sm80::run_fwd<128>(p, dtype, s);
@@ -288,7 +293,7 @@ int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
 }
 
 int dispatch_bwd(const fmx::Params &p, int dtype, cudaStream_t s) {
-  switch (padded_head_dim(p.d)) {
+  switch (padded_head_dim(std::max(p.d, p.d_v))) {
     case 64: return fmx::sm80::run_bwd<64>(p, dtype, s);
     case 96: return fmx::sm80::run_bwd<96>(p, dtype, s);
     case 128: return fmx::sm80::run_bwd<128>(p, dtype, s);
@@ -321,13 +326,14 @@ extern "C" {
 int fmx_abi_version(void) { return FMX_ABI_VERSION; }
 
 // Kernel families built into this library: bit 0 sm80, bit 1 sm90 forward, bit 2 sm90
-// backward, bit 3 the sm90 forward's head_dim 192/256. Not in the header: Python looks the
-// symbol up (flashmux_cuda.family) to name the family in explain().
+// backward, bit 3 the sm90 forward's head_dim 192/256, bit 4 head_dim_v != head_dim (sm80
+// forward and backward, sm90 forward; session 9). Not in the header: Python looks the symbol up
+// (flashmux_cuda.family) to name the family in explain().
 int fmx_families(void) {
 #ifdef FMX_HAS_SM90
-  return 15;  // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256
+  return 31;  // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256; bit 4: Dv != D
 #else
-  return 1;
+  return 17;
 #endif
 }
 
@@ -388,7 +394,7 @@ int fmx_attn_bwd_ext(const FmxAttnArgs *args, const FmxAttnExt *ext, void *strea
     float *dsum2 = lse2 + fmx::sm90::bwd_extra_floats(p.batch, p.hq, p.seqlen_q) / 2;
     int e = fmx::sm90::run_bwd_preprocess(p, lse2, dsum2, args->dtype, s);
     if (e) return cuda_fail(e, "fmx_attn_bwd sm90 preprocess launch");
-    e = fmx::sm90::bwd_head_dim(p.d) == 64 ? fmx::sm90::run_bwd<64>(p, lse2, dsum2, args->dtype, s)
+    e = fmx::sm90::bwd_head_dim(fmx::sm90::kernel_dim(p)) == 64 ? fmx::sm90::run_bwd<64>(p, lse2, dsum2, args->dtype, s)
                                            : fmx::sm90::run_bwd<128>(p, lse2, dsum2, args->dtype, s);
     if (e) return cuda_fail(e, "fmx_attn_bwd sm90 launch");
     e = fmx::sm80::run_bwd_convert_dq(p, args->dtype, s);

@@ -18,6 +18,10 @@ struct Params {
   const int32_t *cu_q, *cu_k;  // both NULL (padded) or both set (varlen)
   int32_t batch, seqlen_q, seqlen_k, total_q, total_k;
   int32_t hq, hkv, group, d;   // group = hq / hkv; d = actual head_dim (multiple of 8)
+  // d_v: v's / out's head_dim (Dv, multiple of 8). Dv != d runs on the instantiation of max(d, dv):
+  // the smaller of the two is zero-filled up to it on load (Q/K or V/dO columns) and only its
+  // own columns are stored (O, dV; dQ, dK), so no kernel has a separate V head dim (NOTES.md).
+  int32_t d_v;
   float scale;                 // softmax scale applied to q.k
   float softcap;               // 0 => off
   float score_log2;            // multiplier turning the (capped) score into log2 units

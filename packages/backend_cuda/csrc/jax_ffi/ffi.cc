@@ -45,6 +45,20 @@ void dense_strides(const ffi::AnyBuffer& a, bool varlen, int64_t s[3]) {
   }
 }
 
+// The same for an array shaped like q with the last dimension `last` (out and dout: Dv).
+void dense_strides_last(const ffi::AnyBuffer& q, int64_t last, bool varlen, int64_t s[3]) {
+  auto d = q.dimensions();
+  if (varlen) {
+    s[0] = 0;
+    s[1] = d[1] * last;
+    s[2] = last;
+  } else {
+    s[2] = last;
+    s[1] = d[2] * last;
+    s[0] = d[1] * d[2] * last;
+  }
+}
+
 ffi::Error fill_forward(FmxAttnArgs& a, const Attrs& at, const ffi::AnyBuffer& q,
                         const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                         const ffi::AnyBuffer& cu_q, const ffi::AnyBuffer& cu_k, void* out,
@@ -94,7 +108,7 @@ ffi::Error fill_forward(FmxAttnArgs& a, const Attrs& at, const ffi::AnyBuffer& q
   dense_strides(q, varlen, a.q_stride);
   dense_strides(k, varlen, a.k_stride);
   dense_strides(v, varlen, a.v_stride);
-  dense_strides(q, varlen, a.out_stride);  // out has q's shape (Dv == D)
+  dense_strides_last(q, vd[rank - 1], varlen, a.out_stride);  // out: q's shape with v's Dv
   a.scale = at.scale;
   a.softcap = at.softcap;
   a.causal = at.causal;
@@ -203,7 +217,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer dout, ffi::AnyBuffer dlse
   a.dq = dq->untyped_data();
   a.dk = dk->untyped_data();
   a.dv = dv->untyped_data();
-  dense_strides(q, vl, a.dout_stride);
+  dense_strides(out, vl, a.dout_stride);  // dout has out's shape (Dv columns)
   dense_strides(q, vl, a.dq_stride);
   dense_strides(k, vl, a.dk_stride);
   dense_strides(v, vl, a.dv_stride);

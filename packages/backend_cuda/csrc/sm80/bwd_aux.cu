@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const Params p) {
   const Element *dO = reinterpret_cast<const Element *>(p.dout) + si.q_base(b, p.do_bs, p.do_rs) +
                       (int64_t)i * p.do_rs + (int64_t)h * p.do_hs;
   float acc = 0.f;
-  for (int c = lane * 8; c < p.d; c += 256) {
+  for (int c = lane * 8; c < p.d_v; c += 256) {  // O and dO have Dv columns
     uint4 a = *reinterpret_cast<const uint4 *>(o + c);
     uint4 g = *reinterpret_cast<const uint4 *>(dO + c);
     const Element *ae = reinterpret_cast<const Element *>(&a);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   }
   if (num_steps == 0 || nm == 0) {
     zero_rows<D, NT>(dk_ptr, p.dk_rs, rows_k, p.d, tid);
-    zero_rows<D, NT>(dv_ptr, p.dv_rs, rows_k, p.d, tid);
+    zero_rows<D, NT>(dv_ptr, p.dv_rs, rows_k, p.d_v, tid);
     return;
   }
 
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
     load_tile_async<BM, D, NT>(sQb, q_base + (int64_t)m0 * p.q_rs + (int64_t)h * p.q_hs, p.q_rs,
                                si.sq - m0, p.d, tid);
     load_tile_async<BM, D, NT>(sdOb, do_base + (int64_t)m0 * p.do_rs + (int64_t)h * p.do_hs,
-                               p.do_rs, si.sq - m0, p.d, tid);
+                               p.do_rs, si.sq - m0, p.d_v, tid);  // dO: Dv columns
     // lse and dsum rows (4 floats per 16-byte copy; the row offsets of one head are contiguous).
     if (tid < 2 * (BM / 4)) {
       const int which = tid / (BM / 4), r = (tid % (BM / 4)) * 4;
@@ -199,7 +199,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   };
 
   load_tile_async<BN, D, NT>(sK, k_ptr, p.k_rs, rows_k, p.d, tid);
-  load_tile_async<BN, D, NT>(sV, v_ptr, p.v_rs, rows_k, p.d, tid);
+  // Dv != D: V and dO hold Dv columns, Q and K D columns, each zero-filled up to the
+  // instantiation (max of the two): dP = dO V^T and dV = P^T dO see zeros past Dv.
+  load_tile_async<BN, D, NT>(sV, v_ptr, p.v_rs, rows_k, p.d_v, tid);
   Cursor cur{hk * p.group, 0};
   if (masked) cur = skip_empty(cur);
   load_q_do(cur, 0);
@@ -489,7 +491,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) bwd_kernel(const Params p) {
   }
   Tensor cKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
   store_acc<Element>(acc_dk, cKV, dk_ptr, p.dk_rs, rows_k, p.d, 1.f);  // dS carries the scale
-  store_acc<Element>(acc_dv, cKV, dv_ptr, p.dv_rs, rows_k, p.d, 1.f);
+  store_acc<Element>(acc_dv, cKV, dv_ptr, p.dv_rs, rows_k, p.d_v, 1.f);
 }
 
 template <typename Tr>

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   key_block_range(p, si, m0, BM, BN, n_min, n_max);
   const KeyTiles<BN, kExtras> kt(p, b, h, m0, n_min, n_max);  // dense range or the block mask's lists
   if (n_max <= n_min || kt.count <= 0) {  // no allowed key for any row of this tile
-    zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d, tid);
+    zero_rows<D, NT>(o_ptr, p.o_rs, rows_q, p.d_v, tid);
     for (int r = tid; r < rows_q; r += NT) p.lse[si.lse_off(p, b, h, m0 + r)] = -INFINITY;
     return;
   }
@@ -144,8 +144,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
   };
   auto load_v = [&](int n, int stage) {
     Tensor sV = kPipe ? make_tensor(make_smem_ptr(smem_v(stage)), LKV{}) : sV0;
-    load_tile_async<BN, D, NT>(sV, v_ptr + (int64_t)n * BN * p.v_rs, p.v_rs, si.sk - n * BN, p.d,
-                               tid);
+    // Dv columns (Dv < D: the rest zero-filled, so O's extra columns stay 0 and are not stored)
+    load_tile_async<BN, D, NT>(sV, v_ptr + (int64_t)n * BN * p.v_rs, p.v_rs, si.sk - n * BN,
+                               p.d_v, tid);
   };
 
   // Prologue: Q and the first key tile (dense: the last one): K only, or K and V (kFwdPipe).
@@ -334,12 +335,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) fwd_kernel(const Params p) {
     for (int it = 0; it < BM * kChunks / NT; ++it) {
       const int idx = it * NT + tid;
       const int r = idx / kChunks, c = (idx % kChunks) * 8;
-      if (r < rows_q && c < p.d)
+      if (r < rows_q && c < p.d_v)
         *reinterpret_cast<uint4 *>(o_ptr + (int64_t)r * p.o_rs + c) =
             *reinterpret_cast<const uint4 *>(&sQ(r, c));
     }
   } else {
-    store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d, 1.f);
+    store_acc<Element>(acc_o, cO, o_ptr, p.o_rs, rows_q, p.d_v, 1.f);
   }
 }
 

@@ -12,7 +12,9 @@
 //     V stage released. Epilogue: O / l stored from registers, lse = m*scale + ln(l).
 // Masks (causal bottom-right, windows, key tails) use the family-independent helpers of
 // common/fmx_device.cuh; Q/K/V tails and head dims below the instantiation are zero-filled by
-// TMA (out-of-bounds fill), so no load is predicated.
+// TMA (out-of-bounds fill), so no load is predicated. Dv != D (v's head dim, p.d_v) runs on the
+// instantiation of max(D, Dv): V's TMA tensor has Dv columns (the rest of the box reads zeros,
+// so O's extra columns are 0) and the epilogue stores Dv columns.
 #pragma once
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (threadIdx.x == 0 && n_max > n_min) {  // no key block: nothing to load or wait for
       Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
       Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
-      Tensor mVt = kp.tma_v.get_tma_tensor(make_shape(p.d, p.seqlen_k, p.hkv, p.batch));
+      Tensor mVt = kp.tma_v.get_tma_tensor(make_shape(p.d_v, p.seqlen_k, p.hkv, p.batch));
       // (64, D, 2): the two halves of this CTA's 128 query rows
       Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kWM>, Int<kD>>{}, make_coord(_, 0));
       Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));
@@ -425,7 +427,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < size<1>(O_rc); c += 2) {
           const int j = get<1>(cO_rc(r, c));
-          if (j < p.d) {
+          if (j < p.d_v) {  // Dv columns (Dv != D: the rest are zeros)
             // columns c, c+1 of the fragment are adjacent in memory (one 4-byte store)
             T pair[2] = {static_cast<T>(O_rc(r, c) * inv), static_cast<T>(O_rc(r, c + 1) * inv)};
             *reinterpret_cast<uint32_t *>(orow + j) = *reinterpret_cast<uint32_t *>(pair);
@@ -450,7 +452,7 @@ int launch_fwd(const Params &p, cudaStream_t stream) {
   kp.p = p;
   auto sq = make_shape(p.seqlen_q, p.d, p.hq, p.batch);
   auto sk = make_shape(p.seqlen_k, p.d, p.hkv, p.batch);
-  auto svt = make_shape(p.d, p.seqlen_k, p.hkv, p.batch);
+  auto svt = make_shape(p.d_v, p.seqlen_k, p.hkv, p.batch);  // Dv <= kD: TMA zero-fills
   Tensor mQ = make_tensor(make_gmem_ptr(static_cast<T const *>(p.q)), sq,
                           make_stride(p.q_rs, _1{}, p.q_hs, p.q_bs));
   Tensor mK = make_tensor(make_gmem_ptr(static_cast<T const *>(p.k)), sk,

@@ -28,12 +28,16 @@ inline int fwd_head_dim(int d) {
   return 0;
 }
 
+// The head dim the kernels are picked by: max(D, Dv) (Dv != D: the smaller one is zero-filled
+// by TMA's out-of-bounds fill up to the instantiation, as head dims below it always were).
+inline int kernel_dim(const Params &p) { return p.d > p.d_v ? p.d : p.d_v; }
+
 // nullptr when the sm90 forward runs this problem, else why not (the sm80 kernels run it).
 // Mirrored in Python by flashmux_cuda.family (keep the two in step).
 inline const char *fwd_unsupported(const Params &p) {
   if (p.cu_q != nullptr) return "varlen";
   if (p.softcap > 0.f) return "softcap";
-  if (fwd_head_dim(p.d) == 0) return "head_dim";
+  if (fwd_head_dim(kernel_dim(p)) == 0) return "head_dim";
   if (p.seqlen_k <= 0) return "empty keys";
   // TMA descriptors need positive strides that are multiples of 16 bytes (8 elements here).
   const int64_t s[] = {p.q_rs, p.q_hs, p.q_bs, p.k_rs, p.k_hs, p.k_bs, p.v_rs, p.v_hs, p.v_bs};
@@ -57,7 +61,8 @@ inline int bwd_head_dim(int d) {
 // Python by flashmux_cuda.family.backward_family.
 inline const char *bwd_unsupported(const Params &p) {
   if (const char *why = fwd_unsupported(p)) return why;
-  if (bwd_head_dim(p.d) == 0) return "head_dim";
+  if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";
+  if (p.d_v != p.d) return "head_dim_v";  // Dv != D: the sm80 backward (not built for sm90)
   if (p.deterministic) return "deterministic";
   const int64_t s[] = {p.do_rs, p.do_hs, p.do_bs};
   for (int64_t x : s)

@@ -127,6 +127,7 @@ class CudaBackend(Backend):
             varlen=params.varlen,
             softcap=params.softcap,
             head_dim=int(q.shape[-1]),
+            head_dim_v=int(v.shape[-1]),
             seqlen_k=int(k.shape[-3]),
             alibi=bool(getattr(params, "alibi", False)),
             block_mask=bool(getattr(params, "mask_block_size", 0)),
@@ -195,6 +196,11 @@ class CudaBackend(Backend):
         from flashmux.kvcache import decode_capability_reasons
 
         out = decode_capability_reasons(self.capabilities, spec)
+        if spec.head_dim_v != spec.head_dim:  # `attention` takes Dv != D; fmx_decode does not
+            out.append(
+                f"head_dim_v {spec.head_dim_v} != head_dim {spec.head_dim}: the decode kernels "
+                "need equal head dims"
+            )
         if spec.head_dim % 8:
             out.append(
                 f"head_dim {spec.head_dim} is not a multiple of 8: the decode kernels read the "
@@ -268,8 +274,9 @@ backend = CudaBackend(
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(8, 0),
         # ALiBi and block masks in the sm80 kernels (forward and backward; block masks with
-        # block_size a multiple of 128, not deterministic: `reasons`).
-        features=(frozenset(FEATURES) - {"dropout", "dv_differs"}) | {"alibi", "block_mask"},
+        # block_size a multiple of 128, not deterministic: `reasons`). Dv != D (session 9): the
+        # kernels of max(D, Dv), the smaller head dim zero-filled on load; sm80 backward.
+        features=(frozenset(FEATURES) - {"dropout"}) | {"alibi", "block_mask"},
         runs_under_jit=True,
     ),
 )

@@ -173,7 +173,7 @@ def make_args(
 ) -> FmxAttnArgs:
     """Check a forward problem and fill the struct (backward fields left zero).
 
-    Padded: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), out (B, Sq, Hq, D).
+    Padded: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), out (B, Sq, Hq, Dv).
     Varlen (params.varlen): q (Tq, Hq, D), ..., with `batch` sequences and cu_seqlens pointers.
     """
     if getattr(params, "dropout_p", 0.0):
@@ -188,12 +188,12 @@ def make_args(
     D, Dv = q.shape[-1], v.shape[-1]
     if k.shape[-1] != D:
         raise ValueError(f"k: head_dim {k.shape[-1]} != q's {D}")
-    if Dv != D:
-        raise Unsupported(f"head_dim_v {Dv} != head_dim {D} is not supported by the CUDA kernels")
-    if D > MAX_HEAD_DIM:
-        raise Unsupported(f"head_dim {D} > {MAX_HEAD_DIM}")
-    if D % ALIGN_ELEMS:
-        raise ValueError(f"head_dim {D} must be a multiple of {ALIGN_ELEMS} (pad it)")
+    # Dv != D: the kernels of max(D, Dv) run it, the smaller one zero-filled on load (NOTES.md)
+    for name, n in (("head_dim", D), ("head_dim_v", Dv)):
+        if n > MAX_HEAD_DIM:
+            raise Unsupported(f"{name} {n} > {MAX_HEAD_DIM}")
+        if n % ALIGN_ELEMS:
+            raise ValueError(f"{name} {n} must be a multiple of {ALIGN_ELEMS} (pad it)")
     Hq, Hkv = q.shape[-2], k.shape[-2]
     if v.shape[-2] != Hkv:
         raise ValueError(f"v: {v.shape[-2]} heads != k's {Hkv}")
@@ -339,11 +339,17 @@ def add_backward(
     varlen: bool = False,
     q_shape=None,
     k_shape=None,
+    out_shape=None,
+    v_shape=None,
 ) -> FmxAttnArgs:
-    """Check the gradient arrays against the forward problem and fill the backward fields."""
+    """Check the gradient arrays against the forward problem and fill the backward fields.
+    dout is checked against out_shape and dv against v_shape (default: q_shape and k_shape,
+    the Dv == D shapes)."""
     dtype = {v: k for k, v in DTYPES.items()}[args.dtype]
     rank = 3 if varlen else 4
-    for a, like in ((dout, q_shape), (dq, q_shape), (dk, k_shape), (dv, k_shape)):
+    out_shape = q_shape if out_shape is None else out_shape
+    v_shape = k_shape if v_shape is None else v_shape
+    for a, like in ((dout, out_shape), (dq, q_shape), (dk, k_shape), (dv, v_shape)):
         _check_rows(a, rank, dtype)
         if like is not None and tuple(a.shape) != tuple(like):
             raise ValueError(f"{a.name}: shape {a.shape}, expected {tuple(like)}")

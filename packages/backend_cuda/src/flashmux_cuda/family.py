@@ -7,11 +7,13 @@ explain() can say it without launching anything. Keep the two in step.
 - forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
   library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
   padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..256 (129..256 where the
-  library has them, ``fmx_families()`` bit 3), seqlen_k > 0, positive strides.
+  library has them, ``fmx_families()`` bit 3), seqlen_k > 0, positive strides. With
+  head_dim_v != head_dim (``fmx_families()`` bit 4) the instantiation is that of the larger
+  of the two (the smaller one zero-filled on load).
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
   run with head_dim <= 64 or 97..128, the library has it (``fmx_families()`` bit 2) and the call
-  is not deterministic, unless
+  is not deterministic and head_dim_v == head_dim (Dv != D: the sm80 backward), unless
   ``FLASHMUX_CUDA_BWD_FAMILY=sm80`` (the sm80 backward after the sm90 forward, for comparisons;
   the API file's ``use_sm90_bwd`` and ``sm90::bwd_unsupported``). Else sm80.
 """
@@ -26,6 +28,7 @@ SM90 = "sm90"
 FAMILY_BIT = {SM80: 1, SM90: 2}
 SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
 SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192, 256)
+DV_BIT = 16  # fmx_families(): head_dim_v != head_dim (session 9)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 PAD96_ENV = "FLASHMUX_CUDA_SM90_PAD96"
 
@@ -62,11 +65,15 @@ def forward_family(
     env: str | None = None,
     alibi: bool = False,
     block_mask: bool = False,
+    head_dim_v: int | None = None,
 ) -> tuple[str, str | None]:
     """(family, why the sm90 family is not used or None). `families` is the library's
     fmx_families() bit mask (None: unknown, assumed built for this device); `env` defaults to
-    $FLASHMUX_CUDA_FAMILY."""
+    $FLASHMUX_CUDA_FAMILY. head_dim_v (None: = head_dim): the kernels of max(head_dim,
+    head_dim_v) run the call."""
     env = os.environ.get(FAMILY_ENV) if env is None else env
+    if head_dim_v is not None and head_dim_v != head_dim:
+        head_dim = max(head_dim, head_dim_v)
     if families is not None and not families & FAMILY_BIT[SM90]:
         return SM80, "library built without a 9.x arch"
     if cc != (9, 0):
@@ -103,10 +110,11 @@ def backward_family(
     bwd_env: str | None = None,
     alibi: bool = False,
     block_mask: bool = False,
+    head_dim_v: int | None = None,
 ) -> tuple[str, str | None]:
     """(family, why the sm90 backward is not used or None), as the API file's use_sm90_bwd:
     the forward's conditions, then the library's sm90-backward bit, $FLASHMUX_CUDA_BWD_FAMILY
-    (`bwd_env`) and deterministic mode."""
+    (`bwd_env`), deterministic mode and head_dim_v != head_dim."""
     fam, why = forward_family(
         cc,
         families=families,
@@ -117,18 +125,23 @@ def backward_family(
         env=env,
         alibi=alibi,
         block_mask=block_mask,
+        head_dim_v=head_dim_v,
     )
     if fam != SM90:
         return SM80, (why or "").replace("sm90 forward", "sm90 backward") or None
     if families is not None and not families & SM90_BWD_BIT:
         return SM80, "library built without the sm90 backward (rebuild)"
-    if sm90_bwd_head_dim(head_dim) == 0:
-        return SM80, f"sm90 backward has head_dim <= 64 and 97..128, not {head_dim}"
+    dv_differs = head_dim_v is not None and head_dim_v != head_dim
+    kd = max(head_dim, head_dim_v) if dv_differs else head_dim
+    if sm90_bwd_head_dim(kd) == 0:
+        return SM80, f"sm90 backward has head_dim <= 64 and 97..128, not {kd}"
     bwd_env = os.environ.get(BWD_FAMILY_ENV) if bwd_env is None else bwd_env
     if bwd_env == SM80:
         return SM80, f"{BWD_FAMILY_ENV}=sm80"
     if deterministic:
         return SM80, "sm90 backward lacks deterministic mode"
+    if dv_differs:
+        return SM80, f"sm90 backward lacks head_dim_v != head_dim ({head_dim_v} vs {head_dim})"
     return SM90, None
 
 

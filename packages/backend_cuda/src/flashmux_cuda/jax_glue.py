@@ -184,6 +184,8 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
         varlen=bool(params.varlen),
         q_shape=qp.shape,
         k_shape=kp.shape,
+        out_shape=outp.shape,
+        v_shape=vp.shape,
     )
     alibi, has_alibi = _alibi(alibi_slopes, q, cu_q, params)
     mask, mask_block = _mask(block_mask, q, k)

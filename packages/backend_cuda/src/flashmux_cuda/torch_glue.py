@@ -194,6 +194,8 @@ def backward(lib, do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, param
             varlen=varlen,
             q_shape=qp.shape,
             k_shape=kp.shape,
+            out_shape=outp.shape,
+            v_shape=vp.shape,
         )
         nbytes = lib.workspace_size(args)
         workspace = torch.zeros(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
