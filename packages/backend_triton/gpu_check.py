@@ -1,6 +1,6 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [dq] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
@@ -17,6 +17,11 @@ split: head_dim 256/192 (FMX_SPLIT_DIMS), S 4k/8k (FMX_SPLIT_SEQS), causal and n
        beside SDPA cuDNN and flash forward+backward (FMX_SPLIT_SDPA); FMX_SPLIT_PROFILE=1 adds
        each backward kernel's time (profiler). `sweep` with FMX_SWEEP_KERNELS=bwd_dv,bwd_dk and
        sweeps the split programs' configs.
+dq:    head_dim 64/128 (FMX_DQ_DIMS), S 4k (FMX_DQ_SEQS), causal and not (FMX_SWEEP_CAUSAL):
+       backward and forward+backward TFLOP/s of the dQ program ("kernel") vs the atomic dQ in
+       the joint dK/dV program ("fused": per-element atomics; "fused_tma": bulk tensor
+       reductions), each optionally at a config of that program ("fused_tma@64x64x8x3"), beside
+       SDPA cuDNN and flash forward+backward (FMX_DQ_VARIANTS, FMX_SPLIT_SDPA, FMX_SPLIT_PROFILE).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -430,6 +435,67 @@ def split_compare():
     return out
 
 
+def dq_compare():
+    """The dQ program vs the atomic dQ (per-element or bulk reductions) at head_dim 64/128."""
+    dims = [int(x) for x in os.environ.get("FMX_DQ_DIMS", "64,128").split(",") if x]
+    seqs = [int(x) for x in os.environ.get("FMX_DQ_SEQS", "4096").split(",") if x]
+    causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
+    sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
+    prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
+    variants = os.environ.get(
+        "FMX_DQ_VARIANTS", "kernel,fused,fused_tma,fused_tma@64x64x8x3,fused_tma@64x128x8x2").split(",")
+    cap = torch.cuda.get_device_capability()
+    out = []
+    for D in dims:
+        for causal in causals:
+            for S in seqs:
+                B, H, _, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
+                ft = flops(B, H, S, D, causal)
+                o, lse = backend.forward(q, k, v, None, None, p)
+
+                def bwd():
+                    backend.backward(do, None, q, k, v, o, lse, None, None, p)
+
+                key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+                base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
+                r = {"D": D, "causal": causal, "S": S}
+                for variant in variants:
+                    name, _, cfg = variant.partition("@")
+                    os.environ["FLASHMUX_TRITON_BWD"] = "split" if name == "kernel" else "fused"
+                    os.environ["FLASHMUX_TRITON_DQ_TMA"] = "1" if name.endswith("_tma") else "0"
+                    if cfg:
+                        c = T.KernelConfig(*(int(x) for x in cfg.split("x")))
+                        _launch._CHOSEN[key] = T.with_config(base, "bwd_fused", c)
+                    try:
+                        r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
+                        r[variant + "_fb"] = round(3.5 * ft / bench_ms(fwdbwd) * 1e-9, 1)
+                        if prof and S == seqs[0]:
+                            r[variant + "_ms"] = kernel_ms(bwd)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"dq {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:200]}")
+                        r[variant + "_bwd"] = r[variant + "_fb"] = float("nan")
+                    _launch._CHOSEN[key] = base
+                os.environ.pop("FLASHMUX_TRITON_BWD", None)
+                os.environ.pop("FLASHMUX_TRITON_DQ_TMA", None)
+                for name in sdpa:
+                    try:
+                        f, fb, _ = sdpa_fns(S, D, causal, name)
+                        r[name + "_fb"] = round(3.5 * ft / bench_ms(fb) * 1e-9, 1)
+                        del f, fb
+                    except Exception as e:  # noqa: BLE001
+                        log(f"dq sdpa-{name} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        r[name + "_fb"] = float("nan")
+                    torch.cuda.empty_cache()
+                for name in sdpa:
+                    for variant in variants:
+                        r[f"{variant}/{name}"] = round(r[variant + "_fb"] / r[name + "_fb"], 3)
+                log("dq " + json.dumps(r))
+                out.append(r)
+                RESULTS["dq"] = out
+                save()
+    return out
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -466,6 +532,8 @@ def main(argv):
         fused_compare()
     if "split" in what:
         split_compare()
+    if "dq" in what:
+        dq_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)
