@@ -1,6 +1,6 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [dq] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [dq] [lpt] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
@@ -22,6 +22,8 @@ dq:    head_dim 64/128 (FMX_DQ_DIMS), S 4k (FMX_DQ_SEQS), causal and not (FMX_SW
        the joint dK/dV program ("fused": per-element atomics; "fused_tma": bulk tensor
        reductions), each optionally at a config of that program ("fused_tma@64x64x8x3"), beside
        SDPA cuDNN and flash forward+backward (FMX_DQ_VARIANTS, FMX_SPLIT_SDPA, FMX_SPLIT_PROFILE).
+lpt:   causal forward and backward TFLOP/s with FLASHMUX_TRITON_LPT=0 and 1 (heaviest blocks
+       first), head dims FMX_LPT_DIMS (default 64,128,256), S FMX_LPT_SEQS (default 4096).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -496,6 +498,37 @@ def dq_compare():
     return out
 
 
+def lpt_compare():
+    """Causal forward and backward with the plain grid order and heaviest-blocks-first."""
+    dims = [int(x) for x in os.environ.get("FMX_LPT_DIMS", "64,128,256").split(",") if x]
+    seqs = [int(x) for x in os.environ.get("FMX_LPT_SEQS", "4096").split(",") if x]
+    out = []
+    for D in dims:
+        for S in seqs:
+            B, H, fwd, _, (q, k, v, do, p) = mine_fns(S, D, True)
+            ft = flops(B, H, S, D, True)
+            o, lse = backend.forward(q, k, v, None, None, p)
+
+            def bwd():
+                backend.backward(do, None, q, k, v, o, lse, None, None, p)
+
+            r = {"D": D, "causal": True, "S": S}
+            for flag in ("0", "1"):
+                os.environ["FLASHMUX_TRITON_LPT"] = flag
+                try:
+                    r["fwd" + flag] = round(ft / bench_ms(fwd) * 1e-9, 1)
+                    r["bwd" + flag] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
+                except Exception as e:  # noqa: BLE001
+                    log(f"lpt{flag} D={D} S={S}: {type(e).__name__}: {str(e)[:200]}")
+                    r["fwd" + flag] = r["bwd" + flag] = float("nan")
+            os.environ.pop("FLASHMUX_TRITON_LPT", None)
+            log("lpt " + json.dumps(r))
+            out.append(r)
+            RESULTS["lpt"] = out
+            save()
+    return out
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -534,6 +567,8 @@ def main(argv):
         split_compare()
     if "dq" in what:
         dq_compare()
+    if "lpt" in what:
+        lpt_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)

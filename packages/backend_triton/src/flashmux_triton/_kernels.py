@@ -118,6 +118,27 @@ def _seq(CU, b, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _pids(LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """(block, head, batch) of this program on a (blocks, heads, batch) grid. LPT: the grid's
+    launch order (x fastest) is remapped so the block index varies slowest and the heaviest
+    blocks of a causal band run first across all heads and batches (longest processing time
+    first: the last wave holds the short programs). HEAVY_LAST: the heaviest block is the
+    last one (query blocks under a causal band), else the first (key blocks)."""
+    if LPT:
+        n0 = tl.num_programs(0)
+        n1 = tl.num_programs(1)
+        lin = tl.program_id(0) + n0 * (tl.program_id(1) + n1 * tl.program_id(2))
+        hb = n1 * tl.num_programs(2)
+        blk = lin // hb
+        rest = lin - blk * hb
+        if HEAVY_LAST:
+            blk = n0 - 1 - blk
+        return blk, rest % n1, rest // n1
+    else:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
 def _slope2(SLOPES, b, stride_sb, h, ALIBI: tl.constexpr):
     """The ALiBi slope of (batch b, query head h) in log2 units; 0 without ALiBi."""
     s2 = 0.0
@@ -440,10 +461,9 @@ def attn_fwd(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     TMA: tl.constexpr, RESID: tl.constexpr, ALIBI: tl.constexpr = False, WS: tl.constexpr = False,
+    LPT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_m, h, b = _pids(LPT, True)
     q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
     k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
@@ -638,7 +658,7 @@ def attn_bwd_dkdv(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FUSED_DQ: tl.constexpr,
     ALIBI: tl.constexpr = False, ROLE: tl.constexpr = 0, TMA: tl.constexpr = False,
-    DESC_DQA=None, DQ_TMA: tl.constexpr = False,
+    DESC_DQA=None, DQ_TMA: tl.constexpr = False, LPT: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch); loops over the GQA group's query heads and
     the query blocks that see this key block, so dK/dV are summed without atomics.
@@ -648,9 +668,7 @@ def attn_bwd_dkdv(
     ROLE 0 computes dK and dV; the split backward launches it twice, ROLE 1 (dV only: no V, no
     delta, 2 matmuls per tile pair) and ROLE 2 (dK only, 3 matmuls), each program holding one
     float32 accumulator instead of two (NOTES.md, session 8)."""
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    pid_n, hk, b = _pids(LPT, False)
     q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
     k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
@@ -790,14 +808,13 @@ def attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    ALIBI: tl.constexpr = False, TMA: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, TMA: tl.constexpr = False, LPT: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): dQ without atomics (deterministic).
     TMA: interior key blocks' K and V through tensor descriptors DESC_K / DESC_V over
-    (rows, heads*dim) views (FLASHMUX_TRITON_BWD_TMA=1); otherwise those are unused."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    (rows, heads*dim) views (FLASHMUX_TRITON_BWD_TMA=1); otherwise those are unused.
+    LPT: heaviest query blocks first (`_pids`)."""
+    pid_m, h, b = _pids(LPT, True)
     q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
     k_start, seqlen_k = _seq(CU_K, b, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M

@@ -190,6 +190,17 @@ def ws_wanted(pb: _Problem) -> bool:
     return _tuning(pb).ws and pb.shape not in _WS_BROKEN
 
 
+def lpt_wanted(pb: _Problem) -> bool:
+    """Heaviest blocks first (_kernels._pids): the forward's, dQ's and dK/dV's grids walked
+    block index slowest, from the heavy end of a causal band. FLASHMUX_TRITON_LPT=1 forces it
+    (any mask, also under the interpreter), =0 off; by default the class's `Tuning.lpt`, for
+    causal calls only (off everywhere until the H200 measures it)."""
+    env = os.environ.get("FLASHMUX_TRITON_LPT", "auto")
+    if env in ("0", "1"):
+        return env == "1"
+    return not pb.interpret and pb.causal and _tuning(pb).lpt
+
+
 DKDV_VARIANTS = ("joint", "split")
 
 
@@ -347,6 +358,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     cu_k_arg = cu_k if pb.varlen else q
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
     ws = ws_wanted(pb)
+    lpt = dict(LPT=True) if lpt_wanted(pb) else {}
 
     def run(cfg: T.KernelConfig, tma=tma, ws=ws):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
@@ -363,7 +375,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, slopes, stride_sb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
             TMA=tma is not None, RESID=res is not None, ALIBI=alibi_slopes is not None,
-            WS=ws,
+            WS=ws, **lpt,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -434,6 +446,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
     fused = fused_bwd_wanted(pb, params.deterministic)
     variant = dkdv_variant(pb, fused)
     dq_tma = fused and dq_tma_wanted(pb)
+    lpt = dict(LPT=True) if lpt_wanted(pb) else {}
     # Q/dO of the dK/dV programs' interior query blocks through tensor descriptors (opt-in)
     btma = None
     if pb.shape not in _BWD_TMA_BROKEN:
@@ -462,7 +475,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             *pb.strides(dq_acc, pb.varlen), *lse_str, *common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=fused, **alibi,
             **tma_flag, **(dict(DESC_DQA=dqa_desc, DQ_TMA=True) if dqa_desc is not None else {}),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **lpt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     # the dQ program's K/V (same switch)
@@ -481,7 +494,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             *pb.strides(do, pb.varlen), *pb.strides(dq, pb.varlen),
             *lse_str, *common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), **alibi,
-            **(dict(TMA=True) if ktma is not None else {}),
+            **(dict(TMA=True) if ktma is not None else {}), **lpt,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -496,7 +509,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
                 *pb.strides(do, pb.varlen), *pb.strides(dk, pb.varlen), *pb.strides(dv, pb.varlen),
                 *pb.strides(dq, pb.varlen), *lse_str, *common,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FUSED_DQ=False, **alibi,
-                ROLE=role, **tma_flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ROLE=role, **tma_flag, **lpt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         return run_one
 

@@ -41,7 +41,8 @@ class Tuning:
     float32 buffer: 2 matmuls per block pair fewer, not bitwise repeatable, so never with
     deterministic=True); FLASHMUX_TRITON_BWD=fused|split overrides. bwd_fused / bwd_dkq: the
     configs of the joint program and of the split's dK program when they carry the atomic dQ
-    (None: bwd_dkdv's / bwd_dk's)."""
+    (None: bwd_dkdv's / bwd_dk's). lpt: causal calls walk their grids heaviest blocks first
+    (FLASHMUX_TRITON_LPT=0|1 overrides)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
@@ -54,6 +55,7 @@ class Tuning:
     dq: str = "kernel"
     bwd_fused: KernelConfig | None = None
     bwd_dkq: KernelConfig | None = None
+    lpt: bool = False
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk", "bwd_fused", "bwd_dkq")
