@@ -24,7 +24,7 @@ import time
 SMEM_SM90 = 228 * 1024  # per SM; 1 KiB reserved per program
 REGS_SM90 = 65536
 FLOAT_ARGS = ("scale_a", "scale_b", "p_drop", "drop_scale", "sm_scale")
-INT_LISTS = ("QNF", "QFI", "QNP", "QPI", "KNF", "KFI", "KNP", "KPI", "TILE", "BITS")
+INT_LISTS = ("QNF", "QFI", "QNP", "QPI", "KNF", "KFI", "KNP", "KPI", "TILE", "BITS", "PTID")
 # integer arguments a real launch does not see as multiples of 16 (lengths, counts, flags)
 NOT_ALIGNED = ("seqlen_q", "seqlen_k", "window_left", "window_right", "seed", "n_heads", "mask_b",
                "mask_h", "mask_heads", "n_qb", "n_kb", "stride_lh", "stride_sb", "stride_lb")
@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--no-tma", action="store_true")
     ap.add_argument("--ws", action="store_true", help="forward: warp-specialized walks (WS)")
+    ap.add_argument("--pre", action="store_true", help="forward: lists preloaded (PRE)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             try:
                 r = compile_one(which, _cfg(c), tma=not args.no_tma, alibi=args.alibi,
-                                extra=dict(WS=True) if args.ws and which == "fwd" else None)
+                                extra=({"WS": args.ws, "PRE": args.pre} if which == "fwd"
+                                       else None))
                 print(f"{which:5s} {c:12s} regs {r['regs']:3d} stack {r['stack']:4d} B  smem "
                       f"{r['smem'] / 1024:5.1f} KiB  programs/SM {r['per_sm']} (smem {r['by_smem']}, "
                       f"regs {r['by_regs']})  tma {r['tma_loads']} async {r['async_copies']}  "

@@ -220,6 +220,27 @@ def _bs_fwd_tile(
 
 
 @triton.jit
+def _bs_pre(NF, FI, NP, PI, PTID, row, n_kb, PRE: tl.constexpr):
+    """PRE: a mask row's counts and first entries (full: key block; partial: key block and tile
+    id from the per-slot PTID), loaded at the program's start, before Q, so that their round
+    trips overlap Q's and the two walks start without a list-load chain. Zeros without PRE."""
+    nf = 0
+    npart = 0
+    kf = 0
+    kp = 0
+    tp = 0
+    if PRE:
+        base = row.to(tl.int64) * n_kb
+        nf = tl.load(NF + row)
+        npart = tl.load(NP + row)
+        # unmasked: every row holds n_kb >= 1 slots (a permutation), read whatever the counts
+        kf = tl.load(FI + base)
+        kp = tl.load(PI + base)
+        tp = tl.load(PTID + base)
+    return nf, npart, kf, kp, tp
+
+
+@triton.jit
 def _bs_q_list(
     acc, l_i, m_i, NF, FI, NP, PI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base,
     stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
@@ -231,6 +252,7 @@ def _bs_q_list(
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     DQ: tl.constexpr, desc_k=0, desc_v=0, k_row0=0, k_col=0, v_col=0, TMA: tl.constexpr = False,
     FOLD: tl.constexpr = False, MERGED: tl.constexpr = False, WS: tl.constexpr = False,
+    PRE: tl.constexpr = False, pre_n=0, pre_kb=0, pre_tid=0, PTID=0,
 ):
     """The key tiles of one list of a query block's mask row (NF/FI: the full mask tiles'
     count and indices, NP/PI the partial ones'; PARTIAL picks), in one flat loop of SUBS kernel
@@ -245,6 +267,10 @@ def _bs_q_list(
     else:
         nf = 0
         n, IDX = _list(NF, FI, NP, PI, row, PARTIAL)
+    if PRE:  # the list's count and first entry were loaded at the program's start (_bs_pre)
+        n = pre_n
+    kb_nx = pre_kb
+    tid_nx = pre_tid
     # WS: Triton's warp specialization of the walk (a producer warp group issues the index
     # loads and the K/V copies ahead of the consumers), as the dense forward's interior loop
     for it in tl.range(0, n * SUBS, warp_specialize=WS):
@@ -254,6 +280,16 @@ def _bs_q_list(
             is_p = j >= nf
             kb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
             tid = tl.load(TILE + base + kb, mask=is_p, other=0)
+        elif PRE:
+            # the entry loaded one mask tile ahead (a loop-carried value), the tile ids from the
+            # per-slot array PTID (no kb -> tile-id chain); the next entry's loads follow
+            kb = kb_nx
+            tid = tid_nx
+            jn = (it + 1) // SUBS
+            more = jn < n
+            kb_nx = tl.load(IDX + base + jn, mask=more, other=0)
+            if PARTIAL:
+                tid_nx = tl.load(PTID + base + jn, mask=more, other=0)
         else:
             kb = tl.load(IDX + base + it // SUBS)
             tid = 0
@@ -286,7 +322,7 @@ def _bs_q_list(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_fwd(
-    Q, K, V, O, LSE, R, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, DESC_K, DESC_V,
+    Q, K, V, O, LSE, R, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -302,9 +338,11 @@ def bs_fwd(
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     RESID: tl.constexpr, ALIBI: tl.constexpr, TMA: tl.constexpr = False,
     FOLD: tl.constexpr = False, MERGED: tl.constexpr = False, WS: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch): the full tiles of its mask block's
-    list, then the partial ones."""
+    list, then the partial ones. PRE: the lists' counts and first entries are loaded first
+    (`_bs_pre`), each walk carries its next entry (PTID: per-slot tile ids of the partial list)."""
     # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
     # list the most tiles, so the grid's tail is made of short programs
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -316,6 +354,8 @@ def bs_fwd(
             return
     qb = m0 // MBS
     row = (b * mask_b * mask_heads + h * mask_h) * n_qb + qb
+    # PRE: before Q, so that the round trips overlap
+    nf0, np0, kf0, kp0, tp0 = _bs_pre(QNF, QFI, QNP, QPI, PTID, row, n_kb, PRE)
     b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
         b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
         BLOCK_D, BLOCK_DV)
@@ -335,6 +375,10 @@ def bs_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # the full mask tiles, then the partial ones: one walk (MERGED) or two loops
     for part in tl.static_range(2 - MERGED):
+        if part == 0:
+            pn, pk, pt = nf0, kf0, 0
+        else:
+            pn, pk, pt = np0, kp0, tp0
         acc, l_i, m_i = _bs_q_list(
             acc, l_i, m_i, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, 0, 0, 0, k_base, v_base,
             stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first,
@@ -343,6 +387,7 @@ def bs_fwd(
             CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
             ALIBI, BLOCK_N, False, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
             TMA, FOLD, MERGED, WS and not CHECK_FULL and part == 0,
+            PRE and not MERGED, pn, pk, pt, PTID,
         )
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, 0, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)

@@ -156,18 +156,39 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
 
 def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi,
          tma=None):
+    pre = _pre() and not _merged()
     KB.bs_fwd[grid](
         q, k, v, out, lse, out if res is None else res, slopes,
-        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"], *_descs(tma, k, v, bn),
+        a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+        _ptid(a) if pre else a["qpi"], *_descs(tma, k, v, bn),
         *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
         *pb.strides(out, False), lse.stride(0), lse.stride(1), stride_sb,
         pb.seqlen_q, pb.seqlen_k, pb.window_left, pb.window_right,
         _scale_a(pb), pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, *mflags,
         BLOCK_M=bm_, BLOCK_N=bn, MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
         RESID=res is not None, ALIBI=alibi, TMA=tma is not None, FOLD=pb.fold,
-        MERGED=_merged(), WS=_ws(pb),
+        MERGED=_merged(), WS=_ws(pb), PRE=pre,
         **_opts(cfg),
     )
+
+
+def _pre():
+    """FLASHMUX_TRITON_BS_PRE=1: the forward loads its lists' counts and first entries before Q
+    and carries each walk's next entry (`_kernels_bs._bs_pre`): the sm_90 SASS of the default
+    showed ~3 dependent round trips before the first tile (Q, list index, K/V) and ~4 between
+    the full and the partial walk (partial count, index, tile id, K/V + bitmask)."""
+    return os.environ.get("FLASHMUX_TRITON_BS_PRE", "0") == "1"
+
+
+def _ptid(a):
+    """Per-slot tile ids of the partial lists, (rows, n_kb) int32: ptid[r, t] = tile[r,
+    qpi[r, t]] (slots past the count hold a clamped, unused value). Two small device ops per
+    call, no host read; lets a walk load a partial tile's key block and bitmask id together."""
+    qpi, tile = a["qpi"], a["tile"]
+    nk = tile.shape[-1]
+    flat = tile.reshape(-1, nk)
+    idx = qpi.reshape(-1, qpi.shape[-1]).long().clamp_(0, nk - 1)
+    return torch.gather(flat, 1, idx).reshape(qpi.shape).contiguous()
 
 
 def _ws(pb):
