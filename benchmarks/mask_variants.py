@@ -1,0 +1,147 @@
+"""Block-sparse Triton variants on the masks sweep's problems, in ONE process (issue 15): each
+variant is a set of environment variables `_launch_bs` reads per call (FLASHMUX_TRITON_BS_*),
+timed with CUDA events on every mask after the dense call, so a GPU call pays the torch import
+and the mask building once instead of once per variant. Prints, per (variant, mask, mode), the
+time and the density ratio time / (tile density x dense time) (the issue's bar: <= 1.25).
+
+    python benchmarks/mask_variants.py --variants "def:;pre:FLASHMUX_TRITON_BS_PRE=1" \
+        --masks prefix:8192,causal,sliding:1024,doc:8 --modes fwd,fwd_bwd --budget 100
+
+A variant's output is checked against the first variant's (the default, unless told) on each
+mask before it is timed: max |difference| above --tol marks the row BAD (the float64 judgment
+is the GPU tests' job: tests/backends/test_triton_bs_variants_gpu.py). --budget: seconds after
+which no new variant starts (a row's compile included); rows not run are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _variants(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, _, envs = part.partition(":")
+        env = {}
+        for kv in envs.split(" "):
+            if kv.strip():
+                k, _, v = kv.partition("=")
+                env[k.strip()] = v.strip()
+        out.append((name.strip(), env))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--variants", default="def:",
+                    help='"name:ENV=V ENV2=V2;name2:..." (space-separated settings in a variant)')
+    ap.add_argument("--masks", default="prefix:8192,causal,sliding:1024,sliding:4096,doc:8,"
+                                       "prefix:2048,dilated:256:1024")
+    ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--seqlen", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=0, help="timed calls (0: ~60 ms worth)")
+    ap.add_argument("--budget", type=float, default=1e9)
+    ap.add_argument("--tol", type=float, default=0.05)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import flashmux
+    from flashmux.bench.maskbench import block_mask_for, mask_stats
+
+    t_start = time.time()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run (TRITON_INTERPRET=1)
+    s, b, h, d = args.seqlen, args.batch, args.heads, args.dim
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen)
+                   for _ in range(4))
+    qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+    masks = [m for m in args.masks.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    bms = {m: block_mask_for(m, s, s, q, ("mask_variants", dev)) for m in masks}
+    dens = {m: mask_stats(m, s, s)["density"] for m in masks}
+
+    def call(mode, bm):
+        if mode == "fwd":
+            return lambda: flashmux.attention(q, k, v, block_mask=bm, backend="triton")
+
+        def fb():
+            o = flashmux.attention(qg, kg, vg, block_mask=bm, backend="triton")
+            return torch.autograd.grad(o, (qg, kg, vg), do)
+        return fb
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        one = time.perf_counter() - t0
+        reps = args.reps or max(3, min(200, int(0.06 / max(one, 1e-5))))
+        if dev == "cpu":
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - t0) / reps * 1e3
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        for _ in range(reps):
+            fn()
+        en.record()
+        torch.cuda.synchronize()
+        return st.elapsed_time(en) / reps
+
+    dense = {mode: timed(call(mode, None)) for mode in modes}
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"mask_variants: B{b} H{h} D{d} S{s} bf16 on {name}, "
+          f"dense {' / '.join(f'{dense[m]:.3f}' for m in modes)} ms ({'/'.join(modes)})",
+          flush=True)
+    base_out: dict = {}
+    keep = {k2: os.environ.get(k2) for _, env in _variants(args.variants) for k2 in env}
+    for vi, (name, env) in enumerate(_variants(args.variants)):
+        if time.time() - t_start > args.budget:
+            print(f"{name}: skipped (budget {args.budget:.0f} s spent)", flush=True)
+            continue
+        for k2, old in keep.items():  # each variant starts from the process's own settings
+            if old is None:
+                os.environ.pop(k2, None)
+            else:
+                os.environ[k2] = old
+        os.environ.update(env)
+        t_v = time.time()
+        for m in masks:
+            cells = []
+            try:
+                out = call("fwd", bms[m])().float()
+                if vi == 0:
+                    base_out[m] = out
+                    err = 0.0
+                else:
+                    err = float((out - base_out[m]).abs().max()) if m in base_out else float("nan")
+                bad = " BAD" if err > args.tol else ""
+                for mode in modes:
+                    ms = timed(call(mode, bms[m]))
+                    cells.append(f"{mode} {ms:.3f} ms x{ms / (dens[m] * dense[mode]):.2f}")
+                print(f"{name:18s} {m:18s} dens {dens[m]:.3f}  " + "  ".join(cells)
+                      + f"  maxdiff {err:.2g}{bad}", flush=True)
+            except Exception as e:  # noqa: BLE001 - a variant that fails: say so, go on
+                print(f"{name:18s} {m:18s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+                break
+        print(f"  ({name}: {time.time() - t_v:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
