@@ -196,6 +196,11 @@ SWEEP_DKDV = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2)
               (64, 64, 4, 3), (16, 128, 4, 4)]
 SWEEP_DQ = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
             (64, 64, 4, 3), (128, 16, 4, 4)]
+# the joint program carrying the atomic dQ (FLASHMUX_TRITON_BWD=fused; sm_90 compile, triton 3.6:
+# d128 (64,64,8,3) 255 regs / 0 B spill / 169 KiB, (64,64,8,2) 136 KiB, (64,128,8,3) spills 264 B;
+# d64 (64,128,8,3) 222 / 0 / 113 KiB, (64,64,8,3) 194 / 0 / 89 KiB)
+SWEEP_FUSED = [(64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 4), (64, 128, 8, 3), (64, 128, 8, 2),
+               (128, 64, 8, 2), (64, 64, 4, 3)]
 SWEEP_DV = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
 SWEEP_DK = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
 # head_dim 256: the tiles that fit 228 KiB of shared memory with 2-3 stages (K+V tiles of 32-64
@@ -227,7 +232,8 @@ def sweep_dims() -> list[int]:
 
 def sweep():
     """FMX_SWEEP_KERNELS (default fwd,bwd_dkdv,bwd_dq; bwd_dv,bwd_dk: the split backward's
-    programs, timed with FLASHMUX_TRITON_DKDV=split)."""
+    programs, timed with FLASHMUX_TRITON_DKDV=split; bwd_fused: the joint program with the
+    atomic dQ, timed with FLASHMUX_TRITON_BWD=fused)."""
     variant = "split"
     cap = torch.cuda.get_device_capability()
     kernels = os.environ.get("FMX_SWEEP_KERNELS", "fwd,bwd_dkdv,bwd_dq").split(",")
@@ -239,7 +245,7 @@ def sweep():
             o, lse = backend.forward(q, k, v, None, None, p)
             best = {}
             lists = (("fwd", SWEEP_FWD), ("bwd_dkdv", SWEEP_DKDV), ("bwd_dq", SWEEP_DQ),
-                     ("bwd_dv", SWEEP_DV), ("bwd_dk", SWEEP_DK))
+                     ("bwd_dv", SWEEP_DV), ("bwd_dk", SWEEP_DK), ("bwd_fused", SWEEP_FUSED))
             if D > 128:
                 lists = tuple(SWEEP_256.items())
             lists = tuple((w, c) for w, c in lists if w in kernels)
@@ -248,6 +254,8 @@ def sweep():
                 times = []
                 if which in ("bwd_dv", "bwd_dk"):
                     os.environ["FLASHMUX_TRITON_DKDV"] = variant
+                if which == "bwd_fused":
+                    os.environ["FLASHMUX_TRITON_BWD"] = "fused"
                 for c in cands[:int(os.environ.get("FMX_SWEEP_N", "99"))]:
                     cfg = T.KernelConfig(*c)
                     key = (T.ShapeClass(bd, bd, "16bit", causal), cap, False)
@@ -266,6 +274,8 @@ def sweep():
                     _launch._CHOSEN[key] = base
                 times.sort()
                 os.environ.pop("FLASHMUX_TRITON_DKDV", None)
+                if which == "bwd_fused":
+                    os.environ.pop("FLASHMUX_TRITON_BWD", None)
                 best[which] = times[0][1]
                 key = (T.ShapeClass(bd, bd, "16bit", causal), cap, False)
                 base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
