@@ -383,6 +383,11 @@ class ReferenceBackend(Backend):
 
             return reference_masks.backend_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params,
                                                    dropout_seed=dropout_seed, **masks)
+        if isinstance(q, np.ndarray):  # float32 NumPy without dropout: threaded CPU path
+            from . import reference_cpu
+
+            if reference_cpu.applies(q, k, v, cu_seqlens_q, params):
+                return reference_cpu.forward(q, k, v, params)
         if array_kind(q) == "jax" and not _empty(q, k, v):  # lax.map over chunks: linear memory
             from . import reference_jax
 
@@ -397,6 +402,11 @@ class ReferenceBackend(Backend):
             return reference_masks.backend_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q,
                                                     cu_seqlens_k, params,
                                                     dropout_seed=dropout_seed, **masks)
+        if isinstance(q, np.ndarray) and out_residual is None:
+            from . import reference_cpu
+
+            if reference_cpu.applies(q, k, v, cu_seqlens_q, params, do):
+                return reference_cpu.backward(do, dlse, q, k, v, out, lse, params)
         if array_kind(q) == "jax" and out_residual is None and not _empty(q, k, v):
             from . import reference_jax
 

@@ -1,0 +1,361 @@
+"""The reference backend's fast path for float32 NumPy arrays on the CPU (issue 14).
+
+The generic reference (builtin/reference.py) issues one batched matmul per query chunk and lets
+the BLAS library thread it. On a machine with few cores that is slow twice over: NumPy's
+elementwise passes (max, exp, sum) run on one core, and OpenBLAS's own thread pool, for matmuls
+this small (64-256 rows, K = 64), spends more time synchronizing than computing; on a loaded
+2-core machine the same forward took 3-12 s instead of 0.3 s (packages/core/NOTES.md).
+
+Here the work is cut into independent items, each run start to finish by one worker thread of a
+small pool (one per core; NumPy releases the GIL in BLAS calls and ufuncs), with the BLAS
+library told to use one thread *in that worker only* (OpenBLAS's `openblas_set_num_threads_local`,
+found in the loaded library; nothing process-wide changes). Without that symbol (another BLAS),
+the work runs serially in the caller's thread.
+
+- forward: an item is (batch x KV head, block of `ROWS` heads-first rows); FlashAttention's
+  online softmax over key blocks of `KEYS` columns, so a score block (256 x 1024 float32, 1 MiB)
+  stays in the core's cache; causal and window bands skip the key blocks no row of the item can
+  see and build a mask only for the blocks a band cuts through.
+- backward: an item is one (batch x KV head) (all its row blocks, so dK/dV of that head have
+  one writer); with fewer heads than workers the rows of a head are split and each part
+  accumulates into its own dK/dV, summed in a fixed order (deterministic either way).
+  delta = rowsum(dO * O) from the float32 output (exact for float32 inputs).
+
+Taken for NumPy float32 q/k/v (and dO) without varlen, dropout or softcap; everything else goes
+to the generic path. Memory: float32 heads-first copies of the operands plus a few score blocks
+per worker: linear in the sequence length.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..spec import Params
+
+ROWS = 256  # heads-first query rows per block (a multiple of the GQA group size)
+KEYS = 1024  # keys per score block (forward)
+BWD_KEYS = 512  # keys per score block (backward: two blocks live at a time)
+SERIAL_BELOW = 1 << 20  # score elements (B*Hq*Sq*Sk) under which the caller's thread does it all
+
+_NEG_INF = np.float32(-np.inf)
+
+
+def applies(q, k, v, cu_q, p: Params, do=None) -> bool:
+    """True when this path computes the call (else the generic reference does)."""
+    if cu_q is not None or p.dropout_p or p.softcap or p.alibi or p.mask_block_size:
+        return False
+    xs = (q, k, v) if do is None else (q, k, v, do)
+    if not all(type(x) is np.ndarray and x.dtype == np.float32 for x in xs):
+        return False
+    return all(n > 0 for x in (q, k, v) for n in x.shape)
+
+
+# -- threads: a pool of one worker per core, each with a one-thread BLAS -----------------------
+
+_blas_local = None  # openblas_set_num_threads_local, or False when not found
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _find_blas_local():
+    """OpenBLAS's per-thread thread count setter, from the library NumPy loaded (None if none)."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "openblas" in os.path.basename(path).lower() and path not in paths:
+                    paths.append(path)
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+            fn = lib.openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+def threads() -> int:
+    """Worker threads: FLASHMUX_CPU_THREADS, else the cores this process may run on; 1 (the
+    caller's thread) when the BLAS library's thread count cannot be set per thread."""
+    global _blas_local
+    if _blas_local is None:
+        np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # BLAS is loaded by now
+        _blas_local = _find_blas_local() or False
+    env = os.environ.get("FLASHMUX_CPU_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FLASHMUX_CPU_THREADS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FLASHMUX_CPU_THREADS: expected a positive integer, got {env!r}")
+    else:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+    return n if _blas_local else 1
+
+
+def _init_worker():
+    if _blas_local:
+        _blas_local(1)
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="flashmux-cpu", initializer=_init_worker)
+        return _pool
+
+
+def _reset_after_fork():
+    global _pool
+    _pool = None  # the child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _run(fn, items, work: int):
+    """fn(item) for every item: on the pool, or in this thread for small work / one thread."""
+    n = threads()
+    if n == 1 or work < SERIAL_BELOW or len(items) == 1:
+        for it in items:
+            fn(it)
+        return
+    for f in [_get_pool(n).submit(fn, it) for it in items]:
+        f.result()  # re-raises a worker's exception
+
+
+# -- layout ------------------------------------------------------------------------------------
+
+
+def _heads_first(x, g, scale=None):
+    """(B, S, Hkv*g, D) -> a new contiguous float32 (B, Hkv, S*g, D) (times scale): row r*g + j
+    is query head kv*g + j. Always a copy: the caller's array is never written."""
+    b, s, h, d = x.shape
+    out = np.empty((b, h // g, s, g, d), np.float32)
+    src = x.reshape(b, s, h // g, g, d).transpose(0, 2, 1, 3, 4)
+    if scale is None:
+        np.copyto(out, src)
+    else:
+        np.multiply(src, np.float32(scale), out=out)
+    return out.reshape(b, h // g, s * g, d)
+
+
+def _heads_last(x, g):
+    b, hkv, sg, d = x.shape
+    s = sg // g
+    return np.ascontiguousarray(x.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4)).reshape(
+        b, s, hkv * g, d)
+
+
+def _rows_hf(x, hkv, g):
+    """(B, Hq, S) -> (B, Hkv, S*g), heads-first row order."""
+    b, _, s = x.shape
+    return np.ascontiguousarray(x.reshape(b, hkv, g, s).transpose(0, 1, 3, 2)).reshape(b, hkv, s * g)
+
+
+class _Band:
+    """Which keys the heads-first rows [r0, r1) may see (bottom-right aligned windows)."""
+
+    def __init__(self, p: Params, sq: int, sk: int, g: int):
+        self.wl, self.wr, self.off, self.g, self.sk = p.window_left, p.window_right, sk - sq, g, sk
+
+    def keys(self, r0, r1):
+        """[lo, hi): the keys any row of the block sees; [a, z): those every row sees."""
+        p0, p1 = r0 // self.g, (r1 - 1) // self.g
+        lo, hi, a, z = 0, self.sk, 0, self.sk
+        if self.wl is not None:
+            lo = min(self.sk, max(0, p0 + self.off - self.wl))
+            a = max(0, p1 + self.off - self.wl)
+        if self.wr is not None:
+            hi = min(self.sk, max(lo, p1 + self.off + self.wr + 1))
+            z = max(0, p0 + self.off + self.wr + 1)
+        return lo, hi, a, z
+
+    def masked(self, r0, r1, c0, c1):
+        """Bool (r1 - r0, c1 - c0): False where the key is not allowed."""
+        pos = (np.arange(r0, r1) // self.g)[:, None] + self.off
+        j = np.arange(c0, c1)[None, :]
+        ok = np.ones((r1 - r0, c1 - c0), bool)
+        if self.wl is not None:
+            ok &= j >= pos - self.wl
+        if self.wr is not None:
+            ok &= j <= pos + self.wr
+        return ok
+
+
+class _Bufs:
+    pass
+
+
+def _scratch(scratch: dict, **sizes):
+    """This worker thread's float32 buffers for one call (allocated on its first item)."""
+    key = threading.get_ident()
+    bufs = scratch.get(key)
+    if bufs is None:
+        bufs = _Bufs()
+        for name, n in sizes.items():
+            setattr(bufs, name, np.empty(n, np.float32))
+        scratch[key] = bufs
+    return bufs
+
+
+def _row_blocks(sg: int, g: int):
+    step = max(g, (ROWS // g) * g)
+    return [(r0, min(sg, r0 + step)) for r0 in range(0, sg, step)]
+
+
+# -- forward -----------------------------------------------------------------------------------
+
+
+def forward(q, k, v, p: Params):
+    """float32 out (B, Sq, Hq, Dv) and lse (B, Hq, Sq)."""
+    b, sq, hq, _ = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    qh = _heads_first(q, g, p.scale)
+    kt = np.ascontiguousarray(k.transpose(0, 2, 3, 1))  # (B, Hkv, D, Sk)
+    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
+    oh = np.empty((b, hkv, sq * g, dv), np.float32)
+    lse = np.empty((b, hkv, sq * g), np.float32)
+    band = _Band(p, sq, sk, g)
+    scratch: dict = {}  # per worker thread: {thread id: buffers}
+
+    def item(it):
+        bi, hi_, r0, r1 = it
+        m = r1 - r0
+        rows = max(ROWS, g)
+        tls = _scratch(scratch, s=rows * KEYS, t=rows * dv)
+        qc, acc, ls = qh[bi, hi_, r0:r1], oh[bi, hi_, r0:r1], lse[bi, hi_, r0:r1]
+        lo, hi, a, z = band.keys(r0, r1)
+        acc[:] = 0
+        mx = np.full((m, 1), _NEG_INF)
+        den = np.zeros((m, 1), np.float32)
+        tmp = tls.t[: m * dv].reshape(m, dv)
+        for c0 in range(lo, hi, KEYS):
+            c1 = min(hi, c0 + KEYS)
+            s = tls.s[: m * (c1 - c0)].reshape(m, c1 - c0)
+            np.matmul(qc, kt[bi, hi_, :, c0:c1], out=s)
+            if c0 < a or c1 > z:
+                np.copyto(s, _NEG_INF, where=~band.masked(r0, r1, c0, c1))
+            mn = np.maximum(mx, s.max(-1, keepdims=True))
+            ms = np.where(mn == _NEG_INF, np.float32(0), mn)  # rows that saw nothing yet
+            alpha = np.exp(mx - ms)
+            mx = mn
+            np.subtract(s, ms, out=s)
+            np.exp(s, out=s)
+            den *= alpha
+            den += s.sum(-1, keepdims=True)
+            np.matmul(s, vh[bi, hi_, c0:c1], out=tmp)
+            acc *= alpha
+            acc += tmp
+        seen = den > 0
+        acc /= np.where(seen, den, np.float32(1))
+        with np.errstate(divide="ignore"):
+            ls[:] = np.where(seen, np.log(np.where(seen, den, 1)) + mx, _NEG_INF)[:, 0]
+
+    items = [(bi, h, r0, r1) for bi in range(b) for h in range(hkv) for r0, r1 in _row_blocks(sq * g, g)]
+    _run(item, items, b * hq * sq * sk)
+    out = _heads_last(oh, g)
+    lse = np.ascontiguousarray(lse.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2)).reshape(b, hq, sq)
+    return out, lse
+
+
+# -- backward ----------------------------------------------------------------------------------
+
+
+def backward(do, dlse, q, k, v, out, lse, p: Params):
+    """float32 dq, dk, dv (the caller casts)."""
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    qh = _heads_first(q, g, p.scale)
+    doh = _heads_first(do, g)
+    oh = _heads_first(np.asarray(out, np.float32), g)
+    delta = np.einsum("bhrd,bhrd->bhr", doh, oh)  # rowsum(dO * O), heads-first rows
+    del oh
+    if dlse is not None:
+        delta -= _rows_hf(np.asarray(dlse, np.float32), hkv, g)
+    lse_h = _rows_hf(np.asarray(lse, np.float32), hkv, g)
+    lse_h = np.where(np.isfinite(lse_h), lse_h, np.float32(0))  # rows that see no key: masked
+    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, Hkv, Sk, D)
+    kt = np.ascontiguousarray(k.transpose(0, 2, 3, 1))  # (B, Hkv, D, Sk)
+    vt = np.ascontiguousarray(v.transpose(0, 2, 3, 1))  # (B, Hkv, Dv, Sk)
+    dqh = np.empty((b, hkv, sq * g, d), np.float32)
+    dk = np.zeros((b, hkv, sk, d), np.float32)
+    dvh = np.zeros((b, hkv, sk, dv), np.float32)
+    band = _Band(p, sq, sk, g)
+    blocks = _row_blocks(sq * g, g)
+    # parts per head: one writer of dK/dV per head, or (fewer heads than workers) row-split parts
+    # with their own dK/dV, summed below in part order
+    parts = max(1, min(len(blocks), -(-threads() // (b * hkv))))
+    own = {}
+    if parts > 1:
+        own = {(bi, h, j): (np.zeros((sk, d), np.float32), np.zeros((sk, dv), np.float32))
+               for bi in range(b) for h in range(hkv) for j in range(parts)}
+    scratch: dict = {}  # per worker thread: {thread id: buffers}
+    kb = BWD_KEYS
+    scale = np.float32(p.scale)
+
+    def item(it):
+        bi, h, j = it
+        rows = max(ROWS, g)
+        tls = _scratch(scratch, s=rows * kb, dp=rows * kb, kd=kb * max(d, dv), qd=rows * d)
+        dk_, dv_ = own.get((bi, h, j), (dk[bi, h], dvh[bi, h]))
+        for r0, r1 in blocks[j::parts]:
+            m = r1 - r0
+            qc, doc = qh[bi, h, r0:r1], doh[bi, h, r0:r1]
+            lr = lse_h[bi, h, r0:r1, None]
+            dl = delta[bi, h, r0:r1, None]
+            dq = dqh[bi, h, r0:r1]
+            dq[:] = 0
+            qd = tls.qd[: m * d].reshape(m, d)
+            lo, hi, a, z = band.keys(r0, r1)
+            for c0 in range(lo, hi, kb):
+                c1 = min(hi, c0 + kb)
+                n = c1 - c0
+                s = tls.s[: m * n].reshape(m, n)
+                dp = tls.dp[: m * n].reshape(m, n)
+                np.matmul(qc, kt[bi, h, :, c0:c1], out=s)
+                np.subtract(s, lr, out=s)
+                with np.errstate(over="ignore"):  # rows that see no key: masked just below
+                    np.exp(s, out=s)  # P
+                if c0 < a or c1 > z:
+                    np.copyto(s, np.float32(0), where=~band.masked(r0, r1, c0, c1))
+                np.matmul(doc, vt[bi, h, :, c0:c1], out=dp)  # dP
+                kd = tls.kd[: n * dv].reshape(n, dv)
+                np.matmul(s.T, doc, out=kd)
+                dv_[c0:c1] += kd
+                np.subtract(dp, dl, out=dp)
+                np.multiply(dp, s, out=dp)  # dS
+                np.matmul(dp, kh[bi, h, c0:c1], out=qd)
+                dq += qd
+                kd = tls.kd[: n * d].reshape(n, d)
+                np.matmul(dp.T, qc, out=kd)  # qc carries the scale
+                dk_[c0:c1] += kd
+            dq *= scale
+
+    items = [(bi, h, j) for bi in range(b) for h in range(hkv) for j in range(parts)]
+    _run(item, items, b * hq * sq * sk)
+    for (bi, h, _j), (dk_, dv_) in own.items():  # insertion order: part 0, 1, ... per head
+        dk[bi, h] += dk_
+        dvh[bi, h] += dv_
+    dq = _heads_last(dqh, g)
+    return dq, np.ascontiguousarray(dk.transpose(0, 2, 1, 3)), np.ascontiguousarray(dvh.transpose(0, 2, 1, 3))
