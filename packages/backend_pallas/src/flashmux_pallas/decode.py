@@ -78,7 +78,7 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "programs_per_sm", "waves", "unmasked")
+                  "programs_per_sm", "waves", "unmasked", "mosaic")
 
 
 def _env_override() -> dict:
@@ -489,6 +489,12 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
     import jax.numpy as jnp
 
     sh = shapes_of(q, k_cache, block_table)
+    if not interpret and _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes):
+        from . import decode_mosaic
+
+        ov = {**_env_override(), **(_override[-1] if _override else {})}
+        return decode_mosaic.decode(q, k_cache, v_cache, seqlens_k, params, _core_count(),
+                                    block_n=ov.get("block_n", 0), stages=ov.get("num_stages", 0))
     st = plan(sh, params, interpret)
     B, Sq, Hq, D = q.shape
     Hkv, G = sh.heads_kv, st.group
@@ -520,6 +526,26 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
     o = o[:, :, :R].reshape(B, Hkv, Sq, G, Dv).transpose(0, 2, 1, 3, 4).reshape(B, Sq, Hq, Dv)
     lse = lse[:, :, :R].reshape(B, Hkv, Sq, G).transpose(0, 1, 3, 2).reshape(B, Hq, Sq)
     return o, lse
+
+
+def _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes) -> bool:
+    """The Mosaic GPU kernel (decode_mosaic.py) when the `mosaic` tuning field asks for it and
+    the call is in its scope (session 9: opt-in, not measured yet)."""
+    ov = {**_env_override(), **(_override[-1] if _override else {})}
+    if not ov.get("mosaic"):
+        return False
+    from . import decode_mosaic, mosaic_kernels
+
+    return (mosaic_kernels.available() and alibi_slopes is None
+            and not decode_mosaic.reasons(q.shape, k_cache.shape, v_cache.shape, q.dtype,
+                                          sh.paged, params))
+
+
+def decode_mosaic_reasons(q, k_cache, v_cache, params, paged: bool) -> list[str]:
+    """Why a call stays off the Mosaic GPU decode kernel (tests, explain)."""
+    from . import decode_mosaic
+
+    return decode_mosaic.reasons(q.shape, k_cache.shape, v_cache.shape, q.dtype, paged, params)
 
 
 def splits_for(spec, params, interpret: bool) -> int:

@@ -1,0 +1,286 @@
+"""KV-cache decode through Pallas' Mosaic GPU lowering (plgpu: TMA, wgmma, mbarriers), Hopper.
+
+Opt-in (session 9, `FLASHMUX_PALLAS_DECODE=mosaic=1`): the Triton-lowered kernel of decode.py
+stays the default until this one is measured faster on the H200 and judged there.
+
+One CTA per (key split, KV head, sequence), two warpgroups: a producer streams the split's K and
+V tiles (block_n keys x D) with TMA into a ring of `stages` shared-memory slots, a consumer runs
+S = Q K^T on the tensor cores (wgmma; Q is the packed G = Hq/Hkv query heads x Sq rows of this
+KV head, padded to the 64 rows of one wgmma), the masked online softmax in base 2 and O += P V,
+and frees the slot. The split's key range comes from the sequence's device length (a scalar
+load): nothing is read on the host, and a short sequence streams only its own keys.
+
+Scope (everything else takes the Triton lowering): contiguous caches, float16/bfloat16,
+head_dim 64 or 128 (Dv == D), S_max a multiple of block_n, G x Sq <= 64, no window / softcap /
+ALiBi. Output: one split writes out (in q's dtype) and lse itself; several write float32
+partials merged by lse in XLA (decode._merge), as the Triton-lowered kernel does.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+ROWS = 64  # one wgmma's M
+
+
+@dataclass(frozen=True)
+class MosaicDecode:
+    scale: float
+    causal: bool
+    seqlen_q: int
+    group: int
+    rows: int  # seqlen_q * group (real rows of the 64)
+    block_n: int
+    stages: int
+    num_splits: int
+    capacity: int
+
+
+def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
+    """Why this decode call cannot take the Mosaic GPU kernel (empty when it can)."""
+    import jax.numpy as jnp
+
+    out = []
+    B, Sq, Hq, D = q_shape
+    if paged:
+        out.append("paged cache")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        out.append(f"dtype {jnp.dtype(dtype).name}")
+    if D not in (64, 128) or v_shape[-1] != D:
+        out.append(f"head_dim {D} / {v_shape[-1]}")
+    if not paged and k_shape[1] % 64:
+        out.append(f"S_max {k_shape[1]} not a multiple of 64")
+    if not paged and Sq * (Hq // k_shape[2]) > ROWS:
+        out.append(f"Sq x G = {Sq * (Hq // k_shape[2])} rows > {ROWS}")
+    if (params.window_left is not None or params.softcap or params.alibi
+            or (params.window_right is not None and not params.causal)):
+        out.append("window / softcap / ALiBi")
+    return out
+
+
+def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, splits=0):
+    """Splits: one wave of one CTA per SM (the shared memory holds one), at least 4 key blocks
+    each. block_n 64 x 4 stages (128 KiB of K/V in flight per SM); the caller may force any."""
+    bn = block_n or (64 if capacity % 128 or D > 64 else 128)
+    bn = bn if capacity % bn == 0 else 64
+    st = stages or 4
+    ns = params.num_splits or splits
+    if not ns:
+        ns = max(1, min(cores // max(1, B * Hkv), capacity // (4 * bn), 128))
+    ns = max(1, min(int(ns), capacity // bn))
+    return MosaicDecode(scale=float(params.scale), causal=bool(params.causal), seqlen_q=Sq,
+                        group=Hq // Hkv, rows=Sq * (Hq // Hkv), block_n=bn, stages=st,
+                        num_splits=ns, capacity=capacity)
+
+
+def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
+    """qp (B, Hkv, 64, D) packed queries (rows r = i * G + g, zero-padded), k/v_cache
+    (B, S_max, Hkv, D), lens (B,) int32 keys per sequence (clamped here to S_max). Returns
+    (o, lse): (B, Hkv, 64, D) in q's dtype and (B, Hkv, 64) with one split, float32 partials
+    with a leading split axis otherwise. interpret: an InterpretGPUParams (Mosaic GPU's
+    interpreter on the CPU, tests): the layout hints, which it does not take, become plain ops."""
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from ._compat import out_struct
+
+    B, Hkv, BM, D = qp.shape
+    assert BM == ROWS
+    S = k_cache.shape[1]
+    bn, stages, ns = st.block_n, st.stages, st.num_splits
+    dtype = qp.dtype
+    c2 = st.scale * LOG2E
+    per = -(-S // ns)
+    chunk = -(-per // bn) * bn  # keys per split, whole blocks (static)
+    G, Sq = st.group, st.seqlen_q
+    split = ns > 1
+    if interpret is None:
+        layout_cast, iota = plgpu.layout_cast, plgpu.broadcasted_iota
+    else:
+        def layout_cast(x, _layout):
+            return x
+
+        def iota(dt, shape, dim, layout=None):
+            return lax.broadcasted_iota(dt, shape, dim)
+
+    def body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, scoped):
+        smem, (k_full, v_full, q_full), (k_free, v_free) = scoped
+        q_smem, k_smem, v_smem, o_smem, lse_smem = smem
+        sp = lax.axis_index("splits")
+        h = lax.axis_index("heads")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        sk = jnp.minimum(jnp.maximum(len_ref[b], 0), S)
+        k_begin = jnp.minimum(sp * chunk, sk)
+        k_end = jnp.minimum(k_begin + chunk, sk)
+        nsteps = lax.div(k_end - k_begin + (bn - 1), bn)
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_full.at[0])
+            plgpu.barrier_wait(q_full.at[0])
+            red = plgpu.Layout.WGMMA.reduce(1)
+            m = layout_cast(jnp.full((BM,), -jnp.inf, jnp.float32), red)
+            l_ = layout_cast(jnp.full((BM,), 0.0, jnp.float32), red)
+            acc = layout_cast(jnp.full((BM, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            r = iota(jnp.int32, (BM, bn), 0, layout=plgpu.Layout.WGMMA)
+            c = iota(jnp.int32, (BM, bn), 1, layout=plgpu.Layout.WGMMA)
+            # keys each row sees: causal (bottom-right) row r = i * G + g sees 0 .. sk-Sq+i
+            if st.causal:
+                lim = jnp.minimum(sk - Sq + lax.div(r, G) + 1, sk)
+            else:
+                lim = jnp.zeros_like(r) + sk
+            lim = jnp.where(r < st.rows, lim, 0)
+
+            def step(i, carry):
+                acc, m, l_ = carry
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(k_full.at[slot])
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...]
+
+                if interpret is None:
+                    s = pl.run_scoped(qk, plgpu.ACC((BM, bn), jnp.float32))
+                else:  # the interpreter takes no transposed shared-memory operand
+                    s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+                refill = i + stages < nsteps  # the producer waits for this slot again
+
+                @pl.when(refill)
+                def _():
+                    plgpu.barrier_arrive(k_free.at[slot])
+
+                col = c + (k_begin + i * bn)
+                s2 = jnp.where(col < lim, s * c2, -jnp.inf)
+                m_new = jnp.maximum(m, s2.max(axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, s2.shape, [0]))
+                alpha = jnp.exp2(m - m_use)
+                l_ = l_ * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                plgpu.barrier_wait(v_full.at[slot])
+
+                def pv(o_ref_):
+                    plgpu.wgmma(o_ref_, p16, v_smem.at[slot])
+                    return o_ref_[...]
+
+                if interpret is None:
+                    o_t = pl.run_scoped(pv, plgpu.ACC((BM, D), jnp.float32))
+                else:
+                    o_t = lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+
+                @pl.when(refill)
+                def _():
+                    plgpu.barrier_arrive(v_free.at[slot])
+
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o_t
+                return acc, m_new, l_
+
+            acc, m, l_ = lax.fori_loop(0, nsteps, step, (acc, m, l_))
+            empty = l_ == 0.0
+            inv = 1.0 / jnp.where(empty, 1.0, l_)
+            o32 = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            lse_smem[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l_)))
+                                      * LN2)
+            if split:
+                o_smem[...] = o32
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[sp, b, h])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[sp, b, h])
+            else:
+                q_smem[...] = o32.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(i, slot, refill=False):
+                rows = (b, pl.ds(k_begin + i * bn, bn), h)
+                if refill:
+                    plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+                if refill:
+                    plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+
+            for s_ in range(stages):
+                pl.when(s_ < nsteps)(functools.partial(load, jnp.int32(s_), s_))
+
+            def refill(i, _):
+                load(i + stages, lax.rem(i, jnp.int32(stages)), True)
+
+            lax.fori_loop(0, jnp.maximum(nsteps - stages, 0), refill, None)
+
+    def entry(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref):
+        tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = (
+            plgpu.SMEM((BM, D), dtype, transforms=tr),
+            plgpu.SMEM((stages, bn, D), dtype, transforms=tr),
+            plgpu.SMEM((stages, bn, D), dtype, transforms=tr),
+            plgpu.SMEM((BM, D) if split else (8, 8), jnp.float32),
+            plgpu.SMEM((BM,), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *scoped: body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, scoped),
+            smem,
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=1),
+            ),
+            (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    if split:
+        out_type = (out_struct((ns, B, Hkv, BM, D), jnp.float32, qp),
+                    out_struct((ns, B, Hkv, BM), jnp.float32, qp))
+    else:
+        out_type = (out_struct((B, Hkv, BM, D), dtype, qp),
+                    out_struct((B, Hkv, BM), jnp.float32, qp))
+    kw = {} if interpret is None else {"interpret": interpret}
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(ns, Hkv, B),
+        grid_names=("splits", "heads", "batch"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kw,
+    )(qp, k_cache, v_cache, lens.astype(jnp.int32))
+
+
+def decode(q, k_cache, v_cache, seqlens_k, params, cores: int = 132, interpret=None, **force):
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq) float32), as decode.decode for a call `reasons`
+    accepts."""
+    import jax.numpy as jnp
+
+    from .decode import _merge
+
+    B, Sq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    R = Sq * G
+    st = plan(B, Sq, Hq, Hkv, D, k_cache.shape[1], params, cores, **force)
+    qp = q.reshape(B, Sq, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
+    qp = jnp.pad(qp, [(0, 0), (0, 0), (0, ROWS - R), (0, 0)])
+    o, lse = call(st, qp, k_cache, v_cache, seqlens_k, interpret)
+    if st.num_splits > 1:
+        o, lse = _merge(o, lse, q.dtype)
+    o = o[:, :, :R].reshape(B, Hkv, Sq, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Sq, Hq, D)
+    lse = lse[:, :, :R].reshape(B, Hkv, Sq, G).transpose(0, 1, 3, 2).reshape(B, Hq, Sq)
+    return o, lse

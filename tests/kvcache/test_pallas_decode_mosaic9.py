@@ -1,0 +1,122 @@
+"""Session 9's Mosaic GPU decode kernel (flashmux_pallas/decode_mosaic.py; opt-in with
+FLASHMUX_PALLAS_DECODE=mosaic=1 or decode.tuning(mosaic=1)).
+
+- pallas pass, CPU: the decode routes to it only when asked and in scope, and it lowers to the
+  Mosaic GPU custom call for CUDA from the CPU (layouts, wgmma shapes, barriers: not a run);
+- FLASHMUX_TEST_MOSAIC_INTERPRET=1: Mosaic GPU's interpreter on the CPU against the float64
+  reference (the wgmma calls replaced by dots: the interpreter takes no transposed operand;
+  ~10-30 s a case, so not in CI);
+- a Hopper GPU under JAX: the compiled kernel judged against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FLASHMUX_TEST_BACKEND") != "pallas":
+    pytest.skip("runs in the pallas pass only", allow_module_level=True)
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+from flashmux import reference  # noqa: E402
+from flashmux.kvcache import DecodeParams  # noqa: E402
+
+
+def _gpu_sm90() -> bool:
+    try:
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and float(getattr(dev, "compute_capability", "0")) >= 9.0
+    except Exception:
+        return False
+
+
+def _params(causal, ns, d):
+    return DecodeParams(scale=d**-0.5, causal=causal, window_left=None,
+                        window_right=0 if causal else None, softcap=None, alibi=False,
+                        num_splits=ns, page_size=0, return_lse=True)
+
+
+def _case(b, sq, hq, hkv, d, cap, lens, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, sq, hq, d)).astype(np.float32)
+    k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
+    bf = jnp.bfloat16
+    qj, kj, vj = (jnp.asarray(x).astype(bf) for x in (q, k, v))
+    # the reference sees the bf16-rounded inputs
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (qj, kj, vj))
+    return (qj, kj, vj, jnp.asarray(np.asarray(lens, np.int32))), (q64, k64, v64)
+
+
+def _judge(out, lse, ref_in, lens, causal):
+    q64, k64, v64 = ref_in
+    ref_out, ref_lse, _, _ = reference.attention_with_kvcache(
+        q64, k64, v64, cache_seqlens=np.asarray(lens, np.int32), causal=causal)
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    lse = np.asarray(lse, np.float64)
+    fin = np.isfinite(ref_lse)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert np.abs(lse[fin] - ref_lse[fin]).max() < 1e-3
+    # bf16 output: rounding of values of magnitude <= ~3
+    assert np.abs(out - np.nan_to_num(ref_out)).max() < 2e-2
+
+
+def test_routing_and_lowering_for_cuda():
+    """decode() takes the Mosaic kernel only under mosaic=1 and in scope (a paged cache and
+    float32 stay on the Triton lowering); at the benchmark shape it lowers from the CPU."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    from flashmux_pallas import decode
+
+    B, Hq, Hkv, D, S = 8, 32, 8, 128, 4096
+    bf = jnp.bfloat16
+    q = jax.ShapeDtypeStruct((B, 1, Hq, D), bf)
+    kc = jax.ShapeDtypeStruct((B, S, Hkv, D), bf)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+
+    def lowered(ns, **tune):
+        p = _params(True, ns, D)
+        f = jax.jit(lambda q, k, v, n: decode.decode(q, k, v, n, None, None, p, False))
+        with decode.tuning(**tune):
+            return f.trace(q, kc, kc, lens).lower(lowering_platforms=("cuda",)).as_text()
+
+    for ns in (1, 2):
+        txt = lowered(ns, mosaic=1)
+        assert "mosaic_gpu" in txt and "triton" not in txt.lower()
+    assert "mosaic_gpu" not in lowered(2)  # off by default
+    p = _params(True, 2, D)
+    assert decode.decode_mosaic_reasons(q, kc, kc, p, paged=True)
+    f32 = jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.float32)
+    assert decode.decode_mosaic_reasons(jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.float32),
+                                        f32, f32, p, paged=False)
+
+
+@pytest.mark.skipif(os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
+                    reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
+@pytest.mark.parametrize("sq,causal,ns,lens", [(1, True, 2, (100, 256)), (2, False, 1, (0, 256)),
+                                                (3, True, 3, (37, 256))])
+def test_interpreted_kernel_matches_reference(sq, causal, ns, lens):
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from flashmux_pallas import decode_mosaic
+
+    args, ref_in = _case(2, sq, 8, 2, 64, 256, lens, seed=sq)
+    out, lse = decode_mosaic.decode(*args, _params(causal, ns, 64), interpret=InterpretGPUParams(),
+                                    block_n=64, stages=2)
+    _judge(out, lse, ref_in, lens, causal)
+
+
+@pytest.mark.skipif(not _gpu_sm90(), reason="needs a Hopper GPU under JAX")
+@pytest.mark.parametrize("sq,hq,hkv,d,causal,ns,bn,stages", [
+    (1, 32, 8, 128, True, None, 0, 0), (1, 32, 8, 128, True, 1, 0, 0),
+    (4, 32, 8, 128, True, 3, 128, 2), (1, 8, 1, 64, False, None, 0, 0),
+    (16, 16, 4, 128, True, 2, 64, 4)])
+def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stages):
+    from flashmux_pallas import decode_mosaic
+
+    cap = 2048
+    lens = (cap, 0, 1, 1000)
+    args, ref_in = _case(4, sq, hq, hkv, d, cap, lens, seed=hq + d + sq)
+    out, lse = decode_mosaic.decode(*args, _params(causal, ns, d), block_n=bn, stages=stages)
+    _judge(out, lse, ref_in, lens, causal)
