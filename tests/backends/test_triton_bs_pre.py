@@ -1,9 +1,9 @@
-"""The block-sparse forward's preloaded walk (FLASHMUX_TRITON_BS_PRE=1: list counts and first
+"""The block-sparse forward's and dQ kernel's preloaded walk (FLASHMUX_TRITON_BS_PRE=1: list counts and first
 entries loaded before Q, each walk carrying its next entry, partial tiles' bitmask ids from the
 per-slot array `_launch_bs._ptid`) on the CPU interpreter, judged against the float64 reference
 by the conformance rule. The mask has full and partial tiles (several per row, each with its own
 bits, the partial list not contiguous), a per-batch axis, and a length off the mask block; fp16 with TMA forced (the
-H200's path) and float32 with pointer loads.
+H200's path) and float32 with pointer loads (the full tier only: FLASHMUX_TEST_SIZE=full).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import flashmux  # noqa: E402
 from flashmux import masks as M  # noqa: E402
-from flashmux.reference import reference_forward  # noqa: E402
+from flashmux.reference import reference_backward, reference_forward  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -30,35 +30,45 @@ pytestmark = pytest.mark.skipif(
 def test_preloaded_walk_vs_float64(case, monkeypatch):
     from flashmux_triton import _launch_bs as LB
 
+    if case == "fp32_tail" and os.environ.get("FLASHMUX_TEST_SIZE") != "full":
+        pytest.skip("the full tier's case (CI time): FLASHMUX_TEST_SIZE=full")
     monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", "1")
     monkeypatch.setenv("FLASHMUX_TRITON_BS_FWD", "32,32,4,1")
+    monkeypatch.setenv("FLASHMUX_TRITON_BS_BWD_DQ", "32,32,4,1")
     if case == "fp16_tma":
         monkeypatch.setenv("FLASHMUX_TRITON_TMA", "1")
     calls = []
     orig = LB._ptid
     monkeypatch.setattr(LB, "_ptid", lambda a: (calls.append(1), orig(a))[1])
     rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
-    b, h, d = 2, 2, 16
-    s = 128 if case == "fp16_tma" else 120
-    seg = np.stack([np.repeat(np.arange(4), 32)[:s], np.repeat(np.arange(2), 64)[:s]])
+    b, h, d = 2, 1, 16
+    s = 96 if case == "fp16_tma" else 90
+    seg = np.stack([np.repeat(np.arange(3), 32)[:s], np.repeat(np.arange(2), 48)[:s]])
     # key block 1 full for every row (a global block), so each row's partial list (every 7th
     # key elsewhere, each tile with its own bits, plus its document's causal part) skips a
     # slot: a walk that took slot t's tile id instead of its listed tile's would fail
     fn = M.or_(M.and_(M.document(seg), M.causal()),
                lambda b_, h_, qi, ki: ((ki >= 32) & (ki < 64)) | (ki % 7 == 0))
     dt = torch.float16 if case == "fp16_tma" else torch.float32
-    q64, k64, v64 = (rng.standard_normal((b, s, h, d)) for _ in range(3))
-    q, k, v = (torch.tensor(x, dtype=dt) for x in (q64, k64, v64))
+    q64, k64, v64, do64 = (rng.standard_normal((b, s, h, d)) for _ in range(4))
+    q, k, v, do = (torch.tensor(x, dtype=dt) for x in (q64, k64, v64, do64))
     bm = flashmux.create_block_mask(fn, b, None, s, s, block_size=32, like=q)
-    sl = np.array([0.2, 0.03], np.float32)
-    out = flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=torch.tensor(sl),
-                             backend="triton")
-    assert calls, "the preloaded walk did not run"
-    ref, _ = reference_forward(q64, k64, v64, block_mask=fn, alibi_slopes=sl)
+    sl = torch.tensor(np.array([0.2], np.float32))
+
+    def run():
+        qa, ka, va = (x.clone().requires_grad_(True) for x in (q, k, v))
+        o = flashmux.attention(qa, ka, va, block_mask=bm, alibi_slopes=sl, backend="triton")
+        (dq,) = torch.autograd.grad((o.float() * do.float()).sum(), (qa,))
+        return o, dq
+
+    out, dq = run()
+    assert len(calls) == 2, "the forward and the dQ kernel must both take the preloaded walk"
+    ref = reference_forward(q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy())[0]
+    rdq = reference_backward(do64, q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy())[0]
     # the same call without PRE: the yardstick (same precision, same tiles)
     monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", "0")
-    plain = flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=torch.tensor(sl),
-                               backend="triton")
-    err = float(np.abs(out.double().numpy() - ref).max())
-    bound = 2 * float(np.abs(plain.double().numpy() - ref).max()) + 1e-5
-    assert err <= bound, f"{case}: error {err:.3g} > bound {bound:.3g}"
+    plain, pdq = run()
+    for name, got, p, r in (("out", out, plain, ref), ("dq", dq, pdq, rdq)):
+        err = float(np.abs(got.detach().double().numpy() - r).max())
+        bound = 2 * float(np.abs(p.detach().double().numpy() - r).max()) + 1e-5
+        assert err <= bound, f"{case} {name}: error {err:.3g} > bound {bound:.3g}"

@@ -624,7 +624,7 @@ def _bs_dq_tile(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, DESC_K, DESC_V,
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -639,9 +639,10 @@ def bs_bwd_dq(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
-    TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
 ):
-    """One program per (query block, query head, batch), over the forward's lists."""
+    """One program per (query block, query head, batch), over the forward's lists (PRE: as
+    the forward's)."""
     # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
     # list the most tiles, so the grid's tail is made of short programs
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -652,6 +653,7 @@ def bs_bwd_dq(
         return
     qb = m0 // MBS
     row = (b * mask_b * mask_heads + h * mask_h) * n_qb + qb
+    nf0, np0, kf0, kp0, tp0 = _bs_pre(QNF, QFI, QNP, QPI, PTID, row, n_kb, PRE)
     b64, hk, bh, diag_off, slope2, offs_m, offs_n, offs_d, offs_dv = _q_tile(
         b, h, m0, seqlen_q, seqlen_k, n_heads, SLOPES, stride_sb, GROUP, ALIBI, BLOCK_M, BLOCK_N,
         BLOCK_D, BLOCK_DV)
@@ -676,6 +678,10 @@ def bs_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for part in tl.static_range(2 - MERGED):  # as in the forward
+        if part == 0:
+            pn, pk, pt = nf0, kf0, 0
+        else:
+            pn, pk, pt = np0, kp0, tp0
         dq, _, _ = _bs_q_list(
             dq, 0.0, 0.0, QNF, QFI, QNP, QPI, TILE, row, n_kb, q, do, lse2, delta, k_base,
             v_base, stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv,
@@ -683,7 +689,7 @@ def bs_bwd_dq(
             slope2, p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
             CHECK_FULL, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE,
             ALIBI, BLOCK_N, True, DESC_K, DESC_V, b * seqlen_k, hk * HEAD_DIM, hk * HEAD_DIM_V,
-            TMA, False, MERGED,
+            TMA, False, MERGED, False, PRE and not MERGED, pn, pk, pt, PTID,
         )
     dq = dq * post
     tl.store(

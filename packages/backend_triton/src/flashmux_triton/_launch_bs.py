@@ -236,6 +236,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     )
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
+    pre = _pre() and not _merged()  # the dQ kernel's walk as the forward's (FLASHMUX_TRITON_BS_PRE)
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
@@ -251,11 +252,12 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     def run_dq(cfg, bm_, bn, tma):
         KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
             q, k, v, do, lse, delta, dq, slopes,
-            a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"], *_descs(tma, k, v, bn),
+            a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
+            _ptid(a) if pre else a["qpi"], *_descs(tma, k, v, bn),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre,
             **_opts(cfg),
         )
 
