@@ -38,7 +38,9 @@ def _params(causal, ns, d):
                         num_splits=ns, page_size=0, return_lse=True)
 
 
-def _case(b, sq, hq, hkv, d, cap, lens, seed):
+def _case(b, sq, hq, hkv, d, cap, lens, seed, page=0):
+    """((q, k_cache, v_cache, lens), block_table or None, float64 inputs of the reference);
+    a paged cache gets a shuffled table over a pool with 3 spare pages."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, sq, hq, d)).astype(np.float32)
     k = rng.standard_normal((b, cap, hkv, d)).astype(np.float32)
@@ -47,7 +49,14 @@ def _case(b, sq, hq, hkv, d, cap, lens, seed):
     qj, kj, vj = (jnp.asarray(x).astype(bf) for x in (q, k, v))
     # the reference sees the bf16-rounded inputs
     q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (qj, kj, vj))
-    return (qj, kj, vj, jnp.asarray(np.asarray(lens, np.int32))), (q64, k64, v64)
+    table = None
+    if page:
+        n = b * cap // page
+        order = rng.permutation(n + 3)[:n]
+        kj = jnp.zeros((n + 3, page, hkv, d), bf).at[order].set(kj.reshape(n, page, hkv, d))
+        vj = jnp.zeros((n + 3, page, hkv, d), bf).at[order].set(vj.reshape(n, page, hkv, d))
+        table = jnp.asarray(order.astype(np.int32).reshape(b, cap // page))
+    return (qj, kj, vj, jnp.asarray(np.asarray(lens, np.int32))), table, (q64, k64, v64)
 
 
 def _judge(out, lse, ref_in, lens, causal):
@@ -81,12 +90,23 @@ def test_routing_and_lowering_for_cuda():
         with decode.tuning(**tune):
             return f.trace(q, kc, kc, lens).lower(lowering_platforms=("cuda",)).as_text()
 
-    for ns in (1, 2):
+    for ns in (1, 2):  # contiguous
         txt = lowered(ns, mosaic=1)
         assert "mosaic_gpu" in txt and "triton" not in txt.lower()
     assert "mosaic_gpu" not in lowered(2)  # off by default
+    # 16-token pages (4 TMA copies a tile) at the benchmark shape
+    pages = jax.ShapeDtypeStruct((B * S // 16, 16, Hkv, D), bf)
+    table = jax.ShapeDtypeStruct((B, S // 16), jnp.int32)
+    p16 = _params(True, 2, D)
+    with decode.tuning(mosaic=1):
+        f = jax.jit(lambda q, k, v, n, t: decode.decode(q, k, v, n, t, None, p16, False))
+        assert "mosaic_gpu" in f.trace(q, pages, pages, lens, table).lower(
+            lowering_platforms=("cuda",)).as_text()
     p = _params(True, 2, D)
-    assert decode.decode_mosaic_reasons(q, kc, kc, p, paged=True)
+    pages48 = jax.ShapeDtypeStruct((64, 48, Hkv, D), bf)
+    assert decode.decode_mosaic_reasons(q, pages48, pages48, p, paged=True)
+    pages16 = jax.ShapeDtypeStruct((64, 16, Hkv, D), bf)
+    assert not decode.decode_mosaic_reasons(q, pages16, pages16, p, paged=True)
     f32 = jax.ShapeDtypeStruct((B, S, Hkv, D), jnp.float32)
     assert decode.decode_mosaic_reasons(jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.float32),
                                         f32, f32, p, paged=False)
@@ -94,29 +114,32 @@ def test_routing_and_lowering_for_cuda():
 
 @pytest.mark.skipif(os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
                     reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
-@pytest.mark.parametrize("sq,causal,ns,lens", [(1, True, 2, (100, 256)), (2, False, 1, (0, 256)),
-                                                (3, True, 3, (37, 256))])
-def test_interpreted_kernel_matches_reference(sq, causal, ns, lens):
+@pytest.mark.parametrize("sq,causal,ns,lens,page", [
+    (1, True, 2, (100, 256), 0), (2, False, 1, (0, 256), 0), (3, True, 3, (37, 256), 0),
+    (2, True, 2, (100, 256), 16), (1, True, 2, (100, 256), 128)])
+def test_interpreted_kernel_matches_reference(sq, causal, ns, lens, page):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     from flashmux_pallas import decode_mosaic
 
-    args, ref_in = _case(2, sq, 8, 2, 64, 256, lens, seed=sq)
+    args, table, ref_in = _case(2, sq, 8, 2, 64, 256, lens, seed=sq, page=page)
     out, lse = decode_mosaic.decode(*args, _params(causal, ns, 64), interpret=InterpretGPUParams(),
-                                    block_n=64, stages=2)
+                                    block_table=table, block_n=64, stages=2)
     _judge(out, lse, ref_in, lens, causal)
 
 
 @pytest.mark.skipif(not _gpu_sm90(), reason="needs a Hopper GPU under JAX")
-@pytest.mark.parametrize("sq,hq,hkv,d,causal,ns,bn,stages", [
-    (1, 32, 8, 128, True, None, 0, 0), (1, 32, 8, 128, True, 1, 0, 0),
-    (4, 32, 8, 128, True, 3, 128, 2), (1, 8, 1, 64, False, None, 0, 0),
-    (16, 16, 4, 128, True, 2, 64, 4)])
-def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stages):
+@pytest.mark.parametrize("sq,hq,hkv,d,causal,ns,bn,stages,page", [
+    (1, 32, 8, 128, True, None, 0, 0, 0), (1, 32, 8, 128, True, 1, 0, 0, 0),
+    (4, 32, 8, 128, True, 3, 128, 2, 0), (1, 8, 1, 64, False, None, 0, 0, 0),
+    (16, 16, 4, 128, True, 2, 64, 4, 0), (1, 32, 8, 128, True, None, 0, 0, 16),
+    (4, 32, 8, 128, True, 3, 0, 0, 64), (1, 32, 8, 128, True, 2, 0, 0, 256)])
+def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stages, page):
     from flashmux_pallas import decode_mosaic
 
     cap = 2048
     lens = (cap, 0, 1, 1000)
-    args, ref_in = _case(4, sq, hq, hkv, d, cap, lens, seed=hq + d + sq)
-    out, lse = decode_mosaic.decode(*args, _params(causal, ns, d), block_n=bn, stages=stages)
+    args, table, ref_in = _case(4, sq, hq, hkv, d, cap, lens, seed=hq + d + sq, page=page)
+    out, lse = decode_mosaic.decode(*args, _params(causal, ns, d), block_table=table,
+                                    block_n=bn, stages=stages)
     _judge(out, lse, ref_in, lens, causal)

@@ -494,7 +494,8 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
 
         ov = {**_env_override(), **(_override[-1] if _override else {})}
         return decode_mosaic.decode(q, k_cache, v_cache, seqlens_k, params, _core_count(),
-                                    block_n=ov.get("block_n", 0), stages=ov.get("num_stages", 0))
+                                    block_table=block_table, block_n=ov.get("block_n", 0),
+                                    stages=ov.get("num_stages", 0))
     st = plan(sh, params, interpret)
     B, Sq, Hq, D = q.shape
     Hkv, G = sh.heads_kv, st.group

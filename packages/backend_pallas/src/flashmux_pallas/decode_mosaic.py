@@ -10,9 +10,10 @@ KV head, padded to the 64 rows of one wgmma), the masked online softmax in base 
 and frees the slot. The split's key range comes from the sequence's device length (a scalar
 load): nothing is read on the host, and a short sequence streams only its own keys.
 
-Scope (everything else takes the Triton lowering): contiguous caches, float16/bfloat16,
-head_dim 64 or 128 (Dv == D), S_max a multiple of block_n, G x Sq <= 64, no window / softcap /
-ALiBi. Output: one split writes out (in q's dtype) and lse itself; several write float32
+Scope (everything else takes the Triton lowering): float16/bfloat16, head_dim 64 or 128
+(Dv == D), G x Sq <= 64, no window / softcap / ALiBi; a contiguous cache with S_max a multiple
+of 64, or a paged one with 16-, 32- or 64-token pages (or multiples of 64) (a tile is 64/page_size whole pages, each
+page id a scalar load of the block table, or a slice of one page). Output: one split writes out (in q's dtype) and lse itself; several write float32
 partials merged by lse in XLA (decode._merge), as the Triton-lowered kernel does.
 """
 
@@ -37,6 +38,7 @@ class MosaicDecode:
     stages: int
     num_splits: int
     capacity: int
+    page_size: int = 0  # paged: tokens per page (bn a multiple of it, or it of bn)
 
 
 def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
@@ -45,15 +47,17 @@ def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
 
     out = []
     B, Sq, Hq, D = q_shape
-    if paged:
-        out.append("paged cache")
+    if paged:  # k_shape (num_pages, page_size, Hkv, D)
+        ps = k_shape[1]
+        if ps % 16 or (ps % 64 and 64 % ps):
+            out.append(f"page_size {ps}: the Mosaic kernel takes 16, 32 or a multiple of 64")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         out.append(f"dtype {jnp.dtype(dtype).name}")
     if D not in (64, 128) or v_shape[-1] != D:
         out.append(f"head_dim {D} / {v_shape[-1]}")
     if not paged and k_shape[1] % 64:
         out.append(f"S_max {k_shape[1]} not a multiple of 64")
-    if not paged and Sq * (Hq // k_shape[2]) > ROWS:
+    if Sq * (Hq // k_shape[2]) > ROWS:
         out.append(f"Sq x G = {Sq * (Hq // k_shape[2])} rows > {ROWS}")
     if (params.window_left is not None or params.softcap or params.alibi
             or (params.window_right is not None and not params.causal)):
@@ -61,11 +65,16 @@ def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
     return out
 
 
-def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, splits=0):
+def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, splits=0,
+         page_size=0):
     """Splits: one wave of one CTA per SM (the shared memory holds one), at least 4 key blocks
-    each. block_n 64 x 4 stages (128 KiB of K/V in flight per SM); the caller may force any."""
+    each. block_n 64 x 4 stages (128 KiB of K/V in flight per SM); the caller may force any.
+    Paged: a tile is one slice of a page (page_size a multiple of block_n) or block_n /
+    page_size whole pages (16- and 32-token pages), each its own TMA copy."""
     bn = block_n or (64 if capacity % 128 or D > 64 else 128)
     bn = bn if capacity % bn == 0 else 64
+    if page_size and page_size % bn and bn % page_size:
+        bn = 64
     st = stages or 4
     ns = params.num_splits or splits
     if not ns:
@@ -73,12 +82,14 @@ def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, s
     ns = max(1, min(int(ns), capacity // bn))
     return MosaicDecode(scale=float(params.scale), causal=bool(params.causal), seqlen_q=Sq,
                         group=Hq // Hkv, rows=Sq * (Hq // Hkv), block_n=bn, stages=st,
-                        num_splits=ns, capacity=capacity)
+                        num_splits=ns, capacity=capacity, page_size=page_size)
 
 
-def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
+def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_table=None):
     """qp (B, Hkv, 64, D) packed queries (rows r = i * G + g, zero-padded), k/v_cache
-    (B, S_max, Hkv, D), lens (B,) int32 keys per sequence (clamped here to S_max). Returns
+    (B, S_max, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table
+    (B, max_pages) int32, lens (B,) int32 keys per sequence (clamped here to the capacity; page
+    ids to the pool, table positions to max_pages). Returns
     (o, lse): (B, Hkv, 64, D) in q's dtype and (B, Hkv, 64) with one split, float32 partials
     with a leading split axis otherwise. interpret: an InterpretGPUParams (Mosaic GPU's
     interpreter on the CPU, tests): the layout hints, which it does not take, become plain ops."""
@@ -91,8 +102,14 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
 
     B, Hkv, BM, D = qp.shape
     assert BM == ROWS
-    S = k_cache.shape[1]
+    paged = block_table is not None
+    S = st.capacity
     bn, stages, ns = st.block_n, st.stages, st.num_splits
+    ps = st.page_size if paged else 0
+    sub = min(bn, ps) if paged else bn  # rows of one TMA copy
+    ncopy = bn // sub  # copies per tile (each arrives on the slot's barrier)
+    if paged:
+        num_pages, max_pages = k_cache.shape[0], block_table.shape[1]
     dtype = qp.dtype
     c2 = st.scale * LOG2E
     per = -(-S // ns)
@@ -108,7 +125,7 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
         def iota(dt, shape, dim, layout=None):
             return lax.broadcasted_iota(dt, shape, dim)
 
-    def body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, scoped):
+    def body(q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, lse_ref, scoped):
         smem, (k_full, v_full, q_full), (k_free, v_free) = scoped
         q_smem, k_smem, v_smem, o_smem, lse_smem = smem
         sp = lax.axis_index("splits")
@@ -207,14 +224,29 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
+            def src(i):
+                """(gmem index, smem rows) of each copy of tile i."""
+                t0 = k_begin + i * bn
+                if not paged:
+                    return [((b, pl.ds(t0, bn), h), None)]
+                out = []
+                for j in range(ncopy):
+                    t = t0 + j * sub
+                    pidx = jnp.minimum(lax.div(t, ps), max_pages - 1)
+                    page = jnp.minimum(jnp.maximum(bt_ref[b, pidx], 0), num_pages - 1)
+                    slot_rows = None if ncopy == 1 else pl.ds(j * sub, sub)
+                    out.append(((page, pl.ds(lax.rem(t, ps), sub), h), slot_rows))
+                return out
+
             def load(i, slot, refill=False):
-                rows = (b, pl.ds(k_begin + i * bn, bn), h)
-                if refill:
-                    plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-                if refill:
-                    plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+                copies = src(i)
+                for ref, smem_, full, free in ((k_ref, k_smem, k_full, k_free),
+                                               (v_ref, v_smem, v_full, v_free)):
+                    if refill:
+                        plgpu.barrier_wait(free.at[slot])
+                    for rows, srows in copies:
+                        dst = smem_.at[slot] if srows is None else smem_.at[slot, srows]
+                        plgpu.copy_gmem_to_smem(ref.at[rows], dst, full.at[slot])
 
             for s_ in range(stages):
                 pl.when(s_ < nsteps)(functools.partial(load, jnp.int32(s_), s_))
@@ -224,7 +256,9 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
 
             lax.fori_loop(0, jnp.maximum(nsteps - stages, 0), refill, None)
 
-    def entry(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, len_ref, *rest):
+        bt_ref = rest[0] if paged else None
+        o_ref, lse_ref = rest[-2:]
         tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
             plgpu.SMEM((BM, D), dtype, transforms=tr),
@@ -234,11 +268,11 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
             plgpu.SMEM((BM,), jnp.float32),
         )
         pl.run_scoped(
-            lambda *scoped: body(q_ref, k_ref, v_ref, len_ref, o_ref, lse_ref, scoped),
+            lambda *scoped: body(q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, lse_ref, scoped),
             smem,
             (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=ncopy, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=ncopy, num_barriers=stages),
                 plgpu.Barrier(num_barriers=1),
             ),
             (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2,
@@ -261,10 +295,12 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kw,
-    )(qp, k_cache, v_cache, lens.astype(jnp.int32))
+    )(qp, k_cache, v_cache, lens.astype(jnp.int32),
+      *((block_table.astype(jnp.int32),) if paged else ()))
 
 
-def decode(q, k_cache, v_cache, seqlens_k, params, cores: int = 132, interpret=None, **force):
+def decode(q, k_cache, v_cache, seqlens_k, params, cores: int = 132, interpret=None,
+           block_table=None, **force):
     """(out (B, Sq, Hq, D), lse (B, Hq, Sq) float32), as decode.decode for a call `reasons`
     accepts."""
     import jax.numpy as jnp
@@ -275,10 +311,15 @@ def decode(q, k_cache, v_cache, seqlens_k, params, cores: int = 132, interpret=N
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
     R = Sq * G
-    st = plan(B, Sq, Hq, Hkv, D, k_cache.shape[1], params, cores, **force)
+    if block_table is None:
+        st = plan(B, Sq, Hq, Hkv, D, k_cache.shape[1], params, cores, **force)
+    else:
+        ps = k_cache.shape[1]
+        st = plan(B, Sq, Hq, Hkv, D, block_table.shape[1] * ps, params, cores, page_size=ps,
+                  **force)
     qp = q.reshape(B, Sq, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
     qp = jnp.pad(qp, [(0, 0), (0, 0), (0, ROWS - R), (0, 0)])
-    o, lse = call(st, qp, k_cache, v_cache, seqlens_k, interpret)
+    o, lse = call(st, qp, k_cache, v_cache, seqlens_k, interpret, block_table)
     if st.num_splits > 1:
         o, lse = _merge(o, lse, q.dtype)
     o = o[:, :, :R].reshape(B, Hkv, Sq, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Sq, Hq, D)
