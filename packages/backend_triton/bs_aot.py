@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--no-tma", action="store_true")
     ap.add_argument("--ws", action="store_true", help="forward: warp-specialized walks (WS)")
-    ap.add_argument("--pre", action="store_true", help="forward and dQ: lists preloaded (PRE)")
+    ap.add_argument("--pre", action="store_true", help="lists preloaded (PRE)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             try:
                 r = compile_one(which, _cfg(c), tma=not args.no_tma, alibi=args.alibi,
                                 extra=({"WS": args.ws, "PRE": args.pre} if which == "fwd"
-                                       else {"PRE": args.pre} if which == "dq" else None))
+                                       else {"PRE": args.pre}))
                 print(f"{which:5s} {c:12s} regs {r['regs']:3d} stack {r['stack']:4d} B  smem "
                       f"{r['smem'] / 1024:5.1f} KiB  programs/SM {r['per_sm']} (smem {r['by_smem']}, "
                       f"regs {r['by_regs']})  tma {r['tma_loads']} async {r['async_copies']}  "

@@ -1,4 +1,4 @@
-"""The block-sparse forward's and dQ kernel's preloaded walk (FLASHMUX_TRITON_BS_PRE=1: list counts and first
+"""The block-sparse kernels' preloaded walks (FLASHMUX_TRITON_BS_PRE=1: list counts and first
 entries loaded before Q, each walk carrying its next entry, partial tiles' bitmask ids from the
 per-slot array `_launch_bs._ptid`) on the CPU interpreter, judged against the float64 reference
 by the conformance rule. The mask has full and partial tiles (several per row, each with its own
@@ -35,11 +35,14 @@ def test_preloaded_walk_vs_float64(case, monkeypatch):
     monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", "1")
     monkeypatch.setenv("FLASHMUX_TRITON_BS_FWD", "32,32,4,1")
     monkeypatch.setenv("FLASHMUX_TRITON_BS_BWD_DQ", "32,32,4,1")
+    monkeypatch.setenv("FLASHMUX_TRITON_BS_BWD_DKDV", "32,32,4,1")
     if case == "fp16_tma":
         monkeypatch.setenv("FLASHMUX_TRITON_TMA", "1")
     calls = []
     orig = LB._ptid
     monkeypatch.setattr(LB, "_ptid", lambda a: (calls.append(1), orig(a))[1])
+    orig_kv = LB._ptid_kv
+    monkeypatch.setattr(LB, "_ptid_kv", lambda a: (calls.append(2), orig_kv(a))[1])
     rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
     b, h, d = 2, 1, 16
     s = 96 if case == "fp16_tma" else 90
@@ -58,17 +61,16 @@ def test_preloaded_walk_vs_float64(case, monkeypatch):
     def run():
         qa, ka, va = (x.clone().requires_grad_(True) for x in (q, k, v))
         o = flashmux.attention(qa, ka, va, block_mask=bm, alibi_slopes=sl, backend="triton")
-        (dq,) = torch.autograd.grad((o.float() * do.float()).sum(), (qa,))
-        return o, dq
+        return (o, *torch.autograd.grad((o.float() * do.float()).sum(), (qa, ka, va)))
 
-    out, dq = run()
-    assert len(calls) == 2, "the forward and the dQ kernel must both take the preloaded walk"
-    ref = reference_forward(q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy())[0]
-    rdq = reference_backward(do64, q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy())[0]
+    res = run()
+    assert sorted(calls) == [1, 1, 2], "forward, dQ and dK/dV must all take the preloaded walk"
+    ref = (reference_forward(q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy())[0],
+           *reference_backward(do64, q64, k64, v64, block_mask=fn, alibi_slopes=sl.numpy()))
     # the same call without PRE: the yardstick (same precision, same tiles)
     monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", "0")
-    plain, pdq = run()
-    for name, got, p, r in (("out", out, plain, ref), ("dq", dq, pdq, rdq)):
+    plain = run()
+    for name, got, p, r in zip(("out", "dq", "dk", "dv"), res, plain, ref):
         err = float(np.abs(got.detach().double().numpy() - r).max())
         bound = 2 * float(np.abs(p.detach().double().numpy() - r).max()) + 1e-5
         assert err <= bound, f"{case} {name}: error {err:.3g} > bound {bound:.3g}"

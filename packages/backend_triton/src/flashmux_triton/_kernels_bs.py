@@ -458,9 +458,12 @@ def _bs_dkdv_list(
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
+    PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
-    partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward."""
+    partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward.
+    PRE: as the forward's walk (the count and first entry given, the next entry carried; PTID
+    holds the transposed lists' per-slot tile ids)."""
     SUBS: tl.constexpr = MBS // BLOCK_M
     base = col.to(tl.int64) * n_qb
     if MERGED:
@@ -469,6 +472,10 @@ def _bs_dkdv_list(
     else:
         nf = 0
         n, IDX = _list(NF, FI, NP, PI, col, PARTIAL)
+    if PRE:
+        n = pre_n
+    qb_nx = pre_qb
+    tid_nx = pre_tid
     for it in range(0, n * SUBS):
         is_p = False
         if MERGED:
@@ -476,6 +483,14 @@ def _bs_dkdv_list(
             is_p = j >= nf
             qb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
             tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb, mask=is_p, other=0)
+        elif PRE:
+            qb = qb_nx
+            tid = tid_nx
+            jn = (it + 1) // SUBS
+            more = jn < n
+            qb_nx = tl.load(IDX + base + jn, mask=more, other=0)
+            if PARTIAL:
+                tid_nx = tl.load(PTID + base + jn, mask=more, other=0)
         else:
             qb = tl.load(IDX + base + it // SUBS)
             tid = 0
@@ -500,7 +515,8 @@ def _bs_dkdv_list(
 
 @triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
 def bs_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, DESC_Q, DESC_DO,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, PTID, DESC_Q,
+    DESC_DO,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -516,10 +532,11 @@ def bs_bwd_dkdv(
     MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
-    TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
-    query blocks of the transposed lists (full, then partial); dK/dV summed without atomics."""
+    query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
+    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -555,7 +572,12 @@ def bs_bwd_dkdv(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
+        nf0, np0, qf0, qp0, tp0 = _bs_pre(KNF, KFI, KNP, KPI, PTID, col, n_qb, PRE)
         for part in tl.static_range(2 - MERGED):  # full then partial tiles (as the forward)
+            if part == 0:
+                pn, pq, pt = nf0, qf0, 0
+            else:
+                pn, pq, pt = np0, qp0, tp0
             dk, dv = _bs_dkdv_list(
                 dk, dv, KNF, KFI, KNP, KPI, TILE, col, bhm, n_qb, n_kb, kb, k, v, q_base, do_base,
                 lse_base, delta_base, stride_qs, stride_dos, sm_scale, BITS, c_loc, offs_n,
@@ -564,6 +586,7 @@ def bs_bwd_dkdv(
                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, part == 1, HAS_LEFT,
                 HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
                 DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA, MERGED,
+                PRE and not MERGED, pn, pq, pt, PTID,
             )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],

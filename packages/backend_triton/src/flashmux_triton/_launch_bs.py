@@ -173,8 +173,9 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
 
 
 def _pre():
-    """FLASHMUX_TRITON_BS_PRE=1: the forward loads its lists' counts and first entries before Q
-    and carries each walk's next entry (`_kernels_bs._bs_pre`): the sm_90 SASS of the default
+    """FLASHMUX_TRITON_BS_PRE=1: the forward (and the dQ and dK/dV kernels, over their lists)
+    loads its lists' counts and first entries before Q and carries each walk's next entry
+    (`_kernels_bs._bs_pre`): the sm_90 SASS of the default
     showed ~3 dependent round trips before the first tile (Q, list index, K/V) and ~4 between
     the full and the partial walk (partial count, index, tile id, K/V + bitmask)."""
     return os.environ.get("FLASHMUX_TRITON_BS_PRE", "0") == "1"
@@ -189,6 +190,16 @@ def _ptid(a):
     flat = tile.reshape(-1, nk)
     idx = qpi.reshape(-1, qpi.shape[-1]).long().clamp_(0, nk - 1)
     return torch.gather(flat, 1, idx).reshape(qpi.shape).contiguous()
+
+
+def _ptid_kv(a):
+    """The same for the transposed (per key block) partial lists: ptid[c, t] = tile[., kpi[c,
+    t], kb] for column c = (bhm, kb)."""
+    kpi, tile = a["kpi"], a["tile"]
+    nq = tile.shape[-2]
+    flat = tile.transpose(-1, -2).reshape(-1, nq)
+    idx = kpi.reshape(-1, kpi.shape[-1]).long().clamp_(0, nq - 1)
+    return torch.gather(flat, 1, idx).reshape(kpi.shape).contiguous()
 
 
 def _ws(pb):
@@ -236,16 +247,17 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     )
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
-    pre = _pre() and not _merged()  # the dQ kernel's walk as the forward's (FLASHMUX_TRITON_BS_PRE)
+    pre = _pre() and not _merged()  # dQ's and dK/dV's walks as the forward's
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
             q, k, v, do, lse, delta, dk, dv, slopes,
-            a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"], *_descs(tma, q, do, bm_),
+            a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
+            _ptid_kv(a) if pre else a["kpi"], *_descs(tma, q, do, bm_),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(),
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre,
             **_opts(cfg),
         )
 
