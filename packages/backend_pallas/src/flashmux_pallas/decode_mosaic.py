@@ -39,6 +39,7 @@ class MosaicDecode:
     num_splits: int
     capacity: int
     page_size: int = 0  # paged: tokens per page (bn a multiple of it, or it of bn)
+    per_sm: int = 1  # CTAs that fit one SM (shared memory): 2 lowers the consumer's registers
 
 
 def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
@@ -76,13 +77,22 @@ def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, s
     if page_size and page_size % bn and bn % page_size:
         bn = 64
     st = stages or 4
+    per_sm = ctas_per_sm(D, bn, st, split=True)
     ns = params.num_splits or splits
-    if not ns:
-        ns = max(1, min(cores // max(1, B * Hkv), capacity // (4 * bn), 128))
+    if not ns:  # one wave of the CTAs that fit
+        ns = max(1, min(per_sm * cores // max(1, B * Hkv), capacity // (4 * bn), 128))
     ns = max(1, min(int(ns), capacity // bn))
     return MosaicDecode(scale=float(params.scale), causal=bool(params.causal), seqlen_q=Sq,
                         group=Hq // Hkv, rows=Sq * (Hq // Hkv), block_n=bn, stages=st,
-                        num_splits=ns, capacity=capacity, page_size=page_size)
+                        num_splits=ns, capacity=capacity, page_size=page_size,
+                        per_sm=ctas_per_sm(D, bn, st, split=ns > 1))
+
+
+def ctas_per_sm(D: int, bn: int, stages: int, split: bool) -> int:
+    """CTAs whose shared memory fits one SM (227 KiB): q (64 x D), the K/V ring, the float32
+    partial output (several splits) and ~0.5 KiB of lse and barriers; at most 2 (registers)."""
+    smem = ROWS * D * 2 + stages * 2 * bn * D * 2 + (ROWS * D * 4 if split else 0) + 512
+    return max(1, min(2, (227 * 1024) // smem))
 
 
 def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_table=None):
@@ -139,7 +149,8 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
 
         @pl.when(wg == 0)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            # two CTAs per SM share its 64K registers: 208 + 40 per thread pair (<= 128 each)
+            plgpu.set_max_registers(232 if st.per_sm == 1 else 208, action="increase")
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_full.at[0])
             plgpu.barrier_wait(q_full.at[0])
             red = plgpu.Layout.WGMMA.reduce(1)
