@@ -119,3 +119,39 @@ def test_threads_env(monkeypatch):
         C.threads()
     monkeypatch.setenv("FLASHMUX_CPU_THREADS", "3")
     assert C.threads() in (1, 3)  # 1 only where the BLAS thread count cannot be set per thread
+
+
+def test_jax_cpu_callback_jit_grad_vmap(threaded):
+    """float32 JAX on the CPU takes the same path through jax.pure_callback: under jit, grad
+    and vmap, judged against float64 like the NumPy path (the generic path's error as plain)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    import flashmux
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the callback path is for JAX on the CPU")
+    rng = np.random.default_rng(7)
+    b, s, h, d = 2, 75, 2, 16
+    q, k, v, do = (rng.standard_normal((b, s, h, d), dtype=np.float32) for _ in range(4))
+    p = Params(scale=d ** -0.5, causal=True, window_right=0)
+    assert C.jax_applies(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None, p)
+
+    def loss(q, k, v):
+        return (flashmux.attention(q, k, v, causal=True) * do).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*map(jnp.asarray, (q, k, v)))
+    out_v = jax.vmap(lambda q, k, v: flashmux.attention(q[None], k[None], v[None], causal=True)[0])(
+        *map(jnp.asarray, (q, k, v)))
+    out64, _ = R.reference_forward(q, k, v, causal=True)
+    grads64 = R.reference_backward(do, q, k, v, causal=True)
+    out_g, lse_g = reference.forward(q, k, v, None, None, p)
+    grads_g = reference.backward(do, None, q, k, v, out_g, lse_g, None, None, p)
+    for got, plain, exact in zip((out_v, *grads), (out_g, *grads_g), (out64, *grads64)):
+        assert _err(got, exact) <= 2 * _err(plain, exact) + 1e-5
+    monkey = C.jax_forward
+    try:
+        C.jax_forward = None  # the path must be the one taken: a call now fails
+        with pytest.raises(TypeError):
+            flashmux.attention(*map(jnp.asarray, (q, k, v)), causal=True)
+    finally:
+        C.jax_forward = monkey

@@ -388,6 +388,11 @@ class ReferenceBackend(Backend):
 
             if reference_cpu.applies(q, k, v, cu_seqlens_q, params):
                 return reference_cpu.forward(q, k, v, params)
+        if array_kind(q) == "jax":  # float32 on the CPU: the threaded NumPy path, via pure_callback
+            from . import reference_cpu
+
+            if reference_cpu.jax_applies(q, k, v, cu_seqlens_q, params):
+                return reference_cpu.jax_forward(q, k, v, params)
         if array_kind(q) == "jax" and not _empty(q, k, v):  # lax.map over chunks: linear memory
             from . import reference_jax
 
@@ -407,6 +412,11 @@ class ReferenceBackend(Backend):
 
             if reference_cpu.applies(q, k, v, cu_seqlens_q, params, do):
                 return reference_cpu.backward(do, dlse, q, k, v, out, lse, params)
+        if array_kind(q) == "jax" and out_residual is None:
+            from . import reference_cpu
+
+            if reference_cpu.jax_applies(q, k, v, cu_seqlens_q, params, do):
+                return reference_cpu.jax_backward(do, dlse, q, k, v, out, lse, params)
         if array_kind(q) == "jax" and out_residual is None and not _empty(q, k, v):
             from . import reference_jax
 

@@ -189,6 +189,13 @@ class _Band:
             z = max(0, p0 + self.off + self.wr + 1)
         return lo, hi, a, z
 
+    def mask_(self, s, r0, r1, c0, c1, a, z, fill):
+        """s (rows r0:r1, keys c0:c1) = fill where not allowed, touching only the columns
+        outside [a, z) (those every row sees)."""
+        for x0, x1 in ((c0, min(c1, a)), (max(c0, z), c1)):
+            if x1 > x0:
+                np.copyto(s[:, x0 - c0 : x1 - c0], fill, where=~self.masked(r0, r1, x0, x1))
+
     def masked(self, r0, r1, c0, c1):
         """Bool (r1 - r0, c1 - c0): False where the key is not allowed."""
         pos = (np.arange(r0, r1) // self.g)[:, None] + self.off
@@ -253,8 +260,7 @@ def forward(q, k, v, p: Params):
             c1 = min(hi, c0 + KEYS)
             s = tls.s[: m * (c1 - c0)].reshape(m, c1 - c0)
             np.matmul(qc, kt[bi, hi_, :, c0:c1], out=s)
-            if c0 < a or c1 > z:
-                np.copyto(s, _NEG_INF, where=~band.masked(r0, r1, c0, c1))
+            band.mask_(s, r0, r1, c0, c1, a, z, _NEG_INF)
             mn = np.maximum(mx, s.max(-1, keepdims=True))
             ms = np.where(mn == _NEG_INF, np.float32(0), mn)  # rows that saw nothing yet
             alpha = np.exp(mx - ms)
@@ -337,8 +343,7 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
                 np.subtract(s, lr, out=s)
                 with np.errstate(over="ignore"):  # rows that see no key: masked just below
                     np.exp(s, out=s)  # P
-                if c0 < a or c1 > z:
-                    np.copyto(s, np.float32(0), where=~band.masked(r0, r1, c0, c1))
+                band.mask_(s, r0, r1, c0, c1, a, z, np.float32(0))
                 np.matmul(doc, vt[bi, h, :, c0:c1], out=dp)  # dP
                 kd = tls.kd[: n * dv].reshape(n, dv)
                 np.matmul(s.T, doc, out=kd)
@@ -359,3 +364,52 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
         dvh[bi, h] += dv_
     dq = _heads_last(dqh, g)
     return dq, np.ascontiguousarray(dk.transpose(0, 2, 1, 3)), np.ascontiguousarray(dvh.transpose(0, 2, 1, 3))
+
+
+# -- JAX on the CPU: the same threaded path, called from XLA -----------------------------------
+
+
+def jax_applies(q, k, v, cu_q, p: Params, do=None) -> bool:
+    """True for float32 JAX arrays (or tracers) when JAX's default device is the CPU and the
+    call is one this path computes (as applies(); FLASHMUX_JAX_CPU_CALLBACK=0 turns it off)."""
+    if os.environ.get("FLASHMUX_JAX_CPU_CALLBACK", "1") == "0":
+        return False
+    if cu_q is not None or p.dropout_p or p.softcap or p.alibi or p.mask_block_size:
+        return False
+    import jax
+
+    xs = (q, k, v) if do is None else (q, k, v, do)
+    if not all(x.dtype == np.float32 and x.ndim == 4 for x in xs):
+        return False
+    if not all(n > 0 for x in (q, k, v) for n in x.shape):
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def jax_forward(q, k, v, p: Params):
+    """(out, lse) through jax.pure_callback: works eagerly and under jit / vmap (sequential);
+    the host arrays are only read (the path copies before it scales)."""
+    import jax
+
+    b, sq, hq, _ = q.shape
+    shapes = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), np.float32),
+              jax.ShapeDtypeStruct((b, hq, sq), np.float32))
+
+    def host(q, k, v):
+        return forward(np.asarray(q), np.asarray(k), np.asarray(v), p)
+
+    return jax.pure_callback(host, shapes, q, k, v, vmap_method="sequential")
+
+
+def jax_backward(do, dlse, q, k, v, out, lse, p: Params):
+    import jax
+
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, np.float32) for x in (q, k, v))
+
+    def host(do, q, k, v, out, lse, *dlse_):
+        a = [np.asarray(x) for x in (do, q, k, v, out, lse)]
+        dl = np.asarray(dlse_[0], np.float32) if dlse_ else None
+        return backward(a[0], dl, *a[1:], p)
+
+    extra = () if dlse is None else (dlse,)
+    return jax.pure_callback(host, shapes, do, q, k, v, out, lse, *extra, vmap_method="sequential")
