@@ -108,6 +108,8 @@ def _launch(pb, which, mbs, run):
     env = os.environ.get("FLASHMUX_TRITON_BS_" + which.upper())  # "block_m,block_n,warps,stages"
     if env:  # a tile config for the block-sparse kernel only (GPU sweeps; tuning.py untouched)
         t = T.with_config(t, which, _BsConfig(*(int(x) for x in env.split(","))))
+    elif _bs_default(pb, which) is not None:
+        t = T.with_config(t, which, _bs_default(pb, which))
     while True:
         cfg = getattr(t, which)
         try:
@@ -116,6 +118,21 @@ def _launch(pb, which, mbs, run):
             t = T.smaller(t, which)
             if t is None:
                 raise
+
+
+# The block-sparse kernels' own configs where they differ from the dense kernels' (tuning.py):
+# sm90+, 16-bit, head_dim 128, by the preloaded walk (PRE on/off) and kernel. Empty until an
+# H200 measurement picks them (NOTES.md, block-sparse session 9).
+_BS_SM90_D128: dict = {}
+
+
+def _bs_default(pb, which):
+    """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None."""
+    if pb.interpret or pb.ieee or pb.capability is None or pb.capability < (9, 0):
+        return None
+    if pb.d != 128 or pb.dv != 128:
+        return None
+    return _BS_SM90_D128.get((_pre(), which))
 
 
 def _check_full(pb, mbs):
