@@ -90,8 +90,8 @@ def test_routing_and_lowering_for_cuda():
         with decode.tuning(**tune):
             return f.trace(q, kc, kc, lens).lower(lowering_platforms=("cuda",)).as_text()
 
-    for ns in (1, 2):  # contiguous
-        txt = lowered(ns, mosaic=1)
+    for ns, nc in ((1, 1), (2, 1), (2, 2)):  # contiguous; one or two consumer warpgroups
+        txt = lowered(ns, mosaic=1, consumers=nc)
         assert "mosaic_gpu" in txt and "triton" not in txt.lower()
     assert "mosaic_gpu" not in lowered(2)  # off by default
     # 16-token pages (4 TMA copies a tile) at the benchmark shape
@@ -114,32 +114,35 @@ def test_routing_and_lowering_for_cuda():
 
 @pytest.mark.skipif(os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
                     reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
-@pytest.mark.parametrize("sq,causal,ns,lens,page", [
-    (1, True, 2, (100, 256), 0), (2, False, 1, (0, 256), 0), (3, True, 3, (37, 256), 0),
-    (2, True, 2, (100, 256), 16), (1, True, 2, (100, 256), 128)])
-def test_interpreted_kernel_matches_reference(sq, causal, ns, lens, page):
+@pytest.mark.parametrize("sq,causal,ns,lens,page,nc", [
+    (1, True, 2, (100, 256), 0, 1), (2, False, 1, (0, 256), 0, 1), (3, True, 3, (37, 256), 0, 1),
+    (2, True, 2, (100, 256), 16, 1), (1, True, 2, (100, 256), 128, 1),
+    (1, True, 2, (100, 256), 0, 2), (2, False, 1, (0, 256), 16, 2)])
+def test_interpreted_kernel_matches_reference(sq, causal, ns, lens, page, nc):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     from flashmux_pallas import decode_mosaic
 
     args, table, ref_in = _case(2, sq, 8, 2, 64, 256, lens, seed=sq, page=page)
     out, lse = decode_mosaic.decode(*args, _params(causal, ns, 64), interpret=InterpretGPUParams(),
-                                    block_table=table, block_n=64, stages=2)
+                                    block_table=table, block_n=64, stages=2, consumers=nc)
     _judge(out, lse, ref_in, lens, causal)
 
 
 @pytest.mark.skipif(not _gpu_sm90(), reason="needs a Hopper GPU under JAX")
-@pytest.mark.parametrize("sq,hq,hkv,d,causal,ns,bn,stages,page", [
-    (1, 32, 8, 128, True, None, 0, 0, 0), (1, 32, 8, 128, True, 1, 0, 0, 0),
-    (4, 32, 8, 128, True, 3, 128, 2, 0), (1, 8, 1, 64, False, None, 0, 0, 0),
-    (16, 16, 4, 128, True, 2, 64, 4, 0), (1, 32, 8, 128, True, None, 0, 0, 16),
-    (4, 32, 8, 128, True, 3, 0, 0, 64), (1, 32, 8, 128, True, 2, 0, 0, 256)])
-def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stages, page):
+@pytest.mark.parametrize("sq,hq,hkv,d,causal,ns,bn,stages,page,nc", [
+    (1, 32, 8, 128, True, None, 0, 0, 0, 1), (1, 32, 8, 128, True, 1, 0, 0, 0, 1),
+    (4, 32, 8, 128, True, 3, 128, 2, 0, 1), (1, 8, 1, 64, False, None, 0, 0, 0, 1),
+    (16, 16, 4, 128, True, 2, 64, 4, 0, 1), (1, 32, 8, 128, True, None, 0, 0, 16, 1),
+    (4, 32, 8, 128, True, 3, 0, 0, 64, 1), (1, 32, 8, 128, True, 2, 0, 0, 256, 1),
+    (1, 32, 8, 128, True, None, 0, 2, 0, 1), (1, 32, 8, 128, True, None, 0, 0, 0, 2),
+    (4, 32, 8, 128, True, 1, 0, 0, 16, 2)])
+def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stages, page, nc):
     from flashmux_pallas import decode_mosaic
 
     cap = 2048
     lens = (cap, 0, 1, 1000)
     args, table, ref_in = _case(4, sq, hq, hkv, d, cap, lens, seed=hq + d + sq, page=page)
     out, lse = decode_mosaic.decode(*args, _params(causal, ns, d), block_table=table,
-                                    block_n=bn, stages=stages)
+                                    block_n=bn, stages=stages, consumers=nc)
     _judge(out, lse, ref_in, lens, causal)

@@ -78,7 +78,7 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "programs_per_sm", "waves", "unmasked", "mosaic")
+                  "programs_per_sm", "waves", "unmasked", "mosaic", "consumers")
 
 
 def _env_override() -> dict:
@@ -495,7 +495,8 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
         ov = {**_env_override(), **(_override[-1] if _override else {})}
         return decode_mosaic.decode(q, k_cache, v_cache, seqlens_k, params, _core_count(),
                                     block_table=block_table, block_n=ov.get("block_n", 0),
-                                    stages=ov.get("num_stages", 0))
+                                    stages=ov.get("num_stages", 0),
+                                    consumers=ov.get("consumers", 0))
     st = plan(sh, params, interpret)
     B, Sq, Hq, D = q.shape
     Hkv, G = sh.heads_kv, st.group

@@ -40,6 +40,7 @@ class MosaicDecode:
     capacity: int
     page_size: int = 0  # paged: tokens per page (bn a multiple of it, or it of bn)
     per_sm: int = 1  # CTAs that fit one SM (shared memory): 2 lowers the consumer's registers
+    consumers: int = 1  # consumer warpgroups; 2: alternate tiles, merged at the end
 
 
 def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
@@ -67,7 +68,7 @@ def reasons(q_shape, k_shape, v_shape, dtype, paged: bool, params) -> list[str]:
 
 
 def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, splits=0,
-         page_size=0):
+         page_size=0, consumers=0):
     """Splits: one wave of one CTA per SM (the shared memory holds one), at least 4 key blocks
     each. block_n 64 x 4 stages (128 KiB of K/V in flight per SM); the caller may force any.
     Paged: a tile is one slice of a page (page_size a multiple of block_n) or block_n /
@@ -77,7 +78,10 @@ def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, s
     if page_size and page_size % bn and bn % page_size:
         bn = 64
     st = stages or 4
-    per_sm = ctas_per_sm(D, bn, st, split=True)
+    nc = consumers or 1
+    if st % nc:  # each consumer must own whole slots (it waits every phase of its barriers)
+        st += nc - st % nc
+    per_sm = 1 if nc > 1 else ctas_per_sm(D, bn, st, split=True)
     ns = params.num_splits or splits
     if not ns:  # one wave of the CTAs that fit
         ns = max(1, min(per_sm * cores // max(1, B * Hkv), capacity // (4 * bn), 128))
@@ -85,7 +89,8 @@ def plan(B, Sq, Hq, Hkv, D, capacity, params, cores: int, block_n=0, stages=0, s
     return MosaicDecode(scale=float(params.scale), causal=bool(params.causal), seqlen_q=Sq,
                         group=Hq // Hkv, rows=Sq * (Hq // Hkv), block_n=bn, stages=st,
                         num_splits=ns, capacity=capacity, page_size=page_size,
-                        per_sm=ctas_per_sm(D, bn, st, split=ns > 1))
+                        per_sm=1 if nc > 1 else ctas_per_sm(D, bn, st, split=ns > 1),
+                        consumers=nc)
 
 
 def ctas_per_sm(D: int, bn: int, stages: int, split: bool) -> int:
@@ -126,18 +131,25 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
     chunk = -(-per // bn) * bn  # keys per split, whole blocks (static)
     G, Sq = st.group, st.seqlen_q
     split = ns > 1
+    NC = st.consumers
     if interpret is None:
         layout_cast, iota = plgpu.layout_cast, plgpu.broadcasted_iota
+
+        def ld(ref, layout):
+            return plgpu.load(ref, (), layout=layout, optimized=False)
     else:
         def layout_cast(x, _layout):
             return x
+
+        def ld(ref, layout):
+            return ref[...]
 
         def iota(dt, shape, dim, layout=None):
             return lax.broadcasted_iota(dt, shape, dim)
 
     def body(q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, lse_ref, scoped):
-        smem, (k_full, v_full, q_full), (k_free, v_free) = scoped
-        q_smem, k_smem, v_smem, o_smem, lse_smem = smem
+        smem, (k_full, v_full, q_full), (k_free, v_free), done = scoped
+        q_smem, k_smem, v_smem, o_smem, lse_smem, xm_smem, xl_smem = smem
         sp = lax.axis_index("splits")
         h = lax.axis_index("heads")
         b = lax.axis_index("batch")
@@ -147,11 +159,11 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
         k_end = jnp.minimum(k_begin + chunk, sk)
         nsteps = lax.div(k_end - k_begin + (bn - 1), bn)
 
-        @pl.when(wg == 0)
-        def _consumer():
+        def consumer(cid):
             # two CTAs per SM share its 64K registers: 208 + 40 per thread pair (<= 128 each)
             plgpu.set_max_registers(232 if st.per_sm == 1 else 208, action="increase")
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_full.at[0])
+            if cid == 0:
+                plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_full.at[0])
             plgpu.barrier_wait(q_full.at[0])
             red = plgpu.Layout.WGMMA.reduce(1)
             m = layout_cast(jnp.full((BM,), -jnp.inf, jnp.float32), red)
@@ -213,7 +225,29 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o_t
                 return acc, m_new, l_
 
-            acc, m, l_ = lax.fori_loop(0, nsteps, step, (acc, m, l_))
+            # consumer cid takes tiles cid, cid + NC, ... (slot i % stages: stages % NC == 0, so
+            # each slot, and each of its barriers' phases, belongs to one consumer)
+            n_mine = jnp.maximum(lax.div(nsteps - cid + (NC - 1), NC), 0)
+            acc, m, l_ = lax.fori_loop(0, n_mine, lambda j, cr: step(cid + NC * j, cr),
+                                       (acc, m, l_))
+            if NC > 1:
+                if cid == 1:  # hand (m, l, acc) to consumer 0 and stop
+                    xm_smem[...] = m
+                    xl_smem[...] = l_
+                    o_smem[...] = acc
+                    plgpu.barrier_arrive(done.at[0])
+                    return
+                plgpu.barrier_wait(done.at[0])
+                m1 = ld(xm_smem, red)
+                l1 = ld(xl_smem, red)
+                acc1 = ld(o_smem, plgpu.Layout.WGMMA)
+                m_new = jnp.maximum(m, m1)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                a0, a1 = jnp.exp2(m - m_use), jnp.exp2(m1 - m_use)
+                l_ = l_ * a0 + l1 * a1
+                acc = (acc * lax.broadcast_in_dim(a0, acc.shape, [0])
+                       + acc1 * lax.broadcast_in_dim(a1, acc.shape, [0]))
+                m = m_new
             empty = l_ == 0.0
             inv = 1.0 / jnp.where(empty, 1.0, l_)
             o32 = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
@@ -231,7 +265,10 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        for cid in range(NC):
+            pl.when(wg == cid)(functools.partial(consumer, cid))
+
+        @pl.when(wg == NC)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -275,8 +312,10 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
             plgpu.SMEM((BM, D), dtype, transforms=tr),
             plgpu.SMEM((stages, bn, D), dtype, transforms=tr),
             plgpu.SMEM((stages, bn, D), dtype, transforms=tr),
-            plgpu.SMEM((BM, D) if split else (8, 8), jnp.float32),
+            plgpu.SMEM((BM, D) if split or NC > 1 else (8, 8), jnp.float32),
             plgpu.SMEM((BM,), jnp.float32),
+            plgpu.SMEM((BM,) if NC > 1 else (8,), jnp.float32),  # consumer 1's m
+            plgpu.SMEM((BM,) if NC > 1 else (8,), jnp.float32),  # and l
         )
         pl.run_scoped(
             lambda *scoped: body(q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, lse_ref, scoped),
@@ -287,6 +326,7 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
                 plgpu.Barrier(num_barriers=1),
             ),
             (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_barriers=1),
             collective_axes="wg",
         )
 
@@ -302,7 +342,7 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
         out_type=out_type,
         grid=(ns, Hkv, B),
         grid_names=("splits", "heads", "batch"),
-        num_threads=2,
+        num_threads=NC + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kw,
