@@ -72,11 +72,14 @@ def _judge(out, lse, ref_in, lens, causal):
     assert np.abs(out - np.nan_to_num(ref_out)).max() < 2e-2
 
 
-def test_routing_and_lowering_for_cuda():
-    """decode() takes the Mosaic kernel only under mosaic=1 and in scope (a paged cache and
-    float32 stay on the Triton lowering); at the benchmark shape it lowers from the CPU."""
+def test_routing_and_lowering_for_cuda(monkeypatch):
+    """decode() takes the Mosaic kernel only on sm90, under mosaic=1 (or MOSAIC_DEFAULT) and in
+    scope (48-token pages and float32 stay on the Triton lowering); at the benchmark shape it
+    lowers from the CPU (the device is made to look like an sm90 GPU)."""
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    from flashmux_pallas import decode
+    from flashmux_pallas import decode, ops
+
+    monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
 
     B, Hq, Hkv, D, S = 8, 32, 8, 128, 4096
     bf = jnp.bfloat16
@@ -93,7 +96,11 @@ def test_routing_and_lowering_for_cuda():
     for ns, nc in ((1, 1), (2, 1), (2, 2)):  # contiguous; one or two consumer warpgroups
         txt = lowered(ns, mosaic=1, consumers=nc)
         assert "mosaic_gpu" in txt and "triton" not in txt.lower()
-    assert "mosaic_gpu" not in lowered(2)  # off by default
+    assert ("mosaic_gpu" in lowered(2)) == bool(decode.MOSAIC_DEFAULT)
+    assert "mosaic_gpu" not in lowered(2, mosaic=0)
+    monkeypatch.setattr(ops, "_compute_capability", lambda: (8, 0))
+    assert "mosaic_gpu" not in lowered(2, mosaic=1)  # sm80: the Triton lowering
+    monkeypatch.setattr(ops, "_compute_capability", lambda: (9, 0))
     # 16-token pages (4 TMA copies a tile) at the benchmark shape
     pages = jax.ShapeDtypeStruct((B * S // 16, 16, Hkv, D), bf)
     table = jax.ShapeDtypeStruct((B, S // 16), jnp.int32)

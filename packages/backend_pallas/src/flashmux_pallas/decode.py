@@ -530,15 +530,22 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
     return o, lse
 
 
-def _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes) -> bool:
-    """The Mosaic GPU kernel (decode_mosaic.py) when the `mosaic` tuning field asks for it and
-    the call is in its scope (session 9: opt-in, not measured yet)."""
-    ov = {**_env_override(), **(_override[-1] if _override else {})}
-    if not ov.get("mosaic"):
-        return False
-    from . import decode_mosaic, mosaic_kernels
+# The Mosaic GPU decode kernel by default on sm90 (when in its scope)? The `mosaic` tuning field
+# (FLASHMUX_PALLAS_DECODE=mosaic=0/1) overrides. Session 9: off until measured on the H200.
+MOSAIC_DEFAULT = 0
 
-    return (mosaic_kernels.available() and alibi_slopes is None
+
+def _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes) -> bool:
+    """The Mosaic GPU kernel (decode_mosaic.py) on sm90 when asked for (the `mosaic` tuning
+    field, else MOSAIC_DEFAULT) and the call is in its scope."""
+    ov = {**_env_override(), **(_override[-1] if _override else {})}
+    if not ov.get("mosaic", MOSAIC_DEFAULT):
+        return False
+    from . import decode_mosaic, mosaic_kernels, ops
+
+    cc = ops._compute_capability()
+    return (cc is not None and cc[0] == 9 and mosaic_kernels.available()
+            and alibi_slopes is None
             and not decode_mosaic.reasons(q.shape, k_cache.shape, v_cache.shape, q.dtype,
                                           sh.paged, params))
 
