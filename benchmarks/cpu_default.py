@@ -12,7 +12,9 @@ torch >= 0.9, NumPy and JAX >= 0.5. NumPy has no autograd: its fwd_bwd row times
 forward + backward directly. --memory runs every measurement in a fresh process and reports its
 peak resident memory (ru_maxrss, which includes the framework's own import footprint).
 
-Timings are medians of --repeats calls after one warm-up. On a machine whose cores are shared
+Timings are medians of --repeats calls after one warm-up, the implementations of a row timed in
+turn within each repeat (--no-interleave: back to back); spread = (max - min) / median of an
+implementation's repeats. On a machine whose cores are shared
 (load above the core count), multi-threaded BLAS/OpenMP spin-waits distort small-kernel workloads
 badly: the script prints the load average and thread settings next to the numbers.
 """
@@ -94,6 +96,13 @@ def _callable(impl: str, s: int, causal: bool, mode: str):
     return (lambda: f(jq, jk, jv).block_until_ready()), name
 
 
+def _record(impl, name, s, causal, mode, ts) -> dict:
+    med = statistics.median(ts)
+    return {"impl": impl, "backend": name, "S": s, "causal": causal, "mode": mode,
+            "ms": 1e3 * med, "spread": (max(ts) - min(ts)) / med, "times_ms": [1e3 * t for t in ts],
+            "peak_rss_mb": None}
+
+
 def measure(impl: str, s: int, causal: bool, mode: str, repeats: int) -> dict:
     fn, name = _callable(impl, s, causal, mode)
     fn()  # warm-up (jit compiles, caches)
@@ -102,8 +111,29 @@ def measure(impl: str, s: int, causal: bool, mode: str, repeats: int) -> dict:
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return {"impl": impl, "backend": name, "S": s, "causal": causal, "mode": mode,
-            "ms": 1e3 * statistics.median(ts), "peak_rss_mb": None}
+    return _record(impl, name, s, causal, mode, ts)
+
+
+def measure_interleaved(impls, s: int, causal: bool, mode: str, repeats: int) -> dict:
+    """Each repeat times every implementation once, in turn (a load change on a shared machine
+    then hits all of them alike); one warm-up each first."""
+    fns, out, ts = {}, {}, {}
+    for impl in impls:
+        try:
+            fns[impl] = _callable(impl, s, causal, mode)
+            fns[impl][0]()
+            ts[impl] = []
+        except Exception as e:  # report, keep going
+            out[impl] = {"impl": impl, "S": s, "causal": causal, "mode": mode, "ms": None,
+                         "backend": None, "error": f"{type(e).__name__}: {e}"}
+    for _ in range(repeats):
+        for impl, (fn, _name) in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[impl].append(time.perf_counter() - t)
+    for impl, (_fn, name) in fns.items():
+        out[impl] = _record(impl, name, s, causal, mode, ts[impl])
+    return {impl: out[impl] for impl in impls}
 
 
 def measure_in_subprocess(impl, s, causal, mode, repeats) -> dict:
@@ -147,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory", action="store_true", help="one process per measurement, peak RSS")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="time each implementation's repeats back to back (default: round robin)")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -167,6 +199,11 @@ def main(argv=None) -> int:
                 continue
             for causal in causals:
                 row = {}
+                if not a.memory and not a.no_interleave:
+                    row = measure_interleaved(impls, s, causal, mode, a.repeats)
+                    recs.extend(row.values())
+                    _print_row(row, s, causal, mode)
+                    continue
                 for impl in impls:
                     if a.memory:
                         r = measure_in_subprocess(impl, s, causal, mode, a.repeats)
@@ -191,8 +228,8 @@ _header_done = False
 def _print_row(row, s, causal, mode):
     global _header_done
     if not _header_done:
-        print("| mode | S | causal | impl (backend) | ms | speed vs SDPA | bar | peak RSS MB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| mode | S | causal | impl (backend) | ms | speed vs SDPA | bar | spread | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
         _header_done = True
     base = (row.get("sdpa") or {}).get("ms")
     for impl, r in row.items():
@@ -201,9 +238,11 @@ def _print_row(row, s, causal, mode):
         bar = BARS.get(impl)
         verdict = "" if bar is None or speed is None else ("ok" if speed >= bar else f"< {bar}")
         rss = r.get("peak_rss_mb")
+        sp = r.get("spread")
         print(f"| {mode} | {s} | {'yes' if causal else 'no'} | {impl} ({r.get('backend')}) | "
               f"{'-' if ms is None else f'{ms:.0f}'} | {'-' if speed is None else f'{speed:.2f}'} | "
-              f"{verdict} | {'-' if rss is None else f'{rss:.0f}'} |"
+              f"{verdict} | {'-' if sp is None else f'{sp:.2f}'} | "
+              f"{'-' if rss is None else f'{rss:.0f}'} |"
               + (f" {r['error']}" if r.get("error") else ""), flush=True)
 
 

@@ -158,13 +158,6 @@ def _heads_first(x, g, scale=None):
     return out.reshape(b, h // g, s * g, d)
 
 
-def _heads_last(x, g):
-    b, hkv, sg, d = x.shape
-    s = sg // g
-    return np.ascontiguousarray(x.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4)).reshape(
-        b, s, hkv * g, d)
-
-
 def _rows_hf(x, hkv, g):
     """(B, Hq, S) -> (B, Hkv, S*g), heads-first row order."""
     b, _, s = x.shape
@@ -237,21 +230,21 @@ def forward(q, k, v, p: Params):
     b, sq, hq, _ = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    qh = _heads_first(q, g, p.scale)
-    kt = np.ascontiguousarray(k.transpose(0, 2, 3, 1))  # (B, Hkv, D, Sk)
-    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, Hkv, Sk, Dv)
-    oh = np.empty((b, hkv, sq * g, dv), np.float32)
-    lse = np.empty((b, hkv, sq * g), np.float32)
+    qh = _heads_first(q, g, p.scale)  # the one copy: K and V are read in place (strided rows)
+    out = np.empty((b, sq, hq, dv), np.float32)
+    lse_h = np.empty((b, hkv, sq * g), np.float32)
     band = _Band(p, sq, sk, g)
     scratch: dict = {}  # per worker thread: {thread id: buffers}
 
     def item(it):
-        bi, hi_, r0, r1 = it
+        bi, h, r0, r1 = it
         m = r1 - r0
         rows = max(ROWS, g)
-        tls = _scratch(scratch, s=rows * KEYS, t=rows * dv)
-        qc, acc, ls = qh[bi, hi_, r0:r1], oh[bi, hi_, r0:r1], lse[bi, hi_, r0:r1]
+        tls = _scratch(scratch, s=rows * KEYS, t=rows * dv, acc=rows * dv)
+        qc = qh[bi, h, r0:r1]
+        kb, vb = k[bi, :, h], v[bi, :, h]  # (Sk, D), (Sk, Dv) views
         lo, hi, a, z = band.keys(r0, r1)
+        acc = tls.acc[: m * dv].reshape(m, dv)
         acc[:] = 0
         mx = np.full((m, 1), _NEG_INF)
         den = np.zeros((m, 1), np.float32)
@@ -259,28 +252,33 @@ def forward(q, k, v, p: Params):
         for c0 in range(lo, hi, KEYS):
             c1 = min(hi, c0 + KEYS)
             s = tls.s[: m * (c1 - c0)].reshape(m, c1 - c0)
-            np.matmul(qc, kt[bi, hi_, :, c0:c1], out=s)
+            np.matmul(qc, kb[c0:c1].T, out=s)
             band.mask_(s, r0, r1, c0, c1, a, z, _NEG_INF)
             mn = np.maximum(mx, s.max(-1, keepdims=True))
             ms = np.where(mn == _NEG_INF, np.float32(0), mn)  # rows that saw nothing yet
-            alpha = np.exp(mx - ms)
-            mx = mn
             np.subtract(s, ms, out=s)
             np.exp(s, out=s)
-            den *= alpha
-            den += s.sum(-1, keepdims=True)
-            np.matmul(s, vh[bi, hi_, c0:c1], out=tmp)
-            acc *= alpha
-            acc += tmp
+            if c0 == lo:  # first block: nothing to rescale
+                s.sum(-1, keepdims=True, out=den)
+                np.matmul(s, vb[c0:c1], out=acc)
+            else:
+                alpha = np.exp(mx - ms)
+                den *= alpha
+                den += s.sum(-1, keepdims=True)
+                np.matmul(s, vb[c0:c1], out=tmp)
+                acc *= alpha
+                acc += tmp
+            mx = mn
         seen = den > 0
-        acc /= np.where(seen, den, np.float32(1))
+        dst = out[bi, r0 // g : r1 // g, h * g : (h + 1) * g]  # (positions, g, Dv) view
+        np.divide(acc.reshape(dst.shape), np.where(seen, den, np.float32(1)).reshape(-1, g, 1),
+                  out=dst)
         with np.errstate(divide="ignore"):
-            ls[:] = np.where(seen, np.log(np.where(seen, den, 1)) + mx, _NEG_INF)[:, 0]
+            lse_h[bi, h, r0:r1] = np.where(seen, np.log(np.where(seen, den, 1)) + mx, _NEG_INF)[:, 0]
 
     items = [(bi, h, r0, r1) for bi in range(b) for h in range(hkv) for r0, r1 in _row_blocks(sq * g, g)]
     _run(item, items, b * hq * sq * sk)
-    out = _heads_last(oh, g)
-    lse = np.ascontiguousarray(lse.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2)).reshape(b, hq, sq)
+    lse = np.ascontiguousarray(lse_h.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2)).reshape(b, hq, sq)
     return out, lse
 
 
@@ -292,21 +290,17 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    qh = _heads_first(q, g, p.scale)
+    qh = _heads_first(q, g, p.scale)  # copies of q and dO; K, V, dK, dV, dQ used in place
     doh = _heads_first(do, g)
-    oh = _heads_first(np.asarray(out, np.float32), g)
-    delta = np.einsum("bhrd,bhrd->bhr", doh, oh)  # rowsum(dO * O), heads-first rows
-    del oh
+    delta = np.einsum("bshd,bshd->bhs", do, np.asarray(out, np.float32))  # rowsum(dO * O)
     if dlse is not None:
-        delta -= _rows_hf(np.asarray(dlse, np.float32), hkv, g)
+        delta -= dlse
+    delta = _rows_hf(delta, hkv, g)
     lse_h = _rows_hf(np.asarray(lse, np.float32), hkv, g)
     lse_h = np.where(np.isfinite(lse_h), lse_h, np.float32(0))  # rows that see no key: masked
-    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, Hkv, Sk, D)
-    kt = np.ascontiguousarray(k.transpose(0, 2, 3, 1))  # (B, Hkv, D, Sk)
-    vt = np.ascontiguousarray(v.transpose(0, 2, 3, 1))  # (B, Hkv, Dv, Sk)
-    dqh = np.empty((b, hkv, sq * g, d), np.float32)
-    dk = np.zeros((b, hkv, sk, d), np.float32)
-    dvh = np.zeros((b, hkv, sk, dv), np.float32)
+    dq = np.empty((b, sq, hq, d), np.float32)
+    dk = np.zeros((b, sk, hkv, d), np.float32)
+    dvv = np.zeros((b, sk, hkv, dv), np.float32)
     band = _Band(p, sq, sk, g)
     blocks = _row_blocks(sq * g, g)
     # parts per head: one writer of dK/dV per head, or (fewer heads than workers) row-split parts
@@ -323,15 +317,17 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
     def item(it):
         bi, h, j = it
         rows = max(ROWS, g)
-        tls = _scratch(scratch, s=rows * kb, dp=rows * kb, kd=kb * max(d, dv), qd=rows * d)
-        dk_, dv_ = own.get((bi, h, j), (dk[bi, h], dvh[bi, h]))
+        tls = _scratch(scratch, s=rows * kb, dp=rows * kb, kd=kb * max(d, dv), qd=rows * d,
+                       dq=rows * d)
+        dk_, dv_ = own.get((bi, h, j), (dk[bi, :, h], dvv[bi, :, h]))
+        kh, vh = k[bi, :, h], v[bi, :, h]  # (Sk, D), (Sk, Dv) views
         for r0, r1 in blocks[j::parts]:
             m = r1 - r0
             qc, doc = qh[bi, h, r0:r1], doh[bi, h, r0:r1]
             lr = lse_h[bi, h, r0:r1, None]
             dl = delta[bi, h, r0:r1, None]
-            dq = dqh[bi, h, r0:r1]
-            dq[:] = 0
+            acc = tls.dq[: m * d].reshape(m, d)
+            acc[:] = 0
             qd = tls.qd[: m * d].reshape(m, d)
             lo, hi, a, z = band.keys(r0, r1)
             for c0 in range(lo, hi, kb):
@@ -339,31 +335,31 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
                 n = c1 - c0
                 s = tls.s[: m * n].reshape(m, n)
                 dp = tls.dp[: m * n].reshape(m, n)
-                np.matmul(qc, kt[bi, h, :, c0:c1], out=s)
+                np.matmul(qc, kh[c0:c1].T, out=s)
                 np.subtract(s, lr, out=s)
                 with np.errstate(over="ignore"):  # rows that see no key: masked just below
                     np.exp(s, out=s)  # P
                 band.mask_(s, r0, r1, c0, c1, a, z, np.float32(0))
-                np.matmul(doc, vt[bi, h, :, c0:c1], out=dp)  # dP
+                np.matmul(doc, vh[c0:c1].T, out=dp)  # dP
                 kd = tls.kd[: n * dv].reshape(n, dv)
                 np.matmul(s.T, doc, out=kd)
                 dv_[c0:c1] += kd
                 np.subtract(dp, dl, out=dp)
                 np.multiply(dp, s, out=dp)  # dS
-                np.matmul(dp, kh[bi, h, c0:c1], out=qd)
-                dq += qd
+                np.matmul(dp, kh[c0:c1], out=qd)
+                acc += qd
                 kd = tls.kd[: n * d].reshape(n, d)
                 np.matmul(dp.T, qc, out=kd)  # qc carries the scale
                 dk_[c0:c1] += kd
-            dq *= scale
+            dst = dq[bi, r0 // g : r1 // g, h * g : (h + 1) * g]  # (positions, g, D) view
+            np.multiply(acc.reshape(dst.shape), scale, out=dst)
 
     items = [(bi, h, j) for bi in range(b) for h in range(hkv) for j in range(parts)]
     _run(item, items, b * hq * sq * sk)
     for (bi, h, _j), (dk_, dv_) in own.items():  # insertion order: part 0, 1, ... per head
-        dk[bi, h] += dk_
-        dvh[bi, h] += dv_
-    dq = _heads_last(dqh, g)
-    return dq, np.ascontiguousarray(dk.transpose(0, 2, 1, 3)), np.ascontiguousarray(dvh.transpose(0, 2, 1, 3))
+        dk[bi, :, h] += dk_
+        dvv[bi, :, h] += dv_
+    return dq, dk, dvv
 
 
 # -- JAX on the CPU: the same threaded path, called from XLA -----------------------------------
