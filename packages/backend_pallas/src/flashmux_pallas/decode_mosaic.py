@@ -105,8 +105,9 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
     (B, S_max, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table
     (B, max_pages) int32, lens (B,) int32 keys per sequence (clamped here to the capacity; page
     ids to the pool, table positions to max_pages). Returns
-    (o, lse): (B, Hkv, 64, D) in q's dtype and (B, Hkv, 64) with one split, float32 partials
-    with a leading split axis otherwise. interpret: an InterpretGPUParams (Mosaic GPU's
+    (o, lse): (B, Hkv, RO, D) in q's dtype and (B, Hkv, RO) with one split, float32 partials
+    with a leading split axis otherwise; RO = the real rows rounded up to 8 (the padding rows
+    are never written: at G = 4 the partials are 8x smaller than the 64-row tiles). interpret: an InterpretGPUParams (Mosaic GPU's
     interpreter on the CPU, tests): the layout hints, which it does not take, become plain ops."""
     import jax.numpy as jnp
     from jax import lax
@@ -132,6 +133,10 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
     G, Sq = st.group, st.seqlen_q
     split = ns > 1
     NC = st.consumers
+    RO = min(BM, -(-st.rows // 8) * 8)  # rows written out (real rows, whole 8-row tiles)
+
+    def rows_of(ref):
+        return ref if RO == BM else ref.at[pl.ds(0, RO)]
     if interpret is None:
         layout_cast, iota = plgpu.layout_cast, plgpu.broadcasted_iota
 
@@ -256,13 +261,13 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
             if split:
                 o_smem[...] = o32
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[sp, b, h])
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[sp, b, h])
+                plgpu.copy_smem_to_gmem(rows_of(o_smem), o_ref.at[sp, b, h])
+                plgpu.copy_smem_to_gmem(rows_of(lse_smem), lse_ref.at[sp, b, h])
             else:
                 q_smem[...] = o32.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h])
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h])
+                plgpu.copy_smem_to_gmem(rows_of(q_smem), o_ref.at[b, h])
+                plgpu.copy_smem_to_gmem(rows_of(lse_smem), lse_ref.at[b, h])
             plgpu.wait_smem_to_gmem(0)
 
         for cid in range(NC):
@@ -331,11 +336,11 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
         )
 
     if split:
-        out_type = (out_struct((ns, B, Hkv, BM, D), jnp.float32, qp),
-                    out_struct((ns, B, Hkv, BM), jnp.float32, qp))
+        out_type = (out_struct((ns, B, Hkv, RO, D), jnp.float32, qp),
+                    out_struct((ns, B, Hkv, RO), jnp.float32, qp))
     else:
-        out_type = (out_struct((B, Hkv, BM, D), dtype, qp),
-                    out_struct((B, Hkv, BM), jnp.float32, qp))
+        out_type = (out_struct((B, Hkv, RO, D), dtype, qp),
+                    out_struct((B, Hkv, RO), jnp.float32, qp))
     kw = {} if interpret is None else {"interpret": interpret}
     return plgpu.kernel(
         entry,
