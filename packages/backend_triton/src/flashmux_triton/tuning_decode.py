@@ -150,6 +150,11 @@ CANDIDATES = (
     DecodeConfig(128, 4, 2, 1.0, fused_merge=0, off32=1, pdl=1),
     DecodeConfig(128, 4, 3, 2.0, fused_merge=0, off32=1, pdl=1),
     DecodeConfig(64, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1),
+    # c41-c42: c32 with an L2 prefetch of each split's first 2 / 1 key blocks issued before
+    # griddepcontrol.wait (under PDL it overlaps the previous kernel's tail; without PDL it
+    # lost, c19)
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, l2_prefetch=2),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, l2_prefetch=1),
 )
 
 
