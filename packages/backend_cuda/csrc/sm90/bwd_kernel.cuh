@@ -81,6 +81,11 @@ struct BwdTraits {
   // dS as the A operand of dQ = dS K: (query rows, keys, buffer), query rows contiguous.
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                               Shape<Int<kBM>, Int<kBN>, _2>{}));
+  // The same storage as (keys, query rows, buffer): the S^T / dP^T accumulator's coordinates,
+  // query rows contiguous, so the accumulator leaves with plain stmatrix (8 rows of 16 bytes).
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_layout(Shape<Int<kBN>, Int<kBM>, _2>{},
+                                  Stride<Int<kBM>, _1, Int<kBM * kBN>>{})));
 
   // kLocalDQ: (rows, 64 keys, warpgroup, buffer) and K^T of one warpgroup's 64 keys (its half of
   // sK is contiguous when kD == 64), and a one-warpgroup dQ MMA over K = 64 keys.
@@ -240,6 +245,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
   Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
   Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdSt{});
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
@@ -400,9 +406,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           S_rc(r, c) = pr;
         }
       }
+      // P^T in the input type, the A operand of dV += P^T dO. kEarlyDV: now (dV runs under the
+      // dS arithmetic). Else after dS^T is converted (session 9): P^T's 16-bit copy (BM / 4
+      // registers) is not live during the dS arithmetic, where fp32 S^T and dP^T (BM / 2 each)
+      // peak; at hd64 (BM 128) that peak spilled and made ptxas serialize the wgmmas (C7512).
+      auto convert_p = [&]() __attribute__((always_inline)) {
 #pragma unroll
-      for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
-      warpgroup_fence_operand(rP);
+        for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<T>(tSrS(e));
+        warpgroup_fence_operand(rP);
+      };
+      if constexpr (Tr::kEarlyDV) convert_p();
 
       // dV += P^T dO: issued now (kEarlyDV) so that it runs under the dS arithmetic, or after
       // it (fewer live registers).
@@ -433,7 +446,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < size(tdPrdP); ++e) rdS(e) = static_cast<T>(tdPrdP(e));
       warpgroup_fence_operand(rdS);
-      if constexpr (!Tr::kEarlyDV) issue_dv();
+      if constexpr (!Tr::kEarlyDV) {
+        convert_p();
+        issue_dv();
+      }
 
       // dK += dS^T Q: before the dS stores (kEarlyDV: they run under it) or after them.
       auto issue_dk = [&]() __attribute__((always_inline)) {
@@ -505,14 +521,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
       // dS^T -> shared memory as dS (query rows contiguous): columns c, c+1 of the fragment are
       // adjacent query rows, so each pair is one 4-byte store.
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int c = 0; c < kCols; c += 2) {
-          const int key = get<0>(C_rc(r, c)), q = get<1>(C_rc(r, c));
-          T pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
-          *reinterpret_cast<uint32_t *>(&sdS(q, key, buf)) = *reinterpret_cast<uint32_t *>(pair);
-        }
+      // With stmatrix (session 9; 8 STSM.x4 per thread at hd64): the element-wise 4-byte stores
+      // this replaces kept ~64 hoisted swizzled addresses live across the loop, so ptxas
+      // serialized every wgmma of the hd64 kernel (C7512: a wait after each HGMMA) and spilled
+      // 88 B (hd128 28 B); with it 16 B / 0 B and no serialization (NOTES.md, session 9).
+      {
+        auto r2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_sdp);
+        auto r2s_thr = r2s.get_thread_slice(tid);
+        Tensor tdSsdS = r2s_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+        Tensor tdSrdS_s = r2s_thr.retile_S(rdS);
+        copy(r2s, tdSrdS_s, tdSsdS(_, _, _, buf));
+      }
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> wgmma reads
       if constexpr (!Tr::kEarlyDV) issue_dk();
 
