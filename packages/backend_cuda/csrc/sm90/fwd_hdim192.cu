@@ -2,8 +2,6 @@
 // Default: the overlapped loop (ping-pong + intra-warpgroup) with 96-key blocks, 2 stages (Q 48 KB
 // + K/V 144 KB of smem; ptxas 44 B of spills): measured 1.41-1.58x the sequential loop with
 // 112-key blocks (216 KB, 0 spills; the 112-key overlapped loop spills 156 B). NOTES.md, session 8.
-#include <cstdlib>
-
 #include "fwd_kernel.cuh"
 
 // Tile configuration, overridable at build time (-DFMX_SM90_FWD192_BN=...) for sweeps.
@@ -19,32 +17,14 @@
 #ifndef FMX_SM90_FWD192_PINGPONG  // turns between the consumer warpgroups (FwdTraits::kPingPong)
 #define FMX_SM90_FWD192_PINGPONG 1
 #endif
-// bf16 variants picked by $FMX_TUNE_SM90 in tuning builds (-DFMX_SM90_TUNING) or with
-// -DFMX_SM90_WIDE_VARIANTS=1 (session 8 compared them in the normal build: NOTES.md).
-#ifndef FMX_SM90_WIDE_VARIANTS
-#define FMX_SM90_WIDE_VARIANTS 0
-#endif
 
 namespace fmx {
 namespace sm90 {
-template <typename T>
-using Fwd192 = FwdTraits<192, FMX_SM90_FWD192_BN, FMX_SM90_FWD192_STAGES, T,
-                         (FMX_SM90_FWD192_OVERLAP != 0), (FMX_SM90_FWD192_PINGPONG != 0)>;
-static_assert(Fwd192<cutlass::bfloat16_t>::kSmemBytes <= 227 * 1024, "over the 227 KB of smem");
-
+// run_fwd_wide (fwd_kernel.cuh): both dtypes; tuning builds add the 112-key sequential variants.
 template <>
 int run_fwd<192>(const Params &p, int dtype, cudaStream_t stream) {
-#if FMX_SM90_WIDE_VARIANTS || defined(FMX_SM90_TUNING)
-  const char *tune = std::getenv("FMX_TUNE_SM90");
-  if (dtype == 1 && tune != nullptr) {
-    if (tune[0] == '1')  // sequential loop with ping-pong between the warpgroups, 112 keys
-      return launch_fwd<FwdTraits<192, 112, 2, cutlass::bfloat16_t, false, true>>(p, stream);
-    if (tune[0] == '2')  // the sequential loop, 112 keys (session 8's first default)
-      return launch_fwd<FwdTraits<192, 112, 2, cutlass::bfloat16_t, false, false>>(p, stream);
-  }
-#endif
-  if (dtype == 0) return launch_fwd<Fwd192<cutlass::half_t>>(p, stream);
-  return launch_fwd<Fwd192<cutlass::bfloat16_t>>(p, stream);
+  return run_fwd_wide<192, FMX_SM90_FWD192_BN, FMX_SM90_FWD192_STAGES, (FMX_SM90_FWD192_OVERLAP != 0),
+                      (FMX_SM90_FWD192_PINGPONG != 0), 112>(p, dtype, stream);
 }
 }  // namespace sm90
 }  // namespace fmx

@@ -16,6 +16,7 @@
 // instantiation of max(D, Dv): V's TMA tensor has Dv columns (the rest of the box reads zeros,
 // so O's extra columns are 0) and the epilogue stores Dv columns.
 #pragma once
+#include <cstdlib>
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -472,6 +473,32 @@ int launch_fwd(const Params &p, cudaStream_t stream) {
   dim3 grid(ceil_div(p.seqlen_q, Tr::kBM), p.hq, p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(kp);
   return cudaGetLastError();
+}
+
+// The head_dim 192 and 256 forward units (fwd_hdim192.cu, fwd_hdim256.cu: separate units so
+// that the build runs them in parallel) share this body: the default tile (BN keys, Stages, the
+// overlapped loop and ping-pong flags, each overridable per unit at build time) for both dtypes
+// and, in tuning builds (-DFMX_SM90_TUNING or -DFMX_SM90_WIDE_VARIANTS=1), the bf16 sequential
+// loop with VBN-key blocks: $FMX_TUNE_SM90 = 1 with ping-pong, 2 without (session 8's variants).
+#ifndef FMX_SM90_WIDE_VARIANTS
+#define FMX_SM90_WIDE_VARIANTS 0
+#endif
+template <int D, int BN, int Stages, bool Overlap, bool PingPong, int VBN>
+int run_fwd_wide(const Params &p, int dtype, cudaStream_t stream) {
+  using Bf16 = FwdTraits<D, BN, Stages, cutlass::bfloat16_t, Overlap, PingPong>;
+  static_assert(Bf16::kSmemBytes <= 227 * 1024, "over the 227 KB of smem");
+#if FMX_SM90_WIDE_VARIANTS || defined(FMX_SM90_TUNING)
+  const char *tune = std::getenv("FMX_TUNE_SM90");
+  if (dtype == 1 && tune != nullptr) {
+    if (tune[0] == '1')
+      return launch_fwd<FwdTraits<D, VBN, 2, cutlass::bfloat16_t, false, true>>(p, stream);
+    if (tune[0] == '2')
+      return launch_fwd<FwdTraits<D, VBN, 2, cutlass::bfloat16_t, false, false>>(p, stream);
+  }
+#endif
+  if (dtype == 0)
+    return launch_fwd<FwdTraits<D, BN, Stages, cutlass::half_t, Overlap, PingPong>>(p, stream);
+  return launch_fwd<Bf16>(p, stream);
 }
 
 }  // namespace sm90
