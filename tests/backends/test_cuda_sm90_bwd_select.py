@@ -70,7 +70,6 @@ def test_backward_rule_matches_the_c_side():
     api = (src / "sm90" / "sm90_api.h").read_text()
     assert "return f <= 128 && (d <= 64 || d > 96) ? f : 0;" in api  # bwd_head_dim: 64, 128
     assert 'if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";' in api  # max(D, Dv)
-    assert 'if (p.d_v != p.d) return "head_dim_v";' in api  # Dv != D: the sm80 backward
     assert 'if (p.deterministic) return "deterministic";' in api
     assert "if (const char *why = fwd_unsupported(p)) return why;" in api
     top = (src / "flashmux_cuda_api.cu").read_text()

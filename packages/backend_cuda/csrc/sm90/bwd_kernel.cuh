@@ -18,7 +18,8 @@
 //   dK, dV stay in registers across the whole walk (GQA sums over the group without atomics),
 //   stored once at the end.
 // Masks (causal bottom-right, windows, key tails) use common/fmx_device.cuh; Q/dO/K/V tails and
-// head dims below the instantiation are zero-filled by TMA; query rows past the end have
+// head dims below the instantiation are zero-filled by TMA (Dv != D: dO and V have Dv columns,
+// Q and K D columns, the kernel max(D, Dv); dV is stored with Dv columns); query rows past the end have
 // lse2 = +inf and dsum = 0 in the padded rows, so their P and dS are 0.
 #pragma once
 #include <cuda_runtime.h>
@@ -282,9 +283,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     if (threadIdx.x == 0 && num_steps > 0) {
       Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
-      Tensor mdO = kp.tma_do.get_tma_tensor(make_shape(p.seqlen_q, p.d, p.hq, p.batch));
+      Tensor mdO = kp.tma_do.get_tma_tensor(make_shape(p.seqlen_q, p.d_v, p.hq, p.batch));
       Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
-      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.seqlen_k, p.d, p.hkv, p.batch));
+      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.seqlen_k, p.d_v, p.hkv, p.batch));
       auto cq = kp.tma_q.get_slice(_0{});
       auto cdo = kp.tma_do.get_slice(_0{});
       auto ck = kp.tma_k.get_slice(_0{});
@@ -617,8 +618,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int col = get<1>(cKV_rc(r, c));
           if (col < p.d) {
             T kp2[2] = {static_cast<T>(dK_rc(r, c)), static_cast<T>(dK_rc(r, c + 1))};
-            T vp2[2] = {static_cast<T>(dV_rc(r, c)), static_cast<T>(dV_rc(r, c + 1))};
             *reinterpret_cast<uint32_t *>(krow + col) = *reinterpret_cast<uint32_t *>(kp2);
+          }
+          if (col < p.d_v) {  // dV: Dv columns
+            T vp2[2] = {static_cast<T>(dV_rc(r, c)), static_cast<T>(dV_rc(r, c + 1))};
             *reinterpret_cast<uint32_t *>(vrow + col) = *reinterpret_cast<uint32_t *>(vp2);
           }
         }
@@ -641,13 +644,16 @@ int launch_bwd(const Params &p, const float *lse2, const float *dsum, int sq_pad
   kp.sq_pad = sq_pad;
   auto sq = make_shape(p.seqlen_q, p.d, p.hq, p.batch);
   auto sk = make_shape(p.seqlen_k, p.d, p.hkv, p.batch);
+  // dO and V have Dv columns (Dv != D: the TMA box's columns past Dv read zeros)
+  auto sqv = make_shape(p.seqlen_q, p.d_v, p.hq, p.batch);
+  auto skv = make_shape(p.seqlen_k, p.d_v, p.hkv, p.batch);
   Tensor mQ = make_tensor(make_gmem_ptr(static_cast<T const *>(p.q)), sq,
                           make_stride(p.q_rs, _1{}, p.q_hs, p.q_bs));
-  Tensor mdO = make_tensor(make_gmem_ptr(static_cast<T const *>(p.dout)), sq,
+  Tensor mdO = make_tensor(make_gmem_ptr(static_cast<T const *>(p.dout)), sqv,
                            make_stride(p.do_rs, _1{}, p.do_hs, p.do_bs));
   Tensor mK = make_tensor(make_gmem_ptr(static_cast<T const *>(p.k)), sk,
                           make_stride(p.k_rs, _1{}, p.k_hs, p.k_bs));
-  Tensor mV = make_tensor(make_gmem_ptr(static_cast<T const *>(p.v)), sk,
+  Tensor mV = make_tensor(make_gmem_ptr(static_cast<T const *>(p.v)), skv,
                           make_stride(p.v_rs, _1{}, p.v_hs, p.v_bs));
   auto sl_q = typename Tr::SmemLayoutQ{}(_, _, 0);
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, sl_q, Shape<Int<Tr::kBM>, Int<Tr::kD>>{}, _1{});

@@ -62,7 +62,6 @@ inline int bwd_head_dim(int d) {
 inline const char *bwd_unsupported(const Params &p) {
   if (const char *why = fwd_unsupported(p)) return why;
   if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";
-  if (p.d_v != p.d) return "head_dim_v";  // Dv != D: the sm80 backward (not built for sm90)
   if (p.deterministic) return "deterministic";
   const int64_t s[] = {p.do_rs, p.do_hs, p.do_bs};
   for (int64_t x : s)

@@ -13,7 +13,7 @@ explain() can say it without launching anything. Keep the two in step.
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
   run with head_dim <= 64 or 97..128, the library has it (``fmx_families()`` bit 2) and the call
-  is not deterministic and head_dim_v == head_dim (Dv != D: the sm80 backward), unless
+  is not deterministic (with Dv != D at the instantiation of max(D, Dv)), unless
   ``FLASHMUX_CUDA_BWD_FAMILY=sm80`` (the sm80 backward after the sm90 forward, for comparisons;
   the API file's ``use_sm90_bwd`` and ``sm90::bwd_unsupported``). Else sm80.
 """
@@ -114,7 +114,7 @@ def backward_family(
 ) -> tuple[str, str | None]:
     """(family, why the sm90 backward is not used or None), as the API file's use_sm90_bwd:
     the forward's conditions, then the library's sm90-backward bit, $FLASHMUX_CUDA_BWD_FAMILY
-    (`bwd_env`), deterministic mode and head_dim_v != head_dim."""
+    (`bwd_env`) and deterministic mode; Dv != D by the larger head dim."""
     fam, why = forward_family(
         cc,
         families=families,
@@ -140,8 +140,6 @@ def backward_family(
         return SM80, f"{BWD_FAMILY_ENV}=sm80"
     if deterministic:
         return SM80, "sm90 backward lacks deterministic mode"
-    if dv_differs:
-        return SM80, f"sm90 backward lacks head_dim_v != head_dim ({head_dim_v} vs {head_dim})"
     return SM90, None
 
 
