@@ -191,7 +191,8 @@ def _err(x, ref):
 
 def check_case(name, dtype, *, B=2, Sq=128, Sk=128, Hq=4, Hkv=4, D=64, causal=False, window=None,
                softcap=None, scale=None, varlen=None, dlse=False, deterministic=False, strided=False,
-               seed=0):
+               seed=0, Dv=None):
+    Dv = D if Dv is None else Dv  # v's head_dim (session 9: the C ABI takes Dv != D)
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev = "cuda"
     if varlen is not None:
@@ -201,23 +202,23 @@ def check_case(name, dtype, *, B=2, Sq=128, Sk=128, Hq=4, Hkv=4, D=64, causal=Fa
         Tq, Tk = cq_l[-1], ck_l[-1]
         max_q = max(b - a for a, b in zip(cq_l, cq_l[1:]))
         max_k = max(b - a for a, b in zip(ck_l, ck_l[1:]))
-        qs, ks = (Tq, Hq, D), (Tk, Hkv, D)
+        qs, ks, vs = (Tq, Hq, D), (Tk, Hkv, D), (Tk, Hkv, Dv)
     else:
         cu_q = cu_k = None
         max_q = max_k = None
-        qs, ks = (B, Sq, Hq, D), (B, Sk, Hkv, D)
+        qs, ks, vs = (B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv)
 
     def rnd(shape):
         return torch.randn(shape, generator=g).to(dtype).to(dev)
 
-    if strided and varlen is None:  # q, k, v as views into one packed buffer
+    if strided and varlen is None and Dv == D:  # q, k, v as views into one packed buffer
         buf = torch.randn((B, max(Sq, Sk), 3, Hq, D), generator=g).to(dtype).to(dev)
         q = buf[:, :Sq, 0]
         k = buf[:, :Sk, 1, :Hkv]
         v = buf[:, :Sk, 2, :Hkv]
     else:
-        q, k, v = rnd(qs), rnd(ks), rnd(ks)
-    do = rnd(q.shape)
+        q, k, v = rnd(qs), rnd(ks), rnd(vs)
+    do = rnd(q.shape[:-1] + (Dv,))
     sc = 1.0 / math.sqrt(D) if scale is None else scale
     kw = dict(causal=causal, window=window, softcap=softcap, scale=sc)
     out, lse = fmx_forward(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, **kw)
@@ -264,11 +265,12 @@ def check_case(name, dtype, *, B=2, Sq=128, Sk=128, Hq=4, Hkv=4, D=64, causal=Fa
 
 def _kw(c):
     """A flashmux.testing.gpu_cases case as check_case's keywords; None where the C ABI has no such
-    call (dropout and head_dim_v != head_dim are declined by the backend's capabilities)."""
-    if c.dropout_p or c.head_dim_v not in (None, c.head_dim):
+    call (dropout is declined by the backend's capabilities; head_dim_v != head_dim runs since
+    session 9)."""
+    if c.dropout_p:
         return None
     kw = dict(Hq=c.heads_q, Hkv=c.heads_kv, D=c.head_dim, causal=c.causal, window=c.window,
-              softcap=c.softcap, scale=c.scale, dlse=c.lse_grad)
+              softcap=c.softcap, scale=c.scale, dlse=c.lse_grad, Dv=c.head_dim_v)
     if c.seqlens is not None:
         cq, ck = [0], [0]
         for lq, lk in c.seqlens:
