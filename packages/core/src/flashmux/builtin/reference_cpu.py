@@ -40,7 +40,7 @@ from ..spec import Params
 ROWS = 256  # heads-first query rows per block (a multiple of the GQA group size)
 KEYS = 1024  # keys per score block (forward)
 BWD_KEYS = 512  # keys per score block (backward: two blocks live at a time)
-SERIAL_BELOW = 1 << 20  # score elements (B*Hq*Sq*Sk) under which the caller's thread does it all
+SERIAL_BELOW = 1 << 18  # score elements (B*Hq*Sq*Sk) under which one worker does all items
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -132,13 +132,25 @@ if hasattr(os, "register_at_fork"):
 
 
 def _run(fn, items, work: int):
-    """fn(item) for every item: on the pool, or in this thread for small work / one thread."""
-    n = threads()
-    if n == 1 or work < SERIAL_BELOW or len(items) == 1:
+    """fn(item) for every item on the pool's one-BLAS-thread workers; small work (or one item)
+    in a single worker, so that the caller's thread's BLAS setting is never touched; in the
+    caller's thread only where the BLAS thread count cannot be set per thread."""
+    if not _blas_local:
+        threads()  # finds the symbol on first use
+    if not _blas_local:
         for it in items:
             fn(it)
         return
-    for f in [_get_pool(n).submit(fn, it) for it in items]:
+    n = threads()
+    pool = _get_pool(max(n, 1))
+    if n == 1 or work < SERIAL_BELOW or len(items) == 1:
+        def all_items():
+            for it in items:
+                fn(it)
+
+        pool.submit(all_items).result()
+        return
+    for f in [pool.submit(fn, it) for it in items]:
         f.result()  # re-raises a worker's exception
 
 
