@@ -3,6 +3,7 @@ padded route and SDPA (issue 12, session 9).
 
   python dv_bench.py LIB            # bf16, D/Dv 192/128 and 128/64, S 4096, causal and not
   FMX_DV_DIMS=192:128 FMX_DV_SEQS=4096,8192 python dv_bench.py LIB
+  compute-sanitizer --tool memcheck python dv_bench.py LIB sanitize   # small calls, both families
 
 Routes, per (D, Dv, causal, S), B*S = 16384 tokens, 16 heads:
   dv    fmx_attn_fwd/bwd with v (.., Dv): the kernels of max(D, Dv), the smaller head dim
@@ -147,8 +148,36 @@ def main():
                       f"{diff:.3g}; time ratios (>1: dv faster) {ratios}", flush=True)
 
 
+def sanitize():
+    """Small Dv != D forward + backward calls of both families (under compute-sanitizer: the
+    zero-filled V / dO columns and the Dv-bounded O / dV stores), tails and GQA; no timing."""
+    dt = torch.bfloat16
+    cases = [(192, 128, 1, 130, 200, 4, 2, True), (128, 64, 2, 77, 150, 2, 1, False),
+             (64, 128, 1, 100, 64, 2, 2, True), (64, 32, 1, 70, 129, 4, 2, False)]
+    for fam in ("sm90", "sm80"):
+        if fam == "sm80":
+            os.environ["FLASHMUX_CUDA_FAMILY"] = "sm80"
+        else:
+            os.environ.pop("FLASHMUX_CUDA_FAMILY", None)
+        for D, Dv, B, Sq, Sk, Hq, Hkv, causal in cases:
+            g = torch.Generator(device="cpu").manual_seed(D + Dv)
+            mk = lambda *s: torch.randn(s, generator=g).to(dt).cuda()  # noqa: E731
+            q, k, v, do = mk(B, Sq, Hq, D), mk(B, Sk, Hkv, D), mk(B, Sk, Hkv, Dv), mk(B, Sq, Hq, Dv)
+            o, lse = kc.fmx_forward(q, k, v, causal=causal, scale=1.0 / math.sqrt(D))
+            dq, dk, dv = kc.fmx_backward(do, q, k, v, o, lse, causal=causal,
+                                         scale=1.0 / math.sqrt(D))
+            torch.cuda.synchronize()
+            finite = all(bool(torch.isfinite(t).all()) for t in (o, dq, dk, dv))
+            print(f"sanitize {fam} D {D} Dv {Dv} B {B} Sq {Sq} Sk {Sk} Hq {Hq} Hkv {Hkv} "
+                  f"causal {int(causal)}: {'ok' if finite else 'NON-FINITE'}", flush=True)
+    os.environ.pop("FLASHMUX_CUDA_FAMILY", None)
+
+
 if __name__ == "__main__":
     kc.load(sys.argv[1])
     t0 = time.time()
-    main()
+    if sys.argv[2:] == ["sanitize"]:
+        sanitize()
+    else:
+        main()
     print(f"[dv_bench took {time.time() - t0:.1f}s]", flush=True)
