@@ -22,6 +22,7 @@
 // Q and K D columns, the kernel max(D, Dv); dV is stored with Dv columns); query rows past the end have
 // lse2 = +inf and dsum = 0 in the padded rows, so their P and dS are 0.
 #pragma once
+#include <climits>
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -395,16 +396,38 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // P^T = exp2(S^T * sl2 - lse2) on allowed (key, row) pairs, 0 elsewhere.
       warpgroup_wait<1>();
       warpgroup_fence_operand(tSrS);
-      const bool masked = tile_needs_mask(p, si, m0, kBM, n0, kBN);
+      // Interior tiles run the plain loop; boundary tiles (causal / window edge, key tail) the
+      // masked one, whose bounds are per key row (this thread's two): query row i is allowed
+      // for key j iff j < sk and j - off - right <= i <= j - off + left (compares, no branches).
+      if (!tile_needs_mask(p, si, m0, kBM, n0, kBN)) {
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const int q = get<1>(C_rc(0, c));
-        const float l2 = ss.lse[stage][q];
+        for (int c = 0; c < kCols; ++c) {
+          const float l2 = ss.lse[stage][get<1>(C_rc(0, c))];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) S_rc(r, c) = fast_exp2(fmaf(S_rc(r, c), sl2, -l2));
+        }
+      } else {
+        int lo[kRows], hi[kRows];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          float pr = fast_exp2(fmaf(S_rc(r, c), sl2, -l2));
-          if (masked && !key_allowed(p, si, m0 + q, n0 + get<0>(C_rc(r, c)))) pr = 0.f;
-          S_rc(r, c) = pr;
+          const int j = n0 + get<0>(C_rc(r, 0));
+          // 64-bit: the window bounds may be INT32_MAX (unbounded sides come as -1)
+          const int64_t jo = (int64_t)j - si.off - m0;
+          lo[r] = p.window_right >= 0 ? (int)max(jo - p.window_right, (int64_t)(INT_MIN / 2))
+                                      : INT_MIN / 2;
+          hi[r] = p.window_left >= 0 ? (int)min(jo + p.window_left, (int64_t)(INT_MAX / 2))
+                                     : INT_MAX / 2;
+          if (j >= si.sk) hi[r] = INT_MIN / 2;  // key past the end: no row
+        }
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const int q = get<1>(C_rc(0, c));
+          const float l2 = ss.lse[stage][q];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            const float pr = fast_exp2(fmaf(S_rc(r, c), sl2, -l2));
+            S_rc(r, c) = (q >= lo[r] && q <= hi[r]) ? pr : 0.f;
+          }
         }
       }
       // P^T in the input type, the A operand of dV += P^T dO. kEarlyDV: now (dV runs under the
