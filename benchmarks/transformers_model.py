@@ -18,7 +18,9 @@ and, to isolate the attention call, the same three on one layer's q/k/v tensors 
 
 Options: --layers N (default 4), --backend NAME (force a flashmux backend), --iters N,
 --interleave (the model rows timed in turn, one call each per round, medians: drift falls on
-every row alike; all models of a head_dim stay in memory),
+every row alike; all models of a head_dim stay in memory; adds `sdpa_again`, the sdpa model timed
+a second time per round, and prints each row's per-round sdpa/row ratios as median [p10, p90]:
+the noise floor the bar is read against),
 --gqa KERNELS: also time `fmx_kv`, the integration with $FLASHMUX_NATIVE_GQA=KERNELS (the native
 backend's GPU kernels listed get the KV heads unrepeated), for A/B runs;
 --variant "NAME:VAR=VALUE;VAR=VALUE" (repeatable): also time the integration as row NAME with
@@ -167,7 +169,10 @@ def bench_model(args, device, dtype, head_dim, batch, seq):
             out = model.model(ids, attention_mask=mask, use_cache=False)
             out.last_hidden_state.float().square().mean().backward()
 
-        for name, env in [(impl, None)] + (list(extra.items()) if impl == "fmx" else []):
+        rows_here = [(impl, None)] + (list(extra.items()) if impl == "fmx" else [])
+        if args.interleave and impl == "sdpa":  # the noise floor: sdpa against itself
+            rows_here.append(("sdpa_again", None))
+        for name, env in rows_here:
             if args.interleave:
                 pending.append((name, env, fwd, fwd_bwd, model))
             else:
@@ -205,12 +210,25 @@ def _time_interleaved(what, head_dim, pending, args, device):
                 with _env(env):
                     times[name][phase].append(timer(fns[phase], 1, device, warmup=0))
     rows = []
+    base = times.get("sdpa")
     for name, *_ in live:
         f, fb = (statistics.median(t) for t in times[name])
+        spread = ""
+        if base is not None and name != "sdpa":  # paired per-round ratios sdpa / row
+            spread = ", per-round sdpa/row " + "; ".join(
+                f"{label} {_quantiles([b / x for b, x in zip(base[phase], times[name][phase])])}"
+                for phase, label in ((0, "fwd"), (1, "fwd+bwd")))
         print(f"  {what} {name:12} D={head_dim}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms "
-              f"(interleaved)", flush=True)
+              f"(interleaved){spread}", flush=True)
         rows.append((name, head_dim, f, fb))
     return rows
+
+
+def _quantiles(ratios):
+    """'median [p10, p90]' of paired ratios (the spread the bar is read against)."""
+    r = sorted(ratios)
+    pick = lambda q: r[min(len(r) - 1, max(0, round(q * (len(r) - 1))))]  # noqa: E731
+    return f"{statistics.median(r):.3f} [{pick(0.1):.3f}, {pick(0.9):.3f}]"
 
 
 def bench_attention(args, device, dtype, head_dim, batch, seq):
