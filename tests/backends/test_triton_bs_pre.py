@@ -74,3 +74,12 @@ def test_preloaded_walk_vs_float64(case, monkeypatch):
         err = float(np.abs(got.detach().double().numpy() - r).max())
         bound = 2 * float(np.abs(p.detach().double().numpy() - r).max()) + 1e-5
         assert err <= bound, f"{case} {name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def test_pre_env_names_kernels(monkeypatch):
+    from flashmux_triton import _launch_bs as LB
+
+    for env, want in (("1", (True, True, True)), ("0", (False, False, False)),
+                      ("dq,dkdv", (False, True, True)), ("fwd", (True, False, False))):
+        monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", env)
+        assert tuple(LB._pre(w) for w in ("fwd", "dq", "dkdv")) == want, env

@@ -124,6 +124,7 @@ def _launch(pb, which, mbs, run):
 # sm90+, 16-bit, head_dim 128, by the preloaded walk (PRE on/off) and kernel. Empty until an
 # H200 measurement picks them (NOTES.md, block-sparse session 9).
 _BS_SM90_D128: dict = {}
+_PRE_DEFAULT = "0"  # FLASHMUX_TRITON_BS_PRE's default
 
 
 def _bs_default(pb, which):
@@ -132,7 +133,7 @@ def _bs_default(pb, which):
         return None
     if pb.d != 128 or pb.dv != 128:
         return None
-    return _BS_SM90_D128.get((_pre(), which))
+    return _BS_SM90_D128.get((_pre(which.replace("bwd_", "")), which))
 
 
 def _check_full(pb, mbs):
@@ -173,7 +174,7 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
 
 def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi,
          tma=None):
-    pre = _pre() and not _merged()
+    pre = _pre("fwd") and not _merged()
     KB.bs_fwd[grid](
         q, k, v, out, lse, out if res is None else res, slopes,
         a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
@@ -189,13 +190,17 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
     )
 
 
-def _pre():
-    """FLASHMUX_TRITON_BS_PRE=1: the forward (and the dQ and dK/dV kernels, over their lists)
-    loads its lists' counts and first entries before Q and carries each walk's next entry
-    (`_kernels_bs._bs_pre`): the sm_90 SASS of the default
+def _pre(which="fwd"):
+    """Whether kernel `which` ("fwd", "dq", "dkdv") walks its lists preloaded
+    (`_kernels_bs._bs_pre`): FLASHMUX_TRITON_BS_PRE = 1 (all three), 0 (none), or a comma list
+    of kernels. The forward (and the dQ and dK/dV kernels, over their lists) then loads the
+    lists' counts and first entries before Q and carries each walk's next entry: the sm_90 SASS of the default
     showed ~3 dependent round trips before the first tile (Q, list index, K/V) and ~4 between
     the full and the partial walk (partial count, index, tile id, K/V + bitmask)."""
-    return os.environ.get("FLASHMUX_TRITON_BS_PRE", "0") == "1"
+    env = os.environ.get("FLASHMUX_TRITON_BS_PRE", _PRE_DEFAULT)
+    if env in ("0", "1"):
+        return env == "1"
+    return which in env.split(",")
 
 
 def _ptid(a):
@@ -264,17 +269,18 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     )
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
-    pre = _pre() and not _merged()  # dQ's and dK/dV's walks as the forward's
+    pre_dq = _pre("dq") and not _merged()  # dQ's and dK/dV's walks as the forward's
+    pre_kv = _pre("dkdv") and not _merged()
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
             q, k, v, do, lse, delta, dk, dv, slopes,
             a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
-            _ptid_kv(a) if pre else a["kpi"], *_descs(tma, q, do, bm_),
+            _ptid_kv(a) if pre_kv else a["kpi"], *_descs(tma, q, do, bm_),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_kv,
             **_opts(cfg),
         )
 
@@ -282,11 +288,11 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
         KB.bs_bwd_dq[(triton.cdiv(pb.seqlen_q, bm_), pb.hq, pb.batch)](
             q, k, v, do, lse, delta, dq, slopes,
             a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
-            _ptid(a) if pre else a["qpi"], *_descs(tma, k, v, bn),
+            _ptid(a) if pre_dq else a["qpi"], *_descs(tma, k, v, bn),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
-            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre,
+            BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_dq,
             **_opts(cfg),
         )
 
