@@ -29,14 +29,17 @@ from flashmux import masks as M  # noqa: E402
 from flashmux.reference import reference_backward, reference_forward  # noqa: E402
 
 VARIANTS = {
-    "fwd64x64s3": {"FLASHMUX_TRITON_BS_FWD": "64,64,4,3"},
+    # session 9, call A (20:55): each passed; the candidates of call B below
     "fwd128x64r128": {"FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128"},
-    "fwd128x32r128": {"FLASHMUX_TRITON_BS_FWD": "128,32,8,3,128"},
     "bwd2sm": {"FLASHMUX_TRITON_BS_BWD_DQ": "128,32,8,3,128", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,3"},
-    "ws": {"FLASHMUX_TRITON_BS_WS": "1"},
-    "pre128x128s2": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,128,8,2"},
     "pre128x64s3": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,64,8,3"},
-    "pre128x32s4r128": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,32,8,4,128"},
+    "ws": {"FLASHMUX_TRITON_BS_WS": "1"},
+    # call B (21:40): the forward at two programs per SM, the backward preloaded
+    "f2sm_prebwd": {"FLASHMUX_TRITON_BS_PRE": "dq,dkdv", "FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128"},
+    "pre_all_2sm": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128",
+                    "FLASHMUX_TRITON_BS_BWD_DQ": "128,32,8,2,128",
+                    "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
+    "pre_f64": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "64,64,4,2"},
 }
 
 
