@@ -40,6 +40,9 @@ VARIANTS = {
                     "FLASHMUX_TRITON_BS_BWD_DQ": "128,32,8,2,128",
                     "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
     "pre_f64": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "64,64,4,2"},
+    "f4sm_prebwd": {"FLASHMUX_TRITON_BS_PRE": "dq,dkdv", "FLASHMUX_TRITON_BS_FWD": "64,32,4,2"},
+    "pre_bwd3": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128",
+                 "FLASHMUX_TRITON_BS_BWD_DQ": "64,32,4,2", "FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,2"},
 }
 
 
