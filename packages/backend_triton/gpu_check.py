@@ -233,7 +233,8 @@ def sweep_dims() -> list[int]:
 def sweep():
     """FMX_SWEEP_KERNELS (default fwd,bwd_dkdv,bwd_dq; bwd_dv,bwd_dk: the split backward's
     programs, timed with FLASHMUX_TRITON_DKDV=split; bwd_fused: the joint program with the
-    atomic dQ, timed with FLASHMUX_TRITON_BWD=fused)."""
+    atomic dQ, timed with FLASHMUX_TRITON_BWD=fused). FMX_SWEEP_CFG_<kernel> (e.g.
+    FMX_SWEEP_CFG_bwd_dkdv=64x128x8x3,32x128x8x3) replaces a kernel's candidate list."""
     variant = "split"
     cap = torch.cuda.get_device_capability()
     kernels = os.environ.get("FMX_SWEEP_KERNELS", "fwd,bwd_dkdv,bwd_dq").split(",")
@@ -251,6 +252,10 @@ def sweep():
             lists = tuple((w, c) for w, c in lists if w in kernels)
             bd = max(16, 1 << (D - 1).bit_length())  # the padded head dim: the tuning class
             for which, cands in lists:
+                # FMX_SWEEP_CFG_<kernel>="64x128x8x3,32x128x8x3": this list instead of the built-in
+                env_list = os.environ.get("FMX_SWEEP_CFG_" + which, "")
+                if env_list:
+                    cands = [tuple(int(x) for x in c.split("x")) for c in env_list.split(",") if c]
                 times = []
                 if which in ("bwd_dv", "bwd_dk"):
                     os.environ["FLASHMUX_TRITON_DKDV"] = variant
