@@ -83,3 +83,28 @@ def test_pre_env_names_kernels(monkeypatch):
                       ("dq,dkdv", (False, True, True)), ("fwd", (True, False, False))):
         monkeypatch.setenv("FLASHMUX_TRITON_BS_PRE", env)
         assert tuple(LB._pre(w) for w in ("fwd", "dq", "dkdv")) == want, env
+
+
+def test_defaults_only_for_the_measured_class(monkeypatch):
+    """The H200-measured block-sparse defaults (forward 128x64x8 at two programs per SM, dQ and
+    dK/dV preloaded) apply to sm90+, 16-bit, head_dim 128 only; elsewhere tuning.py's tiles and
+    no preloading (nothing else was measured)."""
+    import types
+
+    from flashmux_triton import _launch_bs as LB
+
+    monkeypatch.delenv("FLASHMUX_TRITON_BS_PRE", raising=False)
+
+    def pb(**kw):
+        base = dict(interpret=False, ieee=False, capability=(9, 0), d=128, dv=128)
+        return types.SimpleNamespace(**{**base, **kw})
+
+    h200 = pb()
+    assert [LB._pre(w, h200) for w in ("fwd", "dq", "dkdv")] == [False, True, True]
+    cfg = LB._bs_default(h200, "fwd")
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg) == (
+        128, 64, 8, 2, 128)
+    assert LB._bs_default(h200, "bwd_dq") is None and LB._bs_default(h200, "bwd_dkdv") is None
+    for other in (pb(capability=(8, 0)), pb(d=64, dv=64), pb(ieee=True), pb(interpret=True)):
+        assert not any(LB._pre(w, other) for w in ("fwd", "dq", "dkdv"))
+        assert LB._bs_default(other, "fwd") is None

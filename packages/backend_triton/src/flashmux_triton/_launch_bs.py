@@ -120,20 +120,36 @@ def _launch(pb, which, mbs, run):
                 raise
 
 
-# The block-sparse kernels' own configs where they differ from the dense kernels' (tuning.py):
-# sm90+, 16-bit, head_dim 128, by the preloaded walk (PRE on/off) and kernel. Empty until an
-# H200 measurement picks them (NOTES.md, block-sparse session 9).
-_BS_SM90_D128: dict = {}
-_PRE_DEFAULT = "0"  # FLASHMUX_TRITON_BS_PRE's default
+# The block-sparse kernels' own defaults where they differ from the dense kernels' (tuning.py),
+# for the class the H200 measured: sm90+, 16-bit, head_dim 128 (call s9a, 2026-11-30 20:55,
+# NOTES.md "Block-sparse kernels, session 9"), keyed by (preloaded walk?, kernel):
+# - the forward at 128x64, 8 warps, ptxas capped at 128 registers: two programs per SM, so one
+#   program's start and end (Q load, first K/V copies, O/lse store) hide behind the other's
+#   MMAs: forward time on every mask of the sweep down (sliding:1024 0.793 -> 0.672 ms, doc:8
+#   0.933 -> 0.776, causal 2.551 -> 2.312, prefix:8192 4.597 -> 4.320 ms);
+# - the dQ and dK/dV kernels on the preloaded walk (PRE) with tuning.py's tiles, whose pipeline
+#   then keeps 3 buffers: backward down on every mask (prefix:8192 15.9 -> 14.1 ms, causal
+#   8.49 -> 7.49, doc:8 2.98 -> 2.72, sliding:1024 2.59 -> 2.51).
+_BS_SM90_D128: dict = {
+    (False, "fwd"): _BsConfig(128, 64, 8, 2, 128),
+    # the same tiles when FLASHMUX_TRITON_BS_PRE turns the forward's preloaded walk on (97 KiB,
+    # 2 buffers; tuning.py's 128x128x8x3 would need 228 KiB preloaded, over the limit)
+    (True, "fwd"): _BsConfig(128, 64, 8, 2, 128),
+}
+_PRE_DEFAULT = "dq,dkdv"  # FLASHMUX_TRITON_BS_PRE's default for that class (else "0")
+
+
+def _measured_class(pb) -> bool:
+    """The class the defaults above were measured on: sm90+, 16-bit, head_dim 128, on a GPU."""
+    return (not pb.interpret and not pb.ieee and pb.capability is not None
+            and pb.capability >= (9, 0) and pb.d == 128 and pb.dv == 128)
 
 
 def _bs_default(pb, which):
     """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None."""
-    if pb.interpret or pb.ieee or pb.capability is None or pb.capability < (9, 0):
+    if not _measured_class(pb):
         return None
-    if pb.d != 128 or pb.dv != 128:
-        return None
-    return _BS_SM90_D128.get((_pre(which.replace("bwd_", "")), which))
+    return _BS_SM90_D128.get((_pre(which.replace("bwd_", ""), pb), which))
 
 
 def _check_full(pb, mbs):
@@ -174,7 +190,7 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
 
 def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm_, bn, mbs, alibi,
          tma=None):
-    pre = _pre("fwd") and not _merged()
+    pre = _pre("fwd", pb) and not _merged()
     KB.bs_fwd[grid](
         q, k, v, out, lse, out if res is None else res, slopes,
         a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["tile"], a["bits"],
@@ -190,14 +206,18 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
     )
 
 
-def _pre(which="fwd"):
+def _pre(which="fwd", pb=None):
     """Whether kernel `which` ("fwd", "dq", "dkdv") walks its lists preloaded
     (`_kernels_bs._bs_pre`): FLASHMUX_TRITON_BS_PRE = 1 (all three), 0 (none), or a comma list
-    of kernels. The forward (and the dQ and dK/dV kernels, over their lists) then loads the
-    lists' counts and first entries before Q and carries each walk's next entry: the sm_90 SASS of the default
-    showed ~3 dependent round trips before the first tile (Q, list index, K/V) and ~4 between
-    the full and the partial walk (partial count, index, tile id, K/V + bitmask)."""
-    env = os.environ.get("FLASHMUX_TRITON_BS_PRE", _PRE_DEFAULT)
+    of kernels; unset: _PRE_DEFAULT for the measured class (`_measured_class`), none elsewhere.
+    A preloaded kernel loads its lists' counts and first entries before its Q (K/V) tile and
+    carries each walk's next entry: the sm_90 SASS without it shows ~3 dependent round trips
+    before the first tile (Q, list index, K/V) and ~4 between the full and the partial walk
+    (partial count, index, tile id, K/V + bitmask), and only 2 K/V buffers whatever
+    num_stages says."""
+    env = os.environ.get("FLASHMUX_TRITON_BS_PRE")
+    if env is None:
+        env = _PRE_DEFAULT if pb is not None and _measured_class(pb) else "0"
     if env in ("0", "1"):
         return env == "1"
     return which in env.split(",")
@@ -269,8 +289,8 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     )
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
-    pre_dq = _pre("dq") and not _merged()  # dQ's and dK/dV's walks as the forward's
-    pre_kv = _pre("dkdv") and not _merged()
+    pre_dq = _pre("dq", pb) and not _merged()  # dQ's and dK/dV's walks as the forward's
+    pre_kv = _pre("dkdv", pb) and not _merged()
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
