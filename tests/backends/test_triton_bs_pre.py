@@ -105,6 +105,7 @@ def test_defaults_only_for_the_measured_class(monkeypatch):
     assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg) == (
         128, 64, 8, 2, 128)
     assert LB._bs_default(h200, "bwd_dq") is None and LB._bs_default(h200, "bwd_dkdv") is None
+    assert LB._bs_default(h200, "fwd", plain=False) is None  # ALiBi/softcap/dropout/window
     for other in (pb(capability=(8, 0)), pb(d=64, dv=64), pb(ieee=True), pb(interpret=True)):
         assert not any(LB._pre(w, other) for w in ("fwd", "dq", "dkdv"))
         assert LB._bs_default(other, "fwd") is None

@@ -98,7 +98,7 @@ def _opts(cfg):
     return o
 
 
-def _launch(pb, which, mbs, run):
+def _launch(pb, which, mbs, run, plain=True):
     """run(cfg, block_m, block_n) with the plain kernels' tiles for this shape class, capped at
     the mask block (kernel tiles divide it: both are powers of two); smaller tiles on
     shared-memory exhaustion. FLASHMUX_TRITON_BS_FWD / _BWD_DQ / _BWD_DKDV = "m,n,warps,stages"
@@ -108,8 +108,8 @@ def _launch(pb, which, mbs, run):
     env = os.environ.get("FLASHMUX_TRITON_BS_" + which.upper())  # "block_m,block_n,warps,stages"
     if env:  # a tile config for the block-sparse kernel only (GPU sweeps; tuning.py untouched)
         t = T.with_config(t, which, _BsConfig(*(int(x) for x in env.split(","))))
-    elif _bs_default(pb, which) is not None:
-        t = T.with_config(t, which, _bs_default(pb, which))
+    elif _bs_default(pb, which, plain) is not None:
+        t = T.with_config(t, which, _bs_default(pb, which, plain))
     while True:
         cfg = getattr(t, which)
         try:
@@ -145,9 +145,12 @@ def _measured_class(pb) -> bool:
             and pb.capability >= (9, 0) and pb.d == 128 and pb.dv == 128)
 
 
-def _bs_default(pb, which):
-    """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None."""
-    if not _measured_class(pb):
+def _bs_default(pb, which, plain=True):
+    """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None. The
+    forward's (capped at 128 registers) only for plain calls (`plain`: no ALiBi, softcap,
+    dropout, causal/window): the sm_90 compile spills 64-256 B with those at the cap, and only
+    plain calls were measured."""
+    if not _measured_class(pb) or (which == "fwd" and not plain):
         return None
     return _BS_SM90_D128.get((_pre(which.replace("bwd_", ""), pb), which))
 
@@ -184,7 +187,8 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
              alibi_slopes is not None, tma)
 
     tma = _tma(pb, k, v)
-    _with_tma(pb, tma, lambda t: _launch(pb, "fwd", mbs, lambda c, m, n: run(c, m, n, t)))
+    plain = alibi_slopes is None and not (pb.softcap or pb.dropout or pb.has_left or pb.has_right)
+    _with_tma(pb, tma, lambda t: _launch(pb, "fwd", mbs, lambda c, m, n: run(c, m, n, t), plain))
     return done
 
 
