@@ -148,8 +148,8 @@ def _measured_class(pb) -> bool:
 def _bs_default(pb, which, plain=True):
     """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None. The
     forward's (capped at 128 registers) only for plain calls (`plain`: no ALiBi, softcap,
-    dropout, causal/window): the sm_90 compile spills 64-256 B with those at the cap, and only
-    plain calls were measured."""
+    dropout, causal/window, lengths on the mask block): the sm_90 compile spills 64-256 B with
+    those at the cap, and only plain calls were measured."""
     if not _measured_class(pb) or (which == "fwd" and not plain):
         return None
     return _BS_SM90_D128.get((_pre(which.replace("bwd_", ""), pb), which))
@@ -187,7 +187,9 @@ def forward(q, k, v, params, residual, alibi_slopes, bm, dropout_seed=None):
              alibi_slopes is not None, tma)
 
     tma = _tma(pb, k, v)
-    plain = alibi_slopes is None and not (pb.softcap or pb.dropout or pb.has_left or pb.has_right)
+    # the capped 2/SM forward for what was measured: no ALiBi/softcap/dropout, no causal/window,
+    # lengths on the mask block (no bounds checks: CHECK_FULL off)
+    plain = alibi_slopes is None and not (pb.softcap or pb.dropout or _check_full(pb, mbs))
     _with_tma(pb, tma, lambda t: _launch(pb, "fwd", mbs, lambda c, m, n: run(c, m, n, t), plain))
     return done
 
