@@ -157,17 +157,16 @@ def _run(fn, items, work: int):
 # -- layout ------------------------------------------------------------------------------------
 
 
-def _heads_first(x, g, scale=None):
-    """(B, S, Hkv*g, D) -> a new contiguous float32 (B, Hkv, S*g, D) (times scale): row r*g + j
-    is query head kv*g + j. Always a copy: the caller's array is never written."""
-    b, s, h, d = x.shape
-    out = np.empty((b, h // g, s, g, d), np.float32)
-    src = x.reshape(b, s, h // g, g, d).transpose(0, 2, 1, 3, 4)
+def _rows_scaled(buf, x, bi, h, g, r0, r1, scale):
+    """Heads-first rows r0:r1 of KV head h, batch bi, of x (B, S, Hkv*g, D) as a contiguous
+    float32 (r1 - r0, D) block in buf (times scale): a copy, the caller's x is never written."""
+    src = x[bi, r0 // g : r1 // g, h * g : (h + 1) * g]  # (positions, g, D) view
+    dst = buf[: (r1 - r0) * src.shape[-1]].reshape(src.shape)
     if scale is None:
-        np.copyto(out, src)
+        np.copyto(dst, src)
     else:
-        np.multiply(src, np.float32(scale), out=out)
-    return out.reshape(b, h // g, s * g, d)
+        np.multiply(src, scale, out=dst)
+    return dst.reshape(r1 - r0, src.shape[-1])
 
 
 def _rows_hf(x, hkv, g):
@@ -242,7 +241,8 @@ def forward(q, k, v, p: Params):
     b, sq, hq, _ = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    qh = _heads_first(q, g, p.scale)  # the one copy: K and V are read in place (strided rows)
+    d = q.shape[3]
+    scale = np.float32(p.scale)
     out = np.empty((b, sq, hq, dv), np.float32)
     lse_h = np.empty((b, hkv, sq * g), np.float32)
     band = _Band(p, sq, sk, g)
@@ -252,8 +252,8 @@ def forward(q, k, v, p: Params):
         bi, h, r0, r1 = it
         m = r1 - r0
         rows = max(ROWS, g)
-        tls = _scratch(scratch, s=rows * KEYS, t=rows * dv, acc=rows * dv)
-        qc = qh[bi, h, r0:r1]
+        tls = _scratch(scratch, s=rows * KEYS, t=rows * dv, acc=rows * dv, q=rows * d)
+        qc = _rows_scaled(tls.q, q, bi, h, g, r0, r1, scale)  # K, V: read in place (strided)
         kb, vb = k[bi, :, h], v[bi, :, h]  # (Sk, D), (Sk, Dv) views
         lo, hi, a, z = band.keys(r0, r1)
         acc = tls.acc[: m * dv].reshape(m, dv)
@@ -302,8 +302,7 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    qh = _heads_first(q, g, p.scale)  # copies of q and dO; K, V, dK, dV, dQ used in place
-    doh = _heads_first(do, g)
+    # q and dO are copied (q scaled) per row block by the workers; K, V, dK, dV, dQ in place
     delta = np.einsum("bshd,bshd->bhs", do, np.asarray(out, np.float32))  # rowsum(dO * O)
     if dlse is not None:
         delta -= dlse
@@ -330,12 +329,13 @@ def backward(do, dlse, q, k, v, out, lse, p: Params):
         bi, h, j = it
         rows = max(ROWS, g)
         tls = _scratch(scratch, s=rows * kb, dp=rows * kb, kd=kb * max(d, dv), qd=rows * d,
-                       dq=rows * d)
+                       dq=rows * d, q=rows * d, do=rows * dv)
         dk_, dv_ = own.get((bi, h, j), (dk[bi, :, h], dvv[bi, :, h]))
         kh, vh = k[bi, :, h], v[bi, :, h]  # (Sk, D), (Sk, Dv) views
         for r0, r1 in blocks[j::parts]:
             m = r1 - r0
-            qc, doc = qh[bi, h, r0:r1], doh[bi, h, r0:r1]
+            qc = _rows_scaled(tls.q, q, bi, h, g, r0, r1, scale)
+            doc = _rows_scaled(tls.do, do, bi, h, g, r0, r1, None)
             lr = lse_h[bi, h, r0:r1, None]
             dl = delta[bi, h, r0:r1, None]
             acc = tls.dq[: m * d].reshape(m, d)
