@@ -272,12 +272,16 @@ def test_split_heuristic():
     from flashmux_pallas import decode
 
     p = _params(128)
-    # B=8, Hkv=8: 64 programs per split; 132 SMs want ~9 splits, when the cache is long enough
-    assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_splits == 9
-    assert decode.plan(_spec(capacity=512), p, interpret=False, cores=132).num_splits == 2
-    assert (
-        decode.plan(_spec(batch=64, capacity=131072), p, interpret=False, cores=132).num_splits == 2
-    )
+    # 16-bit caches (session 9 default: 3 stages, one whole wave): B=8, Hkv=8 is 64 programs
+    # per split and one 3-stage program fits an SM, so 2 splits on 132 SMs
+    assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_splits == 2
+    assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_stages == 3
+    with decode.tuning(waves=0, num_stages=2):  # the earlier default: ~4 programs per SM
+        # B=8, Hkv=8: 64 programs per split; 132 SMs want ~9 splits, when the cache is long
+        assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_splits == 9
+        assert decode.plan(_spec(capacity=512), p, interpret=False, cores=132).num_splits == 2
+        assert (decode.plan(_spec(batch=64, capacity=131072), p, interpret=False,
+                            cores=132).num_splits == 2)
     forced = _params(128, ns=5)
     assert decode.plan(_spec(), forced, interpret=False, cores=132).num_splits == 5
     st = decode.plan(_spec(seqlen_q=4), p, interpret=False, cores=132)

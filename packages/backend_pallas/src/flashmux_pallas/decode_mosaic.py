@@ -160,9 +160,12 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         sk = jnp.minimum(jnp.maximum(len_ref[b], 0), S)
-        k_begin = jnp.minimum(sp * chunk, sk)
+        # k_begin is a product with a constant, never a min() with the length: Mosaic GPU's
+        # layout inference (jax 0.11) must prove every TMA slice start a multiple of the shared
+        # memory tiling (8 rows), and it cannot through a loaded value
+        k_begin = sp * chunk
         k_end = jnp.minimum(k_begin + chunk, sk)
-        nsteps = lax.div(k_end - k_begin + (bn - 1), bn)
+        nsteps = jnp.maximum(lax.div(k_end - k_begin + (bn - 1), bn), 0)
 
         def consumer(cid):
             # two CTAs per SM share its 64K registers: 208 + 40 per thread pair (<= 128 each)
