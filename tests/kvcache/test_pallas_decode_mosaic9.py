@@ -153,3 +153,35 @@ def test_compiled_kernel_matches_reference(sq, hq, hkv, d, causal, ns, bn, stage
     out, lse = decode_mosaic.decode(*args, _params(causal, ns, d), block_table=table,
                                     block_n=bn, stages=stages, consumers=nc)
     _judge(out, lse, ref_in, lens, causal)
+
+
+@pytest.mark.skipif(not _gpu_sm90(), reason="needs a Hopper GPU under JAX")
+@pytest.mark.parametrize("page", [0, 16])
+def test_compiled_kernel_lowers_with_a_readable_error(page, monkeypatch):
+    """Lowering alone at the benchmark shape; when Mosaic GPU's layout inference rejects the
+    kernel, the failure names its reason (jax 0.11.2's divisibility report asserts inside its
+    own error path: retried without that report)."""
+    from jax.experimental.mosaic.gpu import layout_inference as li
+
+    from flashmux_pallas import decode_mosaic
+
+    args, table, _ = _case(8, 1, 32, 8, 128, 4096, (4096,) * 8, seed=1, page=page)
+    p = _params(True, None, 128)
+
+    def lower():
+        jax.jit(lambda q, k, v, n, t: decode_mosaic.decode(q, k, v, n, p, block_table=t)).lower(
+            *args, table)
+
+    try:
+        lower()
+    except Exception as e:  # noqa: BLE001 - reported below
+        msg = f"{type(e).__name__}: {e}"
+        name = "_check_unsatisfiable_divisibility_constraints"
+        if hasattr(li, name):
+            monkeypatch.setattr(li, name, lambda *a, **k: None)
+            try:
+                lower()
+                msg += "\n(lowers without the divisibility report)"
+            except Exception as e2:  # noqa: BLE001
+                msg += f"\nwithout the divisibility report: {type(e2).__name__}: {e2}"
+        pytest.fail(msg[:8000])
