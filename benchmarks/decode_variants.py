@@ -381,7 +381,7 @@ def main(argv=None) -> int:
                     help="'all' or indices (see the module doc); triton: 'd' is the default")
     ap.add_argument("--tune", default="",
                     help="pallas: extra variants as decode.tuning fields, ';' between variants "
-                         "(e.g. 'num_stages=3;waves=1,num_stages=3;unmasked=1')")
+                         "(e.g. 'num_stages=3;waves=1,num_stages=3;mosaic=1')")
     ap.add_argument("--no-default", action="store_true",
                     help="pallas: leave out the default row (--configs/--tune rows only)")
     ap.add_argument("--quick", action="store_true", help="Sk 4k and 32k")

@@ -59,7 +59,6 @@ class DecodeStatic:
     interpret: bool
     f32: bool
     fast_exp: bool
-    unmasked: bool = False  # session 8: trips every row sees in full skip the mask (tuning)
 
 
 _override: list[dict] = []
@@ -78,7 +77,7 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "programs_per_sm", "waves", "unmasked", "mosaic", "consumers")
+                  "programs_per_sm", "waves", "mosaic", "consumers")
 
 
 def _env_override() -> dict:
@@ -237,7 +236,6 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
         interpret=interpret,
         f32=jnp.dtype(s.dtype) == jnp.float32,
         fast_exp=ov.get("fast_exp", True) and not interpret,
-        unmasked=bool(ov.get("unmasked", 0)) and params.window_left is None,
     )
 
 
@@ -302,9 +300,8 @@ def _decode_kernel(*refs, st: DecodeStatic):
         pi = jnp.minimum(lax.div(start, jnp.int32(st.page_size)), st.max_pages - 1)
         return jnp.clip(bt_ref[pi], 0, st.num_pages - 1)
 
-    def tile(start, masked=True):
-        """K, V and masked base-2 scores of the bn keys from `start` (masked=False: a tile
-        every row of the block sees in full, inside [k_begin, k_end))."""
+    def tile(start):
+        """K, V and masked base-2 scores of the bn keys from `start`."""
         if st.paged:
             # start is a multiple of bn and bn divides page_size: the tile lies in one page.
             # Tiles past the sequence (a step's tail) read a clamped page, fully masked.
@@ -327,8 +324,6 @@ def _decode_kernel(*refs, st: DecodeStatic):
         cols = c0 + jnp.arange(bn, dtype=jnp.int32)[None, :]
         if slopes is not None:
             s = s - slopes * jnp.abs(pos - cols).astype(jnp.float32)
-        if not masked:
-            return s, v
         ok = row_ok & (cols >= start) & (cols < k_end)
         if st.window_left is not None:
             ok = ok & (cols >= pos - st.window_left)
@@ -336,11 +331,11 @@ def _decode_kernel(*refs, st: DecodeStatic):
             ok = ok & (cols <= pos + st.window_right)
         return jnp.where(ok, s, -jnp.inf), v
 
-    def body(t, carry, masked=True):
+    def body(t, carry):
         acc, m, l = carry
         start = k_begin + t * step
         # all P tiles' loads, then the math
-        tiles = [tile(start + j * bn, masked) for j in range(P)]
+        tiles = [tile(start + j * bn) for j in range(P)]
         m_new = m
         for s, _ in tiles:
             m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
@@ -365,16 +360,7 @@ def _decode_kernel(*refs, st: DecodeStatic):
         jnp.full((bm,), -jnp.inf, jnp.float32),
         jnp.zeros((bm,), jnp.float32),
     )
-    if st.unmasked:
-        # leading trips that every row sees in full (no left window): no mask, then the rest
-        lim = k_end
-        if st.window_right is not None:
-            lim = jnp.minimum(lim, off + i_first + st.window_right + 1)
-        n_full = jnp.clip(lax.div(lim - k_begin, jnp.int32(step)), 0, nblocks)
-        carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-        acc, m, l = lax.fori_loop(n_full, nblocks, body, carry)
-    else:
-        acc, m, l = lax.fori_loop(0, nblocks, body, carry)
+    acc, m, l = lax.fori_loop(0, nblocks, body, carry)
     empty = l == 0.0
     inv = 1.0 / jnp.where(empty, 1.0, l)
     o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
