@@ -20,6 +20,7 @@ from flashmux.spec import Params
 @pytest.fixture
 def threaded(monkeypatch):
     monkeypatch.setattr(C, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(C, "INLINE_BELOW", 0)
     monkeypatch.setattr(C, "ROWS", 32)  # several row blocks per head
     monkeypatch.setattr(C, "KEYS", 48)  # several key blocks (online softmax rescaling)
     monkeypatch.setattr(C, "BWD_KEYS", 40)
