@@ -440,7 +440,10 @@ class ReferenceBackend(Backend):
     decode_splits = reference_decode.decode_splits
 
     def info(self):
-        return {"score block (elements)": SCORE_BUDGET, "query chunks under jax.jit (max)": JAX_MAX_CHUNKS}
+        from . import reference_cpu
+
+        return {"score block (elements)": SCORE_BUDGET, "query chunks under jax.jit (max)": JAX_MAX_CHUNKS,
+                "CPU worker threads (float32 NumPy/JAX)": reference_cpu.threads()}
 
 
 backend = ReferenceBackend(
