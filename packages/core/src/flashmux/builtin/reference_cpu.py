@@ -182,6 +182,7 @@ class _Band:
 
     def __init__(self, p: Params, sq: int, sk: int, g: int):
         self.wl, self.wr, self.off, self.g, self.sk = p.window_left, p.window_right, sk - sq, g, sk
+        self._cache: dict = {}  # (rows, cols, first column - first position): the masked keys
 
     def keys(self, r0, r1):
         """[lo, hi): the keys any row of the block sees; [a, z): those every row sees."""
@@ -200,7 +201,19 @@ class _Band:
         outside [a, z) (those every row sees)."""
         for x0, x1 in ((c0, min(c1, a)), (max(c0, z), c1)):
             if x1 > x0:
-                np.copyto(s[:, x0 - c0 : x1 - c0], fill, where=~self.masked(r0, r1, x0, x1))
+                np.copyto(s[:, x0 - c0 : x1 - c0], fill, where=self.hidden(r0, r1, x0, x1))
+
+    def hidden(self, r0, r1, c0, c1):
+        """~masked(r0, r1, c0, c1), cached: it depends only on the block's shape and on c0
+        minus the block's first position (r0 is a multiple of g), so the diagonal blocks of a
+        causal call share one."""
+        key = (r1 - r0, c1 - c0, c0 - r0 // self.g)
+        m = self._cache.get(key)
+        if m is None:
+            m = ~self.masked(r0, r1, c0, c1)
+            if len(self._cache) < 64:
+                self._cache[key] = m
+        return m
 
     def masked(self, r0, r1, c0, c1):
         """Bool (r1 - r0, c1 - c0): False where the key is not allowed."""
