@@ -11,10 +11,6 @@
 #define FMX_SM90_BWD128_STAGES 2
 #endif
 
-#ifndef FMX_SM90_BWD_STAGES_VARIANT
-#define FMX_SM90_BWD_STAGES_VARIANT 1
-#endif
-
 namespace fmx {
 namespace sm90 {
 template <typename T>
@@ -40,15 +36,6 @@ int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtyp
           p, lse2, dsum, pad, stream);
     return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::bfloat16_t, true>>(
         p, lse2, dsum, pad, stream);
-  }
-#endif
-#if FMX_SM90_BWD_STAGES_VARIANT
-  // Session 9, one GPU call's comparison (then the winner becomes the default and this goes):
-  // FMX_TUNE_SM90_BWD=5 (bf16) runs 3 Q/dO stages instead of 2 (smem ~193 KB).
-  if (dtype == 1) {
-    const char *v = std::getenv("FMX_TUNE_SM90_BWD");
-    if (v != nullptr && v[0] == '5')
-      return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, 3, cutlass::bfloat16_t>>(p, lse2, dsum, pad, stream);
   }
 #endif
   if (dtype == 0) return launch_bwd<Bwd128<cutlass::half_t>>(p, lse2, dsum, pad, stream);
