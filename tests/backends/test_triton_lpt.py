@@ -66,6 +66,9 @@ def test_lpt_switch(monkeypatch):
     assert not _launch.lpt_wanted(pb)
     monkeypatch.setenv("FLASHMUX_TRITON_LPT", "1")
     assert _launch.lpt_wanted(pb)
+    # the H200-measured default: head_dim 256 causal only (+6% backward; d128 no gain)
+    assert T.TABLE_SM90[(256, True)].lpt and not T.TABLE_SM90[(256, False)].lpt
+    assert not T.TABLE_SM90[(128, True)].lpt
 
 
 @gpu_only
