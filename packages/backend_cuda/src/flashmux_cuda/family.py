@@ -131,8 +131,7 @@ def backward_family(
         return SM80, (why or "").replace("sm90 forward", "sm90 backward") or None
     if families is not None and not families & SM90_BWD_BIT:
         return SM80, "library built without the sm90 backward (rebuild)"
-    dv_differs = head_dim_v is not None and head_dim_v != head_dim
-    kd = max(head_dim, head_dim_v) if dv_differs else head_dim
+    kd = head_dim if head_dim_v is None else max(head_dim, head_dim_v)  # Dv != D: the larger
     if sm90_bwd_head_dim(kd) == 0:
         return SM80, f"sm90 backward has head_dim <= 64 and 97..128, not {kd}"
     bwd_env = os.environ.get(BWD_FAMILY_ENV) if bwd_env is None else bwd_env
