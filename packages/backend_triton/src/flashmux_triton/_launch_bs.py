@@ -130,6 +130,9 @@ def _launch(pb, which, mbs, run, plain=True):
 # - the dQ and dK/dV kernels on the preloaded walk (PRE) with tuning.py's tiles, whose pipeline
 #   then keeps 3 buffers: backward down on every mask (prefix:8192 15.9 -> 14.1 ms, causal
 #   8.49 -> 7.49, doc:8 2.98 -> 2.72, sliding:1024 2.59 -> 2.51).
+# Call s9b (21:38) timed the two together against session 8's kernels in one process (bf16 8k):
+# fwd_bwd prefix:8192 20.28 -> 17.98 ms, causal 10.97 -> 10.03, doc:8 3.82 -> 3.49; faster than
+# six other combinations in every cell. fp16 takes the same code (not timed).
 _BS_SM90_D128: dict = {
     (False, "fwd"): _BsConfig(128, 64, 8, 2, 128),
     # the same tiles when FLASHMUX_TRITON_BS_PRE turns the forward's preloaded walk on (97 KiB,
