@@ -276,6 +276,9 @@ def test_split_heuristic():
     # per split and one 3-stage program fits an SM, so 2 splits on 132 SMs
     assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_splits == 2
     assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_stages == 3
+    paged = decode.plan(_spec(paged=True, page_size=16, capacity=131072), p, interpret=False,
+                        cores=132)
+    assert (paged.num_stages, paged.num_splits) == (2, 9)  # paged: the earlier default
     with decode.tuning(waves=0, num_stages=2):  # the earlier default: ~4 programs per SM
         # B=8, Hkv=8: 64 programs per split; 132 SMs want ~9 splits, when the cache is long
         assert decode.plan(_spec(capacity=131072), p, interpret=False, cores=132).num_splits == 9

@@ -175,11 +175,13 @@ def plan(spec_or_shapes, params, interpret: bool, cores: int | None = None) -> D
     ov = {**_env_override(), **(_override[-1] if _override else {})}
     import jax.numpy as jnp
 
-    if not interpret and jnp.dtype(s.dtype).itemsize == 2:
-        # 16-bit caches: 3 stages and splits filling one whole wave (2 x 64 programs at
-        # B8 Hkv8 on 132 SMs). H200 call s9a (jax 0.11.2, B8 Hq32 Hkv8 D128 bf16 Sq1): 4203 /
-        # 4521 GB/s at 32k / 128k against 3923 / 4201 with 2 stages and 9 splits, JAX cuDNN
-        # 4050 / 4434 (NOTES.md "Decode, session 9")
+    if not interpret and not s.paged and jnp.dtype(s.dtype).itemsize == 2:
+        # contiguous 16-bit caches: 3 stages and splits filling one whole wave (2 x 64 programs
+        # at B8 Hkv8 on 132 SMs). H200 (jax 0.11.2, B8 Hq32 Hkv8 D128 bf16 Sq1, NOTES.md
+        # "Decode, session 9"): call s9b 1.35x / 1.05x / 1.01x JAX cuDNN at 4k / 32k / 128k
+        # (2 stages x 9 splits: 1.21x / 0.97x / 0.95x). Paged caches keep 2 stages x ~4
+        # programs per SM: with this config 16- / 64-token pages read 2395 / 3449 GB/s at 32k
+        # (s9b), against 3514 / 3991 with the old one (session 5)
         stages = 3
         ov = {"waves": 1, **ov}
     bm_cap, bn_cap = ov.get("block_m", bm_cap), ov.get("block_n", bn_cap)
