@@ -66,3 +66,14 @@ def test_the_plot_is_written(tmp_path):
     res = {"title": "t", "points": dp.merge(dp.parse_log(LOG, "a"))}
     path = dp.plot(res, str(tmp_path / "d.png"))
     assert path and (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_the_committed_results_file_holds_every_series():
+    """docs/data's decode results (the figure in docs/benchmarks.md is drawn from it)."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "docs" / "data" / "h200-2026-11-30-decode.json"
+    res = json.loads(path.read_text())
+    names = {p["series"] for p in res["points"]}
+    assert {n for n, _, _ in dp.SERIES if "Pallas, 1" not in n and "Pallas, 6" not in n} <= names
+    assert dp.CEILING in names and all(p["gbps"] > 0 for p in res["points"])
