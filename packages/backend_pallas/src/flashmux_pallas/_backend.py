@@ -156,6 +156,11 @@ class PallasBackend(Backend):
         st = decode.plan(spec, params, spec.device_type != "cuda")
         lowering = "triton" if spec.device_type == "cuda" else "interpret"
         cache = f"paged (page_size {spec.page_size})" if spec.paged else "contiguous"
+        if spec.device_type == "cuda":  # Mosaic GPU kernel or Triton lowering, and why
+            mosaic, why = decode.mosaic_choice_for_spec(spec, params)
+            if mosaic:
+                return f"pallas split-KV decode ({cache}): {why}"
+            cache += f"; {why}"
         return (
             f"pallas split-KV decode ({lowering}, {cache}, {st.rows} query rows packed per KV "
             f"head in blocks of {st.block_m}, {st.block_n}-key tiles"

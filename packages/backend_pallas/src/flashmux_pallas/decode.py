@@ -488,10 +488,13 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
         from . import decode_mosaic
 
         ov = {**_env_override(), **(_override[-1] if _override else {})}
+        # paged caches: two consumer warpgroups unless told otherwise (the configuration the
+        # page bars were measured with, NOTES.md "Decode, session 10")
+        nc = ov.get("consumers", MOSAIC_PAGED_CONSUMERS if sh.paged else 0)
         return decode_mosaic.decode(q, k_cache, v_cache, seqlens_k, params, _core_count(),
                                     block_table=block_table, block_n=ov.get("block_n", 0),
                                     stages=ov.get("num_stages", 0),
-                                    consumers=ov.get("consumers", 0))
+                                    consumers=nc)
     st = plan(sh, params, interpret)
     B, Sq, Hq, D = q.shape
     Hkv, G = sh.heads_kv, st.group
@@ -526,23 +529,86 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
 
 
 # The Mosaic GPU decode kernel by default on sm90 (when in its scope)? The `mosaic` tuning field
-# (FLASHMUX_PALLAS_DECODE=mosaic=0/1) overrides. Session 9: off until measured on the H200.
+# (FLASHMUX_PALLAS_DECODE=mosaic=0/1) overrides both. Contiguous caches: off (session 9, H200:
+# equal to the Triton lowering's 3-stage default at 32k / 128k, slower at 4k). Paged caches: on
+# (session 10): the Triton lowering's paged kernel read 16- / 64-token pages at 0.82x / 0.91x
+# (32k) and 0.73x / 0.90x (128k) of the contiguous default, the Mosaic kernel with two consumer
+# warpgroups 0.96x / 1.00x at 32k (call s9c). The Triton lowering stays the fallback (sm80,
+# page sizes it cannot take, window / softcap / ALiBi, float32, jax older than MOSAIC_MIN_JAX).
 MOSAIC_DEFAULT = 0
+MOSAIC_PAGED_DEFAULT = 1
+MOSAIC_PAGED_CONSUMERS = 2
+# the oldest jax the Mosaic decode kernel ran on a GPU with (0.11.2, H200; 0.10's Mosaic GPU
+# layout inference differs, and its compiled kernel was never run)
+MOSAIC_MIN_JAX = (0, 11)
+
+
+def _jax_version() -> tuple[int, ...]:
+    import jax
+
+    out = []
+    for part in jax.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def mosaic_choice(q_shape, k_shape, v_shape, dtype, paged: bool, params, alibi: bool,
+                  cc=None) -> tuple[bool, str]:
+    """(whether a GPU decode call takes the Mosaic GPU kernel, a sentence saying why or why
+    not) for explain() and decode(). Shapes and dtypes only: callable with a DecodeSpec."""
+    from . import decode_mosaic, mosaic_kernels, ops
+
+    ov = {**_env_override(), **(_override[-1] if _override else {})}
+    default = MOSAIC_PAGED_DEFAULT if paged else MOSAIC_DEFAULT
+    want = ov.get("mosaic", default)
+    kind = "paged" if paged else "contiguous"
+    if not want:
+        if "mosaic" in ov:
+            return False, "the Mosaic GPU decode kernel is switched off (mosaic=0)"
+        return False, (f"Triton lowering: the default for {kind} caches (the Mosaic GPU decode "
+                       "kernel is opt-in there: mosaic=1)")
+    cc = ops._compute_capability() if cc is None else cc
+    if cc is None or cc[0] != 9:
+        here = "unknown" if cc is None else f"sm{cc[0]}{cc[1]}"
+        return False, ("Triton lowering: the Mosaic GPU decode kernel needs an sm90 (Hopper) "
+                       f"GPU, this is {here}")
+    if not mosaic_kernels.available():
+        return False, "Triton lowering: this jax has no usable Mosaic GPU (plgpu) module"
+    # the version floor holds for the default; mosaic=1 forces the kernel on any jax
+    if "mosaic" not in ov and _jax_version() < MOSAIC_MIN_JAX:
+        return False, ("Triton lowering: the Mosaic GPU decode kernel needs jax >= "
+                       f"{'.'.join(map(str, MOSAIC_MIN_JAX))} (ran on 0.11.2), this is "
+                       f"{'.'.join(map(str, _jax_version()))}")
+    why = decode_mosaic.reasons(q_shape, k_shape, v_shape, dtype, paged, params)
+    if alibi:
+        why = why + ["ALiBi"]
+    if why:
+        return False, ("Triton lowering: outside the Mosaic GPU decode kernel's scope ("
+                       + "; ".join(why) + ")")
+    return True, (f"Mosaic GPU kernel (TMA + wgmma) for {kind} caches on sm90"
+                  + ("" if "mosaic" not in ov else ", forced by mosaic=1"))
+
+
+def mosaic_choice_for_spec(spec, params) -> tuple[bool, str]:
+    """mosaic_choice for a DecodeSpec (explain): the shapes the call's arrays have."""
+    q_shape = (spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim)
+    if spec.paged:
+        k_shape = (1, spec.page_size, spec.heads_kv, spec.head_dim)
+        v_shape = (1, spec.page_size, spec.heads_kv, spec.head_dim_v)
+    else:
+        k_shape = (spec.batch, spec.capacity, spec.heads_kv, spec.head_dim)
+        v_shape = (spec.batch, spec.capacity, spec.heads_kv, spec.head_dim_v)
+    cc = tuple(spec.compute_capability) if spec.compute_capability else None
+    return mosaic_choice(q_shape, k_shape, v_shape, spec.dtype, spec.paged, params,
+                         bool(spec.alibi), cc=cc)
 
 
 def _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes) -> bool:
     """The Mosaic GPU kernel (decode_mosaic.py) on sm90 when asked for (the `mosaic` tuning
-    field, else MOSAIC_DEFAULT) and the call is in its scope."""
-    ov = {**_env_override(), **(_override[-1] if _override else {})}
-    if not ov.get("mosaic", MOSAIC_DEFAULT):
-        return False
-    from . import decode_mosaic, mosaic_kernels, ops
-
-    cc = ops._compute_capability()
-    return (cc is not None and cc[0] == 9 and mosaic_kernels.available()
-            and alibi_slopes is None
-            and not decode_mosaic.reasons(q.shape, k_cache.shape, v_cache.shape, q.dtype,
-                                          sh.paged, params))
+    field, else MOSAIC_DEFAULT / MOSAIC_PAGED_DEFAULT) and the call is in its scope."""
+    return mosaic_choice(q.shape, k_cache.shape, v_cache.shape, q.dtype, sh.paged, params,
+                         alibi_slopes is not None)[0]
 
 
 def decode_mosaic_reasons(q, k_cache, v_cache, params, paged: bool) -> list[str]:
@@ -554,6 +620,18 @@ def decode_mosaic_reasons(q, k_cache, v_cache, params, paged: bool) -> list[str]
 
 def splits_for(spec, params, interpret: bool) -> int:
     """The number of key splits `decode` runs for this call (explain)."""
+    if not interpret and getattr(spec, "device_type", "cuda") == "cuda":
+        mosaic, _ = mosaic_choice_for_spec(spec, params)
+        if mosaic:
+            from . import decode_mosaic
+
+            ov = {**_env_override(), **(_override[-1] if _override else {})}
+            nc = ov.get("consumers", MOSAIC_PAGED_CONSUMERS if spec.paged else 0)
+            return decode_mosaic.plan(
+                spec.batch, spec.seqlen_q, spec.heads_q, spec.heads_kv, spec.head_dim,
+                spec.capacity, params, _core_count(), block_n=ov.get("block_n", 0),
+                stages=ov.get("num_stages", 0), page_size=spec.page_size if spec.paged else 0,
+                consumers=nc).num_splits
     return plan(spec, params, interpret).num_splits
 
 
