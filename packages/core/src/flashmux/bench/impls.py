@@ -365,25 +365,55 @@ def _compiled_flex(dynamic: bool):
     return _FLEX[dynamic]
 
 
+def _flex_dynamic_env() -> str:
+    """FLASHMUX_BENCH_FLEX_DYNAMIC: "1" every flex compile with dynamic shapes, "0" one compile
+    per shape, "auto" (default): one per shape for masks-sweep points (a fixed training shape,
+    as a user's loop compiles it: inductor's flex kernels then know S % 128 == 0, IS_DIVISIBLE,
+    and skip bounds checks; with a symbolic S they cannot), dynamic shapes elsewhere."""
+    import os
+
+    v = os.environ.get("FLASHMUX_BENCH_FLEX_DYNAMIC", "auto")
+    if v not in ("0", "1", "auto"):
+        raise ValueError(f"FLASHMUX_BENCH_FLEX_DYNAMIC: expected 0, 1 or auto, got {v!r}")
+    return v
+
+
 class FlexImpl(Impl):
     id = "flex"
     framework = "torch"
     layout = "bhsd"
     compile_heavy = True
     dynamic = True
+    fell_back: str | None = None  # the failure that turned dynamic shapes off in this process
+    describes_build = True  # the runner records describe_choice() as the record's "chosen"
+    _built = ""
 
     def on_failure(self, exc):
         declined = isinstance(exc, (NotImplementedError, ValueError, TypeError))
         if self.dynamic and not declined and not is_oom(exc):
             self.dynamic = False  # fall back to one compile per shape
+            self.fell_back = f"{type(exc).__name__}: {str(exc)[:80]}"
             return True
         return False
+
+    def _dynamic_for(self, point) -> bool:
+        env = _flex_dynamic_env()
+        if env != "auto":
+            return env == "1" and self.dynamic
+        return self.dynamic and point.mask is None
+
+    def describe_choice(self, point, q, k, v, ctx) -> str | None:
+        """What the timed call compiles (the masks sweep's flex line, issue 15): dynamic or
+        static shapes (and IS_DIVISIBLE, which inductor sets only when it can prove both lengths
+        are multiples of 128), the BlockMask's tiles, the kernel options."""
+        return self._built or None
 
     def build(self, point, ctx):
         import torch
         from torch.nn.attention.flex_attention import create_block_mask
 
-        flex = _compiled_flex(self.dynamic)
+        dynamic = self._dynamic_for(point)
+        flex = _compiled_flex(dynamic)
         dev = ctx.device
         block_mask = None
         if point.mask is not None:  # the masks sweep: the same mask function, flex's BlockMask
@@ -417,6 +447,18 @@ class FlexImpl(Impl):
             )
         scale = 1.0 / math.sqrt(point.head_dim)
         gqa = point.heads_q != point.heads_kv
+        div = (not dynamic and point.seqlen_q % 128 == 0 and point.seqlen_k % 128 == 0)
+        desc = (f"torch.compile(flex_attention, dynamic={dynamic})"
+                + (f" [dynamic off after {self.fell_back}]" if self.fell_back else "")
+                + f", IS_DIVISIBLE={div}, kernel_options default")
+        if block_mask is not None:
+            n_all = int(block_mask.kv_num_blocks.sum())
+            full = block_mask.full_kv_num_blocks
+            n_full = int(full.sum()) if full is not None else 0
+            bs = tuple(block_mask.BLOCK_SIZE)
+            desc += (f", BlockMask {bs[0]}x{bs[1]}: {n_full} full + {n_all} partial kv tiles"
+                     f" (mask_mod on partial only)")
+        self._built = desc
 
         def fn(q, k, v):
             return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)

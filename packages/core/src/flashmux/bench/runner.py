@@ -395,7 +395,7 @@ class Runner:
             sets = fw.make_sets(impl, point, n, seed=opts.seed + 7919 * len(self.results))
             fn = impl.build(point, ctx)
             chosen = None
-            if impl.backend == "auto":
+            if impl.backend == "auto" or getattr(impl, "describes_build", False):
                 chosen = impl.describe_choice(point, *sets[0][:3], ctx)
             for m in todo:
                 v = verdicts["fwd" if m == "fwd" else "bwd"]
@@ -589,8 +589,10 @@ def _log_records(recs: list) -> None:
         what = p.get("mask") or ("causal" if p.get("causal") else "dense")
         ms = f" {r['ms']:.3f} ms" if r.get("ms") is not None else ""
         why = f" ({r['reason'][:120]})" if r.get("reason") and r["status"] != "ok" else ""
+        # anchors that say what they compiled (flex: dynamic or not, its BlockMask's tiles)
+        built = f" <{r['chosen']}>" if r.get("chosen") and r.get("family") == "anchor" else ""
         print(f"[bench] {r['impl']} S{p.get('seqlen_q')} {what} {r['mode']}: {r['status']}{ms}"
-              f" [step {step:.1f} s]{why}", file=sys.stderr, flush=True)
+              f" [step {step:.1f} s]{why}{built}", file=sys.stderr, flush=True)
 
 
 def _cheap(impl: Impl, point: Point, ctx: Context) -> bool:
