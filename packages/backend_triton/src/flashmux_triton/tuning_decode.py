@@ -78,7 +78,7 @@ SMEM_PER_SM = 227 * 1024  # sm90 / sm80 (A100: 163 KiB; a smaller GPU shrinks th
 
 def programs_per_sm(cfg: DecodeConfig, head_dim: int, head_dim_v: int, itemsize: int) -> int:
     """How many programs of this config share an SM: the K/V tiles of num_stages - 1 buffers
-    (the pipeliner's count, decode_aot.py: 128 keys x 3 stages = 136 KiB at D = 128) plus ~8 KiB,
+    (the pipeliner's count, aot.py decode: 128 keys x 3 stages = 136 KiB at D = 128) plus ~8 KiB,
     capped at 4 (4 warps) / 2 (8 warps) for registers."""
     if cfg.occupancy:
         return cfg.occupancy
@@ -90,7 +90,7 @@ def programs_per_sm(cfg: DecodeConfig, head_dim: int, head_dim_v: int, itemsize:
 
 # Candidates for the GPU run (c1 and c3 are the 16-bit defaults since the H200 run of session 7,
 # config_for). Shared memory on
-# sm90 (decode_aot.py): 128/4/3 136 KiB (one program per SM), 128/4/4 200 KiB, 64/4/3 70 KiB,
+# sm90 (aot.py decode): 128/4/3 136 KiB (one program per SM), 128/4/4 200 KiB, 64/4/3 70 KiB,
 # 256/8/2 140 KiB, 128/4/2 72 KiB. Session 6: waves are whole waves of the programs that fit
 # (SMs x programs_per_sm); c2 is c0 with the separate merge kernel (what the fused merge saves).
 CANDIDATES = (
