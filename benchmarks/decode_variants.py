@@ -250,20 +250,49 @@ class Jax:
             kw = cfg
         else:
             kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
-        with decode.tuning(**kw):  # read at trace time: trace here
-            fn = self.jax.jit(lambda q, kc, vc, lens, table: flashmux.attention_with_kvcache(
+        def step(q, kc, vc, lens, table):
+            return flashmux.attention_with_kvcache(
                 q, kc, vc, cache_seqlens=lens, block_table=table, causal=True,
-                num_splits=splits, backend="pallas"))
+                num_splits=splits, backend="pallas")
+
+        with decode.tuning(**kw):  # read at trace time: trace here
+            fn = self.jax.jit(step)
             fn.lower(q, kc, vc, lens, table)
             out = fn(q, kc, vc, lens, table)
+            if self.args.jax_loop:
+                return self.looped(step, q, kc, vc, lens, table), out
         return lambda: fn(q, kc, vc, lens, table), out
+
+    def looped(self, step, q, *rest, eager=True):
+        """--jax-loop: one jitted call running `inner` steps in a fori_loop, each step's query
+        the previous step's output (a true dependence: nothing is hoisted or merged), so the
+        figure is device time with no per-call host dispatch, as a CUDA graph replay gives the
+        torch rows. Returns a callable marked with the step count it runs."""
+        lax, n = self.jax.lax, self.args.inner
+
+        def many(q, *rest):
+            return lax.fori_loop(0, n, lambda i, x: step(x, *rest).astype(x.dtype), q)
+
+        f = self.jax.jit(many)
+        if eager:  # compiled here: the decode's tuning fields are read at trace time
+            f = f.lower(q, *rest).compile()
+
+        def run():
+            return f(q, *rest)
+
+        run.looped = n
+        return run
 
     # The arrays are jit arguments, never closed over: a closed-over array is a constant of the
     # compiled program, and XLA constant-folds a sum of it on the host (a 1 GiB cache at 32k:
     # minutes; session 8's pallas lines were cut by their limits there, before any kernel row).
     def anchor(self, q, k, v):
-        f = self.jax.jit(lambda q, k, v: self.jax.nn.dot_product_attention(
-            q, k, v, implementation="cudnn"))
+        def step(q, k, v):
+            return self.jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+        if self.args.jax_loop:
+            return "jax-cudnn", self.looped(step, q, k, v, eager=False)
+        f = self.jax.jit(step)
         return "jax-cudnn", lambda: f(q, k, v)
 
     def ceiling(self, k, v):
@@ -273,6 +302,9 @@ class Jax:
         return lambda: f(k, v)
 
     def time(self, fn):
+        n = getattr(fn, "looped", 0)
+        if n:  # one dispatch of n device-side steps
+            return jax_time(fn, (), 1, self.args.reps) / n
         return jax_time(fn, (), self.args.inner, self.args.reps)
 
     def err(self, out, ref):
@@ -318,6 +350,36 @@ def _triton_read(k, v):
 
         out.append((f"{block}x{warps}w {per_sm}/SM", fn))
     return out
+
+
+def interleaved(entries, rounds: int, fw, row) -> None:
+    """--rounds: time every entry once per round, in order, `rounds` times (a drift of the
+    GPU's clocks or of a neighbour's load lands on every entry alike), then one row per entry
+    with the median, and a '# spread' line: min-max, and the per-round ratio of the first
+    entry's time (the anchor, when there is one) to this entry's (> 1: faster than it)."""
+    import math
+
+    times: list[list[float]] = [[] for _ in entries]
+    for _ in range(rounds):
+        for i, e in enumerate(entries):
+            try:
+                times[i].append(fw.time(e[4]))
+            except Exception as ex:  # noqa: BLE001 - report it once, go on
+                times[i].append(math.nan)
+                print(f"# {e[1]} {e[3]}: {type(ex).__name__}: {str(ex)[:80]}", flush=True)
+    for e, ts in zip(entries, times):
+        ok = [t for t in ts if t == t]
+        row(e[0], e[1], e[2], e[3], statistics.median(ok) if ok else "failed", nbytes=e[5])
+    base = times[0]
+    for e, ts in zip(entries, times):
+        ok = [t for t in ts if t == t]
+        if not ok:
+            continue
+        ratios = [b / t for b, t in zip(base, ts) if b == b and t == t]
+        vs = (f"x {entries[0][1]} per round: median {statistics.median(ratios):.3f}, "
+              f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "no anchor time")
+        print(f"# spread | {e[0]} | {e[1]} | {e[2]} | {e[3]} | {min(ok) * 1e6:.1f}-"
+              f"{max(ok) * 1e6:.1f} us over {len(ok)} rounds | {vs}", flush=True)
 
 
 def ragged_lengths(b: int, sk: int) -> list[int]:
@@ -399,6 +461,13 @@ def main(argv=None) -> int:
                          "bytes actually read")
     ap.add_argument("--no-read-ceiling", action="store_true",
                     help="no Triton read-only kernels (the in-run HBM read ceiling)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the anchor and every variant of one length this many times, "
+                         "round-robin (interleaved); the rows give the median, '# spread' "
+                         "lines the min-max and each variant's per-round ratio to the anchor")
+    ap.add_argument("--jax-loop", action="store_true",
+                    help="pallas: time --inner steps inside one jitted fori_loop (device time, "
+                         "no per-call host dispatch) instead of --inner back-to-back calls")
     args = ap.parse_args(argv)
 
     import flashmux
@@ -435,24 +504,29 @@ def main(argv=None) -> int:
                 print(f"| {sq} | {sk} | {cache} | {impl} | {splits} | {cfg} | {us} | {gb} |",
                       flush=True)
 
+            # --rounds: what to time, then every entry once per round, round-robin
+            pending: list = []
+
+            def timed(cache, impl, splits, cfg, fn, nb=nbytes):
+                if args.rounds > 1:
+                    pending.append((cache, impl, splits, cfg, fn, nb))
+                    return
+                try:
+                    sec = fw.time(fn)
+                except Exception as ex:  # noqa: BLE001 - not every cuDNN takes this shape
+                    sec = f"{type(ex).__name__}: {str(ex)[:80]}"
+                row(cache, impl, splits, cfg, sec, nbytes=nb)
+
             # the anchor and ceilings first: a run cut by its time limit still has them
             if not args.no_anchors:
                 name, fn = fw.anchor(q, k, v)
                 if args.ragged:  # no cache lengths: it reads every key of the padded batch
                     name += " (padded batch: reads every key; GB/s of the ragged bytes)"
-                try:
-                    row("contig", name, "-", "-", fw.time(fn))
-                except Exception as ex:  # noqa: BLE001 - not every cuDNN takes this shape
-                    row("contig", name, "-", "-", f"{type(ex).__name__}: {str(ex)[:80]}")
-            row("contig", "ceiling (sum of K, V)", "-", "-", fw.time(fw.ceiling(k, v)),
-                nbytes=full)
+                timed("contig", name, "-", "-", fn)
+            timed("contig", "ceiling (sum of K, V)", "-", "-", fw.ceiling(k, v), full)
             if not args.no_read_ceiling:
                 for label, fn in getattr(fw, "read_ceilings", lambda k, v: [])(k, v):
-                    try:
-                        row("contig", f"ceiling ({label})", "-", "-", fw.time(fn), nbytes=full)
-                    except Exception as ex:  # noqa: BLE001 - report, go on
-                        row("contig", f"ceiling ({label})", "-", "-",
-                            f"{type(ex).__name__}: {str(ex)[:80]}")
+                    timed("contig", f"ceiling ({label})", "-", "-", fn, full)
             ref = None if args.no_check else flashmux.attention_with_kvcache(
                 q, k, v, cache_seqlens=lens, causal=True, backend="reference")
             for page in (int(x) for x in args.pages.split(",")):
@@ -471,11 +545,17 @@ def main(argv=None) -> int:
                                 fn = fw.call(q, kc, vc, lens, table, page, ns, cfg)
                                 out = fn()
                             e = 0.0 if ref is None else fw.err(out, ref)
-                            sec = f"WRONG ({e:.1e})" if e > 2e-2 else fw.time(fn)
                         except Exception as ex:  # noqa: BLE001 - out of resources etc.: report
-                            sec = f"{type(ex).__name__}: {str(ex)[:80]}"
-                        row(cache, f"flashmux-{args.backend}", sp, label, sec)
+                            row(cache, f"flashmux-{args.backend}", sp, label,
+                                f"{type(ex).__name__}: {str(ex)[:80]}")
+                            continue
+                        if e > 2e-2:
+                            row(cache, f"flashmux-{args.backend}", sp, label, f"WRONG ({e:.1e})")
+                            continue
+                        timed(cache, f"flashmux-{args.backend}", sp, label, fn)
                 kc = vc = table = None
+            if pending:
+                interleaved(pending, args.rounds, fw, row)
     return 0
 
 
