@@ -1,6 +1,6 @@
 """GPU check for the Triton backend: correctness of every feature, a config sweep, and timings.
 
-    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [dq] [lpt] [bench] [flex] [cudnn]
+    python packages/backend_triton/gpu_check.py [check] [sweep] [tma] [ws] [fused] [split] [dq] [lpt] [gluon] [bench] [flex] [cudnn]
 
 check: forward+backward vs the float64 reference on the GPU tools' shared cases
        (flashmux.testing.gpu_cases, fp16 and bf16) judged by flashmux.testing.judge (2 x plain
@@ -24,6 +24,8 @@ dq:    head_dim 64/128 (FMX_DQ_DIMS), S 4k (FMX_DQ_SEQS), causal and not (FMX_SW
        SDPA cuDNN and flash forward+backward (FMX_DQ_VARIANTS, FMX_SPLIT_SDPA, FMX_SPLIT_PROFILE).
 lpt:   causal forward and backward TFLOP/s with FLASHMUX_TRITON_LPT=0 and 1 (heaviest blocks
        first), head dims FMX_LPT_DIMS (default 64,128,256), S FMX_LPT_SEQS (default 4096).
+gluon: forward TFLOP/s of the Gluon warp-specialized forward (FLASHMUX_TRITON_GLUON) vs the
+       Triton kernel and SDPA cuDNN (FMX_GLUON_DIMS/SEQS/CFGS, FMX_GLUON_FB=1 adds fwd+bwd).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -544,6 +546,62 @@ def lpt_compare():
     return out
 
 
+def gluon_compare():
+    """Forward TFLOP/s (and forward+backward with FMX_GLUON_FB=1) of the Triton kernel
+    (FLASHMUX_TRITON_GLUON=0), the Gluon warp-specialized forward (=force) at its default
+    config and at each FMX_GLUON_CFGS entry ("bm,bn,stages,pingpong;..."), beside SDPA cuDNN,
+    head dims FMX_GLUON_DIMS (64,128), S FMX_GLUON_SEQS (4096,16384), causal and not. Also the
+    largest |gluon - triton| output difference (a gross-error guard; the tests judge it)."""
+    dims = [int(x) for x in os.environ.get("FMX_GLUON_DIMS", "64,128").split(",")]
+    seqs = [int(x) for x in os.environ.get("FMX_GLUON_SEQS", "4096,16384").split(",")]
+    cfgs = [c for c in os.environ.get("FMX_GLUON_CFGS", "").split(";") if c]
+    fb = os.environ.get("FMX_GLUON_FB") == "1"
+    out = []
+    for D in dims:
+        for causal in (False, True):
+            for S in seqs:
+                B, H, fwd, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
+                ft = flops(B, H, S, D, causal)
+                r = {"D": D, "causal": causal, "S": S}
+                variants = [("triton", "0", None), ("gluon", "force", None)]
+                variants += [(f"gluon@{c}", "force", c) for c in cfgs]
+                outs = {}
+                for name, flag, cfg in variants:
+                    os.environ["FLASHMUX_TRITON_GLUON"] = flag
+                    if cfg:
+                        os.environ["FLASHMUX_TRITON_GLUON_CFG"] = cfg
+                    try:
+                        outs[name] = backend.forward(q, k, v, None, None, p)[0]
+                        r[name] = ft / bench_ms(fwd) * 1e-9
+                        if fb:
+                            r[name + "_fb"] = 3.5 * ft / bench_ms(fwdbwd) * 1e-9
+                    except Exception as e:  # noqa: BLE001
+                        log(f"gluon {name} D={D} S={S}: {type(e).__name__}: {str(e)[:300]}")
+                        r[name] = float("nan")
+                    os.environ.pop("FLASHMUX_TRITON_GLUON", None)
+                    os.environ.pop("FLASHMUX_TRITON_GLUON_CFG", None)
+                for name in outs:
+                    if name != "triton" and "triton" in outs:
+                        r["maxdiff_" + name] = (outs[name].float() - outs["triton"].float()).abs().max().item()
+                del fwd, fwdbwd, q, k, v, do, outs
+                try:
+                    f, fbb, _ = sdpa_fns(S, D, causal, "cudnn")
+                    r["cudnn"] = ft / bench_ms(f) * 1e-9
+                    if fb:
+                        r["cudnn_fb"] = 3.5 * ft / bench_ms(fbb) * 1e-9
+                    del f, fbb
+                except Exception as e:  # noqa: BLE001
+                    log(f"gluon cudnn D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                torch.cuda.empty_cache()
+                if r.get("cudnn"):
+                    r["x_cudnn"] = {n: round(r[n] / r["cudnn"], 3) for n, _, _ in variants if n in r}
+                log("gluon " + json.dumps(r))
+                out.append(r)
+                RESULTS["gluon"] = out
+                save()
+    return out
+
+
 def table(rows):
     names = [n for n in ("mine", "flash", "cudnn", "flex") if n in rows[0]]
     out = ["", "TFLOP/s bf16 (fwd / fwd+bwd); ratio = triton / sdpa-flash, triton / flex"]
@@ -584,6 +642,8 @@ def main(argv):
         dq_compare()
     if "lpt" in what:
         lpt_compare()
+    if "gluon" in what:
+        gluon_compare()
     rows = None
     if "bench" in what:
         rows = bench("flex" in what, "cudnn" in what)

@@ -330,6 +330,35 @@ def _slopes(pb: _Problem, alibi_slopes, like):
     return sl, (sl.shape[-1] if sl.dim() == 2 else 0)
 
 
+_GLUON_BROKEN: set = set()
+
+
+def gluon_wanted(pb: _Problem) -> bool:
+    """The Gluon warp-specialized forward (_gluon.py, sm_90 only): FLASHMUX_TRITON_GLUON=1 opts
+    in (off by default until the H200 measures it); a class whose Gluon compile fails once runs
+    the Triton kernel from then on (FLASHMUX_TRITON_GLUON=force lets the error through)."""
+    env = os.environ.get("FLASHMUX_TRITON_GLUON", "0")
+    return (env in ("1", "force") and not pb.interpret and pb.capability is not None
+            and pb.capability[0] == 9 and pb.shape not in _GLUON_BROKEN)
+
+
+def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
+    """Run the Gluon forward when it takes this call; False when it declines or fails to
+    compile (the caller then runs the Triton kernel)."""
+    from . import _gluon
+
+    if _gluon.reasons(q, k, v, params, pb.capability, pb.varlen) is not None:
+        return False
+    try:
+        _gluon.forward(q, k, v, out, lse, res, pb.seqlen_q, pb.seqlen_k, pb.causal, params.scale)
+    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton kernel
+        if os.environ.get("FLASHMUX_TRITON_GLUON") == "force":
+            raise
+        _GLUON_BROKEN.add(pb.shape)
+        return False
+    return True
+
+
 def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, block_mask=None,
             dropout_seed=None):
     """(out, lse), or (out, lse, out_residual) with ``residual``: the float32 output's rounding
@@ -353,6 +382,9 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     if pb.batch == 0 or pb.seqlen_q == 0:
         if res is not None:
             res.zero_()
+        return done
+    if (alibi_slopes is None and gluon_wanted(pb)
+            and _gluon_forward(pb, q, k, v, params, out, lse, res)):
         return done
     cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
     cu_k_arg = cu_k if pb.varlen else q

@@ -1,0 +1,370 @@
+"""A Gluon (``triton.experimental.gluon``) FlashAttention forward for Hopper (sm_90a), FA3 style.
+
+One program owns 2 x BLOCK_M query rows of one (batch, head) and runs three partitions
+(``gl.warp_specialize``):
+
+- a load partition (1 warp, few registers): Q's two halves once, then K and V tiles through TMA
+  into a STAGES-deep shared-memory ring, each slot guarded by mbarriers (``k_ready``/``v_ready``
+  filled by the TMA transaction count, ``kv_empty`` released by both consumers);
+- two consumer warpgroups (4 warps each, the registers the loader gave up), one per half of the
+  query rows: S = Q K^T on wgmma (Q and K from shared memory), online softmax in the log2 domain
+  (exp2, the scale folded into one FMA), O += P V on wgmma with P in registers, then the
+  epilogue (O normalized, the natural-log lse). With PINGPONG the two warpgroups take turns
+  issuing their matmuls (one's softmax under the other's wgmma), through two mbarriers.
+
+What it computes is the contract's forward for 16-bit Q/K/V of head_dim 64 or 128 (D == Dv),
+no varlen, window, softcap, dropout or ALiBi, scale > 0, causal bottom-right aligned (off =
+Sk - Sq), GQA by head index; Sk a multiple of BLOCK_N (a partial last K/V tile would read the
+next sequence's rows through the 2-D descriptor). ``reasons()`` says why a call does not fit;
+`_launch.forward` then runs the Triton kernel. Opt-in: FLASHMUX_TRITON_GLUON=1.
+
+Written against Triton 3.6's Gluon API (the H200 machine); imports and compiles for sm_90a
+with 3.6 and 3.9 (``compile_sm90`` below, no GPU needed). Not usable under TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared; later versions async_load (3.9
+# raises on the old name)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+          q_row, kv_row, q_col, kv_col, n_blocks,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for j in gl.static_range(2):
+        mbarrier.expect(q_bar.index(j), desc_q.block_type.nbytes)
+        _tma_load(desc_q, [q_row + j * BLOCK_M, q_col], q_bar.index(j),
+                                        q_smem.index(j))
+    for i in range(n_blocks):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        # a fresh barrier has completed "phase -1": the first STAGES waits pass at once
+        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
+        _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s),
+                                        k_smem.index(s))
+        mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
+        _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s),
+                                        v_smem.index(s))
+
+
+@gluon.jit
+def _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i, qk_scale, diag,
+          HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr,
+          PINGPONG: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s = i % STAGES
+    ph = (i // STAGES) & 1
+    mbarrier.wait(k_ready.index(s), ph)
+    if PINGPONG:
+        # my turn to issue matmuls: phase i of my barrier (the other warpgroup completes it)
+        mbarrier.wait(turn.index(HALF), i & 1)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - HALF))
+    if MASK:
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ok = cols[None, :] <= rows[:, None] + diag
+        qk = gl.where(ok, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+    mbarrier.wait(v_ready.index(s), ph)
+    acc = warpgroup_mma(p16, v_smem.index(s), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(kv_empty.index(s))
+    return acc, m_new, l_i
+
+
+@gluon.jit
+def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+             HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+             PINGPONG: gl.constexpr, RESID: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row0 = m0 + HALF * BLOCK_M
+    q = q_smem.index(HALF)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    # key j is allowed for this half's row r (0-based in the half) iff j <= r + diag
+    diag = row0 + seqlen_k - seqlen_q
+    if CAUSAL:
+        n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
+        n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
+    else:
+        n_full = n_blocks
+        n_mine = n_blocks
+    mbarrier.wait(q_bar.index(HALF), 0)
+    for i in range(0, n_full):
+        acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
+                              l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                              False, PINGPONG)
+    for i in range(n_full, n_mine):
+        acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
+                              l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                              True, PINGPONG)
+    for i in range(n_mine, n_blocks):
+        # blocks wholly above this half's diagonal: release them once loaded (and keep the
+        # turn-taking in step with the other warpgroup)
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.wait(v_ready.index(s), ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), i & 1)
+            mbarrier.arrive(turn.index(1 - HALF))
+        mbarrier.arrive(kv_empty.index(s))
+    # epilogue: rows with no allowed key (l == 0) get out 0, lse -inf
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    b64 = b.to(gl.int64)
+    o_ptrs = (O + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
+              + cols_o[None, :])
+    o16 = out.to(O.dtype.element_ty)
+    gl.store(o_ptrs, o16, mask=(rows_o < seqlen_q)[:, None])
+    if RESID:
+        # the output's rounding error, for the backward's delta = rowsum(dO * O)
+        r_ptrs = (R + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
+                  + cols_o[None, :])
+        gl.store(r_ptrs, (out - o16.to(gl.float32)).to(O.dtype.element_ty),
+                 mask=(rows_o < seqlen_q)[:, None])
+    rows_l = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    lse = gl.where(l_i == 0.0, float("-inf"),
+                   (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+    gl.store(LSE + b64 * stride_lb + h * stride_lh + rows_l, lse, mask=rows_l < seqlen_q)
+
+
+@gluon.jit
+def _consume0(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+              RESID: gl.constexpr):
+    _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+             0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+
+
+@gluon.jit
+def _consume1(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+              RESID: gl.constexpr):
+    _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+             1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+
+
+@gluon.jit
+def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk_scale,
+                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                RESID: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    if CAUSAL:
+        pid = gl.num_programs(0) - 1 - pid  # heaviest query blocks first
+    m0 = pid * (2 * BLOCK_M)
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
+        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
+    else:
+        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    q_row = b * seqlen_q + m0
+    kv_row = b * seqlen_k
+    q_col = h * HEAD_DIM
+    kv_col = (h // group) * HEAD_DIM
+
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(2):
+        mbarrier.init(q_bar.index(j), count=1)
+        mbarrier.init(turn.index(j), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
+
+    gl.warp_specialize([
+        (_consume0, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+                     b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+                     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_consume1, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+                     b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+                     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+# (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, LOAD_REGS, MMA_REGS) per head_dim; the
+# environment's FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages,pingpong" overrides (sweeps)
+CONFIGS = {64: (64, 128, 3, False, 24, 240), 128: (64, 128, 2, False, 24, 240)}
+
+
+def config(d: int):
+    env = os.environ.get("FLASHMUX_TRITON_GLUON_CFG")
+    bm, bn, st, pp, lr, mr = CONFIGS[d]
+    if env:
+        parts = [int(x) for x in env.split(",")]
+        bm, bn, st = parts[:3]
+        pp = bool(parts[3]) if len(parts) > 3 else pp
+    return bm, bn, st, pp, lr, mr
+
+
+def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
+    """None when the Gluon forward computes this call, else a sentence saying why not."""
+    import torch
+
+    if capability is None or capability[0] != 9:
+        return f"the Gluon forward is for sm_90 (Hopper), this device is {capability}"
+    if varlen:
+        return "the Gluon forward takes no varlen (cu_seqlens) calls"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the Gluon forward takes float16/bfloat16 q, k, v, got {q.dtype}"
+    d = q.shape[-1]
+    if d not in CONFIGS or k.shape[-1] != d or v.shape[-1] != d:
+        return f"the Gluon forward takes head_dim 64 or 128 with Dv == D, got D={d} Dv={v.shape[-1]}"
+    if (params.window_left is not None or params.window_right is not None
+            or (params.softcap or 0) > 0 or params.dropout_p > 0 or not params.scale > 0):
+        return "the Gluon forward takes no window, softcap, dropout or non-positive scale"
+    bn = config(d)[1]
+    if k.shape[1] % bn:
+        return f"the Gluon forward needs seqlen_k to be a multiple of {bn}, got {k.shape[1]}"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if (x.stride(-1) != 1 or x.stride(-2) != d or x.stride(0) != x.shape[1] * x.stride(1)
+                or (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16):
+            return f"the Gluon forward needs {name} as rows of contiguous heads (TMA views)"
+    return None
+
+
+def _gl_dtype(torch_dtype):
+    import torch
+
+    return gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
+
+
+def _desc(x, rows_block: int, d: int):
+    rows = x.shape[0] * x.shape[1]
+    layout = gl.NVMMASharedLayout.get_default_for([rows_block, d], _gl_dtype(x.dtype))
+    return TensorDescriptor(x, [rows, x.shape[2] * d], [x.stride(1), 1], [rows_block, d], layout)
+
+
+def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, scale: float):
+    """Fill out (B, Sq, Hq, D), lse (B, Hq, Sq) float32 and, when not None, res (out's rounding
+    error, out's layout); `reasons` must have said None."""
+    batch, _, hq, d = q.shape
+    bm, bn, stages, pingpong, load_regs, mma_regs = config(d)
+    desc_q = _desc(q, bm, d)
+    desc_k = _desc(k, bn, d)
+    desc_v = _desc(v, bn, d)
+    grid = (triton.cdiv(seqlen_q, 2 * bm), hq, batch)
+    attn_fwd_ws[grid](
+        desc_q, desc_k, desc_v, out, lse, out if res is None else res, seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
+        RESID=res is not None, LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+    )
+
+
+def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
+                 pingpong=None, load_regs=None, mma_regs=None, dtype: str = "bf16",
+                 resid: bool = True):
+    """Compile attn_fwd_ws for sm_90a without a GPU (no torch needed); returns the
+    CompiledKernel (asm["ptx"], asm["ttgir"], asm["cubin"], metadata.shared)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = list(config(d))
+    for i, v in enumerate((bm, bn, stages, pingpong, load_regs, mma_regs)):
+        if v is not None:
+            c[i] = v
+    bm, bn, stages, pingpong, load_regs, mma_regs = c
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
+
+    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+                  PINGPONG=pingpong, RESID=resid, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+    sig, attrs = {}, {}
+    for i, name in enumerate(attn_fwd_ws.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "desc_q":
+            sig[name] = desc(bm)
+        elif name in ("desc_k", "desc_v"):
+            sig[name] = desc(bn)
+        elif name in ("O", "R"):
+            sig[name] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "LSE":
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(attn_fwd_ws, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
