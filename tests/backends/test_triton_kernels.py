@@ -30,6 +30,9 @@ from flashmux_triton import backend  # noqa: E402
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():  # pragma: no cover
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+# for the Triton test files that import this one as `tk` (the case runner below)
+INTERP = DEVICE == "cpu"
+gpu_only = pytest.mark.skipif(INTERP, reason="GPU sizes: needs CUDA without the interpreter")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
