@@ -50,12 +50,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=0, help="timed calls (0: ~60 ms worth)")
     ap.add_argument("--budget", type=float, default=1e9)
     ap.add_argument("--tol", type=float, default=0.05)
+    ap.add_argument("--pairs", default="",
+                    help='"A/B,C/D": per variant, time spec A and spec B alternately in --rounds '
+                         'rounds (medians and B over A), e.g. "dense/alibi" for the ALiBi bar '
+                         '(specs as the masks sweep: dense, alibi, SPEC+alibi); replaces --masks')
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
 
     import torch
 
     import flashmux
-    from flashmux.bench.maskbench import block_mask_for, mask_stats
+    from flashmux.bench.maskbench import alibi_for, block_mask_for, mask_stats
 
     t_start = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run (TRITON_INTERPRET=1)
@@ -64,17 +69,25 @@ def main(argv=None) -> int:
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=gen)
                    for _ in range(4))
     qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
-    masks = [m for m in args.masks.split(",") if m]
+    pairs = [tuple(p.split("/")) for p in args.pairs.split(",") if p]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"--pairs: expected A/B,C/D, got {args.pairs!r}")
+    masks = ([m for p in pairs for m in p] if pairs
+             else [m for m in args.masks.split(",") if m])
+    masks = list(dict.fromkeys(masks))
     modes = [m for m in args.modes.split(",") if m]
     bms = {m: block_mask_for(m, s, s, q, ("mask_variants", dev)) for m in masks}
     dens = {m: mask_stats(m, s, s)["density"] for m in masks}
+    slopes = {m: (None if alibi_for(m, h) is None
+                  else torch.as_tensor(alibi_for(m, h), device=dev)) for m in masks}
 
-    def call(mode, bm):
+    def call(mode, bm, sl=None):
         if mode == "fwd":
-            return lambda: flashmux.attention(q, k, v, block_mask=bm, backend="triton")
+            return lambda: flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=sl,
+                                              backend="triton")
 
         def fb():
-            o = flashmux.attention(qg, kg, vg, block_mask=bm, backend="triton")
+            o = flashmux.attention(qg, kg, vg, block_mask=bm, alibi_slopes=sl, backend="triton")
             return torch.autograd.grad(o, (qg, kg, vg), do)
         return fb
 
@@ -121,10 +134,26 @@ def main(argv=None) -> int:
                 os.environ[k2] = old
         os.environ.update(env)
         t_v = time.time()
+        if pairs:  # A and B alternately, several rounds: is B's overhead over A noise?
+            for a_, b_ in pairs:
+                for mode in modes:
+                    fa = call(mode, bms[a_], slopes[a_])
+                    fb_ = call(mode, bms[b_], slopes[b_])
+                    ta, tb = [], []
+                    for _ in range(args.rounds):
+                        ta.append(timed(fa))
+                        tb.append(timed(fb_))
+                    ma, mb = sorted(ta)[len(ta) // 2], sorted(tb)[len(tb) // 2]
+                    print(f"{name:18s} {a_ + '/' + b_:24s} {mode:7s} {ma:.3f} / {mb:.3f} ms "
+                          f"(median of {args.rounds}) {100 * (mb / ma - 1):+.1f}%  rounds "
+                          + " ".join(f"{100 * (y / x - 1):+.1f}" for x, y in zip(ta, tb)),
+                          flush=True)
+            print(f"  ({name}: {time.time() - t_v:.1f} s)", flush=True)
+            continue
         for m in masks:
             cells = []
             try:
-                out = call("fwd", bms[m])().float()
+                out = call("fwd", bms[m], slopes[m])().float()
                 if vi == 0:
                     base_out[m] = out
                     err = 0.0
@@ -132,7 +161,7 @@ def main(argv=None) -> int:
                     err = float((out - base_out[m]).abs().max()) if m in base_out else float("nan")
                 bad = " BAD" if err > args.tol else ""
                 for mode in modes:
-                    ms = timed(call(mode, bms[m]))
+                    ms = timed(call(mode, bms[m], slopes[m]))
                     cells.append(f"{mode} {ms:.3f} ms x{ms / (dens[m] * dense[mode]):.2f}")
                 print(f"{name:18s} {m:18s} dens {dens[m]:.3f}  " + "  ".join(cells)
                       + f"  maxdiff {err:.2g}{bad}", flush=True)
