@@ -402,14 +402,17 @@ def kernel_ms(fn, reps=5):
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def split_compare():
-    """The split backward vs the joint one at head_dim 256/192, S 4k/8k, beside SDPA."""
-    dims = [int(x) for x in os.environ.get("FMX_SPLIT_DIMS", "256,192").split(",") if x]
-    seqs = [int(x) for x in os.environ.get("FMX_SPLIT_SEQS", "4096,8192").split(",") if x]
+def _variant_rows(mode: str, env_vars: tuple[str, ...], variants: list[str], dims, seqs,
+                  setup) -> list[dict]:
+    """One row per (head_dim, causal, S), bf16: backward and forward+backward TFLOP/s of each
+    variant (`setup(variant, D, causal)` sets `env_vars` for it and returns a function undoing
+    anything else it changed, or None), SDPA's forward+backward (FMX_SPLIT_SDPA, default
+    cudnn,flash) and each variant's ratio to it; FMX_SPLIT_PROFILE=1 adds each backward
+    kernel's time at the first S. The env_vars are removed before SDPA runs; the rows go to
+    RESULTS[mode]."""
     causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
     sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
     prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
-    variants = os.environ.get("FMX_SPLIT_VARIANTS", "joint,split").split(",")
     out = []
     for D in dims:
         for causal in causals:
@@ -422,97 +425,74 @@ def split_compare():
                     backend.backward(do, None, q, k, v, o, lse, None, None, p)
 
                 r = {"D": D, "causal": causal, "S": S}
-                for variant in variants:  # "split+tma": FLASHMUX_TRITON_BWD_TMA=1 too
-                    os.environ["FLASHMUX_TRITON_DKDV"] = variant.split("+")[0]
-                    os.environ["FLASHMUX_TRITON_BWD_TMA"] = "1" if variant.endswith("+tma") else "0"
+                for variant in variants:
+                    undo = setup(variant, D, causal)
                     try:
                         r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
                         r[variant + "_fb"] = round(3.5 * ft / bench_ms(fwdbwd) * 1e-9, 1)
                         if prof and S == seqs[0]:
                             r[variant + "_ms"] = kernel_ms(bwd)
                     except Exception as e:  # noqa: BLE001
-                        log(f"split {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:160]}")
+                        log(f"{mode} {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:200]}")
                         r[variant + "_bwd"] = r[variant + "_fb"] = float("nan")
-                os.environ.pop("FLASHMUX_TRITON_DKDV", None)
-                os.environ.pop("FLASHMUX_TRITON_BWD_TMA", None)
+                    if undo is not None:
+                        undo()
+                for name in env_vars:
+                    os.environ.pop(name, None)
                 for name in sdpa:
                     try:
                         f, fb, _ = sdpa_fns(S, D, causal, name)
                         r[name + "_fb"] = round(3.5 * ft / bench_ms(fb) * 1e-9, 1)
                         del f, fb
                     except Exception as e:  # noqa: BLE001
-                        log(f"split sdpa-{name} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
+                        log(f"{mode} sdpa-{name} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
                         r[name + "_fb"] = float("nan")
                     torch.cuda.empty_cache()
                 for name in sdpa:
                     for variant in variants:
                         r[f"{variant}/{name}"] = round(r[variant + "_fb"] / r[name + "_fb"], 3)
-                log("split " + json.dumps(r))
+                log(f"{mode} " + json.dumps(r))
                 out.append(r)
-                RESULTS["split"] = out
+                RESULTS[mode] = out
                 save()
     return out
+
+
+def split_compare():
+    """The split backward vs the joint one at head_dim 256/192, S 4k/8k, beside SDPA."""
+    dims = [int(x) for x in os.environ.get("FMX_SPLIT_DIMS", "256,192").split(",") if x]
+    seqs = [int(x) for x in os.environ.get("FMX_SPLIT_SEQS", "4096,8192").split(",") if x]
+    variants = os.environ.get("FMX_SPLIT_VARIANTS", "joint,split").split(",")
+
+    def setup(variant, D, causal):  # "split+tma": FLASHMUX_TRITON_BWD_TMA=1 too
+        os.environ["FLASHMUX_TRITON_DKDV"] = variant.split("+")[0]
+        os.environ["FLASHMUX_TRITON_BWD_TMA"] = "1" if variant.endswith("+tma") else "0"
+
+    return _variant_rows("split", ("FLASHMUX_TRITON_DKDV", "FLASHMUX_TRITON_BWD_TMA"), variants,
+                         dims, seqs, setup)
 
 
 def dq_compare():
     """The dQ program vs the atomic dQ (per-element or bulk reductions) at head_dim 64/128."""
     dims = [int(x) for x in os.environ.get("FMX_DQ_DIMS", "64,128").split(",") if x]
     seqs = [int(x) for x in os.environ.get("FMX_DQ_SEQS", "4096").split(",") if x]
-    causals = [bool(int(x)) for x in os.environ.get("FMX_SWEEP_CAUSAL", "0,1").split(",") if x]
-    sdpa = [x for x in os.environ.get("FMX_SPLIT_SDPA", "cudnn,flash").split(",") if x]
-    prof = os.environ.get("FMX_SPLIT_PROFILE", "0") == "1"
     variants = os.environ.get(
         "FMX_DQ_VARIANTS", "kernel,fused,fused_tma,fused_tma@64x64x8x3,fused_tma@64x128x8x2").split(",")
     cap = torch.cuda.get_device_capability()
-    out = []
-    for D in dims:
-        for causal in causals:
-            for S in seqs:
-                B, H, _, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
-                ft = flops(B, H, S, D, causal)
-                o, lse = backend.forward(q, k, v, None, None, p)
 
-                def bwd():
-                    backend.backward(do, None, q, k, v, o, lse, None, None, p)
+    def setup(variant, D, causal):  # "fused_tma@64x64x8x3": that bwd_fused config, then back
+        name, _, cfg = variant.partition("@")
+        os.environ["FLASHMUX_TRITON_BWD"] = "split" if name == "kernel" else "fused"
+        os.environ["FLASHMUX_TRITON_DQ_TMA"] = "1" if name.endswith("_tma") else "0"
+        key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
+        base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
+        if cfg:
+            c = T.KernelConfig(*(int(x) for x in cfg.split("x")))
+            _launch._CHOSEN[key] = T.with_config(base, "bwd_fused", c)
+        return lambda: _launch._CHOSEN.__setitem__(key, base)
 
-                key = (T.ShapeClass(D, D, "16bit", causal), cap, False)
-                base = _launch._CHOSEN.get(key) or T.default_tuning(key[0], cap, False)
-                r = {"D": D, "causal": causal, "S": S}
-                for variant in variants:
-                    name, _, cfg = variant.partition("@")
-                    os.environ["FLASHMUX_TRITON_BWD"] = "split" if name == "kernel" else "fused"
-                    os.environ["FLASHMUX_TRITON_DQ_TMA"] = "1" if name.endswith("_tma") else "0"
-                    if cfg:
-                        c = T.KernelConfig(*(int(x) for x in cfg.split("x")))
-                        _launch._CHOSEN[key] = T.with_config(base, "bwd_fused", c)
-                    try:
-                        r[variant + "_bwd"] = round(2.5 * ft / bench_ms(bwd) * 1e-9, 1)
-                        r[variant + "_fb"] = round(3.5 * ft / bench_ms(fwdbwd) * 1e-9, 1)
-                        if prof and S == seqs[0]:
-                            r[variant + "_ms"] = kernel_ms(bwd)
-                    except Exception as e:  # noqa: BLE001
-                        log(f"dq {variant} D={D} S={S}: {type(e).__name__}: {str(e)[:200]}")
-                        r[variant + "_bwd"] = r[variant + "_fb"] = float("nan")
-                    _launch._CHOSEN[key] = base
-                os.environ.pop("FLASHMUX_TRITON_BWD", None)
-                os.environ.pop("FLASHMUX_TRITON_DQ_TMA", None)
-                for name in sdpa:
-                    try:
-                        f, fb, _ = sdpa_fns(S, D, causal, name)
-                        r[name + "_fb"] = round(3.5 * ft / bench_ms(fb) * 1e-9, 1)
-                        del f, fb
-                    except Exception as e:  # noqa: BLE001
-                        log(f"dq sdpa-{name} D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
-                        r[name + "_fb"] = float("nan")
-                    torch.cuda.empty_cache()
-                for name in sdpa:
-                    for variant in variants:
-                        r[f"{variant}/{name}"] = round(r[variant + "_fb"] / r[name + "_fb"], 3)
-                log("dq " + json.dumps(r))
-                out.append(r)
-                RESULTS["dq"] = out
-                save()
-    return out
+    return _variant_rows("dq", ("FLASHMUX_TRITON_BWD", "FLASHMUX_TRITON_DQ_TMA"), variants, dims,
+                         seqs, setup)
 
 
 def lpt_compare():
