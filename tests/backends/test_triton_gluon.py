@@ -51,6 +51,10 @@ GPU_CASES = [
     ("d128_causal_pingpong", 1, 1024, 1024, 2, 2, 128, "bfloat16", True, "64,128,2,1"),
     ("d128_noncausal_pingpong", 1, 520, 1024, 2, 1, 128, "float16", False, "64,128,2,1"),
     ("d64_causal_bn64", 1, 700, 704, 2, 2, 64, "bfloat16", True, "64,64,4,0"),
+    ("d128_causal_overlap", 1, 1024, 1024, 2, 2, 128, "bfloat16", True, "64,128,2,0,1"),
+    ("d128_gqa_overlap", 2, 520, 1024, 4, 2, 128, "float16", False, "64,128,2,0,1"),
+    ("d64_causal_sq_gt_sk_overlap", 1, 1000, 512, 2, 2, 64, "bfloat16", True, "64,128,3,0,1"),
+    ("d64_causal_sq_lt_sk_overlap", 2, 300, 768, 2, 1, 64, "float16", True, "64,64,3,0,1"),
 ]
 
 

@@ -107,12 +107,77 @@ def _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i,
 
 
 @gluon.jit
+def _mask(qk, i, n_full, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    if i >= n_full:
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qk = gl.where(cols[None, :] <= rows[:, None] + diag, qk, float("-inf"))
+    return qk
+
+
+@gluon.jit
+def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, qk_scale, diag,
+                n_full, n_mine, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """FA3's intra-warpgroup overlap: block i's S = Q K_i^T and block i-1's O += P V run on the
+    tensor cores while this warpgroup does block i's softmax (waits: S first, then O)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if n_mine > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        qk = _mask(qk, 0, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
+        m_i = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
+        p = gl.exp2(qk * qk_scale - m_use[:, None])
+        l_i = gl.sum(p, 1)
+        p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+        for i in range(1, n_mine):
+            s = i % STAGES
+            ph = (i // STAGES) & 1
+            sp = (i - 1) % STAGES
+            php = ((i - 1) // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), ph)
+            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                               is_async=True)
+            mbarrier.wait(v_ready.index(sp), php)
+            acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=(qk,))
+            qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(qk * qk_scale - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            mbarrier.arrive(kv_empty.index(sp))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = p16_next
+        last = n_mine - 1
+        s = last % STAGES
+        ph = (last // STAGES) & 1
+        mbarrier.wait(v_ready.index(s), ph)
+        acc = warpgroup_mma(p16, v_smem.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(s))
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
              HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-             PINGPONG: gl.constexpr, RESID: gl.constexpr):
+             PINGPONG: gl.constexpr, RESID: gl.constexpr, OVERLAP: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -131,14 +196,19 @@ def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O,
         n_full = n_blocks
         n_mine = n_blocks
     mbarrier.wait(q_bar.index(HALF), 0)
-    for i in range(0, n_full):
-        acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
-                              l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              False, PINGPONG)
-    for i in range(n_full, n_mine):
-        acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
-                              l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                              True, PINGPONG)
+    if OVERLAP:
+        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i,
+                                    qk_scale, diag, n_full, n_mine, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    STAGES)
+    else:
+        for i in range(0, n_full):
+            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  STAGES, False, PINGPONG)
+        for i in range(n_full, n_mine):
+            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  STAGES, True, PINGPONG)
     for i in range(n_mine, n_blocks):
         # blocks wholly above this half's diagonal: release them once loaded (and keep the
         # turn-taking in step with the other warpgroup)
@@ -178,11 +248,11 @@ def _consume0(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O
               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-              RESID: gl.constexpr):
+              RESID: gl.constexpr, OVERLAP: gl.constexpr):
     _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-             0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+             0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)
 
 
 @gluon.jit
@@ -191,11 +261,11 @@ def _consume1(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O
               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-              RESID: gl.constexpr):
+              RESID: gl.constexpr, OVERLAP: gl.constexpr):
     _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-             1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+             1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)
 
 
 @gluon.jit
@@ -203,7 +273,7 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
                 stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                RESID: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
+                RESID: gl.constexpr, OVERLAP: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
     pid = gl.program_id(0)
     h = gl.program_id(1)
     b = gl.program_id(2)
@@ -242,11 +312,11 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
         (_consume0, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
                      b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
                      stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
         (_consume1, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
                      b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
                      stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
         (_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                  q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [MMA_REGS, LOAD_REGS])
@@ -255,19 +325,21 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
 # ----------------------------------------------------------------------------------------------
 # host side
 
-# (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, LOAD_REGS, MMA_REGS) per head_dim; the
-# environment's FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages,pingpong" overrides (sweeps)
-CONFIGS = {64: (64, 128, 3, False, 24, 240), 128: (64, 128, 2, False, 24, 240)}
+# (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, OVERLAP, LOAD_REGS, MMA_REGS) per head_dim;
+# FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages[,pingpong[,overlap]]" overrides (sweeps). OVERLAP
+# (FA3's intra-warpgroup overlap) takes precedence over PINGPONG.
+CONFIGS = {64: (64, 128, 3, False, False, 24, 240), 128: (64, 128, 2, False, False, 24, 240)}
 
 
 def config(d: int):
     env = os.environ.get("FLASHMUX_TRITON_GLUON_CFG")
-    bm, bn, st, pp, lr, mr = CONFIGS[d]
+    bm, bn, st, pp, ov, lr, mr = CONFIGS[d]
     if env:
         parts = [int(x) for x in env.split(",")]
         bm, bn, st = parts[:3]
         pp = bool(parts[3]) if len(parts) > 3 else pp
-    return bm, bn, st, pp, lr, mr
+        ov = bool(parts[4]) if len(parts) > 4 else ov
+    return bm, bn, st, pp and not ov, ov, lr, mr
 
 
 def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
@@ -312,7 +384,7 @@ def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, 
     """Fill out (B, Sq, Hq, D), lse (B, Hq, Sq) float32 and, when not None, res (out's rounding
     error, out's layout); `reasons` must have said None."""
     batch, _, hq, d = q.shape
-    bm, bn, stages, pingpong, load_regs, mma_regs = config(d)
+    bm, bn, stages, pingpong, overlap, load_regs, mma_regs = config(d)
     desc_q = _desc(q, bm, d)
     desc_k = _desc(k, bn, d)
     desc_v = _desc(v, bn, d)
@@ -321,23 +393,24 @@ def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, 
         desc_q, desc_k, desc_v, out, lse, out if res is None else res, seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-        RESID=res is not None, LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+        RESID=res is not None, OVERLAP=overlap, LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
     )
 
 
 def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
-                 pingpong=None, load_regs=None, mma_regs=None, dtype: str = "bf16",
-                 resid: bool = True):
+                 pingpong=None, overlap=None, load_regs=None, mma_regs=None,
+                 dtype: str = "bf16", resid: bool = True):
     """Compile attn_fwd_ws for sm_90a without a GPU (no torch needed); returns the
     CompiledKernel (asm["ptx"], asm["ttgir"], asm["cubin"], metadata.shared)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     c = list(config(d))
-    for i, v in enumerate((bm, bn, stages, pingpong, load_regs, mma_regs)):
+    for i, v in enumerate((bm, bn, stages, pingpong, overlap, load_regs, mma_regs)):
         if v is not None:
             c[i] = v
-    bm, bn, stages, pingpong, load_regs, mma_regs = c
+    bm, bn, stages, pingpong, overlap, load_regs, mma_regs = c
+    pingpong = pingpong and not overlap
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
 
     def desc(rows):
@@ -345,7 +418,7 @@ def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=No
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-                  PINGPONG=pingpong, RESID=resid, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+                  PINGPONG=pingpong, RESID=resid, OVERLAP=overlap, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
     sig, attrs = {}, {}
     for i, name in enumerate(attn_fwd_ws.arg_names):
         if name in consts:
