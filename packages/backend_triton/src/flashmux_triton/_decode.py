@@ -112,7 +112,8 @@ def _decode_inner(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr,
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, DUAL: tl.constexpr = False,
-    SEL: tl.constexpr = False,
+    SEL: tl.constexpr = False, desc_k=None, desc_v=None, k_row0=0, k_col=0, v_col=0,
+    TMA: tl.constexpr = False,
 ):
     """NEW (masked loops of a launch that appends): keys at positions < cache_len come from the
     cache, keys at cache_len .. length - 1 (this call's new tokens, token t = position -
@@ -203,6 +204,12 @@ def _decode_inner(
                          other=0.0)
             v = tl.load(v_ptrs, mask=(cols[:, None] < length) & (offs_dv[None, :] < HEAD_DIM_V),
                         other=0.0)
+        elif TMA:
+            # (contiguous cache, unmasked blocks, unpadded head dims) the tiles through Hopper
+            # tensor descriptors over the (B * S_max, Hkv * D) view: in bounds by construction
+            # (an unmasked block ends at or before the sequence's length <= S_max)
+            kt = tl.trans(desc_k.load([k_row0 + start_n, k_col]))
+            v = desc_v.load([k_row0 + start_n, v_col])
         else:
             if BLOCK_D != HEAD_DIM:
                 kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
@@ -261,6 +268,7 @@ def decode_fwd(
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
     LINE: tl.constexpr = 64, DUAL: tl.constexpr = False, SEL: tl.constexpr = False,
     PDL: tl.constexpr = False, BAL: tl.constexpr = False, BLOCK_B: tl.constexpr = 2,
+    DESC_K=None, DESC_V=None, TMA: tl.constexpr = False,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -439,6 +447,7 @@ def decode_fwd(
         kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
         HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH, DUAL, SEL,
+        DESC_K, DESC_V, b * capacity, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
     )
     acc, l_i, m_i = _decode_inner(
         acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
@@ -803,6 +812,27 @@ def _pdl_ok(q) -> bool:
     return torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
+def _tma_ok(q, k_cache, v_cache, paged: bool, cfg) -> bool:
+    """The `tma` variant: a contiguous 16-bit cache whose (B * S_max, Hkv * D) views are
+    descriptor-legal (last dim contiguous, heads adjacent, rows evenly strided, 16-byte aligned
+    rows), on a compiled sm90+ GPU or the interpreter, with a Triton that has descriptors."""
+    if not cfg.tma or paged or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not _interpreting() and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401 (triton >= 3.4)
+    except ImportError:
+        return False
+    for x in (k_cache, v_cache):
+        d = x.shape[-1]
+        if d & (d - 1) or d < 16 or x.stride(-1) != 1 or x.stride(-2) != d:
+            return False
+        if x.stride(0) != x.shape[1] * x.stride(1) or (x.stride(1) * x.element_size()) % 16:
+            return False
+    return True
+
+
 def _fits32(k_cache, v_cache, paged, capacity) -> bool:
     """Whether every key-row offset the kernel forms fits in int32: the whole pool of a paged
     cache (every page id is clamped into it), or one sequence's rows of a contiguous one."""
@@ -928,6 +958,31 @@ class _Launch:
         self.persist = q.is_cuda and self.n_ws * 4 <= (16 << 20)
         self.fast = {}  # seqlen_add -> _FastLaunch | False
         self.fast_ok = _direct_launch()
+        # the `tma` variant: descriptors of this call's caches, remade when the caches change
+        self.tma = _tma_ok(q, k_cache, v_cache, paged, cfg)
+        self.descs = (None, None, None)  # (data pointers, desc_k, desc_v)
+        if self.tma:
+            self.fast_ok = False  # a direct relaunch would keep the first call's descriptors
+            self.kw["TMA"] = True
+            self.tma_block = [cfg.block_n, block_dv]
+            self.tma_block_k = [cfg.block_n, max(16, triton.next_power_of_2(d))]
+
+    def _descs(self, k_cache, v_cache) -> dict:
+        """DESC_K / DESC_V over the caches' (B * S_max, Hkv * D) views (host objects; the
+        launcher encodes them), kept while the caches' storage stays the same; TMA=False for a
+        call whose caches are not 16-byte aligned."""
+        ptrs = (k_cache.data_ptr(), v_cache.data_ptr())
+        if self.descs[0] != ptrs:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            if (ptrs[0] | ptrs[1]) & 15:
+                return {"TMA": False}
+            out = []
+            for x, blk in ((k_cache, self.tma_block_k), (v_cache, self.tma_block)):
+                b, s, h, d = x.shape
+                out.append(TensorDescriptor(x, [b * s, h * d], [x.stride(1), 1], blk))
+            self.descs = (ptrs, out[0], out[1])
+        return {"DESC_K": self.descs[1], "DESC_V": self.descs[2]}
 
     def _buffers(self, dev):
         if _capturing():
@@ -974,12 +1029,15 @@ class _Launch:
                    cnt if cnt is not None else seqlens, q if k is None else k,
                    q if v is None else v)
         fast = self.fast.get(seqlen_add) if self.fast_ok else None
+        kw = self.kw
+        if self.tma:
+            kw = {**kw, **self._descs(k_cache, v_cache)}
         if fast and fast.hooks_off() and _aligned(*tensors) and \
                 fast(torch.cuda.current_device(), *tensors):
             pass
         else:
             kernel = decode_fwd[self.grid](*tensors, *self.head, seqlen_add, *self.tail,
-                                           **self.kw, **self.launch_kw)
+                                           **kw, **self.launch_kw)
             if self.fast_ok and seqlen_add not in self.fast:
                 f = None
                 if _aligned(*tensors):

@@ -51,6 +51,10 @@ class DecodeConfig:
     # of one size from the device lengths, each sequence getting as many programs as its
     # length needs (launches without an append and without a forced num_splits)
     balanced: int = 0
+    # session 10: 1 loads the unmasked key blocks of a contiguous 16-bit cache through Hopper
+    # tensor descriptors (TMA; sm90+, unpadded head dims, heads contiguous in the cache), one
+    # copy per tile instead of ~32 16-byte loads per thread
+    tma: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -68,6 +72,8 @@ class DecodeConfig:
             extra += f",pdl={self.pdl}"
         if self.balanced:
             extra += f",balanced={self.balanced}"
+        if self.tma:
+            extra += f",tma={self.tma}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -155,6 +161,13 @@ CANDIDATES = (
     # lost, c19)
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, l2_prefetch=2),
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, l2_prefetch=1),
+    # c43-c45, session 10 (the 4k gap; NOTES.md "Decode, session 10"): c32 with the unmasked
+    # blocks of a contiguous cache through tensor descriptors (TMA), at 3 stages (136 KiB, one
+    # program per SM), 4 stages (205 KiB: 3 tiles in flight) and 64-key x 4 stages (104 KiB,
+    # two programs per SM, 4 splits)
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
+    DecodeConfig(128, 4, 4, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
+    DecodeConfig(64, 4, 4, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
 )
 
 
