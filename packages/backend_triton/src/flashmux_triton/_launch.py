@@ -556,31 +556,44 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
         else:
             _launch(pb, "bwd_dq", run_dq)
 
-    if dq_tma and os.environ.get("FLASHMUX_TRITON_DQ_TMA") != "1":
-        # on by default: a compiler without descriptor reductions costs this class the bulk
-        # reductions (per-element atomics instead), not the call
-        try:
-            run_all()
-            return dq, dk, dv
-        except triton.runtime.errors.OutOfResources:
-            raise
-        except Exception:  # noqa: BLE001 - a compile failure of the descriptor reduction
-            _DQ_TMA_BROKEN.add(pb.shape)
-            dq_tma = False
-    if (btma is not None or ktma is not None) and os.environ.get("FLASHMUX_TRITON_BWD_TMA") != "1":
-        # on by the tuning table: a compiler without working descriptors costs this class the
-        # descriptors, not the call (every kernel rewrites its whole output, so a rerun is safe)
-        try:
-            run_all()
-            return dq, dk, dv
-        except triton.runtime.errors.OutOfResources:
-            raise
-        except Exception:  # noqa: BLE001 - a compile failure of the descriptor path
-            _BWD_TMA_BROKEN.add(pb.shape)
-            btma = ktma = None
-            tma_flag = {}
+    def drop_dq_tma():
+        nonlocal dq_tma
+        dq_tma = False
+
+    def drop_bwd_tma():
+        nonlocal btma, ktma, tma_flag
+        btma = ktma = None
+        tma_flag = {}
+
+    # on by default / by the tuning table: a compiler without descriptor reductions (or without
+    # working descriptors) costs this class the feature, not the call (every kernel rewrites its
+    # whole output, so a rerun is safe)
+    if _ran_or_dropped(run_all, dq_tma, "FLASHMUX_TRITON_DQ_TMA", _DQ_TMA_BROKEN, pb.shape,
+                       drop_dq_tma):
+        return dq, dk, dv
+    if _ran_or_dropped(run_all, btma is not None or ktma is not None, "FLASHMUX_TRITON_BWD_TMA",
+                       _BWD_TMA_BROKEN, pb.shape, drop_bwd_tma):
+        return dq, dk, dv
     run_all()
     return dq, dk, dv
+
+
+def _ran_or_dropped(run_all, on: bool, env: str, broken: set, shape, drop) -> bool:
+    """True when `run_all()` ran with an optional feature that is `on`. A compile error other
+    than running out of resources marks `shape` in `broken` and calls `drop()` (the caller's
+    closures then see the feature off; it runs again without it): False. With `env`=1 the
+    feature is forced and nothing is tried here (the caller's own run lets the error through)."""
+    if not on or os.environ.get(env) == "1":
+        return False
+    try:
+        run_all()
+        return True
+    except triton.runtime.errors.OutOfResources:
+        raise
+    except Exception:  # noqa: BLE001 - a compile failure of the optional feature
+        broken.add(shape)
+        drop()
+        return False
 
 
 def dropout_keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):

@@ -1,0 +1,119 @@
+"""The Triton launcher's fallbacks around optional compiled features (_launch._ran_or_dropped:
+the backward's bulk dQ reductions and descriptors; the Gluon forward's `_GLUON_BROKEN`).
+
+CPU (CI, milliseconds): the helper's contract with stand-in callables. GPU (sm_90, no
+interpreter): a compile failure injected into the feature's launch costs the class the feature,
+not the call: the result is still judged against the float64 reference (tk._run_case) and the
+class is marked broken; the forced setting (=1 / =force) lets the error through.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from flashmux_triton import _launch  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+hopper_only = pytest.mark.skipif(not HOPPER or os.environ.get("TRITON_INTERPRET") == "1",
+                                 reason="the sm_90 feature paths need an H100/H200 (no interpreter)")
+
+
+def test_ran_or_dropped_contract(monkeypatch):
+    monkeypatch.delenv("FLASHMUX_X", raising=False)
+    calls, dropped, broken = [], [], set()
+
+    def ok():
+        calls.append("ok")
+
+    def bad():
+        calls.append("bad")
+        raise RuntimeError("compile error")
+
+    assert _launch._ran_or_dropped(ok, True, "FLASHMUX_X", broken, "c", lambda: dropped.append(1))
+    assert not _launch._ran_or_dropped(ok, False, "FLASHMUX_X", broken, "c", dropped.clear)
+    assert calls == ["ok"] and not broken
+    assert not _launch._ran_or_dropped(bad, True, "FLASHMUX_X", broken, "c",
+                                       lambda: dropped.append(2))
+    assert broken == {"c"} and dropped == [2]
+
+    def oor():
+        raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        _launch._ran_or_dropped(oor, True, "FLASHMUX_X", set(), "c", lambda: None)
+    monkeypatch.setenv("FLASHMUX_X", "1")  # forced: not tried here, the caller's run raises
+    calls.clear()
+    assert not _launch._ran_or_dropped(bad, True, "FLASHMUX_X", broken, "d", lambda: None)
+    assert calls == [] and "d" not in broken
+
+
+class _Failing:
+    """Stands in for a kernel: launches with `flag`=True raise like a compile error."""
+
+    def __init__(self, real, flag):
+        self.real, self.flag = real, flag
+
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            if kw.get(self.flag):
+                raise RuntimeError(f"injected compile failure ({self.flag})")
+            return self.real[grid](*a, **kw)
+
+        return launch
+
+
+@hopper_only
+@pytest.mark.parametrize("feature", ["dq_tma", "bwd_tma"])
+def test_backward_feature_failure_falls_back(feature, monkeypatch):
+    import test_triton_kernels as tk
+
+    K = _launch.K
+    for name in ("_DQ_TMA_BROKEN", "_BWD_TMA_BROKEN"):
+        monkeypatch.setattr(_launch, name, set())
+    for env in ("FLASHMUX_TRITON_DQ_TMA", "FLASHMUX_TRITON_BWD_TMA"):
+        monkeypatch.delenv(env, raising=False)
+    if feature == "dq_tma":  # bulk dQ reductions: on by default with the atomic dQ on sm_90
+        monkeypatch.setenv("FLASHMUX_TRITON_BWD", "fused")
+        monkeypatch.setattr(K, "attn_bwd_dkdv", _Failing(K.attn_bwd_dkdv, "DQ_TMA"))
+        broken = "_DQ_TMA_BROKEN"
+    else:  # descriptors in the backward: on by the table for the 128 class on sm_90
+        monkeypatch.setenv("FLASHMUX_TRITON_BWD", "split")
+        monkeypatch.setattr(K, "attn_bwd_dq", _Failing(K.attn_bwd_dq, "TMA"))
+        broken = "_BWD_TMA_BROKEN"
+    tk._run_case(1, 256, 320, 2, 1, 128, 128, "bfloat16", {"causal": True})
+    assert getattr(_launch, broken), f"{broken}: the injected failure was not seen"
+    # forced on: the error is the caller's
+    monkeypatch.setattr(_launch, broken, set())
+    monkeypatch.setenv("FLASHMUX_TRITON_DQ_TMA" if feature == "dq_tma" else "FLASHMUX_TRITON_BWD_TMA",
+                       "1")
+    with pytest.raises(RuntimeError, match="injected"):
+        tk._run_case(1, 256, 320, 2, 1, 128, 128, "bfloat16", {"causal": True})
+
+
+@hopper_only
+def test_gluon_failure_falls_back(monkeypatch):
+    import test_triton_kernels as tk
+
+    from flashmux_triton import _gluon
+
+    monkeypatch.setattr(_launch, "_GLUON_BROKEN", set())
+
+    def fail(*a, **kw):
+        raise RuntimeError("injected Gluon compile failure")
+
+    monkeypatch.setattr(_gluon, "forward", fail)
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "1")
+    tk._run_case(1, 256, 256, 2, 2, 64, 64, "bfloat16", {"causal": True})
+    assert _launch._GLUON_BROKEN
+    monkeypatch.setattr(_launch, "_GLUON_BROKEN", set())
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "force")
+    with pytest.raises(RuntimeError, match="injected"):
+        tk._run_case(1, 256, 256, 2, 2, 64, 64, "bfloat16", {"causal": True})
