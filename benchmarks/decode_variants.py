@@ -370,16 +370,26 @@ def interleaved(entries, rounds: int, fw, row) -> None:
     for e, ts in zip(entries, times):
         ok = [t for t in ts if t == t]
         row(e[0], e[1], e[2], e[3], statistics.median(ok) if ok else "failed", nbytes=e[5])
-    base = times[0]
+    # per-round ratios (the same round's times: paired) to the first entry (the anchor) and,
+    # for the page bars, to the contiguous cache's default row (GB/s ratio: its time / this)
+    bases = [(entries[0][1], times[0])]
+    contig = [i for i, e in enumerate(entries) if e[0] == "contig"
+              and e[1].startswith("flashmux-") and e[2] == "auto" and e[3] == "default"]
+    if contig:
+        bases.append(("contig default", times[contig[0]]))
     for e, ts in zip(entries, times):
         ok = [t for t in ts if t == t]
         if not ok:
             continue
-        ratios = [b / t for b, t in zip(base, ts) if b == b and t == t]
-        vs = (f"x {entries[0][1]} per round: median {statistics.median(ratios):.3f}, "
-              f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "no anchor time")
+        parts = []
+        for name, base in bases:
+            ratios = [b / t for b, t in zip(base, ts) if b == b and t == t]
+            if ratios:
+                parts.append(f"x {name} per round: median {statistics.median(ratios):.3f}, "
+                             f"{min(ratios):.3f}-{max(ratios):.3f}")
         print(f"# spread | {e[0]} | {e[1]} | {e[2]} | {e[3]} | {min(ok) * 1e6:.1f}-"
-              f"{max(ok) * 1e6:.1f} us over {len(ok)} rounds | {vs}", flush=True)
+              f"{max(ok) * 1e6:.1f} us over {len(ok)} rounds | "
+              + (" | ".join(parts) or "no base time"), flush=True)
 
 
 def ragged_lengths(b: int, sk: int) -> list[int]:
@@ -444,6 +454,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", default="",
                     help="pallas: extra variants as decode.tuning fields, ';' between variants "
                          "(e.g. 'num_stages=3;waves=1,num_stages=3;mosaic=1')")
+    ap.add_argument("--tune-pages", default="",
+                    help="pallas: run the --tune variants only on these page sizes (0 = "
+                         "contiguous), e.g. '0': the default on every cache, a variant's own "
+                         "contiguous rate beside it")
     ap.add_argument("--no-default", action="store_true",
                     help="pallas: leave out the default row (--configs/--tune rows only)")
     ap.add_argument("--quick", action="store_true", help="Sk 4k and 32k")
@@ -538,6 +552,9 @@ def main(argv=None) -> int:
                 for sp in args.splits.split(","):
                     ns = None if sp == "auto" else int(sp)
                     for cfg, label in vs:
+                        if (args.tune_pages and isinstance(cfg, dict)
+                                and str(page) not in args.tune_pages.split(",")):
+                            continue
                         try:
                             if isinstance(fw, Jax):
                                 fn, out = fw.call(q, kc, vc, lens, table, page, ns, cfg)
