@@ -183,3 +183,48 @@ def test_default_paged_path_on_the_gpu(page, sq):
     fin = np.isfinite(ref_lse)
     assert np.abs(lse[fin] - ref_lse[fin]).max() < 1e-3
     assert np.abs(out - np.nan_to_num(ref_out)).max() < 2e-2
+
+
+@pytest.mark.skipif(not _sm90_gpu(), reason="needs a Hopper GPU under JAX")
+def test_default_paged_step_with_an_append_and_donated_caches():
+    """A jitted decode step that appends one token per sequence into a shuffled 16-token-page
+    cache (donated) and attends through the default Mosaic kernel, twice in a row: outputs
+    judged against float64 on the appended caches, and slots no token was written to keep
+    their contents."""
+    import flashmux
+    from flashmux import reference
+
+    rng = np.random.default_rng(7)
+    b, cap, page = 3, 1024, 16
+    lens = np.array([0, 500, cap - 2], np.int32)
+    bf = jnp.bfloat16
+    k = jnp.asarray(rng.standard_normal((b, cap, HKV, D)).astype(np.float32)).astype(bf)
+    v = jnp.asarray(rng.standard_normal((b, cap, HKV, D)).astype(np.float32)).astype(bf)
+    n = b * cap // page
+    order = rng.permutation(n)
+    kp = jnp.zeros((n, page, HKV, D), bf).at[order].set(k.reshape(n, page, HKV, D))
+    vp = jnp.zeros((n, page, HKV, D), bf).at[order].set(v.reshape(n, page, HKV, D))
+    table = jnp.asarray(order.astype(np.int32).reshape(b, cap // page))
+    k64 = np.asarray(k.astype(jnp.float32), np.float64)
+    v64 = np.asarray(v.astype(jnp.float32), np.float64)
+
+    step = jax.jit(lambda q, kc, vc, n, t, kn, vn: flashmux.attention_with_kvcache(
+        q, kc, vc, cache_seqlens=n, k=kn, v=vn, block_table=t, causal=True,
+        backend="pallas"), donate_argnums=(1, 2))  # -> (out, k_cache, v_cache)
+    for it in range(2):
+        q = jnp.asarray(rng.standard_normal((b, 1, HQ, D)).astype(np.float32)).astype(bf)
+        kn = jnp.asarray(rng.standard_normal((b, 1, HKV, D)).astype(np.float32)).astype(bf)
+        vn = jnp.asarray(rng.standard_normal((b, 1, HKV, D)).astype(np.float32)).astype(bf)
+        out, kp, vp = step(q, kp, vp, jnp.asarray(lens), table, kn, vn)
+        for i in range(b):  # the float64 caches follow the append
+            k64[i, lens[i]] = np.asarray(kn[i, 0].astype(jnp.float32), np.float64)
+            v64[i, lens[i]] = np.asarray(vn[i, 0].astype(jnp.float32), np.float64)
+        lens = lens + 1
+        q64 = np.asarray(q.astype(jnp.float32), np.float64)
+        ref = reference.attention_with_kvcache(q64, k64, v64, cache_seqlens=lens,
+                                               causal=True)[0]
+        got = np.asarray(out.astype(jnp.float32), np.float64)
+        assert np.abs(got - ref).max() < 2e-2, it
+    # every slot of the paged cache equals the float64 cache it mirrors (appended or untouched)
+    kc = np.asarray(kp.astype(jnp.float32), np.float64)[np.asarray(table)].reshape(b, cap, HKV, D)
+    assert np.array_equal(kc, k64)
