@@ -25,7 +25,8 @@ dq:    head_dim 64/128 (FMX_DQ_DIMS), S 4k (FMX_DQ_SEQS), causal and not (FMX_SW
 lpt:   causal forward and backward TFLOP/s with FLASHMUX_TRITON_LPT=0 and 1 (heaviest blocks
        first), head dims FMX_LPT_DIMS (default 64,128,256), S FMX_LPT_SEQS (default 4096).
 gluon: forward TFLOP/s of the Gluon warp-specialized forward (FLASHMUX_TRITON_GLUON) vs the
-       Triton kernel and SDPA cuDNN (FMX_GLUON_DIMS/SEQS/CFGS, FMX_GLUON_FB=1 adds fwd+bwd).
+       Triton kernel and SDPA cuDNN (FMX_GLUON_DIMS/SEQS/CAUSAL/CFGS; FMX_GLUON_FB=1 adds
+       fwd+bwd and the Gluon dK/dV program, FLASHMUX_TRITON_GLUON_BWD, FMX_GLUON_BWD_CFGS).
 bench: bf16, B*S = 16384, model dim 2048, head_dim 64/128, S 2k..16k, causal and not; TFLOP/s
        (FlashAttention convention) of this backend beside torch SDPA flash (and cuDNN, flex).
 Writes $OUT/triton_gpu.json when OUT is set. Prints a short table last.
@@ -527,39 +528,46 @@ def lpt_compare():
 
 
 def gluon_compare():
-    """Forward TFLOP/s (and forward+backward with FMX_GLUON_FB=1) of the Triton kernel
-    (FLASHMUX_TRITON_GLUON=0), the Gluon warp-specialized forward (=force) at its default
-    config and at each FMX_GLUON_CFGS entry ("bm,bn,stages,pingpong;..."), beside SDPA cuDNN,
-    head dims FMX_GLUON_DIMS (64,128), S FMX_GLUON_SEQS (4096,16384), causal and not. Also the
-    largest |gluon - triton| output difference (a gross-error guard; the tests judge it)."""
+    """Forward TFLOP/s (and forward+backward with FMX_GLUON_FB=1) of the Triton kernels, the
+    Gluon warp-specialized forward (FLASHMUX_TRITON_GLUON=force) at its default config and at
+    each FMX_GLUON_CFGS entry ("bm,bn,stages,pingpong,overlap;..."), and with FMX_GLUON_FB=1
+    the Gluon forward + Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force; configs
+    FMX_GLUON_BWD_CFGS "bm,bn,stages;..."), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
+    (64,128), S FMX_GLUON_SEQS (4096,16384), causal FMX_GLUON_CAUSAL (0,1). Also the largest
+    |variant - triton| forward output difference (a gross-error guard; the tests judge)."""
     dims = [int(x) for x in os.environ.get("FMX_GLUON_DIMS", "64,128").split(",")]
     seqs = [int(x) for x in os.environ.get("FMX_GLUON_SEQS", "4096,16384").split(",")]
-    cfgs = [c for c in os.environ.get("FMX_GLUON_CFGS", "").split(";") if c]
+    causals = [bool(int(x)) for x in os.environ.get("FMX_GLUON_CAUSAL", "0,1").split(",")]
     fb = os.environ.get("FMX_GLUON_FB") == "1"
+    G, GB = "FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD"
+    variants = [("triton", {}), ("gluon", {G: "force"})]
+    variants += [(f"gluon@{c}", {G: "force", G + "_CFG": c})
+                 for c in os.environ.get("FMX_GLUON_CFGS", "").split(";") if c]
+    if fb:
+        variants.append(("gluon+bwd", {G: "force", GB: "force"}))
+        variants += [(f"gluon+bwd@{c}", {G: "force", GB: "force", GB + "_CFG": c})
+                     for c in os.environ.get("FMX_GLUON_BWD_CFGS", "").split(";") if c]
     out = []
     for D in dims:
-        for causal in (False, True):
+        for causal in causals:
             for S in seqs:
                 B, H, fwd, fwdbwd, (q, k, v, do, p) = mine_fns(S, D, causal)
                 ft = flops(B, H, S, D, causal)
                 r = {"D": D, "causal": causal, "S": S}
-                variants = [("triton", "0", None), ("gluon", "force", None)]
-                variants += [(f"gluon@{c}", "force", c) for c in cfgs]
                 outs = {}
-                for name, flag, cfg in variants:
-                    os.environ["FLASHMUX_TRITON_GLUON"] = flag
-                    if cfg:
-                        os.environ["FLASHMUX_TRITON_GLUON_CFG"] = cfg
+                for name, env in variants:
+                    os.environ.update(env)
                     try:
-                        outs[name] = backend.forward(q, k, v, None, None, p)[0]
-                        r[name] = ft / bench_ms(fwd) * 1e-9
-                        if fb:
+                        if "+bwd" not in name:
+                            outs[name] = backend.forward(q, k, v, None, None, p)[0]
+                            r[name] = ft / bench_ms(fwd) * 1e-9
+                        if fb and (name == "triton" or "+bwd" in name or name == "gluon"):
                             r[name + "_fb"] = 3.5 * ft / bench_ms(fwdbwd) * 1e-9
                     except Exception as e:  # noqa: BLE001
                         log(f"gluon {name} D={D} S={S}: {type(e).__name__}: {str(e)[:300]}")
                         r[name] = float("nan")
-                    os.environ.pop("FLASHMUX_TRITON_GLUON", None)
-                    os.environ.pop("FLASHMUX_TRITON_GLUON_CFG", None)
+                    for key in env:
+                        os.environ.pop(key, None)
                 for name in outs:
                     if name != "triton" and "triton" in outs:
                         r["maxdiff_" + name] = (outs[name].float() - outs["triton"].float()).abs().max().item()
@@ -574,7 +582,11 @@ def gluon_compare():
                     log(f"gluon cudnn D={D} S={S}: {type(e).__name__}: {str(e)[:100]}")
                 torch.cuda.empty_cache()
                 if r.get("cudnn"):
-                    r["x_cudnn"] = {n: round(r[n] / r["cudnn"], 3) for n, _, _ in variants if n in r}
+                    r["x_cudnn"] = {n: round(v / r["cudnn"], 3) for n, v in r.items()
+                                    if isinstance(v, float) and n in dict(variants)}
+                if r.get("cudnn_fb"):
+                    r["x_cudnn_fb"] = {n: round(v / r["cudnn_fb"], 3) for n, v in r.items()
+                                       if isinstance(v, float) and n.endswith("_fb") and n != "cudnn_fb"}
                 log("gluon " + json.dumps(r))
                 out.append(r)
                 RESULTS["gluon"] = out

@@ -81,3 +81,38 @@ def test_gluon_forward_judged(case, monkeypatch):
     if causal and Sq > Sk:  # rows above the diagonal have no key: lse -inf, out 0
         assert torch.isneginf(lse[:, :, : Sq - Sk]).all()
         assert (out[:, : Sq - Sk] == 0).all()
+
+
+# (B, Sq, Sk, Hq, Hkv, D, dtype, causal, FLASHMUX_TRITON_GLUON_BWD_CFG or None)
+GPU_BWD_CASES = [
+    ("d128_causal_gqa", 1, 1024, 1024, 4, 2, 128, "bfloat16", True, None),
+    ("d128_noncausal_sk_tail", 2, 512, 1000, 2, 2, 128, "float16", False, None),
+    ("d64_causal_sq_lt_sk", 1, 640, 1024, 2, 1, 64, "bfloat16", True, None),
+    ("d64_causal_sq_gt_sk", 2, 1024, 512, 2, 2, 64, "float16", True, None),
+    ("d128_causal_bm32", 1, 768, 768, 2, 2, 128, "bfloat16", True, "32,64,2"),
+    ("d64_noncausal_stages3", 1, 512, 768, 4, 1, 64, "bfloat16", False, "64,64,3"),
+]
+
+
+@hopper_only
+@pytest.mark.parametrize("case", GPU_BWD_CASES, ids=[c[0] for c in GPU_BWD_CASES])
+def test_gluon_dkdv_judged(case, monkeypatch):
+    """The Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force) with the Triton dQ program,
+    after the Triton forward: dq, dk, dv judged vs float64."""
+    import test_triton_kernels as tk
+
+    _, B, Sq, Sk, Hq, Hkv, D, dtype, causal, cfg = case
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON_BWD", "force")
+    monkeypatch.delenv("FLASHMUX_TRITON_GLUON", raising=False)
+    if cfg:
+        monkeypatch.setenv("FLASHMUX_TRITON_GLUON_BWD_CFG", cfg)
+    calls = []
+    real = _gluon.backward_dkdv
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_gluon, "backward_dkdv", counted)
+    tk._run_case(B, Sq, Sk, Hq, Hkv, D, D, dtype, {"causal": causal})
+    assert calls, "the Gluon dK/dV program did not run"

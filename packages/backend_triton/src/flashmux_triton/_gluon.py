@@ -323,6 +323,186 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
 
 
 # ----------------------------------------------------------------------------------------------
+# backward: dK and dV (K/V stationary), FA3 style; dQ stays the Triton program
+
+
+@gluon.jit
+def _bwd_load(desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, kv_bar,
+              q_ready, do_ready, q_empty, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr):
+    kv_row = b * seqlen_k + n0
+    mbarrier.expect(kv_bar, 2 * (desc_k.block_type.nbytes + desc_v.block_type.nbytes))
+    for j in gl.static_range(2):
+        _tma_load(desc_k, [kv_row + j * BLOCK_N, hk * HEAD_DIM], kv_bar, k_smem.index(j))
+        _tma_load(desc_v, [kv_row + j * BLOCK_N, hk * HEAD_DIM], kv_bar, v_smem.index(j))
+    it = 0
+    for g in range(group):
+        q_col = (hk * group + g) * HEAD_DIM
+        for mi in range(n_m):
+            q_row = b * seqlen_q + m_lo + mi * BLOCK_M
+            s = it % STAGES
+            ph = (it // STAGES) & 1
+            mbarrier.wait(q_empty.index(s), ph ^ 1)
+            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes)
+            _tma_load(desc_q, [q_row, q_col], q_ready.index(s), q_smem.index(s))
+            mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
+            _tma_load(desc_do, [q_row, q_col], do_ready.index(s), do_smem.index(s))
+            it += 1
+
+
+@gluon.jit
+def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                 LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                 qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                 HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    # S^T, dP^T: keys x queries (BLOCK_N x BLOCK_M); dK, dV: keys x head_dim
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    k = k_smem.index(HALF)
+    v = v_smem.index(HALF)
+    key0 = n0 + HALF * BLOCK_N
+    off = seqlen_k - seqlen_q
+    keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, a_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, a_layout)
+    b64 = b.to(gl.int64)
+    mbarrier.wait(kv_bar, 0)
+    it = 0
+    for g in range(group):
+        h = hk * group + g
+        lse_base = LSE + b64 * stride_lb + h * stride_lh
+        delta_base = DELTA + b64 * stride_lb + h * stride_lh
+        for mi in range(n_m):
+            m = m_lo + mi * BLOCK_M
+            s = it % STAGES
+            ph = (it // STAGES) & 1
+            # query i sees key j iff j <= i + off: this half's keys see none of this block
+            # when key0 > m + BLOCK_M - 1 + off, and all of it when key0 + BLOCK_N - 1 <= m + off
+            if CAUSAL:
+                skip = key0 > m + BLOCK_M - 1 + off
+            else:
+                skip = False
+            if skip:
+                mbarrier.wait(q_ready.index(s), ph)
+                mbarrier.wait(do_ready.index(s), ph)
+            else:
+                cols = m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+                lse = gl.load(lse_base + cols)
+                delta = gl.load(delta_base + cols)
+                # rows with no allowed key carry lse = -inf: their p is exactly 0
+                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                mbarrier.wait(q_ready.index(s), ph)
+                st = warpgroup_mma(k, q_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                   is_async=True)
+                mbarrier.wait(do_ready.index(s), ph)
+                dpt = warpgroup_mma(v, do_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                    is_async=True)
+                st = warpgroup_mma_wait(1, deps=(st,))
+                pt = gl.exp2(st * qk_scale - lse2[None, :])
+                if CAUSAL:
+                    if key0 + BLOCK_N - 1 > m + off:
+                        pt = gl.where(keys[:, None] <= cols[None, :] + off, pt, 0.0)
+                pt16 = gl.convert_layout(pt.to(q_smem.dtype), p_layout)
+                dv = warpgroup_mma(pt16, do_smem.index(s), dv, is_async=True)
+                dpt = warpgroup_mma_wait(1, deps=(dpt,))
+                dst = pt * (dpt - delta[None, :])
+                ds16 = gl.convert_layout((dst * sm_scale).to(q_smem.dtype), p_layout)
+                dk = warpgroup_mma(ds16, q_smem.index(s), dk, is_async=True)
+                dv, dk, pt16, ds16 = warpgroup_mma_wait(0, deps=(dv, dk, pt16, ds16))
+            mbarrier.arrive(q_empty.index(s))
+            it += 1
+    rows = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    cols_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+    offs = (b64 * stride_kb + hk * stride_kh + rows.to(gl.int64)[:, None] * stride_km
+            + cols_d[None, :])
+    ok = (rows < seqlen_k)[:, None]
+    gl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@gluon.jit
+def _bwd_consume0(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                 LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                 qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+
+
+@gluon.jit
+def _bwd_consume1(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                 LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                 qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+
+
+@gluon.jit
+def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen_q, seqlen_k,
+                     group, qk_scale, sm_scale, stride_kb, stride_km, stride_kh,
+                     stride_lb, stride_lh,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, LOAD_REGS: gl.constexpr,
+                     MMA_REGS: gl.constexpr):
+    """One program per (2 x BLOCK_N keys, KV head, batch): a TMA load warp streams the GQA
+    group's Q and dO tiles (BLOCK_M rows) through a STAGES ring; two consumer warpgroups, one
+    per BLOCK_N-key half, hold K, V (shared memory) and dK, dV (registers) and run S^T = K Q^T,
+    dP^T = V dO^T, dV += P^T dO, dK += (scale dS^T) Q on wgmma (P^T and dS^T from registers).
+    DK/DV share strides (dk and dv are allocated alike). Sq must be a multiple of BLOCK_M."""
+    pid = gl.program_id(0)
+    hk = gl.program_id(1)
+    b = gl.program_id(2)
+    n0 = pid * (2 * BLOCK_N)
+    if CAUSAL:  # the first query that sees key n0: i >= n0 - off
+        m_lo = (gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+    n_m = gl.maximum(seqlen_q - m_lo, 0) // BLOCK_M
+
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [2, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_v.dtype, [2, BLOCK_N, HEAD_DIM], desc_v.layout)
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [STAGES, BLOCK_M, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(desc_do.dtype, [STAGES, BLOCK_M, HEAD_DIM],
+                                        desc_do.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(do_ready.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=2)
+
+    gl.warp_specialize([
+        (_bwd_consume0, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                         LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                         qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
+                         stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_bwd_consume1, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                         LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                         qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
+                         stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_bwd_load, (desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                     q_ready, do_ready, q_empty, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
+    ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
 # host side
 
 # (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, OVERLAP, LOAD_REGS, MMA_REGS) per head_dim;
@@ -362,10 +542,15 @@ def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
     if k.shape[1] % bn:
         return f"the Gluon forward needs seqlen_k to be a multiple of {bn}, got {k.shape[1]}"
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if (x.stride(-1) != 1 or x.stride(-2) != d or x.stride(0) != x.shape[1] * x.stride(1)
-                or (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16):
+        if not _rows_view_ok(x, d):
             return f"the Gluon forward needs {name} as rows of contiguous heads (TMA views)"
     return None
+
+
+def _rows_view_ok(x, d: int) -> bool:
+    """x (B, S, H, d) can be seen as a (B*S, H*d) TMA view."""
+    return not (x.stride(-1) != 1 or x.stride(-2) != d or x.stride(0) != x.shape[1] * x.stride(1)
+                or (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16)
 
 
 def _gl_dtype(torch_dtype):
@@ -440,4 +625,90 @@ def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=No
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(attn_fwd_ws, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+BWD_CONFIGS = {64: (64, 64, 2, 24, 240), 128: (64, 64, 2, 24, 240)}
+
+
+def bwd_config(d: int):
+    """(BLOCK_M queries, BLOCK_N keys per warpgroup, STAGES, LOAD_REGS, MMA_REGS) of the dK/dV
+    program; FLASHMUX_TRITON_GLUON_BWD_CFG="bm,bn,stages" overrides (sweeps)."""
+    bm, bn, st, lr, mr = BWD_CONFIGS[d]
+    env = os.environ.get("FLASHMUX_TRITON_GLUON_BWD_CFG")
+    if env:
+        bm, bn, st = (int(x) for x in env.split(",")[:3])
+    return bm, bn, st, lr, mr
+
+
+def bwd_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
+    """None when the Gluon dK/dV program computes this call's backward, else why not."""
+    why = reasons(q, k, v, params, capability, varlen)
+    if why is not None:
+        return why
+    bm = bwd_config(q.shape[-1])[0]
+    if q.shape[1] % bm:
+        return f"the Gluon backward needs seqlen_q to be a multiple of {bm}, got {q.shape[1]}"
+    if do.dtype != q.dtype or do.shape != q.shape or not _rows_view_ok(do, q.shape[-1]):
+        return "the Gluon backward needs dout like q, as rows of contiguous heads (TMA views)"
+    return None
+
+
+def backward_dkdv(q, k, v, do, lse, delta, dk, dv, seqlen_q: int, seqlen_k: int, causal: bool,
+                  scale: float):
+    """dK, dV into dk, dv (k's shape; `bwd_reasons` said None; lse/delta (B, Hq, Sq) float32,
+    delta from the Triton preprocess; do laid out like q)."""
+    batch, _, hkv, d = k.shape
+    bm, bn, stages, load_regs, mma_regs = bwd_config(d)
+    assert dk.stride() == dv.stride()
+    grid = (triton.cdiv(seqlen_k, 2 * bn), hkv, batch)
+    attn_bwd_dkdv_ws[grid](
+        _desc(q, bm, d), _desc(do, bm, d), _desc(k, bn, d), _desc(v, bn, d), lse, delta, dk, dv,
+        seqlen_q, seqlen_k, q.shape[2] // hkv, scale * LOG2E, scale,
+        dk.stride(0), dk.stride(1), dk.stride(2), lse.stride(0), lse.stride(1),
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+        LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+    )
+
+
+def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
+                     load_regs=None, mma_regs=None, dtype: str = "bf16"):
+    """Compile attn_bwd_dkdv_ws for sm_90a without a GPU (as `compile_sm90`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = list(bwd_config(d))
+    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs)):
+        if v is not None:
+            c[i] = v
+    bm, bn, stages, load_regs, mma_regs = c
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
+
+    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+                  LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+    sig, attrs = {}, {}
+    for i, name in enumerate(attn_bwd_dkdv_ws.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("desc_q", "desc_do"):
+            sig[name] = desc(bm)
+        elif name in ("desc_k", "desc_v"):
+            sig[name] = desc(bn)
+        elif name in ("DK", "DV"):
+            sig[name] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(attn_bwd_dkdv_ws, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

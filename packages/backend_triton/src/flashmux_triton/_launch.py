@@ -333,13 +333,39 @@ def _slopes(pb: _Problem, alibi_slopes, like):
 _GLUON_BROKEN: set = set()
 
 
-def gluon_wanted(pb: _Problem) -> bool:
-    """The Gluon warp-specialized forward (_gluon.py, sm_90 only): FLASHMUX_TRITON_GLUON=1 opts
-    in (off by default until the H200 measures it); a class whose Gluon compile fails once runs
-    the Triton kernel from then on (FLASHMUX_TRITON_GLUON=force lets the error through)."""
-    env = os.environ.get("FLASHMUX_TRITON_GLUON", "0")
+def gluon_wanted(pb: _Problem, env_name: str = "FLASHMUX_TRITON_GLUON") -> bool:
+    """The Gluon warp-specialized kernels (_gluon.py, sm_90 only): FLASHMUX_TRITON_GLUON=1 opts
+    in the forward, FLASHMUX_TRITON_GLUON_BWD=1 the dK/dV program (off by default until the
+    H200 measures them); a class whose Gluon compile fails once runs the Triton kernel from
+    then on (=force lets the error through)."""
+    env = os.environ.get(env_name, "0")
+    broken = _GLUON_BROKEN if env_name == "FLASHMUX_TRITON_GLUON" else _GLUON_BWD_BROKEN
     return (env in ("1", "force") and not pb.interpret and pb.capability is not None
-            and pb.capability[0] == 9 and pb.shape not in _GLUON_BROKEN)
+            and pb.capability[0] == 9 and pb.shape not in broken)
+
+
+_GLUON_BWD_BROKEN: set = set()
+
+
+def _gluon_bwd_ok(pb: _Problem, q, k, v, do, params) -> bool:
+    from . import _gluon
+
+    return _gluon.bwd_reasons(q, k, v, do, params, pb.capability, pb.varlen) is None
+
+
+def _gluon_dkdv(pb: _Problem, q, k, v, do, lse, delta, dk, dv, params) -> bool:
+    """The Gluon dK/dV program; False when it fails to compile (then the Triton one runs)."""
+    from . import _gluon
+
+    try:
+        _gluon.backward_dkdv(q, k, v, do, lse, delta, dk, dv, pb.seqlen_q, pb.seqlen_k,
+                             pb.causal, params.scale)
+    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
+        if os.environ.get("FLASHMUX_TRITON_GLUON_BWD") == "force":
+            raise
+        _GLUON_BWD_BROKEN.add(pb.shape)
+        return False
+    return True
 
 
 def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
@@ -545,8 +571,13 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             )
         return run_one
 
+    gluon_dkdv = (not fused and alibi_slopes is None and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
+                  and _gluon_bwd_ok(pb, q, k, v, do, params))
+
     def run_all():
-        if variant != "joint":
+        if gluon_dkdv and _gluon_dkdv(pb, q, k, v, do, lse, delta, dk, dv, params):
+            pass  # the Gluon dK/dV program ran (FLASHMUX_TRITON_GLUON_BWD)
+        elif variant != "joint":
             _launch(pb, "bwd_dv", run_role(1))
             _launch(pb, "bwd_dk", run_role(2))
         else:
