@@ -55,6 +55,9 @@ def main(argv=None) -> int:
                          'rounds (medians and B over A), e.g. "dense/alibi" for the ALiBi bar '
                          '(specs as the masks sweep: dense, alibi, SPEC+alibi); replaces --masks')
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", action="store_true",
+                    help="per variant and mask: the fwd_bwd call's kernels (torch.profiler, "
+                         "device us per call) instead of the timing rows")
     args = ap.parse_args(argv)
 
     import torch
@@ -134,6 +137,34 @@ def main(argv=None) -> int:
                 os.environ[k2] = old
         os.environ.update(env)
         t_v = time.time()
+        if args.profile:  # where the time goes: forward, preprocess, dK/dV, dQ, glue
+            from torch.profiler import ProfilerActivity, profile
+
+            for m in ["dense"] + masks:
+                fn = call("fwd_bwd", bms.get(m), slopes.get(m))
+                fn()
+                sync()
+                n_calls = 5
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    for _ in range(n_calls):
+                        fn()
+                    sync()
+                rows = []
+                for e in prof.key_averages():
+                    t = getattr(e, "self_device_time_total", None)
+                    if t is None:
+                        t = getattr(e, "self_cuda_time_total", 0)
+                    if dev == "cpu":  # (a smoke run: host times)
+                        t = e.self_cpu_time_total if e.key.startswith("bs_") else 0
+                    if t and t > 0:
+                        rows.append((t / n_calls, e.count / n_calls, e.key))
+                rows.sort(reverse=True)
+                tot = sum(r[0] for r in rows)
+                print(f"{name:18s} {m:18s} device {tot:8.1f} us/call: " + "; ".join(
+                    f"{k[:40]} {t:.1f} us x{c:g}" for t, c, k in rows[:7]), flush=True)
+            print(f"  ({name}: {time.time() - t_v:.1f} s)", flush=True)
+            continue
         if pairs:  # A and B alternately, several rounds: is B's overhead over A noise?
             for a_, b_ in pairs:
                 for mode in modes:

@@ -43,6 +43,9 @@ VARIANTS = {
     "f4sm_prebwd": {"FLASHMUX_TRITON_BS_PRE": "dq,dkdv", "FLASHMUX_TRITON_BS_FWD": "64,32,4,2"},
     "pre_bwd3": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128",
                  "FLASHMUX_TRITON_BS_BWD_DQ": "64,32,4,2", "FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,2"},
+    # session 10: the dK/dV kernel's row statistics precomputed (log2 lse) and read unmasked
+    "lse2": {"FLASHMUX_TRITON_BS_LSE2": "1"},
+    "lse2_s2": {"FLASHMUX_TRITON_BS_LSE2": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,128,8,2"},
 }
 
 

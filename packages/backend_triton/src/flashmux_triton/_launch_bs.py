@@ -253,6 +253,15 @@ def _ptid_kv(a):
     return torch.gather(flat, 1, idx).reshape(kpi.shape).contiguous()
 
 
+def _lse2():
+    """FLASHMUX_TRITON_BS_LSE2=1: the backward's preprocess (`bs_bwd_preprocess`) also writes
+    lse in log2 units (-inf as +inf) for the dK/dV kernel, which then reads it (and delta)
+    unmasked where no length is off the mask block: the sm_90 compile of its per-tile loop
+    has a multiply, compare and select per row statistic and a predicate per load fewer.
+    Off until the H200 measures it."""
+    return os.environ.get("FLASHMUX_TRITON_BS_LSE2", "0") == "1"
+
+
 def _ws(pb):
     """FLASHMUX_TRITON_BS_WS=1: the forward's walks warp-specialized (Triton's automatic
     producer/consumer split, as the dense forward's interior loop at head_dim 128 on the H200);
@@ -282,12 +291,22 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     if has_res:
         out, out_residual = out.contiguous(), out_residual.contiguous()
     pre_m = 64 if not pb.interpret else 32
-    K.attn_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
-        out, out_residual if has_res else out, do, dlse_arg, delta, q,
-        *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
-        pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv, VARLEN=False,
-        HAS_DLSE=has_dlse, HAS_RESID=has_res,
-    )
+    lse2 = _lse2()
+    lse_kv = torch.empty_like(lse) if lse2 else lse  # the dK/dV kernel's row statistics
+    if lse2:  # delta and lse in log2 units (-inf as +inf) in one pass
+        KB.bs_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
+            out, out_residual if has_res else out, do, dlse_arg, lse, delta, lse_kv,
+            *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
+            pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv,
+            HAS_DLSE=has_dlse, HAS_RESID=has_res,
+        )
+    else:
+        K.attn_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
+            out, out_residual if has_res else out, do, dlse_arg, delta, q,
+            *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
+            pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv, VARLEN=False,
+            HAS_DLSE=has_dlse, HAS_RESID=has_res,
+        )
     slopes, stride_sb = _slopes(pb, alibi_slopes, q)
     a, mflags = _mask_args(bm, pb.hq)
     mbs = bm.block_size
@@ -303,14 +322,14 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
-            q, k, v, do, lse, delta, dk, dv, slopes,
+            q, k, v, do, lse_kv, delta, dk, dv, slopes,
             a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
             _ptid_kv(a) if pre_kv else a["kpi"], *_descs(tma, q, do, bm_),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_kv,
-            **_opts(cfg),
+            LSE2=lse2, **_opts(cfg),
         )
 
     def run_dq(cfg, bm_, bn, tma):
