@@ -34,7 +34,8 @@ def test_backward_family_default_and_head_dims(monkeypatch):
 @pytest.mark.parametrize(
     "change, why",
     [
-        (dict(deterministic=True), "deterministic"),
+        # a library built before the deterministic sm90 backward (fmx_families() bit 5)
+        (dict(deterministic=True), "without the sm90 deterministic backward"),
         (dict(varlen=True), "sm90 backward lacks varlen"),
         (dict(softcap=5.0), "sm90 backward lacks softcap"),
         (dict(alibi=True), "sm90 backward lacks ALiBi"),
@@ -50,6 +51,17 @@ def test_backward_family_declines_with_a_reason(change, why, monkeypatch):
     monkeypatch.delenv(fam.BWD_FAMILY_ENV, raising=False)
     got, reason = fam.backward_family((9, 0), **{**KW, **change})
     assert got == "sm80" and why in reason, (change, reason)
+
+
+def test_deterministic_takes_the_sm90_backward(monkeypatch):
+    """Session 10: deterministic calls run the sm90 backward's kDet kernels where the library
+    has them (fmx_families() bit 5); an older library (bit 5 clear) keeps them on sm80."""
+    monkeypatch.delenv(fam.FAMILY_ENV, raising=False)
+    monkeypatch.delenv(fam.BWD_FAMILY_ENV, raising=False)
+    det = {**KW, "deterministic": True}
+    assert fam.backward_family((9, 0), **{**det, "families": 63}) == ("sm90", None)
+    assert fam.backward_family((9, 0), **{**det, "families": 31})[0] == "sm80"
+    assert fam.backward_family((9, 0), **{**det, "families": 63, "head_dim": 256})[0] == "sm80"
 
 
 def test_backward_family_devices_and_env(monkeypatch):
@@ -70,12 +82,13 @@ def test_backward_rule_matches_the_c_side():
     api = (src / "sm90" / "sm90_api.h").read_text()
     assert "return f <= 128 && (d <= 64 || d > 96) ? f : 0;" in api  # bwd_head_dim: 64, 128
     assert 'if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";' in api  # max(D, Dv)
-    assert 'if (p.deterministic) return "deterministic";' in api
+    assert 'return "deterministic"' not in api  # session 10: the kDet kernels take it
     assert "if (const char *why = fwd_unsupported(p)) return why;" in api
     top = (src / "flashmux_cuda_api.cu").read_text()
     assert f'std::getenv("{fam.BWD_FAMILY_ENV}")' in top
     assert "if (!use_sm90_fwd(p, cc)) return false;" in top
-    assert "return 31;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (3, 4 too)
+    assert "return 63;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (3, 4, 5 too)
+    assert fam.SM90_DET_BIT == 32
     # the workspace grows by the padded lse2/dsum rows whenever the family is built in
     assert "w.sm90 = w.total;" in top and "bwd_extra_floats" in top
 
@@ -110,6 +123,6 @@ def test_lowerings_names_the_backward_family(monkeypatch):
     assert got["backward"].startswith("sm90")
     got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1, deterministic=True))
     assert got["forward"].startswith("sm90")
-    assert got["backward"].startswith("sm80") and "deterministic" in got["backward"]
+    assert got["backward"].startswith("sm90")  # the deterministic sm90 backward (session 10)
     got = be.lowerings(Arr(), Arr(), Arr(), Params(scale=0.1, varlen=True))
     assert got["backward"].startswith("sm80") and "varlen" in got["backward"]

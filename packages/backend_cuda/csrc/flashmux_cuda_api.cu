@@ -331,7 +331,9 @@ int fmx_abi_version(void) { return FMX_ABI_VERSION; }
 // (flashmux_cuda.family) to name the family in explain().
 int fmx_families(void) {
 #ifdef FMX_HAS_SM90
-  return 31;  // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256; bit 4: Dv != D
+  // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256; bit 4: Dv != D;
+  // bit 5: the sm90 backward's deterministic mode (session 10)
+  return 63;
 #else
   return 17;
 #endif

@@ -3,6 +3,9 @@
   python sm90_check.py LIB fwd       # sm90 forward vs float64 reference, poisoned outputs
   python sm90_check.py LIB bwd       # sm90 forward + backward vs float64 (out, lse, dq, dk, dv)
   python sm90_check.py LIB bench     # bf16 forward TFLOP/s: sm90, sm80 (forced), SDPA cuDNN
+  (bench: FMX_FWD_VARIANTS=default,persist times the persistent forward beside the default;
+   FMX_BENCH_NO_SM80=1 leaves the sm80 column out; benchbwd: FMX_BWD_VARIANTS=0,det adds the
+   deterministic backward)
   python sm90_check.py LIB benchbwd  # bf16 backward ms (sm90 vs sm80) and fwd+bwd vs SDPA cuDNN
   (bench and benchbwd: FMX_BENCH_DIMS=64,128 FMX_BENCH_SEQS=2048,8192 narrow the sweep;
    fwd and bwd: FMX_CASES=d256,d192 runs the cases whose names contain one of the strings)
@@ -155,8 +158,10 @@ def fwd():
 
 def sanitize():
     _family("auto")
-    for tune in ("", "1"):  # default; sequential variant (tuning builds)
+    # default; sequential variant (tuning builds); the persistent forward (session 10)
+    for tune, sched in (("", ""), ("1", ""), ("", "persist")):
         os.environ["FMX_TUNE_SM90"] = tune
+        _use_fwd(sched or "default")
         fwd_case(
             f"sanitize gqa causal tails d64 [{tune}]",
             torch.bfloat16,
@@ -183,6 +188,7 @@ def sanitize():
             causal=True,
         )
     os.environ.pop("FMX_TUNE_SM90", None)
+    _use_fwd("default")
 
 
 # Backward cases: kernel_check.check_case keywords (forward + backward through the C ABI, judged
@@ -214,6 +220,13 @@ BWD_CASES = [
         dict(D=128, B=2, Hq=8, Hkv=2, Sq=1024, Sk=1024, causal=True),
     ),
     ("d64 1024 gqa many CTAs", dict(D=64, B=2, Hq=8, Hkv=4, Sq=1000, Sk=1024)),
+    # deterministic=True (session 10: the sm90 kDet kernels; check_case also runs it twice and
+    # compares bitwise)
+    (
+        "d128 det causal gqa 24 key blocks",
+        dict(D=128, Hq=4, Hkv=2, Sq=333, Sk=3000, causal=True, deterministic=True),
+    ),
+    ("d64 det window", dict(D=64, Sq=700, Sk=900, window=(150, 40), deterministic=True)),
     # head_dim 192 / 256: the sm90 forward, then the sm80 backward (no sm90 backward there)
     ("d256 causal tails 300x517", dict(D=256, Sq=300, Sk=517, causal=True)),
     ("d192 gqa 4/2", dict(D=192, Hq=4, Hkv=2, Sq=256, Sk=256)),
@@ -254,6 +267,19 @@ def sanitize_bwd():
         causal=True,
     )
     kc.check_case("sanitize bwd tails d128", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128)
+    # the deterministic kernels (session 10): workspace counters, ordered dQ adds
+    kc.check_case(
+        "sanitize bwd deterministic d128",
+        torch.bfloat16,
+        B=1,
+        Sq=200,
+        Sk=700,
+        Hq=2,
+        Hkv=1,
+        D=128,
+        causal=True,
+        deterministic=True,
+    )
 
 
 def _sweep(dims, seqs):
@@ -267,7 +293,8 @@ def _sweep(dims, seqs):
 
 def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Backward alone (the sm80 backward and each sm90 variant in $FMX_BWD_VARIANTS, default
-    "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build; same out/lse) and
+    "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build, "det": deterministic=True,
+    session 10; same out/lse) and
     forward+backward (ours with each backward vs torch SDPA cuDNN), bf16, the papers sweep;
     TFLOP/s with kernel_check's 2.5x (backward) / 3.5x (forward+backward) forward-flop rule."""
     import torch.nn.functional as F
@@ -276,6 +303,7 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
     dims, seqs = _sweep(dims, seqs)
     variants = [v for v in os.environ.get("FMX_BWD_VARIANTS", "0").split(",") if v]
+    det = {"on": False}  # variant "det": the default kernels with deterministic=True (kDet)
     names = ["sm80"] + [f"sm90v{v}" for v in variants]
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     head = " | ".join(f"bwd {n}" for n in names) + " | " + " | ".join(f"f+b {n}" for n in names)
@@ -284,11 +312,13 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
     def use(name):
         os.environ.pop("FMX_TUNE_SM90_BWD", None)
+        det["on"] = name == "sm90vdet"
         if name == "sm80":
             os.environ["FLASHMUX_CUDA_BWD_FAMILY"] = "sm80"
         else:
             os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
-            os.environ["FMX_TUNE_SM90_BWD"] = name[len("sm90v") :]
+            if not det["on"]:
+                os.environ["FMX_TUNE_SM90_BWD"] = name[len("sm90v") :]
 
     for D, causal, S, fl, q, k, v, do in kc._points(dims, seqs):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
@@ -297,13 +327,16 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
         tb, tfb = {}, {}
         for name in names:
             use(name)
+            dt = det["on"]
             tb[name] = tt.do_bench(
-                lambda: kc.fmx_backward(do, qd, kd, vd, o, lse, causal=causal), warmup=10, rep=40
+                lambda: kc.fmx_backward(do, qd, kd, vd, o, lse, causal=causal, deterministic=dt),
+                warmup=10,
+                rep=40,
             )
 
             def fb():
                 o2, l2 = kc.fmx_forward(qd, kd, vd, causal=causal)
-                return kc.fmx_backward(do, qd, kd, vd, o2, l2, causal=causal)
+                return kc.fmx_backward(do, qd, kd, vd, o2, l2, causal=causal, deterministic=dt)
 
             tfb[name] = tt.do_bench(fb, warmup=10, rep=40)
         use("sm90v0")
@@ -318,7 +351,8 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
         t_cudnn = tt.do_bench(cudnn_fb, warmup=10, rep=40, grad_to_none=[q, k, v])
         tf = lambda ms, m: fl * m / (ms * 1e-3) / 1e12  # noqa: E731
-        best = min(tfb[n] for n in names[1:])
+        nondet = [n for n in names[1:] if n != "sm90vdet"] or names[1:]
+        best = min(tfb[n] for n in nondet)  # best/cuDNN: the non-deterministic variants
         cols = " | ".join(f"{tf(tb[n], 2.5):.0f}" for n in names)
         cols += " | " + " | ".join(f"{tf(tfb[n], 3.5):.0f}" for n in names)
         print(
@@ -328,24 +362,42 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
         )
 
 
+def _use_fwd(name):
+    """Forward variant for the next calls: "default" (one CTA per tile) or "persist"
+    (FLASHMUX_CUDA_SM90_FWD=persist, session 10)."""
+    if name == "persist":
+        os.environ["FLASHMUX_CUDA_SM90_FWD"] = "persist"
+    else:
+        os.environ.pop("FLASHMUX_CUDA_SM90_FWD", None)
+
+
 def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
+    """Forward TFLOP/s, bf16: each sm90 variant of $FMX_FWD_VARIANTS (comma list of "default",
+    "persist"; default "default"), the sm80 family (left out with FMX_BENCH_NO_SM80=1) and SDPA
+    cuDNN, in one process; ratios of each variant to cuDNN."""
     import torch.nn.functional as F
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dims, seqs = _sweep(dims, seqs)
+    variants = [v for v in os.environ.get("FMX_FWD_VARIANTS", "default").split(",") if v]
+    no80 = os.environ.get("FMX_BENCH_NO_SM80") == "1"
+    cols = [f"sm90 {v}" for v in variants] + ([] if no80 else ["sm80"]) + ["cuDNN"]
+    cols += [f"{v}/cuDNN" for v in variants]
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    print("| D | causal | S | sm90 | sm80 | cuDNN | sm90/cuDNN | sm90/sm80 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| D | causal | S | " + " | ".join(cols) + " |")
+    print("|---" * (3 + len(cols)) + "|")
     for D, causal, S, fl, q, k, v, _do in kc._points(dims, seqs):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         times = {}
-        for fam in ("sm90", "sm80"):
-            _family(fam)
-            times[fam] = tt.do_bench(
+        for name in variants + ([] if no80 else ["sm80"]):
+            _family("sm80" if name == "sm80" else "sm90")
+            _use_fwd(name)
+            times[name] = tt.do_bench(
                 lambda: kc.fmx_forward(qd, kd, vd, causal=causal), warmup=25, rep=100
             )
         _family("auto")
+        _use_fwd("default")
         qt, kt, vt = (x.transpose(1, 2) for x in (qd, kd, vd))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             times["cudnn"] = tt.do_bench(
@@ -354,12 +406,9 @@ def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
                 rep=100,
             )
         tf = {n: fl / (t * 1e-3) / 1e12 for n, t in times.items()}
-        print(
-            f"| {D} | {int(causal)} | {S} | {tf['sm90']:.0f} | {tf['sm80']:.0f} | "
-            f"{tf['cudnn']:.0f} | {times['cudnn'] / times['sm90']:.2f} | "
-            f"{times['sm80'] / times['sm90']:.2f} |",
-            flush=True,
-        )
+        row = [f"{tf[n]:.0f}" for n in variants + ([] if no80 else ["sm80"])]
+        row += [f"{tf['cudnn']:.0f}"] + [f"{times['cudnn'] / times[n]:.2f}" for n in variants]
+        print(f"| {D} | {int(causal)} | {S} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

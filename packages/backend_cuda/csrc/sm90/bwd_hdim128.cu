@@ -38,6 +38,13 @@ int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtyp
         p, lse2, dsum, pad, stream);
   }
 #endif
+  if (p.deterministic) {  // dQ added in key-block order (kDet)
+    if (dtype == 0)
+      return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::half_t, false, -1, false, true>>(
+          p, lse2, dsum, pad, stream);
+    return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::bfloat16_t, false, -1, false, true>>(
+        p, lse2, dsum, pad, stream);
+  }
   if (dtype == 0) return launch_bwd<Bwd128<cutlass::half_t>>(p, lse2, dsum, pad, stream);
   return launch_bwd<Bwd128<cutlass::bfloat16_t>>(p, lse2, dsum, pad, stream);
 }

@@ -40,9 +40,17 @@ namespace sm90 {
 using namespace cute;
 
 template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false, int kOrder_ = -1,
-          bool kLocalDQ_ = false>
+          bool kLocalDQ_ = false, bool kDet_ = false>
 struct BwdTraits {
   using T = T_;
+  // true (deterministic=True, session 10): the key blocks add into each (query block, head) of
+  // dq_accum in key-block order. Per step one consumer thread waits until the workspace counter
+  // of that (batch, head, query block) equals this CTA's turn (the key blocks before it that see
+  // the query block), the 256 consumers add their dQ values, fence, and the counter advances.
+  // No rotated walk. The counters are the sm80 family's (p.dq_sem, 64-row blocks, zero-filled
+  // workspace); in-order CTA dispatch (the lower key block is resident or done) rules out a wait
+  // on a CTA that has not started, as in the sm80 family's deterministic mode.
+  static constexpr bool kDet = kDet_;
   // false: each consumer thread adds its dQ values into dq_accum (red.global.add.v2.f32).
   // true: the consumers write the step's dQ tile to shared memory in dq_accum's 8x8-block order
   // and warp 1 of the producer warpgroup adds it with one bulk reduce-add (cp.reduce.async.bulk)
@@ -92,6 +100,8 @@ struct BwdTraits {
   // kLocalDQ: (rows, 64 keys, warpgroup, buffer) and K^T of one warpgroup's 64 keys (its half of
   // sK is contiguous when kD == 64), and a one-warpgroup dQ MMA over K = 64 keys.
   static_assert(!kLocalDQ_ || (kD_ == 64 && !kDqBulk_), "kLocalDQ: hd64, red.v2 reductions");
+  static_assert(!kDet_ || (!kLocalDQ_ && !kDqBulk_), "kDet: the default dQ path");
+  static_assert(kBM_ % kBwdBlockM == 0, "the dQ counters count blocks of kBwdBlockM rows");
   using SmemLayoutdSw = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                                Shape<Int<kBM>, _64, _2, _2>{}));
   using SmemLayoutKh = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<kD>>{}));
@@ -192,6 +202,12 @@ CUTE_HOST_DEVICE auto bwd_acc_as_a(L l) {
                      coalesce(make_layout(get<2, 1>(split), get<2>(l))));
 }
 
+__device__ __forceinline__ int ld_acquire_gpu(const int *p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     bwd_kernel(const __grid_constant__ BwdKernelParams<Tr> kp) {
@@ -216,7 +232,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int num_steps = nm * p.group;
   // Key blocks start their walk at different query blocks, so that CTAs running together add
   // into different dQ rows.
-  const int rot = nm > 0 ? n_block % nm : 0;
+  const int rot = (nm > 0 && !Tr::kDet) ? n_block % nm : 0;
   auto step_hm = [&](int s, int &h, int &m) __attribute__((always_inline)) {
     const int g = s / nm;
     int mi = s - g * nm + rot;
@@ -611,6 +627,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int64_t i = si.q_row0 + m0 + row0;
         float *base = p.dq_accum + (int64_t)h * p.d * 8 + (i >> 3) * dq_blk + (i & 7) * 8 +
                       (col0 >> 3) * 64 + (col0 & 7);
+        int *sem = nullptr;
+        if constexpr (Tr::kDet) {  // wait for this CTA's turn on (b, h, m)
+          sem = p.dq_sem + ((int64_t)b * p.hq + h) * p.num_m_blocks_bwd + m * (kBM / kBwdBlockM);
+          if (tid == 0) {
+            int n_lo, n_hi;
+            key_block_range(p, si, m0, kBM, kBN, n_lo, n_hi);
+            const int target = n_block - n_lo;
+            while (ld_acquire_gpu(sem) != target) {
+            }
+          }
+          cutlass::arch::NamedBarrier::sync(256, 4);
+        }
 #pragma unroll
         for (int r = 0; r < size<0>(dQ_rc); ++r) {
           if (row0 + 8 * r < rows_q) {
@@ -619,6 +647,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               if (col0 + 8 * (c / 2) < p.d)
                 red_add_v2(base + r * dq_blk + (c / 2) * 64, dQ_rc(r, c), dQ_rc(r, c + 1));
           }
+        }
+        if constexpr (Tr::kDet) {  // the adds are visible (gpu scope) before the turn passes on
+          __threadfence();
+          cutlass::arch::NamedBarrier::sync(256, 4);
+          if (tid == 0) atomicAdd(sem, 1);
         }
       }
     }

@@ -1,7 +1,7 @@
 // sm90 forward instantiations for head_dim <= 128 (fp16 and bf16); sm_90a only.
 #include <cstdlib>
 
-#include "fwd_kernel.cuh"
+#include "fwd_persist.cuh"
 
 // Tile configuration, overridable at build time (-DFMX_SM90_FWD128_BN=...) for sweeps.
 #ifndef FMX_SM90_FWD128_BN
@@ -39,8 +39,9 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
       return launch_fwd<FwdTraits<128, 96, 2, cutlass::bfloat16_t>>(p, stream);
   }
 #endif
-  if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
-  return launch_fwd<Fwd128<cutlass::bfloat16_t>>(p, stream);
+  // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile
+  if (dtype == 0) return launch_fwd_sched<Fwd128<cutlass::half_t>>(p, stream);
+  return launch_fwd_sched<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm90
 }  // namespace fmx

@@ -62,7 +62,7 @@ inline int bwd_head_dim(int d) {
 inline const char *bwd_unsupported(const Params &p) {
   if (const char *why = fwd_unsupported(p)) return why;
   if (bwd_head_dim(kernel_dim(p)) == 0) return "head_dim";
-  if (p.deterministic) return "deterministic";
+  // deterministic: the kDet kernels (dQ in key-block order; session 10)
   const int64_t s[] = {p.do_rs, p.do_hs, p.do_bs};
   for (int64_t x : s)
     if (x <= 0 || x % 8 != 0) return "strides";

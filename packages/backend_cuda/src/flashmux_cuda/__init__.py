@@ -109,7 +109,7 @@ class CudaBackend(Backend):
     def lowerings(self, q, k, v, params) -> dict[str, str]:
         """The kernel family each pass takes on these arrays (see `family`): the forward runs
         the sm90 (wgmma/TMA) kernels on compute capability 9.0 where they have the problem, else
-        sm80; the backward likewise (family.backward_family: also not deterministic)."""
+        sm80; the backward likewise (family.backward_family)."""
         from . import family as fam
 
         cc = fam.device_capability(q)

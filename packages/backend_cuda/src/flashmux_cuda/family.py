@@ -12,8 +12,9 @@ explain() can say it without launching anything. Keep the two in step.
   of the two (the smaller one zero-filled on load).
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
-  run with head_dim <= 64 or 97..128, the library has it (``fmx_families()`` bit 2) and the call
-  is not deterministic (with Dv != D at the instantiation of max(D, Dv)), unless
+  run with head_dim <= 64 or 97..128 and the library has it (``fmx_families()`` bit 2; with
+  Dv != D at the instantiation of max(D, Dv)); deterministic calls too where the library has
+  that mode (bit 5, session 10: dQ added in key-block order), unless
   ``FLASHMUX_CUDA_BWD_FAMILY=sm80`` (the sm80 backward after the sm90 forward, for comparisons;
   the API file's ``use_sm90_bwd`` and ``sm90::bwd_unsupported``). Else sm80.
 """
@@ -29,6 +30,7 @@ FAMILY_BIT = {SM80: 1, SM90: 2}
 SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
 SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192, 256)
 DV_BIT = 16  # fmx_families(): head_dim_v != head_dim (session 9)
+SM90_DET_BIT = 32  # fmx_families(): the sm90 backward has deterministic mode (session 10)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 PAD96_ENV = "FLASHMUX_CUDA_SM90_PAD96"
 
@@ -137,8 +139,8 @@ def backward_family(
     bwd_env = os.environ.get(BWD_FAMILY_ENV) if bwd_env is None else bwd_env
     if bwd_env == SM80:
         return SM80, f"{BWD_FAMILY_ENV}=sm80"
-    if deterministic:
-        return SM80, "sm90 backward lacks deterministic mode"
+    if deterministic and families is not None and not families & SM90_DET_BIT:
+        return SM80, "library built without the sm90 deterministic backward (rebuild)"
     return SM90, None
 
 
