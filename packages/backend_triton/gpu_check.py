@@ -532,19 +532,20 @@ def gluon_compare():
     Gluon warp-specialized forward (FLASHMUX_TRITON_GLUON=force) at its default config and at
     each FMX_GLUON_CFGS entry ("bm,bn,stages,pingpong,overlap;..."), and with FMX_GLUON_FB=1
     the Gluon forward + Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force; configs
-    FMX_GLUON_BWD_CFGS "bm,bn,stages;..."), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
+    FMX_GLUON_BWD_CFGS "bm,bn,stages;...") and + the Gluon dQ ("gluon+all"), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
     (64,128), S FMX_GLUON_SEQS (4096,16384), causal FMX_GLUON_CAUSAL (0,1). Also the largest
     |variant - triton| forward output difference (a gross-error guard; the tests judge)."""
     dims = [int(x) for x in os.environ.get("FMX_GLUON_DIMS", "64,128").split(",")]
     seqs = [int(x) for x in os.environ.get("FMX_GLUON_SEQS", "4096,16384").split(",")]
     causals = [bool(int(x)) for x in os.environ.get("FMX_GLUON_CAUSAL", "0,1").split(",")]
     fb = os.environ.get("FMX_GLUON_FB") == "1"
-    G, GB = "FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD"
+    G, GB = "FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD"  # (+ _DQ: the Gluon dQ)
     variants = [("triton", {}), ("gluon", {G: "force"})]
     variants += [(f"gluon@{c}", {G: "force", G + "_CFG": c})
                  for c in os.environ.get("FMX_GLUON_CFGS", "").split(";") if c]
     if fb:
         variants.append(("gluon+bwd", {G: "force", GB: "force"}))
+        variants.append(("gluon+all", {G: "force", GB: "force", G + "_DQ": "force"}))
         variants += [(f"gluon+bwd@{c}", {G: "force", GB: "force", GB + "_CFG": c})
                      for c in os.environ.get("FMX_GLUON_BWD_CFGS", "").split(";") if c]
     out = []
@@ -558,10 +559,10 @@ def gluon_compare():
                 for name, env in variants:
                     os.environ.update(env)
                     try:
-                        if "+bwd" not in name:
+                        if "+" not in name:
                             outs[name] = backend.forward(q, k, v, None, None, p)[0]
                             r[name] = ft / bench_ms(fwd) * 1e-9
-                        if fb and (name == "triton" or "+bwd" in name or name == "gluon"):
+                        if fb and (name in ("triton", "gluon") or "+" in name):
                             r[name + "_fb"] = 3.5 * ft / bench_ms(fwdbwd) * 1e-9
                     except Exception as e:  # noqa: BLE001
                         log(f"gluon {name} D={D} S={S}: {type(e).__name__}: {str(e)[:300]}")

@@ -83,36 +83,52 @@ def test_gluon_forward_judged(case, monkeypatch):
         assert (out[:, : Sq - Sk] == 0).all()
 
 
-# (B, Sq, Sk, Hq, Hkv, D, dtype, causal, FLASHMUX_TRITON_GLUON_BWD_CFG or None)
+# (B, Sq, Sk, Hq, Hkv, D, dtype, causal, parts, cfg or None): parts = Gluon programs forced
+# ("dkdv": FLASHMUX_TRITON_GLUON_BWD, "dq": FLASHMUX_TRITON_GLUON_DQ); cfg for the first part
 GPU_BWD_CASES = [
-    ("d128_causal_gqa", 1, 1024, 1024, 4, 2, 128, "bfloat16", True, None),
-    ("d128_noncausal_sk_tail", 2, 512, 1000, 2, 2, 128, "float16", False, None),
-    ("d64_causal_sq_lt_sk", 1, 640, 1024, 2, 1, 64, "bfloat16", True, None),
-    ("d64_causal_sq_gt_sk", 2, 1024, 512, 2, 2, 64, "float16", True, None),
-    ("d128_causal_bm32", 1, 768, 768, 2, 2, 128, "bfloat16", True, "32,64,2"),
-    ("d64_noncausal_stages3", 1, 512, 768, 4, 1, 64, "bfloat16", False, "64,64,3"),
+    ("d128_causal_gqa", 1, 1024, 1024, 4, 2, 128, "bfloat16", True, ("dkdv",), None),
+    ("d128_noncausal_sk_tail", 2, 512, 1000, 2, 2, 128, "float16", False, ("dkdv",), None),
+    ("d64_causal_sq_lt_sk", 1, 640, 1024, 2, 1, 64, "bfloat16", True, ("dkdv",), None),
+    ("d64_causal_sq_gt_sk", 2, 1024, 512, 2, 2, 64, "float16", True, ("dkdv",), None),
+    ("d128_causal_bm32", 1, 768, 768, 2, 2, 128, "bfloat16", True, ("dkdv",), "32,64,2"),
+    ("d64_noncausal_stages3", 1, 512, 768, 4, 1, 64, "bfloat16", False, ("dkdv",), "64,64,3"),
+    ("dq_d128_causal_gqa", 1, 1024, 1024, 4, 2, 128, "bfloat16", True, ("dq",), None),
+    ("dq_d64_causal_sq_gt_sk_tail", 2, 1000, 512, 2, 2, 64, "float16", True, ("dq",), None),
+    ("dq_d128_noncausal_sq_lt_sk", 1, 300, 768, 2, 1, 128, "bfloat16", False, ("dq",), None),
+    ("dq_d128_bn128", 1, 512, 1024, 2, 2, 128, "bfloat16", True, ("dq",), "64,128,2"),
+    ("all_d128_causal", 2, 1024, 1024, 2, 2, 128, "bfloat16", True, ("fwd", "dkdv", "dq"), None),
+    ("all_d64_noncausal_gqa", 1, 1024, 1024, 4, 1, 64, "float16", False, ("fwd", "dkdv", "dq"),
+     None),
 ]
+_PARTS = {"fwd": ("FLASHMUX_TRITON_GLUON", "forward"),
+          "dkdv": ("FLASHMUX_TRITON_GLUON_BWD", "backward_dkdv"),
+          "dq": ("FLASHMUX_TRITON_GLUON_DQ", "backward_dq")}
 
 
 @hopper_only
 @pytest.mark.parametrize("case", GPU_BWD_CASES, ids=[c[0] for c in GPU_BWD_CASES])
-def test_gluon_dkdv_judged(case, monkeypatch):
-    """The Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force) with the Triton dQ program,
-    after the Triton forward: dq, dk, dv judged vs float64."""
+def test_gluon_backward_judged(case, monkeypatch):
+    """The Gluon dK/dV and/or dQ programs (=force), the rest Triton: out, lse, dq, dk, dv
+    judged vs float64; each forced Gluon program must have run."""
     import test_triton_kernels as tk
 
-    _, B, Sq, Sk, Hq, Hkv, D, dtype, causal, cfg = case
-    monkeypatch.setenv("FLASHMUX_TRITON_GLUON_BWD", "force")
-    monkeypatch.delenv("FLASHMUX_TRITON_GLUON", raising=False)
+    _, B, Sq, Sk, Hq, Hkv, D, dtype, causal, parts, cfg = case
+    for env, _ in _PARTS.values():
+        monkeypatch.delenv(env, raising=False)
+    calls = {}
+    for part in parts:
+        env, fn = _PARTS[part]
+        monkeypatch.setenv(env, "force")
+        real = getattr(_gluon, fn)
+
+        def counted(*a, _real=real, _part=part, **kw):
+            calls[_part] = calls.get(_part, 0) + 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(_gluon, fn, counted)
     if cfg:
-        monkeypatch.setenv("FLASHMUX_TRITON_GLUON_BWD_CFG", cfg)
-    calls = []
-    real = _gluon.backward_dkdv
-
-    def counted(*a, **kw):
-        calls.append(a[0].shape)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(_gluon, "backward_dkdv", counted)
+        part = [p for p in parts if p != "fwd"][0]
+        monkeypatch.setenv({"dkdv": "FLASHMUX_TRITON_GLUON_BWD_CFG",
+                            "dq": "FLASHMUX_TRITON_GLUON_DQ_CFG"}[part], cfg)
     tk._run_case(B, Sq, Sk, Hq, Hkv, D, D, dtype, {"causal": causal})
-    assert calls, "the Gluon dK/dV program did not run"
+    assert set(calls) == set(parts), f"Gluon programs that ran: {calls}, forced: {parts}"

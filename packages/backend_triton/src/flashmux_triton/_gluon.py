@@ -503,6 +503,171 @@ def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen
 
 
 # ----------------------------------------------------------------------------------------------
+# backward: dQ (Q stationary, K/V streamed), the forward's structure
+
+
+@gluon.jit
+def _dq_load(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar, k_ready,
+             v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for j in gl.static_range(2):
+        mbarrier.expect(q_bar.index(j), 2 * desc_q.block_type.nbytes)
+        _tma_load(desc_q, [q_row + j * BLOCK_M, q_col], q_bar.index(j), q_smem.index(j))
+        _tma_load(desc_do, [q_row + j * BLOCK_M, q_col], q_bar.index(j), do_smem.index(j))
+    for i in range(n_blocks):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(kv_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
+        _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s), k_smem.index(s))
+        mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
+        _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
+                DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    row0 = m0 + HALF * BLOCK_M
+    q = q_smem.index(HALF)
+    do = do_smem.index(HALF)
+    b64 = b.to(gl.int64)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    lse = gl.load(LSE + b64 * stride_lb + h * stride_lh + rows, mask=rows < seqlen_q,
+                  other=float("-inf"))
+    delta = gl.load(DELTA + b64 * stride_lb + h * stride_lh + rows, mask=rows < seqlen_q,
+                    other=0.0)
+    # p * scale = exp2(s2 - lse2): dS * scale comes out of the same FMA (as the Triton dQ)
+    lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - log2_scale)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, a_layout)
+    diag = row0 + seqlen_k - seqlen_q
+    if CAUSAL:
+        n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
+        n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
+    else:
+        n_full = n_blocks
+        n_mine = n_blocks
+    mbarrier.wait(q_bar.index(HALF), 0)
+    for i in range(0, n_mine):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        st = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
+        mbarrier.wait(v_ready.index(s), ph)
+        dp = warpgroup_mma(do, v_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
+        st = warpgroup_mma_wait(1, deps=(st,))
+        p = gl.exp2(st * qk_scale - lse2[:, None])
+        if CAUSAL:
+            if i >= n_full:
+                cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                p = gl.where(cols[None, :] <= (rows - row0)[:, None] + diag, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(q_smem.dtype), p_layout)
+        dq = warpgroup_mma(ds16, k_smem.index(s), dq, is_async=True)
+        dq, ds16 = warpgroup_mma_wait(0, deps=(dq, ds16))
+        mbarrier.arrive(kv_empty.index(s))
+    for i in range(n_mine, n_blocks):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.wait(v_ready.index(s), ph)
+        mbarrier.arrive(kv_empty.index(s))
+    rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+    ptrs = (DQ + b64 * stride_qb + h * stride_qh + rows_o.to(gl.int64)[:, None] * stride_qm
+            + cols_o[None, :])
+    gl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows_o < seqlen_q)[:, None])
+
+
+@gluon.jit
+def _dq_consume0(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
+                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
+                DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+
+
+@gluon.jit
+def _dq_consume1(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
+                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
+                DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+
+
+@gluon.jit
+def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, seqlen_k, group,
+                   qk_scale, log2_scale, stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, LOAD_REGS: gl.constexpr,
+                   MMA_REGS: gl.constexpr):
+    """dQ without atomics (deterministic): one program = 2 x BLOCK_M query rows of one (batch,
+    head), the forward's partitions (a TMA load warp streaming K/V; one consumer warpgroup per
+    half: S = Q K^T, dP = dO V^T, dQ += (scale dS) K on wgmma, dS from registers). dq shares
+    q's strides."""
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    if CAUSAL:
+        pid = gl.num_programs(0) - 1 - pid
+    m0 = pid * (2 * BLOCK_M)
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
+        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
+    else:
+        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(desc_do.dtype, [2, BLOCK_M, HEAD_DIM], desc_do.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(2):
+        mbarrier.init(q_bar.index(j), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)
+    q_row = b * seqlen_q + m0
+    kv_row = b * seqlen_k
+    q_col = h * HEAD_DIM
+    kv_col = (h // group) * HEAD_DIM
+    gl.warp_specialize([
+        (_dq_consume0, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
+                        DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dq_consume1, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
+                        DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dq_load, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
+                    k_ready, v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
+                    BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
 # host side
 
 # (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, OVERLAP, LOAD_REGS, MMA_REGS) per head_dim;
@@ -539,6 +704,8 @@ def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
             or (params.softcap or 0) > 0 or params.dropout_p > 0 or not params.scale > 0):
         return "the Gluon forward takes no window, softcap, dropout or non-positive scale"
     bn = config(d)[1]
+    if k.shape[1] == 0:
+        return "the Gluon kernels take no empty key sequence (the Triton kernel writes its zeros)"
     if k.shape[1] % bn:
         return f"the Gluon forward needs seqlen_k to be a multiple of {bn}, got {k.shape[1]}"
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -711,4 +878,90 @@ def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stage
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(attn_bwd_dkdv_ws, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+DQ_CONFIGS = {64: (64, 64, 3, 24, 240), 128: (64, 64, 2, 24, 240)}
+
+
+def dq_config(d: int):
+    """(BLOCK_M per warpgroup, BLOCK_N, STAGES, LOAD_REGS, MMA_REGS) of the dQ program;
+    FLASHMUX_TRITON_GLUON_DQ_CFG="bm,bn,stages" overrides (sweeps)."""
+    bm, bn, st, lr, mr = DQ_CONFIGS[d]
+    env = os.environ.get("FLASHMUX_TRITON_GLUON_DQ_CFG")
+    if env:
+        bm, bn, st = (int(x) for x in env.split(",")[:3])
+    return bm, bn, st, lr, mr
+
+
+def dq_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
+    """None when the Gluon dQ program computes this call's dQ, else why not."""
+    why = reasons(q, k, v, params, capability, varlen)
+    if why is not None:
+        return why
+    if k.shape[1] % dq_config(q.shape[-1])[1]:
+        return "the Gluon dQ needs seqlen_k to be a multiple of its key block"
+    if do.dtype != q.dtype or do.shape != q.shape or not _rows_view_ok(do, q.shape[-1]):
+        return "the Gluon backward needs dout like q, as rows of contiguous heads (TMA views)"
+    return None
+
+
+def backward_dq(q, k, v, do, lse, delta, dq, seqlen_q: int, seqlen_k: int, causal: bool,
+                scale: float):
+    """dQ into dq (q's shape and strides; `dq_reasons` said None)."""
+    import math
+
+    batch, _, hq, d = q.shape
+    bm, bn, stages, load_regs, mma_regs = dq_config(d)
+    assert dq.stride() == q.stride()
+    grid = (triton.cdiv(seqlen_q, 2 * bm), hq, batch)
+    attn_bwd_dq_ws[grid](
+        _desc(q, bm, d), _desc(do, bm, d), _desc(k, bn, d), _desc(v, bn, d), lse, delta, dq,
+        seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E, math.log2(scale),
+        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+        LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+    )
+
+
+def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
+                    load_regs=None, mma_regs=None, dtype: str = "bf16"):
+    """Compile attn_bwd_dq_ws for sm_90a without a GPU (as `compile_sm90`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    c = list(dq_config(d))
+    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs)):
+        if v is not None:
+            c[i] = v
+    bm, bn, stages, load_regs, mma_regs = c
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
+
+    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+                  LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+    sig, attrs = {}, {}
+    for i, name in enumerate(attn_bwd_dq_ws.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("desc_q", "desc_do"):
+            sig[name] = desc(bm)
+        elif name in ("desc_k", "desc_v"):
+            sig[name] = desc(bn)
+        elif name == "DQ":
+            sig[name] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "log2_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(attn_bwd_dq_ws, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -339,12 +339,32 @@ def gluon_wanted(pb: _Problem, env_name: str = "FLASHMUX_TRITON_GLUON") -> bool:
     H200 measures them); a class whose Gluon compile fails once runs the Triton kernel from
     then on (=force lets the error through)."""
     env = os.environ.get(env_name, "0")
-    broken = _GLUON_BROKEN if env_name == "FLASHMUX_TRITON_GLUON" else _GLUON_BWD_BROKEN
+    broken = {"FLASHMUX_TRITON_GLUON": _GLUON_BROKEN, "FLASHMUX_TRITON_GLUON_BWD": _GLUON_BWD_BROKEN,
+              "FLASHMUX_TRITON_GLUON_DQ": _GLUON_DQ_BROKEN}[env_name]
     return (env in ("1", "force") and not pb.interpret and pb.capability is not None
             and pb.capability[0] == 9 and pb.shape not in broken)
 
 
 _GLUON_BWD_BROKEN: set = set()
+_GLUON_DQ_BROKEN: set = set()
+
+
+def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
+    """The Gluon dQ program (FLASHMUX_TRITON_GLUON_DQ) when it takes the call; False when it
+    declines or fails to compile (then the Triton dQ program runs)."""
+    from . import _gluon
+
+    if _gluon.dq_reasons(q, k, v, do, params, pb.capability, pb.varlen) is not None:
+        return False
+    try:
+        _gluon.backward_dq(q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, pb.causal,
+                           params.scale)
+    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
+        if os.environ.get("FLASHMUX_TRITON_GLUON_DQ") == "force":
+            raise
+        _GLUON_DQ_BROKEN.add(pb.shape)
+        return False
+    return True
 
 
 def _gluon_bwd_ok(pb: _Problem, q, k, v, do, params) -> bool:
@@ -574,6 +594,9 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
     gluon_dkdv = (not fused and alibi_slopes is None and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
                   and _gluon_bwd_ok(pb, q, k, v, do, params))
 
+    gluon_dq = (not fused and alibi_slopes is None and dq.stride() == q.stride()
+                and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_DQ"))
+
     def run_all():
         if gluon_dkdv and _gluon_dkdv(pb, q, k, v, do, lse, delta, dk, dv, params):
             pass  # the Gluon dK/dV program ran (FLASHMUX_TRITON_GLUON_BWD)
@@ -584,7 +607,7 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             _launch(pb, "bwd_fused" if fused else "bwd_dkdv", run_dkdv)
         if fused:
             dq.copy_(dq_acc)
-        else:
+        elif not (gluon_dq and _gluon_dq(pb, q, k, v, do, lse, delta, dq, params)):
             _launch(pb, "bwd_dq", run_dq)
 
     def drop_dq_tma():
