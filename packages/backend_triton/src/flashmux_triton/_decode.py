@@ -843,6 +843,33 @@ def _fits32(k_cache, v_cache, paged, capacity) -> bool:
     return all(capacity * c.stride(1) <= lim for c in (k_cache, v_cache))
 
 
+# Ticket counters for fused-merge launches captured in CUDA graphs: one int32 pool per device,
+# zeroed once outside any capture; each captured launch takes its own slice for good (so graphs
+# replayed concurrently never share counters), and each replay leaves its slice at 0 again (the
+# last program of a group resets it). A zeroed buffer made during capture would put a memset
+# node before every captured decode launch (session 8's fused-merge graph timings paid it).
+_GRAPH_POOL_INTS = 1 << 18
+_GRAPH_POOL: dict = {}  # str(device) -> [tensor, next free offset]
+
+
+def _graph_pool_ready(dev) -> None:
+    """Allocate the device's zeroed counter pool (outside capture only)."""
+    key = str(dev)
+    if key not in _GRAPH_POOL and not (dev.type == "cuda" and _capturing()):
+        _GRAPH_POOL[key] = [torch.zeros(_GRAPH_POOL_INTS, dtype=torch.int32, device=dev), 0]
+
+
+def _graph_counters(dev, n: int):
+    """n zeroed counters of the pool for one captured launch, or None (no pool yet, or used up:
+    the caller then zeroes a fresh buffer inside the graph)."""
+    pool = _GRAPH_POOL.get(str(dev))
+    if pool is None or pool[1] + n > _GRAPH_POOL_INTS:
+        return None
+    off = pool[1]
+    pool[1] += -(-n // 32) * 32  # 128-byte aligned slices
+    return pool[0][off: off + n]
+
+
 class _Launch:
     """Everything about one decode call signature that does not change from step to step."""
 
@@ -958,6 +985,8 @@ class _Launch:
         self.persist = q.is_cuda and self.n_ws * 4 <= (16 << 20)
         self.fast = {}  # seqlen_add -> _FastLaunch | False
         self.fast_ok = _direct_launch()
+        if self.fused and q.is_cuda:
+            _graph_pool_ready(q.device)  # so that a later capture needs no memset
         # the `tma` variant: descriptors of this call's caches, remade when the caches change
         self.tma = _tma_ok(q, k_cache, v_cache, paged, cfg)
         self.descs = (None, None, None)  # (data pointers, desc_k, desc_v)
@@ -1006,7 +1035,14 @@ class _Launch:
 
     def _new_buffers(self, dev):
         ws = torch.empty(self.n_ws, dtype=torch.float32, device=dev)
-        cnt = torch.zeros(self.n_cnt, dtype=torch.int32, device=dev) if self.fused else None
+        cnt = None
+        if self.fused:
+            # under CUDA-graph capture: counters from the pre-zeroed pool (no memset node in
+            # the graph: every replay leaves them at 0 again); else a zeroed fresh buffer
+            cnt = _graph_counters(dev, self.n_cnt) if dev.type == "cuda" and _capturing() \
+                else None
+            if cnt is None:
+                cnt = torch.zeros(self.n_cnt, dtype=torch.int32, device=dev)
         return (ws[: self.n_opart].view(self.opart_shape),
                 ws[self.n_opart :].view(self.lpart_shape), cnt)
 

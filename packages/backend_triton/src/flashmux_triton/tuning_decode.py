@@ -168,6 +168,11 @@ CANDIDATES = (
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
     DecodeConfig(128, 4, 4, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
     DecodeConfig(64, 4, 4, 1.0, fused_merge=0, off32=1, pdl=1, tma=1),
+    # c46-c47: one launch per step (the last split program merges, ticket counters that reset
+    # themselves; under CUDA-graph capture they come from a pre-zeroed pool, so no memset node
+    # precedes the launch as in session 8's graph timings of c1/c25/c33): c32 and c43 fused
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1, tma=1),
 )
 
 
