@@ -30,6 +30,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -305,6 +306,7 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
         mbarrier.init(kv_empty.index(s), count=2)
+    fence_async_shared()  # the barriers' init, before the TMA unit uses them
     if PINGPONG:
         mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
 
@@ -486,6 +488,7 @@ def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen
         mbarrier.init(q_ready.index(s), count=1)
         mbarrier.init(do_ready.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=2)
+    fence_async_shared()  # the barriers' init, before the TMA unit uses them
 
     gl.warp_specialize([
         (_bwd_consume0, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
@@ -648,6 +651,7 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
         mbarrier.init(kv_empty.index(s), count=2)
+    fence_async_shared()  # the barriers' init, before the TMA unit uses them
     q_row = b * seqlen_q + m0
     kv_row = b * seqlen_k
     q_col = h * HEAD_DIM
