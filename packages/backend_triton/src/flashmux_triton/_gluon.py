@@ -53,7 +53,7 @@ def _load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_read
     for j in gl.static_range(2):
         mbarrier.expect(q_bar.index(j), desc_q.block_type.nbytes)
         _tma_load(desc_q, [q_row + j * BLOCK_M, q_col], q_bar.index(j),
-                                        q_smem.index(j))
+                  q_smem.index(j))
     for i in range(n_blocks):
         s = i % STAGES
         ph = (i // STAGES) & 1
@@ -61,10 +61,10 @@ def _load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_read
         mbarrier.wait(kv_empty.index(s), ph ^ 1)
         mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
         _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s),
-                                        k_smem.index(s))
+                  k_smem.index(s))
         mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
         _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s),
-                                        v_smem.index(s))
+                  v_smem.index(s))
 
 
 @gluon.jit
