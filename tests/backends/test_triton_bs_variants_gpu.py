@@ -46,6 +46,8 @@ VARIANTS = {
     # session 10: the dK/dV kernel's row statistics precomputed (log2 lse) and read unmasked
     "lse2": {"FLASHMUX_TRITON_BS_LSE2": "1"},
     "lse2_s2": {"FLASHMUX_TRITON_BS_LSE2": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,128,8,2"},
+    "lse2_pre_only": {"FLASHMUX_TRITON_BS_LSE2": "2"},
+    "lse2_unmasked_only": {"FLASHMUX_TRITON_BS_LSE2": "3"},
 }
 
 

@@ -404,7 +404,7 @@ def _bs_dkdv_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
-    n0=0, is_p=False, RT: tl.constexpr = False, LSE2: tl.constexpr = False,
+    n0=0, is_p=False, RT: tl.constexpr = False, LSE2: tl.constexpr = 0,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -416,14 +416,15 @@ def _bs_dkdv_tile(
                    offs_d[:, None] < HEAD_DIM, True, True)
         do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :], rmask[:, None],
                    offs_dv[None, :] < HEAD_DIM_V, True, True)
-    if CHECK or not LSE2:
+    # LSE2: 0 off; 1 precomputed log2 lse read unmasked; 2 precomputed only; 3 unmasked only
+    if CHECK or LSE2 == 0 or LSE2 == 2:
         lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
         delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
-    else:  # LSE2 and no tail: every row in bounds, no per-element predicate or select
+    else:  # no tail: every row in bounds, no per-element predicate or select
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     w = _rt_words(BITS, tid, r_loc0 + offs_m, c_loc0, is_p, MBS, BLOCK_N, RT)
-    if LSE2:  # lse_base holds lse in log2 units, -inf as +inf already (bs_bwd_preprocess)
+    if LSE2 == 1 or LSE2 == 2:  # lse_base: lse in log2 units, -inf as +inf (bs_bwd_preprocess)
         lse2 = lse
     else:
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -465,7 +466,7 @@ def _bs_dkdv_list(
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
-    PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0, LSE2: tl.constexpr = False,
+    PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0, LSE2: tl.constexpr = 0,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
     partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward.
@@ -540,13 +541,13 @@ def bs_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
-    LSE2: tl.constexpr = False,
+    LSE2: tl.constexpr = 0,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
     query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
     PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists). LSE2: LSE
     holds the log-sum-exp in log2 units with -inf as +inf (`bs_bwd_preprocess`), read unmasked
-    when no length is off the mask block."""
+    when no length is off the mask block (2: precomputed only, 3: unmasked only; A/B)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)

@@ -258,8 +258,12 @@ def _lse2():
     lse in log2 units (-inf as +inf) for the dK/dV kernel, which then reads it (and delta)
     unmasked where no length is off the mask block: the sm_90 compile of its per-tile loop
     has a multiply, compare and select per row statistic and a predicate per load fewer.
-    Off until the H200 measures it."""
-    return os.environ.get("FLASHMUX_TRITON_BS_LSE2", "0") == "1"
+    Off until the H200 measures it. =2: the precomputed lse only, =3: the unmasked reads only
+    (the dK/dV kernel's LSE2 constexpr)."""
+    v = os.environ.get("FLASHMUX_TRITON_BS_LSE2", "0")
+    if v not in ("0", "1", "2", "3"):
+        raise ValueError(f"FLASHMUX_TRITON_BS_LSE2: expected 0, 1, 2 or 3, got {v!r}")
+    return int(v)
 
 
 def _ws(pb):
@@ -292,8 +296,9 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
         out, out_residual = out.contiguous(), out_residual.contiguous()
     pre_m = 64 if not pb.interpret else 32
     lse2 = _lse2()
-    lse_kv = torch.empty_like(lse) if lse2 else lse  # the dK/dV kernel's row statistics
-    if lse2:  # delta and lse in log2 units (-inf as +inf) in one pass
+    pre2 = lse2 in (1, 2)
+    lse_kv = torch.empty_like(lse) if pre2 else lse  # the dK/dV kernel's row statistics
+    if pre2:  # delta and lse in log2 units (-inf as +inf) in one pass
         KB.bs_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
             out, out_residual if has_res else out, do, dlse_arg, lse, delta, lse_kv,
             *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
