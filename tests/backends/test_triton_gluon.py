@@ -55,6 +55,11 @@ GPU_CASES = [
     ("d128_gqa_overlap", 2, 520, 1024, 4, 2, 128, "float16", False, "64,128,2,0,1"),
     ("d64_causal_sq_gt_sk_overlap", 1, 1000, 512, 2, 2, 64, "bfloat16", True, "64,128,3,0,1"),
     ("d64_causal_sq_lt_sk_overlap", 2, 300, 768, 2, 1, 64, "float16", True, "64,64,3,0,1"),
+    ("d128_causal_overlap_pingpong", 1, 1024, 1024, 2, 2, 128, "bfloat16", True, "64,128,2,1,1"),
+    # a warpgroup half with no key at all (n_mine = 0) still takes its turns
+    ("d64_causal_sq_gt_sk_overlap_pingpong", 1, 1000, 512, 2, 2, 64, "bfloat16", True,
+     "64,128,3,1,1"),
+    ("d128_gqa_overlap_pingpong", 2, 520, 1024, 4, 2, 128, "float16", False, "64,128,2,1,1"),
 ]
 
 

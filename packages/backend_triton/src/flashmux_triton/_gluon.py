@@ -117,11 +117,15 @@ def _mask(qk, i, n_full, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_l
 
 
 @gluon.jit
-def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, qk_scale, diag,
-                n_full, n_mine, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i, qk_scale,
+                diag, n_full, n_mine, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                PINGPONG: gl.constexpr):
     """FA3's intra-warpgroup overlap: block i's S = Q K_i^T and block i-1's O += P V run on the
-    tensor cores while this warpgroup does block i's softmax (waits: S first, then O)."""
+    tensor cores while this warpgroup does block i's softmax (waits: S first, then O).
+    PINGPONG: the two warpgroups take turns issuing (turn t: issue, then hand over without
+    waiting for the results), so one's softmax runs under the other's matmuls; turns 0..n_mine
+    here, one per skipped block after (the caller), the same count in both warpgroups."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -130,8 +134,12 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, qk
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if n_mine > 0:
         mbarrier.wait(k_ready.index(0), 0)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), 0)
         qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero, use_acc=False,
                            is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - HALF))
         qk = warpgroup_mma_wait(0, deps=(qk,))
         qk = _mask(qk, 0, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
         m_i = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
@@ -145,10 +153,14 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, qk
             sp = (i - 1) % STAGES
             php = ((i - 1) // STAGES) & 1
             mbarrier.wait(k_ready.index(s), ph)
+            mbarrier.wait(v_ready.index(sp), php)
+            if PINGPONG:
+                mbarrier.wait(turn.index(HALF), i & 1)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                is_async=True)
-            mbarrier.wait(v_ready.index(sp), php)
             acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - HALF))
             qk = warpgroup_mma_wait(1, deps=(qk,))
             qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
             m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
@@ -166,9 +178,16 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, qk
         s = last % STAGES
         ph = (last // STAGES) & 1
         mbarrier.wait(v_ready.index(s), ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), n_mine & 1)
         acc = warpgroup_mma(p16, v_smem.index(s), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - HALF))
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(s))
+    elif PINGPONG:  # turn 0 all the same
+        mbarrier.wait(turn.index(HALF), 0)
+        mbarrier.arrive(turn.index(1 - HALF))
     return acc, m_i, l_i
 
 
@@ -198,9 +217,9 @@ def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O,
         n_mine = n_blocks
     mbarrier.wait(q_bar.index(HALF), 0)
     if OVERLAP:
-        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i,
-                                    qk_scale, diag, n_full, n_mine, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    STAGES)
+        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                    m_i, l_i, qk_scale, diag, n_full, n_mine, HALF, BLOCK_M,
+                                    BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
     else:
         for i in range(0, n_full):
             acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
@@ -217,8 +236,11 @@ def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O,
         ph = (i // STAGES) & 1
         mbarrier.wait(k_ready.index(s), ph)
         mbarrier.wait(v_ready.index(s), ph)
-        if PINGPONG:
-            mbarrier.wait(turn.index(HALF), i & 1)
+        if PINGPONG:  # turn i (i + 1 after the overlapped loop's extra turn)
+            if OVERLAP:
+                mbarrier.wait(turn.index(HALF), (i + 1) & 1)
+            else:
+                mbarrier.wait(turn.index(HALF), i & 1)
             mbarrier.arrive(turn.index(1 - HALF))
         mbarrier.arrive(kv_empty.index(s))
     # epilogue: rows with no allowed key (l == 0) get out 0, lse -inf
@@ -675,8 +697,8 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
 # host side
 
 # (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, OVERLAP, LOAD_REGS, MMA_REGS) per head_dim;
-# FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages[,pingpong[,overlap]]" overrides (sweeps). OVERLAP
-# (FA3's intra-warpgroup overlap) takes precedence over PINGPONG.
+# FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages[,pingpong[,overlap]]" overrides (sweeps). OVERLAP:
+# FA3's intra-warpgroup overlap; with PINGPONG too, FA3's schedule (turns to issue).
 CONFIGS = {64: (64, 128, 3, False, False, 24, 240), 128: (64, 128, 2, False, False, 24, 240)}
 
 
@@ -688,7 +710,7 @@ def config(d: int):
         bm, bn, st = parts[:3]
         pp = bool(parts[3]) if len(parts) > 3 else pp
         ov = bool(parts[4]) if len(parts) > 4 else ov
-    return bm, bn, st, pp and not ov, ov, lr, mr
+    return bm, bn, st, pp, ov, lr, mr
 
 
 def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
@@ -766,7 +788,6 @@ def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=No
         if v is not None:
             c[i] = v
     bm, bn, stages, pingpong, overlap, load_regs, mma_regs = c
-    pingpong = pingpong and not overlap
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
 
     def desc(rows):
