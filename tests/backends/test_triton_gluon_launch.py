@@ -117,3 +117,34 @@ def test_gluon_failure_falls_back(monkeypatch):
     monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "force")
     with pytest.raises(RuntimeError, match="injected"):
         tk._run_case(1, 256, 256, 2, 2, 64, 64, "bfloat16", {"causal": True})
+
+
+def test_gluon_switches(monkeypatch):
+    """FLASHMUX_TRITON_GLUON / _BWD / _DQ: 1 on, 0 off, unset the class's Tuning.gluon; never
+    off sm_90, under the interpreter or for a class marked broken."""
+    from dataclasses import replace
+
+    from flashmux.spec import Params
+    from flashmux_triton import tuning as T
+
+    x = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    pb = _launch._Problem(x, x, x, None, None, Params(scale=0.1))
+    pb.interpret, pb.capability = False, (9, 0)  # as on an H200
+    key = (pb.shape, pb.capability, pb.interpret)
+    t = T.default_tuning(pb.shape, (9, 0), False)
+    envs = ("FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD", "FLASHMUX_TRITON_GLUON_DQ")
+    for env in envs:
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setitem(_launch._CHOSEN, key, replace(t, gluon=()))
+    assert not any(_launch.gluon_wanted(pb, e) for e in envs)
+    monkeypatch.setitem(_launch._CHOSEN, key, replace(t, gluon=("fwd", "dq")))
+    assert [_launch.gluon_wanted(pb, e) for e in envs] == [True, False, True]
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "0")
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON_BWD", "1")
+    assert [_launch.gluon_wanted(pb, e) for e in envs] == [False, True, True]
+    monkeypatch.setattr(_launch, "_GLUON_BWD_BROKEN", {pb.shape})
+    assert not _launch.gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
+    pb.capability = (8, 0)
+    assert not any(_launch.gluon_wanted(pb, e) for e in envs)
+    # 32-bit classes never take Gluon by default
+    assert T.default_tuning(T.ShapeClass(128, 128, "float32", False), (9, 0), False).gluon == ()

@@ -334,15 +334,19 @@ _GLUON_BROKEN: set = set()
 
 
 def gluon_wanted(pb: _Problem, env_name: str = "FLASHMUX_TRITON_GLUON") -> bool:
-    """The Gluon warp-specialized kernels (_gluon.py, sm_90 only): FLASHMUX_TRITON_GLUON=1 opts
-    in the forward, FLASHMUX_TRITON_GLUON_BWD=1 the dK/dV program (off by default until the
-    H200 measures them); a class whose Gluon compile fails once runs the Triton kernel from
-    then on (=force lets the error through)."""
-    env = os.environ.get(env_name, "0")
-    broken = {"FLASHMUX_TRITON_GLUON": _GLUON_BROKEN, "FLASHMUX_TRITON_GLUON_BWD": _GLUON_BWD_BROKEN,
-              "FLASHMUX_TRITON_GLUON_DQ": _GLUON_DQ_BROKEN}[env_name]
-    return (env in ("1", "force") and not pb.interpret and pb.capability is not None
-            and pb.capability[0] == 9 and pb.shape not in broken)
+    """The Gluon warp-specialized kernels (_gluon.py, sm_90 only): FLASHMUX_TRITON_GLUON the
+    forward, FLASHMUX_TRITON_GLUON_BWD the dK/dV program, FLASHMUX_TRITON_GLUON_DQ the dQ
+    program: 1 on, 0 off, unset: the class's `Tuning.gluon`. A class whose Gluon compile fails
+    once runs the Triton kernel from then on (=force lets the error through)."""
+    env = os.environ.get(env_name, "auto")
+    part, broken = {"FLASHMUX_TRITON_GLUON": ("fwd", _GLUON_BROKEN),
+                    "FLASHMUX_TRITON_GLUON_BWD": ("dkdv", _GLUON_BWD_BROKEN),
+                    "FLASHMUX_TRITON_GLUON_DQ": ("dq", _GLUON_DQ_BROKEN)}[env_name]
+    if pb.interpret or pb.capability is None or pb.capability[0] != 9 or pb.shape in broken:
+        return False
+    if env in ("0", "1", "force"):
+        return env != "0"
+    return part in _tuning(pb).gluon
 
 
 _GLUON_BWD_BROKEN: set = set()

@@ -42,7 +42,9 @@ class Tuning:
     deterministic=True); FLASHMUX_TRITON_BWD=fused|split overrides. bwd_fused / bwd_dkq: the
     configs of the joint program and of the split's dK program when they carry the atomic dQ
     (None: bwd_dkdv's / bwd_dk's). lpt: causal calls walk their grids heaviest blocks first
-    (FLASHMUX_TRITON_LPT=0|1 overrides)."""
+    (FLASHMUX_TRITON_LPT=0|1 overrides). gluon: which programs run as the Gluon warp-specialized
+    kernels of _gluon.py on sm_90 by default ("fwd", "dkdv", "dq"; FLASHMUX_TRITON_GLUON,
+    _GLUON_BWD, _GLUON_DQ = 0|1|force override)."""
 
     fwd: KernelConfig
     bwd_dkdv: KernelConfig
@@ -56,6 +58,7 @@ class Tuning:
     bwd_fused: KernelConfig | None = None
     bwd_dkq: KernelConfig | None = None
     lpt: bool = False
+    gluon: tuple = ()
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dv", "bwd_dk", "bwd_fused", "bwd_dkq")
@@ -150,7 +153,7 @@ def default_tuning(shape: ShapeClass, capability: tuple[int, int] | None, interp
     t = table[(d, shape.causal)]
     if shape.dtype == "float32":  # twice the bytes per tile: halve the tiles
         t = replace(t, **{w: _halve(config_of(t, w)) for w in KERNELS})
-        t = replace(t, ws=False, bwd_tma=False, dq="kernel")  # measured, judged: 16-bit only
+        t = replace(t, ws=False, bwd_tma=False, dq="kernel", gluon=())  # measured: 16-bit only
     return t
 
 
