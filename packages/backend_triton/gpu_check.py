@@ -540,13 +540,14 @@ def gluon_compare():
     causals = [bool(int(x)) for x in os.environ.get("FMX_GLUON_CAUSAL", "0,1").split(",")]
     fb = os.environ.get("FMX_GLUON_FB") == "1"
     G, GB = "FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD"  # (+ _DQ: the Gluon dQ)
-    variants = [("triton", {}), ("gluon", {G: "force"})]
-    variants += [(f"gluon@{c}", {G: "force", G + "_CFG": c})
+    off = {G: "0", GB: "0", G + "_DQ": "0"}  # every variant names all three (the table aside)
+    variants = [("triton", off), ("gluon", {**off, G: "force"})]
+    variants += [(f"gluon@{c}", {**off, G: "force", G + "_CFG": c})
                  for c in os.environ.get("FMX_GLUON_CFGS", "").split(";") if c]
     if fb:
-        variants.append(("gluon+bwd", {G: "force", GB: "force"}))
+        variants.append(("gluon+bwd", {**off, G: "force", GB: "force"}))
         variants.append(("gluon+all", {G: "force", GB: "force", G + "_DQ": "force"}))
-        variants += [(f"gluon+bwd@{c}", {G: "force", GB: "force", GB + "_CFG": c})
+        variants += [(f"gluon+bwd@{c}", {**off, G: "force", GB: "force", GB + "_CFG": c})
                      for c in os.environ.get("FMX_GLUON_BWD_CFGS", "").split(";") if c]
     out = []
     for D in dims:
