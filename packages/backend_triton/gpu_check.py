@@ -534,7 +534,8 @@ def gluon_compare():
     the Gluon forward + Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force; configs
     FMX_GLUON_BWD_CFGS "bm,bn,stages;...") and + the Gluon dQ ("gluon+all"), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
     (64,128), S FMX_GLUON_SEQS (4096,16384), causal FMX_GLUON_CAUSAL (0,1). Also the largest
-    |variant - triton| forward output difference (a gross-error guard; the tests judge)."""
+    |variant - triton| forward output difference (a gross-error guard; the tests judge).
+    FMX_GLUON_PROFILE=1: each forward+backward's per-kernel milliseconds (profiler)."""
     dims = [int(x) for x in os.environ.get("FMX_GLUON_DIMS", "64,128").split(",")]
     seqs = [int(x) for x in os.environ.get("FMX_GLUON_SEQS", "4096,16384").split(",")]
     causals = [bool(int(x)) for x in os.environ.get("FMX_GLUON_CAUSAL", "0,1").split(",")]
@@ -565,6 +566,8 @@ def gluon_compare():
                             r[name] = ft / bench_ms(fwd) * 1e-9
                         if fb and (name in ("triton", "gluon") or "+" in name):
                             r[name + "_fb"] = 3.5 * ft / bench_ms(fwdbwd) * 1e-9
+                            if os.environ.get("FMX_GLUON_PROFILE") == "1":
+                                r[name + "_ms"] = kernel_ms(fwdbwd, reps=3)
                     except Exception as e:  # noqa: BLE001
                         log(f"gluon {name} D={D} S={S}: {type(e).__name__}: {str(e)[:300]}")
                         r[name] = float("nan")
