@@ -241,6 +241,23 @@ def _bs_pre(NF, FI, NP, PI, PTID, row, n_kb, PRE: tl.constexpr):
 
 
 @triton.jit
+def _pre_next(IDX, PTID, base, it, n, nx, tid_nx, SUBS: tl.constexpr, PARTIAL: tl.constexpr):
+    """One step of a preloaded (PRE) list walk, the same for a query block's row (forward, dQ)
+    and a key block's column (dK/dV): the entry loaded one mask tile ahead (a loop-carried
+    value) is this iteration's (block, tile id); the next entry's block index and, for a
+    partial list, its tile id from the per-slot array PTID (no block -> tile-id chain) are
+    loaded. Returns (block, tile id, next block, next tile id)."""
+    blk = nx
+    tid = tid_nx
+    jn = (it + 1) // SUBS
+    more = jn < n
+    nx = tl.load(IDX + base + jn, mask=more, other=0)
+    if PARTIAL:
+        tid_nx = tl.load(PTID + base + jn, mask=more, other=0)
+    return blk, tid, nx, tid_nx
+
+
+@triton.jit
 def _bs_q_list(
     acc, l_i, m_i, NF, FI, NP, PI, TILE, row, n_kb, q, do, lse2, delta, k_base, v_base,
     stride_ks, stride_vs, BITS, r_loc, offs_m, offs_n, offs_d, offs_dv, row_first, row_last,
@@ -281,15 +298,8 @@ def _bs_q_list(
             kb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
             tid = tl.load(TILE + base + kb, mask=is_p, other=0)
         elif PRE:
-            # the entry loaded one mask tile ahead (a loop-carried value), the tile ids from the
-            # per-slot array PTID (no kb -> tile-id chain); the next entry's loads follow
-            kb = kb_nx
-            tid = tid_nx
-            jn = (it + 1) // SUBS
-            more = jn < n
-            kb_nx = tl.load(IDX + base + jn, mask=more, other=0)
-            if PARTIAL:
-                tid_nx = tl.load(PTID + base + jn, mask=more, other=0)
+            kb, tid, kb_nx, tid_nx = _pre_next(IDX, PTID, base, it, n, kb_nx, tid_nx, SUBS,
+                                               PARTIAL)
         else:
             kb = tl.load(IDX + base + it // SUBS)
             tid = 0
@@ -492,13 +502,8 @@ def _bs_dkdv_list(
             qb = tl.load(tl.where(is_p, PI + (base + j - nf), FI + (base + j)))
             tid = tl.load(TILE + (bhm * n_qb + qb).to(tl.int64) * n_kb + kb, mask=is_p, other=0)
         elif PRE:
-            qb = qb_nx
-            tid = tid_nx
-            jn = (it + 1) // SUBS
-            more = jn < n
-            qb_nx = tl.load(IDX + base + jn, mask=more, other=0)
-            if PARTIAL:
-                tid_nx = tl.load(PTID + base + jn, mask=more, other=0)
+            qb, tid, qb_nx, tid_nx = _pre_next(IDX, PTID, base, it, n, qb_nx, tid_nx, SUBS,
+                                               PARTIAL)
         else:
             qb = tl.load(IDX + base + it // SUBS)
             tid = 0
