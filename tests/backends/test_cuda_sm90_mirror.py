@@ -83,12 +83,12 @@ def test_head_dim_classes_match(c_rule):
     for dd, (hd, fwd, bwd) in zip(dims, got):
         assert int(hd) == fam.sm90_fwd_head_dim(dd), dd
         py_fwd = fam.forward_family(
-            (9, 0), families=15, varlen=False, softcap=None, head_dim=dd, seqlen_k=256, env=""
+            (9, 0), families=127, varlen=False, softcap=None, head_dim=dd, seqlen_k=256, env=""
         )[0]
         assert (fwd == "-") == (py_fwd == fam.SM90), (dd, fwd, py_fwd)
         py_bwd = fam.backward_family(
             (9, 0),
-            families=15,
+            families=127,
             varlen=False,
             softcap=None,
             head_dim=dd,
@@ -98,11 +98,10 @@ def test_head_dim_classes_match(c_rule):
             bwd_env="",
         )[0]
         assert (bwd == "-") == (py_bwd == fam.SM90), (dd, bwd, py_bwd)
-    # the classes themselves: the sm90 forward at <= 64 and 97..256 (65..96 run sm80), the sm90
-    # backward at <= 64 and 97..128 only
-    assert [dd for dd, (hd, _, _) in zip(dims, got) if int(hd)] == list(range(8, 65, 8)) + list(
-        range(104, 257, 8)
-    )
+    # the classes themselves: the sm90 forward at every head dim <= 256 (65..96 on the 96
+    # instantiation since session 10), the sm90 backward at <= 64 and 97..128 only
+    assert [dd for dd, (hd, _, _) in zip(dims, got) if int(hd)] == list(range(8, 257, 8))
+    assert {int(hd) for dd, (hd, _, _) in zip(dims, got) if 64 < dd <= 96} == {96}
     assert [dd for dd, (_, _, bwd) in zip(dims, got) if bwd == "-"] == list(range(8, 65, 8)) + [
         104,
         112,
@@ -123,7 +122,20 @@ def test_pad96_experiment_matches(c_rule, monkeypatch):
     assert [bwd == "-" for _, _, bwd in got] == [True, False, False, False, False, True]
     assert [fam.sm90_bwd_head_dim(dd) for dd in dims] == [64, 0, 0, 0, 0, 128]
     monkeypatch.delenv(fam.PAD96_ENV)
-    assert fam.sm90_fwd_head_dim(96) == 0
+    assert fam.sm90_fwd_head_dim(96) == 96  # the 96 instantiation (session 10)
+
+
+def test_head_dim_96_needs_the_library_bit():
+    """A library without fmx_families() bit 6 (built before the 96 instantiation) keeps 65..96 on
+    sm80; with it they take the sm90 forward (and the sm80 backward)."""
+    kw = dict(varlen=False, softcap=None, seqlen_k=256, env="")
+    for d in (72, 96):
+        assert fam.forward_family((9, 0), families=63, head_dim=d, **kw)[0] == fam.SM80
+        assert fam.forward_family((9, 0), families=127, head_dim=d, **kw)[0] == fam.SM90
+        fam_b, why = fam.backward_family(
+            (9, 0), families=127, head_dim=d, deterministic=False, bwd_env="", **kw
+        )
+        assert fam_b == fam.SM80 and "head_dim" in why
 
 
 def test_wide_head_dims_need_the_library_bit():
@@ -143,11 +155,11 @@ def test_conditions_match(c_rule):
     for row, (_, fwd, bwd) in zip(rows, c_rule(rows)):
         dd, varlen, cap, sk, det = row
         kw = dict(
-            families=63, varlen=bool(varlen), softcap=cap or None, head_dim=dd, seqlen_k=sk, env=""
+            families=127, varlen=bool(varlen), softcap=cap or None, head_dim=dd, seqlen_k=sk, env=""
         )
         f, why = fam.forward_family((9, 0), **kw)
         g, gwhy = fam.backward_family((9, 0), deterministic=bool(det), bwd_env="", **kw)
         assert (fwd == "-") == (f == fam.SM90), (row, fwd, why)
         assert (bwd == "-") == (g == fam.SM90), (row, bwd, gwhy)
-        if det and f == fam.SM90 and dd <= 128:  # session 10: deterministic stays on sm90
+        if det and f == fam.SM90 and fam.sm90_bwd_head_dim(dd):  # session 10: stays on sm90
             assert bwd == "-" and g == fam.SM90, (row, bwd, gwhy)

@@ -274,6 +274,7 @@ int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
   if (use_sm90_fwd(p, cc)) {
     switch (fmx::sm90::fwd_head_dim(fmx::sm90::kernel_dim(p))) {
       case 64: return fmx::sm90::run_fwd<64>(p, dtype, s);
+      case 96: return fmx::sm90::run_fwd<96>(p, dtype, s);
       case 128: return fmx::sm90::run_fwd<128>(p, dtype, s);
       case 192: return fmx::sm90::run_fwd<192>(p, dtype, s);
       case 256: return fmx::sm90::run_fwd<256>(p, dtype, s);
@@ -332,8 +333,9 @@ int fmx_abi_version(void) { return FMX_ABI_VERSION; }
 int fmx_families(void) {
 #ifdef FMX_HAS_SM90
   // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256; bit 4: Dv != D;
-  // bit 5: the sm90 backward's deterministic mode (session 10)
-  return 63;
+  // bit 5: the sm90 backward's deterministic mode; bit 6: the sm90 forward at head_dim 65..96
+  // (session 10)
+  return 127;
 #else
   return 17;
 #endif

@@ -52,28 +52,28 @@ struct FwdTraits {
   static constexpr int kBN = kBN_;     // keys per block
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 384; // producer + 2 consumer warpgroups
-  // 128-byte swizzled tiles need 64-element rows (the head dim); the key block is the N of the
-  // S wgmma and the K of O += P V (16-key k-blocks; P's accumulator->A regrouping pairs 8-key
-  // column blocks), so any multiple of 16 (head_dim 256 takes 80, 192 takes 112: smem).
-  static_assert(kD % 64 == 0 && kBN % 16 == 0, "head dim: 64-element rows; keys: 16-key blocks");
+  // 128-byte swizzled tiles need 64-element rows (the head dim); head dims that are a multiple
+  // of 32 but not of 64 (96, session 10) take 64-byte swizzled atoms of 32-element rows. The
+  // key block is the N of the S wgmma and the K of O += P V (16-key k-blocks; P's
+  // accumulator->A regrouping pairs 8-key column blocks), so any multiple of 16 (head_dim 256
+  // takes 80, 192 takes 112: smem).
+  static constexpr bool kSW64 = kD % 64 != 0;
+  static constexpr int kAtomD = kSW64 ? 32 : 64;  // head-dim elements of one swizzle atom
+  static_assert(kD % 32 == 0 && kBN % 16 == 0, "head dim: 32-element rows; keys: 16-key blocks");
   static_assert(kD <= 256 && kBN <= 256, "one wgmma N and one TMA box dimension are <= 256");
+  using AtomK = std::conditional_t<kSW64, GMMA::Layout_K_SW64_Atom<T>, GMMA::Layout_K_SW128_Atom<T>>;
+  using AtomMN = std::conditional_t<kSW64, GMMA::Layout_MN_SW64_Atom<T>, GMMA::Layout_MN_SW128_Atom<T>>;
 
-  using SmemLayoutQ = decltype(tile_to_shape(
-      GMMA::Layout_K_SW128_Atom<T>{},
-      Shape<Int<kWM>, Int<kD>, _2>{}));
-  using SmemLayoutK = decltype(tile_to_shape(
-      GMMA::Layout_K_SW128_Atom<T>{},
-      Shape<Int<kBN>, Int<kD>, Int<kStages>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(AtomK{}, Shape<Int<kWM>, Int<kD>, _2>{}));
+  using SmemLayoutK = decltype(tile_to_shape(AtomK{}, Shape<Int<kBN>, Int<kD>, Int<kStages>>{}));
   // V^T as the (N = head dim, K = keys) B operand of O += P V: head dim contiguous (MN-major).
-  // Head dims of a power-of-two number of 64-column atoms tile the head dim first; 192 (3 atoms)
-  // tiles the keys first (CuTe cannot slice one stage out of the other order with 3 atoms).
-  static constexpr bool kVtKeysFirst = ((kD / 64) & (kD / 64 - 1)) != 0;
+  // Head dims of a power-of-two number of atoms tile the head dim first; 192 and 96 (3 atoms)
+  // tile the keys first (CuTe cannot slice one stage out of the other order with 3 atoms).
+  static constexpr bool kVtKeysFirst = ((kD / kAtomD) & (kD / kAtomD - 1)) != 0;
   using SmemLayoutVt = std::conditional_t<
       kVtKeysFirst,
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
-                             Shape<Int<kD>, Int<kBN>, Int<kStages>>{}, Step<_2, _1, _3>{})),
-      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
-                             Shape<Int<kD>, Int<kBN>, Int<kStages>>{}))>;
+      decltype(tile_to_shape(AtomMN{}, Shape<Int<kD>, Int<kBN>, Int<kStages>>{}, Step<_2, _1, _3>{})),
+      decltype(tile_to_shape(AtomMN{}, Shape<Int<kD>, Int<kBN>, Int<kStages>>{}))>;
 
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kWM>, Int<kBN>, Int<kD>>>()));

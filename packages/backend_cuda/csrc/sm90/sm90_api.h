@@ -10,18 +10,17 @@ namespace fmx {
 namespace sm90 {
 // FLASHMUX_CUDA_SM90_PAD96=1 (session 8 experiment, read per call): the forward runs head_dim
 // 65..96 on the 128 instantiation (TMA zero-fills the padding: 4/3 of the MMA work), to be
-// compared with the sm80 forward at 96 in one process.
+// compared with the 96 instantiation (session 10) in one process.
 inline bool sm90_pad96() {
   const char *e = std::getenv("FLASHMUX_CUDA_SM90_PAD96");
   return e != nullptr && e[0] == '1';
 }
 
-// The head-dim instantiation the sm90 forward would use for head_dim d (0: none). 65..96 stay on
-// the sm80 family (no 96 instantiation: 96 is not a multiple of the 64-element swizzled row)
-// unless sm90_pad96().
+// The head-dim instantiation the sm90 forward would use for head_dim d (0: none). 65..96: the
+// 96 instantiation (64-byte swizzled rows; session 10), or 128 under sm90_pad96().
 inline int fwd_head_dim(int d) {
   if (d <= 64) return 64;
-  if (d <= 96) return sm90_pad96() ? 128 : 0;
+  if (d <= 96) return sm90_pad96() ? 128 : 96;
   if (d <= 128) return 128;
   if (d > 128 && d <= 192) return 192;
   if (d > 192 && d <= 256) return 256;

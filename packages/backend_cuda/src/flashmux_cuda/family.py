@@ -6,8 +6,9 @@ explain() can say it without launching anything. Keep the two in step.
 
 - forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
   library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
-  padded (not varlen), no softcap, no ALiBi, head_dim <= 64 or 97..256 (129..256 where the
-  library has them, ``fmx_families()`` bit 3), seqlen_k > 0, positive strides. With
+  padded (not varlen), no softcap, no ALiBi, head_dim <= 256 (129..256 where the library has
+  them, ``fmx_families()`` bit 3; 65..96 on the 96 instantiation where it has that, bit 6,
+  session 10), seqlen_k > 0, positive strides. With
   head_dim_v != head_dim (``fmx_families()`` bit 4) the instantiation is that of the larger
   of the two (the smaller one zero-filled on load).
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
@@ -31,6 +32,7 @@ SM90_BWD_BIT = 4  # fmx_families(): the library has the sm90 backward
 SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192, 256)
 DV_BIT = 16  # fmx_families(): head_dim_v != head_dim (session 9)
 SM90_DET_BIT = 32  # fmx_families(): the sm90 backward has deterministic mode (session 10)
+SM90_D96_BIT = 64  # fmx_families(): the sm90 forward has head_dim 65..96 (session 10)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 PAD96_ENV = "FLASHMUX_CUDA_SM90_PAD96"
 
@@ -40,7 +42,7 @@ def sm90_fwd_head_dim(d: int) -> int:
     if d <= 64:
         return 64
     if d <= 96:  # FLASHMUX_CUDA_SM90_PAD96=1: the 128 instantiation (session 8 experiment)
-        return 128 if os.environ.get(PAD96_ENV, "").startswith("1") else 0
+        return 128 if os.environ.get(PAD96_ENV, "").startswith("1") else 96
     if d <= 128:
         return 128
     if 128 < d <= 192:
@@ -91,9 +93,11 @@ def forward_family(
     if block_mask:
         return SM80, "sm90 forward lacks block masks"
     if sm90_fwd_head_dim(head_dim) == 0:
-        return SM80, f"sm90 forward has head_dim <= 64 and 97..256, not {head_dim}"
+        return SM80, f"sm90 forward has head_dim <= 256, not {head_dim}"
     if head_dim > 128 and families is not None and not families & SM90_WIDE_BIT:
         return SM80, "library built without the sm90 forward's head_dim 192/256 (rebuild)"
+    if sm90_fwd_head_dim(head_dim) == 96 and families is not None and not families & SM90_D96_BIT:
+        return SM80, "library built without the sm90 forward's head_dim 96 (rebuild)"
     if seqlen_k <= 0:
         return SM80, "no keys"
     return SM90, None
