@@ -363,17 +363,21 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
 
 def _use_fwd(name):
-    """Forward variant for the next calls: "default" (one CTA per tile) or "persist"
-    (FLASHMUX_CUDA_SM90_FWD=persist, session 10)."""
+    """Forward variant for the next calls: "default" (one CTA per tile), "persist"
+    (FLASHMUX_CUDA_SM90_FWD=persist, session 10) or "pad96" (head_dim 65..96 on the 128
+    instantiation, FLASHMUX_CUDA_SM90_PAD96=1, against the 96 one of session 10)."""
+    os.environ.pop("FLASHMUX_CUDA_SM90_PAD96", None)
     if name == "persist":
         os.environ["FLASHMUX_CUDA_SM90_FWD"] = "persist"
     else:
         os.environ.pop("FLASHMUX_CUDA_SM90_FWD", None)
+    if name == "pad96":
+        os.environ["FLASHMUX_CUDA_SM90_PAD96"] = "1"
 
 
 def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Forward TFLOP/s, bf16: each sm90 variant of $FMX_FWD_VARIANTS (comma list of "default",
-    "persist"; default "default"), the sm80 family (left out with FMX_BENCH_NO_SM80=1) and SDPA
+    "persist", "pad96"; default "default"), the sm80 family (left out with FMX_BENCH_NO_SM80=1) and SDPA
     cuDNN, in one process; ratios of each variant to cuDNN."""
     import torch.nn.functional as F
     import triton.testing as tt
