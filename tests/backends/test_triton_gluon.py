@@ -60,6 +60,12 @@ GPU_CASES = [
     ("d64_causal_sq_gt_sk_overlap_pingpong", 1, 1000, 512, 2, 2, 64, "bfloat16", True,
      "64,128,3,1,1"),
     ("d128_gqa_overlap_pingpong", 2, 520, 1024, 4, 2, 128, "float16", False, "64,128,2,1,1"),
+    # persistent (6th field 1; 5 programs: many tiles each, counters across tiles) and one
+    # program per tile (2)
+    ("d128_causal_persist_pingpong", 2, 1024, 1024, 2, 2, 128, "bfloat16", True, "64,128,2,1,1,1"),
+    ("d64_causal_sq_gt_sk_persist", 2, 1000, 512, 3, 1, 64, "float16", True, "64,128,3,1,1,1"),
+    ("d128_gqa_persist", 2, 520, 1024, 4, 2, 128, "bfloat16", False, "64,128,2,0,1,1"),
+    ("d64_causal_sq_lt_sk_tiles", 2, 300, 768, 2, 1, 64, "float16", True, "64,64,3,1,1,2"),
 ]
 
 
@@ -72,6 +78,7 @@ def test_gluon_forward_judged(case, monkeypatch):
     monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "force")
     if cfg:
         monkeypatch.setenv("FLASHMUX_TRITON_GLUON_CFG", cfg)
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON_PROGRAMS", "5")
     calls = []
     real = _gluon.forward
 

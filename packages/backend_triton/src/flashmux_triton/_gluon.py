@@ -347,6 +347,272 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
 
 
 # ----------------------------------------------------------------------------------------------
+# forward, persistent form (PERSIST): the same partitions loop over (query block, head, batch)
+# tiles, heaviest first when causal; ring, Q and turn counters run on across tiles. With one
+# program per tile it is the form above.
+
+
+@gluon.jit
+def _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            CAUSAL: gl.constexpr):
+    """(b, h, m0, n_blocks) of tile `tile`: query-block index slowest (the heavy end of a
+    causal band first), then batch, then head."""
+    bh = hq * batch
+    mi = tile // bh
+    rem = tile - mi * bh
+    b = rem // hq
+    h = rem - b * hq
+    if CAUSAL:
+        n_m = (seqlen_q + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
+        mi = n_m - 1 - mi
+    m0 = mi * (2 * BLOCK_M)
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
+        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
+    else:
+        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    return b, h, m0, n_blocks
+
+
+@gluon.jit
+def _p_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+            kv_empty, n_tiles, hq, batch, seqlen_q, seqlen_k, group,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    it = 0
+    j = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, m0, n_blocks = _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                                     CAUSAL)
+        kv_row = b * seqlen_k
+        kv_col = (h // group) * HEAD_DIM
+        for half in gl.static_range(2):
+            mbarrier.wait(q_empty.index(half), (j & 1) ^ 1)
+            mbarrier.expect(q_bar.index(half), desc_q.block_type.nbytes)
+            _tma_load(desc_q, [b * seqlen_q + m0 + half * BLOCK_M, h * HEAD_DIM],
+                      q_bar.index(half), q_smem.index(half))
+        for i in range(n_blocks):
+            c = it + i
+            s = c % STAGES
+            ph = (c // STAGES) & 1
+            mbarrier.wait(kv_empty.index(s), ph ^ 1)
+            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
+            _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
+            _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s), v_smem.index(s))
+        it += n_blocks
+        j += 1
+
+
+@gluon.jit
+def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i, qk_scale, diag,
+              n_full, n_mine, it, t, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              PINGPONG: gl.constexpr):
+    """This warpgroup's blocks 0..n_mine-1 of a tile, overlapped (block i's QK^T and block
+    i-1's PV in flight during block i's softmax); ring slot of block i: it + i; with PINGPONG
+    turns t..t+n_mine (the caller takes one per skipped block and one extra when n_mine = 0)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if n_mine > 0:
+        s = it % STAGES
+        ph = (it // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), t & 1)
+        qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - HALF))
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        qk = _mask(qk, 0, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
+        m_i = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
+        p = gl.exp2(qk * qk_scale - m_use[:, None])
+        l_i = gl.sum(p, 1)
+        p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+        for i in range(1, n_mine):
+            s = (it + i) % STAGES
+            ph = ((it + i) // STAGES) & 1
+            sp = (it + i - 1) % STAGES
+            php = ((it + i - 1) // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), ph)
+            mbarrier.wait(v_ready.index(sp), php)
+            if PINGPONG:
+                mbarrier.wait(turn.index(HALF), (t + i) & 1)
+            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                               is_async=True)
+            acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - HALF))
+            qk = warpgroup_mma_wait(1, deps=(qk,))
+            qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(qk * qk_scale - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            mbarrier.arrive(kv_empty.index(sp))
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = p16_next
+        s = (it + n_mine - 1) % STAGES
+        ph = ((it + n_mine - 1) // STAGES) & 1
+        mbarrier.wait(v_ready.index(s), ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), (t + n_mine) & 1)
+        acc = warpgroup_mma(p16, v_smem.index(s), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - HALF))
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(s))
+    elif PINGPONG:  # the turn all the same
+        mbarrier.wait(turn.index(HALF), t & 1)
+        mbarrier.arrive(turn.index(1 - HALF))
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
+               R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+               HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+               PINGPONG: gl.constexpr, RESID: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    q = q_smem.index(HALF)
+    it = 0
+    t = 0
+    j = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, m0, n_blocks = _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                                     CAUSAL)
+        row0 = m0 + HALF * BLOCK_M
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        diag = row0 + seqlen_k - seqlen_q
+        if CAUSAL:
+            n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
+            n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
+        else:
+            n_full = n_blocks
+            n_mine = n_blocks
+        mbarrier.wait(q_bar.index(HALF), j & 1)
+        acc, m_i, l_i = _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
+                                  l_i, qk_scale, diag, n_full, n_mine, it, t, HALF, BLOCK_M,
+                                  BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
+        # Q is read by this tile's last QK^T, complete now: the loader may refill it
+        mbarrier.arrive(q_empty.index(HALF))
+        for i in range(n_mine, n_blocks):  # wholly above this half's diagonal: release
+            s = (it + i) % STAGES
+            ph = ((it + i) // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), ph)
+            mbarrier.wait(v_ready.index(s), ph)
+            if PINGPONG:
+                mbarrier.wait(turn.index(HALF), (t + i + 1) & 1)
+                mbarrier.arrive(turn.index(1 - HALF))
+            mbarrier.arrive(kv_empty.index(s))
+        it += n_blocks
+        t += n_blocks + 1
+        j += 1
+        # epilogue (overlaps the loader's next tile): l == 0 rows get out 0, lse -inf
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        out = acc * (1.0 / gl.where(l_o == 0.0, 1.0, l_o))[:, None]
+        rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        offs = (b.to(gl.int64) * stride_ob + h * stride_oh
+                + rows_o.to(gl.int64)[:, None] * stride_om + cols_o[None, :])
+        o16 = out.to(O.dtype.element_ty)
+        gl.store(O + offs, o16, mask=(rows_o < seqlen_q)[:, None])
+        if RESID:
+            gl.store(R + offs, (out - o16.to(gl.float32)).to(O.dtype.element_ty),
+                     mask=(rows_o < seqlen_q)[:, None])
+        rows_l = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        lse = gl.where(l_i == 0.0, float("-inf"),
+                       (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + rows_l, lse,
+                 mask=rows_l < seqlen_q)
+
+
+@gluon.jit
+def _p_consume0(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
+                R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                RESID: gl.constexpr):
+    _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
+               R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+               0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+
+
+@gluon.jit
+def _p_consume1(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
+                R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                RESID: gl.constexpr):
+    _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
+               R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+               1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+
+
+@gluon.jit
+def attn_fwd_persist(desc_q, desc_k, desc_v, O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k,
+                     group, qk_scale, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                     RESID: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
+    """The forward (overlapped, optionally ping-pong) over tiles program_id, +num_programs, ..."""
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(2):
+        mbarrier.init(q_bar.index(j), count=1)
+        mbarrier.init(q_empty.index(j), count=1)
+        mbarrier.init(turn.index(j), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)
+    fence_async_shared()  # the barriers' init, before the TMA unit uses them
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
+    gl.warp_specialize([
+        (_p_consume0, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                       O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                       stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_p_consume1, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                       O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                       stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_p_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                   v_ready, kv_empty, n_tiles, hq, batch, seqlen_q, seqlen_k, group,
+                   HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+    ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
 # backward: dK and dV (K/V stationary), FA3 style; dQ stays the Triton program
 
 
@@ -699,18 +965,34 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
 # (BLOCK_M per warpgroup, BLOCK_N, STAGES, PINGPONG, OVERLAP, LOAD_REGS, MMA_REGS) per head_dim;
 # FLASHMUX_TRITON_GLUON_CFG="bm,bn,stages[,pingpong[,overlap]]" overrides (sweeps). OVERLAP:
 # FA3's intra-warpgroup overlap; with PINGPONG too, FA3's schedule (turns to issue).
-CONFIGS = {64: (64, 128, 3, False, False, 24, 240), 128: (64, 128, 2, False, False, 24, 240)}
+# PERSIST (the 6th field): 0 the one-tile-per-program kernel `attn_fwd_ws`; 1
+# `attn_fwd_persist` on one program per SM; 2 `attn_fwd_persist` on one program per tile (it is
+# always overlapped: OVERLAP is implied)
+CONFIGS = {64: (64, 128, 3, False, False, 24, 240, 0), 128: (64, 128, 2, False, False, 24, 240, 0)}
 
 
 def config(d: int):
     env = os.environ.get("FLASHMUX_TRITON_GLUON_CFG")
-    bm, bn, st, pp, ov, lr, mr = CONFIGS[d]
+    bm, bn, st, pp, ov, lr, mr, ps = CONFIGS[d]
     if env:
         parts = [int(x) for x in env.split(",")]
         bm, bn, st = parts[:3]
         pp = bool(parts[3]) if len(parts) > 3 else pp
         ov = bool(parts[4]) if len(parts) > 4 else ov
-    return bm, bn, st, pp, ov, lr, mr
+        ps = parts[5] if len(parts) > 5 else ps
+    return bm, bn, st, pp, ov, lr, mr, ps
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
@@ -762,10 +1044,24 @@ def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, 
     """Fill out (B, Sq, Hq, D), lse (B, Hq, Sq) float32 and, when not None, res (out's rounding
     error, out's layout); `reasons` must have said None."""
     batch, _, hq, d = q.shape
-    bm, bn, stages, pingpong, overlap, load_regs, mma_regs = config(d)
+    bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist = config(d)
     desc_q = _desc(q, bm, d)
     desc_k = _desc(k, bn, d)
     desc_v = _desc(v, bn, d)
+    if persist:
+        n_tiles = triton.cdiv(seqlen_q, 2 * bm) * hq * batch
+        # FLASHMUX_TRITON_GLUON_PROGRAMS caps the programs (tests: many tiles per program)
+        progs = int(os.environ.get("FLASHMUX_TRITON_GLUON_PROGRAMS", 0)) or _sm_count(q.device)
+        grid = (min(n_tiles, progs) if persist == 1 else n_tiles,)
+        attn_fwd_persist[grid](
+            desc_q, desc_k, desc_v, out, lse, out if res is None else res, n_tiles, hq, batch,
+            seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+            PINGPONG=pingpong, RESID=res is not None, LOAD_REGS=load_regs, MMA_REGS=mma_regs,
+            num_warps=4,
+        )
+        return
     grid = (triton.cdiv(seqlen_q, 2 * bm), hq, batch)
     attn_fwd_ws[grid](
         desc_q, desc_k, desc_v, out, lse, out if res is None else res, seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E,
@@ -777,27 +1073,30 @@ def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, 
 
 def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
                  pingpong=None, overlap=None, load_regs=None, mma_regs=None,
-                 dtype: str = "bf16", resid: bool = True):
+                 dtype: str = "bf16", resid: bool = True, persist=None):
     """Compile attn_fwd_ws for sm_90a without a GPU (no torch needed); returns the
     CompiledKernel (asm["ptx"], asm["ttgir"], asm["cubin"], metadata.shared)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     c = list(config(d))
-    for i, v in enumerate((bm, bn, stages, pingpong, overlap, load_regs, mma_regs)):
+    for i, v in enumerate((bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist)):
         if v is not None:
             c[i] = v
-    bm, bn, stages, pingpong, overlap, load_regs, mma_regs = c
+    bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist = c
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
+    kern = attn_fwd_persist if persist else attn_fwd_ws
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
                   PINGPONG=pingpong, RESID=resid, OVERLAP=overlap, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+    if persist:
+        consts.pop("OVERLAP")
     sig, attrs = {}, {}
-    for i, name in enumerate(attn_fwd_ws.arg_names):
+    for i, name in enumerate(kern.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name == "desc_q":
@@ -816,7 +1115,7 @@ def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=No
             sig[name] = "i32"
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(attn_fwd_ws, sig, consts, attrs)
+    src = GluonASTSource(kern, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
