@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -820,7 +821,8 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
                 HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                OVERLAP: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -847,6 +849,11 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
         n_full = n_blocks
         n_mine = n_blocks
     mbarrier.wait(q_bar.index(HALF), 0)
+    # OVERLAP: block i's dQ += dS K stays in flight under block i+1's S and dP (wait_group 2
+    # after issuing those retires it; its slot is released then)
+    ds16 = gl.zeros([BLOCK_M, BLOCK_N], q_smem.dtype, p_layout)
+    if OVERLAP:
+        dq = warpgroup_mma_init(dq)  # the loop carries an in-flight accumulator
     for i in range(0, n_mine):
         s = i % STAGES
         ph = (i // STAGES) & 1
@@ -856,6 +863,9 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
         mbarrier.wait(v_ready.index(s), ph)
         dp = warpgroup_mma(do, v_smem.index(s).permute((1, 0)), zero, use_acc=False,
                            is_async=True)
+        if OVERLAP:
+            dq, ds16 = warpgroup_mma_wait(2, deps=(dq, ds16))
+            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
         st = warpgroup_mma_wait(1, deps=(st,))
         p = gl.exp2(st * qk_scale - lse2[:, None])
         if CAUSAL:
@@ -865,8 +875,12 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
         dp = warpgroup_mma_wait(0, deps=(dp,))
         ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(q_smem.dtype), p_layout)
         dq = warpgroup_mma(ds16, k_smem.index(s), dq, is_async=True)
+        if not OVERLAP:
+            dq, ds16 = warpgroup_mma_wait(0, deps=(dq, ds16))
+            mbarrier.arrive(kv_empty.index(s))
+    if OVERLAP:
         dq, ds16 = warpgroup_mma_wait(0, deps=(dq, ds16))
-        mbarrier.arrive(kv_empty.index(s))
+        mbarrier.arrive(kv_empty.index((n_mine + STAGES - 1) % STAGES), pred=n_mine > 0)
     for i in range(n_mine, n_blocks):
         s = i % STAGES
         ph = (i // STAGES) & 1
@@ -885,11 +899,12 @@ def _dq_consume0(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_em
                  DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                  stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 OVERLAP: gl.constexpr):
     _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)
 
 
 @gluon.jit
@@ -897,11 +912,12 @@ def _dq_consume1(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_em
                  DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                  stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 OVERLAP: gl.constexpr):
     _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)
 
 
 @gluon.jit
@@ -909,7 +925,7 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
                    qk_scale, log2_scale, stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, LOAD_REGS: gl.constexpr,
-                   MMA_REGS: gl.constexpr):
+                   MMA_REGS: gl.constexpr, OVERLAP: gl.constexpr = False):
     """dQ without atomics (deterministic): one program = 2 x BLOCK_M query rows of one (batch,
     head), the forward's partitions (a TMA load warp streaming K/V; one consumer warpgroup per
     half: S = Q K^T, dP = dO V^T, dQ += (scale dS) K on wgmma, dS from registers). dq shares
@@ -948,11 +964,11 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
         (_dq_consume0, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
                         DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                         stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)),
         (_dq_consume1, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
                         DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
                         stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)),
         (_dq_load, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
                     BLOCK_M, BLOCK_N, STAGES)),
@@ -1205,17 +1221,19 @@ def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stage
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-DQ_CONFIGS = {64: (64, 64, 3, 24, 240), 128: (64, 64, 2, 24, 240)}
+DQ_CONFIGS = {64: (64, 64, 3, 24, 240, False), 128: (64, 64, 2, 24, 240, False)}
 
 
 def dq_config(d: int):
-    """(BLOCK_M per warpgroup, BLOCK_N, STAGES, LOAD_REGS, MMA_REGS) of the dQ program;
-    FLASHMUX_TRITON_GLUON_DQ_CFG="bm,bn,stages" overrides (sweeps)."""
-    bm, bn, st, lr, mr = DQ_CONFIGS[d]
+    """(BLOCK_M per warpgroup, BLOCK_N, STAGES, LOAD_REGS, MMA_REGS, OVERLAP) of the dQ
+    program; FLASHMUX_TRITON_GLUON_DQ_CFG="bm,bn,stages[,overlap]" overrides (sweeps)."""
+    bm, bn, st, lr, mr, ov = DQ_CONFIGS[d]
     env = os.environ.get("FLASHMUX_TRITON_GLUON_DQ_CFG")
     if env:
-        bm, bn, st = (int(x) for x in env.split(",")[:3])
-    return bm, bn, st, lr, mr
+        parts = [int(x) for x in env.split(",")]
+        bm, bn, st = parts[:3]
+        ov = bool(parts[3]) if len(parts) > 3 else ov
+    return bm, bn, st, lr, mr, ov
 
 
 def dq_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
@@ -1236,7 +1254,7 @@ def backward_dq(q, k, v, do, lse, delta, dq, seqlen_q: int, seqlen_k: int, causa
     import math
 
     batch, _, hq, d = q.shape
-    bm, bn, stages, load_regs, mma_regs = dq_config(d)
+    bm, bn, stages, load_regs, mma_regs, overlap = dq_config(d)
     assert dq.stride() == q.stride()
     grid = (triton.cdiv(seqlen_q, 2 * bm), hq, batch)
     attn_bwd_dq_ws[grid](
@@ -1244,21 +1262,21 @@ def backward_dq(q, k, v, do, lse, delta, dq, seqlen_q: int, seqlen_k: int, causa
         seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E, math.log2(scale),
         dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-        LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+        LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap, num_warps=4,
     )
 
 
 def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
-                    load_regs=None, mma_regs=None, dtype: str = "bf16"):
+                    load_regs=None, mma_regs=None, overlap=None, dtype: str = "bf16"):
     """Compile attn_bwd_dq_ws for sm_90a without a GPU (as `compile_sm90`)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     c = list(dq_config(d))
-    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs)):
+    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs, overlap)):
         if v is not None:
             c[i] = v
-    bm, bn, stages, load_regs, mma_regs = c
+    bm, bn, stages, load_regs, mma_regs, overlap = c
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
 
     def desc(rows):
@@ -1266,7 +1284,7 @@ def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-                  LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+                  LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap)
     sig, attrs = {}, {}
     for i, name in enumerate(attn_bwd_dq_ws.arg_names):
         if name in consts:
