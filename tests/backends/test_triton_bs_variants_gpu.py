@@ -48,6 +48,11 @@ VARIANTS = {
     "lse2_s2": {"FLASHMUX_TRITON_BS_LSE2": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,128,8,2"},
     "lse2_pre_only": {"FLASHMUX_TRITON_BS_LSE2": "2"},
     "lse2_unmasked_only": {"FLASHMUX_TRITON_BS_LSE2": "3"},
+    # two backward programs per SM, one kernel at a time (sm_90 compile: dQ 64x64x4x2 191
+    # registers, 97 KiB; dK/dV 32x64x4x3 253 registers, no spill, 81 KiB; 64x64x4x2 72 B spill)
+    "dq64s2": {"FLASHMUX_TRITON_BS_BWD_DQ": "64,64,4,2"},
+    "kv32s3": {"FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,3"},
+    "kv64s2": {"FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
 }
 
 
