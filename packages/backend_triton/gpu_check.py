@@ -532,7 +532,8 @@ def gluon_compare():
     Gluon warp-specialized forward (FLASHMUX_TRITON_GLUON=force) at its default config and at
     each FMX_GLUON_CFGS entry ("bm,bn,stages,pingpong,overlap;..."), and with FMX_GLUON_FB=1
     the Gluon forward + Gluon dK/dV program (FLASHMUX_TRITON_GLUON_BWD=force; configs
-    FMX_GLUON_BWD_CFGS "bm,bn,stages;...") and + the Gluon dQ ("gluon+all"), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
+    FMX_GLUON_BWD_CFGS "bm,bn,stages;...") and + the Gluon dQ ("gluon+all"; its configs
+    FMX_GLUON_DQ_CFGS "bm,bn,stages,overlap;..."), beside SDPA cuDNN; head dims FMX_GLUON_DIMS
     (64,128), S FMX_GLUON_SEQS (4096,16384), causal FMX_GLUON_CAUSAL (0,1). Also the largest
     |variant - triton| forward output difference (a gross-error guard; the tests judge).
     FMX_GLUON_PROFILE=1: each forward+backward's per-kernel milliseconds (profiler)."""
@@ -550,6 +551,9 @@ def gluon_compare():
         variants.append(("gluon+all", {G: "force", GB: "force", G + "_DQ": "force"}))
         variants += [(f"gluon+bwd@{c}", {**off, G: "force", GB: "force", GB + "_CFG": c})
                      for c in os.environ.get("FMX_GLUON_BWD_CFGS", "").split(";") if c]
+        variants += [(f"gluon+all@dq{c}", {G: "force", GB: "force", G + "_DQ": "force",
+                                            G + "_DQ_CFG": c})
+                     for c in os.environ.get("FMX_GLUON_DQ_CFGS", "").split(";") if c]
     out = []
     for D in dims:
         for causal in causals:
