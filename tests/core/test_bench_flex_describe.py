@@ -18,6 +18,14 @@ def _ctx():
     return Context(device="cpu", capability=None, quick=True, fws={})
 
 
+@pytest.fixture(autouse=True)
+def _no_compile(monkeypatch):
+    # what is tested is the description; creating the torch.compile wrapper only costs time
+    import flashmux.bench.impls as I
+
+    monkeypatch.setattr(I, "_compiled_flex", lambda dynamic: None)
+
+
 @pytest.mark.parametrize("env, dynamic", [(None, False), ("1", True), ("0", False)])
 def test_flex_masks_line_states_its_compile(monkeypatch, env, dynamic):
     if env is None:
