@@ -127,7 +127,7 @@ FWD_CASES = [
     ("d192 causal tails 300x517", dict(D=192, Sq=300, Sk=517, causal=True)),
     ("d160 (pads to 192) gqa 8/2", dict(D=160, Hq=8, Hkv=2, Sq=333, Sk=222)),
     ("d192 strided packed qkv", dict(D=192, strided=True, Sq=300, Sk=300, causal=True)),
-    # head_dim 65..96: sm80, or the 128 instantiation with FLASHMUX_CUDA_SM90_PAD96=1
+    # head_dim 65..96: the 96 instantiation (session 10), or 128 with FLASHMUX_CUDA_SM90_PAD96=1
     ("d96 causal tails 300x517", dict(D=96, Sq=300, Sk=517, causal=True)),
     ("d80 gqa 8/2", dict(D=80, Hq=8, Hkv=2, Sq=256, Sk=384)),
 ]
@@ -160,10 +160,10 @@ def sanitize():
     _family("auto")
     # default; sequential variant (tuning builds); the persistent forward (session 10)
     for tune, sched in (("", ""), ("1", ""), ("", "persist")):
-        os.environ["FMX_TUNE_SM90"] = tune
         _use_fwd(sched or "default")
+        os.environ["FMX_TUNE_SM90"] = tune
         fwd_case(
-            f"sanitize gqa causal tails d64 [{tune}]",
+            f"sanitize gqa causal tails d64 [{tune}{sched}]",
             torch.bfloat16,
             B=1,
             Sq=200,
@@ -174,10 +174,10 @@ def sanitize():
             causal=True,
         )
         fwd_case(
-            f"sanitize tails d128 [{tune}]", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128
+            f"sanitize tails d128 [{tune}{sched}]", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128
         )
         fwd_case(
-            f"sanitize 300 tiles causal d64 [{tune}]",
+            f"sanitize 300 tiles causal d64 [{tune}{sched}]",
             torch.bfloat16,
             B=1,
             Sq=256,
@@ -365,19 +365,24 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 def _use_fwd(name):
     """Forward variant for the next calls: "default" (one CTA per tile), "persist"
     (FLASHMUX_CUDA_SM90_FWD=persist, session 10) or "pad96" (head_dim 65..96 on the 128
-    instantiation, FLASHMUX_CUDA_SM90_PAD96=1, against the 96 one of session 10)."""
-    os.environ.pop("FLASHMUX_CUDA_SM90_PAD96", None)
-    if name == "persist":
+    instantiation, FLASHMUX_CUDA_SM90_PAD96=1, against the 96 one of session 10), "tN"
+    (FMX_TUNE_SM90=N: t4 = hd128 176-key blocks, t5 = hd64 192-key blocks, bf16), combined
+    with "+" ("persist+t5")."""
+    parts = name.split("+")  # e.g. "persist+t5": combined
+    for var in ("FLASHMUX_CUDA_SM90_PAD96", "FLASHMUX_CUDA_SM90_FWD", "FMX_TUNE_SM90"):
+        os.environ.pop(var, None)
+    if "persist" in parts:
         os.environ["FLASHMUX_CUDA_SM90_FWD"] = "persist"
-    else:
-        os.environ.pop("FLASHMUX_CUDA_SM90_FWD", None)
-    if name == "pad96":
+    if "pad96" in parts:
         os.environ["FLASHMUX_CUDA_SM90_PAD96"] = "1"
+    for part in parts:
+        if part.startswith("t"):  # tN: FMX_TUNE_SM90=N (fwd_hdim*.cu variants)
+            os.environ["FMX_TUNE_SM90"] = part[1:]
 
 
 def bench(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Forward TFLOP/s, bf16: each sm90 variant of $FMX_FWD_VARIANTS (comma list of "default",
-    "persist", "pad96"; default "default"), the sm80 family (left out with FMX_BENCH_NO_SM80=1) and SDPA
+    "persist", "pad96", "tN", "persist+tN": _use_fwd; default "default"), the sm80 family (left out with FMX_BENCH_NO_SM80=1) and SDPA
     cuDNN, in one process; ratios of each variant to cuDNN."""
     import torch.nn.functional as F
     import triton.testing as tt

@@ -10,9 +10,10 @@
 #ifndef FMX_SM90_FWD128_STAGES
 #define FMX_SM90_FWD128_STAGES 2
 #endif
-// Session 8: a bf16 variant in the normal build, FMX_TUNE_SM90=3: the same overlapped loop with
-// 96-key blocks (ptxas 0 spills vs 44 B at 128 keys; at head_dim 192/256 the smaller block gave
-// +23-58%). -DFMX_SM90_FWD128_VARIANT=0 leaves it out; to go once measured (NOTES.md).
+// Session 10: a bf16 variant in the normal build, FMX_TUNE_SM90=4: the same overlapped loop with
+// 176-key blocks (FlashAttention-3's non-causal head_dim 128 tile; one CTA per tile only: with
+// the persistent kernel's O buffer the smem would exceed 227 KB). Session 8's FMX_TUNE_SM90=3
+// (96-key blocks) was measured slower and is gone. -DFMX_SM90_FWD128_VARIANT=0 leaves it out.
 #ifndef FMX_SM90_FWD128_VARIANT
 #define FMX_SM90_FWD128_VARIANT 1
 #endif
@@ -35,8 +36,8 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
 #if FMX_SM90_FWD128_VARIANT
   if (dtype == 1) {
     const char *v = std::getenv("FMX_TUNE_SM90");
-    if (v != nullptr && v[0] == '3')
-      return launch_fwd<FwdTraits<128, 96, 2, cutlass::bfloat16_t>>(p, stream);
+    if (v != nullptr && v[0] == '4')
+      return launch_fwd<FwdTraits<128, 176, 2, cutlass::bfloat16_t>>(p, stream);
   }
 #endif
   // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile
