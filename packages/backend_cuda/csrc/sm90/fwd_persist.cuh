@@ -121,8 +121,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
-    // 32 (not 24): the tile decode and ring; 128 x (32 + 240 + 240) = the 64K registers
-    cutlass::arch::warpgroup_reg_dealloc<32>();
+    // 24, as the one-CTA-per-tile kernel: setmaxnreg.inc takes registers only from what the
+    // producer released, and 128 x (24 + 2 x 240) = 384 x 168, the launch allocation (32 would
+    // leave the consumers 1024 registers short: a hang). The tile decode spills a few words in
+    // the producer thread (hd64 60 B, ptxas), off the consumers' path.
+    cutlass::arch::warpgroup_reg_dealloc<24>();
     if (threadIdx.x == 0) {
       cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
