@@ -4,9 +4,10 @@
 // themselves; it lost 5-12% because the tile's coordinates, SeqInfo and loop bounds stayed live
 // in the consumers' registers across the main loop (and hd128 spilled more). This version keeps
 // the consumers free of per-tile constants:
-//   - the producer thread decodes tile t (t = blockIdx.x, + gridDim.x, ...; tile order: the
-//     heaviest query blocks first, heads then batches within a query block, so a causal launch
-//     runs its longest tiles first) and writes {m_block, h, b, n_min, n_max} into a 2-slot
+//   - the producer thread decodes tile t (round r: t = r * G + c, or r * G + G - 1 - c in odd
+//     rounds (snake), c = blockIdx.x, G = gridDim.x; tile order: the heaviest query blocks
+//     first, heads then batches within a query block, so a causal launch runs its longest tiles
+//     first) and writes {m_block, h, b, n_min, n_max} into a 2-slot
 //     shared-memory ring (tile_full / tile_empty mbarriers); a sentinel (m_block = -1) ends it;
 //   - the consumers read n_min / n_max at the start of a tile, re-read the query row from shared
 //     memory where a mask needs it, and the tile's head / batch only in the epilogue;
@@ -142,8 +143,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       PipeState st_k = cutlass::make_producer_start_state<Pipeline>();
       PipeState st_v = cutlass::make_producer_start_state<Pipeline>();
       const int hb = p.hq * p.batch;
-      int iter = 0;
-      for (int t = blockIdx.x;; t += gridDim.x, ++iter) {
+      for (int iter = 0;; ++iter) {
+        // round `iter` of the tile list (sorted heaviest first), snake order: CTA c takes tile
+        // c in even rounds and G - 1 - c in odd ones, so that a CTA that drew a heavier tile in
+        // one round draws a lighter one in the next (causal lengths fall along the list)
+        const int t = iter * (int)gridDim.x +
+                      ((iter & 1) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
         const int slot = iter & 1;
         if (iter >= 2) ClusterBarrier::wait(&ss.tile_empty[slot], ((iter >> 1) - 1) & 1);
         int m_block = -1, h = 0, b = 0, n_min = 0, n_max = 0;
