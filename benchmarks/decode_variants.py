@@ -271,6 +271,11 @@ class Jax:
         lax, n = self.jax.lax, self.args.inner
 
         def many(q, *rest):
+            if self.args.jax_unroll:  # straight-line steps: no loop predicate read per step
+                x = q
+                for _ in range(n):
+                    x = step(x, *rest).astype(x.dtype)
+                return x
             return lax.fori_loop(0, n, lambda i, x: step(x, *rest).astype(x.dtype), q)
 
         f = self.jax.jit(many)
@@ -479,6 +484,9 @@ def main(argv=None) -> int:
                     help="time the anchor and every variant of one length this many times, "
                          "round-robin (interleaved); the rows give the median, '# spread' "
                          "lines the min-max and each variant's per-round ratio to the anchor")
+    ap.add_argument("--jax-unroll", action="store_true",
+                    help="with --jax-loop: the --inner steps unrolled in the jitted function (no "
+                         "while loop: XLA may read a loop's predicate on the host every step)")
     ap.add_argument("--jax-loop", action="store_true",
                     help="pallas: time --inner steps inside one jitted fori_loop (device time, "
                          "no per-call host dispatch) instead of --inner back-to-back calls")

@@ -79,3 +79,42 @@ def test_fused_merge_graphs_replayed_with_new_lengths(tma):
         for o in outs[0] + outs[1]:
             assert torch.equal(o, eager)
             assert np.abs(o.float().cpu().numpy() - ref).max() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
+@pytest.mark.parametrize("idx", [48, 49])
+def test_merge_trigger_in_a_graph(idx):
+    """c48/c49: the merge kernel lets the next decode launch start early (PDL trigger): three
+    steps in one graph, replayed with new lengths, equal to eager and judged vs float64."""
+    rng = np.random.default_rng(idx)
+    b, hq, hkv, d, cap = 3, 8, 2, 64, 512
+    x = [rng.standard_normal(s).astype(np.float32)
+         for s in ((b, 1, hq, d), (b, cap, hkv, d), (b, cap, hkv, d))]
+    qt, kt, vt = (torch.from_numpy(a).to(torch.bfloat16).cuda() for a in x)
+    q64, k64, v64 = (a.float().cpu().numpy().astype(np.float64) for a in (qt, kt, vt))
+    lens = torch.tensor([cap, 100, 0], dtype=torch.int32, device="cuda")
+    cfg = T.CANDIDATES[idx]
+    assert cfg.merge_trigger and cfg.pdl and not cfg.fused_merge
+    p = DecodeParams(scale=d ** -0.5, causal=True, window_left=None, window_right=0,
+                     softcap=None, alibi=False, num_splits=3, page_size=0, return_lse=True)
+
+    def step():
+        return _decode.decode(qt, kt, vt, lens, None, None, p, config=cfg)
+
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [step() for _ in range(3)]
+    for new in ([1, cap, 77], [cap, 0, 300]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        g.replay()
+        torch.cuda.synchronize()
+        ref_o, ref_l = reference.attention_with_kvcache(
+            q64, k64, v64, cache_seqlens=np.array(new), causal=True)[:2]
+        eo, el = step()
+        for o, lse in outs:
+            assert torch.equal(o, eo) and torch.equal(lse, el)
+            assert np.abs(o.float().cpu().numpy() - ref_o).max() < 2e-2
+            fin = np.isfinite(ref_l)
+            assert np.abs(lse.cpu().numpy()[fin] - ref_l[fin]).max() < 1e-3

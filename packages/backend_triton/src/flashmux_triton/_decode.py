@@ -523,12 +523,16 @@ def decode_merge(
     stride_lb, stride_lh,
     seqlen_q, heads_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False,
 ):
     """Merge the splits of one (batch, query head, query row) by their lse. PDL: launched with
-    programmatic dependent launch after the decode kernel; waits for it before any read."""
+    programmatic dependent launch after the decode kernel; waits for it before any read.
+    TRIGGER (with PDL): lets the next PDL launch (the next step's decode kernel) start its
+    programs now; they still wait for this grid's end before reading anything."""
     if PDL:
         gdc_wait()
+        if TRIGGER:
+            gdc_launch_dependents()
     pid = tl.program_id(0)
     i = pid % seqlen_q
     h = (pid // seqlen_q) % heads_q
@@ -973,7 +977,8 @@ class _Launch:
         self.merge_grid = (b * hq * sq,)
         self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
         self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                             BLOCK_DV=block_dv, num_warps=4, PDL=self.pdl)
+                             BLOCK_DV=block_dv, num_warps=cfg.merge_warps, PDL=self.pdl,
+                             TRIGGER=self.pdl and bool(cfg.merge_trigger))
         self.dev = q.device
         # fused merge: per stream, the ticket counters (zeroed once, left at 0 by each launch)
         # and the float32 partials (stream order makes reuse safe); under CUDA-graph capture

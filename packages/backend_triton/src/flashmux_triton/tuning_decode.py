@@ -55,6 +55,11 @@ class DecodeConfig:
     # tensor descriptors (TMA; sm90+, unpadded head dims, heads contiguous in the cache), one
     # copy per tile instead of ~32 16-byte loads per thread
     tma: int = 0
+    # the merge kernel (fused_merge=0): 1 lets the next PDL launch start from the merge kernel
+    # (griddepcontrol.launch_dependents after its wait; without it the next step's decode
+    # kernel launches only when the merge grid ends); its warps per program
+    merge_trigger: int = 0
+    merge_warps: int = 4
 
     def label(self) -> str:
         extra = ""
@@ -74,6 +79,10 @@ class DecodeConfig:
             extra += f",balanced={self.balanced}"
         if self.tma:
             extra += f",tma={self.tma}"
+        if self.merge_trigger:
+            extra += f",merge_trigger={self.merge_trigger}"
+        if self.merge_warps != 4:
+            extra += f",merge_warps={self.merge_warps}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -173,6 +182,11 @@ CANDIDATES = (
     # precedes the launch as in session 8's graph timings of c1/c25/c33): c32 and c43 fused
     DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1),
     DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1, tma=1),
+    # c48-c49 (after call s10a: c32 0.991x SDPA at 4k, c46 0.993x): c32 whose merge kernel
+    # lets the next step's decode kernel launch early (PDL trigger), with 4 / 1 warps per merge
+    # program
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, merge_trigger=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, merge_trigger=1, merge_warps=1),
 )
 
 
