@@ -81,6 +81,20 @@ def test_the_tuning_field_overrides_the_default(sm90, monkeypatch):
     assert on and "forced" in why
 
 
+def test_short_paged_caches_can_keep_the_triton_lowering(sm90, monkeypatch):
+    """mosaic_min_keys (MOSAIC_PAGED_MIN_KEYS by default): a paged cache holding fewer keys per
+    sequence keeps the Triton lowering unless mosaic=1 forces the kernel."""
+    decode = sm90
+    q, k = (B, 1, HQ, D), (4096, 16, HKV, D)
+    p = _p()
+    monkeypatch.setenv("FLASHMUX_PALLAS_DECODE", "mosaic_min_keys=8192")
+    on, why = decode.mosaic_choice(q, k, k, jnp.bfloat16, True, p, False, capacity=4096)
+    assert not on and "shorter than 8192" in why and "4096" in why
+    assert decode.mosaic_choice(q, k, k, jnp.bfloat16, True, p, False, capacity=8192)[0]
+    monkeypatch.setenv("FLASHMUX_PALLAS_DECODE", "mosaic_min_keys=8192,mosaic=1")
+    assert decode.mosaic_choice(q, k, k, jnp.bfloat16, True, p, False, capacity=4096)[0]
+
+
 def test_decode_routes_paged_calls_with_two_consumers(sm90, monkeypatch):
     """decode() hands an in-scope paged call to decode_mosaic with two consumer warpgroups,
     a contiguous one to the Triton lowering's pallas_call."""

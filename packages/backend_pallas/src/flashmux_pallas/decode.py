@@ -77,7 +77,7 @@ def tuning(**kw):
 
 
 _TUNING_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "fast_exp", "pages_per_step",
-                  "programs_per_sm", "waves", "mosaic", "consumers")
+                  "programs_per_sm", "waves", "mosaic", "consumers", "mosaic_min_keys")
 
 
 def _env_override() -> dict:
@@ -538,6 +538,9 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, alibi_slopes, params, in
 MOSAIC_DEFAULT = 0
 MOSAIC_PAGED_DEFAULT = 1
 MOSAIC_PAGED_CONSUMERS = 2
+# paged caches holding fewer keys per sequence than this (max_pages x page_size) keep the Triton
+# lowering by default (the `mosaic_min_keys` tuning field overrides); 0: Mosaic at every size
+MOSAIC_PAGED_MIN_KEYS = 0
 # the oldest jax the Mosaic decode kernel ran on a GPU with (0.11.2, H200; 0.10's Mosaic GPU
 # layout inference differs, and its compiled kernel was never run)
 MOSAIC_MIN_JAX = (0, 11)
@@ -554,9 +557,10 @@ def _jax_version() -> tuple[int, ...]:
 
 
 def mosaic_choice(q_shape, k_shape, v_shape, dtype, paged: bool, params, alibi: bool,
-                  cc=None) -> tuple[bool, str]:
+                  cc=None, capacity: int = 0) -> tuple[bool, str]:
     """(whether a GPU decode call takes the Mosaic GPU kernel, a sentence saying why or why
-    not) for explain() and decode(). Shapes and dtypes only: callable with a DecodeSpec."""
+    not) for explain() and decode(). Shapes and dtypes only: callable with a DecodeSpec.
+    capacity: keys one sequence can hold (paged: max_pages x page_size; 0 = unknown)."""
     from . import decode_mosaic, mosaic_kernels, ops
 
     ov = {**_env_override(), **(_override[-1] if _override else {})}
@@ -568,6 +572,10 @@ def mosaic_choice(q_shape, k_shape, v_shape, dtype, paged: bool, params, alibi: 
             return False, "the Mosaic GPU decode kernel is switched off (mosaic=0)"
         return False, (f"Triton lowering: the default for {kind} caches (the Mosaic GPU decode "
                        "kernel is opt-in there: mosaic=1)")
+    min_keys = ov.get("mosaic_min_keys", MOSAIC_PAGED_MIN_KEYS) if paged else 0
+    if "mosaic" not in ov and capacity and capacity < min_keys:
+        return False, (f"Triton lowering: the default for paged caches shorter than {min_keys} "
+                       f"keys per sequence (this one holds {capacity})")
     cc = ops._compute_capability() if cc is None else cc
     if cc is None or cc[0] != 9:
         here = "unknown" if cc is None else f"sm{cc[0]}{cc[1]}"
@@ -601,14 +609,14 @@ def mosaic_choice_for_spec(spec, params) -> tuple[bool, str]:
         v_shape = (spec.batch, spec.capacity, spec.heads_kv, spec.head_dim_v)
     cc = tuple(spec.compute_capability) if spec.compute_capability else None
     return mosaic_choice(q_shape, k_shape, v_shape, spec.dtype, spec.paged, params,
-                         bool(spec.alibi), cc=cc)
+                         bool(spec.alibi), cc=cc, capacity=spec.capacity)
 
 
 def _mosaic_wanted(q, k_cache, v_cache, sh, params, alibi_slopes) -> bool:
     """The Mosaic GPU kernel (decode_mosaic.py) on sm90 when asked for (the `mosaic` tuning
     field, else MOSAIC_DEFAULT / MOSAIC_PAGED_DEFAULT) and the call is in its scope."""
     return mosaic_choice(q.shape, k_cache.shape, v_cache.shape, q.dtype, sh.paged, params,
-                         alibi_slopes is not None)[0]
+                         alibi_slopes is not None, capacity=sh.capacity)[0]
 
 
 def decode_mosaic_reasons(q, k_cache, v_cache, params, paged: bool) -> list[str]:
