@@ -39,8 +39,8 @@ def test_pool_slices_are_disjoint_and_run_out(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("tma", [0, 1])
-def test_fused_merge_graphs_replayed_with_new_lengths(tma):
+@pytest.mark.parametrize("tma,early", [(0, 0), (1, 0), (0, 1)])
+def test_fused_merge_graphs_replayed_with_new_lengths(tma, early):
     rng = np.random.default_rng(5)
     b, hq, hkv, d, cap = 3, 8, 2, 64, 512
     q = rng.standard_normal((b, 1, hq, d)).astype(np.float32)
@@ -50,7 +50,8 @@ def test_fused_merge_graphs_replayed_with_new_lengths(tma):
     qt, kt, vt = t(q), t(k), t(v)
     q64, k64, v64 = (x.float().cpu().numpy().astype(np.float64) for x in (qt, kt, vt))
     lens = torch.tensor([cap, 100, 0], dtype=torch.int32, device="cuda")
-    cfg = T.DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1, tma=tma)
+    cfg = T.DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1, tma=tma,
+                         pdl_early=early)
     p = DecodeParams(scale=d ** -0.5, causal=True, window_left=None, window_right=0,
                      softcap=None, alibi=False, num_splits=3, page_size=0, return_lse=False)
 
@@ -82,7 +83,7 @@ def test_fused_merge_graphs_replayed_with_new_lengths(tma):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("idx", [48, 49])
+@pytest.mark.parametrize("idx", [48, 49, 50])
 def test_merge_trigger_in_a_graph(idx):
     """c48/c49: the merge kernel lets the next decode launch start early (PDL trigger): three
     steps in one graph, replayed with new lengths, equal to eager and judged vs float64."""

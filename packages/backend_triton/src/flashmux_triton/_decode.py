@@ -268,7 +268,7 @@ def decode_fwd(
     OFF32: tl.constexpr = False, PREFETCH: tl.constexpr = True, L2PF: tl.constexpr = 0,
     LINE: tl.constexpr = 64, DUAL: tl.constexpr = False, SEL: tl.constexpr = False,
     PDL: tl.constexpr = False, BAL: tl.constexpr = False, BLOCK_B: tl.constexpr = 2,
-    DESC_K=None, DESC_V=None, TMA: tl.constexpr = False,
+    DESC_K=None, DESC_V=None, TMA: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """One (split, batch * KV head, query block). O/LSE are the final out (B, Sq, Hq, Dv) and
     lse (B, Hq, Sq) when SPLIT is False, else float32 partials with a leading split axis.
@@ -315,6 +315,8 @@ def decode_fwd(
         # prefetch of cache rows, which only warms L2) may overlap the previous kernel; every
         # read of q, the lengths, the table, the cache and the new tokens comes after this wait
         gdc_wait()
+        if PDL_EARLY:  # the next kernel's programs may launch now (they wait for our end)
+            gdc_launch_dependents()
 
     if BAL:
         # length-balanced splits (ragged batches; no append): grid (programs, KV heads, query
@@ -458,7 +460,7 @@ def decode_fwd(
         HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
     )
 
-    if PDL:
+    if PDL and not PDL_EARLY:
         gdc_launch_dependents()  # the next kernel may start launching (it waits for our exit)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -970,6 +972,7 @@ class _Launch:
             LINE=128 // k_cache.element_size(), DUAL=bool(cfg.page_dual),
             SEL=bool(cfg.page_select),
             PDL=self.pdl, BAL=self.bal, BLOCK_B=max(2, triton.next_power_of_2(b)),
+            PDL_EARLY=self.pdl and bool(cfg.pdl_early),
             num_warps=cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8),
             num_stages=cfg.num_stages,
         )

@@ -60,6 +60,9 @@ class DecodeConfig:
     # kernel launches only when the merge grid ends); its warps per program
     merge_trigger: int = 0
     merge_warps: int = 4
+    # with pdl: 1 lets the next kernel (merge or next step) launch right after the decode
+    # kernel's wait, not after its key loop
+    pdl_early: int = 0
 
     def label(self) -> str:
         extra = ""
@@ -83,6 +86,8 @@ class DecodeConfig:
             extra += f",merge_trigger={self.merge_trigger}"
         if self.merge_warps != 4:
             extra += f",merge_warps={self.merge_warps}"
+        if self.pdl_early:
+            extra += f",pdl_early={self.pdl_early}"
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
@@ -187,6 +192,9 @@ CANDIDATES = (
     # program
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, merge_trigger=1),
     DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, merge_trigger=1, merge_warps=1),
+    # c50-c51: c48 and c46 whose decode kernel lets its dependent launch right after its wait
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=0, off32=1, pdl=1, merge_trigger=1, pdl_early=1),
+    DecodeConfig(128, 4, 3, 1.0, fused_merge=1, off32=1, pdl=1, pdl_early=1),
 )
 
 
