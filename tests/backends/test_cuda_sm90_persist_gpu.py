@@ -1,8 +1,9 @@
 """GPU tests of the CUDA backend's persistent sm90 forward (issue 12, session 10).
 
-FLASHMUX_CUDA_SM90_FWD=persist (read per call) runs csrc/sm90/fwd_persist.cuh at head_dim <= 64
-and 97..128: one CTA per SM looping over tiles (heaviest query blocks first), the tile decoded by
-the producer and handed over through shared memory, O stored through shared memory with TMA.
+FLASHMUX_CUDA_SM90_FWD=persist (read per call; =tile: the one-CTA-per-tile kernel) runs
+csrc/sm90/fwd_persist.cuh at head_dim <= 128: one CTA per SM looping over tiles (heaviest query
+blocks first), the tile decoded by the producer and handed over through shared memory, O stored
+through shared memory with TMA.
 Compute capability 9.0 only; skipped elsewhere. out and lse are judged against the float64
 reference with the suite's rule (error <= 2x plain attention's in the same dtype + 1e-5) on fresh
 random inputs, and must equal the one-CTA-per-tile kernel's bit for bit (same arithmetic, same
@@ -54,10 +55,8 @@ def _params():
 
 def _forward(q, k, v, causal, window, monkeypatch, persist):
     monkeypatch.delenv("FLASHMUX_CUDA_FAMILY", raising=False)
-    if persist:
-        monkeypatch.setenv(ENV, "persist")
-    else:
-        monkeypatch.delenv(ENV, raising=False)
+    # forced either way (the unset default may be either schedule, per head dim and mask)
+    monkeypatch.setenv(ENV, "persist" if persist else "tile")
     out, lse = flashmux.attention(
         q, k, v, causal=causal, window=window, return_lse=True, backend="cuda"
     )
@@ -121,6 +120,10 @@ VARIANT_CASES = [
     ("5", False, dict(B=2, Sq=300, Sk=517, Hq=4, Hkv=2, D=64, causal=True)),
     ("5", False, dict(B=1, Sq=129, Sk=70, Hq=3, Hkv=3, D=40, causal=False)),
     ("5", True, dict(B=3, Sq=640, Sk=900, Hq=24, Hkv=8, D=64, causal=True)),
+    # 6 = hd128 with 3 K/V stages, 7 = hd64 with 3 K/V stages (also persistent)
+    ("6", False, dict(B=2, Sq=1100, Sk=1100, Hq=16, Hkv=4, D=128, causal=True)),
+    ("7", False, dict(B=2, Sq=300, Sk=517, Hq=4, Hkv=2, D=64, causal=True)),
+    ("7", True, dict(B=3, Sq=640, Sk=900, Hq=24, Hkv=8, D=64, causal=False)),
 ]
 
 

@@ -363,7 +363,8 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
 
 def _use_fwd(name):
-    """Forward variant for the next calls: "default" (one CTA per tile), "persist"
+    """Forward variant for the next calls: "default" (the unit's default schedule), "tile"
+    (one CTA per tile, FLASHMUX_CUDA_SM90_FWD=tile), "persist"
     (FLASHMUX_CUDA_SM90_FWD=persist, session 10) or "pad96" (head_dim 65..96 on the 128
     instantiation, FLASHMUX_CUDA_SM90_PAD96=1, against the 96 one of session 10), "tN"
     (FMX_TUNE_SM90=N: t4 = hd128 176-key blocks, t5 = hd64 192-key blocks, bf16), combined
@@ -373,6 +374,8 @@ def _use_fwd(name):
         os.environ.pop(var, None)
     if "persist" in parts:
         os.environ["FLASHMUX_CUDA_SM90_FWD"] = "persist"
+    if "tile" in parts:  # the one-CTA-per-tile kernel, whatever the unit's default
+        os.environ["FLASHMUX_CUDA_SM90_FWD"] = "tile"
     if "pad96" in parts:
         os.environ["FLASHMUX_CUDA_SM90_PAD96"] = "1"
     for part in parts:

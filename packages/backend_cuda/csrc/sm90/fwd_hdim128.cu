@@ -38,6 +38,9 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
     const char *v = std::getenv("FMX_TUNE_SM90");
     if (v != nullptr && v[0] == '4')
       return launch_fwd<FwdTraits<128, 176, 2, cutlass::bfloat16_t>>(p, stream);
+    // =6: 3 K/V stages (224 KB of smem: one CTA per tile only)
+    if (v != nullptr && v[0] == '6')
+      return launch_fwd<FwdTraits<128, 128, 3, cutlass::bfloat16_t>>(p, stream);
   }
 #endif
   // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile

@@ -38,6 +38,9 @@ int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
     const char *v = std::getenv("FMX_TUNE_SM90");
     if (v != nullptr && v[0] == '5')
       return launch_fwd_sched<FwdTraits<64, 192, 2, cutlass::bfloat16_t>>(p, stream);
+    // =7: 3 K/V stages (both schedules)
+    if (v != nullptr && v[0] == '7')
+      return launch_fwd_sched<FwdTraits<64, 128, 3, cutlass::bfloat16_t>>(p, stream);
   }
 #endif
   // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile

@@ -416,10 +416,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-// FLASHMUX_CUDA_SM90_FWD=persist (read per call): the persistent forward for this launch.
-inline bool sm90_fwd_persist_requested() {
+// The schedule of one launch: FLASHMUX_CUDA_SM90_FWD=persist / =tile (read per call) force the
+// persistent / one-CTA-per-tile kernel; unset, the unit's measured default for masked (causal,
+// windows) and dense calls.
+inline bool sm90_fwd_persist(const Params &p, bool masked_default, bool dense_default) {
   const char *e = std::getenv("FLASHMUX_CUDA_SM90_FWD");
-  return e != nullptr && e[0] == 'p';
+  if (e != nullptr && e[0] == 'p') return true;
+  if (e != nullptr && e[0] == 't') return false;
+  return (p.window_left >= 0 || p.window_right >= 0) ? masked_default : dense_default;
 }
 
 // The output as TMA stores it: positive strides, multiples of 16 bytes, a 16-byte aligned base.
@@ -471,10 +475,11 @@ int launch_fwd_persist(const Params &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The forward of traits Tr: the persistent kernel when requested and the output suits TMA.
-template <typename Tr>
+// The forward of traits Tr: the persistent kernel where the schedule says so (sm90_fwd_persist;
+// kMasked / kDense: the unit's defaults) and the output suits TMA, else one CTA per tile.
+template <typename Tr, bool kMasked = false, bool kDense = false>
 int launch_fwd_sched(const Params &p, cudaStream_t stream) {
-  if (sm90_fwd_persist_requested() && o_tma_ok(p)) return launch_fwd_persist<Tr>(p, stream);
+  if (sm90_fwd_persist(p, kMasked, kDense) && o_tma_ok(p)) return launch_fwd_persist<Tr>(p, stream);
   return launch_fwd<Tr>(p, stream);
 }
 
