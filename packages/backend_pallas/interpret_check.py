@@ -34,13 +34,14 @@ def kernel_cases(quick: bool):
     from flashmux_pallas import mosaic_backward as mb
 
     cases = [  # (B, Sq, Sk, Hq, Hkv, D, causal, dlse, cfg)
-        (1, 128, 128, 1, 1, 64, False, False, None),
         (1, 256, 256, 2, 1, 64, True, True, None),
         (1, 130, 300, 3, 1, 128, False, False, None),
         (1, 300, 300, 2, 1, 64, True, True, mb.MosaicBwdConfig(block_q_dkv=128)),
     ]
     if not quick:
         cases += [
+            # non-causal without a tail runs only loops that 130 x 300 runs too (CI time)
+            (1, 128, 128, 1, 1, 64, False, False, None),
             (2, 200, 200, 4, 2, 64, True, True, None),
             (1, 200, 330, 2, 2, 64, False, True, mb.MosaicBwdConfig(fused_delta=False)),
             (1, 260, 260, 2, 2, 128, True, False, mb.MosaicBwdConfig(block_kv_dq=128, stages=3)),
