@@ -47,11 +47,11 @@ CASES = [
     Case(seqlens=((18, 30), (33, 12)), heads_q=2, heads_kv=2, window=(4, 2), lse_grad=True),
     Case(dropout_p=0.3, causal=True),
     Case(seqlens=((17, 21), (9, 30)), dropout_p=0.25, heads_q=2, heads_kv=1),
-    Case(dtype="bfloat16", causal=True, heads_q=4, heads_kv=2),
-    Case(dtype="float16", window=(5, 2), softcap=3.0),
     Case(transform="vmap", causal=True, heads_q=4, heads_kv=2),
-    Case(transform="eager", window=(3, None)),
 ]
+# float16 / bfloat16 and eager calls: the Pallas pass of tests/conformance runs every one of its
+# cases eagerly in float16 (windows, softcap, causal GQA among them) and four in bfloat16, with
+# the same judge, so this list keeps float32 under jit and vmap (CI time)
 
 
 def _seed() -> int:
