@@ -1,6 +1,8 @@
-"""The block-sparse backward's LSE2 variant (FLASHMUX_TRITON_BS_LSE2=1, session 10, issue 15):
+"""The block-sparse backward's session-10 variants (issue 15): LSE2 (FLASHMUX_TRITON_BS_LSE2=1:
 `bs_bwd_preprocess` writes delta and the lse in log2 units (-inf as +inf) and the dK/dV kernel
-reads them unmasked where no length is off the mask block. CPU interpreter, fp16 with tensor
+reads them unmasked where no length is off the mask block) and FUSE_DELTA
+(FLASHMUX_TRITON_BS_FUSE_DELTA=1: no preprocess; the dQ kernel computes and stores delta and runs
+before the dK/dV kernel). CPU interpreter, fp16 with tensor
 descriptors forced (the H200's path), lengths on the mask block (the unmasked reads), rows that
 see nothing (lse -inf) and an lse cotangent, judged against the float64 reference by the
 conformance rule (the yardstick: the same call without LSE2)."""
@@ -24,15 +26,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_lse2_backward_vs_float64(monkeypatch):
+@pytest.mark.parametrize("env, switch", [("FLASHMUX_TRITON_BS_LSE2", "_lse2"),
+                                         ("FLASHMUX_TRITON_BS_FUSE_DELTA", "_fuse_delta")])
+def test_backward_variant_vs_float64(monkeypatch, env, switch):
+    """LSE2 (above) and FUSE_DELTA (the dQ kernel computes delta, before the dK/dV kernel)."""
     from flashmux_triton import _launch_bs as LB
 
     for kern in ("FWD", "BWD_DQ", "BWD_DKDV"):
         monkeypatch.setenv(f"FLASHMUX_TRITON_BS_{kern}", "32,32,4,1")
     monkeypatch.setenv("FLASHMUX_TRITON_TMA", "1")
     used = []
-    orig = LB._lse2
-    monkeypatch.setattr(LB, "_lse2", lambda: (used.append(orig()), used[-1])[1])
+    orig = getattr(LB, switch)
+    monkeypatch.setattr(LB, switch, lambda: (used.append(orig()), used[-1])[1])
     rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
     b, h, d, s = 1, 2, 16, 64
 
@@ -51,12 +56,12 @@ def test_lse2_backward_vs_float64(monkeypatch):
         o, lse = flashmux.attention(qa, ka, va, block_mask=bm, return_lse=True, backend="triton")
         return (o, *torch.autograd.grad((o, lse), (qa, ka, va), (do, dlse)))
 
-    monkeypatch.setenv("FLASHMUX_TRITON_BS_LSE2", "1")
+    monkeypatch.setenv(env, "1")
     res = run()
-    assert used and all(used), "the backward must take the LSE2 path"
+    assert used and all(used), f"the backward must take the {env} path"
     ref = (reference_forward(q64, k64, v64, block_mask=fn)[0],
            *reference_backward(do64, q64, k64, v64, block_mask=fn, dlse=dlse64))
-    monkeypatch.setenv("FLASHMUX_TRITON_BS_LSE2", "0")
+    monkeypatch.setenv(env, "0")
     plain = run()
     for name, got, p, r in zip(("out", "dq", "dk", "dv"), res, plain, ref):
         err = float(np.abs(got.detach().double().numpy() - r).max())

@@ -53,6 +53,10 @@ VARIANTS = {
     "dq64s2": {"FLASHMUX_TRITON_BS_BWD_DQ": "64,64,4,2"},
     "kv32s3": {"FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,3"},
     "kv64s2": {"FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
+    # session 10, after call A: delta computed by the dQ kernel (no preprocess launch)
+    "fuse_delta": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1"},
+    "fuse_delta_kv64s2": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1",
+                          "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
 }
 
 

@@ -679,9 +679,13 @@ def bs_bwd_dq(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
+    O=0, R=0, DLSE=0, stride_ob=0, stride_os=0, stride_oh=0, FUSE_DELTA: tl.constexpr = False,
+    HAS_DLSE: tl.constexpr = False, HAS_RESID: tl.constexpr = False,
 ):
     """One program per (query block, query head, batch), over the forward's lists (PRE: as
-    the forward's)."""
+    the forward's). FUSE_DELTA: the program computes its rows' delta = rowsum(dO * O) (- dlse;
+    O + R with the forward's residual) itself, as `attn_bwd_preprocess` would, and stores it
+    for the dK/dV kernel, which then runs after this one (no preprocess launch, dO read once)."""
     # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
     # list the most tiles, so the grid's tail is made of short programs
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -709,7 +713,18 @@ def bs_bwd_dq(
     row_ptr = b64 * stride_lb + h * stride_lh + offs_m
     lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
     lse2, post = _dq_lse2(lse, sm_scale)  # as in _kernels.attn_bwd_dq
-    delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
+    if FUSE_DELTA:
+        o_off = b64 * stride_ob + offs_m[:, None] * stride_os + h * stride_oh + offs_dv[None, :]
+        o_ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+        o = tl.load(O + o_off, mask=o_ok, other=0.0).to(tl.float32)
+        if HAS_RESID:  # (R: O's layout)
+            o = o + tl.load(R + o_off, mask=o_ok, other=0.0).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta = delta - tl.load(DLSE + row_ptr, mask=row_ok, other=0.0)
+        tl.store(DELTA + row_ptr, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + row_ptr, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     row_first = m0

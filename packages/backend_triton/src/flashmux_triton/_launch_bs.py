@@ -266,6 +266,14 @@ def _lse2():
     return int(v)
 
 
+def _fuse_delta():
+    """FLASHMUX_TRITON_BS_FUSE_DELTA=1: no preprocess launch; the dQ kernel computes its rows'
+    delta (rowsum(dO * O) - dlse) from the dO tile it loads anyway plus O, stores it, and runs
+    before the dK/dV kernel (call s10a: the preprocess is ~102 us of a sparse 8k f+b, ~3%).
+    Off until the H200 measures it."""
+    return os.environ.get("FLASHMUX_TRITON_BS_FUSE_DELTA", "0") == "1"
+
+
 def _ws(pb):
     """FLASHMUX_TRITON_BS_WS=1: the forward's walks warp-specialized (Triton's automatic
     producer/consumer split, as the dense forward's interior loop at head_dim 128 on the H200);
@@ -298,6 +306,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     lse2 = _lse2()
     pre2 = lse2 in (1, 2)
     lse_kv = torch.empty_like(lse) if pre2 else lse  # the dK/dV kernel's row statistics
+    fuse = _fuse_delta() and not pre2  # the dQ kernel computes delta (no preprocess launch)
     if pre2:  # delta and lse in log2 units (-inf as +inf) in one pass
         KB.bs_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
             out, out_residual if has_res else out, do, dlse_arg, lse, delta, lse_kv,
@@ -305,7 +314,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv,
             HAS_DLSE=has_dlse, HAS_RESID=has_res,
         )
-    else:
+    elif not fuse:
         K.attn_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
             out, out_residual if has_res else out, do, dlse_arg, delta, q,
             *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
@@ -346,11 +355,20 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(do, False), *pb.strides(dq, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_dq,
-            **_opts(cfg),
+            **fused, **_opts(cfg),
         )
 
+    fused = {}
+    if fuse:
+        fused = dict(O=out, R=out_residual if has_res else out, DLSE=dlse_arg,
+                     stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+                     FUSE_DELTA=True, HAS_DLSE=has_dlse, HAS_RESID=has_res)
+
     tq = _tma_q(pb, q, do)
-    _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t)))
     tma = _tma(pb, k, v)
-    _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
+    if fuse:  # dQ first: it writes the delta the dK/dV kernel reads
+        _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
+    _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t)))
+    if not fuse:
+        _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     return dq, dk, dv
