@@ -43,11 +43,8 @@ VARIANTS = {
     "f4sm_prebwd": {"FLASHMUX_TRITON_BS_PRE": "dq,dkdv", "FLASHMUX_TRITON_BS_FWD": "64,32,4,2"},
     "pre_bwd3": {"FLASHMUX_TRITON_BS_PRE": "1", "FLASHMUX_TRITON_BS_FWD": "128,64,8,2,128",
                  "FLASHMUX_TRITON_BS_BWD_DQ": "64,32,4,2", "FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,2"},
-    # session 10: the dK/dV kernel's row statistics precomputed (log2 lse) and read unmasked
-    "lse2": {"FLASHMUX_TRITON_BS_LSE2": "1"},
-    "lse2_s2": {"FLASHMUX_TRITON_BS_LSE2": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,128,8,2"},
-    "lse2_pre_only": {"FLASHMUX_TRITON_BS_LSE2": "2"},
-    "lse2_unmasked_only": {"FLASHMUX_TRITON_BS_LSE2": "3"},
+    # session 10 (call s10a: LSE2, the dK/dV kernel's row statistics precomputed, passed and was
+    # not faster; removed)
     # two backward programs per SM, one kernel at a time (sm_90 compile: dQ 64x64x4x2 191
     # registers, 97 KiB; dK/dV 32x64x4x3 253 registers, no spill, 81 KiB; 64x64x4x2 72 B spill)
     "dq64s2": {"FLASHMUX_TRITON_BS_BWD_DQ": "64,64,4,2"},

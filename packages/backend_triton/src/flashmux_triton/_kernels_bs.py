@@ -414,7 +414,7 @@ def _bs_dkdv_tile(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
-    n0=0, is_p=False, RT: tl.constexpr = False, LSE2: tl.constexpr = 0,
+    n0=0, is_p=False, RT: tl.constexpr = False,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -426,18 +426,10 @@ def _bs_dkdv_tile(
                    offs_d[:, None] < HEAD_DIM, True, True)
         do = _load(do_base + rows[:, None] * stride_dos + offs_dv[None, :], rmask[:, None],
                    offs_dv[None, :] < HEAD_DIM_V, True, True)
-    # LSE2: 0 off; 1 precomputed log2 lse read unmasked; 2 precomputed only; 3 unmasked only
-    if CHECK or LSE2 == 0 or LSE2 == 2:
-        lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
-        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
-    else:  # no tail: every row in bounds, no per-element predicate or select
-        lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
+    lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
+    delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
     w = _rt_words(BITS, tid, r_loc0 + offs_m, c_loc0, is_p, MBS, BLOCK_N, RT)
-    if LSE2 == 1 or LSE2 == 2:  # lse_base: lse in log2 units, -inf as +inf (bs_bwd_preprocess)
-        lse2 = lse
-    else:
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     # (BLOCK_N, BLOCK_M): keys x queries
     # ALiBi distances in float (_alibi_rc) from the program's first key n0
     ar, ac, aoff = _alibi_rc(rows[None, :], tl.arange(0, BLOCK_N)[:, None], n0, diag_off, ALIBI)
@@ -476,7 +468,7 @@ def _bs_dkdv_list(
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
-    PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0, LSE2: tl.constexpr = 0,
+    PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
     partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward.
@@ -521,7 +513,7 @@ def _bs_dkdv_list(
                 p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                 CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA, n0,
-                is_p, MERGED, LSE2,
+                is_p, MERGED,
             )
     return dk, dv
 
@@ -546,13 +538,10 @@ def bs_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
-    LSE2: tl.constexpr = 0,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
     query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
-    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists). LSE2: LSE
-    holds the log-sum-exp in log2 units with -inf as +inf (`bs_bwd_preprocess`), read unmasked
-    when no length is off the mask block (2: precomputed only, 3: unmasked only; A/B)."""
+    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -602,7 +591,7 @@ def bs_bwd_dkdv(
                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, part == 1, HAS_LEFT,
                 HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
                 DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA, MERGED,
-                PRE and not MERGED, pn, pq, pt, PTID, LSE2,
+                PRE and not MERGED, pn, pq, pt, PTID,
             )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],
@@ -751,45 +740,6 @@ def bs_bwd_dq(
         _cast(dq, DQ.dtype.element_ty),
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
-
-
-@triton.jit(do_not_specialize=["seqlen_q"])
-def bs_bwd_preprocess(
-    O, R, DO, DLSE, LSE, DELTA, LSE2,
-    stride_ob, stride_os, stride_oh,
-    stride_dob, stride_dos, stride_doh,
-    stride_lb, stride_lh, seqlen_q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr,
-):
-    """`_kernels.attn_bwd_preprocess` (delta = rowsum(dO * O) - dlse; padded batches) that also
-    writes LSE2 = lse * log2(e), -inf as +inf: the dK/dV kernel's per-tile row statistics
-    (LSE2=True) without a multiply, compare and select per element and tile."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
-    b64 = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
-    msk = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    o_off = b64 * stride_ob + offs_m[:, None] * stride_os + h * stride_oh + offs_dv[None, :]
-    o = tl.load(O + o_off, mask=msk, other=0.0).to(tl.float32)
-    if HAS_RESID:
-        o = o + tl.load(R + o_off, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_dob + offs_m[:, None] * stride_dos + h * stride_doh
-                 + offs_dv[None, :], mask=msk, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    row_ptr = b64 * stride_lb + h * stride_lh + offs_m
-    if HAS_DLSE:
-        delta = delta - tl.load(DLSE + row_ptr, mask=row_ok, other=0.0)
-    tl.store(DELTA + row_ptr, delta, mask=row_ok)
-    lse = tl.load(LSE + row_ptr, mask=row_ok, other=0.0)
-    tl.store(LSE2 + row_ptr,
-             tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=row_ok)
 
 
 def cdiv(a: int, b: int) -> int:

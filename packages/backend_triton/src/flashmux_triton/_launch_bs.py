@@ -253,19 +253,6 @@ def _ptid_kv(a):
     return torch.gather(flat, 1, idx).reshape(kpi.shape).contiguous()
 
 
-def _lse2():
-    """FLASHMUX_TRITON_BS_LSE2=1: the backward's preprocess (`bs_bwd_preprocess`) also writes
-    lse in log2 units (-inf as +inf) for the dK/dV kernel, which then reads it (and delta)
-    unmasked where no length is off the mask block: the sm_90 compile of its per-tile loop
-    has a multiply, compare and select per row statistic and a predicate per load fewer.
-    Off until the H200 measures it. =2: the precomputed lse only, =3: the unmasked reads only
-    (the dK/dV kernel's LSE2 constexpr)."""
-    v = os.environ.get("FLASHMUX_TRITON_BS_LSE2", "0")
-    if v not in ("0", "1", "2", "3"):
-        raise ValueError(f"FLASHMUX_TRITON_BS_LSE2: expected 0, 1, 2 or 3, got {v!r}")
-    return int(v)
-
-
 def _fuse_delta():
     """FLASHMUX_TRITON_BS_FUSE_DELTA=1: no preprocess launch; the dQ kernel computes its rows'
     delta (rowsum(dO * O) - dlse) from the dO tile it loads anyway plus O, stores it, and runs
@@ -303,18 +290,8 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     if has_res:
         out, out_residual = out.contiguous(), out_residual.contiguous()
     pre_m = 64 if not pb.interpret else 32
-    lse2 = _lse2()
-    pre2 = lse2 in (1, 2)
-    lse_kv = torch.empty_like(lse) if pre2 else lse  # the dK/dV kernel's row statistics
-    fuse = _fuse_delta() and not pre2  # the dQ kernel computes delta (no preprocess launch)
-    if pre2:  # delta and lse in log2 units (-inf as +inf) in one pass
-        KB.bs_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
-            out, out_residual if has_res else out, do, dlse_arg, lse, delta, lse_kv,
-            *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
-            pb.seqlen_q, HEAD_DIM_V=pb.dv, BLOCK_M=pre_m, BLOCK_DV=pb.block_dv,
-            HAS_DLSE=has_dlse, HAS_RESID=has_res,
-        )
-    elif not fuse:
+    fuse = _fuse_delta()  # the dQ kernel computes delta (no preprocess launch)
+    if not fuse:
         K.attn_bwd_preprocess[(triton.cdiv(pb.seqlen_q, pre_m), pb.hq, pb.batch)](
             out, out_residual if has_res else out, do, dlse_arg, delta, q,
             *pb.strides(out, False), *pb.strides(do, False), lse.stride(0), lse.stride(1),
@@ -336,14 +313,14 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
-            q, k, v, do, lse_kv, delta, dk, dv, slopes,
+            q, k, v, do, lse, delta, dk, dv, slopes,
             a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
             _ptid_kv(a) if pre_kv else a["kpi"], *_descs(tma, q, do, bm_),
             *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_kv,
-            LSE2=lse2, **_opts(cfg),
+            **_opts(cfg),
         )
 
     def run_dq(cfg, bm_, bn, tma):
