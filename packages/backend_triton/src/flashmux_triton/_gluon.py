@@ -159,10 +159,10 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l
                 mbarrier.wait(turn.index(HALF), i & 1)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
             acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - HALF))
-            qk = warpgroup_mma_wait(1, deps=(qk,))
             qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
             m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -171,7 +171,10 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            # QK^T is retired by a wait(0) before PV is issued: after a wait_group 1 ptxas
+            # waited for PV too before the softmax wrote the score registers (SASS, call A:
+            # no overlap at all); this way PV runs under the softmax
+            acc, p16, p16_next = warpgroup_mma_wait(0, deps=(acc, p16, p16_next))
             mbarrier.arrive(kv_empty.index(sp))
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p16 = p16_next
@@ -356,15 +359,15 @@ def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk
 @gluon.jit
 def _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
             CAUSAL: gl.constexpr):
-    """(b, h, m0, n_blocks) of tile `tile`: query-block index slowest (the heavy end of a
-    causal band first), then batch, then head."""
-    bh = hq * batch
-    mi = tile // bh
-    rem = tile - mi * bh
-    b = rem // hq
-    h = rem - b * hq
+    """(b, h, m0, n_blocks) of tile `tile`: (batch, head) slowest, so the programs running at
+    once share a few heads' K/V in L2 (query-block-major order streamed every head's K/V at
+    once: 435 vs 548 TFLOP/s at d128 S4k in call A); query blocks heaviest first when causal."""
+    n_m = (seqlen_q + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
+    bh = tile // n_m
+    mi = tile - bh * n_m
+    b = bh // hq
+    h = bh - b * hq
     if CAUSAL:
-        n_m = (seqlen_q + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
         mi = n_m - 1 - mi
     m0 = mi * (2 * BLOCK_M)
     if CAUSAL:
@@ -447,10 +450,10 @@ def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i
                 mbarrier.wait(turn.index(HALF), (t + i) & 1)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
             acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - HALF))
-            qk = warpgroup_mma_wait(1, deps=(qk,))
             qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
             m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -459,7 +462,10 @@ def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            # QK^T is retired by a wait(0) before PV is issued: after a wait_group 1 ptxas
+            # waited for PV too before the softmax wrote the score registers (SASS, call A:
+            # no overlap at all); this way PV runs under the softmax
+            acc, p16, p16_next = warpgroup_mma_wait(0, deps=(acc, p16, p16_next))
             mbarrier.arrive(kv_empty.index(sp))
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             p16 = p16_next
@@ -1011,30 +1017,45 @@ def _sm_count(device) -> int:
     return _SMS[idx]
 
 
-def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
-    """None when the Gluon forward computes this call, else a sentence saying why not."""
+def causal_of(params) -> bool:
+    """The Gluon kernels' causal mask (j <= i + Sk - Sq): the core folds causal into
+    window_right = 0 (flashmux.spec.Params), which is all `_common_reasons` lets through."""
+    return params.window_right is not None
+
+
+def _common_reasons(q, k, v, params, capability, varlen: bool) -> str | None:
+    """Why the Gluon kernels cannot take this call at all (None: they can)."""
     import torch
 
     if capability is None or capability[0] != 9:
-        return f"the Gluon forward is for sm_90 (Hopper), this device is {capability}"
+        return f"the Gluon kernels are for sm_90 (Hopper), this device is {capability}"
     if varlen:
-        return "the Gluon forward takes no varlen (cu_seqlens) calls"
+        return "the Gluon kernels take no varlen (cu_seqlens) calls"
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"the Gluon forward takes float16/bfloat16 q, k, v, got {q.dtype}"
+        return f"the Gluon kernels take float16/bfloat16 q, k, v, got {q.dtype}"
     d = q.shape[-1]
     if d not in CONFIGS or k.shape[-1] != d or v.shape[-1] != d:
-        return f"the Gluon forward takes head_dim 64 or 128 with Dv == D, got D={d} Dv={v.shape[-1]}"
-    if (params.window_left is not None or params.window_right is not None
-            or (params.softcap or 0) > 0 or params.dropout_p > 0 or not params.scale > 0):
-        return "the Gluon forward takes no window, softcap, dropout or non-positive scale"
-    bn = config(d)[1]
+        return f"the Gluon kernels take head_dim 64 or 128 with Dv == D, got D={d} Dv={v.shape[-1]}"
+    if params.window_left is not None or params.window_right not in (None, 0):
+        return "the Gluon kernels take no window other than causal (window_right = 0)"
+    if (params.softcap or 0) > 0 or params.dropout_p > 0 or not params.scale > 0:
+        return "the Gluon kernels take no softcap, dropout or non-positive scale"
     if k.shape[1] == 0:
         return "the Gluon kernels take no empty key sequence (the Triton kernel writes its zeros)"
-    if k.shape[1] % bn:
-        return f"the Gluon forward needs seqlen_k to be a multiple of {bn}, got {k.shape[1]}"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not _rows_view_ok(x, d):
-            return f"the Gluon forward needs {name} as rows of contiguous heads (TMA views)"
+            return f"the Gluon kernels need {name} as rows of contiguous heads (TMA views)"
+    return None
+
+
+def reasons(q, k, v, params, capability, varlen: bool) -> str | None:
+    """None when the Gluon forward computes this call, else a sentence saying why not."""
+    why = _common_reasons(q, k, v, params, capability, varlen)
+    if why is not None:
+        return why
+    bn = config(q.shape[-1])[1]
+    if k.shape[1] % bn:
+        return f"the Gluon forward needs seqlen_k to be a multiple of {bn}, got {k.shape[1]}"
     return None
 
 
@@ -1150,7 +1171,7 @@ def bwd_config(d: int):
 
 def bwd_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
     """None when the Gluon dK/dV program computes this call's backward, else why not."""
-    why = reasons(q, k, v, params, capability, varlen)
+    why = _common_reasons(q, k, v, params, capability, varlen)
     if why is not None:
         return why
     bm = bwd_config(q.shape[-1])[0]
@@ -1238,7 +1259,7 @@ def dq_config(d: int):
 
 def dq_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
     """None when the Gluon dQ program computes this call's dQ, else why not."""
-    why = reasons(q, k, v, params, capability, varlen)
+    why = _common_reasons(q, k, v, params, capability, varlen)
     if why is not None:
         return why
     if k.shape[1] % dq_config(q.shape[-1])[1]:

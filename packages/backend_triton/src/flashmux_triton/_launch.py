@@ -361,7 +361,7 @@ def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
     if _gluon.dq_reasons(q, k, v, do, params, pb.capability, pb.varlen) is not None:
         return False
     try:
-        _gluon.backward_dq(q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, pb.causal,
+        _gluon.backward_dq(q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
                            params.scale)
     except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
         if os.environ.get("FLASHMUX_TRITON_GLUON_DQ") == "force":
@@ -383,7 +383,7 @@ def _gluon_dkdv(pb: _Problem, q, k, v, do, lse, delta, dk, dv, params) -> bool:
 
     try:
         _gluon.backward_dkdv(q, k, v, do, lse, delta, dk, dv, pb.seqlen_q, pb.seqlen_k,
-                             pb.causal, params.scale)
+                             _gluon.causal_of(params), params.scale)
     except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
         if os.environ.get("FLASHMUX_TRITON_GLUON_BWD") == "force":
             raise
@@ -400,7 +400,7 @@ def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
     if _gluon.reasons(q, k, v, params, pb.capability, pb.varlen) is not None:
         return False
     try:
-        _gluon.forward(q, k, v, out, lse, res, pb.seqlen_q, pb.seqlen_k, pb.causal, params.scale)
+        _gluon.forward(q, k, v, out, lse, res, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params), params.scale)
     except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton kernel
         if os.environ.get("FLASHMUX_TRITON_GLUON") == "force":
             raise
