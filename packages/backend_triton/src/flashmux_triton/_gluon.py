@@ -697,17 +697,20 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
                 mbarrier.wait(q_ready.index(s), ph)
                 st = warpgroup_mma(k, q_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                    is_async=True)
+                # each wait retires everything in flight: after a wait_group 1 ptxas waits for
+                # all groups before a retired accumulator's registers are rewritten, so the
+                # exps run under dP^T and dS under dV only this way
+                st = warpgroup_mma_wait(0, deps=(st,))
                 mbarrier.wait(do_ready.index(s), ph)
                 dpt = warpgroup_mma(v, do_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                     is_async=True)
-                st = warpgroup_mma_wait(1, deps=(st,))
                 pt = gl.exp2(st * qk_scale - lse2[None, :])
                 if CAUSAL:
                     if key0 + BLOCK_N - 1 > m + off:
                         pt = gl.where(keys[:, None] <= cols[None, :] + off, pt, 0.0)
                 pt16 = gl.convert_layout(pt.to(q_smem.dtype), p_layout)
+                dpt = warpgroup_mma_wait(0, deps=(dpt,))
                 dv = warpgroup_mma(pt16, do_smem.index(s), dv, is_async=True)
-                dpt = warpgroup_mma_wait(1, deps=(dpt,))
                 dst = pt * (dpt - delta[None, :])
                 ds16 = gl.convert_layout((dst * sm_scale).to(q_smem.dtype), p_layout)
                 dk = warpgroup_mma(ds16, q_smem.index(s), dk, is_async=True)
@@ -866,13 +869,15 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
         mbarrier.wait(k_ready.index(s), ph)
         st = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
                            is_async=True)
+        if OVERLAP:
+            dq, ds16 = warpgroup_mma_wait(1, deps=(dq, ds16))
+            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        # S retired by wait(0) before dP is issued: the exps then run under dP (after a
+        # wait_group 1 ptxas waits for everything before the score registers are rewritten)
+        st = warpgroup_mma_wait(0, deps=(st,))
         mbarrier.wait(v_ready.index(s), ph)
         dp = warpgroup_mma(do, v_smem.index(s).permute((1, 0)), zero, use_acc=False,
                            is_async=True)
-        if OVERLAP:
-            dq, ds16 = warpgroup_mma_wait(2, deps=(dq, ds16))
-            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-        st = warpgroup_mma_wait(1, deps=(st,))
         p = gl.exp2(st * qk_scale - lse2[:, None])
         if CAUSAL:
             if i >= n_full:
