@@ -80,6 +80,8 @@ def test_backward_feature_failure_falls_back(feature, monkeypatch):
         monkeypatch.setattr(_launch, name, set())
     for env in ("FLASHMUX_TRITON_DQ_TMA", "FLASHMUX_TRITON_BWD_TMA"):
         monkeypatch.delenv(env, raising=False)
+    for env in ("FLASHMUX_TRITON_GLUON_BWD", "FLASHMUX_TRITON_GLUON_DQ"):
+        monkeypatch.setenv(env, "0")  # the Triton programs carry the features tested here
     if feature == "dq_tma":  # bulk dQ reductions: on by default with the atomic dQ on sm_90
         monkeypatch.setenv("FLASHMUX_TRITON_BWD", "fused")
         monkeypatch.setattr(K, "attn_bwd_dkdv", _Failing(K.attn_bwd_dkdv, "DQ_TMA"))

@@ -91,13 +91,22 @@ def _c(m, n, w, s):
 # Measured on an H100 80GB HBM3 with triton 3.6 (gpu_check.py sweep, bf16, S=4096, B*S=16384,
 # model dim 2048): each row is the fastest of 7-8 candidates per kernel; NOTES.md has the sweep.
 # dK/dV holds K, V, dK, dV of one key block (BLOCK_N rows); dQ holds Q, dO, dQ (BLOCK_M rows).
+# Gluon kernels (_gluon.py, sm_90 only; `Tuning.gluon`) where the H200 measured them faster
+# (2026-12-01 00:15-00:23, call s10b, triton 3.6, bf16, B*S 16k, H*D 2048, S 4k fwd+bwd with
+# per-kernel ms; all 39 Gluon GPU tests passed): causal dK/dV 1.57 -> 1.19 ms (d64) and 1.47 ->
+# 0.99 ms (d128), dQ 0.89 -> 0.86 / 0.70 -> 0.67 ms, d128 non-causal dK/dV 1.96 -> 1.80 ms and
+# dQ 1.21-1.33 -> 1.24 ms (whole f+b 0.82 -> 0.90x cuDNN); the d128 causal forward 461 -> 495
+# (4k) and 536 -> 573 (16k) TFLOP/s. Elsewhere the Triton programs were as fast or faster
+# (d64 non-causal dK/dV and dQ, the d64 and d128 non-causal forward at 4k): NOTES.md.
 _D64 = Tuning(_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(64, 64, 4, 3))
-_D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3))
+_D64_CAUSAL = Tuning(_c(128, 64, 8, 3), _c(32, 64, 4, 3), _c(128, 64, 8, 3),
+                     gluon=("dkdv", "dq"))
 # head_dim 128 on the H200 (2026-11-30 18:22-18:31, triton 3.6, bf16, S=4096): warp-specialized
 # forward loop 529 -> 541 (non-causal), 460 -> 475 TFLOP/s (causal), judged vs float64 on the
 # H200 (causal and not); tensor-descriptor loads in the backward 394 -> 404 (non-causal), 303
 # -> 315 (causal) whole-backward TFLOP/s (NOTES.md session 8)
-_D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3), ws=True, bwd_tma=True)
+_D128 = Tuning(_c(128, 128, 8, 3), _c(64, 128, 8, 3), _c(128, 64, 8, 3), ws=True, bwd_tma=True,
+               gluon=("dkdv", "dq"))
 # head_dim 256's split backward (a dV program and a dK program, 128-row key blocks, one fp32
 # accumulator each), the default since the H200 measured it (2026-11-30 17:39, triton 3.6, bf16,
 # S=4096 non-causal, NOTES.md session 8): dK/dV kernels 4.14 -> 2.70 ms, whole backward 231 ->
@@ -114,7 +123,7 @@ TABLE_SM90: dict[tuple[int, bool], Tuning] = {
     (64, False): _D64,
     (64, True): _D64_CAUSAL,
     (128, False): _D128,
-    (128, True): _D128,
+    (128, True): replace(_D128, gluon=("fwd", "dkdv", "dq")),
     # head_dim 256: swept on the H200 (2026-11-30, triton 3.6, bf16, S=4096 non-causal, NOTES.md
     # session 7): fwd 422 -> 521 TFLOP/s, whole backward 142 -> 159 (dK/dV) and 159 -> 234 (dQ)
     # against the H100 defaults (64,32,4,2) / (32,64,8,2) / (64,32,8,2); causal takes the same
