@@ -150,3 +150,32 @@ def test_gluon_switches(monkeypatch):
     assert not any(_launch.gluon_wanted(pb, e) for e in envs)
     # 32-bit classes never take Gluon by default
     assert T.default_tuning(T.ShapeClass(128, 128, "float32", False), (9, 0), False).gluon == ()
+
+
+def test_lowerings_off_cuda_is_none():
+    from flashmux.spec import Params
+    from flashmux_triton import backend
+
+    x = torch.zeros(1, 8, 2, 64)
+    assert backend.lowerings(x, x, x, Params(scale=0.1)) is None
+
+
+@hopper_only
+def test_lowerings_name_the_gluon_kernels(monkeypatch):
+    """explain()'s kernel family per pass follows Tuning.gluon and the switches."""
+    from flashmux.spec import Params
+    from flashmux_triton import backend
+
+    for env in ("FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD", "FLASHMUX_TRITON_GLUON_DQ",
+                "FLASHMUX_TRITON_BWD"):
+        monkeypatch.delenv(env, raising=False)
+    x = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16, device="cuda")
+    causal = Params(scale=0.1, causal=True, window_right=0)
+    assert backend.lowerings(x, x, x, causal) == {"forward": "gluon", "backward": "gluon"}
+    y = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16, device="cuda")
+    assert backend.lowerings(y, y, y, Params(scale=0.1)) == {"forward": "triton",
+                                                             "backward": "triton"}
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON", "0")
+    monkeypatch.setenv("FLASHMUX_TRITON_GLUON_DQ", "0")
+    assert backend.lowerings(x, x, x, causal) == {"forward": "triton",
+                                                  "backward": "gluon dK/dV + triton dQ"}

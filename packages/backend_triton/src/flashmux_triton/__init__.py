@@ -80,6 +80,15 @@ class TritonBackend(Backend):
             ver = None
         return {"triton": ver, "interpreter": _interpreting()}
 
+    def lowerings(self, q, k, v, params):
+        """Which kernel family each pass takes (Gluon on sm_90 where `Tuning.gluon` says so,
+        else Triton); None off CUDA."""
+        if not getattr(q, "is_cuda", False):
+            return None
+        from . import _launch
+
+        return _launch.lowerings(q, k, v, params)
+
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, residual=False, **masks):
         # masks: alibi_slopes= and/or block_mask= (block-sparse kernels in _kernels_bs.py)
         from . import _launch

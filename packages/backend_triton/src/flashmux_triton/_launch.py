@@ -654,6 +654,33 @@ def _ran_or_dropped(run_all, on: bool, env: str, broken: set, shape, drop) -> bo
         return False
 
 
+def lowerings(q, k, v, params) -> dict[str, str] | None:
+    """The kernel family each pass takes on these torch CUDA tensors (explain): "gluon" for
+    the warp-specialized kernels of _gluon.py, "triton" for _kernels.py; the backward names
+    its two parts ("gluon dK/dV + triton dQ"). None off CUDA (one family there)."""
+    if not getattr(q, "is_cuda", False):
+        return None
+    if (params.varlen or getattr(params, "alibi", False)
+            or getattr(params, "mask_block_size", 0)):
+        return {"forward": "triton", "backward": "triton"}
+    pb = _Problem(q, k, v, None, None, params)
+    if not (gluon_wanted(pb) or gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
+            or gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_DQ")):
+        return {"forward": "triton", "backward": "triton"}
+    from . import _gluon
+
+    cap = pb.capability
+    fwd = gluon_wanted(pb) and _gluon.reasons(q, k, v, params, cap, False) is None
+    fused = fused_bwd_wanted(pb, params.deterministic)
+    dkdv = (not fused and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
+            and _gluon.bwd_reasons(q, k, v, q, params, cap, False) is None)
+    dq = (not fused and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_DQ")
+          and _gluon.dq_reasons(q, k, v, q, params, cap, False) is None)
+    name = {True: "gluon", False: "triton"}
+    bwd = name[dkdv] if dkdv == dq else f"{name[dkdv]} dK/dV + {name[dq]} dQ"
+    return {"forward": name[fwd], "backward": bwd}
+
+
 def dropout_keep_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, like):
     out = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=like.device)
     if out.numel() == 0:
