@@ -107,9 +107,6 @@ def test_lowerings_name_the_fallback(monkeypatch):
     q96, k96, v96 = _inputs(1, 64, 64, 2, 2, 96, torch.bfloat16, seed=1)
     d96 = flashmux.explain(q96, k96, v96, backend="cuda").lowerings  # 96: sm90 since session 10
     assert d96["forward"].startswith("sm90") and d96["backward"].startswith("sm80"), d96
-    q264, k264, v264 = _inputs(1, 64, 64, 2, 2, 264, torch.bfloat16, seed=1)
-    d264 = flashmux.explain(q264, k264, v264, backend="cuda").lowerings["forward"]
-    assert d264.startswith("sm80") and "head_dim" in d264
     monkeypatch.setenv("FLASHMUX_CUDA_FAMILY", "sm80")
     forced = flashmux.explain(q, k, v, backend="cuda").lowerings["forward"]
     assert forced.startswith("sm80") and "FLASHMUX_CUDA_FAMILY" in forced

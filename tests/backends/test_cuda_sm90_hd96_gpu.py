@@ -76,6 +76,8 @@ def test_hd96_forward_backward_vs_reference(case, dtype, monkeypatch):
     ):
         e_m, e_p = bwd._err(m, r), bwd._err(p, r)
         assert e_m <= 2 * e_p + 1e-5, f"{name}: sm90 hd96 {e_m:.3g} vs plain {e_p:.3g}"
+    if dtype != "bfloat16":  # the persistent kernel is bf16 only
+        return
     # the persistent forward on the same instantiation: the same bits
     monkeypatch.setenv("FLASHMUX_CUDA_SM90_FWD", "persist")
     out_p, lse_p = flashmux.attention(q, k, v, return_lse=True, **kw)

@@ -367,8 +367,8 @@ def _use_fwd(name):
     (one CTA per tile, FLASHMUX_CUDA_SM90_FWD=tile), "persist"
     (FLASHMUX_CUDA_SM90_FWD=persist, session 10) or "pad96" (head_dim 65..96 on the 128
     instantiation, FLASHMUX_CUDA_SM90_PAD96=1, against the 96 one of session 10), "tN"
-    (FMX_TUNE_SM90=N: t4 = hd128 176-key blocks, t5 = hd64 192-key blocks, bf16), combined
-    with "+" ("persist+t5")."""
+    (FMX_TUNE_SM90=N, bf16: t5 = hd64 192-key blocks, the default at seqlen_k >= 8192; t0 =
+    hd64 128-key blocks at any length), combined with "+" ("persist+t0")."""
     parts = name.split("+")  # e.g. "persist+t5": combined
     for var in ("FLASHMUX_CUDA_SM90_PAD96", "FLASHMUX_CUDA_SM90_FWD", "FMX_TUNE_SM90"):
         os.environ.pop(var, None)

@@ -10,13 +10,8 @@
 #ifndef FMX_SM90_FWD128_STAGES
 #define FMX_SM90_FWD128_STAGES 2
 #endif
-// Session 10: a bf16 variant in the normal build, FMX_TUNE_SM90=4: the same overlapped loop with
-// 176-key blocks (FlashAttention-3's non-causal head_dim 128 tile; one CTA per tile only: with
-// the persistent kernel's O buffer the smem would exceed 227 KB). Session 8's FMX_TUNE_SM90=3
-// (96-key blocks) was measured slower and is gone. -DFMX_SM90_FWD128_VARIANT=0 leaves it out.
-#ifndef FMX_SM90_FWD128_VARIANT
-#define FMX_SM90_FWD128_VARIANT 1
-#endif
+// Session 10 measured (H200, call s10b) and dropped: 176-key blocks (FMX_TUNE_SM90=4,
+// 0.70-0.77x of this kernel), 3 K/V stages (=6, 0.87-0.99x); session 8's 96-key blocks (=3).
 
 namespace fmx {
 namespace sm90 {
@@ -33,18 +28,8 @@ int run_fwd<128>(const Params &p, int dtype, cudaStream_t stream) {
     return launch_fwd<FwdTraits<128, FMX_SM90_FWD128_BN, FMX_SM90_FWD128_STAGES, cutlass::bfloat16_t, false>>(p, stream);
   }
 #endif
-#if FMX_SM90_FWD128_VARIANT
-  if (dtype == 1) {
-    const char *v = std::getenv("FMX_TUNE_SM90");
-    if (v != nullptr && v[0] == '4')
-      return launch_fwd<FwdTraits<128, 176, 2, cutlass::bfloat16_t>>(p, stream);
-    // =6: 3 K/V stages (224 KB of smem: one CTA per tile only)
-    if (v != nullptr && v[0] == '6')
-      return launch_fwd<FwdTraits<128, 128, 3, cutlass::bfloat16_t>>(p, stream);
-  }
-#endif
-  // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile
-  if (dtype == 0) return launch_fwd_sched<Fwd128<cutlass::half_t>>(p, stream);
+  // bf16: FLASHMUX_CUDA_SM90_FWD=persist runs the persistent kernel (fwd_persist.cuh)
+  if (dtype == 0) return launch_fwd<Fwd128<cutlass::half_t>>(p, stream);
   return launch_fwd_sched<Fwd128<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm90

@@ -11,11 +11,12 @@
 #define FMX_SM90_FWD64_STAGES 2
 #endif
 
-// Session 10: a bf16 variant in the normal build, FMX_TUNE_SM90=5: 192-key blocks (the S GEMM
-// longer against the softmax, as FlashAttention-3's head_dim 64 tile; both schedules).
-// -DFMX_SM90_FWD64_VARIANT=0 leaves it out; to go once measured (NOTES.md).
-#ifndef FMX_SM90_FWD64_VARIANT
-#define FMX_SM90_FWD64_VARIANT 1
+// Session 10 (H200, call s10b): bf16 with 192-key blocks, one CTA per tile, is the default
+// where seqlen_k >= 8192 (+2.5-4.6% there against this unit's 128-key kernel measured later in
+// the same process, -5-11% at 2k); FMX_TUNE_SM90=5 forces it, =0 forces the 128-key blocks.
+// 3 K/V stages (=7) measured flat to -5% and dropped.
+#ifndef FMX_SM90_FWD64_LONG_KEYS
+#define FMX_SM90_FWD64_LONG_KEYS 8192
 #endif
 
 namespace fmx {
@@ -33,18 +34,15 @@ int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
     return launch_fwd<FwdTraits<64, FMX_SM90_FWD64_BN, FMX_SM90_FWD64_STAGES, cutlass::bfloat16_t, false>>(p, stream);
   }
 #endif
-#if FMX_SM90_FWD64_VARIANT
   if (dtype == 1) {
     const char *v = std::getenv("FMX_TUNE_SM90");
-    if (v != nullptr && v[0] == '5')
-      return launch_fwd_sched<FwdTraits<64, 192, 2, cutlass::bfloat16_t>>(p, stream);
-    // =7: 3 K/V stages (both schedules)
-    if (v != nullptr && v[0] == '7')
-      return launch_fwd_sched<FwdTraits<64, 128, 3, cutlass::bfloat16_t>>(p, stream);
+    const bool long_keys = v != nullptr ? v[0] == '5' : p.seqlen_k >= FMX_SM90_FWD64_LONG_KEYS;
+    const bool tile_kernel = v != nullptr || !sm90_fwd_persist(p, false, false);
+    if (long_keys && tile_kernel)
+      return launch_fwd<FwdTraits<64, 192, 2, cutlass::bfloat16_t>>(p, stream);
   }
-#endif
-  // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile
-  if (dtype == 0) return launch_fwd_sched<Fwd64<cutlass::half_t>>(p, stream);
+  // bf16: FLASHMUX_CUDA_SM90_FWD=persist runs the persistent kernel (fwd_persist.cuh)
+  if (dtype == 0) return launch_fwd<Fwd64<cutlass::half_t>>(p, stream);
   return launch_fwd_sched<Fwd64<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm90

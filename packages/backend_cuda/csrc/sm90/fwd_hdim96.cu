@@ -22,8 +22,8 @@ using Fwd96 = FwdTraits<96, FMX_SM90_FWD96_BN, FMX_SM90_FWD96_STAGES, T>;
 
 template <>
 int run_fwd<96>(const Params &p, int dtype, cudaStream_t stream) {
-  // FLASHMUX_CUDA_SM90_FWD=persist: the persistent kernel (fwd_persist.cuh), else one CTA per tile
-  if (dtype == 0) return launch_fwd_sched<Fwd96<cutlass::half_t>>(p, stream);
+  // bf16: FLASHMUX_CUDA_SM90_FWD=persist runs the persistent kernel (fwd_persist.cuh)
+  if (dtype == 0) return launch_fwd<Fwd96<cutlass::half_t>>(p, stream);
   return launch_fwd_sched<Fwd96<cutlass::bfloat16_t>>(p, stream);
 }
 }  // namespace sm90

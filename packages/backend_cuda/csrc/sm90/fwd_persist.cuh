@@ -5,9 +5,8 @@
 // in the consumers' registers across the main loop (and hd128 spilled more). This version keeps
 // the consumers free of per-tile constants:
 //   - the producer thread decodes tile t (round r: t = r * G + c, or r * G + G - 1 - c in odd
-//     rounds (snake), c = blockIdx.x, G = gridDim.x; tile order: the heaviest query blocks
-//     first, heads then batches within a query block, so a causal launch runs its longest tiles
-//     first) and writes {m_block, h, b, n_min, n_max} into a 2-slot
+//     rounds (snake), c = blockIdx.x, G = gridDim.x; tile order as the tile kernel's grid:
+//     (head, batch) major, the heaviest query block first within one) and writes {m_block, h, b, n_min, n_max} into a 2-slot
 //     shared-memory ring (tile_full / tile_empty mbarriers); a sentinel (m_block = -1) ends it;
 //   - the consumers read n_min / n_max at the start of a tile, re-read the query row from shared
 //     memory where a mask needs it, and the tile's head / batch only in the epilogue;
@@ -18,9 +17,11 @@
 //     so the store overlaps the next tile's main loop; lse is stored from registers as before;
 //   - the two consumer warpgroups' GEMM turns (ping-pong) alternate without a break across
 //     tiles (the second warpgroup's first arrival happens once, at kernel start).
-// Selected per call with FLASHMUX_CUDA_SM90_FWD=persist (fwd_hdim64.cu / fwd_hdim128.cu, bf16
-// and fp16, the overlapped loop only) where the output's strides suit TMA; else the one-CTA-per-
-// tile kernel of fwd_kernel.cuh runs (the default until the H200 says otherwise).
+// Selected per call with FLASHMUX_CUDA_SM90_FWD=persist (fwd_hdim{64,96,128}.cu, bf16, the
+// overlapped loop only) where the output's strides suit TMA; else the one-CTA-per-tile kernel
+// of fwd_kernel.cuh runs. Measured slower than that kernel on the H200 (call s10b, with the
+// query-block-major order): opt-in, compiled where FMX_SM90_PERSIST is 1 (the default except in
+// head-dim-limited builds, i.e. the lean CI tier).
 #pragma once
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -142,7 +143,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       Tensor tVsV = cv.partition_D(sVt);
       PipeState st_k = cutlass::make_producer_start_state<Pipeline>();
       PipeState st_v = cutlass::make_producer_start_state<Pipeline>();
-      const int hb = p.hq * p.batch;
       for (int iter = 0;; ++iter) {
         // round `iter` of the tile list (sorted heaviest first), snake order: CTA c takes tile
         // c in even rounds and G - 1 - c in odd ones, so that a CTA that drew a heavier tile in
@@ -153,8 +153,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (iter >= 2) ClusterBarrier::wait(&ss.tile_empty[slot], ((iter >> 1) - 1) & 1);
         int m_block = -1, h = 0, b = 0, n_min = 0, n_max = 0;
         if (t < kp.total_tiles) {
-          m_block = kp.num_m - 1 - t / hb;  // heaviest (last) query blocks first
-          const int r = t % hb;
+          // head-major, as the one-CTA-per-tile grid launches: the CTAs running together work on
+          // the query blocks of one or two (head, batch) pairs and share their K/V in L2 (the
+          // first version went query-block-major, heaviest first over all heads: ~132 heads'
+          // K/V in flight at once, 0.78-0.89x the tile kernel on the H200, call s10b)
+          m_block = kp.num_m - 1 - t % kp.num_m;  // heaviest (last) query blocks first
+          const int r = t / kp.num_m;
           h = r % p.hq;
           b = r / p.hq;
           const SeqInfo si(p, b);
@@ -477,9 +481,18 @@ int launch_fwd_persist(const Params &p, cudaStream_t stream) {
 
 // The forward of traits Tr: the persistent kernel where the schedule says so (sm90_fwd_persist;
 // kMasked / kDense: the unit's defaults) and the output suits TMA, else one CTA per tile.
+#ifndef FMX_SM90_PERSIST
+#ifdef FMX_HEAD_DIMS_LIMITED
+#define FMX_SM90_PERSIST 0
+#else
+#define FMX_SM90_PERSIST 1
+#endif
+#endif
 template <typename Tr, bool kMasked = false, bool kDense = false>
 int launch_fwd_sched(const Params &p, cudaStream_t stream) {
+#if FMX_SM90_PERSIST
   if (sm90_fwd_persist(p, kMasked, kDense) && o_tma_ok(p)) return launch_fwd_persist<Tr>(p, stream);
+#endif
   return launch_fwd<Tr>(p, stream);
 }
 
