@@ -119,3 +119,20 @@ def test_merge_trigger_in_a_graph(idx):
             assert np.abs(o.float().cpu().numpy() - ref_o).max() < 2e-2
             fin = np.isfinite(ref_l)
             assert np.abs(lse.cpu().numpy()[fin] - ref_l[fin]).max() < 1e-3
+
+
+def test_default_merge_warps_grow_with_the_partials():
+    """The session-10 default (c49: 1-warp merge programs with a PDL trigger) widens the merge
+    programs where one warp would hold over 128 partial elements per thread."""
+    cfg = T.config_for(128, 128, "bfloat16", 0)
+    assert (cfg.merge_trigger, cfg.merge_warps, cfg.fused_merge) == (1, 1, 0)
+    q = torch.zeros((1, 1, 4, 128), dtype=torch.float16)
+    k = torch.zeros((1, 8192, 1, 128), dtype=torch.float16)
+
+    def warps(ns):
+        p = DecodeParams(scale=0.1, causal=False, window_left=None, window_right=None,
+                         softcap=None, alibi=False, num_splits=ns, page_size=0, return_lse=False)
+        return _decode._Launch(q, k, k, None, None, p, cfg).merge_kw["num_warps"]
+
+    assert warps(2) == 1 and warps(32) == 1  # 32 x 128 partials: 128 per thread
+    assert warps(64) == 2

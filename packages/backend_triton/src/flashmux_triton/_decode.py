@@ -979,8 +979,14 @@ class _Launch:
         self.launch_kw = {"launch_pdl": True} if self.pdl else {}
         self.merge_grid = (b * hq * sq,)
         self.merge_args = (ns, *so, *sl, sq * hq * dv, hq * dv, dv, hq * sq, sq, sq, hq)
-        self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(ns)),
-                             BLOCK_DV=block_dv, num_warps=cfg.merge_warps, PDL=self.pdl,
+        block_s = max(2, triton.next_power_of_2(ns))
+        # merge_warps, or more where a warp would hold over 128 partial elements per thread
+        # (many splits x a wide Dv)
+        mw = cfg.merge_warps
+        while mw < 8 and block_s * block_dv > mw * 32 * 128:
+            mw *= 2
+        self.merge_kw = dict(HEAD_DIM_V=dv, BLOCK_S=block_s,
+                             BLOCK_DV=block_dv, num_warps=mw, PDL=self.pdl,
                              TRIGGER=self.pdl and bool(cfg.merge_trigger))
         self.dev = q.device
         # fused merge: per stream, the ticket counters (zeroed once, left at 0 by each launch)
