@@ -86,9 +86,10 @@ def test_pre_env_names_kernels(monkeypatch):
 
 
 def test_defaults_only_for_the_measured_class(monkeypatch):
-    """The H200-measured block-sparse defaults (forward 128x64x8 at two programs per SM, dQ and
-    dK/dV preloaded) apply to sm90+, 16-bit, head_dim 128 only; elsewhere tuning.py's tiles and
-    no preloading (nothing else was measured)."""
+    """The H200-measured block-sparse defaults (forward 128x64x8 at two programs per SM, dQ
+    preloaded, dK/dV 64x64x4x2 on the plain walk for plain calls and preloaded otherwise) apply
+    to sm90+, 16-bit, head_dim 128 only; elsewhere tuning.py's tiles and no preloading (nothing
+    else was measured)."""
     import types
 
     from flashmux_triton import _launch_bs as LB
@@ -101,11 +102,16 @@ def test_defaults_only_for_the_measured_class(monkeypatch):
 
     h200 = pb()
     assert [LB._pre(w, h200) for w in ("fwd", "dq", "dkdv")] == [False, True, True]
+    assert LB._pre("dkdv", h200, plain=True) is False  # the plain calls' 2/SM dK/dV (session 10)
     cfg = LB._bs_default(h200, "fwd")
     assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.maxnreg) == (
         128, 64, 8, 2, 128)
-    assert LB._bs_default(h200, "bwd_dq") is None and LB._bs_default(h200, "bwd_dkdv") is None
-    assert LB._bs_default(h200, "fwd", plain=False) is None  # ALiBi/softcap/dropout/window
+    assert LB._bs_default(h200, "bwd_dq") is None
+    cfg = LB._bs_default(h200, "bwd_dkdv")  # two programs per SM (session 10)
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (64, 64, 4, 2)
+    for which in ("fwd", "bwd_dkdv"):  # ALiBi/softcap/dropout/window: not measured
+        assert LB._bs_default(h200, which, plain=False) is None
     for other in (pb(capability=(8, 0)), pb(d=64, dv=64), pb(ieee=True), pb(interpret=True)):
         assert not any(LB._pre(w, other) for w in ("fwd", "dq", "dkdv"))
         assert LB._bs_default(other, "fwd") is None
+        assert LB._bs_default(other, "bwd_dkdv") is None

@@ -54,6 +54,10 @@ VARIANTS = {
     "fuse_delta": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1"},
     "fuse_delta_kv64s2": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1",
                           "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,4,2"},
+    # the defaults on a plain call (no ALiBi): since call s10b the dK/dV kernel at 64x64x4x2 on
+    # the plain walk (the ALiBi cases above keep 64x128x8x3 preloaded)
+    "default_plain": {"_plain": "1"},
+    "fuse_delta_plain": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1", "_plain": "1"},
 }
 
 
@@ -67,19 +71,21 @@ def _segments(s, n, seed):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_bs_variant_vs_float64(variant, s, monkeypatch):
     for k, v in VARIANTS[variant].items():
-        monkeypatch.setenv(k, v)
+        if not k.startswith("_"):
+            monkeypatch.setenv(k, v)
+    plain = bool(VARIANTS[variant].get("_plain"))
     rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
     b, hq, hkv, d = 2, 4, 2, 128
     seg = np.stack([_segments(s, 5, 1), _segments(s, 9, 2)])
     # full tiles (document interiors), partial tiles (diagonal, document edges, dilated keys)
     fn = M.or_(M.and_(M.causal(), M.document(seg)), M.dilated(0, 200))
-    slopes = rng.uniform(0.01, 0.2, (b, hq)).astype(np.float32)
+    slopes = None if plain else rng.uniform(0.01, 0.2, (b, hq)).astype(np.float32)
     x64 = [rng.standard_normal(sh) for sh in ((b, s, hq, d), (b, s, hkv, d), (b, s, hkv, d))]
     do64 = rng.standard_normal((b, s, hq, d))
     q, k, v = (torch.tensor(x, device="cuda").to(torch.bfloat16).requires_grad_(True) for x in x64)
     do = torch.tensor(do64, device="cuda").to(torch.bfloat16)
     bm = flashmux.create_block_mask(fn, b, None, s, s, like=q)
-    ts = torch.tensor(slopes, device="cuda")
+    ts = None if plain else torch.tensor(slopes, device="cuda")
     out = flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=ts, backend="triton")
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = (x.detach().double().cpu().numpy() for x in (q, k, v))
@@ -92,7 +98,8 @@ def test_bs_variant_vs_float64(variant, s, monkeypatch):
     g = hq // hkv
     sc = torch.einsum("bqhd,bkhd->bhqk", qp, kp.repeat_interleave(g, 2)).float() / np.sqrt(d)
     i = torch.arange(s, device="cuda")
-    sc = sc - ts[:, :, None, None] * (i[:, None] - i[None, :]).abs()
+    if not plain:
+        sc = sc - ts[:, :, None, None] * (i[:, None] - i[None, :]).abs()
     sc = sc.masked_fill(~allowed, float("-inf"))
     po = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1).to(torch.bfloat16),
                       vp.repeat_interleave(g, 2))

@@ -133,13 +133,25 @@ def _launch(pb, which, mbs, run, plain=True):
 # Call s9b (21:38) timed the two together against session 8's kernels in one process (bf16 8k):
 # fwd_bwd prefix:8192 20.28 -> 17.98 ms, causal 10.97 -> 10.03, doc:8 3.82 -> 3.49; faster than
 # six other combinations in every cell. fp16 takes the same code (not timed).
+# - session 10: the dK/dV kernel at 64x64, 4 warps, 2 stages, on the plain walk (255 registers
+#   x 128 threads, 97 KiB: two programs per SM, one program's start and dK/dV stores hidden
+#   behind the other's tiles): call s10a's profile, dK/dV kernel time sliding:1024 1445 -> 1237
+#   us, doc:8 1605 -> 1392, prefix:8192 8945 -> 8016; call s10b (00:15, one process, bf16 8k
+#   f+b ms, session 9's default -> this): prefix:8192 18.25 -> 16.73, causal 9.83 -> 9.28,
+#   sliding:1024 3.20 -> 2.97, sliding:4096 7.69 -> 7.13, doc:8 3.48 -> 3.29, doc:64 2.35 ->
+#   1.92, prefix:2048 10.21 -> 10.00, dilated 2.86 -> 2.74, chunked 2.34 -> 2.06 (sum -6.8%;
+#   the same tiles on the preloaded walk: sum -4.9%, doc:64 +3%). Plain calls only (as the
+#   forward's: ALiBi/softcap/dropout/window were not timed).
 _BS_SM90_D128: dict = {
     (False, "fwd"): _BsConfig(128, 64, 8, 2, 128),
     # the same tiles when FLASHMUX_TRITON_BS_PRE turns the forward's preloaded walk on (97 KiB,
     # 2 buffers; tuning.py's 128x128x8x3 would need 228 KiB preloaded, over the limit)
     (True, "fwd"): _BsConfig(128, 64, 8, 2, 128),
+    (True, "bwd_dkdv"): _BsConfig(64, 64, 4, 2),
+    (False, "bwd_dkdv"): _BsConfig(64, 64, 4, 2),
 }
-_PRE_DEFAULT = "dq,dkdv"  # FLASHMUX_TRITON_BS_PRE's default for that class (else "0")
+_PRE_DEFAULT = "dq,dkdv"  # FLASHMUX_TRITON_BS_PRE's default for that class (else "0"), except
+# the plain calls' dK/dV kernel (the 2/SM one, faster on the plain walk in call s10b)
 
 
 def _measured_class(pb) -> bool:
@@ -150,12 +162,12 @@ def _measured_class(pb) -> bool:
 
 def _bs_default(pb, which, plain=True):
     """The block-sparse config of `which` for this problem from _BS_SM90_D128, or None. The
-    forward's (capped at 128 registers) only for plain calls (`plain`: no ALiBi, softcap,
-    dropout, causal/window, lengths on the mask block): the sm_90 compile spills 64-256 B with
-    those at the cap, and only plain calls were measured."""
-    if not _measured_class(pb) or (which == "fwd" and not plain):
+    forward's (capped at 128 registers) and the dK/dV kernel's only for plain calls (`plain`: no
+    ALiBi, softcap, dropout, causal/window, lengths on the mask block): the sm_90 compile spills
+    64-256 B with those at the forward's cap, and only plain calls were measured."""
+    if not _measured_class(pb) or (which in ("fwd", "bwd_dkdv") and not plain):
         return None
-    return _BS_SM90_D128.get((_pre(which.replace("bwd_", ""), pb), which))
+    return _BS_SM90_D128.get((_pre(which.replace("bwd_", ""), pb, plain), which))
 
 
 def _check_full(pb, mbs):
@@ -215,7 +227,7 @@ def _fwd(grid, q, k, v, out, lse, res, slopes, stride_sb, a, mflags, pb, cfg, bm
     )
 
 
-def _pre(which="fwd", pb=None):
+def _pre(which="fwd", pb=None, plain=False):
     """Whether kernel `which` ("fwd", "dq", "dkdv") walks its lists preloaded
     (`_kernels_bs._bs_pre`): FLASHMUX_TRITON_BS_PRE = 1 (all three), 0 (none), or a comma list
     of kernels; unset: _PRE_DEFAULT for the measured class (`_measured_class`), none elsewhere.
@@ -227,6 +239,8 @@ def _pre(which="fwd", pb=None):
     env = os.environ.get("FLASHMUX_TRITON_BS_PRE")
     if env is None:
         env = _PRE_DEFAULT if pb is not None and _measured_class(pb) else "0"
+        if which == "dkdv" and plain:  # the plain calls' 2/SM dK/dV default: plain walk (s10b)
+            return False
     if env in ("0", "1"):
         return env == "1"
     return which in env.split(",")
@@ -309,7 +323,8 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     flags = dict(MBS=mbs, CHECK_FULL=_check_full(pb, mbs), **_common_flags(pb),
                  ALIBI=alibi_slopes is not None)
     pre_dq = _pre("dq", pb) and not _merged()  # dQ's and dK/dV's walks as the forward's
-    pre_kv = _pre("dkdv", pb) and not _merged()
+    plain = alibi_slopes is None and not (pb.softcap or pb.dropout or _check_full(pb, mbs))
+    pre_kv = _pre("dkdv", pb, plain) and not _merged()
 
     def run_dkdv(cfg, bm_, bn, tma):
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
@@ -345,7 +360,8 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     tma = _tma(pb, k, v)
     if fuse:  # dQ first: it writes the delta the dK/dV kernel reads
         _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
-    _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t)))
+    _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t),
+                                        plain))
     if not fuse:
         _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     return dq, dk, dv
