@@ -58,6 +58,8 @@ VARIANTS = {
     # the plain walk (the ALiBi cases above keep 64x128x8x3 preloaded)
     "default_plain": {"_plain": "1"},
     "fuse_delta_plain": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1", "_plain": "1"},
+    "dq64_plainwalk": {"FLASHMUX_TRITON_BS_BWD_DQ": "64,64,4,2", "FLASHMUX_TRITON_BS_PRE": "0",
+                       "_plain": "1"},
 }
 
 
