@@ -184,3 +184,10 @@ def test_bar_tables_compute_the_issue_ratios():
     assert "| 10.800 |  | +8.0% |" in lines["alibi"]
     assert "| 1.000 |" in lines["doc:64"] and "budget" in lines["causal"]
     assert "| 10.000 | 1.20x |  |" in lines["dense"]
+    # how flex was compiled is stated under the table (the record's "chosen", session 10)
+    r = rec("flex", "doc:8", 1.0, 0.14)
+    r.update(family="anchor", chosen="torch.compile(flex_attention, dynamic=False), "
+             "IS_DIVISIBLE=True, kernel_options default, BlockMask 128x128: 1 full + 2 partial")
+    md = bar_tables([rec(t, "doc:8", 0.9, 0.14), r])
+    assert "torch.compile(flex_attention, dynamic=False), IS_DIVISIBLE=True" in md
+    assert "BlockMask" not in md
