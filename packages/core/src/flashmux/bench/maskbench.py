@@ -228,7 +228,8 @@ def bar_tables(results: list[dict]) -> str:
                     cells.append(f"{t / (row['density'] * dn):.2f}" if t and dn and base else "")
             out.append("| " + " | ".join(cells) + " |")
         # how the anchors were compiled (flex: dynamic or static shapes; the runner's "chosen")
-        built = sorted({r["chosen"].split(", BlockMask")[0] for row in table.values()
+        built = sorted({f"{i} compiled as: " + r["chosen"].split(", BlockMask")[0]
+                        for row in table.values()
                         for i, r in row.items() if i != "density" and isinstance(r, dict)
                         and r.get("family") == "anchor" and r.get("chosen")})
         for b in built:
