@@ -294,8 +294,8 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
                     out.append(((page, pl.ds(lax.rem(t, ps), sub), h), slot_rows))
                 return out
 
-            def load(i, slot, refill=False):
-                copies = src(i)
+            def load(i, slot, refill=False, copies=None):
+                copies = src(i) if copies is None else copies
                 for ref, smem_, full, free in ((k_ref, k_smem, k_full, k_free),
                                                (v_ref, v_smem, v_full, v_free)):
                     if refill:
@@ -304,8 +304,14 @@ def call(st: MosaicDecode, qp, k_cache, v_cache, lens, interpret=None, block_tab
                         dst = smem_.at[slot] if srows is None else smem_.at[slot, srows]
                         plgpu.copy_gmem_to_smem(ref.at[rows], dst, full.at[slot])
 
+            # paged: the page ids of the first `stages` tiles loaded together, before the
+            # conditional copies (inside each condition they were serialized: one table
+            # round trip per tile before the ring filled; session 10). Indices are clamped,
+            # so the loads of tiles past the split's end are harmless.
+            first = [src(jnp.int32(s_)) if paged else None for s_ in range(stages)]
             for s_ in range(stages):
-                pl.when(s_ < nsteps)(functools.partial(load, jnp.int32(s_), s_))
+                pl.when(s_ < nsteps)(functools.partial(load, jnp.int32(s_), s_,
+                                                       copies=first[s_]))
 
             def refill(i, _):
                 load(i + stages, lax.rem(i, jnp.int32(stages)), True)
