@@ -2,7 +2,7 @@
 key blocks of a contiguous 16-bit cache through tensor descriptors. Judged against the float64
 reference on random inputs (ragged lengths including 0, a length that is not a block multiple,
 forced splits, Sq 2 with GQA), and equal to the pointer-load kernel. Triton pass; the
-interpreter on a CPU (one small case in CI), everything on a GPU, where a CUDA graph of decode
+interpreter on a CPU (one small case with FLASHMUX_TEST_SIZE=full), everything on a GPU, where a CUDA graph of decode
 steps with the descriptors is replayed with new lengths."""
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ def _params(ns):
 _CASES = [([128, 0, 77], 1, 2), ([100, 128], 2, 3), ([5, 128, 64], 1, None)]
 
 
-@pytest.mark.parametrize("lens,sq,ns", _CASES if GPU else _CASES[:1])
+# the interpreter (CI) runs none (a variant that did not win on the H200; CI time stays flat):
+# FLASHMUX_TEST_SIZE=full runs the first case there
+_FULL = os.environ.get("FLASHMUX_TEST_SIZE") == "full"
+
+
+@pytest.mark.parametrize("lens,sq,ns", _CASES if GPU else _CASES[:1] if _FULL else [])
 def test_tma_matches_reference_and_pointer_loads(lens, sq, ns):
     q, k, v, seqlens, ref = _case(lens, sq, seed=len(lens) + sq)
     cfg = T.DecodeConfig(32, 4, 2, 1.0, fused_merge=0, off32=1, tma=1)
