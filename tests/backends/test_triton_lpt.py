@@ -25,6 +25,10 @@ from flashmux_triton import tuning as T  # noqa: E402
 
 def _both(monkeypatch, *case, **kw):
     monkeypatch.setenv("FLASHMUX_TRITON_BWD", "split")  # deterministic dQ: bitwise comparable
+    # LPT remaps the Triton programs' grids: pin them (the Gluon kernels, default for some sm90
+    # classes since session 10, have their own tile order and would make this compare nothing)
+    for var in ("FLASHMUX_TRITON_GLUON", "FLASHMUX_TRITON_GLUON_BWD", "FLASHMUX_TRITON_GLUON_DQ"):
+        monkeypatch.setenv(var, "0")
     monkeypatch.setenv("FLASHMUX_TRITON_LPT", "0")
     plain = tk._run_case(*case, **kw)
     monkeypatch.setenv("FLASHMUX_TRITON_LPT", "1")
