@@ -31,6 +31,17 @@ def _hopper():
         pytest.skip("cuda backend unavailable here: " + "; ".join(why))
 
 
+def case_params(cases, fp16):
+    """pytest params (case, dtype) for a list of case dicts: bfloat16 for every case, float16
+    too for the case indices in `fp16`; ids name the dtype and the case's fields."""
+    out = []
+    for i, case in enumerate(cases):
+        for dtype in ("bfloat16", "float16") if i in fp16 else ("bfloat16",):
+            cid = "-".join(f"{k}{v}" for k, v in case.items())
+            out.append(pytest.param(case, dtype, id=f"{dtype}-{cid}"))
+    return out
+
+
 def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     return [

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_cuda_sm90_bwd_gpu as bwd  # noqa: E402  (skip fixture, plain grads, autograd, error)
+from test_cuda_sm90_gpu import case_params  # noqa: E402  (params: dtype per case)
 
 pytestmark = pytest.mark.gpu
 _hopper = bwd._hopper
@@ -39,16 +40,7 @@ CASES = [
 FP16 = {0, 2}
 
 
-def _params():
-    out = []
-    for i, case in enumerate(CASES):
-        for dtype in ("bfloat16", "float16") if i in FP16 else ("bfloat16",):
-            cid = "-".join(f"{k}{v}" for k, v in case.items())
-            out.append(pytest.param(case, dtype, id=f"{dtype}-{cid}"))
-    return out
-
-
-@pytest.mark.parametrize("case, dtype", _params())
+@pytest.mark.parametrize("case, dtype", case_params(CASES, FP16))
 def test_hd96_forward_backward_vs_reference(case, dtype, monkeypatch):
     for var in (
         "FLASHMUX_CUDA_FAMILY",

@@ -44,15 +44,6 @@ CASES = [
 FP16: set[int] = set()  # the persistent kernel is bf16 only (fp16 calls run the tile kernel)
 
 
-def _params():
-    out = []
-    for i, case in enumerate(CASES):
-        for dtype in ("bfloat16", "float16") if i in FP16 else ("bfloat16",):
-            cid = "-".join(f"{k}{v}" for k, v in case.items())
-            out.append(pytest.param(case, dtype, id=f"{dtype}-{cid}"))
-    return out
-
-
 def _forward(q, k, v, causal, window, monkeypatch, persist):
     monkeypatch.delenv("FLASHMUX_CUDA_FAMILY", raising=False)
     # forced either way (the unset default may be either schedule, per head dim and mask)
@@ -64,7 +55,7 @@ def _forward(q, k, v, causal, window, monkeypatch, persist):
     return out, lse
 
 
-@pytest.mark.parametrize("case, dtype", _params())
+@pytest.mark.parametrize("case, dtype", base.case_params(CASES, FP16))
 def test_persistent_forward_vs_reference(case, dtype, monkeypatch):
     c = dict(case)
     causal, window = c.pop("causal"), c.pop("window", None)
