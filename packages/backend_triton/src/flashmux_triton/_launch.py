@@ -353,6 +353,20 @@ _GLUON_BWD_BROKEN: set = set()
 _GLUON_DQ_BROKEN: set = set()
 
 
+def _gluon_ran(pb: _Problem, env: str, broken: set, run) -> bool:
+    """run() one Gluon kernel: True when it ran. A failure (a compiler without working Gluon)
+    marks this class in `broken`, so it runs the Triton program from then on, and gives False;
+    with `env`=force the error goes through instead."""
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton kernel
+        if os.environ.get(env) == "force":
+            raise
+        broken.add(pb.shape)
+        return False
+    return True
+
+
 def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
     """The Gluon dQ program (FLASHMUX_TRITON_GLUON_DQ) when it takes the call; False when it
     declines or fails to compile (then the Triton dQ program runs)."""
@@ -360,15 +374,9 @@ def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
 
     if _gluon.dq_reasons(q, k, v, do, params, pb.capability, pb.varlen) is not None:
         return False
-    try:
-        _gluon.backward_dq(q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
-                           params.scale)
-    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
-        if os.environ.get("FLASHMUX_TRITON_GLUON_DQ") == "force":
-            raise
-        _GLUON_DQ_BROKEN.add(pb.shape)
-        return False
-    return True
+    return _gluon_ran(pb, "FLASHMUX_TRITON_GLUON_DQ", _GLUON_DQ_BROKEN, lambda: _gluon.backward_dq(
+        q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
+        params.scale))
 
 
 def _gluon_bwd_ok(pb: _Problem, q, k, v, do, params) -> bool:
@@ -381,15 +389,9 @@ def _gluon_dkdv(pb: _Problem, q, k, v, do, lse, delta, dk, dv, params) -> bool:
     """The Gluon dK/dV program; False when it fails to compile (then the Triton one runs)."""
     from . import _gluon
 
-    try:
-        _gluon.backward_dkdv(q, k, v, do, lse, delta, dk, dv, pb.seqlen_q, pb.seqlen_k,
-                             _gluon.causal_of(params), params.scale)
-    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton program
-        if os.environ.get("FLASHMUX_TRITON_GLUON_BWD") == "force":
-            raise
-        _GLUON_BWD_BROKEN.add(pb.shape)
-        return False
-    return True
+    return _gluon_ran(pb, "FLASHMUX_TRITON_GLUON_BWD", _GLUON_BWD_BROKEN, lambda: _gluon.backward_dkdv(
+        q, k, v, do, lse, delta, dk, dv, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
+        params.scale))
 
 
 def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
@@ -399,14 +401,8 @@ def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
 
     if _gluon.reasons(q, k, v, params, pb.capability, pb.varlen) is not None:
         return False
-    try:
-        _gluon.forward(q, k, v, out, lse, res, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params), params.scale)
-    except Exception:  # noqa: BLE001 - a compiler without working Gluon: the Triton kernel
-        if os.environ.get("FLASHMUX_TRITON_GLUON") == "force":
-            raise
-        _GLUON_BROKEN.add(pb.shape)
-        return False
-    return True
+    return _gluon_ran(pb, "FLASHMUX_TRITON_GLUON", _GLUON_BROKEN, lambda: _gluon.forward(
+        q, k, v, out, lse, res, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params), params.scale))
 
 
 def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, block_mask=None,
