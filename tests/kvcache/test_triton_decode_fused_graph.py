@@ -19,6 +19,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+import graphs  # noqa: E402  (tests/kvcache/graphs.py)
+
 from flashmux import reference  # noqa: E402
 from flashmux.kvcache import DecodeParams  # noqa: E402
 from flashmux_triton import _decode  # noqa: E402
@@ -102,15 +104,9 @@ def test_merge_trigger_in_a_graph(idx):
     def step():
         return _decode.decode(qt, kt, vt, lens, None, None, p, config=cfg)
 
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = [step() for _ in range(3)]
+    g, outs = graphs.capture(step)
     for new in ([1, cap, 77], [cap, 0, 300]):
-        lens.copy_(torch.tensor(new, dtype=torch.int32))
-        g.replay()
-        torch.cuda.synchronize()
+        graphs.replay([g], lens, new)
         ref_o, ref_l = reference.attention_with_kvcache(
             q64, k64, v64, cache_seqlens=np.array(new), causal=True)[:2]
         eo, el = step()

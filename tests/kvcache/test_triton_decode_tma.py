@@ -20,6 +20,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton.tools.tensor_descriptor")
 
+import graphs  # noqa: E402  (tests/kvcache/graphs.py)
+
 from flashmux import reference  # noqa: E402
 from flashmux.kvcache import DecodeParams  # noqa: E402
 from flashmux_triton import _decode  # noqa: E402
@@ -90,17 +92,11 @@ def test_tma_in_a_cuda_graph():
                      alibi=False, num_splits=2, page_size=0, return_lse=False)
 
     def step():
-        return [_decode.decode(q, k, v, seqlens, None, None, p, config=cfg)[0] for _ in range(3)]
+        return _decode.decode(q, k, v, seqlens, None, None, p, config=cfg)[0]
 
-    step()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = step()
-    seqlens.copy_(torch.tensor([77, 128, 1], dtype=torch.int32, device=DEV))
-    g.replay()
-    torch.cuda.synchronize()
-    eager = step()
+    g, outs = graphs.capture(step)
+    graphs.replay([g], seqlens, [77, 128, 1])
+    eager = [step() for _ in range(3)]
     for o, e in zip(outs, eager):
         assert torch.equal(o, e)
     _, _, _, _, ref = _case([77, 128, 1], 1, seed=11, d=64)
