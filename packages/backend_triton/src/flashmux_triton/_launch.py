@@ -190,6 +190,15 @@ def ws_wanted(pb: _Problem) -> bool:
     return _tuning(pb).ws and pb.shape not in _WS_BROKEN
 
 
+def _alibi_ws() -> bool:
+    """Whether an ALiBi forward keeps the class's warp specialization: not by default, since
+    the H200 measured WS making the plain d128 forward 7% faster and the ALiBi one 5% slower
+    (call s10a, 8k B4 H16 bf16: 4.335 ms without WS, 4.564 with; NOTES.md session 10).
+    FLASHMUX_TRITON_ALIBI_WS=1 keeps it (A/B timing); FLASHMUX_TRITON_WS=1 forces it anyway."""
+    return (os.environ.get("FLASHMUX_TRITON_ALIBI_WS", "0") == "1"
+            or os.environ.get("FLASHMUX_TRITON_WS") == "1")
+
+
 def lpt_wanted(pb: _Problem) -> bool:
     """Heaviest blocks first (_kernels._pids): the forward's, dQ's and dK/dV's grids walked
     block index slowest, from the heavy end of a causal band. FLASHMUX_TRITON_LPT=1 forces it
@@ -435,7 +444,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     cu_q_arg = cu_q if pb.varlen else q  # unused pointer when not varlen
     cu_k_arg = cu_k if pb.varlen else q
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
-    ws = ws_wanted(pb)
+    ws = ws_wanted(pb) and (alibi_slopes is None or _alibi_ws())
     lpt = dict(LPT=True) if lpt_wanted(pb) else {}
 
     def run(cfg: T.KernelConfig, tma=tma, ws=ws):
