@@ -14,6 +14,8 @@ change or a tuning candidate before a session's GPU call.
     python packages/backend_triton/aot.py dense KERNEL D BLOCK_M BLOCK_N WARPS STAGES [FLAG=VALUE ...]
     python packages/backend_triton/aot.py dense dkdv 128 64 64 8 3 TMA=True FUSED_DQ=True DQ_TMA=True
     python packages/backend_triton/aot.py dense fwd 128 128 128 8 3 TMA=True WS=True CAUSAL=True
+    python packages/backend_triton/aot.py gluon                       # the Gluon kernels (sm_90a)
+    python packages/backend_triton/aot.py gluon --kernels dq
 
 Families:
 - decode: `_decode.decode_fwd` (bf16 unless given, D 128, GQA 4:1); shared memory, cp.async
@@ -27,6 +29,10 @@ Families:
   HAS_RIGHT); bf16, one KV head per query head, no varlen/window/softcap/dropout unless given;
   wgmma / mma.sync counts, bulk tensor reductions (the atomic dQ's TMA path), warp
   specialization.
+- gluon: `_gluon`'s warp-specialized kernels (forward in its schedules: default, overlapped,
+  ping-pong, persistent; dK/dV; dQ) for sm_90a (--arch is not used), bf16, through their
+  `compile_*sm90` helpers; also the SASS instruction count, cubin bytes and a hash of the SASS
+  instructions (equal hashes before and after a refactor: the GPU runs the same code).
 
 Arguments carry tt.divisibility=16 as a real launch infers it from 16-byte aligned pointers and
 strides (without it nothing is pipelined and the compile shows 2-4x the spills: not
@@ -339,6 +345,63 @@ def cmd_dense(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- gluon
+# (kernel, head_dim, causal, overrides) per compiled variant: the defaults (CONFIGS) and the
+# env-selectable schedules (overlap, ping-pong, persistent; the dQ's overlap)
+GLUON_VARIANTS = [
+    *[("fwd", d, c, {}) for d in (64, 128) for c in (False, True)],
+    *[("fwd", 128, c, dict(overlap=True)) for c in (False, True)],
+    *[("fwd", 128, c, dict(overlap=True, pingpong=True)) for c in (False, True)],
+    *[("fwd", 128, c, dict(persist=1)) for c in (False, True)],
+    ("fwd", 128, True, dict(persist=1, pingpong=True)),
+    *[("dkdv", d, c, {}) for d in (64, 128) for c in (False, True)],
+    *[("dq", d, c, {}) for d in (64, 128) for c in (False, True)],
+    *[("dq", 128, c, dict(overlap=True)) for c in (False, True)],
+]
+
+
+def sass(k) -> tuple[int, str]:
+    """(SASS instruction count, a hash of the instructions) of a compiled kernel's cubin, from
+    the triton wheel's cuobjdump; (-1, "") when it cannot be read. Equal hashes: the same code."""
+    import hashlib
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = k.asm.get("cubin")
+    if not cubin or not os.path.exists(tool):
+        return -1, ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*;)", out)
+    return len(instrs), hashlib.sha256("\n".join(instrs).encode()).hexdigest()[:12]
+
+
+def cmd_gluon(args) -> int:
+    import triton
+
+    G = kernels("_gluon")
+    compile_fn = {"fwd": G.compile_sm90, "dkdv": G.compile_bwd_sm90, "dq": G.compile_dq_sm90}
+    print(f"sm90a, triton {triton.__version__}")
+    for kern, d, causal, over in GLUON_VARIANTS:
+        if args.kernels and kern not in args.kernels.split(","):
+            continue
+        label = f"{kern} d{d} causal={int(causal)} " + ",".join(f"{k}={v}" for k, v in over.items())
+        t0 = time.time()
+        try:
+            k = compile_fn[kern](d=d, causal=causal, **over)
+            r = resources(k)
+            n, h = sass(k)
+            print(f"{label:44s} regs {r['regs']:3d} stack {r['stack']:3d} smem "
+                  f"{r['smem'] / 1024:5.1f} KiB wgmma {r['wgmma']:3d} sass {n:5d} cubin "
+                  f"{len(k.asm['cubin']):6d} B hash {h} [{time.time() - t0:.0f} s]", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"{label:44s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,6 +431,10 @@ def main(argv=None) -> int:
     p.add_argument("flags", nargs="*", metavar="FLAG=VALUE",
                    help="kernel constexprs, e.g. TMA=True WS=True CAUSAL=True")
     p.set_defaults(run=cmd_dense)
+
+    p = sub.add_parser("gluon", help="the Gluon kernels (fwd, dkdv, dq): defaults and schedules")
+    p.add_argument("--kernels", help="comma list of fwd, dkdv, dq (default all)")
+    p.set_defaults(run=cmd_gluon)
 
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # a compile, not the interpreter
