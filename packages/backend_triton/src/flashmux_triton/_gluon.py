@@ -652,8 +652,10 @@ def _bwd_load(desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, 
 def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                 SLOPES, stride_sb,
                  HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 ALIBI: gl.constexpr):
     # S^T, dP^T: keys x queries (BLOCK_N x BLOCK_M); dK, dV: keys x head_dim
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -665,6 +667,9 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
     key0 = n0 + HALF * BLOCK_N
     off = seqlen_k - seqlen_q
     keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    # ALiBi: the bias -slope |i + off - j| in log2 units; distances in float (exact small
+    # integers), the keys' part converted once per program
+    keys_f = (keys - off).to(gl.float32)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, a_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, a_layout)
@@ -675,6 +680,10 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
         h = hk * group + g
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
+        if ALIBI:
+            slope2 = gl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+        else:
+            slope2 = 0.0
         for mi in range(n_m):
             m = m_lo + mi * BLOCK_M
             s = it % STAGES
@@ -704,7 +713,11 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
                 mbarrier.wait(do_ready.index(s), ph)
                 dpt = warpgroup_mma(v, do_smem.index(s).permute((1, 0)), zero, use_acc=False,
                                     is_async=True)
-                pt = gl.exp2(st * qk_scale - lse2[None, :])
+                if ALIBI:
+                    dist = gl.abs(cols.to(gl.float32)[None, :] - keys_f[:, None])
+                    pt = gl.exp2(st * qk_scale - (lse2[None, :] + slope2 * dist))
+                else:
+                    pt = gl.exp2(st * qk_scale - lse2[None, :])
                 if CAUSAL:
                     if key0 + BLOCK_N - 1 > m + off:
                         pt = gl.where(keys[:, None] <= cols[None, :] + off, pt, 0.0)
@@ -730,38 +743,42 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
 def _bwd_consume0(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                   LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                   qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                  SLOPES, stride_sb,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+                 SLOPES, stride_sb, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)
 
 
 @gluon.jit
 def _bwd_consume1(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                   LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                   qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
+                  SLOPES, stride_sb,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+                 SLOPES, stride_sb, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)
 
 
 @gluon.jit
 def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen_q, seqlen_k,
                      group, qk_scale, sm_scale, stride_kb, stride_km, stride_kh,
-                     stride_lb, stride_lh,
+                     stride_lb, stride_lh, SLOPES, stride_sb,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, LOAD_REGS: gl.constexpr,
-                     MMA_REGS: gl.constexpr):
+                     MMA_REGS: gl.constexpr, ALIBI: gl.constexpr = False):
     """One program per (2 x BLOCK_N keys, KV head, batch): a TMA load warp streams the GQA
     group's Q and dO tiles (BLOCK_M rows) through a STAGES ring; two consumer warpgroups, one
     per BLOCK_N-key half, hold K, V (shared memory) and dK, dV (registers) and run S^T = K Q^T,
     dP^T = V dO^T, dV += P^T dO, dK += (scale dS^T) Q on wgmma (P^T and dS^T from registers).
-    DK/DV share strides (dk and dv are allocated alike). Sq must be a multiple of BLOCK_M."""
+    DK/DV share strides (dk and dv are allocated alike). Sq must be a multiple of BLOCK_M.
+    ALIBI: float32 slopes at SLOPES + b * stride_sb + h (stride_sb 0: (Hq,) slopes); the bias
+    enters P only (dS = P (dP - delta) and dK = scale dS^T Q keep their form)."""
     pid = gl.program_id(0)
     hk = gl.program_id(1)
     b = gl.program_id(2)
@@ -792,11 +809,13 @@ def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen
         (_bwd_consume0, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                          LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                          qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
-                         stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         stride_lh, SLOPES, stride_sb, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                         ALIBI)),
         (_bwd_consume1, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
                          LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                          qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
-                         stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         stride_lh, SLOPES, stride_sb, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                         ALIBI)),
         (_bwd_load, (desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, kv_bar,
                      q_ready, do_ready, q_empty, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                      BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
@@ -828,10 +847,10 @@ def _dq_load(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q
 @gluon.jit
 def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
                 HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                OVERLAP: gl.constexpr):
+                OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -851,6 +870,12 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, a_layout)
     diag = row0 + seqlen_k - seqlen_q
+    if ALIBI:  # the bias -slope |i + off - j| in log2 units (distances in float, exact)
+        slope2 = gl.load(SLOPES + b * stride_sb + h) * 1.4426950408889634
+        rows_f = (rows + (seqlen_k - seqlen_q)).to(gl.float32)
+    else:
+        slope2 = 0.0
+        rows_f = rows.to(gl.float32)
     if CAUSAL:
         n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
         n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
@@ -878,7 +903,13 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
         mbarrier.wait(v_ready.index(s), ph)
         dp = warpgroup_mma(do, v_smem.index(s).permute((1, 0)), zero, use_acc=False,
                            is_async=True)
-        p = gl.exp2(st * qk_scale - lse2[:, None])
+        if ALIBI:
+            keys_f = (i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                      ).to(gl.float32)
+            dist = gl.abs(rows_f[:, None] - keys_f[None, :])
+            p = gl.exp2(st * qk_scale - (lse2[:, None] + slope2 * dist))
+        else:
+            p = gl.exp2(st * qk_scale - lse2[:, None])
         if CAUSAL:
             if i >= n_full:
                 cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -908,35 +939,37 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
 @gluon.jit
 def _dq_consume0(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                  DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 OVERLAP: gl.constexpr):
+                 OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
     _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)
 
 
 @gluon.jit
 def _dq_consume1(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                  DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 OVERLAP: gl.constexpr):
+                 OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
     _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)
+                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)
 
 
 @gluon.jit
 def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, seqlen_k, group,
                    qk_scale, log2_scale, stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
+                   SLOPES, stride_sb,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, LOAD_REGS: gl.constexpr,
-                   MMA_REGS: gl.constexpr, OVERLAP: gl.constexpr = False):
+                   MMA_REGS: gl.constexpr, OVERLAP: gl.constexpr = False,
+                   ALIBI: gl.constexpr = False):
     """dQ without atomics (deterministic): one program = 2 x BLOCK_M query rows of one (batch,
     head), the forward's partitions (a TMA load warp streaming K/V; one consumer warpgroup per
     half: S = Q K^T, dP = dO V^T, dQ += (scale dS) K on wgmma, dS from registers). dq shares
@@ -974,12 +1007,12 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
     gl.warp_specialize([
         (_dq_consume0, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
                         DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)),
+                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
         (_dq_consume1, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
                         DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP)),
+                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
         (_dq_load, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
                     BLOCK_M, BLOCK_N, STAGES)),
@@ -1188,9 +1221,10 @@ def bwd_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
 
 
 def backward_dkdv(q, k, v, do, lse, delta, dk, dv, seqlen_q: int, seqlen_k: int, causal: bool,
-                  scale: float):
+                  scale: float, slopes=None, stride_sb: int = 0):
     """dK, dV into dk, dv (k's shape; `bwd_reasons` said None; lse/delta (B, Hq, Sq) float32,
-    delta from the Triton preprocess; do laid out like q)."""
+    delta from the Triton preprocess; do laid out like q). slopes: ALiBi's float32 slopes,
+    contiguous (Hq,) (stride_sb 0) or (B, Hq) (stride_sb Hq), or None."""
     batch, _, hkv, d = k.shape
     bm, bn, stages, load_regs, mma_regs = bwd_config(d)
     assert dk.stride() == dv.stride()
@@ -1199,13 +1233,14 @@ def backward_dkdv(q, k, v, do, lse, delta, dk, dv, seqlen_q: int, seqlen_k: int,
         _desc(q, bm, d), _desc(do, bm, d), _desc(k, bn, d), _desc(v, bn, d), lse, delta, dk, dv,
         seqlen_q, seqlen_k, q.shape[2] // hkv, scale * LOG2E, scale,
         dk.stride(0), dk.stride(1), dk.stride(2), lse.stride(0), lse.stride(1),
+        lse if slopes is None else slopes, stride_sb,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-        LOAD_REGS=load_regs, MMA_REGS=mma_regs, num_warps=4,
+        LOAD_REGS=load_regs, MMA_REGS=mma_regs, ALIBI=slopes is not None, num_warps=4,
     )
 
 
 def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
-                     load_regs=None, mma_regs=None, dtype: str = "bf16"):
+                     load_regs=None, mma_regs=None, dtype: str = "bf16", alibi: bool = False):
     """Compile attn_bwd_dkdv_ws for sm_90a without a GPU (as `compile_sm90`)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -1222,7 +1257,7 @@ def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stage
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-                  LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+                  LOAD_REGS=load_regs, MMA_REGS=mma_regs, ALIBI=alibi)
     sig, attrs = {}, {}
     for i, name in enumerate(attn_bwd_dkdv_ws.arg_names):
         if name in consts:
@@ -1234,7 +1269,7 @@ def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stage
         elif name in ("DK", "DV"):
             sig[name] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "SLOPES"):
             sig[name] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):
@@ -1275,8 +1310,8 @@ def dq_reasons(q, k, v, do, params, capability, varlen: bool) -> str | None:
 
 
 def backward_dq(q, k, v, do, lse, delta, dq, seqlen_q: int, seqlen_k: int, causal: bool,
-                scale: float):
-    """dQ into dq (q's shape and strides; `dq_reasons` said None)."""
+                scale: float, slopes=None, stride_sb: int = 0):
+    """dQ into dq (q's shape and strides; `dq_reasons` said None; slopes as backward_dkdv)."""
     import math
 
     batch, _, hq, d = q.shape
@@ -1287,13 +1322,16 @@ def backward_dq(q, k, v, do, lse, delta, dq, seqlen_q: int, seqlen_k: int, causa
         _desc(q, bm, d), _desc(do, bm, d), _desc(k, bn, d), _desc(v, bn, d), lse, delta, dq,
         seqlen_q, seqlen_k, hq // k.shape[2], scale * LOG2E, math.log2(scale),
         dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        lse if slopes is None else slopes, stride_sb,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-        LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap, num_warps=4,
+        LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap, ALIBI=slopes is not None,
+        num_warps=4,
     )
 
 
 def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
-                    load_regs=None, mma_regs=None, overlap=None, dtype: str = "bf16"):
+                    load_regs=None, mma_regs=None, overlap=None, dtype: str = "bf16",
+                    alibi: bool = False):
     """Compile attn_bwd_dq_ws for sm_90a without a GPU (as `compile_sm90`)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -1310,7 +1348,7 @@ def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages
         return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
 
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-                  LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap)
+                  LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap, ALIBI=alibi)
     sig, attrs = {}, {}
     for i, name in enumerate(attn_bwd_dq_ws.arg_names):
         if name in consts:
@@ -1322,7 +1360,7 @@ def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages
         elif name == "DQ":
             sig[name] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "SLOPES"):
             sig[name] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "log2_scale"):

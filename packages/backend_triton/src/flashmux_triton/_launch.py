@@ -376,7 +376,14 @@ def _gluon_ran(pb: _Problem, env: str, broken: set, run) -> bool:
     return True
 
 
-def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
+def _gluon_alibi() -> bool:
+    """FLASHMUX_TRITON_GLUON_ALIBI=1: ALiBi backwards take the Gluon dK/dV and dQ programs
+    (their ALIBI path) where the class runs them for plain calls; off (the Triton programs)
+    until the H200 measures it correct and faster."""
+    return os.environ.get("FLASHMUX_TRITON_GLUON_ALIBI", "0") == "1"
+
+
+def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params, slopes=None, stride_sb=0) -> bool:
     """The Gluon dQ program (FLASHMUX_TRITON_GLUON_DQ) when it takes the call; False when it
     declines or fails to compile (then the Triton dQ program runs)."""
     from . import _gluon
@@ -385,7 +392,7 @@ def _gluon_dq(pb: _Problem, q, k, v, do, lse, delta, dq, params) -> bool:
         return False
     return _gluon_ran(pb, "FLASHMUX_TRITON_GLUON_DQ", _GLUON_DQ_BROKEN, lambda: _gluon.backward_dq(
         q, k, v, do, lse, delta, dq, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
-        params.scale))
+        params.scale, slopes, stride_sb))
 
 
 def _gluon_bwd_ok(pb: _Problem, q, k, v, do, params) -> bool:
@@ -394,13 +401,14 @@ def _gluon_bwd_ok(pb: _Problem, q, k, v, do, params) -> bool:
     return _gluon.bwd_reasons(q, k, v, do, params, pb.capability, pb.varlen) is None
 
 
-def _gluon_dkdv(pb: _Problem, q, k, v, do, lse, delta, dk, dv, params) -> bool:
+def _gluon_dkdv(pb: _Problem, q, k, v, do, lse, delta, dk, dv, params, slopes=None,
+                stride_sb=0) -> bool:
     """The Gluon dK/dV program; False when it fails to compile (then the Triton one runs)."""
     from . import _gluon
 
     return _gluon_ran(pb, "FLASHMUX_TRITON_GLUON_BWD", _GLUON_BWD_BROKEN, lambda: _gluon.backward_dkdv(
         q, k, v, do, lse, delta, dk, dv, pb.seqlen_q, pb.seqlen_k, _gluon.causal_of(params),
-        params.scale))
+        params.scale, slopes, stride_sb))
 
 
 def _gluon_forward(pb: _Problem, q, k, v, params, out, lse, res) -> bool:
@@ -600,14 +608,17 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             )
         return run_one
 
-    gluon_dkdv = (not fused and alibi_slopes is None and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
+    gl_alibi = alibi_slopes is None or _gluon_alibi()  # ALiBi: the Gluon programs' ALIBI path
+    gl_slopes = None if alibi_slopes is None else (slopes, stride_sb)
+    gluon_dkdv = (not fused and gl_alibi and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_BWD")
                   and _gluon_bwd_ok(pb, q, k, v, do, params))
 
-    gluon_dq = (not fused and alibi_slopes is None and dq.stride() == q.stride()
+    gluon_dq = (not fused and gl_alibi and dq.stride() == q.stride()
                 and gluon_wanted(pb, "FLASHMUX_TRITON_GLUON_DQ"))
 
     def run_all():
-        if gluon_dkdv and _gluon_dkdv(pb, q, k, v, do, lse, delta, dk, dv, params):
+        if gluon_dkdv and _gluon_dkdv(pb, q, k, v, do, lse, delta, dk, dv, params,
+                                      *(gl_slopes or ())):
             pass  # the Gluon dK/dV program ran (FLASHMUX_TRITON_GLUON_BWD)
         elif variant != "joint":
             _launch(pb, "bwd_dv", run_role(1))
@@ -616,7 +627,8 @@ def backward(do, dlse, q, k, v, out, lse, cu_q, cu_k, params, out_residual=None,
             _launch(pb, "bwd_fused" if fused else "bwd_dkdv", run_dkdv)
         if fused:
             dq.copy_(dq_acc)
-        elif not (gluon_dq and _gluon_dq(pb, q, k, v, do, lse, delta, dq, params)):
+        elif not (gluon_dq and _gluon_dq(pb, q, k, v, do, lse, delta, dq, params,
+                                         *(gl_slopes or ()))):
             _launch(pb, "bwd_dq", run_dq)
 
     def drop_dq_tma():
