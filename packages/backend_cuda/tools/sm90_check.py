@@ -11,6 +11,7 @@
    fwd and bwd: FMX_CASES=d256,d192 runs the cases whose names contain one of the strings)
   python sm90_check.py LIB sanitize  # small sm90 forwards (under compute-sanitizer)
   python sm90_check.py LIB sanitizebwd  # small sm90 forward + backward (compute-sanitizer)
+  python sm90_check.py LIB profbwd   # one backward of ours and of SDPA cuDNN for ncu (hd128 8k)
 
 FLASHMUX_CUDA_BWD_FAMILY=sm80 (read at every call) keeps the sm90 forward and runs the sm80
 backward after it; the backward comparisons use it in the same process.
@@ -174,7 +175,14 @@ def sanitize():
             causal=True,
         )
         fwd_case(
-            f"sanitize tails d128 [{tune}{sched}]", torch.float16, B=1, Sq=130, Sk=260, Hq=2, Hkv=1, D=128
+            f"sanitize tails d128 [{tune}{sched}]",
+            torch.float16,
+            B=1,
+            Sq=130,
+            Sk=260,
+            Hq=2,
+            Hkv=1,
+            D=128,
         )
         fwd_case(
             f"sanitize 300 tiles causal d64 [{tune}{sched}]",
@@ -186,6 +194,28 @@ def sanitize():
             Hkv=50,
             D=64,
             causal=True,
+        )
+        # head_dim 65..96: the 96 instantiation (session 10; 64-byte swizzled atoms)
+        fwd_case(
+            f"sanitize gqa causal tails d96 [{tune}{sched}]",
+            torch.bfloat16,
+            B=1,
+            Sq=200,
+            Sk=333,
+            Hq=4,
+            Hkv=2,
+            D=96,
+            causal=True,
+        )
+        fwd_case(
+            f"sanitize tails d80 [{tune}{sched}]",
+            torch.float16,
+            B=1,
+            Sq=130,
+            Sk=260,
+            Hq=2,
+            Hkv=1,
+            D=80,
         )
     os.environ.pop("FMX_TUNE_SM90", None)
     _use_fwd("default")
@@ -280,6 +310,31 @@ def sanitize_bwd():
         causal=True,
         deterministic=True,
     )
+    # session 11: the FLASHMUX_CUDA_SM90_BWD variants (bf16; Sq % 8 == 0 so that bulk runs)
+    for var in _SM90_BWD_ENV:
+        os.environ["FLASHMUX_CUDA_SM90_BWD"] = var
+        kc.check_case(
+            f"sanitize bwd {var} gqa causal tails d64",
+            torch.bfloat16,
+            B=1,
+            Sq=200,
+            Sk=333,
+            Hq=4,
+            Hkv=2,
+            D=64,
+            causal=True,
+        )
+        kc.check_case(
+            f"sanitize bwd {var} tails d128",
+            torch.bfloat16,
+            B=1,
+            Sq=136,
+            Sk=260,
+            Hq=2,
+            Hkv=1,
+            D=128,
+        )
+    os.environ.pop("FLASHMUX_CUDA_SM90_BWD", None)
 
 
 def _sweep(dims, seqs):
@@ -291,10 +346,15 @@ def _sweep(dims, seqs):
     )
 
 
+# FLASHMUX_CUDA_SM90_BWD values (bwd_variant_env in csrc/sm90/bwd_kernel.cuh; bf16, normal builds)
+_SM90_BWD_ENV = ("bulk", "pre", "bulk+pre")
+
+
 def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Backward alone (the sm80 backward and each sm90 variant in $FMX_BWD_VARIANTS, default
     "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build, "det": deterministic=True,
-    session 10; same out/lse) and
+    session 10; "bulk", "pre", "bulk+pre": FLASHMUX_CUDA_SM90_BWD, session 11; same out/lse;
+    FMX_BENCH_NO_SM80=1 leaves the sm80 backward out) and
     forward+backward (ours with each backward vs torch SDPA cuDNN), bf16, the papers sweep;
     TFLOP/s with kernel_check's 2.5x (backward) / 3.5x (forward+backward) forward-flop rule."""
     import torch.nn.functional as F
@@ -304,7 +364,8 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     dims, seqs = _sweep(dims, seqs)
     variants = [v for v in os.environ.get("FMX_BWD_VARIANTS", "0").split(",") if v]
     det = {"on": False}  # variant "det": the default kernels with deterministic=True (kDet)
-    names = ["sm80"] + [f"sm90v{v}" for v in variants]
+    no80 = os.environ.get("FMX_BENCH_NO_SM80") == "1"
+    names = ([] if no80 else ["sm80"]) + [f"sm90v{v}" for v in variants]
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     head = " | ".join(f"bwd {n}" for n in names) + " | " + " | ".join(f"f+b {n}" for n in names)
     print(f"| D | causal | S | {head} | f+b cuDNN | best/cuDNN | best/sm80 f+b |")
@@ -312,13 +373,17 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
     def use(name):
         os.environ.pop("FMX_TUNE_SM90_BWD", None)
+        os.environ.pop("FLASHMUX_CUDA_SM90_BWD", None)
         det["on"] = name == "sm90vdet"
         if name == "sm80":
             os.environ["FLASHMUX_CUDA_BWD_FAMILY"] = "sm80"
         else:
             os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
-            if not det["on"]:
-                os.environ["FMX_TUNE_SM90_BWD"] = name[len("sm90v") :]
+            var = name[len("sm90v") :]
+            if var in _SM90_BWD_ENV:  # session 11: bulk, pre, bulk+pre (normal builds, bf16)
+                os.environ["FLASHMUX_CUDA_SM90_BWD"] = var
+            elif not det["on"]:
+                os.environ["FMX_TUNE_SM90_BWD"] = var
 
     for D, causal, S, fl, q, k, v, do in kc._points(dims, seqs):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
@@ -351,15 +416,72 @@ def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
 
         t_cudnn = tt.do_bench(cudnn_fb, warmup=10, rep=40, grad_to_none=[q, k, v])
         tf = lambda ms, m: fl * m / (ms * 1e-3) / 1e12  # noqa: E731
-        nondet = [n for n in names[1:] if n != "sm90vdet"] or names[1:]
+        sm90 = [n for n in names if n != "sm80"]
+        nondet = [n for n in sm90 if n != "sm90vdet"] or sm90
         best = min(tfb[n] for n in nondet)  # best/cuDNN: the non-deterministic variants
         cols = " | ".join(f"{tf(tb[n], 2.5):.0f}" for n in names)
         cols += " | " + " | ".join(f"{tf(tfb[n], 3.5):.0f}" for n in names)
         print(
             f"| {D} | {int(causal)} | {S} | {cols} | {tf(t_cudnn, 3.5):.0f} | "
-            f"{t_cudnn / best:.2f} | {tfb['sm80'] / best:.2f} |",
+            f"{t_cudnn / best:.2f} | {tfb['sm80'] / best if 'sm80' in tfb else float('nan'):.2f} |",
             flush=True,
         )
+
+
+def prof_bwd():
+    """One backward of ours (the default sm90 kernel, then each FLASHMUX_CUDA_SM90_BWD value in
+    $FMX_BWD_VARIANTS other than "0") and one SDPA cuDNN backward, inside
+    torch.cuda.profiler.start()/stop(), for `ncu --profile-from-start off` (everything before is
+    warm-up). bf16, $FMX_PROF_D (128), $FMX_PROF_S (8192), $FMX_PROF_CAUSAL (0), B*S = 16k,
+    H = 2048 / D (the bench's point). NVTX ranges name each part."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    D = int(os.environ.get("FMX_PROF_D", "128"))
+    S = int(os.environ.get("FMX_PROF_S", "8192"))
+    causal = os.environ.get("FMX_PROF_CAUSAL", "0") == "1"
+    variants = [v for v in os.environ.get("FMX_BWD_VARIANTS", "0").split(",") if v in _SM90_BWD_ENV]
+    B, H = 16384 // S, 2048 // D
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    _family("auto")
+    os.environ.pop("FLASHMUX_CUDA_BWD_FAMILY", None)
+    o, lse = kc.fmx_forward(q, k, v, causal=causal)
+    qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_(True) for x in (q, k, v))
+    dot = do.transpose(1, 2)
+
+    def ours(var):
+        os.environ.pop("FLASHMUX_CUDA_SM90_BWD", None)
+        if var != "default":
+            os.environ["FLASHMUX_CUDA_SM90_BWD"] = var
+        kc.fmx_backward(do, q, k, v, o, lse, causal=causal)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("cudnn backward")
+        out.backward(dot)
+        torch.cuda.nvtx.range_pop()
+
+    for var in ["default"] + variants:  # warm-up (module loads, cuDNN plans)
+        ours(var)
+    cudnn()
+    torch.cuda.synchronize()
+    print(
+        f"profbwd: D {D} S {S} B {B} H {H} causal {causal} variants default,{','.join(variants)}",
+        flush=True,
+    )
+    torch.cuda.profiler.start()
+    for var in ["default"] + variants:
+        torch.cuda.nvtx.range_push(f"ours {var}")
+        ours(var)
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    cudnn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    os.environ.pop("FLASHMUX_CUDA_SM90_BWD", None)
 
 
 def _use_fwd(name):
@@ -434,5 +556,6 @@ if __name__ == "__main__":
             "benchbwd": bench_bwd,
             "sanitize": sanitize,
             "sanitizebwd": sanitize_bwd,
+            "profbwd": prof_bwd,
         }[mode]()
     print(f"[{' '.join(sys.argv[2:])} took {time.time() - t0:.1f}s]", flush=True)

@@ -38,6 +38,11 @@ int run_bwd<128>(const Params &p, const float *lse2, const float *dsum, int dtyp
         p, lse2, dsum, pad, stream);
   }
 #endif
+#ifndef FMX_HEAD_DIMS_LIMITED
+  if (dtype == 1) {  // bf16: FLASHMUX_CUDA_SM90_BWD=bulk / pre / bulk+pre (bwdvar_hdim128.cu)
+    if (const int v = bwd_variant_env(p)) return run_bwd_var<128>(v, p, lse2, dsum, pad, stream);
+  }
+#endif
   if (p.deterministic) {  // dQ added in key-block order (kDet)
     if (dtype == 0)
       return launch_bwd<BwdTraits<128, FMX_SM90_BWD128_BM, FMX_SM90_BWD128_STAGES, cutlass::half_t, false, -1, false, true>>(

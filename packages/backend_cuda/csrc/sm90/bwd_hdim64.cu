@@ -42,6 +42,11 @@ int run_bwd<64>(const Params &p, const float *lse2, const float *dsum, int dtype
         p, lse2, dsum, pad, stream);
   }
 #endif
+#ifndef FMX_HEAD_DIMS_LIMITED
+  if (dtype == 1) {  // bf16: FLASHMUX_CUDA_SM90_BWD=bulk / pre / bulk+pre (bwdvar_hdim64.cu)
+    if (const int v = bwd_variant_env(p)) return run_bwd_var<64>(v, p, lse2, dsum, pad, stream);
+  }
+#endif
   if (p.deterministic) {  // dQ added in key-block order (kDet)
     if (dtype == 0)
       return launch_bwd<BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, cutlass::half_t, false, -1, false, true>>(

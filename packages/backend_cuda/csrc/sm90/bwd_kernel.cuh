@@ -23,6 +23,8 @@
 // lse2 = +inf and dsum = 0 in the padded rows, so their P and dS are 0.
 #pragma once
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -40,9 +42,15 @@ namespace sm90 {
 using namespace cute;
 
 template <int kD_, int kBM_, int kStages_, typename T_, bool kDqBulk_ = false, int kOrder_ = -1,
-          bool kLocalDQ_ = false, bool kDet_ = false>
+          bool kLocalDQ_ = false, bool kDet_ = false, bool kPre_ = false>
 struct BwdTraits {
   using T = T_;
+  // true (session 11, FLASHMUX_CUDA_SM90_BWD=pre / bulk+pre): the next step's S^T = K Q^T is
+  // issued as soon as this step's GEMMs are done (after the dQ GEMM's wait, before this step's
+  // dQ reductions or dQ smem stores), so the tensor cores run S^T of step s+1 while the
+  // consumers add dQ of step s; the loop top then issues dP^T only. Extra live registers over
+  // the reductions: S^T's accumulator (BM / 2 fp32 per thread).
+  static constexpr bool kPre = kPre_;
   // true (deterministic=True, session 10): the key blocks add into each (query block, head) of
   // dq_accum in DESCENDING key-block order. Per step one consumer thread waits until the
   // workspace counter of that (batch, head, query block) equals this CTA's turn (the key blocks
@@ -106,6 +114,7 @@ struct BwdTraits {
   // sK is contiguous when kD == 64), and a one-warpgroup dQ MMA over K = 64 keys.
   static_assert(!kLocalDQ_ || (kD_ == 64 && !kDqBulk_), "kLocalDQ: hd64, red.v2 reductions");
   static_assert(!kDet_ || (!kLocalDQ_ && !kDqBulk_), "kDet: the default dQ path");
+  static_assert(!kPre_ || !kLocalDQ_, "kPre: not with kLocalDQ");
   static_assert(kBM_ % kBwdBlockM == 0, "the dQ counters count blocks of kBwdBlockM rows");
   using SmemLayoutdSw = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
                                                Shape<Int<kBM>, _64, _2, _2>{}));
@@ -388,25 +397,40 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     PipeState st;
     if (num_steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_kv, 0);
 
+    // S^T = K Q^T of the stage's query rows, one commit group.
+    auto issue_s = [&](int stage_s, bool arrive) __attribute__((always_inline)) {
+      if (arrive) {
+        warpgroup_fence_operand(tSrS);
+        warpgroup_arrive();
+      }
+      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tSrK); ++kb) {
+        gemm(mma_sdp, tSrK(_, _, kb), tSrQ(_, _, kb, stage_s), tSrS);
+        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    if constexpr (Tr::kPre) {  // step 0's S^T; later steps' are issued at the end of the step before
+      if (num_steps > 0) {
+        pipe.consumer_wait(st);
+        issue_s(st.index(), true);
+      }
+    }
+
     for (int s = 0; s < num_steps; ++s) {
       int h, m;
       step_hm(s, h, m);
       const int m0 = m * kBM;
       const int buf = s & 1;
-      pipe.consumer_wait(st);
+      if constexpr (!Tr::kPre) pipe.consumer_wait(st);
       const int stage = st.index();
 
-      // S^T and dP^T, two batches.
-      warpgroup_fence_operand(tSrS);
+      // S^T and dP^T, two batches (kPre: S^T is in flight already).
+      if constexpr (!Tr::kPre) warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tdPrdP);
       warpgroup_arrive();
-      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tSrK); ++kb) {
-        gemm(mma_sdp, tSrK(_, _, kb), tSrQ(_, _, kb, stage), tSrS);
-        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
+      if constexpr (!Tr::kPre) issue_s(stage, false);
       mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
 #pragma unroll
       for (int kb = 0; kb < size<2>(tdPrV); ++kb) {
@@ -598,6 +622,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       warpgroup_fence_operand(acc_dq);
       pipe.consumer_release(st);  // Q, dO, lse, dsum of this stage are no longer read
       ++st;
+      if constexpr (Tr::kPre) {  // the next step's S^T runs under this step's dQ adds
+        if (s + 1 < num_steps) {
+          pipe.consumer_wait(st);
+          issue_s(st.index(), true);
+        }
+      }
 
       if constexpr (Tr::kDqBulk) {
         // dQ tile -> shared memory in dq_accum's order; the reducer warp adds it.
@@ -732,6 +762,24 @@ int launch_bwd(const Params &p, const float *lse2, const float *dsum, int sq_pad
   kernel<<<grid, Tr::kThreads, smem, stream>>>(kp);
   return cudaGetLastError();
 }
+
+// Session 11 variants of the default (non-deterministic) bf16 kernels, chosen per call by
+// FLASHMUX_CUDA_SM90_BWD (read on the host at each launch): "bulk" (kDqBulk: dQ through shared
+// memory and cp.reduce.async.bulk adds by a producer warp, where seqlen_q % 8 == 0), "pre" (kPre:
+// the next step's S^T issued before this step's dQ adds), "bulk+pre" (both). Their kernels live in
+// bwdvar_hdim64.cu / bwdvar_hdim128.cu, compiled in full builds only (not with
+// -DFMX_HEAD_DIMS_LIMITED, the lean CI tier). Returns bit 1 (bulk) | bit 2 (pre), 0 = default.
+inline int bwd_variant_env(const Params &p) {
+  const char *v = std::getenv("FLASHMUX_CUDA_SM90_BWD");
+  if (v == nullptr || p.deterministic) return 0;
+  int r = 0;
+  if (std::strstr(v, "bulk") != nullptr && p.seqlen_q % 8 == 0) r |= 1;
+  if (std::strstr(v, "pre") != nullptr) r |= 2;
+  return r;
+}
+template <int D>
+int run_bwd_var(int variant, const Params &p, const float *lse2, const float *dsum, int sq_pad,
+                cudaStream_t stream);
 
 }  // namespace sm90
 }  // namespace fmx

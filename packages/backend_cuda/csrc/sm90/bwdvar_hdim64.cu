@@ -1,0 +1,33 @@
+// sm90 backward variants for head_dim <= 64, bf16 (session 11): kDqBulk (dQ through shared
+// memory + bulk reduce-adds), kPre (the next step's S^T under this step's dQ adds), and both;
+// chosen by FLASHMUX_CUDA_SM90_BWD (bwd_variant_env in bwd_kernel.cuh). Full builds only: with
+// -DFMX_HEAD_DIMS_LIMITED (the lean CI tier) this unit compiles to nothing and bwd_hdim64.cu
+// does not call it.
+#ifndef FMX_HEAD_DIMS_LIMITED
+#include "bwd_kernel.cuh"
+
+#ifndef FMX_SM90_BWD64_BM
+#define FMX_SM90_BWD64_BM 128
+#endif
+#ifndef FMX_SM90_BWD64_STAGES
+#define FMX_SM90_BWD64_STAGES 2
+#endif
+
+namespace fmx {
+namespace sm90 {
+template <bool kBulk, bool kPre>
+using BwdVar64 = BwdTraits<64, FMX_SM90_BWD64_BM, FMX_SM90_BWD64_STAGES, cutlass::bfloat16_t, kBulk, -1,
+                          false, false, kPre>;
+
+template <>
+int run_bwd_var<64>(int variant, const Params &p, const float *lse2, const float *dsum,
+                    int sq_pad, cudaStream_t stream) {
+  switch (variant) {
+    case 1: return launch_bwd<BwdVar64<true, false>>(p, lse2, dsum, sq_pad, stream);
+    case 2: return launch_bwd<BwdVar64<false, true>>(p, lse2, dsum, sq_pad, stream);
+    default: return launch_bwd<BwdVar64<true, true>>(p, lse2, dsum, sq_pad, stream);
+  }
+}
+}  // namespace sm90
+}  // namespace fmx
+#endif
