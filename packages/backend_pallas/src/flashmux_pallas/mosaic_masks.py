@@ -80,7 +80,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def walk_operands(bm, sq: int, sk: int, causal: bool):
+def walk_operands(bm, sq: int, sk: int, causal: bool, from_kind: bool = False):
     """(walk, cnt, ptid, bits) from a BlockMask (block_size 128):
     walk (Bm, Hm, nQ, nK) int32: per query block its listed key blocks, full first, then partial
     (ascending each; the rest is padding); cnt (Bm, Hm, nQ, 2): [num_full, num_part]; ptid
@@ -105,7 +105,7 @@ def walk_operands(bm, sq: int, sk: int, causal: bool):
     bits = bits.reshape(n_p + 2, 2, BQ, 4).transpose(0, 1, 3, 2)  # [tile, consumer, word, row]
 
     ragged_k = tail != BLOCK
-    if not causal and not ragged_k:  # the BlockMask's own lists, full then partial
+    if not causal and not ragged_k and not from_kind:  # the BlockMask's lists, full then partial
         nf = jnp.asarray(bm.q_num_full).astype(i32)
         npart = jnp.asarray(bm.q_num_part).astype(i32)
         full = jnp.asarray(bm.q_full_idx).astype(i32)
@@ -149,14 +149,17 @@ def walk_operands(bm, sq: int, sk: int, causal: bool):
     return walk, cnt, ptid, bits
 
 
-def dense_walk(batch_mask: int, nq: int, nk: int):
-    """An all-full walk (every key block of every query block): the dense ALiBi call."""
+def dense_mask(sq: int, sk: int):
+    """A BlockMask stand-in whose every tile is full (the dense ALiBi call): walk_operands with
+    from_kind=True derives causal and the ragged ends from it."""
+    import types
+
     import jax.numpy as jnp
 
-    i32 = jnp.int32
-    walk = jnp.broadcast_to(jnp.arange(nk, dtype=i32), (1, 1, nq, nk))
-    cnt = jnp.broadcast_to(jnp.asarray([nk, 0], i32), (1, 1, nq, 2))
-    return walk, cnt, jnp.zeros((1, 1, nq, nk), i32), jnp.zeros((1, 2, 4, BQ), i32)
+    nq, nk = -(-sq // BLOCK), -(-sk // BLOCK)
+    return types.SimpleNamespace(
+        num_q_blocks=nq, num_kv_blocks=nk, kind=jnp.ones((1, 1, nq, nk), jnp.int32),
+        tile_id=jnp.full((1, 1, nq, nk), -1, jnp.int32), bits=jnp.zeros((0, BLOCK, 4), jnp.int32))
 
 
 def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=False,
@@ -260,7 +263,10 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
                                         preferred_element_type=jnp.float32)
                     if pingpong:
                         sync()
-                plgpu.barrier_arrive(k_free.at[slot])
+                # free the slot only when the producer refills it (every barrier phase has a
+                # waiter: the interpreter checks it, and no arrival is left pending at exit)
+                refill = i + stages < n_all
+                pl.when(refill)(lambda: plgpu.barrier_arrive(k_free.at[slot]))
                 if causal or alibi:
                     kb = walk_ref[mb, mh, tile, i]
                 if alibi:  # -slope |i + off - j| in log2 units
@@ -302,7 +308,7 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
                 else:
                     acc = acc + lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
                                                 preferred_element_type=jnp.float32)
-                plgpu.barrier_arrive(v_free.at[slot])
+                pl.when(refill)(lambda: plgpu.barrier_arrive(v_free.at[slot]))
                 return acc, m_new, l_
 
             carry = (acc, m, l_)
@@ -413,11 +419,8 @@ def forward(q, k, v, params, *, block_mask=None, alibi_slopes=None, residual=Fal
     causal = bool(params.causal)
     if block_mask is not None:
         walk, cnt, ptid, bits = walk_operands(block_mask, Sq, Sk, causal)
-    else:
-        if Sk % BLOCK or causal:  # the dense call's tails/diagonal as a BlockMask-free walk
-            raise ValueError("mosaic_masks.forward without a block mask: Sk a multiple of "
-                             f"{BLOCK} and no causal (got Sk {Sk}, causal {causal})")
-        walk, cnt, ptid, bits = dense_walk(1, sqp // BLOCK, skp // BLOCK)
+    else:  # dense (ALiBi): every tile full, causal and the ragged ends derived as for a mask
+        walk, cnt, ptid, bits = walk_operands(dense_mask(Sq, Sk), Sq, Sk, causal, from_kind=True)
     slopes = None
     if alibi_slopes is not None:
         slopes = jnp.asarray(alibi_slopes, jnp.float32)

@@ -116,13 +116,44 @@ def _compute_capability() -> tuple[int, int] | None:
         return None
 
 
+# Block masks and ALiBi on Hopper through Mosaic GPU (mosaic_masks.py: the dense Mosaic forward
+# walking the listed key blocks; the backward stays on the Triton lowering, blocksparse.py /
+# triton_kernels.py). FLASHMUX_PALLAS_MASKS (block-mask calls) and FLASHMUX_PALLAS_ALIBI (dense
+# ALiBi calls): "auto" (sm90 where MASKS_MOSAIC_AUTO / ALIBI_MOSAIC_AUTO say it measured faster
+# than the Triton lowering), "mosaic" (sm90, every call mosaic_masks.reasons accepts), "triton".
+MASKS_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS", "auto")
+ALIBI_MODE = os.environ.get("FLASHMUX_PALLAS_ALIBI", "auto")
+MASKS_MOSAIC_AUTO = False  # not yet timed against the Triton lowering on the H200
+ALIBI_MOSAIC_AUTO = False
+
+
+def mosaic_masks_reasons(q, k, v, params) -> list[str]:
+    """Why a block-mask or dense ALiBi forward does not take the Mosaic GPU kernel
+    (mosaic_masks.py) on this device (empty when it does)."""
+    mbs = getattr(params, "mask_block_size", 0)
+    env, mode, auto = (("FLASHMUX_PALLAS_MASKS", MASKS_MODE, MASKS_MOSAIC_AUTO) if mbs
+                       else ("FLASHMUX_PALLAS_ALIBI", ALIBI_MODE, ALIBI_MOSAIC_AUTO))
+    if mode == "triton" or MOSAIC_MODE == "off":
+        return [f"{env}={mode}" if mode == "triton" else "FLASHMUX_PALLAS_MOSAIC=off"]
+    from . import mosaic_kernels, mosaic_masks
+
+    cc = _compute_capability()
+    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
+        return ["Mosaic GPU kernels need sm90 (Hopper)"]
+    out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
+    if not out and mode == "auto" and not auto:
+        out.append(f"not measured faster than the Triton lowering ({env}=mosaic forces it)")
+    return out
+
+
 def lowering(q, k, v, params, interpret: bool) -> str:
     """Which lowering runs this forward: "interpret", "mosaic_gpu" or "triton"."""
     if interpret:
         return "interpret"
-    if MOSAIC_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
-        return "triton"
-    if getattr(params, "mask_block_size", 0):  # block masks: blocksparse.py (Triton lowering)
+    if getattr(params, "mask_block_size", 0) or getattr(params, "alibi", False):
+        # block masks / ALiBi: mosaic_masks.py where chosen, else the Triton lowering
+        return "triton" if mosaic_masks_reasons(q, k, v, params) else "mosaic_gpu"
+    if MOSAIC_MODE == "off":
         return "triton"
     from . import mosaic_kernels
 
@@ -321,13 +352,21 @@ def forward(
         interpret = on_cpu(q)
     # float32 outputs are stored exactly: their residual is zero, no kernel output needed.
     want = residual and jnp.dtype(q.dtype) != jnp.dtype(jnp.float32)
-    if block_mask is not None:  # block-sparse kernels (blocksparse.py)
+    low = lowering(q, k, v, params, interpret)
+    if low == "mosaic_gpu" and (block_mask is not None or getattr(params, "alibi", False)):
+        from . import blocksparse, mosaic_masks  # block masks / ALiBi on Mosaic GPU
+
+        if block_mask is not None:
+            blocksparse.check_mask(block_mask, q, k, params)
+        res = mosaic_masks.forward(q, k, v, params, block_mask=block_mask,
+                                   alibi_slopes=alibi_slopes, residual=want)
+    elif block_mask is not None:  # block-sparse kernels (blocksparse.py)
         from . import blocksparse
 
         res = blocksparse.forward(q, k, v, params, residual=want, interpret=interpret,
                                   alibi_slopes=alibi_slopes, block_mask=block_mask,
                                   dropout_seed=dropout_seed)
-    elif lowering(q, k, v, params, interpret) == "mosaic_gpu":
+    elif low == "mosaic_gpu":
         from . import mosaic_kernels
 
         res = mosaic_kernels.forward(q, k, v, params, residual=want)
