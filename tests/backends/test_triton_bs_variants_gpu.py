@@ -60,6 +60,17 @@ VARIANTS = {
     "fuse_delta_plain": {"FLASHMUX_TRITON_BS_FUSE_DELTA": "1", "_plain": "1"},
     "dq64_plainwalk": {"FLASHMUX_TRITON_BS_BWD_DQ": "64,64,4,2", "FLASHMUX_TRITON_BS_PRE": "0",
                        "_plain": "1"},
+    # session 11: dQ fused into the dK/dV program (float32 atomics; bulk tensor reductions on
+    # the descriptor path), no dQ kernel; sm_90 compiles (triton 3.6): 64x64x8x2 no spill 1/SM,
+    # 32x64x4x2 48 B 2/SM, 64x32x4x2 no spill 2/SM, 64x64x4x2 136 B 1/SM
+    "fdq8": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,64,8,2",
+             "_plain": "1"},
+    "fdq32": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "32,64,4,2",
+              "_plain": "1"},
+    "fdq6432": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1", "FLASHMUX_TRITON_BS_BWD_DKDV": "64,32,4,2",
+                "_plain": "1"},
+    "fdq_default": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1", "_plain": "1"},
+    "fdq_alibi": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1"},
 }
 
 

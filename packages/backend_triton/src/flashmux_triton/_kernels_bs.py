@@ -24,10 +24,12 @@ import triton
 import triton.language as tl
 
 from ._kernels import (
+    _UPCAST_BF16,
     _alibi_rc,
     _band_ok,
     _cast,
     _dkdv_acc,
+    _dot,
     _dq_acc,
     _dq_lse2,
     _fwd_store,
@@ -415,6 +417,8 @@ def _bs_dkdv_tile(
     DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
     c_loc0=0, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0, TMA: tl.constexpr = False,
     n0=0, is_p=False, RT: tl.constexpr = False,
+    dqa_base=0, stride_dqas=0, desc_dqa=0, FUSED_DQ: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False,
 ):
     rows = start_m + offs_m
     rmask = rows < seqlen_q
@@ -451,8 +455,22 @@ def _bs_dkdv_tile(
         if is_p:
             pt = tl.where(_rt_bits_kr(w, BITS, tid, r_loc0, offs_m, c_loc, MBS, BLOCK_N), pt,
                           0.0)
-    dk, dv, _ = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
-                          sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
+    dk, dv, ds_lo = _dkdv_acc(dk, dv, pt, tt, v, do, qt, delta, rows[None, :], offs_n[:, None],
+                              sm_scale, p_drop, drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
+    if FUSED_DQ:
+        # dQ += (scale dS) K into the float32 buffer DQA, summed over key blocks by atomics
+        # (the dense kernels' fused backward): no dQ program, no second S and dP per tile
+        dq_part = _dot(tl.trans(ds_lo), k, IEEE)  # (BLOCK_M, BLOCK_D)
+        if DQ_TMA and TMA and not CHECK:  # one bulk tensor reduction per tile
+            if _UPCAST_BF16:  # the interpreter has no descriptor reductions; its programs
+                # run one at a time, so a load-add-store is the same sum (tests the offsets)
+                desc_dqa.store([q_row0 + start_m, q_col],
+                               desc_dqa.load([q_row0 + start_m, q_col]) + dq_part)
+            else:
+                desc_dqa.atomic_add([q_row0 + start_m, q_col], dq_part)
+        else:
+            tl.atomic_add(dqa_base + rows[:, None] * stride_dqas + offs_d[None, :], dq_part,
+                          mask=rmask[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -469,6 +487,8 @@ def _bs_dkdv_list(
     BLOCK_N: tl.constexpr, desc_q=0, desc_do=0, q_row0=0, q_col=0, do_col=0,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False,
     PRE: tl.constexpr = False, pre_n=0, pre_qb=0, pre_tid=0, PTID=0,
+    dqa_base=0, stride_dqas=0, desc_dqa=0, FUSED_DQ: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False,
 ):
     """The query tiles of one list of the key block's transposed mask column (full or
     partial mask tiles; MERGED: both in one walk, as in the forward), flat as in the forward.
@@ -513,7 +533,7 @@ def _bs_dkdv_list(
                 p_drop, drop_scale, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS,
                 CHECK, PARTIAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI,
                 BLOCK_N, n0 - kb * MBS, desc_q, desc_do, q_row0, q_col, do_col, TMA, n0,
-                is_p, MERGED,
+                is_p, MERGED, dqa_base, stride_dqas, desc_dqa, FUSED_DQ, DQ_TMA,
             )
     return dk, dv
 
@@ -538,10 +558,14 @@ def bs_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
     TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
+    DQA=0, stride_dqab=0, stride_dqas=0, stride_dqah=0, DESC_DQA=0,
+    FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     """One program per (key block, KV head, batch): for each query head of the GQA group, the
     query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
-    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists)."""
+    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists).
+    FUSED_DQ: dQ too, added into the float32 DQA (q's layout) by atomics (DQ_TMA: one bulk
+    tensor reduction per in-bounds tile through DESC_DQA, a (B*Sq, Hq*D) view): no dQ kernel."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -577,6 +601,7 @@ def bs_bwd_dkdv(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + b64 * stride_lb + h * stride_lh
         delta_base = DELTA + b64 * stride_lb + h * stride_lh
+        dqa_base = DQA + b64 * stride_dqab + h * stride_dqah
         nf0, np0, qf0, qp0, tp0 = _bs_pre(KNF, KFI, KNP, KPI, PTID, col, n_qb, PRE)
         for part in tl.static_range(2 - MERGED):  # full then partial tiles (as the forward)
             if part == 0:
@@ -591,7 +616,8 @@ def bs_bwd_dkdv(
                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, part == 1, HAS_LEFT,
                 HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, BLOCK_M, BLOCK_N,
                 DESC_Q, DESC_DO, b * seqlen_q, h * HEAD_DIM, h * HEAD_DIM_V, TMA, MERGED,
-                PRE and not MERGED, pn, pq, pt, PTID,
+                PRE and not MERGED, pn, pq, pt, PTID, dqa_base, stride_dqas, DESC_DQA, FUSED_DQ,
+                DQ_TMA,
             )
     tl.store(
         DK + b64 * stride_dkb + offs_n[:, None] * stride_dks + hk * stride_dkh + offs_d[None, :],

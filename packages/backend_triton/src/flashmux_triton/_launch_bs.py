@@ -275,6 +275,17 @@ def _fuse_delta():
     return os.environ.get("FLASHMUX_TRITON_BS_FUSE_DELTA", "0") == "1"
 
 
+def _fused_dq(params) -> bool:
+    """FLASHMUX_TRITON_BS_FUSED_DQ=1: dQ computed in the dK/dV program (dQ += (scale dS) K,
+    float32 atomics into a zeroed buffer, then one copy into dq) instead of the dQ kernel: no dQ
+    programs (their Q/dO/K/V loads and dQ stores, ~half the backward's fixed cost per mask
+    block) and 5 matmuls per tile instead of 7 (the dQ kernel recomputes S and dP), for
+    atomics' traffic and the float32 buffer (zero, add, copy). Not deterministic (atomic
+    order): deterministic calls keep the dQ kernel. Opt-in until the H200 measures it."""
+    return (os.environ.get("FLASHMUX_TRITON_BS_FUSED_DQ", "0") == "1"
+            and not params.deterministic)
+
+
 def _ws(pb):
     """FLASHMUX_TRITON_BS_WS=1: the forward's walks warp-specialized (Triton's automatic
     producer/consumer split, as the dense forward's interior loop at head_dim 128 on the H200);
@@ -325,8 +336,22 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     pre_dq = _pre("dq", pb) and not _merged()  # dQ's and dK/dV's walks as the forward's
     plain = alibi_slopes is None and not (pb.softcap or pb.dropout or _check_full(pb, mbs))
     pre_kv = _pre("dkdv", pb, plain) and not _merged()
+    fdq = _fused_dq(params) and not fuse
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fdq else None
+
+    def fdq_args(bm_, tma):
+        if not fdq:
+            return {}
+        from ._launch import _dqa_desc
+
+        dq_acc.zero_()  # every launch starts over (a retry with smaller tiles too)
+        desc = _dqa_desc(pb, dq_acc, bm_) if tma is not None else None
+        return dict(DQA=dq_acc, stride_dqab=dq_acc.stride(0), stride_dqas=dq_acc.stride(1),
+                    stride_dqah=dq_acc.stride(2), DESC_DQA=desc if desc is not None else dq_acc,
+                    FUSED_DQ=True, DQ_TMA=desc is not None)
 
     def run_dkdv(cfg, bm_, bn, tma):
+        fa = fdq_args(bm_, tma)
         KB.bs_bwd_dkdv[(triton.cdiv(pb.seqlen_k, bn), pb.hkv, pb.batch)](
             q, k, v, do, lse, delta, dk, dv, slopes,
             a["knf"], a["kfi"], a["knp"], a["kpi"], a["tile"], a["bits"],
@@ -335,7 +360,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
             *pb.strides(do, False), *pb.strides(dk, False), *pb.strides(dv, False),
             lse.stride(0), lse.stride(1), stride_sb, *common,
             BLOCK_M=bm_, BLOCK_N=bn, **flags, TMA=tma is not None, MERGED=_merged(), PRE=pre_kv,
-            **_opts(cfg),
+            **fa, **_opts(cfg),
         )
 
     def run_dq(cfg, bm_, bn, tma):
@@ -362,6 +387,9 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
         _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t),
                                         plain))
+    if fdq:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     if not fuse:
         _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     return dq, dk, dv
