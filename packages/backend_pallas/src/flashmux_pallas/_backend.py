@@ -34,8 +34,10 @@ class PallasBackend(Backend):
                 "cuda sm90": "mosaic_gpu forward for dense fp16/bf16, D 64/128, no window "
                 "(causal with Sq == Sk), block-multiple lengths; mosaic_gpu backward for dense "
                 "fp16/bf16, D 64/128, no window (causal with Sq == Sk), any lengths, where "
-                "measured faster (FLASHMUX_PALLAS_MOSAIC_BWD); triton otherwise (always "
-                "with ALiBi: the Mosaic kernels take no slopes)",
+                "measured faster (FLASHMUX_PALLAS_MOSAIC_BWD); block masks (block_size 128) "
+                "and ALiBi: mosaic_gpu forward (mosaic_masks.py, FLASHMUX_PALLAS_MASKS / "
+                "FLASHMUX_PALLAS_ALIBI=mosaic, the default where measured faster), backward "
+                "always on the triton lowering; triton otherwise",
             }
         }
         try:
@@ -49,6 +51,10 @@ class PallasBackend(Backend):
             facts["mosaic_bwd_mode"] = ops.MOSAIC_BWD_MODE
             facts["mosaic_bwd_auto"] = sorted(ops.MOSAIC_BWD_AUTO)
             facts["mosaic_gpu_available"] = mosaic_kernels.available()
+            facts["masks_mode"] = ops.MASKS_MODE
+            facts["alibi_mode"] = ops.ALIBI_MODE
+            facts["masks_mosaic_auto"] = ops.MASKS_MOSAIC_AUTO
+            facts["alibi_mosaic_auto"] = ops.ALIBI_MOSAIC_AUTO
         except Exception:  # pragma: no cover
             pass
         return facts
@@ -195,7 +201,7 @@ def make_backend() -> PallasBackend:
             max_head_dim=256,
             min_compute_capability=(8, 0),
             # ALiBi in the Triton-lowering kernels; block masks in blocksparse.py (Triton
-            # lowering / interpret, never Mosaic GPU).
+            # lowering / interpret); on sm90 the forward of both can take mosaic_masks.py.
             # seed_array: the dropout seed is always a kernel operand (dropout.seed_operand).
             features=frozenset(FEATURES) | {"alibi", "seed_array", "block_mask"},
             runs_under_jit=True,

@@ -1,7 +1,8 @@
 """Block-sparse Pallas kernels for `attention(..., block_mask=bm)` (issue 15; the paper's
 block-sparse FlashAttention, section 3.3): forward, dQ and dK/dV that visit only the tiles a
-flashmux BlockMask lists. Triton lowering on a GPU, interpret mode on the CPU; never Mosaic GPU
-(ops.lowering / backward_lowering send block-mask calls here).
+flashmux BlockMask lists. Triton lowering on a GPU, interpret mode on the CPU. On sm90 the
+forward may take the Mosaic GPU kernel of mosaic_masks.py instead (ops.lowering,
+FLASHMUX_PALLAS_MASKS); the backward of every block-masked call runs here.
 
 The design follows the Triton backend's block-sparse kernels (flashmux_triton/_kernels_bs.py):
 
