@@ -199,6 +199,13 @@ def _alibi_ws() -> bool:
             or os.environ.get("FLASHMUX_TRITON_WS") == "1")
 
 
+def _alibi_fwd_cfg():
+    """FLASHMUX_TRITON_ALIBI_FWD="block_m,block_n,warps,stages": the dense forward's tiles for
+    ALiBi calls only (GPU sweeps of the ALiBi bar; unset: the class's tiles, as plain calls)."""
+    env = os.environ.get("FLASHMUX_TRITON_ALIBI_FWD")
+    return T.KernelConfig(*(int(x) for x in env.split(","))) if env else None
+
+
 def lpt_wanted(pb: _Problem) -> bool:
     """Heaviest blocks first (_kernels._pids): the forward's, dQ's and dK/dV's grids walked
     block index slowest, from the heavy end of a causal band. FLASHMUX_TRITON_LPT=1 forces it
@@ -454,6 +461,10 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     tma = _tma_views(pb, k, v) if pb.shape not in _TMA_BROKEN else None
     ws = ws_wanted(pb) and (alibi_slopes is None or _alibi_ws())
     lpt = dict(LPT=True) if lpt_wanted(pb) else {}
+    acfg = _alibi_fwd_cfg() if alibi_slopes is not None else None
+
+    def launch_fwd(go):  # the class's tiles (with the launcher's fallbacks), or ALiBi's own
+        return go(acfg) if acfg is not None else _launch(pb, "fwd", go)
 
     def run(cfg: T.KernelConfig, tma=tma, ws=ws):
         grid = (triton.cdiv(pb.seqlen_q, cfg.block_m), pb.hq, pb.batch)
@@ -479,7 +490,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
         # on by the tuning table: a compiler that fails on it (triton 3.6 did at head_dim 64)
         # costs this class its WS, not the call; FLASHMUX_TRITON_WS=1 lets the error through
         try:
-            _launch(pb, "fwd", run)
+            launch_fwd(run)
             return done
         except triton.runtime.errors.OutOfResources:
             raise
@@ -488,11 +499,11 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
             ws = False
     if tma is not None:
         try:
-            _launch(pb, "fwd", lambda cfg: run(cfg, tma, ws))
+            launch_fwd(lambda cfg: run(cfg, tma, ws))
             return done
         except Exception:  # noqa: BLE001 - a compiler without working descriptors: plain path
             _TMA_BROKEN.add(pb.shape)
-    _launch(pb, "fwd", lambda cfg: run(cfg, None, ws))
+    launch_fwd(lambda cfg: run(cfg, None, ws))
     return done
 
 
