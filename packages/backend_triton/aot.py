@@ -357,6 +357,7 @@ GLUON_VARIANTS = [
     *[("dkdv", d, c, {}) for d in (64, 128) for c in (False, True)],
     *[("dq", d, c, {}) for d in (64, 128) for c in (False, True)],
     *[("dq", 128, c, dict(overlap=True)) for c in (False, True)],
+    *[(k, 128, c, dict(alibi=True)) for k in ("dkdv", "dq") for c in (False, True)],
 ]
 
 

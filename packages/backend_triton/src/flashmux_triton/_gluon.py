@@ -48,6 +48,74 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
+def _ring_load(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, row, col, c,
+               STAGES: gl.constexpr):
+    """Fill slot c % STAGES of a two-tensor ring (K and V; Q and dO in the dK/dV program) with
+    the tiles at [row, col] once its consumers released it; one ready barrier per tensor, filled
+    by the TMA transaction count."""
+    s = c % STAGES
+    ph = (c // STAGES) & 1
+    # a fresh barrier has completed "phase -1": the first STAGES waits pass at once
+    mbarrier.wait(empty.index(s), ph ^ 1)
+    mbarrier.expect(a_ready.index(s), desc_a.block_type.nbytes)
+    _tma_load(desc_a, [row, col], a_ready.index(s), a_smem.index(s))
+    mbarrier.expect(b_ready.index(s), desc_b.block_type.nbytes)
+    _tma_load(desc_b, [row, col], b_ready.index(s), b_smem.index(s))
+
+
+@gluon.jit
+def _kv_loads(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, kv_empty, kv_row, kv_col, it,
+              n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loader's K/V blocks 0..n_blocks-1 of one (batch, KV head), ring slots it, it+1, ..."""
+    for i in range(n_blocks):
+        _ring_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                   kv_row + i * BLOCK_N, kv_col, it + i, STAGES)
+
+
+@gluon.jit
+def _kv_blocks(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr):
+    """K/V blocks a program of 2 x BLOCK_M query rows from m0 visits (causal: up to its last
+    row's diagonal)."""
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
+        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
+    else:
+        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    return n_blocks
+
+
+@gluon.jit
+def _diag_blocks(diag, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 CAUSAL: gl.constexpr):
+    """(n_full, n_mine) of a warpgroup's BLOCK_M rows, key j allowed for its row r iff
+    j <= r + diag: blocks 0..n_full-1 need no mask, blocks n_mine.. have no allowed key."""
+    if CAUSAL:
+        n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
+        n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
+    else:
+        n_full = n_blocks
+        n_mine = n_blocks
+    return n_full, n_mine
+
+
+@gluon.jit
+def _release(k_ready, v_ready, kv_empty, turn, lo, hi, it, t, HALF: gl.constexpr,
+             STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    """Blocks lo..hi-1 (ring slots it + i) lie wholly above this warpgroup's diagonal: release
+    them once loaded; with PINGPONG take turn t + i all the same (in step with the other)."""
+    for i in range(lo, hi):
+        s = (it + i) % STAGES
+        ph = ((it + i) // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.wait(v_ready.index(s), ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(HALF), (t + i) & 1)
+            mbarrier.arrive(turn.index(1 - HALF))
+        mbarrier.arrive(kv_empty.index(s))
+
+
+@gluon.jit
 def _load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
           q_row, kv_row, q_col, kv_col, n_blocks,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -55,17 +123,19 @@ def _load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_read
         mbarrier.expect(q_bar.index(j), desc_q.block_type.nbytes)
         _tma_load(desc_q, [q_row + j * BLOCK_M, q_col], q_bar.index(j),
                   q_smem.index(j))
-    for i in range(n_blocks):
-        s = i % STAGES
-        ph = (i // STAGES) & 1
-        # a fresh barrier has completed "phase -1": the first STAGES waits pass at once
-        mbarrier.wait(kv_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
-        _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s),
-                  k_smem.index(s))
-        mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
-        _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s),
-                  v_smem.index(s))
+    _kv_loads(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, kv_empty, kv_row, kv_col, 0,
+              n_blocks, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _online_softmax(qk, m_i, l_i, qk_scale):
+    """One block's online-softmax update in the log2 domain (the scale folded into one FMA):
+    (p, alpha = the rescale of what came before, the new row max, the new row sum)."""
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
 @gluon.jit
@@ -94,11 +164,7 @@ def _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i,
         cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         ok = cols[None, :] <= rows[:, None] + diag
         qk = gl.where(ok, qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(qk * qk_scale - m_use[:, None])
-    alpha = gl.exp2(m_i - m_use)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     mbarrier.wait(v_ready.index(s), ph)
@@ -119,303 +185,15 @@ def _mask(qk, i, n_full, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_l
 
 @gluon.jit
 def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i, qk_scale,
-                diag, n_full, n_mine, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+                diag, n_full, n_mine, it, t, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                 PINGPONG: gl.constexpr):
-    """FA3's intra-warpgroup overlap: block i's S = Q K_i^T and block i-1's O += P V run on the
-    tensor cores while this warpgroup does block i's softmax (waits: S first, then O).
-    PINGPONG: the two warpgroups take turns issuing (turn t: issue, then hand over without
-    waiting for the results), so one's softmax runs under the other's matmuls; turns 0..n_mine
-    here, one per skipped block after (the caller), the same count in both warpgroups."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    if n_mine > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        if PINGPONG:
-            mbarrier.wait(turn.index(HALF), 0)
-        qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero, use_acc=False,
-                           is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - HALF))
-        qk = warpgroup_mma_wait(0, deps=(qk,))
-        qk = _mask(qk, 0, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
-        m_i = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-        m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
-        p = gl.exp2(qk * qk_scale - m_use[:, None])
-        l_i = gl.sum(p, 1)
-        p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-        for i in range(1, n_mine):
-            s = i % STAGES
-            ph = (i // STAGES) & 1
-            sp = (i - 1) % STAGES
-            php = ((i - 1) // STAGES) & 1
-            mbarrier.wait(k_ready.index(s), ph)
-            mbarrier.wait(v_ready.index(sp), php)
-            if PINGPONG:
-                mbarrier.wait(turn.index(HALF), i & 1)
-            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                               is_async=True)
-            qk = warpgroup_mma_wait(0, deps=(qk,))
-            acc = warpgroup_mma(p16, v_smem.index(sp), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - HALF))
-            qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk * qk_scale - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-            # QK^T is retired by a wait(0) before PV is issued: after a wait_group 1 ptxas
-            # waited for PV too before the softmax wrote the score registers (SASS, call A:
-            # no overlap at all); this way PV runs under the softmax
-            acc, p16, p16_next = warpgroup_mma_wait(0, deps=(acc, p16, p16_next))
-            mbarrier.arrive(kv_empty.index(sp))
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p16 = p16_next
-        last = n_mine - 1
-        s = last % STAGES
-        ph = (last // STAGES) & 1
-        mbarrier.wait(v_ready.index(s), ph)
-        if PINGPONG:
-            mbarrier.wait(turn.index(HALF), n_mine & 1)
-        acc = warpgroup_mma(p16, v_smem.index(s), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - HALF))
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index(s))
-    elif PINGPONG:  # turn 0 all the same
-        mbarrier.wait(turn.index(HALF), 0)
-        mbarrier.arrive(turn.index(1 - HALF))
-    return acc, m_i, l_i
-
-
-@gluon.jit
-def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-             HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-             PINGPONG: gl.constexpr, RESID: gl.constexpr, OVERLAP: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    row0 = m0 + HALF * BLOCK_M
-    q = q_smem.index(HALF)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    # key j is allowed for this half's row r (0-based in the half) iff j <= r + diag
-    diag = row0 + seqlen_k - seqlen_q
-    if CAUSAL:
-        n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
-        n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
-    else:
-        n_full = n_blocks
-        n_mine = n_blocks
-    mbarrier.wait(q_bar.index(HALF), 0)
-    if OVERLAP:
-        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
-                                    m_i, l_i, qk_scale, diag, n_full, n_mine, HALF, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
-    else:
-        for i in range(0, n_full):
-            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
-                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                  STAGES, False, PINGPONG)
-        for i in range(n_full, n_mine):
-            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
-                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                  STAGES, True, PINGPONG)
-    for i in range(n_mine, n_blocks):
-        # blocks wholly above this half's diagonal: release them once loaded (and keep the
-        # turn-taking in step with the other warpgroup)
-        s = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        mbarrier.wait(v_ready.index(s), ph)
-        if PINGPONG:  # turn i (i + 1 after the overlapped loop's extra turn)
-            if OVERLAP:
-                mbarrier.wait(turn.index(HALF), (i + 1) & 1)
-            else:
-                mbarrier.wait(turn.index(HALF), i & 1)
-            mbarrier.arrive(turn.index(1 - HALF))
-        mbarrier.arrive(kv_empty.index(s))
-    # epilogue: rows with no allowed key (l == 0) get out 0, lse -inf
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    b64 = b.to(gl.int64)
-    o_ptrs = (O + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
-              + cols_o[None, :])
-    o16 = out.to(O.dtype.element_ty)
-    gl.store(o_ptrs, o16, mask=(rows_o < seqlen_q)[:, None])
-    if RESID:
-        # the output's rounding error, for the backward's delta = rowsum(dO * O)
-        r_ptrs = (R + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
-                  + cols_o[None, :])
-        gl.store(r_ptrs, (out - o16.to(gl.float32)).to(O.dtype.element_ty),
-                 mask=(rows_o < seqlen_q)[:, None])
-    rows_l = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    lse = gl.where(l_i == 0.0, float("-inf"),
-                   (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-    gl.store(LSE + b64 * stride_lb + h * stride_lh + rows_l, lse, mask=rows_l < seqlen_q)
-
-
-@gluon.jit
-def _consume0(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-              RESID: gl.constexpr, OVERLAP: gl.constexpr):
-    _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-             0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)
-
-
-@gluon.jit
-def _consume1(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-              b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-              stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-              RESID: gl.constexpr, OVERLAP: gl.constexpr):
-    _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-             1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)
-
-
-@gluon.jit
-def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk_scale,
-                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                RESID: gl.constexpr, OVERLAP: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
-    pid = gl.program_id(0)
-    h = gl.program_id(1)
-    b = gl.program_id(2)
-    if CAUSAL:
-        pid = gl.num_programs(0) - 1 - pid  # heaviest query blocks first
-    m0 = pid * (2 * BLOCK_M)
-    if CAUSAL:
-        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
-        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
-    else:
-        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
-    q_row = b * seqlen_q + m0
-    kv_row = b * seqlen_k
-    q_col = h * HEAD_DIM
-    kv_col = (h // group) * HEAD_DIM
-
-    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
-    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(2):
-        mbarrier.init(q_bar.index(j), count=1)
-        mbarrier.init(turn.index(j), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=2)
-    fence_async_shared()  # the barriers' init, before the TMA unit uses them
-    if PINGPONG:
-        mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
-
-    gl.warp_specialize([
-        (_consume0, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-                     b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-                     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
-        (_consume1, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
-                     b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
-                     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
-        (_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                 q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_M, BLOCK_N, STAGES)),
-    ], [4, 1], [MMA_REGS, LOAD_REGS])
-
-
-# ----------------------------------------------------------------------------------------------
-# forward, persistent form (PERSIST): the same partitions loop over (query block, head, batch)
-# tiles, heaviest first when causal; ring, Q and turn counters run on across tiles. With one
-# program per tile it is the form above.
-
-
-@gluon.jit
-def _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-            CAUSAL: gl.constexpr):
-    """(b, h, m0, n_blocks) of tile `tile`: (batch, head) slowest, so the programs running at
-    once share a few heads' K/V in L2 (query-block-major order streamed every head's K/V at
-    once: 435 vs 548 TFLOP/s at d128 S4k in call A); query blocks heaviest first when causal."""
-    n_m = (seqlen_q + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
-    bh = tile // n_m
-    mi = tile - bh * n_m
-    b = bh // hq
-    h = bh - b * hq
-    if CAUSAL:
-        mi = n_m - 1 - mi
-    m0 = mi * (2 * BLOCK_M)
-    if CAUSAL:
-        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
-        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
-    else:
-        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
-    return b, h, m0, n_blocks
-
-
-@gluon.jit
-def _p_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
-            kv_empty, n_tiles, hq, batch, seqlen_q, seqlen_k, group,
-            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    it = 0
-    j = 0
-    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, m0, n_blocks = _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
-                                     CAUSAL)
-        kv_row = b * seqlen_k
-        kv_col = (h // group) * HEAD_DIM
-        for half in gl.static_range(2):
-            mbarrier.wait(q_empty.index(half), (j & 1) ^ 1)
-            mbarrier.expect(q_bar.index(half), desc_q.block_type.nbytes)
-            _tma_load(desc_q, [b * seqlen_q + m0 + half * BLOCK_M, h * HEAD_DIM],
-                      q_bar.index(half), q_smem.index(half))
-        for i in range(n_blocks):
-            c = it + i
-            s = c % STAGES
-            ph = (c // STAGES) & 1
-            mbarrier.wait(kv_empty.index(s), ph ^ 1)
-            mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
-            _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
-            _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s), v_smem.index(s))
-        it += n_blocks
-        j += 1
-
-
-@gluon.jit
-def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i, qk_scale, diag,
-              n_full, n_mine, it, t, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              PINGPONG: gl.constexpr):
-    """This warpgroup's blocks 0..n_mine-1 of a tile, overlapped (block i's QK^T and block
-    i-1's PV in flight during block i's softmax); ring slot of block i: it + i; with PINGPONG
-    turns t..t+n_mine (the caller takes one per skipped block and one extra when n_mine = 0)."""
+    """FA3's intra-warpgroup overlap over this warpgroup's blocks 0..n_mine-1 (ring slot of
+    block i: it + i): block i's S = Q K_i^T and block i-1's O += P V run on the tensor cores
+    while this warpgroup does block i's softmax (waits: S first, then O).
+    PINGPONG: the two warpgroups take turns issuing (turn t + i: issue, then hand over without
+    waiting for the results), so one's softmax runs under the other's matmuls; turns
+    t..t+n_mine here, one per skipped block after (the caller), the same count in both."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -455,12 +233,7 @@ def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - HALF))
             qk = _mask(qk, i, n_full, diag, BLOCK_M, BLOCK_N, s_layout)
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk * qk_scale - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
             p16_next = gl.convert_layout(p.to(k_smem.dtype), p_layout)
             # QK^T is retired by a wait(0) before PV is issued: after a wait_group 1 ptxas
             # waited for PV too before the softmax wrote the score registers (SASS, call A:
@@ -486,6 +259,184 @@ def _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i
 
 
 @gluon.jit
+def _fwd_store(O, LSE, R, out, m_i, l_i, b, h, row0, seqlen_q, stride_ob, stride_om, stride_oh,
+               stride_lb, stride_lh, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr, RESID: gl.constexpr):
+    """The forward's epilogue for one warpgroup's rows: out (normalized, float32) into O, its
+    rounding error into R (RESID: for the backward's delta = rowsum(dO * O)), the natural-log
+    lse into LSE; rows with no allowed key (l == 0) get lse -inf (their out is 0)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    b64 = b.to(gl.int64)
+    o_ptrs = (O + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
+              + cols_o[None, :])
+    o16 = out.to(O.dtype.element_ty)
+    gl.store(o_ptrs, o16, mask=(rows_o < seqlen_q)[:, None])
+    if RESID:
+        r_ptrs = (R + b64 * stride_ob + h * stride_oh + rows_o.to(gl.int64)[:, None] * stride_om
+                  + cols_o[None, :])
+        gl.store(r_ptrs, (out - o16.to(gl.float32)).to(O.dtype.element_ty),
+                 mask=(rows_o < seqlen_q)[:, None])
+    rows_l = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    lse = gl.where(l_i == 0.0, float("-inf"),
+                   (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+    gl.store(LSE + b64 * stride_lb + h * stride_lh + rows_l, lse, mask=rows_l < seqlen_q)
+
+
+@gluon.jit
+def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+             b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+             stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+             HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+             PINGPONG: gl.constexpr, RESID: gl.constexpr, OVERLAP: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row0 = m0 + HALF * BLOCK_M
+    q = q_smem.index(HALF)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    # key j is allowed for this half's row r (0-based in the half) iff j <= r + diag
+    diag = row0 + seqlen_k - seqlen_q
+    n_full, n_mine = _diag_blocks(diag, n_blocks, BLOCK_M, BLOCK_N, CAUSAL)
+    mbarrier.wait(q_bar.index(HALF), 0)
+    if OVERLAP:
+        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                    m_i, l_i, qk_scale, diag, n_full, n_mine, 0, 0, HALF,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
+        # the skipped blocks' turns: i + 1 after the overlapped loop's extra turn
+        _release(k_ready, v_ready, kv_empty, turn, n_mine, n_blocks, 0, 1, HALF, STAGES,
+                 PINGPONG)
+    else:
+        for i in range(0, n_full):
+            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  STAGES, False, PINGPONG)
+        for i in range(n_full, n_mine):
+            acc, m_i, l_i = _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                  m_i, l_i, qk_scale, diag, HALF, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                  STAGES, True, PINGPONG)
+        _release(k_ready, v_ready, kv_empty, turn, n_mine, n_blocks, 0, 0, HALF, STAGES,
+                 PINGPONG)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    _fwd_store(O, LSE, R, out, m_i, l_i, b, h, row0, seqlen_q, stride_ob, stride_om, stride_oh,
+               stride_lb, stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, RESID)
+
+
+@gluon.jit
+def _kv_ring(desc_k, desc_v, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr):
+    """The K/V ring (STAGES slots) and its barriers, initialized: k_ready/v_ready filled by
+    the loader's TMA, kv_empty released by both consumer warpgroups."""
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)
+    return k_smem, v_smem, k_ready, v_ready, kv_empty
+
+
+@gluon.jit
+def attn_fwd_ws(desc_q, desc_k, desc_v, O, LSE, R, seqlen_q, seqlen_k, group, qk_scale,
+                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                RESID: gl.constexpr, OVERLAP: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    if CAUSAL:
+        pid = gl.num_programs(0) - 1 - pid  # heaviest query blocks first
+    m0 = pid * (2 * BLOCK_M)
+    n_blocks = _kv_blocks(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    q_row = b * seqlen_q + m0
+    kv_row = b * seqlen_k
+    q_col = h * HEAD_DIM
+    kv_col = (h // group) * HEAD_DIM
+
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(2):
+        mbarrier.init(q_bar.index(j), count=1)
+        mbarrier.init(turn.index(j), count=1)
+    k_smem, v_smem, k_ready, v_ready, kv_empty = _kv_ring(desc_k, desc_v, STAGES, BLOCK_N,
+                                                           HEAD_DIM)
+    fence_async_shared()  # the barriers' init, before the TMA unit uses them
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
+
+    gl.warp_specialize([
+        (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+                    b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+                    stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                    0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
+        (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O, LSE, R,
+                    b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale,
+                    stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                    1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID, OVERLAP)),
+        (_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row, kv_row, q_col, kv_col, n_blocks, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# forward, persistent form (PERSIST): the same partitions loop over (query block, head, batch)
+# tiles, heaviest first when causal; ring, Q and turn counters run on across tiles. With one
+# program per tile it is the form above.
+
+
+@gluon.jit
+def _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            CAUSAL: gl.constexpr):
+    """(b, h, m0, n_blocks) of tile `tile`: (batch, head) slowest, so the programs running at
+    once share a few heads' K/V in L2 (query-block-major order streamed every head's K/V at
+    once: 435 vs 548 TFLOP/s at d128 S4k in call A); query blocks heaviest first when causal."""
+    n_m = (seqlen_q + 2 * BLOCK_M - 1) // (2 * BLOCK_M)
+    bh = tile // n_m
+    mi = tile - bh * n_m
+    b = bh // hq
+    h = bh - b * hq
+    if CAUSAL:
+        mi = n_m - 1 - mi
+    m0 = mi * (2 * BLOCK_M)
+    return b, h, m0, _kv_blocks(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+
+@gluon.jit
+def _p_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+            kv_empty, n_tiles, hq, batch, seqlen_q, seqlen_k, group,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    it = 0
+    j = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, m0, n_blocks = _p_tile(tile, hq, batch, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                                     CAUSAL)
+        for half in gl.static_range(2):
+            mbarrier.wait(q_empty.index(half), (j & 1) ^ 1)
+            mbarrier.expect(q_bar.index(half), desc_q.block_type.nbytes)
+            _tma_load(desc_q, [b * seqlen_q + m0 + half * BLOCK_M, h * HEAD_DIM],
+                      q_bar.index(half), q_smem.index(half))
+        _kv_loads(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, kv_empty, b * seqlen_k,
+                  (h // group) * HEAD_DIM, it, n_blocks, BLOCK_N, STAGES)
+        it += n_blocks
+        j += 1
+
+
+@gluon.jit
 def _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
                R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
@@ -508,73 +459,23 @@ def _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empt
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         diag = row0 + seqlen_k - seqlen_q
-        if CAUSAL:
-            n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
-            n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
-        else:
-            n_full = n_blocks
-            n_mine = n_blocks
+        n_full, n_mine = _diag_blocks(diag, n_blocks, BLOCK_M, BLOCK_N, CAUSAL)
         mbarrier.wait(q_bar.index(HALF), j & 1)
-        acc, m_i, l_i = _p_blocks(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i,
-                                  l_i, qk_scale, diag, n_full, n_mine, it, t, HALF, BLOCK_M,
-                                  BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
+        acc, m_i, l_i = _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc,
+                                    m_i, l_i, qk_scale, diag, n_full, n_mine, it, t, HALF,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)
         # Q is read by this tile's last QK^T, complete now: the loader may refill it
         mbarrier.arrive(q_empty.index(HALF))
-        for i in range(n_mine, n_blocks):  # wholly above this half's diagonal: release
-            s = (it + i) % STAGES
-            ph = ((it + i) // STAGES) & 1
-            mbarrier.wait(k_ready.index(s), ph)
-            mbarrier.wait(v_ready.index(s), ph)
-            if PINGPONG:
-                mbarrier.wait(turn.index(HALF), (t + i + 1) & 1)
-                mbarrier.arrive(turn.index(1 - HALF))
-            mbarrier.arrive(kv_empty.index(s))
+        _release(k_ready, v_ready, kv_empty, turn, n_mine, n_blocks, it, t + 1, HALF, STAGES,
+                 PINGPONG)
         it += n_blocks
         t += n_blocks + 1
         j += 1
-        # epilogue (overlaps the loader's next tile): l == 0 rows get out 0, lse -inf
+        # epilogue (overlaps the loader's next tile)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc * (1.0 / gl.where(l_o == 0.0, 1.0, l_o))[:, None]
-        rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        offs = (b.to(gl.int64) * stride_ob + h * stride_oh
-                + rows_o.to(gl.int64)[:, None] * stride_om + cols_o[None, :])
-        o16 = out.to(O.dtype.element_ty)
-        gl.store(O + offs, o16, mask=(rows_o < seqlen_q)[:, None])
-        if RESID:
-            gl.store(R + offs, (out - o16.to(gl.float32)).to(O.dtype.element_ty),
-                     mask=(rows_o < seqlen_q)[:, None])
-        rows_l = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        lse = gl.where(l_i == 0.0, float("-inf"),
-                       (m_i + gl.log2(gl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h * stride_lh + rows_l, lse,
-                 mask=rows_l < seqlen_q)
-
-
-@gluon.jit
-def _p_consume0(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
-                R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                RESID: gl.constexpr):
-    _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
-               R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-               0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
-
-
-@gluon.jit
-def _p_consume1(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
-                R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-                stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                RESID: gl.constexpr):
-    _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, O, LSE,
-               R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-               stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-               1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)
+        _fwd_store(O, LSE, R, out, m_i, l_i, b, h, row0, seqlen_q, stride_ob, stride_om,
+                   stride_oh, stride_lb, stride_lh, BLOCK_M, BLOCK_N, HEAD_DIM, RESID)
 
 
 @gluon.jit
@@ -585,34 +486,27 @@ def attn_fwd_persist(desc_q, desc_k, desc_v, O, LSE, R, n_tiles, hq, batch, seql
                      RESID: gl.constexpr, LOAD_REGS: gl.constexpr, MMA_REGS: gl.constexpr):
     """The forward (overlapped, optionally ping-pong) over tiles program_id, +num_programs, ..."""
     q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
-    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(2):
         mbarrier.init(q_bar.index(j), count=1)
         mbarrier.init(q_empty.index(j), count=1)
         mbarrier.init(turn.index(j), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=2)
+    k_smem, v_smem, k_ready, v_ready, kv_empty = _kv_ring(desc_k, desc_v, STAGES, BLOCK_N,
+                                                          HEAD_DIM)
     fence_async_shared()  # the barriers' init, before the TMA unit uses them
     if PINGPONG:
         mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
     gl.warp_specialize([
-        (_p_consume0, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                       O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-                       stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
-        (_p_consume1, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                       O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
-                       stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_p_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                      O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                      stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                      0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
+        (_p_consume, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                      O, LSE, R, n_tiles, hq, batch, seqlen_q, seqlen_k, qk_scale,
+                      stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                      1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, RESID)),
         (_p_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
                    v_ready, kv_empty, n_tiles, hq, batch, seqlen_q, seqlen_k, group,
                    HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
@@ -637,14 +531,8 @@ def _bwd_load(desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, 
     for g in range(group):
         q_col = (hk * group + g) * HEAD_DIM
         for mi in range(n_m):
-            q_row = b * seqlen_q + m_lo + mi * BLOCK_M
-            s = it % STAGES
-            ph = (it // STAGES) & 1
-            mbarrier.wait(q_empty.index(s), ph ^ 1)
-            mbarrier.expect(q_ready.index(s), desc_q.block_type.nbytes)
-            _tma_load(desc_q, [q_row, q_col], q_ready.index(s), q_smem.index(s))
-            mbarrier.expect(do_ready.index(s), desc_do.block_type.nbytes)
-            _tma_load(desc_do, [q_row, q_col], do_ready.index(s), do_smem.index(s))
+            _ring_load(desc_q, desc_do, q_smem, do_smem, q_ready, do_ready, q_empty,
+                       b * seqlen_q + m_lo + mi * BLOCK_M, q_col, it, STAGES)
             it += 1
 
 
@@ -740,32 +628,6 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
 
 
 @gluon.jit
-def _bwd_consume0(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                  SLOPES, stride_sb,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
-    _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                 LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                 qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                 SLOPES, stride_sb, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)
-
-
-@gluon.jit
-def _bwd_consume1(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                  LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                  qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                  SLOPES, stride_sb,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
-    _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                 LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                 qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb, stride_lh,
-                 SLOPES, stride_sb, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)
-
-
-@gluon.jit
 def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen_q, seqlen_k,
                      group, qk_scale, sm_scale, stride_kb, stride_km, stride_kh,
                      stride_lb, stride_lh, SLOPES, stride_sb,
@@ -806,16 +668,16 @@ def attn_bwd_dkdv_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DK, DV, seqlen
     fence_async_shared()  # the barriers' init, before the TMA unit uses them
 
     gl.warp_specialize([
-        (_bwd_consume0, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                         LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                         qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
-                         stride_lh, SLOPES, stride_sb, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
-                         ALIBI)),
-        (_bwd_consume1, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
-                         LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
-                         qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
-                         stride_lh, SLOPES, stride_sb, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
-                         ALIBI)),
+        (_bwd_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                        LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                        qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
+                        stride_lh, SLOPES, stride_sb,
+                        0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)),
+        (_bwd_consume, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_empty,
+                        LSE, DELTA, DK, DV, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
+                        qk_scale, sm_scale, stride_kb, stride_km, stride_kh, stride_lb,
+                        stride_lh, SLOPES, stride_sb,
+                        1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ALIBI)),
         (_bwd_load, (desc_q, desc_do, desc_k, desc_v, k_smem, v_smem, q_smem, do_smem, kv_bar,
                      q_ready, do_ready, q_empty, b, hk, n0, seqlen_q, seqlen_k, m_lo, n_m, group,
                      BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
@@ -834,14 +696,8 @@ def _dq_load(desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q
         mbarrier.expect(q_bar.index(j), 2 * desc_q.block_type.nbytes)
         _tma_load(desc_q, [q_row + j * BLOCK_M, q_col], q_bar.index(j), q_smem.index(j))
         _tma_load(desc_do, [q_row + j * BLOCK_M, q_col], q_bar.index(j), do_smem.index(j))
-    for i in range(n_blocks):
-        s = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(kv_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), desc_k.block_type.nbytes)
-        _tma_load(desc_k, [kv_row + i * BLOCK_N, kv_col], k_ready.index(s), k_smem.index(s))
-        mbarrier.expect(v_ready.index(s), desc_v.block_type.nbytes)
-        _tma_load(desc_v, [kv_row + i * BLOCK_N, kv_col], v_ready.index(s), v_smem.index(s))
+    _kv_loads(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, kv_empty, kv_row, kv_col, 0,
+              n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -876,12 +732,7 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
     else:
         slope2 = 0.0
         rows_f = rows.to(gl.float32)
-    if CAUSAL:
-        n_full = gl.minimum(gl.maximum(diag + 1, 0) // BLOCK_N, n_blocks)
-        n_mine = gl.minimum(gl.maximum(diag + BLOCK_M + BLOCK_N - 1, 0) // BLOCK_N, n_blocks)
-    else:
-        n_full = n_blocks
-        n_mine = n_blocks
+    n_full, n_mine = _diag_blocks(diag, n_blocks, BLOCK_M, BLOCK_N, CAUSAL)
     mbarrier.wait(q_bar.index(HALF), 0)
     # OVERLAP: block i's dQ += dS K stays in flight under block i+1's S and dP (wait_group 2
     # after issuing those retires it; its slot is released then)
@@ -923,43 +774,12 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
     if OVERLAP:
         dq, ds16 = warpgroup_mma_wait(0, deps=(dq, ds16))
         mbarrier.arrive(kv_empty.index((n_mine + STAGES - 1) % STAGES), pred=n_mine > 0)
-    for i in range(n_mine, n_blocks):
-        s = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        mbarrier.wait(v_ready.index(s), ph)
-        mbarrier.arrive(kv_empty.index(s))
+    _release(k_ready, v_ready, kv_empty, kv_empty, n_mine, n_blocks, 0, 0, HALF, STAGES, False)
     rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
     cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
     ptrs = (DQ + b64 * stride_qb + h * stride_qh + rows_o.to(gl.int64)[:, None] * stride_qm
             + cols_o[None, :])
     gl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(rows_o < seqlen_q)[:, None])
-
-
-@gluon.jit
-def _dq_consume0(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
-                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
-                DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)
-
-
-@gluon.jit
-def _dq_consume1(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
-                 DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                 stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
-    _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE, DELTA,
-                DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)
 
 
 @gluon.jit
@@ -980,39 +800,28 @@ def attn_bwd_dq_ws(desc_q, desc_do, desc_k, desc_v, LSE, DELTA, DQ, seqlen_q, se
     if CAUSAL:
         pid = gl.num_programs(0) - 1 - pid
     m0 = pid * (2 * BLOCK_M)
-    if CAUSAL:
-        hi = gl.minimum(seqlen_k, m0 + 2 * BLOCK_M + seqlen_k - seqlen_q)
-        n_blocks = gl.maximum(hi + BLOCK_N - 1, 0) // BLOCK_N
-    else:
-        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    n_blocks = _kv_blocks(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, BLOCK_M, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(desc_do.dtype, [2, BLOCK_M, HEAD_DIM], desc_do.layout)
-    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(2):
         mbarrier.init(q_bar.index(j), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=2)
+    k_smem, v_smem, k_ready, v_ready, kv_empty = _kv_ring(desc_k, desc_v, STAGES, BLOCK_N,
+                                                          HEAD_DIM)
     fence_async_shared()  # the barriers' init, before the TMA unit uses them
     q_row = b * seqlen_q + m0
     kv_row = b * seqlen_k
     q_col = h * HEAD_DIM
     kv_col = (h // group) * HEAD_DIM
     gl.warp_specialize([
-        (_dq_consume0, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
-                        DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
-        (_dq_consume1, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
-                        DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
-                        stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
-                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
+        (_dq_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
+                       DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                       stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                       0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
+        (_dq_consume, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, LSE,
+                       DELTA, DQ, b, h, m0, seqlen_q, seqlen_k, n_blocks, qk_scale, log2_scale,
+                       stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, SLOPES, stride_sb,
+                       1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, OVERLAP, ALIBI)),
         (_dq_load, (desc_q, desc_do, desc_k, desc_v, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, v_ready, kv_empty, q_row, kv_row, q_col, kv_col, n_blocks,
                     BLOCK_M, BLOCK_N, STAGES)),
@@ -1146,52 +955,54 @@ def forward(q, k, v, out, lse, res, seqlen_q: int, seqlen_k: int, causal: bool, 
     )
 
 
-def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
-                 pingpong=None, overlap=None, load_regs=None, mma_regs=None,
-                 dtype: str = "bf16", resid: bool = True, persist=None):
-    """Compile attn_fwd_ws for sm_90a without a GPU (no torch needed); returns the
-    CompiledKernel (asm["ptx"], asm["ttgir"], asm["cubin"], metadata.shared)."""
+def _compile_sm90(kern, consts: dict, d: int, dtype: str, desc_rows: dict):
+    """Compile a Gluon kernel for sm_90a without a GPU (no torch needed): TMA descriptors of
+    desc_rows[name] x d tiles; pointers (UPPER-case: LSE, DELTA, SLOPES float32, the others
+    `dtype`) and strides 16-byte aligned, as a launch sees them; the scales float32; other
+    arguments int32. Returns the CompiledKernel (asm["ptx"], asm["ttgir"], asm["cubin"],
+    metadata.shared)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    c = list(config(d))
-    for i, v in enumerate((bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist)):
-        if v is not None:
-            c[i] = v
-    bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist = c
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
-
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
-
-    kern = attn_fwd_persist if persist else attn_fwd_ws
-    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
-                  PINGPONG=pingpong, RESID=resid, OVERLAP=overlap, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
-    if persist:
-        consts.pop("OVERLAP")
     sig, attrs = {}, {}
     for i, name in enumerate(kern.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name == "desc_q":
-            sig[name] = desc(bm)
-        elif name in ("desc_k", "desc_v"):
-            sig[name] = desc(bn)
-        elif name in ("O", "R"):
-            sig[name] = f"*{dtype}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "LSE":
-            sig[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
+        elif name in desc_rows:
+            layout = gl.NVMMASharedLayout.get_default_for([desc_rows[name], d], gdt)
+            sig[name] = f"tensordesc<{dtype}[{desc_rows[name]}, {d}],{layout!r}>"
+        elif name in ("qk_scale", "sm_scale", "log2_scale"):
             sig[name] = "fp32"
+        elif name.isupper():
+            sig[name] = "*fp32" if name in ("LSE", "DELTA", "SLOPES") else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(kern, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _override(defaults, *values):
+    """The config tuple `defaults` with each value that is not None in its place."""
+    return [d if v is None else v for d, v in zip(defaults, values)]
+
+
+def compile_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
+                 pingpong=None, overlap=None, load_regs=None, mma_regs=None,
+                 dtype: str = "bf16", resid: bool = True, persist=None):
+    """Compile the forward (attn_fwd_ws, or attn_fwd_persist when persist) for sm_90a without
+    a GPU, at config(d) but for the arguments given (`_compile_sm90`)."""
+    bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist = _override(
+        config(d), bm, bn, stages, pingpong, overlap, load_regs, mma_regs, persist)
+    consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
+                  PINGPONG=pingpong, RESID=resid, LOAD_REGS=load_regs, MMA_REGS=mma_regs)
+    if not persist:
+        consts["OVERLAP"] = overlap
+    return _compile_sm90(attn_fwd_persist if persist else attn_fwd_ws, consts, d, dtype,
+                         dict(desc_q=bm, desc_k=bn, desc_v=bn))
 
 
 BWD_CONFIGS = {64: (64, 64, 2, 24, 240), 128: (64, 64, 2, 24, 240)}
@@ -1242,44 +1053,12 @@ def backward_dkdv(q, k, v, do, lse, delta, dk, dv, seqlen_q: int, seqlen_k: int,
 def compile_bwd_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages=None,
                      load_regs=None, mma_regs=None, dtype: str = "bf16", alibi: bool = False):
     """Compile attn_bwd_dkdv_ws for sm_90a without a GPU (as `compile_sm90`)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    c = list(bwd_config(d))
-    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs)):
-        if v is not None:
-            c[i] = v
-    bm, bn, stages, load_regs, mma_regs = c
-    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
-
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
-
+    bm, bn, stages, load_regs, mma_regs = _override(bwd_config(d), bm, bn, stages, load_regs,
+                                                    mma_regs)
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
                   LOAD_REGS=load_regs, MMA_REGS=mma_regs, ALIBI=alibi)
-    sig, attrs = {}, {}
-    for i, name in enumerate(attn_bwd_dkdv_ws.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("desc_q", "desc_do"):
-            sig[name] = desc(bm)
-        elif name in ("desc_k", "desc_v"):
-            sig[name] = desc(bn)
-        elif name in ("DK", "DV"):
-            sig[name] = f"*{dtype}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("LSE", "DELTA", "SLOPES"):
-            sig[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(attn_bwd_dkdv_ws, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return _compile_sm90(attn_bwd_dkdv_ws, consts, d, dtype,
+                         dict(desc_q=bm, desc_do=bm, desc_k=bn, desc_v=bn))
 
 
 DQ_CONFIGS = {64: (64, 64, 3, 24, 240, False), 128: (64, 64, 2, 24, 240, False)}
@@ -1333,41 +1112,9 @@ def compile_dq_sm90(d: int = 128, causal: bool = False, bm=None, bn=None, stages
                     load_regs=None, mma_regs=None, overlap=None, dtype: str = "bf16",
                     alibi: bool = False):
     """Compile attn_bwd_dq_ws for sm_90a without a GPU (as `compile_sm90`)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    c = list(dq_config(d))
-    for i, v in enumerate((bm, bn, stages, load_regs, mma_regs, overlap)):
-        if v is not None:
-            c[i] = v
-    bm, bn, stages, load_regs, mma_regs, overlap = c
-    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
-
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-        return f"tensordesc<{dtype}[{rows}, {d}],{layout!r}>"
-
+    bm, bn, stages, load_regs, mma_regs, overlap = _override(
+        dq_config(d), bm, bn, stages, load_regs, mma_regs, overlap)
     consts = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=causal,
                   LOAD_REGS=load_regs, MMA_REGS=mma_regs, OVERLAP=overlap, ALIBI=alibi)
-    sig, attrs = {}, {}
-    for i, name in enumerate(attn_bwd_dq_ws.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("desc_q", "desc_do"):
-            sig[name] = desc(bm)
-        elif name in ("desc_k", "desc_v"):
-            sig[name] = desc(bn)
-        elif name == "DQ":
-            sig[name] = f"*{dtype}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("LSE", "DELTA", "SLOPES"):
-            sig[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "log2_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(attn_bwd_dq_ws, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return _compile_sm90(attn_bwd_dq_ws, consts, d, dtype,
+                         dict(desc_q=bm, desc_do=bm, desc_k=bn, desc_v=bn))
