@@ -71,6 +71,12 @@ VARIANTS = {
                 "_plain": "1"},
     "fdq_default": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1", "_plain": "1"},
     "fdq_alibi": {"FLASHMUX_TRITON_BS_FUSED_DQ": "1"},
+    # session 11: the dK/dV and dQ programs in one launch (flex's layout; sm_90 compiles:
+    # 64,128,128,64,8,3 24 B stack 162 KiB; 64,64,64,64,4,2 40 B 97 KiB 2/SM)
+    "joint8": {"FLASHMUX_TRITON_BS_JOINT": "1", "_plain": "1"},
+    "joint4": {"FLASHMUX_TRITON_BS_JOINT": "1", "FLASHMUX_TRITON_BS_JOINT_CFG": "64,64,64,64,4,2",
+               "_plain": "1"},
+    "joint_alibi": {"FLASHMUX_TRITON_BS_JOINT": "1"},
 }
 
 

@@ -538,8 +538,9 @@ def _bs_dkdv_list(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
-def bs_bwd_dkdv(
+@triton.jit
+def _bs_dkdv_prog(
+    pid_n, hk, b,
     Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, PTID, DESC_Q,
     DESC_DO,
     stride_qb, stride_qs, stride_qh,
@@ -561,14 +562,8 @@ def bs_bwd_dkdv(
     DQA=0, stride_dqab=0, stride_dqas=0, stride_dqah=0, DESC_DQA=0,
     FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
-    """One program per (key block, KV head, batch): for each query head of the GQA group, the
-    query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
-    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists).
-    FUSED_DQ: dQ too, added into the float32 DQA (q's layout) by atomics (DQ_TMA: one bulk
-    tensor reduction per in-bounds tile through DESC_DQA, a (B*Sq, Hq*D) view): no dQ kernel."""
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    """The body of `bs_bwd_dkdv` for key block pid_n of KV head hk, batch b (also one program
+    kind of `bs_bwd_joint`)."""
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -631,6 +626,46 @@ def bs_bwd_dkdv(
     )
 
 
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def bs_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, PTID, DESC_Q,
+    DESC_DO,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    mask_b, mask_h, mask_heads, n_qb, n_kb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
+    DQA=0, stride_dqab=0, stride_dqas=0, stride_dqah=0, DESC_DQA=0,
+    FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
+):
+    """One program per (key block, KV head, batch): for each query head of the GQA group, the
+    query blocks of the transposed lists (full, then partial); dK/dV summed without atomics.
+    PRE: each head's column lists preloaded (`_bs_pre` over the transposed lists).
+    FUSED_DQ: dQ too, added into the float32 DQA (q's layout) by atomics (DQ_TMA: one bulk
+    tensor reduction per in-bounds tile through DESC_DQA, a (B*Sq, Hq*D) view): no dQ kernel."""
+    _bs_dkdv_prog(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, DO, LSE, DELTA,
+        DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS, PTID, DESC_Q, DESC_DO, stride_qb,
+        stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb,
+        stride_dvs, stride_dvh, stride_lb, stride_lh, stride_sb, seqlen_q, seqlen_k,
+        window_left, window_right, scale_a, scale_b, sm_scale, p_drop, drop_scale, seed,
+        n_heads, mask_b, mask_h, mask_heads, n_qb, n_kb, GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+        BLOCK_N, BLOCK_D, BLOCK_DV, MBS, CHECK_FULL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT,
+        IEEE, ALIBI, TMA, MERGED, PRE, DQA, stride_dqab, stride_dqas, stride_dqah, DESC_DQA,
+        FUSED_DQ, DQ_TMA)
+
+
 @triton.jit
 def _bs_dq_tile(
     dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, BITS, tid, r_loc, c_loc0,
@@ -676,8 +711,9 @@ def _bs_dq_tile(
                    drop_scale, seed, bh, SOFTCAP, DROPOUT, IEEE)
 
 
-@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
-def bs_bwd_dq(
+@triton.jit
+def _bs_dq_prog(
+    pid_m, h, b,
     Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID, DESC_K, DESC_V,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -697,15 +733,10 @@ def bs_bwd_dq(
     O=0, R=0, DLSE=0, stride_ob=0, stride_os=0, stride_oh=0, FUSE_DELTA: tl.constexpr = False,
     HAS_DLSE: tl.constexpr = False, HAS_RESID: tl.constexpr = False,
 ):
-    """One program per (query block, query head, batch), over the forward's lists (PRE: as
-    the forward's). FUSE_DELTA: the program computes its rows' delta = rowsum(dO * O) (- dlse;
-    O + R with the forward's residual) itself, as `attn_bwd_preprocess` would, and stores it
-    for the dK/dV kernel, which then runs after this one (no preprocess launch, dO read once)."""
-    # the last query blocks first: under causal-like masks (causal, prefix-LM, documents) they
-    # list the most tiles, so the grid's tail is made of short programs
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    """The body of `bs_bwd_dq` for query block pid_m of query head h, batch b (also one program
+    kind of `bs_bwd_joint`). The kernel walks the last query blocks first: under causal-like
+    masks (causal, prefix-LM, documents) they list the most tiles, so the grid's tail is made
+    of short programs."""
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -766,6 +797,104 @@ def bs_bwd_dq(
         _cast(dq, DQ.dtype.element_ty),
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def bs_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID, DESC_K, DESC_V,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    mask_b, mask_h, mask_heads, n_qb, n_kb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    TMA: tl.constexpr = False, MERGED: tl.constexpr = False, PRE: tl.constexpr = False,
+    O=0, R=0, DLSE=0, stride_ob=0, stride_os=0, stride_oh=0, FUSE_DELTA: tl.constexpr = False,
+    HAS_DLSE: tl.constexpr = False, HAS_RESID: tl.constexpr = False,
+):
+    """One program per (query block, query head, batch), over the forward's lists (PRE: as
+    the forward's). FUSE_DELTA: the program computes its rows' delta = rowsum(dO * O) (- dlse;
+    O + R with the forward's residual) itself, as `attn_bwd_preprocess` would, and stores it
+    for the dK/dV kernel, which then runs after this one (no preprocess launch, dO read once)."""
+    _bs_dq_prog(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        Q, K, V, DO, LSE, DELTA, DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID, DESC_K,
+        DESC_V, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb,
+        stride_vs, stride_vh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs,
+        stride_dqh, stride_lb, stride_lh, stride_sb, seqlen_q, seqlen_k, window_left,
+        window_right, scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, mask_b,
+        mask_h, mask_heads, n_qb, n_kb, GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
+        BLOCK_DV, MBS, CHECK_FULL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, TMA,
+        MERGED, PRE, O, R, DLSE, stride_ob, stride_os, stride_oh, FUSE_DELTA, HAS_DLSE,
+        HAS_RESID)
+
+
+@triton.jit(do_not_specialize=["seed", "window_left", "window_right", "seqlen_q", "seqlen_k"])
+def bs_bwd_joint(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SLOPES, QNF, QFI, QNP, QPI, KNF, KFI, KNP, KPI, TILE,
+    BITS, PTID_Q, PTID_K, DESC_Q, DESC_DO, DESC_K, DESC_V,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right,
+    scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads,
+    mask_b, mask_h, mask_heads, n_qb, n_kb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MBS: tl.constexpr, CHECK_FULL: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, ALIBI: tl.constexpr,
+    TMA: tl.constexpr = False, PRE_Q: tl.constexpr = False, PRE_K: tl.constexpr = False,
+):
+    """The dK/dV and the dQ programs in ONE launch (FlexAttention's backward layout): per (KV
+    head, batch), program ids below the key-block count run `_bs_dkdv_prog` (BLOCK_M1 query rows
+    x BLOCK_N1 keys), the rest `_bs_dq_prog` for each query head of the GQA group (BLOCK_M2 x
+    BLOCK_N2, last query block first). The two kinds of one (batch, head) run at the same time,
+    so each one's K/V (Q/dO) reads find the other's in L2, and one kind's waits overlap the
+    other's work; no second launch. DESC_Q/DESC_DO have BLOCK_M1-row blocks, DESC_K/DESC_V
+    BLOCK_N2-row blocks; PTID_Q/PTID_K the per-slot tile ids of the preloaded walks."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    n_kprog = tl.cdiv(seqlen_k, BLOCK_N1)
+    if pid < n_kprog:
+        _bs_dkdv_prog(
+            pid, hk, b, Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, KNF, KFI, KNP, KPI, TILE, BITS,
+            PTID_K, DESC_Q, DESC_DO, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+            stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+            stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_lb,
+            stride_lh, stride_sb, seqlen_q, seqlen_k, window_left, window_right, scale_a,
+            scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, mask_b, mask_h, mask_heads,
+            n_qb, n_kb, GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV, MBS,
+            CHECK_FULL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, TMA, False, PRE_K,
+        )
+    else:
+        n_qprog = tl.cdiv(seqlen_q, BLOCK_M2)
+        j = pid - n_kprog
+        _bs_dq_prog(
+            n_qprog - 1 - j % n_qprog, hk * GROUP + j // n_qprog, b, Q, K, V, DO, LSE, DELTA,
+            DQ, SLOPES, QNF, QFI, QNP, QPI, TILE, BITS, PTID_Q, DESC_K, DESC_V, stride_qb,
+            stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+            stride_vh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+            stride_lb, stride_lh, stride_sb, seqlen_q, seqlen_k, window_left, window_right,
+            scale_a, scale_b, sm_scale, p_drop, drop_scale, seed, n_heads, mask_b, mask_h,
+            mask_heads, n_qb, n_kb, GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M2, BLOCK_N2, BLOCK_D,
+            BLOCK_DV, MBS, CHECK_FULL, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, ALIBI, TMA,
+            False, PRE_Q,
+        )
 
 
 def cdiv(a: int, b: int) -> int:

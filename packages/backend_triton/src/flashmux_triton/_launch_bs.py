@@ -286,6 +286,17 @@ def _fused_dq(params) -> bool:
             and not params.deterministic)
 
 
+def _joint_cfg():
+    """FLASHMUX_TRITON_BS_JOINT=1: the dK/dV and dQ programs in one launch (`bs_bwd_joint`,
+    FlexAttention's backward layout), tiles "m1,n1,m2,n2,warps,stages" from
+    FLASHMUX_TRITON_BS_JOINT_CFG (default 64,128,128,64,8,3: flex's sm90 d128 backward config,
+    and our dK/dV/dQ tiles before session 10); None when off. Opt-in until the H200 measures it."""
+    if os.environ.get("FLASHMUX_TRITON_BS_JOINT", "0") != "1":
+        return None
+    env = os.environ.get("FLASHMUX_TRITON_BS_JOINT_CFG", "64,128,128,64,8,3")
+    return tuple(int(x) for x in env.split(","))
+
+
 def _ws(pb):
     """FLASHMUX_TRITON_BS_WS=1: the forward's walks warp-specialized (Triton's automatic
     producer/consumer split, as the dense forward's interior loop at head_dim 128 on the H200);
@@ -337,6 +348,7 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     plain = alibi_slopes is None and not (pb.softcap or pb.dropout or _check_full(pb, mbs))
     pre_kv = _pre("dkdv", pb, plain) and not _merged()
     fdq = _fused_dq(params) and not fuse
+    joint = None if (fdq or fuse) else _joint_cfg()
     dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fdq else None
 
     def fdq_args(bm_, tma):
@@ -383,6 +395,29 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
 
     tq = _tma_q(pb, q, do)
     tma = _tma(pb, k, v)
+    if joint is not None:  # one launch: dK/dV programs, then each head's dQ programs
+        m1, n1, m2, n2, warps, stages = tuple(min(x, mbs) for x in joint[:4]) + tuple(joint[4:])
+
+        def run_joint(t):
+            tk, tqd = (None, None) if t is None else t
+            n_kprog, n_qprog = triton.cdiv(pb.seqlen_k, n1), triton.cdiv(pb.seqlen_q, m2)
+            KB.bs_bwd_joint[(n_kprog + pb.group * n_qprog, pb.hkv, pb.batch)](
+                q, k, v, do, lse, delta, dq, dk, dv, slopes,
+                a["qnf"], a["qfi"], a["qnp"], a["qpi"], a["knf"], a["kfi"], a["knp"], a["kpi"],
+                a["tile"], a["bits"], _ptid(a) if pre_dq else a["qpi"],
+                _ptid_kv(a) if pre_kv else a["kpi"], *_descs(tqd, q, do, m1),
+                *_descs(tk, k, v, n2),
+                *pb.strides(q, False), *pb.strides(k, False), *pb.strides(v, False),
+                *pb.strides(do, False), *pb.strides(dq, False), *pb.strides(dk, False),
+                *pb.strides(dv, False), lse.stride(0), lse.stride(1), stride_sb, *common,
+                BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, **flags,
+                TMA=t is not None, PRE_Q=pre_dq, PRE_K=pre_kv,
+                num_warps=warps, num_stages=stages,
+            )
+
+        both = None if (tma is None or tq is None) else (tma, tq)
+        _with_tma(pb, both, run_joint)
+        return dq, dk, dv
     if fuse:  # dQ first: it writes the delta the dK/dV kernel reads
         _with_tma(pb, tma, lambda t: _launch(pb, "bwd_dq", mbs, lambda c, m, n: run_dq(c, m, n, t)))
     _with_tma(pb, tq, lambda t: _launch(pb, "bwd_dkdv", mbs, lambda c, m, n: run_dkdv(c, m, n, t),
