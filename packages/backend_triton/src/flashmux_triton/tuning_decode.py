@@ -13,7 +13,7 @@ waves=2,fused_merge=1,occupancy=0"` overrides the table (any subset of the field
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 MAX_BLOCK_M = 128  # packed query rows (heads of one KV head x Sq rows) per program
 MAX_SPLITS = 128
@@ -65,29 +65,12 @@ class DecodeConfig:
     pdl_early: int = 0
 
     def label(self) -> str:
-        extra = ""
-        if self.off32:
-            extra += f",off32={self.off32}"
-        if not self.page_prefetch:
-            extra += f",page_prefetch={self.page_prefetch}"
-        if self.l2_prefetch:
-            extra += f",l2_prefetch={self.l2_prefetch}"
-        if self.page_dual:
-            extra += f",page_dual={self.page_dual}"
-        if self.page_select:
-            extra += f",page_select={self.page_select}"
-        if self.pdl:
-            extra += f",pdl={self.pdl}"
-        if self.balanced:
-            extra += f",balanced={self.balanced}"
-        if self.tma:
-            extra += f",tma={self.tma}"
-        if self.merge_trigger:
-            extra += f",merge_trigger={self.merge_trigger}"
-        if self.merge_warps != 4:
-            extra += f",merge_warps={self.merge_warps}"
-        if self.pdl_early:
-            extra += f",pdl_early={self.pdl_early}"
+        """block_n .. occupancy always (min_blocks_per_split never), then each later variant
+        field (off32 onwards, in declaration order) where it differs from its default."""
+        names = [f.name for f in fields(self)]
+        extra = "".join(f",{f.name}={getattr(self, f.name)}"
+                        for f in fields(self)[names.index("off32"):]
+                        if getattr(self, f.name) != f.default)
         return (f"block_n={self.block_n},num_warps={self.num_warps},"
                 f"num_stages={self.num_stages},waves={self.waves:g},"
                 f"fused_merge={self.fused_merge},occupancy={self.occupancy}{extra}")
