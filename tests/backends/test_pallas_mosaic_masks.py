@@ -197,7 +197,8 @@ def test_lowers_to_mosaic_gpu_for_cuda(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
                     reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
-@pytest.mark.parametrize("name", ["doc", "ragged_causal_alibi_gqa", "per_head_alibi_bh"])
+@pytest.mark.parametrize("name", ["doc", "ragged_causal_alibi_gqa", "per_head_alibi_bh",
+                                  "dense_alibi_causal", "dense_alibi"])
 def test_interpreted_kernel_matches_reference(name):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -210,11 +211,14 @@ def test_interpreted_kernel_matches_reference(name):
                                     lambda b, h, q, kv: (kv % 7 != 0) & (q > 20)),
         "per_head_alibi_bh": (2, 256, 256, 2, 2, 2, False, (2, 2),
                               lambda b, h, q, kv: (kv <= q + 64 * h) | (kv < 8)),
+        "dense_alibi_causal": (1, 200, 300, 2, 1, None, True, (2,), None),
+        "dense_alibi": (1, 200, 256, 2, 2, None, False, (1, 2), None),  # the all-full walk
     }[name]
     rng = np.random.default_rng(7)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
                for s in ((b, sq, hq, 64), (b, sk, hkv, 64), (b, sk, hkv, 64)))
-    bm = flashmux.create_block_mask(fn, b, heads, sq, sk, block_size=128, like=q)
+    bm = None if fn is None else flashmux.create_block_mask(fn, b, heads, sq, sk, block_size=128,
+                                                            like=q)
     sl = None if alibi is None else rng.uniform(0.02, 0.5, alibi).astype(np.float32)
     out, lse = mm.forward(q, k, v, _params(causal), block_mask=bm, alibi_slopes=sl,
                           interpret=InterpretGPUParams())

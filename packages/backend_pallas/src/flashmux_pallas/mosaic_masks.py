@@ -53,6 +53,8 @@ class MaskPlan:
     seqlen_k: int
     stages: int = 2
     pingpong: bool = True
+    dense: bool = False  # an all-full walk (dense ALiBi): key block i is step i, no list read
+    reverse: bool = True  # query blocks launched last-first (the heavy rows of causal-like masks)
 
 
 def reasons(q, k, v, params, block_size: int) -> list[str]:
@@ -215,6 +217,8 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         tile = lax.axis_index("tiles")
+        if pl_.reverse:
+            tile = (Sqp // BLOCK - 1) - tile
         wg = lax.axis_index("wg")
         mb = b if mask_b else 0
         mh = h if mask_h else 0
@@ -248,6 +252,8 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
             def step(i, carry, partial):
                 acc, m, l_ = carry
                 slot = lax.rem(i, jnp.int32(stages))
+                if causal or alibi:  # the key block, loaded before the wait hides its latency
+                    kb = i if pl_.dense else walk_ref[mb, mh, tile, i]
                 plgpu.barrier_wait(k_full.at[slot])
 
                 if interpret is None:
@@ -267,8 +273,6 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
                 # waiter: the interpreter checks it, and no arrival is left pending at exit)
                 refill = i + stages < n_all
                 pl.when(refill)(lambda: plgpu.barrier_arrive(k_free.at[slot]))
-                if causal or alibi:
-                    kb = walk_ref[mb, mh, tile, i]
                 if alibi:  # -slope |i + off - j| in log2 units
                     d = rc + (row0 + off - kb * bkv).astype(jnp.float32)
                     t2 = s * c2 - slope2 * jnp.abs(d)
@@ -339,7 +343,7 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
             hk = lax.div(h, jnp.int32(G))
 
             def load(i, slot, refill):
-                kb = walk_ref[mb, mh, tile, i]
+                kb = i if pl_.dense else walk_ref[mb, mh, tile, i]
                 if refill:
                     plgpu.barrier_wait(k_free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[b, kb, pl.ds(0, bkv), hk], k_smem.at[slot],
@@ -421,6 +425,8 @@ def forward(q, k, v, params, *, block_mask=None, alibi_slopes=None, residual=Fal
         walk, cnt, ptid, bits = walk_operands(block_mask, Sq, Sk, causal)
     else:  # dense (ALiBi): every tile full, causal and the ragged ends derived as for a mask
         walk, cnt, ptid, bits = walk_operands(dense_mask(Sq, Sk), Sq, Sk, causal, from_kind=True)
+        # no tile dropped or reordered (no causal, Sk a block multiple): step i is key block i
+        plan_kw.setdefault("dense", not causal and Sk % BLOCK == 0)
     slopes = None
     if alibi_slopes is not None:
         slopes = jnp.asarray(alibi_slopes, jnp.float32)
