@@ -148,6 +148,34 @@ def _slope2(SLOPES, b, stride_sb, h, ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _alibi_part(part: tl.constexpr, lo, mid0, mid1, hi, m0, diag_off, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """`_part` with the interior [mid0, mid1) in three (ALiBi's split walk): 1 the key blocks
+    left of the diagonal of every row m0.. (their last key <= m0 + off), 2 the blocks between,
+    3 the blocks right of it (first key >= m0 + BLOCK_M - 1 + off); 0 and 4 the boundaries."""
+    a = (tl.maximum(m0 + diag_off + 1, 0) // BLOCK_N) * BLOCK_N
+    a = tl.minimum(tl.maximum(a, mid0), mid1)
+    c = ((tl.maximum(m0 + BLOCK_M - 1 + diag_off, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    c = tl.minimum(tl.maximum(c, a), mid1)
+    if part == 0:
+        start = lo
+        end = mid0
+    elif part == 1:
+        start = mid0
+        end = a
+    elif part == 2:
+        start = a
+        end = c
+    elif part == 3:
+        start = c
+        end = mid1
+    else:
+        start = mid1
+        end = hi
+    return start, end
+
+
+@triton.jit
 def _part(part: tl.constexpr, lo, mid0, mid1, hi):
     """Block range `part` of a band split by `_band`: 0 and 2 the boundary blocks (masked),
     1 the mask-free interior."""
@@ -270,19 +298,27 @@ def _scores(a, b, scale_a, scale_b, slope2, r, c, diag_off, SOFTCAP: tl.constexp
 
 @triton.jit
 def _softmax_pv(acc, l_i, m_i, s, mult, v, r, c, p_drop, seed, bh, FOLD: tl.constexpr,
-                SAFE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+                SAFE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, rt=0.0,
+                RT: tl.constexpr = False):
     """One online-softmax step of the forward over a key tile of (masked) scores s: returns
     (acc, l_i, m_i) with P V added. SAFE: rows whose keys are all masked so far (max -inf)
-    subtract 0 instead of -inf."""
+    subtract 0 instead of -inf. RT: a per-row term rt (final log2 units) belongs to every score
+    of the row (ALiBi's split walk): it enters the row max and the exponent's subtrahend, a
+    vector op per tile instead of an add per score."""
     if FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
+        m_t = tl.max(s, 1) * mult
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_t = tl.max(s, 1)
+    if RT:
+        m_t = m_t + rt
+    m_new = tl.maximum(m_i, m_t)
     if SAFE:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
     alpha = tl.exp2(m_i - m_use)
+    if RT:
+        m_use = m_use - rt
     if FOLD:
         p = tl.exp2(s * mult - m_use[:, None])
     else:
@@ -415,10 +451,29 @@ def _fwd_inner(
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     TMA: tl.constexpr, slope2=0.0, ALIBI: tl.constexpr = False, WS: tl.constexpr = False,
+    SIDE: tl.constexpr = 0,
 ):
     # WS: Triton's automatic warp specialization of the loop (producer warps for the loads,
     # consumer warps for the dots and softmax; Hopper/Blackwell), opt-in, interior blocks only
+    # SIDE (ALiBi, unmasked blocks wholly on one side of the diagonal): 1 every key j <= i + off
+    # (left), 2 every key j >= i + off (right). The bias -slope |i + off - j| then splits into a
+    # key term, slope * (j - c0) (left) or -slope * (j - c0) (right), the same for every tile
+    # (one add per score), and a row term per tile (-slope * (i + off - c0) or
+    # -slope * (c0 - i - off)) that goes into the softmax's row max: one op per score instead of
+    # `_alibi_rc`'s two (subtract, FMA with |.|)
     offs_nf = offs_n.to(tl.float32)  # ALiBi's key offsets, converted once (_alibi_rc)
+    ALI_SIDE: tl.constexpr = ALIBI and SIDE != 0
+    cterm = offs_nf
+    if ALI_SIDE:
+        if FOLD:  # scores stay unscaled until the exponent: the key term over the multiplier
+            if SOFTCAP:
+                cterm = offs_nf * (slope2 / scale_b)
+            else:
+                cterm = offs_nf * (slope2 / scale_a)
+        else:
+            cterm = offs_nf * slope2
+        if SIDE == 2:
+            cterm = -cterm
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS and not MASKED):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -435,14 +490,22 @@ def _fwd_inner(
                        BLOCK_D != HEAD_DIM)
             v = _load(v_ptrs, cols[:, None] < seqlen_k, offs_dv[None, :] < HEAD_DIM_V, MASKED,
                       BLOCK_DV != HEAD_DIM_V)
-        s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP, ALIBI, FOLD,
-                             IEEE)
+        s, mult, _ = _scores(q, kt, scale_a, scale_b, slope2, ar, ac, aoff, SOFTCAP,
+                             ALIBI and not ALI_SIDE, FOLD, IEEE)
+        rt = 0.0
+        if ALI_SIDE:
+            s = s + cterm[None, :]
+            dist = (offs_m + (diag_off - start_n)).to(tl.float32)  # i + off - c0, per row
+            if SIDE == 1:
+                rt = -slope2 * dist
+            else:
+                rt = slope2 * dist
         if MASKED:
             ok = _band_ok(cols[None, :] < seqlen_k, offs_m[:, None], cols[None, :], diag_off,
                           window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, mult, v, offs_m[:, None], cols[None, :],
-                                    p_drop, seed, bh, FOLD, MASKED, DROPOUT, IEEE)
+                                    p_drop, seed, bh, FOLD, MASKED, DROPOUT, IEEE, rt, ALI_SIDE)
     return acc, l_i, m_i
 
 
@@ -461,7 +524,7 @@ def attn_fwd(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
     TMA: tl.constexpr, RESID: tl.constexpr, ALIBI: tl.constexpr = False, WS: tl.constexpr = False,
-    LPT: tl.constexpr = False,
+    LPT: tl.constexpr = False, ALIBI_SPLIT: tl.constexpr = False,
 ):
     pid_m, h, b = _pids(LPT, True)
     q_start, seqlen_q = _seq(CU_Q, b, seqlen_q, VARLEN)
@@ -499,15 +562,29 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for part in tl.static_range(3):  # boundary blocks (masked), the interior, boundary blocks
-        start, end = _part(part, lo, mid0, mid1, hi)
-        acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
-            DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
-            start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b, p_drop,
-            seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, part != 1, HAS_LEFT,
-            HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI, WS,
-        )
+    if ALIBI and ALIBI_SPLIT:
+        # ALiBi's split walk: the boundaries (0, 4) and the interior as the blocks left of the
+        # diagonal (1), those that meet it (2), those right of it (3)
+        for part in tl.static_range(5):
+            start, end = _alibi_part(part, lo, mid0, mid1, hi, m0, diag_off, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
+                start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+                p_drop, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                (part == 0) or (part == 4), HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD,
+                TMA, slope2, ALIBI, WS, (part == 1) * 1 + (part == 3) * 2,
+            )
+    else:
+        for part in tl.static_range(3):  # boundary blocks (masked), the interior, boundary
+            start, end = _part(part, lo, mid0, mid1, hi)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                DESC_K, DESC_V, k_row0, k_col, v_col, offs_m, offs_n, offs_d, offs_dv,
+                start, end, seqlen_k, diag_off, window_left, window_right, scale_a, scale_b,
+                p_drop, seed, bh, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, part != 1,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, IEEE, FOLD, TMA, slope2, ALIBI, WS,
+            )
 
     _fwd_store(acc, l_i, m_i, O, R, LSE, b64, h, q_start, offs_m, offs_dv, seqlen_q, stride_ob,
                stride_os, stride_oh, stride_lb, stride_lh, drop_scale, HEAD_DIM_V, DROPOUT, RESID)

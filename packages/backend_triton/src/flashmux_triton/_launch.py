@@ -199,6 +199,14 @@ def _alibi_ws() -> bool:
             or os.environ.get("FLASHMUX_TRITON_WS") == "1")
 
 
+def _alibi_split() -> bool:
+    """FLASHMUX_TRITON_ALIBI_SPLIT=1: the ALiBi forward walks the key blocks left of the
+    diagonal, those that meet it and those right of it as separate loops (`_kernels._alibi_part`),
+    so that off the diagonal the bias costs one add per score instead of two ops. Opt-in until
+    the H200 measures it."""
+    return os.environ.get("FLASHMUX_TRITON_ALIBI_SPLIT", "0") == "1"
+
+
 def _alibi_fwd_cfg():
     """FLASHMUX_TRITON_ALIBI_FWD="block_m,block_n,warps,stages": the dense forward's tiles for
     ALiBi calls only (GPU sweeps of the ALiBi bar; unset: the class's tiles, as plain calls)."""
@@ -462,6 +470,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
     ws = ws_wanted(pb) and (alibi_slopes is None or _alibi_ws())
     lpt = dict(LPT=True) if lpt_wanted(pb) else {}
     acfg = _alibi_fwd_cfg() if alibi_slopes is not None else None
+    split = dict(ALIBI_SPLIT=True) if alibi_slopes is not None and _alibi_split() else {}
 
     def launch_fwd(go):  # the class's tiles (with the launcher's fallbacks), or ALiBi's own
         return go(acfg) if acfg is not None else _launch(pb, "fwd", go)
@@ -481,7 +490,7 @@ def forward(q, k, v, cu_q, cu_k, params, residual=False, alibi_slopes=None, bloc
             pb.scale_a, pb.scale_b, pb.p_drop, pb.drop_scale, pb.seed, pb.hq, slopes, stride_sb,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **pb.flags(), FOLD=pb.fold,
             TMA=tma is not None, RESID=res is not None, ALIBI=alibi_slopes is not None,
-            WS=ws, **lpt,
+            WS=ws, **lpt, **split,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
