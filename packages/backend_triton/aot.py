@@ -199,7 +199,7 @@ def resources(k) -> dict:
 
 # ---------------------------------------------------------------- decode
 def compile_decode(arch=90, dtype="bf16", d=128, paged=False, page_block=False, split=True,
-                   block_m=16, cfg=None, new=False):
+                   block_m=16, cfg=None, new=False, tma=False):
     D, T = kernels("_decode"), kernels("tuning_decode")
     cfg = cfg or T.config_for(d, d, {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype), 0)
     fam = FAMILIES["decode"]
@@ -210,12 +210,16 @@ def compile_decode(arch=90, dtype="bf16", d=128, paged=False, page_block=False, 
                   PREFETCH=bool(cfg.page_prefetch), L2PF=0 if paged else cfg.l2_prefetch,
                   LINE=64 if dtype != "fp32" else 32, DUAL=bool(cfg.page_dual),
                   SEL=bool(cfg.page_select), PDL=bool(cfg.pdl),
-                  BAL=bool(cfg.balanced) and not new)
+                  BAL=bool(cfg.balanced) and not new, TMA=tma)
     warps = cfg.num_warps if block_m <= 64 else max(cfg.num_warps, 8)
     k = compile_kernel(D.decode_fwd, fam, consts, arch, warps, cfg.num_stages,
                        {"launch_pdl": True} if cfg.pdl else None, dtype=dtype,
-                       pointers={"O": "fp32"} if split else None)
-    return resources(k)
+                       pointers={"O": "fp32"} if split else None,
+                       descs={n: f"tensordesc<{dtype}[{cfg.block_n}, {d}]>"
+                              for n in ("DESC_K", "DESC_V")} if tma else None)
+    r = resources(k)
+    r["sass"], r["sass_hash"] = sass(k)
+    return r
 
 
 def cmd_decode(args) -> int:
@@ -227,6 +231,7 @@ def cmd_decode(args) -> int:
     variants = [
         dict(), dict(split=False), dict(paged=True), dict(paged=True, page_block=True),
         dict(block_m=128), dict(dtype="fp32", d=128), dict(new=True), dict(paged=True, new=True),
+        dict(tma=True),
     ]
     if args.only:
         variants = []
@@ -246,8 +251,9 @@ def cmd_decode(args) -> int:
             r = compile_decode(args.arch, **v)
             label = ", ".join(f"{k}={c.label() if k == 'cfg' else c}" for k, c in v.items())
             regs = (f", {r['regs']} registers, stack {r['stack']} B" if r["regs"] >= 0 else "")
+            code = f", SASS {r['sass']} ({r['sass_hash']})" if r["sass"] >= 0 else ""
             print(f"{label or 'default'}: shared {r['smem'] / 1024:.0f} KiB, async copies "
-                  f"{r['async_copies']}{regs}, {time.time() - t0:.0f} s", flush=True)
+                  f"{r['async_copies']}{regs}{code}, {time.time() - t0:.0f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"{v}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     return 0

@@ -39,7 +39,7 @@ import triton.language as tl
 from . import tuning_decode as T
 
 # the dot, cast and tanh helpers of the attention kernels (interpreter-safe bf16 handling)
-from ._kernels import _cast, _dot, _dot_acc, _tanh
+from ._kernels import _cast, _dot, _dot_acc, _part, _tanh
 
 try:  # programmatic dependent launch (sm90+; triton >= 3.4): the `pdl` variant only
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -434,31 +434,19 @@ def decode_fwd(
     # head (left window edge), middle (no mask) and tail blocks. With NEW the masked head and
     # tail blocks take cached keys from the cache and new ones from KN / VN in one pass (the
     # middle stops before cache_len), the blocks the separate append's launch has.
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, lo_b, mid0, length, pos, slope,
-        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
-        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
-        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
-    )
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid0, mid1, length, pos, slope,
-        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
-        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
-        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, False,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, False, OFF32, PREFETCH, DUAL, SEL,
-        DESC_K, DESC_V, b * capacity, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
-    )
-    acc, l_i, m_i = _decode_inner(
-        acc, l_i, m_i, q, k_base, v_base, tbl, mid1, hi, length, pos, slope,
-        max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
-        offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
-        kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK, True,
-        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW, OFF32, PREFETCH, DUAL, SEL,
-    )
+    for seg in tl.static_range(3):
+        # seg 1 (the middle) unmasked, without the append's new keys, through TMA where on;
+        # segs 0 and 2 masked (TMA is never taken there: the masked loads come first)
+        seg_lo, seg_hi = _part(seg, lo_b, mid0, mid1, hi)
+        acc, l_i, m_i = _decode_inner(
+            acc, l_i, m_i, q, k_base, v_base, tbl, seg_lo, seg_hi, length, pos, slope,
+            max_pages, num_pages, stride_kp, stride_ks, stride_vp, stride_vs,
+            offs_n, offs_d, offs_dv, window_left, window_right, scale, softcap,
+            kn_base, vn_base, stride_kns, stride_vns, cache_len, seqlen_add,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, PAGE_SIZE, PAGED, PAGE_BLOCK,
+            seg != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, IEEE, NEW and seg != 1, OFF32,
+            PREFETCH, DUAL, SEL, DESC_K, DESC_V, b * capacity, h * HEAD_DIM, h * HEAD_DIM_V, TMA,
+        )
 
     if PDL and not PDL_EARLY:
         gdc_launch_dependents()  # the next kernel may start launching (it waits for our exit)
