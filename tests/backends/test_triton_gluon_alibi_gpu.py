@@ -27,12 +27,15 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 pytestmark = pytest.mark.skipif(not HOPPER or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="the Gluon programs need an sm_90 GPU (no interpreter)")
 
-# (name, B, Sq, Sk, Hq, Hkv, D, causal, slopes shape)
+# (name, B, Sq, Sk, Hq, Hkv, D, causal, slopes shape); "_split": the forward's ALiBi split walk
+# (FLASHMUX_TRITON_ALIBI_SPLIT=1: the bias off the diagonal as a key term + a row term)
 CASES = [
     ("d128_bh", 2, 512, 512, 4, 4, 128, False, "bh"),
     ("d128_causal_h", 1, 512, 512, 4, 2, 128, True, "h"),
     ("d128_sq_lt_sk", 1, 256, 640, 2, 2, 128, False, "h"),
     ("d64_sq_gt_sk_causal", 2, 640, 256, 2, 1, 64, True, "bh"),
+    ("d128_bh_split", 2, 1024, 1024, 4, 4, 128, False, "bh"),
+    ("d128_sq_gt_sk_split", 1, 640, 384, 2, 2, 128, False, "h"),
 ]
 
 
@@ -59,6 +62,7 @@ def test_gluon_alibi_backward(case, monkeypatch):
     for env in ("FLASHMUX_TRITON_GLUON_BWD", "FLASHMUX_TRITON_GLUON_DQ"):
         monkeypatch.setenv(env, "force")
     monkeypatch.setenv("FLASHMUX_TRITON_GLUON_ALIBI", "1")
+    monkeypatch.setenv("FLASHMUX_TRITON_ALIBI_SPLIT", "1" if case[0].endswith("_split") else "0")
     ran = []
     for name in ("backward_dkdv", "backward_dq"):
         real = getattr(_gluon, name)
