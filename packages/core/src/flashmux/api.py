@@ -546,7 +546,27 @@ def _extend(call: _Call, q, alibi_slopes, block_mask):
     return replace(call, params=replace(call.params, **p_kw), spec=replace(call.spec, **s_kw)), extra
 
 
-class Explanation:
+class _Decided:
+    """A dispatch decision as explain() and explain_kvcache() report it: the problem (spec),
+    the chosen backend, the forced list, the (backend, reasons) rows and a note."""
+
+    def __init__(self, decision, note: str | None = None):
+        self.decision = decision
+        self.spec = decision.spec
+        self.chosen = decision.chosen
+        self.forced = decision.forced
+        self.rows = decision.rows
+        self.note = note
+
+    def reasons(self, name: str) -> list[str]:
+        """Why backend `name` was passed over ([] when usable or chosen); KeyError if unknown."""
+        for n, r in self.rows:
+            if n == name:
+                return r
+        raise KeyError(name)
+
+
+class Explanation(_Decided):
     """What the dispatcher would do with a call: every backend, the chosen one, and why each
     other one was passed over. str() gives a table."""
 
@@ -556,19 +576,8 @@ class Explanation:
         note: str | None = None,
         lowerings: dict[str, str] | None = None,
     ):
-        self.decision = decision
+        super().__init__(decision, note)
         self.lowerings = lowerings  # the chosen backend's kernel family per pass, if it says
-        self.spec = decision.spec
-        self.chosen = decision.chosen
-        self.forced = decision.forced
-        self.rows = decision.rows
-        self.note = note
-
-    def reasons(self, name: str) -> list[str]:
-        for n, r in self.rows:
-            if n == name:
-                return r
-        raise KeyError(name)
 
     def __str__(self) -> str:
         s = self.spec

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
-from .api import _backend_table, _check_scalars
+from .api import _backend_table, _check_scalars, _Decided
 from .backend import Backend, Capabilities, platform_reasons
 
 
@@ -788,27 +788,18 @@ def attention_with_kvcache(
 # -- explain ------------------------------------------------------------------------------------
 
 
-class DecodeExplanation:
+class DecodeExplanation(_Decided):
     """What the decode dispatcher would do with a call: every backend, the chosen one, why each
     other one was passed over, and the chosen backend's kernel and number of key splits.
     str() gives a table."""
 
+    spec: DecodeSpec
+
     def __init__(self, decision, params: DecodeParams, note=None, kernel=None, splits=None):
-        self.decision = decision
-        self.spec: DecodeSpec = decision.spec
+        super().__init__(decision, note)
         self.params = params
-        self.chosen = decision.chosen
-        self.forced = decision.forced
-        self.rows = decision.rows
-        self.note = note
         self.kernel = kernel  # the chosen backend's description of its decode kernel, if any
         self.splits = splits  # key splits it would run (None when it does not say)
-
-    def reasons(self, name: str) -> list[str]:
-        for n, r in self.rows:
-            if n == name:
-                return r
-        raise KeyError(name)
 
     def __str__(self) -> str:
         s = self.spec
