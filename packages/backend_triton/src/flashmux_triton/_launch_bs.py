@@ -275,25 +275,42 @@ def _fuse_delta():
     return os.environ.get("FLASHMUX_TRITON_BS_FUSE_DELTA", "0") == "1"
 
 
-def _fused_dq(params) -> bool:
-    """FLASHMUX_TRITON_BS_FUSED_DQ=1: dQ computed in the dK/dV program (dQ += (scale dS) K,
+# The block-sparse backward's layout for the measured class (`_measured_class`), by call kind
+# (plain: `plain` in `backward`): "split" (the dK/dV kernel, then the dQ kernel), "fused" (dQ
+# in the dK/dV program, FLASHMUX_TRITON_BS_FUSED_DQ) or "joint" (one launch,
+# FLASHMUX_TRITON_BS_JOINT). Elsewhere "split".
+_BWD_LAYOUT = {True: "split", False: "split"}
+
+
+def _bwd_layout(pb, params, plain) -> str:
+    """The backward's layout: the env knobs (=1 on, =0 off) first, then `_BWD_LAYOUT`.
+
+    "fused" (FLASHMUX_TRITON_BS_FUSED_DQ): dQ computed in the dK/dV program (dQ += (scale dS) K,
     float32 atomics into a zeroed buffer, then one copy into dq) instead of the dQ kernel: no dQ
-    programs (their Q/dO/K/V loads and dQ stores, ~half the backward's fixed cost per mask
-    block) and 5 matmuls per tile instead of 7 (the dQ kernel recomputes S and dP), for
-    atomics' traffic and the float32 buffer (zero, add, copy). Not deterministic (atomic
-    order): deterministic calls keep the dQ kernel. Opt-in until the H200 measures it."""
-    return (os.environ.get("FLASHMUX_TRITON_BS_FUSED_DQ", "0") == "1"
-            and not params.deterministic)
+    programs (their Q/dO/K/V loads and dQ stores) and 5 matmuls per tile instead of 7 (the dQ
+    kernel recomputes S and dP), for the reductions' traffic and the float32 buffer (zero, add,
+    copy). Not deterministic (atomic order): deterministic calls keep the dQ kernel.
+    "joint" (FLASHMUX_TRITON_BS_JOINT): the two kernels' programs in one launch (`_joint_cfg`)."""
+    fd = os.environ.get("FLASHMUX_TRITON_BS_FUSED_DQ", "auto")
+    jo = os.environ.get("FLASHMUX_TRITON_BS_JOINT", "auto")
+    if fd == "1" and not params.deterministic:
+        return "fused"
+    if jo == "1":
+        return "joint"
+    auto = _BWD_LAYOUT[bool(plain)] if _measured_class(pb) else "split"
+    if (auto == "fused" and (fd == "0" or params.deterministic)) or (auto == "joint" and jo == "0"):
+        return "split"
+    return auto
+
+
+_JOINT_CFG = "64,128,128,64,8,3"  # (m1, n1, m2, n2, warps, stages) of the joint launch
 
 
 def _joint_cfg():
-    """FLASHMUX_TRITON_BS_JOINT=1: the dK/dV and dQ programs in one launch (`bs_bwd_joint`,
-    FlexAttention's backward layout), tiles "m1,n1,m2,n2,warps,stages" from
-    FLASHMUX_TRITON_BS_JOINT_CFG (default 64,128,128,64,8,3: flex's sm90 d128 backward config,
-    and our dK/dV/dQ tiles before session 10); None when off. Opt-in until the H200 measures it."""
-    if os.environ.get("FLASHMUX_TRITON_BS_JOINT", "0") != "1":
-        return None
-    env = os.environ.get("FLASHMUX_TRITON_BS_JOINT_CFG", "64,128,128,64,8,3")
+    """The joint launch's tiles (`bs_bwd_joint`, FlexAttention's backward layout), "m1,n1,m2,
+    n2,warps,stages" from FLASHMUX_TRITON_BS_JOINT_CFG (default 64,128,128,64,8,3: flex's sm90
+    d128 backward config, and our dK/dV/dQ tiles before session 10)."""
+    env = os.environ.get("FLASHMUX_TRITON_BS_JOINT_CFG", _JOINT_CFG)
     return tuple(int(x) for x in env.split(","))
 
 
@@ -347,8 +364,9 @@ def backward(do, dlse, q, k, v, out, lse, params, out_residual, alibi_slopes, bm
     pre_dq = _pre("dq", pb) and not _merged()  # dQ's and dK/dV's walks as the forward's
     plain = alibi_slopes is None and not (pb.softcap or pb.dropout or _check_full(pb, mbs))
     pre_kv = _pre("dkdv", pb, plain) and not _merged()
-    fdq = _fused_dq(params) and not fuse
-    joint = None if (fdq or fuse) else _joint_cfg()
+    layout = "split" if fuse else _bwd_layout(pb, params, plain)
+    fdq = layout == "fused"
+    joint = _joint_cfg() if layout == "joint" else None
     dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if fdq else None
 
     def fdq_args(bm_, tma):
