@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cabi_layout import assert_layout
 
 import flashmux_cuda
 from flashmux.spec import Params
@@ -383,22 +384,6 @@ def test_no_sources_is_a_build_error(tmp_path, cache):
 # ------------------------------------------------------------------------------------------
 # The ctypes mirror against the C header, and the library wrapper (a fake library built with cc)
 
-LAYOUT_C = r"""
-#include <stddef.h>
-#include <stdio.h>
-#include "flashmux_cuda.h"
-#define F(f) printf(#f " %zu\n", offsetof(FmxAttnArgs, f));
-int main(void) {
-  F(dtype) F(batch) F(seqlen_q) F(seqlen_k) F(total_q) F(total_k) F(heads_q) F(heads_kv)
-  F(head_dim) F(head_dim_v) F(q) F(k) F(v) F(out) F(lse) F(q_stride) F(k_stride) F(v_stride)
-  F(out_stride) F(cu_seqlens_q) F(cu_seqlens_k) F(scale) F(softcap) F(causal) F(window_left)
-  F(window_right) F(dout) F(dlse) F(dq) F(dk) F(dv) F(dout_stride) F(dq_stride) F(dk_stride)
-  F(dv_stride) F(workspace) F(workspace_bytes) F(deterministic)
-  printf("sizeof %zu\nabi %d\n", sizeof(FmxAttnArgs), FMX_ABI_VERSION);
-  return 0;
-}
-"""
-
 FAKE_LIB_C = r"""
 #include "flashmux_cuda.h"
 static const char *msg = "";
@@ -419,18 +404,9 @@ needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler"
 
 @needs_cc
 def test_ctypes_struct_matches_header(tmp_path):
-    (tmp_path / "layout.c").write_text(LAYOUT_C)
-    exe = tmp_path / "layout"
-    subprocess.run(
-        ["cc", f"-I{HEADER.parent}", str(tmp_path / "layout.c"), "-o", str(exe)], check=True
-    )
-    rows = dict(
-        line.split() for line in subprocess.check_output([str(exe)], text=True).splitlines()
-    )
-    for name, _ in abi.FmxAttnArgs._fields_:
-        assert int(rows[name]) == getattr(abi.FmxAttnArgs, name).offset, name
-    assert int(rows["sizeof"]) == ctypes.sizeof(abi.FmxAttnArgs)
-    assert int(rows["abi"]) == abi.ABI_VERSION
+    rows = assert_layout(tmp_path, HEADER, abi.FmxAttnArgs,
+                         'printf("abi %d\\n", FMX_ABI_VERSION);')
+    assert rows["abi"] == abi.ABI_VERSION
 
 
 def _fake_lib(tmp_path, version=abi.ABI_VERSION) -> Path:

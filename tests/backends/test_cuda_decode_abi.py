@@ -7,12 +7,12 @@ the real compile of csrc/decode/decode.cu for sm_80/sm_90 is in test_cuda_build.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from cabi_layout import assert_layout
 
 import flashmux_cuda
 from flashmux.kvcache import DecodeParams
@@ -21,22 +21,6 @@ from flashmux_cuda import abi
 
 HEADER = Path(flashmux_cuda.__file__).resolve().parents[2] / "csrc" / "flashmux_cuda.h"
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-
-LAYOUT_C = r"""
-#include <stddef.h>
-#include <stdio.h>
-#include "flashmux_cuda.h"
-#define F(f) printf(#f " %zu\n", offsetof(FmxDecodeArgs, f));
-int main(void) {
-  F(dtype) F(batch) F(seqlen_q) F(heads_q) F(heads_kv) F(head_dim) F(head_dim_v) F(capacity)
-  F(page_size) F(num_pages) F(max_pages) F(q) F(k_cache) F(v_cache) F(out) F(lse) F(q_stride)
-  F(k_stride) F(v_stride) F(out_stride) F(seqlens_k) F(block_table) F(block_table_stride)
-  F(alibi_slopes) F(alibi_stride) F(scale) F(softcap) F(window_left) F(window_right)
-  F(num_splits) F(workspace) F(workspace_bytes)
-  printf("sizeof %zu\n", sizeof(FmxDecodeArgs));
-  return 0;
-}
-"""
 
 FAKE_C = r"""
 #include "flashmux_cuda.h"
@@ -61,17 +45,7 @@ int fmx_decode(const FmxDecodeArgs *a, void *s) {
 
 @needs_cc
 def test_ctypes_struct_matches_header(tmp_path):
-    (tmp_path / "layout.c").write_text(LAYOUT_C)
-    exe = tmp_path / "layout"
-    subprocess.run(
-        ["cc", f"-I{HEADER.parent}", str(tmp_path / "layout.c"), "-o", str(exe)], check=True
-    )
-    rows = dict(
-        line.split() for line in subprocess.check_output([str(exe)], text=True).splitlines()
-    )
-    for name, _ in abi.FmxDecodeArgs._fields_:
-        assert int(rows[name]) == getattr(abi.FmxDecodeArgs, name).offset, name
-    assert int(rows["sizeof"]) == ctypes.sizeof(abi.FmxDecodeArgs)
+    assert_layout(tmp_path, HEADER, abi.FmxDecodeArgs)
 
 
 def _ref(name, shape, dtype="bfloat16", ptr=1 << 20):
