@@ -1,6 +1,7 @@
-"""A/B timing of the Pallas block-mask forwards in one process (issue 15, session 11): the Mosaic
-GPU kernel (mosaic_masks.py) against the Triton-lowered one (blocksparse.py), interleaved per mask,
-plus the dense Mosaic forward (the /density denominator) and dense ALiBi on both kernels.
+"""A/B timing of the Pallas block-mask kernels in one process (issue 15, session 11): the Mosaic
+GPU kernels (mosaic_masks.py forward, mosaic_masks_bwd.py backward) against the Triton-lowered
+ones (blocksparse.py), interleaved per mask, plus the dense default kernels (the /density
+denominator) and dense ALiBi on both.
 
     python packages/backend_pallas/masks_ab.py --seqlen 8192 [--masks causal,doc:8] [--modes fwd]
         [--rounds 3] [--budget 45]
@@ -59,7 +60,9 @@ def main(argv=None):
         return (time.perf_counter() - t0) / a.reps * 1e3
 
     def build(mode_env, mode, kw):
-        ops.MASKS_MODE = ops.ALIBI_MODE = mode_env
+        # "mosaic": mosaic_masks.py forward + mosaic_masks_bwd.py backward; "triton": both on
+        # the Triton lowering (blocksparse.py / triton_kernels.py)
+        ops.MASKS_MODE = ops.ALIBI_MODE = ops.MASKS_BWD_MODE = mode_env
 
         def fwd(q, k, v, kw):
             return flashmux.attention(q, k, v, backend="pallas", **kw)

@@ -1,13 +1,13 @@
-"""Block masks (and dense ALiBi) on the Pallas Mosaic GPU forward (flashmux_pallas/mosaic_masks.py,
-issue 15; FLASHMUX_PALLAS_MASKS / FLASHMUX_PALLAS_ALIBI = auto|mosaic|triton).
+"""Block masks (and dense ALiBi) on the Pallas Mosaic GPU kernels (flashmux_pallas/mosaic_masks.py,
+mosaic_masks_bwd.py; issue 15; FLASHMUX_PALLAS_MASKS / _ALIBI / _MASKS_BWD = auto|mosaic|triton).
 
 - CPU, in CI (milliseconds to seconds): the walk lists rebuild exactly the element mask
   (causal on top, ragged ends, per-head masks); the routing and its reasons; the kernel lowers
   to a Mosaic GPU custom call for CUDA from the CPU (layouts, wgmma shapes, barriers: not a run).
-- FLASHMUX_TEST_MOSAIC_INTERPRET=1: Mosaic GPU's interpreter on the CPU against float64
-  (wgmma replaced by dots; 20-40 s a case, so not in CI).
-- A Hopper GPU under JAX: flashmux.attention with the Mosaic forward forced (the backward on the
-  Triton lowering), judged against the float64 reference by the conformance rule
+- FLASHMUX_TEST_MOSAIC_INTERPRET=1: Mosaic GPU's interpreter on the CPU against float64, the
+  forward and the backward kernels (wgmma replaced by dots; 20-60 s a case, so not in CI).
+- A Hopper GPU under JAX: flashmux.attention with the Mosaic forward forced, its backward on
+  mosaic_masks_bwd.py (two cases on the Triton lowering), judged against the float64 reference by the conformance rule
   (flashmux.testing.judge) for out, lse, dq, dk, dv: every ready-made mask, a custom lambda,
   ragged lengths, rows that see nothing, causal on top, GQA, per-head masks, ALiBi (H,) and
   (B, H), the lse gradient, jit / grad / vmap.
@@ -136,7 +136,12 @@ def test_routing_and_reasons(monkeypatch):
     k = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     p = Params(scale=0.1, causal=True, mask_block_size=128)
     assert ops.lowering(q, k, k, p, False) == "mosaic_gpu"
-    assert ops.backward_lowering(q, k, k, p, False) == "triton"
+    assert ops.backward_lowering(q, k, k, p, False) == "triton"  # MASKS_BWD_MODE auto, unmeasured
+    monkeypatch.setattr(ops, "MASKS_BWD_MODE", "mosaic")
+    assert ops.backward_lowering(q, k, k, p, False) == "mosaic_gpu"
+    assert ops.backward_lowering(q, k, k, Params(scale=0.1, alibi=True), False) == "mosaic_gpu"
+    assert ops.backward_lowering(q, k, k, Params(scale=0.1, mask_block_size=64), False) == "triton"
+    assert ops.backward_lowering(q, k, k, Params(scale=0.1), False) != "interpret"
     assert ops.lowering(q, k, k, p, True) == "interpret"
     assert ops.lowering(q, k, k, Params(scale=0.1, alibi=True), False) == "mosaic_gpu"
     for bad, word in ((Params(scale=0.1, mask_block_size=64), "block_size 64"),
@@ -157,10 +162,14 @@ def test_routing_and_reasons(monkeypatch):
     assert ops.lowering(q, k, k, p, False) == "triton"
 
 
-def test_lowers_to_mosaic_gpu_for_cuda(monkeypatch):
-    """ops.forward of a block-masked (causal on top, ALiBi, ragged Sq) and a dense ALiBi call
-    lowers to the Mosaic GPU custom call from the CPU; the backward to Triton (not a run)."""
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_lowers_to_mosaic_gpu_for_cuda(which, monkeypatch):
+    """ops.forward (and, long tier, ops.backward) of a block-masked call (causal on top, ALiBi,
+    ragged lengths, GQA) and of a dense ALiBi call lower to Mosaic GPU custom calls only, from
+    the CPU (not a run)."""
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if which == "backward" and os.environ.get("FLASHMUX_TEST_SIZE") != "full":
+        pytest.skip("long tier (FLASHMUX_TEST_SIZE=full): ~20 s of lowering")
     from flashmux.spec import Params
     from flashmux_pallas import mosaic_kernels, ops
 
@@ -168,6 +177,7 @@ def test_lowers_to_mosaic_gpu_for_cuda(monkeypatch):
     monkeypatch.setattr(mosaic_kernels, "available", lambda: True)
     monkeypatch.setattr(ops, "MASKS_MODE", "mosaic")
     monkeypatch.setattr(ops, "ALIBI_MODE", "mosaic")
+    monkeypatch.setattr(ops, "MASKS_BWD_MODE", "mosaic")
     B, S, Hq, Hkv, D = 2, 1000, 4, 2, 128
     seg = np.sort(np.random.default_rng(0).integers(0, 4, (B, S)), axis=1)
     bm = flashmux.create_block_mask(M.document(seg), B, None, S, S, block_size=128,
@@ -179,33 +189,35 @@ def test_lowers_to_mosaic_gpu_for_cuda(monkeypatch):
     pm = Params(scale=D**-0.5, causal=True, window_right=0, alibi=True, mask_block_size=128)
     pa = Params(scale=D**-0.5, alibi=True)
 
-    def f(q, k, sl, bm):
-        a = ops.forward(q, k, k, None, None, pm, residual=True, interpret=False,
-                        alibi_slopes=sl, block_mask=bm)
-        b = ops.forward(q, k, k, None, None, pa, residual=True, interpret=False, alibi_slopes=sl)
-        return a, b
+    lse = jax.ShapeDtypeStruct((B, Hq, S), jnp.float32)
+
+    def f(q, k, sl, bm, lse):
+        if which == "forward":
+            a = ops.forward(q, k, k, None, None, pm, residual=True, interpret=False,
+                            alibi_slopes=sl, block_mask=bm)
+            b = ops.forward(q, k, k, None, None, pa, residual=True, interpret=False,
+                            alibi_slopes=sl)
+            return a, b
+        ga = ops.backward(q, lse, q, k, k, q, lse, None, None, pm, out_residual=q,
+                          interpret=False, alibi_slopes=sl, block_mask=bm)
+        gb = ops.backward(q, None, q, k, k, q, lse, None, None, pa, out_residual=q,
+                          interpret=False, alibi_slopes=sl)
+        return ga, gb
 
     try:
-        text = jax.jit(f).trace(q, k, sl, bm).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(f).trace(q, k, sl, bm, lse).lower(lowering_platforms=("cuda",)).as_text()
     except (AttributeError, TypeError) as e:  # a jax without cross-platform lowering
         pytest.skip(f"cross-platform lowering unavailable: {e}")
-    assert text.count("mosaic_gpu") >= 2 and "xla.gpu.triton" not in text
+    assert text.count("mosaic_gpu") >= (2 if which == "forward" else 4)
+    assert "xla.gpu.triton" not in text
 
 
 # ----------------------------------------------------------------------------- interpreter
 
 
-@pytest.mark.skipif(os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
-                    reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
-@pytest.mark.parametrize("name", ["doc", "ragged_causal_alibi_gqa", "per_head_alibi_bh",
-                                  "dense_alibi_causal", "dense_alibi"])
-def test_interpreted_kernel_matches_reference(name):
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    from flashmux_pallas import mosaic_masks as mm
-
+def _icase(name):
     seg = np.sort(np.random.default_rng(1).integers(0, 3, (1, 384)), axis=1)
-    b, sq, sk, hq, hkv, heads, causal, alibi, fn = {
+    return {
         "doc": (1, 384, 384, 2, 1, None, False, None, M.and_(M.causal(0), M.document(seg))),
         "ragged_causal_alibi_gqa": (1, 200, 300, 2, 1, None, True, (2,),
                                     lambda b, h, q, kv: (kv % 7 != 0) & (q > 20)),
@@ -214,21 +226,56 @@ def test_interpreted_kernel_matches_reference(name):
         "dense_alibi_causal": (1, 200, 300, 2, 1, None, True, (2,), None),
         "dense_alibi": (1, 200, 256, 2, 2, None, False, (1, 2), None),  # the all-full walk
     }[name]
+
+
+interpreter = pytest.mark.skipif(
+    os.environ.get("FLASHMUX_TEST_MOSAIC_INTERPRET") != "1",
+    reason="Mosaic GPU interpreter: slow, FLASHMUX_TEST_MOSAIC_INTERPRET=1")
+ICASES = ["doc", "ragged_causal_alibi_gqa", "per_head_alibi_bh", "dense_alibi_causal",
+          "dense_alibi"]
+
+
+@interpreter
+@pytest.mark.parametrize("name", ICASES)
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_interpreted_kernels_match_reference(which, name):
+    """mosaic_masks.forward (out, lse) and mosaic_masks_bwd.backward (dq, dk, dv from the
+    reference out/lse, with an lse gradient) in Mosaic GPU's interpreter against float64
+    (bf16 inputs: bounds of bf16 rounding)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from flashmux_pallas import mosaic_masks as mm
+    from flashmux_pallas import mosaic_masks_bwd as mmb
+
+    b, sq, sk, hq, hkv, heads, causal, alibi, fn = _icase(name)
     rng = np.random.default_rng(7)
-    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
-               for s in ((b, sq, hq, 64), (b, sk, hkv, 64), (b, sk, hkv, 64)))
+    q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
+                   for s in ((b, sq, hq, 64), (b, sk, hkv, 64), (b, sk, hkv, 64), (b, sq, hq, 64)))
     bm = None if fn is None else flashmux.create_block_mask(fn, b, heads, sq, sk, block_size=128,
                                                             like=q)
     sl = None if alibi is None else rng.uniform(0.02, 0.5, alibi).astype(np.float32)
-    out, lse = mm.forward(q, k, v, _params(causal), block_mask=bm, alibi_slopes=sl,
-                          interpret=InterpretGPUParams())
     x64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v)]
     ro, rl = reference_forward(*x64, causal=causal, block_mask=fn, alibi_slopes=sl)
-    lse = np.asarray(lse, np.float64)
-    assert np.array_equal(np.isneginf(lse), np.isneginf(rl))
-    fin = np.isfinite(rl)
-    assert np.abs(lse[fin] - rl[fin]).max() < 1e-3
-    assert np.abs(np.asarray(out.astype(jnp.float32), np.float64) - ro).max() < 3e-2
+    if which == "forward":
+        out, lse = mm.forward(q, k, v, _params(causal), block_mask=bm, alibi_slopes=sl,
+                              interpret=InterpretGPUParams())
+        lse = np.asarray(lse, np.float64)
+        assert np.array_equal(np.isneginf(lse), np.isneginf(rl))
+        fin = np.isfinite(rl)
+        assert np.abs(lse[fin] - rl[fin]).max() < 1e-3
+        assert np.abs(np.asarray(out.astype(jnp.float32), np.float64) - ro).max() < 3e-2
+        return
+    dlse = np.where(np.isfinite(rl), rng.standard_normal(rl.shape), 0.0)
+    do64 = np.asarray(do.astype(jnp.float32), np.float64)
+    ref = reference_backward(do64, *x64, dlse=dlse, causal=causal, block_mask=fn, alibi_slopes=sl)
+    out = jnp.asarray(ro, jnp.float32).astype(jnp.bfloat16)
+    res = (jnp.asarray(ro, jnp.float32) - out.astype(jnp.float32)).astype(jnp.bfloat16)
+    got = mmb.backward(do, jnp.asarray(dlse, jnp.float32), q, k, v, out,
+                       jnp.asarray(rl, jnp.float32), _params(causal), block_mask=bm,
+                       out_residual=res, alibi_slopes=sl, interpret=True)
+    for name_, g, r in zip(("dq", "dk", "dv"), got, ref):
+        err = np.abs(np.asarray(g.astype(jnp.float32), np.float64) - r).max()
+        assert err < 1e-2 * max(1.0, np.abs(r).max()), (name_, err)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -249,6 +296,7 @@ class GCase:
     lse_grad: bool = False
     dtype: str = "bfloat16"
     transform: str = "jit"
+    bwd: str = "mosaic"  # FLASHMUX_PALLAS_MASKS_BWD: mosaic_masks_bwd.py or the Triton lowering
 
 
 GCASES = [
@@ -263,6 +311,8 @@ GCASES = [
     GCase("doc_vmap", "doc", batch=1, transform="vmap"),
     GCase("dense_alibi_causal", "dense", causal=True, slopes="h"),
     GCase("dense_alibi_bh", "dense", seqlen_q=640, seqlen_k=1024, slopes="bh"),
+    GCase("doc_lse_triton_bwd", "doc", lse_grad=True, bwd="triton"),
+    GCase("lambda_alibi_triton_bwd", "lambda", slopes="h", bwd="triton"),
 ]
 
 
@@ -367,11 +417,14 @@ def test_mosaic_masks_on_gpu(case, monkeypatch):
 
     monkeypatch.setattr(ops, "MASKS_MODE", "mosaic")
     monkeypatch.setattr(ops, "ALIBI_MODE", "mosaic")
+    monkeypatch.setattr(ops, "MASKS_BWD_MODE", case.bwd)
     dispatch.clear_caches()
     q = jnp.zeros((case.batch, case.seqlen_q, case.heads_q, case.head_dim), case.dtype)
     p = types.SimpleNamespace(causal=case.causal, scale=0.1, has_window=False, softcap=None,
                               dropout_p=0.0, varlen=False, alibi=bool(case.slopes),
                               mask_block_size=0 if case.mask == "dense" else 128)
     assert ops.lowering(q, q, q, p, False) == "mosaic_gpu", ops.mosaic_masks_reasons(q, q, q, p)
+    assert ops.backward_lowering(q, q, q, p, False) == ("mosaic_gpu" if case.bwd == "mosaic"
+                                                        else "triton")
     ok, draws = redraw(lambda s: _gmeasure(case, s), _seed())
     assert ok, "\n".join(f"{case.name} seed {s}:\n  {format_report(r)}" for s, r in draws)

@@ -125,6 +125,10 @@ MASKS_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS", "auto")
 ALIBI_MODE = os.environ.get("FLASHMUX_PALLAS_ALIBI", "auto")
 MASKS_MOSAIC_AUTO = False  # not yet timed against the Triton lowering on the H200
 ALIBI_MOSAIC_AUTO = False
+# Their backward on Mosaic GPU (mosaic_masks_bwd.py): FLASHMUX_PALLAS_MASKS_BWD = auto|mosaic|
+# triton for both (auto: where MASKS_BWD_MOSAIC_AUTO says it measured faster).
+MASKS_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS_BWD", "auto")
+MASKS_BWD_MOSAIC_AUTO = False
 
 
 def mosaic_masks_reasons(q, k, v, params) -> list[str]:
@@ -143,6 +147,24 @@ def mosaic_masks_reasons(q, k, v, params) -> list[str]:
     out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
     if not out and mode == "auto" and not auto:
         out.append(f"not measured faster than the Triton lowering ({env}=mosaic forces it)")
+    return out
+
+
+def mosaic_masks_bwd_reasons(q, k, v, params) -> list[str]:
+    """Why a block-mask or ALiBi backward does not take mosaic_masks_bwd.py (empty when it
+    does): the forward's scope (mosaic_masks.reasons) and FLASHMUX_PALLAS_MASKS_BWD."""
+    if MASKS_BWD_MODE == "triton":
+        return ["FLASHMUX_PALLAS_MASKS_BWD=triton"]
+    from . import mosaic_kernels, mosaic_masks
+
+    cc = _compute_capability()
+    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
+        return ["Mosaic GPU kernels need sm90 (Hopper)"]
+    mbs = getattr(params, "mask_block_size", 0)
+    out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
+    if not out and MASKS_BWD_MODE == "auto" and not MASKS_BWD_MOSAIC_AUTO:
+        out.append("not measured faster than the Triton lowering "
+                   "(FLASHMUX_PALLAS_MASKS_BWD=mosaic forces it)")
     return out
 
 
@@ -180,9 +202,10 @@ def backward_lowering(q, k, v, params, interpret: bool) -> str:
     """Which lowering runs this backward: "interpret", "mosaic_gpu" or "triton"."""
     if interpret:
         return "interpret"
-    if MOSAIC_BWD_MODE == "off" or getattr(params, "alibi", False):  # Mosaic kernels: no ALiBi
-        return "triton"
-    if getattr(params, "mask_block_size", 0):  # block masks: blocksparse.py (Triton lowering)
+    if getattr(params, "mask_block_size", 0) or getattr(params, "alibi", False):
+        # block masks / ALiBi: mosaic_masks_bwd.py where chosen, else the Triton lowering
+        return "triton" if mosaic_masks_bwd_reasons(q, k, v, params) else "mosaic_gpu"
+    if MOSAIC_BWD_MODE == "off":
         return "triton"
     from . import mosaic_backward, mosaic_kernels
 
@@ -448,6 +471,15 @@ def backward(
         interpret = on_cpu(q)
     if out_residual is not None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
         out_residual = None  # float32 outputs are exact: the residual is zeros
+    low = backward_lowering(q, k, v, params, interpret)
+    if low == "mosaic_gpu" and (block_mask is not None or getattr(params, "alibi", False)):
+        from . import blocksparse, mosaic_masks_bwd  # block masks / ALiBi on Mosaic GPU
+
+        if block_mask is not None:
+            blocksparse.check_mask(block_mask, q, k, params)
+        return mosaic_masks_bwd.backward(do, dlse, q, k, v, out, lse, params,
+                                         block_mask=block_mask, out_residual=out_residual,
+                                         alibi_slopes=alibi_slopes)
     if block_mask is not None:  # block-sparse kernels (blocksparse.py)
         from . import blocksparse
 
@@ -455,7 +487,7 @@ def backward(
                                     out_residual=out_residual, interpret=interpret,
                                     alibi_slopes=alibi_slopes, block_mask=block_mask,
                                     dropout_seed=dropout_seed)
-    if backward_lowering(q, k, v, params, interpret) == "mosaic_gpu":
+    if low == "mosaic_gpu":
         from . import mosaic_backward
 
         return mosaic_backward.backward(
