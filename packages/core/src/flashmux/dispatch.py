@@ -370,11 +370,13 @@ def select(spec: ProblemSpec, forced: tuple[str, ...] | None) -> Backend:
     raise NoBackendError(_no_backend_message(d))
 
 
-def _no_backend_message(d: Decision) -> str:
+def _no_backend_message(d: Decision, what: str = "call") -> str:
+    """The NoBackendError text: every (forced) backend with its reasons; `what` names the call
+    ("call", or "decode call" for attention_with_kvcache)."""
     head = (
-        f"no forced backend ({', '.join(d.forced)}) can run this call"
+        f"no forced backend ({', '.join(d.forced)}) can run this {what}"
         if d.forced
-        else "no backend can run this call"
+        else f"no backend can run this {what}"
     )
     lines = [head + ":"]
     for name, r in d.rows:

@@ -432,18 +432,7 @@ def select(spec: DecodeSpec, forced):
                     _decisions.clear()
                 _decisions[key] = be
             return be
-    d = decide(spec, forced)
-    head = (
-        f"no forced backend ({', '.join(d.forced)}) can run this decode call"
-        if d.forced
-        else "no backend can run this decode call"
-    )
-    lines = [head + ":"]
-    for name, r in d.rows:
-        if d.forced and name not in d.forced:
-            continue
-        lines.append(f"  {name}: " + "; ".join(r))
-    raise dispatch.NoBackendError("\n".join(lines))
+    raise dispatch.NoBackendError(dispatch._no_backend_message(decide(spec, forced), "decode call"))
 
 
 def clear_caches() -> None:
