@@ -110,9 +110,11 @@ def test_family_and_capabilities():
 
 
 def test_c_side_steps_sm90_aside_for_alibi():
-    """The C rule (use_sm90_fwd) and the Python mirror both name ALiBi."""
+    """The C rule names ALiBi: the sm90 forward's kExt kernels take it where
+    sm90::fwd_ext_unsupported allows (session 11), the sm90 backward never (use_sm90_bwd)."""
     api = (HEADER.parent / "flashmux_cuda_api.cu").read_text()
-    assert "if (p.alibi != nullptr) return false;" in api
+    assert "fwd_ext_unsupported(p) != nullptr) return false;" in api
+    assert "if (p.alibi != nullptr || p.bm_qnf != nullptr) return false;" in api
 
 
 def test_jax_shapes_with_alibi_at_trace_time():

@@ -87,7 +87,7 @@ def test_backward_rule_matches_the_c_side():
     top = (src / "flashmux_cuda_api.cu").read_text()
     assert f'std::getenv("{fam.BWD_FAMILY_ENV}")' in top
     assert "if (!use_sm90_fwd(p, cc)) return false;" in top
-    assert "return 127;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (3-6 too)
+    assert "return 255;" in top and fam.SM90_BWD_BIT == 4  # fmx_families() bit 2 (3-7 too)
     assert fam.SM90_DET_BIT == 32 and fam.SM90_D96_BIT == 64
     # the workspace grows by the padded lse2/dsum rows whenever the family is built in
     assert "w.sm90 = w.total;" in top and "bwd_extra_floats" in top

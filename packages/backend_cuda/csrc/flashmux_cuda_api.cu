@@ -241,8 +241,8 @@ WorkspaceLayout workspace_layout(const FmxAttnArgs *a) {
 bool use_sm90_fwd(const fmx::Params &p, int cc) {
 #ifdef FMX_HAS_SM90
   if (cc != 90) return false;
-  if (p.alibi != nullptr) return false;  // the sm90 forward takes no ALiBi slopes
-  if (p.bm_qnf != nullptr) return false;  // nor block masks
+  // ALiBi slopes / block masks: the kExt kernels (session 11) where they have the problem
+  if (fmx::sm90::fwd_ext_unsupported(p) != nullptr) return false;
   const char *env = std::getenv("FLASHMUX_CUDA_FAMILY");
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   return fmx::sm90::fwd_unsupported(p) == nullptr;
@@ -258,6 +258,7 @@ bool use_sm90_fwd(const fmx::Params &p, int cc) {
 // (deterministic, dO strides); else sm80. Mirrored by flashmux_cuda.family.backward_family.
 bool use_sm90_bwd(const fmx::Params &p, int cc) {
 #ifdef FMX_HAS_SM90
+  if (p.alibi != nullptr || p.bm_qnf != nullptr) return false;  // the sm80 backward has them
   if (!use_sm90_fwd(p, cc)) return false;
   const char *env = std::getenv("FLASHMUX_CUDA_BWD_FAMILY");  // sm80: the sm80 backward only
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
@@ -271,7 +272,13 @@ bool use_sm90_bwd(const fmx::Params &p, int cc) {
 
 int dispatch_fwd(const fmx::Params &p, int dtype, cudaStream_t s, int cc) {
 #ifdef FMX_HAS_SM90
-  if (use_sm90_fwd(p, cc)) {
+  if (use_sm90_fwd(p, cc) && (p.alibi != nullptr || p.bm_qnf != nullptr)) {
+    switch (fmx::sm90::fwd_head_dim(fmx::sm90::kernel_dim(p))) {  // fwd_ext_unsupported's set
+      case 64: return fmx::sm90::run_fwd_ext<64>(p, dtype, s);
+      case 96: return fmx::sm90::run_fwd_ext<96>(p, dtype, s);
+      case 128: return fmx::sm90::run_fwd_ext<128>(p, dtype, s);
+    }
+  } else if (use_sm90_fwd(p, cc)) {
     switch (fmx::sm90::fwd_head_dim(fmx::sm90::kernel_dim(p))) {
       case 64: return fmx::sm90::run_fwd<64>(p, dtype, s);
       case 96: return fmx::sm90::run_fwd<96>(p, dtype, s);
@@ -334,8 +341,8 @@ int fmx_families(void) {
 #ifdef FMX_HAS_SM90
   // bit 2: the sm90 backward; bit 3: sm90 forward head_dim 129..256; bit 4: Dv != D;
   // bit 5: the sm90 backward's deterministic mode; bit 6: the sm90 forward at head_dim 65..96
-  // (session 10)
-  return 127;
+  // (session 10); bit 7: the sm90 forward with ALiBi slopes and block masks (session 11)
+  return 255;
 #else
   return 17;
 #endif

@@ -138,7 +138,47 @@ __device__ __forceinline__ auto acc_as_a(L l) {
                      coalesce(make_layout(get<2, 1>(split), get<2>(l))));
 }
 
-template <typename Tr>
+// The block mask's walk for one query block of 128 rows (SPEC "Block masks"; the sm80 family's
+// KeyTiles in the sm90 kernel's terms): the listed key blocks, full ones first, then partial ones,
+// as kernel key blocks of kBN keys (a mask block of bm_block keys is bm_block / kBN kernel blocks;
+// bm_block is a multiple of 128, so with kBN = 128 a query block sits in one mask block row).
+// Walk position s = 0 .. count - 1; the producer and the consumers compute the same sequence.
+template <int kBN>
+struct BmWalk {
+  const int32_t *full, *part, *tile;
+  int nf, count, sub;
+  __device__ __forceinline__ void init(const Params &p, int b, int h, int m0) {
+    const int64_t row =
+        ((int64_t)(p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? h : 0)) * p.bm_nq + m0 / p.bm_block;
+    sub = p.bm_block / kBN;
+    nf = __ldg(p.bm_qnf + row) * sub;
+    count = nf + __ldg(p.bm_qnp + row) * sub;
+    full = p.bm_qfi + row * p.bm_nk;
+    part = p.bm_qpi + row * p.bm_nk;
+    tile = p.bm_tile + row * p.bm_nk;
+  }
+  // Kernel key block of walk position s.
+  __device__ __forceinline__ int n(int s) const {
+    if (sub == 1) return s < nf ? __ldg(full + s) : __ldg(part + s - nf);
+    if (s < nf) return __ldg(full + s / sub) * sub + s % sub;
+    s -= nf;
+    return __ldg(part + s / sub) * sub + s % sub;
+  }
+  // Bitmask of walk position s ((bm_block rows, bm_block / 32 words) int32), nullptr: full tile.
+  __device__ __forceinline__ const int32_t *bits(const Params &p, int s) const {
+    if (s < nf) return nullptr;
+    const int kb = __ldg(part + (sub == 1 ? s - nf : (s - nf) / sub));  // mask key block
+    const int t = __ldg(tile + kb);  // tile_id is indexed by the mask key block
+    return p.bm_bits + (int64_t)t * p.bm_block * (p.bm_block / 32);
+  }
+};
+
+// kExt (fwd_extras_hdim*.cu): 0 = the dense kernel, whose code does not change (every kExt
+// line sits under `if constexpr`); 1 = with ALiBi slopes and block masks (runtime fields of
+// Params, CTA-uniform branches), a tile's list entries and bitmask words loaded after its S GEMM
+// completed; 2 = the same with the list entries looked up one tile ahead and the words loaded
+// under the S GEMM (more registers live across the wait: 80 B of spills at hd128 vs 12).
+template <typename Tr, int kExt = 0>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdKernelParams<Tr> kp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -159,6 +199,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int m0 = m_block * kBM;
   int n_min, n_max;
   key_block_range(p, si, m0, kBM, kBN, n_min, n_max);
+  // kExt with a block mask: the loops below run over walk positions (n = n_max - 1 .. n_min is
+  // position n_max - 1 - n), and real_n() turns them into key blocks; else real_n(n) = n.
+  [[maybe_unused]] BmWalk<kBN> bw;
+  [[maybe_unused]] bool bm_on = false;
+  if constexpr (kExt) {
+    if (p.bm_qnf != nullptr) {
+      bm_on = true;
+      bw.init(p, b, h, m0);
+      n_min = 0;
+      n_max = bw.count;
+    }
+  }
+  auto real_n = [&](int n) __attribute__((always_inline)) {
+    if constexpr (kExt) {
+      if (bm_on) return bw.n(n_max - 1 - n);
+    }
+    return n;
+  };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / 4;
@@ -209,12 +267,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       PipeState st_k = cutlass::make_producer_start_state<Pipeline>();
       PipeState st_v = cutlass::make_producer_start_state<Pipeline>();
       for (int n = n_max - 1; n >= n_min; --n) {
+        const int nr = real_n(n);
         pipe_k.producer_acquire(st_k);
-        copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, n),
+        copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, nr),
              tKsK(_, _, _, st_k.index()));
         ++st_k;
         pipe_v.producer_acquire(st_v);
-        copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, n),
+        copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, nr),
              tVsV(_, _, _, st_v.index()));
         ++st_v;
       }
@@ -254,6 +313,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     const float sl2 = p.score_log2;
     const int row0 = m0 + w * kWM;  // first query row of this warpgroup
+    // ALiBi (kExt): the slope of (b, h) in the accumulator's units (the bias -slope * |d| in
+    // natural units is -slope / score_nat * |d| here), loaded once; 0 without slopes.
+    [[maybe_unused]] float slope = 0.f;
+    if constexpr (kExt) {
+      if (p.alibi != nullptr) slope = __ldg(p.alibi + (int64_t)b * p.alibi_bs + h) / p.score_nat;
+    }
 
     PipeState st_k, st_v;
     Tensor rP = make_tensor_like<T>(tSrS);
@@ -283,18 +348,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
     // Mask (boundary tiles) and online softmax of key block n: S becomes exp2 values, the row
     // maxima and sums advance, corr is what O must be multiplied by.
-    auto softmax = [&](int n, float (&corr)[kRows]) __attribute__((always_inline)) {
-      warpgroup_fence_operand(tSrS);
-      const int n0 = n * kBN;
-      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
-            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
-          }
-      }
+    // Online softmax of the (masked) S tile: S becomes exp2 values, the row maxima and sums
+    // advance, corr is what O must be multiplied by.
+    auto online = [&](float (&corr)[kRows]) __attribute__((always_inline)) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float mx = row_max[r];
@@ -314,6 +370,94 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         row_sum[r] = row_sum[r] * corr[r] + sum;
       }
+    };
+    // Mask (boundary tiles) and online softmax of key block n (the dense kernel).
+    auto softmax = [&](int n, float (&corr)[kRows]) __attribute__((always_inline)) {
+      warpgroup_fence_operand(tSrS);
+      const int n0 = n * kBN;
+      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
+            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
+          }
+      }
+      online(corr);
+    };
+    // ---- kExt: ALiBi and block masks. A tile of the walk: its first key and its bitmask
+    // (nullptr: a full tile or no block mask), looked up one tile ahead of its softmax (the list
+    // loads stay off the softmax's path); loop index n past the walk (n < n_min): nothing.
+    struct ExtTile {
+      int n0;
+      const int32_t *tb;
+    };
+    [[maybe_unused]] auto ext_tile = [&](int n) __attribute__((always_inline)) {
+      ExtTile t{0, nullptr};
+      if (n >= n_min) {
+        t.n0 = real_n(n) * kBN;
+        if (bm_on) t.tb = bw.bits(p, n_max - 1 - n);
+      }
+      return t;
+    };
+    // The bitmask words of this thread's two rows (kBN / 32 words each, pre-shifted by the
+    // thread's first column: the columns a thread holds differ from its first by static
+    // offsets < 32 within a word, so word index and shift are static), loaded before the wait
+    // for S so that their latency hides under the GEMM.
+    constexpr int kWords = kBN / 32;
+    [[maybe_unused]] auto load_bits = [&](const ExtTile &t, uint32_t (&wv)[kRows][kWords])
+        __attribute__((always_inline)) {
+      if (t.tb != nullptr) {
+        const int words = p.bm_block / 32;
+        const int col0 = get<1>(C_rc(0, 0));
+        const int rb = row0 % p.bm_block, cb = (t.n0 % p.bm_block) / 32;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const int32_t *wr = t.tb + (int64_t)(rb + get<0>(C_rc(r, 0))) * words + cb;
+#pragma unroll
+          for (int k = 0; k < kWords; ++k) wv[r][k] = static_cast<uint32_t>(__ldg(wr + k)) >> col0;
+        }
+      }
+    };
+    // ALiBi, then the bitmask (partial tiles), then window/causal/tails, then the softmax.
+    [[maybe_unused]] auto softmax_ext = [&](const ExtTile &t, const uint32_t (&wv)[kRows][kWords],
+                                            float (&corr)[kRows]) __attribute__((always_inline)) {
+      warpgroup_fence_operand(tSrS);
+      const int n0 = t.n0;
+      const int col0 = get<1>(C_rc(0, 0));
+      if (p.alibi != nullptr) {
+        // S -= slope * |i + off - j|: the distance of row r once, the static column offsets
+        // folded in (one FADD with |.| and one FFMA per score, as the sm80 family)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float d0 = static_cast<float>(row0 + get<0>(C_rc(r, 0)) + si.off - n0 - col0);
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            const float cc = static_cast<float>(get<1>(C_rc(r, c)) - col0);
+            S_rc(r, c) = fmaf(-slope, fabsf(d0 - cc), S_rc(r, c));
+          }
+        }
+      }
+      if (t.tb != nullptr) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            const int jc = get<1>(C_rc(r, c)) - col0;  // static
+            if (((wv[r][jc >> 5] >> (jc & 31)) & 1u) == 0u) S_rc(r, c) = -INFINITY;
+          }
+      }
+      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
+            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
+          }
+      }
+      online(corr);
     };
     auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {
 #pragma unroll
@@ -346,7 +490,68 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     float corr[kRows];
     if (n_max > n_min) {
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
-      if constexpr (!Tr::kOverlap) {
+      if constexpr (kExt) {
+        // the overlapped ping-pong loop of the dense kernel (below) with the kExt softmax (and,
+        // kExt == 2, the tile lookups one tile ahead, the bitmask words loaded under the GEMM)
+        static_assert(Tr::kOverlap && Tr::kPingPong, "kExt: the overlapped ping-pong loop");
+        constexpr bool kAhead = kExt == 2;
+        uint32_t wv[kRows][kWords];
+        if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // the first turn is WG 1's
+        ExtTile cur{0, nullptr}, nxt{0, nullptr};
+        if constexpr (kAhead) {
+          cur = ext_tile(n_max - 1);
+          nxt = ext_tile(n_max - 2);
+        }
+        pipe_k.consumer_wait(st_k);
+        my_turn();
+        issue_s(st_k.index());
+        end_turn();
+        if constexpr (kAhead) load_bits(cur, wv);
+        warpgroup_wait<0>();
+        pipe_k.consumer_release(st_k);
+        ++st_k;
+        if constexpr (!kAhead) {
+          cur = ext_tile(n_max - 1);
+          load_bits(cur, wv);
+        }
+        softmax_ext(cur, wv, corr);
+        convert_p();
+        for (int n = n_max - 2; n >= n_min; --n) {
+          if constexpr (kAhead) {
+            cur = nxt;
+            nxt = ext_tile(n - 1);
+          }
+          pipe_k.consumer_wait(st_k);
+          pipe_v.consumer_wait(st_v);
+          my_turn();
+          issue_s(st_k.index());
+          issue_o(st_v.index());
+          end_turn();
+          if constexpr (kAhead) load_bits(cur, wv);
+          warpgroup_wait<1>();
+          pipe_k.consumer_release(st_k);
+          ++st_k;
+          if constexpr (!kAhead) {
+            cur = ext_tile(n);
+            load_bits(cur, wv);
+          }
+          softmax_ext(cur, wv, corr);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          pipe_v.consumer_release(st_v);
+          ++st_v;
+          rescale_o(corr);
+          convert_p();
+        }
+        pipe_v.consumer_wait(st_v);
+        my_turn();
+        issue_o(st_v.index());
+        end_turn();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        pipe_v.consumer_release(st_v);
+        ++st_v;
+      } else if constexpr (!Tr::kOverlap) {
         if (Tr::kPingPong && w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // w = 0 first
         for (int n = n_max - 1; n >= n_min; --n) {
           pipe_k.consumer_wait(st_k);
@@ -446,7 +651,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-template <typename Tr>
+template <typename Tr, int kExt = 0>
 int launch_fwd(const Params &p, cudaStream_t stream) {
   using T = typename Tr::T;
   FwdKernelParams<Tr> kp;
@@ -466,7 +671,7 @@ int launch_fwd(const Params &p, cudaStream_t stream) {
                            Shape<Int<Tr::kBN>, Int<Tr::kD>>{}, _1{});
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, typename Tr::SmemLayoutVt{}(_, _, 0),
                            Shape<Int<Tr::kD>, Int<Tr::kBN>>{}, _1{});
-  auto kernel = fwd_kernel<Tr>;
+  auto kernel = fwd_kernel<Tr, kExt>;
   constexpr int smem = Tr::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;

@@ -47,6 +47,24 @@ inline const char *fwd_unsupported(const Params &p) {
 
 template <int D> int run_fwd(const Params &p, int dtype, cudaStream_t stream);
 
+// ---- ALiBi slopes and block masks in the forward (issue 15, session 11) ----------------------
+// The kExt kernels of fwd_extras_hdim{64,96,128}.cu (128-key blocks: a mask block of 128 k keys
+// is k kernel blocks) run calls with ALiBi slopes and/or a block mask at those instantiations;
+// nullptr when they run this problem (or it has neither), else why not (the sm80 forward runs
+// it). FLASHMUX_CUDA_SM90_EXT=0 (read per call) sends such calls to the sm80 family
+// (comparisons in one process). The backward of these calls is the sm80 family's
+// (api: use_sm90_bwd). Mirrored in Python by flashmux_cuda.family.
+inline const char *fwd_ext_unsupported(const Params &p) {
+  if (p.alibi == nullptr && p.bm_qnf == nullptr) return nullptr;
+  const char *e = std::getenv("FLASHMUX_CUDA_SM90_EXT");
+  if (e != nullptr && e[0] == '0') return "FLASHMUX_CUDA_SM90_EXT=0";
+  const int d = fwd_head_dim(kernel_dim(p));
+  if (d != 64 && d != 96 && d != 128) return "head_dim";
+  if (p.bm_qnf != nullptr && (p.bm_block <= 0 || p.bm_block % 128 != 0)) return "mask block";
+  return nullptr;
+}
+template <int D> int run_fwd_ext(const Params &p, int dtype, cudaStream_t stream);
+
 // ---- backward (bwd_kernel.cuh, bwd_hdim*.cu, bwd_aux.cu) ------------------------------------
 // head_dim <= 64 and 97..128 (192 and 256 have an sm90 forward only: the sm80 backward follows;
 // so does 65..96 under sm90_pad96()).

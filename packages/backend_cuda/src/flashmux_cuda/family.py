@@ -6,11 +6,14 @@ explain() can say it without launching anything. Keep the two in step.
 
 - forward: ``sm90`` (warp-specialized wgmma + TMA, csrc/sm90/) on compute capability 9.0 when the
   library was built with a 9.x arch, unless ``FLASHMUX_CUDA_FAMILY=sm80``, for problems it has:
-  padded (not varlen), no softcap, no ALiBi, head_dim <= 256 (129..256 where the library has
+  padded (not varlen), no softcap, head_dim <= 256 (129..256 where the library has
   them, ``fmx_families()`` bit 3; 65..96 on the 96 instantiation where it has that, bit 6,
   session 10), seqlen_k > 0, positive strides. With
   head_dim_v != head_dim (``fmx_families()`` bit 4) the instantiation is that of the larger
   of the two (the smaller one zero-filled on load).
+  ALiBi slopes and block masks (session 11, ``fmx_families()`` bit 7): at the instantiations 64,
+  96 and 128 (the kExt kernels of csrc/sm90/fwd_extras_hdim*.cu), unless
+  ``FLASHMUX_CUDA_SM90_EXT=0``; their backward is the sm80 family's.
   Everything else runs the sm80 kernels (mma.sync, cp.async) inside the same call.
 - backward: ``sm90`` (wgmma backward, csrc/sm90/bwd_kernel.cuh) where the sm90 forward would
   run with head_dim <= 64 or 97..128 and the library has it (``fmx_families()`` bit 2; with
@@ -33,6 +36,10 @@ SM90_WIDE_BIT = 8  # fmx_families(): the sm90 forward has head_dim 129..256 (192
 DV_BIT = 16  # fmx_families(): head_dim_v != head_dim (session 9)
 SM90_DET_BIT = 32  # fmx_families(): the sm90 backward has deterministic mode (session 10)
 SM90_D96_BIT = 64  # fmx_families(): the sm90 forward has head_dim 65..96 (session 10)
+# fmx_families(): the sm90 forward takes ALiBi slopes and block masks (issue 15, session 11)
+SM90_EXT_BIT = 128
+SM90_EXT_ENV = "FLASHMUX_CUDA_SM90_EXT"  # =0: ALiBi / block-mask forwards on sm80 (comparisons)
+SM90_EXT_HEAD_DIMS = (64, 96, 128)  # the instantiations with kExt kernels (fwd_extras_hdim*.cu)
 BWD_FAMILY_ENV = "FLASHMUX_CUDA_BWD_FAMILY"
 PAD96_ENV = "FLASHMUX_CUDA_SM90_PAD96"
 
@@ -88,10 +95,14 @@ def forward_family(
         return SM80, "sm90 forward lacks varlen"
     if softcap:
         return SM80, "sm90 forward lacks softcap"
-    if alibi:
-        return SM80, "sm90 forward lacks ALiBi"
-    if block_mask:
-        return SM80, "sm90 forward lacks block masks"
+    if alibi or block_mask:  # session 11: the kExt kernels at head dims 64, 96, 128
+        what = " and ".join(n for n, on in (("ALiBi", alibi), ("block masks", block_mask)) if on)
+        if families is not None and not families & SM90_EXT_BIT:
+            return SM80, f"library built without the sm90 forward's {what} (rebuild)"
+        if os.environ.get(SM90_EXT_ENV, "").startswith("0"):
+            return SM80, f"{SM90_EXT_ENV}=0 ({what})"
+        if sm90_fwd_head_dim(head_dim) not in SM90_EXT_HEAD_DIMS:
+            return SM80, f"sm90 forward has {what} at head_dim <= 128, not {head_dim}"
     if sm90_fwd_head_dim(head_dim) == 0:
         return SM80, f"sm90 forward has head_dim <= 256, not {head_dim}"
     if head_dim > 128 and families is not None and not families & SM90_WIDE_BIT:
@@ -133,6 +144,10 @@ def backward_family(
         block_mask=block_mask,
         head_dim_v=head_dim_v,
     )
+    if alibi or block_mask:  # the sm90 forward runs them (session 11), the sm80 backward follows
+        what = " and ".join(n for n, on in (("ALiBi", alibi), ("block masks", block_mask)) if on)
+        if fam == SM90 or (why and what in why):
+            return SM80, f"sm90 backward lacks {what} (the sm80 backward runs it)"
     if fam != SM90:
         return SM80, (why or "").replace("sm90 forward", "sm90 backward") or None
     if families is not None and not families & SM90_BWD_BIT:

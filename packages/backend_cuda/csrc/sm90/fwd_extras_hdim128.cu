@@ -1,0 +1,29 @@
+// sm90 forward with ALiBi slopes and/or a block mask (the kExt kernels of fwd_kernel.cuh) for
+// the head_dim 128 instantiation, fp16 and bf16; sm_90a only (issue 15, session 11). A unit of its
+// own so that the build compiles it beside the dense fwd_hdim128.cu (the dense kernels' code does
+// not change). 128-key blocks whatever the dense unit's tile: block masks come in blocks of
+// 128 k keys. Lean (head-dim-limited, compile-check) builds compile the bf16 kernel only.
+#include <cstdlib>
+
+#include "fwd_kernel.cuh"
+
+namespace fmx {
+namespace sm90 {
+template <>
+int run_fwd_ext<128>(const Params &p, int dtype, cudaStream_t stream) {
+#ifndef FMX_HEAD_DIMS_LIMITED
+  if (dtype == 0) return launch_fwd<FwdTraits<128, 128, 2, cutlass::half_t>, 1>(p, stream);
+#else
+  if (dtype == 0) return cudaErrorNotSupported;  // lean builds are compile checks, never shipped
+#endif
+#ifndef FMX_HEAD_DIMS_LIMITED
+  // FLASHMUX_CUDA_SM90_EXT_AHEAD=1 (read per call; bf16, this head dim only): the kExt = 2
+  // variant (list lookups one tile ahead, bitmask words loaded under the S GEMM), for A/B
+  const char *ahead = std::getenv("FLASHMUX_CUDA_SM90_EXT_AHEAD");
+  if (ahead != nullptr && ahead[0] == '1')
+    return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 2>(p, stream);
+#endif
+  return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 1>(p, stream);
+}
+}  // namespace sm90
+}  // namespace fmx
