@@ -177,23 +177,32 @@ def _ring_fn(cfg: Config, axis):
         out = out32.astype(q.dtype)
         # the stored output's rounding error: the backward's delta comes from the float32 output
         res = (out32 - out.astype(_F32)).astype(q.dtype)
-        return out, lse, res
+        return out, lse, res, k, v
+
+    return _with_vjp(forward, lambda *a: _ring_backward(*a, cfg, axis), cfg)
+
+
+def _with_vjp(forward, backward, cfg: Config):
+    """The jax.custom_vjp of a schedule: forward(q, k, v) -> (out, lse, res, k_saved, v_saved)
+    (the ring saves its own k, v; the all-gather the gathered K/V, which its backward reads
+    instead of gathering again); backward(do, dlse, q, k_saved, v_saved, out, lse, res) ->
+    (dq, dk, dv), cast here to the inputs' dtypes. The lse cotangent is used when cfg.return_lse."""
 
     @jax.custom_vjp
     def f(q, k, v):
-        out, lse, _ = forward(q, k, v)
+        out, lse, *_ = forward(q, k, v)
         return out, lse
 
     def f_fwd(q, k, v):
-        out, lse, res = forward(q, k, v)
-        return (out, lse), (q, k, v, out, lse, res)
+        out, lse, res, ks, vs = forward(q, k, v)
+        return (out, lse), (q, ks, vs, out, lse, res)
 
     def f_bwd(saved, cts):
-        q, k, v, out, lse, res = saved
+        q, ks, vs, out, lse, res = saved
         do, dlse = cts
         dlse = dlse.astype(_F32) if cfg.return_lse else None
-        dq, dk, dv = _ring_backward(do.astype(q.dtype), dlse, q, k, v, out, lse, res, cfg, axis)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        dq, dk, dv = backward(do.astype(q.dtype), dlse, q, ks, vs, out, lse, res)
+        return dq.astype(q.dtype), dk.astype(ks.dtype), dv.astype(vs.dtype)
 
     f.defvjp(f_fwd, f_bwd)
     return f
@@ -262,21 +271,4 @@ def _allgather_fn(cfg: Config, axis):
         res = (out32 - out.astype(_F32)).astype(q.dtype)
         return out, lse, res, kg, vg
 
-    @jax.custom_vjp
-    def f(q, k, v):
-        out, lse, *_ = forward(q, k, v)
-        return out, lse
-
-    def f_fwd(q, k, v):
-        out, lse, res, kg, vg = forward(q, k, v)
-        return (out, lse), (q, kg, vg, out, lse, res)
-
-    def f_bwd(saved, cts):
-        q, kg, vg, out, lse, res = saved
-        do, dlse = cts
-        dlse = dlse.astype(_F32) if cfg.return_lse else None
-        dq, dk, dv = _ag_backward(do.astype(q.dtype), dlse, q, kg, vg, out, lse, res, cfg, axis)
-        return dq.astype(q.dtype), dk.astype(kg.dtype), dv.astype(vg.dtype)
-
-    f.defvjp(f_fwd, f_bwd)
-    return f
+    return _with_vjp(forward, lambda *a: _ag_backward(*a, cfg, axis), cfg)
