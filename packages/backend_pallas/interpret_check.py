@@ -103,18 +103,20 @@ def check_spec(quick: bool) -> int:
             dtype="bfloat16",
             lse_grad=True,
         ),
-        Case(
-            batch=2,
-            seqlen_q=100,
-            seqlen_k=150,
-            heads_q=2,
-            heads_kv=1,
-            head_dim=128,
-            dtype="float16",
-        ),
     ]
     if not quick:
+        # session 11: out of --quick (CI time, -10..-17 s): the kernel case B1 130x300 D128
+        # above runs the same non-causal ragged D128 loops
         cases += [
+            Case(
+                batch=2,
+                seqlen_q=100,
+                seqlen_k=150,
+                heads_q=2,
+                heads_kv=1,
+                head_dim=128,
+                dtype="float16",
+            ),
             Case(
                 batch=1,
                 seqlen_q=33,
