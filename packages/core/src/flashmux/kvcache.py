@@ -39,7 +39,7 @@ import numpy as np
 
 from . import dispatch
 from ._arrays import array_kind, device_of, dtype_name, is_traced, same_device, torch_compiling
-from .api import _backend_table, _check_scalars, _Decided
+from .api import _backend_table, _check_scalars, _Decided, _requires_grad
 from .backend import Backend, Capabilities, platform_reasons
 
 
@@ -312,13 +312,9 @@ def _resolve(q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scal
     arrays = [q, k_cache, v_cache, cache_seqlens, k, v, block_table, alibi_slopes]
     present = [x for x in arrays if x is not None]
     traced = kind == "jax" and any(is_traced(x) for x in present)
-    requires_grad = False
-    if kind == "torch":
-        import torch
-
-        requires_grad = torch.is_grad_enabled() and any(
-            x.requires_grad for x in (q, k_cache, v_cache, k, v) if x is not None
-        )
+    # torch as attention's check; a traced JAX decode call is never differentiated (no backward)
+    requires_grad = kind == "torch" and _requires_grad(
+        kind, [x for x in (q, k_cache, v_cache, k, v) if x is not None], traced)
     dev = device_of(q, kind)
     params = DecodeParams(
         scale=scale_f,
