@@ -179,7 +179,7 @@ def _ring_fn(cfg: Config, axis):
         res = (out32 - out.astype(_F32)).astype(q.dtype)
         return out, lse, res, k, v
 
-    return _with_vjp(forward, lambda *a: _ring_backward(*a, cfg, axis), cfg)
+    return _with_vjp(forward, functools.partial(_ring_backward, cfg=cfg, axis=axis), cfg)
 
 
 def _with_vjp(forward, backward, cfg: Config):
@@ -271,4 +271,4 @@ def _allgather_fn(cfg: Config, axis):
         res = (out32 - out.astype(_F32)).astype(q.dtype)
         return out, lse, res, kg, vg
 
-    return _with_vjp(forward, lambda *a: _ag_backward(*a, cfg, axis), cfg)
+    return _with_vjp(forward, functools.partial(_ag_backward, cfg=cfg, axis=axis), cfg)
