@@ -342,8 +342,9 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
             plgpu.set_max_registers(40, action="decrease")
             hk = lax.div(h, jnp.int32(G))
 
-            def load(i, slot, refill):
-                kb = i if pl_.dense else walk_ref[mb, mh, tile, i]
+            def load(i, slot, refill, kb=None):
+                if kb is None:
+                    kb = i if pl_.dense else walk_ref[mb, mh, tile, i]
                 if refill:
                     plgpu.barrier_wait(k_free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[b, kb, pl.ds(0, bkv), hk], k_smem.at[slot],
@@ -359,8 +360,12 @@ def call(pl_: MaskPlan, q, k, v, walk, cnt, ptid, bits, slopes=None, residual=Fa
                     plgpu.copy_gmem_to_smem(bits_ref.at[tid], bits_smem.at[slot],
                                             b_full.at[slot])
 
+            # the first ring's key blocks read together with the counts (clamped: harmless
+            # past the list), not one list round trip per tile inside each condition
+            first = [jnp.int32(s_) if pl_.dense else walk_ref[mb, mh, tile, min(s_, nk - 1)]
+                     for s_ in range(stages)]
             for s_ in range(stages):
-                pl.when(s_ < n_all)(lambda s_=s_: load(jnp.int32(s_), s_, False))
+                pl.when(s_ < n_all)(lambda s_=s_: load(jnp.int32(s_), s_, False, first[s_]))
 
             def refill(i, _):
                 load(i + stages, lax.rem(i, jnp.int32(stages)), True)

@@ -175,8 +175,9 @@ def _dq(q, k, v, do, lse2q, delta, walk, cnt, ptid, bits, slopes, *, causal, ali
             plgpu.set_max_registers(40, action="decrease")
             hk = lax.div(h, jnp.int32(G))
 
-            def load(i, slot, refill):
-                kb = walk_ref[mb, mh, tile, i]
+            def load(i, slot, refill, kb=None):
+                if kb is None:
+                    kb = walk_ref[mb, mh, tile, i]
                 if refill:
                     plgpu.barrier_wait(free.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[b, kb, pl.ds(0, bkv), hk], k_smem.at[slot],
@@ -189,8 +190,10 @@ def _dq(q, k, v, do, lse2q, delta, walk, cnt, ptid, bits, slopes, *, causal, ali
                     plgpu.copy_gmem_to_smem(bits_ref.at[ptid_ref[mb, mh, tile, i]],
                                             bits_smem.at[slot], b_full.at[slot])
 
+            nk = k.shape[1]
+            first = [walk_ref[mb, mh, tile, min(s_, nk - 1)] for s_ in range(stages)]
             for s_ in range(stages):
-                pl.when(s_ < n_all)(lambda s_=s_: load(jnp.int32(s_), s_, False))
+                pl.when(s_ < n_all)(lambda s_=s_: load(jnp.int32(s_), s_, False, first[s_]))
             lax.fori_loop(0, jnp.maximum(n_all - stages, 0),
                           lambda i, _: load(i + stages, lax.rem(i, jnp.int32(stages)), True), None)
 
