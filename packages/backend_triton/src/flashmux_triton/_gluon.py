@@ -47,6 +47,18 @@ LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
 
 
+@gluon.constexpr_function
+def _acc_layout(n):
+    """The register layout of one warpgroup's (4 warps) wgmma accumulator with n columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def _a_operand(acc_layout):
+    """16-bit registers as the A operand of a wgmma into `acc_layout` (P, dS from registers)."""
+    return gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+
 @gluon.jit
 def _ring_load(desc_a, desc_b, a_smem, b_smem, a_ready, b_ready, empty, row, col, c,
                STAGES: gl.constexpr):
@@ -143,11 +155,9 @@ def _step(i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l_i,
           HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr,
           PINGPONG: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = _a_operand(o_layout)
     s = i % STAGES
     ph = (i // STAGES) & 1
     mbarrier.wait(k_ready.index(s), ph)
@@ -194,11 +204,9 @@ def _overlapped(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, acc, m_i, l
     PINGPONG: the two warpgroups take turns issuing (turn t + i: issue, then hand over without
     waiting for the results), so one's softmax runs under the other's matmuls; turns
     t..t+n_mine here, one per skipped block after (the caller), the same count in both."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = _a_operand(o_layout)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     if n_mine > 0:
         s = it % STAGES
@@ -265,10 +273,8 @@ def _fwd_store(O, LSE, R, out, m_i, l_i, b, h, row0, seqlen_q, stride_ob, stride
     """The forward's epilogue for one warpgroup's rows: out (normalized, float32) into O, its
     rounding error into R (RESID: for the backward's delta = rowsum(dO * O)), the natural-log
     lse into LSE; rows with no allowed key (l == 0) get lse -inf (their out is 0)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     rows_o = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     b64 = b.to(gl.int64)
@@ -294,10 +300,8 @@ def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, turn, O,
              HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
              PINGPONG: gl.constexpr, RESID: gl.constexpr, OVERLAP: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     row0 = m0 + HALF * BLOCK_M
     q = q_smem.index(HALF)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -443,10 +447,8 @@ def _p_consume(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empt
                HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                PINGPONG: gl.constexpr, RESID: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     q = q_smem.index(HALF)
     it = 0
     t = 0
@@ -545,11 +547,9 @@ def _bwd_consume(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, do_ready, q_e
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                  ALIBI: gl.constexpr):
     # S^T, dP^T: keys x queries (BLOCK_N x BLOCK_M); dK, dV: keys x head_dim
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_M)
+    a_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = _a_operand(a_layout)
     k = k_smem.index(HALF)
     v = v_smem.index(HALF)
     key0 = n0 + HALF * BLOCK_N
@@ -707,11 +707,9 @@ def _dq_consume(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_emp
                 HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                 OVERLAP: gl.constexpr, ALIBI: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    a_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = _a_operand(a_layout)
     row0 = m0 + HALF * BLOCK_M
     q = q_smem.index(HALF)
     do = do_smem.index(HALF)
