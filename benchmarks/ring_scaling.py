@@ -61,6 +61,18 @@ def configs(a):
     return [(s, hq, hkv) for s in seqs for hq, hkv in heads]
 
 
+def result(base, variant, ran, auto, t1, tp, backend, world, err) -> dict:
+    """One row: the case (`base`), the variant run and the one variant='auto' picks, the
+    one-device and P-device times (s -> ms; None when not run), efficiency t1 / (P tP), error."""
+    row = dict(base, variant=variant, ran=ran, auto_picks=auto, t1_ms=t1 and t1 * 1e3,
+               tP_ms=tp and tp * 1e3, backend=backend)
+    if t1 and tp:
+        row["efficiency"] = t1 / (world * tp)
+    if err:
+        row["error"] = err
+    return row
+
+
 def emit(a, row):
     line = json.dumps(row)
     print("RESULT " + line, flush=True)
@@ -150,13 +162,7 @@ def torch_rank(rank, world, a, port):
             if cuda:
                 torch.cuda.empty_cache()
             if rank == 0:
-                row = dict(base, variant=variant, ran=ran, auto_picks=auto, t1_ms=t1 and t1 * 1e3,
-                           tP_ms=tp and tp * 1e3, backend=backend)
-                if t1 and tp:
-                    row["efficiency"] = t1 / (world * tp)
-                if err:
-                    row["error"] = err
-                emit(a, row)
+                emit(a, result(base, variant, ran, auto, t1, tp, backend, world, err))
             dist.barrier()
     dist.destroy_process_group()
 
@@ -245,13 +251,7 @@ def run_jax(a, world):
             except Exception as e:  # noqa: BLE001
                 err = f"{type(e).__name__}: {str(e)[:200]}"
             q = k = v = do = None
-            row = dict(base, variant=variant, ran=ran, auto_picks=auto, t1_ms=t1 and t1 * 1e3,
-                       tP_ms=tp and tp * 1e3, backend=backend)
-            if t1 and tp:
-                row["efficiency"] = t1 / (world * tp)
-            if err:
-                row["error"] = err
-            emit(a, row)
+            emit(a, result(base, variant, ran, auto, t1, tp, backend, world, err))
 
 
 # -- driver ------------------------------------------------------------------------------------
