@@ -2,7 +2,10 @@
 // the head_dim 128 instantiation, fp16 and bf16; sm_90a only (issue 15, session 11). A unit of its
 // own so that the build compiles it beside the dense fwd_hdim128.cu (the dense kernels' code does
 // not change). 128-key blocks whatever the dense unit's tile: block masks come in blocks of
-// 128 k keys. Lean (head-dim-limited, compile-check) builds compile the bf16 kernel only.
+// 128 k keys.
+// Lean (head-dim-limited, compile-check) builds compile this file's bf16 kernel inside
+// fwd_hdim128.cu (one compiler front end less: CI time), so it is empty on its own there.
+#if !defined(FMX_HEAD_DIMS_LIMITED) || defined(FMX_SM90_EXTRAS_IN_DENSE_UNIT)
 #include <cstdlib>
 
 #include "fwd_kernel.cuh"
@@ -27,3 +30,4 @@ int run_fwd_ext<128>(const Params &p, int dtype, cudaStream_t stream) {
 }
 }  // namespace sm90
 }  // namespace fmx
+#endif

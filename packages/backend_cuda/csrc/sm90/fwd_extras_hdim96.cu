@@ -5,7 +5,9 @@
 // 128 k keys. Lean (head-dim-limited, compile-check) builds: a stub (below).
 #ifdef FMX_HEAD_DIMS_LIMITED
 // Lean (head-dim-limited) builds, compile checks never shipped: only fwd_extras_hdim128.cu's bf16
-// kernel is compiled (CI time); this head dim's kExt kernels are a stub there.
+// kernel is compiled (CI time); this head dim's kExt kernels are a stub there, compiled inside
+// fwd_hdim96.cu (no unit of its own: CI time), so this file is empty on its own.
+#ifdef FMX_SM90_EXTRAS_IN_DENSE_UNIT
 #include "sm90_api.h"
 namespace fmx {
 namespace sm90 {
@@ -15,6 +17,7 @@ int run_fwd_ext<96>(const Params &, int, cudaStream_t) {
 }
 }  // namespace sm90
 }  // namespace fmx
+#endif
 #else
 #include "fwd_kernel.cuh"
 

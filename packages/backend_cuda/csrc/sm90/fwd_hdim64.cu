@@ -65,3 +65,10 @@ int run_fwd<64>(const Params &p, int dtype, cudaStream_t stream) {
 }
 }  // namespace sm90
 }  // namespace fmx
+
+#ifdef FMX_HEAD_DIMS_LIMITED
+// Lean (head-dim-limited) builds, the CI compile check: fwd_extras_hdim64.cu's stub is compiled in
+// this unit (no unit of its own; session 11).
+#define FMX_SM90_EXTRAS_IN_DENSE_UNIT
+#include "fwd_extras_hdim64.cu"
+#endif
