@@ -5,57 +5,23 @@ nothing downloaded. CPU, float32, the reference backend."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tinymodels import VOCAB, model_pair  # noqa: E402
+
 import flashmux  # noqa: E402
 from flashmux import _prepared  # noqa: E402
 from flashmux.integrations import transformers as fmx_tf  # noqa: E402
 
-VOCAB = 96
 SEQ = 12
-# Weights drawn wide enough (initializer_range) that attention moves the logits: with the
-# default 0.02 a model that ignored its mask would still agree with eager to float32 rounding.
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
-
-
-def _config(family: str):
-    if family == "llama":
-        return transformers.LlamaConfig(**COMMON)
-    if family == "mistral":
-        return transformers.MistralConfig(**COMMON, sliding_window=4, head_dim=16)
-    if family == "gemma2":
-        return transformers.Gemma2Config(**COMMON, head_dim=16, sliding_window=4,
-                                         attn_logit_softcapping=1.5, final_logit_softcapping=None,
-                                         query_pre_attn_scalar=16)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4,
-                                        max_window_layers=1)
-    raise ValueError(family)
-
-
-_models: dict = {}
 
 
 def _pair(family: str):
     """(eager model, fmx model) with the same weights, in eval mode."""
-    if family not in _models:
-        torch.manual_seed(1234)
-        cfg = _config(family)
-        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
-                                                            attn_implementation="eager")
-        fmx = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
-                                                            attn_implementation=fmx_tf.NAME)
-        fmx.load_state_dict(ref.state_dict())
-        assert fmx.config._attn_implementation == "fmx"
-        _models[family] = (ref.eval(), fmx.eval())
-    return _models[family]
+    return model_pair(family, "eager", 1234)
 
 
 def _ids(batch=2, seq=SEQ, seed=0):

@@ -8,45 +8,21 @@ device tensor (no host read)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tinymodels import VOCAB, model_pair  # noqa: E402
+from tinymodels import config as _config  # noqa: E402
+
 import flashmux  # noqa: E402
 from flashmux.integrations import transformers as fmx_tf  # noqa: E402
-
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
-
-
-def _config(family):
-    if family == "llama":
-        return transformers.LlamaConfig(**COMMON)
-    if family == "mistral":
-        return transformers.MistralConfig(**COMMON, sliding_window=4, head_dim=16)
-    raise ValueError(family)
-
-
-_models: dict = {}
 
 
 def _pair(family):
     """(sdpa model, fmx model) with the same weights, eval mode."""
-    if family not in _models:
-        torch.manual_seed(4321)
-        cfg = _config(family)
-        ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
-                                                            attn_implementation="sdpa")
-        fmx = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
-                                                            attn_implementation=fmx_tf.NAME)
-        fmx.load_state_dict(ref.state_dict())
-        _models[family] = (ref.eval(), fmx.eval())
-    return _models[family]
+    return model_pair(family, "sdpa", 4321)
 
 
 def _ids(batch=2, seq=9, seed=0):
