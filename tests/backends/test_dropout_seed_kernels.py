@@ -19,7 +19,7 @@ import pytest
 
 import flashmux
 from flashmux.testing import judge
-from flashmux.testing.seeds import array_seeds
+from flashmux.testing.seeds import array_seeds, assert_tensor_seed_equals_int
 
 P = 0.3
 SHAPE = (1, 20, 2, 16)  # (B, S, H, D): tails in every block size
@@ -65,14 +65,7 @@ def test_triton_tensor_seed_equals_int(triton_device, dtype):
     q, k, v = (torch.tensor(x, device=triton_device, requires_grad=True) for x in _np_qkv())
     value = -7 if dtype == "int32" else 123457
     s = torch.tensor(value, dtype=getattr(torch, dtype), device=triton_device)
-    o_int = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=value, backend="triton")
-    o_arr = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=s, backend="triton")
-    assert torch.equal(o_int, o_arr)
-    g_int = torch.autograd.grad(o_int.square().sum(), (q, k, v))
-    g_arr = torch.autograd.grad(o_arr.square().sum(), (q, k, v))
-    assert all(torch.equal(a, b) for a, b in zip(g_int, g_arr))
-    other = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=s + 1, backend="triton")
-    assert not torch.equal(o_arr, other)
+    assert_tensor_seed_equals_int(q, k, v, value, s, P, "triton")
 
 
 def test_triton_new_seed_compiles_nothing_and_never_syncs(triton_device):

@@ -14,7 +14,7 @@ import pytest
 
 import flashmux
 from flashmux.testing import judge
-from flashmux.testing.seeds import array_seeds
+from flashmux.testing.seeds import array_seeds, assert_tensor_seed_equals_int
 
 P = 0.3
 SHAPE = (2, 19, 4, 16)  # (B, S, H, D): not a multiple of any chunk
@@ -38,14 +38,7 @@ def test_torch_tensor_seed_equals_int(value, dtype):
     torch = pytest.importorskip("torch")
     q, k, v = (torch.tensor(x, requires_grad=True) for x in _qkv())
     s = torch.tensor(value, dtype=getattr(torch, dtype))
-    o_int = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=value, backend="reference")
-    o_arr = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=s, backend="reference")
-    assert torch.equal(o_int, o_arr)
-    g_int = torch.autograd.grad(o_int.square().sum(), (q, k, v))
-    g_arr = torch.autograd.grad(o_arr.square().sum(), (q, k, v))
-    assert all(torch.equal(a, b) for a, b in zip(g_int, g_arr))
-    other = flashmux.attention(q, k, v, dropout_p=P, dropout_seed=s + 1, backend="reference")
-    assert not torch.equal(o_arr, other)
+    assert_tensor_seed_equals_int(q, k, v, value, s, P, "reference")
 
 
 def test_torch_compile_two_seeds_one_graph():

@@ -46,3 +46,19 @@ def array_seeds(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(flashmux, "attention", attention)
     return used
+
+
+def assert_tensor_seed_equals_int(q, k, v, value: int, seed, dropout_p: float, backend: str):
+    """torch: `seed` (a scalar integer tensor holding `value`) draws the int's dropout mask: out
+    and the gradients of q, k, v (which require grad) bitwise equal; seed + 1 draws another."""
+    import torch
+
+    o_int = flashmux.attention(q, k, v, dropout_p=dropout_p, dropout_seed=value, backend=backend)
+    o_arr = flashmux.attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed, backend=backend)
+    assert torch.equal(o_int, o_arr)
+    g_int = torch.autograd.grad(o_int.square().sum(), (q, k, v))
+    g_arr = torch.autograd.grad(o_arr.square().sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(g_int, g_arr))
+    other = flashmux.attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed + 1,
+                               backend=backend)
+    assert not torch.equal(o_arr, other)
