@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 import flashmux  # noqa: E402
 from flashmux.compat import flash_attn as fa  # noqa: E402
 from flashmux.compat import torch as ctorch  # noqa: E402
+from flashmux.testing.seeds import recorded_seeds  # noqa: E402
 
 P = 0.25
 
@@ -23,14 +24,7 @@ def _t(*shape, seed=0):
 
 def test_flash_attn_dropout_seed_from_torch_generator(monkeypatch):
     q, k, v = _t(2, 9, 2, 8, seed=1), _t(2, 9, 2, 8, seed=2), _t(2, 9, 2, 8, seed=3)
-    seeds = []
-    real = flashmux.attention
-
-    def spy(q, k, v, **kw):
-        seeds.append(kw.get("dropout_seed"))
-        return real(q, k, v, **kw)
-
-    monkeypatch.setattr(flashmux, "attention", spy)
+    seeds = recorded_seeds(monkeypatch)
     torch.manual_seed(5)
     a = fa.flash_attn_func(q, k, v, dropout_p=P, causal=True)
     b = fa.flash_attn_func(q, k, v, dropout_p=P, causal=True)

@@ -18,6 +18,7 @@ from tinymodels import config as _config  # noqa: E402
 
 import flashmux  # noqa: E402
 from flashmux.integrations import transformers as fmx_tf  # noqa: E402
+from flashmux.testing.seeds import recorded_seeds  # noqa: E402
 
 
 def _pair(family):
@@ -119,14 +120,7 @@ def test_training_dropout_seed_is_drawn_on_the_device(monkeypatch):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=fmx_tf.NAME)
     model.train()
-    seeds = []
-    real = flashmux.attention
-
-    def spy(q, k, v, **kw):
-        seeds.append(kw.get("dropout_seed"))
-        return real(q, k, v, **kw)
-
-    monkeypatch.setattr(flashmux, "attention", spy)
+    seeds = recorded_seeds(monkeypatch)
     ids = _ids()
     torch.manual_seed(1)
     a = model(ids).logits

@@ -62,3 +62,18 @@ def assert_tensor_seed_equals_int(q, k, v, value: int, seed, dropout_p: float, b
     other = flashmux.attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed + 1,
                                backend=backend)
     assert not torch.equal(o_arr, other)
+
+
+def recorded_seeds(monkeypatch) -> list:
+    """Patch flashmux.attention (restored by pytest's monkeypatch) to record each call's
+    dropout_seed, unchanged, in the returned list (integrations that draw the seed themselves:
+    from the torch generator, as a tensor on the device)."""
+    real = flashmux.attention
+    seeds: list = []
+
+    def attention(q, k, v, **kw):
+        seeds.append(kw.get("dropout_seed"))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(flashmux, "attention", attention)
+    return seeds
