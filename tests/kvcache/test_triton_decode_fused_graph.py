@@ -7,17 +7,11 @@ replayed several times with new lengths, judged against float64 and against eage
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from tritonpass import triton_pass_torch  # tests/kvcache/tritonpass.py
 
-if os.environ.get("FLASHMUX_TEST_BACKEND") != "triton":
-    pytest.skip("runs in the triton pass only", allow_module_level=True)
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+torch = triton_pass_torch()
 
 import graphs  # noqa: E402  (tests/kvcache/graphs.py)
 

@@ -11,13 +11,9 @@ import os
 
 import numpy as np
 import pytest
+from tritonpass import triton_pass_torch  # tests/kvcache/tritonpass.py
 
-if os.environ.get("FLASHMUX_TEST_BACKEND") != "triton":
-    pytest.skip("runs in the triton pass only", allow_module_level=True)
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+torch = triton_pass_torch()
 pytest.importorskip("triton.tools.tensor_descriptor")
 
 import graphs  # noqa: E402  (tests/kvcache/graphs.py)
