@@ -138,6 +138,54 @@ __device__ __forceinline__ auto acc_as_a(L l) {
                      coalesce(make_layout(get<2, 1>(split), get<2>(l))));
 }
 
+// The consumers' softmax step, shared by fwd_kernel and fwd_kernel_persist (fwd_persist.cuh):
+// S_rc / C_rc / O_rc are a warpgroup's 64 x BN score accumulator, its coordinates and the O
+// accumulator viewed as (rows, cols) (acc_rowcol); a thread holds kRows = 2 rows.
+// The element mask of a boundary tile (causal/window/key tail) for query rows row0.. and keys
+// n0..; interior tiles skip it.
+template <int kWM, int kBN, class TS, class TC>
+__device__ __forceinline__ void mask_boundary_tile(TS &S_rc, const TC &C_rc, const Params &p,
+                                                   const SeqInfo &si, int row0, int n0) {
+  constexpr int kRows = decltype(size<0>(S_rc))::value;
+  constexpr int kCols = decltype(size<1>(S_rc))::value;
+  if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
+        if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
+      }
+  }
+}
+// Online softmax of the (masked) S tile in base 2 with the scale folded into one FFMA: S becomes
+// exp2 values, the row maxima and sums advance, corr is what O must be multiplied by.
+template <int kRows, class TS>
+__device__ __forceinline__ void online_softmax_step(TS &S_rc, float (&row_max)[kRows],
+                                                    float (&row_sum)[kRows], float sl2,
+                                                    float (&corr)[kRows]) {
+  constexpr int kCols = decltype(size<1>(S_rc))::value;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, S_rc(r, c));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float ms = mx == -INFINITY ? 0.f : mx * sl2;
+    corr[r] = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const float e = fast_exp2(fmaf(S_rc(r, c), sl2, -ms));
+      S_rc(r, c) = e;
+      sum += e;
+    }
+    row_sum[r] = row_sum[r] * corr[r] + sum;
+  }
+}
+
 // The block mask's walk for one query block of 128 rows (SPEC "Block masks"; the sm80 family's
 // KeyTiles in the sm90 kernel's terms): the listed key blocks, full ones first, then partial ones,
 // as kernel key blocks of kBN keys (a mask block of bm_block keys is bm_block / kBN kernel blocks;
@@ -348,42 +396,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
     // Mask (boundary tiles) and online softmax of key block n: S becomes exp2 values, the row
     // maxima and sums advance, corr is what O must be multiplied by.
-    // Online softmax of the (masked) S tile: S becomes exp2 values, the row maxima and sums
-    // advance, corr is what O must be multiplied by.
     auto online = [&](float (&corr)[kRows]) __attribute__((always_inline)) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, S_rc(r, c));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float ms = mx == -INFINITY ? 0.f : mx * sl2;
-        corr[r] = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
-        row_max[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          const float e = fast_exp2(fmaf(S_rc(r, c), sl2, -ms));
-          S_rc(r, c) = e;
-          sum += e;
-        }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
+      online_softmax_step(S_rc, row_max, row_sum, sl2, corr);
     };
     // Mask (boundary tiles) and online softmax of key block n (the dense kernel).
     auto softmax = [&](int n, float (&corr)[kRows]) __attribute__((always_inline)) {
       warpgroup_fence_operand(tSrS);
-      const int n0 = n * kBN;
-      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
-            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
-          }
-      }
+      mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n * kBN);
       online(corr);
     };
     // ---- kExt: ALiBi and block masks. A tile of the walk: its first key and its bitmask
@@ -448,15 +467,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             if (((wv[r][jc >> 5] >> (jc & 31)) & 1u) == 0u) S_rc(r, c) = -INFINITY;
           }
       }
-      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
-            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
-          }
-      }
+      mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);
       online(corr);
     };
     auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {

@@ -219,7 +219,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     Tensor C_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
     Tensor O_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     constexpr int kRows = decltype(size<0>(S_rc))::value;  // 2
-    constexpr int kCols = decltype(size<1>(S_rc))::value;
     static_assert(kRows == 2, "a thread holds two rows of a 64-row wgmma accumulator");
 
     float row_max[kRows], row_sum[kRows];
@@ -256,34 +255,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const int n0 = n * kBN;
       const SeqInfo si(p, 0);
       const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
-      if (tile_needs_mask(p, si, row0, kWM, n0, kBN)) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const int i = row0 + get<0>(C_rc(r, c)), j = n0 + get<1>(C_rc(r, c));
-            if (!key_allowed(p, si, i, j)) S_rc(r, c) = -INFINITY;
-          }
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_max[r];
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, S_rc(r, c));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float ms = mx == -INFINITY ? 0.f : mx * sl2;
-        corr[r] = row_max[r] == -INFINITY ? 0.f : fast_exp2(row_max[r] * sl2 - ms);
-        row_max[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          const float e = fast_exp2(fmaf(S_rc(r, c), sl2, -ms));
-          S_rc(r, c) = e;
-          sum += e;
-        }
-        row_sum[r] = row_sum[r] * corr[r] + sum;
-      }
+      mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);  // fwd_kernel.cuh
+      online_softmax_step(S_rc, row_max, row_sum, sl2, corr);
     };
     auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {
 #pragma unroll
