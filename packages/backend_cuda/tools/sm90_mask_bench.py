@@ -134,6 +134,26 @@ def main(argv=None) -> int:
             diff = float((o.float() - ref.float()).abs().max())
             print(f"check {m} {var} vs {variants[0]}: max|diff| {diff:.3g}"
                   f"{' BAD' if not diff <= args.tol else ''}", flush=True)
+    def report(rounds_done):
+        for mode in modes:
+            dn = statistics.median(times[("dense", "sm90", mode)])
+            print(f"\n{mode}: dense (sm90) {dn:.3f} ms, medians over {rounds_done} rounds; "
+                  f"ms (x {variants[0]}) [time / (density x dense)]")
+            print("| mask | density | " + " | ".join(variants) + " |")
+            print("|---|---|" + "---|" * len(variants))
+            for m in masks:
+                med = {var: statistics.median(times[(m, var, mode)]) for var in variants}
+                cells = []
+                for var in variants:
+                    t = med[var]
+                    cells.append(f"{t:.3f} ({t / med[variants[0]]:.2f}x) [{t / (dens[m] * dn):.2f}]")
+                print(f"| {m} | {dens[m]:.3f} | " + " | ".join(cells) + " |")
+            if rounds_done > 1 and "alibi" in masks:
+                per = [a / dd for a, dd in zip(times[("alibi", variants[0], mode)],
+                                               times[("dense", "sm90", mode)])]
+                print(f"alibi / dense per round ({variants[0]}): " + ", ".join(f"{x:.3f}" for x in per),
+                      flush=True)
+
     times: dict = {}
     rounds_done = 0
     for r in range(args.rounds):
@@ -154,23 +174,7 @@ def main(argv=None) -> int:
                     times.setdefault((m, var, mode), []).append(t)
         rounds_done += 1
         print(f"round {r + 1} done at {time.time() - t_start:.0f} s", flush=True)
-    for mode in modes:
-        dn = statistics.median(times[("dense", "sm90", mode)])
-        print(f"\n{mode}: dense (sm90) {dn:.3f} ms, medians over {rounds_done} rounds; "
-              f"ms (x {variants[0]}) [time / (density x dense)]")
-        print("| mask | density | " + " | ".join(variants) + " |")
-        print("|---|---|" + "---|" * len(variants))
-        for m in masks:
-            med = {var: statistics.median(times[(m, var, mode)]) for var in variants}
-            cells = []
-            for var in variants:
-                t = med[var]
-                cells.append(f"{t:.3f} ({t / med[variants[0]]:.2f}x) [{t / (dens[m] * dn):.2f}]")
-            print(f"| {m} | {dens[m]:.3f} | " + " | ".join(cells) + " |")
-        if rounds_done > 1 and "alibi" in masks:
-            per = [a / dd for a, dd in zip(times[("alibi", variants[0], mode)],
-                                           times[("dense", "sm90", mode)])]
-            print(f"alibi / dense per round ({variants[0]}): " + ", ".join(f"{x:.3f}" for x in per))
+        report(rounds_done)  # after every round: a cut run keeps what it measured
     return 0
 
 
