@@ -20,11 +20,14 @@ int run_fwd_ext<128>(const Params &p, int dtype, cudaStream_t stream) {
   if (dtype == 0) return cudaErrorNotSupported;  // lean builds are compile checks, never shipped
 #endif
 #ifndef FMX_HEAD_DIMS_LIMITED
-  // FLASHMUX_CUDA_SM90_EXT_AHEAD=1 (read per call; bf16, this head dim only): the kExt = 2
-  // variant (list lookups one tile ahead, bitmask words loaded under the S GEMM), for A/B
+  // FLASHMUX_CUDA_SM90_EXT_AHEAD (read per call; bf16, this head dim only), for A/B: =1 the
+  // kExt = 2 variant (list lookups one tile ahead, bitmask words loaded under the S GEMM), =2
+  // kExt = 3 (lookups one tile ahead, words after the wait)
   const char *ahead = std::getenv("FLASHMUX_CUDA_SM90_EXT_AHEAD");
   if (ahead != nullptr && ahead[0] == '1')
     return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 2>(p, stream);
+  if (ahead != nullptr && ahead[0] == '2')
+    return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 3>(p, stream);
 #endif
   return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 1>(p, stream);
 }

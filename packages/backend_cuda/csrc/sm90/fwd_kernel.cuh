@@ -225,7 +225,8 @@ struct BmWalk {
 // line sits under `if constexpr`); 1 = with ALiBi slopes and block masks (runtime fields of
 // Params, CTA-uniform branches), a tile's list entries and bitmask words loaded after its S GEMM
 // completed; 2 = the same with the list entries looked up one tile ahead and the words loaded
-// under the S GEMM (more registers live across the wait: 80 B of spills at hd128 vs 12).
+// under the S GEMM (more registers live across the wait: 80 B of spills at hd128 vs 28);
+// 3 = lookups one tile ahead, words after the wait.
 template <typename Tr, int kExt = 0>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdKernelParams<Tr> kp) {
@@ -505,7 +506,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // the overlapped ping-pong loop of the dense kernel (below) with the kExt softmax (and,
         // kExt == 2, the tile lookups one tile ahead, the bitmask words loaded under the GEMM)
         static_assert(Tr::kOverlap && Tr::kPingPong, "kExt: the overlapped ping-pong loop");
-        constexpr bool kAhead = kExt == 2;
+        constexpr bool kAhead = kExt >= 2;        // list lookups one tile ahead
+        constexpr bool kWordsEarly = kExt == 2;  // bitmask words loaded under the S GEMM
         uint32_t wv[kRows][kWords];
         if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // the first turn is WG 1's
         ExtTile cur{0, nullptr}, nxt{0, nullptr};
@@ -517,14 +519,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         my_turn();
         issue_s(st_k.index());
         end_turn();
-        if constexpr (kAhead) load_bits(cur, wv);
+        if constexpr (kWordsEarly) load_bits(cur, wv);
         warpgroup_wait<0>();
         pipe_k.consumer_release(st_k);
         ++st_k;
-        if constexpr (!kAhead) {
-          cur = ext_tile(n_max - 1);
-          load_bits(cur, wv);
-        }
+        if constexpr (!kAhead) cur = ext_tile(n_max - 1);
+        if constexpr (!kWordsEarly) load_bits(cur, wv);
         softmax_ext(cur, wv, corr);
         convert_p();
         for (int n = n_max - 2; n >= n_min; --n) {
@@ -538,14 +538,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           issue_s(st_k.index());
           issue_o(st_v.index());
           end_turn();
-          if constexpr (kAhead) load_bits(cur, wv);
+          if constexpr (kWordsEarly) load_bits(cur, wv);
           warpgroup_wait<1>();
           pipe_k.consumer_release(st_k);
           ++st_k;
-          if constexpr (!kAhead) {
-            cur = ext_tile(n);
-            load_bits(cur, wv);
-          }
+          if constexpr (!kAhead) cur = ext_tile(n);
+          if constexpr (!kWordsEarly) load_bits(cur, wv);
           softmax_ext(cur, wv, corr);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
