@@ -268,3 +268,43 @@ def test_sm90_block_mask_skips_empty_tiles(hopper, monkeypatch):
     for sl in (None, torch.full((h,), 0.05, device="cuda")):
         out = flashmux.attention(q, k, v, block_mask=bm, alibi_slopes=sl, backend="cuda")
         assert torch.isfinite(out).all()
+
+
+PERSIST_ENV = "FLASHMUX_CUDA_SM90_EXT_PERSIST"  # read per call by fwd_extras_hdim128.cu (bf16)
+PERSIST_CASES = [c for c in MASK_CASES if c["d"] == 128 and c.get("dtype", "bfloat16") == "bfloat16"
+                 and not c.get("softcap")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", PERSIST_CASES, ids=[c["name"] for c in PERSIST_CASES])
+def test_sm90_ext_persistent_against_reference(c, hopper, monkeypatch):
+    """The opt-in persistent kExt forward (bf16 head_dim 128): the same cases vs float64."""
+    monkeypatch.delenv(fam.SM90_EXT_ENV, raising=False)
+    monkeypatch.setenv(PERSIST_ENV, "1")
+    monkeypatch.setattr(bm_base, "_mask_fn", _mask_fn)
+    _judged(bm_base._measure, {**c, "grad": False})
+
+
+@pytest.mark.gpu
+def test_sm90_ext_persistent_matches_tile_kernel(hopper, monkeypatch):
+    """Persistent and one-CTA-per-tile kExt forwards compute each tile in the same order: out and
+    lse agree to float32 rounding (block mask + ALiBi, ALiBi + causal, rows without keys)."""
+    import torch
+
+    monkeypatch.delenv(fam.SM90_EXT_ENV, raising=False)
+    B, S, Hq, Hkv, D = 2, 1300, 8, 2, 128
+    q, k, v = (torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16)
+               for h in (Hq, Hkv, Hkv))
+    seg = np.sort(np.random.default_rng().integers(0, 6, (B, S)), axis=1)
+    bm = flashmux.create_block_mask(M.and_(M.causal(), M.document(seg)), B, None, S, S, like=q)
+    late = flashmux.create_block_mask(lambda b, h, i, j: j < i - 300, None, None, S, S, like=q)
+    sl = torch.rand(B, Hq, device="cuda") * 0.2
+    for kw in (dict(block_mask=bm, alibi_slopes=sl), dict(causal=True, alibi_slopes=sl[0]),
+               dict(block_mask=late)):
+        res = []
+        for env in ("0", "1"):
+            monkeypatch.setenv(PERSIST_ENV, env)
+            res.append(flashmux.attention(q, k, v, backend="cuda", return_lse=True, **kw))
+        (o0, l0), (o1, l1) = res
+        torch.testing.assert_close(o1.float(), o0.float(), rtol=0, atol=2**-7)
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ Triton, in ONE process with interleaved rounds (issue 15, session 11).
 Variants: sm90 (the cuda backend as it picks: the sm90 kExt forward on compute capability 9.0),
 sm90a (FLASHMUX_CUDA_SM90_EXT_AHEAD=1: the kExt = 2 variant, list lookups one tile ahead; bf16
 head_dim 128 only), sm90b (FLASHMUX_CUDA_SM90_EXT_AHEAD=2: kExt = 3, lookups one tile ahead,
-words after the wait), sm80 (the cuda backend with FLASHMUX_CUDA_SM90_EXT=0: ALiBi / block-mask calls on the sm80
+words after the wait), sm90p (FLASHMUX_CUDA_SM90_EXT_PERSIST=1: the persistent kernel with kExt = 1,
+bf16 head_dim 128), sm80 (the cuda backend with FLASHMUX_CUDA_SM90_EXT=0: ALiBi / block-mask calls on the sm80
 kernels, read per call), triton (the triton backend). Every round times, per mask, every variant
 one after the other (CUDA events, ~--ms of calls each); the table gives the median over rounds,
 the ratio to the first variant and the density ratio time / (tile density x dense time), dense =
@@ -30,6 +31,7 @@ VARIANTS = {
     "sm90": ("cuda", {}),
     "sm90a": ("cuda", {"FLASHMUX_CUDA_SM90_EXT_AHEAD": "1"}),  # kExt = 2 (bf16 hd128 only)
     "sm90b": ("cuda", {"FLASHMUX_CUDA_SM90_EXT_AHEAD": "2"}),  # kExt = 3 (bf16 hd128 only)
+    "sm90p": ("cuda", {"FLASHMUX_CUDA_SM90_EXT_PERSIST": "1"}),  # persistent kExt (bf16 hd128)
     "sm80": ("cuda", {"FLASHMUX_CUDA_SM90_EXT": "0"}),
     "triton": ("triton", {}),
 }

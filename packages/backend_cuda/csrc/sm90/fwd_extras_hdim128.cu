@@ -8,7 +8,7 @@
 #if !defined(FMX_HEAD_DIMS_LIMITED) || defined(FMX_SM90_EXTRAS_IN_DENSE_UNIT)
 #include <cstdlib>
 
-#include "fwd_kernel.cuh"
+#include "fwd_persist.cuh"
 
 namespace fmx {
 namespace sm90 {
@@ -28,6 +28,12 @@ int run_fwd_ext<128>(const Params &p, int dtype, cudaStream_t stream) {
     return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 2>(p, stream);
   if (ahead != nullptr && ahead[0] == '2')
     return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 3>(p, stream);
+  // FLASHMUX_CUDA_SM90_EXT_PERSIST=1 (read per call; bf16, this head dim): the persistent
+  // kernel's kExt = 1 (fwd_persist.cuh; the next tile's Q load and the epilogue overlap the
+  // main loop: the fixed cost per query block of sparse masks), where O's strides suit TMA
+  const char *persist = std::getenv("FLASHMUX_CUDA_SM90_EXT_PERSIST");
+  if (persist != nullptr && persist[0] == '1' && o_tma_ok(p))
+    return launch_fwd_persist<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 1>(p, stream);
 #endif
   return launch_fwd<FwdTraits<128, 128, 2, cutlass::bfloat16_t>, 1>(p, stream);
 }

@@ -195,15 +195,24 @@ template <int kBN>
 struct BmWalk {
   const int32_t *full, *part, *tile;
   int nf, count, sub;
-  __device__ __forceinline__ void init(const Params &p, int b, int h, int m0) {
-    const int64_t row =
-        ((int64_t)(p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? h : 0)) * p.bm_nq + m0 / p.bm_block;
+  // The lists' row of (sequence b, query head h, query rows m0..).
+  static __device__ __forceinline__ int row_of(const Params &p, int b, int h, int m0) {
+    return ((p.bm_b > 1 ? b : 0) * p.bm_h + (p.bm_h > 1 ? h : 0)) * p.bm_nq + m0 / p.bm_block;
+  }
+  // The walk of list row `row`, its counts (in kernel blocks) given.
+  __device__ __forceinline__ void at(const Params &p, int row, int nf_, int count_) {
     sub = p.bm_block / kBN;
-    nf = __ldg(p.bm_qnf + row) * sub;
-    count = nf + __ldg(p.bm_qnp + row) * sub;
-    full = p.bm_qfi + row * p.bm_nk;
-    part = p.bm_qpi + row * p.bm_nk;
-    tile = p.bm_tile + row * p.bm_nk;
+    nf = nf_;
+    count = count_;
+    full = p.bm_qfi + (int64_t)row * p.bm_nk;
+    part = p.bm_qpi + (int64_t)row * p.bm_nk;
+    tile = p.bm_tile + (int64_t)row * p.bm_nk;
+  }
+  __device__ __forceinline__ void init(const Params &p, int b, int h, int m0) {
+    const int row = row_of(p, b, h, m0);
+    const int s = p.bm_block / kBN;
+    const int f = __ldg(p.bm_qnf + row) * s;
+    at(p, row, f, f + __ldg(p.bm_qnp + row) * s);
   }
   // Kernel key block of walk position s.
   __device__ __forceinline__ int n(int s) const {
@@ -220,6 +229,65 @@ struct BmWalk {
     return p.bm_bits + (int64_t)t * p.bm_block * (p.bm_block / 32);
   }
 };
+
+// kExt's per-tile pieces, shared by fwd_kernel and fwd_kernel_persist. A tile of the walk: its
+// first key and its bitmask (nullptr: a full tile or no block mask).
+struct ExtTile {
+  int n0;
+  const int32_t *tb;
+};
+// The bitmask words of this thread's rows (kBN / 32 words each, pre-shifted by the thread's
+// first column: the columns a thread holds sit at static offsets below 32 within a word, so the
+// word index and the bit are compile-time constants).
+template <int kBN, int kRows, class TC>
+__device__ __forceinline__ void ext_load_bits(const ExtTile &t, uint32_t (&wv)[kRows][kBN / 32],
+                                              const TC &C_rc, const Params &p, int row0) {
+  if (t.tb != nullptr) {
+    const int words = p.bm_block / 32;
+    const int col0 = get<1>(C_rc(0, 0));
+    const int rb = row0 % p.bm_block, cb = (t.n0 % p.bm_block) / 32;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int32_t *wr = t.tb + (int64_t)(rb + get<0>(C_rc(r, 0))) * words + cb;
+#pragma unroll
+      for (int k = 0; k < kBN / 32; ++k) wv[r][k] = static_cast<uint32_t>(__ldg(wr + k)) >> col0;
+    }
+  }
+}
+// ALiBi (slope in the accumulator's units; 0 = none), then the bitmask (partial tiles), then the
+// boundary mask (window/causal/tails): the scores of tile t before the online softmax.
+template <int kWM, int kBN, int kRows, class TS, class TC>
+__device__ __forceinline__ void ext_modify_scores(TS &S_rc, const TC &C_rc, const ExtTile &t,
+                                                  const uint32_t (&wv)[kRows][kBN / 32],
+                                                  const Params &p, const SeqInfo &si, int row0,
+                                                  bool alibi, float slope) {
+  constexpr int kCols = decltype(size<1>(S_rc))::value;
+  const int n0 = t.n0;
+  const int col0 = get<1>(C_rc(0, 0));
+  if (alibi) {
+    // S -= slope * |i + off - j|: the distance of row r once, the static column offsets folded
+    // in (one FADD with |.| and one FFMA per score, as the sm80 family)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float d0 = static_cast<float>(row0 + get<0>(C_rc(r, 0)) + si.off - n0 - col0);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float cc = static_cast<float>(get<1>(C_rc(r, c)) - col0);
+        S_rc(r, c) = fmaf(-slope, fabsf(d0 - cc), S_rc(r, c));
+      }
+    }
+  }
+  if (t.tb != nullptr) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int jc = get<1>(C_rc(r, c)) - col0;  // static
+        if (((wv[r][jc >> 5] >> (jc & 31)) & 1u) == 0u) S_rc(r, c) = -INFINITY;
+      }
+  }
+  mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);
+}
 
 // kExt (fwd_extras_hdim*.cu): 0 = the dense kernel, whose code does not change (every kExt
 // line sits under `if constexpr`); 1 = with ALiBi slopes and block masks (runtime fields of
@@ -406,13 +474,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n * kBN);
       online(corr);
     };
-    // ---- kExt: ALiBi and block masks. A tile of the walk: its first key and its bitmask
-    // (nullptr: a full tile or no block mask), looked up one tile ahead of its softmax (the list
-    // loads stay off the softmax's path); loop index n past the walk (n < n_min): nothing.
-    struct ExtTile {
-      int n0;
-      const int32_t *tb;
-    };
+    // ---- kExt: the tile of loop index n (walk position n_max - 1 - n with a block mask); past
+    // the walk (n < n_min): nothing.
     [[maybe_unused]] auto ext_tile = [&](int n) __attribute__((always_inline)) {
       ExtTile t{0, nullptr};
       if (n >= n_min) {
@@ -421,54 +484,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       return t;
     };
-    // The bitmask words of this thread's two rows (kBN / 32 words each, pre-shifted by the
-    // thread's first column: the columns a thread holds differ from its first by static
-    // offsets < 32 within a word, so word index and shift are static), loaded before the wait
-    // for S so that their latency hides under the GEMM.
     constexpr int kWords = kBN / 32;
     [[maybe_unused]] auto load_bits = [&](const ExtTile &t, uint32_t (&wv)[kRows][kWords])
-        __attribute__((always_inline)) {
-      if (t.tb != nullptr) {
-        const int words = p.bm_block / 32;
-        const int col0 = get<1>(C_rc(0, 0));
-        const int rb = row0 % p.bm_block, cb = (t.n0 % p.bm_block) / 32;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const int32_t *wr = t.tb + (int64_t)(rb + get<0>(C_rc(r, 0))) * words + cb;
-#pragma unroll
-          for (int k = 0; k < kWords; ++k) wv[r][k] = static_cast<uint32_t>(__ldg(wr + k)) >> col0;
-        }
-      }
-    };
-    // ALiBi, then the bitmask (partial tiles), then window/causal/tails, then the softmax.
+        __attribute__((always_inline)) { ext_load_bits<kBN>(t, wv, C_rc, p, row0); };
     [[maybe_unused]] auto softmax_ext = [&](const ExtTile &t, const uint32_t (&wv)[kRows][kWords],
                                             float (&corr)[kRows]) __attribute__((always_inline)) {
       warpgroup_fence_operand(tSrS);
-      const int n0 = t.n0;
-      const int col0 = get<1>(C_rc(0, 0));
-      if (p.alibi != nullptr) {
-        // S -= slope * |i + off - j|: the distance of row r once, the static column offsets
-        // folded in (one FADD with |.| and one FFMA per score, as the sm80 family)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float d0 = static_cast<float>(row0 + get<0>(C_rc(r, 0)) + si.off - n0 - col0);
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const float cc = static_cast<float>(get<1>(C_rc(r, c)) - col0);
-            S_rc(r, c) = fmaf(-slope, fabsf(d0 - cc), S_rc(r, c));
-          }
-        }
-      }
-      if (t.tb != nullptr) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            const int jc = get<1>(C_rc(r, c)) - col0;  // static
-            if (((wv[r][jc >> 5] >> (jc & 31)) & 1u) == 0u) S_rc(r, c) = -INFINITY;
-          }
-      }
-      mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);
+      ext_modify_scores<kWM, kBN>(S_rc, C_rc, t, wv, p, si, row0, p.alibi != nullptr, slope);
       online(corr);
     };
     auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {

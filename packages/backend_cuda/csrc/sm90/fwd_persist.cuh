@@ -33,7 +33,8 @@ namespace sm90 {
 using namespace cute;
 
 struct TileInfo {
-  int m_block, h, b, n_min, n_max, pad0, pad1, pad2;
+  // nf, bm_row, slope_bits: kExt only (the walk's full count and list row, the ALiBi slope)
+  int m_block, h, b, n_min, n_max, nf, bm_row, slope_bits;
 };
 
 __device__ __forceinline__ int ld_volatile(const int *p) { return *reinterpret_cast<const volatile int *>(p); }
@@ -77,7 +78,9 @@ struct FwdPersistParams {
   int total_tiles;  // num_m * hq * batch
 };
 
-template <typename Tr>
+// kExt (session 11): 0 = dense; 1 = ALiBi slopes / block masks as fwd_kernel's kExt = 1 (the
+// producer writes the walk's counts, list row and slope into the tile ring).
+template <typename Tr, int kExt = 0>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fwd_kernel_persist(const __grid_constant__ FwdPersistParams<Tr> kp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -152,6 +155,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int slot = iter & 1;
         if (iter >= 2) ClusterBarrier::wait(&ss.tile_empty[slot], ((iter >> 1) - 1) & 1);
         int m_block = -1, h = 0, b = 0, n_min = 0, n_max = 0;
+        [[maybe_unused]] int nf = 0, bm_row = 0;
+        [[maybe_unused]] float slope = 0.f;
         if (t < kp.total_tiles) {
           // head-major, as the one-CTA-per-tile grid launches: the CTAs running together work on
           // the query blocks of one or two (head, batch) pairs and share their K/V in L2 (the
@@ -163,6 +168,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           b = r / p.hq;
           const SeqInfo si(p, b);
           key_block_range(p, si, m_block * kBM, kBM, kBN, n_min, n_max);
+          if constexpr (kExt) {
+            if (p.bm_qnf != nullptr) {  // walk positions, as fwd_kernel
+              BmWalk<kBN> bw;
+              bw.init(p, b, h, m_block * kBM);
+              nf = bw.nf;
+              bm_row = BmWalk<kBN>::row_of(p, b, h, m_block * kBM);
+              n_min = 0;
+              n_max = bw.count;
+            }
+            if (p.alibi != nullptr)
+              slope = __ldg(p.alibi + (int64_t)b * p.alibi_bs + h) / p.score_nat;
+          }
         }
         volatile TileInfo *ti = &ss.tiles[slot];
         ti->m_block = m_block;
@@ -170,6 +187,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         ti->b = b;
         ti->n_min = n_min;
         ti->n_max = n_max;
+        if constexpr (kExt) {
+          ti->nf = nf;
+          ti->bm_row = bm_row;
+          ti->slope_bits = __float_as_int(slope);
+        }
         compiler_fence();
         ClusterBarrier::arrive(&ss.tile_full[slot]);  // release: the consumers see the fields
         if (m_block < 0) break;
@@ -185,13 +207,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, Tr::kBytesQ);
         copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block), tQsQ(_, _, _, 0));
         copy(kp.tma_q.with(ss.bar_q), tQgQ(_, _, _, 2 * m_block + 1), tQsQ(_, _, _, 1));
+        [[maybe_unused]] BmWalk<kBN> bw;
+        if constexpr (kExt) {
+          if (p.bm_qnf != nullptr) bw.at(p, bm_row, nf, n_max);
+        }
         for (int n = n_max - 1; n >= n_min; --n) {
+          int nr = n;
+          if constexpr (kExt) {
+            if (p.bm_qnf != nullptr) nr = bw.n(n_max - 1 - n);
+          }
           pipe_k.producer_acquire(st_k);
-          copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, n),
+          copy(kp.tma_k.with(*pipe_k.producer_get_barrier(st_k)), tKgK(_, _, _, nr),
                tKsK(_, _, _, st_k.index()));
           ++st_k;
           pipe_v.producer_acquire(st_v);
-          copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, n),
+          copy(kp.tma_v.with(*pipe_v.producer_get_barrier(st_v)), tVgV(_, _, _, nr),
                tVsV(_, _, _, st_v.index()));
           ++st_v;
         }
@@ -252,10 +282,29 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // tile ring (shared memory) where a boundary tile needs it.
     auto softmax = [&](int n, int slot, float (&corr)[kRows]) __attribute__((always_inline)) {
       warpgroup_fence_operand(tSrS);
-      const int n0 = n * kBN;
-      const SeqInfo si(p, 0);
-      const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
-      mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);  // fwd_kernel.cuh
+      if constexpr (kExt) {
+        // fwd_kernel's kExt = 1 step: the tile's list entries and words after its S GEMM; the
+        // walk's fields from the tile ring (kExt: n_max is the walk's count)
+        const SeqInfo si(p, 0);
+        const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
+        const int cnt = ld_volatile(&ss.tiles[slot].n_max);
+        ExtTile t{n * kBN, nullptr};
+        if (p.bm_qnf != nullptr) {
+          BmWalk<kBN> bw;
+          bw.at(p, ld_volatile(&ss.tiles[slot].bm_row), ld_volatile(&ss.tiles[slot].nf), cnt);
+          t.n0 = bw.n(cnt - 1 - n) * kBN;
+          t.tb = bw.bits(p, cnt - 1 - n);
+        }
+        uint32_t wv[kRows][kBN / 32];
+        ext_load_bits<kBN>(t, wv, C_rc, p, row0);
+        const float slope = __int_as_float(ld_volatile(&ss.tiles[slot].slope_bits));
+        ext_modify_scores<kWM, kBN>(S_rc, C_rc, t, wv, p, si, row0, p.alibi != nullptr, slope);
+      } else {
+        const int n0 = n * kBN;
+        const SeqInfo si(p, 0);
+        const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
+        mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);  // fwd_kernel.cuh
+      }
       online_softmax_step(S_rc, row_max, row_sum, sl2, corr);
     };
     auto rescale_o = [&](const float (&corr)[kRows]) __attribute__((always_inline)) {
@@ -411,7 +460,7 @@ inline bool o_tma_ok(const Params &p) {
   return (reinterpret_cast<uintptr_t>(p.o) & 15) == 0;
 }
 
-template <typename Tr>
+template <typename Tr, int kExt = 0>
 int launch_fwd_persist(const Params &p, cudaStream_t stream) {
   using T = typename Tr::T;
   using Pz = Persist<Tr>;
@@ -443,7 +492,7 @@ int launch_fwd_persist(const Params &p, cudaStream_t stream) {
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
-  auto kernel = fwd_kernel_persist<Tr>;
+  auto kernel = fwd_kernel_persist<Tr, kExt>;
   constexpr int smem = Pz::kSmemBytes;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
