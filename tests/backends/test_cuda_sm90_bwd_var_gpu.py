@@ -4,7 +4,8 @@ FLASHMUX_CUDA_SM90_BWD (bf16; csrc/sm90/bwdvar_hdim*.cu, full builds):
 - "bulk": dQ through shared memory, added into the fp32 workspace with cp.reduce.async.bulk by a
   producer warp (only where seqlen_q % 8 == 0; else the default kernel runs);
 - "pre": the next step's S^T GEMM issued before this step's dQ adds;
-- "bulk+pre": both.
+- "bulk+pre": both;
+- "plain": session 10's kernel (red.global.add dQ); unset means "bulk" since session 12.
 
 Each case runs through flashmux.attention (torch autograd, backend="cuda") with the variant set;
 out, lse, dq, dk, dv are judged against the float64 reference with the suite's rule (error <= 2x
@@ -42,7 +43,7 @@ CASES = [
     dict(B=1, Sq=136, Sk=70, Hq=3, Hkv=3, D=40, causal=False),  # head_dim padded to 64
     dict(B=1, Sq=264, Sk=1000, Hq=2, Hkv=2, D=112, causal=True),  # padded to 128
 ]
-VARIANTS = ["bulk", "pre", "bulk+pre"]
+VARIANTS = ["bulk", "pre", "bulk+pre", "plain"]  # unset = bulk since session 12
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))

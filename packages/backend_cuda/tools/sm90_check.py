@@ -347,13 +347,14 @@ def _sweep(dims, seqs):
 
 
 # FLASHMUX_CUDA_SM90_BWD values (bwd_variant_env in csrc/sm90/bwd_kernel.cuh; bf16, normal builds)
-_SM90_BWD_ENV = ("bulk", "pre", "bulk+pre")
+_SM90_BWD_ENV = ("bulk", "pre", "bulk+pre", "plain")  # plain: session 10's dQ adds
 
 
 def bench_bwd(dims=(64, 128), seqs=(2048, 4096, 8192, 16384)):
     """Backward alone (the sm80 backward and each sm90 variant in $FMX_BWD_VARIANTS, default
     "0": FMX_TUNE_SM90_BWD values of a -DFMX_SM90_BWD_TUNING build, "det": deterministic=True,
-    session 10; "bulk", "pre", "bulk+pre": FLASHMUX_CUDA_SM90_BWD, session 11; same out/lse;
+    session 10; "bulk", "pre", "bulk+pre", "plain": FLASHMUX_CUDA_SM90_BWD, session 11 (the
+    default "0" runs "bulk" since session 12); same out/lse;
     FMX_BENCH_NO_SM80=1 leaves the sm80 backward out) and
     forward+backward (ours with each backward vs torch SDPA cuDNN), bf16, the papers sweep;
     TFLOP/s with kernel_check's 2.5x (backward) / 3.5x (forward+backward) forward-flop rule."""

@@ -763,15 +763,19 @@ int launch_bwd(const Params &p, const float *lse2, const float *dsum, int sq_pad
   return cudaGetLastError();
 }
 
-// Session 11 variants of the default (non-deterministic) bf16 kernels, chosen per call by
+// Session 11 variants of the (non-deterministic) bf16 kernels, chosen per call by
 // FLASHMUX_CUDA_SM90_BWD (read on the host at each launch): "bulk" (kDqBulk: dQ through shared
 // memory and cp.reduce.async.bulk adds by a producer warp, where seqlen_q % 8 == 0), "pre" (kPre:
-// the next step's S^T issued before this step's dQ adds), "bulk+pre" (both). Their kernels live in
-// bwdvar_hdim64.cu / bwdvar_hdim128.cu, compiled in full builds only (not with
-// -DFMX_HEAD_DIMS_LIMITED, the lean CI tier). Returns bit 1 (bulk) | bit 2 (pre), 0 = default.
+// the next step's S^T issued before this step's dQ adds), "bulk+pre" (both), "plain" (the
+// red.global.add dQ kernel of session 10). Unset: "bulk", the default since session 12 (H200,
+// bf16, backward alone: +5..+10% over "plain" at head_dim 64 and 128, 2k-16k, causal or not;
+// "pre" and "bulk+pre" were slower). Their kernels live in bwdvar_hdim64.cu / bwdvar_hdim128.cu,
+// compiled in full builds only (not with -DFMX_HEAD_DIMS_LIMITED, the lean CI tier, which runs
+// the plain kernel). Returns bit 1 (bulk) | bit 2 (pre), 0 = the plain kernel.
 inline int bwd_variant_env(const Params &p) {
+  if (p.deterministic) return 0;
   const char *v = std::getenv("FLASHMUX_CUDA_SM90_BWD");
-  if (v == nullptr || p.deterministic) return 0;
+  if (v == nullptr || v[0] == '\0') v = "bulk";
   int r = 0;
   if (std::strstr(v, "bulk") != nullptr && p.seqlen_q % 8 == 0) r |= 1;
   if (std::strstr(v, "pre") != nullptr) r |= 2;
