@@ -123,8 +123,9 @@ def test_dense_alibi_walk():
 
 
 def test_routing_and_reasons(monkeypatch):
-    """sm90 + mode: block masks of 128 in fp16/bf16, head_dim 64/128 take the Mosaic forward
-    (backward: Triton); other calls and other devices keep the Triton lowering, with a reason."""
+    """sm90 + mode: block masks of 128 in fp16/bf16, head_dim 64/128 take the Mosaic forward and
+    (auto, measured) backward; dense ALiBi's backward stays Triton under auto until measured;
+    other calls and other devices keep the Triton lowering, with a reason."""
     from flashmux.spec import Params
     from flashmux_pallas import mosaic_kernels, ops
 
@@ -136,7 +137,12 @@ def test_routing_and_reasons(monkeypatch):
     k = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     p = Params(scale=0.1, causal=True, mask_block_size=128)
     assert ops.lowering(q, k, k, p, False) == "mosaic_gpu"
-    assert ops.backward_lowering(q, k, k, p, False) == "triton"  # MASKS_BWD_MODE auto, unmeasured
+    assert ops.backward_lowering(q, k, k, p, False) == "mosaic_gpu"  # auto: measured (s12)
+    monkeypatch.setattr(ops, "MASKS_BWD_MOSAIC_AUTO", False)
+    assert ops.backward_lowering(q, k, k, p, False) == "triton"
+    monkeypatch.setattr(ops, "MASKS_BWD_MOSAIC_AUTO", True)
+    monkeypatch.setattr(ops, "ALIBI_MOSAIC_AUTO", False)
+    assert ops.backward_lowering(q, k, k, Params(scale=0.1, alibi=True), False) == "triton"
     monkeypatch.setattr(ops, "MASKS_BWD_MODE", "mosaic")
     assert ops.backward_lowering(q, k, k, p, False) == "mosaic_gpu"
     assert ops.backward_lowering(q, k, k, Params(scale=0.1, alibi=True), False) == "mosaic_gpu"

@@ -123,12 +123,16 @@ def _compute_capability() -> tuple[int, int] | None:
 # than the Triton lowering), "mosaic" (sm90, every call mosaic_masks.reasons accepts), "triton".
 MASKS_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS", "auto")
 ALIBI_MODE = os.environ.get("FLASHMUX_PALLAS_ALIBI", "auto")
-MASKS_MOSAIC_AUTO = False  # not yet timed against the Triton lowering on the H200
+# Block masks: measured on the H200 (session 12, B4 S8k H16 D128 bf16, one process): the Mosaic
+# forward 1.41-1.65x and forward+backward 1.74-1.94x the Triton lowering's speed on causal,
+# sliding:1024 and doc:8 (packages/backend_pallas/NOTES.md). Dense ALiBi: not yet timed.
+MASKS_MOSAIC_AUTO = True
 ALIBI_MOSAIC_AUTO = False
 # Their backward on Mosaic GPU (mosaic_masks_bwd.py): FLASHMUX_PALLAS_MASKS_BWD = auto|mosaic|
-# triton for both (auto: where MASKS_BWD_MOSAIC_AUTO says it measured faster).
+# triton for both (auto: block-mask calls where MASKS_BWD_MOSAIC_AUTO says it measured faster,
+# dense ALiBi calls where ALIBI_MOSAIC_AUTO does).
 MASKS_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS_BWD", "auto")
-MASKS_BWD_MOSAIC_AUTO = False
+MASKS_BWD_MOSAIC_AUTO = True
 
 
 def mosaic_masks_reasons(q, k, v, params) -> list[str]:
@@ -162,7 +166,8 @@ def mosaic_masks_bwd_reasons(q, k, v, params) -> list[str]:
         return ["Mosaic GPU kernels need sm90 (Hopper)"]
     mbs = getattr(params, "mask_block_size", 0)
     out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
-    if not out and MASKS_BWD_MODE == "auto" and not MASKS_BWD_MOSAIC_AUTO:
+    auto = MASKS_BWD_MOSAIC_AUTO if mbs else ALIBI_MOSAIC_AUTO
+    if not out and MASKS_BWD_MODE == "auto" and not auto:
         out.append("not measured faster than the Triton lowering "
                    "(FLASHMUX_PALLAS_MASKS_BWD=mosaic forces it)")
     return out
