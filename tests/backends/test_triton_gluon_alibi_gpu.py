@@ -1,5 +1,6 @@
 """ALiBi in the Gluon dK/dV and dQ programs (flashmux_triton._gluon, ALIBI; taken by ALiBi
-backwards with FLASHMUX_TRITON_GLUON_ALIBI=1). GPU only (sm_90, no interpreter: Gluon has none):
+backwards by default since session 12; FLASHMUX_TRITON_GLUON_ALIBI=0 turns it off). GPU only
+(sm_90, no interpreter: Gluon has none):
 forward and backward through flashmux.attention(backend="triton"), the Gluon programs forced
 (=force: a compile failure raises instead of falling back) and asserted to have run with the
 slopes, judged against the float64 reference by the SPEC rule (error <= 2 x the error of plain
