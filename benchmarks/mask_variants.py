@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="per variant and mask: the fwd_bwd call's kernels (torch.profiler, "
                          "device us per call) instead of the timing rows")
+    ap.add_argument("--host", action="store_true",
+                    help="per variant, mask and mode: host time per call (enqueueing 50 calls, "
+                         "no sync) beside the device time per call (CUDA events), and the "
+                         "call's top Python functions (cProfile, tottime): is a sparse call "
+                         "host-bound?")
     args = ap.parse_args(argv)
 
     import torch
@@ -163,6 +168,39 @@ def main(argv=None) -> int:
                 tot = sum(r[0] for r in rows)
                 print(f"{name:18s} {m:18s} device {tot:8.1f} us/call: " + "; ".join(
                     f"{k[:40]} {t:.1f} us x{c:g}" for t, c, k in rows[:7]), flush=True)
+            print(f"  ({name}: {time.time() - t_v:.1f} s)", flush=True)
+            continue
+        if args.host:
+            import cProfile
+            import pstats
+
+            for m in ["dense"] + masks:
+                for mode in modes:
+                    fn = call(mode, bms.get(m), slopes.get(m))
+                    dev_ms = timed(fn)
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(50):
+                        fn()
+                    host_ms = (time.perf_counter() - t0) / 50 * 1e3
+                    sync()
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(20):
+                        fn()
+                    prof.disable()
+                    sync()
+                    st = pstats.Stats(prof)
+                    top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:6]
+                    ours = sorted(((k_, v) for k_, v in st.stats.items() if "flashmux" in k_[0]),
+                                  key=lambda kv: -kv[1][3])[:8]
+
+                    def fmt(rows, i):
+                        return "; ".join(f"{f_[2]}({os.path.basename(f_[0])}:{f_[1]}) "
+                                         f"{v[i] / 20 * 1e3:.3f}" for f_, v in rows)
+                    print(f"{name:18s} {m:18s} {mode:7s} host {host_ms:.3f} ms/call, device+queue "
+                          f"{dev_ms:.3f} ms/call\n    top tottime ms/call: {fmt(top, 2)}\n"
+                          f"    flashmux cumtime ms/call: {fmt(ours, 3)}", flush=True)
             print(f"  ({name}: {time.time() - t_v:.1f} s)", flush=True)
             continue
         if pairs:  # A and B alternately, several rounds: is B's overhead over A noise?

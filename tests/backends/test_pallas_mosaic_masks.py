@@ -124,7 +124,7 @@ def test_dense_alibi_walk():
 
 def test_routing_and_reasons(monkeypatch):
     """sm90 + mode: block masks of 128 in fp16/bf16, head_dim 64/128 take the Mosaic forward and
-    (auto, measured) backward; dense ALiBi's backward stays Triton under auto until measured;
+    (auto, measured) backward; dense ALiBi's backward follows ALIBI_MOSAIC_AUTO under auto;
     other calls and other devices keep the Triton lowering, with a reason."""
     from flashmux.spec import Params
     from flashmux_pallas import mosaic_kernels, ops

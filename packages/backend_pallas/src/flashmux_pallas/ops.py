@@ -125,12 +125,13 @@ MASKS_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS", "auto")
 ALIBI_MODE = os.environ.get("FLASHMUX_PALLAS_ALIBI", "auto")
 # Block masks: measured on the H200 (session 12, B4 S8k H16 D128 bf16, one process): the Mosaic
 # forward 1.41-1.65x and forward+backward 1.74-1.94x the Triton lowering's speed on causal,
-# sliding:1024 and doc:8 (packages/backend_pallas/NOTES.md). Dense ALiBi: not yet timed.
+# sliding:1024 and doc:8 (packages/backend_pallas/NOTES.md). Dense ALiBi (call s12b, same
+# shape): forward 1.19x, forward+backward 1.10x the Triton lowering's speed.
 MASKS_MOSAIC_AUTO = True
-ALIBI_MOSAIC_AUTO = False
+ALIBI_MOSAIC_AUTO = True
 # Their backward on Mosaic GPU (mosaic_masks_bwd.py): FLASHMUX_PALLAS_MASKS_BWD = auto|mosaic|
 # triton for both (auto: block-mask calls where MASKS_BWD_MOSAIC_AUTO says it measured faster,
-# dense ALiBi calls where ALIBI_MOSAIC_AUTO does).
+# dense ALiBi calls where ALIBI_MOSAIC_AUTO does; both measured faster in session 12).
 MASKS_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS_BWD", "auto")
 MASKS_BWD_MOSAIC_AUTO = True
 
