@@ -206,8 +206,8 @@ def test_unfused_uneven_blocks():
 
 
 def test_feature_and_lowerings(monkeypatch):
-    """ALiBi (and block masks) are declared; with alibi both passes take the Triton lowering
-    (never Mosaic GPU) and the slopes reach the kernels as an operand."""
+    """ALiBi (and block masks) are declared; with alibi both passes take the Mosaic GPU kernels
+    on sm90 (the Triton lowering when told) and the slopes reach the kernels as an operand."""
     from flashmux.spec import Params
     from flashmux_pallas import backend, mosaic_kernels, ops
 
@@ -223,6 +223,12 @@ def test_feature_and_lowerings(monkeypatch):
     # Without ALiBi this problem would take Mosaic GPU (a check that the patching reaches it).
     assert ops.lowering(q, q, q, plain, False) == "mosaic_gpu"
     assert ops.backward_lowering(q, q, q, plain, False) == "mosaic_gpu"
+    # ALiBi on sm90: the Mosaic GPU kernels (mosaic_masks.py, the dense walk; measured faster
+    # in session 12), the Triton lowering when FLASHMUX_PALLAS_ALIBI / _MASKS_BWD say triton
+    assert ops.lowering(q, q, q, alibi, False) == "mosaic_gpu"
+    assert ops.backward_lowering(q, q, q, alibi, False) == "mosaic_gpu"
+    monkeypatch.setattr(ops, "ALIBI_MODE", "triton")
+    monkeypatch.setattr(ops, "MASKS_BWD_MODE", "triton")
     assert ops.lowering(q, q, q, alibi, False) == "triton"
     assert ops.backward_lowering(q, q, q, alibi, False) == "triton"
     want = {"forward": "triton", "backward": "triton"}

@@ -302,16 +302,25 @@ def test_lowers_to_triton_for_cuda(mask_heads):
         assert name in text
 
 
-def test_explain_and_lowerings():
-    """explain() names pallas for a block-masked JAX call, the Triton lowering for both passes
-    on a GPU (Mosaic GPU takes no block masks), and block masks with cu_seqlens are declined."""
+def test_explain_and_lowerings(monkeypatch):
+    """explain() names pallas for a block-masked JAX call; both passes lower to Triton on a GPU
+    before Hopper and to Mosaic GPU on sm90 (mosaic_masks.py, the default since session 12);
+    block masks with cu_seqlens are declined."""
     from flashmux.spec import Params
-    from flashmux_pallas import ops
+    from flashmux_pallas import mosaic_kernels, ops
 
     q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
     p = Params(scale=0.125, mask_block_size=128)
-    assert ops.lowering(q, q, q, p, False) == "triton"
-    assert ops.backward_lowering(q, q, q, p, False) == "triton"
+    with monkeypatch.context() as mp:
+        mp.setattr(ops, "_compute_capability", lambda: (8, 0))
+        assert ops.lowering(q, q, q, p, False) == "triton"
+        assert ops.backward_lowering(q, q, q, p, False) == "triton"
+        mp.setattr(ops, "_compute_capability", lambda: (9, 0))
+        mp.setattr(mosaic_kernels, "available", lambda: True)
+        mp.setattr(ops, "MASKS_MODE", "auto")
+        mp.setattr(ops, "MASKS_BWD_MODE", "auto")
+        assert ops.lowering(q, q, q, p, False) == "mosaic_gpu"
+        assert ops.backward_lowering(q, q, q, p, False) == "mosaic_gpu"
     bm = flashmux.create_block_mask(M.causal(), None, None, 128, 128, like=q)
     ex = flashmux.explain(q, q, q, block_mask=bm, backend="pallas")
     assert ex.chosen == "pallas"
