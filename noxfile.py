@@ -3,8 +3,8 @@
     nox -s demo                          run flashmux.attention on a realistic shape, explain it,
                                          check it against the reference, time it
     nox -s tests                         everything this machine can run, lean tiers (the CI's
-                                         command; 13.8 minutes on an idle 2-core machine from a
-                                         fresh clone, 14.1 on a shared one, measured 2026-12-01)
+                                         command; 17-19 minutes on a 2-core machine from a fresh
+                                         clone, measured 2026-12-01, session 12)
     nox -s full                          the same with the long tiers (full-size conformance in
                                          the interpreters, more hypothesis examples, every head
                                          dim in the nvcc build): hours on a CPU, minutes on a GPU
