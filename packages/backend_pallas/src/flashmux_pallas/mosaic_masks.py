@@ -82,6 +82,25 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def lists_walk(nf, npart, full, part, tile):
+    """A BlockMask's full-then-partial lists as one walk (walk_operands and the backward's
+    walk_operands_t): walk[..., t] = full[t] for t < nf, else part[t - nf] (clipped to the n
+    blocks of the lists' last axis), cnt = [nf, npart] on a new last axis, ptid = each entry's
+    bitmask id from `tile` (indexed like the lists' rows; >= 0). All int32."""
+    import jax.numpy as jnp
+
+    i32 = jnp.int32
+    nf, npart, full, part, tile = (jnp.asarray(x).astype(i32)
+                                   for x in (nf, npart, full, part, tile))
+    n = full.shape[-1]
+    t = jnp.arange(n, dtype=i32)
+    pidx = jnp.clip(t - nf[..., None], 0, n - 1)
+    walk = jnp.where(t < nf[..., None], full, jnp.take_along_axis(part, pidx, axis=-1))
+    walk = jnp.clip(walk, 0, n - 1)
+    ptid = jnp.maximum(jnp.take_along_axis(tile, walk, axis=-1), 0)
+    return walk, jnp.stack([nf, npart], axis=-1), ptid
+
+
 def walk_operands(bm, sq: int, sk: int, causal: bool, from_kind: bool = False):
     """(walk, cnt, ptid, bits) from a BlockMask (block_size 128):
     walk (Bm, Hm, nQ, nK) int32: per query block its listed key blocks, full first, then partial
@@ -108,19 +127,8 @@ def walk_operands(bm, sq: int, sk: int, causal: bool, from_kind: bool = False):
 
     ragged_k = tail != BLOCK
     if not causal and not ragged_k and not from_kind:  # the BlockMask's lists, full then partial
-        nf = jnp.asarray(bm.q_num_full).astype(i32)
-        npart = jnp.asarray(bm.q_num_part).astype(i32)
-        full = jnp.asarray(bm.q_full_idx).astype(i32)
-        part = jnp.asarray(bm.q_part_idx).astype(i32)
-        t = jnp.arange(nk, dtype=i32)
-        # entry t: full[t] for t < nf, else part[t - nf]
-        pidx = jnp.clip(t - nf[..., None], 0, nk - 1)
-        walk = jnp.where(t < nf[..., None], full, jnp.take_along_axis(part, pidx, axis=-1))
-        walk = jnp.clip(walk, 0, nk - 1)
-        tile = jnp.asarray(bm.tile_id).astype(i32)
-        ptid = jnp.maximum(jnp.take_along_axis(tile, walk, axis=-1), 0)
-        cnt = jnp.stack([nf, npart], axis=-1)
-        return walk, cnt, ptid, bits
+        return (*lists_walk(bm.q_num_full, bm.q_num_part, bm.q_full_idx, bm.q_part_idx,
+                            bm.tile_id), bits)
 
     kind = jnp.asarray(bm.kind).astype(i32)  # (Bm, Hm, nQ, nK)
     tile = jnp.asarray(bm.tile_id).astype(i32)

@@ -23,11 +23,7 @@ from __future__ import annotations
 import math
 
 from .mosaic_backward import _kernel, _Ops
-from .mosaic_masks import BLOCK, BQ, LOG2E, dense_mask, walk_operands
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+from .mosaic_masks import BLOCK, BQ, LOG2E, _round_up, dense_mask, lists_walk, walk_operands
 
 
 def walk_operands_t(bm, sq: int, sk: int, causal: bool, from_kind: bool = False):
@@ -43,17 +39,8 @@ def walk_operands_t(bm, sq: int, sk: int, causal: bool, from_kind: bool = False)
     ones_id, ragged_id = n_p, n_p + 1
     tail = sk - (nk - 1) * BLOCK
     if not causal and not from_kind:
-        nf = jnp.asarray(bm.kv_num_full).astype(i32)
-        npart = jnp.asarray(bm.kv_num_part).astype(i32)
-        full = jnp.asarray(bm.kv_full_idx).astype(i32)
-        part = jnp.asarray(bm.kv_part_idx).astype(i32)
-        t = jnp.arange(nq, dtype=i32)
-        pidx = jnp.clip(t - nf[..., None], 0, nq - 1)
-        walk = jnp.where(t < nf[..., None], full, jnp.take_along_axis(part, pidx, axis=-1))
-        walk = jnp.clip(walk, 0, nq - 1)
-        tile_t = jnp.swapaxes(jnp.asarray(bm.tile_id).astype(i32), -1, -2)
-        ptid = jnp.maximum(jnp.take_along_axis(tile_t, walk, axis=-1), 0)
-        return walk, jnp.stack([nf, npart], axis=-1), ptid
+        return lists_walk(bm.kv_num_full, bm.kv_num_part, bm.kv_full_idx, bm.kv_part_idx,
+                          jnp.swapaxes(jnp.asarray(bm.tile_id), -1, -2))
     kind = jnp.swapaxes(jnp.asarray(bm.kind).astype(i32), -1, -2)  # (Bm, Hm, nK, nQ)
     tile = jnp.swapaxes(jnp.asarray(bm.tile_id).astype(i32), -1, -2)
     kb = jnp.arange(nk, dtype=i32)[:, None]
