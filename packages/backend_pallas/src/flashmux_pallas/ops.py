@@ -117,8 +117,8 @@ def _compute_capability() -> tuple[int, int] | None:
 
 
 # Block masks and ALiBi on Hopper through Mosaic GPU (mosaic_masks.py: the dense Mosaic forward
-# walking the listed key blocks; the backward stays on the Triton lowering, blocksparse.py /
-# triton_kernels.py). FLASHMUX_PALLAS_MASKS (block-mask calls) and FLASHMUX_PALLAS_ALIBI (dense
+# walking the listed key blocks; mosaic_masks_bwd.py, the backward, below; elsewhere the Triton
+# lowering, blocksparse.py / triton_kernels.py). FLASHMUX_PALLAS_MASKS (block-mask calls) and FLASHMUX_PALLAS_ALIBI (dense
 # ALiBi calls): "auto" (sm90 where MASKS_MOSAIC_AUTO / ALIBI_MOSAIC_AUTO say it measured faster
 # than the Triton lowering), "mosaic" (sm90, every call mosaic_masks.reasons accepts), "triton".
 MASKS_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS", "auto")
@@ -136,6 +136,17 @@ MASKS_BWD_MODE = os.environ.get("FLASHMUX_PALLAS_MASKS_BWD", "auto")
 MASKS_BWD_MOSAIC_AUTO = True
 
 
+def _mosaic_masks_scope(q, k, v, params, mbs: int) -> list[str]:
+    """What both passes' Mosaic block-mask / ALiBi kernels need, whatever the mode: sm90 with
+    Mosaic GPU, and the call inside mosaic_masks.reasons (mask block `mbs`, 0: dense ALiBi)."""
+    from . import mosaic_kernels, mosaic_masks
+
+    cc = _compute_capability()
+    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
+        return ["Mosaic GPU kernels need sm90 (Hopper)"]
+    return mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
+
+
 def mosaic_masks_reasons(q, k, v, params) -> list[str]:
     """Why a block-mask or dense ALiBi forward does not take the Mosaic GPU kernel
     (mosaic_masks.py) on this device (empty when it does)."""
@@ -144,12 +155,7 @@ def mosaic_masks_reasons(q, k, v, params) -> list[str]:
                        else ("FLASHMUX_PALLAS_ALIBI", ALIBI_MODE, ALIBI_MOSAIC_AUTO))
     if mode == "triton" or MOSAIC_MODE == "off":
         return [f"{env}={mode}" if mode == "triton" else "FLASHMUX_PALLAS_MOSAIC=off"]
-    from . import mosaic_kernels, mosaic_masks
-
-    cc = _compute_capability()
-    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
-        return ["Mosaic GPU kernels need sm90 (Hopper)"]
-    out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
+    out = _mosaic_masks_scope(q, k, v, params, mbs)
     if not out and mode == "auto" and not auto:
         out.append(f"not measured faster than the Triton lowering ({env}=mosaic forces it)")
     return out
@@ -160,13 +166,8 @@ def mosaic_masks_bwd_reasons(q, k, v, params) -> list[str]:
     does): the forward's scope (mosaic_masks.reasons) and FLASHMUX_PALLAS_MASKS_BWD."""
     if MASKS_BWD_MODE == "triton":
         return ["FLASHMUX_PALLAS_MASKS_BWD=triton"]
-    from . import mosaic_kernels, mosaic_masks
-
-    cc = _compute_capability()
-    if cc is None or cc[0] != 9 or not mosaic_kernels.available():
-        return ["Mosaic GPU kernels need sm90 (Hopper)"]
     mbs = getattr(params, "mask_block_size", 0)
-    out = mosaic_masks.reasons(q, k, v, params, mbs or mosaic_masks.BLOCK)
+    out = _mosaic_masks_scope(q, k, v, params, mbs)
     auto = MASKS_BWD_MOSAIC_AUTO if mbs else ALIBI_MOSAIC_AUTO
     if not out and MASKS_BWD_MODE == "auto" and not auto:
         out.append("not measured faster than the Triton lowering "
