@@ -522,67 +522,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
 
     float corr[kRows];
+    static_assert(!kExt || (Tr::kOverlap && Tr::kPingPong), "kExt: the overlapped ping-pong loop");
     if (n_max > n_min) {
       cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
-      if constexpr (kExt) {
-        // the overlapped ping-pong loop of the dense kernel (below) with the kExt softmax (and,
-        // kExt == 2, the tile lookups one tile ahead, the bitmask words loaded under the GEMM)
-        static_assert(Tr::kOverlap && Tr::kPingPong, "kExt: the overlapped ping-pong loop");
-        constexpr bool kAhead = kExt >= 2;        // list lookups one tile ahead
-        constexpr bool kWordsEarly = kExt == 2;  // bitmask words loaded under the S GEMM
-        uint32_t wv[kRows][kWords];
-        if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // the first turn is WG 1's
-        ExtTile cur{0, nullptr}, nxt{0, nullptr};
-        if constexpr (kAhead) {
-          cur = ext_tile(n_max - 1);
-          nxt = ext_tile(n_max - 2);
-        }
-        pipe_k.consumer_wait(st_k);
-        my_turn();
-        issue_s(st_k.index());
-        end_turn();
-        if constexpr (kWordsEarly) load_bits(cur, wv);
-        warpgroup_wait<0>();
-        pipe_k.consumer_release(st_k);
-        ++st_k;
-        if constexpr (!kAhead) cur = ext_tile(n_max - 1);
-        if constexpr (!kWordsEarly) load_bits(cur, wv);
-        softmax_ext(cur, wv, corr);
-        convert_p();
-        for (int n = n_max - 2; n >= n_min; --n) {
-          if constexpr (kAhead) {
-            cur = nxt;
-            nxt = ext_tile(n - 1);
-          }
-          pipe_k.consumer_wait(st_k);
-          pipe_v.consumer_wait(st_v);
-          my_turn();
-          issue_s(st_k.index());
-          issue_o(st_v.index());
-          end_turn();
-          if constexpr (kWordsEarly) load_bits(cur, wv);
-          warpgroup_wait<1>();
-          pipe_k.consumer_release(st_k);
-          ++st_k;
-          if constexpr (!kAhead) cur = ext_tile(n);
-          if constexpr (!kWordsEarly) load_bits(cur, wv);
-          softmax_ext(cur, wv, corr);
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-          pipe_v.consumer_release(st_v);
-          ++st_v;
-          rescale_o(corr);
-          convert_p();
-        }
-        pipe_v.consumer_wait(st_v);
-        my_turn();
-        issue_o(st_v.index());
-        end_turn();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        pipe_v.consumer_release(st_v);
-        ++st_v;
-      } else if constexpr (!Tr::kOverlap) {
+      if constexpr (!Tr::kOverlap) {
         if (Tr::kPingPong && w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // w = 0 first
         for (int n = n_max - 1; n >= n_min; --n) {
           pipe_k.consumer_wait(st_k);
@@ -605,29 +548,56 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           ++st_v;
         }
       } else {
+        // kExt: the overlapped ping-pong loop with the kExt softmax of the walk's tile `cur`;
+        // kExt >= 2 looks the tiles up one ahead, kExt == 2 loads the bitmask words under the S
+        // GEMM (the dense kernel's code is the same loop with every kExt line compiled out)
+        constexpr bool kAhead = kExt >= 2;        // list lookups one tile ahead
+        constexpr bool kWordsEarly = kExt == 2;  // bitmask words loaded under the S GEMM
+        [[maybe_unused]] uint32_t wv[kRows][kWords];
+        [[maybe_unused]] ExtTile cur{0, nullptr}, nxt{0, nullptr};
+        // the masks and online softmax of loop index n, after its S GEMM completed
+        auto step = [&](int n) __attribute__((always_inline)) {
+          if constexpr (kExt) {
+            if constexpr (!kAhead) cur = ext_tile(n);
+            if constexpr (!kWordsEarly) load_bits(cur, wv);
+            softmax_ext(cur, wv, corr);
+          } else {
+            softmax(n, corr);
+          }
+        };
         if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 1);  // the first turn is WG 1's
+        if constexpr (kAhead) {
+          cur = ext_tile(n_max - 1);
+          nxt = ext_tile(n_max - 2);
+        }
         // first key block: S only
         pipe_k.consumer_wait(st_k);
         my_turn();
         issue_s(st_k.index());
         end_turn();
+        if constexpr (kWordsEarly) load_bits(cur, wv);
         warpgroup_wait<0>();
         pipe_k.consumer_release(st_k);
         ++st_k;
-        softmax(n_max - 1, corr);
+        step(n_max - 1);
         convert_p();
         // steady state: S of block n runs beside O += P V of block n + 1
         for (int n = n_max - 2; n >= n_min; --n) {
+          if constexpr (kAhead) {
+            cur = nxt;
+            nxt = ext_tile(n - 1);
+          }
           pipe_k.consumer_wait(st_k);
           pipe_v.consumer_wait(st_v);
           my_turn();
           issue_s(st_k.index());
           issue_o(st_v.index());
           end_turn();
+          if constexpr (kWordsEarly) load_bits(cur, wv);
           warpgroup_wait<1>();
           pipe_k.consumer_release(st_k);
           ++st_k;
-          softmax(n, corr);
+          step(n);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
           pipe_v.consumer_release(st_v);

@@ -282,11 +282,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // tile ring (shared memory) where a boundary tile needs it.
     auto softmax = [&](int n, int slot, float (&corr)[kRows]) __attribute__((always_inline)) {
       warpgroup_fence_operand(tSrS);
+      const SeqInfo si(p, 0);
+      const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
       if constexpr (kExt) {
         // fwd_kernel's kExt = 1 step: the tile's list entries and words after its S GEMM; the
         // walk's fields from the tile ring (kExt: n_max is the walk's count)
-        const SeqInfo si(p, 0);
-        const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
         const int cnt = ld_volatile(&ss.tiles[slot].n_max);
         ExtTile t{n * kBN, nullptr};
         if (p.bm_qnf != nullptr) {
@@ -300,10 +300,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const float slope = __int_as_float(ld_volatile(&ss.tiles[slot].slope_bits));
         ext_modify_scores<kWM, kBN>(S_rc, C_rc, t, wv, p, si, row0, p.alibi != nullptr, slope);
       } else {
-        const int n0 = n * kBN;
-        const SeqInfo si(p, 0);
-        const int row0 = ld_volatile(&ss.tiles[slot].m_block) * kBM + w * kWM;
-        mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n0);  // fwd_kernel.cuh
+        mask_boundary_tile<kWM, kBN>(S_rc, C_rc, p, si, row0, n * kBN);  // fwd_kernel.cuh
       }
       online_softmax_step(S_rc, row_max, row_sum, sl2, corr);
     };
